@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# bench-plugin.sh: tracked writes through nbdkit-vmreplica-plugin versus
+# nbdkit's own file plugin on the same kind of file, with fio's nbd engine
+# (a real NBD client) over a unix socket.
+#
+#   bench/bench-plugin.sh                # uses ./build
+#   BUILD_DIR=build RUNTIME=10 DIR=/dev/shm SIZE=1G bench/bench-plugin.sh
+#
+# Jobs (each on a fresh sparse SIZE file, file plugin first, then tracked):
+#   rand4k-qd1    4 KiB random writes, iodepth 1, RUNTIME seconds
+#   rand4k-qd16   4 KiB random writes, iodepth 16, RUNTIME seconds
+#   seq1m         1 MiB sequential writes, iodepth 4, 2 x SIZE bytes
+# Prints IOPS / MB/s per job and the ratio tracked / file (target >= 0.9).
+# Sealed logs are deleted between jobs so tmpfs does not fill up.
+set -euo pipefail
+
+BUILD_DIR=${BUILD_DIR:-./build}
+PLUGIN=${VMREPLICA_PLUGIN:-$BUILD_DIR/plugin/nbdkit-vmreplica-plugin.so}
+RUNTIME=${RUNTIME:-10}
+DIR=${DIR:-/dev/shm}
+SIZE=${SIZE:-1G}
+
+for c in nbdkit fio python3 socat; do
+    command -v "$c" >/dev/null || { echo "bench: $c not found" >&2; exit 77; }
+done
+[ -f "$PLUGIN" ] || { echo "bench: $PLUGIN not built" >&2; exit 77; }
+PLUGIN=$(realpath "$PLUGIN")
+
+T=$(mktemp -d "$DIR/vr-bench.XXXXXX")
+PID=
+cleanup() {
+    [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
+    rm -rf "$T"
+}
+trap cleanup EXIT
+
+start() { # start file|tracked
+    rm -rf "$T/disk.raw" "$T/disk.raw.vrlog" "$T/nbd.sock"
+    truncate -s "$SIZE" "$T/disk.raw"
+    if [ "$1" = file ]; then
+        nbdkit --foreground --unix "$T/nbd.sock" file file="$T/disk.raw" &
+        URI="nbd+unix:///?socket=$T/nbd.sock"
+    else
+        nbdkit --foreground --unix "$T/nbd.sock" "$PLUGIN" \
+            disk=disk0:"$T/disk.raw" control="$T/ctl.sock" &
+        URI="nbd+unix:///disk0?socket=$T/nbd.sock"
+    fi
+    PID=$!
+    for _ in $(seq 100); do
+        [ -S "$T/nbd.sock" ] && return 0
+        sleep 0.05
+    done
+    echo "bench: nbdkit did not start" >&2
+    exit 1
+}
+
+stop() {
+    kill "$PID"
+    wait "$PID" 2>/dev/null || true
+    PID=
+}
+
+run_fio() { # run_fio NAME ARGS... -> prints "iops bw_bytes"
+    local name=$1
+    shift
+    fio --name="$name" --ioengine=nbd --uri="$URI" --size="$SIZE" \
+        --output-format=json --output="$T/fio.json" "$@" >/dev/null
+    python3 -c '
+import json, sys
+j = json.load(open(sys.argv[1]))["jobs"][0]["write"]
+print("%.0f %.0f" % (j["iops"], j["bw_bytes"]))' "$T/fio.json"
+}
+
+declare -A RES
+jobs=(rand4k-qd1 rand4k-qd16 seq1m)
+job_args() {
+    case $1 in
+    rand4k-qd1) echo "--rw=randwrite --bs=4k --iodepth=1 --time_based" \
+        "--runtime=$RUNTIME --randrepeat=1 --norandommap" ;;
+    rand4k-qd16) echo "--rw=randwrite --bs=4k --iodepth=16 --time_based" \
+        "--runtime=$RUNTIME --randrepeat=1 --norandommap" ;;
+    seq1m) echo "--rw=write --bs=1M --iodepth=4 --io_size=$((2 * $(
+        numfmt --from=iec "$SIZE")))" ;;
+    esac
+}
+
+for job in "${jobs[@]}"; do
+    for kind in file tracked; do
+        start "$kind"
+        # shellcheck disable=SC2046
+        RES[$job.$kind]=$(run_fio "$job" $(job_args "$job"))
+        if [ "$kind" = tracked ]; then
+            logb=$(du -sb "$T/disk.raw.vrlog" | cut -f1)
+            RES[$job.log]=$logb
+        fi
+        stop
+    done
+done
+
+echo "# vmreplica plugin vs nbdkit file plugin: $DIR, $SIZE file," \
+    "runtime ${RUNTIME}s, $(nproc) CPUs, $(nbdkit --version)"
+printf '%-12s %14s %14s %8s %14s\n' job file tracked ratio "log bytes"
+for job in "${jobs[@]}"; do
+    read -r fi fb <<<"${RES[$job.file]}"
+    read -r ti tb <<<"${RES[$job.tracked]}"
+    if [ "$job" = seq1m ]; then
+        f=$(awk -v b="$fb" 'BEGIN { printf "%.0f MB/s", b / 1e6 }')
+        t=$(awk -v b="$tb" 'BEGIN { printf "%.0f MB/s", b / 1e6 }')
+        r=$(awk -v a="$tb" -v b="$fb" 'BEGIN { printf "%.2fx", a / b }')
+    else
+        f="$fi IOPS"
+        t="$ti IOPS"
+        r=$(awk -v a="$ti" -v b="$fi" 'BEGIN { printf "%.2fx", a / b }')
+    fi
+    printf '%-12s %14s %14s %8s %14s\n' "$job" "$f" "$t" "$r" \
+        "${RES[$job.log]}"
+done

@@ -1,0 +1,159 @@
+/* initial.c: "vmreplica initial-replication start VM [--wait]" — POST
+ * /v1/vms/VM/initial-replication, then (with --wait) poll measure until the
+ * initial copy is over, drawing a progress bar when stderr is a terminal.
+ */
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cli.h"
+
+#define POLL_MS        200
+#define START_GRACE_MS 10000
+#define BAR_WIDTH      40
+
+static void
+sleep_ms(unsigned ms)
+{
+    struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+        ;
+}
+
+static void
+draw_bar(const char *vm, int64_t pct)
+{
+    if (pct < 0)
+        pct = 0;
+    if (pct > 100)
+        pct = 100;
+    int fill = (int)(pct * BAR_WIDTH / 100);
+    char bar[BAR_WIDTH + 1];
+    memset(bar, '#', (size_t)fill);
+    memset(bar + fill, '-', (size_t)(BAR_WIDTH - fill));
+    bar[BAR_WIDTH] = '\0';
+    fprintf(stderr, "\r%s [%s] %3" PRId64 "%%", vm, bar, pct);
+    fflush(stderr);
+}
+
+static void
+clear_bar(void)
+{
+    fprintf(stderr, "\r\033[K");
+    fflush(stderr);
+}
+
+static bool
+ends_with(const char *s, const char *suffix)
+{
+    size_t n = strlen(s), m = strlen(suffix);
+    return n >= m && strcmp(s + n - m, suffix) == 0;
+}
+
+/* The health details as one line ("; "-joined); caller frees. */
+static char *
+details(json_object *m)
+{
+    char *out = xstrdup("");
+    json_object *d = NULL;
+    if (!json_object_object_get_ex(m, "health_details", &d) ||
+        !json_object_is_type(d, json_type_array))
+        return out;
+    for (size_t i = 0; i < json_object_array_length(d); i++) {
+        json_object *e = json_object_array_get_idx(d, i);
+        const char *msg = json_object_is_type(e, json_type_object)
+                              ? cli_str(e, "message")
+                              : json_object_get_string(e);
+        char *next = xasprintf("%s%s%s", out, *out ? "; " : "", msg);
+        free(out);
+        out = next;
+    }
+    return out;
+}
+
+int
+cmd_initial_start(struct cli *c, const struct cli_cmd *cmd, int argc,
+                  char **argv)
+{
+    bool wait = false;
+    const struct cli_opt opts[] = {
+        { "wait", CLI_OPT_FLAG, &wait },
+        { NULL, 0, NULL },
+    };
+    CLEANUP_FREE char *path = NULL;
+    const char *name;
+    int rc = cli_vm_path(c, cmd, argc, argv, opts, "/initial-replication",
+                         &path, &name);
+    if (rc)
+        return rc;
+    json_object *body = json_object_new_object();
+    json_object *out;
+    rc = cli_call(c, "POST", path, body, &out);
+    json_object_put(body);
+    if (rc)
+        return rc;
+    if (!wait) {
+        if (c->json)
+            cli_print_json(out);
+        else
+            printf("initial replication of vm %s started\n", name);
+        json_object_put(out);
+        return CLI_OK;
+    }
+    json_object_put(out);
+
+    CLEANUP_FREE char *mpath = NULL;
+    {
+        CLEANUP_FREE char *esc = cli_escape(name);
+        mpath = xasprintf("/v1/vms/%s/replication/measure", esc);
+    }
+    bool tty = isatty(2);
+    uint64_t start = vr_mono_ms();
+    json_object *m = NULL;
+    for (;;) {
+        if ((rc = cli_call(c, "GET", mpath, NULL, &m))) {
+            if (tty)
+                clear_bar();
+            return rc;
+        }
+        const char *task = cli_str(m, "current_task");
+        const char *state = cli_str(m, "state");
+        bool running = strcmp(task, "InitialReplication") == 0 ||
+                       strcmp(state, "InitialReplicationInProgress") == 0;
+        /* The daemon may not have moved on from "ready" when we first
+         * look; give it a moment before taking that as the end. */
+        bool not_yet = strcmp(state, "ReadyForInitialReplication") == 0 &&
+                       vr_mono_ms() - start < START_GRACE_MS;
+        if (!running && !not_yet)
+            break;
+        if (tty && running)
+            draw_bar(name, cli_int(m, "progress_percent"));
+        json_object_put(m);
+        m = NULL;
+        sleep_ms(POLL_MS);
+    }
+    if (tty)
+        clear_bar();
+
+    const char *state = cli_str(m, "state");
+    rc = CLI_OK;
+    if (ends_with(state, "Error")) {
+        CLEANUP_FREE char *why = details(m);
+        rc = cli_error("initial replication of vm %s failed: %s", name,
+                       *why ? why : state);
+    } else if (strcmp(state, "ReadyForInitialReplication") == 0) {
+        CLEANUP_FREE char *why = details(m);
+        rc = cli_error("initial replication of vm %s did not start%s%s",
+                       name, *why ? ": " : "", why);
+    }
+    if (c->json)
+        cli_print_json(m);
+    else if (rc == CLI_OK)
+        printf("initial replication of vm %s complete (state %s)\n", name,
+               state);
+    json_object_put(m);
+    return rc;
+}

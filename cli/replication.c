@@ -1,0 +1,445 @@
+/* replication.c: "vmreplica replication ..." — enable, set, show, list,
+ * measure, suspend, resume and remove the replication of a VM
+ * (/v1/vms/VM/replication..., /v1/replications), the Enable-, Set-, Get-,
+ * Measure-, Suspend-, Resume- and Remove-VMReplication of Hyper-V.
+ */
+#include <arpa/inet.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "cli.h"
+
+/* SPEC §9: the states a VM's replication can be in, on either side. */
+static const char *const states[] = {
+    "Disabled",
+    "ReadyForInitialReplication",
+    "InitialReplicationInProgress",
+    "WaitingForInitialReplication",
+    "Replicating",
+    "Suspended",
+    "Error",
+    "WaitingForStartResynchronize",
+    "Resynchronizing",
+    "ResynchronizeSuspended",
+    "PreparedForFailover",
+    "FailOverWaitingCompletion",
+    "FailedOver",
+    "TestFailoverInProgress",
+};
+static const char *const healths[] = { "Normal", "Warning", "Critical" };
+
+static const char *
+canonical(const char *s, const char *const *set, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        if (strcasecmp(s, set[i]) == 0)
+            return set[i];
+    }
+    return NULL;
+}
+
+/* health_details: strings, or objects with a "message". */
+static void
+print_details(json_object *r, const char *label)
+{
+    json_object *d = NULL;
+    if (!json_object_object_get_ex(r, "health_details", &d) ||
+        !json_object_is_type(d, json_type_array) ||
+        json_object_array_length(d) == 0) {
+        cli_kv(label, "-");
+        return;
+    }
+    for (size_t i = 0; i < json_object_array_length(d); i++) {
+        json_object *e = json_object_array_get_idx(d, i);
+        const char *msg = json_object_is_type(e, json_type_object)
+                              ? cli_str(e, "message")
+                              : json_object_get_string(e);
+        cli_kv(i == 0 ? label : "", "%s", msg);
+    }
+}
+
+static const char *
+or_dash(json_object *o, const char *key)
+{
+    return cli_has(o, key) && *cli_str(o, key) ? cli_str(o, key) : "-";
+}
+
+void
+cli_print_replication(json_object *r)
+{
+    char buf[32];
+    bool replica = strcmp(cli_str(r, "mode"), "replica") == 0;
+    cli_kv("VM", "%s", cli_str(r, "vm"));
+    cli_kv("UUID", "%s", cli_str(r, "uuid"));
+    cli_kv("Mode", "%s", cli_str(r, "mode"));
+    cli_kv("State", "%s", cli_str(r, "state"));
+    cli_kv("Health", "%s", cli_str(r, "health"));
+    print_details(r, "Health details");
+    if (replica)
+        cli_kv("Primary server", "%s", or_dash(r, "primary_server"));
+    else
+        cli_kv("Replica server", "%s", or_dash(r, "replica_server"));
+    if (cli_has(r, "connect_address"))
+        cli_kv("Connect address", "%s", or_dash(r, "connect_address"));
+    cli_kv("Authentication", "%s", or_dash(r, "auth"));
+    cli_kv("Frequency", "%s",
+           cli_fmt_duration((uint64_t)cli_int(r, "frequency"), buf,
+                            sizeof buf));
+    cli_kv("Compression", "%s", cli_bool(r, "compression") ? "on" : "off");
+    cli_kv("Epoch", "%" PRId64, cli_int(r, "epoch"));
+    cli_kv("Last cycle", "%" PRId64, cli_int(r, "last_cycle"));
+    cli_kv("Applied cycle", "%" PRId64, cli_int(r, "applied_cycle"));
+    cli_kv("Last replication time", "%s", or_dash(r, "last_replication_time"));
+}
+
+static int
+finish(struct cli *c, json_object *out)
+{
+    if (c->json)
+        cli_print_json(out);
+    else if (out)
+        cli_print_replication(out);
+    json_object_put(out);
+    return CLI_OK;
+}
+
+/* --- enable / set ------------------------------------------------------ */
+
+struct repl_opts {
+    const char *server, *address, *auth, *frequency, *compression;
+};
+
+/* Validate the options shared by enable and set into body. */
+static int
+fill_body(const struct cli_cmd *cmd, const struct repl_opts *o,
+          json_object *body)
+{
+    if (o->server) {
+        const char *colon = strrchr(o->server, ':');
+        if (o->server[0] == ':' || o->server[0] == '-')
+            return cli_usage_error(cmd, "invalid --replica-server '%s': "
+                                   "expected FQDN[:PORT]", o->server);
+        if (colon) {
+            char *end;
+            errno = 0;
+            long port = strtol(colon + 1, &end, 10);
+            if (errno || *end || end == colon + 1 || port < 1 ||
+                port > 65535)
+                return cli_usage_error(cmd, "invalid port in "
+                                       "--replica-server '%s'", o->server);
+        }
+        json_object_object_add(body, "replica_server",
+                               json_object_new_string(o->server));
+    }
+    if (o->address) {
+        unsigned char tmp[16];
+        if (inet_pton(AF_INET, o->address, tmp) != 1 &&
+            inet_pton(AF_INET6, o->address, tmp) != 1)
+            return cli_usage_error(cmd, "invalid --connect-address '%s': "
+                                   "expected an IPv4 or IPv6 address",
+                                   o->address);
+        json_object_object_add(body, "connect_address",
+                               json_object_new_string(o->address));
+    }
+    if (o->auth) {
+        if (strcmp(o->auth, "kerberos") == 0)
+            return cli_error("authentication type 'kerberos' is not "
+                             "supported yet; use --auth certificate");
+        if (strcmp(o->auth, "certificate") != 0)
+            return cli_usage_error(cmd, "invalid --auth '%s': expected "
+                                   "certificate", o->auth);
+        json_object_object_add(body, "auth",
+                               json_object_new_string(o->auth));
+    }
+    if (o->frequency) {
+        uint64_t s;
+        if (vr_parse_duration(o->frequency, &s) < 0 || s < 1 ||
+            s > INT32_MAX)
+            return cli_usage_error(cmd, "invalid --frequency '%s': expected "
+                                   "30s, 5m, 15m or a whole number of "
+                                   "seconds >= 1", o->frequency);
+        json_object_object_add(body, "frequency",
+                               json_object_new_int64((int64_t)s));
+    }
+    if (o->compression) {
+        bool on;
+        if (strcmp(o->compression, "on") == 0)
+            on = true;
+        else if (strcmp(o->compression, "off") == 0)
+            on = false;
+        else
+            return cli_usage_error(cmd, "invalid --compression '%s': "
+                                   "expected on or off", o->compression);
+        json_object_object_add(body, "compression",
+                               json_object_new_boolean(on));
+    }
+    return CLI_OK;
+}
+
+int
+cmd_repl_enable(struct cli *c, const struct cli_cmd *cmd, int argc,
+                char **argv)
+{
+    struct repl_opts o = { 0 };
+    const struct cli_opt opts[] = {
+        { "replica-server", CLI_OPT_STR, &o.server },
+        { "connect-address", CLI_OPT_STR, &o.address },
+        { "auth", CLI_OPT_STR, &o.auth },
+        { "frequency", CLI_OPT_STR, &o.frequency },
+        { "compression", CLI_OPT_STR, &o.compression },
+        { NULL, 0, NULL },
+    };
+    CLEANUP_FREE char *path = NULL;
+    const char *name;
+    int rc = cli_vm_path(c, cmd, argc, argv, opts, "/replication", &path,
+                         &name);
+    if (rc)
+        return rc;
+    if (!o.server)
+        return cli_usage_error(cmd, "missing --replica-server FQDN[:PORT]");
+    if (!o.auth)
+        return cli_usage_error(cmd, "missing --auth certificate");
+    json_object *body = json_object_new_object();
+    if ((rc = fill_body(cmd, &o, body))) {
+        json_object_put(body);
+        return rc;
+    }
+    json_object *out;
+    rc = cli_call(c, "POST", path, body, &out);
+    json_object_put(body);
+    if (rc)
+        return rc;
+    return finish(c, out);
+}
+
+int
+cmd_repl_set(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
+{
+    struct repl_opts o = { 0 };
+    const struct cli_opt opts[] = {
+        { "connect-address", CLI_OPT_STR, &o.address },
+        { "frequency", CLI_OPT_STR, &o.frequency },
+        { "compression", CLI_OPT_STR, &o.compression },
+        { NULL, 0, NULL },
+    };
+    CLEANUP_FREE char *path = NULL;
+    const char *name;
+    int rc = cli_vm_path(c, cmd, argc, argv, opts, "/replication", &path,
+                         &name);
+    if (rc)
+        return rc;
+    json_object *body = json_object_new_object();
+    if ((rc = fill_body(cmd, &o, body))) {
+        json_object_put(body);
+        return rc;
+    }
+    if (json_object_object_length(body) == 0) {
+        json_object_put(body);
+        return cli_usage_error(cmd, "nothing to set");
+    }
+    json_object *out;
+    rc = cli_call(c, "PATCH", path, body, &out);
+    json_object_put(body);
+    if (rc)
+        return rc;
+    return finish(c, out);
+}
+
+/* --- show / list ------------------------------------------------------- */
+
+int
+cmd_repl_show(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
+{
+    CLEANUP_FREE char *path = NULL;
+    const char *name;
+    int rc = cli_vm_path(c, cmd, argc, argv, NULL, "/replication", &path,
+                         &name);
+    if (rc)
+        return rc;
+    json_object *out;
+    if ((rc = cli_call(c, "GET", path, NULL, &out)))
+        return rc;
+    return finish(c, out);
+}
+
+int
+cmd_repl_list(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
+{
+    const char *state = NULL, *health = NULL, *mode = NULL;
+    const struct cli_opt opts[] = {
+        { "state", CLI_OPT_STR, &state },
+        { "health", CLI_OPT_STR, &health },
+        { "mode", CLI_OPT_STR, &mode },
+        { NULL, 0, NULL },
+    };
+    const char *pos[1];
+    unsigned npos;
+    int rc = cli_parse(c, cmd, argc, argv, opts, pos, 0, &npos);
+    if (rc)
+        return rc;
+    const char *st = NULL, *he = NULL;
+    if (state && !(st = canonical(state, states, ARRAY_SIZE(states))))
+        return cli_usage_error(cmd, "invalid --state '%s': expected one of "
+                               "the states in vmreplica(1), e.g. "
+                               "Replicating", state);
+    if (health && !(he = canonical(health, healths, ARRAY_SIZE(healths))))
+        return cli_usage_error(cmd, "invalid --health '%s': expected "
+                               "Normal, Warning or Critical", health);
+    if (mode && strcmp(mode, "primary") != 0 && strcmp(mode, "replica") != 0)
+        return cli_usage_error(cmd, "invalid --mode '%s': expected primary "
+                               "or replica", mode);
+
+    char query[256] = "";
+    size_t qn = 0;
+    const char *keys[] = { "state", "health", "mode" };
+    const char *vals[] = { st, he, mode };
+    for (unsigned i = 0; i < 3; i++) {
+        if (vals[i])
+            qn += (size_t)snprintf(query + qn, sizeof query - qn, "%c%s=%s",
+                                   qn ? '&' : '?', keys[i], vals[i]);
+    }
+    CLEANUP_FREE char *path = xasprintf("/v1/replications%s", query);
+    json_object *out;
+    if ((rc = cli_call(c, "GET", path, NULL, &out)))
+        return rc;
+    if (c->json) {
+        cli_print_json(out);
+        json_object_put(out);
+        return CLI_OK;
+    }
+    static const char *const hdr[] = { "VM",        "MODE",      "STATE",
+                                       "HEALTH",    "PEER",      "FREQUENCY",
+                                       "LAST REPLICATION" };
+    struct cli_table *t = cli_table_new(7, hdr);
+    json_object *list = NULL;
+    json_object_object_get_ex(out, "replications", &list);
+    size_t n = list && json_object_is_type(list, json_type_array)
+                   ? json_object_array_length(list)
+                   : 0;
+    for (size_t i = 0; i < n; i++) {
+        json_object *r = json_object_array_get_idx(list, i);
+        char freq[32];
+        bool replica = strcmp(cli_str(r, "mode"), "replica") == 0;
+        const char *row[7] = {
+            cli_str(r, "vm"),
+            cli_str(r, "mode"),
+            cli_str(r, "state"),
+            cli_str(r, "health"),
+            or_dash(r, replica ? "primary_server" : "replica_server"),
+            cli_fmt_duration((uint64_t)cli_int(r, "frequency"), freq,
+                             sizeof freq),
+            or_dash(r, "last_replication_time"),
+        };
+        cli_table_row(t, row);
+    }
+    cli_table_print(t, 0);
+    cli_table_free(t);
+    json_object_put(out);
+    return CLI_OK;
+}
+
+/* --- measure ----------------------------------------------------------- */
+
+int
+cmd_repl_measure(struct cli *c, const struct cli_cmd *cmd, int argc,
+                 char **argv)
+{
+    CLEANUP_FREE char *path = NULL;
+    const char *name;
+    int rc = cli_vm_path(c, cmd, argc, argv, NULL, "/replication/measure",
+                         &path, &name);
+    if (rc)
+        return rc;
+    json_object *m;
+    if ((rc = cli_call(c, "GET", path, NULL, &m)))
+        return rc;
+    if (c->json) {
+        cli_print_json(m);
+        json_object_put(m);
+        return CLI_OK;
+    }
+    char a[32], b[32];
+    cli_kv("VM", "%s", cli_str(m, "vm"));
+    cli_kv("State", "%s", cli_str(m, "state"));
+    cli_kv("Health", "%s", cli_str(m, "health"));
+    print_details(m, "Health details");
+    cli_kv("Last replication time", "%s", or_dash(m, "last_replication_time"));
+    cli_kv("Pending size", "%s",
+           cli_fmt_size((uint64_t)cli_int(m, "pending_size"), a, sizeof a));
+    cli_kv("Average replication size", "%s",
+           cli_fmt_size((uint64_t)cli_int(m, "average_replication_size"), a,
+                        sizeof a));
+    cli_kv("Maximum replication size", "%s",
+           cli_fmt_size((uint64_t)cli_int(m, "maximum_replication_size"), a,
+                        sizeof a));
+    cli_kv("Average latency", "%.2f s",
+           cli_double(m, "average_replication_latency"));
+    cli_kv("Maximum latency", "%.2f s",
+           cli_double(m, "maximum_replication_latency"));
+    cli_kv("Replication errors", "%" PRId64, cli_int(m, "replication_errors"));
+    cli_kv("Successful cycles", "%" PRId64,
+           cli_int(m, "successful_replication_count"));
+    cli_kv("Missed cycles", "%" PRId64,
+           cli_int(m, "missed_replication_count"));
+    cli_kv("Initial replication size", "%s",
+           cli_fmt_size((uint64_t)cli_int(m, "initial_replication_size"), a,
+                        sizeof a));
+    cli_kv("Bytes sent", "%s raw, %s on the wire",
+           cli_fmt_size((uint64_t)cli_int(m, "bytes_sent_raw"), a, sizeof a),
+           cli_fmt_size((uint64_t)cli_int(m, "bytes_sent_wire"), b,
+                        sizeof b));
+    cli_kv("Current task", "%s", or_dash(m, "current_task"));
+    if (strcmp(cli_str(m, "current_task"), "None") != 0 &&
+        cli_has(m, "progress_percent"))
+        cli_kv("Progress", "%" PRId64 " %%", cli_int(m, "progress_percent"));
+    json_object_put(m);
+    return CLI_OK;
+}
+
+/* --- suspend / resume / remove ----------------------------------------- */
+
+static int
+simple(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv,
+       const char *method, const char *suffix, const char *done)
+{
+    CLEANUP_FREE char *path = NULL;
+    const char *name;
+    int rc = cli_vm_path(c, cmd, argc, argv, NULL, suffix, &path, &name);
+    if (rc)
+        return rc;
+    json_object *out;
+    if ((rc = cli_call(c, method, path, NULL, &out)))
+        return rc;
+    if (c->json)
+        cli_print_json(out);
+    else
+        printf("replication of vm %s %s\n", name, done);
+    json_object_put(out);
+    return CLI_OK;
+}
+
+int
+cmd_repl_suspend(struct cli *c, const struct cli_cmd *cmd, int argc,
+                 char **argv)
+{
+    return simple(c, cmd, argc, argv, "POST", "/replication/suspend",
+                  "suspended");
+}
+
+int
+cmd_repl_resume(struct cli *c, const struct cli_cmd *cmd, int argc,
+                char **argv)
+{
+    return simple(c, cmd, argc, argv, "POST", "/replication/resume",
+                  "resumed");
+}
+
+int
+cmd_repl_remove(struct cli *c, const struct cli_cmd *cmd, int argc,
+                char **argv)
+{
+    return simple(c, cmd, argc, argv, "DELETE", "/replication", "removed");
+}

@@ -1,0 +1,164 @@
+/* server.c: "vmreplica server show|set" — this host's Replica server
+ * settings (GET/PUT /v1/server), the Set-/Get-VMReplicationServer of
+ * Hyper-V.  Certificate and storage paths are made absolute here; the
+ * daemon checks that it can read them.
+ */
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+
+static void
+print_server(json_object *s)
+{
+    char buf[32];
+    cli_kv("Hostname", "%s", cli_str(s, "hostname"));
+    cli_kv("Version", "%s", cli_str(s, "version"));
+    cli_kv("State directory", "%s", cli_str(s, "state_dir"));
+    cli_kv("Replica server", "%s",
+           cli_bool(s, "replica_enabled") ? "enabled" : "disabled");
+    cli_kv("Authentication", "%s",
+           cli_has(s, "auth") ? cli_str(s, "auth") : "-");
+    if (cli_has(s, "certificate_port"))
+        cli_kv("Certificate port", "%" PRId64, cli_int(s, "certificate_port"));
+    cli_kv("Certificate", "%s",
+           cli_has(s, "certificate") ? cli_str(s, "certificate") : "-");
+    cli_kv("Key", "%s", cli_has(s, "key") ? cli_str(s, "key") : "-");
+    cli_kv("CA", "%s", cli_has(s, "ca") ? cli_str(s, "ca") : "-");
+    cli_kv("Allow any server", "%s", cli_bool(s, "allow_any") ? "yes" : "no");
+    cli_kv("Default storage", "%s",
+           cli_has(s, "default_storage") ? cli_str(s, "default_storage")
+                                         : "-");
+    cli_kv("Listening", "%s", cli_bool(s, "listening") ? "yes" : "no");
+    cli_kv("Monitoring interval", "%s",
+           cli_fmt_duration((uint64_t)cli_int(s, "monitoring_interval"), buf,
+                            sizeof buf));
+}
+
+static int
+finish(struct cli *c, json_object *out)
+{
+    if (c->json)
+        cli_print_json(out);
+    else if (out)
+        print_server(out);
+    json_object_put(out);
+    return CLI_OK;
+}
+
+int
+cmd_server_show(struct cli *c, const struct cli_cmd *cmd, int argc,
+                char **argv)
+{
+    const char *pos[1];
+    unsigned npos;
+    int rc = cli_parse(c, cmd, argc, argv, NULL, pos, 0, &npos);
+    if (rc)
+        return rc;
+    json_object *out;
+    if ((rc = cli_call(c, "GET", "/v1/server", NULL, &out)))
+        return rc;
+    return finish(c, out);
+}
+
+static void
+add_path(json_object *body, const char *key, const char *path)
+{
+    if (!path)
+        return;
+    char *abs = cli_abspath(path);
+    json_object_object_add(body, key, json_object_new_string(abs));
+    free(abs);
+}
+
+int
+cmd_server_set(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
+{
+    bool enable = false, disable = false, allow = false, no_allow = false;
+    const char *auth = NULL, *port = NULL, *cert = NULL, *key = NULL,
+               *ca = NULL, *hostname = NULL, *storage = NULL,
+               *interval = NULL;
+    const struct cli_opt opts[] = {
+        { "enable", CLI_OPT_FLAG, &enable },
+        { "disable", CLI_OPT_FLAG, &disable },
+        { "auth", CLI_OPT_STR, &auth },
+        { "certificate-port", CLI_OPT_STR, &port },
+        { "certificate", CLI_OPT_STR, &cert },
+        { "key", CLI_OPT_STR, &key },
+        { "ca", CLI_OPT_STR, &ca },
+        { "hostname", CLI_OPT_STR, &hostname },
+        { "allow-any", CLI_OPT_FLAG, &allow },
+        { "no-allow-any", CLI_OPT_FLAG, &no_allow },
+        { "default-storage", CLI_OPT_STR, &storage },
+        { "monitoring-interval", CLI_OPT_STR, &interval },
+        { NULL, 0, NULL },
+    };
+    const char *pos[1];
+    unsigned npos;
+    int rc = cli_parse(c, cmd, argc, argv, opts, pos, 0, &npos);
+    if (rc)
+        return rc;
+    if (enable && disable)
+        return cli_usage_error(cmd, "--enable and --disable conflict");
+    if (allow && no_allow)
+        return cli_usage_error(cmd, "--allow-any and --no-allow-any "
+                               "conflict");
+    if (auth && strcmp(auth, "certificate") != 0) {
+        if (strcmp(auth, "kerberos") == 0 || strcmp(auth, "both") == 0)
+            return cli_error("authentication type '%s' is not supported "
+                             "yet; use --auth certificate", auth);
+        return cli_usage_error(cmd, "invalid --auth '%s': expected "
+                               "certificate", auth);
+    }
+    long port_n = 0;
+    if (port) {
+        char *end;
+        errno = 0;
+        port_n = strtol(port, &end, 10);
+        if (errno || *end || end == port || port_n < 1 || port_n > 65535)
+            return cli_usage_error(cmd, "invalid --certificate-port '%s': "
+                                   "expected 1-65535", port);
+    }
+    uint64_t interval_s = 0;
+    if (interval && (vr_parse_duration(interval, &interval_s) < 0 ||
+                     interval_s == 0))
+        return cli_usage_error(cmd, "invalid --monitoring-interval '%s': "
+                               "expected a duration such as 12h, 30m or "
+                               "3600", interval);
+
+    json_object *body = json_object_new_object();
+    if (enable || disable)
+        json_object_object_add(body, "replica_enabled",
+                               json_object_new_boolean(enable));
+    if (auth)
+        json_object_object_add(body, "auth", json_object_new_string(auth));
+    if (port)
+        json_object_object_add(body, "certificate_port",
+                               json_object_new_int((int)port_n));
+    add_path(body, "certificate", cert);
+    add_path(body, "key", key);
+    add_path(body, "ca", ca);
+    if (hostname)
+        json_object_object_add(body, "hostname",
+                               json_object_new_string(hostname));
+    if (allow || no_allow)
+        json_object_object_add(body, "allow_any",
+                               json_object_new_boolean(allow));
+    add_path(body, "default_storage", storage);
+    if (interval)
+        json_object_object_add(body, "monitoring_interval",
+                               json_object_new_int64((int64_t)interval_s));
+    if (json_object_object_length(body) == 0) {
+        json_object_put(body);
+        return cli_usage_error(cmd, "nothing to set");
+    }
+
+    json_object *out;
+    rc = cli_call(c, "PUT", "/v1/server", body, &out);
+    json_object_put(body);
+    if (rc)
+        return rc;
+    return finish(c, out);
+}

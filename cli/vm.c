@@ -1,0 +1,346 @@
+/* vm.c: "vmreplica vm ..." — create, list, show, start, stop and remove
+ * VMs (POST/GET/DELETE /v1/vms...).  Local paths are made absolute here,
+ * since the daemon resolves them from its own working directory.
+ */
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+
+#define MIB (1024u * 1024u)
+
+/* Print the VM object of GET /v1/vms/VM. */
+void
+cli_print_vm(json_object *vm)
+{
+    char sz[32];
+    cli_kv("Name", "%s", cli_str(vm, "name"));
+    cli_kv("UUID", "%s", cli_str(vm, "uuid"));
+    cli_kv("Mode", "%s", cli_str(vm, "mode"));
+    cli_kv("CPUs", "%" PRId64, cli_int(vm, "cpus"));
+    cli_kv("Memory", "%s",
+           cli_fmt_size((uint64_t)cli_int(vm, "memory_mib") * MIB, sz,
+                        sizeof sz));
+    const char *state = "stopped";
+    if (cli_bool(vm, "running"))
+        state = cli_bool(vm, "hypervisor") ? "running"
+                                           : "disks served (no hypervisor)";
+    cli_kv("State", "%s", state);
+
+    json_object *disks = NULL;
+    if (!json_object_object_get_ex(vm, "disks", &disks) ||
+        !json_object_is_type(disks, json_type_array))
+        return;
+    size_t n = json_object_array_length(disks);
+    if (n == 0) {
+        cli_kv("Disks", "none");
+        return;
+    }
+    printf("Disks:\n");
+    static const char *const hdr[] = { "ID", "SIZE", "PATH", "NBD URI" };
+    struct cli_table *t = cli_table_new(4, hdr);
+    for (size_t i = 0; i < n; i++) {
+        json_object *d = json_object_array_get_idx(disks, i);
+        const char *row[4] = {
+            cli_str(d, "id"),
+            cli_fmt_size((uint64_t)cli_int(d, "size"), sz, sizeof sz),
+            cli_str(d, "path"),
+            cli_has(d, "nbd_uri") ? cli_str(d, "nbd_uri") : "-",
+        };
+        cli_table_row(t, row);
+    }
+    cli_table_print(t, 2);
+    cli_table_free(t);
+}
+
+static int
+show_result(struct cli *c, json_object *o)
+{
+    if (c->json)
+        cli_print_json(o);
+    else if (o)
+        cli_print_vm(o);
+    json_object_put(o);
+    return CLI_OK;
+}
+
+/* --- create ------------------------------------------------------------ */
+
+/* Memory: a bare number is MiB (as QEMU's -m), else a size with a unit. */
+static int
+parse_memory(const char *s, unsigned *mib)
+{
+    uint64_t v;
+    if (vr_parse_size(s, &v) < 0)
+        return -EINVAL;
+    bool bare = s[strspn(s, "0123456789")] == '\0';
+    if (!bare) {
+        if (v % MIB != 0)
+            return -ERANGE;
+        v /= MIB;
+    }
+    if (v == 0 || v > UINT32_MAX)
+        return -ERANGE;
+    *mib = (unsigned)v;
+    return 0;
+}
+
+int
+cmd_vm_create(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
+{
+    struct cli_list disks = { 0 };
+    const char *memory = NULL, *cpus = NULL;
+    const struct cli_opt opts[] = {
+        { "disk", CLI_OPT_LIST, &disks },
+        { "new-disk", CLI_OPT_LIST, &disks },
+        { "memory", CLI_OPT_STR, &memory },
+        { "cpus", CLI_OPT_STR, &cpus },
+        { NULL, 0, NULL },
+    };
+    const char *pos[1];
+    unsigned npos;
+    int rc = cli_parse(c, cmd, argc, argv, opts, pos, 1, &npos);
+    if (rc)
+        return rc;
+    if ((rc = cli_want_args(cmd, npos, 1, "NAME")))
+        return rc;
+    const char *name = pos[0];
+    if (!vr_name_valid(name))
+        return cli_usage_error(cmd, "invalid VM name '%s': use 1-64 of "
+                               "A-Z a-z 0-9 . _ - and space, not starting "
+                               "with '.', '-' or a space", name);
+    if (disks.n == 0)
+        return cli_usage_error(cmd, "vm %s needs at least one --disk FILE or "
+                               "--new-disk SIZE", name);
+
+    json_object *body = json_object_new_object();
+    json_object_object_add(body, "name", json_object_new_string(name));
+    if (cpus) {
+        char *end;
+        errno = 0;
+        unsigned long n = strtoul(cpus, &end, 10);
+        if (errno || *end || end == cpus || cpus[0] == '-' || n < 1 ||
+            n > 1024) {
+            json_object_put(body);
+            return cli_usage_error(cmd, "invalid --cpus '%s': expected a "
+                                   "number from 1 to 1024", cpus);
+        }
+        json_object_object_add(body, "cpus", json_object_new_int((int)n));
+    }
+    if (memory) {
+        unsigned mib;
+        if (parse_memory(memory, &mib) < 0) {
+            json_object_put(body);
+            return cli_usage_error(cmd, "invalid --memory '%s': expected a "
+                                   "whole number of MiB, e.g. 512M or 2G",
+                                   memory);
+        }
+        json_object_object_add(body, "memory_mib",
+                               json_object_new_int64((int64_t)mib));
+    }
+    json_object *arr = json_object_new_array();
+    json_object_object_add(body, "disks", arr);
+    for (unsigned i = 0; i < disks.n; i++) {
+        json_object *d = json_object_new_object();
+        json_object_array_add(arr, d);
+        if (strcmp(disks.items[i].opt, "disk") == 0) {
+            char *abs = cli_abspath(disks.items[i].value);
+            json_object_object_add(d, "path", json_object_new_string(abs));
+            free(abs);
+        } else {
+            uint64_t size;
+            if (vr_parse_size(disks.items[i].value, &size) < 0 || size == 0 ||
+                size > INT64_MAX) {
+                json_object_put(body);
+                return cli_usage_error(cmd, "invalid --new-disk '%s': "
+                                       "expected a size such as 64M or 10G",
+                                       disks.items[i].value);
+            }
+            json_object_object_add(d, "size",
+                                   json_object_new_int64((int64_t)size));
+        }
+    }
+
+    json_object *out;
+    rc = cli_call(c, "POST", "/v1/vms", body, &out);
+    json_object_put(body);
+    if (rc)
+        return rc;
+    return show_result(c, out);
+}
+
+/* --- list / show ------------------------------------------------------- */
+
+int
+cmd_vm_list(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
+{
+    const char *pos[1];
+    unsigned npos;
+    int rc = cli_parse(c, cmd, argc, argv, NULL, pos, 0, &npos);
+    if (rc)
+        return rc;
+    json_object *out;
+    if ((rc = cli_call(c, "GET", "/v1/vms", NULL, &out)))
+        return rc;
+    if (c->json) {
+        cli_print_json(out);
+        json_object_put(out);
+        return CLI_OK;
+    }
+    static const char *const hdr[] = { "NAME", "UUID", "MODE", "CPUS",
+                                       "MEMORY", "DISKS", "STATE" };
+    struct cli_table *t = cli_table_new(7, hdr);
+    json_object *vms = NULL;
+    json_object_object_get_ex(out, "vms", &vms);
+    size_t n = vms && json_object_is_type(vms, json_type_array)
+                   ? json_object_array_length(vms)
+                   : 0;
+    for (size_t i = 0; i < n; i++) {
+        json_object *vm = json_object_array_get_idx(vms, i);
+        char cpus[24], mem[32], ndisks[24];
+        json_object *d = NULL;
+        json_object_object_get_ex(vm, "disks", &d);
+        snprintf(cpus, sizeof cpus, "%" PRId64, cli_int(vm, "cpus"));
+        cli_fmt_size((uint64_t)cli_int(vm, "memory_mib") * MIB, mem,
+                     sizeof mem);
+        snprintf(ndisks, sizeof ndisks, "%zu",
+                 d && json_object_is_type(d, json_type_array)
+                     ? json_object_array_length(d)
+                     : (size_t)0);
+        const char *state = "stopped";
+        if (cli_bool(vm, "running"))
+            state = cli_bool(vm, "hypervisor") ? "running" : "served";
+        const char *row[7] = { cli_str(vm, "name"), cli_str(vm, "uuid"),
+                               cli_str(vm, "mode"), cpus, mem, ndisks,
+                               state };
+        cli_table_row(t, row);
+    }
+    cli_table_print(t, 0);
+    cli_table_free(t);
+    json_object_put(out);
+    return CLI_OK;
+}
+
+int
+cli_vm_path(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv,
+        const struct cli_opt *opts, const char *suffix, char **path,
+        const char **name)
+{
+    const char *pos[1];
+    unsigned npos;
+    int rc = cli_parse(c, cmd, argc, argv, opts, pos, 1, &npos);
+    if (rc)
+        return rc;
+    if ((rc = cli_want_args(cmd, npos, 1, "VM")))
+        return rc;
+    CLEANUP_FREE char *esc = cli_escape(pos[0]);
+    *path = xasprintf("/v1/vms/%s%s", esc, suffix);
+    *name = pos[0];
+    return CLI_OK;
+}
+
+int
+cmd_vm_show(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
+{
+    CLEANUP_FREE char *path = NULL;
+    const char *name;
+    int rc = cli_vm_path(c, cmd, argc, argv, NULL, "", &path, &name);
+    if (rc)
+        return rc;
+    json_object *out;
+    if ((rc = cli_call(c, "GET", path, NULL, &out)))
+        return rc;
+    return show_result(c, out);
+}
+
+/* --- start / stop / remove --------------------------------------------- */
+
+int
+cmd_vm_start(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
+{
+    bool no_hv = false;
+    const struct cli_opt opts[] = {
+        { "no-hypervisor", CLI_OPT_FLAG, &no_hv },
+        { NULL, 0, NULL },
+    };
+    CLEANUP_FREE char *path = NULL;
+    const char *name;
+    int rc = cli_vm_path(c, cmd, argc, argv, opts, "/start", &path, &name);
+    if (rc)
+        return rc;
+    json_object *body = json_object_new_object();
+    json_object_object_add(body, "no_hypervisor",
+                           json_object_new_boolean(no_hv));
+    json_object *out;
+    rc = cli_call(c, "POST", path, body, &out);
+    json_object_put(body);
+    if (rc)
+        return rc;
+    if (c->json) {
+        cli_print_json(out);
+    } else if (no_hv) {
+        /* What a hypervisor run by hand or by libvirt attaches to. */
+        printf("vm %s: disks served (no hypervisor)\n", name);
+        json_object *disks = NULL;
+        if (json_object_object_get_ex(out, "disks", &disks) &&
+            json_object_is_type(disks, json_type_array)) {
+            for (size_t i = 0; i < json_object_array_length(disks); i++) {
+                json_object *d = json_object_array_get_idx(disks, i);
+                printf("  %s  %s\n", cli_str(d, "id"), cli_str(d, "nbd_uri"));
+            }
+        }
+    } else {
+        printf("vm %s started\n", name);
+    }
+    json_object_put(out);
+    return CLI_OK;
+}
+
+int
+cmd_vm_stop(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
+{
+    bool force = false;
+    const struct cli_opt opts[] = {
+        { "force", CLI_OPT_FLAG, &force },
+        { NULL, 0, NULL },
+    };
+    CLEANUP_FREE char *path = NULL;
+    const char *name;
+    int rc = cli_vm_path(c, cmd, argc, argv, opts, "/stop", &path, &name);
+    if (rc)
+        return rc;
+    json_object *body = json_object_new_object();
+    json_object_object_add(body, "force", json_object_new_boolean(force));
+    json_object *out;
+    rc = cli_call(c, "POST", path, body, &out);
+    json_object_put(body);
+    if (rc)
+        return rc;
+    if (c->json)
+        cli_print_json(out);
+    else
+        printf("vm %s stopped\n", name);
+    json_object_put(out);
+    return CLI_OK;
+}
+
+int
+cmd_vm_remove(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
+{
+    CLEANUP_FREE char *path = NULL;
+    const char *name;
+    int rc = cli_vm_path(c, cmd, argc, argv, NULL, "", &path, &name);
+    if (rc)
+        return rc;
+    json_object *out;
+    if ((rc = cli_call(c, "DELETE", path, NULL, &out)))
+        return rc;
+    if (c->json)
+        cli_print_json(out);
+    else
+        printf("vm %s removed\n", name);
+    json_object_put(out);
+    return CLI_OK;
+}

@@ -1,0 +1,457 @@
+/* catalog.c: the SQLite catalog under STATE_DIR/catalog.db (WAL,
+ * synchronous=FULL): server settings, VMs, disks, replication
+ * relationships and events.  Every in-memory change is written through here
+ * while d->lock is held, so the catalog is always the durable truth. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "daemon.h"
+
+#define SCHEMA_VERSION 1
+
+static const char schema[] =
+    "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);"
+    "CREATE TABLE IF NOT EXISTS config(key TEXT PRIMARY KEY, value TEXT);"
+    "CREATE TABLE IF NOT EXISTS vms(uuid TEXT PRIMARY KEY, name TEXT UNIQUE "
+    "  NOT NULL, cpus INT, memory_mib INT, mode TEXT, dir TEXT);"
+    "CREATE TABLE IF NOT EXISTS disks(vm_uuid TEXT, idx INT, id TEXT, "
+    "  path TEXT, size INT, PRIMARY KEY(vm_uuid, idx));"
+    "CREATE TABLE IF NOT EXISTS replications(vm_uuid TEXT PRIMARY KEY, "
+    "  mode TEXT, state TEXT, replica_server TEXT, connect_address TEXT, "
+    "  primary_server TEXT, storage TEXT, frequency INT, compression INT, "
+    "  epoch INT, initial_done INT, base_cycle INT, initial_disk INT, "
+    "  initial_offset INT, initial_seq INT, initial_total INT, "
+    "  initial_sent INT, last_cycle INT, applied_cycle INT, last_ok_ms INT, "
+    "  errors INT, ok_count INT, missed INT, bytes_raw INT, bytes_wire INT, "
+    "  max_size INT, sum_size INT, max_latency_ms INT, sum_latency_ms INT, "
+    "  last_error TEXT);"
+    "CREATE TABLE IF NOT EXISTS events(id INTEGER PRIMARY KEY, time_ms INT, "
+    "  level TEXT, vm TEXT, message TEXT);";
+
+static int
+exec_sql(const char *sql)
+{
+    char *err = NULL;
+    if (sqlite3_exec(D->db, sql, NULL, NULL, &err) != SQLITE_OK) {
+        int rc = vr_err(-EIO, "catalog: %s", err ? err : "error");
+        sqlite3_free(err);
+        return rc;
+    }
+    return 0;
+}
+
+int
+catalog_open(const char *path)
+{
+    if (sqlite3_open_v2(path, &D->db,
+                        SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
+                            SQLITE_OPEN_FULLMUTEX,
+                        NULL) != SQLITE_OK)
+        return vr_err(-EIO, "open catalog %s: %s", path,
+                      sqlite3_errmsg(D->db));
+    sqlite3_busy_timeout(D->db, 5000);
+    int rc = exec_sql("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;");
+    if (rc == 0)
+        rc = exec_sql(schema);
+    if (rc == 0)
+        rc = exec_sql("INSERT OR IGNORE INTO meta VALUES('schema_version', "
+                      "'1')");
+    return rc;
+}
+
+void
+catalog_close(void)
+{
+    if (D->db)
+        sqlite3_close(D->db);
+    D->db = NULL;
+}
+
+static sqlite3_stmt *
+prep(const char *sql)
+{
+    sqlite3_stmt *st = NULL;
+    if (sqlite3_prepare_v2(D->db, sql, -1, &st, NULL) != SQLITE_OK) {
+        vr_err(-EIO, "catalog: %s", sqlite3_errmsg(D->db));
+        return NULL;
+    }
+    return st;
+}
+
+static int
+step_done(sqlite3_stmt *st)
+{
+    int r = sqlite3_step(st);
+    sqlite3_finalize(st);
+    if (r != SQLITE_DONE)
+        return vr_err(-EIO, "catalog write: %s", sqlite3_errmsg(D->db));
+    return 0;
+}
+
+static char *
+col_str(sqlite3_stmt *st, int i)
+{
+    const unsigned char *s = sqlite3_column_text(st, i);
+    return s ? xstrdup((const char *)s) : NULL;
+}
+
+/* --- server config as key/value --------------------------------------- */
+
+static int
+config_put(const char *key, const char *value)
+{
+    sqlite3_stmt *st = prep("INSERT OR REPLACE INTO config VALUES(?, ?)");
+    if (!st)
+        return -EIO;
+    sqlite3_bind_text(st, 1, key, -1, SQLITE_STATIC);
+    if (value)
+        sqlite3_bind_text(st, 2, value, -1, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(st, 2);
+    return step_done(st);
+}
+
+int
+catalog_save_server(void)
+{
+    const struct server_cfg *c = &D->cfg;
+    char port[16], mon[16];
+    snprintf(port, sizeof port, "%u", c->cert_port);
+    snprintf(mon, sizeof mon, "%u", c->monitoring_interval_s);
+    int rc = exec_sql("BEGIN");
+    if (rc < 0)
+        return rc;
+    if ((rc = config_put("hostname", c->hostname)) < 0 ||
+        (rc = config_put("replica_enabled", c->replica_enabled ? "1" : "0")) <
+            0 ||
+        (rc = config_put("auth", c->auth)) < 0 ||
+        (rc = config_put("cert_port", port)) < 0 ||
+        (rc = config_put("cert", c->cert)) < 0 ||
+        (rc = config_put("key", c->key)) < 0 ||
+        (rc = config_put("ca", c->ca)) < 0 ||
+        (rc = config_put("allow_any", c->allow_any ? "1" : "0")) < 0 ||
+        (rc = config_put("default_storage", c->default_storage)) < 0 ||
+        (rc = config_put("monitoring_interval", mon)) < 0) {
+        exec_sql("ROLLBACK");
+        return rc;
+    }
+    return exec_sql("COMMIT");
+}
+
+static void
+load_server(void)
+{
+    sqlite3_stmt *st = prep("SELECT key, value FROM config");
+    if (!st)
+        return;
+    struct server_cfg *c = &D->cfg;
+    while (sqlite3_step(st) == SQLITE_ROW) {
+        const char *k = (const char *)sqlite3_column_text(st, 0);
+        char *v = col_str(st, 1);
+        if (!k || !v) {
+            free(v);
+            continue;
+        }
+#define S(name, field)                                                         \
+    if (strcmp(k, name) == 0) {                                                \
+        free(c->field);                                                        \
+        c->field = v;                                                          \
+        continue;                                                              \
+    }
+        S("hostname", hostname)
+        S("auth", auth)
+        S("cert", cert)
+        S("key", key)
+        S("ca", ca)
+        S("default_storage", default_storage)
+#undef S
+        if (strcmp(k, "replica_enabled") == 0)
+            c->replica_enabled = atoi(v) != 0;
+        else if (strcmp(k, "allow_any") == 0)
+            c->allow_any = atoi(v) != 0;
+        else if (strcmp(k, "cert_port") == 0)
+            c->cert_port = (unsigned)atoi(v);
+        else if (strcmp(k, "monitoring_interval") == 0)
+            c->monitoring_interval_s = (unsigned)atoi(v);
+        free(v);
+    }
+    sqlite3_finalize(st);
+}
+
+/* --- VMs ----------------------------------------------------------------- */
+
+static enum vm_mode
+mode_parse(const char *s)
+{
+    if (s && strcmp(s, "primary") == 0)
+        return VM_MODE_PRIMARY;
+    if (s && strcmp(s, "replica") == 0)
+        return VM_MODE_REPLICA;
+    return VM_MODE_NONE;
+}
+
+int
+catalog_save_vm(const struct vm *vm)
+{
+    int rc = exec_sql("BEGIN");
+    if (rc < 0)
+        return rc;
+    sqlite3_stmt *st = prep("INSERT OR REPLACE INTO vms VALUES(?,?,?,?,?,?)");
+    if (!st) {
+        exec_sql("ROLLBACK");
+        return -EIO;
+    }
+    sqlite3_bind_text(st, 1, vm->uuid, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, vm->name, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 3, (int)vm->cpus);
+    sqlite3_bind_int(st, 4, (int)vm->memory_mib);
+    sqlite3_bind_text(st, 5, vm_mode_name(vm->mode), -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 6, vm->dir, -1, SQLITE_STATIC);
+    rc = step_done(st);
+    if (rc == 0) {
+        st = prep("DELETE FROM disks WHERE vm_uuid = ?");
+        if (!st)
+            rc = -EIO;
+        else {
+            sqlite3_bind_text(st, 1, vm->uuid, -1, SQLITE_STATIC);
+            rc = step_done(st);
+        }
+    }
+    for (unsigned i = 0; rc == 0 && i < vm->ndisks; i++) {
+        st = prep("INSERT INTO disks VALUES(?,?,?,?,?)");
+        if (!st) {
+            rc = -EIO;
+            break;
+        }
+        sqlite3_bind_text(st, 1, vm->uuid, -1, SQLITE_STATIC);
+        sqlite3_bind_int(st, 2, (int)i);
+        sqlite3_bind_text(st, 3, vm->disks[i].id, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 4, vm->disks[i].path, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 5, (sqlite3_int64)vm->disks[i].size);
+        rc = step_done(st);
+    }
+    if (rc < 0) {
+        exec_sql("ROLLBACK");
+        return rc;
+    }
+    return exec_sql("COMMIT");
+}
+
+int
+catalog_delete_vm(const char *uuid)
+{
+    int rc = 0;
+    const char *sqls[] = { "DELETE FROM disks WHERE vm_uuid = ?",
+                           "DELETE FROM replications WHERE vm_uuid = ?",
+                           "DELETE FROM vms WHERE uuid = ?" };
+    for (size_t i = 0; rc == 0 && i < ARRAY_SIZE(sqls); i++) {
+        sqlite3_stmt *st = prep(sqls[i]);
+        if (!st)
+            return -EIO;
+        sqlite3_bind_text(st, 1, uuid, -1, SQLITE_STATIC);
+        rc = step_done(st);
+    }
+    return rc;
+}
+
+/* --- replications -------------------------------------------------------- */
+
+int
+catalog_save_repl(const struct repl *r)
+{
+    sqlite3_stmt *st = prep(
+        "INSERT OR REPLACE INTO replications VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,"
+        "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
+    if (!st)
+        return -EIO;
+    int i = 1;
+    sqlite3_bind_text(st, i++, r->vm_uuid, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, i++, vm_mode_name(r->mode), -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, i++, r->state, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, i++, r->replica_server, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, i++, r->connect_address, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, i++, r->primary_server, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, i++, r->storage, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, i++, r->frequency_s);
+    sqlite3_bind_int(st, i++, r->compression);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->epoch);
+    sqlite3_bind_int(st, i++, r->initial_done);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->base_cycle);
+    sqlite3_bind_int64(st, i++, r->initial_disk);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->initial_offset);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->initial_seq);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->initial_total);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->initial_sent);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->last_cycle);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->applied_cycle);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->last_ok_ms);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->errors);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->ok_count);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->missed);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->bytes_raw);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->bytes_wire);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->max_size);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->sum_size);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->max_latency_ms);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->sum_latency_ms);
+    sqlite3_bind_text(st, i++, r->last_error, -1, SQLITE_STATIC);
+    return step_done(st);
+}
+
+int
+catalog_delete_repl(const char *uuid)
+{
+    sqlite3_stmt *st = prep("DELETE FROM replications WHERE vm_uuid = ?");
+    if (!st)
+        return -EIO;
+    sqlite3_bind_text(st, 1, uuid, -1, SQLITE_STATIC);
+    return step_done(st);
+}
+
+static struct repl *
+load_repl(sqlite3_stmt *st)
+{
+    struct repl *r = xcalloc(1, sizeof *r);
+    int i = 0;
+    snprintf(r->vm_uuid, sizeof r->vm_uuid, "%s",
+             (const char *)sqlite3_column_text(st, i++));
+    r->mode = mode_parse((const char *)sqlite3_column_text(st, i++));
+    const unsigned char *state = sqlite3_column_text(st, i++);
+    snprintf(r->state, sizeof r->state, "%s",
+             state ? (const char *)state : ST_DISABLED);
+    r->replica_server = col_str(st, i++);
+    r->connect_address = col_str(st, i++);
+    r->primary_server = col_str(st, i++);
+    r->storage = col_str(st, i++);
+    r->frequency_s = (unsigned)sqlite3_column_int64(st, i++);
+    r->compression = sqlite3_column_int(st, i++) != 0;
+    r->epoch = (uint64_t)sqlite3_column_int64(st, i++);
+    r->initial_done = sqlite3_column_int(st, i++) != 0;
+    r->base_cycle = (uint64_t)sqlite3_column_int64(st, i++);
+    r->initial_disk = (unsigned)sqlite3_column_int64(st, i++);
+    r->initial_offset = (uint64_t)sqlite3_column_int64(st, i++);
+    r->initial_seq = (uint64_t)sqlite3_column_int64(st, i++);
+    r->initial_total = (uint64_t)sqlite3_column_int64(st, i++);
+    r->initial_sent = (uint64_t)sqlite3_column_int64(st, i++);
+    r->last_cycle = (uint64_t)sqlite3_column_int64(st, i++);
+    r->applied_cycle = (uint64_t)sqlite3_column_int64(st, i++);
+    r->last_ok_ms = (uint64_t)sqlite3_column_int64(st, i++);
+    r->errors = (uint64_t)sqlite3_column_int64(st, i++);
+    r->ok_count = (uint64_t)sqlite3_column_int64(st, i++);
+    r->missed = (uint64_t)sqlite3_column_int64(st, i++);
+    r->bytes_raw = (uint64_t)sqlite3_column_int64(st, i++);
+    r->bytes_wire = (uint64_t)sqlite3_column_int64(st, i++);
+    r->max_size = (uint64_t)sqlite3_column_int64(st, i++);
+    r->sum_size = (uint64_t)sqlite3_column_int64(st, i++);
+    r->max_latency_ms = (uint64_t)sqlite3_column_int64(st, i++);
+    r->sum_latency_ms = (uint64_t)sqlite3_column_int64(st, i++);
+    r->last_error = col_str(st, i++);
+    return r;
+}
+
+int
+catalog_load(void)
+{
+    load_server();
+    sqlite3_stmt *st = prep("SELECT uuid, name, cpus, memory_mib, mode, dir "
+                            "FROM vms ORDER BY name DESC");
+    if (!st)
+        return -EIO;
+    while (sqlite3_step(st) == SQLITE_ROW) {
+        struct vm *vm = xcalloc(1, sizeof *vm);
+        snprintf(vm->uuid, sizeof vm->uuid, "%s",
+                 (const char *)sqlite3_column_text(st, 0));
+        vm->name = col_str(st, 1);
+        vm->cpus = (unsigned)sqlite3_column_int(st, 2);
+        vm->memory_mib = (unsigned)sqlite3_column_int(st, 3);
+        vm->mode = mode_parse((const char *)sqlite3_column_text(st, 4));
+        vm->dir = col_str(st, 5);
+        vm->next = D->vms;
+        D->vms = vm;
+    }
+    sqlite3_finalize(st);
+
+    for (struct vm *vm = D->vms; vm; vm = vm->next) {
+        st = prep("SELECT idx, id, path, size FROM disks WHERE vm_uuid = ? "
+                  "ORDER BY idx");
+        if (!st)
+            return -EIO;
+        sqlite3_bind_text(st, 1, vm->uuid, -1, SQLITE_STATIC);
+        while (sqlite3_step(st) == SQLITE_ROW && vm->ndisks < MAX_DISKS) {
+            struct disk *dk = &vm->disks[vm->ndisks++];
+            snprintf(dk->id, sizeof dk->id, "%s",
+                     (const char *)sqlite3_column_text(st, 1));
+            dk->path = col_str(st, 2);
+            dk->size = (uint64_t)sqlite3_column_int64(st, 3);
+        }
+        sqlite3_finalize(st);
+
+        st = prep("SELECT * FROM replications WHERE vm_uuid = ?");
+        if (!st)
+            return -EIO;
+        sqlite3_bind_text(st, 1, vm->uuid, -1, SQLITE_STATIC);
+        if (sqlite3_step(st) == SQLITE_ROW)
+            vm->repl = load_repl(st);
+        sqlite3_finalize(st);
+    }
+    return 0;
+}
+
+/* --- events -------------------------------------------------------------- */
+
+void
+catalog_add_event(uint64_t time_ms, const char *level, const char *vm,
+                  const char *msg)
+{
+    sqlite3_stmt *st = prep("INSERT INTO events(time_ms, level, vm, message) "
+                            "VALUES(?,?,?,?)");
+    if (!st)
+        return;
+    sqlite3_bind_int64(st, 1, (sqlite3_int64)time_ms);
+    sqlite3_bind_text(st, 2, level, -1, SQLITE_STATIC);
+    if (vm)
+        sqlite3_bind_text(st, 3, vm, -1, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(st, 3);
+    sqlite3_bind_text(st, 4, msg, -1, SQLITE_STATIC);
+    (void)step_done(st);
+    /* Keep the table bounded. */
+    (void)exec_sql("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM "
+                   "events) - 10000");
+}
+
+json_object *
+catalog_events(const char *vm, unsigned max)
+{
+    json_object *arr = json_object_new_array();
+    sqlite3_stmt *st = prep(
+        "SELECT * FROM (SELECT time_ms, level, vm, message, id FROM events "
+        "WHERE (?1 IS NULL OR vm = ?1) ORDER BY id DESC LIMIT ?2) ORDER BY "
+        "id");
+    if (!st)
+        return arr;
+    if (vm)
+        sqlite3_bind_text(st, 1, vm, -1, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(st, 1);
+    sqlite3_bind_int(st, 2, (int)max);
+    while (sqlite3_step(st) == SQLITE_ROW) {
+        json_object *e = json_object_new_object();
+        char ts[32];
+        vr_rfc3339((uint64_t)sqlite3_column_int64(st, 0), ts);
+        json_object_object_add(e, "time", json_object_new_string(ts));
+        json_object_object_add(
+            e, "level",
+            json_object_new_string((const char *)sqlite3_column_text(st, 1)));
+        const unsigned char *v = sqlite3_column_text(st, 2);
+        json_object_object_add(
+            e, "vm", v ? json_object_new_string((const char *)v) : NULL);
+        json_object_object_add(
+            e, "message",
+            json_object_new_string((const char *)sqlite3_column_text(st, 3)));
+        json_object_array_add(arr, e);
+    }
+    sqlite3_finalize(st);
+    return arr;
+}

@@ -1,0 +1,198 @@
+/* daemon.h: vmreplicad's shared state and the contracts between its parts.
+ *
+ * Concurrency: one mutex (d->lock) guards every field of struct daemon, the
+ * VM and replication objects and the catalog connection.  Threads hold it
+ * only for short bookkeeping and never across network or disk transfers:
+ * they copy what they need, drop the lock, work, then take it again to
+ * record the result.  The catalog (SQLite, WAL) is the durable truth; the
+ * in-memory objects mirror it and every change is written through.
+ */
+#ifndef VR_DAEMON_H
+#define VR_DAEMON_H
+
+#include <json-c/json.h>
+#include <pthread.h>
+#include <sqlite3.h>
+#include <stdint.h>
+
+#include "vr.h"
+
+#define MAX_DISKS 16
+
+struct disk {
+    char id[16];   /* "disk0" */
+    char *path;    /* raw image */
+    uint64_t size; /* bytes */
+};
+
+enum vm_mode { VM_MODE_NONE, VM_MODE_PRIMARY, VM_MODE_REPLICA };
+
+struct repl;
+
+struct vm {
+    struct vm *next;
+    char uuid[37];
+    char *name;
+    unsigned cpus;
+    unsigned memory_mib;
+    enum vm_mode mode;
+    char *dir; /* the VM's directory: rundir, and disks for primary VMs */
+    unsigned ndisks;
+    struct disk disks[MAX_DISKS];
+    bool hypervisor; /* QEMU was requested at start */
+    struct repl *repl;
+};
+
+/* Replication states (SPEC §9). */
+#define ST_DISABLED        "Disabled"
+#define ST_READY_INITIAL   "ReadyForInitialReplication"
+#define ST_INITIAL         "InitialReplicationInProgress"
+#define ST_WAITING_INITIAL "WaitingForInitialReplication"
+#define ST_REPLICATING     "Replicating"
+#define ST_SUSPENDED       "Suspended"
+#define ST_ERROR           "Error"
+
+struct repl {
+    char vm_uuid[37];
+    enum vm_mode mode;
+    char state[40];
+    char *replica_server;  /* primary: "fqdn:port" */
+    char *connect_address; /* primary: optional IP to dial */
+    char *primary_server;  /* replica: the primary's certificate name */
+    char *storage;         /* replica: the VM's storage directory */
+    unsigned frequency_s;
+    bool compression;
+    uint64_t epoch;
+    /* initial replication */
+    bool initial_done;
+    uint64_t base_cycle;
+    unsigned initial_disk;
+    uint64_t initial_offset;
+    uint64_t initial_seq;
+    uint64_t initial_total;
+    uint64_t initial_sent; /* raw bytes of data sent so far */
+    /* cycles */
+    uint64_t last_cycle;    /* primary: last acknowledged; replica: staged */
+    uint64_t applied_cycle; /* replica: last applied */
+    /* statistics (reset-stats clears them) */
+    uint64_t last_ok_ms;
+    uint64_t errors, ok_count, missed;
+    uint64_t bytes_raw, bytes_wire;
+    uint64_t max_size, sum_size;
+    uint64_t max_latency_ms, sum_latency_ms;
+    char *last_error;
+    /* runtime only */
+    pthread_t thread;
+    bool thread_running;
+    bool stop;        /* ask the shipper thread to end */
+    bool kick;        /* wake the shipper early */
+    bool busy;        /* replica: a receive is in progress */
+    char *task;       /* "InitialReplication" or NULL */
+};
+
+struct server_cfg {
+    char *hostname;
+    bool replica_enabled;
+    char *auth; /* "certificate" */
+    unsigned cert_port;
+    char *cert, *key, *ca;
+    bool allow_any;
+    char *default_storage;
+    unsigned monitoring_interval_s;
+};
+
+struct daemon {
+    pthread_mutex_t lock;
+    pthread_cond_t cond; /* broadcast on any change the threads wait for */
+    char *state_dir;
+    sqlite3 *db;
+    struct server_cfg cfg;
+    struct vm *vms;
+    bool shutting_down;
+    struct MHD_Daemon *api;
+    struct MHD_Daemon *listener;
+    pthread_t applier;
+};
+
+extern struct daemon *D;
+
+/* --- logging (daemon only) ------------------------------------------- */
+void log_msg(int level, const char *component, const char *fmt, ...)
+    VR_PRINTF(3, 4);
+#define LOG_ERROR 0
+#define LOG_WARN  1
+#define LOG_INFO  2
+#define LOG_DEBUG 3
+extern int log_level;
+#define log_error(c, ...) log_msg(LOG_ERROR, c, __VA_ARGS__)
+#define log_warn(c, ...)  log_msg(LOG_WARN, c, __VA_ARGS__)
+#define log_info(c, ...)  log_msg(LOG_INFO, c, __VA_ARGS__)
+#define log_debug(c, ...)                                                      \
+    do {                                                                       \
+        if (unlikely(log_level >= LOG_DEBUG))                                  \
+            log_msg(LOG_DEBUG, c, __VA_ARGS__);                                \
+    } while (0)
+
+/* Record an event (catalog + log).  level: "info", "warning", "error",
+ * "audit".  Caller holds d->lock. */
+void event_add(const char *level, const char *vm, const char *fmt, ...)
+    VR_PRINTF(3, 4);
+
+/* --- catalog.c --------------------------------------------------------- */
+int catalog_open(const char *path) VR_WUR;
+void catalog_close(void);
+/* Load server config, VMs, disks and replications into D. */
+int catalog_load(void) VR_WUR;
+int catalog_save_server(void) VR_WUR;
+int catalog_save_vm(const struct vm *vm) VR_WUR;
+int catalog_delete_vm(const char *uuid) VR_WUR;
+int catalog_save_repl(const struct repl *r) VR_WUR;
+int catalog_delete_repl(const char *uuid) VR_WUR;
+/* Events, newest last, optional filter by VM name; caller puts them. */
+json_object *catalog_events(const char *vm, unsigned max);
+void catalog_add_event(uint64_t time_ms, const char *level, const char *vm,
+                       const char *msg);
+
+/* --- objects ----------------------------------------------------------- */
+struct vm *vm_find(const char *name_or_uuid);
+struct vm *vm_find_uuid(const char *uuid);
+void vm_free(struct vm *vm);
+void repl_free(struct repl *r);
+const char *vm_mode_name(enum vm_mode m);
+json_object *vm_to_json(const struct vm *vm);
+json_object *repl_to_json(const struct vm *vm);
+json_object *repl_measure_json(const struct vm *vm);
+const char *repl_health(const struct repl *r, json_object *details);
+/* The VM's run directory (sockets, pids). Caller frees. */
+char *vm_rundir(const struct vm *vm);
+
+/* --- api.c ------------------------------------------------------------- */
+int api_start(const char *sock_path) VR_WUR;
+void api_stop(void);
+
+/* --- shipper.c (primary) ----------------------------------------------- */
+/* Start the VM's replication thread if replication is on and not running. */
+void shipper_ensure(struct vm *vm);
+/* Stop and join it (drops and retakes d->lock). */
+void shipper_stop(struct vm *vm);
+/* POST /v1/vms/VM/replication: contact the Replica server, register. */
+int shipper_enable(struct vm *vm, json_object *req, json_object **out) VR_WUR;
+/* Tell the Replica server replication was removed (best effort). */
+void shipper_remote_remove(struct vm *vm);
+/* Bytes of change log not yet acknowledged. */
+uint64_t shipper_pending_bytes(const struct vm *vm);
+
+/* --- replica.c (Replica server) ---------------------------------------- */
+/* (Re)start or stop the HTTPS listener per D->cfg. */
+int replica_listener_apply(void) VR_WUR;
+void replica_listener_stop(void);
+/* Apply every staged cycle of every Replica VM (startup recovery). */
+int replica_recover(void) VR_WUR;
+int replica_applier_start(void) VR_WUR;
+void replica_applier_stop(void);
+/* Validate certificate material: 0 or -EINVAL with a message. */
+int tls_check_material(const char *cert, const char *key, const char *ca) VR_WUR;
+/* First DNS SAN of a certificate file; caller frees. */
+char *tls_cert_dns_name(const char *cert_path);
+
+#endif

@@ -1,0 +1,25 @@
+/* http.h: helpers shared by the management API and the replication
+ * listener (both libmicrohttpd). */
+#ifndef VR_HTTP_H
+#define VR_HTTP_H
+
+#include <json-c/json.h>
+#include <microhttpd.h>
+
+#include "vr.h"
+
+#if MHD_VERSION < 0x00097002
+typedef int MHD_RESULT;
+#else
+typedef enum MHD_Result MHD_RESULT;
+#endif
+
+/* HTTP status for a negative errno (docs/api.md table). */
+unsigned http_status_for(int rc);
+/* Queue obj (consumed) as a JSON response with status. */
+MHD_RESULT http_send_json(struct MHD_Connection *c, unsigned status,
+                          json_object *obj);
+/* Queue {"error": NAME, "message": msg} for the negative errno rc. */
+MHD_RESULT http_send_error(struct MHD_Connection *c, int rc, const char *msg);
+
+#endif

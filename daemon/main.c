@@ -1,0 +1,219 @@
+/* main.c: vmreplicad — start-up, logging, events and shutdown.
+ *
+ * Start-up order matters for crash safety: open the catalog, load it, finish
+ * applying any cycle that was staged before a crash (so no Replica disk is
+ * ever seen between two cycles), and only then open the management socket,
+ * the replication listener and the shipper threads. */
+#include <getopt.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "daemon.h"
+
+static struct daemon daemon_state = {
+    .lock = PTHREAD_MUTEX_INITIALIZER,
+    .cond = PTHREAD_COND_INITIALIZER,
+};
+struct daemon *D = &daemon_state;
+int log_level = LOG_INFO;
+
+void
+log_msg(int level, const char *component, const char *fmt, ...)
+{
+    static const char *names[] = { "error", "warning", "info", "debug" };
+    if (level > log_level)
+        return;
+    int saved = errno;
+    char msg[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    char ts[32];
+    vr_rfc3339(vr_wall_ms(), ts);
+    fprintf(stderr, "%s vmreplicad %s: %s: %s\n", ts, names[level], component,
+            msg);
+    errno = saved;
+}
+
+void
+event_add(const char *level, const char *vm, const char *fmt, ...)
+{
+    char msg[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    int lv = strcmp(level, "error") == 0     ? LOG_ERROR
+             : strcmp(level, "warning") == 0 ? LOG_WARN
+             : strcmp(level, "audit") == 0   ? LOG_WARN
+                                             : LOG_INFO;
+    log_msg(lv, strcmp(level, "audit") == 0 ? "audit" : "event", "%s%s%s",
+            vm ? vm : "", vm ? ": " : "", msg);
+    catalog_add_event(vr_wall_ms(), level, vm, msg);
+}
+
+static void
+sd_notify_ready(void)
+{
+    const char *path = getenv("NOTIFY_SOCKET");
+    if (!path || (path[0] != '/' && path[0] != '@'))
+        return;
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    size_t n = strlen(path);
+    if (n >= sizeof sa.sun_path)
+        return;
+    memcpy(sa.sun_path, path, n);
+    if (sa.sun_path[0] == '@')
+        sa.sun_path[0] = '\0';
+    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return;
+    static const char msg[] = "READY=1";
+    (void)sendto(fd, msg, sizeof msg - 1, 0, (struct sockaddr *)&sa,
+                 (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n));
+    close(fd);
+}
+
+static void
+usage(FILE *f)
+{
+    fprintf(f, "usage: vmreplicad [--state-dir DIR] [--hostname FQDN] [-v] "
+               "[-D SUBSYS,...]\n");
+}
+
+int
+main(int argc, char **argv)
+{
+    const char *state_dir = "/var/lib/vmreplica";
+    const char *hostname = NULL;
+    static const struct option opts[] = {
+        { "state-dir", required_argument, NULL, 's' },
+        { "hostname", required_argument, NULL, 'H' },
+        { "verbose", no_argument, NULL, 'v' },
+        { "debug", required_argument, NULL, 'D' },
+        { "help", no_argument, NULL, 'h' },
+        { "version", no_argument, NULL, 'V' },
+        { NULL, 0, NULL, 0 },
+    };
+    int c;
+    while ((c = getopt_long(argc, argv, "vD:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 's':
+            state_dir = optarg;
+            break;
+        case 'H':
+            hostname = optarg;
+            break;
+        case 'v':
+        case 'D':
+            log_level = LOG_DEBUG;
+            break;
+        case 'h':
+            usage(stdout);
+            return 0;
+        case 'V':
+            printf("vmreplicad %s\n", VERSION);
+            return 0;
+        default:
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (optind != argc) {
+        usage(stderr);
+        return 2;
+    }
+
+    /* Every thread inherits this mask; main alone takes the signals. */
+    signal(SIGPIPE, SIG_IGN);
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+
+    if (io_mkdir_p(state_dir, 0750) < 0) {
+        log_error("main", "%s", vr_errmsg());
+        return 1;
+    }
+    char real[4096];
+    if (!realpath(state_dir, real)) {
+        log_error("main", "state dir %s: %s", state_dir, strerror(errno));
+        return 1;
+    }
+    D->state_dir = xstrdup(real);
+    CLEANUP_FREE char *db = xasprintf("%s/catalog.db", D->state_dir);
+    CLEANUP_FREE char *sock = xasprintf("%s/api.sock", D->state_dir);
+
+    pthread_mutex_lock(&D->lock);
+    int rc = catalog_open(db);
+    if (rc == 0)
+        rc = catalog_load();
+    if (rc == 0 && !D->cfg.monitoring_interval_s)
+        D->cfg.monitoring_interval_s = 12 * 3600; /* Hyper-V's default */
+    if (rc == 0 && hostname) {
+        free(D->cfg.hostname);
+        D->cfg.hostname = xstrdup(hostname);
+        rc = catalog_save_server();
+    }
+    if (rc == 0)
+        rc = replica_recover();
+    pthread_mutex_unlock(&D->lock);
+    if (rc < 0) {
+        log_error("main", "%s", vr_errmsg());
+        return 1;
+    }
+
+    pthread_mutex_lock(&D->lock);
+    rc = replica_applier_start();
+    if (rc == 0)
+        rc = api_start(sock);
+    if (rc == 0 && D->cfg.replica_enabled) {
+        rc = replica_listener_apply();
+        if (rc < 0) {
+            /* Keep the API up so the administrator can fix the settings. */
+            log_error("main", "replica listener: %s", vr_errmsg());
+            rc = 0;
+        }
+    }
+    if (rc == 0)
+        for (struct vm *vm = D->vms; vm; vm = vm->next)
+            shipper_ensure(vm);
+    if (rc == 0)
+        event_add("info", NULL, "vmreplicad %s started (state dir %s)",
+                  VERSION, D->state_dir);
+    pthread_mutex_unlock(&D->lock);
+    if (rc < 0) {
+        log_error("main", "%s", vr_errmsg());
+        return 1;
+    }
+    sd_notify_ready();
+
+    int sig = 0;
+    while (sigwait(&sigs, &sig) != 0)
+        ;
+
+    log_info("main", "signal %d: shutting down", sig);
+    pthread_mutex_lock(&D->lock);
+    D->shutting_down = true;
+    pthread_cond_broadcast(&D->cond);
+    for (struct vm *vm = D->vms; vm; vm = vm->next)
+        shipper_stop(vm);
+    pthread_mutex_unlock(&D->lock);
+    replica_applier_stop();
+    api_stop();
+    replica_listener_stop();
+    unlink(sock);
+    pthread_mutex_lock(&D->lock);
+    catalog_close();
+    pthread_mutex_unlock(&D->lock);
+    return 0;
+}

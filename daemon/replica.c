@@ -1,0 +1,1021 @@
+/* replica.c: the Replica server — the HTTPS listener with mutual X.509
+ * authentication, the replication protocol's server side (docs/api.md,
+ * "Replication protocol"), durable staging of cycles, and the applier that
+ * applies staged cycles strictly in order.
+ *
+ * Crash safety: a cycle is received into staging/N.tmp, validated, fsynced
+ * and renamed to staging/N.cycle before it is acknowledged; the applier
+ * applies N.cycle to the disks, fdatasyncs them, and only then records N as
+ * applied in the catalog and deletes the file.  A crash at any step is
+ * repaired at start-up by applying N again from the start (idempotent), before
+ * the management socket opens, so the disks are only ever seen at a cycle
+ * boundary. */
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <fcntl.h>
+#include <gnutls/gnutls.h>
+#include <gnutls/x509.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "cycle.h"
+#include "daemon.h"
+#include "http.h"
+
+#define R1_MAX_JSON      (64u << 10)
+#define R1_MAX_CYCLE_RAW (16ull << 30)
+#define R1_MAX_BASE_RAW  (80ull << 20)
+
+/* --- TLS material --------------------------------------------------------- */
+
+int
+tls_check_material(const char *cert, const char *key, const char *ca)
+{
+    if (!cert || !key || !ca)
+        return vr_err(-EINVAL, "certificate, key and ca must be given "
+                               "together");
+    gnutls_certificate_credentials_t cr;
+    gnutls_certificate_allocate_credentials(&cr);
+    int r = gnutls_certificate_set_x509_key_file(cr, cert, key,
+                                                 GNUTLS_X509_FMT_PEM);
+    int rc = 0;
+    if (r < 0)
+        rc = vr_err(-EINVAL, "certificate %s / key %s: %s", cert, key,
+                    gnutls_strerror(r));
+    else if ((r = gnutls_certificate_set_x509_trust_file(
+                  cr, ca, GNUTLS_X509_FMT_PEM)) <= 0)
+        rc = vr_err(-EINVAL, "ca %s: %s", ca,
+                    r < 0 ? gnutls_strerror(r) : "no certificate found");
+    gnutls_certificate_free_credentials(cr);
+    return rc;
+}
+
+static char *
+crt_dns_name(gnutls_x509_crt_t crt)
+{
+    for (unsigned i = 0; i < 64; i++) {
+        char name[256];
+        size_t sz = sizeof name;
+        int t = gnutls_x509_crt_get_subject_alt_name(crt, i, name, &sz, NULL);
+        if (t < 0)
+            break;
+        if (t == GNUTLS_SAN_DNSNAME && sz < sizeof name) {
+            name[sz] = '\0';
+            return xstrdup(name);
+        }
+    }
+    return NULL;
+}
+
+char *
+tls_cert_dns_name(const char *cert_path)
+{
+    gnutls_datum_t pem = { NULL, 0 };
+    if (gnutls_load_file(cert_path, &pem) < 0)
+        return NULL;
+    gnutls_x509_crt_t crt;
+    gnutls_x509_crt_init(&crt);
+    char *name = NULL;
+    if (gnutls_x509_crt_import(crt, &pem, GNUTLS_X509_FMT_PEM) >= 0)
+        name = crt_dns_name(crt);
+    gnutls_x509_crt_deinit(crt);
+    gnutls_free(pem.data);
+    return name;
+}
+
+/* Verify the peer of an HTTPS connection: a certificate chaining to our CA,
+ * valid now, with the clientAuth purpose.  0 and *identity (caller frees),
+ * or -EACCES with the reason in vr_errmsg(). */
+static int
+verify_peer(struct MHD_Connection *c, char **identity)
+{
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(c, MHD_CONNECTION_INFO_GNUTLS_SESSION);
+    if (!ci || !ci->tls_session)
+        return vr_err(-EACCES, "not a TLS connection");
+    gnutls_session_t s = (gnutls_session_t)ci->tls_session;
+    gnutls_typed_vdata_st vd = { .type = GNUTLS_DT_KEY_PURPOSE_OID,
+                                 .data = (void *)GNUTLS_KP_TLS_WWW_CLIENT };
+    unsigned status = 0;
+    int r = gnutls_certificate_verify_peers(s, &vd, 1, &status);
+    if (r == GNUTLS_E_NO_CERTIFICATE_FOUND)
+        return vr_err(-EACCES, "no client certificate");
+    if (r < 0)
+        return vr_err(-EACCES, "client certificate: %s", gnutls_strerror(r));
+    if (status != 0) {
+        gnutls_datum_t out;
+        char why[256] = "invalid";
+        if (gnutls_certificate_verification_status_print(
+                status, GNUTLS_CRT_X509, &out, 0) >= 0) {
+            snprintf(why, sizeof why, "%s", out.data);
+            gnutls_free(out.data);
+        }
+        return vr_err(-EACCES, "client certificate refused: %s", why);
+    }
+    unsigned n = 0;
+    const gnutls_datum_t *certs = gnutls_certificate_get_peers(s, &n);
+    if (!certs || n == 0)
+        return vr_err(-EACCES, "no client certificate");
+    gnutls_x509_crt_t crt;
+    gnutls_x509_crt_init(&crt);
+    char *name = NULL;
+    if (gnutls_x509_crt_import(crt, &certs[0], GNUTLS_X509_FMT_DER) >= 0)
+        name = crt_dns_name(crt);
+    gnutls_x509_crt_deinit(crt);
+    if (!name)
+        return vr_err(-EACCES, "client certificate has no DNS name in its "
+                               "subjectAltName");
+    *identity = name;
+    return 0;
+}
+
+static void
+peer_addr(struct MHD_Connection *c, char *out, size_t n)
+{
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(c, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    snprintf(out, n, "?");
+    if (!ci || !ci->client_addr)
+        return;
+    const struct sockaddr *sa = ci->client_addr;
+    char host[64] = "?";
+    unsigned port = 0;
+    if (sa->sa_family == AF_INET) {
+        const struct sockaddr_in *in = (const void *)sa;
+        inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
+        port = ntohs(in->sin_port);
+    } else if (sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const void *)sa;
+        inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
+        port = ntohs(in6->sin6_port);
+    }
+    snprintf(out, n, "%s:%u", host, port);
+}
+
+/* --- per-request state -------------------------------------------------- */
+
+enum r1_kind { R1_STATUS, R1_REGISTER, R1_BASE, R1_INITIAL_DONE, R1_CYCLE,
+               R1_REMOVE };
+
+struct rreq {
+    bool started;
+    bool failed;
+    int rc;
+    char msg[512];
+    enum r1_kind kind;
+    char uuid[37];
+    char peer[256];     /* certificate identity */
+    char addr[80];      /* ip:port */
+    uint64_t n;         /* cycle or base chunk number */
+    uint64_t epoch;
+    char *body;         /* JSON bodies */
+    size_t len;
+    struct cyc_decoder *dec;
+    int fd;
+    char *tmp_path;
+    char *staging;
+    bool holds_busy;
+};
+
+static void
+rreq_fail(struct rreq *q, int rc, const char *msg)
+{
+    if (q->failed)
+        return;
+    q->failed = true;
+    q->rc = rc;
+    snprintf(q->msg, sizeof q->msg, "%s", msg);
+}
+
+static void
+rreq_done(void *cls VR_UNUSED, struct MHD_Connection *c VR_UNUSED,
+          void **con_cls, enum MHD_RequestTerminationCode toe VR_UNUSED)
+{
+    struct rreq *q = *con_cls;
+    *con_cls = NULL;
+    if (!q)
+        return;
+    cyc_decoder_free(q->dec);
+    if (q->fd >= 0)
+        close(q->fd);
+    if (q->tmp_path) {
+        unlink(q->tmp_path);
+        free(q->tmp_path);
+    }
+    if (q->holds_busy) {
+        pthread_mutex_lock(&D->lock);
+        struct vm *vm = vm_find_uuid(q->uuid);
+        if (vm && vm->repl)
+            vm->repl->busy = false;
+        pthread_mutex_unlock(&D->lock);
+    }
+    free(q->staging);
+    free(q->body);
+    free(q);
+}
+
+/* Parse "/r1/vms/UUID[/rest]". */
+static int
+parse_url(const char *url, const char *method, struct rreq *q)
+{
+    static const char pre[] = "/r1/vms/";
+    if (strncmp(url, pre, sizeof pre - 1) != 0)
+        return vr_err(-ENOENT, "%s: not found", url);
+    url += sizeof pre - 1;
+    if (strlen(url) < 36)
+        return vr_err(-EINVAL, "bad vm uuid in url");
+    memcpy(q->uuid, url, 36);
+    q->uuid[36] = '\0';
+    if (!vr_uuid_valid(q->uuid))
+        return vr_err(-EINVAL, "bad vm uuid in url");
+    const char *rest = url + 36;
+    char *end;
+    if (*rest == '\0') {
+        if (strcmp(method, "GET") == 0)
+            q->kind = R1_STATUS;
+        else if (strcmp(method, "PUT") == 0)
+            q->kind = R1_REGISTER;
+        else
+            return vr_err(-EOPNOTSUPP, "method not allowed");
+        return 0;
+    }
+    if (strcmp(rest, "/initial-complete") == 0 &&
+        strcmp(method, "POST") == 0) {
+        q->kind = R1_INITIAL_DONE;
+        return 0;
+    }
+    if (strcmp(rest, "/replication") == 0 && strcmp(method, "DELETE") == 0) {
+        q->kind = R1_REMOVE;
+        return 0;
+    }
+    const char *num = NULL;
+    if (strncmp(rest, "/base/", 6) == 0) {
+        q->kind = R1_BASE;
+        num = rest + 6;
+    } else if (strncmp(rest, "/cycles/", 8) == 0) {
+        q->kind = R1_CYCLE;
+        num = rest + 8;
+    } else {
+        return vr_err(-ENOENT, "not found");
+    }
+    if (strcmp(method, "PUT") != 0)
+        return vr_err(-EOPNOTSUPP, "method not allowed");
+    errno = 0;
+    unsigned long long v = strtoull(num, &end, 10);
+    if (errno || end == num || *end || *num == '0' || strlen(num) > 19)
+        return vr_err(-EINVAL, "bad number in url");
+    q->n = v;
+    return 0;
+}
+
+static json_object *
+replica_status_json(const struct vm *vm)
+{
+    json_object *o = json_object_new_object();
+    const struct repl *r = vm->repl;
+    json_object_object_add(o, "uuid", json_object_new_string(vm->uuid));
+    json_object_object_add(o, "name", json_object_new_string(vm->name));
+    json_object_object_add(o, "epoch",
+                           json_object_new_int64((int64_t)r->epoch));
+    json_object_object_add(o, "initial_done",
+                           json_object_new_boolean(r->initial_done));
+    json_object_object_add(o, "applied_cycle",
+                           json_object_new_int64((int64_t)r->applied_cycle));
+    json_object_object_add(o, "staged_cycle",
+                           json_object_new_int64((int64_t)r->last_cycle));
+    json_object_object_add(o, "state", json_object_new_string(r->state));
+    return o;
+}
+
+/* Find the Replica VM for q, checking it belongs to this peer and epoch. */
+static int
+own_vm(struct rreq *q, struct vm **out)
+{
+    struct vm *vm = vm_find_uuid(q->uuid);
+    if (!vm || vm->mode != VM_MODE_REPLICA || !vm->repl)
+        return vr_err(-ENOENT, "replica vm %s: not found", q->uuid);
+    if (!vm->repl->primary_server ||
+        strcmp(vm->repl->primary_server, q->peer) != 0)
+        return vr_err(-EPERM, "replica vm %s: belongs to primary %s, not %s",
+                      vm->name, vm->repl->primary_server, q->peer);
+    if (q->kind != R1_STATUS && q->epoch != vm->repl->epoch)
+        return vr_err(-ESTALE, "replica vm %s: epoch %llu refused (current "
+                               "%llu)",
+                      vm->name, (unsigned long long)q->epoch,
+                      (unsigned long long)vm->repl->epoch);
+    *out = vm;
+    return 0;
+}
+
+static int
+open_disks(const struct vm *vm, int *fds)
+{
+    for (unsigned i = 0; i < vm->ndisks; i++) {
+        fds[i] = open(vm->disks[i].path, O_RDWR | O_CLOEXEC);
+        if (fds[i] < 0) {
+            int rc = vr_err(-errno, "open %s: %s", vm->disks[i].path,
+                            strerror(errno));
+            while (i-- > 0)
+                close(fds[i]);
+            return rc;
+        }
+    }
+    return 0;
+}
+
+/* Apply a payload file to the VM's disks.  Runs without d->lock; vm's disk
+ * table is immutable while it is a Replica VM. */
+static int
+apply_payload(const struct vm *vm, const char *path, uint64_t *nrec)
+{
+    int fds[MAX_DISKS];
+    uint64_t sizes[MAX_DISKS];
+    for (unsigned i = 0; i < vm->ndisks; i++)
+        sizes[i] = vm->disks[i].size;
+    int pfd = open(path, O_RDONLY | O_CLOEXEC);
+    if (pfd < 0)
+        return vr_err(-errno, "open %s: %s", path, strerror(errno));
+    int rc = open_disks(vm, fds);
+    if (rc == 0) {
+        rc = cyc_apply_file(pfd, fds, sizes, vm->ndisks, nrec);
+        for (unsigned i = 0; i < vm->ndisks; i++)
+            close(fds[i]);
+    }
+    close(pfd);
+    return rc;
+}
+
+static char *
+staging_dir(const struct repl *r)
+{
+    return xasprintf("%s/staging", r->storage);
+}
+
+static char *
+cycle_path(const struct repl *r, uint64_t n)
+{
+    return xasprintf("%s/staging/%020llu.cycle", r->storage,
+                     (unsigned long long)n);
+}
+
+/* --- request handlers (JSON ones run at the end of the body) ------------- */
+
+static int
+do_register(struct rreq *q, json_object **out)
+{
+    json_object *b = json_tokener_parse(q->body ? q->body : "");
+    if (!b || !json_object_is_type(b, json_type_object)) {
+        json_object_put(b);
+        return vr_err(-EPROTO, "register: body is not a JSON object");
+    }
+    int rc = 0;
+    const char *name = NULL;
+    json_object *v, *disks = NULL;
+    if (json_object_object_get_ex(b, "name", &v))
+        name = json_object_get_string(v);
+    if (!name || !vr_name_valid(name))
+        rc = vr_err(-EINVAL, "register: invalid vm name");
+    if (rc == 0 && (!json_object_object_get_ex(b, "disks", &disks) ||
+                    !json_object_is_type(disks, json_type_array) ||
+                    json_object_array_length(disks) < 1 ||
+                    json_object_array_length(disks) > MAX_DISKS))
+        rc = vr_err(-EINVAL, "register: 1..%d disks required", MAX_DISKS);
+    uint64_t sizes[MAX_DISKS];
+    size_t nd = rc == 0 ? json_object_array_length(disks) : 0;
+    for (size_t i = 0; rc == 0 && i < nd; i++) {
+        json_object *d = json_object_array_get_idx(disks, i), *s;
+        int64_t sz = -1;
+        if (json_object_object_get_ex(d, "size", &s))
+            sz = json_object_get_int64(s);
+        if (sz <= 0 || sz > (int64_t)1 << 50)
+            rc = vr_err(-EINVAL, "register: disk %zu: bad size", i);
+        else
+            sizes[i] = (uint64_t)sz;
+    }
+    int64_t cpus = 1, mem = 256;
+    if (json_object_object_get_ex(b, "cpus", &v))
+        cpus = json_object_get_int64(v);
+    if (json_object_object_get_ex(b, "memory_mib", &v))
+        mem = json_object_get_int64(v);
+    if (rc == 0 && (cpus < 1 || cpus > 64 || mem < 16 || mem > 1 << 20))
+        rc = vr_err(-EINVAL, "register: bad cpus or memory");
+    if (rc < 0) {
+        json_object_put(b);
+        return rc;
+    }
+
+    pthread_mutex_lock(&D->lock);
+    struct vm *vm = vm_find_uuid(q->uuid);
+    struct vm *byname = vm_find(name);
+    if (byname && byname != vm)
+        rc = vr_err(-EEXIST, "register: another vm is named %s here", name);
+    else if (vm && vm->mode != VM_MODE_REPLICA)
+        rc = vr_err(-EEXIST, "register: vm %s is not a Replica VM here",
+                    vm->name);
+    else if (vm && vm->repl && vm->repl->primary_server &&
+             strcmp(vm->repl->primary_server, q->peer) != 0)
+        rc = vr_err(-EPERM, "register: vm %s replicates from %s, not %s",
+                    vm->name, vm->repl->primary_server, q->peer);
+    else if (vm && vm->repl && q->epoch < vm->repl->epoch)
+        rc = vr_err(-ESTALE, "register: epoch %llu is older than %llu",
+                    (unsigned long long)q->epoch,
+                    (unsigned long long)vm->repl->epoch);
+    else if (vm && vm->ndisks != nd)
+        rc = vr_err(-EINVAL, "register: vm %s has %u disks here, not %zu",
+                    vm->name, vm->ndisks, nd);
+    if (rc == 0 && !vm) {
+        /* New Replica VM beneath the default storage location. */
+        vm = xcalloc(1, sizeof *vm);
+        snprintf(vm->uuid, sizeof vm->uuid, "%s", q->uuid);
+        vm->name = xstrdup(name);
+        vm->mode = VM_MODE_REPLICA;
+        vm->dir = xasprintf("%s/%s", D->cfg.default_storage, q->uuid);
+        vm->ndisks = (unsigned)nd;
+        for (unsigned i = 0; i < vm->ndisks; i++) {
+            snprintf(vm->disks[i].id, sizeof vm->disks[i].id, "disk%u", i);
+            vm->disks[i].path = xasprintf("%s/disk%u.raw", vm->dir, i);
+        }
+        CLEANUP_FREE char *stg = xasprintf("%s/staging", vm->dir);
+        rc = io_mkdir_p(stg, 0750);
+        for (unsigned i = 0; rc == 0 && i < vm->ndisks; i++) {
+            int fd = open(vm->disks[i].path,
+                          O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0640);
+            if (fd < 0 || ftruncate(fd, (off_t)sizes[i]) < 0 || fsync(fd) < 0)
+                rc = vr_err(-errno, "register: create %s: %s",
+                            vm->disks[i].path, strerror(errno));
+            if (fd >= 0)
+                close(fd);
+            vm->disks[i].size = sizes[i];
+        }
+        if (rc == 0)
+            rc = io_fsync_dir(vm->dir);
+        if (rc < 0) {
+            vm_free(vm);
+            vm = NULL;
+        } else {
+            vm->next = D->vms;
+            D->vms = vm;
+        }
+    }
+    if (rc == 0) {
+        /* Disk sizes may have grown on the primary. */
+        for (unsigned i = 0; i < vm->ndisks; i++)
+            if (sizes[i] != vm->disks[i].size) {
+                if (truncate(vm->disks[i].path, (off_t)sizes[i]) < 0) {
+                    rc = vr_err(-errno, "register: resize %s: %s",
+                                vm->disks[i].path, strerror(errno));
+                    break;
+                }
+                vm->disks[i].size = sizes[i];
+            }
+    }
+    if (rc == 0) {
+        vm->cpus = (unsigned)cpus;
+        vm->memory_mib = (unsigned)mem;
+        free(vm->name);
+        vm->name = xstrdup(name);
+        struct repl *r = vm->repl;
+        bool fresh = !r;
+        if (fresh) {
+            r = xcalloc(1, sizeof *r);
+            snprintf(r->vm_uuid, sizeof r->vm_uuid, "%s", vm->uuid);
+            r->mode = VM_MODE_REPLICA;
+            r->storage = xstrdup(vm->dir);
+            r->primary_server = xstrdup(q->peer);
+            vm->repl = r;
+        }
+        r->epoch = q->epoch;
+        if (json_object_object_get_ex(b, "frequency", &v))
+            r->frequency_s = (unsigned)json_object_get_int64(v);
+        if (json_object_object_get_ex(b, "compression", &v))
+            r->compression = json_object_get_boolean(v);
+        if (!r->initial_done)
+            snprintf(r->state, sizeof r->state, "%s", ST_WAITING_INITIAL);
+        rc = catalog_save_vm(vm);
+        if (rc == 0)
+            rc = catalog_save_repl(r);
+        if (rc == 0) {
+            event_add("info", vm->name,
+                      "replica vm %s registered by primary %s (%s)",
+                      fresh ? "created" : "updated", q->peer, q->addr);
+            *out = replica_status_json(vm);
+        }
+    }
+    pthread_mutex_unlock(&D->lock);
+    json_object_put(b);
+    return rc;
+}
+
+static int
+do_initial_done(struct rreq *q, json_object **out)
+{
+    json_object *b = json_tokener_parse(q->body ? q->body : "");
+    json_object *v;
+    int64_t base = -1;
+    if (b && json_object_object_get_ex(b, "base_cycle", &v))
+        base = json_object_get_int64(v);
+    json_object_put(b);
+    if (base < 0)
+        return vr_err(-EINVAL, "initial-complete: base_cycle missing");
+    pthread_mutex_lock(&D->lock);
+    struct vm *vm = NULL;
+    int rc = own_vm(q, &vm);
+    if (rc == 0) {
+        struct repl *r = vm->repl;
+        r->base_cycle = (uint64_t)base;
+        r->applied_cycle = (uint64_t)base;
+        r->last_cycle = (uint64_t)base;
+        r->initial_done = true;
+        snprintf(r->state, sizeof r->state, "%s", ST_REPLICATING);
+        rc = catalog_save_repl(r);
+        if (rc == 0) {
+            event_add("info", vm->name,
+                      "initial replication complete at cycle %lld",
+                      (long long)base);
+            *out = replica_status_json(vm);
+        }
+    }
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
+static int
+do_remove(struct rreq *q, json_object **out)
+{
+    pthread_mutex_lock(&D->lock);
+    struct vm *vm = NULL;
+    int rc = own_vm(q, &vm);
+    if (rc == 0 && vm->repl->busy)
+        rc = vr_err(-EBUSY, "replica vm %s: a transfer is in progress",
+                    vm->name);
+    if (rc == 0) {
+        rc = catalog_delete_repl(vm->uuid);
+        if (rc == 0) {
+            repl_free(vm->repl);
+            vm->repl = NULL;
+            event_add("info", vm->name,
+                      "replication removed by primary %s; replica disks kept",
+                      q->peer);
+            *out = json_object_new_object();
+        }
+    }
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
+/* First call for an upload: check the VM and its state, open the temp. */
+static int
+upload_begin(struct rreq *q, struct MHD_Connection *c)
+{
+    pthread_mutex_lock(&D->lock);
+    struct vm *vm = NULL;
+    int rc = own_vm(q, &vm);
+    struct repl *r = rc == 0 ? vm->repl : NULL;
+    if (rc == 0 && r->busy)
+        rc = vr_err(-EBUSY, "replica vm %s: another transfer is in progress",
+                    vm->name);
+    if (rc == 0 && q->kind == R1_CYCLE) {
+        if (!r->initial_done)
+            rc = vr_err(-EBUSY, "replica vm %s: initial replication not "
+                                "complete",
+                        vm->name);
+        else if (q->n <= r->last_cycle)
+            rc = 1; /* duplicate: already staged or applied */
+        else if (q->n != r->last_cycle + 1)
+            rc = vr_err(-EPROTO, "replica vm %s: cycle %llu out of order "
+                                 "(expected %llu)",
+                        vm->name, (unsigned long long)q->n,
+                        (unsigned long long)r->last_cycle + 1);
+    }
+    if (rc == 0) {
+        r->busy = true;
+        q->holds_busy = true;
+        q->staging = staging_dir(r);
+    }
+    pthread_mutex_unlock(&D->lock);
+    if (rc != 0)
+        return rc;
+
+    const char *enc =
+        MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Encoding");
+    bool compressed = enc && strcmp(enc, "zstd") == 0;
+    if (enc && !compressed && strcmp(enc, "identity") != 0)
+        return vr_err(-EINVAL, "content-encoding %s: not supported", enc);
+    q->tmp_path = xasprintf("%s/%s-%llu.tmp", q->staging,
+                            q->kind == R1_BASE ? "base" : "cycle",
+                            (unsigned long long)q->n);
+    q->fd = open(q->tmp_path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+    if (q->fd < 0)
+        return vr_err(-errno, "open %s: %s", q->tmp_path, strerror(errno));
+    return cyc_decoder_new(compressed,
+                           q->kind == R1_BASE ? R1_MAX_BASE_RAW
+                                              : R1_MAX_CYCLE_RAW,
+                           q->fd, &q->dec);
+}
+
+static int
+upload_finish(struct rreq *q, json_object **out)
+{
+    struct cyc_hdr h;
+    uint64_t nrec = 0, raw = 0;
+    int rc = cyc_decoder_finish(q->dec, &h, &nrec, &raw);
+    if (rc < 0)
+        return rc;
+    uint8_t want[16];
+    if (cyc_uuid_parse(q->uuid, want) < 0 || memcmp(want, h.uuid, 16) != 0)
+        return vr_err(-EPROTO, "payload is for another vm");
+    if (h.epoch != q->epoch)
+        return vr_err(-ESTALE, "payload epoch %llu differs from request's",
+                      (unsigned long long)h.epoch);
+    bool base = (h.flags & CYC_F_BASE) != 0;
+    if (base != (q->kind == R1_BASE) || (!base && h.cycle != q->n))
+        return vr_err(-EPROTO, "payload header does not match the request");
+    if (fdatasync(q->fd) < 0)
+        return vr_err(-errno, "sync %s: %s", q->tmp_path, strerror(errno));
+
+    pthread_mutex_lock(&D->lock);
+    struct vm *vm = NULL;
+    rc = own_vm(q, &vm);
+    if (rc == 0 && h.ndisks != vm->ndisks)
+        rc = vr_err(-EPROTO, "payload has %u disks, vm %s has %u", h.ndisks,
+                    vm->name, vm->ndisks);
+    pthread_mutex_unlock(&D->lock);
+    if (rc < 0)
+        return rc;
+
+    if (base) {
+        /* Initial replication chunks go straight to the disks: the Replica
+         * VM is not a recovery point until initial replication completes. */
+        uint64_t applied;
+        rc = apply_payload(vm, q->tmp_path, &applied);
+        if (rc < 0)
+            return rc;
+    } else {
+        pthread_mutex_lock(&D->lock);
+        CLEANUP_FREE char *final = cycle_path(vm->repl, q->n);
+        pthread_mutex_unlock(&D->lock);
+        if (rename(q->tmp_path, final) < 0)
+            return vr_err(-errno, "rename %s: %s", final, strerror(errno));
+        free(q->tmp_path);
+        q->tmp_path = NULL;
+        rc = io_fsync_dir(q->staging);
+        if (rc < 0)
+            return vr_err(rc, "sync %s: %s", q->staging, strerror(-rc));
+        pthread_mutex_lock(&D->lock);
+        rc = own_vm(q, &vm);
+        if (rc == 0) {
+            vm->repl->last_cycle = q->n;
+            rc = catalog_save_repl(vm->repl);
+            pthread_cond_broadcast(&D->cond);
+        }
+        pthread_mutex_unlock(&D->lock);
+        if (rc < 0)
+            return rc;
+    }
+    *out = json_object_new_object();
+    json_object_object_add(*out, "records",
+                           json_object_new_int64((int64_t)nrec));
+    json_object_object_add(*out, "raw_bytes",
+                           json_object_new_int64((int64_t)raw));
+    return 0;
+}
+
+static MHD_RESULT
+refuse(struct MHD_Connection *c, struct rreq *q, int rc, const char *msg)
+{
+    pthread_mutex_lock(&D->lock);
+    struct vm *vm = q->uuid[0] ? vm_find_uuid(q->uuid) : NULL;
+    event_add("audit", vm ? vm->name : NULL, "refused %s from %s (%s): %s",
+              q->peer[0] ? q->peer : "unauthenticated peer", q->addr,
+              q->kind == R1_CYCLE ? "cycle" : "request", msg);
+    pthread_mutex_unlock(&D->lock);
+    return http_send_error(c, rc, msg);
+}
+
+static MHD_RESULT
+r1_access(void *cls VR_UNUSED, struct MHD_Connection *c, const char *url,
+          const char *method, const char *version VR_UNUSED,
+          const char *upload_data, size_t *upload_size, void **con_cls)
+{
+    struct rreq *q = *con_cls;
+    if (!q) {
+        q = xcalloc(1, sizeof *q);
+        q->fd = -1;
+        *con_cls = q;
+        peer_addr(c, q->addr, sizeof q->addr);
+        char *id = NULL;
+        vr_err_clear();
+        if (verify_peer(c, &id) < 0) {
+            /* An unauthenticated peer learns nothing, not even whether the
+             * URL exists, and none of its body is read. */
+            char msg[512];
+            snprintf(msg, sizeof msg, "%s", vr_errmsg());
+            return refuse(c, q, -EACCES, msg);
+        }
+        snprintf(q->peer, sizeof q->peer, "%s", id);
+        free(id);
+        if (parse_url(url, method, q) < 0) {
+            rreq_fail(q, -EINVAL, vr_errmsg());
+            return MHD_YES;
+        }
+        const char *ep =
+            MHD_lookup_connection_value(c, MHD_HEADER_KIND, "X-Vmreplica-Epoch");
+        char *end;
+        q->epoch = ep ? strtoull(ep, &end, 10) : 0;
+        if (!ep || *end || q->epoch == 0) {
+            rreq_fail(q, -EPROTO, "missing or bad X-Vmreplica-Epoch");
+            return MHD_YES;
+        }
+        pthread_mutex_lock(&D->lock);
+        bool enabled = D->cfg.replica_enabled && D->cfg.default_storage;
+        pthread_mutex_unlock(&D->lock);
+        if (!enabled)
+            rreq_fail(q, -EPERM, "replication is not enabled on this server");
+        return MHD_YES;
+    }
+
+    if (*upload_size) {
+        size_t n = *upload_size;
+        *upload_size = 0;
+        if (q->failed)
+            return MHD_YES; /* drain; answer at the end */
+        vr_fault_point("receive-chunk");
+        if (q->kind == R1_BASE || q->kind == R1_CYCLE) {
+            int rc = 0;
+            if (!q->dec && (rc = upload_begin(q, c)) != 0) {
+                if (rc == 1) {
+                    q->kind = R1_STATUS; /* duplicate cycle: ignore body */
+                    return MHD_YES;
+                }
+                rreq_fail(q, rc, vr_errmsg());
+                return MHD_YES;
+            }
+            if ((rc = cyc_decoder_feed(q->dec, upload_data, n)) < 0)
+                rreq_fail(q, rc, vr_errmsg());
+        } else if (q->kind != R1_STATUS) {
+            if (q->len + n > R1_MAX_JSON) {
+                rreq_fail(q, -EFBIG, "request body too large");
+                return MHD_YES;
+            }
+            q->body = xrealloc(q->body, q->len + n + 1);
+            memcpy(q->body + q->len, upload_data, n);
+            q->len += n;
+            q->body[q->len] = '\0';
+        }
+        return MHD_YES;
+    }
+
+    /* End of request. */
+    if (q->failed)
+        return refuse(c, q, q->rc, q->msg);
+    json_object *out = NULL;
+    int rc = 0;
+    vr_err_clear();
+    switch (q->kind) {
+    case R1_STATUS: {
+        pthread_mutex_lock(&D->lock);
+        struct vm *vm;
+        q->epoch = 0;
+        rc = own_vm(q, &vm);
+        if (rc == 0)
+            out = replica_status_json(vm);
+        pthread_mutex_unlock(&D->lock);
+        break;
+    }
+    case R1_REGISTER:
+        rc = do_register(q, &out);
+        break;
+    case R1_INITIAL_DONE:
+        rc = do_initial_done(q, &out);
+        break;
+    case R1_REMOVE:
+        rc = do_remove(q, &out);
+        break;
+    case R1_BASE:
+    case R1_CYCLE:
+        if (!q->dec) {
+            rc = upload_begin(q, c);
+            if (rc == 1) {
+                rc = 0;
+                out = json_object_new_object();
+                break;
+            }
+        }
+        if (rc == 0)
+            rc = upload_finish(q, &out);
+        break;
+    }
+    if (rc < 0) {
+        json_object_put(out);
+        char msg[512];
+        snprintf(msg, sizeof msg, "%s", vr_errmsg());
+        if (rc == -EPERM || rc == -EACCES || rc == -ESTALE)
+            return refuse(c, q, rc, msg);
+        log_warn("replica", "%s %s from %s: %s", method, url, q->peer, msg);
+        return http_send_error(c, rc, msg);
+    }
+    return http_send_json(c, 200, out ? out : json_object_new_object());
+}
+
+/* --- listener ------------------------------------------------------------ */
+
+static char *listener_key, *listener_cert, *listener_ca;
+static unsigned listener_port;
+
+void
+replica_listener_stop(void)
+{
+    if (D->listener)
+        MHD_stop_daemon(D->listener);
+    D->listener = NULL;
+    free(listener_key);
+    free(listener_cert);
+    free(listener_ca);
+    listener_key = listener_cert = listener_ca = NULL;
+    listener_port = 0;
+}
+
+int
+replica_listener_apply(void)
+{
+    const struct server_cfg *c = &D->cfg;
+    if (!c->replica_enabled) {
+        replica_listener_stop();
+        return 0;
+    }
+    char *key = NULL, *cert = NULL, *ca = NULL;
+    int rc = io_read_file(c->key, 1 << 20, &key, NULL);
+    if (rc == 0)
+        rc = io_read_file(c->cert, 1 << 20, &cert, NULL);
+    if (rc == 0)
+        rc = io_read_file(c->ca, 4 << 20, &ca, NULL);
+    if (rc < 0) {
+        free(key);
+        free(cert);
+        free(ca);
+        return rc;
+    }
+    if (D->listener && listener_port == c->cert_port &&
+        strcmp(key, listener_key) == 0 && strcmp(cert, listener_cert) == 0 &&
+        strcmp(ca, listener_ca) == 0) {
+        free(key);
+        free(cert);
+        free(ca);
+        return 0;
+    }
+    replica_listener_stop();
+    D->listener = MHD_start_daemon(
+        MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION |
+            MHD_USE_POLL | MHD_USE_TLS,
+        (uint16_t)c->cert_port, NULL, NULL, r1_access, NULL,
+        MHD_OPTION_HTTPS_MEM_KEY, key, MHD_OPTION_HTTPS_MEM_CERT, cert,
+        MHD_OPTION_HTTPS_MEM_TRUST, ca, MHD_OPTION_HTTPS_PRIORITIES,
+        "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2",
+        MHD_OPTION_NOTIFY_COMPLETED, rreq_done, NULL,
+        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)120,
+        MHD_OPTION_CONNECTION_LIMIT, (unsigned)64,
+        MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)16, MHD_OPTION_END);
+    if (!D->listener) {
+        free(key);
+        free(cert);
+        free(ca);
+        return vr_err(-EADDRINUSE,
+                      "replica server: cannot listen on port %u with the "
+                      "given certificate",
+                      c->cert_port);
+    }
+    /* MHD keeps pointers to the PEM strings: they live until stop. */
+    listener_key = key;
+    listener_cert = cert;
+    listener_ca = ca;
+    listener_port = c->cert_port;
+    log_info("replica", "listening on port %u (certificate)", c->cert_port);
+    return 0;
+}
+
+/* --- applier -------------------------------------------------------------- */
+
+/* Apply cycle n of vm from staging, then record it.  Called without the
+ * lock; takes it to record. */
+static int
+apply_one(struct vm *vm, uint64_t n, bool locked)
+{
+    CLEANUP_FREE char *path = cycle_path(vm->repl, n);
+    uint64_t nrec = 0;
+    uint64_t t0 = vr_mono_ms();
+    if (locked)
+        pthread_mutex_unlock(&D->lock);
+    int rc = apply_payload(vm, path, &nrec);
+    if (rc == 0)
+        vr_fault_point("apply-before-commit");
+    pthread_mutex_lock(&D->lock);
+    if (rc == 0) {
+        vm->repl->applied_cycle = n;
+        vm->repl->last_ok_ms = vr_wall_ms();
+        rc = catalog_save_repl(vm->repl);
+    }
+    if (rc == 0) {
+        unlink(path);
+        log_debug("applier", "%s: applied cycle %llu (%llu records, %llu ms)",
+                  vm->name, (unsigned long long)n, (unsigned long long)nrec,
+                  (unsigned long long)(vr_mono_ms() - t0));
+        pthread_cond_broadcast(&D->cond);
+    } else {
+        vm->repl->errors++;
+        free(vm->repl->last_error);
+        vm->repl->last_error = xstrdup(vr_errmsg());
+        event_add("error", vm->name, "apply cycle %llu: %s",
+                  (unsigned long long)n, vr_errmsg());
+    }
+    if (!locked)
+        pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
+int
+replica_recover(void)
+{
+    for (struct vm *vm = D->vms; vm; vm = vm->next) {
+        struct repl *r = vm->repl;
+        if (vm->mode != VM_MODE_REPLICA || !r || !r->storage)
+            continue;
+        CLEANUP_FREE char *stg = staging_dir(r);
+        DIR *dir = opendir(stg);
+        if (dir) {
+            struct dirent *de;
+            while ((de = readdir(dir))) {
+                size_t n = strlen(de->d_name);
+                bool tmp = n > 4 && strcmp(de->d_name + n - 4, ".tmp") == 0;
+                unsigned long long c = strtoull(de->d_name, NULL, 10);
+                bool old = n == 26 && strcmp(de->d_name + 20, ".cycle") == 0 &&
+                           c <= r->applied_cycle;
+                if (tmp || old) {
+                    CLEANUP_FREE char *p = xasprintf("%s/%s", stg, de->d_name);
+                    unlink(p);
+                }
+            }
+            closedir(dir);
+        }
+        while (r->initial_done && r->applied_cycle < r->last_cycle) {
+            uint64_t n = r->applied_cycle + 1;
+            log_info("applier", "%s: recovering: applying staged cycle %llu",
+                     vm->name, (unsigned long long)n);
+            int rc = apply_one(vm, n, true);
+            if (rc < 0) {
+                snprintf(r->state, sizeof r->state, "%s", ST_ERROR);
+                break;
+            }
+        }
+    }
+    return 0;
+}
+
+static bool applier_stop;
+
+static void *
+applier_main(void *arg VR_UNUSED)
+{
+    pthread_mutex_lock(&D->lock);
+    while (!applier_stop) {
+        struct vm *todo = NULL;
+        for (struct vm *vm = D->vms; vm && !todo; vm = vm->next)
+            if (vm->mode == VM_MODE_REPLICA && vm->repl &&
+                vm->repl->initial_done &&
+                strcmp(vm->repl->state, ST_REPLICATING) == 0 &&
+                vm->repl->applied_cycle < vm->repl->last_cycle)
+                todo = vm;
+        if (!todo) {
+            pthread_cond_wait(&D->cond, &D->lock);
+            continue;
+        }
+        if (apply_one(todo, todo->repl->applied_cycle + 1, true) < 0) {
+            snprintf(todo->repl->state, sizeof todo->repl->state, "%s",
+                     ST_ERROR);
+            VR_IGNORE(catalog_save_repl(todo->repl));
+        }
+    }
+    pthread_mutex_unlock(&D->lock);
+    return NULL;
+}
+
+int
+replica_applier_start(void)
+{
+    applier_stop = false;
+    if (pthread_create(&D->applier, NULL, applier_main, NULL) != 0)
+        return vr_err(-EAGAIN, "start applier thread");
+    return 0;
+}
+
+void
+replica_applier_stop(void)
+{
+    pthread_mutex_lock(&D->lock);
+    applier_stop = true;
+    pthread_cond_broadcast(&D->cond);
+    pthread_mutex_unlock(&D->lock);
+    pthread_join(D->applier, NULL);
+}

@@ -1,0 +1,590 @@
+/* replication.c: the replication endpoints of the management API (enable,
+ * set, show, list, measure, suspend, resume, remove, reset-stats, initial
+ * replication), health by Hyper-V's rules, and the /metrics text. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api-int.h"
+#include "daemon.h"
+#include "shipper-int.h"
+
+static int
+lookup_repl(struct api_call *call, struct vm **out)
+{
+    struct vm *vm = vm_find(call->arg);
+    if (!vm)
+        return vr_err(-ENOENT, "vm %s: not found", call->arg);
+    if (!vm->repl)
+        return vr_err(-ENOENT, "vm %s: replication is not enabled",
+                      vm->name);
+    *out = vm;
+    return 0;
+}
+
+const char *
+repl_health(const struct repl *r, json_object *details)
+{
+    const char *h = "Normal";
+#define ADD(level, msg)                                                        \
+    do {                                                                       \
+        if (details)                                                           \
+            json_object_array_add(details, json_object_new_string(msg));       \
+        if (strcmp(level, "Critical") == 0 || strcmp(h, "Normal") == 0)        \
+            h = level;                                                         \
+    } while (0)
+    if (strcmp(r->state, ST_ERROR) == 0) {
+        char buf[1200];
+        snprintf(buf, sizeof buf, "replication stopped by an error: %s",
+                 r->last_error ? r->last_error : "unknown");
+        ADD("Critical", buf);
+    }
+    if (strcmp(r->state, ST_SUSPENDED) == 0)
+        ADD(r->mode == VM_MODE_REPLICA ? "Critical" : "Warning",
+            "replication is suspended");
+    if (!r->initial_done)
+        ADD("Warning", "initial replication has not completed");
+    uint64_t now = vr_wall_ms();
+    if (r->initial_done && r->last_ok_ms && now > r->last_ok_ms + 3600000)
+        ADD("Warning", "more than an hour since the last successful cycle");
+    uint64_t total = r->ok_count + r->missed;
+    if (total >= 5 && r->missed * 5 > total)
+        ADD("Warning", "more than 20% of cycles were missed");
+    if (r->errors && r->last_error && strcmp(r->state, ST_ERROR) != 0 &&
+        strcmp(h, "Normal") == 0 && r->last_ok_ms + 60000 < now) {
+        char buf[1200];
+        snprintf(buf, sizeof buf, "replication is retrying: %s",
+                 r->last_error);
+        ADD("Warning", buf);
+    }
+#undef ADD
+    return h;
+}
+
+static void
+add_time(json_object *o, const char *key, uint64_t ms)
+{
+    if (!ms) {
+        json_object_object_add(o, key, NULL);
+        return;
+    }
+    char ts[32];
+    vr_rfc3339(ms, ts);
+    json_object_object_add(o, key, json_object_new_string(ts));
+}
+
+json_object *
+repl_to_json(const struct vm *vm)
+{
+    const struct repl *r = vm->repl;
+    json_object *o = json_object_new_object();
+    json_object *details = json_object_new_array();
+    const char *health = repl_health(r, details);
+    json_object_object_add(o, "vm", json_object_new_string(vm->name));
+    json_object_object_add(o, "uuid", json_object_new_string(vm->uuid));
+    json_object_object_add(o, "mode",
+                           json_object_new_string(vm_mode_name(r->mode)));
+    json_object_object_add(o, "state", json_object_new_string(r->state));
+    json_object_object_add(o, "health", json_object_new_string(health));
+    json_object_object_add(o, "health_details", details);
+#define STR(k, v)                                                              \
+    json_object_object_add(o, k, (v) ? json_object_new_string(v) : NULL)
+    STR("replica_server", r->replica_server);
+    STR("connect_address", r->connect_address);
+    STR("primary_server",
+        r->mode == VM_MODE_PRIMARY ? D->cfg.hostname : r->primary_server);
+    STR("storage", r->storage);
+    STR("last_error", r->last_error);
+#undef STR
+    json_object_object_add(o, "auth", json_object_new_string("certificate"));
+    json_object_object_add(o, "frequency",
+                           json_object_new_int((int)r->frequency_s));
+    json_object_object_add(o, "compression",
+                           json_object_new_boolean(r->compression));
+    json_object_object_add(o, "epoch",
+                           json_object_new_int64((int64_t)r->epoch));
+    json_object_object_add(o, "initial_done",
+                           json_object_new_boolean(r->initial_done));
+    json_object_object_add(o, "base_cycle",
+                           json_object_new_int64((int64_t)r->base_cycle));
+    json_object_object_add(o, "last_cycle",
+                           json_object_new_int64((int64_t)r->last_cycle));
+    json_object_object_add(
+        o, "applied_cycle",
+        json_object_new_int64((int64_t)(r->mode == VM_MODE_REPLICA
+                                            ? r->applied_cycle
+                                            : r->last_cycle)));
+    add_time(o, "last_replication_time", r->last_ok_ms);
+    return o;
+}
+
+json_object *
+repl_measure_json(const struct vm *vm)
+{
+    const struct repl *r = vm->repl;
+    json_object *o = json_object_new_object();
+    json_object *details = json_object_new_array();
+    const char *health = repl_health(r, details);
+    json_object_object_add(o, "vm", json_object_new_string(vm->name));
+    json_object_object_add(o, "mode",
+                           json_object_new_string(vm_mode_name(r->mode)));
+    json_object_object_add(o, "state", json_object_new_string(r->state));
+    json_object_object_add(o, "health", json_object_new_string(health));
+    json_object_object_add(o, "health_details", details);
+    add_time(o, "last_replication_time", r->last_ok_ms);
+    uint64_t n = r->ok_count ? r->ok_count : 1;
+#define I64(k, v) json_object_object_add(o, k, json_object_new_int64((int64_t)(v)))
+    I64("average_replication_size", r->sum_size / n);
+    I64("maximum_replication_size", r->max_size);
+    json_object_object_add(
+        o, "average_replication_latency",
+        json_object_new_double((double)r->sum_latency_ms / (double)n / 1000.0));
+    json_object_object_add(
+        o, "maximum_replication_latency",
+        json_object_new_double((double)r->max_latency_ms / 1000.0));
+    I64("replication_errors", r->errors);
+    I64("successful_replication_count", r->ok_count);
+    I64("missed_replication_count", r->missed);
+    I64("pending_size",
+        r->mode == VM_MODE_PRIMARY ? shipper_pending_bytes(vm) : 0);
+    I64("initial_replication_size", r->initial_total);
+    I64("initial_replication_sent", r->initial_sent);
+    I64("bytes_sent_raw", r->bytes_raw);
+    I64("bytes_sent_wire", r->bytes_wire);
+    I64("last_cycle", r->last_cycle);
+    I64("applied_cycle",
+        r->mode == VM_MODE_REPLICA ? r->applied_cycle : r->last_cycle);
+#undef I64
+    bool initial = strcmp(r->state, ST_INITIAL) == 0;
+    json_object_object_add(
+        o, "current_task",
+        json_object_new_string(initial ? "InitialReplication" : "None"));
+    int pct = 100;
+    if (!r->initial_done)
+        pct = r->initial_total
+                  ? (int)(r->initial_sent * 100 / r->initial_total)
+                  : 0;
+    if (pct > 100)
+        pct = 100;
+    json_object_object_add(o, "progress_percent", json_object_new_int(pct));
+    return o;
+}
+
+/* "fqdn[:port]" with a sane host name and port. */
+static bool
+server_name_valid(const char *s)
+{
+    size_t n = strlen(s);
+    if (n < 1 || n > 260)
+        return false;
+    const char *colon = strrchr(s, ':');
+    size_t hl = colon ? (size_t)(colon - s) : n;
+    if (hl == 0 || hl > 253)
+        return false;
+    for (size_t i = 0; i < hl; i++) {
+        char c = s[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+              (c >= '0' && c <= '9') || c == '.' || c == '-'))
+            return false;
+    }
+    if (colon) {
+        char *end;
+        long p = strtol(colon + 1, &end, 10);
+        if (*end || p < 1 || p > 65535)
+            return false;
+    }
+    return true;
+}
+
+static int
+parse_common(json_object *b, struct repl *r)
+{
+    json_object *v;
+    if (json_object_object_get_ex(b, "frequency", &v)) {
+        int64_t f = json_object_get_int64(v);
+        if (f < 1 || f > 86400)
+            return vr_err(-EINVAL, "frequency: must be 1 s .. 24 h");
+        r->frequency_s = (unsigned)f;
+    }
+    if (json_object_object_get_ex(b, "compression", &v))
+        r->compression = json_object_get_boolean(v);
+    const char *ca = jstr(b, "connect_address");
+    if (ca) {
+        free(r->connect_address);
+        r->connect_address = *ca ? xstrdup(ca) : NULL;
+    }
+    const char *auth = jstr(b, "auth");
+    if (auth && strcmp(auth, "certificate") != 0)
+        return vr_err(-EINVAL, "auth %s: not supported yet (certificate "
+                               "only)",
+                      auth);
+    return 0;
+}
+
+int
+api_repl_enable(struct api_call *call, unsigned *status, json_object **out)
+{
+    json_object *b = call->body;
+    const char *server = jstr(b, "replica_server");
+    if (!server || !server_name_valid(server))
+        return vr_err(-EINVAL, "replica_server: expected FQDN[:PORT]");
+    struct repl *r = xcalloc(1, sizeof *r);
+    r->mode = VM_MODE_PRIMARY;
+    r->frequency_s = 300;
+    r->compression = true;
+    r->epoch = 1;
+    r->replica_server =
+        strchr(server, ':') ? xstrdup(server) : xasprintf("%s:443", server);
+    snprintf(r->state, sizeof r->state, "%s", ST_READY_INITIAL);
+    int rc = parse_common(b, r);
+
+    pthread_mutex_lock(&D->lock);
+    struct vm *vm = vm_find(call->arg);
+    if (rc == 0 && !vm)
+        rc = vr_err(-ENOENT, "vm %s: not found", call->arg);
+    if (rc == 0 && vm->repl)
+        rc = vr_err(-EEXIST, "vm %s: replication is already enabled (%s)",
+                    vm->name, vm_mode_name(vm->repl->mode));
+    if (rc == 0 && vm->mode == VM_MODE_REPLICA)
+        rc = vr_err(-EBUSY, "vm %s: is a Replica VM", vm->name);
+    if (rc == 0 && (!D->cfg.cert || !D->cfg.key || !D->cfg.ca))
+        rc = vr_err(-EINVAL, "this host has no certificate: run 'vmreplica "
+                             "server set --certificate F --key F --ca F' "
+                             "first");
+    struct job jb;
+    json_object *reg = NULL;
+    if (rc == 0) {
+        snprintf(r->vm_uuid, sizeof r->vm_uuid, "%s", vm->uuid);
+        struct repl *saved = vm->repl;
+        vm->repl = r;
+        job_fill(&jb, vm);
+        vm->repl = saved;
+        reg = json_object_new_object();
+        json_object_object_add(reg, "name", json_object_new_string(vm->name));
+        json_object_object_add(reg, "cpus", json_object_new_int((int)vm->cpus));
+        json_object_object_add(reg, "memory_mib",
+                               json_object_new_int((int)vm->memory_mib));
+        json_object_object_add(reg, "frequency",
+                               json_object_new_int((int)r->frequency_s));
+        json_object_object_add(reg, "compression",
+                               json_object_new_boolean(r->compression));
+        json_object *disks = json_object_new_array();
+        for (unsigned i = 0; i < vm->ndisks; i++) {
+            json_object *d = json_object_new_object();
+            json_object_object_add(d, "id",
+                                   json_object_new_string(vm->disks[i].id));
+            json_object_object_add(
+                d, "size", json_object_new_int64((int64_t)vm->disks[i].size));
+            json_object_array_add(disks, d);
+        }
+        json_object_object_add(reg, "disks", disks);
+    }
+    pthread_mutex_unlock(&D->lock);
+    if (rc < 0) {
+        repl_free(r);
+        return rc;
+    }
+
+    CLEANUP_FREE char *path = xasprintf("/r1/vms/%s", jb.uuid);
+    rc = peer_call(&jb.peer, "PUT", path, json_object_to_json_string(reg), -1,
+                   0, false, NULL);
+    json_object_put(reg);
+    job_fini(&jb);
+
+    pthread_mutex_lock(&D->lock);
+    vm = rc == 0 ? vm_find_uuid(r->vm_uuid) : NULL;
+    if (rc == 0 && (!vm || vm->repl))
+        rc = vr_err(-EBUSY, "vm %s: changed while enabling replication",
+                    call->arg);
+    if (rc == 0) {
+        if (jbool(b, "start_initial", false)) {
+            snprintf(r->state, sizeof r->state, "%s", ST_INITIAL);
+            r->task = xstrdup("InitialReplication");
+        }
+        vm->repl = r;
+        vm->mode = VM_MODE_PRIMARY;
+        rc = catalog_save_vm(vm);
+        if (rc == 0)
+            rc = catalog_save_repl(r);
+        if (rc < 0) {
+            vm->repl = NULL;
+            vm->mode = VM_MODE_NONE;
+        }
+    }
+    if (rc == 0) {
+        event_add("info", vm->name, "replication enabled to %s every %u s",
+                  r->replica_server, r->frequency_s);
+        shipper_ensure(vm);
+        *out = repl_to_json(vm);
+        *status = 201;
+    } else {
+        repl_free(r);
+    }
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
+int
+api_repl_set(struct api_call *call, unsigned *status VR_UNUSED,
+             json_object **out)
+{
+    struct vm *vm = NULL;
+    pthread_mutex_lock(&D->lock);
+    int rc = lookup_repl(call, &vm);
+    if (rc == 0) {
+        rc = parse_common(call->body, vm->repl);
+        if (rc == 0)
+            rc = catalog_save_repl(vm->repl);
+        if (rc == 0) {
+            vm->repl->kick = true;
+            pthread_cond_broadcast(&D->cond);
+            *out = repl_to_json(vm);
+        }
+    }
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
+int
+api_repl_show(struct api_call *call, unsigned *status VR_UNUSED,
+              json_object **out)
+{
+    struct vm *vm = NULL;
+    pthread_mutex_lock(&D->lock);
+    int rc = lookup_repl(call, &vm);
+    if (rc == 0)
+        *out = repl_to_json(vm);
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
+int
+api_repl_measure(struct api_call *call, unsigned *status VR_UNUSED,
+                 json_object **out)
+{
+    struct vm *vm = NULL;
+    pthread_mutex_lock(&D->lock);
+    int rc = lookup_repl(call, &vm);
+    if (rc == 0)
+        *out = repl_measure_json(vm);
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
+int
+api_repl_list(struct api_call *call, unsigned *status VR_UNUSED,
+              json_object **out)
+{
+    const char *state = api_query(call, "state");
+    const char *health = api_query(call, "health");
+    const char *mode = api_query(call, "mode");
+    json_object *arr = json_object_new_array();
+    pthread_mutex_lock(&D->lock);
+    for (struct vm *vm = D->vms; vm; vm = vm->next) {
+        if (!vm->repl)
+            continue;
+        if (state && strcasecmp(state, vm->repl->state) != 0)
+            continue;
+        if (health && strcasecmp(health, repl_health(vm->repl, NULL)) != 0)
+            continue;
+        if (mode && strcasecmp(mode, vm_mode_name(vm->repl->mode)) != 0)
+            continue;
+        json_object_array_add(arr, repl_to_json(vm));
+    }
+    pthread_mutex_unlock(&D->lock);
+    *out = json_object_new_object();
+    json_object_object_add(*out, "replications", arr);
+    return 0;
+}
+
+static void
+set_state(struct vm *vm, const char *st)
+{
+    snprintf(vm->repl->state, sizeof vm->repl->state, "%s", st);
+    vm->repl->kick = true;
+    pthread_cond_broadcast(&D->cond);
+}
+
+int
+api_repl_suspend(struct api_call *call, unsigned *status VR_UNUSED,
+                 json_object **out)
+{
+    struct vm *vm = NULL;
+    pthread_mutex_lock(&D->lock);
+    int rc = lookup_repl(call, &vm);
+    if (rc == 0 && strcmp(vm->repl->state, ST_SUSPENDED) != 0) {
+        set_state(vm, ST_SUSPENDED);
+        rc = catalog_save_repl(vm->repl);
+        if (rc == 0)
+            event_add("info", vm->name, "replication suspended");
+    }
+    if (rc == 0)
+        *out = repl_to_json(vm);
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
+int
+api_repl_resume(struct api_call *call, unsigned *status VR_UNUSED,
+                json_object **out)
+{
+    struct vm *vm = NULL;
+    pthread_mutex_lock(&D->lock);
+    int rc = lookup_repl(call, &vm);
+    if (rc == 0 && (strcmp(vm->repl->state, ST_SUSPENDED) == 0 ||
+                    strcmp(vm->repl->state, ST_ERROR) == 0)) {
+        struct repl *r = vm->repl;
+        set_state(vm, r->initial_done ? ST_REPLICATING
+                      : r->mode == VM_MODE_REPLICA ? ST_WAITING_INITIAL
+                      : r->initial_seq ? ST_INITIAL
+                                       : ST_READY_INITIAL);
+        rc = catalog_save_repl(r);
+        if (rc == 0) {
+            event_add("info", vm->name, "replication resumed");
+            shipper_ensure(vm);
+        }
+    }
+    if (rc == 0)
+        *out = repl_to_json(vm);
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
+int
+api_repl_reset_stats(struct api_call *call, unsigned *status VR_UNUSED,
+                     json_object **out)
+{
+    struct vm *vm = NULL;
+    pthread_mutex_lock(&D->lock);
+    int rc = lookup_repl(call, &vm);
+    if (rc == 0) {
+        struct repl *r = vm->repl;
+        r->errors = r->ok_count = r->missed = 0;
+        r->max_size = r->sum_size = 0;
+        r->max_latency_ms = r->sum_latency_ms = 0;
+        rc = catalog_save_repl(r);
+        if (rc == 0)
+            *out = repl_measure_json(vm);
+    }
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
+int
+api_initial_start(struct api_call *call, unsigned *status VR_UNUSED,
+                  json_object **out)
+{
+    struct vm *vm = NULL;
+    pthread_mutex_lock(&D->lock);
+    int rc = lookup_repl(call, &vm);
+    if (rc == 0 && vm->repl->mode != VM_MODE_PRIMARY)
+        rc = vr_err(-EBUSY, "vm %s: initial replication starts on the "
+                            "primary",
+                    vm->name);
+    if (rc == 0 && vm->repl->initial_done)
+        rc = vr_err(-EALREADY, "vm %s: initial replication is already done",
+                    vm->name);
+    if (rc == 0 && strcmp(vm->repl->state, ST_INITIAL) != 0) {
+        if (strcmp(vm->repl->state, ST_READY_INITIAL) != 0)
+            rc = vr_err(-EBUSY, "vm %s: cannot start initial replication in "
+                                "state %s",
+                        vm->name, vm->repl->state);
+        else {
+            set_state(vm, ST_INITIAL);
+            free(vm->repl->task);
+            vm->repl->task = xstrdup("InitialReplication");
+            rc = catalog_save_repl(vm->repl);
+            shipper_ensure(vm);
+        }
+    }
+    if (rc == 0)
+        *out = repl_to_json(vm);
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
+int
+api_repl_remove(struct api_call *call, unsigned *status VR_UNUSED,
+                json_object **out)
+{
+    struct vm *vm = NULL;
+    pthread_mutex_lock(&D->lock);
+    int rc = lookup_repl(call, &vm);
+    if (rc == 0 && vm->repl->mode == VM_MODE_PRIMARY) {
+        shipper_stop(vm);
+        struct job jb;
+        job_fill(&jb, vm);
+        char uuid[37];
+        snprintf(uuid, sizeof uuid, "%s", vm->uuid);
+        pthread_mutex_unlock(&D->lock);
+        CLEANUP_FREE char *path = xasprintf("/r1/vms/%s/replication", uuid);
+        if (peer_call(&jb.peer, "DELETE", path, NULL, -1, 0, false, NULL) < 0)
+            log_warn("replication", "remove on replica server: %s",
+                     vr_errmsg());
+        job_fini(&jb);
+        pthread_mutex_lock(&D->lock);
+        vm = vm_find_uuid(uuid);
+        if (!vm || !vm->repl)
+            rc = vr_err(-ENOENT, "vm %s: gone", call->arg);
+    }
+    if (rc == 0) {
+        rc = catalog_delete_repl(vm->uuid);
+        if (rc == 0) {
+            repl_free(vm->repl);
+            vm->repl = NULL;
+            if (vm->mode == VM_MODE_PRIMARY)
+                vm->mode = VM_MODE_NONE;
+            rc = catalog_save_vm(vm);
+        }
+        if (rc == 0) {
+            event_add("info", vm->name, "replication removed");
+            *out = vm_to_json(vm);
+        }
+    }
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
+char *
+api_metrics_text(void)
+{
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    fputs("# HELP vmreplica_lag_seconds seconds since the last successful "
+          "cycle\n# TYPE vmreplica_lag_seconds gauge\n",
+          f);
+    pthread_mutex_lock(&D->lock);
+    uint64_t now = vr_wall_ms();
+    for (struct vm *vm = D->vms; vm; vm = vm->next) {
+        const struct repl *r = vm->repl;
+        if (!r)
+            continue;
+        fprintf(f, "vmreplica_lag_seconds{vm=\"%s\",mode=\"%s\"} %.3f\n",
+                vm->uuid, vm_mode_name(r->mode),
+                r->last_ok_ms ? (double)(now - r->last_ok_ms) / 1000.0 : -1.0);
+    }
+    fputs("# TYPE vmreplica_bytes_sent_total counter\n", f);
+    for (struct vm *vm = D->vms; vm; vm = vm->next) {
+        const struct repl *r = vm->repl;
+        if (!r || r->mode != VM_MODE_PRIMARY)
+            continue;
+        fprintf(f, "vmreplica_bytes_sent_total{vm=\"%s\",kind=\"raw\"} %llu\n",
+                vm->uuid, (unsigned long long)r->bytes_raw);
+        fprintf(f, "vmreplica_bytes_sent_total{vm=\"%s\",kind=\"wire\"} "
+                   "%llu\n",
+                vm->uuid, (unsigned long long)r->bytes_wire);
+        fprintf(f, "vmreplica_pending_bytes{vm=\"%s\"} %llu\n", vm->uuid,
+                (unsigned long long)shipper_pending_bytes(vm));
+        fprintf(f, "vmreplica_errors_total{vm=\"%s\"} %llu\n", vm->uuid,
+                (unsigned long long)r->errors);
+        fprintf(f, "vmreplica_cycles_total{vm=\"%s\",result=\"ok\"} %llu\n",
+                vm->uuid, (unsigned long long)r->ok_count);
+        fprintf(f, "vmreplica_cycles_total{vm=\"%s\",result=\"missed\"} "
+                   "%llu\n",
+                vm->uuid, (unsigned long long)r->missed);
+    }
+    pthread_mutex_unlock(&D->lock);
+    fclose(f);
+    return buf;
+}

@@ -1,0 +1,39 @@
+/* shipper-int.h: the primary's HTTPS client to a Replica server. */
+#ifndef VR_SHIPPER_INT_H
+#define VR_SHIPPER_INT_H
+
+#include <json-c/json.h>
+
+#include "daemon.h"
+
+struct peer {
+    char *server;          /* "fqdn:port" */
+    char *connect_address; /* pinned IP, or NULL */
+    char *cert, *key, *ca; /* this host's identity and trusted CA */
+    uint64_t epoch;
+};
+
+/* Copies of a VM's replication facts for work without d->lock. */
+struct job {
+    char uuid[37];
+    char *name;
+    char *rundir;
+    unsigned ndisks;
+    struct disk disks[MAX_DISKS];
+    struct peer peer;
+    bool compression;
+};
+
+/* Fill jb from vm (caller holds d->lock); release with job_fini. */
+void job_fill(struct job *jb, const struct vm *vm);
+void job_fini(struct job *jb);
+
+/* One request to the Replica server.  A JSON body or an upload from
+ * upload_fd (upload_len bytes, zstd-encoded if zstd); the JSON answer goes
+ * to *resp (may be NULL).  A refusal maps back to its errno (EPERM, ESTALE,
+ * …) with the server's message. */
+int peer_call(const struct peer *p, const char *method, const char *path,
+              const char *json_body, int upload_fd, uint64_t upload_len,
+              bool zstd, json_object **resp) VR_WUR;
+
+#endif

@@ -1,0 +1,764 @@
+/* shipper.c: the primary side of replication — one thread per replicated
+ * VM that runs initial replication and then, every frequency, seals a cycle
+ * through the data plane, builds the cycle payload (zstd), sends it to the
+ * Replica server over HTTPS with mutual TLS, and deletes the sealed logs
+ * only once the Replica server has acknowledged them as durably staged.
+ *
+ * The thread holds d->lock only for bookkeeping; sealing, payload building
+ * and sending run unlocked on copies of what they need. */
+#include <curl/curl.h>
+#include <dirent.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "cycle.h"
+#include "daemon.h"
+#include "shipper-int.h"
+#include "vmproc.h"
+
+#define BASE_CHUNK_BYTES (32u << 20)
+#define BASE_REC_BYTES   (1u << 20)
+#define RESP_MAX         (64u << 10)
+
+/* --- HTTPS client --------------------------------------------------------- */
+
+struct resp_buf {
+    char *data;
+    size_t len;
+};
+
+static size_t
+on_body(char *ptr, size_t size, size_t nmemb, void *ud)
+{
+    struct resp_buf *b = ud;
+    size_t n = size * nmemb;
+    if (b->len + n > RESP_MAX)
+        return 0; /* abort: a Replica server's answers are small */
+    b->data = xrealloc(b->data, b->len + n + 1);
+    memcpy(b->data + b->len, ptr, n);
+    b->len += n;
+    b->data[b->len] = '\0';
+    return n;
+}
+
+static int
+errno_of_name(const char *name)
+{
+    static const struct {
+        const char *n;
+        int e;
+    } t[] = { { "EPERM", EPERM },   { "EACCES", EACCES },
+              { "ENOENT", ENOENT }, { "EEXIST", EEXIST },
+              { "EBUSY", EBUSY },   { "ESTALE", ESTALE },
+              { "EINVAL", EINVAL }, { "EPROTO", EPROTO },
+              { "EFBIG", EFBIG },   { "ENOSPC", ENOSPC },
+              { "EBADMSG", EBADMSG } };
+    for (size_t i = 0; name && i < ARRAY_SIZE(t); i++)
+        if (strcmp(t[i].n, name) == 0)
+            return t[i].e;
+    return EIO;
+}
+
+int
+peer_call(const struct peer *p, const char *method, const char *path,
+          const char *json_body, int upload_fd, uint64_t upload_len,
+          bool zstd, json_object **resp)
+{
+    CURL *h = curl_easy_init();
+    if (!h)
+        return vr_err(-ENOMEM, "curl init");
+    char host[256];
+    snprintf(host, sizeof host, "%s", p->server);
+    char *colon = strrchr(host, ':');
+    unsigned port = 443;
+    if (colon) {
+        port = (unsigned)atoi(colon + 1);
+        *colon = '\0';
+    }
+    CLEANUP_FREE char *url =
+        xasprintf("https://%s:%u%s", host, port, path);
+    struct curl_slist *hdrs = NULL, *resolve = NULL;
+    CLEANUP_FREE char *ep =
+        xasprintf("X-Vmreplica-Epoch: %llu", (unsigned long long)p->epoch);
+    hdrs = curl_slist_append(hdrs, ep);
+    hdrs = curl_slist_append(hdrs, "Expect:");
+    if (p->connect_address) {
+        CLEANUP_FREE char *r =
+            xasprintf("%s:%u:%s", host, port, p->connect_address);
+        resolve = curl_slist_append(resolve, r);
+        curl_easy_setopt(h, CURLOPT_RESOLVE, resolve);
+    }
+    struct resp_buf body = { NULL, 0 };
+    FILE *upload = NULL;
+    curl_easy_setopt(h, CURLOPT_URL, url);
+    curl_easy_setopt(h, CURLOPT_SSLCERT, p->cert);
+    curl_easy_setopt(h, CURLOPT_SSLKEY, p->key);
+    curl_easy_setopt(h, CURLOPT_CAINFO, p->ca);
+    curl_easy_setopt(h, CURLOPT_CAPATH, NULL);
+    curl_easy_setopt(h, CURLOPT_SSLVERSION, (long)CURL_SSLVERSION_TLSv1_2);
+    curl_easy_setopt(h, CURLOPT_SSL_VERIFYPEER, 1L);
+    curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, 2L);
+    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT, 10L);
+    curl_easy_setopt(h, CURLOPT_LOW_SPEED_LIMIT, 1L);
+    curl_easy_setopt(h, CURLOPT_LOW_SPEED_TIME, 60L);
+    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(h, CURLOPT_WRITEDATA, &body);
+    curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "https");
+    if (upload_fd >= 0) {
+        int dupfd = dup(upload_fd);
+        upload = dupfd >= 0 ? fdopen(dupfd, "rb") : NULL;
+        if (!upload) {
+            curl_easy_cleanup(h);
+            curl_slist_free_all(hdrs);
+            curl_slist_free_all(resolve);
+            return vr_err(-errno, "upload: %s", strerror(errno));
+        }
+        rewind(upload);
+        hdrs = curl_slist_append(hdrs, zstd ? "Content-Encoding: zstd"
+                                            : "Content-Encoding: identity");
+        hdrs = curl_slist_append(hdrs,
+                                 "Content-Type: application/octet-stream");
+        curl_easy_setopt(h, CURLOPT_UPLOAD, 1L);
+        curl_easy_setopt(h, CURLOPT_READDATA, upload);
+        curl_easy_setopt(h, CURLOPT_INFILESIZE_LARGE,
+                         (curl_off_t)upload_len);
+    } else if (json_body) {
+        hdrs = curl_slist_append(hdrs, "Content-Type: application/json");
+        curl_easy_setopt(h, CURLOPT_POSTFIELDS, json_body);
+    }
+    curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, method);
+    curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdrs);
+
+    CURLcode cr = curl_easy_perform(h);
+    long status = 0;
+    curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+    curl_easy_cleanup(h);
+    curl_slist_free_all(hdrs);
+    curl_slist_free_all(resolve);
+    if (upload)
+        fclose(upload);
+
+    int rc = 0;
+    json_object *j = body.data ? json_tokener_parse(body.data) : NULL;
+    if (cr != CURLE_OK) {
+        int e = cr == CURLE_COULDNT_CONNECT       ? ECONNREFUSED
+                : cr == CURLE_OPERATION_TIMEDOUT  ? ETIMEDOUT
+                : cr == CURLE_PEER_FAILED_VERIFICATION ||
+                        cr == CURLE_SSL_CERTPROBLEM ||
+                        cr == CURLE_SSL_CONNECT_ERROR
+                    ? EACCES
+                    : ECONNRESET;
+        rc = vr_err(-e, "replica server %s: %s", p->server,
+                    curl_easy_strerror(cr));
+    } else if (status != 200 && status != 201) {
+        json_object *v;
+        const char *name = NULL, *msg = NULL;
+        if (j && json_object_object_get_ex(j, "error", &v))
+            name = json_object_get_string(v);
+        if (j && json_object_object_get_ex(j, "message", &v))
+            msg = json_object_get_string(v);
+        rc = vr_err(-errno_of_name(name), "replica server %s: %s", p->server,
+                    msg ? msg : "unexpected answer");
+        if (status == 403 && !name)
+            rc = -EACCES;
+    }
+    if (rc == 0 && resp)
+        *resp = j ? j : json_object_new_object();
+    else
+        json_object_put(j);
+    free(body.data);
+    return rc;
+}
+
+/* --- change-log segments ------------------------------------------------ */
+
+static char *
+logdir_of(const struct disk *dk)
+{
+    return xasprintf("%s.vrlog", dk->path);
+}
+
+/* Sealed cycle numbers of one disk's log, sorted; caller frees *out. */
+static int
+sealed_cycles(const char *dir, uint64_t **out, size_t *n,
+              uint64_t *open_cycle)
+{
+    *out = NULL;
+    *n = 0;
+    if (open_cycle)
+        *open_cycle = 0;
+    DIR *d = opendir(dir);
+    if (!d)
+        return errno == ENOENT ? 0 : vr_err(-errno, "open %s: %s", dir,
+                                            strerror(errno));
+    size_t cap = 0;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        size_t len = strlen(de->d_name);
+        if (len < 21 || de->d_name[20] != '.')
+            continue;
+        uint64_t c = strtoull(de->d_name, NULL, 10);
+        if (strcmp(de->d_name + 20, ".open") == 0) {
+            if (open_cycle)
+                *open_cycle = c;
+            continue;
+        }
+        if (strcmp(de->d_name + 20, ".log") != 0)
+            continue;
+        if (*n == cap) {
+            cap = cap ? cap * 2 : 16;
+            *out = xrealloc(*out, cap * sizeof **out);
+        }
+        (*out)[(*n)++] = c;
+    }
+    closedir(d);
+    for (size_t i = 1; i < *n; i++)
+        for (size_t j = i; j > 0 && (*out)[j - 1] > (*out)[j]; j--) {
+            uint64_t t = (*out)[j];
+            (*out)[j] = (*out)[j - 1];
+            (*out)[j - 1] = t;
+        }
+    return 0;
+}
+
+static void
+delete_sealed_upto(const struct job *jb, uint64_t upto)
+{
+    for (unsigned i = 0; i < jb->ndisks; i++) {
+        CLEANUP_FREE char *dir = logdir_of(&jb->disks[i]);
+        CLEANUP_FREE uint64_t *cs = NULL;
+        size_t n;
+        if (sealed_cycles(dir, &cs, &n, NULL) < 0)
+            continue;
+        for (size_t k = 0; k < n && cs[k] <= upto; k++) {
+            char name[32];
+            cl_seg_name(cs[k], true, name);
+            CLEANUP_FREE char *p = xasprintf("%s/%s", dir, name);
+            unlink(p);
+        }
+    }
+}
+
+uint64_t
+shipper_pending_bytes(const struct vm *vm)
+{
+    uint64_t total = 0;
+    for (unsigned i = 0; i < vm->ndisks; i++) {
+        CLEANUP_FREE char *dir = logdir_of(&vm->disks[i]);
+        DIR *d = opendir(dir);
+        if (!d)
+            continue;
+        struct dirent *de;
+        while ((de = readdir(d))) {
+            if (de->d_name[0] == '.')
+                continue;
+            uint64_t c = strtoull(de->d_name, NULL, 10);
+            if (vm->repl && c <= vm->repl->last_cycle)
+                continue;
+            struct stat st;
+            if (fstatat(dirfd(d), de->d_name, &st, 0) == 0 &&
+                st.st_size > CL_SEG_HDR_BYTES)
+                total += (uint64_t)st.st_size - CL_SEG_HDR_BYTES;
+        }
+        closedir(d);
+    }
+    return total;
+}
+
+/* --- jobs: copies of what the thread needs ------------------------------- */
+
+void
+job_fill(struct job *jb, const struct vm *vm)
+{
+    memset(jb, 0, sizeof *jb);
+    snprintf(jb->uuid, sizeof jb->uuid, "%s", vm->uuid);
+    jb->name = xstrdup(vm->name);
+    jb->rundir = vm_rundir(vm);
+    jb->ndisks = vm->ndisks;
+    for (unsigned i = 0; i < vm->ndisks; i++) {
+        jb->disks[i] = vm->disks[i];
+        jb->disks[i].path = xstrdup(vm->disks[i].path);
+    }
+    const struct repl *r = vm->repl;
+    jb->peer.server = xstrdup(r->replica_server);
+    jb->peer.connect_address =
+        r->connect_address ? xstrdup(r->connect_address) : NULL;
+    jb->peer.cert = D->cfg.cert ? xstrdup(D->cfg.cert) : NULL;
+    jb->peer.key = D->cfg.key ? xstrdup(D->cfg.key) : NULL;
+    jb->peer.ca = D->cfg.ca ? xstrdup(D->cfg.ca) : NULL;
+    jb->peer.epoch = r->epoch;
+    jb->compression = r->compression;
+}
+
+void
+job_fini(struct job *jb)
+{
+    free(jb->name);
+    free(jb->rundir);
+    for (unsigned i = 0; i < jb->ndisks; i++)
+        free(jb->disks[i].path);
+    free(jb->peer.server);
+    free(jb->peer.connect_address);
+    free(jb->peer.cert);
+    free(jb->peer.key);
+    free(jb->peer.ca);
+}
+
+static int
+tmp_payload(const struct job *jb, char **path)
+{
+    *path = xasprintf("%s/outgoing.tmp", jb->rundir);
+    int rc = io_mkdir_p(jb->rundir, 0750);
+    if (rc < 0)
+        return rc;
+    int fd = open(*path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return vr_err(-errno, "create %s: %s", *path, strerror(errno));
+    return fd;
+}
+
+/* --- one cycle ------------------------------------------------------------ */
+
+/* Seal (if the disks are served) and send every sealed cycle after
+ * last_cycle, in order. */
+static int
+ship_cycles(struct vm *vm, struct job *jb, uint64_t last_cycle)
+{
+    bool served = false, running = false;
+    vmproc_status(jb->rundir, &served, &running);
+    if (served) {
+        uint64_t c;
+        int rc = vmproc_seal(jb->rundir, &c);
+        if (rc < 0)
+            return rc;
+    }
+    CLEANUP_FREE char *dir0 = logdir_of(&jb->disks[0]);
+    CLEANUP_FREE uint64_t *cs = NULL;
+    size_t n;
+    int rc = sealed_cycles(dir0, &cs, &n, NULL);
+    if (rc < 0)
+        return rc;
+    delete_sealed_upto(jb, last_cycle);
+    for (size_t k = 0; k < n; k++) {
+        uint64_t N = cs[k];
+        if (N <= last_cycle)
+            continue;
+        if (N != last_cycle + 1)
+            return vr_err(-EBADMSG, "change log: cycle %llu missing",
+                          (unsigned long long)last_cycle + 1);
+        uint64_t t0 = vr_mono_ms();
+        CLEANUP_FREE char *tmp = NULL;
+        int fd = tmp_payload(jb, &tmp);
+        if (fd < 0)
+            return fd;
+        struct cyc_hdr h = { .version = CYC_VERSION,
+                             .cycle = N,
+                             .epoch = jb->peer.epoch,
+                             .ndisks = jb->ndisks };
+        rc = cyc_uuid_parse(jb->uuid, h.uuid);
+        struct cyc_builder *b = NULL;
+        if (rc == 0)
+            rc = cyc_builder_new(fd, jb->compression, 1, &h, &b);
+        for (unsigned i = 0; rc == 0 && i < jb->ndisks; i++) {
+            CLEANUP_FREE char *dir = logdir_of(&jb->disks[i]);
+            int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+            if (dfd < 0) {
+                rc = vr_err(-errno, "open %s: %s", dir, strerror(errno));
+                break;
+            }
+            char name[32];
+            cl_seg_name(N, true, name);
+            rc = cyc_builder_add_segment(b, dfd, name, (uint16_t)i);
+            close(dfd);
+        }
+        uint64_t raw = 0, wire = 0;
+        if (rc == 0)
+            rc = cyc_builder_finish(b, &raw, &wire);
+        cyc_builder_free(b);
+        if (rc == 0) {
+            CLEANUP_FREE char *path =
+                xasprintf("/r1/vms/%s/cycles/%llu", jb->uuid,
+                          (unsigned long long)N);
+            rc = peer_call(&jb->peer, "PUT", path, NULL, fd, wire,
+                           jb->compression, NULL);
+        }
+        close(fd);
+        unlink(tmp);
+        if (rc < 0)
+            return rc;
+        uint64_t lat = vr_mono_ms() - t0;
+        pthread_mutex_lock(&D->lock);
+        struct repl *r = vm->repl;
+        r->last_cycle = N;
+        r->last_ok_ms = vr_wall_ms();
+        r->ok_count++;
+        r->bytes_raw += raw;
+        r->bytes_wire += wire;
+        r->sum_size += wire;
+        if (wire > r->max_size)
+            r->max_size = wire;
+        r->sum_latency_ms += lat;
+        if (lat > r->max_latency_ms)
+            r->max_latency_ms = lat;
+        rc = catalog_save_repl(r);
+        pthread_mutex_unlock(&D->lock);
+        if (rc < 0)
+            return rc;
+        delete_sealed_upto(jb, N);
+        last_cycle = N;
+        log_debug("shipper", "%s: cycle %llu sent (%llu raw, %llu wire, %llu "
+                             "ms)",
+                  jb->name, (unsigned long long)N, (unsigned long long)raw,
+                  (unsigned long long)wire, (unsigned long long)lat);
+    }
+    return 0;
+}
+
+/* --- initial replication --------------------------------------------------- */
+
+static uint64_t
+allocated_bytes(const char *path)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    uint64_t total = 0;
+    off_t pos = 0;
+    for (;;) {
+        off_t data = lseek(fd, pos, SEEK_DATA);
+        if (data < 0)
+            break;
+        off_t hole = lseek(fd, data, SEEK_HOLE);
+        if (hole < 0)
+            break;
+        total += (uint64_t)(hole - data);
+        pos = hole;
+    }
+    close(fd);
+    return total;
+}
+
+/* Send one chunk of disk d starting at *offset: up to BASE_CHUNK_BYTES of
+ * allocated data.  Advances *offset; *done when the disk is finished. */
+static int
+send_base_chunk(struct job *jb, unsigned d, uint64_t base, uint64_t seq,
+                uint64_t *offset, bool *done, uint64_t *data_bytes,
+                uint64_t *wire_bytes, uint64_t *raw_bytes)
+{
+    int dfd = open(jb->disks[d].path, O_RDONLY | O_CLOEXEC);
+    if (dfd < 0)
+        return vr_err(-errno, "open %s: %s", jb->disks[d].path,
+                      strerror(errno));
+    CLEANUP_FREE char *tmp = NULL;
+    int fd = tmp_payload(jb, &tmp);
+    if (fd < 0) {
+        close(dfd);
+        return fd;
+    }
+    struct cyc_hdr h = { .version = CYC_VERSION,
+                         .flags = CYC_F_BASE,
+                         .cycle = base,
+                         .epoch = jb->peer.epoch,
+                         .ndisks = jb->ndisks };
+    int rc = cyc_uuid_parse(jb->uuid, h.uuid);
+    struct cyc_builder *b = NULL;
+    if (rc == 0)
+        rc = cyc_builder_new(fd, jb->compression, 1, &h, &b);
+    char *buf = xmalloc(BASE_REC_BYTES);
+    uint64_t size = jb->disks[d].size, pos = *offset, sent = 0;
+    *done = false;
+    while (rc == 0 && sent < BASE_CHUNK_BYTES) {
+        off_t data = lseek(dfd, (off_t)pos, SEEK_DATA);
+        if (data < 0 || (uint64_t)data >= size) {
+            *done = true;
+            pos = size;
+            break;
+        }
+        off_t hole = lseek(dfd, data, SEEK_HOLE);
+        uint64_t end = hole < 0 ? size : (uint64_t)hole;
+        if (end > size)
+            end = size;
+        uint64_t p = (uint64_t)data;
+        while (rc == 0 && p < end && sent < BASE_CHUNK_BYTES) {
+            uint32_t len = (uint32_t)(end - p < BASE_REC_BYTES ? end - p
+                                                               : BASE_REC_BYTES);
+            rc = io_pread_all(dfd, buf, len, (off_t)p);
+            if (rc < 0) {
+                rc = vr_err(rc, "read %s: %s", jb->disks[d].path,
+                            strerror(-rc));
+                break;
+            }
+            struct cl_rec r = { .kind = CL_WRITE,
+                                .disk = (uint16_t)d,
+                                .len = len,
+                                .offset = p,
+                                .data = buf };
+            rc = cyc_builder_add(b, &r);
+            p += len;
+            sent += len;
+        }
+        pos = p;
+    }
+    free(buf);
+    close(dfd);
+    uint64_t raw = 0, wire = 0;
+    if (rc == 0)
+        rc = cyc_builder_finish(b, &raw, &wire);
+    cyc_builder_free(b);
+    if (rc == 0 && sent > 0) {
+        CLEANUP_FREE char *path = xasprintf(
+            "/r1/vms/%s/base/%llu", jb->uuid, (unsigned long long)seq);
+        rc = peer_call(&jb->peer, "PUT", path, NULL, fd, wire,
+                       jb->compression, NULL);
+    }
+    close(fd);
+    unlink(tmp);
+    if (rc == 0) {
+        *offset = pos;
+        *data_bytes = sent;
+        *wire_bytes = sent > 0 ? wire : 0;
+        *raw_bytes = sent > 0 ? raw : 0;
+    }
+    return rc;
+}
+
+static int
+run_initial(struct vm *vm, struct job *jb)
+{
+    pthread_mutex_lock(&D->lock);
+    struct repl *r = vm->repl;
+    bool fresh = r->initial_seq == 0;
+    pthread_mutex_unlock(&D->lock);
+
+    if (fresh) {
+        /* The base: seal so every later write is in a cycle after it. */
+        bool served = false, running = false;
+        uint64_t base = 0;
+        vmproc_status(jb->rundir, &served, &running);
+        if (served) {
+            int rc = vmproc_seal(jb->rundir, &base);
+            if (rc < 0)
+                return rc;
+        } else {
+            CLEANUP_FREE char *dir0 = logdir_of(&jb->disks[0]);
+            CLEANUP_FREE uint64_t *cs = NULL;
+            size_t n;
+            uint64_t open_cycle = 0;
+            int rc = sealed_cycles(dir0, &cs, &n, &open_cycle);
+            if (rc < 0)
+                return rc;
+            base = n ? cs[n - 1] : 0;
+            if (open_cycle && open_cycle - 1 > base)
+                base = open_cycle - 1;
+        }
+        delete_sealed_upto(jb, base);
+        uint64_t total = 0;
+        for (unsigned i = 0; i < jb->ndisks; i++)
+            total += allocated_bytes(jb->disks[i].path);
+        pthread_mutex_lock(&D->lock);
+        r->base_cycle = base;
+        r->initial_seq = 1;
+        r->initial_disk = 0;
+        r->initial_offset = 0;
+        r->initial_total = total;
+        r->initial_sent = 0;
+        r->last_cycle = base;
+        int rc = catalog_save_repl(r);
+        event_add("info", vm->name,
+                  "initial replication started: %llu bytes allocated, base "
+                  "cycle %llu",
+                  (unsigned long long)total, (unsigned long long)base);
+        pthread_mutex_unlock(&D->lock);
+        if (rc < 0)
+            return rc;
+    }
+
+    for (;;) {
+        pthread_mutex_lock(&D->lock);
+        bool stop = r->stop || strcmp(r->state, ST_INITIAL) != 0;
+        unsigned d = r->initial_disk;
+        uint64_t off = r->initial_offset, seq = r->initial_seq,
+                 base = r->base_cycle;
+        pthread_mutex_unlock(&D->lock);
+        if (stop)
+            return -ECANCELED;
+        if (d >= jb->ndisks)
+            break;
+        bool done = false;
+        uint64_t data = 0, wire = 0, raw = 0;
+        int rc = send_base_chunk(jb, d, base, seq, &off, &done, &data, &wire,
+                                 &raw);
+        if (rc < 0)
+            return rc;
+        pthread_mutex_lock(&D->lock);
+        if (data > 0)
+            r->initial_seq++;
+        r->initial_sent += data;
+        r->bytes_wire += wire;
+        r->bytes_raw += raw;
+        if (done) {
+            r->initial_disk++;
+            r->initial_offset = 0;
+        } else {
+            r->initial_offset = off;
+        }
+        rc = catalog_save_repl(r);
+        pthread_mutex_unlock(&D->lock);
+        if (rc < 0)
+            return rc;
+    }
+
+    pthread_mutex_lock(&D->lock);
+    uint64_t base = r->base_cycle;
+    pthread_mutex_unlock(&D->lock);
+    CLEANUP_FREE char *body =
+        xasprintf("{\"base_cycle\": %llu}", (unsigned long long)base);
+    CLEANUP_FREE char *path =
+        xasprintf("/r1/vms/%s/initial-complete", jb->uuid);
+    int rc = peer_call(&jb->peer, "POST", path, body, -1, 0, false, NULL);
+    if (rc < 0)
+        return rc;
+    pthread_mutex_lock(&D->lock);
+    r->initial_done = true;
+    r->last_cycle = base;
+    r->last_ok_ms = vr_wall_ms();
+    snprintf(r->state, sizeof r->state, "%s", ST_REPLICATING);
+    free(r->task);
+    r->task = NULL;
+    rc = catalog_save_repl(r);
+    event_add("info", vm->name,
+              "initial replication complete: %llu bytes of data sent",
+              (unsigned long long)r->initial_sent);
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
+/* --- the thread ----------------------------------------------------------- */
+
+static bool
+unrecoverable(int rc)
+{
+    return rc == -EPERM || rc == -EACCES || rc == -ESTALE || rc == -ENOENT ||
+           rc == -EBADMSG || rc == -EPROTO || rc == -EINVAL;
+}
+
+static const unsigned backoff_s[] = { 60, 120, 240, 480, 600, 1800 };
+
+static void *
+shipper_main(void *arg)
+{
+    struct vm *vm = arg;
+    struct repl *r = vm->repl;
+    unsigned failures = 0;
+    uint64_t next_due = 0;
+    pthread_mutex_lock(&D->lock);
+    while (!r->stop && !D->shutting_down) {
+        bool initial = strcmp(r->state, ST_INITIAL) == 0;
+        bool replicating = strcmp(r->state, ST_REPLICATING) == 0;
+        uint64_t now = vr_mono_ms();
+        if ((!initial && !replicating) || (now < next_due && !r->kick)) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            uint64_t wait_ms = (initial || replicating) && next_due > now
+                                   ? next_due - now
+                                   : 1000;
+            if (wait_ms > 1000)
+                wait_ms = 1000;
+            ts.tv_sec += (time_t)(wait_ms / 1000);
+            ts.tv_nsec += (long)(wait_ms % 1000) * 1000000;
+            if (ts.tv_nsec >= 1000000000) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000;
+            }
+            pthread_cond_timedwait(&D->cond, &D->lock, &ts);
+            continue;
+        }
+        r->kick = false;
+        unsigned freq_ms = (r->frequency_s ? r->frequency_s : 300) * 1000;
+        if (replicating && next_due && now >= next_due + freq_ms)
+            r->missed += (now - next_due) / freq_ms;
+        uint64_t started = now;
+        struct job jb;
+        job_fill(&jb, vm);
+        uint64_t last = r->last_cycle;
+        pthread_mutex_unlock(&D->lock);
+
+        vr_err_clear();
+        int rc = initial ? run_initial(vm, &jb) : ship_cycles(vm, &jb, last);
+        char msg[1024];
+        snprintf(msg, sizeof msg, "%s", vr_errmsg());
+        job_fini(&jb);
+
+        pthread_mutex_lock(&D->lock);
+        if (rc == 0 || rc == -ECANCELED) {
+            if (failures)
+                event_add("info", vm->name, "replication recovered after %u "
+                                            "failed attempt(s)",
+                          failures);
+            failures = 0;
+            next_due = initial ? 0 : started + freq_ms;
+            continue;
+        }
+        r->errors++;
+        free(r->last_error);
+        r->last_error = xstrdup(msg);
+        if (unrecoverable(rc)) {
+            snprintf(r->state, sizeof r->state, "%s", ST_ERROR);
+            event_add("error", vm->name, "replication stopped: %s", msg);
+        } else {
+            unsigned idx = failures < ARRAY_SIZE(backoff_s)
+                               ? failures
+                               : ARRAY_SIZE(backoff_s) - 1;
+            uint64_t delay_ms = (uint64_t)backoff_s[idx] * 1000;
+            if (delay_ms > freq_ms)
+                delay_ms = freq_ms;
+            if (failures == 0 || failures % 10 == 0)
+                event_add("warning", vm->name, "replication failed, retrying "
+                                               "in %llu s: %s",
+                          (unsigned long long)delay_ms / 1000, msg);
+            failures++;
+            next_due = vr_mono_ms() + delay_ms;
+        }
+        VR_IGNORE(catalog_save_repl(r));
+    }
+    r->thread_running = false;
+    pthread_cond_broadcast(&D->cond);
+    pthread_mutex_unlock(&D->lock);
+    return NULL;
+}
+
+void
+shipper_ensure(struct vm *vm)
+{
+    struct repl *r = vm->repl;
+    if (!r || r->mode != VM_MODE_PRIMARY || r->thread_running ||
+        D->shutting_down)
+        return;
+    if (strcmp(r->state, ST_INITIAL) == 0 && !r->task)
+        r->task = xstrdup("InitialReplication");
+    r->stop = false;
+    r->thread_running = true;
+    if (pthread_create(&r->thread, NULL, shipper_main, vm) != 0) {
+        r->thread_running = false;
+        log_error("shipper", "%s: cannot start thread", vm->name);
+        return;
+    }
+    pthread_detach(r->thread);
+}
+
+void
+shipper_stop(struct vm *vm)
+{
+    struct repl *r = vm->repl;
+    if (!r)
+        return;
+    r->stop = true;
+    pthread_cond_broadcast(&D->cond);
+    while (r->thread_running)
+        pthread_cond_wait(&D->cond, &D->lock);
+}

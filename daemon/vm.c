@@ -1,0 +1,624 @@
+/* vm.c: VM objects and the VM and server endpoints of the management API:
+ * create (qemu-img conversion to sparse raw), list, show, start/stop (via
+ * vmproc), remove, and server show/set. */
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "api-int.h"
+#include "daemon.h"
+#include "vmproc.h"
+
+const char *
+vm_mode_name(enum vm_mode m)
+{
+    switch (m) {
+    case VM_MODE_PRIMARY:
+        return "primary";
+    case VM_MODE_REPLICA:
+        return "replica";
+    default:
+        return "none";
+    }
+}
+
+struct vm *
+vm_find(const char *key)
+{
+    for (struct vm *vm = D->vms; vm; vm = vm->next)
+        if (strcmp(vm->name, key) == 0 || strcmp(vm->uuid, key) == 0)
+            return vm;
+    return NULL;
+}
+
+struct vm *
+vm_find_uuid(const char *uuid)
+{
+    for (struct vm *vm = D->vms; vm; vm = vm->next)
+        if (strcmp(vm->uuid, uuid) == 0)
+            return vm;
+    return NULL;
+}
+
+void
+repl_free(struct repl *r)
+{
+    if (!r)
+        return;
+    free(r->replica_server);
+    free(r->connect_address);
+    free(r->primary_server);
+    free(r->storage);
+    free(r->last_error);
+    free(r->task);
+    free(r);
+}
+
+void
+vm_free(struct vm *vm)
+{
+    if (!vm)
+        return;
+    for (unsigned i = 0; i < vm->ndisks; i++)
+        free(vm->disks[i].path);
+    repl_free(vm->repl);
+    free(vm->name);
+    free(vm->dir);
+    free(vm);
+}
+
+char *
+vm_rundir(const struct vm *vm)
+{
+    return xasprintf("%s/run/%s", D->state_dir, vm->uuid);
+}
+
+json_object *
+vm_to_json(const struct vm *vm)
+{
+    json_object *o = json_object_new_object();
+    CLEANUP_FREE char *rundir = vm_rundir(vm);
+    bool served = false, running = false;
+    if (vm->mode != VM_MODE_REPLICA)
+        vmproc_status(rundir, &served, &running);
+    json_object_object_add(o, "name", json_object_new_string(vm->name));
+    json_object_object_add(o, "uuid", json_object_new_string(vm->uuid));
+    json_object_object_add(o, "cpus", json_object_new_int((int)vm->cpus));
+    json_object_object_add(o, "memory_mib",
+                           json_object_new_int((int)vm->memory_mib));
+    json_object_object_add(o, "mode",
+                           json_object_new_string(vm_mode_name(vm->mode)));
+    json_object_object_add(o, "running", json_object_new_boolean(running));
+    json_object_object_add(o, "served", json_object_new_boolean(served));
+    json_object_object_add(o, "hypervisor",
+                           json_object_new_boolean(vm->hypervisor));
+    json_object *disks = json_object_new_array();
+    for (unsigned i = 0; i < vm->ndisks; i++) {
+        json_object *d = json_object_new_object();
+        json_object_object_add(d, "id",
+                               json_object_new_string(vm->disks[i].id));
+        json_object_object_add(d, "index", json_object_new_int((int)i));
+        json_object_object_add(d, "path",
+                               json_object_new_string(vm->disks[i].path));
+        json_object_object_add(
+            d, "size", json_object_new_int64((int64_t)vm->disks[i].size));
+        if (served) {
+            CLEANUP_FREE char *uri = vmproc_nbd_uri(rundir, vm->disks[i].id);
+            json_object_object_add(d, "nbd_uri", json_object_new_string(uri));
+        }
+        json_object_array_add(disks, d);
+    }
+    json_object_object_add(o, "disks", disks);
+    return o;
+}
+
+const char *
+jstr(json_object *o, const char *key)
+{
+    json_object *v;
+    if (!json_object_object_get_ex(o, key, &v) ||
+        !json_object_is_type(v, json_type_string))
+        return NULL;
+    return json_object_get_string(v);
+}
+
+bool
+jbool(json_object *o, const char *key, bool dflt)
+{
+    json_object *v;
+    if (!json_object_object_get_ex(o, key, &v) || !v)
+        return dflt;
+    return json_object_get_boolean(v);
+}
+
+int64_t
+jint(json_object *o, const char *key, int64_t dflt)
+{
+    json_object *v;
+    if (!json_object_object_get_ex(o, key, &v) || !v)
+        return dflt;
+    return json_object_get_int64(v);
+}
+
+static int
+lookup(struct api_call *call, struct vm **out)
+{
+    struct vm *vm = vm_find(call->arg);
+    if (!vm)
+        return vr_err(-ENOENT, "vm %s: not found", call->arg);
+    *out = vm;
+    return 0;
+}
+
+/* --- server -------------------------------------------------------------- */
+
+static json_object *
+server_json(void)
+{
+    const struct server_cfg *c = &D->cfg;
+    json_object *o = json_object_new_object();
+#define STR(k, v)                                                              \
+    json_object_object_add(o, k, (v) ? json_object_new_string(v) : NULL)
+    STR("hostname", c->hostname);
+    STR("version", VERSION);
+    STR("state_dir", D->state_dir);
+    json_object_object_add(o, "replica_enabled",
+                           json_object_new_boolean(c->replica_enabled));
+    STR("auth", c->auth);
+    json_object_object_add(o, "certificate_port",
+                           json_object_new_int((int)c->cert_port));
+    STR("certificate", c->cert);
+    STR("key", c->key);
+    STR("ca", c->ca);
+    json_object_object_add(o, "allow_any",
+                           json_object_new_boolean(c->allow_any));
+    STR("default_storage", c->default_storage);
+    json_object_object_add(o, "listening",
+                           json_object_new_boolean(D->listener != NULL));
+    json_object_object_add(o, "monitoring_interval",
+                           json_object_new_int((int)c->monitoring_interval_s));
+#undef STR
+    return o;
+}
+
+int
+api_server_show(struct api_call *call VR_UNUSED, unsigned *status VR_UNUSED,
+                json_object **out)
+{
+    pthread_mutex_lock(&D->lock);
+    *out = server_json();
+    pthread_mutex_unlock(&D->lock);
+    return 0;
+}
+
+static int
+abs_path_arg(json_object *body, const char *key, char **field)
+{
+    const char *v = jstr(body, key);
+    if (!v)
+        return 0;
+    if (v[0] != '/')
+        return vr_err(-EINVAL, "%s: must be an absolute path: %s", key, v);
+    free(*field);
+    *field = xstrdup(v);
+    return 0;
+}
+
+int
+api_server_set(struct api_call *call, unsigned *status VR_UNUSED,
+               json_object **out)
+{
+    json_object *b = call->body;
+    int rc = 0;
+    pthread_mutex_lock(&D->lock);
+    struct server_cfg old = D->cfg;
+    struct server_cfg *c = &D->cfg;
+    /* Work on copies of the strings so a refusal restores the old ones. */
+    c->hostname = c->hostname ? xstrdup(c->hostname) : NULL;
+    c->auth = c->auth ? xstrdup(c->auth) : NULL;
+    c->cert = c->cert ? xstrdup(c->cert) : NULL;
+    c->key = c->key ? xstrdup(c->key) : NULL;
+    c->ca = c->ca ? xstrdup(c->ca) : NULL;
+    c->default_storage = c->default_storage ? xstrdup(c->default_storage)
+                                            : NULL;
+    json_object *v;
+    if (json_object_object_get_ex(b, "replica_enabled", &v))
+        c->replica_enabled = json_object_get_boolean(v);
+    if (json_object_object_get_ex(b, "allow_any", &v))
+        c->allow_any = json_object_get_boolean(v);
+    if (json_object_object_get_ex(b, "certificate_port", &v)) {
+        int64_t p = json_object_get_int64(v);
+        if (p < 1 || p > 65535)
+            rc = vr_err(-EINVAL, "certificate_port: out of range: %lld",
+                        (long long)p);
+        else
+            c->cert_port = (unsigned)p;
+    }
+    if (json_object_object_get_ex(b, "monitoring_interval", &v))
+        c->monitoring_interval_s = (unsigned)json_object_get_int64(v);
+    const char *auth = jstr(b, "auth");
+    if (rc == 0 && auth) {
+        if (strcmp(auth, "certificate") != 0)
+            rc = vr_err(-EINVAL,
+                        "auth %s: not supported yet (certificate only)", auth);
+        else {
+            free(c->auth);
+            c->auth = xstrdup(auth);
+        }
+    }
+    if (rc == 0)
+        rc = abs_path_arg(b, "certificate", &c->cert);
+    if (rc == 0)
+        rc = abs_path_arg(b, "key", &c->key);
+    if (rc == 0)
+        rc = abs_path_arg(b, "ca", &c->ca);
+    if (rc == 0)
+        rc = abs_path_arg(b, "default_storage", &c->default_storage);
+    const char *hn = jstr(b, "hostname");
+    if (rc == 0 && hn) {
+        free(c->hostname);
+        c->hostname = xstrdup(hn);
+    }
+    if (rc == 0 && (c->cert || c->key || c->ca))
+        rc = tls_check_material(c->cert, c->key, c->ca);
+    if (rc == 0 && !c->hostname && c->cert)
+        c->hostname = tls_cert_dns_name(c->cert);
+    if (rc == 0 && c->replica_enabled) {
+        if (!c->cert || !c->key || !c->ca)
+            rc = vr_err(-EINVAL, "replica server: certificate, key and ca "
+                                 "are required to enable it");
+        else if (!c->allow_any)
+            rc = vr_err(-EINVAL, "replica server: authorization entries are "
+                                 "not supported yet; use allow_any");
+        else if (!c->default_storage)
+            rc = vr_err(-EINVAL, "replica server: allow_any needs a "
+                                 "default_storage directory");
+        else if (!c->cert_port)
+            c->cert_port = 443;
+    }
+    if (rc == 0 && c->default_storage)
+        rc = io_mkdir_p(c->default_storage, 0750);
+    if (rc == 0)
+        rc = replica_listener_apply();
+    if (rc == 0)
+        rc = catalog_save_server();
+    struct server_cfg *drop = rc == 0 ? &old : c;
+    free(drop->hostname);
+    free(drop->auth);
+    free(drop->cert);
+    free(drop->key);
+    free(drop->ca);
+    free(drop->default_storage);
+    if (rc < 0) {
+        *c = old;
+        /* Restore the listener that matched the old settings. */
+        char saved[1024];
+        snprintf(saved, sizeof saved, "%s", vr_errmsg());
+        VR_IGNORE(replica_listener_apply());
+        vr_err(rc, "%s", saved);
+    } else {
+        event_add("info", NULL, "server settings changed%s",
+                  c->replica_enabled ? " (replica server enabled)" : "");
+        *out = server_json();
+    }
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
+/* --- VMs ------------------------------------------------------------------ */
+
+int
+api_vm_list(struct api_call *call VR_UNUSED, unsigned *status VR_UNUSED,
+            json_object **out)
+{
+    json_object *arr = json_object_new_array();
+    pthread_mutex_lock(&D->lock);
+    for (struct vm *vm = D->vms; vm; vm = vm->next)
+        json_object_array_add(arr, vm_to_json(vm));
+    pthread_mutex_unlock(&D->lock);
+    *out = json_object_new_object();
+    json_object_object_add(*out, "vms", arr);
+    return 0;
+}
+
+int
+api_vm_show(struct api_call *call, unsigned *status VR_UNUSED,
+            json_object **out)
+{
+    struct vm *vm = NULL;
+    pthread_mutex_lock(&D->lock);
+    int rc = lookup(call, &vm);
+    if (rc == 0)
+        *out = vm_to_json(vm);
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
+/* Run argv, waiting; on failure the last line of its stderr goes into the
+ * error message. */
+static int
+run_cmd(char *const argv[])
+{
+    int pipefd[2];
+    if (pipe2(pipefd, O_CLOEXEC) < 0)
+        return vr_err(-errno, "pipe: %s", strerror(errno));
+    pid_t pid = fork();
+    if (pid < 0) {
+        close(pipefd[0]);
+        close(pipefd[1]);
+        return vr_err(-errno, "fork: %s", strerror(errno));
+    }
+    if (pid == 0) {
+        dup2(pipefd[1], 2);
+        int devnull = open("/dev/null", O_RDWR);
+        dup2(devnull, 0);
+        dup2(devnull, 1);
+        execvp(argv[0], argv);
+        dprintf(2, "exec %s: %s\n", argv[0], strerror(errno));
+        _exit(127);
+    }
+    close(pipefd[1]);
+    char buf[4096];
+    size_t len = 0;
+    for (;;) {
+        ssize_t n = read(pipefd[0], buf + len, sizeof buf - 1 - len);
+        if (n <= 0)
+            break;
+        len += (size_t)n;
+        if (len == sizeof buf - 1) {
+            memmove(buf, buf + len / 2, len - len / 2);
+            len -= len / 2;
+        }
+    }
+    close(pipefd[0]);
+    buf[len] = '\0';
+    while (len > 0 && buf[len - 1] == '\n')
+        buf[--len] = '\0';
+    char *last = strrchr(buf, '\n');
+    int st;
+    while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
+        ;
+    if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
+        return vr_err(-EIO, "%s failed: %s", argv[0], last ? last + 1 : buf);
+    return 0;
+}
+
+int
+api_vm_create(struct api_call *call, unsigned *status, json_object **out)
+{
+    json_object *b = call->body;
+    const char *name = jstr(b, "name");
+    if (!name || !vr_name_valid(name))
+        return vr_err(-EINVAL, "vm name %s: invalid (1-64 of A-Z a-z 0-9 . _ "
+                               "- space, not starting with . - or space)",
+                      name ? name : "(missing)");
+    json_object *disks;
+    if (!json_object_object_get_ex(b, "disks", &disks) ||
+        !json_object_is_type(disks, json_type_array) ||
+        json_object_array_length(disks) < 1)
+        return vr_err(-EINVAL, "vm %s: at least one disk is required", name);
+    size_t nd = json_object_array_length(disks);
+    if (nd > MAX_DISKS)
+        return vr_err(-EINVAL, "vm %s: at most %d disks", name, MAX_DISKS);
+    int64_t cpus = jint(b, "cpus", 1), mem = jint(b, "memory_mib", 256);
+    if (cpus < 1 || cpus > 64 || mem < 16 || mem > 1024 * 1024)
+        return vr_err(-EINVAL, "vm %s: cpus 1..64 and memory_mib 16.. only",
+                      name);
+
+    pthread_mutex_lock(&D->lock);
+    bool exists = vm_find(name) != NULL;
+    pthread_mutex_unlock(&D->lock);
+    if (exists)
+        return vr_err(-EEXIST, "vm %s: already exists", name);
+
+    struct vm *vm = xcalloc(1, sizeof *vm);
+    vr_uuid_new(vm->uuid);
+    vm->name = xstrdup(name);
+    vm->cpus = (unsigned)cpus;
+    vm->memory_mib = (unsigned)mem;
+    vm->mode = VM_MODE_NONE;
+    vm->dir = xasprintf("%s/vms/%s", D->state_dir, vm->uuid);
+    int rc = io_mkdir_p(vm->dir, 0750);
+    for (size_t i = 0; rc == 0 && i < nd; i++) {
+        json_object *d = json_object_array_get_idx(disks, i);
+        struct disk *dk = &vm->disks[vm->ndisks++];
+        snprintf(dk->id, sizeof dk->id, "disk%zu", i);
+        dk->path = xasprintf("%s/%s.raw", vm->dir, dk->id);
+        const char *src = jstr(d, "path");
+        int64_t size = jint(d, "size", 0);
+        if (src) {
+            if (src[0] != '/') {
+                rc = vr_err(-EINVAL, "disk %s: must be an absolute path", src);
+                break;
+            }
+            if (access(src, R_OK) < 0) {
+                rc = vr_err(-errno, "disk %s: %s", src, strerror(errno));
+                break;
+            }
+            char *argv[] = { (char *)"qemu-img", (char *)"convert",
+                             (char *)"-O", (char *)"raw", (char *)src,
+                             dk->path, NULL };
+            rc = run_cmd(argv);
+        } else if (size > 0) {
+            int fd = open(dk->path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC,
+                          0640);
+            if (fd < 0 || ftruncate(fd, size) < 0)
+                rc = vr_err(-errno, "create %s: %s", dk->path,
+                            strerror(errno));
+            if (fd >= 0)
+                close(fd);
+        } else {
+            rc = vr_err(-EINVAL, "disk %zu: needs a path or a size > 0", i);
+        }
+        if (rc == 0) {
+            struct stat st;
+            if (stat(dk->path, &st) < 0)
+                rc = vr_err(-errno, "stat %s: %s", dk->path, strerror(errno));
+            else
+                dk->size = (uint64_t)st.st_size;
+        }
+    }
+    pthread_mutex_lock(&D->lock);
+    if (rc == 0 && vm_find(name))
+        rc = vr_err(-EEXIST, "vm %s: already exists", name);
+    if (rc == 0)
+        rc = catalog_save_vm(vm);
+    if (rc < 0) {
+        pthread_mutex_unlock(&D->lock);
+        char saved[1024];
+        snprintf(saved, sizeof saved, "%s", vr_errmsg());
+        for (unsigned i = 0; i < vm->ndisks; i++)
+            unlink(vm->disks[i].path);
+        rmdir(vm->dir);
+        vm_free(vm);
+        return vr_err(rc, "%s", saved);
+    }
+    vm->next = D->vms;
+    D->vms = vm;
+    event_add("info", vm->name, "vm created with %u disk(s)", vm->ndisks);
+    *out = vm_to_json(vm);
+    pthread_mutex_unlock(&D->lock);
+    *status = 201;
+    return 0;
+}
+
+/* Fill a vmproc spec from vm (borrowing its strings). */
+static void
+spec_of(const struct vm *vm, struct vmproc_spec *s, struct vmproc_disk *dks,
+        char *rundir)
+{
+    for (unsigned i = 0; i < vm->ndisks; i++) {
+        dks[i].id = vm->disks[i].id;
+        dks[i].path = vm->disks[i].path;
+    }
+    *s = (struct vmproc_spec){ .name = vm->name,
+                               .uuid = vm->uuid,
+                               .cpus = vm->cpus,
+                               .memory_mib = vm->memory_mib,
+                               .rundir = rundir,
+                               .ndisks = vm->ndisks,
+                               .disks = dks,
+                               .hypervisor = vm->hypervisor };
+}
+
+int
+api_vm_start(struct api_call *call, unsigned *status VR_UNUSED,
+             json_object **out)
+{
+    struct vm *vm = NULL;
+    pthread_mutex_lock(&D->lock);
+    int rc = lookup(call, &vm);
+    if (rc == 0 && vm->mode == VM_MODE_REPLICA)
+        rc = vr_err(-EBUSY, "vm %s: is a Replica VM; it starts only through "
+                            "failover",
+                    vm->name);
+    if (rc == 0) {
+        vm->hypervisor = !jbool(call->body, "no_hypervisor", false);
+        CLEANUP_FREE char *rundir = vm_rundir(vm);
+        struct vmproc_spec s;
+        struct vmproc_disk dks[MAX_DISKS];
+        spec_of(vm, &s, dks, rundir);
+        /* vmproc_start blocks for at most ~10 s; holding the lock keeps the
+         * VM from being removed meanwhile. */
+        rc = vmproc_start(&s);
+        if (rc == 0) {
+            event_add("info", vm->name, "vm started (%s)",
+                      vm->hypervisor ? "qemu" : "disks served only");
+            if (vm->repl)
+                vm->repl->kick = true;
+            pthread_cond_broadcast(&D->cond);
+            *out = vm_to_json(vm);
+        }
+    }
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
+int
+api_vm_stop(struct api_call *call, unsigned *status VR_UNUSED,
+            json_object **out)
+{
+    struct vm *vm = NULL;
+    pthread_mutex_lock(&D->lock);
+    int rc = lookup(call, &vm);
+    if (rc == 0) {
+        CLEANUP_FREE char *rundir = vm_rundir(vm);
+        bool force = jbool(call->body, "force", false);
+        rc = vmproc_stop(rundir, force, 30000);
+        if (rc == 0) {
+            vm->hypervisor = false;
+            event_add("info", vm->name, "vm stopped");
+            if (vm->repl)
+                vm->repl->kick = true;
+            pthread_cond_broadcast(&D->cond);
+            *out = vm_to_json(vm);
+        }
+    }
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
+static void
+remove_tree(const char *path)
+{
+    char *argv[] = { (char *)"rm", (char *)"-rf", (char *)"--",
+                     (char *)path, NULL };
+    (void)run_cmd(argv);
+}
+
+int
+api_vm_remove(struct api_call *call, unsigned *status VR_UNUSED,
+              json_object **out)
+{
+    struct vm *vm = NULL;
+    pthread_mutex_lock(&D->lock);
+    int rc = lookup(call, &vm);
+    if (rc == 0) {
+        CLEANUP_FREE char *rundir = vm_rundir(vm);
+        bool served, running;
+        vmproc_status(rundir, &served, &running);
+        if (served || running)
+            rc = vr_err(-EBUSY, "vm %s: is running; stop it first", vm->name);
+        else if (vm->repl)
+            rc = vr_err(-EBUSY, "vm %s: replication is enabled; remove it "
+                                "first",
+                        vm->name);
+        if (rc == 0)
+            rc = catalog_delete_vm(vm->uuid);
+        if (rc == 0) {
+            for (struct vm **p = &D->vms; *p; p = &(*p)->next)
+                if (*p == vm) {
+                    *p = vm->next;
+                    break;
+                }
+            event_add("info", vm->name, "vm removed");
+            if (vm->mode != VM_MODE_REPLICA)
+                remove_tree(vm->dir);
+            remove_tree(rundir);
+            *out = json_object_new_object();
+            json_object_object_add(*out, "removed",
+                                   json_object_new_string(vm->name));
+            vm_free(vm);
+        }
+    }
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
+int
+api_events(struct api_call *call, unsigned *status VR_UNUSED,
+           json_object **out)
+{
+    pthread_mutex_lock(&D->lock);
+    json_object *arr = catalog_events(api_query(call, "vm"), 1000);
+    pthread_mutex_unlock(&D->lock);
+    *out = json_object_new_object();
+    json_object_object_add(*out, "events", arr);
+    return 0;
+}

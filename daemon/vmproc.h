@@ -1,0 +1,61 @@
+/* vmproc.h: the processes behind a running VM — one nbdkit serving every
+ * disk through the vmreplica plugin, and optionally one QEMU attached to it.
+ *
+ * Everything lives in the VM's run directory RUNDIR:
+ *   RUNDIR/nbd.sock      NBD exports, one per disk, export name = disk id
+ *   RUNDIR/ctl.sock      the plugin's control socket (SEAL, STATUS)
+ *   RUNDIR/nbdkit.pid    nbdkit's pid      RUNDIR/nbdkit.log its stderr
+ *   RUNDIR/qemu.pid      QEMU's pid        RUNDIR/console.log COM1 output
+ *   RUNDIR/qmp.sock      QEMU's QMP socket
+ * nbdkit runs in its own session (setsid), not tied to vmreplicad, so a
+ * restart of the daemon never stalls a VM's I/O; vmproc_status() re-adopts
+ * it from the pid file.
+ *
+ * Binaries: $VMREPLICA_NBDKIT (default "nbdkit"), $VMREPLICA_PLUGIN (default
+ * PLUGINDIR "/nbdkit-vmreplica-plugin.so"), $VMREPLICA_QEMU (default
+ * "qemu-system-x86_64").  $VMREPLICA_TEST_HASHLOG=FILE passes hashlog=FILE
+ * to the plugin (crash tests record every disk's SHA-256 at each seal).
+ */
+#ifndef VR_VMPROC_H
+#define VR_VMPROC_H
+
+#include <stdint.h>
+
+#include "vr.h"
+
+struct vmproc_disk {
+    const char *id;   /* export name, e.g. "disk0" */
+    const char *path; /* sparse raw image; its log is PATH.vrlog/ */
+};
+
+struct vmproc_spec {
+    const char *name;
+    const char *uuid;
+    unsigned cpus;
+    unsigned memory_mib;
+    const char *rundir; /* created if missing */
+    unsigned ndisks;
+    const struct vmproc_disk *disks;
+    bool hypervisor; /* also start QEMU */
+};
+
+/* Serve the disks (start nbdkit unless already running) and, when
+ * s->hypervisor, start QEMU attached to the exports (KVM if /dev/kvm is
+ * usable, else TCG).  Returns once nbd.sock and ctl.sock accept connections
+ * (at most 10 s). */
+int vmproc_start(const struct vmproc_spec *s) VR_WUR;
+/* Stop QEMU (QMP system_powerdown, then SIGKILL after timeout_ms; at once if
+ * force), then seal nothing and stop nbdkit (SIGTERM, wait). */
+int vmproc_stop(const char *rundir, bool force, unsigned timeout_ms) VR_WUR;
+/* Whether nbdkit (disks served) and QEMU are alive, from their pid files. */
+void vmproc_status(const char *rundir, bool *disks_served, bool *qemu_running);
+/* Ask the plugin to seal the open cycle of every disk at one instant.
+ * *cycle is the number sealed: every disk now has CYCLE.log. */
+int vmproc_seal(const char *rundir, uint64_t *cycle) VR_WUR;
+/* The plugin's open cycle number and bytes in the open segments. */
+int vmproc_open_cycle(const char *rundir, uint64_t *cycle,
+                      uint64_t *open_bytes) VR_WUR;
+/* "nbd+unix:///ID?socket=RUNDIR/nbd.sock"; caller frees. */
+char *vmproc_nbd_uri(const char *rundir, const char *disk_id);
+
+#endif

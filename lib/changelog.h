@@ -1,0 +1,117 @@
+/* changelog.h: the per-disk change log (docs/formats.md, version 1).
+ *
+ * A disk's log is the directory DISK.vrlog/ holding one segment per cycle,
+ * named by cycle number as 20 decimal digits: "00000000000000000007.open"
+ * while it is written, renamed to "00000000000000000007.log" when sealed.
+ * A sealed segment is immutable and ends with a CL_SEAL record.  A segment
+ * is a 64-byte header followed by records; a record is a 32-byte header
+ * followed, for CL_WRITE only, by len bytes of data.  All integers are
+ * little-endian.  Each record's CRC32C covers its header (with the crc field
+ * zero) and its data, so a torn or corrupt tail is detected and cut.
+ */
+#ifndef VR_CHANGELOG_H
+#define VR_CHANGELOG_H
+
+#include <stdint.h>
+
+#include "vr.h"
+
+#define CL_FORMAT_VERSION 1
+#define CL_SEG_MAGIC      "VRLOGSG1" /* 8 bytes, no NUL */
+#define CL_REC_MAGIC      0x31525256u /* "VRR1" */
+#define CL_SEG_HDR_BYTES  64
+#define CL_REC_HDR_BYTES  32
+/* Largest data payload of one CL_WRITE record (NBD requests are smaller). */
+#define CL_MAX_DATA_BYTES (64u << 20)
+
+enum cl_kind {
+    CL_WRITE = 1, /* data follows */
+    CL_ZERO = 2,  /* range reads as zeroes afterwards */
+    CL_TRIM = 3,  /* range discarded; vmreplica punches a hole: zeroes */
+    CL_SEAL = 4,  /* last record of a sealed segment or cycle payload;
+                     offset = number of records before it, len = 0 */
+};
+
+#define CL_F_FUA 0x01 /* the guest asked for FUA */
+
+/* One decoded record.  data points into the caller's buffer (decode) or is
+ * borrowed from the caller (append). */
+struct cl_rec {
+    uint8_t kind;
+    uint8_t flags;
+    uint16_t disk;   /* disk index within the VM */
+    uint32_t len;    /* bytes affected; data length for CL_WRITE */
+    uint64_t offset; /* byte offset on the disk */
+    uint64_t seq;    /* per-disk sequence number, +1 per record */
+    const void *data;
+};
+
+/* Segment header fields (CL_SEG_HDR_BYTES on disk, crc over bytes 0..59). */
+struct cl_seg_hdr {
+    uint32_t version;
+    uint16_t disk;
+    uint64_t cycle;
+    uint64_t first_seq;
+    uint64_t created_ms; /* wall clock */
+};
+
+/* Encode r's 32-byte header into out, computing the CRC over header+data. */
+void cl_rec_encode(const struct cl_rec *r, uint8_t out[CL_REC_HDR_BYTES]);
+/* Decode one record from buf[0..avail): 0 and *used_bytes (header + data)
+ * with r->data pointing into buf; -EAGAIN if avail is too short to hold the
+ * whole record; -EBADMSG if corrupt (magic, kind, CRC, len over limit). */
+int cl_rec_decode(const void *buf, size_t avail, struct cl_rec *r,
+                  size_t *used_bytes) VR_WUR;
+/* Encode / decode a segment header (decode: -EBADMSG if corrupt,
+ * -EPROTONOSUPPORT if a newer version). */
+void cl_seg_hdr_encode(const struct cl_seg_hdr *h, uint8_t out[CL_SEG_HDR_BYTES]);
+int cl_seg_hdr_decode(const void *buf, struct cl_seg_hdr *h) VR_WUR;
+
+/* Segment file name for a cycle: "%020llu.open" or "%020llu.log". */
+void cl_seg_name(uint64_t cycle, bool sealed, char out[32]);
+
+/* --- writer (the data plane) ------------------------------------------- */
+
+struct cl_writer;
+
+/* Create CYCLE.open in dirfd (O_EXCL) for disk, with first sequence
+ * number first_seq, header durable.  Caller frees with cl_writer_free. */
+int cl_writer_create(int dirfd, uint16_t disk, uint64_t cycle,
+                     uint64_t first_seq, struct cl_writer **out) VR_WUR;
+/* Reopen an existing CYCLE.open after a crash: validate every record, cut a
+ * torn or corrupt tail (ftruncate + fdatasync) and position after the last
+ * good record.  *cut_bytes says how much was cut. */
+int cl_writer_reopen(int dirfd, uint16_t disk, uint64_t cycle,
+                     struct cl_writer **out, uint64_t *cut_bytes) VR_WUR;
+/* Append one record (header + data in one writev).  Not durable until
+ * cl_writer_sync.  Not thread-safe: the caller serialises per disk. */
+int cl_writer_append(struct cl_writer *w, uint8_t kind, uint8_t flags,
+                     uint64_t offset, uint32_t len, const void *data) VR_WUR;
+/* fdatasync the segment. */
+int cl_writer_sync(struct cl_writer *w) VR_WUR;
+/* Append CL_SEAL, fdatasync, rename .open to .log, fsync the directory.
+ * The writer is finished afterwards; free it. */
+int cl_writer_seal(struct cl_writer *w) VR_WUR;
+uint64_t cl_writer_cycle(const struct cl_writer *w);
+uint64_t cl_writer_next_seq(const struct cl_writer *w);
+/* Bytes in the segment file so far (header included). */
+uint64_t cl_writer_bytes(const struct cl_writer *w);
+uint64_t cl_writer_records(const struct cl_writer *w);
+/* Close without sealing.  NULL is a no-op. */
+void cl_writer_free(struct cl_writer *w);
+
+/* --- reader ------------------------------------------------------------ */
+
+struct cl_reader;
+
+/* Open segment file name in dirfd for reading; validates the header. */
+int cl_reader_open(int dirfd, const char *name, struct cl_reader **out) VR_WUR;
+const struct cl_seg_hdr *cl_reader_hdr(const struct cl_reader *r);
+/* Next record: 1 and *rec (data valid until the next call), 0 at the clean
+ * end (after CL_SEAL, which is not returned; or at EOF of an .open segment),
+ * -EBADMSG on a corrupt or torn record, or on EOF before CL_SEAL in a sealed
+ * (.log) segment, or a CL_SEAL whose count disagrees. */
+int cl_reader_next(struct cl_reader *r, struct cl_rec *rec) VR_WUR;
+void cl_reader_free(struct cl_reader *r);
+
+#endif /* VR_CHANGELOG_H */

@@ -1,0 +1,101 @@
+/* cycle.h: the cycle payload, the unit that travels from primary to Replica
+ * server and is staged there (docs/formats.md).
+ *
+ * Uncompressed layout: a 64-byte cycle header, then change-log records
+ * (cl_rec encoding, any disk; each disk's records keep their log order),
+ * then one CL_SEAL record whose offset is the number of records before it.
+ * On the wire the payload is optionally one zstd stream.  The same payload,
+ * with CYC_F_BASE, carries a chunk of initial replication (allocated regions
+ * of a disk as CL_WRITE records).
+ *
+ * Header: magic "VRCYCLE1"(8) | version u32 | flags u32 | cycle u64 |
+ * epoch u64 | ndisks u32 | reserved u32 | vm uuid 16 bytes (binary) |
+ * reserved 4 | crc32c u32 of bytes 0..59.
+ */
+#ifndef VR_CYCLE_H
+#define VR_CYCLE_H
+
+#include <stdint.h>
+
+#include "changelog.h"
+#include "vr.h"
+
+#define CYC_MAGIC         "VRCYCLE1"
+#define CYC_VERSION       1
+#define CYC_HDR_BYTES     64
+#define CYC_F_BASE        0x1 /* initial-replication chunk, not a cycle */
+#define CYC_MAX_DISKS     64
+/* Records in one payload, bounded so a hostile count cannot exhaust. */
+#define CYC_MAX_RECORDS   (1u << 24)
+
+struct cyc_hdr {
+    uint32_t version;
+    uint32_t flags;
+    uint64_t cycle;
+    uint64_t epoch;
+    uint32_t ndisks;
+    uint8_t uuid[16];
+};
+
+/* Text UUID <-> 16 bytes. */
+int cyc_uuid_parse(const char *text, uint8_t out[16]) VR_WUR;
+void cyc_uuid_format(const uint8_t in[16], char out[37]);
+
+void cyc_hdr_encode(const struct cyc_hdr *h, uint8_t out[CYC_HDR_BYTES]);
+/* -EBADMSG if corrupt or ndisks out of range, -EPROTONOSUPPORT if newer. */
+int cyc_hdr_decode(const void *buf, struct cyc_hdr *h) VR_WUR;
+
+/* --- builder (primary) ------------------------------------------------- */
+
+struct cyc_builder;
+
+/* Start a payload written to out_fd, zstd-compressed at zstd_level when
+ * compress.  Caller frees with cyc_builder_free (after finish or to abort). */
+int cyc_builder_new(int out_fd, bool compress, int zstd_level,
+                    const struct cyc_hdr *h, struct cyc_builder **out) VR_WUR;
+/* Add one record (r->disk must be < ndisks). */
+int cyc_builder_add(struct cyc_builder *b, const struct cl_rec *r) VR_WUR;
+/* Add every record of the sealed segment `name` in dirfd, with its disk
+ * index replaced by disk; -EBADMSG if the segment is not cleanly sealed. */
+int cyc_builder_add_segment(struct cyc_builder *b, int dirfd,
+                            const char *name, uint16_t disk) VR_WUR;
+/* Write the CL_SEAL record and flush the compressor.  *raw_bytes is the
+ * uncompressed size, *out_bytes what was written to out_fd. */
+int cyc_builder_finish(struct cyc_builder *b, uint64_t *raw_bytes,
+                       uint64_t *out_bytes) VR_WUR;
+void cyc_builder_free(struct cyc_builder *b);
+
+/* --- decoder (Replica server) ------------------------------------------ */
+
+struct cyc_decoder;
+
+/* Streaming decoder: feed the wire bytes as they arrive; each record is
+ * validated as it completes and the uncompressed payload is written to
+ * out_fd (-1: discard).  More than max_raw_bytes of uncompressed output is
+ * refused with -EFBIG (decompression bomb). */
+int cyc_decoder_new(bool compressed, uint64_t max_raw_bytes, int out_fd,
+                    struct cyc_decoder **out) VR_WUR;
+/* -EBADMSG / -EPROTO on corrupt input, -EFBIG over the cap; the message is
+ * in vr_errmsg().  After an error further feeds keep failing. */
+int cyc_decoder_feed(struct cyc_decoder *d, const void *buf,
+                     size_t len) VR_WUR;
+/* All input given: require a complete payload ending in a valid CL_SEAL
+ * record with nothing after it. */
+int cyc_decoder_finish(struct cyc_decoder *d, struct cyc_hdr *hdr,
+                       uint64_t *nrecords, uint64_t *raw_bytes) VR_WUR;
+void cyc_decoder_free(struct cyc_decoder *d);
+
+/* --- apply (Replica server) -------------------------------------------- */
+
+/* Apply a staged, already validated, uncompressed payload in payload_fd to
+ * the disks: CL_WRITE pwrite, CL_ZERO and CL_TRIM punch a hole (reads as
+ * zeroes, as on the primary).  Every record is checked again: disk index <
+ * ndisks, offset + len <= disk_sizes[disk].  Calls
+ * vr_fault_point("apply-record") after each record.  fdatasyncs every disk
+ * before returning 0.  Re-applying the same payload from the start is
+ * idempotent, which is how a crash during apply is repaired. */
+int cyc_apply_file(int payload_fd, const int *disk_fds,
+                   const uint64_t *disk_sizes, unsigned ndisks,
+                   uint64_t *records_applied) VR_WUR;
+
+#endif /* VR_CYCLE_H */

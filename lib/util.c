@@ -1,0 +1,489 @@
+/* util.c: error slot, allocation, full-length I/O, clocks, names and the
+ * fault points used by crash tests.  Nothing here logs (lib/ never does). */
+#include <fcntl.h>
+#include <limits.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "vr.h"
+
+static __thread char err_slot[1024];
+
+int
+vr_err(int rc, const char *fmt, ...)
+{
+    int saved = errno;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err_slot, sizeof err_slot, fmt, ap);
+    va_end(ap);
+    errno = saved;
+    return rc;
+}
+
+const char *
+vr_errmsg(void)
+{
+    return err_slot;
+}
+
+void
+vr_err_clear(void)
+{
+    err_slot[0] = '\0';
+}
+
+const char *
+vr_errname(int e)
+{
+    switch (e) {
+#define N(x)                                                                   \
+    case x:                                                                    \
+        return #x;
+        N(EPERM) N(ENOENT) N(EIO) N(E2BIG) N(EBADF) N(EAGAIN) N(ENOMEM)
+        N(EACCES) N(EFAULT) N(EBUSY) N(EEXIST) N(EXDEV) N(ENODEV) N(ENOTDIR)
+        N(EISDIR) N(EINVAL) N(ENFILE) N(EMFILE) N(EFBIG) N(ENOSPC) N(ESPIPE)
+        N(EROFS) N(EPIPE) N(ERANGE) N(ENAMETOOLONG) N(ENOSYS) N(ENOTEMPTY)
+        N(ELOOP) N(ENODATA) N(ETIME) N(EPROTO) N(EBADMSG) N(EOVERFLOW)
+        N(EMSGSIZE) N(EPROTONOSUPPORT) N(EOPNOTSUPP) N(EADDRINUSE)
+        N(ECONNABORTED) N(ECONNRESET) N(ENOTCONN) N(ETIMEDOUT)
+        N(ECONNREFUSED) N(EHOSTUNREACH) N(EALREADY) N(EINPROGRESS)
+        N(ESTALE) N(ECANCELED) N(EKEYREJECTED)
+#undef N
+    default:
+        return "E?";
+    }
+}
+
+static void
+oom(void)
+{
+    static const char msg[] = "vmreplica: out of memory\n";
+    ssize_t r = write(2, msg, sizeof msg - 1);
+    (void)r;
+    abort();
+}
+
+void *
+xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    if (!p)
+        oom();
+    return p;
+}
+
+void *
+xcalloc(size_t nmemb, size_t n)
+{
+    void *p = calloc(nmemb ? nmemb : 1, n ? n : 1);
+    if (!p)
+        oom();
+    return p;
+}
+
+void *
+xrealloc(void *p, size_t n)
+{
+    p = realloc(p, n ? n : 1);
+    if (!p)
+        oom();
+    return p;
+}
+
+char *
+xstrdup(const char *s)
+{
+    char *p = strdup(s);
+    if (!p)
+        oom();
+    return p;
+}
+
+char *
+xasprintf(const char *fmt, ...)
+{
+    char *p;
+    va_list ap;
+    va_start(ap, fmt);
+    int r = vasprintf(&p, fmt, ap);
+    va_end(ap);
+    if (r < 0)
+        oom();
+    return p;
+}
+
+int
+io_pwrite_all(int fd, const void *buf, size_t len, off_t off)
+{
+    const char *p = buf;
+    while (len > 0) {
+        ssize_t r = pwrite(fd, p, len, off);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        p += r;
+        len -= (size_t)r;
+        off += r;
+    }
+    return 0;
+}
+
+int
+io_pread_all(int fd, void *buf, size_t len, off_t off)
+{
+    char *p = buf;
+    while (len > 0) {
+        ssize_t r = pread(fd, p, len, off);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (r == 0)
+            return -ENODATA;
+        p += r;
+        len -= (size_t)r;
+        off += r;
+    }
+    return 0;
+}
+
+int
+io_write_all(int fd, const void *buf, size_t len)
+{
+    const char *p = buf;
+    while (len > 0) {
+        ssize_t r = write(fd, p, len);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        p += r;
+        len -= (size_t)r;
+    }
+    return 0;
+}
+
+ssize_t
+io_read_full(int fd, void *buf, size_t len)
+{
+    char *p = buf;
+    size_t got = 0;
+    while (got < len) {
+        ssize_t r = read(fd, p + got, len - got);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (r == 0)
+            break;
+        got += (size_t)r;
+    }
+    return (ssize_t)got;
+}
+
+int
+io_fsync_dirfd(int dirfd)
+{
+    if (fsync(dirfd) < 0 && errno != EINVAL)
+        return -errno;
+    return 0;
+}
+
+int
+io_fsync_dir(const char *path)
+{
+    int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    int rc = io_fsync_dirfd(fd);
+    close(fd);
+    return rc;
+}
+
+int
+io_read_file(const char *path, size_t max_bytes, char **out, size_t *len_out)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return vr_err(-errno, "open %s: %s", path, strerror(errno));
+    char *buf = xmalloc(max_bytes + 1);
+    ssize_t n = io_read_full(fd, buf, max_bytes + 1);
+    close(fd);
+    if (n < 0) {
+        free(buf);
+        return vr_err((int)n, "read %s: %s", path, strerror((int)-n));
+    }
+    if ((size_t)n > max_bytes) {
+        free(buf);
+        return vr_err(-EFBIG, "read %s: larger than %zu bytes", path,
+                      max_bytes);
+    }
+    buf[n] = '\0';
+    *out = buf;
+    if (len_out)
+        *len_out = (size_t)n;
+    return 0;
+}
+
+static char *
+dirname_of(const char *path)
+{
+    char *d = xstrdup(path);
+    char *slash = strrchr(d, '/');
+    if (!slash) {
+        free(d);
+        return xstrdup(".");
+    }
+    if (slash == d)
+        slash[1] = '\0';
+    else
+        *slash = '\0';
+    return d;
+}
+
+int
+io_write_file_atomic(const char *path, const void *buf, size_t len)
+{
+    CLEANUP_FREE char *tmp = xasprintf("%s.tmp", path);
+    CLEANUP_FREE char *dir = dirname_of(path);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return vr_err(-errno, "create %s: %s", tmp, strerror(errno));
+    int rc = io_write_all(fd, buf, len);
+    if (rc == 0 && fsync(fd) < 0)
+        rc = -errno;
+    close(fd);
+    if (rc == 0 && rename(tmp, path) < 0)
+        rc = -errno;
+    if (rc == 0)
+        rc = io_fsync_dir(dir);
+    if (rc < 0) {
+        unlink(tmp);
+        return vr_err(rc, "write %s: %s", path, strerror(-rc));
+    }
+    return 0;
+}
+
+int
+io_mkdir_p(const char *path, mode_t mode)
+{
+    CLEANUP_FREE char *p = xstrdup(path);
+    for (char *s = p + 1; *s; s++) {
+        if (*s != '/')
+            continue;
+        *s = '\0';
+        if (mkdir(p, mode) < 0 && errno != EEXIST)
+            return vr_err(-errno, "mkdir %s: %s", p, strerror(errno));
+        *s = '/';
+    }
+    if (mkdir(p, mode) < 0 && errno != EEXIST)
+        return vr_err(-errno, "mkdir %s: %s", p, strerror(errno));
+    return 0;
+}
+
+uint64_t
+vr_mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+uint64_t
+vr_wall_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+void
+vr_rfc3339(uint64_t wall_ms, char out[32])
+{
+    time_t t = (time_t)(wall_ms / 1000);
+    struct tm tm;
+    gmtime_r(&t, &tm);
+    strftime(out, 32, "%Y-%m-%dT%H:%M:%SZ", &tm);
+}
+
+bool
+vr_name_valid(const char *name)
+{
+    size_t n = strlen(name);
+    if (n < 1 || n > 64 || name[0] == '.' || name[0] == ' ' ||
+        name[0] == '-')
+        return false;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)name[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+              (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-' ||
+              c == ' '))
+            return false;
+    }
+    return true;
+}
+
+bool
+vr_uuid_valid(const char *u)
+{
+    if (strlen(u) != 36)
+        return false;
+    for (int i = 0; i < 36; i++) {
+        char c = u[i];
+        if (i == 8 || i == 13 || i == 18 || i == 23) {
+            if (c != '-')
+                return false;
+        } else if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) {
+            return false;
+        }
+    }
+    return true;
+}
+
+void
+vr_uuid_new(char out[37])
+{
+    uint8_t b[16];
+    size_t got = 0;
+    while (got < sizeof b) {
+        ssize_t r = getrandom(b + got, sizeof b - got, 0);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            abort();
+        }
+        got += (size_t)r;
+    }
+    b[6] = (uint8_t)((b[6] & 0x0f) | 0x40);
+    b[8] = (uint8_t)((b[8] & 0x3f) | 0x80);
+    snprintf(out, 37,
+             "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-"
+             "%02x%02x%02x%02x%02x%02x",
+             b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10],
+             b[11], b[12], b[13], b[14], b[15]);
+}
+
+int
+vr_parse_size(const char *s, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    if (!*s || *s == '-')
+        return -EINVAL;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || end == s)
+        return -EINVAL;
+    unsigned shift = 0;
+    switch (*end) {
+    case '\0':
+        break;
+    case 'k': case 'K': shift = 10; end++; break;
+    case 'm': case 'M': shift = 20; end++; break;
+    case 'g': case 'G': shift = 30; end++; break;
+    case 't': case 'T': shift = 40; end++; break;
+    default:
+        return -EINVAL;
+    }
+    if (*end == 'i' && shift)
+        end++;
+    if ((*end == 'B' || *end == 'b') && shift)
+        end++;
+    if (*end != '\0')
+        return -EINVAL;
+    if (shift && v > (UINT64_MAX >> shift))
+        return -ERANGE;
+    *out = (uint64_t)v << shift;
+    return 0;
+}
+
+int
+vr_parse_duration(const char *s, uint64_t *out_s)
+{
+    char *end;
+    errno = 0;
+    if (!*s || *s == '-')
+        return -EINVAL;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || end == s)
+        return -EINVAL;
+    uint64_t mul = 1;
+    if (*end == 's')
+        end++;
+    else if (*end == 'm')
+        mul = 60, end++;
+    else if (*end == 'h')
+        mul = 3600, end++;
+    if (*end != '\0' || v > UINT32_MAX)
+        return -EINVAL;
+    *out_s = v * mul;
+    return 0;
+}
+
+/* --- fault points ------------------------------------------------------ */
+
+static pthread_mutex_t fault_lock = PTHREAD_MUTEX_INITIALIZER;
+static int fault_state = -1; /* -1 unparsed, 0 none, 1 some */
+static struct {
+    char name[48];
+    long when;
+    long hits;
+} faults[8];
+static unsigned nfaults;
+
+static void
+fault_parse(void)
+{
+    const char *env = getenv("VMREPLICA_FAULT");
+    fault_state = 0;
+    if (!env || !*env)
+        return;
+    CLEANUP_FREE char *copy = xstrdup(env);
+    char *save = NULL;
+    for (char *tok = strtok_r(copy, ",", &save); tok && nfaults < 8;
+         tok = strtok_r(NULL, ",", &save)) {
+        char *colon = strrchr(tok, ':');
+        if (!colon || colon - tok >= 48)
+            continue;
+        *colon = '\0';
+        snprintf(faults[nfaults].name, sizeof faults[0].name, "%s", tok);
+        faults[nfaults].when = atol(colon + 1);
+        nfaults++;
+    }
+    fault_state = nfaults > 0;
+}
+
+void
+vr_fault_point(const char *name)
+{
+    if (likely(fault_state == 0))
+        return;
+    pthread_mutex_lock(&fault_lock);
+    if (fault_state < 0)
+        fault_parse();
+    for (unsigned i = 0; i < nfaults; i++) {
+        if (strcmp(faults[i].name, name) == 0 &&
+            ++faults[i].hits == faults[i].when) {
+            char msg[96];
+            int n = snprintf(msg, sizeof msg, "vmreplica: fault point %s hit\n",
+                             name);
+            ssize_t r = write(2, msg, (size_t)n);
+            (void)r;
+            raise(SIGKILL);
+        }
+    }
+    pthread_mutex_unlock(&fault_lock);
+}

@@ -1,0 +1,105 @@
+/* vr.h: common definitions shared by every part of vmreplica.
+ *
+ * Error convention (STYLE.md): fallible functions return 0 or a negative
+ * errno; where a failure is first detected, vr_err() stores one message in a
+ * thread-local slot and returns the code, and only the top levels print it.
+ */
+#ifndef VR_H
+#define VR_H
+
+#include <errno.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#define VR_WUR       __attribute__((warn_unused_result))
+#define VR_PRINTF(a, b) __attribute__((format(printf, a, b)))
+#define VR_UNUSED    __attribute__((unused))
+#define likely(x)    __builtin_expect(!!(x), 1)
+#define unlikely(x)  __builtin_expect(!!(x), 0)
+/* Discard a warn_unused_result value on purpose (best-effort paths). */
+#define VR_IGNORE(expr)                                                        \
+    do {                                                                       \
+        if ((expr) != 0) {                                                     \
+        }                                                                      \
+    } while (0)
+#define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+
+/* Store a formatted message for the calling thread; return rc unchanged. */
+int vr_err(int rc, const char *fmt, ...) VR_PRINTF(2, 3);
+/* The last message stored by vr_err() on this thread ("" if none). */
+const char *vr_errmsg(void);
+/* Clear this thread's message. */
+void vr_err_clear(void);
+/* Short symbolic name of a positive errno value ("EIO"); "E?" if unknown. */
+const char *vr_errname(int errnum);
+
+/* Allocation that aborts on out-of-memory (redis): the daemon restarts and
+ * resumes from durable state. */
+void *xmalloc(size_t n);
+void *xcalloc(size_t nmemb, size_t n);
+void *xrealloc(void *p, size_t n);
+char *xstrdup(const char *s);
+char *xasprintf(const char *fmt, ...) VR_PRINTF(1, 2);
+
+/* Hand ownership on: yields p and sets it to NULL. */
+#define TAKE_PTR(p)                                                            \
+    ({                                                                         \
+        __typeof__(p) take_ptr_tmp_ = (p);                                     \
+        (p) = NULL;                                                            \
+        take_ptr_tmp_;                                                         \
+    })
+
+static inline void
+vr_cleanup_free(void *p)
+{
+    extern void free(void *);
+    free(*(void **)p);
+}
+#define CLEANUP_FREE __attribute__((cleanup(vr_cleanup_free)))
+
+/* Full-length I/O helpers: retry on EINTR and short transfers.  Return 0 or
+ * -errno (a short read at end of file is -ENODATA for pread_all). */
+int io_pwrite_all(int fd, const void *buf, size_t len, off_t off) VR_WUR;
+int io_pread_all(int fd, void *buf, size_t len, off_t off) VR_WUR;
+int io_write_all(int fd, const void *buf, size_t len) VR_WUR;
+/* Read up to len bytes; returns bytes read (< len only at EOF) or -errno. */
+ssize_t io_read_full(int fd, void *buf, size_t len) VR_WUR;
+/* fsync a directory by path or fd, so renames in it are durable. */
+int io_fsync_dir(const char *path) VR_WUR;
+int io_fsync_dirfd(int dirfd) VR_WUR;
+/* Read a whole small file (at most max_bytes) into a NUL-terminated buffer;
+ * caller frees *out. */
+int io_read_file(const char *path, size_t max_bytes, char **out,
+                 size_t *len_out) VR_WUR;
+/* Write a file atomically: tmp, fsync, rename, fsync dir. */
+int io_write_file_atomic(const char *path, const void *buf, size_t len) VR_WUR;
+/* mkdir -p with mode; existing directories are fine. */
+int io_mkdir_p(const char *path, mode_t mode) VR_WUR;
+
+/* Clocks. */
+uint64_t vr_mono_ms(void);
+uint64_t vr_wall_ms(void);
+/* Format wall-clock ms as RFC 3339 UTC ("2026-11-26T05:00:00Z"). */
+void vr_rfc3339(uint64_t wall_ms, char out[32]);
+
+/* Names of VMs and disks: 1..64 chars of [A-Za-z0-9._ -], not starting with
+ * '.' or ' ', so a name can never form a path component like "..". */
+bool vr_name_valid(const char *name);
+/* Canonical textual UUID (36 chars, lowercase). */
+bool vr_uuid_valid(const char *uuid);
+/* New random v4 UUID in canonical form. */
+void vr_uuid_new(char out[37]);
+
+/* Parse sizes "512", "64K", "1M", "4G", "2T" (binary units); 0 or -EINVAL. */
+int vr_parse_size(const char *s, uint64_t *out) VR_WUR;
+/* Parse a duration "30s", "5m", "15m", "2h" or plain seconds into seconds. */
+int vr_parse_duration(const char *s, uint64_t *out_s) VR_WUR;
+
+/* Fault points for crash tests: VMREPLICA_FAULT="name:N[,name:N]" makes the
+ * N-th hit of the point named raise SIGKILL (N counts from 1).  Costs one
+ * branch when the variable is unset. */
+void vr_fault_point(const char *name);
+
+#endif /* VR_H */

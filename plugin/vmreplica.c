@@ -1,0 +1,1009 @@
+/* vmreplica.c: nbdkit-vmreplica-plugin, the data plane (ARCHITECTURE.md).
+ *
+ * Serves each tracked disk (a raw file) as an NBD export named by its disk
+ * id, does the file I/O itself and appends every write, write-zeroes and
+ * trim to the disk's open change-log segment (PATH.vrlog/CYCLE.open) before
+ * the request completes.  Flush and FUA make the log and then the disk
+ * durable before replying.
+ *
+ * Locking: each write-class request holds the process-wide seal_lock for
+ * reading and its disk's mutex across the disk I/O and the log append, so
+ * the log order equals the order writes hit the disk.  SEAL (over the
+ * control socket) takes seal_lock for writing: no write is in flight on any
+ * disk while every disk's segment is sealed and the next one opened, which
+ * gives one crash-consistent cut across all disks of the VM.
+ *
+ * Control protocol (docs/formats.md): one request line, one reply line, on a
+ * unix stream socket: SEAL -> "OK <sealed cycle>", STATUS -> "OK <open
+ * cycle> <bytes in open segments>", PING -> "OK"; errors are "ERR <msg>".
+ *
+ * Recovery at start-up (.get_ready) cuts torn log tails and finishes a seal
+ * that a crash interrupted, so every disk ends up with the same open cycle.
+ * If appending to the log ever fails after the disk was written, the disk
+ * is ahead of its log: the plugin then fails every further write with EIO
+ * and SEAL with ERR until it is restarted, rather than let the replica
+ * silently diverge.
+ */
+#define NBDKIT_API_VERSION 2
+#define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
+
+#include "config.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <nbdkit-plugin.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <gnutls/crypto.h>
+#include <gnutls/gnutls.h>
+
+#include "changelog.h"
+#include "vr.h"
+
+#define MAX_DISKS       64
+#define CTL_LINE_MAX    256
+#define CTL_TIMEOUT_S   30
+#define HASH_CHUNK      (1u << 20)
+
+struct disk {
+    char *id;
+    char *path;
+    char *logdir;
+    int fd;
+    int dirfd;
+    pthread_mutex_t lock;  /* orders disk I/O and log appends */
+    struct cl_writer *w;   /* open segment; replaced under seal_lock (W) */
+};
+
+static struct disk disks[MAX_DISKS];
+static unsigned ndisks;
+static char *control_path;
+static char *hashlog_path;
+
+static pthread_rwlock_t seal_lock;
+static uint64_t open_cycle;  /* protected by seal_lock */
+static int broken;           /* set once the log cannot follow the disk */
+static char broken_msg[256];
+
+static int listen_fd = -1;
+static pthread_t ctl_thread;
+static bool ctl_running;
+static volatile int ctl_stop;
+
+/* --- configuration ----------------------------------------------------- */
+
+static void
+vmreplica_load(void)
+{
+    pthread_rwlockattr_t attr;
+    pthread_rwlockattr_init(&attr);
+    /* A SEAL must not starve behind a steady stream of writes. */
+    pthread_rwlockattr_setkind_np(&attr,
+                                  PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&seal_lock, &attr);
+    pthread_rwlockattr_destroy(&attr);
+    gnutls_global_init();
+}
+
+static void
+stop_control(void)
+{
+    if (listen_fd >= 0) {
+        ctl_stop = 1;
+        shutdown(listen_fd, SHUT_RDWR);
+        if (ctl_running) {
+            pthread_join(ctl_thread, NULL);
+            ctl_running = false;
+        }
+        close(listen_fd);
+        listen_fd = -1;
+        if (control_path)
+            unlink(control_path);
+    }
+}
+
+static void
+vmreplica_cleanup(void)
+{
+    stop_control();
+}
+
+static void
+vmreplica_unload(void)
+{
+    stop_control();
+    for (unsigned i = 0; i < ndisks; i++) {
+        struct disk *d = &disks[i];
+        if (d->w && cl_writer_sync(d->w) < 0)
+            nbdkit_error("%s: %s", d->id, vr_errmsg());
+        cl_writer_free(d->w);
+        if (d->fd >= 0)
+            close(d->fd);
+        if (d->dirfd >= 0)
+            close(d->dirfd);
+        pthread_mutex_destroy(&d->lock);
+        free(d->id);
+        free(d->path);
+        free(d->logdir);
+    }
+    ndisks = 0;
+    free(control_path);
+    free(hashlog_path);
+    pthread_rwlock_destroy(&seal_lock);
+    gnutls_global_deinit();
+}
+
+static int
+vmreplica_config(const char *key, const char *value)
+{
+    if (strcmp(key, "disk") == 0) {
+        const char *colon = strchr(value, ':');
+        if (!colon || colon == value || !colon[1]) {
+            nbdkit_error("disk=%s: expected disk=ID:PATH", value);
+            return -1;
+        }
+        if (ndisks >= MAX_DISKS) {
+            nbdkit_error("too many disks (at most %d)", MAX_DISKS);
+            return -1;
+        }
+        char *id = strndup(value, (size_t)(colon - value));
+        if (!id || !vr_name_valid(id)) {
+            nbdkit_error("disk=%s: invalid disk id", value);
+            free(id);
+            return -1;
+        }
+        for (unsigned i = 0; i < ndisks; i++) {
+            if (strcmp(disks[i].id, id) == 0) {
+                nbdkit_error("disk id %s given twice", id);
+                free(id);
+                return -1;
+            }
+        }
+        struct disk *d = &disks[ndisks];
+        d->id = id;
+        d->path = nbdkit_realpath(colon + 1);
+        if (!d->path) {
+            free(id);
+            d->id = NULL;
+            return -1;
+        }
+        d->logdir = xasprintf("%s.vrlog", d->path);
+        d->fd = -1;
+        d->dirfd = -1;
+        /* Adaptive: the critical section is two short writes; spinning
+         * briefly beats a futex sleep and wake-up of a worker thread. */
+        pthread_mutexattr_t ma;
+        pthread_mutexattr_init(&ma);
+        pthread_mutexattr_settype(&ma, PTHREAD_MUTEX_ADAPTIVE_NP);
+        pthread_mutex_init(&d->lock, &ma);
+        pthread_mutexattr_destroy(&ma);
+        ndisks++;
+    } else if (strcmp(key, "control") == 0) {
+        free(control_path);
+        control_path = xstrdup(value);
+    } else if (strcmp(key, "hashlog") == 0) {
+        free(hashlog_path);
+        hashlog_path = nbdkit_absolute_path(value);
+        if (!hashlog_path)
+            return -1;
+    } else {
+        nbdkit_error("unknown parameter %s", key);
+        return -1;
+    }
+    return 0;
+}
+
+static int
+vmreplica_config_complete(void)
+{
+    if (ndisks == 0) {
+        nbdkit_error("at least one disk=ID:PATH is required");
+        return -1;
+    }
+    if (!control_path) {
+        nbdkit_error("control=SOCKETPATH is required");
+        return -1;
+    }
+    if (strlen(control_path) >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
+        nbdkit_error("control=%s: path too long", control_path);
+        return -1;
+    }
+    return 0;
+}
+
+#define vmreplica_config_help                                                  \
+    "disk=ID:PATH        (required, repeatable) raw disk file to track\n"       \
+    "control=SOCKET      (required) control socket (SEAL, STATUS, PING)\n"      \
+    "hashlog=FILE        append '<cycle> <id> <sha256>' per disk at each seal"
+
+/* --- recovery ---------------------------------------------------------- */
+
+/* The sequence number after the last record of sealed segment cycle: the
+ * seq carried by its CL_SEAL record (the last 32 bytes). */
+static int
+sealed_next_seq(struct disk *d, unsigned idx, uint64_t cycle, uint64_t *out)
+{
+    char name[32];
+    uint8_t buf[CL_REC_HDR_BYTES];
+    struct cl_reader *r;
+    struct cl_rec rec;
+    size_t used;
+    struct stat st;
+
+    cl_seg_name(cycle, true, name);
+    int rc = cl_reader_open(d->dirfd, name, &r); /* validates the header */
+    if (rc < 0)
+        return rc;
+    bool hdr_ok = cl_reader_hdr(r)->disk == idx &&
+                  cl_reader_hdr(r)->cycle == cycle;
+    cl_reader_free(r);
+    if (!hdr_ok)
+        return vr_err(-EBADMSG, "%s/%s: header of another disk or cycle",
+                      d->logdir, name);
+    int fd = openat(d->dirfd, name, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return vr_err(-errno, "open %s/%s: %m", d->logdir, name);
+    if (fstat(fd, &st) < 0 || st.st_size < CL_SEG_HDR_BYTES + CL_REC_HDR_BYTES)
+        rc = -EBADMSG;
+    else
+        rc = io_pread_all(fd, buf, sizeof buf,
+                          st.st_size - CL_REC_HDR_BYTES);
+    close(fd);
+    if (rc == 0)
+        rc = cl_rec_decode(buf, sizeof buf, &rec, &used);
+    if (rc == 0 && (rec.kind != CL_SEAL || rec.disk != idx))
+        rc = -EBADMSG;
+    if (rc < 0)
+        return vr_err(rc, "%s/%s: no valid seal record at its end",
+                      d->logdir, name);
+    *out = rec.seq;
+    return 0;
+}
+
+struct scan {
+    unsigned nopen;
+    uint64_t open_cycle;
+    uint64_t sealed_max; /* 0: none */
+};
+
+static int
+scan_dir(struct disk *d, struct scan *s)
+{
+    int fd = dup(d->dirfd);
+    DIR *dir = fd >= 0 ? fdopendir(fd) : NULL;
+    struct dirent *e;
+
+    memset(s, 0, sizeof *s);
+    if (!dir) {
+        if (fd >= 0)
+            close(fd);
+        return vr_err(-errno, "read directory %s: %m", d->logdir);
+    }
+    rewinddir(dir);
+    while ((e = readdir(dir)) != NULL) {
+        char *end;
+        if (strlen(e->d_name) < 24 || e->d_name[0] < '0' ||
+            e->d_name[0] > '9')
+            continue;
+        errno = 0;
+        uint64_t c = strtoull(e->d_name, &end, 10);
+        if (errno || end != e->d_name + 20 || c == 0)
+            continue;
+        if (strcmp(end, ".open") == 0) {
+            s->nopen++;
+            if (c > s->open_cycle)
+                s->open_cycle = c;
+        } else if (strcmp(end, ".log") == 0) {
+            if (c > s->sealed_max)
+                s->sealed_max = c;
+        }
+    }
+    closedir(dir);
+    return 0;
+}
+
+/* First seq for a new segment of cycle on disk idx, after sealed_max. */
+static int
+next_first_seq(struct disk *d, unsigned idx, const struct scan *s,
+               uint64_t *out)
+{
+    *out = 0;
+    if (s->sealed_max == 0)
+        return 0;
+    return sealed_next_seq(d, idx, s->sealed_max, out);
+}
+
+/* Reopen CYCLE.open, recreating it if a crash tore its header. */
+static int
+reopen_open(struct disk *d, unsigned idx, const struct scan *s,
+            uint64_t cycle)
+{
+    char name[32];
+    struct stat st;
+    uint64_t cut = 0, first_seq;
+
+    int rc = cl_writer_reopen(d->dirfd, (uint16_t)idx, cycle, &d->w, &cut);
+    if (rc == 0) {
+        nbdkit_debug("%s: reopened cycle %" PRIu64 " (%" PRIu64 " records, "
+                     "torn tail of %" PRIu64 " bytes cut)", d->id, cycle,
+                     cl_writer_records(d->w), cut);
+        return 0;
+    }
+    cl_seg_name(cycle, false, name);
+    if (rc != -EBADMSG || fstatat(d->dirfd, name, &st, 0) < 0 ||
+        st.st_size > CL_SEG_HDR_BYTES)
+        return rc;
+    /* Creation was interrupted before its header was durable: no record can
+     * have been written to it, so start it again. */
+    nbdkit_debug("%s: cycle %" PRIu64 " segment has a torn header (%lld "
+                 "bytes), recreating it", d->id, cycle,
+                 (long long)st.st_size);
+    rc = next_first_seq(d, idx, s, &first_seq);
+    if (rc < 0)
+        return rc;
+    if (unlinkat(d->dirfd, name, 0) < 0)
+        return vr_err(-errno, "unlink %s/%s: %m", d->logdir, name);
+    return cl_writer_create(d->dirfd, (uint16_t)idx, cycle, first_seq, &d->w);
+}
+
+static int
+recover(void)
+{
+    struct scan scans[MAX_DISKS];
+    uint64_t target = 1;
+
+    for (unsigned i = 0; i < ndisks; i++) {
+        int rc = scan_dir(&disks[i], &scans[i]);
+        if (rc < 0)
+            return rc;
+        if (scans[i].nopen > 1)
+            return vr_err(-EBADMSG, "%s: %u open segments in %s",
+                          disks[i].id, scans[i].nopen, disks[i].logdir);
+        uint64_t want = scans[i].nopen ? scans[i].open_cycle
+                                       : scans[i].sealed_max + 1;
+        if (want > target)
+            target = want;
+    }
+    for (unsigned i = 0; i < ndisks; i++) {
+        struct disk *d = &disks[i];
+        struct scan *s = &scans[i];
+        uint64_t first_seq;
+        int rc;
+
+        if (s->sealed_max >= target)
+            return vr_err(-EBADMSG, "%s: sealed cycle %" PRIu64 " is not "
+                          "older than open cycle %" PRIu64, d->id,
+                          s->sealed_max, target);
+        if (s->nopen && s->open_cycle == target) {
+            rc = reopen_open(d, i, s, target);
+            if (rc < 0)
+                return rc;
+            continue;
+        }
+        if (s->nopen && s->open_cycle + 1 == target) {
+            /* A crash interrupted a seal of open_cycle: finish it. */
+            rc = reopen_open(d, i, s, s->open_cycle);
+            if (rc == 0)
+                rc = cl_writer_seal(d->w);
+            if (rc < 0)
+                return rc;
+            first_seq = cl_writer_next_seq(d->w);
+            nbdkit_debug("%s: finished interrupted seal of cycle %" PRIu64,
+                         d->id, s->open_cycle);
+            cl_writer_free(d->w);
+            d->w = NULL;
+        } else if (s->nopen) {
+            return vr_err(-EBADMSG, "%s: open cycle %" PRIu64 " is behind "
+                          "cycle %" PRIu64 " of another disk", d->id,
+                          s->open_cycle, target);
+        } else {
+            rc = next_first_seq(d, i, s, &first_seq);
+            if (rc < 0)
+                return rc;
+            if (s->sealed_max + 1 != target)
+                nbdkit_debug("%s: last sealed cycle %" PRIu64 ", joining at "
+                             "cycle %" PRIu64, d->id, s->sealed_max, target);
+        }
+        rc = cl_writer_create(d->dirfd, (uint16_t)i, target, first_seq,
+                              &d->w);
+        if (rc < 0)
+            return rc;
+        nbdkit_debug("%s: opened cycle %" PRIu64 " at seq %" PRIu64, d->id,
+                     target, first_seq);
+    }
+    open_cycle = target;
+    return 0;
+}
+
+/* --- control socket ---------------------------------------------------- */
+
+static int
+hash_disk(struct disk *d, char hex[65])
+{
+    gnutls_hash_hd_t h;
+    uint8_t dig[32];
+    off_t off = 0;
+    int rc = 0;
+
+    if (gnutls_hash_init(&h, GNUTLS_DIG_SHA256) < 0)
+        return vr_err(-EIO, "sha256 init failed");
+    uint8_t *buf = xmalloc(HASH_CHUNK);
+    for (;;) {
+        ssize_t n = pread(d->fd, buf, HASH_CHUNK, off);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0) {
+            rc = vr_err(-errno, "read %s: %m", d->path);
+            break;
+        }
+        if (n == 0)
+            break;
+        gnutls_hash(h, buf, (size_t)n);
+        off += n;
+    }
+    gnutls_hash_deinit(h, dig);
+    free(buf);
+    for (int i = 0; i < 32; i++)
+        snprintf(hex + 2 * i, 3, "%02x", dig[i]);
+    return rc;
+}
+
+static int
+write_hashlog(uint64_t cycle)
+{
+    int fd = open(hashlog_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC,
+                  0644);
+    if (fd < 0)
+        return vr_err(-errno, "open %s: %m", hashlog_path);
+    int rc = 0;
+    for (unsigned i = 0; i < ndisks && rc == 0; i++) {
+        char hex[65], line[160];
+        rc = hash_disk(&disks[i], hex);
+        if (rc < 0)
+            break;
+        int n = snprintf(line, sizeof line, "%" PRIu64 " %s %s\n", cycle,
+                         disks[i].id, hex);
+        rc = io_write_all(fd, line, (size_t)n);
+    }
+    if (rc == 0 && fsync(fd) < 0)
+        rc = -errno;
+    close(fd);
+    if (rc < 0 && !vr_errmsg()[0])
+        vr_err(rc, "write %s: %s", hashlog_path, strerror(-rc));
+    return rc;
+}
+
+static void
+set_broken(const char *msg)
+{
+    if (!broken)
+        snprintf(broken_msg, sizeof broken_msg, "%s", msg);
+    __atomic_store_n(&broken, 1, __ATOMIC_RELEASE);
+}
+
+static void
+do_seal(char *reply, size_t n)
+{
+    pthread_rwlock_wrlock(&seal_lock);
+    uint64_t c = open_cycle;
+    if (broken) {
+        snprintf(reply, n, "ERR tracking stopped: %s", broken_msg);
+        goto out;
+    }
+    vr_fault_point("seal-begin");
+    for (unsigned i = 0; i < ndisks; i++) {
+        struct disk *d = &disks[i];
+        int rc = cl_writer_seal(d->w);
+        if (rc == 0) {
+            uint64_t next = cl_writer_next_seq(d->w);
+            cl_writer_free(d->w);
+            d->w = NULL;
+            vr_fault_point("seal-disk");
+            rc = cl_writer_create(d->dirfd, (uint16_t)i, c + 1, next, &d->w);
+        }
+        if (rc < 0) {
+            /* Some disks may be at c+1 already; a restart finishes the
+             * seal (recover()).  Until then nothing may be written. */
+            char msg[256];
+            snprintf(msg, sizeof msg, "seal of cycle %" PRIu64 " failed on "
+                     "disk %s: %s", c, d->id, vr_errmsg());
+            nbdkit_error("%s", msg);
+            set_broken(msg);
+            snprintf(reply, n, "ERR %s", msg);
+            goto out;
+        }
+    }
+    open_cycle = c + 1;
+    if (hashlog_path && write_hashlog(c) < 0) {
+        nbdkit_error("hashlog: %s", vr_errmsg());
+        snprintf(reply, n, "ERR sealed %" PRIu64 " but hashlog failed: %s", c,
+                 vr_errmsg());
+        goto out;
+    }
+    nbdkit_debug("sealed cycle %" PRIu64 " on %u disks", c, ndisks);
+    snprintf(reply, n, "OK %" PRIu64, c);
+out:
+    pthread_rwlock_unlock(&seal_lock);
+}
+
+static void
+do_status(char *reply, size_t n)
+{
+    uint64_t bytes = 0;
+    pthread_rwlock_rdlock(&seal_lock);
+    for (unsigned i = 0; i < ndisks; i++) {
+        pthread_mutex_lock(&disks[i].lock);
+        if (disks[i].w)
+            bytes += cl_writer_bytes(disks[i].w);
+        pthread_mutex_unlock(&disks[i].lock);
+    }
+    if (broken)
+        snprintf(reply, n, "ERR tracking stopped: %s", broken_msg);
+    else
+        snprintf(reply, n, "OK %" PRIu64 " %" PRIu64, open_cycle, bytes);
+    pthread_rwlock_unlock(&seal_lock);
+}
+
+static void
+handle_line(char *line, char *reply, size_t n)
+{
+    size_t len = strlen(line);
+    if (len > 0 && line[len - 1] == '\r')
+        line[--len] = '\0';
+    if (strcmp(line, "SEAL") == 0)
+        do_seal(reply, n);
+    else if (strcmp(line, "STATUS") == 0)
+        do_status(reply, n);
+    else if (strcmp(line, "PING") == 0)
+        snprintf(reply, n, "OK");
+    else
+        snprintf(reply, n, "ERR unknown command");
+}
+
+static void
+serve_conn(int c)
+{
+    char buf[CTL_LINE_MAX + 2];
+    size_t have = 0;
+
+    for (;;) {
+        char *nl;
+        while ((nl = memchr(buf, '\n', have)) != NULL) {
+            char reply[512];
+            *nl = '\0';
+            handle_line(buf, reply, sizeof reply - 1);
+            strcat(reply, "\n");
+            if (io_write_all(c, reply, strlen(reply)) < 0)
+                return;
+            have -= (size_t)(nl + 1 - buf);
+            memmove(buf, nl + 1, have);
+        }
+        if (have > CTL_LINE_MAX) {
+            static const char msg[] = "ERR line too long\n";
+            if (io_write_all(c, msg, sizeof msg - 1) < 0)
+                return;
+            return;
+        }
+        ssize_t r = read(c, buf + have, sizeof buf - have);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return;
+        have += (size_t)r;
+    }
+}
+
+static void *
+control_main(void *arg)
+{
+    (void)arg;
+    while (!ctl_stop) {
+        int c = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
+        if (c < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            if (ctl_stop || errno == EINVAL || errno == EBADF)
+                break;
+            nbdkit_error("control socket accept: %m");
+            sleep(1);
+            continue;
+        }
+        struct timeval tv = { .tv_sec = CTL_TIMEOUT_S };
+        setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        setsockopt(c, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+        serve_conn(c);
+        close(c);
+    }
+    return NULL;
+}
+
+static int
+open_control(void)
+{
+    struct sockaddr_un sun = { .sun_family = AF_UNIX };
+    struct stat st;
+
+    snprintf(sun.sun_path, sizeof sun.sun_path, "%s", control_path);
+    if (lstat(control_path, &st) == 0) {
+        if (!S_ISSOCK(st.st_mode)) {
+            nbdkit_error("control=%s exists and is not a socket",
+                         control_path);
+            return -1;
+        }
+        unlink(control_path); /* stale socket of an earlier run */
+    }
+    listen_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (listen_fd < 0) {
+        nbdkit_error("control socket: %m");
+        return -1;
+    }
+    if (bind(listen_fd, (struct sockaddr *)&sun, sizeof sun) < 0 ||
+        chmod(control_path, 0600) < 0 || listen(listen_fd, 8) < 0) {
+        nbdkit_error("control socket %s: %m", control_path);
+        close(listen_fd);
+        listen_fd = -1;
+        return -1;
+    }
+    return 0;
+}
+
+/* --- start-up ---------------------------------------------------------- */
+
+static int
+vmreplica_get_ready(void)
+{
+    for (unsigned i = 0; i < ndisks; i++) {
+        struct disk *d = &disks[i];
+        struct stat st;
+        d->fd = open(d->path, O_RDWR | O_CLOEXEC);
+        if (d->fd < 0 || fstat(d->fd, &st) < 0) {
+            nbdkit_error("open %s: %m", d->path);
+            return -1;
+        }
+        if (!S_ISREG(st.st_mode)) {
+            nbdkit_error("%s: not a regular file", d->path);
+            return -1;
+        }
+        if (mkdir(d->logdir, 0755) < 0 && errno != EEXIST) {
+            nbdkit_error("mkdir %s: %m", d->logdir);
+            return -1;
+        }
+        d->dirfd = open(d->logdir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (d->dirfd < 0) {
+            nbdkit_error("open %s: %m", d->logdir);
+            return -1;
+        }
+    }
+    if (recover() < 0) {
+        nbdkit_error("change log recovery: %s", vr_errmsg());
+        return -1;
+    }
+    nbdkit_debug("tracking %u disks at cycle %" PRIu64, ndisks, open_cycle);
+    /* Bound before nbdkit forks, so the socket exists once it is ready;
+     * the thread is only started after the fork. */
+    return open_control();
+}
+
+static int
+vmreplica_after_fork(void)
+{
+    int e = pthread_create(&ctl_thread, NULL, control_main, NULL);
+    if (e) {
+        nbdkit_error("control thread: %s", strerror(e));
+        return -1;
+    }
+    ctl_running = true;
+    return 0;
+}
+
+/* --- exports ----------------------------------------------------------- */
+
+static int
+vmreplica_list_exports(int readonly, int is_tls, struct nbdkit_exports *ex)
+{
+    (void)readonly;
+    (void)is_tls;
+    for (unsigned i = 0; i < ndisks; i++)
+        if (nbdkit_add_export(ex, disks[i].id, NULL) < 0)
+            return -1;
+    return 0;
+}
+
+static const char *
+vmreplica_default_export(int readonly, int is_tls)
+{
+    (void)readonly;
+    (void)is_tls;
+    return disks[0].id;
+}
+
+static void *
+vmreplica_open(int readonly)
+{
+    (void)readonly;
+    const char *name = nbdkit_export_name();
+    if (!name || !*name)
+        return &disks[0];
+    for (unsigned i = 0; i < ndisks; i++)
+        if (strcmp(disks[i].id, name) == 0)
+            return &disks[i];
+    nbdkit_error("no disk with id \"%s\"", name);
+    errno = ENOENT;
+    return NULL;
+}
+
+static int
+vmreplica_thread_model(void)
+{
+    return NBDKIT_THREAD_MODEL_PARALLEL;
+}
+
+static int64_t
+vmreplica_get_size(void *h)
+{
+    struct disk *d = h;
+    struct stat st;
+    if (fstat(d->fd, &st) < 0) {
+        nbdkit_error("stat %s: %m", d->path);
+        return -1;
+    }
+    return st.st_size;
+}
+
+static int
+yes(void *h)
+{
+    (void)h;
+    return 1;
+}
+
+static int
+vmreplica_can_fua(void *h)
+{
+    (void)h;
+    return NBDKIT_FUA_NATIVE;
+}
+
+static int
+vmreplica_can_cache(void *h)
+{
+    (void)h;
+    return NBDKIT_CACHE_NONE;
+}
+
+/* --- I/O --------------------------------------------------------------- */
+
+static int
+fail(int rc, const char *what, struct disk *d)
+{
+    nbdkit_error("%s %s: %s", what, d->id,
+                 vr_errmsg()[0] ? vr_errmsg() : strerror(-rc));
+    errno = -rc;
+    return -1;
+}
+
+static int
+vmreplica_pread(void *h, void *buf, uint32_t count, uint64_t offset,
+                uint32_t flags)
+{
+    struct disk *d = h;
+    (void)flags;
+    vr_err_clear();
+    int rc = io_pread_all(d->fd, buf, count, (off_t)offset);
+    if (rc == -ENODATA) { /* the file shrank under us */
+        memset(buf, 0, count);
+        rc = 0;
+    }
+    return rc < 0 ? fail(rc, "read", d) : 0;
+}
+
+/* Make [offset, offset+count) read as zeroes: punch a hole, else zero the
+ * range, else write zeroes (unless a fast zero was asked for). */
+static int
+zero_range(struct disk *d, uint32_t count, uint64_t offset, bool fast)
+{
+    if (fallocate(d->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                  (off_t)offset, count) == 0)
+        return 0;
+    if (errno != EOPNOTSUPP && errno != ENOSYS)
+        return -errno;
+    if (fast)
+        return -ENOTSUP;
+    if (fallocate(d->fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+                  (off_t)offset, count) == 0)
+        return 0;
+    if (errno != EOPNOTSUPP && errno != ENOSYS)
+        return -errno;
+    static const uint8_t zeroes[65536];
+    while (count > 0) {
+        uint32_t n = count < sizeof zeroes ? count : sizeof zeroes;
+        int rc = io_pwrite_all(d->fd, zeroes, n, (off_t)offset);
+        if (rc < 0)
+            return rc;
+        count -= n;
+        offset += n;
+    }
+    return 0;
+}
+
+static int
+make_durable(struct disk *d)
+{
+    int rc = cl_writer_sync(d->w);
+    if (rc == 0 && fdatasync(d->fd) < 0)
+        rc = vr_err(-errno, "fdatasync %s: %m", d->path);
+    return rc;
+}
+
+/* One write-class request: disk I/O and log append in one critical section
+ * under the shared seal lock, then FUA outside the disk mutex. */
+static int
+tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
+        uint64_t offset, uint32_t flags)
+{
+    bool fua = flags & NBDKIT_FLAG_FUA;
+    int rc = 0;
+    const char *what = kind == CL_WRITE ? "write"
+                       : kind == CL_ZERO ? "zero" : "trim";
+
+    vr_err_clear();
+    pthread_rwlock_rdlock(&seal_lock);
+    if (__atomic_load_n(&broken, __ATOMIC_ACQUIRE)) {
+        rc = vr_err(-EIO, "tracking stopped: %s", broken_msg);
+        goto out;
+    }
+    pthread_mutex_lock(&d->lock);
+    if (kind == CL_WRITE) {
+        rc = io_pwrite_all(d->fd, buf, count, (off_t)offset);
+    } else {
+        rc = zero_range(d, count, offset,
+                        kind == CL_ZERO && (flags & NBDKIT_FLAG_FAST_ZERO));
+    }
+    if (rc < 0) {
+        pthread_mutex_unlock(&d->lock);
+        if (rc != -ENOTSUP)
+            vr_err(rc, "%s %s at %" PRIu64 ": %s", what, d->path, offset,
+                   strerror(-rc));
+        goto out;
+    }
+    rc = cl_writer_append(d->w, kind, fua ? CL_F_FUA : 0, offset, count, buf);
+    pthread_mutex_unlock(&d->lock);
+    if (rc < 0) {
+        char msg[256];
+        snprintf(msg, sizeof msg, "disk %s is ahead of its change log: %s",
+                 d->id, vr_errmsg());
+        set_broken(msg);
+        vr_err(-EIO, "%s", msg);
+        rc = -EIO;
+        goto out;
+    }
+    if (fua)
+        rc = make_durable(d);
+out:
+    pthread_rwlock_unlock(&seal_lock);
+    if (rc == -ENOTSUP) {
+        errno = ENOTSUP;
+        return -1;
+    }
+    return rc < 0 ? fail(rc, what, d) : 0;
+}
+
+static int
+vmreplica_pwrite(void *h, const void *buf, uint32_t count, uint64_t offset,
+                 uint32_t flags)
+{
+    return tracked(h, CL_WRITE, buf, count, offset, flags);
+}
+
+static int
+vmreplica_zero(void *h, uint32_t count, uint64_t offset, uint32_t flags)
+{
+    return tracked(h, CL_ZERO, NULL, count, offset, flags);
+}
+
+static int
+vmreplica_trim(void *h, uint32_t count, uint64_t offset, uint32_t flags)
+{
+    return tracked(h, CL_TRIM, NULL, count, offset, flags);
+}
+
+static int
+vmreplica_flush(void *h, uint32_t flags)
+{
+    struct disk *d = h;
+    (void)flags;
+    vr_err_clear();
+    pthread_rwlock_rdlock(&seal_lock);
+    int rc = make_durable(d);
+    pthread_rwlock_unlock(&seal_lock);
+    return rc < 0 ? fail(rc, "flush", d) : 0;
+}
+
+static int
+vmreplica_extents(void *h, uint32_t count, uint64_t offset, uint32_t flags,
+                  struct nbdkit_extents *ex)
+{
+    struct disk *d = h;
+    bool req_one = flags & NBDKIT_FLAG_REQ_ONE;
+    uint64_t end = offset + count;
+
+    while (offset < end) {
+        off_t pos = lseek(d->fd, (off_t)offset, SEEK_DATA);
+        if (pos < 0) {
+            if (errno == ENXIO) /* only a hole up to the end of the file */
+                return nbdkit_add_extent(ex, offset, end - offset,
+                                         NBDKIT_EXTENT_HOLE |
+                                             NBDKIT_EXTENT_ZERO);
+            nbdkit_error("lseek %s: %m", d->path);
+            return -1;
+        }
+        if ((uint64_t)pos > offset) {
+            if (nbdkit_add_extent(ex, offset, (uint64_t)pos - offset,
+                                  NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO) < 0)
+                return -1;
+            if (req_one)
+                return 0;
+            offset = (uint64_t)pos;
+            continue;
+        }
+        pos = lseek(d->fd, (off_t)offset, SEEK_HOLE);
+        if (pos < 0) {
+            nbdkit_error("lseek %s: %m", d->path);
+            return -1;
+        }
+        if (nbdkit_add_extent(ex, offset, (uint64_t)pos - offset, 0) < 0)
+            return -1;
+        if (req_one)
+            return 0;
+        offset = (uint64_t)pos;
+    }
+    return 0;
+}
+
+static struct nbdkit_plugin plugin = {
+    .name = "vmreplica",
+    .longname = "vmreplica change-tracking data plane",
+    .version = VERSION,
+    .description = "Serves raw disks and logs every change for replication",
+    .load = vmreplica_load,
+    .unload = vmreplica_unload,
+    .cleanup = vmreplica_cleanup,
+    .config = vmreplica_config,
+    .config_complete = vmreplica_config_complete,
+    .config_help = vmreplica_config_help,
+    .magic_config_key = "disk",
+    .thread_model = vmreplica_thread_model,
+    .get_ready = vmreplica_get_ready,
+    .after_fork = vmreplica_after_fork,
+    .list_exports = vmreplica_list_exports,
+    .default_export = vmreplica_default_export,
+    .open = vmreplica_open,
+    .get_size = vmreplica_get_size,
+    .can_write = yes,
+    .can_flush = yes,
+    .can_trim = yes,
+    .can_zero = yes,
+    .can_fast_zero = yes,
+    .can_multi_conn = yes,
+    .can_extents = yes,
+    .can_fua = vmreplica_can_fua,
+    .can_cache = vmreplica_can_cache,
+    .pread = vmreplica_pread,
+    .pwrite = vmreplica_pwrite,
+    .zero = vmreplica_zero,
+    .trim = vmreplica_trim,
+    .flush = vmreplica_flush,
+    .extents = vmreplica_extents,
+    .errno_is_preserved = 1,
+};
+
+NBDKIT_REGISTER_PLUGIN(plugin)

@@ -1,0 +1,124 @@
+#!/bin/bash
+# quickstart.sh demo|test — set up a Debian 12 machine, build, and run.
+#
+#   ./quickstart.sh demo   install what is missing, build, run scripts/demo.sh
+#                          (a primary and a Replica server on loopback
+#                          replicating a VM that writes)
+#   ./quickstart.sh test   install what is missing, build, run the whole test
+#                          suite, then the unit tests again under ASan+UBSan
+#                          (clang), and print "N passed, N failed, N skipped"
+#
+# Packages are installed with apt-get only when running as root; otherwise
+# the missing ones are listed and the script stops.
+set -euo pipefail
+
+cd "$(dirname "$0")"
+
+PACKAGES=(build-essential meson ninja-build pkg-config nbdkit
+    nbdkit-plugin-dev libnbd-dev libnbd-bin qemu-system-x86 qemu-utils
+    libzstd-dev libgnutls28-dev gnutls-bin libcurl4-gnutls-dev
+    libmicrohttpd-dev libsqlite3-dev libjson-c-dev openssl curl jq socat
+    zstd clang)
+
+say() {
+    printf 'quickstart: %s\n' "$*"
+}
+die() {
+    printf 'quickstart: error: %s\n' "$*" >&2
+    exit 1
+}
+
+usage() {
+    echo "usage: $0 demo|test" >&2
+    exit 2
+}
+
+install_packages() {
+    local missing=() p
+    if ! command -v dpkg-query >/dev/null 2>&1; then
+        say "not a Debian system: make sure these are installed: ${PACKAGES[*]}"
+        return 0
+    fi
+    for p in "${PACKAGES[@]}"; do
+        if [ "$(dpkg-query -W -f='${db:Status-Abbrev}' "$p" 2>/dev/null)" != "ii " ]; then
+            missing+=("$p")
+        fi
+    done
+    if [ ${#missing[@]} -eq 0 ]; then
+        return 0
+    fi
+    if [ "$(id -u)" -ne 0 ]; then
+        die "missing packages: ${missing[*]}
+  install them as root:  apt-get install ${missing[*]}"
+    fi
+    say "installing: ${missing[*]}"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+        --no-install-recommends "${missing[@]}" </dev/null
+}
+
+# setup DIR [OPTIONS…] — meson setup (or --reconfigure) quietly; on failure
+# show meson's output.
+setup() {
+    local dir=$1 out
+    shift
+    if [ -e "$dir/meson-private/coredata.dat" ]; then
+        set -- --reconfigure "$@"
+    fi
+    out=$(mktemp)
+    if ! meson setup "$@" "$dir" >"$out" 2>&1; then
+        cat "$out" >&2
+        rm -f "$out"
+        return 1
+    fi
+    rm -f "$out"
+}
+
+build() {
+    say "configuring (meson setup build)"
+    setup build || die "meson setup build failed"
+    say "building (ninja -C build)"
+    ninja -C build
+}
+
+run_tests() {
+    local jobs rc=0
+    jobs=$(nproc 2>/dev/null || echo 2)
+    [ "$jobs" -le 4 ] || jobs=4
+
+    rm -f build/meson-logs/testlog.json build-asan/meson-logs/testlog.json
+
+    say "running the test suite (meson test -C build)"
+    meson test -C build --print-errorlogs --num-processes "$jobs" || rc=1
+
+    say "building the unit tests with ASan+UBSan (clang, build-asan)"
+    if CC=clang setup build-asan -Db_sanitize=address,undefined \
+        -Db_lundef=false -Dc_args=-fno-sanitize-recover=all; then
+        say "running the unit tests under ASan+UBSan"
+        meson test -C build-asan --suite unit --print-errorlogs \
+            --num-processes "$jobs" --timeout-multiplier 3 || rc=1
+    else
+        say "error: meson setup build-asan failed"
+        rc=1
+    fi
+
+    echo
+    scripts/test-summary.sh \
+        build/meson-logs/testlog.json build-asan/meson-logs/testlog.json ||
+        rc=1
+    return "$rc"
+}
+
+[ $# -eq 1 ] || usage
+case $1 in
+demo | test) ;;
+*) usage ;;
+esac
+
+install_packages
+build
+
+case $1 in
+demo) exec scripts/demo.sh ;;
+test) run_tests ;;
+esac

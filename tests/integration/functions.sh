@@ -1,0 +1,420 @@
+# shellcheck shell=bash
+# functions.sh — shared helpers for the integration tests (sourced).
+#
+# Each test is a bash script that does
+#     source "$(dirname "$0")/functions.sh"
+# and then drives real vmreplicad daemons on loopback through the vmreplica
+# CLI.  meson passes BUILD_DIR and SOURCE_DIR; run by hand, they default to
+# ./build and the checkout this file is in.
+#
+# Exit status: 0 pass, 1 fail, 77 skip (with a "skip: …" line saying why).
+#
+# Everything a test creates lives under $TESTDIR (a fresh directory under
+# /tmp, removed at exit unless VMREPLICA_KEEP_TESTDIR=1 or the test failed
+# and VMREPLICA_KEEP_FAILED=1).  At exit the cleanup functions run (last
+# registered first), every daemon is stopped and any process whose command
+# line mentions $TESTDIR (nbdkit, qemu-io writers…) is killed, so no stray
+# process survives a test.
+
+set -euo pipefail
+
+SOURCE_DIR=${SOURCE_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
+BUILD_DIR=${BUILD_DIR:-$SOURCE_DIR/build}
+VMREPLICAD=${VMREPLICAD:-$BUILD_DIR/daemon/vmreplicad}
+VMREPLICA=${VMREPLICA:-$BUILD_DIR/cli/vmreplica}
+export VMREPLICA_PLUGIN=${VMREPLICA_PLUGIN:-$BUILD_DIR/plugin/nbdkit-vmreplica-plugin.so}
+# Seconds any single CLI call may take before the test gives up on it.
+VR_TIMEOUT=${VR_TIMEOUT:-120}
+
+TESTNAME=$(basename "$0" .sh)
+# Short: unix socket paths (…/vms/<uuid>/nbd.sock) must stay < 108 bytes.
+TESTDIR=$(mktemp -d "/tmp/vrt-$TESTNAME.XXXXXX")
+export TESTDIR
+
+declare -a _cleanups=()
+declare -A DAEMON_PID=()
+declare -a _bg_pids=()
+
+log() {
+    printf '[%s] %s\n' "$TESTNAME" "$*"
+}
+
+# fail MSG — print MSG and exit 1 (the exit trap prints the daemon logs).
+fail() {
+    printf '[%s] FAIL: %s\n' "$TESTNAME" "$*" >&2
+    exit 1
+}
+
+# skip MSG — exit 77 with a reason meson's log (and the summary) show.
+skip() {
+    printf 'skip: %s\n' "$*"
+    printf 'skip: %s\n' "$*" >&2
+    exit 77
+}
+
+# requires CMD… — skip the test unless every CMD is on PATH.
+requires() {
+    local c
+    for c in "$@"; do
+        command -v "$c" >/dev/null 2>&1 || skip "$c not found"
+    done
+}
+
+# requires_build — skip unless the daemon, CLI and plugin have been built.
+requires_build() {
+    [ -x "$VMREPLICAD" ] || skip "vmreplicad not built ($VMREPLICAD)"
+    [ -x "$VMREPLICA" ] || skip "vmreplica CLI not built ($VMREPLICA)"
+    [ -e "$VMREPLICA_PLUGIN" ] || skip "plugin not built ($VMREPLICA_PLUGIN)"
+}
+
+# cleanup_fn CMD [ARGS…] — run CMD at exit; the last registered runs first.
+cleanup_fn() {
+    local q
+    printf -v q '%q ' "$@"
+    _cleanups+=("$q")
+}
+
+_on_exit() {
+    local rc=$1 i name
+    set +e
+    trap - EXIT
+    for i in "${_bg_pids[@]}"; do
+        kill -TERM "$i" 2>/dev/null
+    done
+    for ((i = ${#_cleanups[@]} - 1; i >= 0; i--)); do
+        eval "${_cleanups[$i]}"
+    done
+    if [ "$rc" -ne 0 ] && [ "$rc" -ne 77 ]; then
+        for f in "$TESTDIR"/*.log; do
+            [ -e "$f" ] || continue
+            echo "----- tail of $f -----" >&2
+            tail -n 40 "$f" >&2
+        done
+    fi
+    for name in "${!DAEMON_PID[@]}"; do
+        _stop_pid "${DAEMON_PID[$name]}" 10
+    done
+    # nbdkit (started by the daemons, survives them by design), writers…
+    _kill_matching TERM "$TESTDIR"
+    sleep 0.3
+    _kill_matching KILL "$TESTDIR"
+    if [ "${VMREPLICA_KEEP_TESTDIR:-0}" = 1 ] ||
+        { [ "$rc" -ne 0 ] && [ "$rc" -ne 77 ] &&
+            [ "${VMREPLICA_KEEP_FAILED:-0}" = 1 ]; }; then
+        echo "[$TESTNAME] test directory kept: $TESTDIR" >&2
+    else
+        rm -rf "$TESTDIR"
+    fi
+    exit "$rc"
+}
+# _kill_matching SIG STRING — signal every process whose command line
+# contains STRING (pkill -f without needing procps).
+_kill_matching() {
+    local sig=$1 str=$2 d cmd
+    for d in /proc/[0-9]*; do
+        [ "${d#/proc/}" != "$$" ] || continue
+        cmd=$(tr '\0' ' ' 2>/dev/null <"$d/cmdline") || continue
+        if [[ $cmd == *"$str"* ]]; then
+            kill "-$sig" "${d#/proc/}" 2>/dev/null
+        fi
+    done
+    return 0
+}
+
+trap '_on_exit $?' EXIT
+trap 'exit 143' TERM
+trap 'exit 130' INT
+
+# wait_until TIMEOUT_S CMD [ARGS…] — retry CMD every 0.2 s until it succeeds;
+# returns 1 if it has not succeeded after TIMEOUT_S seconds.
+wait_until() {
+    local timeout=$1
+    shift
+    local deadline=$((SECONDS + timeout))
+    while :; do
+        if "$@"; then
+            return 0
+        fi
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            return 1
+        fi
+        sleep 0.2
+    done
+}
+
+# free_port — print a TCP port on 127.0.0.1 that nobody listens on now.
+free_port() {
+    python3 -c 'import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])'
+}
+
+# state_dir NAME / api_sock NAME — where daemon NAME keeps its state.
+state_dir() {
+    echo "$TESTDIR/$1"
+}
+api_sock() {
+    echo "$TESTDIR/$1/api.sock"
+}
+
+_api_up() { # NAME — true once the daemon answers on its socket
+    curl -s -o /dev/null --max-time 2 --unix-socket "$(api_sock "$1")" \
+        http://localhost/v1/server
+}
+
+# spawn_daemon NAME [VAR=VALUE…] — start vmreplicad NAME in the background
+# (state dir $TESTDIR/NAME, hostname NAME.test.local, stderr and stdout
+# appended to $TESTDIR/NAME.log), with the extra environment given, and do
+# not wait for it.  Sets DAEMON_PID[NAME] and NAME_pid.
+spawn_daemon() {
+    local name=$1
+    shift
+    mkdir -p "$(state_dir "$name")"
+    echo "=== $(date -u +%FT%TZ) start $name $*" >>"$TESTDIR/$name.log"
+    env "$@" "$VMREPLICAD" --state-dir "$(state_dir "$name")" \
+        --hostname "$name.test.local" -v \
+        >>"$TESTDIR/$name.log" 2>&1 &
+    DAEMON_PID[$name]=$!
+    printf -v "${name}_pid" '%s' "$!"
+    export "${name}_pid"
+}
+
+# wait_daemon NAME [TIMEOUT_S] — wait until daemon NAME accepts on api.sock.
+wait_daemon() {
+    local name=$1 timeout=${2:-20}
+    local pid=${DAEMON_PID[$name]} rc
+    local deadline=$((SECONDS + timeout))
+    while ! _api_up "$name"; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            wait "$pid" 2>/dev/null && rc=0 || rc=$?
+            fail "daemon $name exited (status $rc) before its socket was up"
+        fi
+        [ "$SECONDS" -lt "$deadline" ] ||
+            fail "daemon $name: api.sock not up after ${timeout}s"
+        sleep 0.1
+    done
+}
+
+# start_daemon NAME [VAR=VALUE…] — spawn_daemon, then wait up to 20 s for its
+# socket to accept (the daemon listens once its startup recovery is done).
+start_daemon() {
+    spawn_daemon "$@"
+    wait_daemon "$1" 20
+}
+
+# start_primary / start_replica [VAR=VALUE…] — the two usual daemons.
+start_primary() {
+    start_daemon primary "$@"
+}
+start_replica() {
+    start_daemon replica "$@"
+}
+
+_stop_pid() { # PID TIMEOUT_S — SIGTERM, wait, then SIGKILL
+    local pid=$1 timeout=$2 i
+    kill -TERM "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+    for ((i = 0; i < timeout * 10; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    return 0
+}
+
+# stop_daemon NAME — SIGTERM daemon NAME and wait for it (SIGKILL after 20 s).
+stop_daemon() {
+    local name=$1
+    [ -n "${DAEMON_PID[$name]:-}" ] || return 0
+    _stop_pid "${DAEMON_PID[$name]}" 20
+    unset "DAEMON_PID[$name]"
+}
+
+# kill_daemon NAME — SIGKILL daemon NAME and reap it.
+kill_daemon() {
+    local name=$1
+    [ -n "${DAEMON_PID[$name]:-}" ] || return 0
+    kill -KILL "${DAEMON_PID[$name]}" 2>/dev/null || true
+    wait "${DAEMON_PID[$name]}" 2>/dev/null || true
+    unset "DAEMON_PID[$name]"
+}
+
+# daemon_dead NAME — true once daemon NAME has exited (and reaps it).
+daemon_dead() {
+    local pid=${DAEMON_PID[$1]:-}
+    [ -n "$pid" ] || return 0
+    if kill -0 "$pid" 2>/dev/null; then
+        return 1
+    fi
+    # shellcheck disable=SC2034 # read by tests
+    wait "$pid" 2>/dev/null && DAEMON_STATUS=0 || DAEMON_STATUS=$?
+    unset "DAEMON_PID[$1]"
+    return 0
+}
+
+# vr NAME ARGS… — the vmreplica CLI against daemon NAME.
+vr() {
+    local name=$1
+    shift
+    timeout "$VR_TIMEOUT" "$VMREPLICA" --connect "$(api_sock "$name")" "$@"
+}
+
+# vrj NAME ARGS… — the same with --json.
+vrj() {
+    local name=$1
+    shift
+    vr "$name" --json "$@"
+}
+
+# jget NAME FILTER ARGS… — run `vr NAME --json ARGS…` and apply jq FILTER.
+jget() {
+    local name=$1 filter=$2
+    shift 2
+    vrj "$name" "$@" | jq -er "$filter"
+}
+
+# disk_path NAME VM [INDEX] / nbd_uri NAME VM [INDEX] — from `vm show --json`.
+disk_path() {
+    jget "$1" ".disks[${3:-0}].path" vm show "$2" ||
+        fail "$1: no path for disk ${3:-0} of vm $2"
+}
+nbd_uri() {
+    jget "$1" ".disks[${3:-0}].nbd_uri" vm show "$2" ||
+        fail "$1: no nbd_uri for disk ${3:-0} of vm $2 (not served?)"
+}
+
+# repl NAME VM KEY — one key of `replication show --json` (null → "null").
+repl() {
+    vrj "$1" replication show "$2" | jq -r ".$3"
+}
+
+# The test PKI (scripts/mkpki.sh) and the certificate port of the replica.
+PKI=$TESTDIR/pki
+REPLICA_PORT=
+
+# setup_pair — PKI, then a Replica server daemon "replica" and a primary
+# daemon "primary" on loopback, configured for certificate authentication
+# (replica: allow any authenticated primary, storage in
+# $TESTDIR/replica-storage).  Extra environment for each daemon can be
+# given in the arrays PRIMARY_ENV and REPLICA_ENV (VAR=VALUE words).
+setup_pair() {
+    "$SOURCE_DIR/scripts/mkpki.sh" "$PKI"
+    REPLICA_PORT=$(free_port)
+    mkdir -p "$TESTDIR/replica-storage"
+    start_daemon replica ${REPLICA_ENV[@]+"${REPLICA_ENV[@]}"}
+    start_daemon primary ${PRIMARY_ENV[@]+"${PRIMARY_ENV[@]}"}
+    vr replica server set --enable --auth certificate \
+        --certificate-port "$REPLICA_PORT" \
+        --certificate "$PKI/replica.pem" --key "$PKI/replica.key" \
+        --ca "$PKI/ca.pem" --allow-any \
+        --default-storage "$TESTDIR/replica-storage" >/dev/null ||
+        fail "replica: server set"
+    vr primary server set --certificate "$PKI/primary.pem" \
+        --key "$PKI/primary.key" --ca "$PKI/ca.pem" >/dev/null ||
+        fail "primary: server set"
+    wait_until 10 port_open "$REPLICA_PORT" ||
+        fail "replica: certificate port $REPLICA_PORT not listening"
+}
+
+# port_open PORT — true if something accepts TCP on 127.0.0.1:PORT.
+port_open() {
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# create_vm VM SIZE — create a VM with one new sparse disk on the primary
+# and serve its disk (no hypervisor).
+create_vm() {
+    vr primary vm create "$1" --new-disk "$2" >/dev/null ||
+        fail "primary: vm create $1"
+    vr primary vm start "$1" --no-hypervisor >/dev/null ||
+        fail "primary: vm start $1"
+}
+
+# enable_replication VM [OPTIONS…] — enable replication of VM to the replica
+# of setup_pair (certificate auth) and run initial replication to the end.
+enable_replication() {
+    local vm=$1
+    shift
+    vr primary replication enable "$vm" \
+        --replica-server "replica.test.local:$REPLICA_PORT" \
+        --connect-address 127.0.0.1 --auth certificate "$@" >/dev/null ||
+        fail "primary: replication enable $vm"
+    vr primary initial-replication start "$vm" --wait >/dev/null ||
+        fail "primary: initial-replication start $vm --wait"
+}
+
+# wait_converged VM [TIMEOUT_S] — call once the writers have stopped: waits
+# until the replica has applied a cycle sealed after this call (the
+# primary's last_cycle now, plus one), so that the replica holds every write
+# made before the call.  Assumes the primary seals a cycle every interval,
+# even an empty one.
+wait_converged() {
+    local vm=$1 timeout=${2:-60} last
+    last=$(repl primary "$vm" last_cycle)
+    [[ $last =~ ^[0-9]+$ ]] || last=0
+    CONVERGED_CYCLE=$((last + 1))
+    wait_until "$timeout" _applied_at_least "$vm" "$CONVERGED_CYCLE" ||
+        fail "vm $vm: replica did not apply cycle $CONVERGED_CYCLE within ${timeout}s (applied $(repl replica "$vm" applied_cycle 2>/dev/null || echo '?'))"
+}
+_applied_at_least() { # VM N
+    local a
+    a=$(repl replica "$1" applied_cycle 2>/dev/null) || return 1
+    [[ $a =~ ^[0-9]+$ ]] && [ "$a" -ge "$2" ]
+}
+
+# assert_identical VM — the primary and replica disks of VM are the same,
+# byte for byte (every disk).
+assert_identical() {
+    local vm=$1 n i p r
+    n=$(jget primary '.disks | length' vm show "$vm")
+    for ((i = 0; i < n; i++)); do
+        p=$(disk_path primary "$vm" "$i")
+        r=$(disk_path replica "$vm" "$i")
+        cmp "$p" "$r" ||
+            fail "vm $vm disk $i: replica $r differs from primary $p"
+    done
+    log "vm $vm: replica is byte-identical to the primary ($n disk(s))"
+}
+
+# Random-data writers through a disk's NBD export.
+#
+# start_writer VM [BLOCK] — write fresh random BLOCK-sized pieces (default
+# 64k) at random aligned offsets, with some write-zeroes and discards, in a
+# loop in the background until stop_writer.  Sets WRITER_PID.
+start_writer() {
+    local vm=$1 block=${2:-64k} uri size
+    uri=$(nbd_uri primary "$vm")
+    size=$(jget primary '.disks[0].size' vm show "$vm")
+    WRITER_STOP=$TESTDIR/writer-$vm.stop
+    rm -f "$WRITER_STOP"
+    _writer "$uri" "$size" "$block" "$WRITER_STOP" "$TESTDIR/writer-$vm" \
+        >>"$TESTDIR/writer-$vm.log" 2>&1 &
+    WRITER_PID=$!
+    _bg_pids+=("$WRITER_PID")
+}
+_writer() { # URI SIZE BLOCK STOPFILE TMPPREFIX
+    local uri=$1 size=$2 block=$3 stop=$4 tmp=$5 bs nblocks off n=0
+    bs=$(numfmt --from=iec "${block^^}")
+    nblocks=$((size / bs))
+    while [ ! -e "$stop" ]; do
+        head -c "$bs" /dev/urandom >"$tmp.buf"
+        off=$(((RANDOM * 32768 + RANDOM) % nblocks * bs))
+        case $((n % 8)) in
+        5) qemu-io -f raw "$uri" -c "write -z $off $bs" ;;
+        7) qemu-io -f raw "$uri" -c "discard $off $bs" ;;
+        *) qemu-io -f raw "$uri" -c "write -s $tmp.buf $off $bs" ;;
+        esac || { echo "writer: qemu-io failed"; return 1; }
+        n=$((n + 1))
+        sleep 0.05
+    done
+    echo "writer: $n operations"
+}
+
+# stop_writer — stop the writer and wait for its last write to complete.
+stop_writer() {
+    [ -n "${WRITER_PID:-}" ] || return 0
+    touch "$WRITER_STOP"
+    wait "$WRITER_PID" || fail "writer failed (see $TESTDIR/writer-*.log)"
+    WRITER_PID=
+}

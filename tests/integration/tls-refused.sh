@@ -1,0 +1,98 @@
+#!/bin/bash
+# tls-refused: the Replica server's certificate port refuses bad clients.
+#
+# Talks to the replica's HTTPS port directly with curl: a client without a
+# certificate, with a certificate from an unrelated CA, and with a
+# certificate lacking the clientAuth EKU must all be refused (TLS failure or
+# 401/403), each refusal must appear as an "audit" event naming the peer,
+# and nothing may be created under the storage location.  A good primary
+# certificate gets an ordinary HTTP answer (404 for an unknown VM).  Bad TLS
+# material given to `server set` is refused and the old settings kept.
+source "$(dirname "$0")/functions.sh"
+requires curl jq openssl nbdkit python3
+requires_build
+
+setup_pair
+
+uuid=00000000-0000-4000-8000-000000000000
+url=https://replica.test.local:$REPLICA_PORT/r1/vms/$uuid
+body='{"name":"intruder","uuid":"'$uuid'","cpus":1,"memory_mib":128,"epoch":1,"disks":[{"id":"disk0","size":1048576}]}'
+
+# req LABEL CERT|none METHOD — one request; prints the HTTP code, or "tls"
+# when curl failed before getting an HTTP answer.
+req() {
+    local label=$1 cert=$2 method=$3 code rc
+    local args=(-sS -o "$TESTDIR/curl-$label.out" -w '%{http_code}'
+        --max-time 10 --cacert "$PKI/ca.pem"
+        --resolve "replica.test.local:$REPLICA_PORT:127.0.0.1"
+        -H 'X-Vmreplica-Epoch: 1' -X "$method")
+    if [ "$cert" != none ]; then
+        args+=(--cert "$PKI/$cert.pem" --key "$PKI/$cert.key")
+    fi
+    if [ "$method" = PUT ]; then
+        args+=(-H 'Content-Type: application/json' --data-binary "$body")
+    fi
+    code=$(curl "${args[@]}" "$url" 2>"$TESTDIR/curl-$label.err") && rc=0 || rc=$?
+    if [ "$rc" -ne 0 ] || [ "$code" = 000 ]; then
+        echo tls
+    else
+        echo "$code"
+    fi
+}
+
+audits() {
+    vrj replica events | jq '[.events[] | select(.level == "audit")] | length'
+}
+audits_at_least() { # N
+    [ "$(audits)" -ge "$1" ]
+}
+before=$(audits)
+
+for c in none evil noclientauth; do
+    for m in PUT GET; do
+        r=$(req "$c-$m" "$c" "$m")
+        case $r in
+        tls | 401 | 403)
+            log "client cert '$c', $m: refused ($r: $(head -c 200 "$TESTDIR/curl-$c-$m.err" "$TESTDIR/curl-$c-$m.out" 2>/dev/null | tr '\n' ' '))"
+            ;;
+        *) fail "client cert '$c', $m: not refused (HTTP $r)" ;;
+        esac
+    done
+done
+
+r=$(req good primary GET)
+[ "$r" = 404 ] ||
+    fail "good primary certificate: expected HTTP 404 for an unknown vm, got '$r' ($(cat "$TESTDIR/curl-good.err"))"
+log "good primary certificate: HTTP 404 for an unknown vm"
+
+# Each refusal is an audit event naming the peer (its address, or the name
+# in its certificate).
+wait_until 5 audits_at_least $((before + 3)) ||
+    fail "expected >= 3 new audit events, have $(($(audits) - before))"
+vrj replica events |
+    jq -r '.events[] | select(.level == "audit") | .message' >"$TESTDIR/audit.txt"
+log "audit events:"
+sed 's/^/    /' "$TESTDIR/audit.txt"
+n=$(grep -cE '127\.0\.0\.1|test\.local' "$TESTDIR/audit.txt" || true)
+[ "$n" -ge 3 ] ||
+    fail "audit events do not name the peer (127.0.0.1 or its certificate name)"
+
+# Nothing was created on the replica.
+left=$(find "$TESTDIR/replica-storage" -mindepth 1 | head -5)
+[ -z "$left" ] || fail "refused requests created files: $left"
+n=$(jget replica '.vms | length' vm list)
+[ "$n" -eq 0 ] || fail "refused requests created $n vm(s) on the replica"
+
+# Bad TLS material is refused by `server set`, and the old settings stay.
+if vr replica server set --certificate "$PKI/evil.pem" \
+    --key "$PKI/replica.key" >"$TESTDIR/set.out" 2>&1; then
+    fail "server set accepted a certificate that does not match its key"
+fi
+grep -q '^vmreplica: error: ' "$TESTDIR/set.out" ||
+    fail "server set: no 'vmreplica: error:' line: $(cat "$TESTDIR/set.out")"
+log "server set with a mismatched key: $(cat "$TESTDIR/set.out")"
+[ "$(jget replica .certificate server show)" = "$PKI/replica.pem" ] ||
+    fail "server set kept the refused certificate"
+r=$(req good2 primary GET)
+[ "$r" = 404 ] || fail "after the refused server set: good client got '$r'"
+log "PASS"

@@ -1,0 +1,221 @@
+/* test-util.c: unit tests of lib/util.c — names, sizes, durations, UUIDs,
+ * the error slot and the small-file helpers.
+ */
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "tap.h"
+#include "vr.h"
+
+static void
+test_names(void)
+{
+    char n64[65], n65[66];
+    memset(n64, 'a', 64);
+    n64[64] = '\0';
+    memset(n65, 'a', 65);
+    n65[65] = '\0';
+
+    ok(vr_name_valid("web01"), "plain name valid");
+    ok(vr_name_valid("my vm_2.disk-0"), "space, dot, underscore, dash valid");
+    ok(vr_name_valid("a"), "one char valid");
+    ok(vr_name_valid(n64), "64 chars valid");
+    ok(!vr_name_valid(n65), "65 chars invalid");
+    ok(!vr_name_valid(""), "empty invalid");
+    ok(!vr_name_valid(".."), "\"..\" invalid");
+    ok(!vr_name_valid("."), "\".\" invalid");
+    ok(!vr_name_valid(".hidden"), "leading dot invalid");
+    ok(!vr_name_valid(" x"), "leading space invalid");
+    ok(!vr_name_valid("a/b"), "slash invalid");
+    ok(!vr_name_valid("/"), "\"/\" invalid");
+    ok(!vr_name_valid("a\nb"), "newline invalid");
+    ok(!vr_name_valid("a:b"), "colon invalid");
+    ok(!vr_name_valid("caf\xc3\xa9"), "non-ASCII invalid");
+}
+
+static void
+test_sizes(void)
+{
+    uint64_t v = 0;
+    ok(vr_parse_size("512", &v) == 0 && v == 512, "size 512");
+    ok(vr_parse_size("0", &v) == 0 && v == 0, "size 0");
+    ok(vr_parse_size("64K", &v) == 0 && v == 65536, "size 64K");
+    ok(vr_parse_size("64k", &v) == 0 && v == 65536, "size 64k");
+    ok(vr_parse_size("1M", &v) == 0 && v == 1048576, "size 1M");
+    ok(vr_parse_size("4G", &v) == 0 && v == 4ull << 30, "size 4G");
+    ok(vr_parse_size("2T", &v) == 0 && v == 2ull << 40, "size 2T");
+    ok(vr_parse_size("1GiB", &v) == 0 && v == 1ull << 30, "size 1GiB");
+    is_int(vr_parse_size("", &v), -EINVAL, "empty size");
+    is_int(vr_parse_size("-1", &v), -EINVAL, "negative size");
+    is_int(vr_parse_size("1X", &v), -EINVAL, "unknown unit");
+    is_int(vr_parse_size("M", &v), -EINVAL, "unit without number");
+    is_int(vr_parse_size("1 M", &v), -EINVAL, "space inside");
+    is_int(vr_parse_size("12M3", &v), -EINVAL, "trailing digits");
+    ok(vr_parse_size("99999999999999999999", &v) < 0, "overflow refused");
+    is_int(vr_parse_size("16777216T", &v), -ERANGE, "shift overflow refused");
+    ok(vr_parse_size("16777215T", &v) == 0 && v == 16777215ull << 40,
+       "largest T");
+}
+
+static void
+test_durations(void)
+{
+    uint64_t s = 0;
+    ok(vr_parse_duration("30s", &s) == 0 && s == 30, "30s");
+    ok(vr_parse_duration("30", &s) == 0 && s == 30, "plain seconds");
+    ok(vr_parse_duration("5m", &s) == 0 && s == 300, "5m");
+    ok(vr_parse_duration("15m", &s) == 0 && s == 900, "15m");
+    ok(vr_parse_duration("2h", &s) == 0 && s == 7200, "2h");
+    ok(vr_parse_duration("0", &s) == 0 && s == 0, "zero");
+    is_int(vr_parse_duration("", &s), -EINVAL, "empty duration");
+    is_int(vr_parse_duration("-5s", &s), -EINVAL, "negative duration");
+    is_int(vr_parse_duration("5d", &s), -EINVAL, "unknown unit d");
+    is_int(vr_parse_duration("s", &s), -EINVAL, "unit alone");
+    is_int(vr_parse_duration("5ms", &s), -EINVAL, "trailing garbage");
+    is_int(vr_parse_duration("99999999999h", &s), -EINVAL, "huge refused");
+}
+
+static void
+test_uuids(void)
+{
+    char a[37], b[37];
+    vr_uuid_new(a);
+    vr_uuid_new(b);
+    is_int(strlen(a), 36, "uuid length");
+    ok(vr_uuid_valid(a), "new uuid valid: %s", a);
+    ok(strcmp(a, b) != 0, "two uuids differ");
+    ok(a[14] == '4', "version 4");
+    ok(strchr("89ab", a[19]) != NULL, "RFC 4122 variant");
+    ok(vr_uuid_valid("123e4567-e89b-42d3-a456-426614174000"), "valid text");
+    ok(!vr_uuid_valid("123E4567-E89B-42D3-A456-426614174000"),
+       "uppercase not canonical");
+    ok(!vr_uuid_valid("123e4567e89b42d3a456426614174000"), "no dashes");
+    ok(!vr_uuid_valid("123e4567-e89b-42d3-a456-42661417400"), "too short");
+    ok(!vr_uuid_valid("123e4567-e89b-42d3-a456-4266141740000"), "too long");
+    ok(!vr_uuid_valid("123e4567-e89b-42d3-a456_426614174000"), "bad dash");
+    ok(!vr_uuid_valid("g23e4567-e89b-42d3-a456-426614174000"), "bad hex");
+    ok(!vr_uuid_valid(""), "empty");
+}
+
+static void
+test_errors(void)
+{
+    vr_err_clear();
+    is_str(vr_errmsg(), "", "cleared slot empty");
+    errno = EAGAIN;
+    is_int(vr_err(-EIO, "open %s: %d", "x", 5), -EIO, "vr_err returns rc");
+    is_int(errno, EAGAIN, "vr_err keeps errno");
+    is_str(vr_errmsg(), "open x: 5", "message stored");
+    is_str(vr_errname(EBADMSG), "EBADMSG", "errno name");
+    is_str(vr_errname(99999), "E?", "unknown errno name");
+}
+
+static void
+test_files(void)
+{
+    char dir[] = "/tmp/test-util.XXXXXX";
+    if (!mkdtemp(dir))
+        abort();
+    char *path = xasprintf("%s/sub/dir", dir);
+    is_int(io_mkdir_p(path, 0755), 0, "mkdir -p");
+    is_int(io_mkdir_p(path, 0755), 0, "mkdir -p again");
+    free(path);
+
+    path = xasprintf("%s/sub/file.json", dir);
+    const char text[] = "{\"hello\": 1}\n";
+    is_int(io_write_file_atomic(path, text, sizeof text - 1), 0,
+           "atomic write");
+    char *tmp = xasprintf("%s.tmp", path);
+    ok(access(tmp, F_OK) < 0, "no temporary left behind");
+    free(tmp);
+
+    char *buf = NULL;
+    size_t len = 0;
+    is_int(io_read_file(path, 100, &buf, &len), 0, "read back");
+    ok(buf && len == sizeof text - 1 && strcmp(buf, text) == 0,
+       "content and NUL terminator");
+    free(buf);
+    buf = NULL;
+    is_int(io_read_file(path, sizeof text - 1, &buf, &len), 0,
+           "read with max == size");
+    free(buf);
+    buf = NULL;
+    is_int(io_read_file(path, 4, &buf, &len), -EFBIG, "larger than max");
+    ok(buf == NULL, "no buffer on error");
+    ok(strstr(vr_errmsg(), "larger than") != NULL, "message says why: %s",
+       vr_errmsg());
+
+    is_int(io_write_file_atomic(path, "x", 1), 0, "atomic overwrite");
+    is_int(io_read_file(path, 100, &buf, &len), 0, "read overwritten");
+    ok(len == 1 && buf[0] == 'x', "old content replaced");
+    free(buf);
+    buf = NULL;
+
+    is_int(io_write_file_atomic(path, "", 0), 0, "empty file");
+    is_int(io_read_file(path, 0, &buf, &len), 0, "read empty with max 0");
+    ok(len == 0 && buf && buf[0] == '\0', "empty content");
+    free(buf);
+    buf = NULL;
+
+    char *missing = xasprintf("%s/nope", dir);
+    is_int(io_read_file(missing, 10, &buf, &len), -ENOENT, "missing file");
+    free(missing);
+    char *baddir = xasprintf("%s/nodir/file", dir);
+    ok(io_write_file_atomic(baddir, "x", 1) < 0, "write into missing dir");
+    free(baddir);
+
+    /* Full-length helpers. */
+    int fd = open(path, O_RDWR);
+    uint8_t w[10000], r[10000];
+    for (size_t i = 0; i < sizeof w; i++)
+        w[i] = (uint8_t)(i * 7);
+    is_int(io_pwrite_all(fd, w, sizeof w, 100), 0, "pwrite_all");
+    is_int(io_pread_all(fd, r, sizeof r, 100), 0, "pread_all");
+    ok(memcmp(w, r, sizeof w) == 0, "round trip");
+    is_int(io_pread_all(fd, r, sizeof r, 200), -ENODATA,
+           "short read at EOF is -ENODATA");
+    close(fd);
+    is_int(io_fsync_dir(dir), 0, "fsync dir");
+
+    char *cmd = xasprintf("rm -rf %s", dir);
+    if (system(cmd) != 0)
+        abort();
+    free(cmd);
+    free(path);
+}
+
+static void
+test_misc(void)
+{
+    char ts[32];
+    vr_rfc3339(0, ts);
+    is_str(ts, "1970-01-01T00:00:00Z", "rfc3339 epoch");
+    vr_rfc3339(1795496400000ull, ts);
+    is_str(ts, "2026-11-24T05:00:00Z", "rfc3339 2026");
+    uint64_t a = vr_mono_ms(), b = vr_mono_ms();
+    ok(b >= a, "monotonic clock");
+    ok(vr_wall_ms() > 1600000000000ull, "wall clock plausible");
+    char *s = xasprintf("%d-%s", 42, "x");
+    is_str(s, "42-x", "xasprintf");
+    char *t = TAKE_PTR(s);
+    ok(s == NULL && t != NULL, "TAKE_PTR moves ownership");
+    free(t);
+}
+
+int
+main(void)
+{
+    plan_no_plan();
+    test_names();
+    test_sizes();
+    test_durations();
+    test_uuids();
+    test_errors();
+    test_files();
+    test_misc();
+    return done_testing();
+}
