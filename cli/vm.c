@@ -11,6 +11,20 @@
 
 #define MIB (1024u * 1024u)
 
+/* "running" (QEMU up), served_label (disks served only) or "stopped".  The
+ * daemon may say running+hypervisor:false or running:false+served:true for
+ * disks served without QEMU; both read the same here. */
+static const char *
+vm_state(json_object *vm, const char *served_label)
+{
+    bool running = cli_bool(vm, "running");
+    if (running && (!cli_has(vm, "hypervisor") || cli_bool(vm, "hypervisor")))
+        return "running";
+    if (running || cli_bool(vm, "served"))
+        return served_label;
+    return "stopped";
+}
+
 /* Print the VM object of GET /v1/vms/VM. */
 void
 cli_print_vm(json_object *vm)
@@ -23,11 +37,7 @@ cli_print_vm(json_object *vm)
     cli_kv("Memory", "%s",
            cli_fmt_size((uint64_t)cli_int(vm, "memory_mib") * MIB, sz,
                         sizeof sz));
-    const char *state = "stopped";
-    if (cli_bool(vm, "running"))
-        state = cli_bool(vm, "hypervisor") ? "running"
-                                           : "disks served (no hypervisor)";
-    cli_kv("State", "%s", state);
+    cli_kv("State", "%s", vm_state(vm, "disks served (no hypervisor)"));
 
     json_object *disks = NULL;
     if (!json_object_object_get_ex(vm, "disks", &disks) ||
@@ -209,9 +219,7 @@ cmd_vm_list(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
                  d && json_object_is_type(d, json_type_array)
                      ? json_object_array_length(d)
                      : (size_t)0);
-        const char *state = "stopped";
-        if (cli_bool(vm, "running"))
-            state = cli_bool(vm, "hypervisor") ? "running" : "served";
+        const char *state = vm_state(vm, "served");
         const char *row[7] = { cli_str(vm, "name"), cli_str(vm, "uuid"),
                                cli_str(vm, "mode"), cpus, mem, ndisks,
                                state };

@@ -221,7 +221,7 @@ static void
 test_round_trip(void)
 {
     enum { N = 600 };
-    struct exp_rec e[N];
+    static struct exp_rec e[N];
     gen_recs(e, N, 9000);
     clear_dir();
     struct cl_writer *w;

@@ -170,7 +170,7 @@ test_files(void)
 
     /* Full-length helpers. */
     int fd = open(path, O_RDWR);
-    uint8_t w[10000], r[10000];
+    static uint8_t w[10000], r[10000];
     for (size_t i = 0; i < sizeof w; i++)
         w[i] = (uint8_t)(i * 7);
     is_int(io_pwrite_all(fd, w, sizeof w, 100), 0, "pwrite_all");
