@@ -4,7 +4,7 @@
 # (a real NBD client) over a unix socket.
 #
 #   bench/bench-plugin.sh                # uses ./build
-#   BUILD_DIR=build RUNTIME=10 DIR=/dev/shm SIZE=1G bench/bench-plugin.sh
+#   BUILD_DIR=build RUNTIME=10 DIR=/dev/shm SIZE=1G ROUNDS=3 bench/bench-plugin.sh
 #
 # Jobs (each on a fresh sparse SIZE file, file plugin first, then tracked):
 #   rand4k-qd1    4 KiB random writes, iodepth 1, RUNTIME seconds
@@ -19,6 +19,7 @@ PLUGIN=${VMREPLICA_PLUGIN:-$BUILD_DIR/plugin/nbdkit-vmreplica-plugin.so}
 RUNTIME=${RUNTIME:-10}
 DIR=${DIR:-/dev/shm}
 SIZE=${SIZE:-1G}
+ROUNDS=${ROUNDS:-3}
 
 for c in nbdkit fio python3 socat; do
     command -v "$c" >/dev/null || { echo "bench: $c not found" >&2; exit 77; }
@@ -84,34 +85,47 @@ job_args() {
     esac
 }
 
+# Alternate file and tracked runs ROUNDS times and report medians: on this
+# shared 2-CPU machine one run of either can be off by 30 % or more.
 for job in "${jobs[@]}"; do
-    for kind in file tracked; do
-        start "$kind"
-        # shellcheck disable=SC2046
-        RES[$job.$kind]=$(run_fio "$job" $(job_args "$job"))
-        if [ "$kind" = tracked ]; then
-            logb=$(du -sb "$T/disk.raw.vrlog" | cut -f1)
-            RES[$job.log]=$logb
-        fi
-        stop
+    for round in $(seq "$ROUNDS"); do
+        for kind in file tracked; do
+            start "$kind"
+            # shellcheck disable=SC2046
+            read -r iops bw <<<"$(run_fio "$job" $(job_args "$job"))"
+            if [ "$job" = seq1m ]; then v=$bw; else v=$iops; fi
+            RES[$job.$kind]="${RES[$job.$kind]:-} $v"
+            if [ "$kind" = tracked ] && [ "$round" = 1 ]; then
+                RES[$job.log]=$(du -sb "$T/disk.raw.vrlog" | cut -f1)
+            fi
+            stop
+        done
     done
 done
 
+median() {
+    tr ' ' '\n' | grep . | sort -n | awk '{ v[NR] = $1 }
+        END { if (NR % 2) print v[(NR + 1) / 2];
+              else printf "%.0f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
 echo "# vmreplica plugin vs nbdkit file plugin: $DIR, $SIZE file," \
-    "runtime ${RUNTIME}s, $(nproc) CPUs, $(nbdkit --version)"
+    "runtime ${RUNTIME}s, median of $ROUNDS alternating rounds," \
+    "$(nproc) CPUs, $(nbdkit --version)"
 printf '%-12s %14s %14s %8s %14s\n' job file tracked ratio "log bytes"
 for job in "${jobs[@]}"; do
-    read -r fi fb <<<"${RES[$job.file]}"
-    read -r ti tb <<<"${RES[$job.tracked]}"
+    f=$(median <<<"${RES[$job.file]}")
+    t=$(median <<<"${RES[$job.tracked]}")
+    r=$(awk -v a="$t" -v b="$f" 'BEGIN { printf "%.2fx", a / b }')
     if [ "$job" = seq1m ]; then
-        f=$(awk -v b="$fb" 'BEGIN { printf "%.0f MB/s", b / 1e6 }')
-        t=$(awk -v b="$tb" 'BEGIN { printf "%.0f MB/s", b / 1e6 }')
-        r=$(awk -v a="$tb" -v b="$fb" 'BEGIN { printf "%.2fx", a / b }')
+        f=$(awk -v b="$f" 'BEGIN { printf "%.0f MB/s", b / 1e6 }')
+        t=$(awk -v b="$t" 'BEGIN { printf "%.0f MB/s", b / 1e6 }')
     else
-        f="$fi IOPS"
-        t="$ti IOPS"
-        r=$(awk -v a="$ti" -v b="$fi" 'BEGIN { printf "%.2fx", a / b }')
+        f="$f IOPS"
+        t="$t IOPS"
     fi
     printf '%-12s %14s %14s %8s %14s\n' "$job" "$f" "$t" "$r" \
         "${RES[$job.log]}"
+    printf '#   %-10s file:%s  tracked:%s\n' "$job" "${RES[$job.file]}" \
+        "${RES[$job.tracked]}"
 done

@@ -594,8 +594,9 @@ writer_put(struct cl_writer *w, const struct cl_rec *rec)
 }
 
 int
-cl_writer_append(struct cl_writer *w, uint8_t kind, uint8_t flags,
-                 uint64_t offset, uint32_t len, const void *data)
+cl_writer_reserve(struct cl_writer *w, uint8_t kind, uint8_t flags,
+                  uint64_t offset, uint32_t len, const void *data,
+                  struct cl_rec *rec, uint64_t *file_off)
 {
     if (w->finished)
         return vr_err(-EINVAL, "change log cycle %" PRIu64 ": already sealed",
@@ -607,7 +608,7 @@ cl_writer_append(struct cl_writer *w, uint8_t kind, uint8_t flags,
         return vr_err(-EINVAL, "change log append: invalid record (kind %u "
                       "offset %" PRIu64 " len %" PRIu32 ")", kind, offset,
                       len);
-    struct cl_rec rec = {
+    *rec = (struct cl_rec){
         .kind = kind,
         .flags = flags,
         .disk = w->disk,
@@ -616,13 +617,56 @@ cl_writer_append(struct cl_writer *w, uint8_t kind, uint8_t flags,
         .seq = w->next_seq,
         .data = data,
     };
-    int rc = writer_put(w, &rec);
-    if (rc < 0)
-        return vr_err(rc, "append to change log cycle %" PRIu64 ": %s",
-                      w->cycle, strerror(-rc));
+    *file_off = w->bytes;
+    w->bytes += CL_REC_HDR_BYTES + (kind == CL_WRITE ? len : 0);
     w->next_seq++;
     w->records++;
     return 0;
+}
+
+int
+cl_writer_write(struct cl_writer *w, const struct cl_rec *rec,
+                uint64_t file_off)
+{
+    uint8_t hdr[CL_REC_HDR_BYTES];
+    struct iovec iov[2];
+    int n = 1;
+
+    cl_rec_encode(rec, hdr);
+    iov[0].iov_base = hdr;
+    iov[0].iov_len = sizeof hdr;
+    if (rec->kind == CL_WRITE) {
+        iov[1].iov_base = (void *)(uintptr_t)rec->data;
+        iov[1].iov_len = rec->len;
+        n = 2;
+    }
+    int rc = pwritev_all(w->fd, iov, n, (off_t)file_off);
+    if (rc < 0)
+        return vr_err(rc, "append to change log cycle %" PRIu64 ": %s",
+                      w->cycle, strerror(-rc));
+    return 0;
+}
+
+int
+cl_writer_append(struct cl_writer *w, uint8_t kind, uint8_t flags,
+                 uint64_t offset, uint32_t len, const void *data)
+{
+    struct cl_rec rec;
+    uint64_t off;
+    int rc = cl_writer_reserve(w, kind, flags, offset, len, data, &rec, &off);
+    if (rc < 0)
+        return rc;
+    rc = cl_writer_write(w, &rec, off);
+    if (rc < 0) {
+        /* Serial use: leave no partial record behind if we can help it
+         * (reopen would cut it after a restart anyway). */
+        if (ftruncate(w->fd, (off_t)off) == 0) {
+            w->bytes = off;
+            w->next_seq--;
+            w->records--;
+        }
+    }
+    return rc;
 }
 
 int

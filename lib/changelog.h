@@ -87,6 +87,19 @@ int cl_writer_reopen(int dirfd, uint16_t disk, uint64_t cycle,
  * cl_writer_sync.  Not thread-safe: the caller serialises per disk. */
 int cl_writer_append(struct cl_writer *w, uint8_t kind, uint8_t flags,
                      uint64_t offset, uint32_t len, const void *data) VR_WUR;
+/* Parallel appends: cl_writer_reserve assigns the next record its sequence
+ * number and its place in the file (the caller serialises reservations per
+ * disk, so the log order is the reservation order); cl_writer_write then
+ * writes it there and may run concurrently with other reserved records of
+ * the same writer.  Until every reserved record is written the segment has
+ * a hole: the caller must not sync-and-rely on or seal it before then.  A
+ * failed cl_writer_write leaves a hole that only a restart (reopen cuts the
+ * tail at the first bad record) repairs. */
+int cl_writer_reserve(struct cl_writer *w, uint8_t kind, uint8_t flags,
+                      uint64_t offset, uint32_t len, const void *data,
+                      struct cl_rec *rec, uint64_t *file_off) VR_WUR;
+int cl_writer_write(struct cl_writer *w, const struct cl_rec *rec,
+                    uint64_t file_off) VR_WUR;
 /* fdatasync the segment. */
 int cl_writer_sync(struct cl_writer *w) VR_WUR;
 /* Append CL_SEAL, fdatasync, rename .open to .log, fsync the directory.

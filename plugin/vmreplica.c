@@ -7,8 +7,14 @@
  * durable before replying.
  *
  * Locking: each write-class request holds the process-wide seal_lock for
- * reading and its disk's mutex across the disk I/O and the log append, so
- * the log order equals the order writes hit the disk.  SEAL (over the
+ * reading.  Under its disk's mutex it waits until no in-flight request
+ * overlaps its byte range and registers its range; it does the disk I/O
+ * without the mutex, then reserves its log record (sequence number and
+ * place in the segment) under the mutex and writes it without, in parallel
+ * with requests on other ranges.  Overlapping requests never run at the
+ * same time, so the log order equals the order in which writes to the same
+ * bytes hit the disk, while non-overlapping ones (the common case at queue
+ * depth > 1) copy their data concurrently.  SEAL (over the
  * control socket) takes seal_lock for writing: no write is in flight on any
  * disk while every disk's segment is sealed and the next one opened, which
  * gives one crash-consistent cut across all disks of the VM.
@@ -54,13 +60,21 @@
 #define CTL_TIMEOUT_S   30
 #define HASH_CHUNK      (1u << 20)
 
+/* A byte range of a write-class request in progress (on its stack). */
+struct range {
+    uint64_t start, end;
+    struct range *next;
+};
+
 struct disk {
     char *id;
     char *path;
     char *logdir;
     int fd;
     int dirfd;
-    pthread_mutex_t lock;  /* orders disk I/O and log appends */
+    pthread_mutex_t lock;  /* guards inflight and log reservations */
+    pthread_cond_t idle;   /* signalled when an in-flight range ends */
+    struct range *inflight; /* write-class requests now in progress */
     struct cl_writer *w;   /* open segment; replaced under seal_lock (W) */
 };
 
@@ -131,6 +145,7 @@ vmreplica_unload(void)
         if (d->dirfd >= 0)
             close(d->dirfd);
         pthread_mutex_destroy(&d->lock);
+        pthread_cond_destroy(&d->idle);
         free(d->id);
         free(d->path);
         free(d->logdir);
@@ -185,6 +200,8 @@ vmreplica_config(const char *key, const char *value)
         pthread_mutexattr_init(&ma);
         pthread_mutexattr_settype(&ma, PTHREAD_MUTEX_ADAPTIVE_NP);
         pthread_mutex_init(&d->lock, &ma);
+        pthread_cond_init(&d->idle, NULL);
+        d->inflight = NULL;
         pthread_mutexattr_destroy(&ma);
         ndisks++;
     } else if (strcmp(key, "control") == 0) {
@@ -844,8 +861,18 @@ make_durable(struct disk *d)
     return rc;
 }
 
-/* One write-class request: disk I/O and log append in one critical section
- * under the shared seal lock, then FUA outside the disk mutex. */
+static bool
+overlaps(const struct disk *d, uint64_t start, uint64_t end)
+{
+    for (const struct range *r = d->inflight; r; r = r->next)
+        if (r->start < end && start < r->end)
+            return true;
+    return false;
+}
+
+/* One write-class request (see Locking at the top): wait for overlapping
+ * requests, reserve the log record, then do the disk I/O and write the
+ * record outside the disk mutex; FUA makes both durable. */
 static int
 tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
         uint64_t offset, uint32_t flags)
@@ -854,6 +881,9 @@ tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
     int rc = 0;
     const char *what = kind == CL_WRITE ? "write"
                        : kind == CL_ZERO ? "zero" : "trim";
+    struct range me = { .start = offset, .end = offset + count };
+    struct cl_rec rec;
+    uint64_t log_off;
 
     vr_err_clear();
     pthread_rwlock_rdlock(&seal_lock);
@@ -862,22 +892,45 @@ tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
         goto out;
     }
     pthread_mutex_lock(&d->lock);
+    while (overlaps(d, me.start, me.end))
+        pthread_cond_wait(&d->idle, &d->lock);
+    me.next = d->inflight;
+    d->inflight = &me;
+    pthread_mutex_unlock(&d->lock);
+
     if (kind == CL_WRITE) {
         rc = io_pwrite_all(d->fd, buf, count, (off_t)offset);
     } else {
         rc = zero_range(d, count, offset,
                         kind == CL_ZERO && (flags & NBDKIT_FLAG_FAST_ZERO));
     }
-    if (rc < 0) {
+    if (rc < 0 && rc != -ENOTSUP)
+        vr_err(rc, "%s %s at %" PRIu64 ": %s", what, d->path, offset,
+               strerror(-rc));
+
+    /* Only a change that reached the disk is logged.  The reservation comes
+     * after the disk I/O: overlapping requests cannot be here at the same
+     * time, so their records still follow the order their I/O happened. */
+    int lrc = 0;
+    if (rc == 0) {
+        pthread_mutex_lock(&d->lock);
+        lrc = cl_writer_reserve(d->w, kind, fua ? CL_F_FUA : 0, offset, count,
+                                buf, &rec, &log_off);
         pthread_mutex_unlock(&d->lock);
-        if (rc != -ENOTSUP)
-            vr_err(rc, "%s %s at %" PRIu64 ": %s", what, d->path, offset,
-                   strerror(-rc));
-        goto out;
+        if (lrc == 0)
+            lrc = cl_writer_write(d->w, &rec, log_off);
     }
-    rc = cl_writer_append(d->w, kind, fua ? CL_F_FUA : 0, offset, count, buf);
+
+    pthread_mutex_lock(&d->lock);
+    for (struct range **p = &d->inflight; *p; p = &(*p)->next)
+        if (*p == &me) {
+            *p = me.next;
+            break;
+        }
+    pthread_cond_broadcast(&d->idle);
     pthread_mutex_unlock(&d->lock);
-    if (rc < 0) {
+
+    if (lrc < 0) {
         char msg[256];
         snprintf(msg, sizeof msg, "disk %s is ahead of its change log: %s",
                  d->id, vr_errmsg());
@@ -886,7 +939,7 @@ tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
         rc = -EIO;
         goto out;
     }
-    if (fua)
+    if (rc == 0 && fua)
         rc = make_durable(d);
 out:
     pthread_rwlock_unlock(&seal_lock);

@@ -33,7 +33,7 @@
  */
 
         .ifndef TOTAL_WRITES
-        .set    TOTAL_WRITES, 2000      /* sectors written in all */
+        .set    TOTAL_WRITES, 1024      /* sectors written in all */
         .endif
         .ifndef BASE_LBA
         .set    BASE_LBA, 64            /* first sector written */
