@@ -361,6 +361,21 @@ cycle_path(const struct repl *r, uint64_t n)
                      (unsigned long long)n);
 }
 
+/* Delete every file in the VM's staging directory. */
+static void
+clear_staging(const struct repl *r)
+{
+    CLEANUP_FREE char *stg = staging_dir(r);
+    DIR *dir = opendir(stg);
+    if (!dir)
+        return;
+    struct dirent *de;
+    while ((de = readdir(dir)))
+        if (de->d_name[0] != '.')
+            unlinkat(dirfd(dir), de->d_name, 0);
+    closedir(dir);
+}
+
 /* --- request handlers (JSON ones run at the end of the body) ------------- */
 
 static int
@@ -492,9 +507,22 @@ do_register(struct rreq *q, json_object **out)
             r->frequency_s = (unsigned)json_object_get_int64(v);
         if (json_object_object_get_ex(b, "compression", &v))
             r->compression = json_object_get_boolean(v);
-        if (!r->initial_done)
+        if (!r->initial_done) {
             snprintf(r->state, sizeof r->state, "%s", ST_WAITING_INITIAL);
-        rc = catalog_save_vm(vm);
+            /* Initial replication sends only the primary's allocated
+             * regions: whatever a kept Replica disk holds elsewhere must
+             * read as zeroes, as on the primary. */
+            for (unsigned i = 0; rc == 0 && i < vm->ndisks; i++)
+                if (truncate(vm->disks[i].path, 0) < 0 ||
+                    truncate(vm->disks[i].path, (off_t)vm->disks[i].size) < 0)
+                    rc = vr_err(-errno, "register: reset %s: %s",
+                                vm->disks[i].path, strerror(errno));
+            r->applied_cycle = r->last_cycle = 0;
+            if (rc == 0)
+                clear_staging(r);
+        }
+        if (rc == 0)
+            rc = catalog_save_vm(vm);
         if (rc == 0)
             rc = catalog_save_repl(r);
         if (rc == 0) {

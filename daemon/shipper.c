@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "cycle.h"
@@ -324,6 +325,19 @@ tmp_payload(const struct job *jb, char **path)
 
 /* --- one cycle ------------------------------------------------------------ */
 
+/* Test hook: $VMREPLICA_TEST_SEND_DELAY_MS delays every cycle upload, so a
+ * test can make a cycle outlast the frequency (missed cycles). */
+static void
+test_send_delay(void)
+{
+    const char *v = getenv("VMREPLICA_TEST_SEND_DELAY_MS");
+    long ms = v ? atol(v) : 0;
+    if (ms > 0 && ms < 600000) {
+        struct timespec ts = { ms / 1000, (ms % 1000) * 1000000 };
+        nanosleep(&ts, NULL);
+    }
+}
+
 /* Seal (if the disks are served) and send every sealed cycle after
  * last_cycle, in order. */
 static int
@@ -381,11 +395,14 @@ ship_cycles(struct vm *vm, struct job *jb, uint64_t last_cycle)
             rc = cyc_builder_finish(b, &raw, &wire);
         cyc_builder_free(b);
         if (rc == 0) {
+            test_send_delay();
             CLEANUP_FREE char *path =
                 xasprintf("/r1/vms/%s/cycles/%llu", jb->uuid,
                           (unsigned long long)N);
             rc = peer_call(&jb->peer, "PUT", path, NULL, fd, wire,
                            jb->compression, NULL);
+            if (rc == 0)
+                vr_fault_point("cycle-sent");
         }
         close(fd);
         unlink(tmp);
@@ -611,6 +628,7 @@ run_initial(struct vm *vm, struct job *jb)
         pthread_mutex_unlock(&D->lock);
         if (rc < 0)
             return rc;
+        vr_fault_point("base-chunk-sent");
     }
 
     pthread_mutex_lock(&D->lock);

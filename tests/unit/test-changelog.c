@@ -175,7 +175,9 @@ test_crc32c(void)
     ok(crc32c_hw(0, "123456789", 9) == 0xE3069283u, "sse4.2 known vector");
     printf("# sse4.2 available: %d\n", crc32c_hw_available());
 
-    uint8_t buf[4200];
+    /* Long enough for several 3-stripe rounds of the SSE4.2 path. */
+    enum { BUF_BYTES = 40000 };
+    static uint8_t buf[BUF_BYTES];
     for (size_t i = 0; i < sizeof buf; i++)
         buf[i] = (uint8_t)rnd();
     int bad = 0, split_bad = 0;
@@ -190,6 +192,16 @@ test_crc32c(void)
             split_bad += c != crc32c_sw(0, buf + off, len);
         }
     }
+    /* Exactly the round boundaries, and a large buffer. */
+    static const size_t edge[] = { 6143, 6144, 6145, 12288, 12295, 18432 };
+    for (size_t i = 0; i < ARRAY_SIZE(edge); i++)
+        bad += crc32c_sw(7, buf + 3, edge[i]) != crc32c_hw(7, buf + 3, edge[i]);
+    size_t big_len = (1u << 20) + 13;
+    uint8_t *big = xmalloc(big_len);
+    for (size_t i = 0; i < big_len; i++)
+        big[i] = (uint8_t)rnd();
+    bad += crc32c_sw(0, big, big_len) != crc32c_hw(0, big, big_len);
+    free(big);
     is_int(bad, 0, "sse4.2 and table crc32c agree on all lengths/alignments");
     is_int(split_bad, 0, "crc32c extends incrementally");
 }
