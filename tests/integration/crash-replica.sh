@@ -6,6 +6,9 @@
 # restarted with a fault point that SIGKILLs it in the middle of its work:
 #   apply-record:3   while applying a cycle (after its 3rd record)
 #   receive-chunk:2  while receiving a cycle upload (2nd body chunk)
+#   apply-record:40  deeper into a cycle's records
+#   apply-before-commit:1  after a cycle reached the disks, before it was
+#                    recorded as applied (it is applied again at restart)
 # Replication is then suspended on the primary (nothing more arrives), the
 # replica restarted normally (its startup recovery finishes before its
 # socket is up), and the replica disk's sha256 must be one of the primary's
@@ -77,4 +80,6 @@ crash_case() { # FAULTPOINT:N
 
 crash_case apply-record:3
 crash_case receive-chunk:2
+crash_case apply-record:40
+crash_case apply-before-commit:1
 log "PASS"
