@@ -24,6 +24,7 @@ http_status_for(int rc)
     switch (-rc) {
     case EINVAL:
     case EPROTO:
+    case EBADMSG:
     case ENAMETOOLONG:
         return 400;
     case EPERM:

@@ -261,10 +261,17 @@ shipper_pending_bytes(const struct vm *vm)
             uint64_t c = strtoull(de->d_name, NULL, 10);
             if (vm->repl && c <= vm->repl->last_cycle)
                 continue;
+            /* Count the change records only: not the segment header, nor
+             * the CL_SEAL record that ends a sealed segment, so a cycle
+             * with no change in it is nothing pending. */
+            size_t nl = strlen(de->d_name);
+            uint64_t overhead = CL_SEG_HDR_BYTES;
+            if (nl > 4 && strcmp(de->d_name + nl - 4, ".log") == 0)
+                overhead += CL_REC_HDR_BYTES;
             struct stat st;
             if (fstatat(dirfd(d), de->d_name, &st, 0) == 0 &&
-                st.st_size > CL_SEG_HDR_BYTES)
-                total += (uint64_t)st.st_size - CL_SEG_HDR_BYTES;
+                (uint64_t)st.st_size > overhead)
+                total += (uint64_t)st.st_size - overhead;
         }
         closedir(d);
     }
@@ -678,6 +685,9 @@ shipper_main(void *arg)
     while (!r->stop && !D->shutting_down) {
         bool initial = strcmp(r->state, ST_INITIAL) == 0;
         bool replicating = strcmp(r->state, ST_REPLICATING) == 0;
+        /* Time spent suspended or in error is not missed cycles. */
+        if (!initial && !replicating)
+            next_due = 0;
         uint64_t now = vr_mono_ms();
         if ((!initial && !replicating) || (now < next_due && !r->kick)) {
             struct timespec ts;

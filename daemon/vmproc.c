@@ -943,6 +943,12 @@ vmproc_stop(const char *rundir, bool force, unsigned timeout_ms)
     int rc = stop_qemu(rundir, force, timeout_ms);
     if (rc < 0)
         return rc;
+    /* Seal the guest's last writes into a cycle of their own so they can
+     * be shipped while the VM is off.  Best effort: an unsealed segment
+     * is kept and continued at the next start, so nothing is lost. */
+    uint64_t cycle;
+    if (nbdkit_pid(rundir) && vmproc_seal(rundir, &cycle) < 0)
+        vr_err_clear();
     return stop_nbdkit(rundir);
 }
 

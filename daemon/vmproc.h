@@ -13,8 +13,11 @@
  *
  * Binaries: $VMREPLICA_NBDKIT (default "nbdkit"), $VMREPLICA_PLUGIN (default
  * PLUGINDIR "/nbdkit-vmreplica-plugin.so"), $VMREPLICA_QEMU (default
- * "qemu-system-x86_64").  $VMREPLICA_TEST_HASHLOG=FILE passes hashlog=FILE
- * to the plugin (crash tests record every disk's SHA-256 at each seal).
+ * "qemu-system-x86_64").  $VMREPLICA_ACCEL=tcg|kvm forces QEMU's
+ * accelerator.  $VMREPLICA_TEST_HASHLOG=FILE passes hashlog=FILE to the
+ * plugin (crash tests record every disk's SHA-256 at each seal).
+ * QEMU's early errors go to RUNDIR/qemu.log; RUNDIR/qga.sock is the guest
+ * agent's channel.
  */
 #ifndef VR_VMPROC_H
 #define VR_VMPROC_H
@@ -45,7 +48,8 @@ struct vmproc_spec {
  * (at most 10 s). */
 int vmproc_start(const struct vmproc_spec *s) VR_WUR;
 /* Stop QEMU (QMP system_powerdown, then SIGKILL after timeout_ms; at once if
- * force), then seal nothing and stop nbdkit (SIGTERM, wait). */
+ * force), then seal the open cycle (so the guest's last writes can be
+ * shipped while it is off) and stop nbdkit (SIGTERM, wait). */
 int vmproc_stop(const char *rundir, bool force, unsigned timeout_ms) VR_WUR;
 /* Whether nbdkit (disks served) and QEMU are alive, from their pid files. */
 void vmproc_status(const char *rundir, bool *disks_served, bool *qemu_running);

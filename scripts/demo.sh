@@ -1,16 +1,19 @@
 #!/bin/bash
-# demo.sh — vmreplica in two minutes, on one machine.
+# demo.sh — vmreplica in one minute, on one machine.
 #
 # Starts a Replica server and a primary server (two vmreplicad daemons on
-# loopback, mutual TLS with a throw-away PKI), creates a VM on the primary,
-# replicates it every 2 seconds while a writer changes its disk, then stops
-# the writer, waits for the last changes to reach the replica and shows that
-# the replica disk is byte-identical to the primary's.
+# loopback, mutual TLS with a throw-away PKI), imports a real VM on the
+# primary from a qcow2 image (the test guest, a boot sector that writes
+# sequence-stamped sectors to its disk), replicates it every second, runs it
+# under QEMU while the guest writes, then waits for the last changes to
+# reach the replica and shows that the replica disk is byte-identical to the
+# primary's and holds the guest's last sequence stamp.
 #
 # Environment: BUILD_DIR (default ./build), DEMO_DIR (default a fresh
 # /tmp/vmreplica-demo.XXXXXX, removed at the end unless DEMO_KEEP=1; with
-# DEMO_DIR=dir the run goes to a kept dir/run.XXXXXX),
-# DEMO_WRITE_SECONDS (default 10).
+# DEMO_DIR=dir the run goes to a kept dir/run.XXXXXX), VMREPLICA_ACCEL
+# (kvm|tcg, default tcg: the guest is tiny, and nested KVM can be slower),
+# DEMO_GUEST_TIMEOUT (seconds for the guest to finish, default 60).
 set -euo pipefail
 
 SOURCE_DIR=$(cd "$(dirname "$0")/.." && pwd)
@@ -18,7 +21,8 @@ BUILD_DIR=${BUILD_DIR:-$SOURCE_DIR/build}
 VMREPLICAD=$BUILD_DIR/daemon/vmreplicad
 VMREPLICA=$BUILD_DIR/cli/vmreplica
 export VMREPLICA_PLUGIN=${VMREPLICA_PLUGIN:-$BUILD_DIR/plugin/nbdkit-vmreplica-plugin.so}
-WRITE_SECONDS=${DEMO_WRITE_SECONDS:-10}
+GUEST_TIMEOUT=${DEMO_GUEST_TIMEOUT:-60}
+export VMREPLICA_ACCEL=${VMREPLICA_ACCEL:-tcg}
 
 bold=
 norm=
@@ -41,7 +45,7 @@ run() { # show a command, then run it
 for f in "$VMREPLICAD" "$VMREPLICA" "$VMREPLICA_PLUGIN"; do
     [ -e "$f" ] || die "$f not found: build first (./quickstart.sh demo does)"
 done
-for c in qemu-io jq curl openssl nbdkit python3 sha256sum; do
+for c in qemu-system-x86_64 qemu-img jq curl openssl nbdkit python3 sha256sum; do
     command -v "$c" >/dev/null 2>&1 || die "$c not found"
 done
 
@@ -56,7 +60,6 @@ else
 fi
 
 declare -A PID=()
-WRITER_PID=
 
 _kill_matching() { # SIG STRING — like pkill -f, without procps
     local d cmd
@@ -74,7 +77,6 @@ cleanup() {
     local rc=$? n i
     set +e
     trap - EXIT
-    [ -z "$WRITER_PID" ] || kill "$WRITER_PID" 2>/dev/null
     if [ -n "${PID[primary]:-}" ]; then
         "$VMREPLICA" --connect "$DEMO_DIR/primary/api.sock" vm stop demo-vm \
             --force >/dev/null 2>&1
@@ -90,7 +92,7 @@ cleanup() {
         kill -KILL "${PID[$n]}" 2>/dev/null
         wait "${PID[$n]}" 2>/dev/null
     done
-    # Anything else started under the demo dir (nbdkit, qemu-io).
+    # Anything else started under the demo dir (nbdkit, QEMU).
     _kill_matching TERM "$DEMO_DIR"
     sleep 0.3
     _kill_matching KILL "$DEMO_DIR"
@@ -170,73 +172,137 @@ step "4. Give the primary its certificate (it proves its name, primary.test.loca
 run primary server set --certificate "$PKI/primary.pem" --key "$PKI/primary.key" \
     --ca "$PKI/ca.pem"
 
-step "5. Create a VM with a 256 MiB disk on the primary and serve its disk over NBD (no hypervisor needed for the demo)"
-run primary vm create demo-vm --new-disk 256M
-run primary vm start demo-vm --no-hypervisor
-URI=$(primary --json vm show demo-vm | jq -r '.disks[0].nbd_uri')
-if [ -z "$URI" ] || [ "$URI" = null ]; then
-    die "no nbd_uri for demo-vm"
-fi
-echo "    the disk is served at $URI — anything writing there (QEMU, qemu-io) is tracked"
 
-step "6. Enable replication to replica.test.local every 2 seconds"
+step "5. Import a VM: the test guest (a boot sector that writes sequence-stamped sectors) as a 64 MiB qcow2"
+GUEST=$BUILD_DIR/tests/guest/guest.img
+if [ ! -s "$GUEST" ]; then
+    if ! command -v as >/dev/null 2>&1 || ! command -v ld >/dev/null 2>&1; then
+        die "$GUEST not built and no binutils (as, ld) to assemble tests/guest/guest.S"
+    fi
+    GUEST=$DEMO_DIR/guest.img
+    python3 "$SOURCE_DIR/tests/guest/mkguest.py" as ld \
+        "$SOURCE_DIR/tests/guest/guest.S" "$GUEST" >/dev/null ||
+        die "could not assemble tests/guest/guest.S"
+fi
+# The guest's parameters, from the block at offset 0x1e0 of its boot sector.
+read -r TOTAL BASE NSECT < <(python3 - "$GUEST" <<'PY'
+import struct, sys
+b = open(sys.argv[1], "rb").read(512)
+assert b[0x1e0:0x1e4] == b"VRGP", "no VRGP parameter block"
+total, base, nsect = struct.unpack_from("<3I", b, 0x1e4)
+print(total, base, nsect)
+PY
+) || die "$GUEST has no parameter block"
+run qemu-img convert -f raw -O qcow2 "$GUEST" "$DEMO_DIR/demo-vm.qcow2"
+run qemu-img resize -q -f qcow2 "$DEMO_DIR/demo-vm.qcow2" 64M
+run primary vm create demo-vm --disk "$DEMO_DIR/demo-vm.qcow2" --memory 64M
+echo "    the qcow2 is now a sparse raw disk owned by the primary; the guest will write"
+echo "    $TOTAL sectors, sequence-stamped 1..$TOTAL, over LBA $BASE..$((BASE + NSECT - 1))"
+
+# max_stamp FILE — the largest sequence stamp in the guest's sectors (0: none).
+max_stamp() {
+    python3 - "$1" "$BASE" "$NSECT" <<'PY'
+import struct, sys
+path, base, nsect = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+m = 0
+try:
+    with open(path, "rb") as f:
+        f.seek(base * 512)
+        data = f.read(nsect * 512)
+    for i in range(0, len(data) - 15, 512):
+        if data[i:i + 8] == b"VRSEQ\0\0\0":
+            m = max(m, struct.unpack_from("<I", data, i + 8)[0])
+except OSError:
+    pass
+print(m)
+PY
+}
+
+step "6. Serve its disk (no hypervisor yet), enable replication to replica.test.local every second"
+run primary vm start demo-vm --no-hypervisor
+echo "    the disk is served at $(primary --json vm show demo-vm | jq -r '.disks[0].nbd_uri')"
+echo "    — anything writing there (QEMU, libvirt, qemu-io) is tracked"
 run primary replication enable demo-vm --replica-server "replica.test.local:$PORT" \
-    --connect-address 127.0.0.1 --auth certificate --frequency 2s
+    --connect-address 127.0.0.1 --auth certificate --frequency 1s
 
 step "7. Initial replication: copy the disk once (only allocated regions travel)"
 run primary initial-replication start demo-vm --wait
+run primary replication measure demo-vm
 
-step "8. Write random data to the VM's disk for $WRITE_SECONDS s while replication runs"
-writer() {
-    local n=0 off
-    while [ ! -e "$DEMO_DIR/writer.stop" ]; do
-        head -c 65536 /dev/urandom >"$DEMO_DIR/write.buf"
-        off=$(((RANDOM * 32768 + RANDOM) % 4096 * 65536))
-        qemu-io -f raw "$URI" -c "write -s $DEMO_DIR/write.buf $off 64k" \
-            >/dev/null || exit 1
-        n=$((n + 1))
-        echo "$n" >"$DEMO_DIR/writes"
-    done
+step "8. Boot the VM under QEMU ($VMREPLICA_ACCEL): stop serving, then vm start attaches QEMU to the tracked disk"
+run primary vm stop demo-vm
+UUID=$(primary --json vm show demo-vm | jq -r .uuid)
+CONSOLE=$DEMO_DIR/primary/run/$UUID/console.log
+pdisk=$(primary --json vm show demo-vm | jq -r '.disks[0].path')
+rdisk=$(replica --json vm show demo-vm | jq -r '.disks[0].path')
+run primary vm start demo-vm
+echo "    the guest's serial console is $CONSOLE; every second, its last line and the"
+echo "    replica's state (the newest sequence stamp on the replica disk):"
+running() {
+    [ "$(primary --json vm show demo-vm | jq -r .running)" = true ]
 }
-writer &
-WRITER_PID=$!
-end=$((SECONDS + WRITE_SECONDS))
-while [ "$SECONDS" -lt "$end" ]; do
-    sleep 3
-    kill -0 "$WRITER_PID" 2>/dev/null || die "the writer stopped"
-    echo "--- replication measure demo-vm (primary), $(cat "$DEMO_DIR/writes" 2>/dev/null || echo 0) writes of 64 KiB so far"
-    primary replication measure demo-vm
+deadline=$((SECONDS + GUEST_TIMEOUT))
+shown=0
+until grep -q '^done' "$CONSOLE" 2>/dev/null; do
+    if ! running && ! grep -q '^done' "$CONSOLE" 2>/dev/null; then
+        sed 's/^/    console: /' "$CONSOLE" 2>/dev/null | tail -n 5 >&2
+        die "QEMU exited before the guest printed done"
+    fi
+    [ "$SECONDS" -lt "$deadline" ] ||
+        die "the guest did not print done within ${GUEST_TIMEOUT}s"
+    # Show the banner once, then one progress line per second.
+    if [ "$shown" = 0 ] && [ -s "$CONSOLE" ]; then
+        echo "    console: $(head -n 1 "$CONSOLE" | tr -d '\r')"
+        shown=1
+    fi
+    line=$(grep '^seq ' "$CONSOLE" 2>/dev/null | tail -n 1 | tr -d '\r') || true
+    printf '    console: %-10s | replica: cycle %s applied, newest stamp on its disk %s\n' \
+        "${line:-(booting)}" "$(replica --json replication show demo-vm | jq -r .applied_cycle)" \
+        "$(max_stamp "$rdisk")"
+    sleep 1
 done
-touch "$DEMO_DIR/writer.stop" # let the last write complete
-wait "$WRITER_PID" || die "the writer failed"
-WRITER_PID=
-echo "    writer stopped after $(cat "$DEMO_DIR/writes") writes of 64 KiB"
+grep '^seq ' "$CONSOLE" | tail -n 1 | tr -d '\r' | sed 's/^/    console: /'
+grep -v '^seq ' "$CONSOLE" | tr -d '\r' | sed 's/^/    console: /' | tail -n +2 || true
+! grep -q '^error' "$CONSOLE" || die "the guest reported a disk error"
+for ((i = 0; i < 150; i++)); do
+    running || break
+    sleep 0.1
+done
+running && die "QEMU still running 15 s after the guest printed done"
+echo "    the guest wrote seq $TOTAL and ended; QEMU exited"
 
 step "9. Wait for the last changes to reach the replica"
-last=$(primary --json replication show demo-vm | jq -r '.last_cycle')
-[[ $last =~ ^[0-9]+$ ]] || die "primary: no last_cycle"
-target=$((last + 1))
-echo "    the primary's last sealed cycle is $last; the next one, $target, holds the writes made since — waiting for the replica to apply it"
-applied=0
+echo "    until the primary has nothing pending (every write is in a cycle it has sent)"
+echo "    and the replica has applied the primary's last cycle"
+applied=0 last=
 for ((i = 0; i < 300; i++)); do
+    m=$(primary --json replication measure demo-vm)
+    last=$(jq -r .last_cycle <<<"$m")
+    pending=$(jq -r .pending_size <<<"$m")
     applied=$(replica --json replication show demo-vm | jq -r '.applied_cycle')
     [[ $applied =~ ^[0-9]+$ ]] || applied=0
-    [ "$applied" -lt "$target" ] || break
+    if [ "$pending" = 0 ] && [[ $last =~ ^[0-9]+$ ]] && [ "$applied" -ge "$last" ]; then
+        break
+    fi
     sleep 0.2
 done
-[ "$applied" -ge "$target" ] ||
-    die "the replica applied cycle $applied, not $target, within 60 s"
+if [ "$pending" != 0 ] || [ "$applied" -lt "$last" ]; then
+    die "after 60 s: $pending bytes pending on the primary, replica at cycle $applied of $last"
+fi
+echo "    nothing pending; the replica applied cycle $applied"
+run primary replication measure demo-vm
 
 step "10. The Replica server's view of the VM"
 run replica replication show demo-vm
 
 step "11. Compare the disks"
-pdisk=$(primary --json vm show demo-vm | jq -r '.disks[0].path')
-rdisk=$(replica --json vm show demo-vm | jq -r '.disks[0].path')
 psum=$(sha256sum "$pdisk" | cut -d' ' -f1)
 rsum=$(sha256sum "$rdisk" | cut -d' ' -f1)
 echo "    primary $psum  $pdisk"
 echo "    replica $rsum  $rdisk"
 [ "$psum" = "$rsum" ] || die "the replica disk differs from the primary's"
+stamp=$(max_stamp "$rdisk")
+echo "    newest sequence stamp on the replica disk: $stamp (the guest wrote 1..$TOTAL)"
+[ "$stamp" = "$TOTAL" ] || die "the replica's newest stamp is $stamp, not $TOTAL"
 echo
-echo "demo: OK — replica is byte-identical to the primary at cycle $applied"
+echo "demo: OK — the replica is byte-identical to the primary at cycle $applied and holds the guest's last write (seq $stamp)"

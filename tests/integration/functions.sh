@@ -345,17 +345,28 @@ enable_replication() {
 }
 
 # wait_converged VM [TIMEOUT_S] — call once the writers have stopped: waits
-# until the replica has applied a cycle sealed after this call (the
-# primary's last_cycle now, plus one), so that the replica holds every write
-# made before the call.  Assumes the primary seals a cycle every interval,
-# even an empty one.
+# until the primary has nothing left to send (pending_size 0: no unsent
+# sealed segment and an empty open one) and the replica has applied the
+# primary's last acknowledged cycle, so the replica holds every write made
+# before the call.  A cycle sealed before the writers stopped but still in
+# flight keeps pending_size above 0, so it cannot be missed.  Sets
+# CONVERGED_CYCLE to the cycle the replica reached.
 wait_converged() {
-    local vm=$1 timeout=${2:-60} last
-    last=$(repl primary "$vm" last_cycle)
-    [[ $last =~ ^[0-9]+$ ]] || last=0
-    CONVERGED_CYCLE=$((last + 1))
-    wait_until "$timeout" _applied_at_least "$vm" "$CONVERGED_CYCLE" ||
-        fail "vm $vm: replica did not apply cycle $CONVERGED_CYCLE within ${timeout}s (applied $(repl replica "$vm" applied_cycle 2>/dev/null || echo '?'))"
+    local vm=$1 timeout=${2:-60}
+    CONVERGED_CYCLE=
+    wait_until "$timeout" _converged "$vm" ||
+        fail "vm $vm: replica did not converge within ${timeout}s (primary last_cycle $(repl primary "$vm" last_cycle 2>/dev/null || echo '?'), pending $(vrj primary replication measure "$vm" 2>/dev/null | jq -r .pending_size), replica applied $(repl replica "$vm" applied_cycle 2>/dev/null || echo '?'))"
+}
+_converged() { # VM
+    local pending last applied
+    pending=$(vrj primary replication measure "$1" 2>/dev/null |
+        jq -r .pending_size) || return 1
+    [ "$pending" = 0 ] || return 1
+    last=$(repl primary "$1" last_cycle 2>/dev/null) || return 1
+    applied=$(repl replica "$1" applied_cycle 2>/dev/null) || return 1
+    [[ $last =~ ^[0-9]+$ && $applied =~ ^[0-9]+$ ]] || return 1
+    [ "$applied" -ge "$last" ] || return 1
+    CONVERGED_CYCLE=$applied
 }
 _applied_at_least() { # VM N
     local a

@@ -1,0 +1,184 @@
+#!/bin/bash
+# crash-primary: the primary daemon dies; guest I/O and replication survive.
+#
+#   (a) The primary daemon is SIGKILLed while a writer writes through the
+#       VM's NBD export: the writes keep succeeding while the daemon is down
+#       (nbdkit runs on its own), the restarted daemon re-adopts the disk
+#       server and replication continues; once the writer stops the replica
+#       converges (cmp).
+#   (b) The primary runs with VMREPLICA_FAULT=cycle-sent:3: it dies after
+#       the Replica server acknowledged a cycle and before recording it (its
+#       catalog says last_cycle = the replica's staged cycle - 1).  Restarted,
+#       it sends that cycle again, the Replica server takes it as a
+#       duplicate, and replication converges (cmp); the Replica VM never
+#       leaves state Replicating and logs no error.
+#   (c) Initial replication resumes where it stopped: a 512 MiB disk holding
+#       128 MiB of random data in scattered 1 MiB pieces (4 chunks of 32 MiB),
+#       the primary dies with VMREPLICA_FAULT=base-chunk-sent:2 during initial
+#       replication; restarted (without the fault) it finishes (resuming on
+#       its own or through `initial-replication start --wait`), the replica
+#       is byte-identical, and bytes_sent_wire, which survives the restart in
+#       the catalog, is at most 128 MiB + 40 MiB (at most one chunk re-sent).
+source "$(dirname "$0")/functions.sh"
+requires qemu-io qemu-img jq curl openssl nbdkit python3 cmp numfmt
+requires_build
+
+setup_pair
+
+vm=cp1
+create_vm "$vm" 64M
+uri=$(nbd_uri primary "$vm")
+qemu-io -f raw "$uri" -c 'write -P 0x11 0 4M' >/dev/null
+log "enable replication every second and run initial replication"
+enable_replication "$vm" --frequency 1s
+
+# catalog_last_cycle VM_UUID — the primary's recorded last_cycle, read from
+# its catalog while the daemon is down.
+catalog_last_cycle() {
+    python3 - "$(state_dir primary)/catalog.db" "$1" <<'PY'
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], timeout=10)
+row = db.execute("SELECT last_cycle FROM replications WHERE vm_uuid = ?",
+                 (sys.argv[2],)).fetchone()
+print(row[0] if row else "none")
+PY
+}
+
+# last_cycle_at_least VM N / state_is VM STATE — of the primary.
+last_cycle_at_least() {
+    local c
+    c=$(repl primary "$1" last_cycle 2>/dev/null) || return 1
+    [[ $c =~ ^[0-9]+$ ]] && [ "$c" -ge "$2" ]
+}
+state_is() {
+    [ "$(repl primary "$1" state 2>/dev/null)" = "$2" ]
+}
+
+# --- (a) SIGKILL while writing ---------------------------------------------------
+log "--- (a) SIGKILL the primary daemon while a writer runs ---"
+start_writer "$vm" 128k
+applied=$(repl replica "$vm" applied_cycle)
+wait_until 20 _applied_at_least "$vm" $((applied + 2)) ||
+    fail "replication did not advance under load"
+kill_daemon primary
+log "primary daemon killed; the VM's disk server must keep serving"
+for i in 1 2 3 4 5; do
+    qemu-io -f raw "$uri" -c "write -P 0x$((70 + i)) $((i * 4))M 256k" \
+        -c flush >/dev/null ||
+        fail "an NBD write failed while the primary daemon was down"
+    sleep 0.5
+done
+kill -0 "$WRITER_PID" 2>/dev/null ||
+    fail "the writer stopped while the primary daemon was down: $(tail -n 3 "$TESTDIR/writer-$vm.log")"
+log "writes kept succeeding for 2.5 s with the daemon down"
+start_primary
+c0=$(repl primary "$vm" last_cycle)
+wait_until 20 last_cycle_at_least "$vm" $((c0 + 2)) ||
+    fail "replication did not continue after the restart (last_cycle $(repl primary "$vm" last_cycle))"
+log "restarted; replication continues (cycle $c0 -> $(repl primary "$vm" last_cycle))"
+stop_writer
+wait_converged "$vm" 60
+assert_identical "$vm"
+[ "$(repl primary "$vm" state)" = Replicating ] ||
+    fail "primary state after (a): $(repl primary "$vm" state)"
+
+# --- (b) acknowledged but not recorded --------------------------------------------
+log "--- (b) the primary dies after a cycle was acknowledged, before recording it ---"
+UUID=$(jget primary .uuid vm show "$vm")
+rerr0=$(vrj replica events | jq '[.events[] | select(.level == "error")] | length')
+start_writer "$vm" 64k
+stop_daemon primary
+spawn_daemon primary VMREPLICA_FAULT=cycle-sent:3
+wait_until 45 daemon_dead primary ||
+    fail "the primary did not hit fault point cycle-sent:3 within 45s"
+[ "$DAEMON_STATUS" -eq 137 ] ||
+    fail "the primary exited with status $DAEMON_STATUS, not by SIGKILL at cycle-sent:3"
+staged=$(repl replica "$vm" last_cycle)
+recorded=$(catalog_last_cycle "$UUID")
+log "primary killed at cycle-sent:3; the replica staged cycle $staged, the primary recorded $recorded"
+[ "$recorded" = $((staged - 1)) ] ||
+    fail "expected the primary to have recorded cycle $((staged - 1)), it recorded $recorded"
+[ "$(repl replica "$vm" state)" = Replicating ] ||
+    fail "replica state: $(repl replica "$vm" state)"
+start_primary
+wait_until 20 last_cycle_at_least "$vm" $((staged + 1)) ||
+    fail "the primary did not get past cycle $staged after the restart"
+log "restarted: the primary re-sent cycle $staged and went on (last_cycle $(repl primary "$vm" last_cycle))"
+sleep 1
+stop_writer
+wait_converged "$vm" 60
+assert_identical "$vm"
+[ "$(repl replica "$vm" state)" = Replicating ] ||
+    fail "replica state: $(repl replica "$vm" state)"
+[ "$(repl primary "$vm" state)" = Replicating ] ||
+    fail "primary state: $(repl primary "$vm" state)"
+rerr=$(vrj replica events | jq '[.events[] | select(.level == "error")] | length')
+[ "$rerr" = "$rerr0" ] || {
+    vrj replica events | jq -r '.events[] | select(.level == "error") | .message' >&2
+    fail "the replica logged error events after the duplicate cycle"
+}
+errs=$(jget primary .replication_errors replication measure "$vm")
+[ "$errs" = 0 ] || fail "the primary counted $errs replication errors"
+
+# --- (c) initial replication resumes ---------------------------------------------
+log "--- (c) initial replication resumes after the primary dies mid-copy ---"
+ir=cp-ir
+python3 - "$TESTDIR/ir-src.raw" <<'PY'
+import os, random, sys
+MiB = 1 << 20
+with open(sys.argv[1], "wb") as f:
+    f.truncate(512 * MiB)
+    for slot in random.Random(7).sample(range(512), 128):
+        f.seek(slot * MiB)
+        f.write(os.urandom(MiB))
+PY
+vr primary vm create "$ir" --disk "$TESTDIR/ir-src.raw" >/dev/null ||
+    fail "primary: vm create $ir --disk ir-src.raw"
+rm -f "$TESTDIR/ir-src.raw"
+vr primary vm start "$ir" --no-hypervisor >/dev/null || fail "primary: vm start $ir"
+alloc=$(du -B1 "$(disk_path primary "$ir")" | cut -f1)
+log "$ir: 512 MiB disk, $((alloc >> 20)) MiB allocated"
+vr primary replication enable "$ir" --replica-server "replica.test.local:$REPLICA_PORT" \
+    --connect-address 127.0.0.1 --auth certificate --frequency 1s >/dev/null ||
+    fail "primary: replication enable $ir"
+stop_daemon primary
+start_primary VMREPLICA_FAULT=base-chunk-sent:2
+vr primary initial-replication start "$ir" >/dev/null ||
+    fail "primary: initial-replication start $ir"
+wait_until 60 daemon_dead primary ||
+    fail "the primary did not hit fault point base-chunk-sent:2 within 60s"
+[ "$DAEMON_STATUS" -eq 137 ] ||
+    fail "the primary exited with status $DAEMON_STATUS, not by SIGKILL at base-chunk-sent:2"
+start_primary
+m=$(vrj primary replication measure "$ir")
+st=$(repl primary "$ir" state)
+log "killed after 2 chunks; restarted: state $st, sent $(( $(jq -r .initial_replication_sent <<<"$m") >> 20 )) of $(( $(jq -r .initial_replication_size <<<"$m") >> 20 )) MiB, wire $(( $(jq -r .bytes_sent_wire <<<"$m") >> 20 )) MiB"
+[ "$(jq -r .initial_replication_sent <<<"$m")" -ge $((64 << 20)) ] ||
+    [ "$st" = Replicating ] ||
+    fail "the 2 chunks acknowledged before the crash are not counted as sent"
+case $st in
+InitialReplicationInProgress)
+    if ! out=$(vr primary initial-replication start "$ir" --wait 2>&1); then
+        [ "$(repl primary "$ir" initial_done)" = true ] ||
+            fail "initial-replication start $ir --wait: $out"
+    fi
+    ;;
+Replicating) ;;
+*) fail "$ir: state $st after the restart" ;;
+esac
+wait_until 60 state_is "$ir" Replicating ||
+    fail "$ir: initial replication did not complete (state $(repl primary "$ir" state))"
+[ "$(repl replica "$ir" initial_done)" = true ] || fail "replica: initial_done is not true"
+wait_converged "$ir" 60
+assert_identical "$ir"
+m=$(vrj primary replication measure "$ir")
+sent=$(jq -r .initial_replication_sent <<<"$m")
+size=$(jq -r .initial_replication_size <<<"$m")
+wire=$(jq -r .bytes_sent_wire <<<"$m")
+log "$ir: initial_replication_size $size, initial_replication_sent $sent, bytes_sent_wire $wire"
+[ "$sent" -ge $((128 << 20)) ] || fail "initial_replication_sent $sent < 128 MiB"
+[ "$sent" -le $(((128 + 32) << 20)) ] ||
+    fail "initial_replication_sent $sent: more than one chunk sent twice"
+[ "$wire" -le $(((128 + 40) << 20)) ] ||
+    fail "bytes_sent_wire $wire > 168 MiB: the copy restarted instead of resuming"
+log "PASS (${SECONDS}s)"
