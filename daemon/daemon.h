@@ -40,6 +40,7 @@ struct vm {
     unsigned ndisks;
     struct disk disks[MAX_DISKS];
     bool hypervisor; /* QEMU was requested at start */
+    bool applying;   /* the applier works on its disks without the lock */
     struct repl *repl;
 };
 

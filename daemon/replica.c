@@ -576,8 +576,9 @@ do_remove(struct rreq *q, json_object **out)
     pthread_mutex_lock(&D->lock);
     struct vm *vm = NULL;
     int rc = own_vm(q, &vm);
-    if (rc == 0 && vm->repl->busy)
-        rc = vr_err(-EBUSY, "replica vm %s: a transfer is in progress",
+    if (rc == 0 && (vm->repl->busy || vm->applying))
+        rc = vr_err(-EBUSY, "replica vm %s: a transfer or an apply is in "
+                            "progress; try again",
                     vm->name);
     if (rc == 0) {
         rc = catalog_delete_repl(vm->uuid);
@@ -934,12 +935,17 @@ apply_one(struct vm *vm, uint64_t n, bool locked)
     CLEANUP_FREE char *path = cycle_path(vm->repl, n);
     uint64_t nrec = 0;
     uint64_t t0 = vr_mono_ms();
+    /* While the lock is dropped, vm->applying keeps the VM and its
+     * replication from being removed under us. */
+    vm->applying = true;
     if (locked)
         pthread_mutex_unlock(&D->lock);
     int rc = apply_payload(vm, path, &nrec);
     if (rc == 0)
         vr_fault_point("apply-before-commit");
     pthread_mutex_lock(&D->lock);
+    vm->applying = false;
+    pthread_cond_broadcast(&D->cond);
     if (rc == 0) {
         vm->repl->applied_cycle = n;
         vm->repl->last_ok_ms = vr_wall_ms();

@@ -527,6 +527,10 @@ api_repl_remove(struct api_call *call, unsigned *status VR_UNUSED,
         if (!vm || !vm->repl)
             rc = vr_err(-ENOENT, "vm %s: gone", call->arg);
     }
+    if (rc == 0 && (vm->applying || vm->repl->busy))
+        rc = vr_err(-EBUSY, "vm %s: a cycle is being received or applied; "
+                            "try again",
+                    vm->name);
     if (rc == 0) {
         rc = catalog_delete_repl(vm->uuid);
         if (rc == 0) {

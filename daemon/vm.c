@@ -585,6 +585,9 @@ api_vm_remove(struct api_call *call, unsigned *status VR_UNUSED,
         vmproc_status(rundir, &served, &running);
         if (served || running)
             rc = vr_err(-EBUSY, "vm %s: is running; stop it first", vm->name);
+        else if (vm->applying)
+            rc = vr_err(-EBUSY, "vm %s: a cycle is being applied; try again",
+                        vm->name);
         else if (vm->repl)
             rc = vr_err(-EBUSY, "vm %s: replication is enabled; remove it "
                                 "first",
