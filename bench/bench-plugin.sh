@@ -11,7 +11,12 @@
 #   rand4k-qd16   4 KiB random writes, iodepth 16, RUNTIME seconds
 #   seq1m         1 MiB sequential writes, iodepth 4, 2 x SIZE bytes
 # Prints IOPS / MB/s per job and the ratio tracked / file (target >= 0.9).
-# Sealed logs are deleted between jobs so tmpfs does not fill up.
+#
+# While a tracked run goes, a loop does what vmreplicad does with a 1 s
+# frequency: SEAL every second over the control socket, then (the cycle
+# "shipped") keep the sealed segment as the plugin's spare for its next
+# segment, as the shipper does.  CYCLE_S=0 turns the loop off (one segment
+# for the whole run).  The log-bytes column adds up the sealed segments.
 set -euo pipefail
 
 BUILD_DIR=${BUILD_DIR:-./build}
@@ -19,6 +24,7 @@ PLUGIN=${VMREPLICA_PLUGIN:-$BUILD_DIR/plugin/nbdkit-vmreplica-plugin.so}
 RUNTIME=${RUNTIME:-10}
 DIR=${DIR:-/dev/shm}
 SIZE=${SIZE:-1G}
+CYCLE_S=${CYCLE_S:-1}
 ROUNDS=${ROUNDS:-3}
 
 for c in nbdkit fio python3 socat; do
@@ -30,6 +36,7 @@ PLUGIN=$(realpath "$PLUGIN")
 T=$(mktemp -d "$DIR/vr-bench.XXXXXX")
 PID=
 cleanup() {
+    [ -z "${SEALER:-}" ] || kill "$SEALER" 2>/dev/null || true
     [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
     rm -rf "$T"
 }
@@ -53,6 +60,32 @@ start() { # start file|tracked
     done
     echo "bench: nbdkit did not start" >&2
     exit 1
+}
+
+# The daemon's part: seal every CYCLE_S seconds and recycle the segment.
+SEALER=
+start_sealer() {
+    : >"$T/sealed-bytes"
+    [ "$CYCLE_S" != 0 ] || return 0
+    (
+        while sleep "$CYCLE_S"; do
+            reply=$(printf 'SEAL\n' | socat -t 5 - UNIX-CONNECT:"$T/ctl.sock" \
+                2>/dev/null) || continue
+            case $reply in "OK "*) ;; *) continue ;; esac
+            seg=$T/disk.raw.vrlog/$(printf '%020d' "${reply#OK }").log
+            stat -c %s "$seg" >>"$T/sealed-bytes"
+            mv -f "$seg" "$T/disk.raw.vrlog/spare"
+        done
+    ) &
+    SEALER=$!
+}
+stop_sealer() {
+    [ -z "$SEALER" ] || { kill "$SEALER" 2>/dev/null; wait "$SEALER" 2>/dev/null || true; }
+    SEALER=
+    local open
+    open=$(du -cb "$T"/disk.raw.vrlog/*.open 2>/dev/null | tail -1 | cut -f1)
+    awk -v o="${open:-0}" '{ s += $1 } END { printf "%.0f\n", s + o }' \
+        "$T/sealed-bytes"
 }
 
 stop() {
@@ -91,12 +124,14 @@ for job in "${jobs[@]}"; do
     for round in $(seq "$ROUNDS"); do
         for kind in file tracked; do
             start "$kind"
+            [ "$kind" = file ] || start_sealer
             # shellcheck disable=SC2046
             read -r iops bw <<<"$(run_fio "$job" $(job_args "$job"))"
             if [ "$job" = seq1m ]; then v=$bw; else v=$iops; fi
             RES[$job.$kind]="${RES[$job.$kind]:-} $v"
-            if [ "$kind" = tracked ] && [ "$round" = 1 ]; then
-                RES[$job.log]=$(du -sb "$T/disk.raw.vrlog" | cut -f1)
+            if [ "$kind" = tracked ]; then
+                logb=$(stop_sealer)
+                [ "$round" != 1 ] || RES[$job.log]=$logb
             fi
             stop
         done
@@ -110,7 +145,8 @@ median() {
 }
 
 echo "# vmreplica plugin vs nbdkit file plugin: $DIR, $SIZE file," \
-    "runtime ${RUNTIME}s, median of $ROUNDS alternating rounds," \
+    "runtime ${RUNTIME}s, seal every ${CYCLE_S}s, median of $ROUNDS" \
+    "alternating rounds," \
     "$(nproc) CPUs, $(nbdkit --version)"
 printf '%-12s %14s %14s %8s %14s\n' job file tracked ratio "log bytes"
 for job in "${jobs[@]}"; do

@@ -240,7 +240,13 @@ delete_sealed_upto(const struct job *jb, uint64_t upto)
             char name[32];
             cl_seg_name(cs[k], true, name);
             CLEANUP_FREE char *p = xasprintf("%s/%s", dir, name);
-            unlink(p);
+            /* The newest one is kept as the plugin's next segment file:
+             * overwriting pages is cheaper than allocating them. */
+            bool last = k + 1 == n || cs[k + 1] > upto;
+            CLEANUP_FREE char *spare =
+                last ? xasprintf("%s/" CL_SPARE_NAME, dir) : NULL;
+            if (!last || rename(p, spare) < 0)
+                unlink(p);
         }
     }
 }
@@ -248,7 +254,17 @@ delete_sealed_upto(const struct job *jb, uint64_t upto)
 uint64_t
 shipper_pending_bytes(const struct vm *vm)
 {
+    /* While the disks are served the open segments' files may be longer
+     * than their records (a reused spare), so ask the plugin for them. */
+    CLEANUP_FREE char *rundir = vm_rundir(vm);
+    bool served = false, running = false;
+    uint64_t open_cycle = 0, open_bytes = 0;
+    vmproc_status(rundir, &served, &running);
+    bool from_plugin =
+        served && vmproc_open_cycle(rundir, &open_cycle, &open_bytes) == 0;
     uint64_t total = 0;
+    if (from_plugin && open_bytes > (uint64_t)vm->ndisks * CL_SEG_HDR_BYTES)
+        total = open_bytes - (uint64_t)vm->ndisks * CL_SEG_HDR_BYTES;
     for (unsigned i = 0; i < vm->ndisks; i++) {
         CLEANUP_FREE char *dir = logdir_of(&vm->disks[i]);
         DIR *d = opendir(dir);
@@ -256,18 +272,20 @@ shipper_pending_bytes(const struct vm *vm)
             continue;
         struct dirent *de;
         while ((de = readdir(d))) {
-            if (de->d_name[0] == '.')
+            /* Segments only ("%020llu.open" / ".log"), not the spare. */
+            if (strlen(de->d_name) < 21 || de->d_name[20] != '.')
                 continue;
             uint64_t c = strtoull(de->d_name, NULL, 10);
             if (vm->repl && c <= vm->repl->last_cycle)
                 continue;
+            bool sealed = strcmp(de->d_name + 20, ".log") == 0;
+            if (!sealed && from_plugin)
+                continue;
             /* Count the change records only: not the segment header, nor
              * the CL_SEAL record that ends a sealed segment, so a cycle
              * with no change in it is nothing pending. */
-            size_t nl = strlen(de->d_name);
-            uint64_t overhead = CL_SEG_HDR_BYTES;
-            if (nl > 4 && strcmp(de->d_name + nl - 4, ".log") == 0)
-                overhead += CL_REC_HDR_BYTES;
+            uint64_t overhead =
+                CL_SEG_HDR_BYTES + (sealed ? CL_REC_HDR_BYTES : 0);
             struct stat st;
             if (fstatat(dirfd(d), de->d_name, &st, 0) == 0 &&
                 (uint64_t)st.st_size > overhead)
@@ -275,6 +293,7 @@ shipper_pending_bytes(const struct vm *vm)
         }
         closedir(d);
     }
+    vr_err_clear();
     return total;
 }
 

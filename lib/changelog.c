@@ -24,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -290,6 +291,15 @@ reader_next(struct cl_reader *r, struct cl_rec *rec)
         r->state = 1;
         return 0;
     }
+    /* An open segment's writer preallocates: a record header that is all
+     * zeroes is space not yet written, the end of the records. */
+    if (!r->sealed && avail >= CL_REC_HDR_BYTES) {
+        static const uint8_t zero_hdr[CL_REC_HDR_BYTES];
+        if (memcmp(r->buf + r->start, zero_hdr, CL_REC_HDR_BYTES) == 0) {
+            r->state = 1;
+            return 0;
+        }
+    }
     if (avail < CL_REC_HDR_BYTES)
         return reader_fail(r, vr_err(-EBADMSG, "change log %s: torn record "
                                      "header at %" PRIu64, r->name,
@@ -410,6 +420,18 @@ cl_reader_free(struct cl_reader *r)
 
 /* --- writer ------------------------------------------------------------ */
 
+/* Records are copied into a shared mapping of the segment rather than
+ * written with pwritev: no system call and no inode lock per record, which
+ * on a 2-CPU host under 16 concurrent writers cost a third of the IOPS.
+ * The file is mapped in fixed chunks that never move, so a writer copying
+ * into one chunk is never disturbed by another thread mapping the next;
+ * each chunk is fallocated before it is mapped, so a full file system is an
+ * error at reservation (ENOSPC), never a SIGBUS while copying.  The mapping
+ * and the file share the page cache: fdatasync makes mapped records
+ * durable, and readers use plain reads. */
+#define MAP_CHUNK_BYTES (16u << 20)
+#define MAP_MAX_CHUNKS  16384 /* 256 GiB per segment */
+
 struct cl_writer {
     int dirfd; /* our own dup */
     int fd;
@@ -419,7 +441,68 @@ struct cl_writer {
     uint64_t bytes;
     uint64_t records;
     bool finished; /* sealed */
+    uint8_t **chunks;   /* MAP_MAX_CHUNKS slots, mapped prefix */
+    unsigned nchunks;   /* chunks mapped: file [0, nchunks * CHUNK) */
+    bool map_failed;    /* fall back to pwritev for good */
 };
+
+/* Map chunks until [0, end) is covered (caller serialises, as for
+ * reservations).  On failure the writer falls back to pwritev. */
+static int
+map_cover(struct cl_writer *w, uint64_t end)
+{
+    while (!w->map_failed && (uint64_t)w->nchunks * MAP_CHUNK_BYTES < end) {
+        if (w->nchunks == MAP_MAX_CHUNKS) {
+            w->map_failed = true;
+            break;
+        }
+        if (!w->chunks)
+            w->chunks = xcalloc(MAP_MAX_CHUNKS, sizeof *w->chunks);
+        off_t off = (off_t)w->nchunks * MAP_CHUNK_BYTES;
+        if (fallocate(w->fd, 0, off, MAP_CHUNK_BYTES) < 0) {
+            if (errno == ENOSPC || errno == EDQUOT)
+                return vr_err(-errno, "change log cycle %" PRIu64
+                              ": extend: %s", w->cycle, strerror(errno));
+            w->map_failed = true; /* e.g. EOPNOTSUPP */
+            break;
+        }
+        void *p = mmap(NULL, MAP_CHUNK_BYTES, PROT_READ | PROT_WRITE,
+                       MAP_SHARED | MAP_POPULATE, w->fd, off);
+        if (p == MAP_FAILED) {
+            w->map_failed = true;
+            break;
+        }
+        w->chunks[w->nchunks] = p;
+        /* Publish the chunk before the count that lets writers use it. */
+        __atomic_store_n(&w->nchunks, w->nchunks + 1, __ATOMIC_RELEASE);
+    }
+    return 0;
+}
+
+static void
+map_drop(struct cl_writer *w)
+{
+    for (unsigned i = 0; i < w->nchunks; i++)
+        munmap(w->chunks[i], MAP_CHUNK_BYTES);
+    w->nchunks = 0;
+    free(w->chunks);
+    w->chunks = NULL;
+}
+
+/* Copy len bytes to file offset off through the mapping. */
+static void
+map_copy(struct cl_writer *w, uint64_t off, const void *src, size_t len)
+{
+    const uint8_t *p = src;
+    while (len > 0) {
+        uint64_t c = off / MAP_CHUNK_BYTES, in = off % MAP_CHUNK_BYTES;
+        size_t n = MAP_CHUNK_BYTES - in < len ? MAP_CHUNK_BYTES - in : len;
+        memcpy(w->chunks[c] + in, p, n);
+        p += n;
+        off += n;
+        len -= n;
+    }
+}
 
 static int
 pwritev_all(int fd, struct iovec *iov, int iovcnt, off_t off)
@@ -459,6 +542,28 @@ writer_new(int dirfd, int fd, uint16_t disk, uint64_t cycle)
     return w;
 }
 
+/* Reuse the segment file the shipper left as CL_SPARE_NAME: writing over
+ * pages a file already has is about twice as fast as appending new ones
+ * (tmpfs and ext4 alike).  The new header goes in before the rename, so a
+ * crash never leaves an .open segment with an old header; older records
+ * after the tail are never read, since sequence numbers must continue.
+ * Returns the open fd, or -1 to create a fresh file instead. */
+static int
+reuse_spare(int dirfd, const char *name, const uint8_t *hdr)
+{
+    int fd = openat(dirfd, CL_SPARE_NAME, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0)
+        return -1;
+    struct stat st;
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) ||
+        io_pwrite_all(fd, hdr, CL_SEG_HDR_BYTES, 0) < 0 || fdatasync(fd) < 0 ||
+        renameat2(dirfd, CL_SPARE_NAME, dirfd, name, RENAME_NOREPLACE) < 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
 int
 cl_writer_create(int dirfd, uint16_t disk, uint64_t cycle, uint64_t first_seq,
                  struct cl_writer **out)
@@ -478,14 +583,20 @@ cl_writer_create(int dirfd, uint16_t disk, uint64_t cycle, uint64_t first_seq,
     if (faccessat(dirfd, name, F_OK, 0) == 0)
         return vr_err(-EEXIST, "create change log: %s already exists", name);
     cl_seg_name(cycle, false, name);
-    int fd = openat(dirfd, name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (fd < 0)
-        return vr_err(-errno, "create change log %s: %s", name,
-                      strerror(errno));
     cl_seg_hdr_encode(&h, hdr);
-    int rc = io_pwrite_all(fd, hdr, sizeof hdr, 0);
-    if (rc == 0 && fdatasync(fd) < 0)
-        rc = -errno;
+    int rc;
+    int fd = reuse_spare(dirfd, name, hdr);
+    if (fd < 0) {
+        fd = openat(dirfd, name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+        if (fd < 0)
+            return vr_err(-errno, "create change log %s: %s", name,
+                          strerror(errno));
+        rc = io_pwrite_all(fd, hdr, sizeof hdr, 0);
+        if (rc == 0 && fdatasync(fd) < 0)
+            rc = -errno;
+    } else {
+        rc = 0;
+    }
     if (rc == 0)
         rc = io_fsync_dirfd(dirfd);
     struct cl_writer *w = NULL;
@@ -617,8 +728,12 @@ cl_writer_reserve(struct cl_writer *w, uint8_t kind, uint8_t flags,
         .seq = w->next_seq,
         .data = data,
     };
+    uint64_t end = w->bytes + CL_REC_HDR_BYTES + (kind == CL_WRITE ? len : 0);
+    int rc = map_cover(w, end);
+    if (rc < 0)
+        return rc;
     *file_off = w->bytes;
-    w->bytes += CL_REC_HDR_BYTES + (kind == CL_WRITE ? len : 0);
+    w->bytes = end;
     w->next_seq++;
     w->records++;
     return 0;
@@ -633,6 +748,20 @@ cl_writer_write(struct cl_writer *w, const struct cl_rec *rec,
     int n = 1;
 
     cl_rec_encode(rec, hdr);
+    uint64_t end = file_off + CL_REC_HDR_BYTES +
+                   (rec->kind == CL_WRITE ? rec->len : 0);
+    /* Reserved records below the mapped end are copied; nchunks only grows
+     * while reservations are serialised, and a reserved record is covered
+     * before its reservation returns. */
+    if (end <= (uint64_t)__atomic_load_n(&w->nchunks, __ATOMIC_ACQUIRE) *
+                   MAP_CHUNK_BYTES) {
+        if (rec->kind == CL_WRITE)
+            map_copy(w, file_off + CL_REC_HDR_BYTES, rec->data, rec->len);
+        /* The header last: a torn record is cut at recovery either way,
+         * but this keeps a half-copied one from ever looking whole. */
+        map_copy(w, file_off, hdr, sizeof hdr);
+        return 0;
+    }
     iov[0].iov_base = hdr;
     iov[0].iov_len = sizeof hdr;
     if (rec->kind == CL_WRITE) {
@@ -696,6 +825,12 @@ cl_writer_seal(struct cl_writer *w)
     cl_seg_name(w->cycle, false, from);
     cl_seg_name(w->cycle, true, to);
     int rc = writer_put(w, &rec);
+    /* A reused spare or a fallocated chunk holds bytes past the seal: drop
+     * them so the sealed file is exactly the segment. */
+    if (rc == 0)
+        map_drop(w);
+    if (rc == 0 && ftruncate(w->fd, (off_t)w->bytes) < 0)
+        rc = -errno;
     if (rc == 0 && fdatasync(w->fd) < 0)
         rc = -errno;
     if (rc == 0 && renameat(w->dirfd, from, w->dirfd, to) < 0)
@@ -743,6 +878,13 @@ cl_writer_free(struct cl_writer *w)
 {
     if (!w)
         return;
+    /* An open segment made from a spare may be longer than its records:
+     * leave it exactly its size, so its length on disk says what is
+     * pending while no writer has it open. */
+    map_drop(w);
+    if (!w->finished && ftruncate(w->fd, (off_t)w->bytes) < 0) {
+        /* reopen cuts the tail after a restart anyway */
+    }
     close(w->fd);
     close(w->dirfd);
     free(w);

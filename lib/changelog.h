@@ -67,6 +67,10 @@ int cl_rec_decode(const void *buf, size_t avail, struct cl_rec *r,
 void cl_seg_hdr_encode(const struct cl_seg_hdr *h, uint8_t out[CL_SEG_HDR_BYTES]);
 int cl_seg_hdr_decode(const void *buf, struct cl_seg_hdr *h) VR_WUR;
 
+/* A shipped segment the daemon leaves for reuse: cl_writer_create takes
+ * it as the next open segment instead of a new file. */
+#define CL_SPARE_NAME "spare"
+
 /* Segment file name for a cycle: "%020llu.open" or "%020llu.log". */
 void cl_seg_name(uint64_t cycle, bool sealed, char out[32]);
 
@@ -74,8 +78,9 @@ void cl_seg_name(uint64_t cycle, bool sealed, char out[32]);
 
 struct cl_writer;
 
-/* Create CYCLE.open in dirfd (O_EXCL) for disk, with first sequence
- * number first_seq, header durable.  Caller frees with cl_writer_free. */
+/* Create CYCLE.open in dirfd (O_EXCL, or by renaming CL_SPARE_NAME) for
+ * disk, with first sequence number first_seq, header durable.  Caller frees
+ * with cl_writer_free. */
 int cl_writer_create(int dirfd, uint16_t disk, uint64_t cycle,
                      uint64_t first_seq, struct cl_writer **out) VR_WUR;
 /* Reopen an existing CYCLE.open after a crash: validate every record, cut a
@@ -110,7 +115,8 @@ uint64_t cl_writer_next_seq(const struct cl_writer *w);
 /* Bytes in the segment file so far (header included). */
 uint64_t cl_writer_bytes(const struct cl_writer *w);
 uint64_t cl_writer_records(const struct cl_writer *w);
-/* Close without sealing.  NULL is a no-op. */
+/* Close without sealing (the file is cut to its records).  NULL is a
+ * no-op. */
 void cl_writer_free(struct cl_writer *w);
 
 /* --- reader ------------------------------------------------------------ */

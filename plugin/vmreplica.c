@@ -8,13 +8,15 @@
  *
  * Locking: each write-class request holds the process-wide seal_lock for
  * reading.  Under its disk's mutex it waits until no in-flight request
- * overlaps its byte range and registers its range; it does the disk I/O
- * without the mutex, then reserves its log record (sequence number and
- * place in the segment) under the mutex and writes it without, in parallel
+ * overlaps its byte range, registers its range and reserves its log record
+ * (sequence number and place in the segment); then, without the mutex, it
+ * does the disk I/O and copies the record into the segment, in parallel
  * with requests on other ranges.  Overlapping requests never run at the
  * same time, so the log order equals the order in which writes to the same
  * bytes hit the disk, while non-overlapping ones (the common case at queue
- * depth > 1) copy their data concurrently.  SEAL (over the
+ * depth > 1) copy their data concurrently.  A request whose disk I/O fails
+ * still fills its reserved place, with what the disk now holds, so the log
+ * never has a hole.  SEAL (over the
  * control socket) takes seal_lock for writing: no write is in flight on any
  * disk while every disk's segment is sealed and the next one opened, which
  * gives one crash-consistent cut across all disks of the VM.
@@ -870,9 +872,40 @@ overlaps(const struct disk *d, uint64_t start, uint64_t end)
     return false;
 }
 
+/* Write the reserved record of a request whose disk I/O failed, so that
+ * the log has no hole and says what the disk now holds: a write's range as
+ * read back from the disk, or an empty zero (a no-op) for zero and trim.
+ * The guest was told the request failed. */
+static int
+write_neutral(struct disk *d, struct cl_rec *rec, uint64_t log_off)
+{
+    if (rec->kind != CL_WRITE) {
+        rec->kind = CL_ZERO;
+        rec->len = 0;
+        rec->flags = 0;
+        return cl_writer_write(d->w, rec, log_off);
+    }
+    void *now = malloc(rec->len);
+    if (!now)
+        return vr_err(-ENOMEM, "read back %s: out of memory", d->path);
+    int rc = io_pread_all(d->fd, now, rec->len, (off_t)rec->offset);
+    if (rc == -ENODATA)
+        rc = 0; /* past the end reads as zeroes; pread filled what it could */
+    if (rc == 0) {
+        rec->data = now;
+        rc = cl_writer_write(d->w, rec, log_off);
+    } else {
+        vr_err(rc, "read back %s at %" PRIu64 ": %s", d->path, rec->offset,
+               strerror(-rc));
+    }
+    free(now);
+    return rc;
+}
+
 /* One write-class request (see Locking at the top): wait for overlapping
- * requests, reserve the log record, then do the disk I/O and write the
- * record outside the disk mutex; FUA makes both durable. */
+ * requests and reserve the log record, do the disk I/O, then write the
+ * record outside the disk mutex; FUA makes both durable.  Reserving first
+ * means a full log file system fails the request before the disk changes. */
 static int
 tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
         uint64_t offset, uint32_t flags)
@@ -894,9 +927,15 @@ tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
     pthread_mutex_lock(&d->lock);
     while (overlaps(d, me.start, me.end))
         pthread_cond_wait(&d->idle, &d->lock);
-    me.next = d->inflight;
-    d->inflight = &me;
+    rc = cl_writer_reserve(d->w, kind, fua ? CL_F_FUA : 0, offset, count, buf,
+                           &rec, &log_off);
+    if (rc == 0) {
+        me.next = d->inflight;
+        d->inflight = &me;
+    }
     pthread_mutex_unlock(&d->lock);
+    if (rc < 0)
+        goto out;
 
     if (kind == CL_WRITE) {
         rc = io_pwrite_all(d->fd, buf, count, (off_t)offset);
@@ -904,21 +943,16 @@ tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
         rc = zero_range(d, count, offset,
                         kind == CL_ZERO && (flags & NBDKIT_FLAG_FAST_ZERO));
     }
-    if (rc < 0 && rc != -ENOTSUP)
-        vr_err(rc, "%s %s at %" PRIu64 ": %s", what, d->path, offset,
-               strerror(-rc));
-
-    /* Only a change that reached the disk is logged.  The reservation comes
-     * after the disk I/O: overlapping requests cannot be here at the same
-     * time, so their records still follow the order their I/O happened. */
-    int lrc = 0;
+    int lrc;
     if (rc == 0) {
-        pthread_mutex_lock(&d->lock);
-        lrc = cl_writer_reserve(d->w, kind, fua ? CL_F_FUA : 0, offset, count,
-                                buf, &rec, &log_off);
-        pthread_mutex_unlock(&d->lock);
-        if (lrc == 0)
-            lrc = cl_writer_write(d->w, &rec, log_off);
+        lrc = cl_writer_write(d->w, &rec, log_off);
+    } else {
+        char msg[512];
+        snprintf(msg, sizeof msg, "%s %s at %" PRIu64 ": %s", what, d->path,
+                 offset, strerror(-rc));
+        lrc = write_neutral(d, &rec, log_off);
+        if (lrc == 0 && rc != -ENOTSUP)
+            vr_err(rc, "%s", msg);
     }
 
     pthread_mutex_lock(&d->lock);

@@ -163,17 +163,30 @@ kill9_nbdkit
 wait "$WRITER_PID" 2>/dev/null || true
 WRITER_PID=
 open0=$(seg "$L0" 3 open)
+open1=$(seg "$L1" 3 open)
 n_before=$("$CLDUMP" "$open0" | wc -l)
-size_good=$(stat -c %s "$open0")
-# A torn record: a valid-looking header prefix and some bytes.
-head -c 93 "$(seg "$L0" 1 log)" | tail -c 29 >>"$open0"
-head -c 1000 /dev/urandom >>"$(seg "$L1" 3 open)"
+# The writer preallocates (zeroes after the records); where the records
+# end is the header plus each record's header and write data.
+records_end() { # SEGMENT
+    "$CLDUMP" "$1" |
+        awk '{ n += 32 + ($1 == "write" ? $4 : 0) } END { print 64 + n }'
+}
+size_good=$(records_end "$open0")
+end1=$(records_end "$open1")
+# A torn record right after the last good one: a valid-looking header
+# prefix, inside the preallocated zeroes; and garbage after disk1's.
+head -c 93 "$(seg "$L0" 1 log)" | tail -c 29 |
+    dd of="$open0" bs=1 seek="$size_good" conv=notrunc status=none
+head -c 1000 /dev/urandom |
+    dd of="$open1" bs=1 seek="$end1" conv=notrunc status=none
 "$CLDUMP" "$open0" >/dev/null 2>&1 && fail "torn tail not detected"
+"$CLDUMP" "$open1" >/dev/null 2>&1 && fail "garbage tail not detected"
 
 start_nbdkit
 expect "disk0 tail cut exactly" "$(stat -c %s "$open0")" "$size_good"
-"$CLDUMP" "$(seg "$L1" 3 open)" >/dev/null || fail "disk1 tail not cut"
-grep -q "torn tail of 29 bytes cut" "$T/nbdkit.log" ||
+expect "disk1 tail cut exactly" "$(stat -c %s "$open1")" "$end1"
+"$CLDUMP" "$open1" >/dev/null || fail "disk1 tail not cut"
+grep -q "torn tail of [0-9]* bytes cut" "$T/nbdkit.log" ||
     fail "recovery did not report the cut"
 expect "cycle after crash" "$(ctl STATUS | cut -d' ' -f1,2)" "OK 3"
 qio disk0 'write -P 0x77 0 4k' || fail "write after recovery"

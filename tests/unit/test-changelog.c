@@ -578,6 +578,160 @@ test_limits(void)
        "torn 64 MiB record rejected");
 }
 
+/* Reserved records may be written in any order (the plugin copies them in
+ * parallel); the log order is the reservation order.  A reserved record
+ * never written (a crash) ends the segment there at recovery. */
+static void
+test_parallel_slots(void)
+{
+    clear_dir();
+    static uint8_t a[4096], b[8192], c[100];
+    memset(a, 1, sizeof a);
+    memset(b, 2, sizeof b);
+    memset(c, 3, sizeof c);
+    struct cl_writer *w = NULL;
+    struct cl_rec r1, r2, r3;
+    uint64_t o1 = 0, o2 = 0, o3 = 0;
+    int rc = cl_writer_create(dirfd_, 0, 5, 0, &w);
+    if (rc == 0)
+        rc = cl_writer_reserve(w, CL_WRITE, 0, 0, sizeof a, a, &r1, &o1);
+    if (rc == 0)
+        rc = cl_writer_reserve(w, CL_WRITE, CL_F_FUA, 4096, sizeof b, b, &r2,
+                               &o2);
+    if (rc == 0)
+        rc = cl_writer_reserve(w, CL_WRITE, 0, 100, sizeof c, c, &r3, &o3);
+    is_int(rc, 0, "slots: three reservations");
+    ok(o2 == o1 + CL_REC_HDR_BYTES + sizeof a &&
+       o3 == o2 + CL_REC_HDR_BYTES + sizeof b,
+       "slots: places follow reservation order");
+    rc = cl_writer_write(w, &r3, o3);
+    if (rc == 0)
+        rc = cl_writer_write(w, &r1, o1);
+    if (rc == 0)
+        rc = cl_writer_write(w, &r2, o2);
+    if (rc == 0)
+        rc = cl_writer_seal(w);
+    cl_writer_free(w);
+    is_int(rc, 0, "slots: written in reverse order and sealed");
+    char name[32];
+    cl_seg_name(5, true, name);
+    struct cl_reader *r = NULL;
+    struct cl_rec rec;
+    int n = 0, good = 0;
+    if (cl_reader_open(dirfd_, name, &r) == 0) {
+        while (cl_reader_next(r, &rec) == 1) {
+            const uint8_t *d = rec.data;
+            good += (n == 0 && rec.offset == 0 && rec.len == 4096 && d[0] == 1) ||
+                    (n == 1 && rec.offset == 4096 && rec.flags == CL_F_FUA &&
+                     d[8191] == 2) ||
+                    (n == 2 && rec.offset == 100 && rec.len == 100 &&
+                     d[99] == 3);
+            n++;
+        }
+        cl_reader_free(r);
+    }
+    ok(n == 3 && good == 3, "slots: read back in reservation order");
+
+    /* A hole: the middle record never written. */
+    w = NULL;
+    rc = cl_writer_create(dirfd_, 0, 6, 3, &w);
+    if (rc == 0)
+        rc = cl_writer_reserve(w, CL_WRITE, 0, 0, sizeof a, a, &r1, &o1);
+    if (rc == 0)
+        rc = cl_writer_reserve(w, CL_WRITE, 0, 4096, sizeof b, b, &r2, &o2);
+    if (rc == 0)
+        rc = cl_writer_reserve(w, CL_WRITE, 0, 100, sizeof c, c, &r3, &o3);
+    if (rc == 0)
+        rc = cl_writer_write(w, &r1, o1);
+    if (rc == 0)
+        rc = cl_writer_write(w, &r3, o3);
+    is_int(rc, 0, "hole: first and last written");
+    struct cl_writer *w2 = NULL;
+    uint64_t cut = 0;
+    is_int(cl_writer_reopen(dirfd_, 0, 6, &w2, &cut), 0, "hole: reopen");
+    is_int(w2 ? cl_writer_records(w2) : 99, 1,
+           "hole: recovery keeps the records before the hole only");
+    is_int(w2 ? cl_writer_next_seq(w2) : 0, 4, "hole: sequence resumes");
+    cl_writer_free(w);
+    cl_writer_free(w2);
+}
+
+/* A shipped segment renamed to CL_SPARE_NAME becomes the next open segment
+ * (same inode); the older records in it are never read back, whether the
+ * segment is sealed, closed cleanly, or reopened after a crash. */
+static void
+test_spare_reuse(void)
+{
+    clear_dir();
+    static uint8_t data[8192];
+    memset(data, 0xab, sizeof data);
+    struct cl_writer *w = NULL;
+    int rc = cl_writer_create(dirfd_, 3, 10, 100, &w);
+    for (int i = 0; rc == 0 && i < 20; i++)
+        rc = cl_writer_append(w, CL_WRITE, 0, (uint64_t)i * 8192, 8192, data);
+    if (rc == 0)
+        rc = cl_writer_seal(w);
+    uint64_t next = w ? cl_writer_next_seq(w) : 0;
+    cl_writer_free(w);
+    is_int(rc, 0, "spare: first segment written and sealed");
+    char name[32];
+    cl_seg_name(10, true, name);
+    ok(renameat(dirfd_, name, dirfd_, CL_SPARE_NAME) == 0, "spare: shipped");
+    struct stat st0, st1;
+    ok(fstatat(dirfd_, CL_SPARE_NAME, &st0, 0) == 0, "spare: exists");
+
+    w = NULL;
+    rc = cl_writer_create(dirfd_, 3, 11, next, &w);
+    is_int(rc, 0, "spare: next segment created");
+    cl_seg_name(11, false, name);
+    ok(fstatat(dirfd_, name, &st1, 0) == 0 && st1.st_ino == st0.st_ino,
+       "spare: reused as the open segment (same inode)");
+    ok(faccessat(dirfd_, CL_SPARE_NAME, F_OK, 0) < 0, "spare: consumed");
+    for (int i = 0; rc == 0 && i < 3; i++)
+        rc = cl_writer_append(w, CL_ZERO, 0, (uint64_t)i * 4096, 4096, NULL);
+    /* A crash now: the file still has the old segment's bytes after the
+     * three new records; reopen must see exactly three. */
+    uint64_t cut = 0;
+    struct cl_writer *w2 = NULL;
+    is_int(cl_writer_reopen(dirfd_, 3, 11, &w2, &cut), 0,
+           "spare: reopen after a crash");
+    is_int(cl_writer_records(w2), 3, "spare: only the new records survive");
+    ok(cut > 0, "spare: the older bytes were cut (%llu)",
+       (unsigned long long)cut);
+    cl_writer_free(w);
+    rc = cl_writer_append(w2, CL_TRIM, 0, 0, 512, NULL);
+    if (rc == 0)
+        rc = cl_writer_seal(w2);
+    cl_writer_free(w2);
+    is_int(rc, 0, "spare: sealed after reopen");
+
+    struct cl_reader *r = NULL;
+    cl_seg_name(11, true, name);
+    int n = 0, last = 0;
+    struct cl_rec rec;
+    if (cl_reader_open(dirfd_, name, &r) == 0) {
+        while ((last = cl_reader_next(r, &rec)) == 1)
+            n++;
+        cl_reader_free(r);
+    }
+    is_int(last, 0, "spare: sealed segment ends cleanly");
+    is_int(n, 4, "spare: sealed segment holds exactly the 4 new records");
+    ok(fstatat(dirfd_, name, &st1, 0) == 0 &&
+       st1.st_size == CL_SEG_HDR_BYTES + 5 * CL_REC_HDR_BYTES,
+       "spare: sealed file is exactly its records");
+
+    /* Closed cleanly without a seal: cut to its records too. */
+    cl_seg_name(11, true, name);
+    ok(renameat(dirfd_, name, dirfd_, CL_SPARE_NAME) == 0, "spare: again");
+    w = NULL;
+    is_int(cl_writer_create(dirfd_, 3, 12, next + 4, &w), 0,
+           "spare: third segment");
+    cl_writer_free(w);
+    cl_seg_name(12, false, name);
+    ok(fstatat(dirfd_, name, &st1, 0) == 0 && st1.st_size == CL_SEG_HDR_BYTES,
+       "spare: clean close leaves the open segment exactly its header");
+}
+
 int
 main(void)
 {
@@ -597,6 +751,8 @@ main(void)
     test_reopen();
     test_bit_flips();
     test_limits();
+    test_parallel_slots();
+    test_spare_reuse();
 
     clear_dir();
     close(dirfd_);
