@@ -41,6 +41,7 @@ struct vm {
     struct disk disks[MAX_DISKS];
     bool hypervisor; /* QEMU was requested at start */
     bool applying;   /* the applier works on its disks without the lock */
+    bool changing;   /* a start or stop runs without the lock */
     struct repl *repl;
 };
 

@@ -507,34 +507,66 @@ spec_of(const struct vm *vm, struct vmproc_spec *s, struct vmproc_disk *dks,
                                .hypervisor = vm->hypervisor };
 }
 
+/* Start or stop run their processes without the lock (up to the QEMU
+ * timeouts); vm->changing keeps a second start, stop or remove out
+ * meanwhile. */
+static int
+begin_change(struct api_call *call, struct vm **out)
+{
+    int rc = lookup(call, out);
+    if (rc == 0 && (*out)->changing)
+        rc = vr_err(-EBUSY, "vm %s: a start or stop is in progress",
+                    (*out)->name);
+    if (rc == 0)
+        (*out)->changing = true;
+    return rc;
+}
+
+static void
+end_change(struct vm *vm)
+{
+    vm->changing = false;
+    if (vm->repl)
+        vm->repl->kick = true;
+    pthread_cond_broadcast(&D->cond);
+}
+
 int
 api_vm_start(struct api_call *call, unsigned *status VR_UNUSED,
              json_object **out)
 {
     struct vm *vm = NULL;
     pthread_mutex_lock(&D->lock);
-    int rc = lookup(call, &vm);
-    if (rc == 0 && vm->mode == VM_MODE_REPLICA)
+    int rc = begin_change(call, &vm);
+    if (rc == 0 && vm->mode == VM_MODE_REPLICA) {
+        vm->changing = false;
         rc = vr_err(-EBUSY, "vm %s: is a Replica VM; it starts only through "
                             "failover",
                     vm->name);
+    }
+    if (rc < 0) {
+        pthread_mutex_unlock(&D->lock);
+        return rc;
+    }
+    vm->hypervisor = !jbool(call->body, "no_hypervisor", false);
+    CLEANUP_FREE char *rundir = vm_rundir(vm);
+    struct vmproc_spec s;
+    struct vmproc_disk dks[MAX_DISKS];
+    spec_of(vm, &s, dks, rundir);
+    /* The spec borrows vm's strings: a changing VM is neither removed nor
+     * altered. */
+    pthread_mutex_unlock(&D->lock);
+    rc = vmproc_start(&s);
+    char msg[1024];
+    snprintf(msg, sizeof msg, "%s", vr_errmsg());
+    pthread_mutex_lock(&D->lock);
+    end_change(vm);
     if (rc == 0) {
-        vm->hypervisor = !jbool(call->body, "no_hypervisor", false);
-        CLEANUP_FREE char *rundir = vm_rundir(vm);
-        struct vmproc_spec s;
-        struct vmproc_disk dks[MAX_DISKS];
-        spec_of(vm, &s, dks, rundir);
-        /* vmproc_start blocks for at most ~10 s; holding the lock keeps the
-         * VM from being removed meanwhile. */
-        rc = vmproc_start(&s);
-        if (rc == 0) {
-            event_add("info", vm->name, "vm started (%s)",
-                      vm->hypervisor ? "qemu" : "disks served only");
-            if (vm->repl)
-                vm->repl->kick = true;
-            pthread_cond_broadcast(&D->cond);
-            *out = vm_to_json(vm);
-        }
+        event_add("info", vm->name, "vm started (%s)",
+                  vm->hypervisor ? "qemu" : "disks served only");
+        *out = vm_to_json(vm);
+    } else {
+        vr_err(rc, "%s", msg);
     }
     pthread_mutex_unlock(&D->lock);
     return rc;
@@ -546,19 +578,25 @@ api_vm_stop(struct api_call *call, unsigned *status VR_UNUSED,
 {
     struct vm *vm = NULL;
     pthread_mutex_lock(&D->lock);
-    int rc = lookup(call, &vm);
+    int rc = begin_change(call, &vm);
+    if (rc < 0) {
+        pthread_mutex_unlock(&D->lock);
+        return rc;
+    }
+    CLEANUP_FREE char *rundir = vm_rundir(vm);
+    bool force = jbool(call->body, "force", false);
+    pthread_mutex_unlock(&D->lock);
+    rc = vmproc_stop(rundir, force, 30000);
+    char msg[1024];
+    snprintf(msg, sizeof msg, "%s", vr_errmsg());
+    pthread_mutex_lock(&D->lock);
+    end_change(vm);
     if (rc == 0) {
-        CLEANUP_FREE char *rundir = vm_rundir(vm);
-        bool force = jbool(call->body, "force", false);
-        rc = vmproc_stop(rundir, force, 30000);
-        if (rc == 0) {
-            vm->hypervisor = false;
-            event_add("info", vm->name, "vm stopped");
-            if (vm->repl)
-                vm->repl->kick = true;
-            pthread_cond_broadcast(&D->cond);
-            *out = vm_to_json(vm);
-        }
+        vm->hypervisor = false;
+        event_add("info", vm->name, "vm stopped");
+        *out = vm_to_json(vm);
+    } else {
+        vr_err(rc, "%s", msg);
     }
     pthread_mutex_unlock(&D->lock);
     return rc;
@@ -585,8 +623,9 @@ api_vm_remove(struct api_call *call, unsigned *status VR_UNUSED,
         vmproc_status(rundir, &served, &running);
         if (served || running)
             rc = vr_err(-EBUSY, "vm %s: is running; stop it first", vm->name);
-        else if (vm->applying)
-            rc = vr_err(-EBUSY, "vm %s: a cycle is being applied; try again",
+        else if (vm->applying || vm->changing)
+            rc = vr_err(-EBUSY, "vm %s: a cycle is being applied or a start "
+                                "or stop is in progress; try again",
                         vm->name);
         else if (vm->repl)
             rc = vr_err(-EBUSY, "vm %s: replication is enabled; remove it "
