@@ -17,6 +17,7 @@
 # "shipped") keep the sealed segment as the plugin's spare for its next
 # segment, as the shipper does.  CYCLE_S=0 turns the loop off (one segment
 # for the whole run).  The log-bytes column adds up the sealed segments.
+# LOGIO=write|mmap selects the plugin's logio= (how records reach the log).
 set -euo pipefail
 
 BUILD_DIR=${BUILD_DIR:-./build}
@@ -25,6 +26,7 @@ RUNTIME=${RUNTIME:-10}
 DIR=${DIR:-/dev/shm}
 SIZE=${SIZE:-1G}
 CYCLE_S=${CYCLE_S:-1}
+LOGIO=${LOGIO:-write}
 ROUNDS=${ROUNDS:-3}
 
 for c in nbdkit fio python3 socat; do
@@ -50,7 +52,8 @@ start() { # start file|tracked
         URI="nbd+unix:///?socket=$T/nbd.sock"
     else
         nbdkit --foreground --unix "$T/nbd.sock" "$PLUGIN" \
-            disk=disk0:"$T/disk.raw" control="$T/ctl.sock" &
+            disk=disk0:"$T/disk.raw" control="$T/ctl.sock" \
+            logio="$LOGIO" &
         URI="nbd+unix:///disk0?socket=$T/nbd.sock"
     fi
     PID=$!
@@ -145,7 +148,8 @@ median() {
 }
 
 echo "# vmreplica plugin vs nbdkit file plugin: $DIR, $SIZE file," \
-    "runtime ${RUNTIME}s, seal every ${CYCLE_S}s, median of $ROUNDS" \
+    "runtime ${RUNTIME}s, seal every ${CYCLE_S}s, logio=$LOGIO," \
+    "median of $ROUNDS" \
     "alternating rounds," \
     "$(nproc) CPUs, $(nbdkit --version)"
 printf '%-12s %14s %14s %8s %14s\n' job file tracked ratio "log bytes"

@@ -420,9 +420,11 @@ cl_reader_free(struct cl_reader *r)
 
 /* --- writer ------------------------------------------------------------ */
 
-/* Records are copied into a shared mapping of the segment rather than
- * written with pwritev: no system call and no inode lock per record, which
- * on a 2-CPU host under 16 concurrent writers cost a third of the IOPS.
+/* With cl_writer_use_mmap(true), records are copied into a shared mapping
+ * of the segment rather than written with pwritev: no system call and no
+ * inode lock per record.  That wins on tmpfs but loses badly on ext4, where
+ * every first store to a clean shared page faults into the file system
+ * (docs/benchmarks.md), so it is off by default.
  * The file is mapped in fixed chunks that never move, so a writer copying
  * into one chunk is never disturbed by another thread mapping the next;
  * each chunk is fallocated before it is mapped, so a full file system is an
@@ -441,16 +443,27 @@ struct cl_writer {
     uint64_t bytes;
     uint64_t records;
     bool finished; /* sealed */
+    bool cut;      /* CL_SEAL appended, not yet renamed */
     uint8_t **chunks;   /* MAP_MAX_CHUNKS slots, mapped prefix */
     unsigned nchunks;   /* chunks mapped: file [0, nchunks * CHUNK) */
     bool map_failed;    /* fall back to pwritev for good */
 };
+
+static bool use_mmap;
+
+void
+cl_writer_use_mmap(bool on)
+{
+    use_mmap = on;
+}
 
 /* Map chunks until [0, end) is covered (caller serialises, as for
  * reservations).  On failure the writer falls back to pwritev. */
 static int
 map_cover(struct cl_writer *w, uint64_t end)
 {
+    if (!use_mmap)
+        return 0;
     while (!w->map_failed && (uint64_t)w->nchunks * MAP_CHUNK_BYTES < end) {
         if (w->nchunks == MAP_MAX_CHUNKS) {
             w->map_failed = true;
@@ -709,7 +722,7 @@ cl_writer_reserve(struct cl_writer *w, uint8_t kind, uint8_t flags,
                   uint64_t offset, uint32_t len, const void *data,
                   struct cl_rec *rec, uint64_t *file_off)
 {
-    if (w->finished)
+    if (w->finished || w->cut)
         return vr_err(-EINVAL, "change log cycle %" PRIu64 ": already sealed",
                       w->cycle);
     if (kind < CL_WRITE || kind > CL_TRIM || (flags & ~CL_F_FUA) ||
@@ -808,9 +821,9 @@ cl_writer_sync(struct cl_writer *w)
 }
 
 int
-cl_writer_seal(struct cl_writer *w)
+cl_writer_seal_cut(struct cl_writer *w)
 {
-    char from[32], to[32];
+    char name[32];
     uint64_t before = w->bytes;
     struct cl_rec rec = {
         .kind = CL_SEAL,
@@ -819,11 +832,10 @@ cl_writer_seal(struct cl_writer *w)
         .seq = w->next_seq,
     };
 
-    if (w->finished)
+    if (w->finished || w->cut)
         return vr_err(-EINVAL, "change log cycle %" PRIu64 ": already sealed",
                       w->cycle);
-    cl_seg_name(w->cycle, false, from);
-    cl_seg_name(w->cycle, true, to);
+    cl_seg_name(w->cycle, false, name);
     int rc = writer_put(w, &rec);
     /* A reused spare or a fallocated chunk holds bytes past the seal: drop
      * them so the sealed file is exactly the segment. */
@@ -831,22 +843,53 @@ cl_writer_seal(struct cl_writer *w)
         map_drop(w);
     if (rc == 0 && ftruncate(w->fd, (off_t)w->bytes) < 0)
         rc = -errno;
-    if (rc == 0 && fdatasync(w->fd) < 0)
-        rc = -errno;
-    if (rc == 0 && renameat(w->dirfd, from, w->dirfd, to) < 0)
-        rc = -errno;
     if (rc < 0) {
         /* Still open: take the seal record back so appends may go on. */
         if (ftruncate(w->fd, (off_t)before) == 0)
             w->bytes = before;
-        return vr_err(rc, "seal change log %s: %s", from, strerror(-rc));
+        return vr_err(rc, "seal change log %s: %s", name, strerror(-rc));
     }
+    w->cut = true;
+    return 0;
+}
+
+int
+cl_writer_seal_commit(struct cl_writer *w)
+{
+    char from[32], to[32];
+
+    if (!w->cut || w->finished)
+        return vr_err(-EINVAL, "change log cycle %" PRIu64 ": not cut",
+                      w->cycle);
+    cl_seg_name(w->cycle, false, from);
+    cl_seg_name(w->cycle, true, to);
+    if (fdatasync(w->fd) < 0 || renameat(w->dirfd, from, w->dirfd, to) < 0)
+        return vr_err(-errno, "seal change log %s: %s", from,
+                      strerror(errno));
     w->finished = true;
-    rc = io_fsync_dirfd(w->dirfd);
+    int rc = io_fsync_dirfd(w->dirfd);
     if (rc < 0)
         return vr_err(rc, "seal change log %s: fsync directory: %s", to,
                       strerror(-rc));
     return 0;
+}
+
+int
+cl_writer_seal(struct cl_writer *w)
+{
+    int rc = cl_writer_seal_cut(w);
+    if (rc == 0) {
+        rc = cl_writer_seal_commit(w);
+        if (rc < 0 && !w->finished) {
+            /* Still open: take the seal record back so appends may go on. */
+            uint64_t before = w->bytes - CL_REC_HDR_BYTES;
+            if (ftruncate(w->fd, (off_t)before) == 0) {
+                w->bytes = before;
+                w->cut = false;
+            }
+        }
+    }
+    return rc;
 }
 
 uint64_t

@@ -209,6 +209,15 @@ vmreplica_config(const char *key, const char *value)
     } else if (strcmp(key, "control") == 0) {
         free(control_path);
         control_path = xstrdup(value);
+    } else if (strcmp(key, "logio") == 0) {
+        if (strcmp(value, "mmap") == 0)
+            cl_writer_use_mmap(true);
+        else if (strcmp(value, "write") == 0)
+            cl_writer_use_mmap(false);
+        else {
+            nbdkit_error("logio=%s: expected write or mmap", value);
+            return -1;
+        }
     } else if (strcmp(key, "hashlog") == 0) {
         free(hashlog_path);
         hashlog_path = nbdkit_absolute_path(value);
@@ -242,6 +251,8 @@ vmreplica_config_complete(void)
 #define vmreplica_config_help                                                  \
     "disk=ID:PATH        (required, repeatable) raw disk file to track\n"       \
     "control=SOCKET      (required) control socket (SEAL, STATUS, PING)\n"      \
+    "logio=write|mmap    how records reach the log (default write; mmap\n"    \
+    "                    is faster on tmpfs, much slower on ext4)\n"          \
     "hashlog=FILE        append '<cycle> <id> <sha256>' per disk at each seal"
 
 /* --- recovery ---------------------------------------------------------- */
@@ -291,6 +302,7 @@ sealed_next_seq(struct disk *d, unsigned idx, uint64_t cycle, uint64_t *out)
 struct scan {
     unsigned nopen;
     uint64_t open_cycle;
+    uint64_t open_min;
     uint64_t sealed_max; /* 0: none */
 };
 
@@ -321,6 +333,8 @@ scan_dir(struct disk *d, struct scan *s)
             s->nopen++;
             if (c > s->open_cycle)
                 s->open_cycle = c;
+            if (s->open_min == 0 || c < s->open_min)
+                s->open_min = c;
         } else if (strcmp(end, ".log") == 0) {
             if (c > s->sealed_max)
                 s->sealed_max = c;
@@ -374,6 +388,43 @@ reopen_open(struct disk *d, unsigned idx, const struct scan *s,
     return cl_writer_create(d->dirfd, (uint16_t)idx, cycle, first_seq, &d->w);
 }
 
+/* A crash after a seal's cut and before its commit leaves CYCLE.open,
+ * complete with its CL_SEAL record, beside CYCLE+1.open: commit it, after
+ * checking it reads as a whole sealed segment. */
+static int
+commit_cut(struct disk *d, uint64_t cycle)
+{
+    char from[32], to[32];
+    cl_seg_name(cycle, false, from);
+    cl_seg_name(cycle, true, to);
+    int fd = openat(d->dirfd, from, O_RDONLY | O_CLOEXEC);
+    if (fd < 0 || fdatasync(fd) < 0) {
+        int rc = vr_err(-errno, "%s/%s: %m", d->logdir, from);
+        if (fd >= 0)
+            close(fd);
+        return rc;
+    }
+    close(fd);
+    if (renameat2(d->dirfd, from, d->dirfd, to, RENAME_NOREPLACE) < 0)
+        return vr_err(-errno, "rename %s/%s: %m", d->logdir, from);
+    struct cl_reader *r = NULL;
+    struct cl_rec rec;
+    int rc = cl_reader_open(d->dirfd, to, &r);
+    while (rc == 0 && (rc = cl_reader_next(r, &rec)) == 1)
+        rc = 0;
+    cl_reader_free(r);
+    if (rc < 0) {
+        char msg[512];
+        snprintf(msg, sizeof msg, "%s", vr_errmsg());
+        renameat(d->dirfd, to, d->dirfd, from);
+        return vr_err(-EBADMSG, "%s/%s: segment of a seal cut short by a "
+                      "crash is damaged: %s", d->logdir, from, msg);
+    }
+    nbdkit_debug("%s: committed the seal of cycle %" PRIu64 " that a crash "
+                 "interrupted", d->id, cycle);
+    return io_fsync_dirfd(d->dirfd);
+}
+
 static int
 recover(void)
 {
@@ -384,6 +435,14 @@ recover(void)
         int rc = scan_dir(&disks[i], &scans[i]);
         if (rc < 0)
             return rc;
+        if (scans[i].nopen == 2 &&
+            scans[i].open_min + 1 == scans[i].open_cycle) {
+            rc = commit_cut(&disks[i], scans[i].open_min);
+            if (rc == 0)
+                rc = scan_dir(&disks[i], &scans[i]);
+            if (rc < 0)
+                return rc;
+        }
         if (scans[i].nopen > 1)
             return vr_err(-EBADMSG, "%s: %u open segments in %s",
                           disks[i].id, scans[i].nopen, disks[i].logdir);
@@ -512,20 +571,27 @@ set_broken(const char *msg)
 static void
 do_seal(char *reply, size_t n)
 {
+    /* The cut happens with every write held back: append CL_SEAL to every
+     * disk's segment and open the next ones.  Making the sealed segments
+     * durable (fdatasync, rename to .log) happens after writes resume,
+     * since on a real disk it can take longer than a cycle's worth of
+     * guest I/O should wait; the reply waits for it. */
+    struct cl_writer *done[MAX_DISKS] = { NULL };
+    bool ok = false;
     pthread_rwlock_wrlock(&seal_lock);
     uint64_t c = open_cycle;
     if (broken) {
         snprintf(reply, n, "ERR tracking stopped: %s", broken_msg);
-        goto out;
+        pthread_rwlock_unlock(&seal_lock);
+        return;
     }
     vr_fault_point("seal-begin");
     for (unsigned i = 0; i < ndisks; i++) {
         struct disk *d = &disks[i];
-        int rc = cl_writer_seal(d->w);
+        int rc = cl_writer_seal_cut(d->w);
         if (rc == 0) {
             uint64_t next = cl_writer_next_seq(d->w);
-            cl_writer_free(d->w);
-            d->w = NULL;
+            done[i] = TAKE_PTR(d->w);
             vr_fault_point("seal-disk");
             rc = cl_writer_create(d->dirfd, (uint16_t)i, c + 1, next, &d->w);
         }
@@ -542,16 +608,34 @@ do_seal(char *reply, size_t n)
         }
     }
     open_cycle = c + 1;
+    ok = true;
     if (hashlog_path && write_hashlog(c) < 0) {
         nbdkit_error("hashlog: %s", vr_errmsg());
         snprintf(reply, n, "ERR sealed %" PRIu64 " but hashlog failed: %s", c,
                  vr_errmsg());
-        goto out;
+        ok = false;
     }
-    nbdkit_debug("sealed cycle %" PRIu64 " on %u disks", c, ndisks);
-    snprintf(reply, n, "OK %" PRIu64, c);
 out:
     pthread_rwlock_unlock(&seal_lock);
+    for (unsigned i = 0; i < ndisks; i++) {
+        if (!done[i])
+            continue;
+        vr_fault_point("seal-commit");
+        if (ok && cl_writer_seal_commit(done[i]) < 0) {
+            char msg[256];
+            snprintf(msg, sizeof msg, "seal of cycle %" PRIu64 " failed on "
+                     "disk %s: %s", c, disks[i].id, vr_errmsg());
+            nbdkit_error("%s", msg);
+            set_broken(msg);
+            snprintf(reply, n, "ERR %s", msg);
+            ok = false;
+        }
+        cl_writer_free(done[i]);
+    }
+    if (ok) {
+        nbdkit_debug("sealed cycle %" PRIu64 " on %u disks", c, ndisks);
+        snprintf(reply, n, "OK %" PRIu64, c);
+    }
 }
 
 static void

@@ -205,15 +205,22 @@ log "recovery after kill -9: torn tail cut, $n_before of 4000 writes were logged
 
 # --- 3. crash in the middle of a seal ----------------------------------------
 kill9_nbdkit
-start_nbdkit VMREPLICA_FAULT=seal-disk:1
+# seal-disk:2: disk0 was cut and its cycle 5 opened, disk1 was cut but has
+# no cycle 5 yet; nothing was committed (renamed to .log).
+start_nbdkit VMREPLICA_FAULT=seal-disk:2
 qio disk0 'write -P 0x66 8k 4k' || fail "write before faulty seal"
 qio disk1 'write -P 0x67 8k 4k' || fail "write before faulty seal"
 ctl SEAL >/dev/null || true
 wait "$NBDKIT_PID" 2>/dev/null || true
 NBDKIT_PID=
-[ -f "$(seg "$L0" 4 log)" ] || fail "fault hit before disk0 sealed"
-[ -f "$(seg "$L1" 4 open)" ] || fail "disk1 sealed despite the fault"
+[ -f "$(seg "$L0" 4 open)" ] && [ -f "$(seg "$L0" 5 open)" ] ||
+    fail "fault hit before disk0 was cut and cycle 5 opened"
+[ -f "$(seg "$L1" 4 open)" ] && [ ! -e "$(seg "$L1" 5 open)" ] ||
+    fail "disk1 got cycle 5 despite the fault"
+[ ! -e "$(seg "$L0" 4 log)" ] || fail "disk0 committed before the cut ended"
 start_nbdkit
+grep -q "committed the seal of cycle 4 that a crash interrupted" \
+    "$T/nbdkit.log" || fail "recovery did not commit disk0's cut seal"
 grep -q "finished interrupted seal of cycle 4" "$T/nbdkit.log" ||
     fail "recovery did not finish the seal"
 for f in "$(seg "$L0" 4 log)" "$(seg "$L1" 4 log)" "$(seg "$L0" 5 open)" \
@@ -227,6 +234,28 @@ expect "disk1 cycle 4" "$("$CLDUMP" "$(seg "$L1" 4 log)" | tail -1 | cut -d' ' -
 expect "cycle after seal recovery" "$(ctl STATUS | cut -d' ' -f1,2)" "OK 5"
 expect "seal 5" "$(ctl SEAL)" "OK 5"
 log "interrupted seal finished at restart"
+
+# seal-commit:1: every disk was cut and has cycle 7 open, writes went on in
+# cycle 7, then the crash came before any cycle-6 segment was committed.
+kill9_nbdkit
+start_nbdkit VMREPLICA_FAULT=seal-commit:1
+qio disk0 'write -P 0x68 16k 4k' || fail "write before faulty commit"
+ctl SEAL >/dev/null || true
+wait "$NBDKIT_PID" 2>/dev/null || true
+NBDKIT_PID=
+for f in "$(seg "$L0" 6 open)" "$(seg "$L1" 6 open)" "$(seg "$L0" 7 open)" \
+         "$(seg "$L1" 7 open)"; do
+    [ -f "$f" ] || fail "missing $f after a crash before the commit"
+done
+start_nbdkit
+for f in "$(seg "$L0" 6 log)" "$(seg "$L1" 6 log)"; do
+    [ -f "$f" ] || fail "recovery did not commit $f"
+done
+expect "disk0 cycle 6" "$("$CLDUMP" "$(seg "$L0" 6 log)" | cut -d' ' -f1-4)" \
+    "write 0 16384 4096"
+expect "cycle after commit recovery" "$(ctl STATUS | cut -d' ' -f1,2)" "OK 7"
+expect "seal 7" "$(ctl SEAL)" "OK 7"
+log "seal cut but not committed: committed at restart"
 
 kill "$NBDKIT_PID"
 wait "$NBDKIT_PID" 2>/dev/null || true

@@ -753,6 +753,12 @@ main(void)
     test_limits();
     test_parallel_slots();
     test_spare_reuse();
+    diag("again with records copied through a mapping (logio=mmap)");
+    cl_writer_use_mmap(true);
+    test_round_trip();
+    test_parallel_slots();
+    test_spare_reuse();
+    cl_writer_use_mmap(false);
 
     clear_dir();
     close(dirfd_);
