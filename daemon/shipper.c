@@ -351,8 +351,9 @@ tmp_payload(const struct job *jb, char **path)
 
 /* --- one cycle ------------------------------------------------------------ */
 
-/* Test hook: $VMREPLICA_TEST_SEND_DELAY_MS delays every cycle upload, so a
- * test can make a cycle outlast the frequency (missed cycles). */
+/* Test hook: $VMREPLICA_TEST_SEND_DELAY_MS delays every upload (cycles and
+ * initial-replication chunks), so a test can make a cycle outlast the
+ * frequency (missed cycles) or write during a long initial copy. */
 static void
 test_send_delay(void)
 {
@@ -554,6 +555,7 @@ send_base_chunk(struct job *jb, unsigned d, uint64_t base, uint64_t seq,
         rc = cyc_builder_finish(b, &raw, &wire);
     cyc_builder_free(b);
     if (rc == 0 && sent > 0) {
+        test_send_delay();
         CLEANUP_FREE char *path = xasprintf(
             "/r1/vms/%s/base/%llu", jb->uuid, (unsigned long long)seq);
         rc = peer_call(&jb->peer, "PUT", path, NULL, fd, wire,
