@@ -345,30 +345,32 @@ api_repl_set(struct api_call *call, unsigned *status VR_UNUSED,
     return rc;
 }
 
-int
-api_repl_show(struct api_call *call, unsigned *status VR_UNUSED,
-              json_object **out)
+/* Render the VM's replication with fn, under the lock. */
+static int
+render_repl(struct api_call *call, json_object **out,
+            json_object *(*fn)(const struct vm *))
 {
     struct vm *vm = NULL;
     pthread_mutex_lock(&D->lock);
     int rc = lookup_repl(call, &vm);
     if (rc == 0)
-        *out = repl_to_json(vm);
+        *out = fn(vm);
     pthread_mutex_unlock(&D->lock);
     return rc;
+}
+
+int
+api_repl_show(struct api_call *call, unsigned *status VR_UNUSED,
+              json_object **out)
+{
+    return render_repl(call, out, repl_to_json);
 }
 
 int
 api_repl_measure(struct api_call *call, unsigned *status VR_UNUSED,
                  json_object **out)
 {
-    struct vm *vm = NULL;
-    pthread_mutex_lock(&D->lock);
-    int rc = lookup_repl(call, &vm);
-    if (rc == 0)
-        *out = repl_measure_json(vm);
-    pthread_mutex_unlock(&D->lock);
-    return rc;
+    return render_repl(call, out, repl_measure_json);
 }
 
 int

@@ -690,22 +690,11 @@ out:
     return rc;
 }
 
+/* Append rec at the end (the seal record; callers hold the writer alone). */
 static int
 writer_put(struct cl_writer *w, const struct cl_rec *rec)
 {
-    uint8_t hdr[CL_REC_HDR_BYTES];
-    struct iovec iov[2];
-    int n = 1;
-
-    cl_rec_encode(rec, hdr);
-    iov[0].iov_base = hdr;
-    iov[0].iov_len = sizeof hdr;
-    if (rec->kind == CL_WRITE) {
-        iov[1].iov_base = (void *)(uintptr_t)rec->data;
-        iov[1].iov_len = rec->len;
-        n = 2;
-    }
-    int rc = pwritev_all(w->fd, iov, n, (off_t)w->bytes);
+    int rc = cl_writer_write(w, rec, w->bytes);
     if (rc < 0) {
         /* Leave no partial record behind if we can help it. */
         if (ftruncate(w->fd, (off_t)w->bytes) < 0) {
@@ -713,7 +702,7 @@ writer_put(struct cl_writer *w, const struct cl_rec *rec)
         }
         return rc;
     }
-    w->bytes += sizeof hdr + (rec->kind == CL_WRITE ? rec->len : 0);
+    w->bytes += CL_REC_HDR_BYTES + (rec->kind == CL_WRITE ? rec->len : 0);
     return 0;
 }
 

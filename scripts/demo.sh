@@ -185,14 +185,10 @@ if [ ! -s "$GUEST" ]; then
         die "could not assemble tests/guest/guest.S"
 fi
 # The guest's parameters, from the block at offset 0x1e0 of its boot sector.
-read -r TOTAL BASE NSECT < <(python3 - "$GUEST" <<'PY'
-import struct, sys
-b = open(sys.argv[1], "rb").read(512)
-assert b[0x1e0:0x1e4] == b"VRGP", "no VRGP parameter block"
-total, base, nsect = struct.unpack_from("<3I", b, 0x1e4)
-print(total, base, nsect)
-PY
-) || die "$GUEST has no parameter block"
+GUESTDISK=$SOURCE_DIR/tests/guest/guestdisk.py
+read -r TOTAL BASE NSECT _ _ < <(python3 "$GUESTDISK" params "$GUEST") ||
+    die "$GUEST has no parameter block"
+[ -n "$NSECT" ] || die "$GUEST has no parameter block"
 run qemu-img convert -f raw -O qcow2 "$GUEST" "$DEMO_DIR/demo-vm.qcow2"
 run qemu-img resize -q -f qcow2 "$DEMO_DIR/demo-vm.qcow2" 64M
 run primary vm create demo-vm --disk "$DEMO_DIR/demo-vm.qcow2" --memory 64M
@@ -201,21 +197,7 @@ echo "    $TOTAL sectors, sequence-stamped 1..$TOTAL, over LBA $BASE..$((BASE + 
 
 # max_stamp FILE — the largest sequence stamp in the guest's sectors (0: none).
 max_stamp() {
-    python3 - "$1" "$BASE" "$NSECT" <<'PY'
-import struct, sys
-path, base, nsect = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-m = 0
-try:
-    with open(path, "rb") as f:
-        f.seek(base * 512)
-        data = f.read(nsect * 512)
-    for i in range(0, len(data) - 15, 512):
-        if data[i:i + 8] == b"VRSEQ\0\0\0":
-            m = max(m, struct.unpack_from("<I", data, i + 8)[0])
-except OSError:
-    pass
-print(m)
-PY
+    python3 "$GUESTDISK" max-stamp "$1" "$BASE" "$NSECT"
 }
 
 step "6. Serve its disk (no hypervisor yet), enable replication to replica.test.local every second"

@@ -41,63 +41,23 @@ if [ ! -s "$GUEST" ]; then
 fi
 [ "$(stat -c %s "$GUEST")" = 512 ] || fail "$GUEST is not 512 bytes"
 
-# guest_param NAME — from the parameter block at 0x1e0 of the boot sector.
-guest_param() {
-    python3 - "$GUEST" "$1" <<'PY'
-import struct, sys
-b = open(sys.argv[1], "rb").read(512)
-assert b[0x1e0:0x1e4] == b"VRGP", "no VRGP parameter block"
-names = ["TOTAL_WRITES", "BASE_LBA", "NSECT", "BATCH", "DELAY_US"]
-print(struct.unpack_from("<5I", b, 0x1e4)[names.index(sys.argv[2])])
-PY
-}
-TOTAL=$(guest_param TOTAL_WRITES)
-BASE=$(guest_param BASE_LBA)
-NSECT=$(guest_param NSECT)
+# The guest's parameters (TOTAL_WRITES, BASE_LBA, NSECT, BATCH, DELAY_US),
+# from the parameter block at 0x1e0 of its boot sector.
+GUESTDISK=$SOURCE_DIR/tests/guest/guestdisk.py
+read -r TOTAL BASE NSECT _ _ < <(python3 "$GUESTDISK" params "$GUEST") ||
+    fail "$GUEST has no parameter block"
+[ -n "$NSECT" ] || fail "$GUEST has no parameter block"
 log "guest: $TOTAL writes over LBA $BASE..$((BASE + NSECT - 1))"
 
 # check_stamps FILE — FILE holds, in each sector of the guest's range, the
 # last sequence stamp the guest wrote there (see guest.S for the layout).
 check_stamps() {
-    python3 - "$1" "$TOTAL" "$BASE" "$NSECT" <<'PY' || return 1
-import struct, sys
-path, total, base, nsect = sys.argv[1], *map(int, sys.argv[2:])
-bad = 0
-with open(path, "rb") as f:
-    for i in range(min(nsect, total)):
-        # the largest s <= total with (s - 1) % nsect == i
-        s = total - ((total - 1 - i) % nsect)
-        want = (struct.pack("<8sII", b"VRSEQ\0\0\0", s, base + i)
-                + struct.pack("<I", s) * 124)
-        f.seek((base + i) * 512)
-        got = f.read(512)
-        if got != want:
-            bad += 1
-            if bad <= 5:
-                print("LBA %d: want seq %d, got %r" % (base + i, s, got[:16]))
-if bad:
-    print("%d of %d sectors without the expected stamp" % (bad, min(nsect, total)))
-    sys.exit(1)
-PY
+    python3 "$GUESTDISK" check "$1" "$TOTAL" "$BASE" "$NSECT"
 }
 
 # max_stamp FILE — the largest sequence stamp in the guest's range (0: none).
 max_stamp() {
-    python3 - "$1" "$BASE" "$NSECT" <<'PY'
-import struct, sys
-path, base, nsect = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-m = 0
-try:
-    with open(path, "rb") as f:
-        f.seek(base * 512)
-        data = f.read(nsect * 512)
-    for i in range(0, len(data) - 15, 512):
-        if data[i:i + 8] == b"VRSEQ\0\0\0":
-            m = max(m, struct.unpack_from("<I", data, i + 8)[0])
-except OSError:
-    pass
-print(m)
-PY
+    python3 "$GUESTDISK" max-stamp "$1" "$BASE" "$NSECT"
 }
 
 setup_pair
