@@ -77,7 +77,8 @@ start_sealer() {
             case $reply in "OK "*) ;; *) continue ;; esac
             seg=$T/disk.raw.vrlog/$(printf '%020d' "${reply#OK }").log
             stat -c %s "$seg" >>"$T/sealed-bytes"
-            mv -f "$seg" "$T/disk.raw.vrlog/spare"
+            # Never over an existing spare (as the shipper does).
+            mv -n "$seg" "$T/disk.raw.vrlog/spare" && rm -f "$seg"
         done
     ) &
     SEALER=$!

@@ -241,11 +241,14 @@ delete_sealed_upto(const struct job *jb, uint64_t upto)
             cl_seg_name(cs[k], true, name);
             CLEANUP_FREE char *p = xasprintf("%s/%s", dir, name);
             /* The newest one is kept as the plugin's next segment file:
-             * overwriting pages is cheaper than allocating them. */
+             * overwriting pages is cheaper than allocating them.  Never
+             * over an existing spare: the plugin may have it open and be
+             * about to rename it, and must rename the file it opened. */
             bool last = k + 1 == n || cs[k + 1] > upto;
             CLEANUP_FREE char *spare =
                 last ? xasprintf("%s/" CL_SPARE_NAME, dir) : NULL;
-            if (!last || rename(p, spare) < 0)
+            if (!last || renameat2(AT_FDCWD, p, AT_FDCWD, spare,
+                                   RENAME_NOREPLACE) < 0)
                 unlink(p);
         }
     }

@@ -68,7 +68,10 @@ void cl_seg_hdr_encode(const struct cl_seg_hdr *h, uint8_t out[CL_SEG_HDR_BYTES]
 int cl_seg_hdr_decode(const void *buf, struct cl_seg_hdr *h) VR_WUR;
 
 /* A shipped segment the daemon leaves for reuse: cl_writer_create takes
- * it as the next open segment instead of a new file. */
+ * it as the next open segment instead of a new file.  Whoever leaves one
+ * must never replace an existing spare (RENAME_NOREPLACE): the writer
+ * opens the spare, then renames that name, and must get the file it
+ * opened. */
 #define CL_SPARE_NAME "spare"
 
 /* Segment file name for a cycle: "%020llu.open" or "%020llu.log". */
