@@ -589,6 +589,10 @@ api_metrics_text(void)
         fprintf(f, "vmreplica_cycles_total{vm=\"%s\",result=\"missed\"} "
                    "%llu\n",
                 vm->uuid, (unsigned long long)r->missed);
+        fprintf(f, "vmreplica_cycle_duration_seconds_sum{vm=\"%s\"} %.3f\n",
+                vm->uuid, (double)r->sum_latency_ms / 1000.0);
+        fprintf(f, "vmreplica_cycle_duration_seconds_max{vm=\"%s\"} %.3f\n",
+                vm->uuid, (double)r->max_latency_ms / 1000.0);
     }
     pthread_mutex_unlock(&D->lock);
     fclose(f);

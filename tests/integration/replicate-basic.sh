@@ -73,6 +73,19 @@ run_case() { # VM [replication enable options…]
 
 run_case basic1
 run_case basic2 --compression off
+
+# Prometheus metrics on the management socket, per VM.
+metrics=$(curl -sf --unix-socket "$(state_dir primary)/api.sock" \
+    http://localhost/metrics) || fail "GET /metrics"
+u1=$(jget primary .uuid vm show basic1)
+for m in "vmreplica_bytes_sent_total{vm=\"$u1\",kind=\"wire\"}" \
+         "vmreplica_cycles_total{vm=\"$u1\",result=\"ok\"}" \
+         "vmreplica_cycle_duration_seconds_max{vm=\"$u1\"}"; do
+    v=$(printf '%s\n' "$metrics" | grep -F "$m " | awk '{ print $2 }')
+    [ -n "$v" ] && awk -v v="$v" 'BEGIN { exit !(v > 0) }' ||
+        fail "metric $m missing or zero: '$v'"
+done
+log "metrics: bytes, cycles and cycle durations reported per VM"
 [ "$(repl primary basic2 compression)" = false ] ||
     fail "basic2: compression not reported off"
 log "PASS"
