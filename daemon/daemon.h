@@ -89,6 +89,8 @@ struct repl {
     bool stop;        /* ask the shipper thread to end */
     bool kick;        /* wake the shipper early */
     bool busy;        /* replica: a receive is in progress */
+    bool removing;    /* primary: replication remove runs unlocked */
+    uint64_t apply_retry_ms; /* replica: monotonic time to retry an apply */
     char *task;       /* "InitialReplication" or NULL */
 };
 
@@ -187,6 +189,7 @@ uint64_t shipper_pending_bytes(const struct vm *vm);
 /* --- replica.c (Replica server) ---------------------------------------- */
 /* (Re)start or stop the HTTPS listener per D->cfg. */
 int replica_listener_apply(void) VR_WUR;
+/* Stop it and wait for its requests (shutdown; caller holds no lock). */
 void replica_listener_stop(void);
 /* Apply every staged cycle of every Replica VM (startup recovery). */
 int replica_recover(void) VR_WUR;

@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "cycle.h"
@@ -178,6 +179,8 @@ struct rreq {
     char *tmp_path;
     char *staging;
     bool holds_busy;
+    uint64_t disk_sizes[MAX_DISKS]; /* for the decoder's bounds checks */
+    unsigned ndisks;
 };
 
 static void
@@ -441,6 +444,10 @@ do_register(struct rreq *q, json_object **out)
     else if (vm && vm->ndisks != nd)
         rc = vr_err(-EINVAL, "register: vm %s has %u disks here, not %zu",
                     vm->name, vm->ndisks, nd);
+    else if (vm && (vm->applying || (vm->repl && vm->repl->busy)))
+        rc = vr_err(-EBUSY, "register: vm %s: a cycle is being received or "
+                            "applied; try again",
+                    vm->name);
     if (rc == 0 && !vm) {
         /* New Replica VM beneath the default storage location. */
         vm = xcalloc(1, sizeof *vm);
@@ -507,7 +514,12 @@ do_register(struct rreq *q, json_object **out)
             r->frequency_s = (unsigned)json_object_get_int64(v);
         if (json_object_object_get_ex(b, "compression", &v))
             r->compression = json_object_get_boolean(v);
-        if (!r->initial_done) {
+        /* A registration starts a relationship afresh (the primary
+         * registers only when replication is enabled), even over one this
+         * side still thinks is replicating: the primary may have removed
+         * it while we were unreachable, and changed the disk since. */
+        r->initial_done = false;
+        {
             snprintf(r->state, sizeof r->state, "%s", ST_WAITING_INITIAL);
             /* Initial replication sends only the primary's allocated
              * regions: whatever a kept Replica disk holds elsewhere must
@@ -551,7 +563,17 @@ do_initial_done(struct rreq *q, json_object **out)
     pthread_mutex_lock(&D->lock);
     struct vm *vm = NULL;
     int rc = own_vm(q, &vm);
-    if (rc == 0) {
+    bool again = rc == 0 && vm->repl->initial_done &&
+                 vm->repl->base_cycle == (uint64_t)base;
+    if (rc == 0 && !again &&
+        (vm->repl->initial_done || vm->applying || vm->repl->busy))
+        rc = vr_err(-EPROTO, "initial-complete: vm %s is not in initial "
+                             "replication",
+                    vm->name);
+    if (rc == 0 && again) {
+        /* The primary did not hear our answer and asks again. */
+        *out = replica_status_json(vm);
+    } else if (rc == 0) {
         struct repl *r = vm->repl;
         r->base_cycle = (uint64_t)base;
         r->applied_cycle = (uint64_t)base;
@@ -606,6 +628,10 @@ upload_begin(struct rreq *q, struct MHD_Connection *c)
     if (rc == 0 && r->busy)
         rc = vr_err(-EBUSY, "replica vm %s: another transfer is in progress",
                     vm->name);
+    if (rc == 0 && q->kind == R1_BASE && r->initial_done)
+        rc = vr_err(-EPROTO, "replica vm %s: initial replication is already "
+                             "complete",
+                    vm->name);
     if (rc == 0 && q->kind == R1_CYCLE) {
         if (!r->initial_done)
             rc = vr_err(-EBUSY, "replica vm %s: initial replication not "
@@ -623,6 +649,9 @@ upload_begin(struct rreq *q, struct MHD_Connection *c)
         r->busy = true;
         q->holds_busy = true;
         q->staging = staging_dir(r);
+        q->ndisks = vm->ndisks;
+        for (unsigned i = 0; i < vm->ndisks; i++)
+            q->disk_sizes[i] = vm->disks[i].size;
     }
     pthread_mutex_unlock(&D->lock);
     if (rc != 0)
@@ -639,10 +668,13 @@ upload_begin(struct rreq *q, struct MHD_Connection *c)
     q->fd = open(q->tmp_path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
     if (q->fd < 0)
         return vr_err(-errno, "open %s: %s", q->tmp_path, strerror(errno));
-    return cyc_decoder_new(compressed,
-                           q->kind == R1_BASE ? R1_MAX_BASE_RAW
-                                              : R1_MAX_CYCLE_RAW,
-                           q->fd, &q->dec);
+    int rc2 = cyc_decoder_new(compressed,
+                              q->kind == R1_BASE ? R1_MAX_BASE_RAW
+                                                 : R1_MAX_CYCLE_RAW,
+                              q->fd, &q->dec);
+    if (rc2 == 0)
+        cyc_decoder_set_disk_sizes(q->dec, q->disk_sizes, q->ndisks);
+    return rc2;
 }
 
 static int
@@ -710,6 +742,29 @@ upload_finish(struct rreq *q, json_object **out)
     json_object_object_add(*out, "raw_bytes",
                            json_object_new_int64((int64_t)raw));
     return 0;
+}
+
+/* Let the next transfer for this VM in as soon as this one is decided,
+ * before the answer is sent: the primary sends the next cycle as soon as
+ * it reads our 200.  rreq_done does the same for requests that end
+ * otherwise. */
+static void
+release_busy(struct rreq *q)
+{
+    /* First the temporary file: the next transfer may reuse its name. */
+    if (q->tmp_path) {
+        unlink(q->tmp_path);
+        free(q->tmp_path);
+        q->tmp_path = NULL;
+    }
+    if (!q->holds_busy)
+        return;
+    pthread_mutex_lock(&D->lock);
+    struct vm *vm = vm_find_uuid(q->uuid);
+    if (vm && vm->repl)
+        vm->repl->busy = false;
+    q->holds_busy = false;
+    pthread_mutex_unlock(&D->lock);
 }
 
 static MHD_RESULT
@@ -798,8 +853,10 @@ r1_access(void *cls VR_UNUSED, struct MHD_Connection *c, const char *url,
     }
 
     /* End of request. */
-    if (q->failed)
+    if (q->failed) {
+        release_busy(q);
         return refuse(c, q, q->rc, q->msg);
+    }
     json_object *out = NULL;
     int rc = 0;
     vr_err_clear();
@@ -835,6 +892,7 @@ r1_access(void *cls VR_UNUSED, struct MHD_Connection *c, const char *url,
         }
         if (rc == 0)
             rc = upload_finish(q, &out);
+        release_busy(q);
         break;
     }
     if (rc < 0) {
@@ -854,17 +912,54 @@ r1_access(void *cls VR_UNUSED, struct MHD_Connection *c, const char *url,
 static char *listener_key, *listener_cert, *listener_ca;
 static unsigned listener_port;
 
+/* A listener being retired: MHD keeps pointers to its PEM strings until it
+ * has stopped. */
+struct retired {
+    struct MHD_Daemon *mhd;
+    char *key, *cert, *ca;
+};
+
+static void *
+retire_main(void *arg)
+{
+    struct retired *r = arg;
+    MHD_stop_daemon(r->mhd);
+    free(r->key);
+    free(r->cert);
+    free(r->ca);
+    free(r);
+    return NULL;
+}
+
+/* Stop the listener.  Its connection threads may be waiting for d->lock,
+ * which our caller may hold, so unless wait is set the old daemon stops
+ * listening at once (its port is free again) and finishes its requests in
+ * a thread of its own. */
+static void
+listener_stop(bool wait)
+{
+    if (!D->listener)
+        return;
+    struct retired *r = xcalloc(1, sizeof *r);
+    r->mhd = TAKE_PTR(D->listener);
+    r->key = TAKE_PTR(listener_key);
+    r->cert = TAKE_PTR(listener_cert);
+    r->ca = TAKE_PTR(listener_ca);
+    listener_port = 0;
+    MHD_socket fd = MHD_quiesce_daemon(r->mhd);
+    if (fd != MHD_INVALID_SOCKET)
+        close(fd);
+    pthread_t t;
+    if (!wait && pthread_create(&t, NULL, retire_main, r) == 0)
+        pthread_detach(t);
+    else
+        retire_main(r);
+}
+
 void
 replica_listener_stop(void)
 {
-    if (D->listener)
-        MHD_stop_daemon(D->listener);
-    D->listener = NULL;
-    free(listener_key);
-    free(listener_cert);
-    free(listener_ca);
-    listener_key = listener_cert = listener_ca = NULL;
-    listener_port = 0;
+    listener_stop(true);
 }
 
 int
@@ -872,7 +967,7 @@ replica_listener_apply(void)
 {
     const struct server_cfg *c = &D->cfg;
     if (!c->replica_enabled) {
-        replica_listener_stop();
+        listener_stop(false);
         return 0;
     }
     char *key = NULL, *cert = NULL, *ca = NULL;
@@ -895,10 +990,10 @@ replica_listener_apply(void)
         free(ca);
         return 0;
     }
-    replica_listener_stop();
+    listener_stop(false);
     D->listener = MHD_start_daemon(
         MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION |
-            MHD_USE_POLL | MHD_USE_TLS,
+            MHD_USE_POLL | MHD_USE_TLS | MHD_USE_ITC,
         (uint16_t)c->cert_port, NULL, NULL, r1_access, NULL,
         MHD_OPTION_HTTPS_MEM_KEY, key, MHD_OPTION_HTTPS_MEM_CERT, cert,
         MHD_OPTION_HTTPS_MEM_TRUST, ca, MHD_OPTION_HTTPS_PRIORITIES,
@@ -1015,20 +1110,53 @@ applier_main(void *arg VR_UNUSED)
     pthread_mutex_lock(&D->lock);
     while (!applier_stop) {
         struct vm *todo = NULL;
-        for (struct vm *vm = D->vms; vm && !todo; vm = vm->next)
-            if (vm->mode == VM_MODE_REPLICA && vm->repl &&
-                vm->repl->initial_done &&
-                strcmp(vm->repl->state, ST_REPLICATING) == 0 &&
-                vm->repl->applied_cycle < vm->repl->last_cycle)
-                todo = vm;
+        uint64_t now = vr_mono_ms(), next_retry = 0;
+        for (struct vm *vm = D->vms; vm && !todo; vm = vm->next) {
+            struct repl *r = vm->repl;
+            if (vm->mode != VM_MODE_REPLICA || !r || !r->initial_done ||
+                strcmp(r->state, ST_REPLICATING) != 0 ||
+                r->applied_cycle >= r->last_cycle)
+                continue;
+            if (r->apply_retry_ms > now) {
+                if (!next_retry || r->apply_retry_ms < next_retry)
+                    next_retry = r->apply_retry_ms;
+                continue;
+            }
+            todo = vm;
+        }
         if (!todo) {
-            pthread_cond_wait(&D->cond, &D->lock);
+            if (next_retry) {
+                struct timespec ts;
+                clock_gettime(CLOCK_REALTIME, &ts);
+                uint64_t ms = next_retry - now;
+                ts.tv_sec += (time_t)(ms / 1000);
+                ts.tv_nsec += (long)(ms % 1000) * 1000000;
+                if (ts.tv_nsec >= 1000000000) {
+                    ts.tv_sec++;
+                    ts.tv_nsec -= 1000000000;
+                }
+                pthread_cond_timedwait(&D->cond, &D->lock, &ts);
+            } else {
+                pthread_cond_wait(&D->cond, &D->lock);
+            }
             continue;
         }
-        if (apply_one(todo, todo->repl->applied_cycle + 1, true) < 0) {
-            snprintf(todo->repl->state, sizeof todo->repl->state, "%s",
-                     ST_ERROR);
-            VR_IGNORE(catalog_save_repl(todo->repl));
+        struct repl *r = todo->repl;
+        int rc = apply_one(todo, r->applied_cycle + 1, true);
+        if (!todo->repl)
+            continue; /* removed meanwhile */
+        r = todo->repl;
+        if (rc == -ENOSPC || rc == -EDQUOT) {
+            /* A full Replica disk is recoverable (SPEC §4): the staged
+             * cycle stays, applying again from its start is idempotent. */
+            r->apply_retry_ms = vr_mono_ms() + 30000;
+            log_warn("applier", "%s: replica storage full; retrying in 30 s",
+                     todo->name);
+        } else if (rc < 0) {
+            snprintf(r->state, sizeof r->state, "%s", ST_ERROR);
+            VR_IGNORE(catalog_save_repl(r));
+        } else {
+            r->apply_retry_ms = 0;
         }
     }
     pthread_mutex_unlock(&D->lock);

@@ -18,6 +18,9 @@ lookup_repl(struct api_call *call, struct vm **out)
     if (!vm->repl)
         return vr_err(-ENOENT, "vm %s: replication is not enabled",
                       vm->name);
+    if (vm->repl->removing)
+        return vr_err(-EBUSY, "vm %s: replication is being removed",
+                      vm->name);
     *out = vm;
     return 0;
 }
@@ -513,6 +516,10 @@ api_repl_remove(struct api_call *call, unsigned *status VR_UNUSED,
     pthread_mutex_lock(&D->lock);
     int rc = lookup_repl(call, &vm);
     if (rc == 0 && vm->repl->mode == VM_MODE_PRIMARY) {
+        /* 'removing' keeps every other call (resume, initial start, a
+         * second remove) away from this repl while we talk to the Replica
+         * server unlocked; it is freed below. */
+        vm->repl->removing = true;
         shipper_stop(vm);
         struct job jb;
         job_fill(&jb, vm);
@@ -528,6 +535,8 @@ api_repl_remove(struct api_call *call, unsigned *status VR_UNUSED,
         vm = vm_find_uuid(uuid);
         if (!vm || !vm->repl)
             rc = vr_err(-ENOENT, "vm %s: gone", call->arg);
+        else
+            shipper_stop(vm);
     }
     if (rc == 0 && (vm->applying || vm->repl->busy))
         rc = vr_err(-EBUSY, "vm %s: a cycle is being received or applied; "
@@ -546,6 +555,10 @@ api_repl_remove(struct api_call *call, unsigned *status VR_UNUSED,
             event_add("info", vm->name, "replication removed");
             *out = vm_to_json(vm);
         }
+    }
+    if (rc < 0 && vm && vm->repl && vm->repl->removing) {
+        vm->repl->removing = false; /* still there: carry on */
+        shipper_ensure(vm);
     }
     pthread_mutex_unlock(&D->lock);
     return rc;

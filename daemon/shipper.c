@@ -789,7 +789,7 @@ shipper_ensure(struct vm *vm)
 {
     struct repl *r = vm->repl;
     if (!r || r->mode != VM_MODE_PRIMARY || r->thread_running ||
-        D->shutting_down)
+        r->removing || D->shutting_down)
         return;
     if (strcmp(r->state, ST_INITIAL) == 0 && !r->task)
         r->task = xstrdup("InitialReplication");

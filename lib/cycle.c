@@ -520,6 +520,8 @@ struct cyc_decoder {
     char errmsg[256];
     uint64_t max_raw, raw_bytes, nrecords;
     struct cyc_hdr hdr;
+    const uint64_t *disk_sizes; /* optional, borrowed */
+    unsigned nsizes;
     ZSTD_DCtx *dctx;
     uint8_t *zout;
     size_t zcap;
@@ -578,6 +580,13 @@ d_parse(struct cyc_decoder *d)
         if ((rc = check_rec(&r, d->hdr.ndisks, d->nrecords, "cycle payload")) <
             0)
             return rc;
+        if (r.kind != CL_SEAL && d->disk_sizes &&
+            (r.disk >= d->nsizes ||
+             r.offset + r.len > d->disk_sizes[r.disk]))
+            return vr_err(-EBADMSG,
+                          "cycle payload: record %" PRIu64 " ends at %" PRIu64
+                          ", beyond disk %u",
+                          d->nrecords, r.offset + r.len, r.disk);
         if (r.kind == CL_SEAL)
             d->sealed = true;
         else
@@ -720,6 +729,14 @@ cyc_decoder_finish(struct cyc_decoder *d, struct cyc_hdr *hdr,
     if (raw_bytes)
         *raw_bytes = d->raw_bytes;
     return 0;
+}
+
+void
+cyc_decoder_set_disk_sizes(struct cyc_decoder *d, const uint64_t *sizes,
+                           unsigned n)
+{
+    d->disk_sizes = sizes;
+    d->nsizes = n;
 }
 
 void

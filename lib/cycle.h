@@ -75,6 +75,11 @@ struct cyc_decoder;
  * refused with -EFBIG (decompression bomb). */
 int cyc_decoder_new(bool compressed, uint64_t max_raw_bytes, int out_fd,
                     struct cyc_decoder **out) VR_WUR;
+/* Also refuse any record that does not fit its disk (sizes[disk], n
+ * disks), so a payload that could not be applied whole is never accepted.
+ * sizes is borrowed and must outlive the decoder. */
+void cyc_decoder_set_disk_sizes(struct cyc_decoder *d, const uint64_t *sizes,
+                                unsigned n);
 /* -EBADMSG / -EPROTO on corrupt input, -EFBIG over the cap; the message is
  * in vr_errmsg().  After an error further feeds keep failing. */
 int cyc_decoder_feed(struct cyc_decoder *d, const void *buf,

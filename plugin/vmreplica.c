@@ -564,7 +564,8 @@ static void
 set_broken(const char *msg)
 {
     if (!broken)
-        snprintf(broken_msg, sizeof broken_msg, "%s", msg);
+        snprintf(broken_msg, sizeof broken_msg, "%.*s",
+                 (int)sizeof broken_msg - 1, msg);
     __atomic_store_n(&broken, 1, __ATOMIC_RELEASE);
 }
 
@@ -577,7 +578,7 @@ do_seal(char *reply, size_t n)
      * since on a real disk it can take longer than a cycle's worth of
      * guest I/O should wait; the reply waits for it. */
     struct cl_writer *done[MAX_DISKS] = { NULL };
-    bool ok = false;
+    bool ok = false, cut_all = false;
     pthread_rwlock_wrlock(&seal_lock);
     uint64_t c = open_cycle;
     if (broken) {
@@ -608,8 +609,10 @@ do_seal(char *reply, size_t n)
         }
     }
     open_cycle = c + 1;
-    ok = true;
+    cut_all = ok = true;
     if (hashlog_path && write_hashlog(c) < 0) {
+        /* The cut stands (and is committed below); only the answer says
+         * the hash log, a test aid, failed. */
         nbdkit_error("hashlog: %s", vr_errmsg());
         snprintf(reply, n, "ERR sealed %" PRIu64 " but hashlog failed: %s", c,
                  vr_errmsg());
@@ -621,7 +624,7 @@ out:
         if (!done[i])
             continue;
         vr_fault_point("seal-commit");
-        if (ok && cl_writer_seal_commit(done[i]) < 0) {
+        if (cut_all && cl_writer_seal_commit(done[i]) < 0) {
             char msg[256];
             snprintf(msg, sizeof msg, "seal of cycle %" PRIu64 " failed on "
                      "disk %s: %s", c, disks[i].id, vr_errmsg());
@@ -1037,6 +1040,17 @@ tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
         lrc = write_neutral(d, &rec, log_off);
         if (lrc == 0 && rc != -ENOTSUP)
             vr_err(rc, "%s", msg);
+        /* A failed zero or trim may have changed part of its range (the
+         * fallback writes zeroes block by block), which an empty record
+         * does not say: stop tracking rather than let the replica
+         * silently differ.  (-ENOTSUP: a fast zero was refused before
+         * anything changed.) */
+        if (lrc == 0 && kind != CL_WRITE && rc != -ENOTSUP) {
+            char why[600];
+            snprintf(why, sizeof why, "disk %s may be partly changed by a "
+                     "failed %s", d->id, msg);
+            set_broken(why);
+        }
     }
 
     pthread_mutex_lock(&d->lock);

@@ -905,6 +905,40 @@ test_apply(void)
     recset_free(&s);
 }
 
+/* With the disks' sizes given, the decoder refuses a payload whose record
+ * does not fit its disk, so it is never acknowledged and half applied. */
+static void
+test_disk_bounds(void)
+{
+    struct recset s = { 0 };
+    recset_add(&s, CL_WRITE, 0, 0, 4096);
+    recset_add(&s, CL_ZERO, 1, 60000, 5536); /* ends exactly at 65536 */
+    struct cyc_hdr h = mkhdr(2, 0);
+    size_t len;
+    uint8_t *p = build(&s, &h, true, &len);
+    static const uint64_t fits[2] = { 4096, 65536 };
+    static const uint64_t small[2] = { 4096, 65535 };
+    const uint64_t *sizes[2] = { fits, small };
+    int rcs[2];
+    for (int k = 0; k < 2; k++) {
+        struct cyc_decoder *d = NULL;
+        struct cyc_hdr out;
+        uint64_t nrec, raw;
+        rcs[k] = cyc_decoder_new(true, 1 << 20, -1, &d);
+        if (rcs[k] == 0) {
+            cyc_decoder_set_disk_sizes(d, sizes[k], 2);
+            rcs[k] = cyc_decoder_feed(d, p, len);
+        }
+        if (rcs[k] == 0)
+            rcs[k] = cyc_decoder_finish(d, &out, &nrec, &raw);
+        cyc_decoder_free(d);
+    }
+    is_int(rcs[0], 0, "bounds: records that end at their disk's end pass");
+    is_int(rcs[1], -EBADMSG, "bounds: a record past its disk's end is refused");
+    free(p);
+    recset_free(&s);
+}
+
 static void
 cleanup_tmpdir(void)
 {
@@ -931,6 +965,7 @@ main(void)
     test_bomb();
     test_segment();
     test_apply();
+    test_disk_bounds();
     cleanup_tmpdir();
     return done_testing();
 }
