@@ -137,6 +137,9 @@ extern int log_level;
             log_msg(LOG_DEBUG, c, __VA_ARGS__);                                \
     } while (0)
 
+/* Wait on D->cond for at most ms (caller holds D->lock). */
+void daemon_wait_ms(uint64_t ms);
+
 /* Record an event (catalog + log).  level: "info", "warning", "error",
  * "audit".  Caller holds d->lock. */
 void event_add(const char *level, const char *vm, const char *fmt, ...)

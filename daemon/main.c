@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "config.h"
@@ -41,6 +42,20 @@ log_msg(int level, const char *component, const char *fmt, ...)
     fprintf(stderr, "%s vmreplicad %s: %s: %s\n", ts, names[level], component,
             msg);
     errno = saved;
+}
+
+void
+daemon_wait_ms(uint64_t ms)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += (time_t)(ms / 1000);
+    ts.tv_nsec += (long)(ms % 1000) * 1000000;
+    if (ts.tv_nsec >= 1000000000) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000;
+    }
+    pthread_cond_timedwait(&D->cond, &D->lock, &ts);
 }
 
 void

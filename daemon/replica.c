@@ -1126,16 +1126,7 @@ applier_main(void *arg VR_UNUSED)
         }
         if (!todo) {
             if (next_retry) {
-                struct timespec ts;
-                clock_gettime(CLOCK_REALTIME, &ts);
-                uint64_t ms = next_retry - now;
-                ts.tv_sec += (time_t)(ms / 1000);
-                ts.tv_nsec += (long)(ms % 1000) * 1000000;
-                if (ts.tv_nsec >= 1000000000) {
-                    ts.tv_sec++;
-                    ts.tv_nsec -= 1000000000;
-                }
-                pthread_cond_timedwait(&D->cond, &D->lock, &ts);
+                daemon_wait_ms(next_retry - now);
             } else {
                 pthread_cond_wait(&D->cond, &D->lock);
             }

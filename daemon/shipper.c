@@ -714,20 +714,10 @@ shipper_main(void *arg)
             next_due = 0;
         uint64_t now = vr_mono_ms();
         if ((!initial && !replicating) || (now < next_due && !r->kick)) {
-            struct timespec ts;
-            clock_gettime(CLOCK_REALTIME, &ts);
             uint64_t wait_ms = (initial || replicating) && next_due > now
                                    ? next_due - now
                                    : 1000;
-            if (wait_ms > 1000)
-                wait_ms = 1000;
-            ts.tv_sec += (time_t)(wait_ms / 1000);
-            ts.tv_nsec += (long)(wait_ms % 1000) * 1000000;
-            if (ts.tv_nsec >= 1000000000) {
-                ts.tv_sec++;
-                ts.tv_nsec -= 1000000000;
-            }
-            pthread_cond_timedwait(&D->cond, &D->lock, &ts);
+            daemon_wait_ms(wait_ms > 1000 ? 1000 : wait_ms);
             continue;
         }
         r->kick = false;
