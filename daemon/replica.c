@@ -1139,10 +1139,14 @@ applier_main(void *arg VR_UNUSED)
         r = todo->repl;
         if (rc == -ENOSPC || rc == -EDQUOT) {
             /* A full Replica disk is recoverable (SPEC §4): the staged
-             * cycle stays, applying again from its start is idempotent. */
-            r->apply_retry_ms = vr_mono_ms() + 30000;
-            log_warn("applier", "%s: replica storage full; retrying in 30 s",
-                     todo->name);
+             * cycle stays, applying again from its start is idempotent.
+             * Retry every frequency, at least 1 s and at most 30 s. */
+            uint64_t delay_ms = (uint64_t)r->frequency_s * 1000;
+            if (delay_ms < 1000 || delay_ms > 30000)
+                delay_ms = delay_ms < 1000 ? 1000 : 30000;
+            r->apply_retry_ms = vr_mono_ms() + delay_ms;
+            log_warn("applier", "%s: replica storage full; retrying in %llu s",
+                     todo->name, (unsigned long long)delay_ms / 1000);
         } else if (rc < 0) {
             snprintf(r->state, sizeof r->state, "%s", ST_ERROR);
             VR_IGNORE(catalog_save_repl(r));
