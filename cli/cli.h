@@ -143,6 +143,7 @@ int cmd_repl_list(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_repl_measure(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_repl_suspend(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_repl_resume(struct cli *, const struct cli_cmd *, int, char **);
+int cmd_repl_reset_stats(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_repl_remove(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_initial_start(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_events(struct cli *, const struct cli_cmd *, int, char **);

@@ -91,6 +91,8 @@ static const struct cli_cmd commands[] = {
       "resume paused replication", NULL },
     { "replication", "remove", cmd_repl_remove, "VM",
       "stop replicating a VM (the Replica server keeps its copy)", NULL },
+    { "replication", "reset-stats", cmd_repl_reset_stats, "VM",
+      "clear a VM's replication statistics (errors, counts, sizes)", NULL },
     { "initial-replication", "start", cmd_initial_start, "VM [--wait]",
       "send the first full copy of a VM's disks",
       "  --wait            block until done, with a progress bar on a "

@@ -1,5 +1,5 @@
 /* replication.c: "vmreplica replication ..." — enable, set, show, list,
- * measure, suspend, resume and remove the replication of a VM
+ * measure, suspend, resume, reset-stats and remove the replication of a VM
  * (/v1/vms/VM/replication..., /v1/replications), the Enable-, Set-, Get-,
  * Measure-, Suspend-, Resume- and Remove-VMReplication of Hyper-V.
  */
@@ -435,6 +435,14 @@ cmd_repl_resume(struct cli *c, const struct cli_cmd *cmd, int argc,
 {
     return simple(c, cmd, argc, argv, "POST", "/replication/resume",
                   "resumed");
+}
+
+int
+cmd_repl_reset_stats(struct cli *c, const struct cli_cmd *cmd, int argc,
+                     char **argv)
+{
+    return simple(c, cmd, argc, argv, "POST", "/replication/reset-stats",
+                  "statistics cleared");
 }
 
 int
