@@ -95,13 +95,16 @@ run_tests() {
     say "running the test suite (meson test -C build)"
     meson test -C build --print-errorlogs --num-processes "$jobs" || rc=1
 
-    say "building the unit tests and fuzzers with ASan+UBSan (clang, build-asan)"
+    say "building with ASan+UBSan (clang, build-asan)"
     if CC=clang setup build-asan -Db_sanitize=address,undefined \
         -Db_lundef=false -Dc_args=-fno-sanitize-recover=all \
-        -Dfuzzing=true; then
-        say "running the unit tests under ASan+UBSan, then each fuzzer briefly"
-        meson test -C build-asan --suite unit --suite fuzz --print-errorlogs \
-            --num-processes "$jobs" --timeout-multiplier 3 || rc=1
+        -Dfuzzing=true \
+        -Dintegration_plugin="$PWD/build/plugin/nbdkit-vmreplica-plugin.so"; then
+        say "under ASan+UBSan: unit tests, each fuzzer briefly, and the" \
+            "'sanitize' integration tests with the daemon and CLI instrumented"
+        meson test -C build-asan --suite unit --suite fuzz --suite sanitize \
+            --print-errorlogs --num-processes "$jobs" \
+            --timeout-multiplier 3 || rc=1
     else
         say "error: meson setup build-asan failed"
         rc=1
