@@ -108,10 +108,7 @@ sleep 1
 stop_writer
 wait_converged "$vm" 60
 assert_identical "$vm"
-[ "$(repl replica "$vm" state)" = Replicating ] ||
-    fail "replica state: $(repl replica "$vm" state)"
-[ "$(repl primary "$vm" state)" = Replicating ] ||
-    fail "primary state: $(repl primary "$vm" state)"
+assert_replicating "$vm"
 rerr=$(vrj replica events | jq '[.events[] | select(.level == "error")] | length')
 [ "$rerr" = "$rerr0" ] || {
     vrj replica events | jq -r '.events[] | select(.level == "error") | .message' >&2

@@ -203,10 +203,7 @@ sleep 3
 stop_writer
 wait_converged "$vm" 60
 assert_identical "$vm"
-[ "$(repl primary "$vm" state)" = Replicating ] ||
-    fail "primary state is $(repl primary "$vm" state)"
-[ "$(repl replica "$vm" state)" = Replicating ] ||
-    fail "replica state is $(repl replica "$vm" state)"
+assert_replicating "$vm"
 errs=$(jget primary .replication_errors replication measure "$vm")
 [ "$errs" = 0 ] || fail "primary counted $errs replication errors"
 log "PASS (${SECONDS}s)"

@@ -374,6 +374,15 @@ _applied_at_least() { # VM N
     [[ $a =~ ^[0-9]+$ ]] && [ "$a" -ge "$2" ]
 }
 
+# assert_replicating VM — both the primary and the replica say Replicating.
+assert_replicating() {
+    local side st
+    for side in primary replica; do
+        st=$(repl "$side" "$1" state)
+        [ "$st" = Replicating ] || fail "vm $1: $side state is $st"
+    done
+}
+
 # assert_identical VM — the primary and replica disks of VM are the same,
 # byte for byte (every disk).
 assert_identical() {

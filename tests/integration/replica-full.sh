@@ -46,6 +46,5 @@ log "grow the store; replication must catch up by itself"
 mount -o remount,size=256m "$store" || fail "remount"
 wait_converged "$vm" 90
 assert_identical "$vm"
-[ "$(repl primary "$vm" state)" = Replicating ] || fail "primary not Replicating"
-[ "$(repl replica "$vm" state)" = Replicating ] || fail "replica not Replicating"
+assert_replicating "$vm"
 log "PASS"
