@@ -18,6 +18,13 @@
 # segment, as the shipper does.  CYCLE_S=0 turns the loop off (one segment
 # for the whole run).  The log-bytes column adds up the sealed segments.
 # LOGIO=write|mmap selects the plugin's logio= (how records reach the log).
+# LOG=ref|data selects the plugin's log= (writes logged by reference to the
+# disk, the default, or with their data copied into the log).  With
+# LOG=ref the loop models a shipper that needs a whole period to send a
+# cycle: after sealing N it reports N-1 shipped (SHIPPED), so every cycle
+# stays protected for CYCLE_S seconds and writes that overwrite its blocks
+# meanwhile pay for preserving them; the log-bytes column then includes
+# the preserve files.
 set -euo pipefail
 
 BUILD_DIR=${BUILD_DIR:-./build}
@@ -27,6 +34,7 @@ DIR=${DIR:-/dev/shm}
 SIZE=${SIZE:-1G}
 CYCLE_S=${CYCLE_S:-1}
 LOGIO=${LOGIO:-write}
+LOG=${LOG:-ref}
 ROUNDS=${ROUNDS:-3}
 
 for c in nbdkit fio python3 socat; do
@@ -53,7 +61,7 @@ start() { # start file|tracked
     else
         nbdkit --foreground --unix "$T/nbd.sock" "$PLUGIN" \
             disk=disk0:"$T/disk.raw" control="$T/ctl.sock" \
-            logio="$LOGIO" &
+            logio="$LOGIO" log="$LOG" &
         URI="nbd+unix:///disk0?socket=$T/nbd.sock"
     fi
     PID=$!
@@ -75,8 +83,20 @@ start_sealer() {
             reply=$(printf 'SEAL\n' | socat -t 5 - UNIX-CONNECT:"$T/ctl.sock" \
                 2>/dev/null) || continue
             case $reply in "OK "*) ;; *) continue ;; esac
-            seg=$T/disk.raw.vrlog/$(printf '%020d' "${reply#OK }").log
+            n=${reply#OK }
+            seg=$T/disk.raw.vrlog/$(printf '%020d' "$n").log
             stat -c %s "$seg" >>"$T/sealed-bytes"
+            if [ "$LOG" = ref ]; then
+                # The previous cycle is now shipped: release it.
+                prev=$T/disk.raw.vrlog/$(printf '%020d' $((n - 1)))
+                if [ "$n" -gt 1 ]; then
+                    printf 'SHIPPED %d\n' $((n - 1)) |
+                        socat -t 5 - UNIX-CONNECT:"$T/ctl.sock" >/dev/null 2>&1
+                    [ ! -f "$prev.pre" ] || stat -c %s "$prev.pre" >>"$T/sealed-bytes"
+                    rm -f "$prev.log" "$prev.pre"
+                fi
+                continue
+            fi
             # Never over an existing spare (as the shipper does).
             mv -n "$seg" "$T/disk.raw.vrlog/spare" && rm -f "$seg"
         done
@@ -149,7 +169,7 @@ median() {
 }
 
 echo "# vmreplica plugin vs nbdkit file plugin: $DIR, $SIZE file," \
-    "runtime ${RUNTIME}s, seal every ${CYCLE_S}s, logio=$LOGIO," \
+    "runtime ${RUNTIME}s, seal every ${CYCLE_S}s, log=$LOG, logio=$LOGIO," \
     "median of $ROUNDS" \
     "alternating rounds," \
     "$(nproc) CPUs, $(nbdkit --version)"

@@ -13,6 +13,7 @@
 #include <arpa/inet.h>
 #include <dirent.h>
 #include <fcntl.h>
+#include <gnutls/crypto.h>
 #include <gnutls/gnutls.h>
 #include <gnutls/x509.h>
 #include <stdio.h>
@@ -1022,6 +1023,44 @@ replica_listener_apply(void)
 
 /* --- applier -------------------------------------------------------------- */
 
+/* Test hook: with $VMREPLICA_TEST_APPLYLOG set, append "<cycle> <disk id>
+ * <sha256>" per disk after every applied cycle, the same lines the data
+ * plane's hashlog writes at each seal on the primary, so a test can check
+ * that every state the Replica VM passes through is the primary's state at
+ * that cycle's seal. */
+static void
+test_applylog(const struct vm *vm, uint64_t n)
+{
+    const char *log = getenv("VMREPLICA_TEST_APPLYLOG");
+    if (!log || !*log)
+        return;
+    FILE *f = fopen(log, "a");
+    if (!f)
+        return;
+    for (unsigned i = 0; i < vm->ndisks; i++) {
+        int fd = open(vm->disks[i].path, O_RDONLY | O_CLOEXEC);
+        gnutls_hash_hd_t h;
+        if (fd < 0 || gnutls_hash_init(&h, GNUTLS_DIG_SHA256) < 0) {
+            if (fd >= 0)
+                close(fd);
+            break;
+        }
+        uint8_t *buf = xmalloc(1 << 20);
+        ssize_t r;
+        while ((r = read(fd, buf, 1 << 20)) > 0)
+            gnutls_hash(h, buf, (size_t)r);
+        free(buf);
+        close(fd);
+        uint8_t md[32];
+        gnutls_hash_deinit(h, md);
+        fprintf(f, "%llu %s ", (unsigned long long)n, vm->disks[i].id);
+        for (int k = 0; k < 32; k++)
+            fprintf(f, "%02x", md[k]);
+        fputc('\n', f);
+    }
+    fclose(f);
+}
+
 /* Apply cycle n of vm from staging, then record it.  Called without the
  * lock; takes it to record. */
 static int
@@ -1036,8 +1075,10 @@ apply_one(struct vm *vm, uint64_t n, bool locked)
     if (locked)
         pthread_mutex_unlock(&D->lock);
     int rc = apply_payload(vm, path, &nrec);
-    if (rc == 0)
+    if (rc == 0) {
+        test_applylog(vm, n);
         vr_fault_point("apply-before-commit");
+    }
     pthread_mutex_lock(&D->lock);
     vm->applying = false;
     pthread_cond_broadcast(&D->cond);

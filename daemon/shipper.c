@@ -254,6 +254,38 @@ delete_sealed_upto(const struct job *jb, uint64_t upto)
     }
 }
 
+/* Cycles up to upto are on the Replica server: tell a running data plane
+ * (so it stops preserving their blocks), then delete their segments and
+ * preserve files.  In that order: until the plugin knows, it may still
+ * append to a preserve file; one it recreates after the delete is removed
+ * by the next call (preserve files of shipped cycles are also removed when
+ * the plugin starts). */
+static void
+release_shipped(const struct job *jb, uint64_t upto)
+{
+    bool served = false, running = false;
+    vmproc_status(jb->rundir, &served, &running);
+    if (served && upto > 0 && vmproc_shipped(jb->rundir, upto) < 0) {
+        log_warn("shipper", "%s: %s", jb->name, vr_errmsg());
+        vr_err_clear();
+    }
+    delete_sealed_upto(jb, upto);
+    for (unsigned i = 0; i < jb->ndisks; i++) {
+        CLEANUP_FREE char *dir = logdir_of(&jb->disks[i]);
+        DIR *d = opendir(dir);
+        if (!d)
+            continue;
+        struct dirent *de;
+        while ((de = readdir(d))) {
+            if (strlen(de->d_name) != 24 || strcmp(de->d_name + 20, ".pre"))
+                continue;
+            if (strtoull(de->d_name, NULL, 10) <= upto)
+                unlinkat(dirfd(d), de->d_name, 0);
+        }
+        closedir(d);
+    }
+}
+
 uint64_t
 shipper_pending_bytes(const struct vm *vm)
 {
@@ -387,7 +419,7 @@ ship_cycles(struct vm *vm, struct job *jb, uint64_t last_cycle)
     int rc = sealed_cycles(dir0, &cs, &n, NULL);
     if (rc < 0)
         return rc;
-    delete_sealed_upto(jb, last_cycle);
+    release_shipped(jb, last_cycle);
     for (size_t k = 0; k < n; k++) {
         uint64_t N = cs[k];
         if (N <= last_cycle)
@@ -417,7 +449,18 @@ ship_cycles(struct vm *vm, struct job *jb, uint64_t last_cycle)
             }
             char name[32];
             cl_seg_name(N, true, name);
-            rc = cyc_builder_add_segment(b, dfd, name, (uint16_t)i);
+            /* Writes logged by reference are read from the disk image
+             * (and the cycle's preserve file) as of the seal. */
+            int disk_fd = open(jb->disks[i].path, O_RDONLY | O_CLOEXEC);
+            if (disk_fd < 0) {
+                rc = vr_err(-errno, "open %s: %s", jb->disks[i].path,
+                            strerror(errno));
+                close(dfd);
+                break;
+            }
+            rc = cyc_builder_add_segment_ref(b, dfd, name, (uint16_t)i,
+                                             disk_fd);
+            close(disk_fd);
             close(dfd);
         }
         uint64_t raw = 0, wire = 0;
@@ -456,7 +499,7 @@ ship_cycles(struct vm *vm, struct job *jb, uint64_t last_cycle)
         pthread_mutex_unlock(&D->lock);
         if (rc < 0)
             return rc;
-        delete_sealed_upto(jb, N);
+        release_shipped(jb, N);
         last_cycle = N;
         log_debug("shipper", "%s: cycle %llu sent (%llu raw, %llu wire, %llu "
                              "ms)",
@@ -604,7 +647,7 @@ run_initial(struct vm *vm, struct job *jb)
             if (open_cycle && open_cycle - 1 > base)
                 base = open_cycle - 1;
         }
-        delete_sealed_upto(jb, base);
+        release_shipped(jb, base);
         uint64_t total = 0;
         for (unsigned i = 0; i < jb->ndisks; i++)
             total += allocated_bytes(jb->disks[i].path);

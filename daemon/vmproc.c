@@ -1021,6 +1021,17 @@ vmproc_seal(const char *rundir, uint64_t *cycle)
 }
 
 int
+vmproc_shipped(const char *rundir, uint64_t cycle)
+{
+    char line[512], cmd[64];
+    snprintf(cmd, sizeof cmd, "SHIPPED %llu\n", (unsigned long long)cycle);
+    int rc = ctl_request(rundir, cmd, line, sizeof line);
+    if (rc < 0)
+        return err_wrap(rc, "shipped %s", rundir);
+    return 0;
+}
+
+int
 vmproc_open_cycle(const char *rundir, uint64_t *cycle, uint64_t *open_bytes)
 {
     char line[512];

@@ -56,6 +56,9 @@ void vmproc_status(const char *rundir, bool *disks_served, bool *qemu_running);
 /* Ask the plugin to seal the open cycle of every disk at one instant.
  * *cycle is the number sealed: every disk now has CYCLE.log. */
 int vmproc_seal(const char *rundir, uint64_t *cycle) VR_WUR;
+/* Tell the data plane cycles up to cycle are on the Replica server: the
+ * blocks they logged by reference need no more protection. */
+int vmproc_shipped(const char *rundir, uint64_t cycle) VR_WUR;
 /* The plugin's open cycle number and bytes in the open segments. */
 int vmproc_open_cycle(const char *rundir, uint64_t *cycle,
                       uint64_t *open_bytes) VR_WUR;

@@ -1,4 +1,4 @@
-/* changelog.c: the per-disk change log, format version 1 (docs/formats.md).
+/* changelog.c: the per-disk change log, format version 2 (docs/formats.md).
  *
  * The data plane appends one record per guest write, write-zeroes or trim
  * to the disk's open segment (DISK.vrlog/CYCLE.open); sealing appends a
@@ -108,12 +108,13 @@ rec_hdr_check(const uint8_t *p)
     if (magic != CL_REC_MAGIC)
         return vr_err(-EBADMSG, "change log record: bad magic 0x%08" PRIx32,
                       magic);
-    if (kind < CL_WRITE || kind > CL_SEAL)
+    if (kind < CL_WRITE || kind > CL_WREF)
         return vr_err(-EBADMSG, "change log record: unknown kind %u", kind);
     if (flags & ~CL_F_FUA)
         return vr_err(-EBADMSG, "change log record: unknown flags 0x%02x",
                       flags);
-    if (kind == CL_WRITE && (len == 0 || len > CL_MAX_DATA_BYTES))
+    if ((kind == CL_WRITE || kind == CL_WREF) &&
+        (len == 0 || len > CL_MAX_DATA_BYTES))
         return vr_err(-EBADMSG, "change log record: write length %" PRIu32
                       " out of range", len);
     if (kind == CL_SEAL && (len != 0 || flags != 0))
@@ -205,6 +206,12 @@ void
 cl_seg_name(uint64_t cycle, bool sealed, char out[32])
 {
     snprintf(out, 32, "%020" PRIu64 "%s", cycle, sealed ? ".log" : ".open");
+}
+
+void
+cl_pre_name(uint64_t cycle, char out[32])
+{
+    snprintf(out, 32, "%020" PRIu64 ".pre", cycle);
 }
 
 /* --- reader ------------------------------------------------------------ */
@@ -444,6 +451,7 @@ struct cl_writer {
     uint64_t records;
     bool finished; /* sealed */
     bool cut;      /* CL_SEAL appended, not yet renamed */
+    bool pre;      /* a preserve file: never sealed */
     uint8_t **chunks;   /* MAP_MAX_CHUNKS slots, mapped prefix */
     unsigned nchunks;   /* chunks mapped: file [0, nchunks * CHUNK) */
     bool map_failed;    /* fall back to pwritev for good */
@@ -577,12 +585,47 @@ reuse_spare(int dirfd, const char *name, const uint8_t *hdr)
     return fd;
 }
 
+/* Create name in dirfd with header h (O_EXCL, or from the spare), header
+ * and directory durable. */
+static int
+writer_create_name(int dirfd, const char *name, const struct cl_seg_hdr *h,
+                   bool try_spare, const char *what, struct cl_writer **out)
+{
+    uint8_t hdr[CL_SEG_HDR_BYTES];
+    int rc = 0;
+
+    cl_seg_hdr_encode(h, hdr);
+    int fd = try_spare ? reuse_spare(dirfd, name, hdr) : -1;
+    if (fd < 0) {
+        fd = openat(dirfd, name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+        if (fd < 0)
+            return vr_err(-errno, "create %s %s: %s", what, name,
+                          strerror(errno));
+        rc = io_pwrite_all(fd, hdr, sizeof hdr, 0);
+        if (rc == 0 && fdatasync(fd) < 0)
+            rc = -errno;
+    }
+    if (rc == 0)
+        rc = io_fsync_dirfd(dirfd);
+    struct cl_writer *w = NULL;
+    if (rc == 0 && !(w = writer_new(dirfd, fd, h->disk, h->cycle)))
+        rc = -errno;
+    if (rc < 0) {
+        close(fd);
+        unlinkat(dirfd, name, 0);
+        return vr_err(rc, "create %s %s: %s", what, name, strerror(-rc));
+    }
+    w->next_seq = h->first_seq;
+    w->bytes = CL_SEG_HDR_BYTES;
+    *out = w;
+    return 0;
+}
+
 int
 cl_writer_create(int dirfd, uint16_t disk, uint64_t cycle, uint64_t first_seq,
                  struct cl_writer **out)
 {
     char name[32];
-    uint8_t hdr[CL_SEG_HDR_BYTES];
     struct cl_seg_hdr h = {
         .version = CL_FORMAT_VERSION,
         .disk = disk,
@@ -596,47 +639,18 @@ cl_writer_create(int dirfd, uint16_t disk, uint64_t cycle, uint64_t first_seq,
     if (faccessat(dirfd, name, F_OK, 0) == 0)
         return vr_err(-EEXIST, "create change log: %s already exists", name);
     cl_seg_name(cycle, false, name);
-    cl_seg_hdr_encode(&h, hdr);
-    int rc;
-    int fd = reuse_spare(dirfd, name, hdr);
-    if (fd < 0) {
-        fd = openat(dirfd, name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-        if (fd < 0)
-            return vr_err(-errno, "create change log %s: %s", name,
-                          strerror(errno));
-        rc = io_pwrite_all(fd, hdr, sizeof hdr, 0);
-        if (rc == 0 && fdatasync(fd) < 0)
-            rc = -errno;
-    } else {
-        rc = 0;
-    }
-    if (rc == 0)
-        rc = io_fsync_dirfd(dirfd);
-    struct cl_writer *w = NULL;
-    if (rc == 0 && !(w = writer_new(dirfd, fd, disk, cycle)))
-        rc = -errno;
-    if (rc < 0) {
-        close(fd);
-        unlinkat(dirfd, name, 0);
-        return vr_err(rc, "create change log %s: %s", name, strerror(-rc));
-    }
-    w->next_seq = first_seq;
-    w->bytes = CL_SEG_HDR_BYTES;
-    *out = w;
-    return 0;
+    return writer_create_name(dirfd, name, &h, true, "change log", out);
 }
 
-int
-cl_writer_reopen(int dirfd, uint16_t disk, uint64_t cycle,
-                 struct cl_writer **out, uint64_t *cut_bytes)
+static int
+writer_reopen_name(int dirfd, const char *name, uint16_t disk, uint64_t cycle,
+                   struct cl_writer **out, uint64_t *cut_bytes)
 {
-    char name[32];
     struct cl_reader *r = NULL;
     struct cl_rec rec;
     struct stat st;
     int rc;
 
-    cl_seg_name(cycle, false, name);
     int fd = openat(dirfd, name, O_RDWR | O_CLOEXEC);
     if (fd < 0)
         return vr_err(-errno, "open change log %s: %s", name,
@@ -690,6 +704,52 @@ out:
     return rc;
 }
 
+int
+cl_writer_reopen(int dirfd, uint16_t disk, uint64_t cycle,
+                 struct cl_writer **out, uint64_t *cut_bytes)
+{
+    char name[32];
+    cl_seg_name(cycle, false, name);
+    return writer_reopen_name(dirfd, name, disk, cycle, out, cut_bytes);
+}
+
+int
+cl_writer_open_pre(int dirfd, uint16_t disk, uint64_t cycle,
+                   struct cl_writer **out)
+{
+    char name[32];
+    struct cl_seg_hdr h = {
+        .version = CL_FORMAT_VERSION,
+        .disk = disk,
+        .cycle = cycle,
+        .first_seq = 0,
+        .created_ms = vr_wall_ms(),
+    };
+    struct cl_writer *w = NULL;
+    struct stat st;
+    int rc;
+
+    cl_pre_name(cycle, name);
+    if (fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+        st.st_size < CL_SEG_HDR_BYTES) {
+        /* A crash while creating it: no record can be in it yet. */
+        if (unlinkat(dirfd, name, 0) < 0)
+            return vr_err(-errno, "remove torn preserve file %s: %s", name,
+                          strerror(errno));
+    }
+    if (faccessat(dirfd, name, F_OK, AT_SYMLINK_NOFOLLOW) == 0) {
+        uint64_t cut = 0;
+        rc = writer_reopen_name(dirfd, name, disk, cycle, &w, &cut);
+    } else {
+        rc = writer_create_name(dirfd, name, &h, false, "preserve file", &w);
+    }
+    if (rc < 0)
+        return rc;
+    w->pre = true;
+    *out = w;
+    return 0;
+}
+
 /* Append rec at the end (the seal record; callers hold the writer alone). */
 static int
 writer_put(struct cl_writer *w, const struct cl_rec *rec)
@@ -714,9 +774,12 @@ cl_writer_reserve(struct cl_writer *w, uint8_t kind, uint8_t flags,
     if (w->finished || w->cut)
         return vr_err(-EINVAL, "change log cycle %" PRIu64 ": already sealed",
                       w->cycle);
-    if (kind < CL_WRITE || kind > CL_TRIM || (flags & ~CL_F_FUA) ||
+    if ((kind < CL_WRITE || kind > CL_WREF || kind == CL_SEAL) ||
+        (flags & ~CL_F_FUA) ||
         (kind == CL_WRITE &&
          (len == 0 || len > CL_MAX_DATA_BYTES || !data)) ||
+        (kind == CL_WREF && (len == 0 || len > CL_MAX_DATA_BYTES)) ||
+        (w->pre && kind != CL_WRITE) ||
         offset > (uint64_t)INT64_MAX - len)
         return vr_err(-EINVAL, "change log append: invalid record (kind %u "
                       "offset %" PRIu64 " len %" PRIu32 ")", kind, offset,
@@ -821,7 +884,7 @@ cl_writer_seal_cut(struct cl_writer *w)
         .seq = w->next_seq,
     };
 
-    if (w->finished || w->cut)
+    if (w->finished || w->cut || w->pre)
         return vr_err(-EINVAL, "change log cycle %" PRIu64 ": already sealed",
                       w->cycle);
     cl_seg_name(w->cycle, false, name);

@@ -16,7 +16,7 @@
 
 #include "vr.h"
 
-#define CL_FORMAT_VERSION 1
+#define CL_FORMAT_VERSION 2 /* 2 added CL_WREF and preserve files */
 #define CL_SEG_MAGIC      "VRLOGSG1" /* 8 bytes, no NUL */
 #define CL_REC_MAGIC      0x31525256u /* "VRR1" */
 #define CL_SEG_HDR_BYTES  64
@@ -30,6 +30,11 @@ enum cl_kind {
     CL_TRIM = 3,  /* range discarded; vmreplica punches a hole: zeroes */
     CL_SEAL = 4,  /* last record of a sealed segment or cycle payload;
                      offset = number of records before it, len = 0 */
+    CL_WREF = 5,  /* a write logged by reference (segments only, never in a
+                     cycle payload): no data follows; the data is the
+                     disk's content at the segment's seal, read from the
+                     disk image or, where a later write has changed it,
+                     from the cycle's preserve file */
 };
 
 #define CL_F_FUA 0x01 /* the guest asked for FUA */
@@ -76,6 +81,16 @@ int cl_seg_hdr_decode(const void *buf, struct cl_seg_hdr *h) VR_WUR;
 
 /* Segment file name for a cycle: "%020llu.open" or "%020llu.log". */
 void cl_seg_name(uint64_t cycle, bool sealed, char out[32]);
+/* Preserve file of a sealed cycle: "%020llu.pre".  A segment-format file
+ * (header, then CL_WRITE records, no CL_SEAL) holding the content, as of
+ * the cycle's seal, of ranges its CL_WREF records name that the guest
+ * overwrote before the cycle was shipped.  Append-only; each record is
+ * complete on disk before the disk range it preserves changes, so a torn
+ * tail only ever belongs to a write that never reached the disk. */
+void cl_pre_name(uint64_t cycle, char out[32]);
+/* Preserve records cover whole aligned blocks of this size (the last block
+ * of a disk whose size is not a multiple: up to the end). */
+#define CL_PRE_BLOCK 4096u
 
 /* --- writer (the data plane) ------------------------------------------- */
 
@@ -112,6 +127,10 @@ int cl_writer_write(struct cl_writer *w, const struct cl_rec *rec,
  * (preallocated in 16 MiB chunks) instead of pwritev.  Off by default;
  * faster on tmpfs, much slower on ext4. */
 void cl_writer_use_mmap(bool on);
+/* Open the preserve file of cycle for appending: create it (header
+ * durable) or, after a restart, reopen it with a torn tail cut. */
+int cl_writer_open_pre(int dirfd, uint16_t disk, uint64_t cycle,
+                       struct cl_writer **out) VR_WUR;
 /* fdatasync the segment. */
 int cl_writer_sync(struct cl_writer *w) VR_WUR;
 /* Append CL_SEAL, fdatasync, rename .open to .log, fsync the directory.
@@ -142,7 +161,8 @@ struct cl_reader;
 int cl_reader_open(int dirfd, const char *name, struct cl_reader **out) VR_WUR;
 const struct cl_seg_hdr *cl_reader_hdr(const struct cl_reader *r);
 /* Next record: 1 and *rec (data valid until the next call), 0 at the clean
- * end (after CL_SEAL, which is not returned; or at EOF of an .open segment),
+ * end (after CL_SEAL, which is not returned; or at EOF of an .open segment
+ * or .pre file),
  * -EBADMSG on a corrupt or torn record, or on EOF before CL_SEAL in a sealed
  * (.log) segment, or a CL_SEAL whose count disagrees. */
 int cl_reader_next(struct cl_reader *r, struct cl_rec *rec) VR_WUR;

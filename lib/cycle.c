@@ -31,6 +31,7 @@
 #include <zstd.h>
 
 #include "crc32c.h"
+#include "u64map.h"
 
 #define CYC_KNOWN_FLAGS         CYC_F_BASE
 /* Plain (uncompressed) builder write buffer and apply read size. */
@@ -445,12 +446,207 @@ cyc_builder_add(struct cyc_builder *b, const struct cl_rec *r)
     return 0;
 }
 
+/* --- records logged by reference --------------------------------------- */
+
+/* The preserve file of the cycle being built, indexed by block: value =
+ * file offset of the block's data + 1 (0 is "absent" in a u64map). */
+struct pre_index {
+    int dirfd;
+    char name[32];
+    uint16_t disk;
+    uint64_t cycle;
+    int fd;            /* -1 until the file exists */
+    uint64_t scanned;  /* file offset after the last good record */
+    uint64_t next_seq;
+    struct u64map blocks;
+    uint8_t *buf;
+    size_t cap;
+};
+
+/* Index the records appended since the last scan.  Stops quietly at the
+ * first record that is not complete and valid: the data plane appends one
+ * record at a time and finishes it before the disk range it preserves
+ * changes, so such a tail belongs to a write that has not touched the disk
+ * yet.  *added says whether anything new was indexed. */
+static int
+pre_scan(struct pre_index *p, bool *added)
+{
+    *added = false;
+    if (p->fd < 0) {
+        p->fd = openat(p->dirfd, p->name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        if (p->fd < 0)
+            return errno == ENOENT ? 0
+                                   : vr_err(-errno, "open %s: %s", p->name,
+                                            strerror(errno));
+    }
+    if (p->scanned == 0) {
+        uint8_t hb[CL_SEG_HDR_BYTES];
+        struct cl_seg_hdr h;
+        int rc = io_pread_all(p->fd, hb, sizeof hb, 0);
+        if (rc == -ENODATA)
+            return 0; /* being created */
+        if (rc < 0)
+            return vr_err(rc, "read %s: %s", p->name, strerror(-rc));
+        if ((rc = cl_seg_hdr_decode(hb, &h)) < 0)
+            return rc;
+        if (h.disk != p->disk || h.cycle != p->cycle)
+            return vr_err(-EBADMSG, "preserve file %s: header says disk %u "
+                          "cycle %" PRIu64, p->name, h.disk, h.cycle);
+        p->scanned = CL_SEG_HDR_BYTES;
+        p->next_seq = h.first_seq;
+    }
+    for (;;) {
+        uint8_t rh[CL_REC_HDR_BYTES];
+        struct cl_rec r;
+        size_t used;
+        if (io_pread_all(p->fd, rh, sizeof rh, (off_t)p->scanned) < 0)
+            return 0;
+        size_t need = CL_REC_HDR_BYTES + (size_t)(rh[4] == CL_WRITE
+                                                      ? (rh[8] | rh[9] << 8 |
+                                                         rh[10] << 16 |
+                                                         (uint32_t)rh[11] << 24)
+                                                      : 0);
+        if (need > CL_REC_HDR_BYTES + (size_t)CL_MAX_DATA_BYTES)
+            return 0; /* cl_rec_decode would refuse it anyway */
+        if (need > p->cap) {
+            p->buf = xrealloc(p->buf, need);
+            p->cap = need;
+        }
+        if (io_pread_all(p->fd, p->buf, need, (off_t)p->scanned) < 0 ||
+            cl_rec_decode(p->buf, need, &r, &used) < 0) {
+            vr_err_clear();
+            return 0;
+        }
+        if (r.kind != CL_WRITE || r.disk != p->disk || r.seq != p->next_seq ||
+            r.offset % CL_PRE_BLOCK != 0)
+            return vr_err(-EBADMSG, "preserve file %s at %" PRIu64 ": not a "
+                          "block-aligned write record in sequence", p->name,
+                          p->scanned);
+        uint64_t data_off = p->scanned + CL_REC_HDR_BYTES;
+        for (uint64_t o = 0; o < r.len; o += CL_PRE_BLOCK) {
+            uint64_t blk = (r.offset + o) / CL_PRE_BLOCK;
+            /* A block preserved twice (a crash between preserving and
+             * writing) holds the same content both times. */
+            if (u64map_get(&p->blocks, blk) == 0)
+                u64map_put(&p->blocks, blk, data_off + o + 1);
+        }
+        p->scanned += used;
+        p->next_seq++;
+        *added = true;
+    }
+}
+
+/* Fill buf with [off, off+len) as of the seal: blocks the preserve file
+ * holds from there, the rest from the disk image (past its end: zeroes). */
+static int
+fill_ref(struct pre_index *p, int disk_fd, uint64_t off, uint32_t len,
+         uint8_t *buf)
+{
+    uint64_t pos = off, end = off + len;
+    while (pos < end) {
+        uint64_t blk = pos / CL_PRE_BLOCK;
+        uint64_t bend = (blk + 1) * CL_PRE_BLOCK;
+        uint64_t n = (bend < end ? bend : end) - pos;
+        uint64_t at = u64map_get(&p->blocks, blk);
+        int rc;
+        if (at) {
+            rc = io_pread_all(p->fd, buf + (pos - off), n,
+                              (off_t)(at - 1 + pos % CL_PRE_BLOCK));
+            if (rc < 0)
+                return vr_err(rc == -ENODATA ? -EBADMSG : rc,
+                              "read %s: %s", p->name, strerror(-rc));
+        } else {
+            /* Extend over following blocks the preserve file lacks. */
+            while (bend < end &&
+                   u64map_get(&p->blocks, bend / CL_PRE_BLOCK) == 0) {
+                bend += CL_PRE_BLOCK;
+                n = (bend < end ? bend : end) - pos;
+            }
+            memset(buf + (pos - off), 0, n);
+            rc = io_pread_all(disk_fd, buf + (pos - off), n, (off_t)pos);
+            if (rc < 0 && rc != -ENODATA)
+                return vr_err(rc, "read disk at %" PRIu64 ": %s", pos,
+                              strerror(-rc));
+        }
+        pos += n;
+    }
+    return 0;
+}
+
+/* Records of one segment waiting to be emitted, with their data. */
+struct ref_batch {
+    struct cl_rec *recs;
+    size_t n, cap;
+    uint8_t *data;
+    size_t used, dcap;
+};
+
+#define REF_BATCH_BYTES   (8u << 20)
+#define REF_BATCH_RECORDS 4096u
+
+/* Read the WREF records' data, then look for preserve records that came
+ * in meanwhile; any such record may cover a block whose disk content we
+ * just read after it changed (its record was complete before the disk
+ * write began), so read the batch again until a scan finds nothing new. */
+static int
+batch_fill(struct ref_batch *bt, struct pre_index *p, int disk_fd)
+{
+    for (;;) {
+        size_t at = 0;
+        for (size_t i = 0; i < bt->n; i++) {
+            if (bt->recs[i].kind != CL_WREF)
+                continue;
+            int rc = fill_ref(p, disk_fd, bt->recs[i].offset,
+                              bt->recs[i].len, bt->data + at);
+            if (rc < 0)
+                return rc;
+            at += bt->recs[i].len;
+        }
+        bool added;
+        int rc = pre_scan(p, &added);
+        if (rc < 0)
+            return rc;
+        if (!added)
+            return 0;
+    }
+}
+
+static int
+batch_emit(struct cyc_builder *b, struct ref_batch *bt, uint16_t disk)
+{
+    size_t at = 0;
+    for (size_t i = 0; i < bt->n; i++) {
+        struct cl_rec r = bt->recs[i];
+        r.disk = disk;
+        if (r.kind == CL_WREF) {
+            r.kind = CL_WRITE;
+            r.data = bt->data + at;
+            at += r.len;
+        }
+        int rc = cyc_builder_add(b, &r);
+        if (rc < 0)
+            return rc;
+    }
+    bt->n = 0;
+    bt->used = 0;
+    return 0;
+}
+
 int
 cyc_builder_add_segment(struct cyc_builder *b, int dirfd, const char *name,
                         uint16_t disk)
 {
+    return cyc_builder_add_segment_ref(b, dirfd, name, disk, -1);
+}
+
+int
+cyc_builder_add_segment_ref(struct cyc_builder *b, int dirfd,
+                            const char *name, uint16_t disk, int disk_fd)
+{
     struct cl_reader *rd = NULL;
     struct cl_rec rec;
+    struct ref_batch bt = { 0 };
+    struct pre_index p = { .dirfd = dirfd, .fd = -1 };
     size_t nlen = strlen(name);
     int rc;
 
@@ -462,12 +658,62 @@ cyc_builder_add_segment(struct cyc_builder *b, int dirfd, const char *name,
                       name);
     if ((rc = cl_reader_open(dirfd, name, &rd)) < 0)
         return rc;
-    while ((rc = cl_reader_next(rd, &rec)) > 0) {
-        rec.disk = disk;
-        if ((rc = cyc_builder_add(b, &rec)) < 0)
-            break;
+    p.disk = cl_reader_hdr(rd)->disk;
+    p.cycle = cl_reader_hdr(rd)->cycle;
+    cl_pre_name(p.cycle, p.name);
+    bool added;
+    if (disk_fd >= 0)
+        rc = pre_scan(&p, &added);
+    while (rc == 0 && (rc = cl_reader_next(rd, &rec)) > 0) {
+        rc = 0;
+        if (rec.kind == CL_WREF) {
+            if (disk_fd < 0) {
+                rc = vr_err(-EBADMSG, "cycle payload: segment %s logs a "
+                            "write by reference and no disk was given", name);
+                break;
+            }
+            if (bt.used + rec.len > bt.dcap) {
+                size_t cap = bt.dcap ? bt.dcap : REF_BATCH_BYTES;
+                while (cap < bt.used + rec.len)
+                    cap *= 2;
+                bt.data = xrealloc(bt.data, cap);
+                bt.dcap = cap;
+            }
+            bt.used += rec.len;
+        } else if (rec.kind == CL_WRITE) {
+            /* Inline data points into the reader's buffer: emit what is
+             * batched, then this record on its own. */
+            if (bt.n > 0 && ((rc = batch_fill(&bt, &p, disk_fd)) < 0 ||
+                             (rc = batch_emit(b, &bt, disk)) < 0))
+                break;
+            rec.disk = disk;
+            if ((rc = cyc_builder_add(b, &rec)) < 0)
+                break;
+            continue;
+        }
+        if (bt.n == bt.cap) {
+            bt.cap = bt.cap ? bt.cap * 2 : 256;
+            bt.recs = xrealloc(bt.recs, bt.cap * sizeof *bt.recs);
+        }
+        bt.recs[bt.n++] = rec;
+        if (bt.n >= REF_BATCH_RECORDS || bt.used >= REF_BATCH_BYTES) {
+            if ((rc = batch_fill(&bt, &p, disk_fd)) < 0 ||
+                (rc = batch_emit(b, &bt, disk)) < 0)
+                break;
+        }
+    }
+    if (rc == 0 && bt.n > 0 &&
+        ((rc = batch_fill(&bt, &p, disk_fd)) < 0 ||
+         (rc = batch_emit(b, &bt, disk)) < 0)) {
+        /* rc says */
     }
     cl_reader_free(rd);
+    if (p.fd >= 0)
+        close(p.fd);
+    u64map_free(&p.blocks);
+    free(p.buf);
+    free(bt.recs);
+    free(bt.data);
     if (rc < 0) {
         /* Records already added cannot be taken back: poison the builder. */
         if (!b->err)

@@ -59,6 +59,18 @@ int cyc_builder_add(struct cyc_builder *b, const struct cl_rec *r) VR_WUR;
  * index replaced by disk; -EBADMSG if the segment is not cleanly sealed. */
 int cyc_builder_add_segment(struct cyc_builder *b, int dirfd,
                             const char *name, uint16_t disk) VR_WUR;
+/* The same for a segment that may hold CL_WREF records (writes logged by
+ * reference), sent as CL_WRITE records with the disk's content as of the
+ * seal: from the cycle's preserve file (cl_pre_name, in dirfd) where it
+ * holds the block, else read from disk_fd, the disk image, which the data
+ * plane may be writing meanwhile.  The data plane completes a preserve
+ * record before it changes the block, so data read from the disk is kept
+ * only once a rescan of the preserve file after the read finds nothing
+ * new (docs/design.md, "Writes logged by reference").  disk_fd -1: a
+ * CL_WREF record is an error (-EBADMSG). */
+int cyc_builder_add_segment_ref(struct cyc_builder *b, int dirfd,
+                                const char *name, uint16_t disk,
+                                int disk_fd) VR_WUR;
 /* Write the CL_SEAL record and flush the compressor.  *raw_bytes is the
  * uncompressed size, *out_bytes what was written to out_fd. */
 int cyc_builder_finish(struct cyc_builder *b, uint64_t *raw_bytes,

@@ -1,10 +1,20 @@
 /* vmreplica.c: nbdkit-vmreplica-plugin, the data plane (ARCHITECTURE.md).
  *
  * Serves each tracked disk (a raw file) as an NBD export named by its disk
- * id, does the file I/O itself and appends every write, write-zeroes and
- * trim to the disk's open change-log segment (PATH.vrlog/CYCLE.open) before
- * the request completes.  Flush and FUA make the log and then the disk
- * durable before replying.
+ * id, does the file I/O itself and logs every write, write-zeroes and trim
+ * in the disk's open change-log segment (PATH.vrlog/CYCLE.open) before the
+ * request completes.  Flush and FUA make the log and then the disk durable
+ * before replying.
+ *
+ * Writes are logged by reference (log=ref, the default; docs/design.md):
+ * a CL_WREF record without data, written before the disk changes.  The
+ * shipper reads the data from the disk image.  Per 4 KiB block the plugin
+ * remembers which sealed-but-unshipped cycle's WREF last wrote it (owner);
+ * before a request changes such a block it appends the block's content to
+ * that cycle's preserve file (PATH.vrlog/CYCLE.pre), so the cycle can still
+ * be built as it was at its seal.  SHIPPED N over the control socket ends
+ * the protection of cycles <= N.  log=data copies the data into the
+ * record instead (format version 1 behaviour).
  *
  * Locking: each write-class request holds the process-wide seal_lock for
  * reading.  Under its disk's mutex it waits until no in-flight request
@@ -23,14 +33,15 @@
  *
  * Control protocol (docs/formats.md): one request line, one reply line, on a
  * unix stream socket: SEAL -> "OK <sealed cycle>", STATUS -> "OK <open
- * cycle> <bytes in open segments>", PING -> "OK"; errors are "ERR <msg>".
+ * cycle> <bytes in open segments>", SHIPPED N -> "OK N", PING -> "OK";
+ * errors are "ERR <msg>".
  *
- * Recovery at start-up (.get_ready) cuts torn log tails and finishes a seal
- * that a crash interrupted, so every disk ends up with the same open cycle.
- * If appending to the log ever fails after the disk was written, the disk
- * is ahead of its log: the plugin then fails every further write with EIO
- * and SEAL with ERR until it is restarted, rather than let the replica
- * silently diverge.
+ * Recovery at start-up (.get_ready) cuts torn log tails, finishes a seal
+ * that a crash interrupted, so every disk ends up with the same open cycle,
+ * and rebuilds the block owners from the unshipped segments.  If the log
+ * ever cannot follow the disk (a record or a preserve cannot be written),
+ * the plugin fails every further write with EIO and SEAL with ERR until it
+ * is restarted, rather than let the replica silently diverge.
  */
 #define NBDKIT_API_VERSION 2
 #define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
@@ -55,12 +66,15 @@
 #include <gnutls/gnutls.h>
 
 #include "changelog.h"
+#include "u64map.h"
 #include "vr.h"
 
 #define MAX_DISKS       64
 #define CTL_LINE_MAX    256
 #define CTL_TIMEOUT_S   30
 #define HASH_CHUNK      (1u << 20)
+#define PRE_OPEN        4          /* preserve files kept open per disk */
+#define PRE_PIECE_MAX   (32u << 20) /* largest preserve record */
 
 /* A byte range of a write-class request in progress (on its stack). */
 struct range {
@@ -78,6 +92,15 @@ struct disk {
     pthread_cond_t idle;   /* signalled when an in-flight range ends */
     struct range *inflight; /* write-class requests now in progress */
     struct cl_writer *w;   /* open segment; replaced under seal_lock (W) */
+    uint64_t size;         /* bytes (raw disks do not change size) */
+    /* Writes logged by reference (log=ref): block -> the cycle whose
+     * CL_WREF record last wrote it, while that cycle is not shipped
+     * (values <= shipped are dead).  Guarded by lock. */
+    struct u64map owner;
+    uint64_t compacted_at; /* shipped when owner was last compacted */
+    /* Preserve files being appended, one whole record at a time. */
+    pthread_mutex_t pre_lock;
+    struct cl_writer *pre[PRE_OPEN];
 };
 
 static struct disk disks[MAX_DISKS];
@@ -87,6 +110,9 @@ static char *hashlog_path;
 
 static pthread_rwlock_t seal_lock;
 static uint64_t open_cycle;  /* protected by seal_lock */
+static uint64_t shipped;     /* cycles <= shipped are shipped (atomic) */
+static bool log_ref = true;  /* log=ref (default) or log=data */
+static uint64_t refmap_max = 1u << 20; /* owner entries per disk */
 static int broken;           /* set once the log cannot follow the disk */
 static char broken_msg[256];
 
@@ -142,6 +168,10 @@ vmreplica_unload(void)
         if (d->w && cl_writer_sync(d->w) < 0)
             nbdkit_error("%s: %s", d->id, vr_errmsg());
         cl_writer_free(d->w);
+        for (unsigned k = 0; k < PRE_OPEN; k++)
+            cl_writer_free(d->pre[k]);
+        u64map_free(&d->owner);
+        pthread_mutex_destroy(&d->pre_lock);
         if (d->fd >= 0)
             close(d->fd);
         if (d->dirfd >= 0)
@@ -203,6 +233,7 @@ vmreplica_config(const char *key, const char *value)
         pthread_mutexattr_settype(&ma, PTHREAD_MUTEX_ADAPTIVE_NP);
         pthread_mutex_init(&d->lock, &ma);
         pthread_cond_init(&d->idle, NULL);
+        pthread_mutex_init(&d->pre_lock, NULL);
         d->inflight = NULL;
         pthread_mutexattr_destroy(&ma);
         ndisks++;
@@ -218,6 +249,24 @@ vmreplica_config(const char *key, const char *value)
             nbdkit_error("logio=%s: expected write or mmap", value);
             return -1;
         }
+    } else if (strcmp(key, "log") == 0) {
+        if (strcmp(value, "ref") == 0)
+            log_ref = true;
+        else if (strcmp(value, "data") == 0)
+            log_ref = false;
+        else {
+            nbdkit_error("log=%s: expected ref or data", value);
+            return -1;
+        }
+    } else if (strcmp(key, "refmap") == 0) {
+        char *end;
+        errno = 0;
+        unsigned long long v = strtoull(value, &end, 10);
+        if (errno || end == value || *end || v > (1ull << 32)) {
+            nbdkit_error("refmap=%s: expected a number of blocks", value);
+            return -1;
+        }
+        refmap_max = v;
     } else if (strcmp(key, "hashlog") == 0) {
         free(hashlog_path);
         hashlog_path = nbdkit_absolute_path(value);
@@ -253,6 +302,10 @@ vmreplica_config_complete(void)
     "control=SOCKET      (required) control socket (SEAL, STATUS, PING)\n"      \
     "logio=write|mmap    how records reach the log (default write; mmap\n"    \
     "                    is faster on tmpfs, much slower on ext4)\n"          \
+    "log=ref|data        log writes by reference to the disk (default) or\n"  \
+    "                    copy their data into the log\n"                      \
+    "refmap=N            blocks tracked by reference per disk before writes\n"\
+    "                    fall back to log=data (default 1048576)\n"           \
     "hashlog=FILE        append '<cycle> <id> <sha256>' per disk at each seal"
 
 /* --- recovery ---------------------------------------------------------- */
@@ -502,6 +555,100 @@ recover(void)
     return 0;
 }
 
+/* Writes logged by reference: record r of cycle c updates the owner map
+ * the way the write path does (a CL_WREF makes c the blocks' owner; any
+ * other change drops an older owner, whose data it preserved first). */
+static void
+owner_apply(struct disk *d, const struct cl_rec *r, uint64_t c)
+{
+    if (r->len == 0)
+        return;
+    uint64_t b0 = r->offset / CL_PRE_BLOCK;
+    uint64_t b1 = (r->offset + r->len - 1) / CL_PRE_BLOCK;
+    for (uint64_t b = b0; b <= b1; b++) {
+        if (r->kind == CL_WREF)
+            u64map_put(&d->owner, b, c);
+        else if (u64map_get(&d->owner, b) != c)
+            u64map_put(&d->owner, b, 0);
+    }
+}
+
+/* After a restart: the oldest sealed segment left says what is shipped
+ * (the daemon deletes a cycle's segments only once the Replica server has
+ * it); replaying the unshipped segments and the open one rebuilds the
+ * owner map as it was.  Preserve files of shipped cycles are removed. */
+static int
+rebuild_owner(struct disk *d)
+{
+    int fd = dup(d->dirfd);
+    DIR *dir = fd >= 0 ? fdopendir(fd) : NULL;
+    struct dirent *e;
+    uint64_t lo = open_cycle;
+
+    if (!dir) {
+        if (fd >= 0)
+            close(fd);
+        return vr_err(-errno, "read directory %s: %m", d->logdir);
+    }
+    rewinddir(dir);
+    while ((e = readdir(dir)) != NULL) {
+        char *end;
+        if (strlen(e->d_name) != 24 || e->d_name[0] < '0' ||
+            e->d_name[0] > '9')
+            continue;
+        uint64_t c = strtoull(e->d_name, &end, 10);
+        if (end == e->d_name + 20 && strcmp(end, ".log") == 0 && c < lo)
+            lo = c;
+    }
+    rewinddir(dir);
+    while ((e = readdir(dir)) != NULL) {
+        char *end, log[32];
+        if (strlen(e->d_name) != 24 || e->d_name[0] < '0' ||
+            e->d_name[0] > '9')
+            continue;
+        uint64_t c = strtoull(e->d_name, &end, 10);
+        if (end != e->d_name + 20 || strcmp(end, ".pre") != 0)
+            continue;
+        cl_seg_name(c, true, log);
+        if (c < lo || c >= open_cycle ||
+            faccessat(d->dirfd, log, F_OK, 0) < 0) {
+            if (unlinkat(d->dirfd, e->d_name, 0) < 0 && errno != ENOENT) {
+                int rc = vr_err(-errno, "remove %s/%s: %m", d->logdir,
+                                e->d_name);
+                closedir(dir);
+                return rc;
+            }
+            nbdkit_debug("%s: removed preserve file %s of a shipped cycle",
+                         d->id, e->d_name);
+        }
+    }
+    closedir(dir);
+
+    d->owner.drop_upto = lo - 1;
+    d->compacted_at = lo - 1;
+    for (uint64_t c = lo; c <= open_cycle; c++) {
+        char name[32];
+        struct cl_reader *r = NULL;
+        struct cl_rec rec;
+        cl_seg_name(c, c < open_cycle, name);
+        int rc = cl_reader_open(d->dirfd, name, &r);
+        if (rc == -ENOENT) {
+            vr_err_clear();
+            continue;
+        }
+        while (rc == 0 && (rc = cl_reader_next(r, &rec)) == 1) {
+            owner_apply(d, &rec, c);
+            rc = 0;
+        }
+        cl_reader_free(r);
+        if (rc < 0)
+            return rc;
+    }
+    nbdkit_debug("%s: %zu blocks logged by reference in cycles %" PRIu64
+                 "..%" PRIu64, d->id, d->owner.used, lo, open_cycle);
+    return 0;
+}
+
 /* --- control socket ---------------------------------------------------- */
 
 static int
@@ -659,6 +806,46 @@ do_status(char *reply, size_t n)
     pthread_rwlock_unlock(&seal_lock);
 }
 
+/* SHIPPED N: the daemon has cycle N (and all before it) on the Replica
+ * server; their blocks need no more protection and their preserve files
+ * are closed (the daemon removes them with the segments). */
+static void
+do_shipped(const char *arg, char *reply, size_t n)
+{
+    char *end;
+    errno = 0;
+    uint64_t c = strtoull(arg, &end, 10);
+    if (errno || end == arg || *end) {
+        snprintf(reply, n, "ERR SHIPPED wants a cycle number");
+        return;
+    }
+    pthread_rwlock_rdlock(&seal_lock);
+    if (c >= open_cycle) {
+        snprintf(reply, n, "ERR cycle %" PRIu64 " is not sealed", c);
+        pthread_rwlock_unlock(&seal_lock);
+        return;
+    }
+    for (unsigned i = 0; i < ndisks; i++) {
+        struct disk *d = &disks[i];
+        pthread_mutex_lock(&d->lock);
+        if (c > d->owner.drop_upto)
+            __atomic_store_n(&d->owner.drop_upto, c, __ATOMIC_RELEASE);
+        pthread_mutex_unlock(&d->lock);
+        pthread_mutex_lock(&d->pre_lock);
+        for (unsigned k = 0; k < PRE_OPEN; k++) {
+            if (d->pre[k] && cl_writer_cycle(d->pre[k]) <= c) {
+                cl_writer_free(d->pre[k]);
+                d->pre[k] = NULL;
+            }
+        }
+        pthread_mutex_unlock(&d->pre_lock);
+    }
+    if (c > __atomic_load_n(&shipped, __ATOMIC_ACQUIRE))
+        __atomic_store_n(&shipped, c, __ATOMIC_RELEASE);
+    pthread_rwlock_unlock(&seal_lock);
+    snprintf(reply, n, "OK %" PRIu64, c);
+}
+
 static void
 handle_line(char *line, char *reply, size_t n)
 {
@@ -671,6 +858,8 @@ handle_line(char *line, char *reply, size_t n)
         do_status(reply, n);
     else if (strcmp(line, "PING") == 0)
         snprintf(reply, n, "OK");
+    else if (strncmp(line, "SHIPPED ", 8) == 0)
+        do_shipped(line + 8, reply, n);
     else
         snprintf(reply, n, "ERR unknown command");
 }
@@ -779,6 +968,7 @@ vmreplica_get_ready(void)
             nbdkit_error("%s: not a regular file", d->path);
             return -1;
         }
+        d->size = (uint64_t)st.st_size;
         if (mkdir(d->logdir, 0755) < 0 && errno != EEXIST) {
             nbdkit_error("mkdir %s: %m", d->logdir);
             return -1;
@@ -793,6 +983,16 @@ vmreplica_get_ready(void)
         nbdkit_error("change log recovery: %s", vr_errmsg());
         return -1;
     }
+    uint64_t lowest = open_cycle;
+    for (unsigned i = 0; i < ndisks; i++) {
+        if (rebuild_owner(&disks[i]) < 0) {
+            nbdkit_error("change log recovery: %s", vr_errmsg());
+            return -1;
+        }
+        if (disks[i].owner.drop_upto < lowest)
+            lowest = disks[i].owner.drop_upto;
+    }
+    shipped = lowest;
     nbdkit_debug("tracking %u disks at cycle %" PRIu64, ndisks, open_cycle);
     /* Bound before nbdkit forks, so the socket exists once it is ready;
      * the thread is only started after the fork. */
@@ -944,7 +1144,16 @@ zero_range(struct disk *d, uint32_t count, uint64_t offset, bool fast)
 static int
 make_durable(struct disk *d)
 {
-    int rc = cl_writer_sync(d->w);
+    /* Preserve files first, so a block's saved old content is durable no
+     * later than the new content that replaced it on the disk. */
+    int rc = 0;
+    pthread_mutex_lock(&d->pre_lock);
+    for (unsigned k = 0; k < PRE_OPEN && rc == 0; k++)
+        if (d->pre[k])
+            rc = cl_writer_sync(d->pre[k]);
+    pthread_mutex_unlock(&d->pre_lock);
+    if (rc == 0)
+        rc = cl_writer_sync(d->w);
     if (rc == 0 && fdatasync(d->fd) < 0)
         rc = vr_err(-errno, "fdatasync %s: %m", d->path);
     return rc;
@@ -989,10 +1198,121 @@ write_neutral(struct disk *d, struct cl_rec *rec, uint64_t log_off)
     return rc;
 }
 
+/* A run of blocks whose content as of an unshipped cycle's seal must be
+ * saved to that cycle's preserve file before a request changes them. */
+struct preserve {
+    uint64_t cycle, off, len;
+};
+
+#define PRESERVE_STACK 8
+
+/* Under d->lock, for a request on [offset, offset + count) in the open
+ * cycle: update the owner map and list (in *runs, which starts as the
+ * caller's stack array of PRESERVE_STACK and is malloc'd beyond it) the
+ * runs of blocks an older, unshipped cycle references.  ref: the request
+ * is logged by reference and so becomes the blocks' owner. */
+static size_t
+owner_update(struct disk *d, bool ref, uint64_t offset, uint32_t count,
+             struct preserve **runs)
+{
+    size_t n = 0, cap = PRESERVE_STACK;
+    struct preserve *p = *runs;
+    uint64_t b0 = offset / CL_PRE_BLOCK;
+    uint64_t b1 = (offset + count - 1) / CL_PRE_BLOCK;
+
+    for (uint64_t b = b0; b <= b1; b++) {
+        uint64_t c = u64map_get(&d->owner, b);
+        if (c != 0 && c < open_cycle) {
+            uint64_t off = b * CL_PRE_BLOCK;
+            uint64_t len = d->size - off < CL_PRE_BLOCK ? d->size - off
+                                                        : CL_PRE_BLOCK;
+            if (n > 0 && p[n - 1].cycle == c &&
+                p[n - 1].off + p[n - 1].len == off &&
+                p[n - 1].len + len <= PRE_PIECE_MAX) {
+                p[n - 1].len += len;
+            } else {
+                if (n == cap) {
+                    struct preserve *np = xmalloc(2 * cap * sizeof *np);
+                    memcpy(np, p, n * sizeof *np);
+                    if (p != *runs)
+                        free(p);
+                    p = np;
+                    cap *= 2;
+                }
+                p[n++] = (struct preserve){ c, off, len };
+            }
+        }
+        uint64_t nv = ref ? open_cycle : c == open_cycle ? c : 0;
+        if (nv != c)
+            u64map_put(&d->owner, b, nv);
+    }
+    *runs = p;
+    return n;
+}
+
+/* Save run's current content (its content at the seal of run->cycle: no
+ * write has touched it since, or it would no longer be that cycle's) as
+ * one record of the cycle's preserve file, complete before returning. */
+static int
+preserve_run(struct disk *d, const struct preserve *run)
+{
+    uint8_t *buf = malloc(run->len);
+    if (!buf)
+        return vr_err(-ENOMEM, "preserve %s: out of memory", d->id);
+    memset(buf, 0, run->len);
+    int rc = io_pread_all(d->fd, buf, run->len, (off_t)run->off);
+    if (rc == -ENODATA)
+        rc = 0; /* past the end reads as zeroes */
+    if (rc < 0) {
+        free(buf);
+        return vr_err(rc, "preserve %s at %" PRIu64 ": read: %s", d->id,
+                      run->off, strerror(-rc));
+    }
+    pthread_mutex_lock(&d->pre_lock);
+    if (run->cycle <= __atomic_load_n(&d->owner.drop_upto, __ATOMIC_ACQUIRE)) {
+        /* Shipped while we read: nothing to keep. */
+        pthread_mutex_unlock(&d->pre_lock);
+        free(buf);
+        return 0;
+    }
+    struct cl_writer **slot = NULL;
+    for (unsigned k = 0; k < PRE_OPEN && !slot; k++)
+        if (d->pre[k] && cl_writer_cycle(d->pre[k]) == run->cycle)
+            slot = &d->pre[k];
+    if (!slot) {
+        /* Take a free slot, else close the oldest cycle's file. */
+        unsigned pick = 0;
+        for (unsigned k = 0; k < PRE_OPEN; k++) {
+            if (!d->pre[k]) {
+                pick = k;
+                break;
+            }
+            if (cl_writer_cycle(d->pre[k]) < cl_writer_cycle(d->pre[pick]))
+                pick = k;
+        }
+        slot = &d->pre[pick];
+        cl_writer_free(*slot);
+        *slot = NULL;
+        rc = cl_writer_open_pre(d->dirfd, (uint16_t)(d - disks), run->cycle,
+                                slot);
+    }
+    if (rc == 0)
+        rc = cl_writer_append(*slot, CL_WRITE, 0, run->off,
+                              (uint32_t)run->len, buf);
+    pthread_mutex_unlock(&d->pre_lock);
+    free(buf);
+    return rc;
+}
+
 /* One write-class request (see Locking at the top): wait for overlapping
- * requests and reserve the log record, do the disk I/O, then write the
- * record outside the disk mutex; FUA makes both durable.  Reserving first
- * means a full log file system fails the request before the disk changes. */
+ * requests, reserve the log record and take the blocks from older cycles'
+ * protection, all under the disk mutex; then, without it, preserve what
+ * older unshipped cycles still need, and do the disk I/O and the record.
+ * A write logged by reference (CL_WREF) writes its record before the disk
+ * changes, so the log is never behind the disk; a record with data
+ * (log=data, zero, trim) is written after the disk I/O, with what the disk
+ * holds if that failed.  FUA makes both durable.  Reserving first means a
+ * full log file system fails the request before the disk changes. */
 static int
 tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
         uint64_t offset, uint32_t flags)
@@ -1004,6 +1324,9 @@ tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
     struct range me = { .start = offset, .end = offset + count };
     struct cl_rec rec;
     uint64_t log_off;
+    struct preserve stack_runs[PRESERVE_STACK], *runs = stack_runs;
+    size_t nruns = 0;
+    bool ref = false;
 
     vr_err_clear();
     pthread_rwlock_rdlock(&seal_lock);
@@ -1014,9 +1337,24 @@ tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
     pthread_mutex_lock(&d->lock);
     while (overlaps(d, me.start, me.end))
         pthread_cond_wait(&d->idle, &d->lock);
-    rc = cl_writer_reserve(d->w, kind, fua ? CL_F_FUA : 0, offset, count, buf,
-                           &rec, &log_off);
+    if (log_ref && kind == CL_WRITE && count > 0) {
+        uint64_t nblocks = (offset + count - 1) / CL_PRE_BLOCK -
+                           offset / CL_PRE_BLOCK + 1;
+        ref = true;
+        if (d->owner.used + nblocks > refmap_max &&
+            d->compacted_at != d->owner.drop_upto) {
+            u64map_compact(&d->owner);
+            d->compacted_at = d->owner.drop_upto;
+        }
+        /* Past the budget, copy the data instead (log=data costs). */
+        if (d->owner.used + nblocks > refmap_max)
+            ref = false;
+    }
+    rc = cl_writer_reserve(d->w, ref ? CL_WREF : kind, fua ? CL_F_FUA : 0,
+                           offset, count, buf, &rec, &log_off);
     if (rc == 0) {
+        if (count > 0)
+            nruns = owner_update(d, ref, offset, count, &runs);
         me.next = d->inflight;
         d->inflight = &me;
     }
@@ -1024,32 +1362,55 @@ tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
     if (rc < 0)
         goto out;
 
-    if (kind == CL_WRITE) {
-        rc = io_pwrite_all(d->fd, buf, count, (off_t)offset);
-    } else {
-        rc = zero_range(d, count, offset,
-                        kind == CL_ZERO && (flags & NBDKIT_FLAG_FAST_ZERO));
-    }
-    int lrc;
-    if (rc == 0) {
+    int prc = 0;
+    for (size_t i = 0; i < nruns && prc == 0; i++)
+        prc = preserve_run(d, &runs[i]);
+    if (runs != stack_runs)
+        free(runs);
+    int lrc = 0;
+    if (prc < 0) {
+        /* The owner map no longer protects those blocks: stop tracking
+         * before anything overwrites them.  The disk is left unchanged
+         * and the reserved record says so. */
+        char why[600];
+        snprintf(why, sizeof why, "disk %s: could not preserve data of an "
+                 "unshipped cycle: %s", d->id, vr_errmsg());
+        set_broken(why);
+        lrc = ref ? cl_writer_write(d->w, &rec, log_off)
+                  : write_neutral(d, &rec, log_off);
+        rc = vr_err(-EIO, "%s", why);
+    } else if (ref) {
         lrc = cl_writer_write(d->w, &rec, log_off);
+        if (lrc == 0)
+            rc = io_pwrite_all(d->fd, buf, count, (off_t)offset);
+        /* A failed write is shipped as what the disk holds: no repair. */
     } else {
-        char msg[512];
-        snprintf(msg, sizeof msg, "%s %s at %" PRIu64 ": %s", what, d->path,
-                 offset, strerror(-rc));
-        lrc = write_neutral(d, &rec, log_off);
-        if (lrc == 0 && rc != -ENOTSUP)
-            vr_err(rc, "%s", msg);
-        /* A failed zero or trim may have changed part of its range (the
-         * fallback writes zeroes block by block), which an empty record
-         * does not say: stop tracking rather than let the replica
-         * silently differ.  (-ENOTSUP: a fast zero was refused before
-         * anything changed.) */
-        if (lrc == 0 && kind != CL_WRITE && rc != -ENOTSUP) {
-            char why[600];
-            snprintf(why, sizeof why, "disk %s may be partly changed by a "
-                     "failed %s", d->id, msg);
-            set_broken(why);
+        if (kind == CL_WRITE) {
+            rc = io_pwrite_all(d->fd, buf, count, (off_t)offset);
+        } else {
+            rc = zero_range(d, count, offset,
+                            kind == CL_ZERO && (flags & NBDKIT_FLAG_FAST_ZERO));
+        }
+        if (rc == 0) {
+            lrc = cl_writer_write(d->w, &rec, log_off);
+        } else {
+            char msg[512];
+            snprintf(msg, sizeof msg, "%s %s at %" PRIu64 ": %s", what,
+                     d->path, offset, strerror(-rc));
+            lrc = write_neutral(d, &rec, log_off);
+            if (lrc == 0 && rc != -ENOTSUP)
+                vr_err(rc, "%s", msg);
+            /* A failed zero or trim may have changed part of its range
+             * (the fallback writes zeroes block by block), which an empty
+             * record does not say: stop tracking rather than let the
+             * replica silently differ.  (-ENOTSUP: a fast zero was
+             * refused before anything changed.) */
+            if (lrc == 0 && kind != CL_WRITE && rc != -ENOTSUP) {
+                char why[600];
+                snprintf(why, sizeof why, "disk %s may be partly changed by "
+                         "a failed %s", d->id, msg);
+                set_broken(why);
+            }
         }
     }
 
@@ -1064,7 +1425,7 @@ tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
 
     if (lrc < 0) {
         char msg[256];
-        snprintf(msg, sizeof msg, "disk %s is ahead of its change log: %s",
+        snprintf(msg, sizeof msg, "disk %s: its change log cannot follow: %s",
                  d->id, vr_errmsg());
         set_broken(msg);
         vr_err(-EIO, "%s", msg);

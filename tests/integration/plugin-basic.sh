@@ -66,7 +66,7 @@ start_nbdkit() {
     rm -f "$SOCK"
     env "$@" nbdkit --foreground --verbose --unix "$SOCK" "$PLUGIN" \
         disk=disk0:"$D0" disk=disk1:"$D1" control="$CTL" \
-        hashlog="$T/hashes" >>"$T/nbdkit.log" 2>&1 &
+        hashlog="$T/hashes" ${PLUGIN_EXTRA:-} >>"$T/nbdkit.log" 2>&1 &
     NBDKIT_PID=$!
     for _ in $(seq 100); do
         if [ -S "$SOCK" ] && [ -S "$CTL" ] && [ "$(ctl PING)" = OK ]; then
@@ -122,13 +122,13 @@ done
 [ ! -e "$(seg "$L0" 1 open)" ] || fail "cycle 1 still open"
 
 got=$("$CLDUMP" -F "$(seg "$L0" 1 log)") || fail "cldump disk0 cycle 1"
-want="write 0 0 65536 0
+want="wref 0 0 65536 0
 zero 0 1048576 65536 1
 trim 0 2097152 65536 2
-write 0 131072 4096 3 fua"
+wref 0 131072 4096 3 fua"
 expect "disk0 cycle 1 records" "$got" "$want"
 got=$("$CLDUMP" -F "$(seg "$L1" 1 log)") || fail "cldump disk1 cycle 1"
-want="write 1 4096 512 0
+want="wref 1 4096 512 0
 zero 1 8192 4096 1 fua"
 expect "disk1 cycle 1 records" "$got" "$want"
 
@@ -139,11 +139,11 @@ expect "hash log" "$(cat "$T/hashes")" "1 disk0 $h0
 
 # Sequence numbers continue across segments, cycle numbers stay in step.
 qio disk0 'write -P 0x22 4k 4k' || fail "write after seal"
-expect "status" "$(ctl STATUS)" "OK 2 $((64 + 64 + 32 + 4096))"
+expect "status" "$(ctl STATUS)" "OK 2 $((64 + 64 + 32))"
 expect "seal 2" "$(ctl SEAL)" "OK 2"
 got=$("$CLDUMP" -H "$(seg "$L0" 2 log)")
 expect "disk0 cycle 2" "$got" "# cycle 2 disk 0 first_seq 4
-write 0 4096 4096 4"
+wref 0 4096 4096 4"
 got=$("$CLDUMP" -H "$(seg "$L1" 2 log)")
 expect "disk1 cycle 2 (empty)" "$got" "# cycle 2 disk 1 first_seq 2"
 expect "disk0 cycle 3 header" "$("$CLDUMP" -H "$(seg "$L0" 3 open)")" \
@@ -198,7 +198,7 @@ expect "records kept" "$n_after" "$((n_before + 1))"
 printf '%s\n' "$got" | awk 'BEGIN { s = 5 } $5 != s++ { exit 1 }' ||
     fail "seqs not contiguous"
 expect "last record" "$(printf '%s\n' "$got" | tail -1)" \
-    "write 0 0 4096 $((5 + n_before))"
+    "wref 0 0 4096 $((5 + n_before))"
 expect "next first_seq" \
     "$("$CLDUMP" -H "$(seg "$L0" 4 open)")" "# cycle 4 disk 0 first_seq $((5 + n_before + 1))"
 log "recovery after kill -9: torn tail cut, $n_before of 4000 writes were logged"
@@ -230,7 +230,7 @@ done
 "$CLDUMP" "$(seg "$L0" 4 log)" "$(seg "$L1" 4 log)" >/dev/null ||
     fail "cycle 4 segments do not decode"
 expect "disk1 cycle 4" "$("$CLDUMP" "$(seg "$L1" 4 log)" | tail -1 | cut -d' ' -f1-4)" \
-    "write 1 8192 4096"
+    "wref 1 8192 4096"
 expect "cycle after seal recovery" "$(ctl STATUS | cut -d' ' -f1,2)" "OK 5"
 expect "seal 5" "$(ctl SEAL)" "OK 5"
 log "interrupted seal finished at restart"
@@ -252,10 +252,21 @@ for f in "$(seg "$L0" 6 log)" "$(seg "$L1" 6 log)"; do
     [ -f "$f" ] || fail "recovery did not commit $f"
 done
 expect "disk0 cycle 6" "$("$CLDUMP" "$(seg "$L0" 6 log)" | cut -d' ' -f1-4)" \
-    "write 0 16384 4096"
+    "wref 0 16384 4096"
 expect "cycle after commit recovery" "$(ctl STATUS | cut -d' ' -f1,2)" "OK 7"
 expect "seal 7" "$(ctl SEAL)" "OK 7"
 log "seal cut but not committed: committed at restart"
+
+# --- 4. log=data: records carry their data ------------------------------------
+kill9_nbdkit
+PLUGIN_EXTRA=log=data start_nbdkit
+qio disk0 'write -P 0x42 12k 4k' || fail "write with log=data"
+expect "status with data" "$(ctl STATUS | cut -d' ' -f3)" \
+    "$((2 * 64 + 32 + 4096))"
+expect "seal 8" "$(ctl SEAL)" "OK 8"
+expect "log=data record" "$("$CLDUMP" "$(seg "$L0" 8 log)" | cut -d' ' -f1-4)" \
+    "write 0 12288 4096"
+log "log=data copies the data into the log"
 
 kill "$NBDKIT_PID"
 wait "$NBDKIT_PID" 2>/dev/null || true

@@ -3,7 +3,7 @@
  *   cldump [-H] [-F] SEGMENT...
  *
  * Each record prints as "kind disk offset len seq" with kind one of write,
- * zero, trim (the CL_SEAL record is checked, not printed); -F appends " fua"
+ * wref (a write logged by reference), zero, trim (the CL_SEAL record is checked, not printed); -F appends " fua"
  * to records written with FUA.  -H first prints "# cycle C disk D
  * first_seq S" per segment.  Exit status: 0 if every
  * segment read to a clean end, 1 if one is corrupt or torn (the message goes
@@ -29,6 +29,8 @@ kind_name(uint8_t kind)
         return "zero";
     case CL_TRIM:
         return "trim";
+    case CL_WREF:
+        return "wref";
     default:
         return "?";
     }

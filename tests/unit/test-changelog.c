@@ -94,7 +94,9 @@ static void
 gen_recs(struct exp_rec *e, size_t n, uint32_t max_len)
 {
     for (size_t i = 0; i < n; i++) {
-        e[i].kind = (uint8_t)(CL_WRITE + rnd() % 3);
+        static const uint8_t kinds[] = { CL_WRITE, CL_ZERO, CL_TRIM,
+                                         CL_WREF };
+        e[i].kind = kinds[rnd() % 4];
         e[i].flags = (rnd() % 4 == 0) ? CL_F_FUA : 0;
         e[i].offset = (rnd() % (1u << 30)) * 512;
         e[i].len = (uint32_t)(1 + rnd() % max_len);
@@ -103,7 +105,7 @@ gen_recs(struct exp_rec *e, size_t n, uint32_t max_len)
             e[i].data = xmalloc(e[i].len);
             for (uint32_t j = 0; j < e[i].len; j++)
                 e[i].data[j] = (uint8_t)rnd();
-        } else if (rnd() % 2) {
+        } else if (e[i].kind != CL_WREF && rnd() % 2) {
             e[i].len = (uint32_t)rnd(); /* ranges may be large */
             if (e[i].len == 0)
                 e[i].len = 1;
@@ -219,7 +221,7 @@ test_seg_hdr(void)
     ok(memcmp(b, CL_SEG_MAGIC, 8) == 0 && b[12] == 64, "header layout");
     b[30] ^= 1;
     is_int(cl_seg_hdr_decode(b, &g), -EBADMSG, "header crc mismatch");
-    h.version = 2;
+    h.version = CL_FORMAT_VERSION + 1;
     cl_seg_hdr_encode(&h, b);
     is_int(cl_seg_hdr_decode(b, &g), -EPROTONOSUPPORT, "newer version");
     char name[32];
@@ -732,6 +734,78 @@ test_spare_reuse(void)
        "spare: clean close leaves the open segment exactly its header");
 }
 
+/* Writes logged by reference (CL_WREF) and preserve files. */
+static void
+test_wref_and_pre(void)
+{
+    clear_dir();
+    struct cl_writer *w = NULL;
+    struct cl_rec rec;
+    uint64_t off;
+    is_int(cl_writer_create(dirfd_, 0, 3, 0, &w), 0, "wref: segment");
+    is_int(cl_writer_reserve(w, CL_WREF, 0, 0, 0, NULL, &rec, &off), -EINVAL,
+           "wref: empty range refused");
+    is_int(cl_writer_reserve(w, CL_WREF, 0, 0, CL_MAX_DATA_BYTES + 1, NULL,
+                             &rec, &off), -EINVAL, "wref: over the limit");
+    is_int(cl_writer_reserve(w, CL_SEAL, 0, 0, 0, NULL, &rec, &off), -EINVAL,
+           "wref: a seal record cannot be reserved");
+    is_int(cl_writer_append(w, CL_WREF, 0, 4096, 65536, NULL), 0,
+           "wref: appended");
+    is_int(cl_writer_bytes(w), CL_SEG_HDR_BYTES + CL_REC_HDR_BYTES,
+           "wref: a header and no data");
+    cl_writer_free(w);
+
+    /* A record with an over-limit length fails its header check. */
+    uint8_t hb[CL_REC_HDR_BYTES];
+    struct cl_rec big = { .kind = CL_WREF, .len = CL_MAX_DATA_BYTES + 1 };
+    size_t used;
+    cl_rec_encode(&big, hb);
+    is_int(cl_rec_decode(hb, sizeof hb, &rec, &used), -EBADMSG,
+           "wref: decode refuses an over-limit length");
+    big.kind = 6;
+    big.len = 1;
+    cl_rec_encode(&big, hb);
+    is_int(cl_rec_decode(hb, sizeof hb, &rec, &used), -EBADMSG,
+           "wref: decode refuses kind 6");
+
+    /* Preserve files: created, appended, reopened with a torn tail cut. */
+    static uint8_t data[4096];
+    memset(data, 0x5a, sizeof data);
+    char name[32];
+    cl_pre_name(3, name);
+    is_str(name, "00000000000000000003.pre", "pre: name");
+    is_int(cl_writer_open_pre(dirfd_, 0, 3, &w), 0, "pre: created");
+    is_int(cl_writer_append(w, CL_WRITE, 0, 0, 4096, data), 0, "pre: record");
+    is_int(cl_writer_seal_cut(w), -EINVAL, "pre: cannot be sealed");
+    cl_writer_free(w);
+    int fd = openat(dirfd_, name, O_WRONLY | O_APPEND);
+    ok(fd >= 0 && write(fd, data, 100) == 100, "pre: torn tail added");
+    close(fd);
+    is_int(cl_writer_open_pre(dirfd_, 0, 3, &w), 0, "pre: reopened");
+    is_int(cl_writer_records(w), 1, "pre: the good record kept");
+    is_int(cl_writer_append(w, CL_WRITE, 0, 8192, 4096, data), 0,
+           "pre: appends after the cut");
+    cl_writer_free(w);
+    struct cl_reader *r = NULL;
+    int n = 0, last = -1;
+    if (cl_reader_open(dirfd_, name, &r) == 0) {
+        while ((last = cl_reader_next(r, &rec)) == 1)
+            n++;
+        cl_reader_free(r);
+    }
+    ok(last == 0 && n == 2, "pre: reads back 2 records to a clean end");
+
+    /* A crash while creating one leaves a short header: started again. */
+    cl_pre_name(4, name);
+    fd = openat(dirfd_, name, O_WRONLY | O_CREAT, 0644);
+    ok(fd >= 0 && write(fd, "VRLOG", 5) == 5, "pre: torn header");
+    close(fd);
+    is_int(cl_writer_open_pre(dirfd_, 0, 4, &w), 0,
+           "pre: torn header replaced");
+    is_int(cl_writer_bytes(w), CL_SEG_HDR_BYTES, "pre: fresh file");
+    cl_writer_free(w);
+}
+
 int
 main(void)
 {
@@ -753,6 +827,7 @@ main(void)
     test_limits();
     test_parallel_slots();
     test_spare_reuse();
+    test_wref_and_pre();
     diag("again with records copied through a mapping (logio=mmap)");
     cl_writer_use_mmap(true);
     test_round_trip();

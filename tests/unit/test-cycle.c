@@ -531,6 +531,14 @@ test_handmade(void)
     is_int(decode(p, CYC_HDR_BYTES, false, 0, UINT64_MAX, -1, NULL), -EBADMSG,
            "handmade: header only refused");
 
+    /* A write by reference belongs in a primary's log, never on the
+     * wire: the payload must carry the data. */
+    s.r[1].kind = CL_WREF;
+    n = handmade(p, &h, &s, s.n);
+    is_int(decode(p, n, false, 0, UINT64_MAX, -1, NULL), -EBADMSG,
+           "handmade: CL_WREF record refused");
+    s.r[1].kind = CL_ZERO;
+
     /* Overflowing offset + len. */
     s.r[1].offset = UINT64_MAX - 10;
     n = handmade(p, &h, &s, s.n);
@@ -710,6 +718,190 @@ test_segment(void)
     }
     close(dirfd);
     recset_free(&s);
+}
+
+/* --- segments with writes logged by reference -------------------------- */
+
+#define REF_DISK_BYTES (65536 + 100) /* last block is partial */
+
+static uint8_t
+ref_disk_byte(uint64_t i)
+{
+    return (uint8_t)(i * 7 + 3);
+}
+
+/* Build cycle `cycle` of the log in dirfd from the disk in disk_fd and
+ * stage it; returns the builder's result and the staged bytes. */
+static int
+build_ref(int dirfd, uint64_t cycle, int disk_fd, uint8_t **staged,
+          size_t *slen)
+{
+    struct cyc_hdr h = mkhdr(1, 0);
+    struct cyc_builder *b;
+    uint64_t raw, out, nrec;
+    char name[32];
+    int fd = memfd(), sfd = memfd();
+    size_t zlen;
+
+    if (cyc_builder_new(fd, true, 1, &h, &b) < 0)
+        abort();
+    cl_seg_name(cycle, true, name);
+    int rc = cyc_builder_add_segment_ref(b, dirfd, name, 0, disk_fd);
+    if (rc == 0)
+        rc = cyc_builder_finish(b, &raw, &out);
+    cyc_builder_free(b);
+    *staged = NULL;
+    if (rc == 0) {
+        uint8_t *z = slurp(fd, &zlen);
+        rc = decode(z, zlen, true, 0, UINT64_MAX, sfd, &nrec);
+        free(z);
+        if (rc == 0)
+            *staged = slurp(sfd, slen);
+    }
+    close(fd);
+    close(sfd);
+    return rc;
+}
+
+static void
+test_segment_ref(void)
+{
+    int dirfd = open(tmpdir, O_RDONLY | O_DIRECTORY);
+    struct cl_writer *w, *pre;
+    char path[96];
+
+    /* The disk as it is now, after later cycles changed blocks 1 and 16
+     * (whose content at the seal the preserve file holds). */
+    snprintf(path, sizeof path, "%s/ref-disk.raw", tmpdir);
+    int disk_fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+    uint8_t *img = xmalloc(REF_DISK_BYTES);
+    for (uint64_t i = 0; i < REF_DISK_BYTES; i++)
+        img[i] = ref_disk_byte(i);
+    if (disk_fd < 0 || io_pwrite_all(disk_fd, img, REF_DISK_BYTES, 0) < 0)
+        abort();
+
+    static const char inline_data[] = "0123456789";
+    if (cl_writer_create(dirfd, 0, 5, 0, &w) < 0 ||
+        cl_writer_append(w, CL_WREF, 0, 100, 5000, NULL) < 0 ||
+        cl_writer_append(w, CL_ZERO, 0, 20000, 4096, NULL) < 0 ||
+        cl_writer_append(w, CL_WRITE, 0, 30000, 10, inline_data) < 0 ||
+        cl_writer_append(w, CL_WREF, CL_F_FUA, 65536, 100, NULL) < 0 ||
+        cl_writer_append(w, CL_WREF, 0, 8192, 8192, NULL) < 0 ||
+        cl_writer_seal(w) < 0)
+        abort();
+    cl_writer_free(w);
+
+    static uint8_t blk1[4096], blk16[100];
+    memset(blk1, 0xee, sizeof blk1);
+    memset(blk16, 0xdd, sizeof blk16);
+    is_int(cl_writer_open_pre(dirfd, 0, 5, &pre), 0, "ref: preserve file");
+    is_int(cl_writer_append(pre, CL_WREF, 0, 0, 4096, NULL), -EINVAL,
+           "ref: preserve file takes data records only");
+    is_int(cl_writer_seal(pre), -EINVAL, "ref: preserve file is never sealed");
+    if (cl_writer_append(pre, CL_WRITE, 0, 4096, 4096, blk1) < 0 ||
+        cl_writer_append(pre, CL_WRITE, 0, 65536, 100, blk16) < 0)
+        abort();
+    cl_writer_free(pre);
+    /* A torn record after them: a preserve still being written. */
+    {
+        char pname[32];
+        cl_pre_name(5, pname);
+        int pfd = openat(dirfd, pname, O_WRONLY | O_APPEND);
+        struct cl_rec r = { .kind = CL_WRITE, .offset = 8192, .len = 4096,
+                            .seq = 2, .data = blk1 };
+        uint8_t rh[CL_REC_HDR_BYTES];
+        cl_rec_encode(&r, rh);
+        if (pfd < 0 || write(pfd, rh, sizeof rh) != sizeof rh ||
+            write(pfd, blk1, 100) != 100)
+            abort();
+        close(pfd);
+    }
+
+    uint8_t *st;
+    size_t slen;
+    is_int(build_ref(dirfd, 5, disk_fd, &st, &slen), 0,
+           "ref: cycle built from disk and preserve file");
+    /* Expected records, in log order. */
+    uint8_t *want1 = xmalloc(5000), *want5 = xmalloc(8192);
+    for (int i = 0; i < 5000; i++)
+        want1[i] = 100 + i < 4096 ? ref_disk_byte(100 + (uint64_t)i) : 0xee;
+    for (int i = 0; i < 8192; i++)
+        want5[i] = ref_disk_byte(8192 + (uint64_t)i);
+    struct {
+        uint8_t kind;
+        uint64_t off;
+        uint32_t len;
+        const void *data;
+    } want[] = {
+        { CL_WRITE, 100, 5000, want1 },
+        { CL_ZERO, 20000, 4096, NULL },
+        { CL_WRITE, 30000, 10, inline_data },
+        { CL_WRITE, 65536, 100, blk16 },
+        { CL_WRITE, 8192, 8192, want5 },
+    };
+    size_t pos = CYC_HDR_BYTES, used;
+    int same = 0;
+    for (size_t i = 0; st && i < sizeof want / sizeof want[0]; i++) {
+        struct cl_rec r;
+        if (cl_rec_decode(st + pos, slen - pos, &r, &used) < 0)
+            break;
+        pos += used;
+        if (r.kind == want[i].kind && r.offset == want[i].off &&
+            r.len == want[i].len &&
+            (!want[i].data || memcmp(r.data, want[i].data, r.len) == 0))
+            same++;
+        else
+            diag("a record differs");
+    }
+    is_int(same, 5, "ref: data as of the seal (preserved blocks from the "
+           "preserve file, the rest from the disk)");
+    free(st);
+    free(want1);
+    free(want5);
+
+    /* No preserve file: everything comes from the disk. */
+    {
+        char pname[32];
+        cl_pre_name(5, pname);
+        unlinkat(dirfd, pname, 0);
+    }
+    is_int(build_ref(dirfd, 5, disk_fd, &st, &slen), 0,
+           "ref: built without a preserve file");
+    {
+        struct cl_rec r;
+        ok(st && cl_rec_decode(st + CYC_HDR_BYTES, slen - CYC_HDR_BYTES, &r,
+                               &used) == 0 &&
+               memcmp(r.data, img + 100, 5000) == 0,
+           "ref: no preserve file: the disk's content");
+    }
+    free(st);
+
+    /* A preserve record that is not block-aligned is refused. */
+    if (cl_writer_open_pre(dirfd, 0, 5, &pre) < 0 ||
+        cl_writer_append(pre, CL_WRITE, 0, 100, 10, blk1) < 0)
+        abort();
+    cl_writer_free(pre);
+    is_int(build_ref(dirfd, 5, disk_fd, &st, &slen), -EBADMSG,
+           "ref: misaligned preserve record refused");
+    free(st);
+
+    /* Without a disk, a segment with a write by reference is refused. */
+    {
+        struct cyc_hdr h = mkhdr(1, 0);
+        struct cyc_builder *b;
+        char name[32];
+        int fd = memfd();
+        if (cyc_builder_new(fd, false, 1, &h, &b) < 0)
+            abort();
+        cl_seg_name(5, true, name);
+        is_int(cyc_builder_add_segment(b, dirfd, name, 0), -EBADMSG,
+               "ref: no disk given: refused");
+        cyc_builder_free(b);
+        close(fd);
+    }
+    free(img);
+    close(disk_fd);
+    close(dirfd);
 }
 
 /* --- apply -------------------------------------------------------------- */
@@ -964,6 +1156,7 @@ main(void)
     test_handmade();
     test_bomb();
     test_segment();
+    test_segment_ref();
     test_apply();
     test_disk_bounds();
     cleanup_tmpdir();

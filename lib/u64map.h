@@ -1,0 +1,32 @@
+/* u64map.h: an open-addressing hash map from uint64_t to uint64_t, for the
+ * data plane's per-block bookkeeping (which unshipped cycle last wrote a
+ * block) and the shipper's preserve-file index.
+ *
+ * A value of 0 means "no entry".  Values at or below drop_upto are dead
+ * too: raising drop_upto retires every entry with such a value at once
+ * (their slots are reclaimed at the next rehash).  Not thread-safe.
+ */
+#ifndef VR_U64MAP_H
+#define VR_U64MAP_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct u64map {
+    uint64_t *keys; /* key + 1; 0 = empty slot */
+    uint64_t *vals;
+    size_t cap;     /* power of two, or 0 */
+    size_t used;    /* slots holding a key (live or dead) */
+    uint64_t drop_upto;
+};
+
+/* Keys are < UINT64_MAX.  0 if key has no live entry. */
+uint64_t u64map_get(const struct u64map *m, uint64_t key);
+/* Set key's value (0 deletes).  Grows as needed (aborts when out of
+ * memory, like xmalloc). */
+void u64map_put(struct u64map *m, uint64_t key, uint64_t val);
+/* Rehash, dropping dead entries; returns the live entries kept. */
+size_t u64map_compact(struct u64map *m);
+void u64map_free(struct u64map *m);
+
+#endif /* VR_U64MAP_H */
