@@ -17,14 +17,16 @@
 # "shipped") keep the sealed segment as the plugin's spare for its next
 # segment, as the shipper does.  CYCLE_S=0 turns the loop off (one segment
 # for the whole run).  The log-bytes column adds up the sealed segments.
-# LOGIO=write|mmap selects the plugin's logio= (how records reach the log).
+# LOGIO=auto|write|mmap selects the plugin's logio= (how records reach the log).
 # LOG=ref|data selects the plugin's log= (writes logged by reference to the
 # disk, the default, or with their data copied into the log).  With
-# LOG=ref the loop models a shipper that needs a whole period to send a
-# cycle: after sealing N it reports N-1 shipped (SHIPPED), so every cycle
-# stays protected for CYCLE_S seconds and writes that overwrite its blocks
-# meanwhile pay for preserving them; the log-bytes column then includes
-# the preserve files.
+# LOG=ref the loop reports cycles shipped (SHIPPED) SHIP_LAG cycles after
+# sealing them: SHIP_LAG=1 (default) models a shipper that needs a whole
+# period to send a cycle, so every cycle stays protected for CYCLE_S
+# seconds and writes that overwrite its blocks meanwhile pay for preserving
+# them; SHIP_LAG=0 models instant shipping (as the LOG=data loop does by
+# recycling each segment at once).  The log-bytes column then includes the
+# preserve files.
 set -euo pipefail
 
 BUILD_DIR=${BUILD_DIR:-./build}
@@ -33,8 +35,9 @@ RUNTIME=${RUNTIME:-10}
 DIR=${DIR:-/dev/shm}
 SIZE=${SIZE:-1G}
 CYCLE_S=${CYCLE_S:-1}
-LOGIO=${LOGIO:-write}
+LOGIO=${LOGIO:-auto}
 LOG=${LOG:-ref}
+SHIP_LAG=${SHIP_LAG:-1}
 ROUNDS=${ROUNDS:-3}
 
 for c in nbdkit fio python3 socat; do
@@ -87,10 +90,11 @@ start_sealer() {
             seg=$T/disk.raw.vrlog/$(printf '%020d' "$n").log
             stat -c %s "$seg" >>"$T/sealed-bytes"
             if [ "$LOG" = ref ]; then
-                # The previous cycle is now shipped: release it.
-                prev=$T/disk.raw.vrlog/$(printf '%020d' $((n - 1)))
-                if [ "$n" -gt 1 ]; then
-                    printf 'SHIPPED %d\n' $((n - 1)) |
+                # Cycle n - SHIP_LAG is now shipped: release it.
+                s=$((n - SHIP_LAG))
+                prev=$T/disk.raw.vrlog/$(printf '%020d' "$s")
+                if [ "$s" -ge 1 ]; then
+                    printf 'SHIPPED %d\n' "$s" |
                         socat -t 5 - UNIX-CONNECT:"$T/ctl.sock" >/dev/null 2>&1
                     [ ! -f "$prev.pre" ] || stat -c %s "$prev.pre" >>"$T/sealed-bytes"
                     rm -f "$prev.log" "$prev.pre"
@@ -130,7 +134,7 @@ print("%.0f %.0f" % (j["iops"], j["bw_bytes"]))' "$T/fio.json"
 }
 
 declare -A RES
-jobs=(rand4k-qd1 rand4k-qd16 seq1m)
+read -r -a jobs <<<"${JOBS:-rand4k-qd1 rand4k-qd16 seq1m}"
 job_args() {
     case $1 in
     rand4k-qd1) echo "--rw=randwrite --bs=4k --iodepth=1 --time_based" \
@@ -146,7 +150,11 @@ job_args() {
 # shared 2-CPU machine one run of either can be off by 30 % or more.
 for job in "${jobs[@]}"; do
     for round in $(seq "$ROUNDS"); do
-        for kind in file tracked; do
+        # Alternate which side goes first: a run inherits the page-cache
+        # writeback of the one before it.
+        order="file tracked"
+        [ $((round % 2)) = 1 ] || order="tracked file"
+        for kind in $order; do
             start "$kind"
             [ "$kind" = file ] || start_sealer
             # shellcheck disable=SC2046
@@ -169,7 +177,7 @@ median() {
 }
 
 echo "# vmreplica plugin vs nbdkit file plugin: $DIR, $SIZE file," \
-    "runtime ${RUNTIME}s, seal every ${CYCLE_S}s, log=$LOG, logio=$LOGIO," \
+    "runtime ${RUNTIME}s, seal every ${CYCLE_S}s, log=$LOG (ship lag $SHIP_LAG), logio=$LOGIO," \
     "median of $ROUNDS" \
     "alternating rounds," \
     "$(nproc) CPUs, $(nbdkit --version)"

@@ -289,17 +289,17 @@ release_shipped(const struct job *jb, uint64_t upto)
 uint64_t
 shipper_pending_bytes(const struct vm *vm)
 {
-    /* While the disks are served the open segments' files may be longer
-     * than their records (a reused spare), so ask the plugin for them. */
+    /* What the unshipped cycles would send, uncompressed: record headers
+     * and the data of every write, whether the log holds the data or
+     * refers to the disk for it.  The plugin counts its open segments. */
     CLEANUP_FREE char *rundir = vm_rundir(vm);
     bool served = false, running = false;
-    uint64_t open_cycle = 0, open_bytes = 0;
+    uint64_t open_cycle = 0, open_bytes = 0, open_payload = 0;
     vmproc_status(rundir, &served, &running);
     bool from_plugin =
-        served && vmproc_open_cycle(rundir, &open_cycle, &open_bytes) == 0;
-    uint64_t total = 0;
-    if (from_plugin && open_bytes > (uint64_t)vm->ndisks * CL_SEG_HDR_BYTES)
-        total = open_bytes - (uint64_t)vm->ndisks * CL_SEG_HDR_BYTES;
+        served && vmproc_open_cycle(rundir, &open_cycle, &open_bytes,
+                                    &open_payload) == 0;
+    uint64_t total = from_plugin ? open_payload : 0;
     for (unsigned i = 0; i < vm->ndisks; i++) {
         CLEANUP_FREE char *dir = logdir_of(&vm->disks[i]);
         DIR *d = opendir(dir);
@@ -307,24 +307,20 @@ shipper_pending_bytes(const struct vm *vm)
             continue;
         struct dirent *de;
         while ((de = readdir(d))) {
-            /* Segments only ("%020llu.open" / ".log"), not the spare. */
-            if (strlen(de->d_name) < 21 || de->d_name[20] != '.')
+            /* Segments only ("%020llu.open" / ".log"). */
+            if (strlen(de->d_name) < 24 || de->d_name[20] != '.')
+                continue;
+            bool sealed = strcmp(de->d_name + 20, ".log") == 0;
+            if (!sealed && strcmp(de->d_name + 20, ".open") != 0)
                 continue;
             uint64_t c = strtoull(de->d_name, NULL, 10);
             if (vm->repl && c <= vm->repl->last_cycle)
                 continue;
-            bool sealed = strcmp(de->d_name + 20, ".log") == 0;
             if (!sealed && from_plugin)
                 continue;
-            /* Count the change records only: not the segment header, nor
-             * the CL_SEAL record that ends a sealed segment, so a cycle
-             * with no change in it is nothing pending. */
-            uint64_t overhead =
-                CL_SEG_HDR_BYTES + (sealed ? CL_REC_HDR_BYTES : 0);
-            struct stat st;
-            if (fstatat(dirfd(d), de->d_name, &st, 0) == 0 &&
-                (uint64_t)st.st_size > overhead)
-                total += (uint64_t)st.st_size - overhead;
+            uint64_t n = 0;
+            if (cl_segment_payload(dirfd(d), de->d_name, &n) == 0)
+                total += n;
         }
         closedir(d);
     }

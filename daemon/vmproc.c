@@ -1032,20 +1032,23 @@ vmproc_shipped(const char *rundir, uint64_t cycle)
 }
 
 int
-vmproc_open_cycle(const char *rundir, uint64_t *cycle, uint64_t *open_bytes)
+vmproc_open_cycle(const char *rundir, uint64_t *cycle, uint64_t *open_bytes,
+                  uint64_t *open_payload)
 {
     char line[512];
     int rc = ctl_request(rundir, "STATUS\n", line, sizeof line);
     if (rc < 0)
         return err_wrap(rc, "status %s", rundir);
-    char *end, *end2;
-    uint64_t c, b;
+    char *end, *end2, *end3;
+    uint64_t c, b, p;
     if (!parse_u64(line, &end, &c) || *end != ' ' ||
-        !parse_u64(end + 1, &end2, &b) || (*end2 && *end2 != ' '))
+        !parse_u64(end + 1, &end2, &b) || *end2 != ' ' ||
+        !parse_u64(end2 + 1, &end3, &p) || (*end3 && *end3 != ' '))
         return vr_err(-EPROTO, "status %s: bad reply 'OK %.64s'", rundir,
                       line);
     *cycle = c;
     *open_bytes = b;
+    *open_payload = p;
     return 0;
 }
 

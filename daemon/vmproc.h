@@ -59,9 +59,10 @@ int vmproc_seal(const char *rundir, uint64_t *cycle) VR_WUR;
 /* Tell the data plane cycles up to cycle are on the Replica server: the
  * blocks they logged by reference need no more protection. */
 int vmproc_shipped(const char *rundir, uint64_t cycle) VR_WUR;
-/* The plugin's open cycle number and bytes in the open segments. */
+/* The plugin's open cycle number, bytes in the open segments and the
+ * payload bytes their records stand for (cl_rec_payload). */
 int vmproc_open_cycle(const char *rundir, uint64_t *cycle,
-                      uint64_t *open_bytes) VR_WUR;
+                      uint64_t *open_bytes, uint64_t *open_payload) VR_WUR;
 /* "nbd+unix:///ID?socket=RUNDIR/nbd.sock"; caller frees. */
 char *vmproc_nbd_uri(const char *rundir, const char *disk_id);
 

@@ -427,19 +427,21 @@ cl_reader_free(struct cl_reader *r)
 
 /* --- writer ------------------------------------------------------------ */
 
-/* With cl_writer_use_mmap(true), records are copied into a shared mapping
- * of the segment rather than written with pwritev: no system call and no
- * inode lock per record.  That wins on tmpfs but loses badly on ext4, where
- * every first store to a clean shared page faults into the file system
- * (docs/benchmarks.md), so it is off by default.
+/* With cl_writer_use_mmap(CL_MMAP_ALL), records are copied into a shared
+ * mapping of the segment rather than written with pwritev: no system call
+ * and no inode lock per record.  For records with data that wins on tmpfs
+ * but loses badly on ext4, where every first store to a clean shared page
+ * faults into the file system (docs/benchmarks.md); for 32-byte records
+ * without data (CL_MMAP_NODATA: WREF, ZERO, TRIM) one fault serves 128
+ * records and it wins everywhere.  Preserve files are never mapped.
  * The file is mapped in fixed chunks that never move, so a writer copying
  * into one chunk is never disturbed by another thread mapping the next;
  * each chunk is fallocated before it is mapped, so a full file system is an
  * error at reservation (ENOSPC), never a SIGBUS while copying.  The mapping
  * and the file share the page cache: fdatasync makes mapped records
  * durable, and readers use plain reads. */
-#define MAP_CHUNK_BYTES (16u << 20)
-#define MAP_MAX_CHUNKS  16384 /* 256 GiB per segment */
+#define MAP_CHUNK_BYTES (2u << 20)
+#define MAP_MAX_CHUNKS  16384 /* 32 GiB per segment, then pwritev */
 
 struct cl_writer {
     int dirfd; /* our own dup */
@@ -452,17 +454,18 @@ struct cl_writer {
     bool finished; /* sealed */
     bool cut;      /* CL_SEAL appended, not yet renamed */
     bool pre;      /* a preserve file: never sealed */
+    uint64_t payload; /* cl_rec_payload of the records */
     uint8_t **chunks;   /* MAP_MAX_CHUNKS slots, mapped prefix */
     unsigned nchunks;   /* chunks mapped: file [0, nchunks * CHUNK) */
     bool map_failed;    /* fall back to pwritev for good */
 };
 
-static bool use_mmap;
+static int use_mmap = CL_MMAP_OFF;
 
 void
-cl_writer_use_mmap(bool on)
+cl_writer_use_mmap(int mode)
 {
-    use_mmap = on;
+    use_mmap = mode;
 }
 
 /* Map chunks until [0, end) is covered (caller serialises, as for
@@ -470,7 +473,7 @@ cl_writer_use_mmap(bool on)
 static int
 map_cover(struct cl_writer *w, uint64_t end)
 {
-    if (!use_mmap)
+    if (use_mmap == CL_MMAP_OFF || w->pre)
         return 0;
     while (!w->map_failed && (uint64_t)w->nchunks * MAP_CHUNK_BYTES < end) {
         if (w->nchunks == MAP_MAX_CHUNKS) {
@@ -665,9 +668,11 @@ writer_reopen_name(int dirfd, const char *name, uint16_t disk, uint64_t cycle,
     }
     /* Keep every complete, valid record; a CL_SEAL left by a seal that did
      * not finish its rename is cut too: the segment is still open. */
-    uint64_t good_end = CL_SEG_HDR_BYTES;
-    while ((rc = reader_next(r, &rec)) == 1)
+    uint64_t good_end = CL_SEG_HDR_BYTES, payload = 0;
+    while ((rc = reader_next(r, &rec)) == 1) {
         good_end = r->buf_off + r->start;
+        payload += cl_rec_payload(&rec);
+    }
     if (rc < 0 && rc != -EBADMSG)
         goto out;
     if (fstat(fd, &st) < 0) {
@@ -691,6 +696,7 @@ writer_reopen_name(int dirfd, const char *name, uint16_t disk, uint64_t cycle,
     }
     w->next_seq = r->next_seq;
     w->records = r->records;
+    w->payload = payload;
     w->bytes = good_end;
     fd = -1;
     *out = w;
@@ -801,6 +807,7 @@ cl_writer_reserve(struct cl_writer *w, uint8_t kind, uint8_t flags,
     w->bytes = end;
     w->next_seq++;
     w->records++;
+    w->payload += cl_rec_payload(rec);
     return 0;
 }
 
@@ -818,7 +825,8 @@ cl_writer_write(struct cl_writer *w, const struct cl_rec *rec,
     /* Reserved records below the mapped end are copied; nchunks only grows
      * while reservations are serialised, and a reserved record is covered
      * before its reservation returns. */
-    if (end <= (uint64_t)__atomic_load_n(&w->nchunks, __ATOMIC_ACQUIRE) *
+    if ((rec->kind != CL_WRITE || use_mmap == CL_MMAP_ALL) &&
+        end <= (uint64_t)__atomic_load_n(&w->nchunks, __ATOMIC_ACQUIRE) *
                    MAP_CHUNK_BYTES) {
         if (rec->kind == CL_WRITE)
             map_copy(w, file_off + CL_REC_HDR_BYTES, rec->data, rec->len);
@@ -966,6 +974,43 @@ uint64_t
 cl_writer_records(const struct cl_writer *w)
 {
     return w->records;
+}
+
+uint64_t
+cl_writer_payload(const struct cl_writer *w)
+{
+    return w->payload;
+}
+
+uint64_t
+cl_rec_payload(const struct cl_rec *r)
+{
+    if (r->kind == CL_SEAL)
+        return 0;
+    return CL_REC_HDR_BYTES +
+           (r->kind == CL_WRITE || r->kind == CL_WREF ? r->len : 0);
+}
+
+int
+cl_segment_payload(int dirfd, const char *name, uint64_t *out)
+{
+    uint8_t h[CL_REC_HDR_BYTES];
+    uint64_t pos = CL_SEG_HDR_BYTES, sum = 0;
+    int fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0)
+        return vr_err(-errno, "open change log %s: %s", name,
+                      strerror(errno));
+    /* Headers only, data skipped: an estimate, not a validation. */
+    while (io_pread_all(fd, h, sizeof h, (off_t)pos) == 0 &&
+           rec_hdr_check(h) >= 0 && h[4] != CL_SEAL) {
+        struct cl_rec r = { .kind = h[4], .len = get32(h + 8) };
+        sum += cl_rec_payload(&r);
+        pos += CL_REC_HDR_BYTES + (r.kind == CL_WRITE ? r.len : 0);
+    }
+    vr_err_clear();
+    close(fd);
+    *out = sum;
+    return 0;
 }
 
 void

@@ -124,9 +124,12 @@ int cl_writer_reserve(struct cl_writer *w, uint8_t kind, uint8_t flags,
 int cl_writer_write(struct cl_writer *w, const struct cl_rec *rec,
                     uint64_t file_off) VR_WUR;
 /* Process-wide: copy records through a shared mapping of each segment
- * (preallocated in 16 MiB chunks) instead of pwritev.  Off by default;
- * faster on tmpfs, much slower on ext4. */
-void cl_writer_use_mmap(bool on);
+ * (preallocated in 2 MiB chunks) instead of pwritev: all records
+ * (faster on tmpfs, much slower on ext4 for records with data), or only
+ * those without data (cheaper than pwritev everywhere).  Off by default;
+ * never for preserve files. */
+enum { CL_MMAP_OFF = 0, CL_MMAP_ALL = 1, CL_MMAP_NODATA = 2 };
+void cl_writer_use_mmap(int mode);
 /* Open the preserve file of cycle for appending: create it (header
  * durable) or, after a restart, reopen it with a torn tail cut. */
 int cl_writer_open_pre(int dirfd, uint16_t disk, uint64_t cycle,
@@ -149,6 +152,16 @@ uint64_t cl_writer_next_seq(const struct cl_writer *w);
 /* Bytes in the segment file so far (header included). */
 uint64_t cl_writer_bytes(const struct cl_writer *w);
 uint64_t cl_writer_records(const struct cl_writer *w);
+/* Sum of cl_rec_payload over the records so far. */
+uint64_t cl_writer_payload(const struct cl_writer *w);
+/* What a record adds to a cycle payload: its header, plus its data for
+ * CL_WRITE and CL_WREF (which the shipper sends with data); 0 for
+ * CL_SEAL.  The measure of "pending" change data. */
+uint64_t cl_rec_payload(const struct cl_rec *r);
+/* Sum of cl_rec_payload over the records of segment name in dirfd, from
+ * record headers only (data is skipped, not checked), up to the first
+ * CL_SEAL or invalid header. */
+int cl_segment_payload(int dirfd, const char *name, uint64_t *out) VR_WUR;
 /* Close without sealing (the file is cut to its records).  NULL is a
  * no-op. */
 void cl_writer_free(struct cl_writer *w);

@@ -33,7 +33,8 @@
  *
  * Control protocol (docs/formats.md): one request line, one reply line, on a
  * unix stream socket: SEAL -> "OK <sealed cycle>", STATUS -> "OK <open
- * cycle> <bytes in open segments>", SHIPPED N -> "OK N", PING -> "OK";
+ * cycle> <bytes in open segments> <payload bytes they stand for>",
+ * SHIPPED N -> "OK N", PING -> "OK";
  * errors are "ERR <msg>".
  *
  * Recovery at start-up (.get_ready) cuts torn log tails, finishes a seal
@@ -112,6 +113,7 @@ static pthread_rwlock_t seal_lock;
 static uint64_t open_cycle;  /* protected by seal_lock */
 static uint64_t shipped;     /* cycles <= shipped are shipped (atomic) */
 static bool log_ref = true;  /* log=ref (default) or log=data */
+static int logio = CL_MMAP_NODATA; /* logio=auto (default), write, mmap */
 static uint64_t refmap_max = 1u << 20; /* owner entries per disk */
 static int broken;           /* set once the log cannot follow the disk */
 static char broken_msg[256];
@@ -242,11 +244,13 @@ vmreplica_config(const char *key, const char *value)
         control_path = xstrdup(value);
     } else if (strcmp(key, "logio") == 0) {
         if (strcmp(value, "mmap") == 0)
-            cl_writer_use_mmap(true);
+            logio = CL_MMAP_ALL;
         else if (strcmp(value, "write") == 0)
-            cl_writer_use_mmap(false);
+            logio = CL_MMAP_OFF;
+        else if (strcmp(value, "auto") == 0)
+            logio = CL_MMAP_NODATA;
         else {
-            nbdkit_error("logio=%s: expected write or mmap", value);
+            nbdkit_error("logio=%s: expected auto, write or mmap", value);
             return -1;
         }
     } else if (strcmp(key, "log") == 0) {
@@ -282,6 +286,7 @@ vmreplica_config(const char *key, const char *value)
 static int
 vmreplica_config_complete(void)
 {
+    cl_writer_use_mmap(logio);
     if (ndisks == 0) {
         nbdkit_error("at least one disk=ID:PATH is required");
         return -1;
@@ -300,8 +305,9 @@ vmreplica_config_complete(void)
 #define vmreplica_config_help                                                  \
     "disk=ID:PATH        (required, repeatable) raw disk file to track\n"       \
     "control=SOCKET      (required) control socket (SEAL, STATUS, PING)\n"      \
-    "logio=write|mmap    how records reach the log (default write; mmap\n"    \
-    "                    is faster on tmpfs, much slower on ext4)\n"          \
+    "logio=auto|write|mmap  how records reach the log: auto (default)\n"   \
+    "                    maps records without data and writes the rest;\n"   \
+    "                    mmap maps all (faster on tmpfs, slower on ext4)\n"   \
     "log=ref|data        log writes by reference to the disk (default) or\n"  \
     "                    copy their data into the log\n"                      \
     "refmap=N            blocks tracked by reference per disk before writes\n"\
@@ -791,18 +797,21 @@ out:
 static void
 do_status(char *reply, size_t n)
 {
-    uint64_t bytes = 0;
+    uint64_t bytes = 0, payload = 0;
     pthread_rwlock_rdlock(&seal_lock);
     for (unsigned i = 0; i < ndisks; i++) {
         pthread_mutex_lock(&disks[i].lock);
-        if (disks[i].w)
+        if (disks[i].w) {
             bytes += cl_writer_bytes(disks[i].w);
+            payload += cl_writer_payload(disks[i].w);
+        }
         pthread_mutex_unlock(&disks[i].lock);
     }
     if (broken)
         snprintf(reply, n, "ERR tracking stopped: %s", broken_msg);
     else
-        snprintf(reply, n, "OK %" PRIu64 " %" PRIu64, open_cycle, bytes);
+        snprintf(reply, n, "OK %" PRIu64 " %" PRIu64 " %" PRIu64, open_cycle,
+                 bytes, payload);
     pthread_rwlock_unlock(&seal_lock);
 }
 

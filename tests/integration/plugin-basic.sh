@@ -101,7 +101,7 @@ expect() { # expect WHAT GOT WANT
 # --- 1. tracking, FUA, flush, seal ------------------------------------------
 log "start"
 start_nbdkit
-expect "status at start" "$(ctl STATUS)" "OK 1 128"
+expect "status at start" "$(ctl STATUS)" "OK 1 128 0"
 expect "unknown command" "$(ctl FROB)" "ERR unknown command"
 long=$(head -c 300 /dev/zero | tr '\0' 'A')
 ctl "$long" | grep -q '^ERR' || fail "overlong line not refused"
@@ -139,7 +139,7 @@ expect "hash log" "$(cat "$T/hashes")" "1 disk0 $h0
 
 # Sequence numbers continue across segments, cycle numbers stay in step.
 qio disk0 'write -P 0x22 4k 4k' || fail "write after seal"
-expect "status" "$(ctl STATUS)" "OK 2 $((64 + 64 + 32))"
+expect "status" "$(ctl STATUS)" "OK 2 $((64 + 64 + 32)) $((32 + 4096))"
 expect "seal 2" "$(ctl SEAL)" "OK 2"
 got=$("$CLDUMP" -H "$(seg "$L0" 2 log)")
 expect "disk0 cycle 2" "$got" "# cycle 2 disk 0 first_seq 4

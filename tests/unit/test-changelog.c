@@ -829,11 +829,17 @@ main(void)
     test_spare_reuse();
     test_wref_and_pre();
     diag("again with records copied through a mapping (logio=mmap)");
-    cl_writer_use_mmap(true);
+    cl_writer_use_mmap(CL_MMAP_ALL);
     test_round_trip();
     test_parallel_slots();
     test_spare_reuse();
-    cl_writer_use_mmap(false);
+    diag("again with only records without data mapped (logio=auto)");
+    cl_writer_use_mmap(CL_MMAP_NODATA);
+    test_round_trip();
+    test_parallel_slots();
+    test_spare_reuse();
+    test_wref_and_pre();
+    cl_writer_use_mmap(CL_MMAP_OFF);
 
     clear_dir();
     close(dirfd_);
