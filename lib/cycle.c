@@ -16,7 +16,9 @@
  * sequentially through the same reassembly buffer, checks every record
  * again (a staged file is trusted no more than the network) and applies it
  * in place; applying is idempotent, so a crash mid-apply is repaired by
- * applying the whole payload again.
+ * applying the whole payload again.  cyc_payload_foreach is the same
+ * checked sequential read for other readers of staged payloads (undo files,
+ * undo.c).
  */
 #include "config.h"
 
@@ -33,7 +35,7 @@
 #include "crc32c.h"
 #include "u64map.h"
 
-#define CYC_KNOWN_FLAGS         CYC_F_BASE
+#define CYC_KNOWN_FLAGS         (CYC_F_BASE | CYC_F_UNDO)
 /* Plain (uncompressed) builder write buffer and apply read size. */
 #define CYC_IO_BYTES            (256u << 10)
 /* Largest unit the reassembly buffer must hold. */
@@ -806,6 +808,9 @@ d_parse(struct cyc_decoder *d)
                 return 0;
             if ((rc = cyc_hdr_decode(p, &d->hdr)) < 0)
                 return rc;
+            if (d->hdr.flags & CYC_F_UNDO)
+                return vr_err(-EPROTO, "cycle payload: an undo file is not "
+                                       "a cycle payload");
             d->have_hdr = true;
             rbuf_consume(rb, CYC_HDR_BYTES);
             continue;
@@ -996,12 +1001,12 @@ cyc_decoder_free(struct cyc_decoder *d)
     free(d);
 }
 
-/* --- apply ----------------------------------------------------------- */
+/* --- reader of a staged payload --------------------------------------- */
 
 /* Read more of the payload into rb; returns bytes read (0 at EOF, or when
  * the buffer already holds the largest possible record). */
 static ssize_t
-apply_fill(int fd, struct rbuf *rb, uint64_t *pos)
+payload_fill(int fd, struct rbuf *rb, uint64_t *pos, const char *what)
 {
     size_t room = rbuf_reserve(rb, CYC_IO_BYTES);
     if (room == 0)
@@ -1011,12 +1016,124 @@ apply_fill(int fd, struct rbuf *rb, uint64_t *pos)
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0)
-            return vr_err(-errno, "apply: read payload: %s", strerror(errno));
+            return vr_err(-errno, "%s: read payload: %s", what,
+                          strerror(errno));
         rb->tail += (size_t)n;
         *pos += (uint64_t)n;
         return n;
     }
 }
+
+/* cyc_payload_foreach, with what naming the caller in messages.  pos is
+ * the file offset just after the buffered bytes, so a record at the head
+ * of the buffer starts at pos - rbuf_len. */
+static int
+payload_walk(int fd, unsigned ndisks, const char *what, struct cyc_hdr *hdr_out,
+             int (*fn)(const struct cl_rec *r, uint64_t file_off, void *arg),
+             void *arg)
+{
+    struct rbuf rb = { 0 };
+    struct cyc_hdr hdr;
+    uint64_t pos = 0, n = 0;
+    bool sealed = false;
+    ssize_t got;
+    int rc;
+
+    if (ndisks > CYC_MAX_DISKS)
+        return vr_err(-EINVAL, "%s: %u disks out of range", what, ndisks);
+
+    while (rbuf_len(&rb) < CYC_HDR_BYTES) {
+        if ((got = payload_fill(fd, &rb, &pos, what)) < 0) {
+            rc = (int)got;
+            goto out;
+        }
+        if (got == 0) {
+            rc = vr_err(-EBADMSG, "%s: payload truncated in header", what);
+            goto out;
+        }
+    }
+    if ((rc = cyc_hdr_decode(rb.buf + rb.head, &hdr)) < 0)
+        goto out;
+    if (ndisks != 0 && hdr.ndisks != ndisks) {
+        rc = vr_err(-EBADMSG,
+                    "%s: payload has %" PRIu32 " disks, replica has %u", what,
+                    hdr.ndisks, ndisks);
+        goto out;
+    }
+    if (hdr_out)
+        *hdr_out = hdr;
+    rbuf_consume(&rb, CYC_HDR_BYTES);
+
+    for (;;) {
+        struct cl_rec r;
+        size_t used;
+
+        if (sealed) {
+            /* Nothing may follow the seal record. */
+            if (rbuf_len(&rb) == 0 &&
+                (got = payload_fill(fd, &rb, &pos, what)) <= 0) {
+                rc = (int)got;
+                if (rc < 0)
+                    goto out;
+                break;
+            }
+            rc = vr_err(-EBADMSG, "%s: trailing data after the seal record",
+                        what);
+            goto out;
+        }
+        rc = rbuf_len(&rb) < CL_REC_HDR_BYTES
+                 ? -EAGAIN
+                 : cl_rec_decode(rb.buf + rb.head, rbuf_len(&rb), &r, &used);
+        if (rc == -EAGAIN) {
+            if (rbuf_len(&rb) >= CYC_REC_MAX) {
+                rc = vr_err(-EBADMSG,
+                            "%s: record %" PRIu64 " larger than %zu bytes",
+                            what, n, CYC_REC_MAX);
+                goto out;
+            }
+            got = payload_fill(fd, &rb, &pos, what);
+            if (got < 0) {
+                rc = (int)got;
+                goto out;
+            }
+            if (got > 0)
+                continue;
+            rc = vr_err(-EBADMSG,
+                        "%s: payload truncated after %" PRIu64 " records", what,
+                        n);
+            goto out;
+        }
+        if (rc < 0) {
+            rc = rec_corrupt(n, what);
+            goto out;
+        }
+        if ((rc = check_rec(&r, hdr.ndisks, n, what)) < 0)
+            goto out;
+        if (r.kind == CL_SEAL) {
+            sealed = true;
+        } else {
+            if ((rc = fn(&r, pos - rbuf_len(&rb), arg)) < 0)
+                goto out;
+            n++;
+        }
+        rbuf_consume(&rb, used);
+    }
+    rc = 0;
+out:
+    rbuf_fini(&rb);
+    return rc;
+}
+
+int
+cyc_payload_foreach(int payload_fd, unsigned ndisks, struct cyc_hdr *hdr,
+                    int (*fn)(const struct cl_rec *r, uint64_t file_off,
+                              void *arg),
+                    void *arg)
+{
+    return payload_walk(payload_fd, ndisks, "payload", hdr, fn, arg);
+}
+
+/* --- apply ----------------------------------------------------------- */
 
 /* Make the range read as zeroes: punch a hole, or write zeroes where the
  * file system or device cannot. */
@@ -1070,109 +1187,49 @@ apply_rec(const struct cl_rec *r, const int *disk_fds,
     return apply_zero(fd, r->offset, r->len, r->disk);
 }
 
+struct apply_ctx {
+    const int *disk_fds;
+    const uint64_t *disk_sizes;
+    uint64_t n;
+    uint64_t *records_applied;
+};
+
+static int
+apply_one(const struct cl_rec *r, uint64_t file_off, void *arg)
+{
+    struct apply_ctx *c = arg;
+    int rc;
+
+    (void)file_off;
+    if ((rc = apply_rec(r, c->disk_fds, c->disk_sizes, c->n)) < 0)
+        return rc;
+    c->n++;
+    if (c->records_applied)
+        *c->records_applied = c->n;
+    vr_fault_point("apply-record");
+    return 0;
+}
+
 int
 cyc_apply_file(int payload_fd, const int *disk_fds, const uint64_t *disk_sizes,
                unsigned ndisks, uint64_t *records_applied)
 {
-    struct rbuf rb = { 0 };
-    struct cyc_hdr hdr;
-    uint64_t pos = 0, n = 0;
-    bool sealed = false;
-    ssize_t got;
+    struct apply_ctx c = { .disk_fds = disk_fds,
+                           .disk_sizes = disk_sizes,
+                           .records_applied = records_applied };
     int rc;
 
     if (records_applied)
         *records_applied = 0;
     if (ndisks == 0 || ndisks > CYC_MAX_DISKS)
         return vr_err(-EINVAL, "apply: %u disks out of range", ndisks);
-
-    while (rbuf_len(&rb) < CYC_HDR_BYTES) {
-        if ((got = apply_fill(payload_fd, &rb, &pos)) < 0) {
-            rc = (int)got;
-            goto out;
-        }
-        if (got == 0) {
-            rc = vr_err(-EBADMSG, "apply: payload truncated in header");
-            goto out;
-        }
-    }
-    if ((rc = cyc_hdr_decode(rb.buf + rb.head, &hdr)) < 0)
-        goto out;
-    if (hdr.ndisks != ndisks) {
-        rc = vr_err(-EBADMSG,
-                    "apply: payload has %" PRIu32 " disks, replica has %u",
-                    hdr.ndisks, ndisks);
-        goto out;
-    }
-    rbuf_consume(&rb, CYC_HDR_BYTES);
-
-    for (;;) {
-        struct cl_rec r;
-        size_t used;
-
-        if (sealed) {
-            /* Nothing may follow the seal record. */
-            if (rbuf_len(&rb) == 0 &&
-                (got = apply_fill(payload_fd, &rb, &pos)) <= 0) {
-                rc = (int)got;
-                if (rc < 0)
-                    goto out;
-                break;
-            }
-            rc = vr_err(-EBADMSG, "apply: trailing data after the seal "
-                                  "record");
-            goto out;
-        }
-        rc = rbuf_len(&rb) < CL_REC_HDR_BYTES
-                 ? -EAGAIN
-                 : cl_rec_decode(rb.buf + rb.head, rbuf_len(&rb), &r, &used);
-        if (rc == -EAGAIN) {
-            if (rbuf_len(&rb) >= CYC_REC_MAX) {
-                rc = vr_err(-EBADMSG,
-                            "apply: record %" PRIu64 " larger than %zu bytes",
-                            n, CYC_REC_MAX);
-                goto out;
-            }
-            got = apply_fill(payload_fd, &rb, &pos);
-            if (got < 0) {
-                rc = (int)got;
-                goto out;
-            }
-            if (got > 0)
-                continue;
-            rc =
-                vr_err(-EBADMSG,
-                       "apply: payload truncated after %" PRIu64 " records", n);
-            goto out;
-        }
-        if (rc < 0) {
-            rc = rec_corrupt(n, "apply");
-            goto out;
-        }
-        if ((rc = check_rec(&r, ndisks, n, "apply")) < 0)
-            goto out;
-        if (r.kind == CL_SEAL) {
-            sealed = true;
-        } else {
-            if ((rc = apply_rec(&r, disk_fds, disk_sizes, n)) < 0)
-                goto out;
-            n++;
-            if (records_applied)
-                *records_applied = n;
-            vr_fault_point("apply-record");
-        }
-        rbuf_consume(&rb, used);
-    }
-
+    if ((rc = payload_walk(payload_fd, ndisks, "apply", NULL, apply_one, &c)) <
+        0)
+        return rc;
     for (unsigned i = 0; i < ndisks; i++) {
-        if (fdatasync(disk_fds[i]) < 0) {
-            rc = vr_err(-errno, "apply: disk %u: fdatasync: %s", i,
-                        strerror(errno));
-            goto out;
-        }
+        if (fdatasync(disk_fds[i]) < 0)
+            return vr_err(-errno, "apply: disk %u: fdatasync: %s", i,
+                          strerror(errno));
     }
-    rc = 0;
-out:
-    rbuf_fini(&rb);
-    return rc;
+    return 0;
 }

@@ -24,6 +24,7 @@
 #define CYC_VERSION       1
 #define CYC_HDR_BYTES     64
 #define CYC_F_BASE        0x1 /* initial-replication chunk, not a cycle */
+#define CYC_F_UNDO        0x2 /* an undo file (undo.h), never on the wire */
 #define CYC_MAX_DISKS     64
 /* Records in one payload, bounded so a hostile count cannot exhaust. */
 #define CYC_MAX_RECORDS   (1u << 24)
@@ -114,5 +115,24 @@ void cyc_decoder_free(struct cyc_decoder *d);
 int cyc_apply_file(int payload_fd, const int *disk_fds,
                    const uint64_t *disk_sizes, unsigned ndisks,
                    uint64_t *records_applied) VR_WUR;
+
+/* --- reader of a staged payload ---------------------------------------- */
+
+/* Read the staged, uncompressed payload in payload_fd sequentially from
+ * offset 0 (the fd's offset is not used), checking it as cyc_apply_file
+ * does: the header (its ndisks must equal ndisks unless ndisks is 0; *hdr,
+ * if not NULL, is filled in before fn is first called), every record
+ * (cl_rec_decode: magic, kind, CRC, length; disk index, offset + len
+ * overflow, at most CYC_MAX_RECORDS), a valid CL_SEAL and nothing after it.
+ * fn is called for every record but the seal, in file order, with the file
+ * offset of the record's header (CL_WRITE data follows at file_off +
+ * CL_REC_HDR_BYTES); r->data is valid only during the call.  fn returns 0
+ * to go on or a negative errno, which stops the walk and is returned.
+ * Records are passed as they are read: a fault found later (-EBADMSG)
+ * means the whole payload is bad, whatever fn was already given. */
+int cyc_payload_foreach(int payload_fd, unsigned ndisks, struct cyc_hdr *hdr,
+                        int (*fn)(const struct cl_rec *r, uint64_t file_off,
+                                  void *arg),
+                        void *arg) VR_WUR;
 
 #endif /* VR_CYCLE_H */
