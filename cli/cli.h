@@ -141,6 +141,7 @@ int cmd_repl_set(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_repl_show(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_repl_list(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_repl_measure(struct cli *, const struct cli_cmd *, int, char **);
+int cmd_points_list(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_repl_suspend(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_repl_resume(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_repl_reset_stats(struct cli *, const struct cli_cmd *, int, char **);

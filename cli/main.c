@@ -72,10 +72,17 @@ static const struct cli_cmd commands[] = {
       "planned)\n"
       "  --frequency DURATION          30s, 5m, 15m or any whole seconds >= "
       "1\n"
-      "  --compression on|off          zstd compression (default on)\n" },
+      "  --compression on|off          zstd compression (default on)\n"
+      "  --recovery-history N          hourly recovery points kept on the "
+      "Replica\n"
+      "                                server besides the latest (default "
+      "0)\n"
+      "  --point-interval DURATION     the \"hour\" of --recovery-history "
+      "(default 1h)\n" },
     { "replication", "set", cmd_repl_set,
       "VM [--frequency DURATION] [--compression on|off] "
-      "[--connect-address IP]",
+      "[--connect-address IP] [--recovery-history N] "
+      "[--point-interval DURATION]",
       "change the replication settings of a VM", NULL },
     { "replication", "show", cmd_repl_show, "VM",
       "show the replication of a VM", NULL },
@@ -93,6 +100,9 @@ static const struct cli_cmd commands[] = {
       "stop replicating a VM (the Replica server keeps its copy)", NULL },
     { "replication", "reset-stats", cmd_repl_reset_stats, "VM",
       "clear a VM's replication statistics (errors, counts, sizes)", NULL },
+    { "points", "list", cmd_points_list, "VM",
+      "list the recovery points of a Replica VM (on the Replica server)",
+      NULL },
     { "initial-replication", "start", cmd_initial_start, "VM [--wait]",
       "send the first full copy of a VM's disks",
       "  --wait            block until done, with a progress bar on a "

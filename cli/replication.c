@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 
 #include "cli.h"
 
@@ -110,6 +111,7 @@ finish(struct cli *c, json_object *out)
 
 struct repl_opts {
     const char *server, *address, *auth, *frequency, *compression;
+    const char *history, *interval;
 };
 
 /* Validate the options shared by enable and set into body. */
@@ -176,6 +178,24 @@ fill_body(const struct cli_cmd *cmd, const struct repl_opts *o,
         json_object_object_add(body, "compression",
                                json_object_new_boolean(on));
     }
+    if (o->history) {
+        char *end;
+        errno = 0;
+        long n = strtol(o->history, &end, 10);
+        if (errno || *end || end == o->history || n < 0 || n > 720)
+            return cli_usage_error(cmd, "invalid --recovery-history '%s': "
+                                   "expected 0 .. 720", o->history);
+        json_object_object_add(body, "recovery_history",
+                               json_object_new_int((int)n));
+    }
+    if (o->interval) {
+        uint64_t s;
+        if (vr_parse_duration(o->interval, &s) < 0 || s < 1 || s > 86400)
+            return cli_usage_error(cmd, "invalid --point-interval '%s': "
+                                   "expected 1s .. 24h", o->interval);
+        json_object_object_add(body, "point_interval",
+                               json_object_new_int64((int64_t)s));
+    }
     return CLI_OK;
 }
 
@@ -190,6 +210,8 @@ cmd_repl_enable(struct cli *c, const struct cli_cmd *cmd, int argc,
         { "auth", CLI_OPT_STR, &o.auth },
         { "frequency", CLI_OPT_STR, &o.frequency },
         { "compression", CLI_OPT_STR, &o.compression },
+        { "recovery-history", CLI_OPT_STR, &o.history },
+        { "point-interval", CLI_OPT_STR, &o.interval },
         { NULL, 0, NULL },
     };
     CLEANUP_FREE char *path = NULL;
@@ -223,6 +245,8 @@ cmd_repl_set(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
         { "connect-address", CLI_OPT_STR, &o.address },
         { "frequency", CLI_OPT_STR, &o.frequency },
         { "compression", CLI_OPT_STR, &o.compression },
+        { "recovery-history", CLI_OPT_STR, &o.history },
+        { "point-interval", CLI_OPT_STR, &o.interval },
         { NULL, 0, NULL },
     };
     CLEANUP_FREE char *path = NULL;
@@ -338,6 +362,51 @@ cmd_repl_list(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
     cli_table_print(t, 0);
     cli_table_free(t);
     json_object_put(out);
+    return CLI_OK;
+}
+
+/* --- points ------------------------------------------------------------ */
+
+int
+cmd_points_list(struct cli *c, const struct cli_cmd *cmd, int argc,
+                char **argv)
+{
+    CLEANUP_FREE char *path = NULL;
+    const char *name;
+    int rc = cli_vm_path(c, cmd, argc, argv, NULL, "/points", &path, &name);
+    if (rc)
+        return rc;
+    json_object *resp, *arr = NULL;
+    if ((rc = cli_call(c, "GET", path, NULL, &resp)))
+        return rc;
+    if (c->json) {
+        cli_print_json(resp);
+        json_object_put(resp);
+        return CLI_OK;
+    }
+    if (!json_object_object_get_ex(resp, "points", &arr) ||
+        !json_object_is_type(arr, json_type_array)) {
+        json_object_put(resp);
+        return cli_error("GET %s: no points in the response", path);
+    }
+    printf("%-8s %-20s %-9s %-12s %s\n", "ID", "TIME (UTC)", "KIND",
+           "UNDO SIZE", "NOTE");
+    size_t n = json_object_array_length(arr);
+    for (size_t i = 0; i < n; i++) {
+        json_object *p = json_object_array_get_idx(arr, i);
+        char when[32], size[32];
+        time_t t = (time_t)(cli_int(p, "time_ms") / 1000);
+        struct tm tm;
+        gmtime_r(&t, &tm);
+        strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", &tm);
+        cli_fmt_size((uint64_t)cli_int(p, "undo_bytes"), size, sizeof size);
+        const char *note = cli_bool(p, "latest")   ? "latest"
+                           : cli_bool(p, "recent") ? "recent (every cycle)"
+                                                   : "hourly";
+        printf("%-8" PRId64 " %-20s %-9s %-12s %s\n", cli_int(p, "id"), when,
+               cli_str(p, "kind"), size, note);
+    }
+    json_object_put(resp);
     return CLI_OK;
 }
 

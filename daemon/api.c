@@ -102,6 +102,7 @@ static const struct route routes[] = {
     { "GET", "/v1/vms/*/replication", api_repl_show },
     { "DELETE", "/v1/vms/*/replication", api_repl_remove },
     { "GET", "/v1/vms/*/replication/measure", api_repl_measure },
+    { "GET", "/v1/vms/*/points", api_points_list },
     { "POST", "/v1/vms/*/replication/suspend", api_repl_suspend },
     { "POST", "/v1/vms/*/replication/resume", api_repl_resume },
     { "POST", "/v1/vms/*/replication/reset-stats", api_repl_reset_stats },

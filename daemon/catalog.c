@@ -8,7 +8,7 @@
 
 #include "daemon.h"
 
-#define SCHEMA_VERSION 1
+#define SCHEMA_VERSION 2 /* 2: recovery history (points, two columns) */
 
 static const char schema[] =
     "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);"
@@ -25,7 +25,9 @@ static const char schema[] =
     "  initial_sent INT, last_cycle INT, applied_cycle INT, last_ok_ms INT, "
     "  errors INT, ok_count INT, missed INT, bytes_raw INT, bytes_wire INT, "
     "  max_size INT, sum_size INT, max_latency_ms INT, sum_latency_ms INT, "
-    "  last_error TEXT);"
+    "  last_error TEXT, recovery_history INT, point_interval INT);"
+    "CREATE TABLE IF NOT EXISTS points(vm_uuid TEXT, cycle INT, time_ms INT, "
+    "  kind TEXT, undo_bytes INT, PRIMARY KEY(vm_uuid, cycle));"
     "CREATE TABLE IF NOT EXISTS events(id INTEGER PRIMARY KEY, time_ms INT, "
     "  level TEXT, vm TEXT, message TEXT);";
 
@@ -39,6 +41,33 @@ exec_sql(const char *sql)
         return rc;
     }
     return 0;
+}
+
+/* Bring a version-1 catalog to version 2: two columns for recovery
+ * history (the points table is created by the schema). */
+static int
+migrate(void)
+{
+    sqlite3_stmt *st = NULL;
+    int have = 0;
+    if (sqlite3_prepare_v2(D->db, "SELECT value FROM meta WHERE key = "
+                           "'schema_version'", -1, &st, NULL) != SQLITE_OK)
+        return vr_err(-EIO, "catalog: %s", sqlite3_errmsg(D->db));
+    if (sqlite3_step(st) == SQLITE_ROW)
+        have = atoi((const char *)sqlite3_column_text(st, 0));
+    sqlite3_finalize(st);
+    if (have > SCHEMA_VERSION)
+        return vr_err(-EPROTONOSUPPORT, "catalog schema version %d is newer "
+                      "than this vmreplicad (%d)", have, SCHEMA_VERSION);
+    int rc = 0;
+    if (have == 1)
+        rc = exec_sql("ALTER TABLE replications ADD COLUMN recovery_history "
+                      "INT; ALTER TABLE replications ADD COLUMN "
+                      "point_interval INT;");
+    if (rc == 0)
+        rc = exec_sql("INSERT OR REPLACE INTO meta VALUES('schema_version', "
+                      "'2')");
+    return rc;
 }
 
 int
@@ -55,8 +84,7 @@ catalog_open(const char *path)
     if (rc == 0)
         rc = exec_sql(schema);
     if (rc == 0)
-        rc = exec_sql("INSERT OR IGNORE INTO meta VALUES('schema_version', "
-                      "'1')");
+        rc = migrate();
     return rc;
 }
 
@@ -262,7 +290,7 @@ catalog_save_repl(const struct repl *r)
 {
     sqlite3_stmt *st = prep(
         "INSERT OR REPLACE INTO replications VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,"
-        "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
+        "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
     if (!st)
         return -EIO;
     int i = 1;
@@ -296,6 +324,8 @@ catalog_save_repl(const struct repl *r)
     sqlite3_bind_int64(st, i++, (sqlite3_int64)r->max_latency_ms);
     sqlite3_bind_int64(st, i++, (sqlite3_int64)r->sum_latency_ms);
     sqlite3_bind_text(st, i++, r->last_error, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, i++, r->recovery_history);
+    sqlite3_bind_int64(st, i++, r->point_interval_s);
     return step_done(st);
 }
 
@@ -347,7 +377,76 @@ load_repl(sqlite3_stmt *st)
     r->max_latency_ms = (uint64_t)sqlite3_column_int64(st, i++);
     r->sum_latency_ms = (uint64_t)sqlite3_column_int64(st, i++);
     r->last_error = col_str(st, i++);
+    r->recovery_history = (unsigned)sqlite3_column_int64(st, i++);
+    r->point_interval_s = (unsigned)sqlite3_column_int64(st, i++);
+    if (r->point_interval_s == 0)
+        r->point_interval_s = 3600;
     return r;
+}
+
+/* --- recovery points ------------------------------------------------------ */
+
+int
+catalog_add_point(const char *uuid, const struct point *p)
+{
+    sqlite3_stmt *st = prep("INSERT OR REPLACE INTO points VALUES(?,?,?,?,?)");
+    if (!st)
+        return -EIO;
+    sqlite3_bind_text(st, 1, uuid, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)p->cycle);
+    sqlite3_bind_int64(st, 3, (sqlite3_int64)p->time_ms);
+    sqlite3_bind_text(st, 4, p->kind, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 5, (sqlite3_int64)p->undo_bytes);
+    return step_done(st);
+}
+
+int
+catalog_delete_point(const char *uuid, uint64_t cycle)
+{
+    sqlite3_stmt *st =
+        prep("DELETE FROM points WHERE vm_uuid = ? AND (cycle = ? OR ? = 0)");
+    if (!st)
+        return -EIO;
+    sqlite3_bind_text(st, 1, uuid, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)cycle);
+    sqlite3_bind_int64(st, 3, (sqlite3_int64)cycle);
+    return step_done(st);
+}
+
+int
+catalog_points(const char *uuid, struct point **out, size_t *n)
+{
+    *out = NULL;
+    *n = 0;
+    sqlite3_stmt *st = prep("SELECT cycle, time_ms, kind, undo_bytes FROM "
+                            "points WHERE vm_uuid = ? ORDER BY cycle");
+    if (!st)
+        return -EIO;
+    sqlite3_bind_text(st, 1, uuid, -1, SQLITE_STATIC);
+    size_t cap = 0;
+    int r;
+    while ((r = sqlite3_step(st)) == SQLITE_ROW) {
+        if (*n == cap) {
+            cap = cap ? 2 * cap : 32;
+            *out = xrealloc(*out, cap * sizeof **out);
+        }
+        struct point *p = &(*out)[(*n)++];
+        memset(p, 0, sizeof *p);
+        p->cycle = (uint64_t)sqlite3_column_int64(st, 0);
+        p->time_ms = (uint64_t)sqlite3_column_int64(st, 1);
+        const unsigned char *k = sqlite3_column_text(st, 2);
+        snprintf(p->kind, sizeof p->kind, "%s",
+                 k ? (const char *)k : "standard");
+        p->undo_bytes = (uint64_t)sqlite3_column_int64(st, 3);
+    }
+    sqlite3_finalize(st);
+    if (r != SQLITE_DONE) {
+        free(*out);
+        *out = NULL;
+        *n = 0;
+        return vr_err(-EIO, "catalog read: %s", sqlite3_errmsg(D->db));
+    }
+    return 0;
 }
 
 int

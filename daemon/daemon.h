@@ -83,6 +83,10 @@ struct repl {
     uint64_t max_size, sum_size;
     uint64_t max_latency_ms, sum_latency_ms;
     char *last_error;
+    /* recovery history (kept on the Replica server, set on the primary) */
+    unsigned recovery_history; /* hourly points kept besides the latest */
+    unsigned point_interval_s; /* the "hour"; 3600 unless shortened */
+#define REPL_MAX_HISTORY 720
     /* runtime only */
     pthread_t thread;
     bool thread_running;
@@ -155,6 +159,34 @@ int catalog_save_vm(const struct vm *vm) VR_WUR;
 int catalog_delete_vm(const char *uuid) VR_WUR;
 int catalog_save_repl(const struct repl *r) VR_WUR;
 int catalog_delete_repl(const char *uuid) VR_WUR;
+
+/* A recovery point of a Replica VM: the disks after cycle `cycle`. */
+struct point {
+    uint64_t cycle;
+    uint64_t time_ms;  /* when it was applied (wall clock) */
+    char kind[16];     /* "standard" (crash-consistent) */
+    uint64_t undo_bytes; /* undo data kept to reach it from the next one */
+};
+int catalog_add_point(const char *uuid, const struct point *p) VR_WUR;
+/* cycle 0: every point of the VM. */
+int catalog_delete_point(const char *uuid, uint64_t cycle) VR_WUR;
+/* Points in cycle order; caller frees *out. */
+int catalog_points(const char *uuid, struct point **out, size_t *n) VR_WUR;
+
+/* history.c: recovery history of Replica VMs. */
+/* Forget every point and undo file (a fresh relationship); D->lock held. */
+int history_reset(struct vm *vm) VR_WUR;
+/* Before applying cycle n from payload_path: save what it overwrites (if
+ * recovery history is on).  Without D->lock, vm->applying set. */
+int history_capture(struct vm *vm, uint64_t n,
+                    const char *payload_path) VR_WUR;
+/* After cycle n was recorded as applied: make it a point, apply the
+ * retention policy, prune.  D->lock held (dropped for file work). */
+int history_after_apply(struct vm *vm, uint64_t n) VR_WUR;
+/* At start-up: repair points and undo files after a crash. */
+int history_recover(struct vm *vm) VR_WUR;
+/* GET /v1/vms/VM/points body (an array). D->lock held. */
+json_object *history_points_json(struct vm *vm);
 /* Events, newest last, optional filter by VM name; caller puts them. */
 json_object *catalog_events(const char *vm, unsigned max);
 void catalog_add_event(uint64_t time_ms, const char *level, const char *vm,

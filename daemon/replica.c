@@ -173,6 +173,8 @@ struct rreq {
     char addr[80];      /* ip:port */
     uint64_t n;         /* cycle or base chunk number */
     uint64_t epoch;
+    bool has_history;   /* X-Vmreplica-History: N/INTERVAL_S */
+    unsigned history, interval_s;
     char *body;         /* JSON bodies */
     size_t len;
     struct cyc_decoder *dec;
@@ -382,6 +384,16 @@ clear_staging(const struct repl *r)
 
 /* --- request handlers (JSON ones run at the end of the body) ------------- */
 
+/* The primary's recovery-history settings travel with each request. */
+static void
+take_history(struct repl *r, const struct rreq *q)
+{
+    if (!q->has_history)
+        return;
+    r->recovery_history = q->history;
+    r->point_interval_s = q->interval_s;
+}
+
 static int
 do_register(struct rreq *q, json_object **out)
 {
@@ -511,6 +523,9 @@ do_register(struct rreq *q, json_object **out)
             vm->repl = r;
         }
         r->epoch = q->epoch;
+        take_history(r, q);
+        if (!r->point_interval_s)
+            r->point_interval_s = 3600;
         if (json_object_object_get_ex(b, "frequency", &v))
             r->frequency_s = (unsigned)json_object_get_int64(v);
         if (json_object_object_get_ex(b, "compression", &v))
@@ -533,6 +548,9 @@ do_register(struct rreq *q, json_object **out)
             r->applied_cycle = r->last_cycle = 0;
             if (rc == 0)
                 clear_staging(r);
+            /* The recovery history of the old relationship goes too. */
+            if (rc == 0)
+                rc = history_reset(vm);
         }
         if (rc == 0)
             rc = catalog_save_vm(vm);
@@ -730,6 +748,7 @@ upload_finish(struct rreq *q, json_object **out)
         rc = own_vm(q, &vm);
         if (rc == 0) {
             vm->repl->last_cycle = q->n;
+            take_history(vm->repl, q);
             rc = catalog_save_repl(vm->repl);
             pthread_cond_broadcast(&D->cond);
         }
@@ -813,6 +832,22 @@ r1_access(void *cls VR_UNUSED, struct MHD_Connection *c, const char *url,
         if (!ep || *end || q->epoch == 0) {
             rreq_fail(q, -EPROTO, "missing or bad X-Vmreplica-Epoch");
             return MHD_YES;
+        }
+        const char *hist = MHD_lookup_connection_value(c, MHD_HEADER_KIND,
+                                                       "X-Vmreplica-History");
+        if (hist) {
+            unsigned long n, iv;
+            char *e1, *e2;
+            n = strtoul(hist, &e1, 10);
+            iv = *e1 == '/' ? strtoul(e1 + 1, &e2, 10) : 0;
+            if (*e1 != '/' || *e2 || n > REPL_MAX_HISTORY || iv < 1 ||
+                iv > 86400) {
+                rreq_fail(q, -EPROTO, "bad X-Vmreplica-History");
+                return MHD_YES;
+            }
+            q->has_history = true;
+            q->history = (unsigned)n;
+            q->interval_s = (unsigned)iv;
         }
         pthread_mutex_lock(&D->lock);
         bool enabled = D->cfg.replica_enabled && D->cfg.default_storage;
@@ -1074,14 +1109,14 @@ apply_one(struct vm *vm, uint64_t n, bool locked)
     vm->applying = true;
     if (locked)
         pthread_mutex_unlock(&D->lock);
-    int rc = apply_payload(vm, path, &nrec);
+    int rc = history_capture(vm, n, path);
+    if (rc == 0)
+        rc = apply_payload(vm, path, &nrec);
     if (rc == 0) {
         test_applylog(vm, n);
         vr_fault_point("apply-before-commit");
     }
     pthread_mutex_lock(&D->lock);
-    vm->applying = false;
-    pthread_cond_broadcast(&D->cond);
     if (rc == 0) {
         vm->repl->applied_cycle = n;
         vm->repl->last_ok_ms = vr_wall_ms();
@@ -1092,6 +1127,13 @@ apply_one(struct vm *vm, uint64_t n, bool locked)
         log_debug("applier", "%s: applied cycle %llu (%llu records, %llu ms)",
                   vm->name, (unsigned long long)n, (unsigned long long)nrec,
                   (unsigned long long)(vr_mono_ms() - t0));
+        /* The cycle is applied whatever happens to its point: a failure
+         * here is retried by history_recover at the next start. */
+        if (history_after_apply(vm, n) < 0) {
+            event_add("warning", vm->name, "recovery history after cycle "
+                      "%llu: %s", (unsigned long long)n, vr_errmsg());
+            vr_err_clear();
+        }
         pthread_cond_broadcast(&D->cond);
     } else {
         vm->repl->errors++;
@@ -1100,6 +1142,8 @@ apply_one(struct vm *vm, uint64_t n, bool locked)
         event_add("error", vm->name, "apply cycle %llu: %s",
                   (unsigned long long)n, vr_errmsg());
     }
+    vm->applying = false;
+    pthread_cond_broadcast(&D->cond);
     if (!locked)
         pthread_mutex_unlock(&D->lock);
     return rc;
@@ -1128,6 +1172,11 @@ replica_recover(void)
                 }
             }
             closedir(dir);
+        }
+        if (history_recover(vm) < 0) {
+            log_warn("applier", "%s: recovery history: %s", vm->name,
+                     vr_errmsg());
+            vr_err_clear();
         }
         while (r->initial_done && r->applied_cycle < r->last_cycle) {
             uint64_t n = r->applied_cycle + 1;

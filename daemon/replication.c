@@ -104,6 +104,10 @@ repl_to_json(const struct vm *vm)
                            json_object_new_int((int)r->frequency_s));
     json_object_object_add(o, "compression",
                            json_object_new_boolean(r->compression));
+    json_object_object_add(o, "recovery_history",
+                           json_object_new_int((int)r->recovery_history));
+    json_object_object_add(o, "point_interval",
+                           json_object_new_int((int)r->point_interval_s));
     json_object_object_add(o, "epoch",
                            json_object_new_int64((int64_t)r->epoch));
     json_object_object_add(o, "initial_done",
@@ -211,6 +215,19 @@ parse_common(json_object *b, struct repl *r)
     }
     if (json_object_object_get_ex(b, "compression", &v))
         r->compression = json_object_get_boolean(v);
+    if (json_object_object_get_ex(b, "recovery_history", &v)) {
+        int64_t n = json_object_get_int64(v);
+        if (n < 0 || n > REPL_MAX_HISTORY)
+            return vr_err(-EINVAL, "recovery_history: must be 0 .. %d",
+                          REPL_MAX_HISTORY);
+        r->recovery_history = (unsigned)n;
+    }
+    if (json_object_object_get_ex(b, "point_interval", &v)) {
+        int64_t n = json_object_get_int64(v);
+        if (n < 1 || n > 86400)
+            return vr_err(-EINVAL, "point_interval: must be 1 s .. 24 h");
+        r->point_interval_s = (unsigned)n;
+    }
     const char *ca = jstr(b, "connect_address");
     if (ca) {
         free(r->connect_address);
@@ -235,6 +252,7 @@ api_repl_enable(struct api_call *call, unsigned *status, json_object **out)
     r->mode = VM_MODE_PRIMARY;
     r->frequency_s = 300;
     r->compression = true;
+    r->point_interval_s = 3600;
     r->epoch = 1;
     r->replica_server =
         strchr(server, ':') ? xstrdup(server) : xasprintf("%s:443", server);
@@ -374,6 +392,27 @@ api_repl_measure(struct api_call *call, unsigned *status VR_UNUSED,
                  json_object **out)
 {
     return render_repl(call, out, repl_measure_json);
+}
+
+int
+api_points_list(struct api_call *call, unsigned *status VR_UNUSED,
+                json_object **out)
+{
+    pthread_mutex_lock(&D->lock);
+    struct vm *vm = vm_find(call->arg);
+    int rc = 0;
+    if (!vm)
+        rc = vr_err(-ENOENT, "vm %s: not found", call->arg);
+    else if (vm->mode != VM_MODE_REPLICA)
+        rc = vr_err(-EINVAL, "vm %s: recovery points are kept on the "
+                    "Replica server; this is the primary", vm->name);
+    else {
+        *out = json_object_new_object();
+        json_object_object_add(*out, "vm", json_object_new_string(vm->name));
+        json_object_object_add(*out, "points", history_points_json(vm));
+    }
+    pthread_mutex_unlock(&D->lock);
+    return rc;
 }
 
 int

@@ -11,6 +11,10 @@ struct peer {
     char *connect_address; /* pinned IP, or NULL */
     char *cert, *key, *ca; /* this host's identity and trusted CA */
     uint64_t epoch;
+    /* Recovery-history settings, sent on every request as
+     * "X-Vmreplica-History: N/INTERVAL_S" (the Replica server keeps the
+     * points). */
+    unsigned recovery_history, point_interval_s;
 };
 
 /* Copies of a VM's replication facts for work without d->lock. */

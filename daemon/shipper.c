@@ -86,6 +86,10 @@ peer_call(const struct peer *p, const char *method, const char *path,
     CLEANUP_FREE char *ep =
         xasprintf("X-Vmreplica-Epoch: %llu", (unsigned long long)p->epoch);
     hdrs = curl_slist_append(hdrs, ep);
+    CLEANUP_FREE char *hist =
+        xasprintf("X-Vmreplica-History: %u/%u", p->recovery_history,
+                  p->point_interval_s ? p->point_interval_s : 3600);
+    hdrs = curl_slist_append(hdrs, hist);
     hdrs = curl_slist_append(hdrs, "Expect:");
     if (p->connect_address) {
         CLEANUP_FREE char *r =
@@ -350,6 +354,8 @@ job_fill(struct job *jb, const struct vm *vm)
     jb->peer.key = D->cfg.key ? xstrdup(D->cfg.key) : NULL;
     jb->peer.ca = D->cfg.ca ? xstrdup(D->cfg.ca) : NULL;
     jb->peer.epoch = r->epoch;
+    jb->peer.recovery_history = r->recovery_history;
+    jb->peer.point_interval_s = r->point_interval_s;
     jb->compression = r->compression;
 }
 

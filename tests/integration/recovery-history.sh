@@ -1,0 +1,126 @@
+#!/bin/bash
+# recovery-history: undo logs on the Replica server and the retention of
+# recovery points, checked against the primary's own record of its disk.
+#
+# The primary's plugin logs the SHA-256 of the disk at every seal
+# (VMREPLICA_TEST_HASHLOG).  Replication runs every second with
+# --recovery-history 3 --point-interval 3s (a 3-second "hour"), so within
+# half a minute points are kept for the recent window (every cycle of the
+# last interval) and one per older interval, and the rest are pruned.
+# With replication suspended (no cycle applied meanwhile), every retained
+# point is rebuilt from the live Replica disk plus the undo files
+# (tests/tools/pointcat) and must hash to the primary's disk at that very
+# cycle; the undo files must tile the history exactly (one span between
+# consecutive points: pruned points were merged away).
+#
+# Then the Replica server is SIGKILLed at each step of keeping history —
+# capturing a cycle's undo data (before and after its rename), after a
+# cycle reached the disk but before it was recorded, after dropping points
+# from the catalog but before the files followed, in the middle of merging
+# two spans — and after each restart every retained point must still hash
+# to the primary's value.
+source "$(dirname "$0")/functions.sh"
+requires qemu-io jq curl openssl nbdkit python3 cmp sha256sum
+requires_build
+POINTCAT=$BUILD_DIR/tests/tools/pointcat
+[ -x "$POINTCAT" ] || skip "pointcat not built: $POINTCAT"
+
+HASHLOG=$TESTDIR/hashlog
+PRIMARY_ENV=(VMREPLICA_TEST_HASHLOG="$HASHLOG")
+setup_pair
+
+vm=hist
+create_vm "$vm" 16M
+uri=$(nbd_uri primary "$vm")
+qemu-io -f raw "$uri" -c 'write -P 0x11 0 2M' >/dev/null
+enable_replication "$vm" --frequency 1s --recovery-history 3 \
+    --point-interval 3s
+[ "$(repl primary "$vm" recovery_history)" = 3 ] ||
+    fail "primary does not show recovery_history 3"
+
+# write_for SECONDS — distinct, partly overlapping writes, zeroes, trims.
+ROUND=0
+write_for() {
+    local end=$((SECONDS + $1))
+    while [ "$SECONDS" -lt "$end" ]; do
+        ROUND=$((ROUND + 1))
+        qemu-io -f raw "$uri" \
+            -c "write -P $((ROUND % 250 + 1)) $((ROUND % 16 * 65536)) 96k" \
+            -c "write -P $((ROUND * 3 % 250 + 1)) $((ROUND % 7 * 1048576 + 512)) 1k" \
+            -c "write -z $((ROUND % 5 * 131072 + 4194304)) 64k" \
+            -c "discard $((ROUND % 3 * 65536 + 8388608)) 64k" \
+            >/dev/null || fail "qemu-io round $ROUND"
+        sleep 0.25
+    done
+}
+
+# check_points WHAT — suspend replication, wait until the replica has
+# applied everything, rebuild every point and compare with the hashlog.
+check_points() {
+    local what=$1 pts latest p h want undo spans n_pts
+    vr primary replication suspend "$vm" >/dev/null || fail "suspend"
+    wait_until 30 _replica_caught_up || fail "$what: replica did not catch up"
+    pts=$(vrj replica points list "$vm" | jq -c .points) ||
+        fail "$what: points list"
+    latest=$(repl replica "$vm" applied_cycle)
+    [ "$(jq -r '.[-1].id' <<<"$pts")" = "$latest" ] ||
+        fail "$what: latest point is not the applied cycle $latest: $pts"
+    n_pts=$(jq length <<<"$pts")
+    undo="$(dirname "$(disk_path replica "$vm")")/undo"
+    for p in $(jq -r '.[].id' <<<"$pts"); do
+        "$POINTCAT" "$undo" "$p" "$latest" "$TESTDIR/pt" \
+            "$(disk_path replica "$vm")" ||
+            fail "$what: point $p cannot be rebuilt"
+        h=$(sha256sum "$TESTDIR/pt.0" | cut -d' ' -f1)
+        want=$(awk -v c="$p" '$1 == c { print $3 }' "$HASHLOG")
+        [ "$h" = "$want" ] ||
+            fail "$what: point $p hashes to $h, the primary had $want"
+    done
+    # One span per gap between consecutive points, nothing else.
+    spans=$(find "$undo" -name '*.undo' | wc -l)
+    [ "$spans" = $((n_pts - 1)) ] ||
+        fail "$what: $spans undo files for $n_pts points: $(ls "$undo")"
+    [ -z "$(find "$undo" -name '*.tmp')" ] || fail "$what: temporary files left"
+    log "$what: $n_pts points (cycles $(jq -r '[.[].id] | join(",")' <<<"$pts")), each equal to the primary at its cycle"
+    vr primary replication resume "$vm" >/dev/null || fail "resume"
+    N_POINTS=$n_pts
+}
+_replica_caught_up() {
+    local last applied
+    last=$(repl primary "$vm" last_cycle) || return 1
+    applied=$(repl replica "$vm" applied_cycle) || return 1
+    [ "$applied" -ge "$last" ] && [ "$(repl replica "$vm" last_cycle)" = "$applied" ]
+}
+
+log "write for 20 s while replicating every second"
+write_for 20
+check_points "after 20 s"
+applied=$(repl replica "$vm" applied_cycle)
+[ "$N_POINTS" -ge 4 ] || fail "only $N_POINTS points kept"
+[ "$N_POINTS" -lt $((applied - 2)) ] ||
+    fail "$N_POINTS points of about $applied cycles: nothing was pruned"
+vr replica points list "$vm" | grep -q "recent (every cycle)" ||
+    fail "points list does not show the recent window"
+vr primary points list "$vm" >/dev/null 2>&1 &&
+    fail "points list on the primary should be refused"
+
+for fault in undo-capture:2 undo-captured:2 apply-before-commit:2 \
+             prune-after-catalog:3 undo-merge:2; do
+    log "--- SIGKILL of the Replica server at $fault ---"
+    stop_daemon replica
+    spawn_daemon replica VMREPLICA_FAULT="$fault"
+    wait_daemon replica 20
+    ( write_for 30 ) &
+    wpid=$!
+    wait_until 45 daemon_dead replica ||
+        fail "replica did not hit fault point $fault within 45s"
+    kill "$wpid" 2>/dev/null || true
+    wait "$wpid" 2>/dev/null || true
+    [ "$DAEMON_STATUS" -eq 137 ] ||
+        fail "replica exited with status $DAEMON_STATUS, not by SIGKILL at $fault"
+    start_daemon replica
+    write_for 3
+    check_points "after a crash at $fault"
+done
+assert_replicating "$vm"
+log "PASS"
