@@ -68,6 +68,7 @@
 
 #include "changelog.h"
 #include "u64map.h"
+#include "undo.h"
 #include "vr.h"
 
 #define MAX_DISKS       64
@@ -117,6 +118,19 @@ static int logio = CL_MMAP_NODATA; /* logio=auto (default), write, mmap */
 static uint64_t refmap_max = 1u << 20; /* owner entries per disk */
 static int broken;           /* set once the log cannot follow the disk */
 static char broken_msg[256];
+
+/* View mode (view=UNDODIR:POINT:LATEST): serve the disks read-only as they
+ * were at recovery point POINT of a Replica VM whose latest applied cycle
+ * is LATEST, from the live disks plus the undo spans (lib/undo.h); no
+ * change log.  REFRESH N on the control socket moves LATEST to N once the
+ * span of cycle N is captured, before cycle N is applied, so the view stays
+ * at POINT while replication continues. */
+static char *view_dir;
+static uint64_t view_point, view_latest;
+static struct undo_view *view;
+static int view_dirfd = -1;
+static pthread_rwlock_t view_lock = PTHREAD_RWLOCK_INITIALIZER;
+static void do_refresh(const char *arg, char *reply, size_t n);
 
 static int listen_fd = -1;
 static pthread_t ctl_thread;
@@ -185,6 +199,11 @@ vmreplica_unload(void)
         free(d->logdir);
     }
     ndisks = 0;
+    undo_view_free(view);
+    view = NULL;
+    if (view_dirfd >= 0)
+        close(view_dirfd);
+    free(view_dir);
     free(control_path);
     free(hashlog_path);
     pthread_rwlock_destroy(&seal_lock);
@@ -253,6 +272,28 @@ vmreplica_config(const char *key, const char *value)
             nbdkit_error("logio=%s: expected auto, write or mmap", value);
             return -1;
         }
+    } else if (strcmp(key, "view") == 0) {
+        /* UNDODIR:POINT:LATEST (the directory may not contain ':'). */
+        const char *c1 = strchr(value, ':');
+        const char *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
+        char *e1, *e2;
+        if (!c1 || !c2 || c1 == value)
+            goto bad_view;
+        errno = 0;
+        view_point = strtoull(c1 + 1, &e1, 10);
+        view_latest = strtoull(c2 + 1, &e2, 10);
+        if (errno || e1 != c2 || *e2 || e2 == c2 + 1 ||
+            view_point > view_latest) {
+        bad_view:
+            nbdkit_error("view=%s: expected UNDODIR:POINT:LATEST", value);
+            return -1;
+        }
+        free(view_dir);
+        char *d = strndup(value, (size_t)(c1 - value));
+        view_dir = d ? nbdkit_realpath(d) : NULL;
+        free(d);
+        if (!view_dir)
+            return -1;
     } else if (strcmp(key, "log") == 0) {
         if (strcmp(value, "ref") == 0)
             log_ref = true;
@@ -312,7 +353,9 @@ vmreplica_config_complete(void)
     "                    copy their data into the log\n"                      \
     "refmap=N            blocks tracked by reference per disk before writes\n"\
     "                    fall back to log=data (default 1048576)\n"           \
-    "hashlog=FILE        append '<cycle> <id> <sha256>' per disk at each seal"
+    "hashlog=FILE        append '<cycle> <id> <sha256>' per disk at each seal\n" \
+    "view=DIR:POINT:LATEST  serve the disks read-only at recovery point\n"  \
+    "                    POINT from the undo spans in DIR (no tracking)"
 
 /* --- recovery ---------------------------------------------------------- */
 
@@ -861,6 +904,18 @@ handle_line(char *line, char *reply, size_t n)
     size_t len = strlen(line);
     if (len > 0 && line[len - 1] == '\r')
         line[--len] = '\0';
+    if (view_dir) {
+        if (strncmp(line, "REFRESH ", 8) == 0)
+            do_refresh(line + 8, reply, n);
+        else if (strcmp(line, "STATUS") == 0)
+            snprintf(reply, n, "OK view %" PRIu64 " %" PRIu64, view_point,
+                     view_latest);
+        else if (strcmp(line, "PING") == 0)
+            snprintf(reply, n, "OK");
+        else
+            snprintf(reply, n, "ERR read-only view: unknown command");
+        return;
+    }
     if (strcmp(line, "SEAL") == 0)
         do_seal(reply, n);
     else if (strcmp(line, "STATUS") == 0)
@@ -960,6 +1015,60 @@ open_control(void)
     return 0;
 }
 
+/* --- view mode ---------------------------------------------------------- */
+
+static int
+view_open(void)
+{
+    uint64_t sizes[MAX_DISKS];
+    for (unsigned i = 0; i < ndisks; i++)
+        sizes[i] = disks[i].size;
+    view_dirfd = open(view_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (view_dirfd < 0) {
+        nbdkit_error("view: open %s: %m", view_dir);
+        return -1;
+    }
+    if (undo_view_open(view_dirfd, view_point, view_latest, ndisks, sizes,
+                       &view) < 0) {
+        nbdkit_error("view of point %" PRIu64 ": %s", view_point,
+                     vr_errmsg());
+        return -1;
+    }
+    nbdkit_debug("serving point %" PRIu64 " (latest %" PRIu64 ") of %u "
+                 "disks read-only", view_point, view_latest, ndisks);
+    return 0;
+}
+
+/* REFRESH N: the span of cycle N is in place and cycle N is about to be
+ * applied: re-index up to N, so reads keep returning the point's data. */
+static void
+do_refresh(const char *arg, char *reply, size_t n)
+{
+    char *end;
+    errno = 0;
+    uint64_t latest = strtoull(arg, &end, 10);
+    if (errno || end == arg || *end || latest < view_latest) {
+        snprintf(reply, n, "ERR REFRESH wants a cycle >= %" PRIu64,
+                 view_latest);
+        return;
+    }
+    uint64_t sizes[MAX_DISKS];
+    for (unsigned i = 0; i < ndisks; i++)
+        sizes[i] = disks[i].size;
+    struct undo_view *nv = NULL;
+    pthread_rwlock_wrlock(&view_lock);
+    if (undo_view_open(view_dirfd, view_point, latest, ndisks, sizes, &nv) <
+        0) {
+        snprintf(reply, n, "ERR %s", vr_errmsg());
+    } else {
+        undo_view_free(view);
+        view = nv;
+        view_latest = latest;
+        snprintf(reply, n, "OK %" PRIu64 " %" PRIu64, view_point, latest);
+    }
+    pthread_rwlock_unlock(&view_lock);
+}
+
 /* --- start-up ---------------------------------------------------------- */
 
 static int
@@ -968,7 +1077,7 @@ vmreplica_get_ready(void)
     for (unsigned i = 0; i < ndisks; i++) {
         struct disk *d = &disks[i];
         struct stat st;
-        d->fd = open(d->path, O_RDWR | O_CLOEXEC);
+        d->fd = open(d->path, (view_dir ? O_RDONLY : O_RDWR) | O_CLOEXEC);
         if (d->fd < 0 || fstat(d->fd, &st) < 0) {
             nbdkit_error("open %s: %m", d->path);
             return -1;
@@ -978,6 +1087,8 @@ vmreplica_get_ready(void)
             return -1;
         }
         d->size = (uint64_t)st.st_size;
+        if (view_dir)
+            continue; /* no change log in view mode */
         if (mkdir(d->logdir, 0755) < 0 && errno != EEXIST) {
             nbdkit_error("mkdir %s: %m", d->logdir);
             return -1;
@@ -988,6 +1099,8 @@ vmreplica_get_ready(void)
             return -1;
         }
     }
+    if (view_dir)
+        return view_open() < 0 ? -1 : open_control();
     if (recover() < 0) {
         nbdkit_error("change log recovery: %s", vr_errmsg());
         return -1;
@@ -1081,6 +1194,15 @@ yes(void *h)
     return 1;
 }
 
+/* Writes, and extents (the live disk's holes are not the point's), only
+ * when tracking, not in view mode. */
+static int
+tracking(void *h)
+{
+    (void)h;
+    return !view_dir;
+}
+
 static int
 vmreplica_can_fua(void *h)
 {
@@ -1113,6 +1235,13 @@ vmreplica_pread(void *h, void *buf, uint32_t count, uint64_t offset,
     struct disk *d = h;
     (void)flags;
     vr_err_clear();
+    if (view_dir) {
+        pthread_rwlock_rdlock(&view_lock);
+        int vrc = undo_view_read(view, (unsigned)(d - disks), d->fd, buf,
+                                 offset, count);
+        pthread_rwlock_unlock(&view_lock);
+        return vrc < 0 ? fail(vrc, "read", d) : 0;
+    }
     int rc = io_pread_all(d->fd, buf, count, (off_t)offset);
     if (rc == -ENODATA) { /* the file shrank under us */
         memset(buf, 0, count);
@@ -1543,13 +1672,13 @@ static struct nbdkit_plugin plugin = {
     .default_export = vmreplica_default_export,
     .open = vmreplica_open,
     .get_size = vmreplica_get_size,
-    .can_write = yes,
-    .can_flush = yes,
-    .can_trim = yes,
-    .can_zero = yes,
-    .can_fast_zero = yes,
+    .can_write = tracking,
+    .can_flush = tracking,
+    .can_trim = tracking,
+    .can_zero = tracking,
+    .can_fast_zero = tracking,
     .can_multi_conn = yes,
-    .can_extents = yes,
+    .can_extents = tracking,
     .can_fua = vmreplica_can_fua,
     .can_cache = vmreplica_can_cache,
     .pread = vmreplica_pread,

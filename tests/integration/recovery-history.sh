@@ -20,7 +20,7 @@
 # two spans — and after each restart every retained point must still hash
 # to the primary's value.
 source "$(dirname "$0")/functions.sh"
-requires qemu-io jq curl openssl nbdkit python3 cmp sha256sum
+requires qemu-io qemu-img jq curl openssl nbdkit python3 cmp sha256sum socat
 requires_build
 POINTCAT=$BUILD_DIR/tests/tools/pointcat
 [ -x "$POINTCAT" ] || skip "pointcat not built: $POINTCAT"
@@ -103,6 +103,77 @@ vr replica points list "$vm" | grep -q "recent (every cycle)" ||
     fail "points list does not show the recent window"
 vr primary points list "$vm" >/dev/null 2>&1 &&
     fail "points list on the primary should be refused"
+
+log "serve the oldest point read-only over NBD; a qcow2 overlay makes it writable"
+vr primary replication suspend "$vm" >/dev/null || fail "suspend"
+wait_until 30 _replica_caught_up || fail "replica did not catch up"
+pts=$(vrj replica points list "$vm" | jq -c .points)
+oldest=$(jq -r '.[0].id' <<<"$pts")
+latest=$(repl replica "$vm" applied_cycle)
+rdisk=$(disk_path replica "$vm")
+undo="$(dirname "$rdisk")/undo"
+live=$(sha256sum "$rdisk" | cut -d' ' -f1)
+vsock=$TESTDIR/view.sock
+rm -f "$vsock"
+nbdkit --foreground --unix "$vsock" "$VMREPLICA_PLUGIN" disk=disk0:"$rdisk" \
+    control="$TESTDIR/view.ctl" view="$undo:$oldest:$latest" \
+    >>"$TESTDIR/view.log" 2>&1 &
+vpid=$!
+_bg_pids+=("$vpid")
+wait_until 10 test -S "$vsock" || fail "view did not come up"
+vuri="nbd+unix:///disk0?socket=$vsock"
+qemu-img convert -f raw -O raw "$vuri" "$TESTDIR/view.raw" ||
+    fail "read the view"
+h=$(sha256sum "$TESTDIR/view.raw" | cut -d' ' -f1)
+want=$(awk -v c="$oldest" '$1 == c { print $3 }' "$HASHLOG")
+[ "$h" = "$want" ] || fail "view of point $oldest hashes to $h, want $want"
+qemu-io -f raw "$vuri" -c 'write 0 4k' >/dev/null 2>&1 &&
+    fail "the view accepted a write"
+[ "$(printf 'STATUS\n' | socat -t 5 - UNIX-CONNECT:"$TESTDIR/view.ctl")" = \
+  "OK view $oldest $latest" ] || fail "view STATUS"
+qemu-img create -q -f qcow2 -F raw -b "$vuri" "$TESTDIR/overlay.qcow2" ||
+    fail "overlay on the view"
+qemu-io -f qcow2 "$TESTDIR/overlay.qcow2" -c 'write -P 0x99 0 64k' \
+    -c 'read -P 0x99 0 64k' >/dev/null || fail "write through the overlay"
+qemu-img convert -f qcow2 -O raw "$TESTDIR/overlay.qcow2" "$TESTDIR/ov.raw"
+cmp -s -i 65536 "$TESTDIR/ov.raw" "$TESTDIR/view.raw" ||
+    fail "overlay differs from the point beyond what was written to it"
+[ "$(sha256sum "$rdisk" | cut -d' ' -f1)" = "$live" ] ||
+    fail "the Replica disk changed under a view"
+kill "$vpid"
+wait "$vpid" 2>/dev/null || true
+log "point $oldest served read-only (= the primary at cycle $oldest); overlay writes left the Replica disk alone"
+
+# A view of the latest point stays at that point while later cycles are
+# applied, once REFRESH has given it their undo spans.
+rm -f "$vsock"
+nbdkit --foreground --unix "$vsock" "$VMREPLICA_PLUGIN" disk=disk0:"$rdisk" \
+    control="$TESTDIR/view.ctl" view="$undo:$latest:$latest" \
+    >>"$TESTDIR/view.log" 2>&1 &
+vpid=$!
+_bg_pids+=("$vpid")
+wait_until 10 test -S "$vsock" || fail "view did not come up"
+vr primary replication resume "$vm" >/dev/null || fail "resume"
+write_for 2
+vr primary replication suspend "$vm" >/dev/null || fail "suspend"
+wait_until 30 _replica_caught_up || fail "replica did not catch up"
+now=$(repl replica "$vm" applied_cycle)
+[ "$now" -gt "$latest" ] || fail "no cycle applied after $latest"
+qemu-img convert -f raw -O raw "$vuri" "$TESTDIR/view.raw"
+want=$(awk -v c="$latest" '$1 == c { print $3 }' "$HASHLOG")
+[ "$(sha256sum "$TESTDIR/view.raw" | cut -d' ' -f1)" != "$want" ] ||
+    fail "cycles after $latest changed nothing: REFRESH is not tested"
+ctl_v() { printf '%s\n' "$1" | socat -t 5 - UNIX-CONNECT:"$TESTDIR/view.ctl"; }
+[ "$(ctl_v "REFRESH $((latest - 1))")" = "ERR REFRESH wants a cycle >= $latest" ] ||
+    fail "REFRESH backwards not refused"
+[ "$(ctl_v "REFRESH $now")" = "OK $latest $now" ] || fail "REFRESH $now"
+qemu-img convert -f raw -O raw "$vuri" "$TESTDIR/view.raw"
+[ "$(sha256sum "$TESTDIR/view.raw" | cut -d' ' -f1)" = "$want" ] ||
+    fail "after REFRESH $now the view is not point $latest"
+kill "$vpid"
+wait "$vpid" 2>/dev/null || true
+vr primary replication resume "$vm" >/dev/null || fail "resume"
+log "view of point $latest kept at it across cycles $((latest + 1))..$now by REFRESH"
 
 for fault in undo-capture:2 undo-captured:2 apply-before-commit:2 \
              prune-after-catalog:3 undo-merge:2; do
