@@ -271,6 +271,7 @@ catalog_delete_vm(const char *uuid)
 {
     int rc = 0;
     const char *sqls[] = { "DELETE FROM disks WHERE vm_uuid = ?",
+                           "DELETE FROM points WHERE vm_uuid = ?",
                            "DELETE FROM replications WHERE vm_uuid = ?",
                            "DELETE FROM vms WHERE uuid = ?" };
     for (size_t i = 0; rc == 0 && i < ARRAY_SIZE(sqls); i++) {
