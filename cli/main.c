@@ -103,6 +103,13 @@ static const struct cli_cmd commands[] = {
     { "points", "list", cmd_points_list, "VM",
       "list the recovery points of a Replica VM (on the Replica server)",
       NULL },
+    { "failover", "start", cmd_failover_start, "VM --test [--point ID]",
+      "on the Replica server: start \"VM - Test\" from a recovery point",
+      "  --test            a test failover (replication goes on; the only\n"
+      "                    kind available yet)\n"
+      "  --point ID        the recovery point (default: the latest)\n" },
+    { "failover", "stop", cmd_failover_stop, "VM --test",
+      "on the Replica server: stop and remove \"VM - Test\"", NULL },
     { "initial-replication", "start", cmd_initial_start, "VM [--wait]",
       "send the first full copy of a VM's disks",
       "  --wait            block until done, with a progress bar on a "

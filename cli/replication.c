@@ -410,6 +410,70 @@ cmd_points_list(struct cli *c, const struct cli_cmd *cmd, int argc,
     return CLI_OK;
 }
 
+/* --- failover ---------------------------------------------------------- */
+
+static int
+failover_call(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv,
+              const char *verb)
+{
+    bool test = false;
+    const char *point = NULL;
+    const struct cli_opt opts[] = {
+        { "test", CLI_OPT_FLAG, &test },
+        { "point", CLI_OPT_STR, &point },
+        { NULL, 0, NULL },
+    };
+    CLEANUP_FREE char *path = NULL;
+    const char *name;
+    CLEANUP_FREE char *suffix = xasprintf("/failover/%s", verb);
+    int rc = cli_vm_path(c, cmd, argc, argv, opts, suffix, &path, &name);
+    if (rc)
+        return rc;
+    json_object *body = json_object_new_object();
+    json_object_object_add(body, "test", json_object_new_boolean(test));
+    if (point) {
+        char *end;
+        errno = 0;
+        long long id = strtoll(point, &end, 10);
+        if (errno || *end || end == point || id < 1) {
+            json_object_put(body);
+            return cli_usage_error(cmd, "invalid --point '%s': expected a "
+                                   "point id from 'points list'", point);
+        }
+        json_object_object_add(body, "point", json_object_new_int64(id));
+    }
+    json_object *out;
+    rc = cli_call(c, "POST", path, body, &out);
+    json_object_put(body);
+    if (rc)
+        return rc;
+    if (c->json)
+        cli_print_json(out);
+    else if (cli_has(out, "test_vm"))
+        printf("%s: test failover \"%s\" started at point %" PRId64 "\n",
+               cli_str(out, "vm"), cli_str(out, "test_vm"),
+               cli_int(out, "point"));
+    else
+        printf("%s: test failover at point %" PRId64 " stopped\n",
+               cli_str(out, "vm"), cli_int(out, "point"));
+    json_object_put(out);
+    return CLI_OK;
+}
+
+int
+cmd_failover_start(struct cli *c, const struct cli_cmd *cmd, int argc,
+                   char **argv)
+{
+    return failover_call(c, cmd, argc, argv, "start");
+}
+
+int
+cmd_failover_stop(struct cli *c, const struct cli_cmd *cmd, int argc,
+                  char **argv)
+{
+    return failover_call(c, cmd, argc, argv, "stop");
+}
+
 /* --- measure ----------------------------------------------------------- */
 
 int

@@ -35,6 +35,8 @@ int api_repl_show(struct api_call *, unsigned *, json_object **);
 int api_repl_remove(struct api_call *, unsigned *, json_object **);
 int api_repl_measure(struct api_call *, unsigned *, json_object **);
 int api_points_list(struct api_call *, unsigned *, json_object **);
+int api_failover_start(struct api_call *, unsigned *, json_object **);
+int api_failover_stop(struct api_call *, unsigned *, json_object **);
 int api_repl_suspend(struct api_call *, unsigned *, json_object **);
 int api_repl_resume(struct api_call *, unsigned *, json_object **);
 int api_repl_reset_stats(struct api_call *, unsigned *, json_object **);

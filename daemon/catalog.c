@@ -25,7 +25,8 @@ static const char schema[] =
     "  initial_sent INT, last_cycle INT, applied_cycle INT, last_ok_ms INT, "
     "  errors INT, ok_count INT, missed INT, bytes_raw INT, bytes_wire INT, "
     "  max_size INT, sum_size INT, max_latency_ms INT, sum_latency_ms INT, "
-    "  last_error TEXT, recovery_history INT, point_interval INT);"
+    "  last_error TEXT, recovery_history INT, point_interval INT, "
+    "  test_point INT);"
     "CREATE TABLE IF NOT EXISTS points(vm_uuid TEXT, cycle INT, time_ms INT, "
     "  kind TEXT, undo_bytes INT, PRIMARY KEY(vm_uuid, cycle));"
     "CREATE TABLE IF NOT EXISTS events(id INTEGER PRIMARY KEY, time_ms INT, "
@@ -63,7 +64,8 @@ migrate(void)
     if (have == 1)
         rc = exec_sql("ALTER TABLE replications ADD COLUMN recovery_history "
                       "INT; ALTER TABLE replications ADD COLUMN "
-                      "point_interval INT;");
+                      "point_interval INT; ALTER TABLE replications ADD "
+                      "COLUMN test_point INT;");
     if (rc == 0)
         rc = exec_sql("INSERT OR REPLACE INTO meta VALUES('schema_version', "
                       "'2')");
@@ -291,7 +293,7 @@ catalog_save_repl(const struct repl *r)
 {
     sqlite3_stmt *st = prep(
         "INSERT OR REPLACE INTO replications VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,"
-        "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
+        "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
     if (!st)
         return -EIO;
     int i = 1;
@@ -327,6 +329,7 @@ catalog_save_repl(const struct repl *r)
     sqlite3_bind_text(st, i++, r->last_error, -1, SQLITE_STATIC);
     sqlite3_bind_int64(st, i++, r->recovery_history);
     sqlite3_bind_int64(st, i++, r->point_interval_s);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->test_point);
     return step_done(st);
 }
 
@@ -380,6 +383,7 @@ load_repl(sqlite3_stmt *st)
     r->last_error = col_str(st, i++);
     r->recovery_history = (unsigned)sqlite3_column_int64(st, i++);
     r->point_interval_s = (unsigned)sqlite3_column_int64(st, i++);
+    r->test_point = (uint64_t)sqlite3_column_int64(st, i++);
     if (r->point_interval_s == 0)
         r->point_interval_s = 3600;
     return r;

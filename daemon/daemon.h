@@ -87,6 +87,11 @@ struct repl {
     unsigned recovery_history; /* hourly points kept besides the latest */
     unsigned point_interval_s; /* the "hour"; 3600 unless shortened */
 #define REPL_MAX_HISTORY 720
+    /* replica: test failover ("NAME - Test" from an overlay on a view of
+     * this point, in STORAGE/test); 0 = none.  The point is kept while it
+     * lasts, and the applier REFRESHes the view before each cycle. */
+    uint64_t test_point;
+    bool test_busy;   /* runtime: a test failover starts or stops */
     /* runtime only */
     pthread_t thread;
     bool thread_running;
@@ -185,6 +190,10 @@ int history_capture(struct vm *vm, uint64_t n,
 int history_after_apply(struct vm *vm, uint64_t n) VR_WUR;
 /* At start-up: repair points and undo files after a crash. */
 int history_recover(struct vm *vm) VR_WUR;
+/* failover.c: before cycle n is applied (without D->lock, vm->applying
+ * set), hand a running test failover's view the cycle's undo span;
+ * -EAGAIN if the view does not answer (the cycle waits). */
+int failover_test_refresh(struct vm *vm, uint64_t n) VR_WUR;
 /* GET /v1/vms/VM/points body (an array). D->lock held. */
 json_object *history_points_json(struct vm *vm);
 /* Events, newest last, optional filter by VM name; caller puts them. */

@@ -5,7 +5,7 @@
  * every applied cycle becomes a recovery point.  After each apply the
  * retention policy decides which points stay:
  *
- *   - the latest point, always;
+ *   - the latest point, always, and the point of a running test failover;
  *   - a recent window: every point applied within the last interval
  *     (point_interval, an hour unless shortened for tests), so the last
  *     hour can be opened at any cycle boundary;
@@ -121,7 +121,8 @@ retention(const struct repl *r, const struct point *pts, size_t n,
                                                  : 3600) * 1000;
     uint64_t blast = last->time_ms / iv;
     for (size_t i = 0; i < n; i++) {
-        keep[i] = i == n - 1;
+        /* The latest, and the point a test failover is looking at. */
+        keep[i] = i == n - 1 || (r->test_point && pts[i].cycle == r->test_point);
         if (r->recovery_history == 0 || keep[i])
             continue;
         if (pts[i].time_ms + iv >= last->time_ms)

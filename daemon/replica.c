@@ -461,6 +461,9 @@ do_register(struct rreq *q, json_object **out)
         rc = vr_err(-EBUSY, "register: vm %s: a cycle is being received or "
                             "applied; try again",
                     vm->name);
+    else if (vm && vm->repl && (vm->repl->test_point || vm->repl->test_busy))
+        rc = vr_err(-EBUSY, "register: vm %s: a test failover is running "
+                    "on the Replica server", vm->name);
     if (rc == 0 && !vm) {
         /* New Replica VM beneath the default storage location. */
         vm = xcalloc(1, sizeof *vm);
@@ -1111,6 +1114,8 @@ apply_one(struct vm *vm, uint64_t n, bool locked)
         pthread_mutex_unlock(&D->lock);
     int rc = history_capture(vm, n, path);
     if (rc == 0)
+        rc = failover_test_refresh(vm, n);
+    if (rc == 0)
         rc = apply_payload(vm, path, &nrec);
     if (rc == 0) {
         test_applylog(vm, n);
@@ -1205,7 +1210,7 @@ applier_main(void *arg VR_UNUSED)
             struct repl *r = vm->repl;
             if (vm->mode != VM_MODE_REPLICA || !r || !r->initial_done ||
                 strcmp(r->state, ST_REPLICATING) != 0 ||
-                r->applied_cycle >= r->last_cycle)
+                r->applied_cycle >= r->last_cycle || r->test_busy)
                 continue;
             if (r->apply_retry_ms > now) {
                 if (!next_retry || r->apply_retry_ms < next_retry)
@@ -1227,7 +1232,7 @@ applier_main(void *arg VR_UNUSED)
         if (!todo->repl)
             continue; /* removed meanwhile */
         r = todo->repl;
-        if (rc == -ENOSPC || rc == -EDQUOT) {
+        if (rc == -ENOSPC || rc == -EDQUOT || rc == -EAGAIN) {
             /* A full Replica disk is recoverable (SPEC §4): the staged
              * cycle stays, applying again from its start is idempotent.
              * Retry every frequency, at least 1 s and at most 30 s. */
@@ -1235,8 +1240,11 @@ applier_main(void *arg VR_UNUSED)
             if (delay_ms < 1000 || delay_ms > 30000)
                 delay_ms = delay_ms < 1000 ? 1000 : 30000;
             r->apply_retry_ms = vr_mono_ms() + delay_ms;
-            log_warn("applier", "%s: replica storage full; retrying in %llu s",
-                     todo->name, (unsigned long long)delay_ms / 1000);
+            log_warn("applier", "%s: %s; retrying in %llu s", todo->name,
+                     rc == -EAGAIN ? "the test failover's view is not "
+                                     "answering"
+                                   : "replica storage full",
+                     (unsigned long long)delay_ms / 1000);
         } else if (rc < 0) {
             snprintf(r->state, sizeof r->state, "%s", ST_ERROR);
             VR_IGNORE(catalog_save_repl(r));

@@ -581,6 +581,10 @@ api_repl_remove(struct api_call *call, unsigned *status VR_UNUSED,
         rc = vr_err(-EBUSY, "vm %s: a cycle is being received or applied; "
                             "try again",
                     vm->name);
+    if (rc == 0 && (vm->repl->test_point || vm->repl->test_busy))
+        rc = vr_err(-EBUSY, "vm %s: a test failover is running; run "
+                    "'vmreplica failover stop %s --test' first", vm->name,
+                    vm->name);
     if (rc == 0) {
         rc = catalog_delete_repl(vm->uuid);
         if (rc == 0) {

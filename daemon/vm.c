@@ -627,6 +627,10 @@ api_vm_remove(struct api_call *call, unsigned *status VR_UNUSED,
             rc = vr_err(-EBUSY, "vm %s: a cycle is being applied or a start "
                                 "or stop is in progress; try again",
                         vm->name);
+        else if (vm->repl && (vm->repl->test_point || vm->repl->test_busy))
+            rc = vr_err(-EBUSY, "vm %s: a test failover is running; run "
+                        "'vmreplica failover stop %s --test' first",
+                        vm->name, vm->name);
         else if (vm->repl)
             rc = vr_err(-EBUSY, "vm %s: replication is enabled; remove it "
                                 "first",

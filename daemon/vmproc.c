@@ -641,7 +641,9 @@ start_nbdkit(const struct vmproc_spec *s)
                                s->disks[i].path));
     argv_add(&a, xasprintf("control=%s", ctl_sock));
     const char *hashlog = getenv("VMREPLICA_TEST_HASHLOG");
-    if (hashlog && *hashlog)
+    if (s->view)
+        argv_add(&a, xasprintf("view=%s", s->view));
+    else if (hashlog && *hashlog)
         argv_add(&a, xasprintf("hashlog=%s", hashlog));
 
     off_t log_start = file_size(logpath);
@@ -762,9 +764,14 @@ start_qemu(const struct vmproc_spec *s)
     for (unsigned i = 0; i < s->ndisks; i++) {
         CLEANUP_FREE char *id = qemu_escape(s->disks[i].id);
         argv_addf(&a, "-blockdev");
-        argv_add(&a, xasprintf("driver=nbd,node-name=%s,server.type=unix,"
-                               "server.path=%s/nbd.sock,export=%s",
-                               id, erd, id));
+        if (s->overlays)
+            argv_add(&a, xasprintf("driver=qcow2,node-name=%s,"
+                                   "file.driver=file,file.filename=%s/%s"
+                                   ".qcow2", id, erd, id));
+        else
+            argv_add(&a, xasprintf("driver=nbd,node-name=%s,server.type="
+                                   "unix,server.path=%s/nbd.sock,export=%s",
+                                   id, erd, id));
         argv_addf(&a, "-device");
         argv_add(&a, xasprintf("virtio-blk-pci,drive=%s%s", id,
                                i == 0 ? ",bootindex=0" : ""));
@@ -1028,6 +1035,47 @@ vmproc_shipped(const char *rundir, uint64_t cycle)
     int rc = ctl_request(rundir, cmd, line, sizeof line);
     if (rc < 0)
         return err_wrap(rc, "shipped %s", rundir);
+    return 0;
+}
+
+int
+vmproc_refresh(const char *rundir, uint64_t latest)
+{
+    char line[512], cmd[64];
+    snprintf(cmd, sizeof cmd, "REFRESH %llu\n", (unsigned long long)latest);
+    int rc = ctl_request(rundir, cmd, line, sizeof line);
+    return rc < 0 ? err_wrap(rc, "refresh view %s", rundir) : 0;
+}
+
+int
+vmproc_make_overlays(const char *rundir, unsigned ndisks,
+                     const struct vmproc_disk *disks)
+{
+    for (unsigned i = 0; i < ndisks; i++) {
+        CLEANUP_FREE char *ov = xasprintf("%s/%s.qcow2", rundir, disks[i].id);
+        CLEANUP_FREE char *uri = vmproc_nbd_uri(rundir, disks[i].id);
+        unlink(ov);
+        pid_t pid = fork();
+        if (pid < 0)
+            return vr_err(-errno, "qemu-img: fork: %s", strerror(errno));
+        if (pid == 0) {
+            int null = open("/dev/null", O_RDWR);
+            if (null >= 0) {
+                dup2(null, 0);
+                dup2(null, 1);
+            }
+            execlp("qemu-img", "qemu-img", "create", "-q", "-f", "qcow2",
+                   "-F", "raw", "-b", uri, ov, (char *)NULL);
+            _exit(127);
+        }
+        int st;
+        while (waitpid(pid, &st, 0) < 0)
+            if (errno != EINTR)
+                return vr_err(-errno, "qemu-img: wait: %s", strerror(errno));
+        if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
+            return vr_err(-EIO, "qemu-img create %s (backing %s) failed", ov,
+                          uri);
+    }
     return 0;
 }
 

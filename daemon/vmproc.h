@@ -40,6 +40,12 @@ struct vmproc_spec {
     unsigned ndisks;
     const struct vmproc_disk *disks;
     bool hypervisor; /* also start QEMU */
+    /* Test failover: serve the disks read-only at a recovery point
+     * (the plugin's view=UNDODIR:POINT:LATEST) ... */
+    const char *view;
+    /* ... and give QEMU the qcow2 overlays RUNDIR/ID.qcow2 over them
+     * (vmproc_make_overlays) instead of the exports themselves. */
+    bool overlays;
 };
 
 /* Serve the disks (start nbdkit unless already running) and, when
@@ -63,6 +69,13 @@ int vmproc_shipped(const char *rundir, uint64_t cycle) VR_WUR;
  * payload bytes their records stand for (cl_rec_payload). */
 int vmproc_open_cycle(const char *rundir, uint64_t *cycle,
                       uint64_t *open_bytes, uint64_t *open_payload) VR_WUR;
+/* Create RUNDIR/ID.qcow2 for every disk, backed by its NBD export (a view
+ * served by vmproc_start), with qemu-img. */
+int vmproc_make_overlays(const char *rundir, unsigned ndisks,
+                         const struct vmproc_disk *disks) VR_WUR;
+/* Tell a view (vmproc_spec.view) that the undo span of cycle latest is in
+ * place, before that cycle is applied (the plugin's REFRESH). */
+int vmproc_refresh(const char *rundir, uint64_t latest) VR_WUR;
 /* "nbd+unix:///ID?socket=RUNDIR/nbd.sock"; caller frees. */
 char *vmproc_nbd_uri(const char *rundir, const char *disk_id);
 

@@ -1,0 +1,129 @@
+#!/bin/bash
+# failover-test: a test failover of a real VM at an older recovery point,
+# while replication goes on.
+#
+# The test guest (tests/guest/guest.S: a boot sector that writes
+# sequence-stamped sectors, prints to COM1 and ends QEMU) runs on the
+# primary under QEMU while it replicates every second with recovery history
+# on, so the Replica server keeps points in the middle of its run.  Then, on
+# the Replica server, `failover start g1 --test --point P` for a point in
+# the middle must boot "g1 - Test" from a qcow2 overlay on a read-only view
+# of point P: the guest runs again and prints "done", writing into the
+# overlay only.  Meanwhile the primary keeps changing the disk and cycles
+# keep being applied to the Replica VM; the view must still be exactly the
+# primary's disk at cycle P (its hash at that seal), and the Replica disk
+# must converge byte-identical to the primary's, untouched by the test VM.
+# `failover stop g1 --test` removes the test VM.  Refusals: a second test
+# failover, an unknown point, a failover without --test (not available
+# yet), failover on the primary.
+source "$(dirname "$0")/functions.sh"
+requires qemu-system-x86_64
+requires qemu-img jq curl openssl nbdkit python3 cmp sha256sum
+requires_build
+
+VR_TIMEOUT=90
+GUEST_TIMEOUT=${GUEST_TIMEOUT:-90}
+HASHLOG=$TESTDIR/hashlog
+PRIMARY_ENV=("VMREPLICA_ACCEL=${VMREPLICA_ACCEL:-tcg}" VMREPLICA_TEST_HASHLOG="$HASHLOG")
+REPLICA_ENV=("VMREPLICA_ACCEL=${VMREPLICA_ACCEL:-tcg}")
+
+GUEST=$BUILD_DIR/tests/guest/guest.img
+[ -s "$GUEST" ] || skip "guest image not built: $GUEST"
+GUESTDISK=$SOURCE_DIR/tests/guest/guestdisk.py
+read -r TOTAL BASE NSECT _ _ < <(python3 "$GUESTDISK" params "$GUEST") ||
+    fail "$GUEST has no parameter block"
+max_stamp() { python3 "$GUESTDISK" max-stamp "$1" "$BASE" "$NSECT"; }
+
+setup_pair
+qemu-img convert -f raw -O qcow2 "$GUEST" "$TESTDIR/guest.qcow2" &&
+    qemu-img resize -q -f qcow2 "$TESTDIR/guest.qcow2" 64M ||
+    fail "guest qcow2"
+vr primary vm create g1 --disk "$TESTDIR/guest.qcow2" --memory 64M >/dev/null ||
+    fail "vm create g1"
+vr primary vm start g1 --no-hypervisor >/dev/null || fail "vm start --no-hypervisor"
+enable_replication g1 --frequency 1s --recovery-history 2 --point-interval 120s
+vr primary vm stop g1 >/dev/null || fail "vm stop"
+
+log "run the guest on the primary while it replicates"
+UUID=$(jget primary .uuid vm show g1)
+CONSOLE=$(state_dir primary)/run/$UUID/console.log
+vr primary vm start g1 >/dev/null || fail "vm start g1 (QEMU)"
+wait_until "$GUEST_TIMEOUT" grep -q '^done' "$CONSOLE" ||
+    fail "guest did not print done on the primary"
+wait_until 30 test "$(vrj primary vm show g1 | jq -r .running)" = false ||
+    fail "QEMU did not exit after done"
+vr primary vm start g1 --no-hypervisor >/dev/null || fail "serve g1 again"
+wait_converged g1 60
+assert_identical g1
+
+RDISK=$(disk_path replica g1)
+pts=$(vrj replica points list g1 | jq -c .points) || fail "points list"
+n=$(jq length <<<"$pts")
+[ "$n" -ge 3 ] || fail "only $n points kept during the guest's run"
+# A point in the middle of the guest's run: some stamps, not all.
+P=
+for id in $(jq -r '.[].id' <<<"$pts"); do
+    "$BUILD_DIR/tests/tools/pointcat" "$(dirname "$RDISK")/undo" "$id" \
+        "$(repl replica g1 applied_cycle)" "$TESTDIR/pt" "$RDISK" ||
+        fail "point $id cannot be rebuilt"
+    s=$(max_stamp "$TESTDIR/pt.0")
+    if [ "$s" -gt 0 ] && [ "$s" -lt "$TOTAL" ]; then
+        P=$id
+        PSTAMP=$s
+        break
+    fi
+done
+[ -n "$P" ] || fail "no point caught the guest mid-run: $pts"
+want=$(awk -v c="$P" '$1 == c { print $3 }' "$HASHLOG")
+log "point $P has the guest at stamp $PSTAMP of $TOTAL"
+
+out=$(vrj replica failover start g1 --test --point "$P") ||
+    fail "failover start g1 --test --point $P"
+[ "$(jq -r .test_vm <<<"$out")" = "g1 - Test" ] || fail "test VM name: $out"
+TESTRUN=$(jq -r .run_dir <<<"$out")
+err=$(vr replica failover start g1 --test 2>&1) &&
+    fail "a second test failover was accepted"
+grep -q "a test failover is running (point $P)" <<<"$err" ||
+    fail "second test failover: $err"
+
+err=$(vr replica replication remove g1 2>&1) &&
+    fail "replication remove accepted during a test failover"
+grep -q "a test failover is running" <<<"$err" || fail "remove during test: $err"
+
+log "keep changing the primary while the test VM runs"
+puri=$(nbd_uri primary g1)
+for i in 1 2 3; do
+    qemu-io -f raw "$puri" -c "write -P $((0x40 + i)) $((32 + i))M 1M" >/dev/null ||
+        fail "primary write $i"
+    sleep 1
+done
+wait_until "$GUEST_TIMEOUT" grep -q '^done' "$TESTRUN/console.log" ||
+    fail "the test VM did not run the guest to done: $(cat "$TESTRUN/console.log" 2>/dev/null)"
+grep -q "vmreplica test guest" "$TESTRUN/console.log" || fail "test VM console"
+wait_converged g1 60
+applied=$(repl replica g1 applied_cycle)
+[ "$applied" -gt "$P" ] || fail "replication stopped during the test"
+qemu-img convert -f raw -O raw "nbd+unix:///disk0?socket=$TESTRUN/nbd.sock" \
+    "$TESTDIR/view.raw" || fail "read the test view"
+[ "$(sha256sum "$TESTDIR/view.raw" | cut -d' ' -f1)" = "$want" ] ||
+    fail "after cycles up to $applied the test view is not point $P"
+qemu-img convert -f qcow2 -O raw "$TESTRUN/disk0.qcow2" "$TESTDIR/ov.raw" ||
+    fail "read the overlay"
+[ "$(max_stamp "$TESTDIR/ov.raw")" = "$TOTAL" ] ||
+    fail "the test VM's own writes are not in its overlay"
+assert_identical g1
+log "test VM ran from point $P; replication went on to cycle $applied; replica untouched"
+
+vr replica failover stop g1 --test >/dev/null || fail "failover stop --test"
+[ ! -e "$TESTRUN" ] || fail "test run directory left: $(ls "$TESTRUN")"
+err=$(vr replica failover stop g1 --test 2>&1) && fail "second stop accepted"
+grep -q "no test failover is running" <<<"$err" || fail "second stop: $err"
+err=$(vr replica failover start g1 --test --point 999999 2>&1) &&
+    fail "unknown point accepted"
+grep -q "no recovery point 999999" <<<"$err" || fail "unknown point: $err"
+err=$(vr replica failover start g1 2>&1) && fail "failover without --test accepted"
+grep -q "not available yet" <<<"$err" || fail "failover without --test: $err"
+err=$(vr primary failover start g1 --test 2>&1) && fail "test failover on the primary"
+grep -q "not a Replica VM" <<<"$err" || fail "failover on the primary: $err"
+assert_replicating g1
+log "PASS"
