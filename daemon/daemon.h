@@ -194,6 +194,9 @@ int history_recover(struct vm *vm) VR_WUR;
  * set), hand a running test failover's view the cycle's undo span;
  * -EAGAIN if the view does not answer (the cycle waits). */
 int failover_test_refresh(struct vm *vm, uint64_t n) VR_WUR;
+/* At start-up, before the applier: keep a whole test failover, undo a
+ * half-started or half-stopped one. */
+int failover_recover(struct vm *vm) VR_WUR;
 /* GET /v1/vms/VM/points body (an array). D->lock held. */
 json_object *history_points_json(struct vm *vm);
 /* Events, newest last, optional filter by VM name; caller puts them. */

@@ -38,6 +38,53 @@ test_name(const struct vm *vm)
     return xasprintf("%s - Test", vm->name);
 }
 
+static void
+remove_test_dir(const char *rd)
+{
+    DIR *d = opendir(rd);
+    if (!d)
+        return;
+    struct dirent *de;
+    while ((de = readdir(d)))
+        if (de->d_name[0] != '.')
+            unlinkat(dirfd(d), de->d_name, 0);
+    closedir(d);
+    rmdir(rd);
+}
+
+int
+failover_recover(struct vm *vm)
+{
+    /* At start-up: a test failover is either whole — its view and QEMU
+     * both running — and stays, or it is undone: a crash in the middle of
+     * starting or stopping one leaves nothing behind. */
+    struct repl *r = vm->repl;
+    if (vm->mode != VM_MODE_REPLICA || !r || !r->storage)
+        return 0;
+    CLEANUP_FREE char *rd = test_rundir(r);
+    bool served = false, running = false;
+    vmproc_status(rd, &served, &running);
+    if (r->test_point && served && running) {
+        log_info("failover", "%s: test failover at point %llu is running",
+                 vm->name, (unsigned long long)r->test_point);
+        return 0;
+    }
+    if (!r->test_point && access(rd, F_OK) < 0)
+        return 0;
+    int rc = vmproc_stop(rd, true, TEST_STOP_MS);
+    if (rc < 0)
+        return rc;
+    remove_test_dir(rd);
+    if (r->test_point) {
+        event_add("warning", vm->name, "test failover at point %llu was cut "
+                  "short by a crash; removed it", (unsigned long long)
+                  r->test_point);
+        r->test_point = 0;
+        rc = catalog_save_repl(r);
+    }
+    return rc;
+}
+
 int
 failover_test_refresh(struct vm *vm, uint64_t n)
 {
@@ -62,19 +109,6 @@ wait_applier(struct vm *vm)
         pthread_cond_wait(&D->cond, &D->lock);
 }
 
-static void
-remove_test_dir(const char *rd)
-{
-    DIR *d = opendir(rd);
-    if (!d)
-        return;
-    struct dirent *de;
-    while ((de = readdir(d)))
-        if (de->d_name[0] != '.')
-            unlinkat(dirfd(d), de->d_name, 0);
-    closedir(d);
-    rmdir(rd);
-}
 
 /* D->lock held: the Replica VM named by the call, or an error. */
 static int
@@ -144,6 +178,8 @@ api_failover_start(struct api_call *call, unsigned *status VR_UNUSED,
     wait_applier(vm);
     r->test_point = point;
     rc = catalog_save_repl(r);
+    if (rc == 0)
+        vr_fault_point("test-start-pinned");
     CLEANUP_FREE char *rd = test_rundir(r);
     CLEANUP_FREE char *name = test_name(vm);
     CLEANUP_FREE char *view =
@@ -175,13 +211,18 @@ api_failover_start(struct api_call *call, unsigned *status VR_UNUSED,
         rc = io_mkdir_p(undo, 0750);
     if (rc == 0)
         rc = vmproc_start(&spec);
-    if (rc == 0)
-        rc = vmproc_make_overlays(rd, vm->ndisks, disks);
     if (rc == 0) {
+        vr_fault_point("test-start-view");
+        rc = vmproc_make_overlays(rd, vm->ndisks, disks);
+    }
+    if (rc == 0) {
+        vr_fault_point("test-start-overlays");
         spec.hypervisor = true;
         spec.overlays = true;
         rc = vmproc_start(&spec);
     }
+    if (rc == 0)
+        vr_fault_point("test-start-qemu");
     if (rc < 0) {
         char msg[1024];
         snprintf(msg, sizeof msg, "%s", vr_errmsg());
@@ -245,8 +286,11 @@ api_failover_stop(struct api_call *call, unsigned *status VR_UNUSED,
     pthread_mutex_unlock(&D->lock);
 
     rc = vmproc_stop(rd, true, TEST_STOP_MS);
-    if (rc == 0)
+    if (rc == 0) {
+        vr_fault_point("test-stop-stopped");
         remove_test_dir(rd);
+        vr_fault_point("test-stop-removed");
+    }
 
     pthread_mutex_lock(&D->lock);
     if (rc == 0) {

@@ -1178,6 +1178,11 @@ replica_recover(void)
             }
             closedir(dir);
         }
+        if (failover_recover(vm) < 0) {
+            log_warn("failover", "%s: test failover: %s", vm->name,
+                     vr_errmsg());
+            vr_err_clear();
+        }
         if (history_recover(vm) < 0) {
             log_warn("applier", "%s: recovery history: %s", vm->name,
                      vr_errmsg());

@@ -104,6 +104,11 @@ repl_to_json(const struct vm *vm)
                            json_object_new_int((int)r->frequency_s));
     json_object_object_add(o, "compression",
                            json_object_new_boolean(r->compression));
+    if (r->mode == VM_MODE_REPLICA)
+        json_object_object_add(o, "test_failover_point",
+                               r->test_point ? json_object_new_int64(
+                                                   (int64_t)r->test_point)
+                                             : NULL);
     json_object_object_add(o, "recovery_history",
                            json_object_new_int((int)r->recovery_history));
     json_object_object_add(o, "point_interval",

@@ -779,7 +779,8 @@ undo_cleanup(int dirfd, uint64_t drop_upto)
 
     if ((rc = list_spans(dirfd, &l)) < 0)
         return rc;
-    qsort(l.e, l.n, sizeof *l.e, cmp_span);
+    if (l.n > 1) /* qsort(NULL, 0, ...) is undefined */
+        qsort(l.e, l.n, sizeof *l.e, cmp_span);
     for (size_t i = 0; i < l.n; i++) {
         const struct span_ent *e = &l.e[i];
         char name[UNDO_TMP_BYTES];
@@ -931,7 +932,8 @@ undo_view_open(int dirfd, uint64_t point, uint64_t latest, unsigned ndisks,
             l.e[w++] = l.e[i];
     }
     l.n = w;
-    qsort(l.e, l.n, sizeof *l.e, cmp_span);
+    if (l.n > 1) /* qsort(NULL, 0, ...) is undefined */
+        qsort(l.e, l.n, sizeof *l.e, cmp_span);
     rc = choose_spans(l.e, l.n, point, latest, &pick, &np);
     if (rc < 0) {
         free(l.e);

@@ -15,10 +15,12 @@
 # must converge byte-identical to the primary's, untouched by the test VM.
 # `failover stop g1 --test` removes the test VM.  Refusals: a second test
 # failover, an unknown point, a failover without --test (not available
-# yet), failover on the primary.
+# yet), failover on the primary, replication remove during a test.  Then
+# the Replica server is SIGKILLed at each step of starting and of stopping
+# a test failover; after its restart the test failover is whole or gone.
 source "$(dirname "$0")/functions.sh"
 requires qemu-system-x86_64
-requires qemu-img jq curl openssl nbdkit python3 cmp sha256sum
+requires qemu-img jq curl openssl nbdkit python3 cmp sha256sum pgrep
 requires_build
 
 VR_TIMEOUT=90
@@ -125,5 +127,50 @@ err=$(vr replica failover start g1 2>&1) && fail "failover without --test accept
 grep -q "not available yet" <<<"$err" || fail "failover without --test: $err"
 err=$(vr primary failover start g1 --test 2>&1) && fail "test failover on the primary"
 grep -q "not a Replica VM" <<<"$err" || fail "failover on the primary: $err"
+
+# SIGKILL of the Replica server at each step of starting and stopping a
+# test failover: after the restart it is either whole (view and QEMU both
+# running) or gone without a trace — never half done.
+test_procs() { pgrep -f -- "$TESTRUN" >/dev/null; }
+assert_no_test() { # WHAT
+    [ "$(repl replica g1 test_failover_point)" = null ] ||
+        fail "$1: test failover still recorded"
+    [ ! -e "$TESTRUN" ] || fail "$1: $TESTRUN left behind"
+    test_procs && fail "$1: test processes still running: $(pgrep -af -- "$TESTRUN")"
+    return 0
+}
+crash_restart() { # FAULT CMD... — run CMD against a replica that dies at FAULT
+    local fault=$1
+    shift
+    stop_daemon replica
+    spawn_daemon replica "${REPLICA_ENV[@]}" VMREPLICA_FAULT="$fault"
+    wait_daemon replica 20
+    vr replica "$@" >/dev/null 2>&1 && fail "$* survived fault $fault"
+    wait_until 30 daemon_dead replica || fail "replica did not die at $fault"
+    [ "$DAEMON_STATUS" -eq 137 ] || fail "replica exited $DAEMON_STATUS at $fault"
+    start_replica "${REPLICA_ENV[@]}"
+}
+for fault in test-start-pinned:1 test-start-view:1 test-start-overlays:1 \
+             test-start-qemu:1; do
+    crash_restart "$fault" failover start g1 --test
+    if [ "$fault" = test-start-qemu:1 ]; then
+        tp=$(repl replica g1 test_failover_point)
+        [ "$tp" != null ] || fail "$fault: a fully started test was undone"
+        test_procs || fail "$fault: test processes not running"
+        vr replica failover stop g1 --test >/dev/null || fail "$fault: stop"
+    fi
+    assert_no_test "after a crash at $fault"
+    log "crash at $fault: test failover whole or gone"
+done
+for fault in test-stop-stopped:1 test-stop-removed:1; do
+    vr replica failover start g1 --test >/dev/null || fail "start before $fault"
+    crash_restart "$fault" failover stop g1 --test
+    assert_no_test "after a crash at $fault"
+    log "crash at $fault: test failover gone"
+done
+vr replica failover start g1 --test >/dev/null || fail "start after the crashes"
+vr replica failover stop g1 --test >/dev/null || fail "stop after the crashes"
+wait_converged g1 60
+assert_identical g1
 assert_replicating g1
 log "PASS"
