@@ -994,21 +994,36 @@ cl_rec_payload(const struct cl_rec *r)
 int
 cl_segment_payload(int dirfd, const char *name, uint64_t *out)
 {
-    uint8_t h[CL_REC_HDR_BYTES];
-    uint64_t pos = CL_SEG_HDR_BYTES, sum = 0;
+    /* Headers only, data skipped: an estimate, not a validation.  Read in
+     * chunks: a segment of writes logged by reference is all headers. */
+    enum { CHUNK = 64 << 10 };
+    uint8_t *buf = xmalloc(CHUNK);
+    uint64_t pos = CL_SEG_HDR_BYTES, sum = 0, buf_off = 0;
+    size_t have = 0;
     int fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-    if (fd < 0)
+    if (fd < 0) {
+        free(buf);
         return vr_err(-errno, "open change log %s: %s", name,
                       strerror(errno));
-    /* Headers only, data skipped: an estimate, not a validation. */
-    while (io_pread_all(fd, h, sizeof h, (off_t)pos) == 0 &&
-           rec_hdr_check(h) >= 0 && h[4] != CL_SEAL) {
+    }
+    for (;;) {
+        if (pos < buf_off || pos + CL_REC_HDR_BYTES > buf_off + have) {
+            ssize_t n = pread(fd, buf, CHUNK, (off_t)pos);
+            if (n < CL_REC_HDR_BYTES)
+                break;
+            buf_off = pos;
+            have = (size_t)n;
+        }
+        const uint8_t *h = buf + (pos - buf_off);
+        if (rec_hdr_check(h) < 0 || h[4] == CL_SEAL)
+            break;
         struct cl_rec r = { .kind = h[4], .len = get32(h + 8) };
         sum += cl_rec_payload(&r);
         pos += CL_REC_HDR_BYTES + (r.kind == CL_WRITE ? r.len : 0);
     }
     vr_err_clear();
     close(fd);
+    free(buf);
     *out = sum;
     return 0;
 }

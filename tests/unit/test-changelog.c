@@ -755,6 +755,37 @@ test_wref_and_pre(void)
            "wref: a header and no data");
     cl_writer_free(w);
 
+    /* cl_segment_payload: what the records stand for, across read chunks
+     * (5000 headers are more than one 64 KiB chunk) and over data. */
+    {
+        static uint8_t d7[7000];
+        uint64_t want = 0, got = 0;
+        int rc = cl_writer_create(dirfd_, 0, 9, 0, &w);
+        for (int i = 0; rc == 0 && i < 5000; i++) {
+            rc = cl_writer_append(w, CL_WREF, 0, (uint64_t)i * 4096, 4096,
+                                  NULL);
+            want += CL_REC_HDR_BYTES + 4096;
+            if (i == 2500) {
+                rc = cl_writer_append(w, CL_WRITE, 0, 0, sizeof d7, d7);
+                want += CL_REC_HDR_BYTES + sizeof d7;
+                if (rc == 0)
+                    rc = cl_writer_append(w, CL_ZERO, 0, 0, 1u << 20, NULL);
+                want += CL_REC_HDR_BYTES;
+            }
+        }
+        ok(rc == 0 && cl_writer_payload(w) == want,
+           "payload: the writer counts %llu", (unsigned long long)want);
+        if (rc == 0)
+            rc = cl_writer_seal(w);
+        cl_writer_free(w);
+        char seg[32];
+        cl_seg_name(9, true, seg);
+        if (rc == 0)
+            rc = cl_segment_payload(dirfd_, seg, &got);
+        ok(rc == 0 && got == want, "payload: read back %llu, want %llu",
+           (unsigned long long)got, (unsigned long long)want);
+    }
+
     /* A record with an over-limit length fails its header check. */
     uint8_t hb[CL_REC_HDR_BYTES];
     struct cl_rec big = { .kind = CL_WREF, .len = CL_MAX_DATA_BYTES + 1 };
