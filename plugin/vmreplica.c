@@ -18,18 +18,19 @@
  *
  * Locking: each write-class request holds the process-wide seal_lock for
  * reading.  Under its disk's mutex it waits until no in-flight request
- * overlaps its byte range, registers its range and reserves its log record
- * (sequence number and place in the segment); then, without the mutex, it
- * does the disk I/O and copies the record into the segment, in parallel
- * with requests on other ranges.  Overlapping requests never run at the
- * same time, so the log order equals the order in which writes to the same
- * bytes hit the disk, while non-overlapping ones (the common case at queue
- * depth > 1) copy their data concurrently.  A request whose disk I/O fails
- * still fills its reserved place, with what the disk now holds, so the log
- * never has a hole.  SEAL (over the
- * control socket) takes seal_lock for writing: no write is in flight on any
- * disk while every disk's segment is sealed and the next one opened, which
- * gives one crash-consistent cut across all disks of the VM.
+ * overlaps its byte range, registers its range, reserves its log record
+ * (sequence number and place in the segment) and updates the block owners;
+ * then, without the mutex, it preserves what older unshipped cycles need,
+ * writes the record and does the disk I/O (a record with data: after the
+ * disk I/O), in parallel with requests on other ranges.  Overlapping
+ * requests never run at the same time, so the log order equals the order
+ * in which writes to the same bytes hit the disk.  A request whose disk I/O
+ * fails still fills its reserved place (a WREF stands for whatever the disk
+ * holds; a record with data is filled with it), so the log never has a
+ * hole.  SEAL (over the control socket) takes seal_lock for writing: no
+ * write is in flight on any disk while every disk's segment is sealed and
+ * the next one opened, which gives one crash-consistent cut across all
+ * disks of the VM.
  *
  * Control protocol (docs/formats.md): one request line, one reply line, on a
  * unix stream socket: SEAL -> "OK <sealed cycle>", STATUS -> "OK <open
