@@ -122,7 +122,8 @@ retention(const struct repl *r, const struct point *pts, size_t n,
     uint64_t blast = last->time_ms / iv;
     for (size_t i = 0; i < n; i++) {
         /* The latest, and the point a test failover is looking at. */
-        keep[i] = i == n - 1 || (r->test_point && pts[i].cycle == r->test_point);
+        keep[i] = i == n - 1 ||
+                  (r->test_point && pts[i].cycle == r->test_point);
         if (r->recovery_history == 0 || keep[i])
             continue;
         if (pts[i].time_ms + iv >= last->time_ms)
