@@ -145,7 +145,11 @@ wait "$vpid" 2>/dev/null || true
 log "point $oldest served read-only (= the primary at cycle $oldest); overlay writes left the Replica disk alone"
 
 # A view of the latest point stays at that point while later cycles are
-# applied, once REFRESH has given it their undo spans.
+# applied, once REFRESH has given it their undo spans — as long as the point
+# is kept (a test failover pins it; here a longer interval keeps every
+# cycle of the next minute, whatever the speed of this machine).
+vr primary replication set "$vm" --point-interval 60s >/dev/null ||
+    fail "replication set --point-interval 60s"
 rm -f "$vsock"
 nbdkit --foreground --unix "$vsock" "$VMREPLICA_PLUGIN" disk=disk0:"$rdisk" \
     control="$TESTDIR/view.ctl" view="$undo:$latest:$latest" \
@@ -172,6 +176,8 @@ qemu-img convert -f raw -O raw "$vuri" "$TESTDIR/view.raw"
     fail "after REFRESH $now the view is not point $latest"
 kill "$vpid"
 wait "$vpid" 2>/dev/null || true
+vr primary replication set "$vm" --point-interval 3s >/dev/null ||
+    fail "replication set --point-interval 3s"
 vr primary replication resume "$vm" >/dev/null || fail "resume"
 log "view of point $latest kept at it across cycles $((latest + 1))..$now by REFRESH"
 
