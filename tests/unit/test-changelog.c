@@ -17,23 +17,12 @@
 #include "changelog.h"
 #include "crc32c.h"
 #include "tap.h"
+#include "testrand.h"
 
 /* Internal entry points of crc32c.c. */
 uint32_t crc32c_sw(uint32_t crc, const void *buf, size_t len);
 uint32_t crc32c_hw(uint32_t crc, const void *buf, size_t len);
 int crc32c_hw_available(void);
-
-static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
-
-static uint64_t
-rnd(void)
-{
-    uint64_t x = rng_state;
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    return rng_state = x;
-}
 
 struct exp_rec {
     uint8_t kind, flags;
@@ -96,17 +85,17 @@ gen_recs(struct exp_rec *e, size_t n, uint32_t max_len)
     for (size_t i = 0; i < n; i++) {
         static const uint8_t kinds[] = { CL_WRITE, CL_ZERO, CL_TRIM,
                                          CL_WREF };
-        e[i].kind = kinds[rnd() % 4];
-        e[i].flags = (rnd() % 4 == 0) ? CL_F_FUA : 0;
-        e[i].offset = (rnd() % (1u << 30)) * 512;
-        e[i].len = (uint32_t)(1 + rnd() % max_len);
+        e[i].kind = kinds[rng() % 4];
+        e[i].flags = (rng() % 4 == 0) ? CL_F_FUA : 0;
+        e[i].offset = (rng() % (1u << 30)) * 512;
+        e[i].len = (uint32_t)(1 + rng() % max_len);
         e[i].data = NULL;
         if (e[i].kind == CL_WRITE) {
             e[i].data = xmalloc(e[i].len);
             for (uint32_t j = 0; j < e[i].len; j++)
-                e[i].data[j] = (uint8_t)rnd();
-        } else if (e[i].kind != CL_WREF && rnd() % 2) {
-            e[i].len = (uint32_t)rnd(); /* ranges may be large */
+                e[i].data[j] = (uint8_t)rng();
+        } else if (e[i].kind != CL_WREF && rng() % 2) {
+            e[i].len = (uint32_t)rng(); /* ranges may be large */
             if (e[i].len == 0)
                 e[i].len = 1;
         }
@@ -181,7 +170,7 @@ test_crc32c(void)
     enum { BUF_BYTES = 40000 };
     static uint8_t buf[BUF_BYTES];
     for (size_t i = 0; i < sizeof buf; i++)
-        buf[i] = (uint8_t)rnd();
+        buf[i] = (uint8_t)rng();
     int bad = 0, split_bad = 0;
     for (size_t off = 0; off < 16; off++) {
         for (size_t len = 0; len + off <= sizeof buf; len += 1 + len / 8) {
@@ -201,7 +190,7 @@ test_crc32c(void)
     size_t big_len = (1u << 20) + 13;
     uint8_t *big = xmalloc(big_len);
     for (size_t i = 0; i < big_len; i++)
-        big[i] = (uint8_t)rnd();
+        big[i] = (uint8_t)rng();
     bad += crc32c_sw(0, big, big_len) != crc32c_hw(0, big, big_len);
     free(big);
     is_int(bad, 0, "sse4.2 and table crc32c agree on all lengths/alignments");

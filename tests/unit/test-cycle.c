@@ -20,27 +20,9 @@
 #include "changelog.h"
 #include "cycle.h"
 #include "tap.h"
+#include "testrand.h"
 
 #define DISK_BYTES (1u << 20)
-
-static uint64_t rng_state;
-
-static uint64_t
-rng(void)
-{
-    uint64_t x = rng_state;
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    return rng_state = x;
-}
-
-static void
-fill_random(uint8_t *p, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        p[i] = (uint8_t)rng();
-}
 
 static int
 memfd(void)

@@ -22,6 +22,7 @@
 #include "changelog.h"
 #include "cycle.h"
 #include "tap.h"
+#include "testrand.h"
 #include "undo.h"
 
 #define NDISKS 2
@@ -39,25 +40,6 @@ static int udir = -1;                  /* the undo directory */
 static uint8_t *img[MAXC + 1][NDISKS]; /* expected disks at each point */
 static int pfds[MAXC + 1];             /* staged payload of each cycle */
 static uint64_t latest;
-
-static uint64_t rng_state;
-
-static uint64_t
-rng(void)
-{
-    uint64_t x = rng_state;
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    return rng_state = x;
-}
-
-static void
-fill_random(uint8_t *p, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        p[i] = (uint8_t)rng();
-}
 
 static void
 die(const char *what)
