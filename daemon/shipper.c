@@ -99,6 +99,8 @@ peer_call(const struct peer *p, const char *method, const char *path,
     }
     struct resp_buf body = { NULL, 0 };
     FILE *upload = NULL;
+    char errbuf[CURL_ERROR_SIZE] = "";
+    curl_easy_setopt(h, CURLOPT_ERRORBUFFER, errbuf);
     curl_easy_setopt(h, CURLOPT_URL, url);
     curl_easy_setopt(h, CURLOPT_SSLCERT, p->cert);
     curl_easy_setopt(h, CURLOPT_SSLKEY, p->key);
@@ -151,15 +153,19 @@ peer_call(const struct peer *p, const char *method, const char *path,
     int rc = 0;
     json_object *j = body.data ? json_tokener_parse(body.data) : NULL;
     if (cr != CURLE_OK) {
+        /* A handshake the peer refused (a TLS alert: our certificate is
+         * unknown, expired, revoked) will not heal by retrying; one cut
+         * short (the Replica server restarting, a reset) will. */
+        bool refused = cr == CURLE_SSL_CONNECT_ERROR &&
+                       strcasestr(errbuf, "alert") != NULL;
         int e = cr == CURLE_COULDNT_CONNECT       ? ECONNREFUSED
                 : cr == CURLE_OPERATION_TIMEDOUT  ? ETIMEDOUT
                 : cr == CURLE_PEER_FAILED_VERIFICATION ||
-                        cr == CURLE_SSL_CERTPROBLEM ||
-                        cr == CURLE_SSL_CONNECT_ERROR
+                        cr == CURLE_SSL_CERTPROBLEM || refused
                     ? EACCES
                     : ECONNRESET;
-        rc = vr_err(-e, "replica server %s: %s", p->server,
-                    curl_easy_strerror(cr));
+        rc = vr_err(-e, "replica server %s: %s%s%s", p->server,
+                    curl_easy_strerror(cr), *errbuf ? ": " : "", errbuf);
     } else if (status != 200 && status != 201) {
         json_object *v;
         const char *name = NULL, *msg = NULL;
