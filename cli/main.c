@@ -103,13 +103,23 @@ static const struct cli_cmd commands[] = {
     { "points", "list", cmd_points_list, "VM",
       "list the recovery points of a Replica VM (on the Replica server)",
       NULL },
-    { "failover", "start", cmd_failover_start, "VM --test [--point ID]",
-      "on the Replica server: start \"VM - Test\" from a recovery point",
-      "  --test            a test failover (replication goes on; the only\n"
-      "                    kind available yet)\n"
-      "  --point ID        the recovery point (default: the latest)\n" },
-    { "failover", "stop", cmd_failover_stop, "VM --test",
-      "on the Replica server: stop and remove \"VM - Test\"", NULL },
+    { "failover", "start", cmd_failover_start,
+      "VM [--test] [--point ID] [--force]",
+      "on the Replica server: start the VM (or \"VM - Test\") from a "
+      "recovery point",
+      "  --test            a test failover: \"VM - Test\" runs, replication "
+      "goes on\n"
+      "  --point ID        the recovery point (default: the latest)\n"
+      "  --force           fail over although the primary server was in "
+      "contact\n"
+      "                    within three replication periods\n" },
+    { "failover", "stop", cmd_failover_stop, "VM [--test]",
+      "on the Replica server: cancel a failover, or remove \"VM - Test\" "
+      "(--test)",
+      NULL },
+    { "failover", "complete", cmd_failover_complete, "VM",
+      "on the Replica server: commit a failover (the other recovery points "
+      "are deleted)", NULL },
     { "initial-replication", "start", cmd_initial_start, "VM [--wait]",
       "send the first full copy of a VM's disks",
       "  --wait            block until done, with a progress bar on a "

@@ -416,21 +416,36 @@ static int
 failover_call(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv,
               const char *verb)
 {
-    bool test = false;
+    bool test = false, force = false;
     const char *point = NULL;
-    const struct cli_opt opts[] = {
+    bool start = strcmp(verb, "start") == 0;
+    const struct cli_opt opts_start[] = {
         { "test", CLI_OPT_FLAG, &test },
         { "point", CLI_OPT_STR, &point },
+        { "force", CLI_OPT_FLAG, &force },
         { NULL, 0, NULL },
     };
+    const struct cli_opt opts_stop[] = {
+        { "test", CLI_OPT_FLAG, &test },
+        { NULL, 0, NULL },
+    };
+    const struct cli_opt opts_none[] = { { NULL, 0, NULL } };
+    const struct cli_opt *opts = start                         ? opts_start
+                                 : strcmp(verb, "stop") == 0 ? opts_stop
+                                                             : opts_none;
     CLEANUP_FREE char *path = NULL;
     const char *name;
     CLEANUP_FREE char *suffix = xasprintf("/failover/%s", verb);
     int rc = cli_vm_path(c, cmd, argc, argv, opts, suffix, &path, &name);
     if (rc)
         return rc;
+    if (test && force)
+        return cli_usage_error(cmd, "--force is for a failover, not a test "
+                               "failover");
     json_object *body = json_object_new_object();
     json_object_object_add(body, "test", json_object_new_boolean(test));
+    if (force)
+        json_object_object_add(body, "force", json_object_new_boolean(true));
     if (point) {
         char *end;
         errno = 0;
@@ -453,9 +468,22 @@ failover_call(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv,
         printf("%s: test failover \"%s\" started at point %" PRId64 "\n",
                cli_str(out, "vm"), cli_str(out, "test_vm"),
                cli_int(out, "point"));
-    else
+    else if (test)
         printf("%s: test failover at point %" PRId64 " stopped\n",
                cli_str(out, "vm"), cli_int(out, "point"));
+    else if (start)
+        printf("%s: failed over to point %" PRId64 " (%s): 'failover "
+               "complete' commits, 'failover stop' cancels\n",
+               cli_str(out, "vm"), cli_int(out, "point"),
+               cli_str(out, "state"));
+    else if (strcmp(verb, "stop") == 0)
+        printf("%s: failover to point %" PRId64 " cancelled (%s)\n",
+               cli_str(out, "vm"), cli_int(out, "point"),
+               cli_str(out, "state"));
+    else
+        printf("%s: failover to point %" PRId64 " complete (%s, epoch %"
+               PRId64 ")\n", cli_str(out, "vm"), cli_int(out, "point"),
+               cli_str(out, "state"), cli_int(out, "epoch"));
     json_object_put(out);
     return CLI_OK;
 }
@@ -472,6 +500,13 @@ cmd_failover_stop(struct cli *c, const struct cli_cmd *cmd, int argc,
                   char **argv)
 {
     return failover_call(c, cmd, argc, argv, "stop");
+}
+
+int
+cmd_failover_complete(struct cli *c, const struct cli_cmd *cmd, int argc,
+                      char **argv)
+{
+    return failover_call(c, cmd, argc, argv, "complete");
 }
 
 /* --- measure ----------------------------------------------------------- */

@@ -37,6 +37,7 @@ int api_repl_measure(struct api_call *, unsigned *, json_object **);
 int api_points_list(struct api_call *, unsigned *, json_object **);
 int api_failover_start(struct api_call *, unsigned *, json_object **);
 int api_failover_stop(struct api_call *, unsigned *, json_object **);
+int api_failover_complete(struct api_call *, unsigned *, json_object **);
 int api_repl_suspend(struct api_call *, unsigned *, json_object **);
 int api_repl_resume(struct api_call *, unsigned *, json_object **);
 int api_repl_reset_stats(struct api_call *, unsigned *, json_object **);

@@ -8,7 +8,8 @@
 
 #include "daemon.h"
 
-#define SCHEMA_VERSION 2 /* 2: recovery history (points, two columns) */
+#define SCHEMA_VERSION 3 /* 2: recovery history (points, two columns)
+                            3: failover_point, failover_step */
 
 static const char schema[] =
     "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);"
@@ -26,7 +27,7 @@ static const char schema[] =
     "  errors INT, ok_count INT, missed INT, bytes_raw INT, bytes_wire INT, "
     "  max_size INT, sum_size INT, max_latency_ms INT, sum_latency_ms INT, "
     "  last_error TEXT, recovery_history INT, point_interval INT, "
-    "  test_point INT);"
+    "  test_point INT, failover_point INT, failover_step INT);"
     "CREATE TABLE IF NOT EXISTS points(vm_uuid TEXT, cycle INT, time_ms INT, "
     "  kind TEXT, undo_bytes INT, PRIMARY KEY(vm_uuid, cycle));"
     "CREATE TABLE IF NOT EXISTS events(id INTEGER PRIMARY KEY, time_ms INT, "
@@ -44,8 +45,9 @@ exec_sql(const char *sql)
     return 0;
 }
 
-/* Bring a version-1 catalog to version 2: two columns for recovery
- * history (the points table is created by the schema). */
+/* Bring an older catalog to the current version: version 2 added the
+ * columns of recovery history and test failover (the points table is
+ * created by the schema), version 3 those of failover. */
 static int
 migrate(void)
 {
@@ -66,9 +68,13 @@ migrate(void)
                       "INT; ALTER TABLE replications ADD COLUMN "
                       "point_interval INT; ALTER TABLE replications ADD "
                       "COLUMN test_point INT;");
+    if (rc == 0 && have >= 1 && have <= 2)
+        rc = exec_sql("ALTER TABLE replications ADD COLUMN failover_point "
+                      "INT; ALTER TABLE replications ADD COLUMN "
+                      "failover_step INT;");
     if (rc == 0)
         rc = exec_sql("INSERT OR REPLACE INTO meta VALUES('schema_version', "
-                      "'2')");
+                      "'3')");
     return rc;
 }
 
@@ -293,7 +299,7 @@ catalog_save_repl(const struct repl *r)
 {
     sqlite3_stmt *st = prep(
         "INSERT OR REPLACE INTO replications VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,"
-        "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
+        "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
     if (!st)
         return -EIO;
     int i = 1;
@@ -330,6 +336,8 @@ catalog_save_repl(const struct repl *r)
     sqlite3_bind_int64(st, i++, r->recovery_history);
     sqlite3_bind_int64(st, i++, r->point_interval_s);
     sqlite3_bind_int64(st, i++, (sqlite3_int64)r->test_point);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->failover_point);
+    sqlite3_bind_int(st, i++, r->failover_step);
     return step_done(st);
 }
 
@@ -384,6 +392,8 @@ load_repl(sqlite3_stmt *st)
     r->recovery_history = (unsigned)sqlite3_column_int64(st, i++);
     r->point_interval_s = (unsigned)sqlite3_column_int64(st, i++);
     r->test_point = (uint64_t)sqlite3_column_int64(st, i++);
+    r->failover_point = (uint64_t)sqlite3_column_int64(st, i++);
+    r->failover_step = sqlite3_column_int(st, i++);
     if (r->point_interval_s == 0)
         r->point_interval_s = 3600;
     return r;

@@ -53,6 +53,21 @@ struct vm {
 #define ST_REPLICATING     "Replicating"
 #define ST_SUSPENDED       "Suspended"
 #define ST_ERROR           "Error"
+#define ST_FAILOVER_WAIT   "FailOverWaitingCompletion"
+#define ST_FAILED_OVER     "FailedOver"
+
+/* Steps of a failover (not a test) on the Replica server, in
+ * repl.failover_step; each is in the catalog before its work starts, so a
+ * crash is resumed or undone from the step it reached (failover.c). */
+enum fo_step {
+    FO_NONE = 0,
+    FO_STARTING,   /* point pinned; view, overlays, QEMU being started */
+    FO_RUNNING,    /* the VM runs (or ran) from overlays on the view */
+    FO_CANCELLING, /* failover stop: processes and overlays go */
+    FO_COMPLETING, /* failover complete: the VM is stopped, disks reverted */
+    FO_REVERTED,   /* the Replica disks are at the point: commit overlays */
+    FO_COMMITTED,  /* overlays are in the disks: drop points, new epoch */
+};
 
 struct repl {
     char vm_uuid[37];
@@ -92,6 +107,15 @@ struct repl {
      * lasts, and the applier REFRESHes the view before each cycle. */
     uint64_t test_point;
     bool test_busy;   /* runtime: a test failover starts or stops */
+    /* replica: failover (planned or unplanned, not a test) at this point;
+     * 0 = none.  The VM runs as itself from overlays on a view of the
+     * point in STORAGE/failover until `failover complete` writes the
+     * overlays into its disks or `failover stop` discards them. */
+    uint64_t failover_point;
+    int failover_step;  /* enum fo_step */
+    bool failover_busy; /* runtime: a failover step runs without the lock */
+    uint64_t last_contact_ms; /* runtime, wall clock: the primary's last
+                                 authenticated request for this VM */
     /* runtime only */
     pthread_t thread;
     bool thread_running;

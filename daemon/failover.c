@@ -1,20 +1,41 @@
-/* failover.c: failover of Replica VMs (SPEC §8).  So far: test failover.
+/* failover.c: failover of Replica VMs (SPEC §8): test and unplanned.
  *
- * `failover start VM --test [--point ID]` on the Replica server starts
- * "VM - Test": the plugin serves the Replica disks read-only as they were at
- * the point (a view: live disk plus undo spans, lib/undo.h), qcow2 overlays
- * in STORAGE/test make them writable, and QEMU boots from the overlays with
- * no network.  Replication into the Replica VM goes on: the point is kept
- * by the retention policy while the test lasts, and before each cycle is
- * applied the applier hands the view the cycle's undo span (REFRESH), so
- * the test VM never sees a later cycle.  `failover stop VM --test` stops
- * the test VM and removes its overlays.
+ * Both start the VM from a recovery point without copying a disk: the
+ * plugin serves the Replica disks read-only as they were at the point (a
+ * view: live disk plus undo spans, lib/undo.h), qcow2 overlays make them
+ * writable, and QEMU boots from the overlays.
  *
+ * Test failover (`failover start VM --test [--point ID]`) starts
+ * "VM - Test" in STORAGE/test with no network.  Replication into the
+ * Replica VM goes on: the point is kept by the retention policy while the
+ * test lasts, and before each cycle is applied the applier hands the view
+ * the cycle's undo span (REFRESH), so the test VM never sees a later
+ * cycle.  `failover stop VM --test` stops it and removes its overlays.
  * While a test starts or stops (r->test_busy) the applier leaves the VM
- * alone.  The test processes run in their own sessions, like every VM's,
- * and survive a daemon restart; r->test_point is in the catalog.
+ * alone.
+ *
+ * Unplanned failover (`failover start VM [--point ID] [--force]`) starts
+ * the VM itself, same name and UUID, in STORAGE/failover; the Replica
+ * server stops applying and refuses the primary's cycles (state
+ * FailOverWaitingCompletion).  Refused while the primary was in contact
+ * within three replication periods (plus 5 s), unless --force: a primary
+ * that still runs would go on writing a VM that now runs here too.
+ * `failover stop VM` cancels: the overlays go, replication resumes where
+ * it stopped, another point may be tried.  `failover complete VM` commits:
+ * the VM is shut down, the Replica disks are reverted to the point in
+ * place (the undo spans' blocks, lib/undo.h undo_view_revert), the
+ * overlays are written into them (qemu-img commit), every recovery point
+ * is dropped and the epoch is bumped, so the old primary's messages are
+ * refused from then on (state FailedOver; `vm start` runs it).
+ *
+ * Every step is in the catalog (r->failover_step) before its work, and
+ * each step's work can be repeated: at start-up failover_recover() undoes
+ * a half-started failover and finishes a half-done cancel or complete.
+ * The processes run in their own sessions, like every VM's, and survive a
+ * daemon restart.
  */
 #include <dirent.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,9 +43,11 @@
 
 #include "api-int.h"
 #include "daemon.h"
+#include "undo.h"
 #include "vmproc.h"
 
 #define TEST_STOP_MS 5000
+#define FO_STOP_MS 30000 /* a failed-over VM's shutdown at complete */
 
 static char *
 test_rundir(const struct repl *r)
@@ -36,6 +59,21 @@ static char *
 test_name(const struct vm *vm)
 {
     return xasprintf("%s - Test", vm->name);
+}
+
+static char *
+fo_rundir(const struct repl *r)
+{
+    return xasprintf("%s/failover", r->storage);
+}
+
+static void
+disks_of(const struct vm *vm, struct vmproc_disk *disks)
+{
+    for (unsigned i = 0; i < vm->ndisks; i++) {
+        disks[i].id = vm->disks[i].id;
+        disks[i].path = vm->disks[i].path;
+    }
 }
 
 static void
@@ -52,15 +90,247 @@ remove_test_dir(const char *rd)
     rmdir(rd);
 }
 
-int
-failover_recover(struct vm *vm)
+/* --- common ----------------------------------------------------------- */
+
+/* Wait (D->lock held) until the applier is not working on vm. */
+static void
+wait_applier(struct vm *vm)
 {
-    /* At start-up: a test failover is either whole — its view and QEMU
-     * both running — and stays, or it is undone: a crash in the middle of
-     * starting or stopping one leaves nothing behind. */
+    while (vm->applying)
+        pthread_cond_wait(&D->cond, &D->lock);
+}
+
+/* D->lock held: the Replica VM named by the call, or an error. */
+static int
+lookup_replica(struct api_call *call, struct vm **out)
+{
+    struct vm *vm = vm_find(call->arg);
+    if (!vm)
+        return vr_err(-ENOENT, "vm %s: not found", call->arg);
+    if (vm->mode != VM_MODE_REPLICA || !vm->repl || !vm->repl->storage)
+        return vr_err(-EINVAL, "vm %s: not a Replica VM on this server",
+                      vm->name);
+    *out = vm;
+    return 0;
+}
+
+/* D->lock held: the point to start from — want, or the latest if 0. */
+static int
+choose_point(const struct vm *vm, int64_t want, uint64_t *point)
+{
+    struct point *pts = NULL;
+    size_t np = 0;
+    int rc = catalog_points(vm->uuid, &pts, &np);
+    *point = 0;
+    for (size_t i = 0; rc == 0 && i < np; i++)
+        if (want ? pts[i].cycle == (uint64_t)want : i + 1 == np)
+            *point = pts[i].cycle;
+    free(pts);
+    if (rc == 0 && *point == 0)
+        rc = want ? vr_err(-ENOENT, "vm %s: no recovery point %lld (see "
+                           "'vmreplica points list %s')", vm->name,
+                           (long long)want, vm->name)
+                  : vr_err(-ENOENT, "vm %s: no recovery point yet", vm->name);
+    return rc;
+}
+
+static void
+fault(const char *prefix, const char *step)
+{
+    char name[64];
+    snprintf(name, sizeof name, "%s-%s", prefix, step);
+    vr_fault_point(name);
+}
+
+/* Start the view of spec->view, its overlays and QEMU in spec->rundir
+ * (without D->lock).  Fault points PREFIX-view, -overlays, -qemu.  On
+ * failure whatever was started is stopped and the run directory removed. */
+static int
+launch(struct vmproc_spec *spec, struct vmproc_disk *disks,
+       const char *storage, const char *prefix)
+{
+    /* The undo directory exists once history was ever kept; a view of the
+     * latest point needs no spans but still opens the directory. */
+    CLEANUP_FREE char *undo = xasprintf("%s/undo", storage);
+    int rc = io_mkdir_p(undo, 0750);
+    if (rc == 0)
+        rc = vmproc_start(spec);
+    if (rc == 0) {
+        fault(prefix, "view");
+        rc = vmproc_make_overlays(spec->rundir, spec->ndisks, disks);
+    }
+    if (rc == 0) {
+        fault(prefix, "overlays");
+        spec->hypervisor = true;
+        spec->overlays = true;
+        rc = vmproc_start(spec);
+    }
+    if (rc == 0)
+        fault(prefix, "qemu");
+    if (rc < 0) {
+        char msg[1024];
+        snprintf(msg, sizeof msg, "%s", vr_errmsg());
+        VR_IGNORE(vmproc_stop(spec->rundir, true, 0));
+        remove_test_dir(spec->rundir);
+        vr_err(rc, "%s", msg);
+    }
+    return rc;
+}
+
+/* --- unplanned failover: the steps ---------------------------------------- */
+
+/* D->lock held: record the step. */
+static int
+set_step(struct repl *r, int step)
+{
+    r->failover_step = step;
+    return catalog_save_repl(r);
+}
+
+/* D->lock held: the failover is gone; replication resumes. */
+static int
+finish_cancel(struct vm *vm)
+{
     struct repl *r = vm->repl;
-    if (vm->mode != VM_MODE_REPLICA || !r || !r->storage)
-        return 0;
+    r->failover_point = 0;
+    r->failover_step = FO_NONE;
+    snprintf(r->state, sizeof r->state, "%s", ST_REPLICATING);
+    r->kick = true;
+    int rc = catalog_save_repl(r);
+    pthread_cond_broadcast(&D->cond);
+    return rc;
+}
+
+/* D->lock held (dropped for the work): stop the failed-over VM's processes
+ * and remove its overlays, then finish_cancel. */
+static int
+cancel_steps(struct vm *vm)
+{
+    CLEANUP_FREE char *rd = fo_rundir(vm->repl);
+    pthread_mutex_unlock(&D->lock);
+    /* The overlays are thrown away: no point in a clean shutdown. */
+    int rc = vmproc_stop(rd, true, 0);
+    if (rc == 0) {
+        vr_fault_point("failover-stop-stopped");
+        remove_test_dir(rd);
+        vr_fault_point("failover-stop-removed");
+    }
+    pthread_mutex_lock(&D->lock);
+    return rc < 0 ? rc : finish_cancel(vm);
+}
+
+/* Without D->lock: turn the Replica disks (at cycle latest) back into
+ * point `point` in place, from the undo spans. */
+static int
+revert_disks(const struct vm *vm, uint64_t point, uint64_t latest)
+{
+    CLEANUP_FREE char *undo = xasprintf("%s/undo", vm->repl->storage);
+    uint64_t sizes[MAX_DISKS], bytes = 0;
+    int fds[MAX_DISKS];
+    unsigned opened = 0;
+    struct undo_view *v = NULL;
+    int rc = 0;
+    int dfd = open(undo, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0)
+        return vr_err(-errno, "revert: open %s: %s", undo, strerror(errno));
+    for (unsigned i = 0; i < vm->ndisks; i++)
+        sizes[i] = vm->disks[i].size;
+    rc = undo_view_open(dfd, point, latest, vm->ndisks, sizes, &v);
+    for (; rc == 0 && opened < vm->ndisks; opened++) {
+        fds[opened] = open(vm->disks[opened].path, O_RDWR | O_CLOEXEC);
+        if (fds[opened] < 0)
+            rc = vr_err(-errno, "revert: open %s: %s",
+                        vm->disks[opened].path, strerror(errno));
+    }
+    if (rc == 0)
+        rc = undo_view_revert(v, fds, &bytes);
+    while (opened-- > 0)
+        if (fds[opened] >= 0)
+            close(fds[opened]);
+    undo_view_free(v);
+    close(dfd);
+    if (rc == 0)
+        log_info("failover", "%s: disks reverted from cycle %llu to point "
+                 "%llu (%llu bytes)", vm->name, (unsigned long long)latest,
+                 (unsigned long long)point, (unsigned long long)bytes);
+    return rc;
+}
+
+/* D->lock held (dropped for the work), r->failover_busy set: carry a
+ * complete on from the step it reached. */
+static int
+complete_steps(struct vm *vm)
+{
+    struct repl *r = vm->repl;
+    CLEANUP_FREE char *rd = fo_rundir(r);
+    struct vmproc_disk disks[MAX_DISKS];
+    disks_of(vm, disks);
+    uint64_t point = r->failover_point, latest = r->applied_cycle;
+    int rc = 0;
+    if (r->failover_step == FO_COMPLETING) {
+        pthread_mutex_unlock(&D->lock);
+        /* QEMU goes (a clean shutdown first); the view stays for the
+         * revert's sake only until then, the disks hold the point after. */
+        rc = vmproc_stop(rd, false, FO_STOP_MS);
+        if (rc == 0) {
+            vr_fault_point("failover-complete-stopped");
+            rc = revert_disks(vm, point, latest);
+        }
+        pthread_mutex_lock(&D->lock);
+        if (rc == 0)
+            rc = set_step(r, FO_REVERTED);
+        if (rc == 0)
+            vr_fault_point("failover-complete-reverted");
+    }
+    if (rc == 0 && r->failover_step == FO_REVERTED) {
+        pthread_mutex_unlock(&D->lock);
+        rc = vmproc_commit_overlays(rd, vm->ndisks, disks);
+        pthread_mutex_lock(&D->lock);
+        if (rc == 0)
+            rc = set_step(r, FO_COMMITTED);
+        if (rc == 0)
+            vr_fault_point("failover-complete-committed");
+    }
+    if (rc == 0 && r->failover_step == FO_COMMITTED) {
+        remove_test_dir(rd);
+        /* Staged cycles of the old primary will never be applied. */
+        CLEANUP_FREE char *stg = xasprintf("%s/staging", r->storage);
+        DIR *d = opendir(stg);
+        if (d) {
+            struct dirent *de;
+            while ((de = readdir(d)))
+                if (de->d_name[0] != '.')
+                    unlinkat(dirfd(d), de->d_name, 0);
+            closedir(d);
+        }
+        rc = history_reset(vm);
+        if (rc == 0) {
+            r->failover_point = 0;
+            r->failover_step = FO_NONE;
+            r->applied_cycle = r->last_cycle = point;
+            r->epoch++;
+            snprintf(r->state, sizeof r->state, "%s", ST_FAILED_OVER);
+            rc = catalog_save_repl(r);
+        }
+        if (rc == 0)
+            event_add("info", vm->name, "failover complete: the disks are "
+                      "point %llu plus the VM's writes since; recovery "
+                      "points deleted; epoch %llu (the old primary's "
+                      "changes are refused)", (unsigned long long)point,
+                      (unsigned long long)r->epoch);
+    }
+    return rc;
+}
+
+/* --- start-up ------------------------------------------------------------- */
+
+static int
+recover_test(struct vm *vm)
+{
+    /* A test failover is either whole — its view and QEMU both running —
+     * and stays, or it is undone: a crash in the middle of starting or
+     * stopping one leaves nothing behind. */
+    struct repl *r = vm->repl;
     CLEANUP_FREE char *rd = test_rundir(r);
     bool served = false, running = false;
     vmproc_status(rd, &served, &running);
@@ -85,6 +355,78 @@ failover_recover(struct vm *vm)
     return rc;
 }
 
+static int
+recover_failover(struct vm *vm)
+{
+    struct repl *r = vm->repl;
+    CLEANUP_FREE char *rd = fo_rundir(r);
+    int rc = 0;
+    switch (r->failover_step) {
+    case FO_NONE:
+        if (access(rd, F_OK) == 0) { /* after a finished complete */
+            rc = vmproc_stop(rd, true, 0);
+            if (rc == 0)
+                remove_test_dir(rd);
+        }
+        return rc;
+    case FO_STARTING:
+        /* The start did not answer: undo it, whatever it got to. */
+        rc = cancel_steps(vm);
+        if (rc == 0)
+            event_add("warning", vm->name, "failover at point %llu was cut "
+                      "short by a crash while starting; undone",
+                      (unsigned long long)r->failover_point);
+        return rc;
+    case FO_RUNNING: {
+        /* The overlays hold the VM's writes: keep them, and serve the
+         * view they rest on again if it went (QEMU is not restarted). */
+        bool served = false, running = false;
+        vmproc_status(rd, &served, &running);
+        log_info("failover", "%s: failed over at point %llu (VM %s)",
+                 vm->name, (unsigned long long)r->failover_point,
+                 running ? "running" : "stopped");
+        if (served)
+            return 0;
+        struct vmproc_disk disks[MAX_DISKS];
+        disks_of(vm, disks);
+        CLEANUP_FREE char *view = xasprintf(
+            "%s/undo:%llu:%llu", r->storage,
+            (unsigned long long)r->failover_point,
+            (unsigned long long)r->applied_cycle);
+        struct vmproc_spec spec = {
+            .name = vm->name, .uuid = vm->uuid, .cpus = vm->cpus,
+            .memory_mib = vm->memory_mib, .rundir = rd,
+            .ndisks = vm->ndisks, .disks = disks, .view = view,
+        };
+        return vmproc_start(&spec);
+    }
+    case FO_CANCELLING:
+        return cancel_steps(vm);
+    case FO_COMPLETING:
+    case FO_REVERTED:
+    case FO_COMMITTED:
+        log_info("failover", "%s: finishing the completion of the failover "
+                 "at point %llu", vm->name,
+                 (unsigned long long)r->failover_point);
+        return complete_steps(vm);
+    default:
+        return vr_err(-EINVAL, "vm %s: unknown failover step %d", vm->name,
+                      r->failover_step);
+    }
+}
+
+int
+failover_recover(struct vm *vm)
+{
+    /* At start-up, D->lock held. */
+    struct repl *r = vm->repl;
+    if (vm->mode != VM_MODE_REPLICA || !r || !r->storage)
+        return 0;
+    int rc = recover_test(vm);
+    int rc2 = recover_failover(vm);
+    return rc < 0 ? rc : rc2;
+}
+
 int
 failover_test_refresh(struct vm *vm, uint64_t n)
 {
@@ -101,74 +443,47 @@ failover_test_refresh(struct vm *vm, uint64_t n)
     return 0;
 }
 
-/* Wait (D->lock held) until the applier is not working on vm. */
-static void
-wait_applier(struct vm *vm)
-{
-    while (vm->applying)
-        pthread_cond_wait(&D->cond, &D->lock);
-}
+/* --- API ------------------------------------------------------------------ */
 
-
-/* D->lock held: the Replica VM named by the call, or an error. */
+/* D->lock held: refuse anything while another failover kind runs. */
 static int
-lookup_replica(struct api_call *call, struct vm **out)
+check_idle(const struct vm *vm)
 {
-    struct vm *vm = vm_find(call->arg);
-    if (!vm)
-        return vr_err(-ENOENT, "vm %s: not found", call->arg);
-    if (vm->mode != VM_MODE_REPLICA || !vm->repl || !vm->repl->storage)
-        return vr_err(-EINVAL, "vm %s: not a Replica VM on this server",
+    const struct repl *r = vm->repl;
+    if (r->test_busy || r->failover_busy)
+        return vr_err(-EBUSY, "vm %s: a failover is starting or stopping; "
+                      "try again", vm->name);
+    if (r->test_point)
+        return vr_err(-EBUSY, "vm %s: a test failover is running (point "
+                      "%llu); run 'vmreplica failover stop %s --test' first",
+                      vm->name, (unsigned long long)r->test_point, vm->name);
+    if (r->failover_point)
+        return vr_err(-EBUSY, "vm %s: failed over at point %llu; run "
+                      "'vmreplica failover stop %s' to cancel or 'vmreplica "
+                      "failover complete %s' to commit", vm->name,
+                      (unsigned long long)r->failover_point, vm->name,
                       vm->name);
-    *out = vm;
+    if (strcmp(r->state, ST_FAILED_OVER) == 0)
+        return vr_err(-EINVAL, "vm %s: failover is complete; it is no "
+                      "longer a replica", vm->name);
+    if (!r->initial_done)
+        return vr_err(-EBUSY, "vm %s: initial replication has not "
+                      "completed: there is no recovery point yet", vm->name);
     return 0;
 }
 
-int
-api_failover_start(struct api_call *call, unsigned *status VR_UNUSED,
-                   json_object **out)
+static int
+test_start(struct api_call *call, int64_t want, json_object **out)
 {
-    json_object *b = call->body, *v;
-    bool test = json_object_object_get_ex(b, "test", &v) &&
-                json_object_get_boolean(v);
-    int64_t want = json_object_object_get_ex(b, "point", &v)
-                       ? json_object_get_int64(v) : 0;
-    if (!test)
-        return vr_err(-ENOTSUP, "failover start without --test is not "
-                      "available yet (planned and unplanned failover: #3)");
-    if (want < 0)
-        return vr_err(-EINVAL, "point: expected a point id");
-
     pthread_mutex_lock(&D->lock);
     struct vm *vm = NULL;
     int rc = lookup_replica(call, &vm);
     struct repl *r = rc == 0 ? vm->repl : NULL;
-    if (rc == 0 && !r->initial_done)
-        rc = vr_err(-EBUSY, "vm %s: initial replication has not completed: "
-                    "there is no recovery point yet", vm->name);
-    if (rc == 0 && r->test_point)
-        rc = vr_err(-EBUSY, "vm %s: a test failover is running (point "
-                    "%llu); run 'vmreplica failover stop %s --test' first",
-                    vm->name, (unsigned long long)r->test_point, vm->name);
-    if (rc == 0 && r->test_busy)
-        rc = vr_err(-EBUSY, "vm %s: a test failover is starting or "
-                    "stopping", vm->name);
+    if (rc == 0)
+        rc = check_idle(vm);
     uint64_t point = 0;
-    if (rc == 0) {
-        struct point *pts = NULL;
-        size_t np = 0;
-        rc = catalog_points(vm->uuid, &pts, &np);
-        for (size_t i = 0; rc == 0 && i < np; i++)
-            if (want ? pts[i].cycle == (uint64_t)want : i + 1 == np)
-                point = pts[i].cycle;
-        free(pts);
-        if (rc == 0 && point == 0)
-            rc = want ? vr_err(-ENOENT, "vm %s: no recovery point %lld "
-                               "(see 'vmreplica points list %s')", vm->name,
-                               (long long)want, vm->name)
-                      : vr_err(-ENOENT, "vm %s: no recovery point yet",
-                               vm->name);
-    }
+    if (rc == 0)
+        rc = choose_point(vm, want, &point);
     if (rc < 0) {
         pthread_mutex_unlock(&D->lock);
         return rc;
@@ -188,10 +503,7 @@ api_failover_start(struct api_call *call, unsigned *status VR_UNUSED,
     char uuid[37];
     vr_uuid_new(uuid);
     struct vmproc_disk disks[MAX_DISKS];
-    for (unsigned i = 0; i < vm->ndisks; i++) {
-        disks[i].id = vm->disks[i].id;
-        disks[i].path = vm->disks[i].path;
-    }
+    disks_of(vm, disks);
     struct vmproc_spec spec = {
         .name = name,
         .uuid = uuid,
@@ -204,32 +516,8 @@ api_failover_start(struct api_call *call, unsigned *status VR_UNUSED,
     };
     pthread_mutex_unlock(&D->lock);
 
-    /* The undo directory exists once history was ever kept; a view of the
-     * latest point needs no spans but still opens the directory. */
-    CLEANUP_FREE char *undo = xasprintf("%s/undo", r->storage);
     if (rc == 0)
-        rc = io_mkdir_p(undo, 0750);
-    if (rc == 0)
-        rc = vmproc_start(&spec);
-    if (rc == 0) {
-        vr_fault_point("test-start-view");
-        rc = vmproc_make_overlays(rd, vm->ndisks, disks);
-    }
-    if (rc == 0) {
-        vr_fault_point("test-start-overlays");
-        spec.hypervisor = true;
-        spec.overlays = true;
-        rc = vmproc_start(&spec);
-    }
-    if (rc == 0)
-        vr_fault_point("test-start-qemu");
-    if (rc < 0) {
-        char msg[1024];
-        snprintf(msg, sizeof msg, "%s", vr_errmsg());
-        VR_IGNORE(vmproc_stop(rd, true, 0));
-        remove_test_dir(rd);
-        vr_err(rc, "%s", msg);
-    }
+        rc = launch(&spec, disks, r->storage, "test-start");
 
     pthread_mutex_lock(&D->lock);
     if (rc < 0) {
@@ -255,16 +543,120 @@ api_failover_start(struct api_call *call, unsigned *status VR_UNUSED,
     return rc;
 }
 
-int
-api_failover_stop(struct api_call *call, unsigned *status VR_UNUSED,
-                  json_object **out)
+/* The primary is taken as reachable while its last request is younger
+ * than three replication periods plus 5 s. */
+static uint64_t
+contact_window_ms(const struct repl *r)
 {
-    json_object *b = call->body, *v;
-    bool test = json_object_object_get_ex(b, "test", &v) &&
-                json_object_get_boolean(v);
-    if (!test)
-        return vr_err(-ENOTSUP, "failover stop without --test is not "
-                      "available yet (#3)");
+    return 3ULL * (r->frequency_s ? r->frequency_s : 300) * 1000 + 5000;
+}
+
+static int
+unplanned_start(struct api_call *call, int64_t want, bool force,
+                json_object **out)
+{
+    pthread_mutex_lock(&D->lock);
+    struct vm *vm = NULL;
+    int rc = lookup_replica(call, &vm);
+    struct repl *r = rc == 0 ? vm->repl : NULL;
+    if (rc == 0)
+        rc = check_idle(vm);
+    uint64_t now = vr_wall_ms();
+    uint64_t seen = 0;
+    if (rc == 0) {
+        seen = r->last_contact_ms > r->last_ok_ms ? r->last_contact_ms
+                                                   : r->last_ok_ms;
+        if (!force && seen && seen <= now &&
+            now - seen < contact_window_ms(r))
+            rc = vr_err(-EBUSY, "vm %s: the primary server %s was in "
+                        "contact %llu s ago and may still run the VM; shut "
+                        "it down first (or 'failover prepare' it), or use "
+                        "--force", vm->name, r->primary_server,
+                        (unsigned long long)((now - seen) / 1000));
+    }
+    uint64_t point = 0;
+    if (rc == 0)
+        rc = choose_point(vm, want, &point);
+    if (rc < 0) {
+        pthread_mutex_unlock(&D->lock);
+        return rc;
+    }
+    r->failover_busy = true;
+    wait_applier(vm);
+    r->failover_point = point;
+    r->failover_step = FO_STARTING;
+    snprintf(r->state, sizeof r->state, "%s", ST_FAILOVER_WAIT);
+    rc = catalog_save_repl(r);
+    if (rc == 0)
+        vr_fault_point("failover-start-pinned");
+    CLEANUP_FREE char *rd = fo_rundir(r);
+    CLEANUP_FREE char *view =
+        xasprintf("%s/undo:%llu:%llu", r->storage, (unsigned long long)point,
+                  (unsigned long long)r->applied_cycle);
+    struct vmproc_disk disks[MAX_DISKS];
+    disks_of(vm, disks);
+    struct vmproc_spec spec = {
+        .name = vm->name,
+        .uuid = vm->uuid,
+        .cpus = vm->cpus,
+        .memory_mib = vm->memory_mib,
+        .rundir = rd,
+        .ndisks = vm->ndisks,
+        .disks = disks,
+        .view = view,
+    };
+    pthread_mutex_unlock(&D->lock);
+
+    if (rc == 0)
+        rc = launch(&spec, disks, r->storage, "failover-start");
+
+    pthread_mutex_lock(&D->lock);
+    if (rc == 0)
+        rc = set_step(r, FO_RUNNING);
+    if (rc < 0) {
+        char msg[1024];
+        snprintf(msg, sizeof msg, "%s", vr_errmsg());
+        VR_IGNORE(cancel_steps(vm));
+        vr_err(rc, "%s", msg);
+        event_add("error", vm->name, "failover at point %llu failed: %s",
+                  (unsigned long long)point, msg);
+    } else {
+        event_add("warning", vm->name, "failover started%s: the VM runs "
+                  "from point %llu; the primary's changes are refused until "
+                  "'failover stop' cancels or 'failover complete' commits",
+                  force && seen ? " (forced while the primary was in "
+                                  "contact)" : "",
+                  (unsigned long long)point);
+        *out = json_object_new_object();
+        json_object_object_add(*out, "vm", json_object_new_string(vm->name));
+        json_object_object_add(*out, "point",
+                               json_object_new_int64((int64_t)point));
+        json_object_object_add(*out, "state",
+                               json_object_new_string(r->state));
+        json_object_object_add(*out, "run_dir", json_object_new_string(rd));
+    }
+    r->failover_busy = false;
+    pthread_cond_broadcast(&D->cond);
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
+int
+api_failover_start(struct api_call *call, unsigned *status VR_UNUSED,
+                   json_object **out)
+{
+    int64_t want = jint(call->body, "point", 0);
+    if (want < 0)
+        return vr_err(-EINVAL, "point: expected a point id");
+    if (jbool(call->body, "test", false))
+        return test_start(call, want, out);
+    return unplanned_start(call, want, jbool(call->body, "force", false),
+                           out);
+}
+
+static int
+test_stop(struct api_call *call, json_object **out)
+{
     pthread_mutex_lock(&D->lock);
     struct vm *vm = NULL;
     int rc = lookup_replica(call, &vm);
@@ -304,6 +696,111 @@ api_failover_stop(struct api_call *call, unsigned *status VR_UNUSED,
                                json_object_new_int64((int64_t)point));
     }
     r->test_busy = false;
+    pthread_cond_broadcast(&D->cond);
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
+/* D->lock held: the VM's failover, ready for `verb` ("cancel" or
+ * "complete"; a cancel or complete that failed half-way may be run
+ * again). */
+static int
+lookup_failover(struct api_call *call, const char *verb, struct vm **out)
+{
+    int rc = lookup_replica(call, out);
+    if (rc < 0)
+        return rc;
+    struct vm *vm = *out;
+    struct repl *r = vm->repl;
+    if (r->failover_busy)
+        return vr_err(-EBUSY, "vm %s: a failover step is running; try "
+                      "again", vm->name);
+    if (!r->failover_point)
+        return vr_err(-ENOENT, "vm %s: no failover to %s%s", vm->name, verb,
+                      r->test_point ? " (a test failover runs: add --test)"
+                                    : "");
+    bool cancel = strcmp(verb, "cancel") == 0;
+    bool cancelling = r->failover_step == FO_CANCELLING;
+    bool completing = r->failover_step >= FO_COMPLETING;
+    if ((cancel && completing) || (!cancel && cancelling))
+        return vr_err(-EBUSY, "vm %s: the failover is being %s", vm->name,
+                      cancelling ? "cancelled" : "completed");
+    return 0;
+}
+
+int
+api_failover_stop(struct api_call *call, unsigned *status VR_UNUSED,
+                  json_object **out)
+{
+    if (jbool(call->body, "test", false))
+        return test_stop(call, out);
+    pthread_mutex_lock(&D->lock);
+    struct vm *vm = NULL;
+    int rc = lookup_failover(call, "cancel", &vm);
+    if (rc < 0) {
+        pthread_mutex_unlock(&D->lock);
+        return rc;
+    }
+    struct repl *r = vm->repl;
+    uint64_t point = r->failover_point;
+    r->failover_busy = true;
+    if (r->failover_step == FO_RUNNING)
+        rc = set_step(r, FO_CANCELLING);
+    if (rc == 0) {
+        vr_fault_point("failover-stop-marked");
+        rc = cancel_steps(vm);
+    }
+    if (rc == 0) {
+        event_add("info", vm->name, "failover at point %llu cancelled; "
+                  "replication resumes", (unsigned long long)point);
+        *out = json_object_new_object();
+        json_object_object_add(*out, "vm", json_object_new_string(vm->name));
+        json_object_object_add(*out, "point",
+                               json_object_new_int64((int64_t)point));
+        json_object_object_add(*out, "state",
+                               json_object_new_string(r->state));
+    }
+    r->failover_busy = false;
+    pthread_cond_broadcast(&D->cond);
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
+int
+api_failover_complete(struct api_call *call, unsigned *status VR_UNUSED,
+                      json_object **out)
+{
+    pthread_mutex_lock(&D->lock);
+    struct vm *vm = NULL;
+    int rc = lookup_failover(call, "complete", &vm);
+    if (rc < 0) {
+        pthread_mutex_unlock(&D->lock);
+        return rc;
+    }
+    struct repl *r = vm->repl;
+    uint64_t point = r->failover_point;
+    r->failover_busy = true;
+    if (r->failover_step == FO_RUNNING)
+        rc = set_step(r, FO_COMPLETING);
+    if (rc == 0) {
+        vr_fault_point("failover-complete-marked");
+        rc = complete_steps(vm);
+    }
+    if (rc == 0) {
+        *out = json_object_new_object();
+        json_object_object_add(*out, "vm", json_object_new_string(vm->name));
+        json_object_object_add(*out, "point",
+                               json_object_new_int64((int64_t)point));
+        json_object_object_add(*out, "state",
+                               json_object_new_string(r->state));
+        json_object_object_add(*out, "epoch",
+                               json_object_new_int64((int64_t)r->epoch));
+    } else {
+        event_add("error", vm->name, "failover complete: %s (it goes on "
+                  "with the next 'failover complete' or at a restart)",
+                  vr_errmsg());
+    }
+    r->failover_busy = false;
     pthread_cond_broadcast(&D->cond);
     pthread_mutex_unlock(&D->lock);
     return rc;

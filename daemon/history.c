@@ -121,9 +121,11 @@ retention(const struct repl *r, const struct point *pts, size_t n,
                                                  : 3600) * 1000;
     uint64_t blast = last->time_ms / iv;
     for (size_t i = 0; i < n; i++) {
-        /* The latest, and the point a test failover is looking at. */
+        /* The latest, and the point a test failover or a failover is
+         * looking at. */
         keep[i] = i == n - 1 ||
-                  (r->test_point && pts[i].cycle == r->test_point);
+                  (r->test_point && pts[i].cycle == r->test_point) ||
+                  (r->failover_point && pts[i].cycle == r->failover_point);
         if (r->recovery_history == 0 || keep[i])
             continue;
         if (pts[i].time_ms + iv >= last->time_ms)

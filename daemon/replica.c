@@ -307,11 +307,20 @@ own_vm(struct rreq *q, struct vm **out)
         strcmp(vm->repl->primary_server, q->peer) != 0)
         return vr_err(-EPERM, "replica vm %s: belongs to primary %s, not %s",
                       vm->name, vm->repl->primary_server, q->peer);
+    /* Any request of the VM's primary shows it is reachable (failover
+     * start refuses while it recently was). */
+    vm->repl->last_contact_ms = vr_wall_ms();
     if (q->kind != R1_STATUS && q->epoch != vm->repl->epoch)
         return vr_err(-ESTALE, "replica vm %s: epoch %llu refused (current "
                                "%llu)",
                       vm->name, (unsigned long long)q->epoch,
                       (unsigned long long)vm->repl->epoch);
+    if (q->kind != R1_STATUS &&
+        (vm->repl->failover_point || vm->repl->failover_busy))
+        return vr_err(-EBUSY, "replica vm %s: failed over on the Replica "
+                      "server (point %llu); changes are refused until the "
+                      "failover is cancelled", vm->name,
+                      (unsigned long long)vm->repl->failover_point);
     *out = vm;
     return 0;
 }
@@ -461,6 +470,12 @@ do_register(struct rreq *q, json_object **out)
         rc = vr_err(-EBUSY, "register: vm %s: a cycle is being received or "
                             "applied; try again",
                     vm->name);
+    else if (vm && vm->repl &&
+             (vm->repl->failover_point || vm->repl->failover_busy ||
+              strcmp(vm->repl->state, ST_FAILED_OVER) == 0))
+        rc = vr_err(-EPERM, "register: vm %s was failed over on the Replica "
+                    "server; it no longer replicates from %s", vm->name,
+                    q->peer);
     else if (vm && vm->repl && (vm->repl->test_point || vm->repl->test_busy))
         rc = vr_err(-EBUSY, "register: vm %s: a test failover is running "
                     "on the Replica server", vm->name);
@@ -796,8 +811,8 @@ refuse(struct MHD_Connection *c, struct rreq *q, int rc, const char *msg)
     pthread_mutex_lock(&D->lock);
     struct vm *vm = q->uuid[0] ? vm_find_uuid(q->uuid) : NULL;
     event_add("audit", vm ? vm->name : NULL, "refused %s from %s (%s): %s",
-              q->peer[0] ? q->peer : "unauthenticated peer", q->addr,
-              q->kind == R1_CYCLE ? "cycle" : "request", msg);
+              q->kind == R1_CYCLE ? "cycle" : "request",
+              q->peer[0] ? q->peer : "unauthenticated peer", q->addr, msg);
     pthread_mutex_unlock(&D->lock);
     return http_send_error(c, rc, msg);
 }
@@ -1188,7 +1203,9 @@ replica_recover(void)
                      vr_errmsg());
             vr_err_clear();
         }
-        while (r->initial_done && r->applied_cycle < r->last_cycle) {
+        /* A failover's view must not change under it. */
+        while (r->initial_done && r->applied_cycle < r->last_cycle &&
+               !r->failover_point) {
             uint64_t n = r->applied_cycle + 1;
             log_info("applier", "%s: recovering: applying staged cycle %llu",
                      vm->name, (unsigned long long)n);

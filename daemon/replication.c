@@ -104,11 +104,17 @@ repl_to_json(const struct vm *vm)
                            json_object_new_int((int)r->frequency_s));
     json_object_object_add(o, "compression",
                            json_object_new_boolean(r->compression));
-    if (r->mode == VM_MODE_REPLICA)
+    if (r->mode == VM_MODE_REPLICA) {
         json_object_object_add(o, "test_failover_point",
                                r->test_point ? json_object_new_int64(
                                                    (int64_t)r->test_point)
                                              : NULL);
+        json_object_object_add(o, "failover_point",
+                               r->failover_point
+                                   ? json_object_new_int64(
+                                         (int64_t)r->failover_point)
+                                   : NULL);
+    }
     json_object_object_add(o, "recovery_history",
                            json_object_new_int((int)r->recovery_history));
     json_object_object_add(o, "point_interval",
@@ -590,12 +596,21 @@ api_repl_remove(struct api_call *call, unsigned *status VR_UNUSED,
         rc = vr_err(-EBUSY, "vm %s: a test failover is running; run "
                     "'vmreplica failover stop %s --test' first", vm->name,
                     vm->name);
+    if (rc == 0 && (vm->repl->failover_point || vm->repl->failover_busy))
+        rc = vr_err(-EBUSY, "vm %s: failed over at point %llu; cancel "
+                    "('vmreplica failover stop %s') or commit ('vmreplica "
+                    "failover complete %s') first", vm->name,
+                    (unsigned long long)vm->repl->failover_point, vm->name,
+                    vm->name);
+    bool failed_over = rc == 0 &&
+                       strcmp(vm->repl->state, ST_FAILED_OVER) == 0;
     if (rc == 0) {
         rc = catalog_delete_repl(vm->uuid);
         if (rc == 0) {
             repl_free(vm->repl);
             vm->repl = NULL;
-            if (vm->mode == VM_MODE_PRIMARY)
+            /* A completed failover leaves a VM of this server's own. */
+            if (vm->mode == VM_MODE_PRIMARY || failed_over)
                 vm->mode = VM_MODE_NONE;
             rc = catalog_save_vm(vm);
         }

@@ -85,8 +85,13 @@ vm_to_json(const struct vm *vm)
     json_object *o = json_object_new_object();
     CLEANUP_FREE char *rundir = vm_rundir(vm);
     bool served = false, running = false;
-    if (vm->mode != VM_MODE_REPLICA)
+    if (vm->mode == VM_MODE_REPLICA && vm->repl && vm->repl->failover_point) {
+        /* It runs from overlays on a recovery point (failover.c). */
+        CLEANUP_FREE char *fo = xasprintf("%s/failover", vm->repl->storage);
+        vmproc_status(fo, &served, &running);
+    } else {
         vmproc_status(rundir, &served, &running);
+    }
     json_object_object_add(o, "name", json_object_new_string(vm->name));
     json_object_object_add(o, "uuid", json_object_new_string(vm->uuid));
     json_object_object_add(o, "cpus", json_object_new_int((int)vm->cpus));
@@ -340,55 +345,6 @@ api_vm_show(struct api_call *call, unsigned *status VR_UNUSED,
     return rc;
 }
 
-/* Run argv, waiting; on failure the last line of its stderr goes into the
- * error message. */
-static int
-run_cmd(char *const argv[])
-{
-    int pipefd[2];
-    if (pipe2(pipefd, O_CLOEXEC) < 0)
-        return vr_err(-errno, "pipe: %s", strerror(errno));
-    pid_t pid = fork();
-    if (pid < 0) {
-        close(pipefd[0]);
-        close(pipefd[1]);
-        return vr_err(-errno, "fork: %s", strerror(errno));
-    }
-    if (pid == 0) {
-        dup2(pipefd[1], 2);
-        int devnull = open("/dev/null", O_RDWR);
-        dup2(devnull, 0);
-        dup2(devnull, 1);
-        execvp(argv[0], argv);
-        dprintf(2, "exec %s: %s\n", argv[0], strerror(errno));
-        _exit(127);
-    }
-    close(pipefd[1]);
-    char buf[4096];
-    size_t len = 0;
-    for (;;) {
-        ssize_t n = read(pipefd[0], buf + len, sizeof buf - 1 - len);
-        if (n <= 0)
-            break;
-        len += (size_t)n;
-        if (len == sizeof buf - 1) {
-            memmove(buf, buf + len / 2, len - len / 2);
-            len -= len / 2;
-        }
-    }
-    close(pipefd[0]);
-    buf[len] = '\0';
-    while (len > 0 && buf[len - 1] == '\n')
-        buf[--len] = '\0';
-    char *last = strrchr(buf, '\n');
-    int st;
-    while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
-        ;
-    if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
-        return vr_err(-EIO, "%s failed: %s", argv[0], last ? last + 1 : buf);
-    return 0;
-}
-
 int
 api_vm_create(struct api_call *call, unsigned *status, json_object **out)
 {
@@ -444,7 +400,7 @@ api_vm_create(struct api_call *call, unsigned *status, json_object **out)
             char *argv[] = { (char *)"qemu-img", (char *)"convert",
                              (char *)"-O", (char *)"raw", (char *)src,
                              dk->path, NULL };
-            rc = run_cmd(argv);
+            rc = vmproc_run(argv);
         } else if (size > 0) {
             int fd = open(dk->path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC,
                           0640);
@@ -538,7 +494,8 @@ api_vm_start(struct api_call *call, unsigned *status VR_UNUSED,
     struct vm *vm = NULL;
     pthread_mutex_lock(&D->lock);
     int rc = begin_change(call, &vm);
-    if (rc == 0 && vm->mode == VM_MODE_REPLICA) {
+    if (rc == 0 && vm->mode == VM_MODE_REPLICA &&
+        !(vm->repl && strcmp(vm->repl->state, ST_FAILED_OVER) == 0)) {
         vm->changing = false;
         rc = vr_err(-EBUSY, "vm %s: is a Replica VM; it starts only through "
                             "failover",
@@ -607,7 +564,7 @@ remove_tree(const char *path)
 {
     char *argv[] = { (char *)"rm", (char *)"-rf", (char *)"--",
                      (char *)path, NULL };
-    (void)run_cmd(argv);
+    VR_IGNORE(vmproc_run(argv));
 }
 
 int

@@ -1047,6 +1047,55 @@ vmproc_refresh(const char *rundir, uint64_t latest)
     return rc < 0 ? err_wrap(rc, "refresh view %s", rundir) : 0;
 }
 
+/* Run argv, waiting; on failure the last line of its stderr goes into the
+ * error message. */
+int
+vmproc_run(char *const argv[])
+{
+    int pipefd[2];
+    if (pipe2(pipefd, O_CLOEXEC) < 0)
+        return vr_err(-errno, "pipe: %s", strerror(errno));
+    pid_t pid = fork();
+    if (pid < 0) {
+        close(pipefd[0]);
+        close(pipefd[1]);
+        return vr_err(-errno, "fork: %s", strerror(errno));
+    }
+    if (pid == 0) {
+        dup2(pipefd[1], 2);
+        int devnull = open("/dev/null", O_RDWR);
+        dup2(devnull, 0);
+        dup2(devnull, 1);
+        execvp(argv[0], argv);
+        dprintf(2, "exec %s: %s\n", argv[0], strerror(errno));
+        _exit(127);
+    }
+    close(pipefd[1]);
+    char buf[4096];
+    size_t len = 0;
+    for (;;) {
+        ssize_t n = read(pipefd[0], buf + len, sizeof buf - 1 - len);
+        if (n <= 0)
+            break;
+        len += (size_t)n;
+        if (len == sizeof buf - 1) {
+            memmove(buf, buf + len / 2, len - len / 2);
+            len -= len / 2;
+        }
+    }
+    close(pipefd[0]);
+    buf[len] = '\0';
+    while (len > 0 && buf[len - 1] == '\n')
+        buf[--len] = '\0';
+    char *last = strrchr(buf, '\n');
+    int st;
+    while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
+        ;
+    if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
+        return vr_err(-EIO, "%s failed: %s", argv[0], last ? last + 1 : buf);
+    return 0;
+}
+
 int
 vmproc_make_overlays(const char *rundir, unsigned ndisks,
                      const struct vmproc_disk *disks)
@@ -1055,26 +1104,45 @@ vmproc_make_overlays(const char *rundir, unsigned ndisks,
         CLEANUP_FREE char *ov = xasprintf("%s/%s.qcow2", rundir, disks[i].id);
         CLEANUP_FREE char *uri = vmproc_nbd_uri(rundir, disks[i].id);
         unlink(ov);
-        pid_t pid = fork();
-        if (pid < 0)
-            return vr_err(-errno, "qemu-img: fork: %s", strerror(errno));
-        if (pid == 0) {
-            int null = open("/dev/null", O_RDWR);
-            if (null >= 0) {
-                dup2(null, 0);
-                dup2(null, 1);
-            }
-            execlp("qemu-img", "qemu-img", "create", "-q", "-f", "qcow2",
-                   "-F", "raw", "-b", uri, ov, (char *)NULL);
-            _exit(127);
-        }
-        int st;
-        while (waitpid(pid, &st, 0) < 0)
-            if (errno != EINTR)
-                return vr_err(-errno, "qemu-img: wait: %s", strerror(errno));
-        if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
-            return vr_err(-EIO, "qemu-img create %s (backing %s) failed", ov,
-                          uri);
+        char *argv[] = { (char *)"qemu-img", (char *)"create", (char *)"-q",
+                         (char *)"-f", (char *)"qcow2", (char *)"-F",
+                         (char *)"raw", (char *)"-b", uri, ov, NULL };
+        int rc = vmproc_run(argv);
+        if (rc < 0)
+            return err_wrap(rc, "overlay %s on %s", ov, uri);
+    }
+    return 0;
+}
+
+int
+vmproc_commit_overlays(const char *rundir, unsigned ndisks,
+                       const struct vmproc_disk *disks)
+{
+    for (unsigned i = 0; i < ndisks; i++) {
+        CLEANUP_FREE char *ov = xasprintf("%s/%s.qcow2", rundir, disks[i].id);
+        CLEANUP_FREE char *base = xstrdup(disks[i].path);
+        /* The overlay's backing file becomes the disk itself (same
+         * content: the caller reverted it to the view's point), then its
+         * clusters go into the disk.  Both steps can be repeated. */
+        char *rebase[] = { (char *)"qemu-img", (char *)"rebase", (char *)"-q",
+                           (char *)"-u", (char *)"-f", (char *)"qcow2",
+                           (char *)"-F", (char *)"raw", (char *)"-b", base,
+                           ov, NULL };
+        char *commit[] = { (char *)"qemu-img", (char *)"commit", (char *)"-q",
+                           (char *)"-f", (char *)"qcow2", ov, NULL };
+        int rc = vmproc_run(rebase);
+        if (rc == 0)
+            rc = vmproc_run(commit);
+        if (rc < 0)
+            return err_wrap(rc, "commit overlay %s into %s", ov, base);
+        int fd = open(base, O_RDWR | O_CLOEXEC);
+        if (fd < 0 || fdatasync(fd) < 0)
+            rc = vr_err(-errno, "commit overlay: sync %s: %s", base,
+                        strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        if (rc < 0)
+            return rc;
     }
     return 0;
 }

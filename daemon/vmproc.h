@@ -73,6 +73,14 @@ int vmproc_open_cycle(const char *rundir, uint64_t *cycle,
  * served by vmproc_start), with qemu-img. */
 int vmproc_make_overlays(const char *rundir, unsigned ndisks,
                          const struct vmproc_disk *disks) VR_WUR;
+/* Write RUNDIR/ID.qcow2 into each disk's raw image (disks[i].path), which
+ * must hold the overlay's backing content: qemu-img rebase -u, commit,
+ * fdatasync.  Repeatable after a crash. */
+int vmproc_commit_overlays(const char *rundir, unsigned ndisks,
+                           const struct vmproc_disk *disks) VR_WUR;
+/* Run argv (PATH lookup) and wait; on failure the last line of its stderr
+ * is in the error message. */
+int vmproc_run(char *const argv[]) VR_WUR;
 /* Tell a view (vmproc_spec.view) that the undo span of cycle latest is in
  * place, before that cycle is applied (the plugin's REFRESH). */
 int vmproc_refresh(const char *rundir, uint64_t latest) VR_WUR;

@@ -12,7 +12,9 @@
  * both hold a block.  A view indexes the blocks of the spans between a
  * point and the latest cycle (block * 64 + disk -> record) after checking
  * every record of every span, CRC included, so a corrupt span fails the
- * open with -EBADMSG instead of yielding wrong data later.
+ * open with -EBADMSG instead of yielding wrong data later.  Revert
+ * writes the blocks a view takes from its spans into the live disks, which
+ * leaves the view's reads unchanged, so it can be repeated after a crash.
  *
  * Every file is written as NAME.tmp (O_EXCL), fdatasync'ed, renamed and
  * the directory fsync'ed; undo_cleanup removes what a crash leaves.
@@ -1021,6 +1023,117 @@ undo_view_read(struct undo_view *v, unsigned disk, int disk_fd, void *buf,
         p += n;
         pos += n;
     }
+    return 0;
+}
+
+/* Make [off, off+len) of disk read as zeroes: punch a hole, or write
+ * zeroes where the file system or device cannot (as apply does). */
+static int
+revert_zero(int fd, unsigned disk, uint64_t off, uint64_t len)
+{
+    static const uint8_t zeroes[64 << 10];
+
+    if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off,
+                  (off_t)len) == 0)
+        return 0;
+    if (errno != EOPNOTSUPP && errno != ENOSYS)
+        return vr_err(-errno,
+                      "undo: revert disk %u: punch hole at %" PRIu64 ": %s",
+                      disk, off, strerror(errno));
+    while (len > 0) {
+        size_t n = len < sizeof zeroes ? (size_t)len : sizeof zeroes;
+        int rc = io_pwrite_all(fd, zeroes, n, (off_t)off);
+        if (rc < 0)
+            return vr_err(
+                rc, "undo: revert disk %u: write zeroes at %" PRIu64 ": %s",
+                disk, off, strerror(-rc));
+        off += n;
+        len -= n;
+    }
+    return 0;
+}
+
+/* Write [pos, pos+n) of record r (n <= r->len, inside it) to its disk. */
+static int
+revert_run(struct undo_view *v, const struct urec *r, const int *disk_fds,
+           uint64_t pos, uint64_t n, uint8_t **buf)
+{
+    int fd = disk_fds[r->disk];
+    int rc;
+
+    if (r->kind == CL_ZERO)
+        return revert_zero(fd, r->disk, pos, n);
+    /* A record is at most UNDO_MAX_RECORD_BYTES, so is any run in it. */
+    if (!*buf)
+        *buf = xmalloc(UNDO_MAX_RECORD_BYTES);
+    rc = io_pread_all(v->fds[r->src], *buf, n,
+                      (off_t)(r->data_off + (pos - r->offset)));
+    if (rc < 0)
+        return vr_err(rc == -ENODATA ? -EBADMSG : rc,
+                      "undo: revert: read undo data of disk %u at %" PRIu64
+                      ": %s",
+                      r->disk, pos, strerror(-rc));
+    rc = io_pwrite_all(fd, *buf, n, (off_t)pos);
+    if (rc < 0)
+        return vr_err(rc, "undo: revert disk %u: write at %" PRIu64 ": %s",
+                      r->disk, pos, strerror(-rc));
+    return 0;
+}
+
+int
+undo_view_revert(struct undo_view *v, const int *disk_fds, uint64_t *bytes)
+{
+    uint8_t *buf = NULL;
+    uint64_t done = 0;
+    bool first = true;
+    int rc = 0;
+
+    if (bytes)
+        *bytes = 0;
+    /* Each block goes to the disk once, from the record the index names
+     * (the span nearest the point): the blocks of a record that a nearer
+     * span also holds are skipped, the rest written in runs.  Only blocks
+     * the view never reads from the disk change, so the view is the same
+     * throughout and a revert cut short can simply be run again. */
+    for (size_t i = 0; i < v->recs.n && rc == 0; i++) {
+        const struct urec *r = &v->recs.r[i];
+        uint64_t end = r->offset + r->len;
+        uint64_t pos = r->offset;
+
+        while (pos < end && rc == 0) {
+            uint64_t run = pos;
+
+            while (run < end &&
+                   u64map_get(&v->index, view_key(run / UNDO_BLOCK, r->disk)) ==
+                       i + 1)
+                run = run + UNDO_BLOCK < end ? run + UNDO_BLOCK : end;
+            if (run == pos) { /* a nearer span's block */
+                pos += UNDO_BLOCK;
+                continue;
+            }
+            /* run - pos <= r->len: the last block may be partial (the
+             * record ends at the disk's end), and is written exactly. */
+            rc = revert_run(v, r, disk_fds, pos, run - pos, &buf);
+            if (rc < 0)
+                break;
+            done += run - pos;
+            pos = run;
+            if (first) {
+                first = false;
+                vr_fault_point("undo-revert");
+            }
+        }
+    }
+    free(buf);
+    if (rc < 0)
+        return rc;
+    for (unsigned d = 0; d < v->ndisks; d++) {
+        if (fdatasync(disk_fds[d]) < 0)
+            return vr_err(-errno, "undo: revert: sync disk %u: %s", d,
+                          strerror(errno));
+    }
+    if (bytes)
+        *bytes = done;
     return 0;
 }
 

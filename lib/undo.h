@@ -92,6 +92,17 @@ int undo_view_open(int dirfd, uint64_t point, uint64_t latest,
  * (the live disk; past its end: zeroes). */
 int undo_view_read(struct undo_view *v, unsigned disk, int disk_fd,
                    void *buf, uint64_t off, uint32_t len) VR_WUR;
+/* Make the live disks equal to the view's point: write every block the
+ * view takes from its spans into disk_fds[i] (records of kind CL_ZERO are
+ * holes: punch them with fallocate(PUNCH_HOLE|KEEP_SIZE), falling back to
+ * writing zeroes where punching is not supported), then fdatasync every
+ * disk.  Idempotent and crash-safe: the view reads the same before and
+ * after (the blocks it takes from spans are never read from the disks), so
+ * an interrupted revert is simply run again.  Calls
+ * vr_fault_point("undo-revert") after the first block run is written (for
+ * crash tests).  *bytes (may be NULL): bytes written or punched. */
+int undo_view_revert(struct undo_view *v, const int *disk_fds,
+                     uint64_t *bytes) VR_WUR;
 void undo_view_free(struct undo_view *v);
 
 #endif /* VR_UNDO_H */

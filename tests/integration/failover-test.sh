@@ -14,8 +14,8 @@
 # primary's disk at cycle P (its hash at that seal), and the Replica disk
 # must converge byte-identical to the primary's, untouched by the test VM.
 # `failover stop g1 --test` removes the test VM.  Refusals: a second test
-# failover, an unknown point, a failover without --test (not available
-# yet), failover on the primary, replication remove during a test.  Then
+# failover, an unknown point, a failover while the primary is in
+# contact, failover on the primary, replication remove during a test.  Then
 # the Replica server is SIGKILLed at each step of starting and of stopping
 # a test failover; after its restart the test failover is whole or gone.
 source "$(dirname "$0")/functions.sh"
@@ -123,8 +123,9 @@ grep -q "no test failover is running" <<<"$err" || fail "second stop: $err"
 err=$(vr replica failover start g1 --test --point 999999 2>&1) &&
     fail "unknown point accepted"
 grep -q "no recovery point 999999" <<<"$err" || fail "unknown point: $err"
-err=$(vr replica failover start g1 2>&1) && fail "failover without --test accepted"
-grep -q "not available yet" <<<"$err" || fail "failover without --test: $err"
+err=$(vr replica failover start g1 2>&1) &&
+    fail "failover accepted while the primary is in contact"
+grep -q "was in contact" <<<"$err" || fail "failover without --test: $err"
 err=$(vr primary failover start g1 --test 2>&1) && fail "test failover on the primary"
 grep -q "not a Replica VM" <<<"$err" || fail "failover on the primary: $err"
 

@@ -232,11 +232,12 @@ apply(uint64_t c)
     return cyc_apply_file(pfds[c], disk_fds, sizes, NDISKS, &n);
 }
 
-/* Open a view at point of disks at latest and read every disk whole and
- * in random unaligned pieces: 0 if all match img[point], 1 if not, or the
+/* Open a view at point of the disks fds at lat and read every disk whole
+ * and in random unaligned pieces: 0 if all match want, 1 if not, or the
  * error. */
 static int
-view_check_fd(int dirfd, uint64_t point, uint64_t lat, uint8_t *const *want)
+view_check_fds(int dirfd, uint64_t point, uint64_t lat, uint8_t *const *want,
+               const int *fds)
 {
     struct undo_view *v;
     int rc = undo_view_open(dirfd, point, lat, NDISKS, sizes, &v);
@@ -247,7 +248,7 @@ view_check_fd(int dirfd, uint64_t point, uint64_t lat, uint8_t *const *want)
     for (unsigned d = 0; d < NDISKS && rc == 0; d++) {
         uint8_t *buf = xmalloc(sizes[d]);
         memset(buf, 0xa5, sizes[d]);
-        rc = undo_view_read(v, d, disk_fds[d], buf, 0, (uint32_t)sizes[d]);
+        rc = undo_view_read(v, d, fds[d], buf, 0, (uint32_t)sizes[d]);
         if (rc == 0 && memcmp(buf, want[d], sizes[d]) != 0)
             bad = 1;
         memset(buf, 0x5a, sizes[d]);
@@ -255,7 +256,7 @@ view_check_fd(int dirfd, uint64_t point, uint64_t lat, uint8_t *const *want)
             uint64_t n = 1 + rng() % 70000;
             if (n > sizes[d] - pos)
                 n = sizes[d] - pos;
-            rc = undo_view_read(v, d, disk_fds[d], buf + pos, pos, (uint32_t)n);
+            rc = undo_view_read(v, d, fds[d], buf + pos, pos, (uint32_t)n);
             pos += n;
         }
         if (rc == 0 && memcmp(buf, want[d], sizes[d]) != 0)
@@ -264,6 +265,13 @@ view_check_fd(int dirfd, uint64_t point, uint64_t lat, uint8_t *const *want)
     }
     undo_view_free(v);
     return rc < 0 ? rc : bad;
+}
+
+/* The same on the live disks. */
+static int
+view_check_fd(int dirfd, uint64_t point, uint64_t lat, uint8_t *const *want)
+{
+    return view_check_fds(dirfd, point, lat, want, disk_fds);
 }
 
 static int
@@ -329,7 +337,9 @@ span_props(int dirfd, uint64_t a, uint64_t b, struct props *p)
 /* --- crash children ---------------------------------------------------- */
 
 /* Run in a re-executed copy of this program, so VMREPLICA_FAULT is read
- * afresh: "--child DIR capture C" or "--child DIR merge A M B". */
+ * afresh: "--child DIR capture C", "--child DIR merge A M B", or
+ * "--child DIR revert SUB P L" (the copies rev-D of the disks to point P
+ * of L with the spans in SUB). */
 static int
 child_main(int argc, char **argv)
 {
@@ -339,13 +349,14 @@ child_main(int argc, char **argv)
     if (argc < 4)
         return 3;
     snprintf(tmpdir, sizeof tmpdir, "%s", argv[2]);
+    bool rev = strcmp(argv[3], "revert") == 0 && argc == 7;
     for (unsigned d = 0; d < NDISKS; d++) {
-        char *p = path_of("disk-%llu", d);
+        char *p = path_of(rev ? "rev-%llu" : "disk-%llu", d);
         if ((fds[d] = open(p, O_RDWR | O_CLOEXEC)) < 0)
             return 3;
         free(p);
     }
-    int dirfd = open_dir("undo");
+    int dirfd = open_dir(rev ? argv[4] : "undo");
     if (strcmp(argv[3], "capture") == 0 && argc == 5) {
         uint64_t c = strtoull(argv[4], NULL, 10);
         char *p = path_of("payload-%02llu", c);
@@ -358,6 +369,14 @@ child_main(int argc, char **argv)
         rc = undo_merge(dirfd, strtoull(argv[4], NULL, 10),
                         strtoull(argv[5], NULL, 10),
                         strtoull(argv[6], NULL, 10), &ub);
+    } else if (rev) {
+        struct undo_view *v;
+        rc = undo_view_open(dirfd, strtoull(argv[5], NULL, 10),
+                            strtoull(argv[6], NULL, 10), NDISKS, sizes, &v);
+        if (rc == 0) {
+            rc = undo_view_revert(v, fds, &ub);
+            undo_view_free(v);
+        }
     } else {
         return 3;
     }
@@ -1160,6 +1179,266 @@ test_corrupt(void)
     close(dir);
 }
 
+/* --- revert ------------------------------------------------------------ */
+
+/* Fresh copies "rev-D" of the live disks (the live disks stay as they are,
+ * so every point can be reverted to from the same start); fds in out. */
+static void
+copy_disks(int *out)
+{
+    for (unsigned d = 0; d < NDISKS; d++) {
+        char *p = path_of("rev-%llu", d);
+        uint8_t *buf = xmalloc(sizes[d]);
+        out[d] = open(p, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (out[d] < 0 || io_pread_all(disk_fds[d], buf, sizes[d], 0) < 0 ||
+            io_pwrite_all(out[d], buf, sizes[d], 0) < 0)
+            die("copy disk");
+        free(buf);
+        free(p);
+    }
+}
+
+/* fd holds exactly want: size bytes, no more. */
+static bool
+disk_is(int fd, const uint8_t *want, uint64_t size)
+{
+    struct stat st;
+    uint8_t *buf = xmalloc(size);
+    bool same = fstat(fd, &st) == 0 && (uint64_t)st.st_size == size &&
+                io_pread_all(fd, buf, size, 0) == 0 &&
+                memcmp(buf, want, size) == 0;
+    free(buf);
+    return same;
+}
+
+static bool
+disks_are(const int *fds, uint8_t *const *want)
+{
+    bool same = true;
+    for (unsigned d = 0; d < NDISKS; d++)
+        same = disk_is(fds[d], want[d], sizes[d]) && same;
+    return same;
+}
+
+struct held {
+    uint8_t *blk[NDISKS]; /* 1: some span holds the block */
+};
+
+static int
+held_rec(const struct cl_rec *r, uint64_t file_off, void *arg)
+{
+    struct held *h = arg;
+    (void)file_off;
+    for (uint64_t b = r->offset / BLK; b * BLK < r->offset + r->len; b++)
+        h->blk[r->disk][b] = 1;
+    return 0;
+}
+
+/* What a revert to point of lat writes: every block the spans in dirfd
+ * inside point+1..lat hold, once however many hold it, the partial last
+ * block by its length. */
+static uint64_t
+held_bytes(int dirfd, uint64_t point, uint64_t lat)
+{
+    struct held h;
+    uint64_t total = 0;
+
+    for (unsigned d = 0; d < NDISKS; d++)
+        h.blk[d] = xcalloc(1, sizes[d] / BLK + 1);
+    for (uint64_t a = point + 1; a <= lat; a++) {
+        for (uint64_t b = a; b <= lat; b++) {
+            char name[48];
+            undo_name(a, b, name);
+            int fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC);
+            if (fd < 0)
+                continue;
+            if (cyc_payload_foreach(fd, NDISKS, NULL, held_rec, &h) < 0)
+                die("held_bytes");
+            close(fd);
+        }
+    }
+    for (unsigned d = 0; d < NDISKS; d++) {
+        for (uint64_t b = 0; b * BLK < sizes[d]; b++) {
+            if (h.blk[d][b])
+                total += sizes[d] - b * BLK < BLK ? sizes[d] - b * BLK : BLK;
+        }
+        free(h.blk[d]);
+    }
+    return total;
+}
+
+/* Revert copies of the live disks (at lat) to point with the spans in
+ * dirfd, check them against want, revert again, and read them through a
+ * view at point.  Returns the bytes the first revert wrote. */
+static uint64_t
+revert_check(const char *what, int dirfd, uint64_t point, uint64_t lat,
+             uint8_t *const *want)
+{
+    unsigned long long pt = (unsigned long long)point;
+    struct undo_view *v = NULL;
+    uint64_t b1 = UINT64_MAX, b2 = UINT64_MAX;
+    int rfds[NDISKS], rc;
+
+    copy_disks(rfds);
+    rc = undo_view_open(dirfd, point, lat, NDISKS, sizes, &v);
+    if (rc == 0)
+        rc = undo_view_revert(v, rfds, &b1);
+    undo_view_free(v);
+    is_int(rc, 0, "%s: revert to point %llu", what, pt);
+    ok(disks_are(rfds, want), "%s: disks at %llu equal the model", what, pt);
+    is_int(b1, held_bytes(dirfd, point, lat),
+           "%s: every block the spans hold written once", what);
+
+    /* As after a crash: a new view of the disks reverted already. */
+    v = NULL;
+    rc = undo_view_open(dirfd, point, lat, NDISKS, sizes, &v);
+    if (rc == 0)
+        rc = undo_view_revert(v, rfds, &b2);
+    undo_view_free(v);
+    ok(rc == 0 && b2 == b1 && disks_are(rfds, want),
+       "%s: reverting to %llu again changes nothing", what, pt);
+    is_int(view_check_fds(dirfd, point, lat, want, rfds), 0,
+           "%s: view at %llu of the reverted disks is exact", what, pt);
+    for (unsigned d = 0; d < NDISKS; d++)
+        close(rfds[d]);
+    return b1;
+}
+
+/* Revert to every point the spans in udir keep (from latest). */
+static void
+revert_points(const char *what)
+{
+    unsigned n = 0;
+
+    for (uint64_t pt = 0; pt < latest; pt++) {
+        struct undo_view *v = NULL;
+        if (undo_view_open(udir, pt, latest, NDISKS, sizes, &v) < 0)
+            continue; /* dropped by a merge or cleanup */
+        undo_view_free(v);
+        ok(revert_check(what, udir, pt, latest, img[pt]) > 0,
+           "%s: reverting to %llu writes something", what,
+           (unsigned long long)pt);
+        n++;
+    }
+    ok(n >= 2, "%s: %u points reverted to", what, n);
+    /* The latest point: no spans, nothing to write. */
+    is_int(revert_check(what, udir, latest, latest, img[latest]), 0,
+           "%s: reverting to the latest point writes nothing", what);
+}
+
+/* Start a new model: fresh disks and undo directory sub, seed. */
+static void
+model_reset(const char *sub, uint64_t seed)
+{
+    for (uint64_t c = 1; c <= latest; c++)
+        close(pfds[c]);
+    for (uint64_t c = 0; c <= latest; c++) {
+        for (unsigned d = 0; d < NDISKS; d++) {
+            free(img[c][d]);
+            img[c][d] = NULL;
+        }
+    }
+    for (unsigned d = 0; d < NDISKS; d++)
+        close(disk_fds[d]);
+    close(udir);
+    udir = open_dir(sub);
+    latest = 0;
+    rng_state = seed;
+    make_disks();
+}
+
+/* Some block the model turns back from data into zeroes (a hole or a
+ * zeroed range at the point, data on the live disk). */
+static bool
+zeroes_come_back(uint64_t point)
+{
+    for (unsigned d = 0; d < NDISKS; d++) {
+        for (uint64_t i = 0; i < sizes[d]; i++) {
+            if (img[point][d][i] == 0 && img[latest][d][i] != 0)
+                return true;
+        }
+    }
+    return false;
+}
+
+/* Revert copies of the live disks to point in a child that dies after
+ * the first run, then finish the job; true if the child left the disks
+ * between latest and point (its first run may change nothing: a hole
+ * punched where the live disk has one too). */
+static bool
+revert_crash(const char *sub, uint64_t point)
+{
+    unsigned long long pt = (unsigned long long)point;
+    char pnum[24], lnum[24];
+    int rfds[NDISKS], st;
+    uint64_t bytes = 0;
+
+    snprintf(pnum, sizeof pnum, "%llu", pt);
+    snprintf(lnum, sizeof lnum, "%llu", (unsigned long long)latest);
+    copy_disks(rfds);
+    st = run_child("undo-revert:1", "revert", sub, pnum, lnum);
+    ok(killed(st), "revert crash: killed at undo-revert (status 0x%x)", st);
+    ok(!disks_are(rfds, img[point]), "revert crash: not yet at point %llu", pt);
+    bool between = !disks_are(rfds, img[latest]);
+    is_int(view_check_fds(udir, point, latest, img[point], rfds), 0,
+           "revert crash: the view at %llu reads the same meanwhile", pt);
+    struct undo_view *v = NULL;
+    int rc = undo_view_open(udir, point, latest, NDISKS, sizes, &v);
+    if (rc == 0)
+        rc = undo_view_revert(v, rfds, &bytes);
+    undo_view_free(v);
+    is_int(rc, 0, "revert crash: revert to %llu again", pt);
+    ok(disks_are(rfds, img[point]),
+       "revert crash: disks equal the model at %llu", pt);
+    for (unsigned d = 0; d < NDISKS; d++)
+        close(rfds[d]);
+    return between;
+}
+
+static void
+test_revert(void)
+{
+    bool between = false;
+
+    /* The history the tests above left: merged spans, dropped points. */
+    revert_points("revert");
+
+    /* Fresh random histories, one span merged in each. */
+    static const struct {
+        uint64_t seed, ncycles, merge_a, merge_b;
+    } hist[] = {
+        { 0x1234567887654321ull, 6, 2, 3 },
+        { 0xdeadbeefcafef00dull, 8, 3, 6 },
+        { 0x0123456789abcdefull, 5, 1, 4 },
+    };
+    for (size_t h = 0; h < ARRAY_SIZE(hist); h++) {
+        char sub[32], what[32];
+        bool built = true, back = false;
+        snprintf(sub, sizeof sub, "revert-%zu", h);
+        snprintf(what, sizeof what, "revert %zu", h);
+        model_reset(sub, hist[h].seed);
+        for (uint64_t c = 1; c <= hist[h].ncycles; c++) {
+            make_cycle(c);
+            built = built && capture(c) == 0 && apply(c) == 0;
+            latest = c;
+        }
+        uint64_t a = hist[h].merge_a, b = hist[h].merge_b;
+        for (uint64_t k = a; k < b; k++) /* a..k + k+1..k+1 */
+            built = built && undo_merge(udir, a, k, k + 1, NULL) == 0;
+        ok(built, "%s: history of %llu cycles, %llu..%llu merged", what,
+           (unsigned long long)latest, (unsigned long long)a,
+           (unsigned long long)b);
+        for (uint64_t pt = 0; pt < latest; pt++)
+            back = back || zeroes_come_back(pt);
+        ok(back, "%s: some data goes back to zeroes", what);
+        revert_points(what);
+        /* Point 0, the oldest, has the most to write. */
+        between = revert_crash(sub, 0) || between;
+    }
+
+    ok(between, "revert crash: some crash left the disks between the points");
+}
+
 static void
 cleanup_tmpdir(void)
 {
@@ -1195,6 +1474,7 @@ main(int argc, char **argv)
     test_cleanup();
     test_tiling();
     test_corrupt();
+    test_revert();
 
     for (uint64_t c = 1; c <= latest; c++)
         close(pfds[c]);
