@@ -254,6 +254,9 @@ history_recover(struct vm *vm)
     struct repl *r = vm->repl;
     if (!r || !r->storage || vm->mode != VM_MODE_REPLICA)
         return 0;
+    /* A completed failover has no points: its disks are its own. */
+    if (strcmp(r->state, ST_FAILED_OVER) == 0)
+        return 0;
     struct point *pts = NULL;
     size_t np = 0;
     int rc = catalog_points(vm->uuid, &pts, &np);

@@ -140,20 +140,9 @@ assert_no_test() { # WHAT
     test_procs && fail "$1: test processes still running: $(pgrep -af -- "$TESTRUN")"
     return 0
 }
-crash_restart() { # FAULT CMD... — run CMD against a replica that dies at FAULT
-    local fault=$1
-    shift
-    stop_daemon replica
-    spawn_daemon replica "${REPLICA_ENV[@]}" VMREPLICA_FAULT="$fault"
-    wait_daemon replica 20
-    vr replica "$@" >/dev/null 2>&1 && fail "$* survived fault $fault"
-    wait_until 30 daemon_dead replica || fail "replica did not die at $fault"
-    [ "$DAEMON_STATUS" -eq 137 ] || fail "replica exited $DAEMON_STATUS at $fault"
-    start_replica "${REPLICA_ENV[@]}"
-}
 for fault in test-start-pinned:1 test-start-view:1 test-start-overlays:1 \
              test-start-qemu:1; do
-    crash_restart "$fault" failover start g1 --test
+    crash_replica "$fault" failover start g1 --test
     if [ "$fault" = test-start-qemu:1 ]; then
         tp=$(repl replica g1 test_failover_point)
         [ "$tp" != null ] || fail "$fault: a fully started test was undone"
@@ -165,7 +154,7 @@ for fault in test-start-pinned:1 test-start-view:1 test-start-overlays:1 \
 done
 for fault in test-stop-stopped:1 test-stop-removed:1; do
     vr replica failover start g1 --test >/dev/null || fail "start before $fault"
-    crash_restart "$fault" failover stop g1 --test
+    crash_replica "$fault" failover stop g1 --test
     assert_no_test "after a crash at $fault"
     log "crash at $fault: test failover gone"
 done

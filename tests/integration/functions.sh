@@ -253,6 +253,21 @@ daemon_dead() {
     return 0
 }
 
+# crash_replica FAULT CMD… — restart the replica with VMREPLICA_FAULT=FAULT,
+# run `vmreplica CMD…` against it, which must fail as the daemon dies by
+# SIGKILL at the fault point, then start the replica normally again.
+crash_replica() {
+    local fault=$1
+    shift
+    stop_daemon replica
+    spawn_daemon replica ${REPLICA_ENV[@]+"${REPLICA_ENV[@]}"} VMREPLICA_FAULT="$fault"
+    wait_daemon replica 20
+    vr replica "$@" >/dev/null 2>&1 && fail "$* survived fault $fault"
+    wait_until 30 daemon_dead replica || fail "replica did not die at $fault"
+    [ "$DAEMON_STATUS" -eq 137 ] || fail "replica exited $DAEMON_STATUS at $fault"
+    start_replica ${REPLICA_ENV[@]+"${REPLICA_ENV[@]}"}
+}
+
 # vr NAME ARGS… — the vmreplica CLI against daemon NAME.
 vr() {
     local name=$1
