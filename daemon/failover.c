@@ -725,6 +725,11 @@ lookup_failover(struct api_call *call, const char *verb, struct vm **out)
     if ((cancel && completing) || (!cancel && cancelling))
         return vr_err(-EBUSY, "vm %s: the failover is being %s", vm->name,
                       cancelling ? "cancelled" : "completed");
+    /* A start that failed and could not clean up: only a cancel. */
+    if (!cancel && r->failover_step == FO_STARTING)
+        return vr_err(-EBUSY, "vm %s: the failover did not start completely; "
+                      "cancel it with 'vmreplica failover stop %s'", vm->name,
+                      vm->name);
     return 0;
 }
 
@@ -744,7 +749,7 @@ api_failover_stop(struct api_call *call, unsigned *status VR_UNUSED,
     struct repl *r = vm->repl;
     uint64_t point = r->failover_point;
     r->failover_busy = true;
-    if (r->failover_step == FO_RUNNING)
+    if (r->failover_step == FO_RUNNING || r->failover_step == FO_STARTING)
         rc = set_step(r, FO_CANCELLING);
     if (rc == 0) {
         vr_fault_point("failover-stop-marked");

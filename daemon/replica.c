@@ -1194,7 +1194,7 @@ replica_recover(void)
             closedir(dir);
         }
         if (failover_recover(vm) < 0) {
-            log_warn("failover", "%s: test failover: %s", vm->name,
+            log_warn("failover", "%s: failover: %s", vm->name,
                      vr_errmsg());
             vr_err_clear();
         }
