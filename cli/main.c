@@ -98,6 +98,15 @@ static const struct cli_cmd commands[] = {
       "resume paused replication", NULL },
     { "replication", "remove", cmd_repl_remove, "VM",
       "stop replicating a VM (the Replica server keeps its copy)", NULL },
+    { "replication", "reverse", cmd_repl_reverse,
+      "VM [--replica-server FQDN[:PORT]] [--connect-address IP]",
+      "after a planned failover: replicate back to the old primary",
+      "  --replica-server FQDN[:PORT]  the old primary's Replica server "
+      "listener\n"
+      "                                (default: the one it replicated to "
+      "before)\n"
+      "  --connect-address IP          address to dial instead of resolving "
+      "FQDN\n" },
     { "replication", "reset-stats", cmd_repl_reset_stats, "VM",
       "clear a VM's replication statistics (errors, counts, sizes)", NULL },
     { "points", "list", cmd_points_list, "VM",
@@ -114,9 +123,12 @@ static const struct cli_cmd commands[] = {
       "contact\n"
       "                    within three replication periods\n" },
     { "failover", "stop", cmd_failover_stop, "VM [--test]",
-      "on the Replica server: cancel a failover, or remove \"VM - Test\" "
+      "cancel a failover or a preparation, or remove \"VM - Test\" "
       "(--test)",
       NULL },
+    { "failover", "prepare", cmd_failover_prepare, "VM",
+      "on the primary (VM shut down): ship every change and prepare a "
+      "planned failover", NULL },
     { "failover", "complete", cmd_failover_complete, "VM",
       "on the Replica server: commit a failover (the other recovery points "
       "are deleted)", NULL },

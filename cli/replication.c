@@ -464,6 +464,19 @@ failover_call(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv,
         return rc;
     if (c->json)
         cli_print_json(out);
+    else if (strcmp(verb, "prepare") == 0)
+        printf("%s: prepared for failover: every change is on the Replica "
+               "server (cycle %" PRId64 ")\n", name,
+               cli_int(out, "prepared_cycle"));
+    else if (cli_has(out, "planned"))
+        printf("%s: planned failover at cycle %" PRId64 " (%s, epoch %"
+               PRId64 "); run 'vmreplica replication reverse %s' to "
+               "replicate back\n", cli_str(out, "vm"), cli_int(out, "point"),
+               cli_str(out, "state"), cli_int(out, "epoch"),
+               cli_str(out, "vm"));
+    else if (!cli_has(out, "point"))
+        printf("%s: failover preparation withdrawn (%s)\n", name,
+               cli_str(out, "state"));
     else if (cli_has(out, "test_vm"))
         printf("%s: test failover \"%s\" started at point %" PRId64 "\n",
                cli_str(out, "vm"), cli_str(out, "test_vm"),
@@ -500,6 +513,50 @@ cmd_failover_stop(struct cli *c, const struct cli_cmd *cmd, int argc,
                   char **argv)
 {
     return failover_call(c, cmd, argc, argv, "stop");
+}
+
+int
+cmd_failover_prepare(struct cli *c, const struct cli_cmd *cmd, int argc,
+                     char **argv)
+{
+    return failover_call(c, cmd, argc, argv, "prepare");
+}
+
+int
+cmd_repl_reverse(struct cli *c, const struct cli_cmd *cmd, int argc,
+                 char **argv)
+{
+    const char *server = NULL, *addr = NULL;
+    const struct cli_opt opts[] = {
+        { "replica-server", CLI_OPT_STR, &server },
+        { "connect-address", CLI_OPT_STR, &addr },
+        { NULL, 0, NULL },
+    };
+    CLEANUP_FREE char *path = NULL;
+    const char *name;
+    int rc = cli_vm_path(c, cmd, argc, argv, opts, "/replication/reverse",
+                         &path, &name);
+    if (rc)
+        return rc;
+    json_object *body = json_object_new_object();
+    if (server)
+        json_object_object_add(body, "replica_server",
+                               json_object_new_string(server));
+    if (addr)
+        json_object_object_add(body, "connect_address",
+                               json_object_new_string(addr));
+    json_object *out;
+    rc = cli_call(c, "POST", path, body, &out);
+    json_object_put(body);
+    if (rc)
+        return rc;
+    if (c->json)
+        cli_print_json(out);
+    else
+        printf("replication of vm %s reversed: this server is the primary, "
+               "replicating to %s\n", name, cli_str(out, "replica_server"));
+    json_object_put(out);
+    return CLI_OK;
 }
 
 int

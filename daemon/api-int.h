@@ -38,6 +38,13 @@ int api_points_list(struct api_call *, unsigned *, json_object **);
 int api_failover_start(struct api_call *, unsigned *, json_object **);
 int api_failover_stop(struct api_call *, unsigned *, json_object **);
 int api_failover_complete(struct api_call *, unsigned *, json_object **);
+int api_failover_prepare(struct api_call *, unsigned *, json_object **);
+int api_repl_reverse(struct api_call *, unsigned *, json_object **);
+/* planned.c, for failover.c: the planned failover of a prepared Replica
+ * VM (start_vm: run QEMU after it), and `failover stop` of a prepared
+ * primary VM. */
+int planned_start(struct api_call *call, bool start_vm, json_object **out);
+int planned_unprepare(struct api_call *call, json_object **out);
 int api_repl_suspend(struct api_call *, unsigned *, json_object **);
 int api_repl_resume(struct api_call *, unsigned *, json_object **);
 int api_repl_reset_stats(struct api_call *, unsigned *, json_object **);

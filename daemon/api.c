@@ -106,6 +106,8 @@ static const struct route routes[] = {
     { "POST", "/v1/vms/*/failover/start", api_failover_start },
     { "POST", "/v1/vms/*/failover/stop", api_failover_stop },
     { "POST", "/v1/vms/*/failover/complete", api_failover_complete },
+    { "POST", "/v1/vms/*/failover/prepare", api_failover_prepare },
+    { "POST", "/v1/vms/*/replication/reverse", api_repl_reverse },
     { "POST", "/v1/vms/*/replication/suspend", api_repl_suspend },
     { "POST", "/v1/vms/*/replication/resume", api_repl_resume },
     { "POST", "/v1/vms/*/replication/reset-stats", api_repl_reset_stats },

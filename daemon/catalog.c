@@ -9,7 +9,8 @@
 #include "daemon.h"
 
 #define SCHEMA_VERSION 3 /* 2: recovery history (points, two columns)
-                            3: failover_point, failover_step */
+                            3: failover_point, failover_step,
+                               prepared_cycle */
 
 static const char schema[] =
     "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);"
@@ -27,7 +28,8 @@ static const char schema[] =
     "  errors INT, ok_count INT, missed INT, bytes_raw INT, bytes_wire INT, "
     "  max_size INT, sum_size INT, max_latency_ms INT, sum_latency_ms INT, "
     "  last_error TEXT, recovery_history INT, point_interval INT, "
-    "  test_point INT, failover_point INT, failover_step INT);"
+    "  test_point INT, failover_point INT, failover_step INT, "
+    "  prepared_cycle INT);"
     "CREATE TABLE IF NOT EXISTS points(vm_uuid TEXT, cycle INT, time_ms INT, "
     "  kind TEXT, undo_bytes INT, PRIMARY KEY(vm_uuid, cycle));"
     "CREATE TABLE IF NOT EXISTS events(id INTEGER PRIMARY KEY, time_ms INT, "
@@ -71,7 +73,8 @@ migrate(void)
     if (rc == 0 && have >= 1 && have <= 2)
         rc = exec_sql("ALTER TABLE replications ADD COLUMN failover_point "
                       "INT; ALTER TABLE replications ADD COLUMN "
-                      "failover_step INT;");
+                      "failover_step INT; ALTER TABLE replications ADD "
+                      "COLUMN prepared_cycle INT;");
     if (rc == 0)
         rc = exec_sql("INSERT OR REPLACE INTO meta VALUES('schema_version', "
                       "'3')");
@@ -155,7 +158,7 @@ catalog_save_server(void)
     char port[16], mon[16];
     snprintf(port, sizeof port, "%u", c->cert_port);
     snprintf(mon, sizeof mon, "%u", c->monitoring_interval_s);
-    int rc = exec_sql("BEGIN");
+    int rc = catalog_begin();
     if (rc < 0)
         return rc;
     if ((rc = config_put("hostname", c->hostname)) < 0 ||
@@ -169,10 +172,9 @@ catalog_save_server(void)
         (rc = config_put("allow_any", c->allow_any ? "1" : "0")) < 0 ||
         (rc = config_put("default_storage", c->default_storage)) < 0 ||
         (rc = config_put("monitoring_interval", mon)) < 0) {
-        exec_sql("ROLLBACK");
-        return rc;
+        return catalog_end(rc);
     }
-    return exec_sql("COMMIT");
+    return catalog_end(0);
 }
 
 static void
@@ -230,14 +232,12 @@ mode_parse(const char *s)
 int
 catalog_save_vm(const struct vm *vm)
 {
-    int rc = exec_sql("BEGIN");
+    int rc = catalog_begin();
     if (rc < 0)
         return rc;
     sqlite3_stmt *st = prep("INSERT OR REPLACE INTO vms VALUES(?,?,?,?,?,?)");
-    if (!st) {
-        exec_sql("ROLLBACK");
-        return -EIO;
-    }
+    if (!st)
+        return catalog_end(-EIO);
     sqlite3_bind_text(st, 1, vm->uuid, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 2, vm->name, -1, SQLITE_STATIC);
     sqlite3_bind_int(st, 3, (int)vm->cpus);
@@ -268,10 +268,9 @@ catalog_save_vm(const struct vm *vm)
         rc = step_done(st);
     }
     if (rc < 0) {
-        exec_sql("ROLLBACK");
-        return rc;
+        return catalog_end(rc);
     }
-    return exec_sql("COMMIT");
+    return catalog_end(0);
 }
 
 int
@@ -299,7 +298,7 @@ catalog_save_repl(const struct repl *r)
 {
     sqlite3_stmt *st = prep(
         "INSERT OR REPLACE INTO replications VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,"
-        "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
+        "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
     if (!st)
         return -EIO;
     int i = 1;
@@ -338,7 +337,26 @@ catalog_save_repl(const struct repl *r)
     sqlite3_bind_int64(st, i++, (sqlite3_int64)r->test_point);
     sqlite3_bind_int64(st, i++, (sqlite3_int64)r->failover_point);
     sqlite3_bind_int(st, i++, r->failover_step);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->prepared_cycle);
     return step_done(st);
+}
+
+/* Savepoints, not BEGIN: they nest (catalog_save_vm inside a caller's
+ * transaction). */
+int
+catalog_begin(void)
+{
+    return exec_sql("SAVEPOINT vr");
+}
+
+int
+catalog_end(int rc)
+{
+    if (rc < 0) {
+        VR_IGNORE(exec_sql("ROLLBACK TO vr; RELEASE vr"));
+        return rc;
+    }
+    return exec_sql("RELEASE vr");
 }
 
 int
@@ -394,6 +412,7 @@ load_repl(sqlite3_stmt *st)
     r->test_point = (uint64_t)sqlite3_column_int64(st, i++);
     r->failover_point = (uint64_t)sqlite3_column_int64(st, i++);
     r->failover_step = sqlite3_column_int(st, i++);
+    r->prepared_cycle = (uint64_t)sqlite3_column_int64(st, i++);
     if (r->point_interval_s == 0)
         r->point_interval_s = 3600;
     return r;

@@ -55,6 +55,7 @@ struct vm {
 #define ST_ERROR           "Error"
 #define ST_FAILOVER_WAIT   "FailOverWaitingCompletion"
 #define ST_FAILED_OVER     "FailedOver"
+#define ST_PREPARED        "PreparedForFailover"
 
 /* Steps of a failover (not a test) on the Replica server, in
  * repl.failover_step; each is in the catalog before its work starts, so a
@@ -116,6 +117,13 @@ struct repl {
     bool failover_busy; /* runtime: a failover step runs without the lock */
     uint64_t last_contact_ms; /* runtime, wall clock: the primary's last
                                  authenticated request for this VM */
+    /* Planned failover: primary — the last cycle it shipped when it was
+     * prepared (state PreparedForFailover); replica — the cycle the
+     * primary declared its disks to be at, kept after the planned
+     * failover so `replication reverse` knows both sides are identical
+     * there (0: none). */
+    uint64_t prepared_cycle;
+    bool preparing;   /* runtime, primary: failover prepare runs */
     /* runtime only */
     pthread_t thread;
     bool thread_running;
@@ -188,6 +196,10 @@ int catalog_save_vm(const struct vm *vm) VR_WUR;
 int catalog_delete_vm(const char *uuid) VR_WUR;
 int catalog_save_repl(const struct repl *r) VR_WUR;
 int catalog_delete_repl(const char *uuid) VR_WUR;
+/* A transaction around several saves: catalog_end(rc) commits if rc >= 0,
+ * else rolls back and returns rc. */
+int catalog_begin(void) VR_WUR;
+int catalog_end(int rc) VR_WUR;
 
 /* A recovery point of a Replica VM: the disks after cycle `cycle`. */
 struct point {
@@ -237,9 +249,18 @@ const char *vm_mode_name(enum vm_mode m);
 json_object *vm_to_json(const struct vm *vm);
 json_object *repl_to_json(const struct vm *vm);
 json_object *repl_measure_json(const struct vm *vm);
+/* "FQDN[:PORT]" as --replica-server takes it. */
+bool repl_server_name_valid(const char *s);
+/* The body of a registration (PUT /r1/vms/UUID) of vm under r. */
+json_object *repl_register_body(const struct vm *vm, const struct repl *r);
 const char *repl_health(const struct repl *r, json_object *details);
 /* The VM's run directory (sockets, pids). Caller frees. */
 char *vm_rundir(const struct vm *vm);
+/* Fill a vmproc spec (vmproc.h) from vm, borrowing its strings. */
+struct vmproc_spec;
+struct vmproc_disk;
+void vm_spec_of(const struct vm *vm, struct vmproc_spec *s,
+                struct vmproc_disk *dks, char *rundir);
 
 /* --- api.c ------------------------------------------------------------- */
 int api_start(const char *sock_path) VR_WUR;
@@ -254,6 +275,10 @@ void shipper_stop(struct vm *vm);
 int shipper_enable(struct vm *vm, json_object *req, json_object **out) VR_WUR;
 /* Tell the Replica server replication was removed (best effort). */
 void shipper_remote_remove(struct vm *vm);
+/* The last cycle of a disk's change log that holds no write made after
+ * now (its last sealed cycle, or the open one's predecessor; 0 if there is
+ * no log): every later write is in a cycle after it.  Disks not served. */
+int shipper_log_base(const struct disk *dk, uint64_t *base) VR_WUR;
 /* Bytes of change log not yet acknowledged. */
 uint64_t shipper_pending_bytes(const struct vm *vm);
 

@@ -295,15 +295,9 @@ complete_steps(struct vm *vm)
         remove_test_dir(rd);
         /* Staged cycles of the old primary will never be applied. */
         CLEANUP_FREE char *stg = xasprintf("%s/staging", r->storage);
-        DIR *d = opendir(stg);
-        if (d) {
-            struct dirent *de;
-            while ((de = readdir(d)))
-                if (de->d_name[0] != '.')
-                    unlinkat(dirfd(d), de->d_name, 0);
-            closedir(d);
-        }
-        rc = history_reset(vm);
+        int n_rm = io_clear_dir(stg);
+        rc = n_rm < 0 ? vr_err(n_rm, "clear %s: %s", stg, strerror(-n_rm))
+                      : history_reset(vm);
         if (rc == 0) {
             r->failover_point = 0;
             r->failover_step = FO_NONE;
@@ -566,7 +560,7 @@ unplanned_start(struct api_call *call, int64_t want, bool force,
     if (rc == 0) {
         seen = r->last_contact_ms > r->last_ok_ms ? r->last_contact_ms
                                                    : r->last_ok_ms;
-        if (!force && seen && seen <= now &&
+        if (!force && !r->prepared_cycle && seen && seen <= now &&
             now - seen < contact_window_ms(r))
             rc = vr_err(-EBUSY, "vm %s: the primary server %s was in "
                         "contact %llu s ago and may still run the VM; shut "
@@ -650,6 +644,16 @@ api_failover_start(struct api_call *call, unsigned *status VR_UNUSED,
         return vr_err(-EINVAL, "point: expected a point id");
     if (jbool(call->body, "test", false))
         return test_start(call, want, out);
+    /* A VM whose primary prepared it fails over at that point. */
+    pthread_mutex_lock(&D->lock);
+    struct vm *vm = vm_find(call->arg);
+    bool planned = !want && vm && vm->mode == VM_MODE_REPLICA && vm->repl &&
+                   vm->repl->prepared_cycle &&
+                   strcmp(vm->repl->state, ST_REPLICATING) == 0;
+    pthread_mutex_unlock(&D->lock);
+    if (planned)
+        return planned_start(call, !jbool(call->body, "no_start", false),
+                             out);
     return unplanned_start(call, want, jbool(call->body, "force", false),
                            out);
 }
@@ -739,6 +743,13 @@ api_failover_stop(struct api_call *call, unsigned *status VR_UNUSED,
 {
     if (jbool(call->body, "test", false))
         return test_stop(call, out);
+    pthread_mutex_lock(&D->lock);
+    struct vm *pvm = vm_find(call->arg);
+    bool prepared = pvm && pvm->mode == VM_MODE_PRIMARY && pvm->repl &&
+                    strcmp(pvm->repl->state, ST_PREPARED) == 0;
+    pthread_mutex_unlock(&D->lock);
+    if (prepared)
+        return planned_unprepare(call, out);
     pthread_mutex_lock(&D->lock);
     struct vm *vm = NULL;
     int rc = lookup_failover(call, "cancel", &vm);

@@ -160,7 +160,7 @@ peer_addr(struct MHD_Connection *c, char *out, size_t n)
 /* --- per-request state -------------------------------------------------- */
 
 enum r1_kind { R1_STATUS, R1_REGISTER, R1_BASE, R1_INITIAL_DONE, R1_CYCLE,
-               R1_REMOVE };
+               R1_REMOVE, R1_PREPARED };
 
 struct rreq {
     bool started;
@@ -255,6 +255,10 @@ parse_url(const char *url, const char *method, struct rreq *q)
     }
     if (strcmp(rest, "/replication") == 0 && strcmp(method, "DELETE") == 0) {
         q->kind = R1_REMOVE;
+        return 0;
+    }
+    if (strcmp(rest, "/prepared") == 0 && strcmp(method, "POST") == 0) {
+        q->kind = R1_PREPARED;
         return 0;
     }
     const char *num = NULL;
@@ -403,6 +407,111 @@ take_history(struct repl *r, const struct rreq *q)
     r->point_interval_s = q->interval_s;
 }
 
+/* Reverse replication (planned.c): the Replica server we prepared a
+ * failover to registers the VM the other way round, "reverse_of": N.  If
+ * this primary VM is prepared at exactly cycle N, both sides hold the same
+ * disks: it becomes a Replica VM of that server as it is, with no reset
+ * and no copy.  The same registration again (a lost answer) is accepted
+ * as is.  D->lock not held. */
+static int
+do_reverse(struct rreq *q, int64_t reverse_of, size_t nd,
+           const uint64_t *sizes, json_object *b, json_object **out)
+{
+    pthread_mutex_lock(&D->lock);
+    struct vm *vm = vm_find_uuid(q->uuid);
+    struct repl *r = vm ? vm->repl : NULL;
+    int rc = 0;
+    bool again = vm && r && vm->mode == VM_MODE_REPLICA &&
+                 r->primary_server && strcmp(r->primary_server, q->peer) == 0 &&
+                 r->epoch == q->epoch;
+    size_t hl = r && r->replica_server ? strcspn(r->replica_server, ":") : 0;
+    if (!again) {
+        if (!vm || !r || vm->mode != VM_MODE_PRIMARY ||
+            r->mode != VM_MODE_PRIMARY)
+            rc = vr_err(-EPERM, "register: reverse replication of vm %s: "
+                        "it is not a primary VM here", q->uuid);
+        else if (hl != strlen(q->peer) ||
+                 strncmp(r->replica_server, q->peer, hl) != 0)
+            rc = vr_err(-EPERM, "register: reverse replication of vm %s: "
+                        "it replicates to %s, not %s", vm->name,
+                        r->replica_server, q->peer);
+        else if (strcmp(r->state, ST_PREPARED) != 0 || reverse_of <= 0 ||
+                 r->prepared_cycle != (uint64_t)reverse_of)
+            rc = vr_err(-EPERM, "register: reverse replication of vm %s at "
+                        "cycle %lld refused: it is %s here (prepared at "
+                        "%llu); only a VM prepared with 'failover prepare' "
+                        "is reversed without resynchronization", vm->name,
+                        (long long)reverse_of, r->state,
+                        (unsigned long long)r->prepared_cycle);
+        else if (q->epoch <= r->epoch)
+            rc = vr_err(-ESTALE, "register: epoch %llu is not newer than "
+                        "%llu", (unsigned long long)q->epoch,
+                        (unsigned long long)r->epoch);
+        else if (vm->ndisks != nd)
+            rc = vr_err(-EINVAL, "register: vm %s has %u disks here, not %zu",
+                        vm->name, vm->ndisks, nd);
+        for (unsigned i = 0; rc == 0 && i < vm->ndisks; i++)
+            if (sizes[i] != vm->disks[i].size)
+                rc = vr_err(-EINVAL, "register: vm %s: disk %u is %llu "
+                            "bytes here, not %llu", vm->name, i,
+                            (unsigned long long)vm->disks[i].size,
+                            (unsigned long long)sizes[i]);
+        if (rc == 0 && (vm->changing || r->preparing || r->removing))
+            rc = vr_err(-EBUSY, "register: vm %s: a change is in progress",
+                        vm->name);
+        if (rc == 0) {
+            /* Its disks are not served (prepare stopped them). */
+            shipper_stop(vm);
+            CLEANUP_FREE char *stg = xasprintf("%s/staging", vm->dir);
+            rc = io_mkdir_p(stg, 0750);
+            if (rc < 0)
+                rc = vr_err(rc, "register: %s: %s", stg, strerror(-rc));
+        }
+        if (rc == 0) {
+            vr_fault_point("reverse-accepting");
+            json_object *v;
+            vm->mode = VM_MODE_REPLICA;
+            r->mode = VM_MODE_REPLICA;
+            free(r->primary_server);
+            r->primary_server = xstrdup(q->peer);
+            free(r->storage);
+            r->storage = xstrdup(vm->dir);
+            r->epoch = q->epoch;
+            r->initial_done = false;
+            r->base_cycle = r->applied_cycle = r->last_cycle = 0;
+            r->prepared_cycle = 0;
+            take_history(r, q);
+            if (json_object_object_get_ex(b, "frequency", &v))
+                r->frequency_s = (unsigned)json_object_get_int64(v);
+            snprintf(r->state, sizeof r->state, "%s", ST_WAITING_INITIAL);
+            rc = catalog_begin();
+            if (rc == 0) {
+                rc = history_reset(vm);
+                if (rc == 0)
+                    rc = catalog_save_vm(vm);
+                if (rc == 0)
+                    rc = catalog_save_repl(r);
+                rc = catalog_end(rc);
+            }
+            if (rc == 0)
+                event_add("info", vm->name, "replication reversed by %s "
+                          "(%s): this is its Replica server now (epoch "
+                          "%llu); the disks are kept as they are (cycle "
+                          "%lld on both sides)", q->peer, q->addr,
+                          (unsigned long long)q->epoch,
+                          (long long)reverse_of);
+            else
+                event_add("error", vm->name, "reverse replication: %s (the "
+                          "daemon must restart to reload its catalog)",
+                          vr_errmsg());
+        }
+    }
+    if (rc == 0)
+        *out = replica_status_json(vm);
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
 static int
 do_register(struct rreq *q, json_object **out)
 {
@@ -443,6 +552,11 @@ do_register(struct rreq *q, json_object **out)
     if (rc == 0 && (cpus < 1 || cpus > 64 || mem < 16 || mem > 1 << 20))
         rc = vr_err(-EINVAL, "register: bad cpus or memory");
     if (rc < 0) {
+        json_object_put(b);
+        return rc;
+    }
+    if (json_object_object_get_ex(b, "reverse_of", &v)) {
+        rc = do_reverse(q, json_object_get_int64(v), nd, sizes, b, out);
         json_object_put(b);
         return rc;
     }
@@ -629,6 +743,48 @@ do_initial_done(struct rreq *q, json_object **out)
     return rc;
 }
 
+/* The primary shut the VM down and shipped everything up to cycle N: a
+ * planned failover may start at N (0: the preparation is withdrawn). */
+static int
+do_prepared(struct rreq *q, json_object **out)
+{
+    json_object *b = json_tokener_parse(q->body ? q->body : "");
+    json_object *v;
+    int64_t n = -1;
+    if (b && json_object_object_get_ex(b, "cycle", &v) &&
+        json_object_is_type(v, json_type_int))
+        n = json_object_get_int64(v);
+    json_object_put(b);
+    if (n < 0)
+        return vr_err(-EINVAL, "prepared: cycle missing");
+    pthread_mutex_lock(&D->lock);
+    struct vm *vm = NULL;
+    int rc = own_vm(q, &vm);
+    struct repl *r = rc == 0 ? vm->repl : NULL;
+    if (rc == 0 && !r->initial_done)
+        rc = vr_err(-EPROTO, "prepared: vm %s has not completed initial "
+                    "replication", vm->name);
+    if (rc == 0 && n && (uint64_t)n != r->last_cycle)
+        rc = vr_err(-EPROTO, "prepared: vm %s: cycle %lld declared, but the "
+                    "last cycle received is %llu", vm->name, (long long)n,
+                    (unsigned long long)r->last_cycle);
+    if (rc == 0 && r->prepared_cycle != (uint64_t)n) {
+        r->prepared_cycle = (uint64_t)n;
+        rc = catalog_save_repl(r);
+        if (rc == 0 && n)
+            event_add("info", vm->name, "primary %s prepared for failover at "
+                      "cycle %lld: 'vmreplica failover start %s' fails over "
+                      "with no data loss", q->peer, (long long)n, vm->name);
+        else if (rc == 0)
+            event_add("info", vm->name, "primary %s withdrew its failover "
+                      "preparation", q->peer);
+    }
+    if (rc == 0)
+        *out = replica_status_json(vm);
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
 static int
 do_remove(struct rreq *q, json_object **out)
 {
@@ -766,6 +922,9 @@ upload_finish(struct rreq *q, json_object **out)
         rc = own_vm(q, &vm);
         if (rc == 0) {
             vm->repl->last_cycle = q->n;
+            /* The primary writes again: it is no longer prepared. */
+            if (vm->repl->prepared_cycle && q->n > vm->repl->prepared_cycle)
+                vm->repl->prepared_cycle = 0;
             take_history(vm->repl, q);
             rc = catalog_save_repl(vm->repl);
             pthread_cond_broadcast(&D->cond);
@@ -933,6 +1092,9 @@ r1_access(void *cls VR_UNUSED, struct MHD_Connection *c, const char *url,
         break;
     case R1_REMOVE:
         rc = do_remove(q, &out);
+        break;
+    case R1_PREPARED:
+        rc = do_prepared(q, &out);
         break;
     case R1_BASE:
     case R1_CYCLE:

@@ -115,6 +115,11 @@ repl_to_json(const struct vm *vm)
                                          (int64_t)r->failover_point)
                                    : NULL);
     }
+    json_object_object_add(o, "prepared_cycle",
+                           r->prepared_cycle
+                               ? json_object_new_int64(
+                                     (int64_t)r->prepared_cycle)
+                               : NULL);
     json_object_object_add(o, "recovery_history",
                            json_object_new_int((int)r->recovery_history));
     json_object_object_add(o, "point_interval",
@@ -189,8 +194,8 @@ repl_measure_json(const struct vm *vm)
 }
 
 /* "fqdn[:port]" with a sane host name and port. */
-static bool
-server_name_valid(const char *s)
+bool
+repl_server_name_valid(const char *s)
 {
     size_t n = strlen(s);
     if (n < 1 || n > 260)
@@ -252,12 +257,37 @@ parse_common(json_object *b, struct repl *r)
     return 0;
 }
 
+json_object *
+repl_register_body(const struct vm *vm, const struct repl *r)
+{
+    json_object *reg = json_object_new_object();
+    json_object_object_add(reg, "name", json_object_new_string(vm->name));
+    json_object_object_add(reg, "cpus", json_object_new_int((int)vm->cpus));
+    json_object_object_add(reg, "memory_mib",
+                           json_object_new_int((int)vm->memory_mib));
+    json_object_object_add(reg, "frequency",
+                           json_object_new_int((int)r->frequency_s));
+    json_object_object_add(reg, "compression",
+                           json_object_new_boolean(r->compression));
+    json_object *disks = json_object_new_array();
+    for (unsigned i = 0; i < vm->ndisks; i++) {
+        json_object *d = json_object_new_object();
+        json_object_object_add(d, "id",
+                               json_object_new_string(vm->disks[i].id));
+        json_object_object_add(
+            d, "size", json_object_new_int64((int64_t)vm->disks[i].size));
+        json_object_array_add(disks, d);
+    }
+    json_object_object_add(reg, "disks", disks);
+    return reg;
+}
+
 int
 api_repl_enable(struct api_call *call, unsigned *status, json_object **out)
 {
     json_object *b = call->body;
     const char *server = jstr(b, "replica_server");
-    if (!server || !server_name_valid(server))
+    if (!server || !repl_server_name_valid(server))
         return vr_err(-EINVAL, "replica_server: expected FQDN[:PORT]");
     struct repl *r = xcalloc(1, sizeof *r);
     r->mode = VM_MODE_PRIMARY;
@@ -291,25 +321,7 @@ api_repl_enable(struct api_call *call, unsigned *status, json_object **out)
         vm->repl = r;
         job_fill(&jb, vm);
         vm->repl = saved;
-        reg = json_object_new_object();
-        json_object_object_add(reg, "name", json_object_new_string(vm->name));
-        json_object_object_add(reg, "cpus", json_object_new_int((int)vm->cpus));
-        json_object_object_add(reg, "memory_mib",
-                               json_object_new_int((int)vm->memory_mib));
-        json_object_object_add(reg, "frequency",
-                               json_object_new_int((int)r->frequency_s));
-        json_object_object_add(reg, "compression",
-                               json_object_new_boolean(r->compression));
-        json_object *disks = json_object_new_array();
-        for (unsigned i = 0; i < vm->ndisks; i++) {
-            json_object *d = json_object_new_object();
-            json_object_object_add(d, "id",
-                                   json_object_new_string(vm->disks[i].id));
-            json_object_object_add(
-                d, "size", json_object_new_int64((int64_t)vm->disks[i].size));
-            json_object_array_add(disks, d);
-        }
-        json_object_object_add(reg, "disks", disks);
+        reg = repl_register_body(vm, r);
     }
     pthread_mutex_unlock(&D->lock);
     if (rc < 0) {

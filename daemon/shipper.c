@@ -237,6 +237,22 @@ sealed_cycles(const char *dir, uint64_t **out, size_t *n,
     return 0;
 }
 
+int
+shipper_log_base(const struct disk *dk, uint64_t *base)
+{
+    CLEANUP_FREE char *dir = logdir_of(dk);
+    CLEANUP_FREE uint64_t *cs = NULL;
+    size_t n;
+    uint64_t open_cycle = 0;
+    int rc = sealed_cycles(dir, &cs, &n, &open_cycle);
+    if (rc < 0)
+        return rc;
+    *base = n ? cs[n - 1] : 0;
+    if (open_cycle && open_cycle - 1 > *base)
+        *base = open_cycle - 1;
+    return 0;
+}
+
 static void
 delete_sealed_upto(const struct job *jb, uint64_t upto)
 {
@@ -644,16 +660,9 @@ run_initial(struct vm *vm, struct job *jb)
             if (rc < 0)
                 return rc;
         } else {
-            CLEANUP_FREE char *dir0 = logdir_of(&jb->disks[0]);
-            CLEANUP_FREE uint64_t *cs = NULL;
-            size_t n;
-            uint64_t open_cycle = 0;
-            int rc = sealed_cycles(dir0, &cs, &n, &open_cycle);
+            int rc = shipper_log_base(&jb->disks[0], &base);
             if (rc < 0)
                 return rc;
-            base = n ? cs[n - 1] : 0;
-            if (open_cycle && open_cycle - 1 > base)
-                base = open_cycle - 1;
         }
         release_shipped(jb, base);
         uint64_t total = 0;

@@ -444,10 +444,9 @@ api_vm_create(struct api_call *call, unsigned *status, json_object **out)
     return 0;
 }
 
-/* Fill a vmproc spec from vm (borrowing its strings). */
-static void
-spec_of(const struct vm *vm, struct vmproc_spec *s, struct vmproc_disk *dks,
-        char *rundir)
+void
+vm_spec_of(const struct vm *vm, struct vmproc_spec *s,
+           struct vmproc_disk *dks, char *rundir)
 {
     for (unsigned i = 0; i < vm->ndisks; i++) {
         dks[i].id = vm->disks[i].id;
@@ -494,6 +493,16 @@ api_vm_start(struct api_call *call, unsigned *status VR_UNUSED,
     struct vm *vm = NULL;
     pthread_mutex_lock(&D->lock);
     int rc = begin_change(call, &vm);
+    if (rc == 0 && vm->repl && vm->repl->mode == VM_MODE_PRIMARY &&
+        (vm->repl->preparing ||
+         strcmp(vm->repl->state, ST_PREPARED) == 0)) {
+        vm->changing = false;
+        rc = vr_err(-EBUSY, "vm %s: prepared for failover to %s: it starts "
+                    "there ('vmreplica failover start %s' on the Replica "
+                    "server); 'vmreplica failover stop %s' here undoes the "
+                    "preparation", vm->name, vm->repl->replica_server,
+                    vm->name, vm->name);
+    }
     if (rc == 0 && vm->mode == VM_MODE_REPLICA &&
         !(vm->repl && strcmp(vm->repl->state, ST_FAILED_OVER) == 0)) {
         vm->changing = false;
@@ -509,7 +518,7 @@ api_vm_start(struct api_call *call, unsigned *status VR_UNUSED,
     CLEANUP_FREE char *rundir = vm_rundir(vm);
     struct vmproc_spec s;
     struct vmproc_disk dks[MAX_DISKS];
-    spec_of(vm, &s, dks, rundir);
+    vm_spec_of(vm, &s, dks, rundir);
     /* The spec borrows vm's strings: a changing VM is neither removed nor
      * altered. */
     pthread_mutex_unlock(&D->lock);

@@ -1,5 +1,7 @@
 /* util.c: error slot, allocation, full-length I/O, clocks, names and the
  * fault points used by crash tests.  Nothing here logs (lib/ never does). */
+#include <dirent.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
@@ -212,6 +214,28 @@ io_fsync_dir(const char *path)
     int rc = io_fsync_dirfd(fd);
     close(fd);
     return rc;
+}
+
+int
+io_clear_dir(const char *path)
+{
+    DIR *d = opendir(path);
+    if (!d)
+        return errno == ENOENT ? 0 : -errno;
+    int n = 0, rc = 0;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        if (de->d_name[0] == '.')
+            continue;
+        if (unlinkat(dirfd(d), de->d_name, 0) == 0)
+            n++;
+        else if (errno != EISDIR && errno != ENOENT && rc == 0)
+            rc = -errno;
+    }
+    if (rc == 0)
+        rc = io_fsync_dirfd(dirfd(d));
+    closedir(d);
+    return rc < 0 ? rc : n;
 }
 
 int

@@ -77,6 +77,10 @@ int io_read_file(const char *path, size_t max_bytes, char **out,
 int io_write_file_atomic(const char *path, const void *buf, size_t len) VR_WUR;
 /* mkdir -p with mode; existing directories are fine. */
 int io_mkdir_p(const char *path, mode_t mode) VR_WUR;
+/* Remove every entry of directory path except "." ones (files only: a
+ * subdirectory is left), then fsync it.  A missing directory is empty.
+ * Returns the number removed or -errno. */
+int io_clear_dir(const char *path) VR_WUR;
 
 /* Clocks. */
 uint64_t vr_mono_ms(void);

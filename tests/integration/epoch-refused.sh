@@ -112,7 +112,7 @@ r1_put() {
 # it) and the replica's cycles have not moved.
 nothing_staged() {
     local label=$1 s a
-    if ! wait_until 5 test -z "$(ls -A "$STAGING")"; then
+    if ! wait_until 5 eval 'test -z "$(ls -A "$STAGING")"'; then
         ls -la "$STAGING" >&2
         fail "$label: files left in the replica's staging dir $STAGING"
     fi

@@ -52,7 +52,7 @@ CONSOLE=$(state_dir primary)/run/$UUID/console.log
 vr primary vm start g1 >/dev/null || fail "vm start g1 (QEMU)"
 wait_until "$GUEST_TIMEOUT" grep -q '^done' "$CONSOLE" ||
     fail "guest did not print done on the primary"
-wait_until 30 test "$(vrj primary vm show g1 | jq -r .running)" = false ||
+wait_until 30 vm_stopped primary g1 ||
     fail "QEMU did not exit after done"
 vr primary vm start g1 --no-hypervisor >/dev/null || fail "serve g1 again"
 wait_converged g1 60

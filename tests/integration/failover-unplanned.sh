@@ -57,7 +57,7 @@ CONSOLE=$(state_dir primary)/run/$UUID/console.log
 vr primary vm start g1 >/dev/null || fail "vm start g1 (QEMU)"
 wait_until "$GUEST_TIMEOUT" grep -q '^done' "$CONSOLE" ||
     fail "guest did not print done on the primary"
-wait_until 30 test "$(vrj primary vm show g1 | jq -r .running)" = false ||
+wait_until 30 vm_stopped primary g1 ||
     fail "QEMU did not exit after done"
 vr primary vm start g1 --no-hypervisor >/dev/null || fail "serve g1 again"
 wait_converged g1 60
@@ -130,7 +130,7 @@ vr replica failover stop g1 >/dev/null || fail "failover stop (cancel)"
 log "cancelled: the Replica disk is still the latest point"
 
 start_at "$P"
-wait_until 30 test "$(vrj replica vm show g1 | jq -r .running)" = false ||
+wait_until 30 vm_stopped replica g1 ||
     fail "the failed-over guest's QEMU did not exit after done"
 qemu-img convert -f qcow2 -O raw "$RUN/disk0.qcow2" "$TESTDIR/ov.raw" ||
     fail "read the overlay"
@@ -158,7 +158,7 @@ a0=$(audits)
 start_primary "${PRIMARY_ENV[@]}"
 puri=$(nbd_uri primary g1)
 qemu-io -f raw "$puri" -c "write -P 0x77 40M 1M" >/dev/null || fail "write on the old primary"
-wait_until 30 test "$(repl primary g1 state)" = Error ||
+wait_until 30 repl_is primary g1 state Error ||
     fail "the old primary is still $(repl primary g1 state): $(repl primary g1 last_error)"
 repl primary g1 last_error | grep -q "epoch .* refused" ||
     fail "old primary's error: $(repl primary g1 last_error)"

@@ -304,6 +304,13 @@ repl() {
     vrj "$1" replication show "$2" | jq -r ".$3"
 }
 
+# vm_stopped NAME VM — true if QEMU does not run VM on daemon NAME now.
+# repl_is NAME VM KEY VALUE — true if replication KEY of VM is VALUE now.
+# (For wait_until: its command is run again each time, unlike a "$(…)"
+# argument, which the shell expands once.)
+vm_stopped() { [ "$(vrj "$1" vm show "$2" | jq -r .running)" = false ]; }
+repl_is() { [ "$(repl "$1" "$2" "$3" 2>/dev/null)" = "$4" ]; }
+
 # The test PKI (scripts/mkpki.sh) and the certificate port of the replica.
 PKI=$TESTDIR/pki
 REPLICA_PORT=
@@ -359,6 +366,11 @@ enable_replication() {
         fail "primary: initial-replication start $vm --wait"
 }
 
+# The daemons a VM replicates from and to (swapped by a test after
+# `replication reverse`); the functions below follow them.
+SRC=primary
+DST=replica
+
 # wait_converged VM [TIMEOUT_S] — call once the writers have stopped: waits
 # until the primary has nothing left to send (pending_size 0: no unsent
 # sealed segment and an empty open one) and the replica has applied the
@@ -370,29 +382,29 @@ wait_converged() {
     local vm=$1 timeout=${2:-60}
     CONVERGED_CYCLE=
     wait_until "$timeout" _converged "$vm" ||
-        fail "vm $vm: replica did not converge within ${timeout}s (primary last_cycle $(repl primary "$vm" last_cycle 2>/dev/null || echo '?'), pending $(vrj primary replication measure "$vm" 2>/dev/null | jq -r .pending_size), replica applied $(repl replica "$vm" applied_cycle 2>/dev/null || echo '?'))"
+        fail "vm $vm: replica did not converge within ${timeout}s (primary last_cycle $(repl "$SRC" "$vm" last_cycle 2>/dev/null || echo '?'), pending $(vrj "$SRC" replication measure "$vm" 2>/dev/null | jq -r .pending_size), replica applied $(repl "$DST" "$vm" applied_cycle 2>/dev/null || echo '?'))"
 }
 _converged() { # VM
     local pending last applied
-    pending=$(vrj primary replication measure "$1" 2>/dev/null |
+    pending=$(vrj "$SRC" replication measure "$1" 2>/dev/null |
         jq -r .pending_size) || return 1
     [ "$pending" = 0 ] || return 1
-    last=$(repl primary "$1" last_cycle 2>/dev/null) || return 1
-    applied=$(repl replica "$1" applied_cycle 2>/dev/null) || return 1
+    last=$(repl "$SRC" "$1" last_cycle 2>/dev/null) || return 1
+    applied=$(repl "$DST" "$1" applied_cycle 2>/dev/null) || return 1
     [[ $last =~ ^[0-9]+$ && $applied =~ ^[0-9]+$ ]] || return 1
     [ "$applied" -ge "$last" ] || return 1
     CONVERGED_CYCLE=$applied
 }
 _applied_at_least() { # VM N
     local a
-    a=$(repl replica "$1" applied_cycle 2>/dev/null) || return 1
+    a=$(repl "$DST" "$1" applied_cycle 2>/dev/null) || return 1
     [[ $a =~ ^[0-9]+$ ]] && [ "$a" -ge "$2" ]
 }
 
 # assert_replicating VM — both the primary and the replica say Replicating.
 assert_replicating() {
     local side st
-    for side in primary replica; do
+    for side in "$SRC" "$DST"; do
         st=$(repl "$side" "$1" state)
         [ "$st" = Replicating ] || fail "vm $1: $side state is $st"
     done
@@ -402,10 +414,10 @@ assert_replicating() {
 # byte for byte (every disk).
 assert_identical() {
     local vm=$1 n i p r
-    n=$(jget primary '.disks | length' vm show "$vm")
+    n=$(jget "$SRC" '.disks | length' vm show "$vm")
     for ((i = 0; i < n; i++)); do
-        p=$(disk_path primary "$vm" "$i")
-        r=$(disk_path replica "$vm" "$i")
+        p=$(disk_path "$SRC" "$vm" "$i")
+        r=$(disk_path "$DST" "$vm" "$i")
         cmp "$p" "$r" ||
             fail "vm $vm disk $i: replica $r differs from primary $p"
     done

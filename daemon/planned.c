@@ -1,0 +1,423 @@
+/* planned.c: planned failover and reverse replication (SPEC §8).
+ *
+ * On the primary, `failover prepare VM` (the VM shut down) stops serving
+ * the disks, which seals their last writes into a cycle, ships every
+ * remaining cycle, then tells the Replica server "my disks are cycle N"
+ * (POST /r1/vms/UUID/prepared) and enters PreparedForFailover: the VM no
+ * longer starts here.  `failover stop VM` on the primary withdraws the
+ * preparation (the Replica server forgets N) and replication resumes.
+ *
+ * On the Replica server, `failover start VM` for a prepared VM is the
+ * planned failover: once cycle N is applied, the recovery points and
+ * staged cycles go, the epoch is bumped and the VM starts from its own
+ * Replica disks, served by the plugin, so every write from its first one
+ * on is tracked (state FailedOver).  No point can be chosen: the disks are
+ * exactly the primary's.
+ *
+ * `replication reverse VM` on that server makes it the primary and the old
+ * primary its Replica server with a new epoch and no resynchronization:
+ * the registration carries "reverse_of": N, the old primary accepts it only
+ * if it is prepared at that very cycle, keeps its disks (they are cycle N)
+ * and becomes a Replica VM; then "initial replication" has nothing to copy
+ * and completes at the base cycle of the new primary's change log, from
+ * which its cycles follow.  Fail-back is the same procedure the other way.
+ *
+ * Crash safety: prepare changes nothing durable until the Replica server
+ * has recorded N (a crash before leaves the VM Replicating, its disks
+ * unserved); a planned start is one catalog transaction, then a VM start
+ * that can be repeated; reverse is a registration the old primary accepts
+ * again from the same peer and epoch, then one transaction here.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "api-int.h"
+#include "daemon.h"
+#include "shipper-int.h"
+#include "vmproc.h"
+
+#define PREPARE_SHIP_MS 60000 /* at least: the remaining cycles' shipping */
+#define PLANNED_APPLY_MS 60000 /* the prepared cycle's apply */
+
+/* --- the primary ----------------------------------------------------------- */
+
+/* D->lock held: vm is a primary VM whose replication runs. */
+static int
+lookup_primary(struct api_call *call, struct vm **out)
+{
+    struct vm *vm = vm_find(call->arg);
+    if (!vm)
+        return vr_err(-ENOENT, "vm %s: not found", call->arg);
+    if (vm->mode != VM_MODE_PRIMARY || !vm->repl ||
+        vm->repl->mode != VM_MODE_PRIMARY)
+        return vr_err(-EINVAL, "vm %s: not a primary VM on this server "
+                      "(failover prepare runs on the primary server)",
+                      vm->name);
+    *out = vm;
+    return 0;
+}
+
+/* Tell the Replica server the prepared cycle (0: withdrawn).  D->lock
+ * held; dropped for the call. */
+static int
+send_prepared(struct vm *vm, uint64_t cycle)
+{
+    struct job jb;
+    job_fill(&jb, vm);
+    pthread_mutex_unlock(&D->lock);
+    CLEANUP_FREE char *path = xasprintf("/r1/vms/%s/prepared", jb.uuid);
+    CLEANUP_FREE char *body =
+        xasprintf("{\"cycle\": %llu}", (unsigned long long)cycle);
+    int rc = peer_call(&jb.peer, "POST", path, body, -1, 0, false, NULL);
+    job_fini(&jb);
+    pthread_mutex_lock(&D->lock);
+    return rc;
+}
+
+int
+api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
+                     json_object **out)
+{
+    pthread_mutex_lock(&D->lock);
+    struct vm *vm = NULL;
+    int rc = lookup_primary(call, &vm);
+    struct repl *r = rc == 0 ? vm->repl : NULL;
+    CLEANUP_FREE char *rundir = rc == 0 ? vm_rundir(vm) : NULL;
+    if (rc == 0 && strcmp(r->state, ST_PREPARED) == 0) {
+        /* Asked again: it is prepared. */
+        *out = repl_to_json(vm);
+        pthread_mutex_unlock(&D->lock);
+        return 0;
+    }
+    if (rc == 0 && strcmp(r->state, ST_REPLICATING) != 0)
+        rc = vr_err(-EBUSY, "vm %s: replication is %s; it must be "
+                    "Replicating to prepare a failover", vm->name, r->state);
+    if (rc == 0 && (vm->changing || r->preparing || r->removing))
+        rc = vr_err(-EBUSY, "vm %s: a start, stop or other change is in "
+                    "progress; try again", vm->name);
+    if (rc == 0) {
+        bool served, running;
+        vmproc_status(rundir, &served, &running);
+        if (running)
+            rc = vr_err(-EBUSY, "vm %s: is running; shut it down first "
+                        "('vmreplica vm stop %s')", vm->name, vm->name);
+    }
+    if (rc < 0) {
+        pthread_mutex_unlock(&D->lock);
+        return rc;
+    }
+    /* No start, stop or write from here on: the disks stop being served,
+     * which seals their last writes into a cycle of their own. */
+    r->preparing = true;
+    vm->changing = true;
+    pthread_mutex_unlock(&D->lock);
+    rc = vmproc_stop(rundir, true, 0);
+    pthread_mutex_lock(&D->lock);
+    if (rc == 0)
+        vr_fault_point("prepare-stopped");
+
+    /* Ship everything: wake the shipper until nothing is pending. */
+    uint64_t limit = (uint64_t)r->frequency_s * 3000;
+    uint64_t deadline = vr_mono_ms() + (limit > PREPARE_SHIP_MS
+                                            ? limit : PREPARE_SHIP_MS);
+    while (rc == 0) {
+        if (strcmp(r->state, ST_REPLICATING) != 0) {
+            rc = vr_err(-EIO, "vm %s: replication stopped while preparing: "
+                        "%s", vm->name, r->last_error ? r->last_error
+                                                      : r->state);
+            break;
+        }
+        if (shipper_pending_bytes(vm) == 0)
+            break;
+        if (vr_mono_ms() >= deadline) {
+            rc = vr_err(-ETIMEDOUT, "vm %s: the last changes were not "
+                        "shipped in time (last error: %s); try again",
+                        vm->name, r->last_error ? r->last_error : "none");
+            break;
+        }
+        r->kick = true;
+        pthread_cond_broadcast(&D->cond);
+        daemon_wait_ms(100);
+    }
+    uint64_t n = r->last_cycle;
+    if (rc == 0) {
+        vr_fault_point("prepare-shipped");
+        rc = send_prepared(vm, n);
+    }
+    if (rc == 0) {
+        vr_fault_point("prepare-told");
+        snprintf(r->state, sizeof r->state, "%s", ST_PREPARED);
+        r->prepared_cycle = n;
+        rc = catalog_save_repl(r);
+    }
+    if (rc == 0) {
+        event_add("info", vm->name, "prepared for failover: every change is "
+                  "on %s (cycle %llu); the VM does not start here until the "
+                  "failover is undone ('vmreplica failover stop %s')",
+                  r->replica_server, (unsigned long long)n, vm->name);
+        *out = repl_to_json(vm);
+    }
+    r->preparing = false;
+    vm->changing = false;
+    pthread_cond_broadcast(&D->cond);
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
+int
+planned_unprepare(struct api_call *call, json_object **out)
+{
+    pthread_mutex_lock(&D->lock);
+    struct vm *vm = NULL;
+    int rc = lookup_primary(call, &vm);
+    struct repl *r = rc == 0 ? vm->repl : NULL;
+    if (rc == 0 && strcmp(r->state, ST_PREPARED) != 0)
+        rc = vr_err(-ENOENT, "vm %s: not prepared for failover (state %s)",
+                    vm->name, r->state);
+    if (rc == 0 && (vm->changing || r->preparing))
+        rc = vr_err(-EBUSY, "vm %s: a change is in progress; try again",
+                    vm->name);
+    if (rc == 0) {
+        vm->changing = true;
+        rc = send_prepared(vm, 0);
+        vm->changing = false;
+        if (rc == -ESTALE)
+            rc = vr_err(rc, "vm %s: the Replica server has already failed "
+                        "over (%s); the VM runs there now", vm->name,
+                        vr_errmsg());
+    }
+    if (rc == 0) {
+        snprintf(r->state, sizeof r->state, "%s", ST_REPLICATING);
+        r->prepared_cycle = 0;
+        r->kick = true;
+        rc = catalog_save_repl(r);
+    }
+    if (rc == 0) {
+        event_add("info", vm->name, "failover preparation withdrawn; "
+                  "replication resumes");
+        *out = repl_to_json(vm);
+    }
+    pthread_cond_broadcast(&D->cond);
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
+/* --- the Replica server: planned failover ---------------------------------- */
+
+int
+planned_start(struct api_call *call, bool start_vm, json_object **out)
+{
+    pthread_mutex_lock(&D->lock);
+    struct vm *vm = vm_find(call->arg);
+    struct repl *r = vm ? vm->repl : NULL;
+    int rc = 0;
+    if (!vm || vm->mode != VM_MODE_REPLICA || !r || !r->prepared_cycle)
+        rc = vr_err(-EINVAL, "vm %s: not prepared for a planned failover",
+                    call->arg);
+    else if (r->test_point || r->test_busy || r->failover_point ||
+             r->failover_busy || vm->changing)
+        rc = vr_err(-EBUSY, "vm %s: a test failover or another failover "
+                    "step is running", vm->name);
+    else if (strcmp(r->state, ST_REPLICATING) != 0)
+        rc = vr_err(-EBUSY, "vm %s: replication is %s", vm->name, r->state);
+    /* The prepared cycle may still be being applied. */
+    uint64_t deadline = vr_mono_ms() + PLANNED_APPLY_MS;
+    while (rc == 0 && r->applied_cycle < r->prepared_cycle &&
+           vr_mono_ms() < deadline && strcmp(r->state, ST_REPLICATING) == 0)
+        daemon_wait_ms(100);
+    uint64_t n = rc == 0 ? r->prepared_cycle : 0;
+    if (rc == 0 && r->applied_cycle != n)
+        rc = vr_err(-EBUSY, "vm %s: the prepared cycle %llu is not applied "
+                    "(applied: %llu); try again", vm->name,
+                    (unsigned long long)n,
+                    (unsigned long long)r->applied_cycle);
+    if (rc < 0) {
+        pthread_mutex_unlock(&D->lock);
+        return rc;
+    }
+    r->failover_busy = true;
+    while (vm->applying)
+        pthread_cond_wait(&D->cond, &D->lock);
+
+    /* Points and staged cycles go; every later write is in a cycle of
+     * the VM's own change log after `base`. */
+    uint64_t base = 0;
+    rc = history_reset(vm);
+    if (rc == 0)
+        rc = shipper_log_base(&vm->disks[0], &base);
+    if (rc == 0) {
+        vr_fault_point("planned-start-reset");
+        CLEANUP_FREE char *stg = xasprintf("%s/staging", r->storage);
+        int n_rm = io_clear_dir(stg);
+        if (n_rm < 0)
+            rc = vr_err(n_rm, "clear %s: %s", stg, strerror(-n_rm));
+    }
+    if (rc == 0) {
+        r->base_cycle = base;
+        r->last_cycle = r->applied_cycle = n;
+        r->epoch++;
+        snprintf(r->state, sizeof r->state, "%s", ST_FAILED_OVER);
+        rc = catalog_save_repl(r);
+    }
+    if (rc == 0) {
+        vr_fault_point("planned-start-saved");
+        event_add("info", vm->name, "planned failover: the VM's disks are "
+                  "the primary's at cycle %llu (no data lost); epoch %llu",
+                  (unsigned long long)n, (unsigned long long)r->epoch);
+    }
+    if (rc == 0 && start_vm) {
+        vm->changing = true;
+        vm->hypervisor = true;
+        CLEANUP_FREE char *rundir = vm_rundir(vm);
+        struct vmproc_spec s;
+        struct vmproc_disk dks[MAX_DISKS];
+        vm_spec_of(vm, &s, dks, rundir);
+        pthread_mutex_unlock(&D->lock);
+        rc = vmproc_start(&s);
+        pthread_mutex_lock(&D->lock);
+        vm->changing = false;
+        if (rc < 0)
+            rc = vr_err(rc, "vm %s: failed over, but it did not start: %s "
+                        "(try 'vmreplica vm start %s')", vm->name,
+                        vr_errmsg(), vm->name);
+        else
+            event_add("info", vm->name, "vm started (qemu)");
+    }
+    if (rc == 0) {
+        *out = json_object_new_object();
+        json_object_object_add(*out, "vm", json_object_new_string(vm->name));
+        json_object_object_add(*out, "planned", json_object_new_boolean(1));
+        json_object_object_add(*out, "point",
+                               json_object_new_int64((int64_t)n));
+        json_object_object_add(*out, "state",
+                               json_object_new_string(r->state));
+        json_object_object_add(*out, "epoch",
+                               json_object_new_int64((int64_t)r->epoch));
+    }
+    r->failover_busy = false;
+    pthread_cond_broadcast(&D->cond);
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
+/* --- reverse replication ---------------------------------------------------- */
+
+int
+api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,
+                 json_object **out)
+{
+    json_object *b = call->body;
+    const char *server = jstr(b, "replica_server");
+    const char *addr = jstr(b, "connect_address");
+    if (server && !repl_server_name_valid(server))
+        return vr_err(-EINVAL, "replica_server: expected FQDN[:PORT]");
+
+    pthread_mutex_lock(&D->lock);
+    struct vm *vm = vm_find(call->arg);
+    struct repl *r = vm ? vm->repl : NULL;
+    int rc = 0;
+    if (!vm)
+        rc = vr_err(-ENOENT, "vm %s: not found", call->arg);
+    else if (vm->mode != VM_MODE_REPLICA || !r ||
+             strcmp(r->state, ST_FAILED_OVER) != 0)
+        rc = vr_err(-EINVAL, "vm %s: not a failed-over Replica VM (run "
+                    "'vmreplica failover start %s' on this server first)",
+                    vm->name, vm->name);
+    else if (!r->prepared_cycle)
+        rc = vr_err(-ENOTSUP, "vm %s: failed over without 'failover "
+                    "prepare' on the primary, so the old primary's disks "
+                    "differ; reversing needs their resynchronization, "
+                    "which is not available yet", vm->name);
+    else if (vm->changing || r->failover_busy)
+        rc = vr_err(-EBUSY, "vm %s: a change is in progress; try again",
+                    vm->name);
+    else if (!D->cfg.cert || !D->cfg.key || !D->cfg.ca)
+        rc = vr_err(-EINVAL, "this host has no certificate: run 'vmreplica "
+                    "server set --certificate F --key F --ca F' first");
+    else if (!server && !r->replica_server)
+        rc = vr_err(-EINVAL, "vm %s: where the old primary %s listens is "
+                    "not known here: give --replica-server FQDN[:PORT]",
+                    vm->name, r->primary_server);
+    if (rc < 0) {
+        pthread_mutex_unlock(&D->lock);
+        return rc;
+    }
+    struct repl *nr = xcalloc(1, sizeof *nr);
+    snprintf(nr->vm_uuid, sizeof nr->vm_uuid, "%s", vm->uuid);
+    nr->mode = VM_MODE_PRIMARY;
+    nr->replica_server = server ? (strchr(server, ':')
+                                       ? xstrdup(server)
+                                       : xasprintf("%s:443", server))
+                                : xstrdup(r->replica_server);
+    nr->connect_address = addr ? (*addr ? xstrdup(addr) : NULL)
+                               : r->connect_address
+                                     ? xstrdup(r->connect_address)
+                                     : NULL;
+    nr->frequency_s = r->frequency_s ? r->frequency_s : 300;
+    nr->compression = r->compression;
+    nr->recovery_history = r->recovery_history;
+    nr->point_interval_s = r->point_interval_s ? r->point_interval_s : 3600;
+    nr->epoch = r->epoch + 1;
+    /* Both sides hold cycle prepared_cycle: "initial replication" has
+     * nothing to copy and completes at the base of our change log. */
+    nr->base_cycle = nr->last_cycle = r->base_cycle;
+    nr->initial_seq = 1;
+    nr->initial_disk = vm->ndisks;
+    snprintf(nr->state, sizeof nr->state, "%s", ST_INITIAL);
+    nr->task = xstrdup("InitialReplication");
+    uint64_t prepared = r->prepared_cycle;
+    /* The old primary's name stays, for a fail-back's default. */
+    nr->primary_server = r->primary_server ? xstrdup(r->primary_server)
+                                           : NULL;
+    json_object *reg = repl_register_body(vm, nr);
+    json_object_object_add(reg, "reverse_of",
+                           json_object_new_int64((int64_t)prepared));
+    struct job jb;
+    struct repl *saved = vm->repl;
+    vm->repl = nr;
+    job_fill(&jb, vm);
+    vm->repl = saved;
+    vm->changing = true;
+    pthread_mutex_unlock(&D->lock);
+
+    vr_fault_point("reverse-registering");
+    CLEANUP_FREE char *path = xasprintf("/r1/vms/%s", jb.uuid);
+    rc = peer_call(&jb.peer, "PUT", path, json_object_to_json_string(reg), -1,
+                   0, false, NULL);
+    json_object_put(reg);
+    job_fini(&jb);
+    if (rc == 0)
+        vr_fault_point("reverse-registered");
+
+    pthread_mutex_lock(&D->lock);
+    vm->changing = false;
+    if (rc == 0) {
+        rc = catalog_begin();
+        if (rc == 0) {
+            vm->mode = VM_MODE_PRIMARY;
+            rc = catalog_save_vm(vm);
+            if (rc == 0)
+                rc = catalog_save_repl(nr);
+            rc = catalog_end(rc);
+            if (rc < 0)
+                vm->mode = VM_MODE_REPLICA;
+        }
+    }
+    if (rc == 0) {
+        vm->repl = nr;
+        repl_free(r);
+        event_add("info", vm->name, "replication reversed: this server is "
+                  "the primary now, replicating to %s (epoch %llu) with no "
+                  "resynchronization", nr->replica_server,
+                  (unsigned long long)nr->epoch);
+        shipper_ensure(vm);
+        *out = repl_to_json(vm);
+    } else {
+        repl_free(nr);
+    }
+    pthread_cond_broadcast(&D->cond);
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
