@@ -22,11 +22,12 @@
  * and completes at the base cycle of the new primary's change log, from
  * which its cycles follow.  Fail-back is the same procedure the other way.
  *
- * Crash safety: prepare changes nothing durable until the Replica server
- * has recorded N (a crash before leaves the VM Replicating, its disks
- * unserved); a planned start is one catalog transaction, then a VM start
- * that can be repeated; reverse is a registration the old primary accepts
- * again from the same peer and epoch, then one transaction here.
+ * Crash safety: prepare records PreparedForFailover before it tells the
+ * Replica server, and `failover prepare` again tells it again (a crash
+ * before leaves the VM Replicating, its disks unserved); a planned start
+ * is one catalog save, then a VM start that can be repeated; reverse is a
+ * registration the old primary accepts again from the same peer and
+ * epoch, then one transaction here.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -85,11 +86,16 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
     int rc = lookup_primary(call, &vm);
     struct repl *r = rc == 0 ? vm->repl : NULL;
     CLEANUP_FREE char *rundir = rc == 0 ? vm_rundir(vm) : NULL;
-    if (rc == 0 && strcmp(r->state, ST_PREPARED) == 0) {
-        /* Asked again: it is prepared. */
-        *out = repl_to_json(vm);
+    if (rc == 0 && strcmp(r->state, ST_PREPARED) == 0 && !r->preparing) {
+        /* Asked again: tell the Replica server again (a crash may have
+         * come between recording the state and telling it). */
+        r->preparing = true;
+        rc = send_prepared(vm, r->prepared_cycle);
+        r->preparing = false;
+        if (rc == 0)
+            *out = repl_to_json(vm);
         pthread_mutex_unlock(&D->lock);
-        return 0;
+        return rc;
     }
     if (rc == 0 && strcmp(r->state, ST_REPLICATING) != 0)
         rc = vr_err(-EBUSY, "vm %s: replication is %s; it must be "
@@ -141,16 +147,26 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
         pthread_cond_broadcast(&D->cond);
         daemon_wait_ms(100);
     }
+    /* Recorded before the Replica server is told, so that after a crash
+     * in between the VM cannot start here while the Replica server may
+     * already fail over; `failover prepare` again tells it again. */
     uint64_t n = r->last_cycle;
     if (rc == 0) {
         vr_fault_point("prepare-shipped");
-        rc = send_prepared(vm, n);
-    }
-    if (rc == 0) {
-        vr_fault_point("prepare-told");
         snprintf(r->state, sizeof r->state, "%s", ST_PREPARED);
         r->prepared_cycle = n;
         rc = catalog_save_repl(r);
+        if (rc == 0)
+            vr_fault_point("prepare-saved");
+        /* If the Replica server does not answer, it may still have
+         * recorded N: the VM stays prepared (it does not start here) until
+         * `failover prepare` tells it again or `failover stop` undoes
+         * both sides. */
+        if (rc == 0 && (rc = send_prepared(vm, n)) < 0)
+            rc = vr_err(rc, "vm %s: prepared here, but the Replica server "
+                        "was not told (%s); run 'vmreplica failover prepare "
+                        "%s' again, or 'vmreplica failover stop %s' to undo",
+                        vm->name, vr_errmsg(), vm->name, vm->name);
     }
     if (rc == 0) {
         event_add("info", vm->name, "prepared for failover: every change is "

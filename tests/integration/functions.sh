@@ -253,20 +253,27 @@ daemon_dead() {
     return 0
 }
 
-# crash_replica FAULT CMD… — restart the replica with VMREPLICA_FAULT=FAULT,
-# run `vmreplica CMD…` against it, which must fail as the daemon dies by
-# SIGKILL at the fault point, then start the replica normally again.
-crash_replica() {
-    local fault=$1
-    shift
-    stop_daemon replica
-    spawn_daemon replica ${REPLICA_ENV[@]+"${REPLICA_ENV[@]}"} VMREPLICA_FAULT="$fault"
-    wait_daemon replica 20
-    vr replica "$@" >/dev/null 2>&1 && fail "$* survived fault $fault"
-    wait_until 30 daemon_dead replica || fail "replica did not die at $fault"
-    [ "$DAEMON_STATUS" -eq 137 ] || fail "replica exited $DAEMON_STATUS at $fault"
-    start_replica ${REPLICA_ENV[@]+"${REPLICA_ENV[@]}"}
+# crash_daemon NAME FAULT CMD… — restart daemon NAME (primary or replica)
+# with VMREPLICA_FAULT=FAULT, run `vmreplica CMD…` against it, which must
+# fail as the daemon dies by SIGKILL at the fault point, then start it
+# normally again.  crash_replica FAULT CMD… is crash_daemon replica.
+crash_daemon() {
+    local name=$1 fault=$2 env
+    shift 2
+    if [ "$name" = primary ]; then
+        env=(${PRIMARY_ENV[@]+"${PRIMARY_ENV[@]}"})
+    else
+        env=(${REPLICA_ENV[@]+"${REPLICA_ENV[@]}"})
+    fi
+    stop_daemon "$name"
+    spawn_daemon "$name" ${env[@]+"${env[@]}"} VMREPLICA_FAULT="$fault"
+    wait_daemon "$name" 20
+    vr "$name" "$@" >/dev/null 2>&1 && fail "$* survived fault $fault"
+    wait_until 30 daemon_dead "$name" || fail "$name did not die at $fault"
+    [ "$DAEMON_STATUS" -eq 137 ] || fail "$name exited $DAEMON_STATUS at $fault"
+    start_daemon "$name" ${env[@]+"${env[@]}"}
 }
+crash_replica() { crash_daemon replica "$@"; }
 
 # vr NAME ARGS… — the vmreplica CLI against daemon NAME.
 vr() {
