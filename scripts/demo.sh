@@ -7,7 +7,9 @@
 # sequence-stamped sectors to its disk), replicates it every second, runs it
 # under QEMU while the guest writes, then waits for the last changes to
 # reach the replica and shows that the replica disk is byte-identical to the
-# primary's and holds the guest's last sequence stamp.
+# primary's and holds the guest's last sequence stamp.  Then a planned
+# failover: the VM boots on the Replica server with no data lost, and
+# replication is reversed towards the old primary without a resync.
 #
 # Environment: BUILD_DIR (default ./build), DEMO_DIR (default a fresh
 # /tmp/vmreplica-demo.XXXXXX, removed at the end unless DEMO_KEEP=1; with
@@ -286,5 +288,40 @@ echo "    replica $rsum  $rdisk"
 stamp=$(max_stamp "$rdisk")
 echo "    newest sequence stamp on the replica disk: $stamp (the guest wrote 1..$TOTAL)"
 [ "$stamp" = "$TOTAL" ] || die "the replica's newest stamp is $stamp, not $TOTAL"
+
+step "12. Planned failover: on the primary (VM shut down), ship every change and hand over"
+run primary failover prepare demo-vm
+if primary vm start demo-vm >/dev/null 2>&1; then
+    die "the prepared VM started on the primary"
+fi
+echo "    the VM no longer starts on the primary"
+
+step "13. On the Replica server: fail over — the VM boots from its replica disk, no data lost"
+run replica failover start demo-vm
+RCONSOLE=$DEMO_DIR/replica/run/$UUID/console.log
+for ((i = 0; i < GUEST_TIMEOUT * 5; i++)); do
+    grep -q '^done' "$RCONSOLE" 2>/dev/null && break
+    sleep 0.2
+done
+grep -q '^done' "$RCONSOLE" 2>/dev/null ||
+    die "the guest did not run to done on the Replica server"
+echo "    console on the Replica server: $(head -n 1 "$RCONSOLE" | tr -d '\r') ... $(grep '^done' "$RCONSOLE" | tr -d '\r')"
+
+step "14. Reverse replication: the former primary becomes the Replica server, with no resynchronization"
+PORT2=$(free_port)
+run primary server set --enable --auth certificate --certificate-port "$PORT2" \
+    --allow-any --default-storage "$DEMO_DIR/primary-storage"
+run replica replication reverse demo-vm --replica-server "primary.test.local:$PORT2" \
+    --connect-address 127.0.0.1
+for ((i = 0; i < 150; i++)); do
+    [ "$(replica --json replication show demo-vm | jq -r .state)" = Replicating ] && break
+    sleep 0.2
+done
+[ "$(replica --json replication show demo-vm | jq -r .state)" = Replicating ] ||
+    die "reverse replication did not start: $(replica --json replication show demo-vm | jq -r .last_error)"
+run primary replication show demo-vm
+sent=$(replica --json replication measure demo-vm | jq -r .initial_replication_sent)
+echo "    initial copy for the reverse direction: $sent bytes"
 echo
-echo "demo: OK — the replica is byte-identical to the primary at cycle $applied and holds the guest's last write (seq $stamp)"
+echo "demo: OK — the replica was byte-identical to the primary at cycle $applied (seq $stamp),"
+echo "      the VM failed over to it with no data loss and now replicates back to the old primary"
