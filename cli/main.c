@@ -78,11 +78,15 @@ static const struct cli_cmd commands[] = {
       "                                server besides the latest (default "
       "0)\n"
       "  --point-interval DURATION     the \"hour\" of --recovery-history "
-      "(default 1h)\n" },
+      "(default 1h)\n"
+      "  --app-consistent-every K      every K-th hour's point is "
+      "application-\n"
+      "                                consistent (guest agent fsfreeze; 0: "
+      "off)\n" },
     { "replication", "set", cmd_repl_set,
       "VM [--frequency DURATION] [--compression on|off] "
       "[--connect-address IP] [--recovery-history N] "
-      "[--point-interval DURATION]",
+      "[--point-interval DURATION] [--app-consistent-every K]",
       "change the replication settings of a VM", NULL },
     { "replication", "show", cmd_repl_show, "VM",
       "show the replication of a VM", NULL },

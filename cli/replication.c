@@ -111,7 +111,7 @@ finish(struct cli *c, json_object *out)
 
 struct repl_opts {
     const char *server, *address, *auth, *frequency, *compression;
-    const char *history, *interval;
+    const char *history, *interval, *app;
 };
 
 /* Validate the options shared by enable and set into body. */
@@ -188,6 +188,20 @@ fill_body(const struct cli_cmd *cmd, const struct repl_opts *o,
         json_object_object_add(body, "recovery_history",
                                json_object_new_int((int)n));
     }
+    if (o->app) {
+        /* K, or "Kh": every K-th point interval (hour). */
+        char *end;
+        errno = 0;
+        long k = strtol(o->app, &end, 10);
+        if (*end == 'h' && end[1] == '\0')
+            end++;
+        if (errno || *end || end == o->app || k < 0 || k > 720)
+            return cli_usage_error(cmd, "invalid --app-consistent-every "
+                                   "'%s': expected K or Kh, 0 .. 720 (0: "
+                                   "off)", o->app);
+        json_object_object_add(body, "app_consistent_every",
+                               json_object_new_int((int)k));
+    }
     if (o->interval) {
         uint64_t s;
         if (vr_parse_duration(o->interval, &s) < 0 || s < 1 || s > 86400)
@@ -212,6 +226,7 @@ cmd_repl_enable(struct cli *c, const struct cli_cmd *cmd, int argc,
         { "compression", CLI_OPT_STR, &o.compression },
         { "recovery-history", CLI_OPT_STR, &o.history },
         { "point-interval", CLI_OPT_STR, &o.interval },
+        { "app-consistent-every", CLI_OPT_STR, &o.app },
         { NULL, 0, NULL },
     };
     CLEANUP_FREE char *path = NULL;
@@ -247,6 +262,7 @@ cmd_repl_set(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
         { "compression", CLI_OPT_STR, &o.compression },
         { "recovery-history", CLI_OPT_STR, &o.history },
         { "point-interval", CLI_OPT_STR, &o.interval },
+        { "app-consistent-every", CLI_OPT_STR, &o.app },
         { NULL, 0, NULL },
     };
     CLEANUP_FREE char *path = NULL;

@@ -10,7 +10,7 @@
 
 #define SCHEMA_VERSION 3 /* 2: recovery history (points, two columns)
                             3: failover_point, failover_step,
-                               prepared_cycle */
+                               prepared_cycle, app_every */
 
 static const char schema[] =
     "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);"
@@ -29,7 +29,7 @@ static const char schema[] =
     "  max_size INT, sum_size INT, max_latency_ms INT, sum_latency_ms INT, "
     "  last_error TEXT, recovery_history INT, point_interval INT, "
     "  test_point INT, failover_point INT, failover_step INT, "
-    "  prepared_cycle INT);"
+    "  prepared_cycle INT, app_every INT);"
     "CREATE TABLE IF NOT EXISTS points(vm_uuid TEXT, cycle INT, time_ms INT, "
     "  kind TEXT, undo_bytes INT, PRIMARY KEY(vm_uuid, cycle));"
     "CREATE TABLE IF NOT EXISTS events(id INTEGER PRIMARY KEY, time_ms INT, "
@@ -74,7 +74,8 @@ migrate(void)
         rc = exec_sql("ALTER TABLE replications ADD COLUMN failover_point "
                       "INT; ALTER TABLE replications ADD COLUMN "
                       "failover_step INT; ALTER TABLE replications ADD "
-                      "COLUMN prepared_cycle INT;");
+                      "COLUMN prepared_cycle INT; ALTER TABLE replications "
+                      "ADD COLUMN app_every INT;");
     if (rc == 0)
         rc = exec_sql("INSERT OR REPLACE INTO meta VALUES('schema_version', "
                       "'3')");
@@ -298,7 +299,7 @@ catalog_save_repl(const struct repl *r)
 {
     sqlite3_stmt *st = prep(
         "INSERT OR REPLACE INTO replications VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,"
-        "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
+        "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
     if (!st)
         return -EIO;
     int i = 1;
@@ -338,6 +339,7 @@ catalog_save_repl(const struct repl *r)
     sqlite3_bind_int64(st, i++, (sqlite3_int64)r->failover_point);
     sqlite3_bind_int(st, i++, r->failover_step);
     sqlite3_bind_int64(st, i++, (sqlite3_int64)r->prepared_cycle);
+    sqlite3_bind_int64(st, i++, r->app_every);
     return step_done(st);
 }
 
@@ -413,6 +415,7 @@ load_repl(sqlite3_stmt *st)
     r->failover_point = (uint64_t)sqlite3_column_int64(st, i++);
     r->failover_step = sqlite3_column_int(st, i++);
     r->prepared_cycle = (uint64_t)sqlite3_column_int64(st, i++);
+    r->app_every = (unsigned)sqlite3_column_int64(st, i++);
     if (r->point_interval_s == 0)
         r->point_interval_s = 3600;
     return r;

@@ -124,6 +124,12 @@ struct repl {
      * there (0: none). */
     uint64_t prepared_cycle;
     bool preparing;   /* runtime, primary: failover prepare runs */
+    /* Application-consistent points: every app_every-th point interval
+     * the cut is made with the guest's file systems frozen through the
+     * QEMU guest agent (0: never).  app_last_ms: runtime, wall clock, the
+     * last such cut. */
+    unsigned app_every;
+    uint64_t app_last_ms;
     /* runtime only */
     pthread_t thread;
     bool thread_running;
@@ -205,7 +211,8 @@ int catalog_end(int rc) VR_WUR;
 struct point {
     uint64_t cycle;
     uint64_t time_ms;  /* when it was applied (wall clock) */
-    char kind[16];     /* "standard" (crash-consistent) */
+    char kind[32];     /* "standard" (crash-consistent) or
+                          "application-consistent" */
     uint64_t undo_bytes; /* undo data kept to reach it from the next one */
 };
 int catalog_add_point(const char *uuid, const struct point *p) VR_WUR;
@@ -221,9 +228,9 @@ int history_reset(struct vm *vm) VR_WUR;
  * recovery history is on).  Without D->lock, vm->applying set. */
 int history_capture(struct vm *vm, uint64_t n,
                     const char *payload_path) VR_WUR;
-/* After cycle n was recorded as applied: make it a point, apply the
- * retention policy, prune.  D->lock held (dropped for file work). */
-int history_after_apply(struct vm *vm, uint64_t n) VR_WUR;
+/* After cycle n was recorded as applied: make it a point (app: an
+ * application-consistent one), apply the retention policy, prune.  D->lock held (dropped for file work). */
+int history_after_apply(struct vm *vm, uint64_t n, bool app) VR_WUR;
 /* At start-up: repair points and undo files after a crash. */
 int history_recover(struct vm *vm) VR_WUR;
 /* failover.c: before cycle n is applied (without D->lock, vm->applying

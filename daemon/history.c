@@ -134,6 +134,15 @@ retention(const struct repl *r, const struct point *pts, size_t n,
         bool newest_in_bucket = pts[i + 1].time_ms / iv != b;
         if (newest_in_bucket && b + r->recovery_history >= blast)
             keep[i] = true; /* the interval's point */
+        /* An interval's application-consistent point is kept too: it is
+         * the one to prefer for applications (SPEC §7). */
+        bool app = strcmp(pts[i].kind, "application-consistent") == 0;
+        bool newest_app_in_bucket = app;
+        for (size_t j = i + 1; app && j < n && pts[j].time_ms / iv == b; j++)
+            if (strcmp(pts[j].kind, "application-consistent") == 0)
+                newest_app_in_bucket = false;
+        if (newest_app_in_bucket && b + r->recovery_history >= blast)
+            keep[i] = true;
     }
 }
 
@@ -206,7 +215,7 @@ reconcile_files(struct vm *vm, const struct point *pts, size_t n)
 }
 
 int
-history_after_apply(struct vm *vm, uint64_t n)
+history_after_apply(struct vm *vm, uint64_t n, bool app)
 {
     /* Called with D->lock held and vm->applying set; drops the lock for
      * the file work and takes it again before returning. */
@@ -217,7 +226,8 @@ history_after_apply(struct vm *vm, uint64_t n)
 
     if (r && r->initial_done && n > r->base_cycle) {
         struct point p = { .cycle = n, .time_ms = vr_wall_ms() };
-        snprintf(p.kind, sizeof p.kind, "standard");
+        snprintf(p.kind, sizeof p.kind, "%s",
+                 app ? "application-consistent" : "standard");
         rc = catalog_add_point(vm->uuid, &p);
     }
     if (rc == 0)

@@ -1276,6 +1276,25 @@ test_applylog(const struct vm *vm, uint64_t n)
     fclose(f);
 }
 
+/* The header flags of a staged cycle (0 if unreadable: applying it will
+ * say why). */
+static uint32_t
+staged_flags(const char *path)
+{
+    uint8_t buf[CYC_HDR_BYTES];
+    struct cyc_hdr h;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = pread(fd, buf, sizeof buf, 0);
+    close(fd);
+    if (n != (ssize_t)sizeof buf || cyc_hdr_decode(buf, &h) < 0) {
+        vr_err_clear();
+        return 0;
+    }
+    return h.flags;
+}
+
 /* Apply cycle n of vm from staging, then record it.  Called without the
  * lock; takes it to record. */
 static int
@@ -1289,6 +1308,7 @@ apply_one(struct vm *vm, uint64_t n, bool locked)
     vm->applying = true;
     if (locked)
         pthread_mutex_unlock(&D->lock);
+    bool app = (staged_flags(path) & CYC_F_APP) != 0;
     int rc = history_capture(vm, n, path);
     if (rc == 0)
         rc = failover_test_refresh(vm, n);
@@ -1311,7 +1331,7 @@ apply_one(struct vm *vm, uint64_t n, bool locked)
                   (unsigned long long)(vr_mono_ms() - t0));
         /* The cycle is applied whatever happens to its point: a failure
          * here is retried by history_recover at the next start. */
-        if (history_after_apply(vm, n) < 0) {
+        if (history_after_apply(vm, n, app) < 0) {
             event_add("warning", vm->name, "recovery history after cycle "
                       "%llu: %s", (unsigned long long)n, vr_errmsg());
             vr_err_clear();

@@ -122,6 +122,8 @@ repl_to_json(const struct vm *vm)
                                : NULL);
     json_object_object_add(o, "recovery_history",
                            json_object_new_int((int)r->recovery_history));
+    json_object_object_add(o, "app_consistent_every",
+                           json_object_new_int((int)r->app_every));
     json_object_object_add(o, "point_interval",
                            json_object_new_int((int)r->point_interval_s));
     json_object_object_add(o, "epoch",
@@ -237,6 +239,14 @@ parse_common(json_object *b, struct repl *r)
             return vr_err(-EINVAL, "recovery_history: must be 0 .. %d",
                           REPL_MAX_HISTORY);
         r->recovery_history = (unsigned)n;
+    }
+    if (json_object_object_get_ex(b, "app_consistent_every", &v)) {
+        int64_t n = json_object_get_int64(v);
+        if (n < 0 || n > REPL_MAX_HISTORY)
+            return vr_err(-EINVAL, "app_consistent_every: must be 0 .. %d",
+                          REPL_MAX_HISTORY);
+        r->app_every = (unsigned)n;
+        r->app_last_ms = 0;
     }
     if (json_object_object_get_ex(b, "point_interval", &v)) {
         int64_t n = json_object_get_int64(v);

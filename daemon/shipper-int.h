@@ -26,6 +26,8 @@ struct job {
     struct disk disks[MAX_DISKS];
     struct peer peer;
     bool compression;
+    uint64_t app_every_ms; /* application-consistent cuts: period, 0 off */
+    uint64_t app_last_ms;  /* wall clock of the last one */
 };
 
 /* Fill jb from vm (caller holds d->lock); release with job_fini. */

@@ -303,7 +303,8 @@ release_shipped(const struct job *jb, uint64_t upto)
             continue;
         struct dirent *de;
         while ((de = readdir(d))) {
-            if (strlen(de->d_name) != 24 || strcmp(de->d_name + 20, ".pre"))
+            if (strlen(de->d_name) != 24 || (strcmp(de->d_name + 20, ".pre") &&
+                                             strcmp(de->d_name + 20, ".app")))
                 continue;
             if (strtoull(de->d_name, NULL, 10) <= upto)
                 unlinkat(dirfd(d), de->d_name, 0);
@@ -379,6 +380,10 @@ job_fill(struct job *jb, const struct vm *vm)
     jb->peer.recovery_history = r->recovery_history;
     jb->peer.point_interval_s = r->point_interval_s;
     jb->compression = r->compression;
+    jb->app_every_ms = (uint64_t)r->app_every *
+                       (r->point_interval_s ? r->point_interval_s : 3600) *
+                       1000;
+    jb->app_last_ms = r->app_last_ms;
 }
 
 void
@@ -424,6 +429,89 @@ test_send_delay(void)
     }
 }
 
+/* The marker of a cycle cut with the guest quiesced, beside disk 0's
+ * segments (the plugin ignores the name). */
+static char *
+app_marker(const struct job *jb, uint64_t cycle)
+{
+    CLEANUP_FREE char *dir = logdir_of(&jb->disks[0]);
+    return xasprintf("%s/%020llu.app", dir, (unsigned long long)cycle);
+}
+
+#define QGA_FREEZE_MS 10000 /* a guest that cannot freeze in 10 s won't */
+#define QGA_THAW_MS   5000
+
+/* Seal the disks' change logs; if an application-consistent cut is due
+ * and QEMU runs, with the guest's file systems frozen through its agent
+ * around the seal, and the cycle marked.  A freeze that fails or hangs
+ * gives a crash-consistent cycle and a warning; a thaw is sent whatever
+ * happened, and retried, so the guest is never left frozen. */
+static int
+seal_cycle(struct vm *vm, struct job *jb, bool running)
+{
+    uint64_t now = vr_wall_ms();
+    bool due = jb->app_every_ms && running &&
+               (jb->app_last_ms == 0 || now - jb->app_last_ms >=
+                                            jb->app_every_ms);
+    bool frozen = false, sent = false;
+    char why[512] = "";
+    if (due) {
+        int64_t nfs = 0;
+        int frc = vmproc_guest_command(
+            jb->rundir, "{\"execute\":\"guest-fsfreeze-freeze\"}\n",
+            QGA_FREEZE_MS, &nfs);
+        frozen = frc == 0;
+        /* Not sent when no agent answered: nothing to thaw then. */
+        sent = frc != -ENOTCONN && frc != -ENOENT;
+        if (frc < 0)
+            snprintf(why, sizeof why, "%s", vr_errmsg());
+        vr_fault_point("app-frozen");
+    }
+    uint64_t c = 0;
+    int rc = vmproc_seal(jb->rundir, &c);
+    char sealmsg[512];
+    snprintf(sealmsg, sizeof sealmsg, "%s", vr_errmsg());
+    if (due) {
+        /* Thaw even after a failed freeze: it may have frozen some file
+         * systems, or still be freezing when we gave up. */
+        int trc = sent ? -1 : 0;
+        for (int k = 0; k < 3 && trc < 0; k++)
+            trc = vmproc_guest_command(
+                jb->rundir, "{\"execute\":\"guest-fsfreeze-thaw\"}\n",
+                QGA_THAW_MS, NULL);
+        pthread_mutex_lock(&D->lock);
+        if (trc < 0 && frozen)
+            event_add("error", jb->name, "guest agent: thaw failed after an "
+                      "application-consistent cut: %s; the guest's file "
+                      "systems may still be frozen", vr_errmsg());
+        if (!frozen)
+            event_add("warning", jb->name, "application-consistent point "
+                      "not possible (%s): cycle %llu is crash-consistent",
+                      why, (unsigned long long)c);
+        /* Either way, the next try is a period away. */
+        vm->repl->app_last_ms = jb->app_last_ms = vr_wall_ms();
+        pthread_mutex_unlock(&D->lock);
+        vr_err_clear();
+    }
+    if (rc < 0)
+        return vr_err(rc, "%s", sealmsg);
+    if (frozen) {
+        CLEANUP_FREE char *m = app_marker(jb, c);
+        int fd = open(m, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+        if (fd < 0 || fsync(fd) < 0) {
+            log_warn("shipper", "%s: %s: %s", jb->name, m, strerror(errno));
+        } else {
+            CLEANUP_FREE char *dir = logdir_of(&jb->disks[0]);
+            VR_IGNORE(io_fsync_dir(dir));
+            log_info("shipper", "%s: cycle %llu is application-consistent",
+                     jb->name, (unsigned long long)c);
+        }
+        if (fd >= 0)
+            close(fd);
+    }
+    return 0;
+}
+
 /* Seal (if the disks are served) and send every sealed cycle after
  * last_cycle, in order. */
 static int
@@ -432,8 +520,7 @@ ship_cycles(struct vm *vm, struct job *jb, uint64_t last_cycle)
     bool served = false, running = false;
     vmproc_status(jb->rundir, &served, &running);
     if (served) {
-        uint64_t c;
-        int rc = vmproc_seal(jb->rundir, &c);
+        int rc = seal_cycle(vm, jb, running);
         if (rc < 0)
             return rc;
     }
@@ -460,6 +547,9 @@ ship_cycles(struct vm *vm, struct job *jb, uint64_t last_cycle)
                              .cycle = N,
                              .epoch = jb->peer.epoch,
                              .ndisks = jb->ndisks };
+        CLEANUP_FREE char *marker = app_marker(jb, N);
+        if (access(marker, F_OK) == 0)
+            h.flags |= CYC_F_APP;
         rc = cyc_uuid_parse(jb->uuid, h.uuid);
         struct cyc_builder *b = NULL;
         if (rc == 0)

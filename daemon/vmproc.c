@@ -29,6 +29,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <json-c/json.h>
+
 #include "config.h"
 #include "vmproc.h"
 
@@ -886,6 +888,77 @@ qmp_command(const char *rundir, const char *cmd)
     }
     free(lb);
     close(fd);
+    return rc;
+}
+
+int
+vmproc_guest_command(const char *rundir, const char *cmd, unsigned timeout_ms,
+                     int64_t *ret)
+{
+    CLEANUP_FREE char *path = xasprintf("%s/qga.sock", rundir);
+    if (!qemu_pid(rundir))
+        return vr_err(-ENOENT, "guest agent: the VM does not run");
+    int fd;
+    int rc = unix_connect(path, &fd);
+    if (rc < 0)
+        return vr_err(rc, "guest agent: connect %s: %s", path, strerror(-rc));
+    uint64_t deadline = vr_mono_ms() + timeout_ms;
+    struct linebuf *lb = xcalloc(1, sizeof *lb);
+    lb->fd = fd;
+    char line[4096];
+    /* guest-sync with a fresh id first: the channel may still hold the
+     * reply to an exchange that timed out earlier.  0xff makes the agent
+     * drop any partial request it holds. */
+    static uint32_t seq;
+    uint32_t id = ((uint32_t)getpid() << 16 ^
+                   __atomic_add_fetch(&seq, 1, __ATOMIC_RELAXED) ^
+                   (uint32_t)vr_mono_ms()) & 0x7fffffff;
+    char sync[128];
+    snprintf(sync, sizeof sync,
+             "\xff{\"execute\":\"guest-sync\",\"arguments\":{\"id\":%u}}\n",
+             id);
+    rc = send_all(fd, sync);
+    bool synced = false;
+    json_object *j = NULL;
+    while (rc == 0 && !synced) {
+        rc = read_line(lb, line, sizeof line, deadline);
+        json_object_put(j);
+        j = rc == 0 ? json_tokener_parse(line) : NULL;
+        json_object *v;
+        if (j && json_object_object_get_ex(j, "return", &v) &&
+            json_object_get_int64(v) == (int64_t)id)
+            synced = true;
+    }
+    if (!synced) {
+        json_object_put(j);
+        free(lb);
+        close(fd);
+        return vr_err(-ENOTCONN, "guest agent: not answering (%s within %u "
+                      "ms)", rc == -ETIMEDOUT ? "no reply" : strerror(-rc),
+                      timeout_ms);
+    }
+    rc = send_all(fd, cmd);
+    if (rc == 0)
+        rc = read_line(lb, line, sizeof line, deadline);
+    json_object_put(j);
+    j = rc == 0 ? json_tokener_parse(line) : NULL;
+    free(lb);
+    close(fd);
+    if (rc == -ETIMEDOUT)
+        return vr_err(rc, "guest agent: no answer within %u ms", timeout_ms);
+    if (rc < 0)
+        return vr_err(rc, "guest agent: %s", strerror(-rc));
+    json_object *v, *e;
+    if (j && json_object_object_get_ex(j, "return", &v)) {
+        if (ret)
+            *ret = json_object_get_int64(v);
+    } else if (j && json_object_object_get_ex(j, "error", &e) &&
+               json_object_object_get_ex(e, "desc", &v)) {
+        rc = vr_err(-EIO, "guest agent: %s", json_object_get_string(v));
+    } else {
+        rc = vr_err(-EPROTO, "guest agent: unexpected answer '%.80s'", line);
+    }
+    json_object_put(j);
     return rc;
 }
 

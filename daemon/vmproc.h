@@ -78,6 +78,15 @@ int vmproc_make_overlays(const char *rundir, unsigned ndisks,
  * fdatasync.  Repeatable after a crash. */
 int vmproc_commit_overlays(const char *rundir, unsigned ndisks,
                            const struct vmproc_disk *disks) VR_WUR;
+/* One QEMU guest agent command (a JSON line, e.g.
+ * {"execute":"guest-fsfreeze-freeze"}) to the VM in rundir, over its
+ * virtio-serial channel: synchronized first with guest-sync, bounded by
+ * timeout_ms.  *ret (may be NULL): an integer "return" value.  -ENOENT if
+ * QEMU does not run, -ENOTCONN if no agent answers guest-sync (the
+ * command was not sent), -ETIMEDOUT if the command got no answer, -EIO if
+ * the agent answered an error (its description in vr_errmsg()). */
+int vmproc_guest_command(const char *rundir, const char *cmd,
+                         unsigned timeout_ms, int64_t *ret) VR_WUR;
 /* Run argv (PATH lookup) and wait; on failure the last line of its stderr
  * is in the error message. */
 int vmproc_run(char *const argv[]) VR_WUR;

@@ -35,7 +35,7 @@
 #include "crc32c.h"
 #include "u64map.h"
 
-#define CYC_KNOWN_FLAGS         (CYC_F_BASE | CYC_F_UNDO)
+#define CYC_KNOWN_FLAGS         (CYC_F_BASE | CYC_F_UNDO | CYC_F_APP)
 /* Plain (uncompressed) builder write buffer and apply read size. */
 #define CYC_IO_BYTES            (256u << 10)
 /* Largest unit the reassembly buffer must hold. */

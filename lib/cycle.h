@@ -25,6 +25,8 @@
 #define CYC_HDR_BYTES     64
 #define CYC_F_BASE        0x1 /* initial-replication chunk, not a cycle */
 #define CYC_F_UNDO        0x2 /* an undo file (undo.h), never on the wire */
+#define CYC_F_APP         0x4 /* cut while the guest's file systems were
+                                 quiesced: an application-consistent point */
 #define CYC_MAX_DISKS     64
 /* Records in one payload, bounded so a hostile count cannot exhaust. */
 #define CYC_MAX_RECORDS   (1u << 24)
