@@ -43,12 +43,16 @@ static const struct cli_cmd commands[] = {
       "  --default-storage DIR       where Replica VMs of such primaries go\n"
       "  --monitoring-interval DUR   health window, e.g. 12h, 30m, 3600\n" },
     { "vm", "create", cmd_vm_create,
-      "NAME (--disk FILE | --new-disk SIZE)... [--memory SIZE] [--cpus N]",
+      "NAME (--disk FILE | --new-disk SIZE)... [--memory SIZE] [--cpus N]\n"
+      "        [--kernel FILE [--initrd FILE] [--append CMDLINE]]",
       "create a VM from disk images or new empty disks",
       "  --disk FILE       import an image (raw, qcow2, VHDX, VHD, VMDK)\n"
       "  --new-disk SIZE   create an empty sparse disk, e.g. 10G\n"
       "  --memory SIZE     memory, e.g. 512M, 2G (a bare number is MiB)\n"
-      "  --cpus N          virtual CPUs\n" },
+      "  --cpus N          virtual CPUs\n"
+      "  --kernel FILE     boot this Linux kernel directly (QEMU -kernel)\n"
+      "  --initrd FILE     with this initial ramdisk\n"
+      "  --append CMDLINE  and this kernel command line\n" },
     { "vm", "list", cmd_vm_list, "", "list VMs", NULL },
     { "vm", "show", cmd_vm_show, "VM", "show a VM and its disks", NULL },
     { "vm", "start", cmd_vm_start, "VM [--no-hypervisor]",

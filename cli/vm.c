@@ -102,11 +102,15 @@ cmd_vm_create(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
 {
     struct cli_list disks = { 0 };
     const char *memory = NULL, *cpus = NULL;
+    const char *kernel = NULL, *initrd = NULL, *append = NULL;
     const struct cli_opt opts[] = {
         { "disk", CLI_OPT_LIST, &disks },
         { "new-disk", CLI_OPT_LIST, &disks },
         { "memory", CLI_OPT_STR, &memory },
         { "cpus", CLI_OPT_STR, &cpus },
+        { "kernel", CLI_OPT_STR, &kernel },
+        { "initrd", CLI_OPT_STR, &initrd },
+        { "append", CLI_OPT_STR, &append },
         { NULL, 0, NULL },
     };
     const char *pos[1];
@@ -150,6 +154,16 @@ cmd_vm_create(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
         json_object_object_add(body, "memory_mib",
                                json_object_new_int64((int64_t)mib));
     }
+    if (kernel) {
+        CLEANUP_FREE char *k = cli_abspath(kernel);
+        json_object_object_add(body, "kernel", json_object_new_string(k));
+    }
+    if (initrd) {
+        CLEANUP_FREE char *i = cli_abspath(initrd);
+        json_object_object_add(body, "initrd", json_object_new_string(i));
+    }
+    if (append)
+        json_object_object_add(body, "cmdline", json_object_new_string(append));
     json_object *arr = json_object_new_array();
     json_object_object_add(body, "disks", arr);
     for (unsigned i = 0; i < disks.n; i++) {

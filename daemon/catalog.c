@@ -16,7 +16,8 @@ static const char schema[] =
     "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);"
     "CREATE TABLE IF NOT EXISTS config(key TEXT PRIMARY KEY, value TEXT);"
     "CREATE TABLE IF NOT EXISTS vms(uuid TEXT PRIMARY KEY, name TEXT UNIQUE "
-    "  NOT NULL, cpus INT, memory_mib INT, mode TEXT, dir TEXT);"
+    "  NOT NULL, cpus INT, memory_mib INT, mode TEXT, dir TEXT, kernel TEXT, "
+    "  initrd TEXT, cmdline TEXT);"
     "CREATE TABLE IF NOT EXISTS disks(vm_uuid TEXT, idx INT, id TEXT, "
     "  path TEXT, size INT, PRIMARY KEY(vm_uuid, idx));"
     "CREATE TABLE IF NOT EXISTS replications(vm_uuid TEXT PRIMARY KEY, "
@@ -75,7 +76,9 @@ migrate(void)
                       "INT; ALTER TABLE replications ADD COLUMN "
                       "failover_step INT; ALTER TABLE replications ADD "
                       "COLUMN prepared_cycle INT; ALTER TABLE replications "
-                      "ADD COLUMN app_every INT;");
+                      "ADD COLUMN app_every INT; ALTER TABLE vms ADD COLUMN "
+                      "kernel TEXT; ALTER TABLE vms ADD COLUMN initrd TEXT; "
+                      "ALTER TABLE vms ADD COLUMN cmdline TEXT;");
     if (rc == 0)
         rc = exec_sql("INSERT OR REPLACE INTO meta VALUES('schema_version', "
                       "'3')");
@@ -236,7 +239,8 @@ catalog_save_vm(const struct vm *vm)
     int rc = catalog_begin();
     if (rc < 0)
         return rc;
-    sqlite3_stmt *st = prep("INSERT OR REPLACE INTO vms VALUES(?,?,?,?,?,?)");
+    sqlite3_stmt *st =
+        prep("INSERT OR REPLACE INTO vms VALUES(?,?,?,?,?,?,?,?,?)");
     if (!st)
         return catalog_end(-EIO);
     sqlite3_bind_text(st, 1, vm->uuid, -1, SQLITE_STATIC);
@@ -245,6 +249,9 @@ catalog_save_vm(const struct vm *vm)
     sqlite3_bind_int(st, 4, (int)vm->memory_mib);
     sqlite3_bind_text(st, 5, vm_mode_name(vm->mode), -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 6, vm->dir, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 7, vm->kernel, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 8, vm->initrd, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 9, vm->cmdline, -1, SQLITE_STATIC);
     rc = step_done(st);
     if (rc == 0) {
         st = prep("DELETE FROM disks WHERE vm_uuid = ?");
@@ -490,8 +497,9 @@ int
 catalog_load(void)
 {
     load_server();
-    sqlite3_stmt *st = prep("SELECT uuid, name, cpus, memory_mib, mode, dir "
-                            "FROM vms ORDER BY name DESC");
+    sqlite3_stmt *st = prep("SELECT uuid, name, cpus, memory_mib, mode, dir, "
+                            "kernel, initrd, cmdline FROM vms ORDER BY name "
+                            "DESC");
     if (!st)
         return -EIO;
     while (sqlite3_step(st) == SQLITE_ROW) {
@@ -503,6 +511,9 @@ catalog_load(void)
         vm->memory_mib = (unsigned)sqlite3_column_int(st, 3);
         vm->mode = mode_parse((const char *)sqlite3_column_text(st, 4));
         vm->dir = col_str(st, 5);
+        vm->kernel = col_str(st, 6);
+        vm->initrd = col_str(st, 7);
+        vm->cmdline = col_str(st, 8);
         vm->next = D->vms;
         D->vms = vm;
     }

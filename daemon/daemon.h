@@ -39,6 +39,10 @@ struct vm {
     char *dir; /* the VM's directory: rundir, and disks for primary VMs */
     unsigned ndisks;
     struct disk disks[MAX_DISKS];
+    /* Direct kernel boot (QEMU -kernel/-initrd/-append), or NULL.  Host
+     * paths: they travel with the VM and must exist at the same paths on
+     * the Replica server for a failover to boot it that way. */
+    char *kernel, *initrd, *cmdline;
     bool hypervisor; /* QEMU was requested at start */
     bool applying;   /* the applier works on its disks without the lock */
     bool changing;   /* a start or stop runs without the lock */
@@ -268,6 +272,10 @@ struct vmproc_spec;
 struct vmproc_disk;
 void vm_spec_of(const struct vm *vm, struct vmproc_spec *s,
                 struct vmproc_disk *dks, char *rundir);
+/* "kernel", "initrd", "cmdline" of a VM's JSON (vm create, registration):
+ * absolute paths of files and printable text, validated; out[] are NULL or
+ * allocated.  -EINVAL with a message. */
+int vm_boot_parse(json_object *b, char *out[3]) VR_WUR;
 
 /* --- api.c ------------------------------------------------------------- */
 int api_start(const char *sock_path) VR_WUR;

@@ -391,6 +391,8 @@ recover_failover(struct vm *vm)
             .name = vm->name, .uuid = vm->uuid, .cpus = vm->cpus,
             .memory_mib = vm->memory_mib, .rundir = rd,
             .ndisks = vm->ndisks, .disks = disks, .view = view,
+            .kernel = vm->kernel, .initrd = vm->initrd,
+            .cmdline = vm->cmdline,
         };
         return vmproc_start(&spec);
     }
@@ -507,6 +509,9 @@ test_start(struct api_call *call, int64_t want, json_object **out)
         .ndisks = vm->ndisks,
         .disks = disks,
         .view = view,
+        .kernel = vm->kernel,
+        .initrd = vm->initrd,
+        .cmdline = vm->cmdline,
     };
     pthread_mutex_unlock(&D->lock);
 
@@ -598,6 +603,9 @@ unplanned_start(struct api_call *call, int64_t want, bool force,
         .ndisks = vm->ndisks,
         .disks = disks,
         .view = view,
+        .kernel = vm->kernel,
+        .initrd = vm->initrd,
+        .cmdline = vm->cmdline,
     };
     pthread_mutex_unlock(&D->lock);
 

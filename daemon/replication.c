@@ -289,6 +289,16 @@ repl_register_body(const struct vm *vm, const struct repl *r)
         json_object_array_add(disks, d);
     }
     json_object_object_add(reg, "disks", disks);
+    if (vm->kernel) {
+        json_object_object_add(reg, "kernel",
+                               json_object_new_string(vm->kernel));
+        if (vm->initrd)
+            json_object_object_add(reg, "initrd",
+                                   json_object_new_string(vm->initrd));
+        if (vm->cmdline)
+            json_object_object_add(reg, "cmdline",
+                                   json_object_new_string(vm->cmdline));
+    }
     return reg;
 }
 

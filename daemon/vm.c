@@ -70,6 +70,9 @@ vm_free(struct vm *vm)
     repl_free(vm->repl);
     free(vm->name);
     free(vm->dir);
+    free(vm->kernel);
+    free(vm->initrd);
+    free(vm->cmdline);
     free(vm);
 }
 
@@ -95,6 +98,15 @@ vm_to_json(const struct vm *vm)
     json_object_object_add(o, "name", json_object_new_string(vm->name));
     json_object_object_add(o, "uuid", json_object_new_string(vm->uuid));
     json_object_object_add(o, "cpus", json_object_new_int((int)vm->cpus));
+    if (vm->kernel) {
+        json_object_object_add(o, "kernel", json_object_new_string(vm->kernel));
+        if (vm->initrd)
+            json_object_object_add(o, "initrd",
+                                   json_object_new_string(vm->initrd));
+        if (vm->cmdline)
+            json_object_object_add(o, "cmdline",
+                                   json_object_new_string(vm->cmdline));
+    }
     json_object_object_add(o, "memory_mib",
                            json_object_new_int((int)vm->memory_mib));
     json_object_object_add(o, "mode",
@@ -367,11 +379,19 @@ api_vm_create(struct api_call *call, unsigned *status, json_object **out)
         return vr_err(-EINVAL, "vm %s: cpus 1..64 and memory_mib 16.. only",
                       name);
 
+    char *boot[3];
+    int rc = vm_boot_parse(b, boot);
+    if (rc < 0)
+        return rc;
+
     pthread_mutex_lock(&D->lock);
     bool exists = vm_find(name) != NULL;
     pthread_mutex_unlock(&D->lock);
-    if (exists)
+    if (exists) {
+        for (int k = 0; k < 3; k++)
+            free(boot[k]);
         return vr_err(-EEXIST, "vm %s: already exists", name);
+    }
 
     struct vm *vm = xcalloc(1, sizeof *vm);
     vr_uuid_new(vm->uuid);
@@ -380,7 +400,10 @@ api_vm_create(struct api_call *call, unsigned *status, json_object **out)
     vm->memory_mib = (unsigned)mem;
     vm->mode = VM_MODE_NONE;
     vm->dir = xasprintf("%s/vms/%s", D->state_dir, vm->uuid);
-    int rc = io_mkdir_p(vm->dir, 0750);
+    vm->kernel = boot[0];
+    vm->initrd = boot[1];
+    vm->cmdline = boot[2];
+    rc = io_mkdir_p(vm->dir, 0750);
     for (size_t i = 0; rc == 0 && i < nd; i++) {
         json_object *d = json_object_array_get_idx(disks, i);
         struct disk *dk = &vm->disks[vm->ndisks++];
@@ -444,6 +467,40 @@ api_vm_create(struct api_call *call, unsigned *status, json_object **out)
     return 0;
 }
 
+int
+vm_boot_parse(json_object *b, char *out[3])
+{
+    static const char *keys[3] = { "kernel", "initrd", "cmdline" };
+    out[0] = out[1] = out[2] = NULL;
+    for (int k = 0; k < 3; k++) {
+        const char *v = jstr(b, keys[k]);
+        if (!v || !*v)
+            continue;
+        size_t len = strlen(v);
+        bool ok = len < 4096;
+        for (size_t i = 0; ok && i < len; i++)
+            ok = v[i] >= 0x20 && v[i] < 0x7f;
+        if (ok && k < 2) {
+            struct stat st;
+            ok = v[0] == '/' && stat(v, &st) == 0 && S_ISREG(st.st_mode);
+        }
+        if (!ok) {
+            for (int j = 0; j < k; j++)
+                free(out[j]);
+            return vr_err(-EINVAL, "%s: %s", keys[k],
+                          k < 2 ? "expected the absolute path of a file"
+                                : "expected printable text (< 4 KiB)");
+        }
+        out[k] = xstrdup(v);
+    }
+    if (!out[0] && (out[1] || out[2])) {
+        free(out[1]);
+        free(out[2]);
+        return vr_err(-EINVAL, "initrd and cmdline need a kernel");
+    }
+    return 0;
+}
+
 void
 vm_spec_of(const struct vm *vm, struct vmproc_spec *s,
            struct vmproc_disk *dks, char *rundir)
@@ -459,6 +516,9 @@ vm_spec_of(const struct vm *vm, struct vmproc_spec *s,
                                .rundir = rundir,
                                .ndisks = vm->ndisks,
                                .disks = dks,
+                               .kernel = vm->kernel,
+                               .initrd = vm->initrd,
+                               .cmdline = vm->cmdline,
                                .hypervisor = vm->hypervisor };
 }
 

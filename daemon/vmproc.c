@@ -754,6 +754,18 @@ start_qemu(const struct vmproc_spec *s)
     argv_addf(&a, "-smp");
     argv_add(&a, xasprintf("%u", s->cpus ? s->cpus : 1));
     argv_addf(&a, "-nodefaults");
+    if (s->kernel) {
+        argv_addf(&a, "-kernel");
+        argv_addf(&a, s->kernel);
+        if (s->initrd) {
+            argv_addf(&a, "-initrd");
+            argv_addf(&a, s->initrd);
+        }
+        if (s->cmdline) {
+            argv_addf(&a, "-append");
+            argv_addf(&a, s->cmdline);
+        }
+    }
     argv_addf(&a, "-display");
     argv_addf(&a, "none");
     argv_addf(&a, "-serial");

@@ -40,6 +40,8 @@ struct vmproc_spec {
     unsigned ndisks;
     const struct vmproc_disk *disks;
     bool hypervisor; /* also start QEMU */
+    /* Direct kernel boot, or NULL. */
+    const char *kernel, *initrd, *cmdline;
     /* Test failover: serve the disks read-only at a recovery point
      * (the plugin's view=UNDODIR:POINT:LATEST) ... */
     const char *view;
