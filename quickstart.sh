@@ -18,7 +18,7 @@ PACKAGES=(build-essential meson ninja-build pkg-config nbdkit
     nbdkit-plugin-dev libnbd-dev libnbd-bin qemu-system-x86 qemu-utils
     libzstd-dev libgnutls28-dev gnutls-bin libcurl4-gnutls-dev
     libmicrohttpd-dev libsqlite3-dev libjson-c-dev openssl curl jq socat
-    zstd clang python3)
+    zstd clang python3 busybox-static qemu-guest-agent e2fsprogs)
 
 say() {
     printf 'quickstart: %s\n' "$*"

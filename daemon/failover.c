@@ -584,6 +584,9 @@ unplanned_start(struct api_call *call, int64_t want, bool force,
     wait_applier(vm);
     r->failover_point = point;
     r->failover_step = FO_STARTING;
+    /* The VM will hold its own writes on top of the point: the old
+     * primary's disks (prepared or not) no longer match them. */
+    r->prepared_cycle = 0;
     snprintf(r->state, sizeof r->state, "%s", ST_FAILOVER_WAIT);
     rc = catalog_save_repl(r);
     if (rc == 0)

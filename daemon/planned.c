@@ -238,24 +238,35 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
                     "step is running", vm->name);
     else if (strcmp(r->state, ST_REPLICATING) != 0)
         rc = vr_err(-EBUSY, "vm %s: replication is %s", vm->name, r->state);
+    if (rc < 0) {
+        pthread_mutex_unlock(&D->lock);
+        return rc;
+    }
+    /* failover_busy keeps removes, other failovers and the primary's
+     * requests (own_vm) away while we wait with the lock dropped. */
+    r->failover_busy = true;
     /* The prepared cycle may still be being applied. */
     uint64_t deadline = vr_mono_ms() + PLANNED_APPLY_MS;
-    while (rc == 0 && r->applied_cycle < r->prepared_cycle &&
+    while (r->prepared_cycle && r->applied_cycle < r->prepared_cycle &&
            vr_mono_ms() < deadline && strcmp(r->state, ST_REPLICATING) == 0)
         daemon_wait_ms(100);
-    uint64_t n = rc == 0 ? r->prepared_cycle : 0;
-    if (rc == 0 && r->applied_cycle != n)
+    while (vm->applying)
+        pthread_cond_wait(&D->cond, &D->lock);
+    uint64_t n = r->prepared_cycle;
+    if (!n)
+        rc = vr_err(-EINVAL, "vm %s: the primary withdrew its failover "
+                    "preparation", vm->name);
+    else if (r->applied_cycle != n)
         rc = vr_err(-EBUSY, "vm %s: the prepared cycle %llu is not applied "
                     "(applied: %llu); try again", vm->name,
                     (unsigned long long)n,
                     (unsigned long long)r->applied_cycle);
     if (rc < 0) {
+        r->failover_busy = false;
+        pthread_cond_broadcast(&D->cond);
         pthread_mutex_unlock(&D->lock);
         return rc;
     }
-    r->failover_busy = true;
-    while (vm->applying)
-        pthread_cond_wait(&D->cond, &D->lock);
 
     /* Points and staged cycles go; every later write is in a cycle of
      * the VM's own change log after `base`. */
@@ -271,11 +282,19 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
             rc = vr_err(n_rm, "clear %s: %s", stg, strerror(-n_rm));
     }
     if (rc == 0) {
+        struct repl old = *r;
         r->base_cycle = base;
         r->last_cycle = r->applied_cycle = n;
         r->epoch++;
         snprintf(r->state, sizeof r->state, "%s", ST_FAILED_OVER);
         rc = catalog_save_repl(r);
+        if (rc < 0) { /* as it was: the catalog is the truth */
+            r->base_cycle = old.base_cycle;
+            r->last_cycle = old.last_cycle;
+            r->applied_cycle = old.applied_cycle;
+            r->epoch = old.epoch;
+            memcpy(r->state, old.state, sizeof r->state);
+        }
     }
     if (rc == 0) {
         vr_fault_point("planned-start-saved");

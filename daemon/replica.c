@@ -692,6 +692,7 @@ do_register(struct rreq *q, json_object **out)
                     rc = vr_err(-errno, "register: reset %s: %s",
                                 vm->disks[i].path, strerror(errno));
             r->applied_cycle = r->last_cycle = 0;
+            r->prepared_cycle = 0;
             if (rc == 0)
                 clear_staging(r);
             /* The recovery history of the old relationship goes too. */

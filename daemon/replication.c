@@ -492,6 +492,27 @@ set_state(struct vm *vm, const char *st)
     pthread_cond_broadcast(&D->cond);
 }
 
+/* D->lock held: suspend and resume leave a failover's states alone (a
+ * prepared primary resumed could start its VM while the Replica server
+ * fails over at the prepared cycle). */
+static int
+check_not_failing_over(const struct vm *vm)
+{
+    const struct repl *r = vm->repl;
+    if (r->preparing || r->failover_busy || vm->changing)
+        return vr_err(-EBUSY, "vm %s: a failover step or another change is "
+                      "in progress; try again", vm->name);
+    if (strcmp(r->state, ST_PREPARED) == 0)
+        return vr_err(-EBUSY, "vm %s: prepared for failover; 'vmreplica "
+                      "failover stop %s' undoes the preparation", vm->name,
+                      vm->name);
+    if (r->failover_point || strcmp(r->state, ST_FAILED_OVER) == 0)
+        return vr_err(-EBUSY, "vm %s: failed over (%s); replication does "
+                      "not suspend or resume in that state", vm->name,
+                      r->state);
+    return 0;
+}
+
 int
 api_repl_suspend(struct api_call *call, unsigned *status VR_UNUSED,
                  json_object **out)
@@ -499,6 +520,8 @@ api_repl_suspend(struct api_call *call, unsigned *status VR_UNUSED,
     struct vm *vm = NULL;
     pthread_mutex_lock(&D->lock);
     int rc = lookup_repl(call, &vm);
+    if (rc == 0)
+        rc = check_not_failing_over(vm);
     if (rc == 0 && strcmp(vm->repl->state, ST_SUSPENDED) != 0) {
         set_state(vm, ST_SUSPENDED);
         rc = catalog_save_repl(vm->repl);
@@ -518,6 +541,8 @@ api_repl_resume(struct api_call *call, unsigned *status VR_UNUSED,
     struct vm *vm = NULL;
     pthread_mutex_lock(&D->lock);
     int rc = lookup_repl(call, &vm);
+    if (rc == 0)
+        rc = check_not_failing_over(vm);
     if (rc == 0 && (strcmp(vm->repl->state, ST_SUSPENDED) == 0 ||
                     strcmp(vm->repl->state, ST_ERROR) == 0)) {
         struct repl *r = vm->repl;
@@ -597,6 +622,11 @@ api_repl_remove(struct api_call *call, unsigned *status VR_UNUSED,
     struct vm *vm = NULL;
     pthread_mutex_lock(&D->lock);
     int rc = lookup_repl(call, &vm);
+    /* Steps that hold the repl with the lock dropped must end first. */
+    if (rc == 0 && (vm->changing || vm->repl->preparing ||
+                    vm->repl->failover_busy))
+        rc = vr_err(-EBUSY, "vm %s: a failover step or another change is "
+                    "in progress; try again", vm->name);
     if (rc == 0 && vm->repl->mode == VM_MODE_PRIMARY) {
         /* 'removing' keeps every other call (resume, initial start, a
          * second remove) away from this repl while we talk to the Replica

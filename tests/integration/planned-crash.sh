@@ -1,5 +1,5 @@
 #!/bin/bash
-# failover-planned-crash: SIGKILL at each step of a planned failover and of
+# planned-crash: SIGKILL at each step of a planned failover and of
 # reverse replication; after the restart nothing is half done and the step
 # can be run again to the end, with no resynchronization.
 #
@@ -129,4 +129,26 @@ qemu-io -f raw "$(nbd_uri replica p2)" -c "write -P 0x22 6M 1M" >/dev/null || fa
 wait_converged p2 60
 assert_identical p2
 log "reverse after the old primary died while accepting it: no resync"
+
+# A prepared primary is not suspended or resumed out of its state, and an
+# unplanned failover at a chosen point (its disks diverge from the old
+# primary's) is never reversed as if it were planned.
+SRC=primary DST=replica
+mkvm p3
+prepare_ok p3
+for verb in suspend resume; do
+    err=$(vr primary replication "$verb" p3 2>&1) && fail "$verb of a prepared VM"
+    grep -q "prepared for failover; 'vmreplica failover stop p3' undoes" <<<"$err" ||
+        fail "$verb prepared: $err"
+done
+pt=$(vrj replica points list p3 | jq '.points[-1].id')
+vr replica failover start p3 --point "$pt" >/dev/null || fail "unplanned start of p3"
+[ "$(repl replica p3 prepared_cycle)" = null ] || fail "p3 is still prepared"
+err=$(vr replica replication suspend p3 2>&1) && fail "suspend during a failover"
+grep -q "failed over" <<<"$err" || fail "suspend during failover: $err"
+vr replica failover complete p3 >/dev/null || fail "complete p3"
+err=$(vr replica replication reverse p3 --replica-server "primary.test.local:$PRIMARY_PORT" \
+    --connect-address 127.0.0.1 2>&1) && fail "an unplanned failover was reversed"
+grep -q "needs their resynchronization" <<<"$err" || fail "reverse p3: $err"
+log "prepared and failed-over states hold; an unplanned failover is not reversed"
 log "PASS"
