@@ -44,12 +44,15 @@ static const struct cli_cmd commands[] = {
       "  --monitoring-interval DUR   health window, e.g. 12h, 30m, 3600\n" },
     { "vm", "create", cmd_vm_create,
       "NAME (--disk FILE | --new-disk SIZE)... [--memory SIZE] [--cpus N]\n"
-      "        [--kernel FILE [--initrd FILE] [--append CMDLINE]]",
+      "        [--nic NETWORK]... [--kernel FILE [--initrd FILE] "
+      "[--append CMDLINE]]",
       "create a VM from disk images or new empty disks",
       "  --disk FILE       import an image (raw, qcow2, VHDX, VHD, VMDK)\n"
       "  --new-disk SIZE   create an empty sparse disk, e.g. 10G\n"
       "  --memory SIZE     memory, e.g. 512M, 2G (a bare number is MiB)\n"
       "  --cpus N          virtual CPUs\n"
+      "  --nic NETWORK     a NIC on none, user, tap:IFNAME or "
+      "bridge:BRIDGE\n"
       "  --kernel FILE     boot this Linux kernel directly (QEMU -kernel)\n"
       "  --initrd FILE     with this initial ramdisk\n"
       "  --append CMDLINE  and this kernel command line\n" },
@@ -61,6 +64,12 @@ static const struct cli_cmd commands[] = {
     { "vm", "stop", cmd_vm_stop, "VM [--force]",
       "shut a VM down and stop serving its disks",
       "  --force           kill QEMU at once instead of an ACPI shutdown\n" },
+    { "vm", "set-test-network", cmd_vm_set_test_network, "VM NETWORK",
+      "the network a test failover's NICs join (default none)", NULL },
+    { "vm", "set-failover-network", cmd_vm_set_failover_network,
+      "VM [--nic N] [--ipv4 A/P] [--gateway4 G] [--ipv6 A/P] "
+      "[--gateway6 G]\n        [--dns A[,B]] [--clear]",
+      "network settings set in the guest (agent) when it fails over", NULL },
     { "vm", "remove", cmd_vm_remove, "VM", "delete a stopped VM and its disks",
       NULL },
     { "replication", "enable", cmd_repl_enable,

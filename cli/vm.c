@@ -103,7 +103,9 @@ cmd_vm_create(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
     struct cli_list disks = { 0 };
     const char *memory = NULL, *cpus = NULL;
     const char *kernel = NULL, *initrd = NULL, *append = NULL;
+    struct cli_list nics = { 0 };
     const struct cli_opt opts[] = {
+        { "nic", CLI_OPT_LIST, &nics },
         { "disk", CLI_OPT_LIST, &disks },
         { "new-disk", CLI_OPT_LIST, &disks },
         { "memory", CLI_OPT_STR, &memory },
@@ -164,6 +166,13 @@ cmd_vm_create(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
     }
     if (append)
         json_object_object_add(body, "cmdline", json_object_new_string(append));
+    if (nics.n) {
+        json_object *na = json_object_new_array();
+        for (unsigned i = 0; i < nics.n; i++)
+            json_object_array_add(na,
+                                  json_object_new_string(nics.items[i].value));
+        json_object_object_add(body, "nics", na);
+    }
     json_object *arr = json_object_new_array();
     json_object_object_add(body, "disks", arr);
     for (unsigned i = 0; i < disks.n; i++) {
@@ -344,6 +353,95 @@ cmd_vm_stop(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
         cli_print_json(out);
     else
         printf("vm %s stopped\n", name);
+    json_object_put(out);
+    return CLI_OK;
+}
+
+int
+cmd_vm_set_test_network(struct cli *c, const struct cli_cmd *cmd, int argc,
+                        char **argv)
+{
+    const char *pos[2];
+    unsigned npos;
+    int rc = cli_parse(c, cmd, argc, argv, NULL, pos, 2, &npos);
+    if (rc)
+        return rc;
+    if ((rc = cli_want_args(cmd, npos, 2, "VM NETWORK")))
+        return rc;
+    CLEANUP_FREE char *esc = cli_escape(pos[0]);
+    CLEANUP_FREE char *path = xasprintf("/v1/vms/%s/test-network", esc);
+    json_object *body = json_object_new_object();
+    json_object_object_add(body, "network", json_object_new_string(pos[1]));
+    json_object *out;
+    rc = cli_call(c, "POST", path, body, &out);
+    json_object_put(body);
+    if (rc)
+        return rc;
+    if (c->json)
+        cli_print_json(out);
+    else
+        printf("vm %s: test network %s\n", pos[0], pos[1]);
+    json_object_put(out);
+    return CLI_OK;
+}
+
+int
+cmd_vm_set_failover_network(struct cli *c, const struct cli_cmd *cmd,
+                            int argc, char **argv)
+{
+    const char *nic = "0", *ipv4 = NULL, *gw4 = NULL, *ipv6 = NULL,
+               *gw6 = NULL, *dns = NULL;
+    bool clear = false;
+    const struct cli_opt opts[] = {
+        { "nic", CLI_OPT_STR, &nic },
+        { "ipv4", CLI_OPT_STR, &ipv4 },
+        { "gateway4", CLI_OPT_STR, &gw4 },
+        { "ipv6", CLI_OPT_STR, &ipv6 },
+        { "gateway6", CLI_OPT_STR, &gw6 },
+        { "dns", CLI_OPT_STR, &dns },
+        { "clear", CLI_OPT_FLAG, &clear },
+        { NULL, 0, NULL },
+    };
+    CLEANUP_FREE char *path = NULL;
+    const char *name;
+    int rc = cli_vm_path(c, cmd, argc, argv, opts, "/failover-network",
+                         &path, &name);
+    if (rc)
+        return rc;
+    char *end;
+    errno = 0;
+    long idx = strtol(nic, &end, 10);
+    if (errno || *end || end == nic || idx < 0 || idx > 7)
+        return cli_usage_error(cmd, "invalid --nic '%s': expected 0 .. 7",
+                               nic);
+    json_object *body = json_object_new_object();
+    json_object_object_add(body, "nic", json_object_new_int((int)idx));
+    json_object_object_add(body, "clear", json_object_new_boolean(clear));
+    const char *vals[] = { ipv4, gw4, ipv6, gw6 };
+    const char *keys[] = { "ipv4", "gateway4", "ipv6", "gateway6" };
+    for (int k = 0; k < 4; k++)
+        if (vals[k])
+            json_object_object_add(body, keys[k],
+                                   json_object_new_string(vals[k]));
+    if (dns) {
+        json_object *a = json_object_new_array();
+        CLEANUP_FREE char *copy = xstrdup(dns);
+        char *save = NULL;
+        for (char *t = strtok_r(copy, ",", &save); t;
+             t = strtok_r(NULL, ",", &save))
+            json_object_array_add(a, json_object_new_string(t));
+        json_object_object_add(body, "dns", a);
+    }
+    json_object *out;
+    rc = cli_call(c, "POST", path, body, &out);
+    json_object_put(body);
+    if (rc)
+        return rc;
+    if (c->json)
+        cli_print_json(out);
+    else
+        printf("vm %s: failover network of NIC %ld %s\n", name, idx,
+               clear ? "cleared" : "set");
     json_object_put(out);
     return CLI_OK;
 }

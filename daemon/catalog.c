@@ -17,7 +17,7 @@ static const char schema[] =
     "CREATE TABLE IF NOT EXISTS config(key TEXT PRIMARY KEY, value TEXT);"
     "CREATE TABLE IF NOT EXISTS vms(uuid TEXT PRIMARY KEY, name TEXT UNIQUE "
     "  NOT NULL, cpus INT, memory_mib INT, mode TEXT, dir TEXT, kernel TEXT, "
-    "  initrd TEXT, cmdline TEXT);"
+    "  initrd TEXT, cmdline TEXT, nics TEXT, test_network TEXT);"
     "CREATE TABLE IF NOT EXISTS disks(vm_uuid TEXT, idx INT, id TEXT, "
     "  path TEXT, size INT, PRIMARY KEY(vm_uuid, idx));"
     "CREATE TABLE IF NOT EXISTS replications(vm_uuid TEXT PRIMARY KEY, "
@@ -78,7 +78,9 @@ migrate(void)
                       "COLUMN prepared_cycle INT; ALTER TABLE replications "
                       "ADD COLUMN app_every INT; ALTER TABLE vms ADD COLUMN "
                       "kernel TEXT; ALTER TABLE vms ADD COLUMN initrd TEXT; "
-                      "ALTER TABLE vms ADD COLUMN cmdline TEXT;");
+                      "ALTER TABLE vms ADD COLUMN cmdline TEXT; ALTER TABLE "
+                      "vms ADD COLUMN nics TEXT; ALTER TABLE vms ADD COLUMN "
+                      "test_network TEXT;");
     if (rc == 0)
         rc = exec_sql("INSERT OR REPLACE INTO meta VALUES('schema_version', "
                       "'3')");
@@ -240,7 +242,7 @@ catalog_save_vm(const struct vm *vm)
     if (rc < 0)
         return rc;
     sqlite3_stmt *st =
-        prep("INSERT OR REPLACE INTO vms VALUES(?,?,?,?,?,?,?,?,?)");
+        prep("INSERT OR REPLACE INTO vms VALUES(?,?,?,?,?,?,?,?,?,?,?)");
     if (!st)
         return catalog_end(-EIO);
     sqlite3_bind_text(st, 1, vm->uuid, -1, SQLITE_STATIC);
@@ -252,6 +254,12 @@ catalog_save_vm(const struct vm *vm)
     sqlite3_bind_text(st, 7, vm->kernel, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 8, vm->initrd, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 9, vm->cmdline, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 10,
+                      vm->nics ? json_object_to_json_string_ext(
+                                     vm->nics, JSON_C_TO_STRING_PLAIN)
+                               : NULL,
+                      -1, SQLITE_TRANSIENT);
+    sqlite3_bind_text(st, 11, vm->test_network, -1, SQLITE_STATIC);
     rc = step_done(st);
     if (rc == 0) {
         st = prep("DELETE FROM disks WHERE vm_uuid = ?");
@@ -498,8 +506,8 @@ catalog_load(void)
 {
     load_server();
     sqlite3_stmt *st = prep("SELECT uuid, name, cpus, memory_mib, mode, dir, "
-                            "kernel, initrd, cmdline FROM vms ORDER BY name "
-                            "DESC");
+                            "kernel, initrd, cmdline, nics, test_network FROM "
+                            "vms ORDER BY name DESC");
     if (!st)
         return -EIO;
     while (sqlite3_step(st) == SQLITE_ROW) {
@@ -514,6 +522,16 @@ catalog_load(void)
         vm->kernel = col_str(st, 6);
         vm->initrd = col_str(st, 7);
         vm->cmdline = col_str(st, 8);
+        const unsigned char *nics = sqlite3_column_text(st, 9);
+        vm->nics = nics ? json_tokener_parse((const char *)nics) : NULL;
+        if (vm->nics && nics_validate(vm->nics) < 0) {
+            log_warn("catalog", "vm %s: NICs ignored: %s", vm->name,
+                     vr_errmsg());
+            vr_err_clear();
+            json_object_put(vm->nics);
+            vm->nics = NULL;
+        }
+        vm->test_network = col_str(st, 10);
         vm->next = D->vms;
         D->vms = vm;
     }

@@ -43,6 +43,10 @@ struct vm {
      * paths: they travel with the VM and must exist at the same paths on
      * the Replica server for a failover to boot it that way. */
     char *kernel, *initrd, *cmdline;
+    /* NICs (network.c: JSON array of {mac, network, failover}) or NULL;
+     * the network a test failover puts them on (NULL: "none"). */
+    json_object *nics;
+    char *test_network;
     bool hypervisor; /* QEMU was requested at start */
     bool applying;   /* the applier works on its disks without the lock */
     bool changing;   /* a start or stop runs without the lock */
@@ -276,6 +280,20 @@ void vm_spec_of(const struct vm *vm, struct vmproc_spec *s,
  * absolute paths of files and printable text, validated; out[] are NULL or
  * allocated.  -EINVAL with a message. */
 int vm_boot_parse(json_object *b, char *out[3]) VR_WUR;
+
+/* --- network.c ---------------------------------------------------------- */
+/* 0 if net is none, user, tap:IF or bridge:BR, else -EINVAL. */
+int network_valid(const char *net) VR_WUR;
+/* Validate a NIC array (as stored / registered). */
+int nics_validate(json_object *arr) VR_WUR;
+/* vm create's "nics": ["user", ...] -> NIC objects with new MACs. */
+int nics_from_create(json_object *body, json_object **out) VR_WUR;
+/* Fill a spec's NICs from vm; override: every NIC on that network. */
+void nics_to_spec(const struct vm *vm, struct vmproc_spec *s,
+                  const char *override);
+/* After a failover started the VM in rundir (D->lock held): set its NICs'
+ * failover settings in the guest once its agent answers (a thread). */
+void network_inject_start(const struct vm *vm, const char *rundir);
 
 /* --- api.c ------------------------------------------------------------- */
 int api_start(const char *sock_path) VR_WUR;

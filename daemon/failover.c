@@ -513,6 +513,8 @@ test_start(struct api_call *call, int64_t want, json_object **out)
         .initrd = vm->initrd,
         .cmdline = vm->cmdline,
     };
+    /* Its NICs join the test network (none by default). */
+    nics_to_spec(vm, &spec, vm->test_network ? vm->test_network : "none");
     pthread_mutex_unlock(&D->lock);
 
     if (rc == 0)
@@ -610,6 +612,7 @@ unplanned_start(struct api_call *call, int64_t want, bool force,
         .initrd = vm->initrd,
         .cmdline = vm->cmdline,
     };
+    nics_to_spec(vm, &spec, NULL);
     pthread_mutex_unlock(&D->lock);
 
     if (rc == 0)
@@ -626,6 +629,7 @@ unplanned_start(struct api_call *call, int64_t want, bool force,
         event_add("error", vm->name, "failover at point %llu failed: %s",
                   (unsigned long long)point, msg);
     } else {
+        network_inject_start(vm, rd);
         event_add("warning", vm->name, "failover started%s: the VM runs "
                   "from point %llu; the primary's changes are refused until "
                   "'failover stop' cancels or 'failover complete' commits",

@@ -317,8 +317,10 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
             rc = vr_err(rc, "vm %s: failed over, but it did not start: %s "
                         "(try 'vmreplica vm start %s')", vm->name,
                         vr_errmsg(), vm->name);
-        else
+        else {
             event_add("info", vm->name, "vm started (qemu)");
+            network_inject_start(vm, rundir);
+        }
     }
     if (rc == 0) {
         *out = json_object_new_object();

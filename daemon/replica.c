@@ -642,6 +642,34 @@ do_register(struct rreq *q, json_object **out)
     if (rc == 0) {
         vm->cpus = (unsigned)cpus;
         vm->memory_mib = (unsigned)mem;
+        /* The NICs travel with their failover settings; settings made
+         * here for a MAC win. */
+        json_object *nics = NULL;
+        if (json_object_object_get_ex(b, "nics", &v)) {
+            nics = json_tokener_parse(json_object_to_json_string(v));
+            if (nics_validate(nics) < 0) {
+                log_warn("replica", "%s: NICs not kept: %s", name,
+                         vr_errmsg());
+                vr_err_clear();
+                json_object_put(nics);
+                nics = NULL;
+            }
+        }
+        for (size_t i = 0; nics && vm->nics &&
+                           i < json_object_array_length(nics); i++) {
+            json_object *n = json_object_array_get_idx(nics, i), *m, *f;
+            const char *mac = json_object_object_get_ex(n, "mac", &m)
+                                  ? json_object_get_string(m) : "";
+            for (size_t j = 0; j < json_object_array_length(vm->nics); j++) {
+                json_object *o = json_object_array_get_idx(vm->nics, j), *om;
+                if (json_object_object_get_ex(o, "mac", &om) &&
+                    strcmp(json_object_get_string(om), mac) == 0 &&
+                    json_object_object_get_ex(o, "failover", &f))
+                    json_object_object_add(n, "failover", json_object_get(f));
+            }
+        }
+        json_object_put(vm->nics);
+        vm->nics = nics;
         /* Direct kernel boot travels too, where its files exist here. */
         char *boot[3];
         if (vm_boot_parse(b, boot) < 0) {

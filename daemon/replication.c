@@ -289,6 +289,9 @@ repl_register_body(const struct vm *vm, const struct repl *r)
         json_object_array_add(disks, d);
     }
     json_object_object_add(reg, "disks", disks);
+    if (vm->nics)
+        json_object_object_add(reg, "nics", json_tokener_parse(
+            json_object_to_json_string(vm->nics)));
     if (vm->kernel) {
         json_object_object_add(reg, "kernel",
                                json_object_new_string(vm->kernel));

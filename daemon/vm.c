@@ -73,6 +73,8 @@ vm_free(struct vm *vm)
     free(vm->kernel);
     free(vm->initrd);
     free(vm->cmdline);
+    json_object_put(vm->nics);
+    free(vm->test_network);
     free(vm);
 }
 
@@ -107,6 +109,13 @@ vm_to_json(const struct vm *vm)
             json_object_object_add(o, "cmdline",
                                    json_object_new_string(vm->cmdline));
     }
+    json_object_object_add(o, "nics",
+                           vm->nics ? json_object_get(vm->nics)
+                                    : json_object_new_array());
+    json_object_object_add(o, "test_network",
+                           json_object_new_string(vm->test_network
+                                                      ? vm->test_network
+                                                      : "none"));
     json_object_object_add(o, "memory_mib",
                            json_object_new_int((int)vm->memory_mib));
     json_object_object_add(o, "mode",
@@ -380,14 +389,21 @@ api_vm_create(struct api_call *call, unsigned *status, json_object **out)
                       name);
 
     char *boot[3];
-    int rc = vm_boot_parse(b, boot);
+    json_object *nics = NULL;
+    int rc = nics_from_create(b, &nics);
     if (rc < 0)
         return rc;
+    rc = vm_boot_parse(b, boot);
+    if (rc < 0) {
+        json_object_put(nics);
+        return rc;
+    }
 
     pthread_mutex_lock(&D->lock);
     bool exists = vm_find(name) != NULL;
     pthread_mutex_unlock(&D->lock);
     if (exists) {
+        json_object_put(nics);
         for (int k = 0; k < 3; k++)
             free(boot[k]);
         return vr_err(-EEXIST, "vm %s: already exists", name);
@@ -403,6 +419,7 @@ api_vm_create(struct api_call *call, unsigned *status, json_object **out)
     vm->kernel = boot[0];
     vm->initrd = boot[1];
     vm->cmdline = boot[2];
+    vm->nics = nics;
     rc = io_mkdir_p(vm->dir, 0750);
     for (size_t i = 0; rc == 0 && i < nd; i++) {
         json_object *d = json_object_array_get_idx(disks, i);
@@ -520,6 +537,7 @@ vm_spec_of(const struct vm *vm, struct vmproc_spec *s,
                                .initrd = vm->initrd,
                                .cmdline = vm->cmdline,
                                .hypervisor = vm->hypervisor };
+    nics_to_spec(vm, s, NULL);
 }
 
 /* Start or stop run their processes without the lock (up to the QEMU

@@ -790,6 +790,22 @@ start_qemu(const struct vmproc_spec *s)
         argv_add(&a, xasprintf("virtio-blk-pci,drive=%s%s", id,
                                i == 0 ? ",bootindex=0" : ""));
     }
+    for (unsigned i = 0; i < s->nnics; i++) {
+        const char *net = s->nic_net[i];
+        argv_addf(&a, "-netdev");
+        if (strcmp(net, "user") == 0)
+            argv_add(&a, xasprintf("user,id=net%u", i));
+        else if (strncmp(net, "tap:", 4) == 0)
+            argv_add(&a, xasprintf("tap,id=net%u,ifname=%s,script=no,"
+                                   "downscript=no", i, net + 4));
+        else if (strncmp(net, "bridge:", 7) == 0)
+            argv_add(&a, xasprintf("bridge,id=net%u,br=%s", i, net + 7));
+        else /* none: a hub of its own, connected to nothing */
+            argv_add(&a, xasprintf("hubport,id=net%u,hubid=%u", i, 100 + i));
+        argv_addf(&a, "-device");
+        argv_add(&a, xasprintf("virtio-net-pci,netdev=net%u,mac=%s", i,
+                               s->nic_mac[i]));
+    }
     argv_addf(&a, "-device");
     argv_addf(&a, "isa-debug-exit,iobase=0xf4,iosize=0x04");
     argv_addf(&a, "-chardev");
@@ -907,6 +923,19 @@ int
 vmproc_guest_command(const char *rundir, const char *cmd, unsigned timeout_ms,
                      int64_t *ret)
 {
+    json_object *r = NULL;
+    int rc = vmproc_guest_call(rundir, cmd, timeout_ms, &r);
+    if (rc == 0 && ret)
+        *ret = json_object_get_int64(r);
+    json_object_put(r);
+    return rc;
+}
+
+int
+vmproc_guest_call(const char *rundir, const char *cmd, unsigned timeout_ms,
+                  json_object **ret)
+{
+    *ret = NULL;
     CLEANUP_FREE char *path = xasprintf("%s/qga.sock", rundir);
     if (!qemu_pid(rundir))
         return vr_err(-ENOENT, "guest agent: the VM does not run");
@@ -962,8 +991,7 @@ vmproc_guest_command(const char *rundir, const char *cmd, unsigned timeout_ms,
         return vr_err(rc, "guest agent: %s", strerror(-rc));
     json_object *v, *e;
     if (j && json_object_object_get_ex(j, "return", &v)) {
-        if (ret)
-            *ret = json_object_get_int64(v);
+        *ret = json_object_get(v);
     } else if (j && json_object_object_get_ex(j, "error", &e) &&
                json_object_object_get_ex(e, "desc", &v)) {
         rc = vr_err(-EIO, "guest agent: %s", json_object_get_string(v));

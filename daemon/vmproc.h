@@ -24,12 +24,16 @@
 
 #include <stdint.h>
 
+#include <json-c/json.h>
+
 #include "vr.h"
 
 struct vmproc_disk {
     const char *id;   /* export name, e.g. "disk0" */
     const char *path; /* sparse raw image; its log is PATH.vrlog/ */
 };
+
+#define VMPROC_MAX_NICS 8
 
 struct vmproc_spec {
     const char *name;
@@ -42,6 +46,10 @@ struct vmproc_spec {
     bool hypervisor; /* also start QEMU */
     /* Direct kernel boot, or NULL. */
     const char *kernel, *initrd, *cmdline;
+    /* NICs: MAC and network (network.c: none, user, tap:IF, bridge:BR). */
+    unsigned nnics;
+    char nic_mac[VMPROC_MAX_NICS][18];
+    char nic_net[VMPROC_MAX_NICS][64];
     /* Test failover: serve the disks read-only at a recovery point
      * (the plugin's view=UNDODIR:POINT:LATEST) ... */
     const char *view;
@@ -89,6 +97,9 @@ int vmproc_commit_overlays(const char *rundir, unsigned ndisks,
  * the agent answered an error (its description in vr_errmsg()). */
 int vmproc_guest_command(const char *rundir, const char *cmd,
                          unsigned timeout_ms, int64_t *ret) VR_WUR;
+/* The same, with the "return" value as JSON (*ret: caller puts it). */
+int vmproc_guest_call(const char *rundir, const char *cmd,
+                      unsigned timeout_ms, json_object **ret) VR_WUR;
 /* Run argv (PATH lookup) and wait; on failure the last line of its stderr
  * is in the error message. */
 int vmproc_run(char *const argv[]) VR_WUR;

@@ -23,10 +23,14 @@ int
 vr_err(int rc, const char *fmt, ...)
 {
     int saved = errno;
+    /* Through a copy: an argument may be vr_errmsg() itself (wrapping the
+     * previous error), and vsnprintf's source must not be its target. */
+    char buf[sizeof err_slot];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(err_slot, sizeof err_slot, fmt, ap);
+    vsnprintf(buf, sizeof buf, fmt, ap);
     va_end(ap);
+    memcpy(err_slot, buf, sizeof err_slot);
     errno = saved;
     return rc;
 }

@@ -110,6 +110,10 @@ test_errors(void)
     is_int(vr_err(-EIO, "open %s: %d", "x", 5), -EIO, "vr_err returns rc");
     is_int(errno, EAGAIN, "vr_err keeps errno");
     is_str(vr_errmsg(), "open x: 5", "message stored");
+    /* Wrapping the previous message in a new one. */
+    vr_err(-EIO, "wrapped (%s) twice: %s", vr_errmsg(), vr_errmsg());
+    is_str(vr_errmsg(), "wrapped (open x: 5) twice: open x: 5",
+           "a message may wrap vr_errmsg() itself");
     is_str(vr_errname(EBADMSG), "EBADMSG", "errno name");
     is_str(vr_errname(99999), "E?", "unknown errno name");
 }
