@@ -148,6 +148,7 @@ int cmd_failover_complete(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_failover_prepare(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_vm_set_test_network(struct cli *, const struct cli_cmd *, int,
                             char **);
+int cmd_vm_set_boot(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_vm_set_failover_network(struct cli *, const struct cli_cmd *, int,
                                 char **);
 int cmd_repl_reverse(struct cli *, const struct cli_cmd *, int, char **);

@@ -405,7 +405,7 @@ cmd_points_list(struct cli *c, const struct cli_cmd *cmd, int argc,
         json_object_put(resp);
         return cli_error("GET %s: no points in the response", path);
     }
-    printf("%-8s %-20s %-9s %-12s %s\n", "ID", "TIME (UTC)", "KIND",
+    printf("%-8s %-20s %-22s %-12s %s\n", "ID", "TIME (UTC)", "KIND",
            "UNDO SIZE", "NOTE");
     size_t n = json_object_array_length(arr);
     for (size_t i = 0; i < n; i++) {
@@ -419,7 +419,7 @@ cmd_points_list(struct cli *c, const struct cli_cmd *cmd, int argc,
         const char *note = cli_bool(p, "latest")   ? "latest"
                            : cli_bool(p, "recent") ? "recent (every cycle)"
                                                    : "hourly";
-        printf("%-8" PRId64 " %-20s %-9s %-12s %s\n", cli_int(p, "id"), when,
+        printf("%-8" PRId64 " %-20s %-22s %-12s %s\n", cli_int(p, "id"), when,
                cli_str(p, "kind"), size, note);
     }
     json_object_put(resp);

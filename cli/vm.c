@@ -358,6 +358,46 @@ cmd_vm_stop(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
 }
 
 int
+cmd_vm_set_boot(struct cli *c, const struct cli_cmd *cmd, int argc,
+                char **argv)
+{
+    const char *kernel = NULL, *initrd = NULL, *append = NULL;
+    const struct cli_opt opts[] = {
+        { "kernel", CLI_OPT_STR, &kernel },
+        { "initrd", CLI_OPT_STR, &initrd },
+        { "append", CLI_OPT_STR, &append },
+        { NULL, 0, NULL },
+    };
+    CLEANUP_FREE char *path = NULL;
+    const char *name;
+    int rc = cli_vm_path(c, cmd, argc, argv, opts, "/boot", &path, &name);
+    if (rc)
+        return rc;
+    json_object *body = json_object_new_object();
+    if (kernel) {
+        CLEANUP_FREE char *k = cli_abspath(kernel);
+        json_object_object_add(body, "kernel", json_object_new_string(k));
+    }
+    if (initrd) {
+        CLEANUP_FREE char *i = cli_abspath(initrd);
+        json_object_object_add(body, "initrd", json_object_new_string(i));
+    }
+    if (append)
+        json_object_object_add(body, "cmdline", json_object_new_string(append));
+    json_object *out;
+    rc = cli_call(c, "POST", path, body, &out);
+    json_object_put(body);
+    if (rc)
+        return rc;
+    if (c->json)
+        cli_print_json(out);
+    else
+        printf("vm %s: boots %s\n", name, kernel ? kernel : "from its disk");
+    json_object_put(out);
+    return CLI_OK;
+}
+
+int
 cmd_vm_set_test_network(struct cli *c, const struct cli_cmd *cmd, int argc,
                         char **argv)
 {

@@ -41,6 +41,7 @@ int api_failover_complete(struct api_call *, unsigned *, json_object **);
 int api_failover_prepare(struct api_call *, unsigned *, json_object **);
 int api_repl_reverse(struct api_call *, unsigned *, json_object **);
 int api_vm_set_test_network(struct api_call *, unsigned *, json_object **);
+int api_vm_set_boot(struct api_call *, unsigned *, json_object **);
 int api_vm_set_failover_network(struct api_call *, unsigned *,
                                 json_object **);
 /* planned.c, for failover.c: the planned failover of a prepared Replica

@@ -97,6 +97,7 @@ static const struct route routes[] = {
     { "DELETE", "/v1/vms/*", api_vm_remove },
     { "POST", "/v1/vms/*/start", api_vm_start },
     { "POST", "/v1/vms/*/test-network", api_vm_set_test_network },
+    { "POST", "/v1/vms/*/boot", api_vm_set_boot },
     { "POST", "/v1/vms/*/failover-network", api_vm_set_failover_network },
     { "POST", "/v1/vms/*/stop", api_vm_stop },
     { "POST", "/v1/vms/*/replication", api_repl_enable },

@@ -10,7 +10,8 @@
  *     (point_interval, an hour unless shortened for tests), so the last
  *     hour can be opened at any cycle boundary;
  *   - one point per interval for the last N intervals: the newest point
- *     of each interval-aligned bucket of wall-clock time.
+ *     of each interval-aligned bucket of wall-clock time, and the newest
+ *     application-consistent point of the bucket if there is one.
  *
  * Dropping a point merges the two undo spans on either side of it (the
  * older one's data wins), which frees the data only that point needed;

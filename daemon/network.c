@@ -287,6 +287,54 @@ api_vm_set_failover_network(struct api_call *call, unsigned *status VR_UNUSED,
     return rc;
 }
 
+/* POST /v1/vms/VM/boot {"kernel","initrd","cmdline"}: direct kernel boot
+ * of a VM on this server (all absent: boot from the disks).  Local paths,
+ * named by this server's administrator only. */
+int
+api_vm_set_boot(struct api_call *call, unsigned *status VR_UNUSED,
+                json_object **out)
+{
+    char *boot[3];
+    int rc = vm_boot_parse(call->body, boot);
+    if (rc < 0)
+        return rc;
+    pthread_mutex_lock(&D->lock);
+    struct vm *vm = vm_find(call->arg);
+    if (!vm)
+        rc = vr_err(-ENOENT, "vm %s: not found", call->arg);
+    /* Starts borrow these strings with the lock dropped. */
+    else if (vm->changing || (vm->repl && (vm->repl->failover_busy ||
+                                           vm->repl->test_busy)))
+        rc = vr_err(-EBUSY, "vm %s: a start, stop or failover step is in "
+                    "progress; try again", vm->name);
+    if (rc == 0) {
+        char *old[3] = { vm->kernel, vm->initrd, vm->cmdline };
+        vm->kernel = boot[0];
+        vm->initrd = boot[1];
+        vm->cmdline = boot[2];
+        rc = catalog_save_vm(vm);
+        if (rc < 0) {
+            boot[0] = vm->kernel;
+            boot[1] = vm->initrd;
+            boot[2] = vm->cmdline;
+            vm->kernel = old[0];
+            vm->initrd = old[1];
+            vm->cmdline = old[2];
+        } else {
+            memcpy(boot, old, sizeof boot);
+        }
+    }
+    for (int k = 0; k < 3; k++)
+        free(boot[k]);
+    if (rc == 0) {
+        event_add("info", vm->name, "boot: %s", vm->kernel ? vm->kernel
+                                                           : "from disk");
+        *out = vm_to_json(vm);
+    }
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
 /* --- injection into the guest ----------------------------------------------- */
 
 struct inject {

@@ -395,6 +395,7 @@ api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,
     nr->frequency_s = r->frequency_s ? r->frequency_s : 300;
     nr->compression = r->compression;
     nr->recovery_history = r->recovery_history;
+    nr->app_every = r->app_every;
     nr->point_interval_s = r->point_interval_s ? r->point_interval_s : 3600;
     nr->epoch = r->epoch + 1;
     /* Both sides hold cycle prepared_cycle: "initial replication" has

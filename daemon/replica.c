@@ -670,20 +670,9 @@ do_register(struct rreq *q, json_object **out)
         }
         json_object_put(vm->nics);
         vm->nics = nics;
-        /* Direct kernel boot travels too, where its files exist here. */
-        char *boot[3];
-        if (vm_boot_parse(b, boot) < 0) {
-            log_warn("replica", "%s: kernel boot not kept: %s", name,
-                     vr_errmsg());
-            vr_err_clear();
-            boot[0] = boot[1] = boot[2] = NULL;
-        }
-        free(vm->kernel);
-        free(vm->initrd);
-        free(vm->cmdline);
-        vm->kernel = boot[0];
-        vm->initrd = boot[1];
-        vm->cmdline = boot[2];
+        /* Direct kernel boot does not travel: a peer names no path here
+         * (SPEC §6).  The Replica server's administrator sets it with
+         * `vm set-boot`. */
         free(vm->name);
         vm->name = xstrdup(name);
         struct repl *r = vm->repl;

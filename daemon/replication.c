@@ -292,16 +292,6 @@ repl_register_body(const struct vm *vm, const struct repl *r)
     if (vm->nics)
         json_object_object_add(reg, "nics", json_tokener_parse(
             json_object_to_json_string(vm->nics)));
-    if (vm->kernel) {
-        json_object_object_add(reg, "kernel",
-                               json_object_new_string(vm->kernel));
-        if (vm->initrd)
-            json_object_object_add(reg, "initrd",
-                                   json_object_new_string(vm->initrd));
-        if (vm->cmdline)
-            json_object_object_add(reg, "cmdline",
-                                   json_object_new_string(vm->cmdline));
-    }
     return reg;
 }
 

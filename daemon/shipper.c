@@ -449,10 +449,12 @@ app_marker(const struct job *jb, uint64_t cycle)
 static int
 seal_cycle(struct vm *vm, struct job *jb, bool running)
 {
+    /* Once per period-aligned window (K point intervals), so every K-th
+     * interval gets its point whatever the attempts cost. */
     uint64_t now = vr_wall_ms();
     bool due = jb->app_every_ms && running &&
-               (jb->app_last_ms == 0 || now - jb->app_last_ms >=
-                                            jb->app_every_ms);
+               (jb->app_last_ms == 0 ||
+                now / jb->app_every_ms != jb->app_last_ms / jb->app_every_ms);
     bool frozen = false, sent = false;
     char why[512] = "";
     if (due) {
@@ -460,11 +462,14 @@ seal_cycle(struct vm *vm, struct job *jb, bool running)
         int frc = vmproc_guest_command(
             jb->rundir, "{\"execute\":\"guest-fsfreeze-freeze\"}\n",
             QGA_FREEZE_MS, &nfs);
-        frozen = frc == 0;
         /* Not sent when no agent answered: nothing to thaw then. */
         sent = frc != -ENOTCONN && frc != -ENOENT;
         if (frc < 0)
             snprintf(why, sizeof why, "%s", vr_errmsg());
+        else if (nfs <= 0)
+            snprintf(why, sizeof why, "the guest agent froze no file "
+                     "system");
+        frozen = frc == 0 && nfs > 0;
         vr_fault_point("app-frozen");
     }
     uint64_t c = 0;
@@ -480,16 +485,16 @@ seal_cycle(struct vm *vm, struct job *jb, bool running)
                 jb->rundir, "{\"execute\":\"guest-fsfreeze-thaw\"}\n",
                 QGA_THAW_MS, NULL);
         pthread_mutex_lock(&D->lock);
-        if (trc < 0 && frozen)
-            event_add("error", jb->name, "guest agent: thaw failed after an "
-                      "application-consistent cut: %s; the guest's file "
-                      "systems may still be frozen", vr_errmsg());
-        if (!frozen)
+        if (trc < 0)
+            event_add("error", jb->name, "guest agent: thaw failed: %s; the "
+                      "guest's file systems may still be frozen (it is sent "
+                      "again when the shipper restarts)", vr_errmsg());
+        if (!frozen && rc == 0)
             event_add("warning", jb->name, "application-consistent point "
                       "not possible (%s): cycle %llu is crash-consistent",
                       why, (unsigned long long)c);
-        /* Either way, the next try is a period away. */
-        vm->repl->app_last_ms = jb->app_last_ms = vr_wall_ms();
+        /* Either way, the next try is in the next window. */
+        vm->repl->app_last_ms = jb->app_last_ms = now;
         pthread_mutex_unlock(&D->lock);
         vr_err_clear();
     }
@@ -856,6 +861,23 @@ shipper_main(void *arg)
     unsigned failures = 0;
     uint64_t next_due = 0;
     pthread_mutex_lock(&D->lock);
+    if (r->app_every) {
+        /* A crash between a freeze and its thaw would leave the guest
+         * frozen: thaw once at start (harmless if it is not). */
+        CLEANUP_FREE char *rundir = vm_rundir(vm);
+        pthread_mutex_unlock(&D->lock);
+        bool served = false, running = false;
+        vmproc_status(rundir, &served, &running);
+        int64_t n = 0;
+        if (running &&
+            vmproc_guest_command(rundir, "{\"execute\":"
+                                         "\"guest-fsfreeze-thaw\"}\n",
+                                 QGA_THAW_MS, &n) == 0 && n > 0)
+            log_warn("shipper", "%s: thawed %lld file system(s) left frozen",
+                     vm->name, (long long)n);
+        vr_err_clear();
+        pthread_mutex_lock(&D->lock);
+    }
     while (!r->stop && !D->shutting_down) {
         bool initial = strcmp(r->state, ST_INITIAL) == 0;
         bool replicating = strcmp(r->state, ST_REPLICATING) == 0;

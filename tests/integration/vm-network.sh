@@ -79,4 +79,24 @@ grep -qx "user,id=net0" <<<"$args" && grep -qx "hubport,id=net1,hubid=101" <<<"$
     fail "failover NICs: $(grep -A1 netdev <<<"$args")"
 vr replica failover stop n1 >/dev/null || fail "cancel"
 log "failover: the NICs keep their own networks"
+
+# Direct kernel boot is this server's setting: a peer never names a path
+# on the Replica server (SPEC §6).
+echo "not really a kernel" >"$TESTDIR/vmlinuz"
+err=$(vr primary vm create k1 --new-disk 8M --kernel "$TESTDIR/nope" 2>&1) &&
+    fail "a missing kernel accepted"
+grep -q "kernel: expected the absolute path of a file" <<<"$err" || fail "missing kernel: $err"
+vr primary vm create k1 --new-disk 8M --kernel "$TESTDIR/vmlinuz" \
+    --append "console=ttyS0 quiet" >/dev/null || fail "vm create k1 --kernel"
+[ "$(vrj primary vm show k1 | jq -r '.kernel + " | " + .cmdline')" = \
+  "$TESTDIR/vmlinuz | console=ttyS0 quiet" ] || fail "k1 boot: $(vrj primary vm show k1)"
+vr primary vm start k1 --no-hypervisor >/dev/null || fail "serve k1"
+enable_replication k1 --frequency 1s
+[ "$(vrj replica vm show k1 | jq -r '.kernel // "none"')" = none ] ||
+    fail "the registration named a kernel path on the Replica server"
+vr replica vm set-boot k1 --kernel "$TESTDIR/vmlinuz" >/dev/null || fail "set-boot"
+[ "$(vrj replica vm show k1 | jq -r .kernel)" = "$TESTDIR/vmlinuz" ] || fail "set-boot kernel"
+vr replica vm set-boot k1 >/dev/null || fail "set-boot (from disk)"
+[ "$(vrj replica vm show k1 | jq -r '.kernel // "none"')" = none ] || fail "set-boot clear"
+log "kernel boot is set per server; the registration names no path"
 log "PASS"
