@@ -788,7 +788,9 @@ start_qemu(const struct vmproc_spec *s)
                                    id, erd, id));
         argv_addf(&a, "-device");
         argv_add(&a, xasprintf("virtio-blk-pci,drive=%s%s", id,
-                               i == 0 ? ",bootindex=0" : ""));
+                               /* -kernel boots first: QEMU refuses a
+                                * second bootindex 0 */
+                               i == 0 && !s->kernel ? ",bootindex=0" : ""));
     }
     for (unsigned i = 0; i < s->nnics; i++) {
         const char *net = s->nic_net[i];
