@@ -11,6 +11,8 @@
 #     passes), while a crash-consistent point taken in the middle of the
 #     application's writes still needs journal recovery — the difference an
 #     application-consistent point makes;
+#   - a crash of the primary between a freeze and its thaw leaves the
+#     guest frozen only until the shipper starts again;
 #   - an unplanned failover (--force: the primary is alive) to the
 #     application-consistent point boots the guest on the Replica server
 #     (kernel boot set there with vm set-boot), and its NIC gets the
@@ -71,7 +73,25 @@ dumpe2fs -h "$TESTDIR/p$STD.0" 2>/dev/null | grep -q needs_recovery ||
     fail "the standard point $STD does not need recovery: the test shows nothing"
 log "point $APP (application-consistent) is a clean file system; point $STD (standard) needs journal recovery"
 
+# A crash between the freeze and the thaw: the guest stays frozen until
+# the primary's shipper starts again and thaws it.
+seqs() { tr -d '\r' <"$RUN/console.log" | grep -c '^seq ' || true; }
+stop_daemon primary
+spawn_daemon primary "${PRIMARY_ENV[@]}" VMREPLICA_FAULT=app-frozen:1
+wait_until 40 daemon_dead primary || fail "the primary did not die at app-frozen"
+s0=$(seqs)
+sleep 4
+[ "$(seqs)" = "$s0" ] || fail "the guest's application went on: it was not frozen"
+start_primary "${PRIMARY_ENV[@]}"
+wait_until 30 eval '[ "$(seqs)" -gt "$s0" ]' ||
+    fail "the guest stayed frozen after the primary restarted"
+grep -q "thawed 1 file system(s) left frozen" "$TESTDIR/primary.log" ||
+    fail "no thaw logged at the shipper's start"
+log "a crash between freeze and thaw: thawed when the shipper started again"
+
 log "failover to the application-consistent point, with failover network settings"
+# The newest application-consistent point (the retention dropped older ones).
+wait_until 60 app_point || fail "no application-consistent point any more"
 vr replica vm set-boot lg "${BOOT[@]}" >/dev/null || fail "set-boot on the Replica server"
 vr replica vm set-failover-network lg --nic 0 --ipv4 10.9.8.7/24 --gateway4 10.9.8.1 \
     --dns 10.9.8.53 >/dev/null || fail "set-failover-network"
