@@ -71,7 +71,7 @@ static const struct cli_cmd commands[] = {
       "the network a test failover's NICs join (default none)", NULL },
     { "vm", "set-failover-network", cmd_vm_set_failover_network,
       "VM [--nic N] [--ipv4 A/P] [--gateway4 G] [--ipv6 A/P] "
-      "[--gateway6 G]\n        [--dns A[,B]] [--clear]",
+      "[--gateway6 G]\n        [--dns A[,B]] [--network NETWORK] [--clear]",
       "network settings set in the guest (agent) when it fails over", NULL },
     { "vm", "remove", cmd_vm_remove, "VM", "delete a stopped VM and its disks",
       NULL },
@@ -108,7 +108,7 @@ static const struct cli_cmd commands[] = {
       "show the replication of a VM", NULL },
     { "replication", "list", cmd_repl_list,
       "[--state STATE] [--health Normal|Warning|Critical] "
-      "[--mode primary|replica]",
+      "[--mode primary|replica|test]",
       "list replicated VMs", NULL },
     { "replication", "measure", cmd_repl_measure, "VM",
       "show replication statistics of a VM", NULL },

@@ -328,9 +328,10 @@ cmd_repl_list(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
     if (health && !(he = canonical(health, healths, ARRAY_SIZE(healths))))
         return cli_usage_error(cmd, "invalid --health '%s': expected "
                                "Normal, Warning or Critical", health);
-    if (mode && strcmp(mode, "primary") != 0 && strcmp(mode, "replica") != 0)
-        return cli_usage_error(cmd, "invalid --mode '%s': expected primary "
-                               "or replica", mode);
+    if (mode && strcmp(mode, "primary") != 0 && strcmp(mode, "replica") != 0 &&
+        strcmp(mode, "test") != 0)
+        return cli_usage_error(cmd, "invalid --mode '%s': expected primary, "
+                               "replica or test", mode);
 
     char query[256] = "";
     size_t qn = 0;

@@ -97,6 +97,23 @@ parse_memory(const char *s, unsigned *mib)
     return 0;
 }
 
+/* --kernel/--initrd/--append into a request body (paths made absolute). */
+static void
+add_boot(json_object *body, const char *kernel, const char *initrd,
+         const char *append)
+{
+    if (kernel) {
+        CLEANUP_FREE char *k = cli_abspath(kernel);
+        json_object_object_add(body, "kernel", json_object_new_string(k));
+    }
+    if (initrd) {
+        CLEANUP_FREE char *i = cli_abspath(initrd);
+        json_object_object_add(body, "initrd", json_object_new_string(i));
+    }
+    if (append)
+        json_object_object_add(body, "cmdline", json_object_new_string(append));
+}
+
 int
 cmd_vm_create(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
 {
@@ -156,16 +173,7 @@ cmd_vm_create(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
         json_object_object_add(body, "memory_mib",
                                json_object_new_int64((int64_t)mib));
     }
-    if (kernel) {
-        CLEANUP_FREE char *k = cli_abspath(kernel);
-        json_object_object_add(body, "kernel", json_object_new_string(k));
-    }
-    if (initrd) {
-        CLEANUP_FREE char *i = cli_abspath(initrd);
-        json_object_object_add(body, "initrd", json_object_new_string(i));
-    }
-    if (append)
-        json_object_object_add(body, "cmdline", json_object_new_string(append));
+    add_boot(body, kernel, initrd, append);
     if (nics.n) {
         json_object *na = json_object_new_array();
         for (unsigned i = 0; i < nics.n; i++)
@@ -374,16 +382,7 @@ cmd_vm_set_boot(struct cli *c, const struct cli_cmd *cmd, int argc,
     if (rc)
         return rc;
     json_object *body = json_object_new_object();
-    if (kernel) {
-        CLEANUP_FREE char *k = cli_abspath(kernel);
-        json_object_object_add(body, "kernel", json_object_new_string(k));
-    }
-    if (initrd) {
-        CLEANUP_FREE char *i = cli_abspath(initrd);
-        json_object_object_add(body, "initrd", json_object_new_string(i));
-    }
-    if (append)
-        json_object_object_add(body, "cmdline", json_object_new_string(append));
+    add_boot(body, kernel, initrd, append);
     json_object *out;
     rc = cli_call(c, "POST", path, body, &out);
     json_object_put(body);
@@ -430,7 +429,7 @@ cmd_vm_set_failover_network(struct cli *c, const struct cli_cmd *cmd,
                             int argc, char **argv)
 {
     const char *nic = "0", *ipv4 = NULL, *gw4 = NULL, *ipv6 = NULL,
-               *gw6 = NULL, *dns = NULL;
+               *gw6 = NULL, *dns = NULL, *network = NULL;
     bool clear = false;
     const struct cli_opt opts[] = {
         { "nic", CLI_OPT_STR, &nic },
@@ -439,6 +438,7 @@ cmd_vm_set_failover_network(struct cli *c, const struct cli_cmd *cmd,
         { "ipv6", CLI_OPT_STR, &ipv6 },
         { "gateway6", CLI_OPT_STR, &gw6 },
         { "dns", CLI_OPT_STR, &dns },
+        { "network", CLI_OPT_STR, &network },
         { "clear", CLI_OPT_FLAG, &clear },
         { NULL, 0, NULL },
     };
@@ -457,9 +457,10 @@ cmd_vm_set_failover_network(struct cli *c, const struct cli_cmd *cmd,
     json_object *body = json_object_new_object();
     json_object_object_add(body, "nic", json_object_new_int((int)idx));
     json_object_object_add(body, "clear", json_object_new_boolean(clear));
-    const char *vals[] = { ipv4, gw4, ipv6, gw6 };
-    const char *keys[] = { "ipv4", "gateway4", "ipv6", "gateway6" };
-    for (int k = 0; k < 4; k++)
+    const char *vals[] = { ipv4, gw4, ipv6, gw6, network };
+    const char *keys[] = { "ipv4", "gateway4", "ipv6", "gateway6",
+                           "network" };
+    for (int k = 0; k < 5; k++)
         if (vals[k])
             json_object_object_add(body, keys[k],
                                    json_object_new_string(vals[k]));

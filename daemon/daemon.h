@@ -39,9 +39,9 @@ struct vm {
     char *dir; /* the VM's directory: rundir, and disks for primary VMs */
     unsigned ndisks;
     struct disk disks[MAX_DISKS];
-    /* Direct kernel boot (QEMU -kernel/-initrd/-append), or NULL.  Host
-     * paths: they travel with the VM and must exist at the same paths on
-     * the Replica server for a failover to boot it that way. */
+    /* Direct kernel boot (QEMU -kernel/-initrd/-append), or NULL.  This
+     * server's own setting (vm create, vm set-boot): a peer never names a
+     * path here, so it does not travel with the registration. */
     char *kernel, *initrd, *cmdline;
     /* NICs (network.c: JSON array of {mac, network, failover}) or NULL;
      * the network a test failover puts them on (NULL: "none"). */
@@ -269,6 +269,12 @@ bool repl_server_name_valid(const char *s);
 /* The body of a registration (PUT /r1/vms/UUID) of vm under r. */
 json_object *repl_register_body(const struct vm *vm, const struct repl *r);
 const char *repl_health(const struct repl *r, json_object *details);
+/* The state shown (SPEC §9): r->state, or TestFailoverInProgress. */
+const char *repl_state(const struct repl *r);
+/* failover.c: "VM - Test" while a test failover of vm runs (its name,
+ * mode "test", the point, run directory and whether QEMU runs), else
+ * NULL.  D->lock held. */
+json_object *failover_test_vm_json(const struct vm *vm);
 /* The VM's run directory (sockets, pids). Caller frees. */
 char *vm_rundir(const struct vm *vm);
 /* Fill a vmproc spec (vmproc.h) from vm, borrowing its strings. */

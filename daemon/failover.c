@@ -76,6 +76,36 @@ disks_of(const struct vm *vm, struct vmproc_disk *disks)
     }
 }
 
+/* D->lock held: the spec of vm as a read-only view of `point` served in
+ * rd (name and uuid: the VM's, or the test VM's), its disks in disks[],
+ * the view argument in *view (caller frees); NICs on `network` (NULL:
+ * their own).  It borrows vm's strings: the caller keeps vm busy. */
+static void
+view_spec(const struct vm *vm, uint64_t point, const char *rd,
+          const char *name, const char *uuid, const char *network,
+          struct vmproc_disk *disks, char **view, struct vmproc_spec *spec)
+{
+    const struct repl *r = vm->repl;
+    disks_of(vm, disks);
+    *view = xasprintf("%s/undo:%llu:%llu", r->storage,
+                      (unsigned long long)point,
+                      (unsigned long long)r->applied_cycle);
+    *spec = (struct vmproc_spec){
+        .name = name,
+        .uuid = uuid,
+        .cpus = vm->cpus,
+        .memory_mib = vm->memory_mib,
+        .rundir = rd,
+        .ndisks = vm->ndisks,
+        .disks = disks,
+        .view = *view,
+        .kernel = vm->kernel,
+        .initrd = vm->initrd,
+        .cmdline = vm->cmdline,
+    };
+    nics_to_spec(vm, spec, network);
+}
+
 static void
 remove_test_dir(const char *rd)
 {
@@ -316,6 +346,31 @@ complete_steps(struct vm *vm)
     return rc;
 }
 
+json_object *
+failover_test_vm_json(const struct vm *vm)
+{
+    const struct repl *r = vm->repl;
+    if (vm->mode != VM_MODE_REPLICA || !r || !r->test_point || !r->storage)
+        return NULL;
+    CLEANUP_FREE char *rd = test_rundir(r);
+    CLEANUP_FREE char *name = test_name(vm);
+    bool served = false, running = false;
+    vmproc_status(rd, &served, &running);
+    json_object *o = json_object_new_object();
+    json_object_object_add(o, "name", json_object_new_string(name));
+    json_object_object_add(o, "mode", json_object_new_string("test"));
+    json_object_object_add(o, "test_of", json_object_new_string(vm->name));
+    json_object_object_add(o, "point",
+                           json_object_new_int64((int64_t)r->test_point));
+    json_object_object_add(o, "cpus", json_object_new_int((int)vm->cpus));
+    json_object_object_add(o, "memory_mib",
+                           json_object_new_int((int)vm->memory_mib));
+    json_object_object_add(o, "running", json_object_new_boolean(running));
+    json_object_object_add(o, "served", json_object_new_boolean(served));
+    json_object_object_add(o, "run_dir", json_object_new_string(rd));
+    return o;
+}
+
 /* --- start-up ------------------------------------------------------------- */
 
 static int
@@ -382,18 +437,10 @@ recover_failover(struct vm *vm)
         if (served)
             return 0;
         struct vmproc_disk disks[MAX_DISKS];
-        disks_of(vm, disks);
-        CLEANUP_FREE char *view = xasprintf(
-            "%s/undo:%llu:%llu", r->storage,
-            (unsigned long long)r->failover_point,
-            (unsigned long long)r->applied_cycle);
-        struct vmproc_spec spec = {
-            .name = vm->name, .uuid = vm->uuid, .cpus = vm->cpus,
-            .memory_mib = vm->memory_mib, .rundir = rd,
-            .ndisks = vm->ndisks, .disks = disks, .view = view,
-            .kernel = vm->kernel, .initrd = vm->initrd,
-            .cmdline = vm->cmdline,
-        };
+        struct vmproc_spec spec;
+        CLEANUP_FREE char *view = NULL;
+        view_spec(vm, r->failover_point, rd, vm->name, vm->uuid, NULL, disks,
+                  &view, &spec);
         return vmproc_start(&spec);
     }
     case FO_CANCELLING:
@@ -493,28 +540,15 @@ test_start(struct api_call *call, int64_t want, json_object **out)
         vr_fault_point("test-start-pinned");
     CLEANUP_FREE char *rd = test_rundir(r);
     CLEANUP_FREE char *name = test_name(vm);
-    CLEANUP_FREE char *view =
-        xasprintf("%s/undo:%llu:%llu", r->storage, (unsigned long long)point,
-                  (unsigned long long)r->applied_cycle);
+    CLEANUP_FREE char *view = NULL;
     char uuid[37];
     vr_uuid_new(uuid);
     struct vmproc_disk disks[MAX_DISKS];
-    disks_of(vm, disks);
-    struct vmproc_spec spec = {
-        .name = name,
-        .uuid = uuid,
-        .cpus = vm->cpus,
-        .memory_mib = vm->memory_mib,
-        .rundir = rd,
-        .ndisks = vm->ndisks,
-        .disks = disks,
-        .view = view,
-        .kernel = vm->kernel,
-        .initrd = vm->initrd,
-        .cmdline = vm->cmdline,
-    };
+    struct vmproc_spec spec;
     /* Its NICs join the test network (none by default). */
-    nics_to_spec(vm, &spec, vm->test_network ? vm->test_network : "none");
+    view_spec(vm, point, rd, name, uuid,
+              vm->test_network ? vm->test_network : "none", disks, &view,
+              &spec);
     pthread_mutex_unlock(&D->lock);
 
     if (rc == 0)
@@ -594,25 +628,10 @@ unplanned_start(struct api_call *call, int64_t want, bool force,
     if (rc == 0)
         vr_fault_point("failover-start-pinned");
     CLEANUP_FREE char *rd = fo_rundir(r);
-    CLEANUP_FREE char *view =
-        xasprintf("%s/undo:%llu:%llu", r->storage, (unsigned long long)point,
-                  (unsigned long long)r->applied_cycle);
+    CLEANUP_FREE char *view = NULL;
     struct vmproc_disk disks[MAX_DISKS];
-    disks_of(vm, disks);
-    struct vmproc_spec spec = {
-        .name = vm->name,
-        .uuid = vm->uuid,
-        .cpus = vm->cpus,
-        .memory_mib = vm->memory_mib,
-        .rundir = rd,
-        .ndisks = vm->ndisks,
-        .disks = disks,
-        .view = view,
-        .kernel = vm->kernel,
-        .initrd = vm->initrd,
-        .cmdline = vm->cmdline,
-    };
-    nics_to_spec(vm, &spec, NULL);
+    struct vmproc_spec spec;
+    view_spec(vm, point, rd, vm->name, vm->uuid, NULL, disks, &view, &spec);
     pthread_mutex_unlock(&D->lock);
 
     if (rc == 0)

@@ -244,6 +244,17 @@ api_vm_set_failover_network(struct api_call *call, unsigned *status VR_UNUSED,
     if (json_object_object_get_ex(b, "dns", &v))
         json_object_object_add(f, "dns", json_object_get(v));
     bool clear = jbool(b, "clear", false);
+    const char *network = jstr(b, "network");
+    if (network && network_valid(network) < 0) {
+        json_object_put(f);
+        return -EINVAL;
+    }
+    if (!clear && !network && json_object_object_length(f) == 0) {
+        json_object_put(f);
+        return vr_err(-EINVAL, "nothing to set: give --ipv4, --gateway4, "
+                      "--ipv6, --gateway6 or --dns (--clear removes the "
+                      "settings)");
+    }
 
     pthread_mutex_lock(&D->lock);
     struct vm *vm = vm_find(call->arg);
@@ -259,8 +270,12 @@ api_vm_set_failover_network(struct api_call *call, unsigned *status VR_UNUSED,
         /* Validate on a copy, then swap it in. */
         copy = json_tokener_parse(json_object_to_json_string(vm->nics));
         json_object *nic = json_object_array_get_idx(copy, (size_t)idx);
-        json_object_object_del(nic, "failover");
-        if (!clear)
+        if (network)
+            json_object_object_add(nic, "network",
+                                   json_object_new_string(network));
+        if (clear || json_object_object_length(f) > 0)
+            json_object_object_del(nic, "failover");
+        if (!clear && json_object_object_length(f) > 0)
             json_object_object_add(nic, "failover", json_object_get(f));
         rc = nics_validate(copy);
     }
@@ -279,8 +294,9 @@ api_vm_set_failover_network(struct api_call *call, unsigned *status VR_UNUSED,
     json_object_put(copy);
     json_object_put(f);
     if (rc == 0) {
-        event_add("info", vm->name, "failover network of NIC %lld %s",
-                  (long long)idx, clear ? "cleared" : "set");
+        event_add("info", vm->name, "failover network of NIC %lld %s%s%s",
+                  (long long)idx, clear ? "cleared" : "set",
+                  network ? "; network " : "", network ? network : "");
         *out = vm_to_json(vm);
     }
     pthread_mutex_unlock(&D->lock);
@@ -335,7 +351,7 @@ api_vm_set_boot(struct api_call *call, unsigned *status VR_UNUSED,
     return rc;
 }
 
-/* --- injection into the guest ----------------------------------------------- */
+/* --- injection into the guest --------------------------------------------- */
 
 struct inject {
     char *name;
@@ -464,9 +480,18 @@ inject_nic(const char *rundir, json_object *ifaces, json_object *nic,
     if (!ifn)
         return vr_err(-ENOENT, "no interface with MAC %s in the guest", mac);
     char script[1024];
-    size_t len = (size_t)snprintf(script, sizeof script,
-                                  "ip addr flush dev %s && ip link set %s up",
-                                  ifn, ifn);
+    bool addr = json_object_object_get_ex(f, "ipv4", NULL) ||
+                json_object_object_get_ex(f, "ipv6", NULL);
+    /* Addresses replace the NIC's; DNS or a gateway alone keep them. */
+    size_t len;
+    if (addr) {
+        len = (size_t)snprintf(script, sizeof script,
+                               "ip addr flush dev %s && ip link set %s up",
+                               ifn, ifn);
+    } else {
+        len = (size_t)snprintf(script, sizeof script, "ip link set %s up",
+                               ifn);
+    }
     static const char *keys[] = { "ipv4", "ipv6" };
     for (size_t k = 0; k < 2; k++)
         if (json_object_object_get_ex(f, keys[k], &v))

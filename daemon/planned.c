@@ -42,7 +42,7 @@
 #define PREPARE_SHIP_MS 60000 /* at least: the remaining cycles' shipping */
 #define PLANNED_APPLY_MS 60000 /* the prepared cycle's apply */
 
-/* --- the primary ----------------------------------------------------------- */
+/* --- the primary ---------------------------------------------------------- */
 
 /* D->lock held: vm is a primary VM whose replication runs. */
 static int
@@ -220,7 +220,7 @@ planned_unprepare(struct api_call *call, json_object **out)
     return rc;
 }
 
-/* --- the Replica server: planned failover ---------------------------------- */
+/* --- the Replica server: planned failover --------------------------------- */
 
 int
 planned_start(struct api_call *call, bool start_vm, json_object **out)
@@ -339,7 +339,7 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
     return rc;
 }
 
-/* --- reverse replication ---------------------------------------------------- */
+/* --- reverse replication -------------------------------------------------- */
 
 int
 api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,

@@ -642,10 +642,14 @@ do_register(struct rreq *q, json_object **out)
     if (rc == 0) {
         vm->cpus = (unsigned)cpus;
         vm->memory_mib = (unsigned)mem;
-        /* The NICs travel with their failover settings; settings made
-         * here for a MAC win. */
+        /* The NICs travel with their failover settings; what was set
+         * here for a MAC (its network, its failover settings) wins, and a
+         * new NIC the peer puts on a host interface (tap:, bridge:) is
+         * not connected here: a peer names nothing on this host (SPEC
+         * §6); `vm set-failover-network --network` connects it. */
         json_object *nics = NULL;
-        if (json_object_object_get_ex(b, "nics", &v)) {
+        bool have_nics = json_object_object_get_ex(b, "nics", &v);
+        if (have_nics) {
             nics = json_tokener_parse(json_object_to_json_string(v));
             if (nics_validate(nics) < 0) {
                 log_warn("replica", "%s: NICs not kept: %s", name,
@@ -660,16 +664,39 @@ do_register(struct rreq *q, json_object **out)
             json_object *n = json_object_array_get_idx(nics, i), *m, *f;
             const char *mac = json_object_object_get_ex(n, "mac", &m)
                                   ? json_object_get_string(m) : "";
+            bool known = false;
             for (size_t j = 0; j < json_object_array_length(vm->nics); j++) {
-                json_object *o = json_object_array_get_idx(vm->nics, j), *om;
-                if (json_object_object_get_ex(o, "mac", &om) &&
-                    strcmp(json_object_get_string(om), mac) == 0 &&
-                    json_object_object_get_ex(o, "failover", &f))
+                json_object *o = json_object_array_get_idx(vm->nics, j), *om,
+                            *on;
+                if (!json_object_object_get_ex(o, "mac", &om) ||
+                    strcmp(json_object_get_string(om), mac) != 0)
+                    continue;
+                known = true;
+                if (json_object_object_get_ex(o, "failover", &f))
                     json_object_object_add(n, "failover", json_object_get(f));
+                if (json_object_object_get_ex(o, "network", &on))
+                    json_object_object_add(n, "network", json_object_get(on));
             }
+            json_object *net;
+            if (!known && json_object_object_get_ex(n, "network", &net) &&
+                (strncmp(json_object_get_string(net), "tap:", 4) == 0 ||
+                 strncmp(json_object_get_string(net), "bridge:", 7) == 0))
+                json_object_object_add(n, "network",
+                                       json_object_new_string("none"));
         }
-        json_object_put(vm->nics);
-        vm->nics = nics;
+        for (size_t i = 0; nics && !vm->nics &&
+                           i < json_object_array_length(nics); i++) {
+            json_object *n = json_object_array_get_idx(nics, i), *net;
+            if (json_object_object_get_ex(n, "network", &net) &&
+                (strncmp(json_object_get_string(net), "tap:", 4) == 0 ||
+                 strncmp(json_object_get_string(net), "bridge:", 7) == 0))
+                json_object_object_add(n, "network",
+                                       json_object_new_string("none"));
+        }
+        if (have_nics) {
+            json_object_put(vm->nics);
+            vm->nics = nics;
+        }
         /* Direct kernel boot does not travel: a peer names no path here
          * (SPEC §6).  The Replica server's administrator sets it with
          * `vm set-boot`. */

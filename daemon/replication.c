@@ -26,6 +26,17 @@ lookup_repl(struct api_call *call, struct vm **out)
 }
 
 const char *
+repl_state(const struct repl *r)
+{
+    /* SPEC §9: a Replica VM with a test failover shows it; replication
+     * into it goes on (the applier goes by r->state). */
+    if (r->mode == VM_MODE_REPLICA && r->test_point &&
+        strcmp(r->state, ST_REPLICATING) == 0)
+        return "TestFailoverInProgress";
+    return r->state;
+}
+
+const char *
 repl_health(const struct repl *r, json_object *details)
 {
     const char *h = "Normal";
@@ -87,7 +98,7 @@ repl_to_json(const struct vm *vm)
     json_object_object_add(o, "uuid", json_object_new_string(vm->uuid));
     json_object_object_add(o, "mode",
                            json_object_new_string(vm_mode_name(r->mode)));
-    json_object_object_add(o, "state", json_object_new_string(r->state));
+    json_object_object_add(o, "state", json_object_new_string(repl_state(r)));
     json_object_object_add(o, "health", json_object_new_string(health));
     json_object_object_add(o, "health_details", details);
 #define STR(k, v)                                                              \
@@ -153,7 +164,7 @@ repl_measure_json(const struct vm *vm)
     json_object_object_add(o, "vm", json_object_new_string(vm->name));
     json_object_object_add(o, "mode",
                            json_object_new_string(vm_mode_name(r->mode)));
-    json_object_object_add(o, "state", json_object_new_string(r->state));
+    json_object_object_add(o, "state", json_object_new_string(repl_state(r)));
     json_object_object_add(o, "health", json_object_new_string(health));
     json_object_object_add(o, "health_details", details);
     add_time(o, "last_replication_time", r->last_ok_ms);
@@ -463,11 +474,14 @@ api_repl_list(struct api_call *call, unsigned *status VR_UNUSED,
     for (struct vm *vm = D->vms; vm; vm = vm->next) {
         if (!vm->repl)
             continue;
-        if (state && strcasecmp(state, vm->repl->state) != 0)
+        if (state && strcasecmp(state, repl_state(vm->repl)) != 0)
             continue;
         if (health && strcasecmp(health, repl_health(vm->repl, NULL)) != 0)
             continue;
-        if (mode && strcasecmp(mode, vm_mode_name(vm->repl->mode)) != 0)
+        /* --mode test: the Replica VMs with a test failover running. */
+        bool test = vm->repl->mode == VM_MODE_REPLICA && vm->repl->test_point;
+        if (mode && strcasecmp(mode, "test") == 0 ? !test
+            : mode && strcasecmp(mode, vm_mode_name(vm->repl->mode)) != 0)
             continue;
         json_object_array_add(arr, repl_to_json(vm));
     }

@@ -487,8 +487,9 @@ seal_cycle(struct vm *vm, struct job *jb, bool running)
         pthread_mutex_lock(&D->lock);
         if (trc < 0)
             event_add("error", jb->name, "guest agent: thaw failed: %s; the "
-                      "guest's file systems may still be frozen (it is sent "
-                      "again when the shipper restarts)", vr_errmsg());
+                      "guest's file systems may still be frozen (a thaw is "
+                      "sent again at the next cut and when the daemon "
+                      "starts)", vr_errmsg());
         if (!frozen && rc == 0)
             event_add("warning", jb->name, "application-consistent point "
                       "not possible (%s): cycle %llu is crash-consistent",

@@ -345,8 +345,12 @@ api_vm_list(struct api_call *call VR_UNUSED, unsigned *status VR_UNUSED,
 {
     json_object *arr = json_object_new_array();
     pthread_mutex_lock(&D->lock);
-    for (struct vm *vm = D->vms; vm; vm = vm->next)
+    for (struct vm *vm = D->vms; vm; vm = vm->next) {
         json_object_array_add(arr, vm_to_json(vm));
+        json_object *t = failover_test_vm_json(vm);
+        if (t)
+            json_object_array_add(arr, t);
+    }
     pthread_mutex_unlock(&D->lock);
     *out = json_object_new_object();
     json_object_object_add(*out, "vms", arr);
@@ -359,6 +363,17 @@ api_vm_show(struct api_call *call, unsigned *status VR_UNUSED,
 {
     struct vm *vm = NULL;
     pthread_mutex_lock(&D->lock);
+    /* "VM - Test": the test VM of a running test failover. */
+    static const char sfx[] = " - Test";
+    size_t n = strlen(call->arg), k = sizeof sfx - 1;
+    if (n > k && strcmp(call->arg + n - k, sfx) == 0) {
+        CLEANUP_FREE char *base = xasprintf("%.*s", (int)(n - k), call->arg);
+        struct vm *b = vm_find(base);
+        if (b && (*out = failover_test_vm_json(b))) {
+            pthread_mutex_unlock(&D->lock);
+            return 0;
+        }
+    }
     int rc = lookup(call, &vm);
     if (rc == 0)
         *out = vm_to_json(vm);

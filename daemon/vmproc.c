@@ -364,10 +364,13 @@ sock_accepts(const char *path)
 
 /* A line reader that keeps what follows the first newline: QMP may send
  * an event and a reply in one read. */
+/* Bounded: a guest agent's answer (guest-network-get-interfaces with many
+ * addresses) may be long, but never more than this. */
+#define LINE_MAX_BYTES (256 * 1024)
 struct linebuf {
     int fd;
     size_t len;
-    char buf[4096];
+    char buf[LINE_MAX_BYTES];
 };
 
 /* Read one '\n'-terminated line (without it) into out before the deadline. */
@@ -948,7 +951,7 @@ vmproc_guest_call(const char *rundir, const char *cmd, unsigned timeout_ms,
     uint64_t deadline = vr_mono_ms() + timeout_ms;
     struct linebuf *lb = xcalloc(1, sizeof *lb);
     lb->fd = fd;
-    char line[4096];
+    CLEANUP_FREE char *line = xmalloc(LINE_MAX_BYTES);
     /* guest-sync with a fresh id first: the channel may still hold the
      * reply to an exchange that timed out earlier.  0xff makes the agent
      * drop any partial request it holds. */
@@ -964,7 +967,7 @@ vmproc_guest_call(const char *rundir, const char *cmd, unsigned timeout_ms,
     bool synced = false;
     json_object *j = NULL;
     while (rc == 0 && !synced) {
-        rc = read_line(lb, line, sizeof line, deadline);
+        rc = read_line(lb, line, LINE_MAX_BYTES, deadline);
         json_object_put(j);
         j = rc == 0 ? json_tokener_parse(line) : NULL;
         json_object *v;
@@ -982,7 +985,7 @@ vmproc_guest_call(const char *rundir, const char *cmd, unsigned timeout_ms,
     }
     rc = send_all(fd, cmd);
     if (rc == 0)
-        rc = read_line(lb, line, sizeof line, deadline);
+        rc = read_line(lb, line, LINE_MAX_BYTES, deadline);
     json_object_put(j);
     j = rc == 0 ? json_tokener_parse(line) : NULL;
     free(lb);

@@ -83,6 +83,15 @@ out=$(vrj replica failover start g1 --test --point "$P") ||
     fail "failover start g1 --test --point $P"
 [ "$(jq -r .test_vm <<<"$out")" = "g1 - Test" ] || fail "test VM name: $out"
 TESTRUN=$(jq -r .run_dir <<<"$out")
+[ "$(repl replica g1 state)" = TestFailoverInProgress ] ||
+    fail "Replica VM state during a test: $(repl replica g1 state)"
+[ "$(vrj replica replication list --mode test | jq -r '[.replications[].vm] | join(",")')" = g1 ] ||
+    fail "replication list --mode test: $(vrj replica replication list --mode test)"
+t=$(vrj replica vm show "g1 - Test") || fail "vm show \"g1 - Test\""
+[ "$(jq -r '.mode + " " + .test_of + " " + (.point|tostring)' <<<"$t")" = "test g1 $P" ] ||
+    fail "the test VM: $t"
+vrj replica vm list | jq -e '.vms[] | select(.name == "g1 - Test" and .mode == "test")' \
+    >/dev/null || fail "vm list has no \"g1 - Test\""
 err=$(vr replica failover start g1 --test 2>&1) &&
     fail "a second test failover was accepted"
 grep -q "a test failover is running (point $P)" <<<"$err" ||

@@ -6,7 +6,7 @@
 # What QEMU is given is read from its command line (/proc/PID/cmdline):
 # "none" is a NIC on a hub of its own (-netdev hubport), "user" QEMU's
 # user-mode network, each with the VM's MAC.  Setting the addresses inside
-# a guest is tested with the Linux guest (failover-network.sh).
+# a guest is tested with the Linux guest (guest-agent.sh).
 source "$(dirname "$0")/functions.sh"
 requires qemu-system-x86_64
 requires qemu-img jq curl openssl nbdkit python3
@@ -79,6 +79,21 @@ grep -qx "user,id=net0" <<<"$args" && grep -qx "hubport,id=net1,hubid=101" <<<"$
     fail "failover NICs: $(grep -A1 netdev <<<"$args")"
 vr replica failover stop n1 >/dev/null || fail "cancel"
 log "failover: the NICs keep their own networks"
+
+# A NIC the primary puts on a host interface arrives unconnected: a peer
+# names nothing on the Replica server's host; the administrator there
+# connects it.
+vr primary vm create n2 --new-disk 8M --nic tap:vrtap0 >/dev/null || fail "vm create n2"
+vr primary vm start n2 --no-hypervisor >/dev/null || fail "serve n2"
+enable_replication n2 --frequency 1s
+[ "$(vrj replica vm show n2 | jq -r '.nics[0].network')" = none ] ||
+    fail "a peer's tap reached the Replica server: $(vrj replica vm show n2 | jq -c .nics)"
+err=$(vr replica vm set-failover-network n2 --nic 0 2>&1) && fail "an empty setting accepted"
+grep -q "nothing to set" <<<"$err" || fail "empty setting: $err"
+vr replica vm set-failover-network n2 --nic 0 --network user >/dev/null || fail "--network user"
+[ "$(vrj replica vm show n2 | jq -c '.nics[0] | {network, failover}')" = \
+  '{"network":"user","failover":null}' ] || fail "n2 nic: $(vrj replica vm show n2 | jq -c .nics)"
+log "a peer's host interface is not used on the Replica server; --network connects the NIC"
 
 # Direct kernel boot is this server's setting: a peer never names a path
 # on the Replica server (SPEC §6).
