@@ -149,6 +149,10 @@ int cmd_failover_prepare(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_vm_set_test_network(struct cli *, const struct cli_cmd *, int,
                             char **);
 int cmd_vm_set_boot(struct cli *, const struct cli_cmd *, int, char **);
+int cmd_auth_add(struct cli *, const struct cli_cmd *, int, char **);
+int cmd_auth_set(struct cli *, const struct cli_cmd *, int, char **);
+int cmd_auth_list(struct cli *, const struct cli_cmd *, int, char **);
+int cmd_auth_remove(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_vm_set_failover_network(struct cli *, const struct cli_cmd *, int,
                                 char **);
 int cmd_repl_reverse(struct cli *, const struct cli_cmd *, int, char **);

@@ -23,6 +23,24 @@
 /* --- command table ----------------------------------------------------- */
 
 static const struct cli_cmd commands[] = {
+    { "auth-entry", "add", cmd_auth_add,
+      "--primary PATTERN --storage DIR [--trust-group NAME]",
+      "on the Replica server: allow a primary (FQDN, or *.FQDN) to "
+      "replicate here",
+      "  --primary PATTERN  the primary's certificate name; '*' only as the "
+      "whole\n"
+      "                     first label (*.example.com)\n"
+      "  --storage DIR      where its Replica VMs are kept\n"
+      "  --trust-group NAME its VMs may move between primaries of the "
+      "group\n" },
+    { "auth-entry", "list", cmd_auth_list, "", "list authorization entries",
+      NULL },
+    { "auth-entry", "set", cmd_auth_set,
+      "PATTERN [--storage DIR] [--trust-group NAME]",
+      "change an authorization entry", NULL },
+    { "auth-entry", "remove", cmd_auth_remove, "PATTERN",
+      "remove an authorization entry (its primary's next request is "
+      "refused)", NULL },
     { "server", "show", cmd_server_show, "",
       "show the Replica server settings of this host", NULL },
     { "server", "set", cmd_server_set,

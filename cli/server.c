@@ -162,3 +162,119 @@ cmd_server_set(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
         return rc;
     return finish(c, out);
 }
+
+/* --- authorization entries ------------------------------------------------ */
+
+/* auth-entry add|set: --primary (add) or PATTERN (set), --storage,
+ * --trust-group. */
+static int
+auth_put(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv,
+         bool add)
+{
+    const char *primary = NULL, *storage = NULL, *group = NULL;
+    const struct cli_opt opts_add[] = {
+        { "primary", CLI_OPT_STR, &primary },
+        { "storage", CLI_OPT_STR, &storage },
+        { "trust-group", CLI_OPT_STR, &group },
+        { NULL, 0, NULL },
+    };
+    const struct cli_opt *opts = add ? opts_add : opts_add + 1;
+    const char *pos[1];
+    unsigned npos;
+    int rc = cli_parse(c, cmd, argc, argv, opts, pos, add ? 0 : 1, &npos);
+    if (rc)
+        return rc;
+    if (!add && (rc = cli_want_args(cmd, npos, 1, "PATTERN")))
+        return rc;
+    if (add && !primary)
+        return cli_usage_error(cmd, "missing --primary PATTERN");
+    if (add && !storage)
+        return cli_usage_error(cmd, "missing --storage DIR");
+    json_object *body = json_object_new_object();
+    if (add)
+        json_object_object_add(body, "primary",
+                               json_object_new_string(primary));
+    add_path(body, "storage", storage);
+    if (group)
+        json_object_object_add(body, "trust_group",
+                               json_object_new_string(group));
+    CLEANUP_FREE char *esc = add ? NULL : cli_escape(pos[0]);
+    CLEANUP_FREE char *path = add ? xstrdup("/v1/auth-entries")
+                                  : xasprintf("/v1/auth-entries/%s", esc);
+    json_object *out;
+    rc = cli_call(c, add ? "POST" : "PUT", path, body, &out);
+    json_object_put(body);
+    if (rc)
+        return rc;
+    if (c->json)
+        cli_print_json(out);
+    else
+        printf("authorization entry %s: storage %s, trust group '%s'\n",
+               cli_str(out, "primary"), cli_str(out, "storage"),
+               cli_str(out, "trust_group"));
+    json_object_put(out);
+    return CLI_OK;
+}
+
+int
+cmd_auth_add(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
+{
+    return auth_put(c, cmd, argc, argv, true);
+}
+
+int
+cmd_auth_set(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
+{
+    return auth_put(c, cmd, argc, argv, false);
+}
+
+int
+cmd_auth_list(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
+{
+    const char *pos[1];
+    unsigned npos;
+    int rc = cli_parse(c, cmd, argc, argv, NULL, pos, 0, &npos);
+    if (rc)
+        return rc;
+    json_object *out, *arr;
+    if ((rc = cli_call(c, "GET", "/v1/auth-entries", NULL, &out)))
+        return rc;
+    if (c->json) {
+        cli_print_json(out);
+    } else if (json_object_object_get_ex(out, "entries", &arr)) {
+        printf("%-32s %-12s %s\n", "PRIMARY", "TRUST GROUP", "STORAGE");
+        for (size_t i = 0; i < json_object_array_length(arr); i++) {
+            json_object *e = json_object_array_get_idx(arr, i);
+            printf("%-32s %-12s %s\n", cli_str(e, "primary"),
+                   *cli_str(e, "trust_group") ? cli_str(e, "trust_group")
+                                              : "-",
+                   cli_str(e, "storage"));
+        }
+    }
+    json_object_put(out);
+    return CLI_OK;
+}
+
+int
+cmd_auth_remove(struct cli *c, const struct cli_cmd *cmd, int argc,
+                char **argv)
+{
+    const char *pos[1];
+    unsigned npos;
+    int rc = cli_parse(c, cmd, argc, argv, NULL, pos, 1, &npos);
+    if (rc)
+        return rc;
+    if ((rc = cli_want_args(cmd, npos, 1, "PATTERN")))
+        return rc;
+    CLEANUP_FREE char *esc = cli_escape(pos[0]);
+    CLEANUP_FREE char *path = xasprintf("/v1/auth-entries/%s", esc);
+    json_object *out;
+    if ((rc = cli_call(c, "DELETE", path, NULL, &out)))
+        return rc;
+    if (c->json)
+        cli_print_json(out);
+    else
+        printf("authorization entry %s removed\n", pos[0]);
+    json_object_put(out);
+    return CLI_OK;
+}

@@ -42,6 +42,10 @@ int api_failover_prepare(struct api_call *, unsigned *, json_object **);
 int api_repl_reverse(struct api_call *, unsigned *, json_object **);
 int api_vm_set_test_network(struct api_call *, unsigned *, json_object **);
 int api_vm_set_boot(struct api_call *, unsigned *, json_object **);
+int api_auth_list(struct api_call *, unsigned *, json_object **);
+int api_auth_add(struct api_call *, unsigned *, json_object **);
+int api_auth_set(struct api_call *, unsigned *, json_object **);
+int api_auth_remove(struct api_call *, unsigned *, json_object **);
 int api_vm_set_failover_network(struct api_call *, unsigned *,
                                 json_object **);
 /* planned.c, for failover.c: the planned failover of a prepared Replica

@@ -91,6 +91,10 @@ struct route {
 static const struct route routes[] = {
     { "GET", "/v1/server", api_server_show },
     { "PUT", "/v1/server", api_server_set },
+    { "GET", "/v1/auth-entries", api_auth_list },
+    { "POST", "/v1/auth-entries", api_auth_add },
+    { "PUT", "/v1/auth-entries/*", api_auth_set },
+    { "DELETE", "/v1/auth-entries/*", api_auth_remove },
     { "GET", "/v1/vms", api_vm_list },
     { "POST", "/v1/vms", api_vm_create },
     { "GET", "/v1/vms/*", api_vm_show },

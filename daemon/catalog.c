@@ -30,9 +30,11 @@ static const char schema[] =
     "  max_size INT, sum_size INT, max_latency_ms INT, sum_latency_ms INT, "
     "  last_error TEXT, recovery_history INT, point_interval INT, "
     "  test_point INT, failover_point INT, failover_step INT, "
-    "  prepared_cycle INT, app_every INT);"
+    "  prepared_cycle INT, app_every INT, trust_group TEXT);"
     "CREATE TABLE IF NOT EXISTS points(vm_uuid TEXT, cycle INT, time_ms INT, "
     "  kind TEXT, undo_bytes INT, PRIMARY KEY(vm_uuid, cycle));"
+    "CREATE TABLE IF NOT EXISTS auth_entries(pattern TEXT PRIMARY KEY, "
+    "  storage TEXT NOT NULL, trust_group TEXT NOT NULL);"
     "CREATE TABLE IF NOT EXISTS events(id INTEGER PRIMARY KEY, time_ms INT, "
     "  level TEXT, vm TEXT, message TEXT);";
 
@@ -76,7 +78,8 @@ migrate(void)
                       "INT; ALTER TABLE replications ADD COLUMN "
                       "failover_step INT; ALTER TABLE replications ADD "
                       "COLUMN prepared_cycle INT; ALTER TABLE replications "
-                      "ADD COLUMN app_every INT; ALTER TABLE vms ADD COLUMN "
+                      "ADD COLUMN app_every INT; ALTER TABLE replications "
+                      "ADD COLUMN trust_group TEXT; ALTER TABLE vms ADD COLUMN "
                       "kernel TEXT; ALTER TABLE vms ADD COLUMN initrd TEXT; "
                       "ALTER TABLE vms ADD COLUMN cmdline TEXT; ALTER TABLE "
                       "vms ADD COLUMN nics TEXT; ALTER TABLE vms ADD COLUMN "
@@ -314,7 +317,7 @@ catalog_save_repl(const struct repl *r)
 {
     sqlite3_stmt *st = prep(
         "INSERT OR REPLACE INTO replications VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,"
-        "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
+        "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
     if (!st)
         return -EIO;
     int i = 1;
@@ -355,6 +358,7 @@ catalog_save_repl(const struct repl *r)
     sqlite3_bind_int(st, i++, r->failover_step);
     sqlite3_bind_int64(st, i++, (sqlite3_int64)r->prepared_cycle);
     sqlite3_bind_int64(st, i++, r->app_every);
+    sqlite3_bind_text(st, i++, r->trust_group, -1, SQLITE_STATIC);
     return step_done(st);
 }
 
@@ -431,6 +435,7 @@ load_repl(sqlite3_stmt *st)
     r->failover_step = sqlite3_column_int(st, i++);
     r->prepared_cycle = (uint64_t)sqlite3_column_int64(st, i++);
     r->app_every = (unsigned)sqlite3_column_int64(st, i++);
+    r->trust_group = col_str(st, i++);
     if (r->point_interval_s == 0)
         r->point_interval_s = 3600;
     return r;
@@ -561,6 +566,77 @@ catalog_load(void)
         sqlite3_finalize(st);
     }
     return 0;
+}
+
+/* --- authorization entries ------------------------------------------------ */
+
+int
+catalog_auth_list(struct auth_entry **out, size_t *n)
+{
+    *out = NULL;
+    *n = 0;
+    sqlite3_stmt *st = prep("SELECT pattern, storage, trust_group FROM "
+                            "auth_entries ORDER BY pattern");
+    if (!st)
+        return -EIO;
+    size_t cap = 0;
+    int r;
+    while ((r = sqlite3_step(st)) == SQLITE_ROW) {
+        if (*n == cap) {
+            cap = cap ? 2 * cap : 8;
+            *out = xrealloc(*out, cap * sizeof **out);
+        }
+        struct auth_entry *e = &(*out)[(*n)++];
+        e->pattern = col_str(st, 0);
+        e->storage = col_str(st, 1);
+        e->trust_group = col_str(st, 2);
+    }
+    sqlite3_finalize(st);
+    if (r != SQLITE_DONE) {
+        auth_entries_free(*out, *n);
+        *out = NULL;
+        *n = 0;
+        return vr_err(-EIO, "catalog: %s", sqlite3_errmsg(D->db));
+    }
+    return 0;
+}
+
+void
+auth_entries_free(struct auth_entry *e, size_t n)
+{
+    for (size_t i = 0; e && i < n; i++) {
+        free(e[i].pattern);
+        free(e[i].storage);
+        free(e[i].trust_group);
+    }
+    free(e);
+}
+
+int
+catalog_auth_put(const struct auth_entry *e)
+{
+    sqlite3_stmt *st =
+        prep("INSERT OR REPLACE INTO auth_entries VALUES(?,?,?)");
+    if (!st)
+        return -EIO;
+    sqlite3_bind_text(st, 1, e->pattern, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, e->storage, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 3, e->trust_group ? e->trust_group : "", -1,
+                      SQLITE_STATIC);
+    return step_done(st);
+}
+
+int
+catalog_auth_delete(const char *pattern)
+{
+    sqlite3_stmt *st = prep("DELETE FROM auth_entries WHERE pattern = ?");
+    if (!st)
+        return -EIO;
+    sqlite3_bind_text(st, 1, pattern, -1, SQLITE_STATIC);
+    int rc = step_done(st);
+    if (rc == 0 && sqlite3_changes(D->db) == 0)
+        rc = vr_err(-ENOENT, "no authorization entry for %s", pattern);
+    return rc;
 }
 
 /* --- events -------------------------------------------------------------- */

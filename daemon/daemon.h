@@ -131,6 +131,10 @@ struct repl {
      * failover so `replication reverse` knows both sides are identical
      * there (0: none). */
     uint64_t prepared_cycle;
+    /* replica: the trust group of the authorization entry the VM was
+     * created under ("" or NULL: none); only primaries of that group may
+     * replicate it (SPEC §6). */
+    char *trust_group;
     bool preparing;   /* runtime, primary: failover prepare runs */
     /* Application-consistent points: every app_every-th point interval
      * the cut is made with the guest's file systems frozen through the
@@ -210,6 +214,24 @@ int catalog_save_vm(const struct vm *vm) VR_WUR;
 int catalog_delete_vm(const char *uuid) VR_WUR;
 int catalog_save_repl(const struct repl *r) VR_WUR;
 int catalog_delete_repl(const char *uuid) VR_WUR;
+/* Authorization entries (SPEC §6): which primaries may replicate here,
+ * where their Replica VMs are stored, their trust group. */
+struct auth_entry {
+    char *pattern;     /* FQDN or *.FQDN (vr_fqdn_pattern_valid) */
+    char *storage;     /* absolute directory */
+    char *trust_group; /* "" for none */
+};
+int catalog_auth_list(struct auth_entry **out, size_t *n) VR_WUR;
+void auth_entries_free(struct auth_entry *e, size_t n);
+int catalog_auth_put(const struct auth_entry *e) VR_WUR;
+/* -ENOENT if there is no entry for pattern. */
+int catalog_auth_delete(const char *pattern) VR_WUR;
+/* auth.c: D->lock held.  May peer (its certificate name) replicate here?
+ * The most specific matching entry (an exact name before a wildcard)
+ * gives *storage and *group (caller frees); else "allow any" gives the
+ * default storage and group ""; else -EPERM with the reason. */
+int auth_authorize(const char *peer, char **storage, char **group) VR_WUR;
+
 /* A transaction around several saves: catalog_end(rc) commits if rc >= 0,
  * else rolls back and returns rc. */
 int catalog_begin(void) VR_WUR;

@@ -181,6 +181,8 @@ struct rreq {
     int fd;
     char *tmp_path;
     char *staging;
+    char *root;         /* the peer's storage location (authorization) */
+    char *group;        /* the peer's trust group ("" none) */
     bool holds_busy;
     uint64_t disk_sizes[MAX_DISKS]; /* for the decoder's bounds checks */
     unsigned ndisks;
@@ -219,6 +221,8 @@ rreq_done(void *cls VR_UNUSED, struct MHD_Connection *c VR_UNUSED,
         pthread_mutex_unlock(&D->lock);
     }
     free(q->staging);
+    free(q->root);
+    free(q->group);
     free(q->body);
     free(q);
 }
@@ -311,6 +315,11 @@ own_vm(struct rreq *q, struct vm **out)
         strcmp(vm->repl->primary_server, q->peer) != 0)
         return vr_err(-EPERM, "replica vm %s: belongs to primary %s, not %s",
                       vm->name, vm->repl->primary_server, q->peer);
+    if (vm->repl->trust_group && *vm->repl->trust_group &&
+        strcmp(vm->repl->trust_group, q->group ? q->group : "") != 0)
+        return vr_err(-EPERM, "replica vm %s: belongs to trust group '%s'; "
+                      "%s is in '%s'", vm->name, vm->repl->trust_group,
+                      q->peer, q->group ? q->group : "");
     /* Any request of the VM's primary shows it is reachable (failover
      * start refuses while it recently was). */
     vm->repl->last_contact_ms = vr_wall_ms();
@@ -476,6 +485,8 @@ do_reverse(struct rreq *q, int64_t reverse_of, size_t nd,
             r->primary_server = xstrdup(q->peer);
             free(r->storage);
             r->storage = xstrdup(vm->dir);
+            free(r->trust_group);
+            r->trust_group = xstrdup(q->group ? q->group : "");
             r->epoch = q->epoch;
             r->initial_done = false;
             r->base_cycle = r->applied_cycle = r->last_cycle = 0;
@@ -569,8 +580,16 @@ do_register(struct rreq *q, json_object **out)
     else if (vm && vm->mode != VM_MODE_REPLICA)
         rc = vr_err(-EEXIST, "register: vm %s is not a Replica VM here",
                     vm->name);
+    else if (vm && vm->repl && vm->repl->trust_group &&
+             *vm->repl->trust_group &&
+             strcmp(vm->repl->trust_group, q->group) != 0)
+        rc = vr_err(-EPERM, "register: vm %s belongs to trust group '%s'; "
+                    "%s is in '%s'", vm->name, vm->repl->trust_group,
+                    q->peer, q->group);
+    /* A VM moves between primaries of its trust group (SPEC §6). */
     else if (vm && vm->repl && vm->repl->primary_server &&
-             strcmp(vm->repl->primary_server, q->peer) != 0)
+             strcmp(vm->repl->primary_server, q->peer) != 0 &&
+             !(vm->repl->trust_group && *vm->repl->trust_group))
         rc = vr_err(-EPERM, "register: vm %s replicates from %s, not %s",
                     vm->name, vm->repl->primary_server, q->peer);
     else if (vm && vm->repl && q->epoch < vm->repl->epoch)
@@ -599,7 +618,7 @@ do_register(struct rreq *q, json_object **out)
         snprintf(vm->uuid, sizeof vm->uuid, "%s", q->uuid);
         vm->name = xstrdup(name);
         vm->mode = VM_MODE_REPLICA;
-        vm->dir = xasprintf("%s/%s", D->cfg.default_storage, q->uuid);
+        vm->dir = xasprintf("%s/%s", q->root, q->uuid);
         vm->ndisks = (unsigned)nd;
         for (unsigned i = 0; i < vm->ndisks; i++) {
             snprintf(vm->disks[i].id, sizeof vm->disks[i].id, "disk%u", i);
@@ -710,8 +729,12 @@ do_register(struct rreq *q, json_object **out)
             r->mode = VM_MODE_REPLICA;
             r->storage = xstrdup(vm->dir);
             r->primary_server = xstrdup(q->peer);
+            r->trust_group = xstrdup(q->group);
             vm->repl = r;
         }
+        /* Possibly another primary of the VM's trust group. */
+        free(r->primary_server);
+        r->primary_server = xstrdup(q->peer);
         r->epoch = q->epoch;
         take_history(r, q);
         if (!r->point_interval_s)
@@ -1086,10 +1109,13 @@ r1_access(void *cls VR_UNUSED, struct MHD_Connection *c, const char *url,
             q->interval_s = (unsigned)iv;
         }
         pthread_mutex_lock(&D->lock);
-        bool enabled = D->cfg.replica_enabled && D->cfg.default_storage;
+        bool enabled = D->cfg.replica_enabled;
+        int arc = enabled ? auth_authorize(q->peer, &q->root, &q->group) : 0;
         pthread_mutex_unlock(&D->lock);
         if (!enabled)
             rreq_fail(q, -EPERM, "replication is not enabled on this server");
+        else if (arc < 0)
+            rreq_fail(q, arc, vr_errmsg());
         return MHD_YES;
     }
 

@@ -56,6 +56,7 @@ repl_free(struct repl *r)
     free(r->primary_server);
     free(r->storage);
     free(r->last_error);
+    free(r->trust_group);
     free(r->task);
     free(r);
 }
@@ -299,10 +300,7 @@ api_server_set(struct api_call *call, unsigned *status VR_UNUSED,
         if (!c->cert || !c->key || !c->ca)
             rc = vr_err(-EINVAL, "replica server: certificate, key and ca "
                                  "are required to enable it");
-        else if (!c->allow_any)
-            rc = vr_err(-EINVAL, "replica server: authorization entries are "
-                                 "not supported yet; use allow_any");
-        else if (!c->default_storage)
+        else if (c->allow_any && !c->default_storage)
             rc = vr_err(-EINVAL, "replica server: allow_any needs a "
                                  "default_storage directory");
         else if (!c->cert_port)

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -514,4 +515,49 @@ vr_fault_point(const char *name)
         }
     }
     pthread_mutex_unlock(&fault_lock);
+}
+
+/* --- host names and authorization patterns --------------------------------- */
+
+bool
+vr_fqdn_valid(const char *name)
+{
+    size_t n = name ? strlen(name) : 0, label = 0;
+    if (n == 0 || n > 253)
+        return false;
+    for (size_t i = 0; i <= n; i++) {
+        char c = name[i];
+        if (c == '.' || c == '\0') {
+            if (label == 0 || label > 63 || name[i - 1] == '-')
+                return false;
+            label = 0;
+            continue;
+        }
+        bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+                  (c >= '0' && c <= '9') || (c == '-' && label > 0);
+        if (!ok)
+            return false;
+        label++;
+    }
+    return true;
+}
+
+bool
+vr_fqdn_pattern_valid(const char *pattern)
+{
+    if (pattern && pattern[0] == '*')
+        return pattern[1] == '.' && vr_fqdn_valid(pattern + 2);
+    return vr_fqdn_valid(pattern);
+}
+
+bool
+vr_fqdn_match(const char *pattern, const char *name)
+{
+    if (!vr_fqdn_pattern_valid(pattern) || !vr_fqdn_valid(name))
+        return false;
+    if (pattern[0] != '*')
+        return strcasecmp(pattern, name) == 0;
+    /* "*.rest": name is one label, a dot, then exactly rest. */
+    const char *dot = strchr(name, '.');
+    return dot && strcasecmp(dot + 1, pattern + 2) == 0;
 }

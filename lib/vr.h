@@ -91,6 +91,18 @@ void vr_rfc3339(uint64_t wall_ms, char out[32]);
 /* Names of VMs and disks: 1..64 chars of [A-Za-z0-9._ -], not starting with
  * '.' or ' ', so a name can never form a path component like "..". */
 bool vr_name_valid(const char *name);
+/* A host name as certificates and Kerberos principals carry it: labels of
+ * 1-63 of [A-Za-z0-9-] (not starting or ending with '-') joined by '.',
+ * 253 bytes at most, no trailing dot. */
+bool vr_fqdn_valid(const char *name);
+/* An authorization entry's pattern: an FQDN, or "*." followed by one
+ * (SPEC §6: '*' only as the whole first label). */
+bool vr_fqdn_pattern_valid(const char *pattern);
+/* Does a (valid) pattern match a peer's name?  Case-insensitive; "*"
+ * stands for exactly one label: "*.example.com" matches "a.example.com",
+ * not "example.com", "a.b.example.com", "badexample.com" or
+ * "example.com.evil.net".  False if either is invalid. */
+bool vr_fqdn_match(const char *pattern, const char *name);
 /* Canonical textual UUID (36 chars, lowercase). */
 bool vr_uuid_valid(const char *uuid);
 /* New random v4 UUID in canonical form. */

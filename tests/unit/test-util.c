@@ -210,6 +210,67 @@ test_misc(void)
     free(t);
 }
 
+static void
+test_fqdn(void)
+{
+    static const struct {
+        const char *pattern, *name;
+        bool match;
+    } cases[] = {
+        /* SPEC §6's wildcard edge cases */
+        { "*.example.com", "a.example.com", true },
+        { "*.example.com", "A.Example.COM", true },
+        { "*.example.com", "example.com", false },
+        { "*.example.com", "a.b.example.com", false },
+        { "*.example.com", "badexample.com", false },
+        { "*.example.com", "example.com.evil.net", false },
+        { "*.example.com", "a.example.com.", false },
+        { "*.example.com", ".example.com", false },
+        { "primary.example.com", "primary.example.com", true },
+        { "primary.example.com", "PRIMARY.example.com", true },
+        { "primary.example.com", "primary.example.co", false },
+        { "primary.example.com", "xprimary.example.com", false },
+        /* patterns that are not allowed match nothing */
+        { "*", "a", false },
+        { "*.", "a.", false },
+        { "a*.example.com", "ab.example.com", false },
+        { "foo.*.com", "foo.x.com", false },
+        { "**.example.com", "a.example.com", false },
+        { "*.*.example.com", "a.b.example.com", false },
+        { "", "", false },
+        /* names that are not host names */
+        { "*.example.com", "a b.example.com", false },
+        { "*.example.com", "-a.example.com", false },
+        { "*.example.com", "a-.example.com", false },
+        { "*.example.com", "a..example.com", false },
+        { "*.example.com", "a/../example.com", false },
+    };
+    for (size_t i = 0; i < ARRAY_SIZE(cases); i++)
+        ok(vr_fqdn_match(cases[i].pattern, cases[i].name) == cases[i].match,
+           "match('%s', '%s') is %s", cases[i].pattern, cases[i].name,
+           cases[i].match ? "true" : "false");
+    char label[80], longname[300];
+    memset(label, 'a', 63);
+    label[63] = '\0';
+    ok(vr_fqdn_valid(label), "a 63-byte label is valid");
+    memset(label, 'a', 64);
+    label[64] = '\0';
+    ok(!vr_fqdn_valid(label), "a 64-byte label is not");
+    memset(longname, 'a', sizeof longname - 1);
+    longname[sizeof longname - 1] = '\0';
+    for (size_t i = 63; i < sizeof longname - 1; i += 64)
+        longname[i] = '.';
+    longname[253] = '\0';
+    ok(vr_fqdn_valid(longname) == (longname[252] != '.'),
+       "253 bytes of labels are valid");
+    longname[253] = 'a';
+    longname[254] = '\0';
+    ok(!vr_fqdn_valid(longname), "254 bytes are not");
+    ok(vr_fqdn_pattern_valid("*.example.com"), "*.example.com is a pattern");
+    ok(!vr_fqdn_pattern_valid("*example.com"), "*example.com is not");
+    ok(!vr_fqdn_pattern_valid(NULL), "NULL is not");
+}
+
 int
 main(void)
 {
@@ -221,5 +282,6 @@ main(void)
     test_errors();
     test_files();
     test_misc();
+    test_fqdn();
     return done_testing();
 }
