@@ -18,22 +18,15 @@ requires_build
 VR_TIMEOUT=60
 GUEST_TIMEOUT=${GUEST_TIMEOUT:-120}
 PRIMARY_ENV=("VMREPLICA_ACCEL=${VMREPLICA_ACCEL:-tcg}")
-GUEST=$BUILD_DIR/tests/guest/guest.img
-[ -s "$GUEST" ] || skip "guest image not built: $GUEST"
+guest_params
 
 setup_pair
-qemu-img convert -f raw -O qcow2 "$GUEST" "$TESTDIR/guest.qcow2" &&
-    qemu-img resize -q -f qcow2 "$TESTDIR/guest.qcow2" 64M || fail "guest qcow2"
-vr primary vm create g1 --disk "$TESTDIR/guest.qcow2" --memory 64M >/dev/null ||
-    fail "vm create g1"
-vr primary vm start g1 --no-hypervisor >/dev/null || fail "serve g1"
-enable_replication g1 --frequency 1s --recovery-history 2 --point-interval 4s \
+create_guest_vm g1 --frequency 1s --recovery-history 2 --point-interval 4s \
     --app-consistent-every 1
 [ "$(repl primary g1 app_consistent_every)" = 1 ] || fail "app_consistent_every not set"
 err=$(vr primary replication set g1 --app-consistent-every x 2>&1) &&
     fail "a bad --app-consistent-every accepted"
 grep -q "invalid --app-consistent-every 'x'" <<<"$err" || fail "bad value: $err"
-vr primary vm stop g1 >/dev/null || fail "vm stop"
 
 log "a guest without an agent: the quiesce times out, the cut is crash-consistent"
 # e1 boots nothing (an empty disk): QEMU runs, nobody answers on the

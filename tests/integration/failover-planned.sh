@@ -30,8 +30,7 @@ GUEST_TIMEOUT=${GUEST_TIMEOUT:-90}
 PRIMARY_ENV=("VMREPLICA_ACCEL=${VMREPLICA_ACCEL:-tcg}")
 REPLICA_ENV=("VMREPLICA_ACCEL=${VMREPLICA_ACCEL:-tcg}")
 
-GUEST=$BUILD_DIR/tests/guest/guest.img
-[ -s "$GUEST" ] || skip "guest image not built: $GUEST"
+guest_params
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 
 setup_pair
@@ -44,14 +43,7 @@ vr primary server set --enable --auth certificate \
     fail "primary: server set --enable"
 wait_until 10 port_open "$PRIMARY_PORT" || fail "primary: port $PRIMARY_PORT"
 
-qemu-img convert -f raw -O qcow2 "$GUEST" "$TESTDIR/guest.qcow2" &&
-    qemu-img resize -q -f qcow2 "$TESTDIR/guest.qcow2" 64M ||
-    fail "guest qcow2"
-vr primary vm create g1 --disk "$TESTDIR/guest.qcow2" --memory 64M >/dev/null ||
-    fail "vm create g1"
-vr primary vm start g1 --no-hypervisor >/dev/null || fail "vm start --no-hypervisor"
-enable_replication g1 --frequency 1s --recovery-history 1 --point-interval 60s
-vr primary vm stop g1 >/dev/null || fail "vm stop"
+create_guest_vm g1 --frequency 1s --recovery-history 1 --point-interval 60s
 UUID=$(jget primary .uuid vm show g1)
 PDISK=$(disk_path primary g1)
 RDISK=$(disk_path replica g1)

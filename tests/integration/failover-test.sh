@@ -29,53 +29,19 @@ HASHLOG=$TESTDIR/hashlog
 PRIMARY_ENV=("VMREPLICA_ACCEL=${VMREPLICA_ACCEL:-tcg}" VMREPLICA_TEST_HASHLOG="$HASHLOG")
 REPLICA_ENV=("VMREPLICA_ACCEL=${VMREPLICA_ACCEL:-tcg}")
 
-GUEST=$BUILD_DIR/tests/guest/guest.img
-[ -s "$GUEST" ] || skip "guest image not built: $GUEST"
-GUESTDISK=$SOURCE_DIR/tests/guest/guestdisk.py
-read -r TOTAL BASE NSECT _ _ < <(python3 "$GUESTDISK" params "$GUEST") ||
-    fail "$GUEST has no parameter block"
-max_stamp() { python3 "$GUESTDISK" max-stamp "$1" "$BASE" "$NSECT"; }
+guest_params
 
 setup_pair
-qemu-img convert -f raw -O qcow2 "$GUEST" "$TESTDIR/guest.qcow2" &&
-    qemu-img resize -q -f qcow2 "$TESTDIR/guest.qcow2" 64M ||
-    fail "guest qcow2"
-vr primary vm create g1 --disk "$TESTDIR/guest.qcow2" --memory 64M >/dev/null ||
-    fail "vm create g1"
-vr primary vm start g1 --no-hypervisor >/dev/null || fail "vm start --no-hypervisor"
-enable_replication g1 --frequency 1s --recovery-history 2 --point-interval 120s
-vr primary vm stop g1 >/dev/null || fail "vm stop"
+create_guest_vm g1 --frequency 1s --recovery-history 2 --point-interval 120s
 
 log "run the guest on the primary while it replicates"
-UUID=$(jget primary .uuid vm show g1)
-CONSOLE=$(state_dir primary)/run/$UUID/console.log
-vr primary vm start g1 >/dev/null || fail "vm start g1 (QEMU)"
-wait_until "$GUEST_TIMEOUT" grep -q '^done' "$CONSOLE" ||
-    fail "guest did not print done on the primary"
-wait_until 30 vm_stopped primary g1 ||
-    fail "QEMU did not exit after done"
-vr primary vm start g1 --no-hypervisor >/dev/null || fail "serve g1 again"
-wait_converged g1 60
-assert_identical g1
+run_guest_replicated g1
 
 RDISK=$(disk_path replica g1)
 pts=$(vrj replica points list g1 | jq -c .points) || fail "points list"
 n=$(jq length <<<"$pts")
 [ "$n" -ge 3 ] || fail "only $n points kept during the guest's run"
-# A point in the middle of the guest's run: some stamps, not all.
-P=
-for id in $(jq -r '.[].id' <<<"$pts"); do
-    "$BUILD_DIR/tests/tools/pointcat" "$(dirname "$RDISK")/undo" "$id" \
-        "$(repl replica g1 applied_cycle)" "$TESTDIR/pt" "$RDISK" ||
-        fail "point $id cannot be rebuilt"
-    s=$(max_stamp "$TESTDIR/pt.0")
-    if [ "$s" -gt 0 ] && [ "$s" -lt "$TOTAL" ]; then
-        P=$id
-        PSTAMP=$s
-        break
-    fi
-done
-[ -n "$P" ] || fail "no point caught the guest mid-run: $pts"
+mid_run_point g1 "$pts"
 want=$(awk -v c="$P" '$1 == c { print $3 }' "$HASHLOG")
 log "point $P has the guest at stamp $PSTAMP of $TOTAL"
 

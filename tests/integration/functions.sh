@@ -431,6 +431,76 @@ assert_identical() {
     log "vm $vm: replica is byte-identical to the primary ($n disk(s))"
 }
 
+# --- the boot-sector test guest (tests/guest/guest.S) ----------------------
+#
+# guest_params — GUEST, GUESTDISK, TOTAL, BASE, NSECT (skips the test if the
+# guest is not built).  max_stamp DISK — the newest sequence stamp in the
+# guest's sectors of DISK (0: none).
+guest_params() {
+    GUEST=$BUILD_DIR/tests/guest/guest.img
+    [ -s "$GUEST" ] || skip "guest image not built: $GUEST"
+    GUESTDISK=$SOURCE_DIR/tests/guest/guestdisk.py
+    read -r TOTAL BASE NSECT _ _ < <(python3 "$GUESTDISK" params "$GUEST") ||
+        fail "$GUEST has no parameter block"
+}
+max_stamp() { python3 "$GUESTDISK" max-stamp "$1" "$BASE" "$NSECT"; }
+
+# create_guest_vm VM [ENABLE-OPTIONS…] — import the guest as a 64 MiB VM on
+# the primary and replicate it (initial replication done) with OPTIONS;
+# its disks are left unserved.
+create_guest_vm() {
+    local vm=$1
+    shift
+    qemu-img convert -f raw -O qcow2 "$GUEST" "$TESTDIR/$vm.qcow2" &&
+        qemu-img resize -q -f qcow2 "$TESTDIR/$vm.qcow2" 64M ||
+        fail "guest qcow2"
+    vr primary vm create "$vm" --disk "$TESTDIR/$vm.qcow2" --memory 64M \
+        >/dev/null || fail "vm create $vm"
+    vr primary vm start "$vm" --no-hypervisor >/dev/null ||
+        fail "vm start --no-hypervisor"
+    enable_replication "$vm" "$@"
+    vr primary vm stop "$vm" >/dev/null || fail "vm stop"
+}
+
+# run_guest_replicated VM — boot VM on the primary until the guest prints
+# done and QEMU exits, serve its disks again and wait until the replica is
+# byte-identical.  Sets UUID.
+run_guest_replicated() {
+    local vm=$1 console
+    UUID=$(jget primary .uuid vm show "$vm")
+    console=$(state_dir primary)/run/$UUID/console.log
+    vr primary vm start "$vm" >/dev/null || fail "vm start $vm (QEMU)"
+    wait_until "$GUEST_TIMEOUT" grep -q '^done' "$console" ||
+        fail "guest did not print done on the primary"
+    wait_until 30 vm_stopped primary "$vm" ||
+        fail "QEMU did not exit after done"
+    vr primary vm start "$vm" --no-hypervisor >/dev/null ||
+        fail "serve $vm again"
+    wait_converged "$vm" 60
+    assert_identical "$vm"
+}
+
+# mid_run_point VM POINTS-JSON — P and PSTAMP: the first of the points whose
+# disk, rebuilt from the Replica disk and its undo spans, holds some of the
+# guest's stamps but not all (the guest caught mid-run).
+mid_run_point() {
+    local vm=$1 pts=$2 rdisk id s
+    rdisk=$(disk_path replica "$vm")
+    P=
+    for id in $(jq -r '.[].id' <<<"$pts"); do
+        "$BUILD_DIR/tests/tools/pointcat" "$(dirname "$rdisk")/undo" "$id" \
+            "$(repl replica "$vm" applied_cycle)" "$TESTDIR/pt" "$rdisk" ||
+            fail "point $id cannot be rebuilt"
+        s=$(max_stamp "$TESTDIR/pt.0")
+        if [ "$s" -gt 0 ] && [ "$s" -lt "$TOTAL" ]; then
+            P=$id
+            PSTAMP=$s
+            break
+        fi
+    done
+    [ -n "$P" ] || fail "no point caught the guest mid-run: $pts"
+}
+
 # Random-data writers through a disk's NBD export.
 #
 # start_writer VM [BLOCK] — write fresh random BLOCK-sized pieces (default
