@@ -18,7 +18,8 @@ PACKAGES=(build-essential meson ninja-build pkg-config nbdkit
     nbdkit-plugin-dev libnbd-dev libnbd-bin qemu-system-x86 qemu-utils
     libzstd-dev libgnutls28-dev gnutls-bin libcurl4-gnutls-dev
     libmicrohttpd-dev libsqlite3-dev libjson-c-dev openssl curl jq socat
-    zstd clang python3 busybox-static qemu-guest-agent e2fsprogs)
+    zstd clang python3 busybox-static qemu-guest-agent e2fsprogs
+    libkrb5-dev krb5-user krb5-kdc krb5-admin-server faketime)
 
 say() {
     printf 'quickstart: %s\n' "$*"
@@ -53,8 +54,21 @@ install_packages() {
     fi
     say "installing: ${missing[*]}"
     apt-get update -q
+    # The tests run a Kerberos KDC of their own; the packages must not
+    # start the system's (unconfigured) KDC and kadmind, whose failure to
+    # start would fail the install where no policy says otherwise.
+    local policy=/usr/sbin/policy-rc.d added=false
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        added=true
+    fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-        --no-install-recommends "${missing[@]}" </dev/null
+        --no-install-recommends "${missing[@]}" </dev/null || {
+        [ "$added" = false ] || rm -f "$policy"
+        die "apt-get install failed"
+    }
+    [ "$added" = false ] || rm -f "$policy"
 }
 
 # setup DIR [OPTIONS…] — meson setup (or --reconfigure) quietly; on failure

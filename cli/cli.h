@@ -117,6 +117,9 @@ void cli_table_row(struct cli_table *t, const char *const *cells);
 void cli_table_print(struct cli_table *t, unsigned indent);
 void cli_table_free(struct cli_table *t);
 
+/* A TCP port 1-65535 into *out: 0, or -1 if s is not one. */
+int cli_parse_port(const char *s, long *out);
+
 /* Make a local path absolute against the current directory; caller frees. */
 char *cli_abspath(const char *path);
 

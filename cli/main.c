@@ -44,17 +44,31 @@ static const struct cli_cmd commands[] = {
     { "server", "show", cmd_server_show, "",
       "show the Replica server settings of this host", NULL },
     { "server", "set", cmd_server_set,
-      "[--enable|--disable] [--auth certificate] [--certificate-port PORT]\n"
-      "        [--certificate FILE --key FILE --ca FILE] [--hostname FQDN]\n"
+      "[--enable|--disable] [--auth certificate|kerberos|both]\n"
+      "        [--certificate-port PORT] [--certificate FILE --key FILE "
+      "--ca FILE]\n"
+      "        [--crl FILE|--no-crl]\n"
+      "        [--kerberos-port PORT] [--keytab FILE] [--kerberos-encrypt "
+      "on|off]\n"
+      "        [--hostname FQDN]\n"
       "        [--allow-any|--no-allow-any] [--default-storage DIR]\n"
       "        [--monitoring-interval DURATION]",
       "change the Replica server settings",
       "  --enable, --disable         accept replication as a Replica server\n"
-      "  --auth certificate          authentication type (kerberos: planned)\n"
+      "  --auth TYPE                 certificate (HTTPS), kerberos (HTTP) "
+      "or both\n"
       "  --certificate-port PORT     HTTPS listener port (default 443)\n"
+      "  --kerberos-port PORT        Kerberos listener port (default 80)\n"
+      "  --keytab FILE               keys of host/FQDN and HTTP/FQDN\n"
+      "  --kerberos-encrypt on|off   refuse Kerberos replication that is "
+      "not\n"
+      "                              encrypted (default off)\n"
       "  --certificate FILE          this host's certificate (PEM)\n"
       "  --key FILE                  its private key (PEM)\n"
       "  --ca FILE                   CA certificates peers must chain to\n"
+      "  --crl FILE, --no-crl        revocation list (PEM) of that CA: "
+      "revoked\n"
+      "                              client certificates are refused\n"
       "  --hostname FQDN             this host's name (default: from the "
       "certificate)\n"
       "  --allow-any, --no-allow-any accept any authenticated primary\n"
@@ -95,15 +109,19 @@ static const struct cli_cmd commands[] = {
       NULL },
     { "replication", "enable", cmd_repl_enable,
       "VM --replica-server FQDN[:PORT] [--connect-address IP]\n"
-      "        --auth certificate [--frequency 30s|5m|15m|Ns]\n"
-      "        [--compression on|off]",
+      "        --auth certificate|kerberos [--kerberos-encrypt on|off]\n"
+      "        [--frequency 30s|5m|15m|Ns] [--compression on|off]",
       "enable replication of a VM to a Replica server",
       "  --replica-server FQDN[:PORT]  the Replica server (its certificate "
       "name)\n"
       "  --connect-address IP          address to dial instead of resolving "
       "FQDN\n"
-      "  --auth certificate            authentication type (kerberos: "
-      "planned)\n"
+      "  --auth certificate|kerberos   HTTPS with X.509, or HTTP with "
+      "Kerberos\n"
+      "                                (default port 443 or 80)\n"
+      "  --kerberos-encrypt on|off     Kerberos: encrypt the data (GSS wrap;"
+      "\n"
+      "                                it is always signed)\n"
       "  --frequency DURATION          30s, 5m, 15m or any whole seconds >= "
       "1\n"
       "  --compression on|off          zstd compression (default on)\n"
@@ -120,7 +138,8 @@ static const struct cli_cmd commands[] = {
     { "replication", "set", cmd_repl_set,
       "VM [--frequency DURATION] [--compression on|off] "
       "[--connect-address IP] [--recovery-history N] "
-      "[--point-interval DURATION] [--app-consistent-every K]",
+      "[--point-interval DURATION] [--app-consistent-every K] "
+      "[--kerberos-encrypt on|off]",
       "change the replication settings of a VM", NULL },
     { "replication", "show", cmd_repl_show, "VM",
       "show the replication of a VM", NULL },
@@ -695,6 +714,18 @@ cli_table_free(struct cli_table *t)
         free(t->cells[i]);
     free(t->cells);
     free(t);
+}
+
+int
+cli_parse_port(const char *s, long *out)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || *end || end == s || v < 1 || v > 65535)
+        return -1;
+    *out = v;
+    return 0;
 }
 
 char *

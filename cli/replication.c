@@ -111,7 +111,7 @@ finish(struct cli *c, json_object *out)
 
 struct repl_opts {
     const char *server, *address, *auth, *frequency, *compression;
-    const char *history, *interval, *app;
+    const char *history, *interval, *app, *kencrypt;
 };
 
 /* Validate the options shared by enable and set into body. */
@@ -124,15 +124,10 @@ fill_body(const struct cli_cmd *cmd, const struct repl_opts *o,
         if (o->server[0] == ':' || o->server[0] == '-')
             return cli_usage_error(cmd, "invalid --replica-server '%s': "
                                    "expected FQDN[:PORT]", o->server);
-        if (colon) {
-            char *end;
-            errno = 0;
-            long port = strtol(colon + 1, &end, 10);
-            if (errno || *end || end == colon + 1 || port < 1 ||
-                port > 65535)
-                return cli_usage_error(cmd, "invalid port in "
-                                       "--replica-server '%s'", o->server);
-        }
+        long port;
+        if (colon && cli_parse_port(colon + 1, &port) < 0)
+            return cli_usage_error(cmd, "invalid port in "
+                                   "--replica-server '%s'", o->server);
         json_object_object_add(body, "replica_server",
                                json_object_new_string(o->server));
     }
@@ -147,14 +142,20 @@ fill_body(const struct cli_cmd *cmd, const struct repl_opts *o,
                                json_object_new_string(o->address));
     }
     if (o->auth) {
-        if (strcmp(o->auth, "kerberos") == 0)
-            return cli_error("authentication type 'kerberos' is not "
-                             "supported yet; use --auth certificate");
-        if (strcmp(o->auth, "certificate") != 0)
+        if (strcmp(o->auth, "certificate") != 0 &&
+            strcmp(o->auth, "kerberos") != 0)
             return cli_usage_error(cmd, "invalid --auth '%s': expected "
-                                   "certificate", o->auth);
+                                   "certificate or kerberos", o->auth);
         json_object_object_add(body, "auth",
                                json_object_new_string(o->auth));
+    }
+    if (o->kencrypt) {
+        if (strcmp(o->kencrypt, "on") != 0 && strcmp(o->kencrypt, "off") != 0)
+            return cli_usage_error(cmd, "invalid --kerberos-encrypt '%s': "
+                                   "expected on or off", o->kencrypt);
+        json_object_object_add(
+            body, "kerberos_encrypt",
+            json_object_new_boolean(strcmp(o->kencrypt, "on") == 0));
     }
     if (o->frequency) {
         uint64_t s;
@@ -227,6 +228,7 @@ cmd_repl_enable(struct cli *c, const struct cli_cmd *cmd, int argc,
         { "recovery-history", CLI_OPT_STR, &o.history },
         { "point-interval", CLI_OPT_STR, &o.interval },
         { "app-consistent-every", CLI_OPT_STR, &o.app },
+        { "kerberos-encrypt", CLI_OPT_STR, &o.kencrypt },
         { NULL, 0, NULL },
     };
     CLEANUP_FREE char *path = NULL;
@@ -238,7 +240,7 @@ cmd_repl_enable(struct cli *c, const struct cli_cmd *cmd, int argc,
     if (!o.server)
         return cli_usage_error(cmd, "missing --replica-server FQDN[:PORT]");
     if (!o.auth)
-        return cli_usage_error(cmd, "missing --auth certificate");
+        return cli_usage_error(cmd, "missing --auth certificate|kerberos");
     json_object *body = json_object_new_object();
     if ((rc = fill_body(cmd, &o, body))) {
         json_object_put(body);
@@ -263,6 +265,7 @@ cmd_repl_set(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
         { "recovery-history", CLI_OPT_STR, &o.history },
         { "point-interval", CLI_OPT_STR, &o.interval },
         { "app-consistent-every", CLI_OPT_STR, &o.app },
+        { "kerberos-encrypt", CLI_OPT_STR, &o.kencrypt },
         { NULL, 0, NULL },
     };
     CLEANUP_FREE char *path = NULL;

@@ -27,6 +27,12 @@ print_server(json_object *s)
            cli_has(s, "certificate") ? cli_str(s, "certificate") : "-");
     cli_kv("Key", "%s", cli_has(s, "key") ? cli_str(s, "key") : "-");
     cli_kv("CA", "%s", cli_has(s, "ca") ? cli_str(s, "ca") : "-");
+    cli_kv("CRL", "%s", cli_has(s, "crl") ? cli_str(s, "crl") : "-");
+    if (cli_has(s, "kerberos_port"))
+        cli_kv("Kerberos port", "%" PRId64, cli_int(s, "kerberos_port"));
+    cli_kv("Keytab", "%s", cli_has(s, "keytab") ? cli_str(s, "keytab") : "-");
+    cli_kv("Kerberos encryption", "%s",
+           cli_bool(s, "kerberos_encrypt") ? "required" : "optional");
     cli_kv("Allow any server", "%s", cli_bool(s, "allow_any") ? "yes" : "no");
     cli_kv("Default storage", "%s",
            cli_has(s, "default_storage") ? cli_str(s, "default_storage")
@@ -76,18 +82,25 @@ add_path(json_object *body, const char *key, const char *path)
 int
 cmd_server_set(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
 {
-    bool enable = false, disable = false, allow = false, no_allow = false;
+    bool enable = false, disable = false, allow = false, no_allow = false,
+         no_crl = false;
     const char *auth = NULL, *port = NULL, *cert = NULL, *key = NULL,
                *ca = NULL, *hostname = NULL, *storage = NULL,
-               *interval = NULL;
+               *interval = NULL, *kport = NULL, *keytab = NULL,
+               *kencrypt = NULL, *crl = NULL;
     const struct cli_opt opts[] = {
         { "enable", CLI_OPT_FLAG, &enable },
         { "disable", CLI_OPT_FLAG, &disable },
         { "auth", CLI_OPT_STR, &auth },
         { "certificate-port", CLI_OPT_STR, &port },
+        { "kerberos-port", CLI_OPT_STR, &kport },
+        { "keytab", CLI_OPT_STR, &keytab },
+        { "kerberos-encrypt", CLI_OPT_STR, &kencrypt },
         { "certificate", CLI_OPT_STR, &cert },
         { "key", CLI_OPT_STR, &key },
         { "ca", CLI_OPT_STR, &ca },
+        { "crl", CLI_OPT_STR, &crl },
+        { "no-crl", CLI_OPT_FLAG, &no_crl },
         { "hostname", CLI_OPT_STR, &hostname },
         { "allow-any", CLI_OPT_FLAG, &allow },
         { "no-allow-any", CLI_OPT_FLAG, &no_allow },
@@ -102,25 +115,26 @@ cmd_server_set(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
         return rc;
     if (enable && disable)
         return cli_usage_error(cmd, "--enable and --disable conflict");
+    if (crl && no_crl)
+        return cli_usage_error(cmd, "--crl and --no-crl conflict");
     if (allow && no_allow)
         return cli_usage_error(cmd, "--allow-any and --no-allow-any "
                                "conflict");
-    if (auth && strcmp(auth, "certificate") != 0) {
-        if (strcmp(auth, "kerberos") == 0 || strcmp(auth, "both") == 0)
-            return cli_error("authentication type '%s' is not supported "
-                             "yet; use --auth certificate", auth);
+    if (auth && strcmp(auth, "certificate") != 0 &&
+        strcmp(auth, "kerberos") != 0 && strcmp(auth, "both") != 0)
         return cli_usage_error(cmd, "invalid --auth '%s': expected "
-                               "certificate", auth);
-    }
-    long port_n = 0;
-    if (port) {
-        char *end;
-        errno = 0;
-        port_n = strtol(port, &end, 10);
-        if (errno || *end || end == port || port_n < 1 || port_n > 65535)
-            return cli_usage_error(cmd, "invalid --certificate-port '%s': "
-                                   "expected 1-65535", port);
-    }
+                               "certificate, kerberos or both", auth);
+    long port_n = 0, kport_n = 0;
+    if (port && cli_parse_port(port, &port_n) < 0)
+        return cli_usage_error(cmd, "invalid --certificate-port '%s': "
+                               "expected 1-65535", port);
+    if (kport && cli_parse_port(kport, &kport_n) < 0)
+        return cli_usage_error(cmd, "invalid --kerberos-port '%s': "
+                               "expected 1-65535", kport);
+    if (kencrypt && strcmp(kencrypt, "on") != 0 &&
+        strcmp(kencrypt, "off") != 0)
+        return cli_usage_error(cmd, "invalid --kerberos-encrypt '%s': "
+                               "expected on or off", kencrypt);
     uint64_t interval_s = 0;
     if (interval && (vr_parse_duration(interval, &interval_s) < 0 ||
                      interval_s == 0))
@@ -137,9 +151,20 @@ cmd_server_set(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
     if (port)
         json_object_object_add(body, "certificate_port",
                                json_object_new_int((int)port_n));
+    if (kport)
+        json_object_object_add(body, "kerberos_port",
+                               json_object_new_int((int)kport_n));
+    add_path(body, "keytab", keytab);
+    if (kencrypt)
+        json_object_object_add(
+            body, "kerberos_encrypt",
+            json_object_new_boolean(strcmp(kencrypt, "on") == 0));
     add_path(body, "certificate", cert);
     add_path(body, "key", key);
     add_path(body, "ca", ca);
+    add_path(body, "crl", crl);
+    if (no_crl)
+        json_object_object_add(body, "crl", json_object_new_string(""));
     if (hostname)
         json_object_object_add(body, "hostname",
                                json_object_new_string(hostname));

@@ -26,6 +26,7 @@ http_status_for(int rc)
     case EPROTO:
     case EBADMSG:
     case ENAMETOOLONG:
+    case ELOOP:
         return 400;
     case EPERM:
     case EACCES:
@@ -51,7 +52,8 @@ http_status_for(int rc)
 }
 
 MHD_RESULT
-http_send_json(struct MHD_Connection *c, unsigned status, json_object *obj)
+http_send_json_ex(struct MHD_Connection *c, unsigned status, json_object *obj,
+                  http_decorate_fn decorate, void *ud)
 {
     const char *s = json_object_to_json_string_ext(
         obj, JSON_C_TO_STRING_PLAIN | JSON_C_TO_STRING_NOSLASHESCAPE);
@@ -63,13 +65,21 @@ http_send_json(struct MHD_Connection *c, unsigned status, json_object *obj)
     struct MHD_Response *r =
         MHD_create_response_from_buffer(n + 1, buf, MHD_RESPMEM_MUST_FREE);
     MHD_add_response_header(r, "Content-Type", "application/json");
+    if (decorate)
+        decorate(r, status, buf, n + 1, ud);
     MHD_RESULT ret = MHD_queue_response(c, status, r);
     MHD_destroy_response(r);
     return ret;
 }
 
 MHD_RESULT
-http_send_error(struct MHD_Connection *c, int rc, const char *msg)
+http_send_json(struct MHD_Connection *c, unsigned status, json_object *obj)
+{
+    return http_send_json_ex(c, status, obj, NULL, NULL);
+}
+
+json_object *
+http_error_obj(int rc, const char *msg)
 {
     json_object *o = json_object_new_object();
     json_object_object_add(o, "error",
@@ -77,7 +87,13 @@ http_send_error(struct MHD_Connection *c, int rc, const char *msg)
     json_object_object_add(
         o, "message",
         json_object_new_string(msg && *msg ? msg : strerror(-rc)));
-    return http_send_json(c, http_status_for(rc), o);
+    return o;
+}
+
+MHD_RESULT
+http_send_error(struct MHD_Connection *c, int rc, const char *msg)
+{
+    return http_send_json(c, http_status_for(rc), http_error_obj(rc, msg));
 }
 
 /* --- routing ------------------------------------------------------------ */

@@ -8,9 +8,10 @@
 
 #include "daemon.h"
 
-#define SCHEMA_VERSION 3 /* 2: recovery history (points, two columns)
+#define SCHEMA_VERSION 4 /* 2: recovery history (points, two columns)
                             3: failover_point, failover_step,
-                               prepared_cycle, app_every */
+                               prepared_cycle, app_every
+                            4: auth, krb_encrypt (Kerberos mode) */
 
 static const char schema[] =
     "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);"
@@ -30,7 +31,8 @@ static const char schema[] =
     "  max_size INT, sum_size INT, max_latency_ms INT, sum_latency_ms INT, "
     "  last_error TEXT, recovery_history INT, point_interval INT, "
     "  test_point INT, failover_point INT, failover_step INT, "
-    "  prepared_cycle INT, app_every INT, trust_group TEXT);"
+    "  prepared_cycle INT, app_every INT, trust_group TEXT, auth TEXT, "
+    "  krb_encrypt INT);"
     "CREATE TABLE IF NOT EXISTS points(vm_uuid TEXT, cycle INT, time_ms INT, "
     "  kind TEXT, undo_bytes INT, PRIMARY KEY(vm_uuid, cycle));"
     "CREATE TABLE IF NOT EXISTS auth_entries(pattern TEXT PRIMARY KEY, "
@@ -84,9 +86,12 @@ migrate(void)
                       "ALTER TABLE vms ADD COLUMN cmdline TEXT; ALTER TABLE "
                       "vms ADD COLUMN nics TEXT; ALTER TABLE vms ADD COLUMN "
                       "test_network TEXT;");
+    if (rc == 0 && have >= 1 && have <= 3)
+        rc = exec_sql("ALTER TABLE replications ADD COLUMN auth TEXT; "
+                      "ALTER TABLE replications ADD COLUMN krb_encrypt INT;");
     if (rc == 0)
         rc = exec_sql("INSERT OR REPLACE INTO meta VALUES('schema_version', "
-                      "'3')");
+                      "'4')");
     return rc;
 }
 
@@ -164,8 +169,9 @@ int
 catalog_save_server(void)
 {
     const struct server_cfg *c = &D->cfg;
-    char port[16], mon[16];
+    char port[16], kport[16], mon[16];
     snprintf(port, sizeof port, "%u", c->cert_port);
+    snprintf(kport, sizeof kport, "%u", c->krb_port);
     snprintf(mon, sizeof mon, "%u", c->monitoring_interval_s);
     int rc = catalog_begin();
     if (rc < 0)
@@ -175,9 +181,13 @@ catalog_save_server(void)
             0 ||
         (rc = config_put("auth", c->auth)) < 0 ||
         (rc = config_put("cert_port", port)) < 0 ||
+        (rc = config_put("krb_port", kport)) < 0 ||
+        (rc = config_put("keytab", c->keytab)) < 0 ||
+        (rc = config_put("krb_encrypt", c->krb_encrypt ? "1" : "0")) < 0 ||
         (rc = config_put("cert", c->cert)) < 0 ||
         (rc = config_put("key", c->key)) < 0 ||
         (rc = config_put("ca", c->ca)) < 0 ||
+        (rc = config_put("crl", c->crl)) < 0 ||
         (rc = config_put("allow_any", c->allow_any ? "1" : "0")) < 0 ||
         (rc = config_put("default_storage", c->default_storage)) < 0 ||
         (rc = config_put("monitoring_interval", mon)) < 0) {
@@ -211,6 +221,8 @@ load_server(void)
         S("cert", cert)
         S("key", key)
         S("ca", ca)
+        S("crl", crl)
+        S("keytab", keytab)
         S("default_storage", default_storage)
 #undef S
         if (strcmp(k, "replica_enabled") == 0)
@@ -219,6 +231,10 @@ load_server(void)
             c->allow_any = atoi(v) != 0;
         else if (strcmp(k, "cert_port") == 0)
             c->cert_port = (unsigned)atoi(v);
+        else if (strcmp(k, "krb_port") == 0)
+            c->krb_port = (unsigned)atoi(v);
+        else if (strcmp(k, "krb_encrypt") == 0)
+            c->krb_encrypt = atoi(v) != 0;
         else if (strcmp(k, "monitoring_interval") == 0)
             c->monitoring_interval_s = (unsigned)atoi(v);
         free(v);
@@ -317,7 +333,7 @@ catalog_save_repl(const struct repl *r)
 {
     sqlite3_stmt *st = prep(
         "INSERT OR REPLACE INTO replications VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,"
-        "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
+        "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
     if (!st)
         return -EIO;
     int i = 1;
@@ -359,6 +375,8 @@ catalog_save_repl(const struct repl *r)
     sqlite3_bind_int64(st, i++, (sqlite3_int64)r->prepared_cycle);
     sqlite3_bind_int64(st, i++, r->app_every);
     sqlite3_bind_text(st, i++, r->trust_group, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, i++, r->auth, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, i++, r->krb_encrypt);
     return step_done(st);
 }
 
@@ -436,6 +454,8 @@ load_repl(sqlite3_stmt *st)
     r->prepared_cycle = (uint64_t)sqlite3_column_int64(st, i++);
     r->app_every = (unsigned)sqlite3_column_int64(st, i++);
     r->trust_group = col_str(st, i++);
+    r->auth = col_str(st, i++);
+    r->krb_encrypt = sqlite3_column_int(st, i++) != 0;
     if (r->point_interval_s == 0)
         r->point_interval_s = 3600;
     return r;

@@ -86,6 +86,12 @@ struct repl {
     char *connect_address; /* primary: optional IP to dial */
     char *primary_server;  /* replica: the primary's certificate name */
     char *storage;         /* replica: the VM's storage directory */
+    /* "certificate" or "kerberos": how the primary authenticates to the
+     * Replica server (on the Replica server: how the primary registered,
+     * which a reverse replication keeps).  krb_encrypt: Kerberos bodies
+     * travel as GSS wrap tokens. */
+    char *auth;
+    bool krb_encrypt;
     unsigned frequency_s;
     bool compression;
     uint64_t epoch;
@@ -156,9 +162,13 @@ struct repl {
 struct server_cfg {
     char *hostname;
     bool replica_enabled;
-    char *auth; /* "certificate" */
+    char *auth; /* "certificate", "kerberos" or "both" */
     unsigned cert_port;
+    unsigned krb_port;
+    char *keytab;     /* host/FQDN (primary) and HTTP/FQDN (replica) keys */
+    bool krb_encrypt; /* replica: refuse Kerberos bodies sent in clear */
     char *cert, *key, *ca;
+    char *crl; /* certificate revocation list of the ca (PEM), or NULL */
     bool allow_any;
     char *default_storage;
     unsigned monitoring_interval_s;
@@ -173,7 +183,8 @@ struct daemon {
     struct vm *vms;
     bool shutting_down;
     struct MHD_Daemon *api;
-    struct MHD_Daemon *listener;
+    struct MHD_Daemon *listener;     /* certificate port (HTTPS) */
+    struct MHD_Daemon *krb_listener; /* Kerberos port (HTTP) */
     pthread_t applier;
 };
 
@@ -290,6 +301,14 @@ json_object *repl_measure_json(const struct vm *vm);
 bool repl_server_name_valid(const char *s);
 /* The body of a registration (PUT /r1/vms/UUID) of vm under r. */
 json_object *repl_register_body(const struct vm *vm, const struct repl *r);
+/* The authentication a replication uses ("certificate" unless set). */
+const char *repl_auth(const struct repl *r);
+bool repl_kerberos(const struct repl *r);
+/* SERVER with the default port of r's authentication unless it has one. */
+char *repl_server_with_port(const char *server, const struct repl *r);
+/* Does this host have the identity r's authentication needs (caller holds
+ * d->lock)?  0 or -EINVAL with what to run. */
+int repl_check_identity(const struct repl *r) VR_WUR;
 const char *repl_health(const struct repl *r, json_object *details);
 /* The state shown (SPEC §9): r->state, or TestFailoverInProgress. */
 const char *repl_state(const struct repl *r);

@@ -19,6 +19,15 @@ unsigned http_status_for(int rc);
 /* Queue obj (consumed) as a JSON response with status. */
 MHD_RESULT http_send_json(struct MHD_Connection *c, unsigned status,
                           json_object *obj);
+/* The same, with decorate(response, status, body, len, ud) called before
+ * it is queued (to add headers that depend on the body). */
+typedef void (*http_decorate_fn)(struct MHD_Response *r, unsigned status,
+                                 const char *body, size_t len, void *ud);
+MHD_RESULT http_send_json_ex(struct MHD_Connection *c, unsigned status,
+                             json_object *obj, http_decorate_fn decorate,
+                             void *ud);
+/* {"error": NAME, "message": msg} for the negative errno rc. */
+json_object *http_error_obj(int rc, const char *msg);
 /* Queue {"error": NAME, "message": msg} for the negative errno rc. */
 MHD_RESULT http_send_error(struct MHD_Connection *c, int rc, const char *msg);
 

@@ -370,13 +370,12 @@ api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,
     else if (vm->changing || r->failover_busy)
         rc = vr_err(-EBUSY, "vm %s: a change is in progress; try again",
                     vm->name);
-    else if (!D->cfg.cert || !D->cfg.key || !D->cfg.ca)
-        rc = vr_err(-EINVAL, "this host has no certificate: run 'vmreplica "
-                    "server set --certificate F --key F --ca F' first");
     else if (!server && !r->replica_server)
         rc = vr_err(-EINVAL, "vm %s: where the old primary %s listens is "
                     "not known here: give --replica-server FQDN[:PORT]",
                     vm->name, r->primary_server);
+    if (rc == 0)
+        rc = repl_check_identity(r);
     if (rc < 0) {
         pthread_mutex_unlock(&D->lock);
         return rc;
@@ -384,9 +383,11 @@ api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,
     struct repl *nr = xcalloc(1, sizeof *nr);
     snprintf(nr->vm_uuid, sizeof nr->vm_uuid, "%s", vm->uuid);
     nr->mode = VM_MODE_PRIMARY;
-    nr->replica_server = server ? (strchr(server, ':')
-                                       ? xstrdup(server)
-                                       : xasprintf("%s:443", server))
+    /* Back the way the primary came: its authentication (recorded when it
+     * registered) and, with Kerberos, its choice of encryption. */
+    nr->auth = r->auth ? xstrdup(r->auth) : NULL;
+    nr->krb_encrypt = r->krb_encrypt;
+    nr->replica_server = server ? repl_server_with_port(server, nr)
                                 : xstrdup(r->replica_server);
     nr->connect_address = addr ? (*addr ? xstrdup(addr) : NULL)
                                : r->connect_address

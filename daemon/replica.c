@@ -1,5 +1,6 @@
 /* replica.c: the Replica server — the HTTPS listener with mutual X.509
- * authentication, the replication protocol's server side (docs/api.md,
+ * authentication and the HTTP listener with Kerberos (krb.h), the
+ * replication protocol's server side (docs/api.md,
  * "Replication protocol"), durable staging of cycles, and the applier that
  * applies staged cycles strictly in order.
  *
@@ -16,9 +17,11 @@
 #include <gnutls/crypto.h>
 #include <gnutls/gnutls.h>
 #include <gnutls/x509.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -26,6 +29,7 @@
 #include "cycle.h"
 #include "daemon.h"
 #include "http.h"
+#include "krb.h"
 
 #define R1_MAX_JSON      (64u << 10)
 #define R1_MAX_CYCLE_RAW (16ull << 30)
@@ -91,8 +95,21 @@ tls_cert_dns_name(const char *cert_path)
 /* Verify the peer of an HTTPS connection: a certificate chaining to our CA,
  * valid now, with the clientAuth purpose.  0 and *identity (caller frees),
  * or -EACCES with the reason in vr_errmsg(). */
+/* What a listener's requests need (the access handler's cls): the
+ * Kerberos acceptor credential, or the certificate listener's revocation
+ * list (with its CAs, to check it), if one is set. */
+struct listener_ctx {
+    bool kerberos;
+    gss_cred_id_t cred;
+    gnutls_x509_trust_list_t crl;
+};
+
+static int check_revoked(gnutls_x509_trust_list_t tl, const gnutls_datum_t *certs,
+                         unsigned n);
+
 static int
-verify_peer(struct MHD_Connection *c, char **identity)
+verify_peer(struct MHD_Connection *c, const struct listener_ctx *lc,
+            char **identity)
 {
     const union MHD_ConnectionInfo *ci =
         MHD_get_connection_info(c, MHD_CONNECTION_INFO_GNUTLS_SESSION);
@@ -121,6 +138,8 @@ verify_peer(struct MHD_Connection *c, char **identity)
     const gnutls_datum_t *certs = gnutls_certificate_get_peers(s, &n);
     if (!certs || n == 0)
         return vr_err(-EACCES, "no client certificate");
+    if (lc->crl && check_revoked(lc->crl, certs, n) < 0)
+        return -EACCES;
     gnutls_x509_crt_t crt;
     gnutls_x509_crt_init(&crt);
     char *name = NULL;
@@ -134,15 +153,10 @@ verify_peer(struct MHD_Connection *c, char **identity)
     return 0;
 }
 
+/* "ip:port" of a peer's address. */
 static void
-peer_addr(struct MHD_Connection *c, char *out, size_t n)
+sockaddr_str(const struct sockaddr *sa, char *out, size_t n)
 {
-    const union MHD_ConnectionInfo *ci =
-        MHD_get_connection_info(c, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
-    snprintf(out, n, "?");
-    if (!ci || !ci->client_addr)
-        return;
-    const struct sockaddr *sa = ci->client_addr;
     char host[64] = "?";
     unsigned port = 0;
     if (sa->sa_family == AF_INET) {
@@ -157,6 +171,56 @@ peer_addr(struct MHD_Connection *c, char *out, size_t n)
     snprintf(out, n, "%s:%u", host, port);
 }
 
+/* The peer's chain against our CAs and their revocation list. */
+static int
+check_revoked(gnutls_x509_trust_list_t tl, const gnutls_datum_t *certs,
+              unsigned n)
+{
+    if (n > 16)
+        return vr_err(-EACCES, "client certificate chain of %u certificates",
+                      n);
+    gnutls_x509_crt_t crts[16];
+    unsigned have = 0;
+    int rc = 0;
+    for (; have < n; have++) {
+        gnutls_x509_crt_init(&crts[have]);
+        if (gnutls_x509_crt_import(crts[have], &certs[have],
+                                   GNUTLS_X509_FMT_DER) < 0) {
+            have++;
+            rc = vr_err(-EACCES, "client certificate: cannot parse it");
+            break;
+        }
+    }
+    unsigned status = 0;
+    if (rc == 0) {
+        gnutls_typed_vdata_st vd = { .type = GNUTLS_DT_KEY_PURPOSE_OID,
+                                     .data = (void *)GNUTLS_KP_TLS_WWW_CLIENT };
+        int r = gnutls_x509_trust_list_verify_crt2(tl, crts, n, &vd, 1, 0,
+                                                   &status, NULL);
+        if (r < 0)
+            rc = vr_err(-EACCES, "client certificate: %s", gnutls_strerror(r));
+        else if (status & GNUTLS_CERT_REVOKED)
+            rc = vr_err(-EACCES, "client certificate refused: it is revoked "
+                                 "(certificate revocation list)");
+        else if (status != 0)
+            rc = vr_err(-EACCES, "client certificate refused by the "
+                                 "revocation check (status 0x%x)", status);
+    }
+    for (unsigned i = 0; i < have; i++)
+        gnutls_x509_crt_deinit(crts[i]);
+    return rc;
+}
+
+static void
+peer_addr(struct MHD_Connection *c, char *out, size_t n)
+{
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(c, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    snprintf(out, n, "?");
+    if (ci && ci->client_addr)
+        sockaddr_str(ci->client_addr, out, n);
+}
+
 /* --- per-request state -------------------------------------------------- */
 
 enum r1_kind { R1_STATUS, R1_REGISTER, R1_BASE, R1_INITIAL_DONE, R1_CYCLE,
@@ -169,7 +233,8 @@ struct rreq {
     char msg[512];
     enum r1_kind kind;
     char uuid[37];
-    char peer[256];     /* certificate identity */
+    char peer[256];     /* the primary's name (certificate or principal) */
+    char principal[300]; /* Kerberos: the client principal, for audit */
     char addr[80];      /* ip:port */
     uint64_t n;         /* cycle or base chunk number */
     uint64_t epoch;
@@ -186,6 +251,14 @@ struct rreq {
     bool holds_busy;
     uint64_t disk_sizes[MAX_DISKS]; /* for the decoder's bounds checks */
     unsigned ndisks;
+    struct MHD_Connection *conn;
+    /* Kerberos mode: the request's context, SHA-256 of its plaintext body
+     * (for the MIC check at the end) and, when wrapped, its frames. */
+    bool krb;
+    gss_ctx_id_t gss;
+    gnutls_hash_hd_t hash;
+    bool wrapped, unframe_failed;
+    struct krb_unframer unf;
 };
 
 static void
@@ -198,14 +271,17 @@ rreq_fail(struct rreq *q, int rc, const char *msg)
     snprintf(q->msg, sizeof q->msg, "%s", msg);
 }
 
+static void guard_request(struct MHD_Connection *c, bool begin);
+
 static void
-rreq_done(void *cls VR_UNUSED, struct MHD_Connection *c VR_UNUSED,
+rreq_done(void *cls VR_UNUSED, struct MHD_Connection *c,
           void **con_cls, enum MHD_RequestTerminationCode toe VR_UNUSED)
 {
     struct rreq *q = *con_cls;
     *con_cls = NULL;
     if (!q)
         return;
+    guard_request(c, false);
     cyc_decoder_free(q->dec);
     if (q->fd >= 0)
         close(q->fd);
@@ -224,6 +300,10 @@ rreq_done(void *cls VR_UNUSED, struct MHD_Connection *c VR_UNUSED,
     free(q->root);
     free(q->group);
     free(q->body);
+    krb_ctx_free(&q->gss);
+    if (q->hash)
+        gnutls_hash_deinit(q->hash, NULL);
+    krb_unframer_free(&q->unf);
     free(q);
 }
 
@@ -394,9 +474,13 @@ static void
 clear_staging(const struct repl *r)
 {
     CLEANUP_FREE char *stg = staging_dir(r);
-    DIR *dir = opendir(stg);
-    if (!dir)
+    int fd = open(stg, O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    DIR *dir = fd >= 0 ? fdopendir(fd) : NULL;
+    if (!dir) {
+        if (fd >= 0)
+            close(fd);
         return;
+    }
     struct dirent *de;
     while ((de = readdir(dir)))
         if (de->d_name[0] != '.')
@@ -487,6 +571,9 @@ do_reverse(struct rreq *q, int64_t reverse_of, size_t nd,
             r->storage = xstrdup(vm->dir);
             free(r->trust_group);
             r->trust_group = xstrdup(q->group ? q->group : "");
+            free(r->auth);
+            r->auth = q->krb ? xstrdup("kerberos") : NULL;
+            r->krb_encrypt = q->wrapped;
             r->epoch = q->epoch;
             r->initial_done = false;
             r->base_cycle = r->applied_cycle = r->last_cycle = 0;
@@ -534,8 +621,10 @@ do_register(struct rreq *q, json_object **out)
     int rc = 0;
     const char *name = NULL;
     json_object *v, *disks = NULL;
-    if (json_object_object_get_ex(b, "name", &v))
-        name = json_object_get_string(v);
+    if (json_object_object_get_ex(b, "name", &v) &&
+        json_object_is_type(v, json_type_string) &&
+        (size_t)json_object_get_string_len(v) == strlen(json_object_get_string(v)))
+        name = json_object_get_string(v); /* (no NUL inside) */
     if (!name || !vr_name_valid(name))
         rc = vr_err(-EINVAL, "register: invalid vm name");
     if (rc == 0 && (!json_object_object_get_ex(b, "disks", &disks) ||
@@ -548,6 +637,15 @@ do_register(struct rreq *q, json_object **out)
     for (size_t i = 0; rc == 0 && i < nd; i++) {
         json_object *d = json_object_array_get_idx(disks, i), *s;
         int64_t sz = -1;
+        /* Disks are named diskN here; an id, if sent, must be a name. */
+        if (json_object_object_get_ex(d, "id", &s) &&
+            (!json_object_is_type(s, json_type_string) ||
+             (size_t)json_object_get_string_len(s) !=
+                 strlen(json_object_get_string(s)) ||
+             !vr_name_valid(json_object_get_string(s)))) {
+            rc = vr_err(-EINVAL, "register: disk %zu: invalid id", i);
+            break;
+        }
         if (json_object_object_get_ex(d, "size", &s))
             sz = json_object_get_int64(s);
         if (sz <= 0 || sz > (int64_t)1 << 50)
@@ -624,8 +722,10 @@ do_register(struct rreq *q, json_object **out)
             snprintf(vm->disks[i].id, sizeof vm->disks[i].id, "disk%u", i);
             vm->disks[i].path = xasprintf("%s/disk%u.raw", vm->dir, i);
         }
-        CLEANUP_FREE char *stg = xasprintf("%s/staging", vm->dir);
-        rc = io_mkdir_p(stg, 0750);
+        /* Nothing may lead out of the storage location: no symbolic link
+         * on the way (a peer names no path, but one may be left there). */
+        CLEANUP_FREE char *rel = xasprintf("%s/staging", q->uuid);
+        rc = io_mkdir_beneath(q->root, rel, 0750);
         for (unsigned i = 0; rc == 0 && i < vm->ndisks; i++) {
             int fd = open(vm->disks[i].path,
                           O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0640);
@@ -732,6 +832,9 @@ do_register(struct rreq *q, json_object **out)
             r->trust_group = xstrdup(q->group);
             vm->repl = r;
         }
+        free(r->auth);
+        r->auth = q->krb ? xstrdup("kerberos") : NULL;
+        r->krb_encrypt = q->wrapped;
         /* Possibly another primary of the VM's trust group. */
         free(r->primary_server);
         r->primary_server = xstrdup(q->peer);
@@ -1046,6 +1149,51 @@ release_busy(struct rreq *q)
     pthread_mutex_unlock(&D->lock);
 }
 
+/* Kerberos mode: sign every answer of an authenticated request (the
+ * primary trusts a 200 only with a valid MIC from HTTP/us); ask for
+ * Negotiate when authentication failed. */
+static void
+sign_response(struct MHD_Response *r, unsigned status, const char *body,
+              size_t len, void *ud)
+{
+    struct rreq *q = ud;
+    if (!q->krb)
+        return;
+    if (q->gss == GSS_C_NO_CONTEXT) {
+        if (status == 401)
+            MHD_add_response_header(r, "WWW-Authenticate", "Negotiate");
+        return;
+    }
+    uint8_t sha[32], digest[KRB_DIGEST_LEN];
+    gnutls_hash_fast(GNUTLS_DIG_SHA256, body, len, sha);
+    krb_response_digest(status, sha, digest);
+    char *mic = NULL;
+    if (krb_sign(q->gss, digest, &mic) == 0) {
+        MHD_add_response_header(r, KRB_MIC_HEADER, mic);
+        free(mic);
+    } else {
+        log_warn("replica", "%s", vr_errmsg());
+    }
+}
+
+static MHD_RESULT
+reply(struct MHD_Connection *c, struct rreq *q, unsigned status,
+      json_object *obj)
+{
+    return http_send_json_ex(c, status, obj, sign_response, q);
+}
+
+static MHD_RESULT
+reply_error(struct MHD_Connection *c, struct rreq *q, int rc,
+            const char *msg)
+{
+    unsigned status = http_status_for(rc);
+    if (q->krb && q->gss == GSS_C_NO_CONTEXT &&
+        (rc == -EACCES || rc == -ETIME))
+        status = 401;
+    return reply(c, q, status, http_error_obj(rc, msg));
+}
+
 static MHD_RESULT
 refuse(struct MHD_Connection *c, struct rreq *q, int rc, const char *msg)
 {
@@ -1053,13 +1201,90 @@ refuse(struct MHD_Connection *c, struct rreq *q, int rc, const char *msg)
     struct vm *vm = q->uuid[0] ? vm_find_uuid(q->uuid) : NULL;
     event_add("audit", vm ? vm->name : NULL, "refused %s from %s (%s): %s",
               q->kind == R1_CYCLE ? "cycle" : "request",
-              q->peer[0] ? q->peer : "unauthenticated peer", q->addr, msg);
+              q->principal[0] ? q->principal
+              : q->peer[0]    ? q->peer
+                              : "unauthenticated peer",
+              q->addr, msg);
     pthread_mutex_unlock(&D->lock);
-    return http_send_error(c, rc, msg);
+    return reply_error(c, q, rc, msg);
 }
 
+/* Kerberos mode: accept the request's AP-REQ; q->peer is the host name of
+ * its host/FQDN principal. */
+static int
+krb_authenticate(struct MHD_Connection *c, const struct listener_ctx *kl,
+                 struct rreq *q)
+{
+    const char *a =
+        MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Authorization");
+    if (!a || strncasecmp(a, "Negotiate ", 10) != 0)
+        return vr_err(-EACCES, "no Kerberos ticket (no 'Authorization: "
+                               "Negotiate' header)");
+    char *principal = NULL, *fqdn = NULL;
+    int rc = krb_accept(kl->cred, a + 10, &q->gss, &principal, &fqdn);
+    if (principal)
+        snprintf(q->principal, sizeof q->principal, "%s", principal);
+    if (fqdn)
+        snprintf(q->peer, sizeof q->peer, "%s", fqdn);
+    free(principal);
+    free(fqdn);
+    if (rc < 0)
+        return rc;
+    const char *w =
+        MHD_lookup_connection_value(c, MHD_HEADER_KIND, KRB_WRAP_HEADER);
+    if (w && strcmp(w, KRB_WRAP_VALUE) != 0)
+        return vr_err(-EPROTO, "unknown %s: %s", KRB_WRAP_HEADER, w);
+    q->wrapped = w != NULL;
+    pthread_mutex_lock(&D->lock);
+    bool need = D->cfg.krb_encrypt;
+    pthread_mutex_unlock(&D->lock);
+    if (need && !q->wrapped)
+        return vr_err(-EACCES, "this Replica server accepts Kerberos "
+                      "replication only encrypted (on the primary: "
+                      "'vmreplica replication set VM --kerberos-encrypt "
+                      "on')");
+    if (gnutls_hash_init(&q->hash, GNUTLS_DIG_SHA256) < 0)
+        return vr_err(-ENOMEM, "sha256");
+    return 0;
+}
+
+/* Kerberos mode, at the end of the body: the MIC over the request's
+ * digest must verify before anything the request carries is used. */
+static int
+krb_check_request(struct MHD_Connection *c, struct rreq *q, const char *url,
+                  const char *method)
+{
+    int rc;
+    if (q->wrapped && (rc = krb_unframe_end(&q->unf)) < 0)
+        return rc;
+    uint8_t sha[32], digest[KRB_DIGEST_LEN];
+    gnutls_hash_deinit(q->hash, sha);
+    q->hash = NULL;
+#define H(name) MHD_lookup_connection_value(c, MHD_HEADER_KIND, name)
+    struct krb_req_fields f = {
+        .method = method, .path = url, .epoch = H("X-Vmreplica-Epoch"),
+        .history = H("X-Vmreplica-History"),
+        .encoding = H("Content-Encoding"), .wrap = H(KRB_WRAP_HEADER),
+    };
+    krb_request_digest(&f, sha, digest);
+    if (!q->wrapped)
+        return krb_verify(q->gss, digest, H(KRB_MIC_HEADER));
+#undef H
+    /* Wrapped: the last frame carried the digest (wrap tokens are signed
+     * and were checked in sequence). */
+    uint8_t diff = 0;
+    for (size_t i = 0; i < KRB_DIGEST_LEN; i++)
+        diff |= (uint8_t)(digest[i] ^ q->unf.digest[i]);
+    if (diff)
+        return vr_err(-EACCES, "kerberos: message integrity check failed: "
+                               "the body differs from the one signed");
+    return 0;
+}
+
+static int body_chunk(void *ud, const char *data, size_t n);
+
 static MHD_RESULT
-r1_access(void *cls VR_UNUSED, struct MHD_Connection *c, const char *url,
+r1_access(void *cls, struct MHD_Connection *c, const char *url,
           const char *method, const char *version VR_UNUSED,
           const char *upload_data, size_t *upload_size, void **con_cls)
 {
@@ -1067,18 +1292,27 @@ r1_access(void *cls VR_UNUSED, struct MHD_Connection *c, const char *url,
     if (!q) {
         q = xcalloc(1, sizeof *q);
         q->fd = -1;
+        q->conn = c;
+        const struct listener_ctx *lc = cls;
+        q->krb = lc->kerberos;
         *con_cls = q;
+        guard_request(c, true);
         peer_addr(c, q->addr, sizeof q->addr);
         char *id = NULL;
         vr_err_clear();
-        if (verify_peer(c, &id) < 0) {
+        int arc = q->krb ? krb_authenticate(c, lc, q)
+                         : verify_peer(c, lc, &id);
+        if (arc < 0) {
             /* An unauthenticated peer learns nothing, not even whether the
              * URL exists, and none of its body is read. */
             char msg[512];
             snprintf(msg, sizeof msg, "%s", vr_errmsg());
-            return refuse(c, q, -EACCES, msg);
+            return refuse(c, q,
+                          arc == -EPROTO || arc == -ETIME ? arc : -EACCES,
+                          msg);
         }
-        snprintf(q->peer, sizeof q->peer, "%s", id);
+        if (id)
+            snprintf(q->peer, sizeof q->peer, "%s", id);
         free(id);
         if (parse_url(url, method, q) < 0) {
             rreq_fail(q, -EINVAL, vr_errmsg());
@@ -1086,9 +1320,11 @@ r1_access(void *cls VR_UNUSED, struct MHD_Connection *c, const char *url,
         }
         const char *ep =
             MHD_lookup_connection_value(c, MHD_HEADER_KIND, "X-Vmreplica-Epoch");
-        char *end;
-        q->epoch = ep ? strtoull(ep, &end, 10) : 0;
-        if (!ep || *end || q->epoch == 0) {
+        char *end = NULL;
+        errno = 0;
+        q->epoch = ep && ep[0] >= '1' && ep[0] <= '9' ? strtoull(ep, &end, 10)
+                                                      : 0;
+        if (!ep || !end || *end || errno || q->epoch == 0) {
             rreq_fail(q, -EPROTO, "missing or bad X-Vmreplica-Epoch");
             return MHD_YES;
         }
@@ -1110,7 +1346,7 @@ r1_access(void *cls VR_UNUSED, struct MHD_Connection *c, const char *url,
         }
         pthread_mutex_lock(&D->lock);
         bool enabled = D->cfg.replica_enabled;
-        int arc = enabled ? auth_authorize(q->peer, &q->root, &q->group) : 0;
+        arc = enabled ? auth_authorize(q->peer, &q->root, &q->group) : 0;
         pthread_mutex_unlock(&D->lock);
         if (!enabled)
             rreq_fail(q, -EPERM, "replication is not enabled on this server");
@@ -1122,35 +1358,34 @@ r1_access(void *cls VR_UNUSED, struct MHD_Connection *c, const char *url,
     if (*upload_size) {
         size_t n = *upload_size;
         *upload_size = 0;
-        if (q->failed)
-            return MHD_YES; /* drain; answer at the end */
-        vr_fault_point("receive-chunk");
-        if (q->kind == R1_BASE || q->kind == R1_CYCLE) {
-            int rc = 0;
-            if (!q->dec && (rc = upload_begin(q, c)) != 0) {
-                if (rc == 1) {
-                    q->kind = R1_STATUS; /* duplicate cycle: ignore body */
-                    return MHD_YES;
+        if (q->wrapped) {
+            if (!q->unframe_failed) {
+                int rc = krb_unframe(&q->unf, q->gss, upload_data, n,
+                                     body_chunk, q);
+                if (rc < 0) {
+                    q->unframe_failed = true;
+                    rreq_fail(q, rc, vr_errmsg());
                 }
-                rreq_fail(q, rc, vr_errmsg());
-                return MHD_YES;
             }
-            if ((rc = cyc_decoder_feed(q->dec, upload_data, n)) < 0)
-                rreq_fail(q, rc, vr_errmsg());
-        } else if (q->kind != R1_STATUS) {
-            if (q->len + n > R1_MAX_JSON) {
-                rreq_fail(q, -EFBIG, "request body too large");
-                return MHD_YES;
-            }
-            q->body = xrealloc(q->body, q->len + n + 1);
-            memcpy(q->body + q->len, upload_data, n);
-            q->len += n;
-            q->body[q->len] = '\0';
+        } else {
+            VR_IGNORE(body_chunk(q, upload_data, n));
         }
         return MHD_YES;
     }
 
     /* End of request. */
+    if (q->krb && !q->unframe_failed) {
+        /* Checked even when the request already failed: a body changed on
+         * the way is the cause to report, not what it made us refuse. */
+        vr_err_clear();
+        int rc = krb_check_request(c, q, url, method);
+        if (rc < 0) {
+            char msg[512];
+            snprintf(msg, sizeof msg, "%s", vr_errmsg());
+            release_busy(q);
+            return refuse(c, q, rc, msg);
+        }
+    }
     if (q->failed) {
         release_busy(q);
         return refuse(c, q, q->rc, q->msg);
@@ -1200,125 +1435,447 @@ r1_access(void *cls VR_UNUSED, struct MHD_Connection *c, const char *url,
         json_object_put(out);
         char msg[512];
         snprintf(msg, sizeof msg, "%s", vr_errmsg());
-        if (rc == -EPERM || rc == -EACCES || rc == -ESTALE)
+        /* What the peer sent or may not do is audited; a failure of ours
+         * (5xx: no space, I/O) is logged. */
+        if (http_status_for(rc) < 500)
             return refuse(c, q, rc, msg);
         log_warn("replica", "%s %s from %s: %s", method, url, q->peer, msg);
-        return http_send_error(c, rc, msg);
+        return reply_error(c, q, rc, msg);
     }
-    return http_send_json(c, 200, out ? out : json_object_new_object());
+    return reply(c, q, 200, out ? out : json_object_new_object());
 }
 
-/* --- listener ------------------------------------------------------------ */
+/* A piece of the request's (plaintext) body. */
+static int
+body_chunk(void *ud, const char *data, size_t n)
+{
+    struct rreq *q = ud;
+    if (q->hash)
+        gnutls_hash(q->hash, data, n);
+    if (q->failed)
+        return 0; /* drain; answer at the end */
+    vr_fault_point("receive-chunk");
+    if (q->kind == R1_BASE || q->kind == R1_CYCLE) {
+        int rc = 0;
+        if (!q->dec && (rc = upload_begin(q, q->conn)) != 0) {
+            if (rc == 1) {
+                q->kind = R1_STATUS; /* duplicate cycle: ignore body */
+                return 0;
+            }
+            rreq_fail(q, rc, vr_errmsg());
+            return 0;
+        }
+        if ((rc = cyc_decoder_feed(q->dec, data, n)) < 0)
+            rreq_fail(q, rc, vr_errmsg());
+    } else if (q->kind != R1_STATUS) {
+        if (q->len + n > R1_MAX_JSON) {
+            rreq_fail(q, -EFBIG, "request body too large");
+            return 0;
+        }
+        q->body = xrealloc(q->body, q->len + n + 1);
+        memcpy(q->body + q->len, data, n);
+        q->len += n;
+        q->body[q->len] = '\0';
+    }
+    return 0;
+}
 
-static char *listener_key, *listener_cert, *listener_ca;
-static unsigned listener_port;
+/* --- connection guard ---------------------------------------------------- */
 
-/* A listener being retired: MHD keeps pointers to its PEM strings until it
- * has stopped. */
-struct retired {
-    struct MHD_Daemon *mhd;
-    char *key, *cert, *ca;
+/* Every connection of the listeners is tracked so that a peer cannot hold
+ * the Replica server with connections that never finish a request
+ * (slowloris: MHD's timeout only ends idle connections, and one byte a
+ * second is not idle), nor exceed a cap on connections, and so that a
+ * connection refused before any request (a failed TLS handshake: an old
+ * protocol version, plaintext on the TLS port, …) is still audited with the
+ * peer's address. */
+struct conn_guard {
+    struct conn_guard *next;
+    int fd;
+    char addr[80];
+    uint64_t start_ms; /* of the request being received, or of the idle */
+    bool in_request;   /* the access handler has the request's headers */
+    unsigned requests; /* completed on this connection */
+    bool cut;          /* shut down by the watchdog */
+    unsigned hs_failures; /* handshake_failures when it was accepted */
 };
+
+static pthread_mutex_t guard_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct conn_guard *guards;
+static unsigned guard_count;
+static unsigned header_deadline_s = 30; /* a request's headers, whole */
+static unsigned max_connections = 64;
+static pthread_once_t guard_once = PTHREAD_ONCE_INIT;
+/* TLS handshakes that failed (MHD says so in its log, from the connection's
+ * thread; it tells us of the close from another, with no reason).  A
+ * connection that ends without a request while this count moved is taken
+ * as one of them: wrong only if two such peers overlap, and both are
+ * refused connections then. */
+static unsigned handshake_failures;
+
+static void
+guard_audit(const char *addr, const char *why)
+{
+    pthread_mutex_lock(&D->lock);
+    event_add("audit", NULL, "refused connection from %s: %s", addr, why);
+    pthread_mutex_unlock(&D->lock);
+}
+
+static void *
+guard_main(void *arg VR_UNUSED)
+{
+    for (;;) {
+        struct timespec ts = { 0, 250 * 1000 * 1000 };
+        nanosleep(&ts, NULL);
+        uint64_t now = vr_mono_ms();
+        pthread_mutex_lock(&guard_lock);
+        for (struct conn_guard *g = guards; g; g = g->next) {
+            /* Headers not complete in time.  (shutdown, not close: the fd
+             * stays MHD's; its next read sees the end.) */
+            if (!g->in_request && !g->cut &&
+                now - g->start_ms > (uint64_t)header_deadline_s * 1000) {
+                g->cut = true;
+                shutdown(g->fd, SHUT_RDWR);
+            }
+        }
+        pthread_mutex_unlock(&guard_lock);
+    }
+    return NULL;
+}
+
+static void
+guard_start(void)
+{
+    const char *v = getenv("VMREPLICA_TEST_IDLE_TIMEOUT");
+    if (v && atoi(v) > 0)
+        header_deadline_s = (unsigned)atoi(v);
+    v = getenv("VMREPLICA_TEST_MAX_CONNECTIONS");
+    if (v && atoi(v) > 0)
+        max_connections = (unsigned)atoi(v);
+    pthread_t t;
+    if (pthread_create(&t, NULL, guard_main, NULL) == 0)
+        pthread_detach(t);
+}
+
+static void
+mhd_logger(void *cls VR_UNUSED, const char *fmt, va_list ap)
+{
+    char msg[256];
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    size_t n = strlen(msg);
+    while (n && (msg[n - 1] == '\n' || msg[n - 1] == '.'))
+        msg[--n] = '\0';
+    if (strstr(msg, "handshake")) {
+        pthread_mutex_lock(&guard_lock);
+        handshake_failures++;
+        pthread_mutex_unlock(&guard_lock);
+    }
+    log_debug("replica", "libmicrohttpd: %s", msg);
+}
+
+static MHD_RESULT
+accept_policy(void *cls VR_UNUSED, const struct sockaddr *sa,
+              socklen_t len VR_UNUSED)
+{
+    pthread_mutex_lock(&guard_lock);
+    bool full = guard_count >= max_connections;
+    pthread_mutex_unlock(&guard_lock);
+    if (!full)
+        return MHD_YES;
+    char addr[96], why[64];
+    sockaddr_str(sa, addr, sizeof addr);
+    snprintf(why, sizeof why, "too many connections (%u)", max_connections);
+    guard_audit(addr, why);
+    return MHD_NO;
+}
+
+static void
+notify_connection(void *cls VR_UNUSED, struct MHD_Connection *c,
+                  void **socket_context,
+                  enum MHD_ConnectionNotificationCode code)
+{
+    if (code == MHD_CONNECTION_NOTIFY_STARTED) {
+        struct conn_guard *g = xcalloc(1, sizeof *g);
+        const union MHD_ConnectionInfo *ci =
+            MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
+        g->fd = ci ? ci->connect_fd : -1;
+        peer_addr(c, g->addr, sizeof g->addr);
+        g->start_ms = vr_mono_ms();
+        pthread_mutex_lock(&guard_lock);
+        g->hs_failures = handshake_failures;
+        g->next = guards;
+        guards = g;
+        guard_count++;
+        pthread_mutex_unlock(&guard_lock);
+        *socket_context = g;
+        return;
+    }
+    struct conn_guard *g = *socket_context;
+    if (!g)
+        return;
+    *socket_context = NULL;
+    pthread_mutex_lock(&guard_lock);
+    for (struct conn_guard **pp = &guards; *pp; pp = &(*pp)->next)
+        if (*pp == g) {
+            *pp = g->next;
+            guard_count--;
+            break;
+        }
+    bool hs_failed = handshake_failures != g->hs_failures;
+    pthread_mutex_unlock(&guard_lock);
+    if (g->requests == 0 && !g->in_request) {
+        char why[320];
+        if (g->cut)
+            snprintf(why, sizeof why, "no complete request within %u s",
+                     header_deadline_s);
+        else if (hs_failed)
+            snprintf(why, sizeof why, "TLS handshake failed: an old "
+                     "protocol version, not TLS at all, or cut short");
+        else
+            why[0] = '\0';
+        if (why[0])
+            guard_audit(g->addr, why);
+    }
+    free(g);
+}
+
+/* The access handler has a request's headers / the request is over. */
+static void
+guard_request(struct MHD_Connection *c, bool begin)
+{
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(c, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+    struct conn_guard *g = ci ? ci->socket_context : NULL;
+    if (!g)
+        return;
+    pthread_mutex_lock(&guard_lock);
+    g->in_request = begin;
+    if (!begin) {
+        g->requests++;
+        g->start_ms = vr_mono_ms(); /* the next request's headers */
+    }
+    pthread_mutex_unlock(&guard_lock);
+}
+
+/* --- listeners ----------------------------------------------------------- */
+
+/* The certificate listener (HTTPS) and the Kerberos listener (HTTP) run
+ * per D->cfg.auth.  MHD keeps pointers to the PEM strings it was given, and
+ * the Kerberos listener's connections use its credential, until it stops. */
+struct listener {
+    struct MHD_Daemon *mhd;
+    unsigned port;
+    struct listener_ctx *ctx;
+    char *key, *cert, *ca, *crl; /* certificate (crl: NULL if none) */
+    char *keytab, *self;         /* Kerberos */
+};
+
+static struct listener cert_l, krb_l;
+
+/* Free what l holds (not l itself). */
+static void
+listener_clear(struct listener *l)
+{
+    free(l->key);
+    free(l->cert);
+    free(l->ca);
+    free(l->crl);
+    if (l->ctx) {
+        krb_acceptor_close(&l->ctx->cred);
+        if (l->ctx->crl)
+            gnutls_x509_trust_list_deinit(l->ctx->crl, 1);
+        free(l->ctx);
+    }
+    free(l->keytab);
+    free(l->self);
+    memset(l, 0, sizeof *l);
+}
 
 static void *
 retire_main(void *arg)
 {
-    struct retired *r = arg;
-    MHD_stop_daemon(r->mhd);
-    free(r->key);
-    free(r->cert);
-    free(r->ca);
-    free(r);
+    struct listener *l = arg;
+    MHD_stop_daemon(l->mhd);
+    listener_clear(l);
+    free(l);
     return NULL;
 }
 
-/* Stop the listener.  Its connection threads may be waiting for d->lock,
+/* Stop a listener.  Its connection threads may be waiting for d->lock,
  * which our caller may hold, so unless wait is set the old daemon stops
  * listening at once (its port is free again) and finishes its requests in
  * a thread of its own. */
 static void
-listener_stop(bool wait)
+listener_stop(struct listener *cur, struct MHD_Daemon **pub, bool wait)
 {
-    if (!D->listener)
+    if (!cur->mhd)
         return;
-    struct retired *r = xcalloc(1, sizeof *r);
-    r->mhd = TAKE_PTR(D->listener);
-    r->key = TAKE_PTR(listener_key);
-    r->cert = TAKE_PTR(listener_cert);
-    r->ca = TAKE_PTR(listener_ca);
-    listener_port = 0;
-    MHD_socket fd = MHD_quiesce_daemon(r->mhd);
+    struct listener *l = xmalloc(sizeof *l);
+    *l = *cur;
+    memset(cur, 0, sizeof *cur);
+    *pub = NULL;
+    MHD_socket fd = MHD_quiesce_daemon(l->mhd);
     if (fd != MHD_INVALID_SOCKET)
         close(fd);
     pthread_t t;
-    if (!wait && pthread_create(&t, NULL, retire_main, r) == 0)
+    if (!wait && pthread_create(&t, NULL, retire_main, l) == 0)
         pthread_detach(t);
     else
-        retire_main(r);
+        retire_main(l);
 }
 
 void
 replica_listener_stop(void)
 {
-    listener_stop(true);
+    listener_stop(&cert_l, &D->listener, true);
+    listener_stop(&krb_l, &D->krb_listener, true);
+}
+
+static struct MHD_Daemon *
+start_mhd(bool tls, unsigned port, void *cls, const struct listener *l)
+{
+    pthread_once(&guard_once, guard_start);
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD |
+                     MHD_USE_THREAD_PER_CONNECTION | MHD_USE_POLL |
+                     MHD_USE_ITC | MHD_USE_ERROR_LOG;
+    /* MHD's own limits sit above ours (accept_policy), as a backstop. */
+    unsigned limit = max_connections + 8;
+    if (!tls)
+        return MHD_start_daemon(
+            flags, (uint16_t)port, accept_policy, NULL, r1_access, cls,
+            MHD_OPTION_EXTERNAL_LOGGER, mhd_logger, NULL,
+            MHD_OPTION_NOTIFY_COMPLETED, rreq_done, NULL,
+            MHD_OPTION_NOTIFY_CONNECTION, notify_connection, NULL,
+            MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)120,
+            MHD_OPTION_CONNECTION_LIMIT, limit,
+            MHD_OPTION_PER_IP_CONNECTION_LIMIT, limit, MHD_OPTION_END);
+    return MHD_start_daemon(
+        flags | MHD_USE_TLS, (uint16_t)port, accept_policy, NULL, r1_access,
+        cls, MHD_OPTION_EXTERNAL_LOGGER, mhd_logger, NULL,
+        MHD_OPTION_HTTPS_MEM_KEY, l->key, MHD_OPTION_HTTPS_MEM_CERT,
+        l->cert, MHD_OPTION_HTTPS_MEM_TRUST, l->ca,
+        MHD_OPTION_HTTPS_PRIORITIES,
+        "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2",
+        MHD_OPTION_NOTIFY_COMPLETED, rreq_done, NULL,
+        MHD_OPTION_NOTIFY_CONNECTION, notify_connection, NULL,
+        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)120,
+        MHD_OPTION_CONNECTION_LIMIT, limit,
+        MHD_OPTION_PER_IP_CONNECTION_LIMIT, limit, MHD_OPTION_END);
+}
+
+static bool
+same(const char *a, const char *b)
+{
+    return (!a && !b) || (a && b && strcmp(a, b) == 0);
+}
+
+static int
+cert_listener_apply(bool on)
+{
+    const struct server_cfg *c = &D->cfg;
+    if (!on) {
+        listener_stop(&cert_l, &D->listener, false);
+        return 0;
+    }
+    struct listener n = { .port = c->cert_port };
+    int rc = io_read_file(c->key, 1 << 20, &n.key, NULL);
+    if (rc == 0)
+        rc = io_read_file(c->cert, 1 << 20, &n.cert, NULL);
+    if (rc == 0)
+        rc = io_read_file(c->ca, 4 << 20, &n.ca, NULL);
+    if (rc == 0 && c->crl)
+        rc = io_read_file(c->crl, 64 << 20, &n.crl, NULL);
+    if (rc == 0 && cert_l.mhd && cert_l.port == n.port &&
+        same(n.key, cert_l.key) && same(n.cert, cert_l.cert) &&
+        same(n.ca, cert_l.ca) && same(n.crl, cert_l.crl))
+        rc = 1; /* unchanged */
+    n.ctx = xcalloc(1, sizeof *n.ctx);
+    if (rc == 0 && n.crl) {
+        /* The CRL is checked against the CAs: one they did not sign is
+         * refused here, not ignored later. */
+        gnutls_datum_t ca = { (unsigned char *)n.ca, (unsigned)strlen(n.ca) };
+        gnutls_datum_t crl = { (unsigned char *)n.crl,
+                               (unsigned)strlen(n.crl) };
+        gnutls_x509_trust_list_init(&n.ctx->crl, 0);
+        int r = gnutls_x509_trust_list_add_trust_mem(
+            n.ctx->crl, &ca, NULL, GNUTLS_X509_FMT_PEM, 0, 0);
+        if (r > 0)
+            r = gnutls_x509_trust_list_add_trust_mem(
+                n.ctx->crl, NULL, &crl, GNUTLS_X509_FMT_PEM,
+                GNUTLS_TL_VERIFY_CRL | GNUTLS_TL_FAIL_ON_INVALID_CRL, 0);
+        if (r <= 0)
+            rc = vr_err(-EINVAL, "crl %s: %s", c->crl,
+                        r < 0 ? gnutls_strerror(r)
+                              : "no revocation list signed by the ca");
+    }
+    if (rc != 0) {
+        listener_clear(&n);
+        return rc < 0 ? rc : 0;
+    }
+    listener_stop(&cert_l, &D->listener, false);
+    n.mhd = start_mhd(true, n.port, n.ctx, &n);
+    if (!n.mhd) {
+        listener_clear(&n);
+        return vr_err(-EADDRINUSE,
+                      "replica server: cannot listen on port %u with the "
+                      "given certificate",
+                      c->cert_port);
+    }
+    cert_l = n;
+    D->listener = n.mhd;
+    log_info("replica", "listening on port %u (certificate%s)", n.port,
+             n.crl ? ", with a revocation list" : "");
+    return 0;
+}
+
+static int
+krb_listener_apply(bool on)
+{
+    const struct server_cfg *c = &D->cfg;
+    if (!on) {
+        listener_stop(&krb_l, &D->krb_listener, false);
+        return 0;
+    }
+    if (krb_l.mhd && krb_l.port == c->krb_port &&
+        same(krb_l.keytab, c->keytab) && same(krb_l.self, c->hostname))
+        return 0;
+    struct listener n = { .port = c->krb_port };
+    n.ctx = xcalloc(1, sizeof *n.ctx);
+    n.ctx->kerberos = true;
+    n.keytab = xstrdup(c->keytab);
+    n.self = xstrdup(c->hostname);
+    CLEANUP_FREE char *rcache =
+        xasprintf("file2:%s/krb5.rcache2", D->state_dir);
+    int rc = krb_acceptor_open(c->keytab, c->hostname, rcache, &n.ctx->cred);
+    if (rc < 0) {
+        listener_clear(&n);
+        return rc;
+    }
+    listener_stop(&krb_l, &D->krb_listener, false);
+    n.mhd = start_mhd(false, n.port, n.ctx, &n);
+    if (!n.mhd) {
+        listener_clear(&n);
+        return vr_err(-EADDRINUSE, "replica server: cannot listen on port "
+                      "%u (Kerberos)", c->krb_port);
+    }
+    krb_l = n;
+    D->krb_listener = n.mhd;
+    log_info("replica", "listening on port %u (Kerberos, HTTP/%s)", n.port,
+             n.self);
+    return 0;
 }
 
 int
 replica_listener_apply(void)
 {
     const struct server_cfg *c = &D->cfg;
-    if (!c->replica_enabled) {
-        listener_stop(false);
-        return 0;
-    }
-    char *key = NULL, *cert = NULL, *ca = NULL;
-    int rc = io_read_file(c->key, 1 << 20, &key, NULL);
+    bool on = c->replica_enabled;
+    bool cert = on && (!c->auth || strcmp(c->auth, "kerberos") != 0);
+    bool krb = on && c->auth && strcmp(c->auth, "certificate") != 0;
+    int rc = cert_listener_apply(cert);
     if (rc == 0)
-        rc = io_read_file(c->cert, 1 << 20, &cert, NULL);
-    if (rc == 0)
-        rc = io_read_file(c->ca, 4 << 20, &ca, NULL);
-    if (rc < 0) {
-        free(key);
-        free(cert);
-        free(ca);
-        return rc;
-    }
-    if (D->listener && listener_port == c->cert_port &&
-        strcmp(key, listener_key) == 0 && strcmp(cert, listener_cert) == 0 &&
-        strcmp(ca, listener_ca) == 0) {
-        free(key);
-        free(cert);
-        free(ca);
-        return 0;
-    }
-    listener_stop(false);
-    D->listener = MHD_start_daemon(
-        MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION |
-            MHD_USE_POLL | MHD_USE_TLS | MHD_USE_ITC,
-        (uint16_t)c->cert_port, NULL, NULL, r1_access, NULL,
-        MHD_OPTION_HTTPS_MEM_KEY, key, MHD_OPTION_HTTPS_MEM_CERT, cert,
-        MHD_OPTION_HTTPS_MEM_TRUST, ca, MHD_OPTION_HTTPS_PRIORITIES,
-        "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2",
-        MHD_OPTION_NOTIFY_COMPLETED, rreq_done, NULL,
-        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)120,
-        MHD_OPTION_CONNECTION_LIMIT, (unsigned)64,
-        MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)16, MHD_OPTION_END);
-    if (!D->listener) {
-        free(key);
-        free(cert);
-        free(ca);
-        return vr_err(-EADDRINUSE,
-                      "replica server: cannot listen on port %u with the "
-                      "given certificate",
-                      c->cert_port);
-    }
-    /* MHD keeps pointers to the PEM strings: they live until stop. */
-    listener_key = key;
-    listener_cert = cert;
-    listener_ca = ca;
-    listener_port = c->cert_port;
-    log_info("replica", "listening on port %u (certificate)", c->cert_port);
-    return 0;
+        rc = krb_listener_apply(krb);
+    return rc;
 }
 
 /* --- applier -------------------------------------------------------------- */

@@ -110,7 +110,10 @@ repl_to_json(const struct vm *vm)
     STR("storage", r->storage);
     STR("last_error", r->last_error);
 #undef STR
-    json_object_object_add(o, "auth", json_object_new_string("certificate"));
+    json_object_object_add(o, "auth",
+                           json_object_new_string(repl_auth(r)));
+    json_object_object_add(o, "kerberos_encrypt",
+                           json_object_new_boolean(r->krb_encrypt));
     json_object_object_add(o, "frequency",
                            json_object_new_int((int)r->frequency_s));
     json_object_object_add(o, "compression",
@@ -232,6 +235,44 @@ repl_server_name_valid(const char *s)
     return true;
 }
 
+const char *
+repl_auth(const struct repl *r)
+{
+    return r->auth ? r->auth : "certificate";
+}
+
+bool
+repl_kerberos(const struct repl *r)
+{
+    return r->auth && strcmp(r->auth, "kerberos") == 0;
+}
+
+char *
+repl_server_with_port(const char *server, const struct repl *r)
+{
+    if (strchr(server, ':'))
+        return xstrdup(server);
+    return xasprintf("%s:%u", server, repl_kerberos(r) ? 80 : 443);
+}
+
+int
+repl_check_identity(const struct repl *r)
+{
+    const struct server_cfg *c = &D->cfg;
+    if (repl_kerberos(r)) {
+        if (!c->keytab || !c->hostname)
+            return vr_err(-EINVAL, "this host has no keytab or host name: "
+                          "run 'vmreplica server set --keytab F --hostname "
+                          "FQDN' first (the keytab holds host/FQDN)");
+        return 0;
+    }
+    if (!c->cert || !c->key || !c->ca)
+        return vr_err(-EINVAL, "this host has no certificate: run "
+                      "'vmreplica server set --certificate F --key F --ca F' "
+                      "first");
+    return 0;
+}
+
 static int
 parse_common(json_object *b, struct repl *r)
 {
@@ -271,10 +312,18 @@ parse_common(json_object *b, struct repl *r)
         r->connect_address = *ca ? xstrdup(ca) : NULL;
     }
     const char *auth = jstr(b, "auth");
-    if (auth && strcmp(auth, "certificate") != 0)
-        return vr_err(-EINVAL, "auth %s: not supported yet (certificate "
-                               "only)",
-                      auth);
+    if (auth) {
+        if (strcmp(auth, "certificate") != 0 && strcmp(auth, "kerberos") != 0)
+            return vr_err(-EINVAL, "auth %s: expected certificate or "
+                          "kerberos", auth);
+        free(r->auth);
+        r->auth = xstrdup(auth);
+    }
+    if (json_object_object_get_ex(b, "kerberos_encrypt", &v))
+        r->krb_encrypt = json_object_get_boolean(v);
+    if (r->krb_encrypt && !repl_kerberos(r))
+        return vr_err(-EINVAL, "kerberos_encrypt: only with auth kerberos "
+                      "(certificate mode is always encrypted)");
     return 0;
 }
 
@@ -319,10 +368,9 @@ api_repl_enable(struct api_call *call, unsigned *status, json_object **out)
     r->compression = true;
     r->point_interval_s = 3600;
     r->epoch = 1;
-    r->replica_server =
-        strchr(server, ':') ? xstrdup(server) : xasprintf("%s:443", server);
     snprintf(r->state, sizeof r->state, "%s", ST_READY_INITIAL);
     int rc = parse_common(b, r);
+    r->replica_server = repl_server_with_port(server, r);
 
     pthread_mutex_lock(&D->lock);
     struct vm *vm = vm_find(call->arg);
@@ -333,10 +381,8 @@ api_repl_enable(struct api_call *call, unsigned *status, json_object **out)
                     vm->name, vm_mode_name(vm->repl->mode));
     if (rc == 0 && vm->mode == VM_MODE_REPLICA)
         rc = vr_err(-EBUSY, "vm %s: is a Replica VM", vm->name);
-    if (rc == 0 && (!D->cfg.cert || !D->cfg.key || !D->cfg.ca))
-        rc = vr_err(-EINVAL, "this host has no certificate: run 'vmreplica "
-                             "server set --certificate F --key F --ca F' "
-                             "first");
+    if (rc == 0)
+        rc = repl_check_identity(r);
     struct job jb;
     json_object *reg = NULL;
     if (rc == 0) {

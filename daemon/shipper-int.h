@@ -10,6 +10,10 @@ struct peer {
     char *server;          /* "fqdn:port" */
     char *connect_address; /* pinned IP, or NULL */
     char *cert, *key, *ca; /* this host's identity and trusted CA */
+    /* Kerberos mode (HTTP): this host's keytab and name (host/SELF), and
+     * whether bodies travel wrapped (encrypted). */
+    bool kerberos, krb_encrypt;
+    char *keytab, *self;
     uint64_t epoch;
     /* Recovery-history settings, sent on every request as
      * "X-Vmreplica-History: N/INTERVAL_S" (the Replica server keeps the

@@ -16,7 +16,11 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <gnutls/crypto.h>
+#include <gnutls/gnutls.h>
+
 #include "cycle.h"
+#include "krb.h"
 #include "daemon.h"
 #include "shipper-int.h"
 #include "vmproc.h"
@@ -57,11 +61,174 @@ errno_of_name(const char *name)
               { "EBUSY", EBUSY },   { "ESTALE", ESTALE },
               { "EINVAL", EINVAL }, { "EPROTO", EPROTO },
               { "EFBIG", EFBIG },   { "ENOSPC", ENOSPC },
-              { "EBADMSG", EBADMSG } };
+              { "EBADMSG", EBADMSG }, { "ETIME", ETIME } };
     for (size_t i = 0; name && i < ARRAY_SIZE(t); i++)
         if (strcmp(t[i].n, name) == 0)
             return t[i].e;
     return EIO;
+}
+
+/* Response headers: the Replica server's MIC in Kerberos mode. */
+static size_t
+on_header(char *ptr, size_t size, size_t nmemb, void *ud)
+{
+    char **mic = ud;
+    size_t n = size * nmemb;
+    static const char name[] = KRB_MIC_HEADER ":";
+    if (n > sizeof name - 1 && n < KRB_TOKEN_MAX &&
+        strncasecmp(ptr, name, sizeof name - 1) == 0) {
+        const char *v = ptr + sizeof name - 1;
+        size_t l = n - (sizeof name - 1);
+        while (l && (*v == ' ' || *v == '\t'))
+            v++, l--;
+        while (l && (v[l - 1] == '\r' || v[l - 1] == '\n' || v[l - 1] == ' '))
+            l--;
+        free(*mic);
+        *mic = xstrndup(v, l);
+    }
+    return n;
+}
+
+/* SHA-256 of the first len bytes of fd. */
+static int
+hash_fd(int fd, uint64_t len, uint8_t out[32])
+{
+    gnutls_hash_hd_t h;
+    if (gnutls_hash_init(&h, GNUTLS_DIG_SHA256) < 0)
+        return vr_err(-ENOMEM, "sha256");
+    CLEANUP_FREE char *buf = xmalloc(1 << 20);
+    uint64_t off = 0;
+    int rc = 0;
+    while (off < len) {
+        size_t want = len - off < (1 << 20) ? (size_t)(len - off) : 1 << 20;
+        ssize_t r = pread(fd, buf, want, (off_t)off);
+        if (r <= 0) {
+            rc = vr_err(r < 0 ? -errno : -EIO, "read upload: %s",
+                        r < 0 ? strerror(errno) : "short file");
+            break;
+        }
+        gnutls_hash(h, buf, (size_t)r);
+        off += (uint64_t)r;
+    }
+    gnutls_hash_deinit(h, out);
+    return rc;
+}
+
+/* The body of an encrypted upload: wrap frames made on the fly, then the
+ * last frame with the request digest. */
+struct wrap_src {
+    int fd;
+    uint64_t off, len;
+    gss_ctx_id_t ctx;
+    const struct krb_req_fields *fields;
+    gnutls_hash_hd_t hash;
+    bool done;
+    uint8_t *frame;
+    size_t flen, fpos;
+    char *plain;
+    int err;
+};
+
+static size_t
+read_wrapped(char *out, size_t size, size_t nmemb, void *ud)
+{
+    struct wrap_src *w = ud;
+    size_t room = size * nmemb;
+    if (w->fpos == w->flen) {
+        free(w->frame);
+        w->frame = NULL;
+        w->flen = w->fpos = 0;
+        if (w->done)
+            return 0;
+        if (w->off >= w->len) {
+            uint8_t sha[32], digest[KRB_DIGEST_LEN];
+            gnutls_hash_deinit(w->hash, sha);
+            w->hash = NULL;
+            krb_request_digest(w->fields, sha, digest);
+            w->done = true;
+            if (krb_wrap_frame(w->ctx, digest, sizeof digest, true,
+                               &w->frame, &w->flen) < 0) {
+                w->err = -EIO;
+                return CURL_READFUNC_ABORT;
+            }
+            goto copy;
+        }
+        size_t want = w->len - w->off < KRB_FRAME_PLAIN
+                          ? (size_t)(w->len - w->off)
+                          : KRB_FRAME_PLAIN;
+        ssize_t r = pread(w->fd, w->plain, want, (off_t)w->off);
+        if (r <= 0 ||
+            krb_wrap_frame(w->ctx, w->plain, (size_t)r, false, &w->frame,
+                           &w->flen) < 0) {
+            w->err = r < 0 ? -errno : -EIO;
+            return CURL_READFUNC_ABORT;
+        }
+        gnutls_hash(w->hash, w->plain, (size_t)r);
+        w->off += (uint64_t)r;
+    }
+copy:;
+    size_t k = w->flen - w->fpos < room ? w->flen - w->fpos : room;
+    memcpy(out, w->frame + w->fpos, k);
+    w->fpos += k;
+    return k;
+}
+
+/* Kerberos: authenticate and sign one request.  Adds the headers to
+ * *hdrs.  Wrapped, a JSON body (or none) becomes *postdata (caller frees):
+ * its frame and the digest frame; an upload is wrapped while it is sent
+ * (read_wrapped). */
+static int
+krb_prepare(const struct peer *p, const char *host,
+            const struct krb_req_fields *f, const char *json_body,
+            int upload_fd, uint64_t upload_len, gss_ctx_id_t *ctx,
+            struct curl_slist **hdrs, uint8_t **postdata, size_t *postlen)
+{
+    CLEANUP_FREE char *tok = NULL;
+    int rc = krb_client_begin(p->keytab, p->self, host, ctx, &tok);
+    if (rc < 0)
+        return rc;
+    CLEANUP_FREE char *h1 = xasprintf("Authorization: Negotiate %s", tok);
+    *hdrs = curl_slist_append(*hdrs, h1);
+    if (p->krb_encrypt) {
+        *hdrs = curl_slist_append(*hdrs,
+                                  KRB_WRAP_HEADER ": " KRB_WRAP_VALUE);
+        if (upload_fd >= 0)
+            return 0;
+        const char *b = json_body ? json_body : "";
+        uint8_t sha[32], digest[KRB_DIGEST_LEN];
+        gnutls_hash_fast(GNUTLS_DIG_SHA256, b, strlen(b), sha);
+        krb_request_digest(f, sha, digest);
+        CLEANUP_FREE uint8_t *f1 = NULL, *f2 = NULL;
+        size_t l1 = 0, l2 = 0;
+        if (*b && (rc = krb_wrap_frame(*ctx, b, strlen(b), false, &f1,
+                                       &l1)) < 0)
+            return rc;
+        if ((rc = krb_wrap_frame(*ctx, digest, sizeof digest, true, &f2,
+                                 &l2)) < 0)
+            return rc;
+        *postdata = xmalloc(l1 + l2);
+        if (l1)
+            memcpy(*postdata, f1, l1);
+        memcpy(*postdata + l1, f2, l2);
+        *postlen = l1 + l2;
+        return 0;
+    }
+    uint8_t sha[32];
+    if (upload_fd >= 0) {
+        if ((rc = hash_fd(upload_fd, upload_len, sha)) < 0)
+            return rc;
+    } else {
+        const char *b = json_body ? json_body : "";
+        gnutls_hash_fast(GNUTLS_DIG_SHA256, b, strlen(b), sha);
+    }
+    uint8_t digest[KRB_DIGEST_LEN];
+    krb_request_digest(f, sha, digest);
+    CLEANUP_FREE char *mic = NULL;
+    if ((rc = krb_sign(*ctx, digest, &mic)) < 0)
+        return rc;
+    CLEANUP_FREE char *h2 = xasprintf(KRB_MIC_HEADER ": %s", mic);
+    *hdrs = curl_slist_append(*hdrs, h2);
+    return 0;
 }
 
 int
@@ -75,20 +242,22 @@ peer_call(const struct peer *p, const char *method, const char *path,
     char host[256];
     snprintf(host, sizeof host, "%s", p->server);
     char *colon = strrchr(host, ':');
-    unsigned port = 443;
+    unsigned port = p->kerberos ? 80 : 443;
     if (colon) {
         port = (unsigned)atoi(colon + 1);
         *colon = '\0';
     }
-    CLEANUP_FREE char *url =
-        xasprintf("https://%s:%u%s", host, port, path);
+    CLEANUP_FREE char *url = xasprintf("%s://%s:%u%s",
+                                       p->kerberos ? "http" : "https", host,
+                                       port, path);
     struct curl_slist *hdrs = NULL, *resolve = NULL;
-    CLEANUP_FREE char *ep =
-        xasprintf("X-Vmreplica-Epoch: %llu", (unsigned long long)p->epoch);
+    char epoch[24], history[32];
+    snprintf(epoch, sizeof epoch, "%llu", (unsigned long long)p->epoch);
+    snprintf(history, sizeof history, "%u/%u", p->recovery_history,
+             p->point_interval_s ? p->point_interval_s : 3600);
+    CLEANUP_FREE char *ep = xasprintf("X-Vmreplica-Epoch: %s", epoch);
+    CLEANUP_FREE char *hist = xasprintf("X-Vmreplica-History: %s", history);
     hdrs = curl_slist_append(hdrs, ep);
-    CLEANUP_FREE char *hist =
-        xasprintf("X-Vmreplica-History: %u/%u", p->recovery_history,
-                  p->point_interval_s ? p->point_interval_s : 3600);
     hdrs = curl_slist_append(hdrs, hist);
     hdrs = curl_slist_append(hdrs, "Expect:");
     if (p->connect_address) {
@@ -99,60 +268,110 @@ peer_call(const struct peer *p, const char *method, const char *path,
     }
     struct resp_buf body = { NULL, 0 };
     FILE *upload = NULL;
+    gss_ctx_id_t ctx = GSS_C_NO_CONTEXT;
+    CLEANUP_FREE uint8_t *postdata = NULL;
+    size_t postlen = 0;
+    CLEANUP_FREE char *resp_mic = NULL;
+    struct wrap_src wsrc = { .fd = -1 };
     char errbuf[CURL_ERROR_SIZE] = "";
+    int rc = 0;
     curl_easy_setopt(h, CURLOPT_ERRORBUFFER, errbuf);
     curl_easy_setopt(h, CURLOPT_URL, url);
-    curl_easy_setopt(h, CURLOPT_SSLCERT, p->cert);
-    curl_easy_setopt(h, CURLOPT_SSLKEY, p->key);
-    curl_easy_setopt(h, CURLOPT_CAINFO, p->ca);
-    curl_easy_setopt(h, CURLOPT_CAPATH, NULL);
-    curl_easy_setopt(h, CURLOPT_SSLVERSION, (long)CURL_SSLVERSION_TLSv1_2);
-    curl_easy_setopt(h, CURLOPT_SSL_VERIFYPEER, 1L);
-    curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, 2L);
+    struct krb_req_fields fields = {
+        .method = method, .path = path, .epoch = epoch, .history = history,
+        .encoding = upload_fd >= 0 ? (zstd ? "zstd" : "identity") : NULL,
+        .wrap = p->krb_encrypt ? KRB_WRAP_VALUE : NULL,
+    };
+    if (p->kerberos) {
+        rc = krb_prepare(p, host, &fields, json_body, upload_fd, upload_len,
+                         &ctx, &hdrs, &postdata, &postlen);
+        curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http");
+        curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, on_header);
+        curl_easy_setopt(h, CURLOPT_HEADERDATA, &resp_mic);
+    } else {
+        curl_easy_setopt(h, CURLOPT_SSLCERT, p->cert);
+        curl_easy_setopt(h, CURLOPT_SSLKEY, p->key);
+        curl_easy_setopt(h, CURLOPT_CAINFO, p->ca);
+        curl_easy_setopt(h, CURLOPT_CAPATH, NULL);
+        curl_easy_setopt(h, CURLOPT_SSLVERSION,
+                         (long)CURL_SSLVERSION_TLSv1_2);
+        curl_easy_setopt(h, CURLOPT_SSL_VERIFYPEER, 1L);
+        curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, 2L);
+        curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "https");
+    }
     curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT, 10L);
     curl_easy_setopt(h, CURLOPT_LOW_SPEED_LIMIT, 1L);
     curl_easy_setopt(h, CURLOPT_LOW_SPEED_TIME, 60L);
     curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_body);
     curl_easy_setopt(h, CURLOPT_WRITEDATA, &body);
-    curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "https");
-    if (upload_fd >= 0) {
-        int dupfd = dup(upload_fd);
-        upload = dupfd >= 0 ? fdopen(dupfd, "rb") : NULL;
-        if (!upload) {
-            curl_easy_cleanup(h);
-            curl_slist_free_all(hdrs);
-            curl_slist_free_all(resolve);
-            return vr_err(-errno, "upload: %s", strerror(errno));
-        }
-        rewind(upload);
+    if (rc == 0 && upload_fd >= 0) {
         hdrs = curl_slist_append(hdrs, zstd ? "Content-Encoding: zstd"
                                             : "Content-Encoding: identity");
         hdrs = curl_slist_append(hdrs,
                                  "Content-Type: application/octet-stream");
         curl_easy_setopt(h, CURLOPT_UPLOAD, 1L);
-        curl_easy_setopt(h, CURLOPT_READDATA, upload);
-        curl_easy_setopt(h, CURLOPT_INFILESIZE_LARGE,
-                         (curl_off_t)upload_len);
-    } else if (json_body) {
+        if (p->kerberos && p->krb_encrypt) {
+            /* Frames made while sending: the length is not known ahead,
+             * so the body goes chunked. */
+            wsrc.fd = upload_fd;
+            wsrc.len = upload_len;
+            wsrc.ctx = ctx;
+            wsrc.fields = &fields;
+            wsrc.plain = xmalloc(KRB_FRAME_PLAIN);
+            if (gnutls_hash_init(&wsrc.hash, GNUTLS_DIG_SHA256) < 0)
+                abort();
+            curl_easy_setopt(h, CURLOPT_READFUNCTION, read_wrapped);
+            curl_easy_setopt(h, CURLOPT_READDATA, &wsrc);
+            curl_easy_setopt(h, CURLOPT_INFILESIZE_LARGE, (curl_off_t)-1);
+        } else {
+            int dupfd = dup(upload_fd);
+            upload = dupfd >= 0 ? fdopen(dupfd, "rb") : NULL;
+            if (!upload) {
+                rc = vr_err(-errno, "upload: %s", strerror(errno));
+                if (dupfd >= 0)
+                    close(dupfd);
+            } else {
+                rewind(upload);
+                curl_easy_setopt(h, CURLOPT_READDATA, upload);
+                curl_easy_setopt(h, CURLOPT_INFILESIZE_LARGE,
+                                 (curl_off_t)upload_len);
+            }
+        }
+    } else if (rc == 0 && postdata) {
+        if (json_body)
+            hdrs = curl_slist_append(hdrs, "Content-Type: application/json");
+        curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)postlen);
+        curl_easy_setopt(h, CURLOPT_POSTFIELDS, postdata);
+    } else if (rc == 0 && json_body) {
         hdrs = curl_slist_append(hdrs, "Content-Type: application/json");
         curl_easy_setopt(h, CURLOPT_POSTFIELDS, json_body);
     }
     curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, method);
     curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdrs);
 
-    CURLcode cr = curl_easy_perform(h);
+    CURLcode cr = CURLE_OK;
     long status = 0;
-    curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+    if (rc == 0) {
+        cr = curl_easy_perform(h);
+        curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+    }
     curl_easy_cleanup(h);
     curl_slist_free_all(hdrs);
     curl_slist_free_all(resolve);
     if (upload)
         fclose(upload);
+    free(wsrc.frame);
+    free(wsrc.plain);
+    if (wsrc.hash)
+        gnutls_hash_deinit(wsrc.hash, NULL);
 
-    int rc = 0;
     json_object *j = body.data ? json_tokener_parse(body.data) : NULL;
-    if (cr != CURLE_OK) {
+    if (rc == 0 && cr != CURLE_OK && wsrc.err < 0)
+        rc = vr_err(wsrc.err, "kerberos: wrapping the upload failed");
+    if (rc < 0) {
+        rc = vr_err(rc, "replica server %s: %s", p->server, vr_errmsg());
+    } else if (cr != CURLE_OK) {
         /* A handshake the peer refused (a TLS alert: our certificate is
          * unknown, expired, revoked) will not heal by retrying; one cut
          * short (the Replica server restarting, a reset) will. */
@@ -175,9 +394,21 @@ peer_call(const struct peer *p, const char *method, const char *path,
             msg = json_object_get_string(v);
         rc = vr_err(-errno_of_name(name), "replica server %s: %s", p->server,
                     msg ? msg : "unexpected answer");
-        if (status == 403 && !name)
+        if ((status == 403 || status == 401) && !name)
             rc = -EACCES;
+    } else if (p->kerberos) {
+        /* Only HTTP/SERVER could sign the answer: this is what
+         * authenticates the Replica server to us. */
+        uint8_t sha[32], digest[KRB_DIGEST_LEN];
+        gnutls_hash_fast(GNUTLS_DIG_SHA256, body.data ? body.data : "",
+                         body.len, sha);
+        krb_response_digest((unsigned)status, sha, digest);
+        if (krb_verify(ctx, digest, resp_mic) < 0)
+            rc = vr_err(-EACCES, "replica server %s: its answer is not "
+                        "signed by HTTP/%s: %s", p->server, host,
+                        vr_errmsg());
     }
+    krb_ctx_free(&ctx);
     if (rc == 0 && resp)
         *resp = j ? j : json_object_new_object();
     else
@@ -376,6 +607,10 @@ job_fill(struct job *jb, const struct vm *vm)
     jb->peer.cert = D->cfg.cert ? xstrdup(D->cfg.cert) : NULL;
     jb->peer.key = D->cfg.key ? xstrdup(D->cfg.key) : NULL;
     jb->peer.ca = D->cfg.ca ? xstrdup(D->cfg.ca) : NULL;
+    jb->peer.kerberos = repl_kerberos(r);
+    jb->peer.krb_encrypt = r->krb_encrypt;
+    jb->peer.keytab = D->cfg.keytab ? xstrdup(D->cfg.keytab) : NULL;
+    jb->peer.self = D->cfg.hostname ? xstrdup(D->cfg.hostname) : NULL;
     jb->peer.epoch = r->epoch;
     jb->peer.recovery_history = r->recovery_history;
     jb->peer.point_interval_s = r->point_interval_s;
@@ -398,6 +633,8 @@ job_fini(struct job *jb)
     free(jb->peer.cert);
     free(jb->peer.key);
     free(jb->peer.ca);
+    free(jb->peer.keytab);
+    free(jb->peer.self);
 }
 
 static int

@@ -57,6 +57,7 @@ repl_free(struct repl *r)
     free(r->storage);
     free(r->last_error);
     free(r->trust_group);
+    free(r->auth);
     free(r->task);
     free(r);
 }
@@ -203,11 +204,22 @@ server_json(void)
     STR("certificate", c->cert);
     STR("key", c->key);
     STR("ca", c->ca);
+    STR("crl", c->crl);
+    json_object_object_add(o, "kerberos_port",
+                           json_object_new_int((int)c->krb_port));
+    STR("keytab", c->keytab);
+    json_object_object_add(o, "kerberos_encrypt",
+                           json_object_new_boolean(c->krb_encrypt));
     json_object_object_add(o, "allow_any",
                            json_object_new_boolean(c->allow_any));
     STR("default_storage", c->default_storage);
     json_object_object_add(o, "listening",
+                           json_object_new_boolean(D->listener != NULL ||
+                                                   D->krb_listener != NULL));
+    json_object_object_add(o, "listening_certificate",
                            json_object_new_boolean(D->listener != NULL));
+    json_object_object_add(o, "listening_kerberos",
+                           json_object_new_boolean(D->krb_listener != NULL));
     json_object_object_add(o, "monitoring_interval",
                            json_object_new_int((int)c->monitoring_interval_s));
 #undef STR
@@ -237,6 +249,19 @@ abs_path_arg(json_object *body, const char *key, char **field)
     return 0;
 }
 
+static int
+port_arg(json_object *body, const char *key, unsigned *field)
+{
+    json_object *v;
+    if (!json_object_object_get_ex(body, key, &v))
+        return 0;
+    int64_t p = json_object_get_int64(v);
+    if (p < 1 || p > 65535)
+        return vr_err(-EINVAL, "%s: out of range: %lld", key, (long long)p);
+    *field = (unsigned)p;
+    return 0;
+}
+
 int
 api_server_set(struct api_call *call, unsigned *status VR_UNUSED,
                json_object **out)
@@ -252,6 +277,8 @@ api_server_set(struct api_call *call, unsigned *status VR_UNUSED,
     c->cert = c->cert ? xstrdup(c->cert) : NULL;
     c->key = c->key ? xstrdup(c->key) : NULL;
     c->ca = c->ca ? xstrdup(c->ca) : NULL;
+    c->keytab = c->keytab ? xstrdup(c->keytab) : NULL;
+    c->crl = c->crl ? xstrdup(c->crl) : NULL;
     c->default_storage = c->default_storage ? xstrdup(c->default_storage)
                                             : NULL;
     json_object *v;
@@ -259,21 +286,20 @@ api_server_set(struct api_call *call, unsigned *status VR_UNUSED,
         c->replica_enabled = json_object_get_boolean(v);
     if (json_object_object_get_ex(b, "allow_any", &v))
         c->allow_any = json_object_get_boolean(v);
-    if (json_object_object_get_ex(b, "certificate_port", &v)) {
-        int64_t p = json_object_get_int64(v);
-        if (p < 1 || p > 65535)
-            rc = vr_err(-EINVAL, "certificate_port: out of range: %lld",
-                        (long long)p);
-        else
-            c->cert_port = (unsigned)p;
-    }
+    if (rc == 0)
+        rc = port_arg(b, "certificate_port", &c->cert_port);
+    if (rc == 0)
+        rc = port_arg(b, "kerberos_port", &c->krb_port);
+    if (json_object_object_get_ex(b, "kerberos_encrypt", &v))
+        c->krb_encrypt = json_object_get_boolean(v);
     if (json_object_object_get_ex(b, "monitoring_interval", &v))
         c->monitoring_interval_s = (unsigned)json_object_get_int64(v);
     const char *auth = jstr(b, "auth");
     if (rc == 0 && auth) {
-        if (strcmp(auth, "certificate") != 0)
-            rc = vr_err(-EINVAL,
-                        "auth %s: not supported yet (certificate only)", auth);
+        if (strcmp(auth, "certificate") != 0 &&
+            strcmp(auth, "kerberos") != 0 && strcmp(auth, "both") != 0)
+            rc = vr_err(-EINVAL, "auth %s: expected certificate, kerberos "
+                        "or both", auth);
         else {
             free(c->auth);
             c->auth = xstrdup(auth);
@@ -286,6 +312,15 @@ api_server_set(struct api_call *call, unsigned *status VR_UNUSED,
     if (rc == 0)
         rc = abs_path_arg(b, "ca", &c->ca);
     if (rc == 0)
+        rc = abs_path_arg(b, "keytab", &c->keytab);
+    const char *crl = jstr(b, "crl");
+    if (rc == 0 && crl && !*crl) {
+        free(c->crl); /* "": no revocation list */
+        c->crl = NULL;
+    } else if (rc == 0) {
+        rc = abs_path_arg(b, "crl", &c->crl);
+    }
+    if (rc == 0)
         rc = abs_path_arg(b, "default_storage", &c->default_storage);
     const char *hn = jstr(b, "hostname");
     if (rc == 0 && hn) {
@@ -297,14 +332,26 @@ api_server_set(struct api_call *call, unsigned *status VR_UNUSED,
     if (rc == 0 && !c->hostname && c->cert)
         c->hostname = tls_cert_dns_name(c->cert);
     if (rc == 0 && c->replica_enabled) {
-        if (!c->cert || !c->key || !c->ca)
+        bool cert = !c->auth || strcmp(c->auth, "kerberos") != 0;
+        bool krb = c->auth && strcmp(c->auth, "certificate") != 0;
+        if (cert && (!c->cert || !c->key || !c->ca))
             rc = vr_err(-EINVAL, "replica server: certificate, key and ca "
                                  "are required to enable it");
+        else if (krb && (!c->keytab || !c->hostname))
+            rc = vr_err(-EINVAL, "replica server: Kerberos needs --keytab "
+                                 "(with HTTP/%s) and this host's name "
+                                 "(--hostname)",
+                        c->hostname ? c->hostname : "FQDN");
         else if (c->allow_any && !c->default_storage)
             rc = vr_err(-EINVAL, "replica server: allow_any needs a "
                                  "default_storage directory");
-        else if (!c->cert_port)
+        if (rc == 0 && !c->cert_port)
             c->cert_port = 443;
+        if (rc == 0 && !c->krb_port)
+            c->krb_port = 80;
+        if (rc == 0 && cert && krb && c->cert_port == c->krb_port)
+            rc = vr_err(-EINVAL, "replica server: the certificate and "
+                        "Kerberos ports must differ (%u)", c->krb_port);
     }
     if (rc == 0 && c->default_storage)
         rc = io_mkdir_p(c->default_storage, 0750);
@@ -318,6 +365,8 @@ api_server_set(struct api_call *call, unsigned *status VR_UNUSED,
     free(drop->cert);
     free(drop->key);
     free(drop->ca);
+    free(drop->keytab);
+    free(drop->crl);
     free(drop->default_storage);
     if (rc < 0) {
         *c = old;

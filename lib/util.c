@@ -116,6 +116,15 @@ xstrdup(const char *s)
 }
 
 char *
+xstrndup(const char *s, size_t n)
+{
+    char *p = strndup(s, n);
+    if (!p)
+        oom();
+    return p;
+}
+
+char *
 xasprintf(const char *fmt, ...)
 {
     char *p;
@@ -322,6 +331,39 @@ io_mkdir_p(const char *path, mode_t mode)
     if (mkdir(p, mode) < 0 && errno != EEXIST)
         return vr_err(-errno, "mkdir %s: %s", p, strerror(errno));
     return 0;
+}
+
+int
+io_mkdir_beneath(const char *root, const char *rel, mode_t mode)
+{
+    int fd = open(root, O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return vr_err(-errno, "open %s: %s", root, strerror(errno));
+    CLEANUP_FREE char *p = xstrdup(rel);
+    int rc = 0;
+    char *save = NULL;
+    for (char *c = strtok_r(p, "/", &save); c && rc == 0;
+         c = strtok_r(NULL, "/", &save)) {
+        if (strcmp(c, ".") == 0 || strcmp(c, "..") == 0) {
+            rc = vr_err(-EINVAL, "%s/%s: '%s' in the path", root, rel, c);
+            break;
+        }
+        if (mkdirat(fd, c, mode) < 0 && errno != EEXIST) {
+            rc = vr_err(-errno, "mkdir %s/%s: %s", root, rel, strerror(errno));
+            break;
+        }
+        /* The kernel's RESOLVE_NO_SYMLINKS, one component at a time. */
+        int next = openat(fd, c, O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (next < 0)
+            rc = vr_err(errno == ENOTDIR ? -ELOOP : -errno,
+                        "%s/%s: '%s' is a symbolic link or not a directory",
+                        root, rel, c);
+        close(fd);
+        fd = next;
+    }
+    if (fd >= 0)
+        close(fd);
+    return rc;
 }
 
 uint64_t

@@ -41,6 +41,7 @@ void *xmalloc(size_t n);
 void *xcalloc(size_t nmemb, size_t n);
 void *xrealloc(void *p, size_t n);
 char *xstrdup(const char *s);
+char *xstrndup(const char *s, size_t n);
 char *xasprintf(const char *fmt, ...) VR_PRINTF(1, 2);
 
 /* Hand ownership on: yields p and sets it to NULL. */
@@ -77,6 +78,9 @@ int io_read_file(const char *path, size_t max_bytes, char **out,
 int io_write_file_atomic(const char *path, const void *buf, size_t len) VR_WUR;
 /* mkdir -p with mode; existing directories are fine. */
 int io_mkdir_p(const char *path, mode_t mode) VR_WUR;
+/* mkdir -p of ROOT/REL, every component of REL a real directory beneath
+ * ROOT (a symbolic link, "." or ".." is refused: -ELOOP, -EINVAL). */
+int io_mkdir_beneath(const char *root, const char *rel, mode_t mode) VR_WUR;
 /* Remove every entry of directory path except "." ones (files only: a
  * subdirectory is left), then fsync it.  A missing directory is empty.
  * Returns the number removed or -errno. */

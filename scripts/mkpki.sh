@@ -8,8 +8,15 @@
 #   evilca.pem evilca.key         an unrelated CA
 #   evil.pem evil.key             primary.test.local signed by evilca
 #   noclientauth.pem .key         primary.test.local with serverAuth only
-# Every certificate's notBefore is backdated one hour (openssl ca -startdate),
-# so small clock differences between hosts do not fail the handshake.
+#   revoked.pem revoked.key       primary.test.local, revoked by the CA
+#   crl.pem                       the CA's revocation list (revokes it)
+#   expired.pem expired.key       primary.test.local (both EKUs, SAN) whose
+#                                 notAfter is two days in the past
+#   future.pem future.key         primary.test.local (both EKUs, SAN) whose
+#                                 notBefore is two days in the future
+# Every other certificate's notBefore is backdated one hour (openssl ca
+# -startdate), so small clock differences between hosts do not fail the
+# handshake.
 # Idempotent: does nothing if DIR/ca.pem already exists.
 set -euo pipefail
 
@@ -30,6 +37,11 @@ mkdir "$out"
 
 start=$(date -u -d '-1 hour' +%Y%m%d%H%M%SZ)
 end=$(date -u -d '+365 days' +%Y%m%d%H%M%SZ)
+# The validity windows of the expired and the not-yet-valid certificates:
+# days away from now, so no clock skew makes either valid.
+past_start=$(date -u -d '-30 days' +%Y%m%d%H%M%SZ)
+past_end=$(date -u -d '-2 days' +%Y%m%d%H%M%SZ)
+future_start=$(date -u -d '+2 days' +%Y%m%d%H%M%SZ)
 
 # openssl ca keeps a small database per CA.
 cadb() { # name
@@ -76,8 +88,8 @@ mkca() { # name
         2>"$work/$n.err" || { cat "$work/$n.err" >&2; exit 1; }
 }
 
-mkcert() { # name fqdn eku [ca]
-    local n=$1 fqdn=$2 eku=$3 ca=${4:-ca}
+mkcert() { # name fqdn eku [ca [startdate enddate]]
+    local n=$1 fqdn=$2 eku=$3 ca=${4:-ca} from=${5:-$start} to=${6:-$end}
     newkey "$n"
     openssl req -new -key "$out/$n.key" -subj "/CN=$fqdn" -out "$work/$n.csr"
     printf '%s\n' 'basicConstraints=critical,CA:FALSE' \
@@ -86,7 +98,7 @@ mkcert() { # name fqdn eku [ca]
         'authorityKeyIdentifier=keyid' >"$work/$n.ext"
     openssl ca -batch -notext -config "$work/db-$ca/ca.cnf" \
         -cert "$out/$ca.pem" -keyfile "$out/$ca.key" -in "$work/$n.csr" \
-        -out "$out/$n.pem" -startdate "$start" -enddate "$end" \
+        -out "$out/$n.pem" -startdate "$from" -enddate "$to" \
         -extfile "$work/$n.ext" 2>"$work/$n.err" ||
         { cat "$work/$n.err" >&2; exit 1; }
 }
@@ -99,6 +111,17 @@ mkcert replica replica.test.local serverAuth,clientAuth
 # Negative cases.
 mkcert evil primary.test.local serverAuth,clientAuth evilca
 mkcert noclientauth primary.test.local serverAuth
+mkcert revoked primary.test.local serverAuth,clientAuth
+openssl ca -batch -config "$work/db-ca/ca.cnf" -cert "$out/ca.pem" \
+    -keyfile "$out/ca.key" -revoke "$out/revoked.pem" 2>"$work/revoke.err" ||
+    { cat "$work/revoke.err" >&2; exit 1; }
+openssl ca -batch -config "$work/db-ca/ca.cnf" -cert "$out/ca.pem" \
+    -keyfile "$out/ca.key" -gencrl -crldays 365 -out "$out/crl.pem" \
+    2>"$work/crl.err" || { cat "$work/crl.err" >&2; exit 1; }
+mkcert expired primary.test.local serverAuth,clientAuth ca \
+    "$past_start" "$past_end"
+mkcert future primary.test.local serverAuth,clientAuth ca \
+    "$future_start" "$end"
 # Publish atomically enough: ca.pem, the marker of a complete DIR, goes last.
 for f in "$out"/*; do
     [ "${f##*/}" = ca.pem ] || mv -f "$f" "$dir/"

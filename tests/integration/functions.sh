@@ -542,3 +542,97 @@ stop_writer() {
     wait "$WRITER_PID" || fail "writer failed (see $TESTDIR/writer-*.log)"
     WRITER_PID=
 }
+
+# --- Kerberos: a private MIT realm on loopback -----------------------------
+#
+# krb_realm — realm TEST.LOCAL under $KRB with its KDC on a free loopback
+# port (TCP only), no /etc change and no DNS: KRB5_CONFIG is exported, so
+# the daemons and tools started afterwards use it.  Principals and keytabs:
+#   $KRB/primary.keytab  host/ and HTTP/primary.test.local
+#   $KRB/replica.keytab  host/ and HTTP/replica.test.local
+#   $KRB/rogue.keytab    host/rogue.test.local (a host no entry admits)
+#   $KRB/alice.keytab    alice (a user, not a host)
+# The KDC is stopped at exit.
+KRB=$TESTDIR/krb
+krb_realm() {
+    requires krb5kdc kdb5_util kadmin.local
+    local port p
+    port=$(free_port)
+    mkdir -p "$KRB"
+    cat >"$KRB/krb5.conf" <<EOC
+[libdefaults]
+  default_realm = TEST.LOCAL
+  dns_lookup_kdc = false
+  dns_lookup_realm = false
+  rdns = false
+  dns_canonicalize_hostname = false
+  udp_preference_limit = 1
+  default_ccache_name = FILE:$KRB/ccache
+  default_keytab_name = FILE:$KRB/none.keytab
+[realms]
+  TEST.LOCAL = {
+    kdc = 127.0.0.1:$port
+  }
+[domain_realm]
+  .test.local = TEST.LOCAL
+  test.local = TEST.LOCAL
+EOC
+    cat >"$KRB/kdc.conf" <<EOC
+[kdcdefaults]
+  kdc_listen = 127.0.0.1:$port
+  kdc_tcp_listen = 127.0.0.1:$port
+[realms]
+  TEST.LOCAL = {
+    database_name = $KRB/principal
+    key_stash_file = $KRB/stash
+    acl_file = $KRB/kadm5.acl
+    max_life = 10h
+    supported_enctypes = aes256-cts-hmac-sha1-96:normal
+  }
+[logging]
+  kdc = FILE:$KRB/kdc.log
+EOC
+    : >"$KRB/kadm5.acl"
+    export KRB5_CONFIG=$KRB/krb5.conf KRB5_KDC_PROFILE=$KRB/kdc.conf
+    kdb5_util create -s -r TEST.LOCAL -P "master-$RANDOM$RANDOM" \
+        >"$KRB/setup.log" 2>&1 || fail "kdb5_util create (see $KRB/setup.log)"
+    for p in host/primary.test.local HTTP/primary.test.local \
+        host/replica.test.local HTTP/replica.test.local \
+        host/rogue.test.local alice; do
+        kadmin.local -q "addprinc -randkey $p" >>"$KRB/setup.log" 2>&1 ||
+            fail "kadmin.local addprinc $p"
+    done
+    kadmin.local -q "ktadd -k $KRB/primary.keytab host/primary.test.local HTTP/primary.test.local" \
+        >>"$KRB/setup.log" 2>&1 || fail "ktadd primary"
+    kadmin.local -q "ktadd -k $KRB/replica.keytab host/replica.test.local HTTP/replica.test.local" \
+        >>"$KRB/setup.log" 2>&1 || fail "ktadd replica"
+    kadmin.local -q "ktadd -k $KRB/rogue.keytab host/rogue.test.local" \
+        >>"$KRB/setup.log" 2>&1 || fail "ktadd rogue"
+    kadmin.local -q "ktadd -k $KRB/alice.keytab alice" \
+        >>"$KRB/setup.log" 2>&1 || fail "ktadd alice"
+    krb5kdc -n -P "$KRB/kdc.pid" >"$KRB/kdc.stdout" 2>&1 &
+    KDC_PID=$!
+    _bg_pids+=("$KDC_PID")
+    KDC_PORT=$port
+    wait_until 10 port_open "$port" || fail "KDC not listening on $port"
+}
+
+# setup_krb_pair — krb_realm, then the daemons "replica" (a Replica server
+# with Kerberos authentication on KRB_PORT, its keytab, any authenticated
+# primary admitted, storage in $TESTDIR/replica-storage) and "primary"
+# (its keytab).  Extra daemon environment: PRIMARY_ENV, REPLICA_ENV.
+setup_krb_pair() {
+    krb_realm
+    KRB_PORT=$(free_port)
+    mkdir -p "$TESTDIR/replica-storage"
+    start_daemon replica ${REPLICA_ENV[@]+"${REPLICA_ENV[@]}"}
+    start_daemon primary ${PRIMARY_ENV[@]+"${PRIMARY_ENV[@]}"}
+    vr replica server set --enable --auth kerberos \
+        --kerberos-port "$KRB_PORT" --keytab "$KRB/replica.keytab" \
+        --allow-any --default-storage "$TESTDIR/replica-storage" \
+        >/dev/null || fail "replica: server set (Kerberos)"
+    vr primary server set --keytab "$KRB/primary.keytab" >/dev/null ||
+        fail "primary: server set --keytab"
+    wait_until 10 port_open "$KRB_PORT" ||
+        fail "replica: Kerberos port $KRB_PORT not listening"
+}

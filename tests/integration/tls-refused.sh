@@ -2,8 +2,9 @@
 # tls-refused: the Replica server's certificate port refuses bad clients.
 #
 # Talks to the replica's HTTPS port directly with curl: a client without a
-# certificate, with a certificate from an unrelated CA, and with a
-# certificate lacking the clientAuth EKU must all be refused (TLS failure or
+# certificate, with a certificate from an unrelated CA, with a certificate
+# lacking the clientAuth EKU, and (with `server set --crl`) a revoked one
+# must all be refused (TLS failure or
 # 401/403), each refusal must appear as an "audit" event naming the peer,
 # and nothing may be created under the storage location.  A good primary
 # certificate gets an ordinary HTTP answer (404 for an unknown VM).  Bad TLS
@@ -95,4 +96,35 @@ log "server set with a mismatched key: $(cat "$TESTDIR/set.out")"
     fail "server set kept the refused certificate"
 r=$(req good2 primary GET)
 [ "$r" = 404 ] || fail "after the refused server set: good client got '$r'"
+
+# A revocation list: the revoked certificate is refused, audited as such,
+# nothing written; the good one still gets through.  A list the CA did not
+# sign is refused by `server set`.
+vr replica server set --crl "$PKI/crl.pem" >"$TESTDIR/crl.out" 2>&1 || fail "server set --crl: $(cat "$TESTDIR/crl.out")"
+[ "$(jget replica .crl server show)" = "$PKI/crl.pem" ] || fail "crl not shown"
+a0=$(audits)
+r=$(req revoked-before-crl-check revoked GET)
+case $r in
+tls | 401 | 403) ;;
+*) fail "revoked certificate: not refused (HTTP $r)" ;;
+esac
+wait_until 5 audits_at_least $((a0 + 1)) || fail "revoked certificate: not audited"
+vrj replica events | jq -r '[.events[] | select(.level == "audit")][-1].message' \
+    >"$TESTDIR/revoked.txt"
+grep -q "it is revoked (certificate revocation list)" "$TESTDIR/revoked.txt" ||
+    fail "revoked certificate: audit says '$(cat "$TESTDIR/revoked.txt")'"
+grep -q "127.0.0.1" "$TESTDIR/revoked.txt" || fail "revoked: audit does not name the peer"
+log "revoked certificate: refused, audited: $(cat "$TESTDIR/revoked.txt")"
+left=$(find "$TESTDIR/replica-storage" -mindepth 1 | head -5)
+[ -z "$left" ] || fail "the revoked client created files: $left"
+r=$(req good3 primary GET)
+[ "$r" = 404 ] || fail "with the crl: good client got '$r'"
+"$SOURCE_DIR/scripts/mkpki.sh" "$TESTDIR/pki2"
+if vr replica server set --crl "$TESTDIR/pki2/crl.pem" >"$TESTDIR/set2.out" 2>&1; then
+    fail "server set accepted a revocation list of another CA"
+fi
+grep -q "no revocation list signed by the ca\|crl" "$TESTDIR/set2.out" ||
+    fail "foreign crl: $(cat "$TESTDIR/set2.out")"
+log "a foreign CA's revocation list: $(cat "$TESTDIR/set2.out")"
+[ "$(jget replica .crl server show)" = "$PKI/crl.pem" ] || fail "the refused crl replaced the old one"
 log "PASS"
