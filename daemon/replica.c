@@ -1731,8 +1731,28 @@ replica_listener_stop(void)
     listener_stop(&krb_l, &D->krb_listener, true);
 }
 
+static struct MHD_Daemon *start_mhd_once(bool tls, unsigned port, void *cls,
+                                         const struct listener *l);
+
+/* A listener restarted on its port: the old one's socket may still be held
+ * for a moment by its polling thread (a poll() keeps a closed socket alive
+ * until it returns), so binding is retried briefly. */
 static struct MHD_Daemon *
 start_mhd(bool tls, unsigned port, void *cls, const struct listener *l)
+{
+    struct MHD_Daemon *d = NULL;
+    for (int i = 0; i < 40 && !d; i++) {
+        if (i > 0) {
+            struct timespec ts = { 0, 25 * 1000 * 1000 };
+            nanosleep(&ts, NULL);
+        }
+        d = start_mhd_once(tls, port, cls, l);
+    }
+    return d;
+}
+
+static struct MHD_Daemon *
+start_mhd_once(bool tls, unsigned port, void *cls, const struct listener *l)
 {
     pthread_once(&guard_once, guard_start);
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD |
