@@ -74,6 +74,12 @@ static const struct cli_cmd commands[] = {
       "  --allow-any, --no-allow-any accept any authenticated primary\n"
       "  --default-storage DIR       where Replica VMs of such primaries go\n"
       "  --monitoring-interval DUR   health window, e.g. 12h, 30m, 3600\n" },
+    { "server", "test-connection", cmd_server_test_connection,
+      "FQDN[:PORT] --auth certificate|kerberos [--connect-address IP]",
+      "check that a Replica server would accept replication from this host",
+      "  Connects as replication would (same authentication), and says at\n"
+      "  which step it failed: reaching the server, authenticating, or\n"
+      "  being accepted (replication enabled, authorization entry).\n" },
     { "vm", "create", cmd_vm_create,
       "NAME (--disk FILE | --new-disk SIZE)... [--memory SIZE] [--cpus N]\n"
       "        [--nic NETWORK]... [--kernel FILE [--initrd FILE] "

@@ -303,3 +303,50 @@ cmd_auth_remove(struct cli *c, const struct cli_cmd *cmd, int argc,
     json_object_put(out);
     return CLI_OK;
 }
+
+int
+cmd_server_test_connection(struct cli *c, const struct cli_cmd *cmd, int argc,
+                           char **argv)
+{
+    const char *auth = NULL, *address = NULL;
+    const struct cli_opt opts[] = {
+        { "auth", CLI_OPT_STR, &auth },
+        { "connect-address", CLI_OPT_STR, &address },
+        { NULL, 0, NULL },
+    };
+    const char *pos[1];
+    unsigned npos;
+    int rc = cli_parse(c, cmd, argc, argv, opts, pos, 1, &npos);
+    if (rc)
+        return rc;
+    if ((rc = cli_want_args(cmd, npos, 1, "FQDN[:PORT]")))
+        return rc;
+    if (!auth)
+        return cli_usage_error(cmd, "missing --auth certificate|kerberos");
+    json_object *body = json_object_new_object();
+    json_object_object_add(body, "replica_server",
+                           json_object_new_string(pos[0]));
+    json_object_object_add(body, "auth", json_object_new_string(auth));
+    if (address)
+        json_object_object_add(body, "connect_address",
+                               json_object_new_string(address));
+    json_object *out;
+    rc = cli_call(c, "POST", "/v1/server/test-connection", body, &out);
+    json_object_put(body);
+    if (rc)
+        return rc;
+    if (c->json) {
+        cli_print_json(out);
+    } else {
+        printf("%s accepts replication from %s (%s authentication)\n",
+               cli_str(out, "replica_server"), cli_str(out, "primary"),
+               cli_str(out, "auth"));
+        cli_kv("Replica server", "%s", cli_str(out, "server"));
+        cli_kv("Storage location", "%s", cli_str(out, "storage"));
+        cli_kv("Trust group", "%s",
+               *cli_str(out, "trust_group") ? cli_str(out, "trust_group")
+                                            : "-");
+    }
+    json_object_put(out);
+    return CLI_OK;
+}

@@ -46,6 +46,7 @@ int api_auth_list(struct api_call *, unsigned *, json_object **);
 int api_auth_add(struct api_call *, unsigned *, json_object **);
 int api_auth_set(struct api_call *, unsigned *, json_object **);
 int api_auth_remove(struct api_call *, unsigned *, json_object **);
+int api_test_connection(struct api_call *, unsigned *, json_object **);
 int api_vm_set_failover_network(struct api_call *, unsigned *,
                                 json_object **);
 /* planned.c, for failover.c: the planned failover of a prepared Replica

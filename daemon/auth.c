@@ -17,6 +17,7 @@
 
 #include "api-int.h"
 #include "daemon.h"
+#include "shipper-int.h"
 
 int
 auth_authorize(const char *peer, char **storage, char **group)
@@ -174,5 +175,72 @@ api_auth_remove(struct api_call *call, unsigned *status VR_UNUSED,
                                json_object_new_string(call->arg));
     }
     pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
+/* --- server test-connection ----------------------------------------------- */
+
+/* Test-VMReplicationConnection: reach a Replica server the way replication
+ * would (same authentication, same client code) and ask it whether it
+ * would accept this host.  Each failure says at which step it happened. */
+int
+api_test_connection(struct api_call *call, unsigned *status VR_UNUSED,
+                    json_object **out)
+{
+    json_object *b = call->body;
+    const char *server = jstr(b, "replica_server");
+    const char *auth = jstr(b, "auth");
+    const char *addr = jstr(b, "connect_address");
+    if (!server || !repl_server_name_valid(server))
+        return vr_err(-EINVAL, "replica_server: expected FQDN[:PORT]");
+    if (auth && strcmp(auth, "certificate") != 0 &&
+        strcmp(auth, "kerberos") != 0)
+        return vr_err(-EINVAL, "auth %s: expected certificate or kerberos",
+                      auth);
+    struct repl r = { .auth = (char *)(auth ? auth : "certificate") };
+    struct peer p = { .epoch = 1, .point_interval_s = 3600 };
+    pthread_mutex_lock(&D->lock);
+    int rc = repl_check_identity(&r);
+    if (rc == 0) {
+        const struct server_cfg *c = &D->cfg;
+        p.server = repl_server_with_port(server, &r);
+        p.connect_address = addr && *addr ? xstrdup(addr) : NULL;
+        p.cert = c->cert ? xstrdup(c->cert) : NULL;
+        p.key = c->key ? xstrdup(c->key) : NULL;
+        p.ca = c->ca ? xstrdup(c->ca) : NULL;
+        p.kerberos = repl_kerberos(&r);
+        p.keytab = c->keytab ? xstrdup(c->keytab) : NULL;
+        p.self = c->hostname ? xstrdup(c->hostname) : NULL;
+    }
+    pthread_mutex_unlock(&D->lock);
+    json_object *resp = NULL;
+    if (rc == 0) {
+        rc = peer_call(&p, "GET", "/r1/test", NULL, -1, 0, false, &resp);
+        if (rc < 0) {
+            const char *step =
+                rc == -ECONNREFUSED || rc == -ETIMEDOUT ||
+                        rc == -EHOSTUNREACH || rc == -ECONNRESET
+                    ? "cannot reach it"
+                : rc == -ETIME ? "Kerberos: clocks differ"
+                : rc == -EPERM ? "it does not accept this host"
+                : rc == -EACCES ? "authentication failed"
+                                : "it answered with an error";
+            rc = vr_err(rc, "test-connection %s (%s auth): %s: %s", p.server,
+                        r.auth, step, vr_errmsg());
+        }
+    }
+    if (rc == 0) {
+        *out = resp;
+        json_object_object_add(*out, "replica_server",
+                               json_object_new_string(p.server));
+        json_object_object_add(*out, "auth", json_object_new_string(r.auth));
+    }
+    free(p.server);
+    free(p.connect_address);
+    free(p.cert);
+    free(p.key);
+    free(p.ca);
+    free(p.keytab);
+    free(p.self);
     return rc;
 }

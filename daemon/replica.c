@@ -224,7 +224,7 @@ peer_addr(struct MHD_Connection *c, char *out, size_t n)
 /* --- per-request state -------------------------------------------------- */
 
 enum r1_kind { R1_STATUS, R1_REGISTER, R1_BASE, R1_INITIAL_DONE, R1_CYCLE,
-               R1_REMOVE, R1_PREPARED };
+               R1_REMOVE, R1_PREPARED, R1_TEST };
 
 struct rreq {
     bool started;
@@ -312,6 +312,10 @@ static int
 parse_url(const char *url, const char *method, struct rreq *q)
 {
     static const char pre[] = "/r1/vms/";
+    if (strcmp(url, "/r1/test") == 0 && strcmp(method, "GET") == 0) {
+        q->kind = R1_TEST; /* server test-connection */
+        return 0;
+    }
     if (strncmp(url, pre, sizeof pre - 1) != 0)
         return vr_err(-ENOENT, "%s: not found", url);
     url += sizeof pre - 1;
@@ -1107,6 +1111,11 @@ upload_finish(struct rreq *q, json_object **out)
         rc = own_vm(q, &vm);
         if (rc == 0) {
             vm->repl->last_cycle = q->n;
+            /* How the primary sends now (replication set may change it):
+             * what a reverse replication will keep. */
+            free(vm->repl->auth);
+            vm->repl->auth = q->krb ? xstrdup("kerberos") : NULL;
+            vm->repl->krb_encrypt = q->wrapped;
             /* The primary writes again: it is no longer prepared. */
             if (vm->repl->prepared_cycle && q->n > vm->repl->prepared_cycle)
                 vm->repl->prepared_cycle = 0;
@@ -1324,7 +1333,8 @@ r1_access(void *cls, struct MHD_Connection *c, const char *url,
         errno = 0;
         q->epoch = ep && ep[0] >= '1' && ep[0] <= '9' ? strtoull(ep, &end, 10)
                                                       : 0;
-        if (!ep || !end || *end || errno || q->epoch == 0) {
+        if (q->kind != R1_TEST &&
+            (!ep || !end || *end || errno || q->epoch == 0)) {
             rreq_fail(q, -EPROTO, "missing or bad X-Vmreplica-Epoch");
             return MHD_YES;
         }
@@ -1415,6 +1425,19 @@ r1_access(void *cls, struct MHD_Connection *c, const char *url,
         break;
     case R1_PREPARED:
         rc = do_prepared(q, &out);
+        break;
+    case R1_TEST:
+        /* Authenticated and authorized (or refused) like any request. */
+        out = json_object_new_object();
+        pthread_mutex_lock(&D->lock);
+        json_object_object_add(out, "server", D->cfg.hostname
+                                   ? json_object_new_string(D->cfg.hostname)
+                                   : NULL);
+        pthread_mutex_unlock(&D->lock);
+        json_object_object_add(out, "primary", json_object_new_string(q->peer));
+        json_object_object_add(out, "storage", json_object_new_string(q->root));
+        json_object_object_add(out, "trust_group",
+                               json_object_new_string(q->group));
         break;
     case R1_BASE:
     case R1_CYCLE:

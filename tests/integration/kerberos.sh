@@ -95,6 +95,21 @@ fi
 grep -aq "X-Vmreplica-Wrap: gss-v1" "$TESTDIR/wire.bin" || fail "no wrapped request seen"
 log "replicated in both modes; the marker of the encrypted VM never crossed the wire"
 
+# server test-connection over Kerberos: accepted; a name the KDC does not
+# know fails at authentication, and says so.
+vr primary server test-connection "replica.test.local:$KRB_PORT" --auth kerberos \
+    --connect-address 127.0.0.1 >"$TESTDIR/tc.out" 2>&1 ||
+    fail "test-connection (kerberos): $(cat "$TESTDIR/tc.out")"
+grep -qF "accepts replication from primary.test.local (kerberos authentication)" \
+    "$TESTDIR/tc.out" || fail "test-connection (kerberos): $(cat "$TESTDIR/tc.out")"
+vr primary server test-connection "nosuch.test.local:$KRB_PORT" --auth kerberos \
+    --connect-address 127.0.0.1 >"$TESTDIR/tc.out" 2>&1 &&
+    fail "test-connection to a host the KDC does not know passed"
+grep -qF "authentication failed" "$TESTDIR/tc.out" &&
+    grep -qF "HTTP/nosuch.test.local" "$TESTDIR/tc.out" ||
+    fail "test-connection (unknown service): $(cat "$TESTDIR/tc.out")"
+log "test-connection: accepted; unknown service: $(cat "$TESTDIR/tc.out")"
+
 # --- 3. refusals ------------------------------------------------------------
 # The real primary pauses meanwhile (it would be refused too when the
 # server demands encryption).

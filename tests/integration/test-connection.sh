@@ -1,0 +1,76 @@
+#!/bin/bash
+# test-connection: `server test-connection` checks the path replication
+# would take and says at which step it fails.
+#
+# Certificate mode (setup_pair): accepted (with the storage location the
+# Replica server would use), nothing listening on the port, the Replica
+# server refusing this host (no authorization entry; the refusal is audited
+# there), an entry with a trust group, this host presenting a certificate of
+# another CA, and the Replica server disabled.  Kerberos mode is checked in
+# kerberos.sh.
+source "$(dirname "$0")/functions.sh"
+requires jq curl openssl python3
+requires_build
+
+setup_pair
+T="replica.test.local:$REPLICA_PORT"
+
+# tc [ARGS…] — test-connection from the primary; output in $TESTDIR/tc.out.
+tc() {
+    vr primary server test-connection "$@" --auth certificate \
+        --connect-address 127.0.0.1 >"$TESTDIR/tc.out" 2>&1
+}
+expect_fail() { # WHAT TEXT…
+    local what=$1 t
+    shift
+    for t in "$@"; do
+        grep -qF -- "$t" "$TESTDIR/tc.out" ||
+            fail "$what: output lacks '$t': $(cat "$TESTDIR/tc.out")"
+    done
+    log "$what: $(cat "$TESTDIR/tc.out")"
+}
+
+tc "$T" || fail "accepted case failed: $(cat "$TESTDIR/tc.out")"
+grep -qF "$T accepts replication from primary.test.local (certificate authentication)" \
+    "$TESTDIR/tc.out" || fail "accepted: $(cat "$TESTDIR/tc.out")"
+grep -qF "$TESTDIR/replica-storage" "$TESTDIR/tc.out" || fail "no storage shown"
+log "accepted: $(head -1 "$TESTDIR/tc.out")"
+[ -z "$(find "$TESTDIR/replica-storage" -mindepth 1)" ] ||
+    fail "test-connection wrote under the storage location"
+
+port=$(free_port)
+tc "replica.test.local:$port" && fail "a port nobody listens on passed"
+expect_fail "nothing listening" "cannot reach it" "replica.test.local:$port"
+
+vr replica server set --no-allow-any >/dev/null || fail "server set --no-allow-any"
+a0=$(vrj replica events | jq '[.events[] | select(.level == "audit")] | length')
+tc "$T" && fail "an unauthorized primary passed"
+expect_fail "not authorized" "it does not accept this host" \
+    "primary primary.test.local is not authorized"
+a1=$(vrj replica events | jq '[.events[] | select(.level == "audit")] | length')
+[ "$a1" -gt "$a0" ] || fail "the refusal was not audited on the Replica server"
+
+mkdir -p "$TESTDIR/east"
+vr replica auth-entry add --primary '*.test.local' --storage "$TESTDIR/east" \
+    --trust-group east >/dev/null || fail "auth-entry add"
+tc "$T" || fail "with an entry: $(cat "$TESTDIR/tc.out")"
+grep -q "Storage location: *$TESTDIR/east" "$TESTDIR/tc.out" &&
+    grep -q "Trust group: *east" "$TESTDIR/tc.out" ||
+    fail "entry: storage or trust group not shown: $(cat "$TESTDIR/tc.out")"
+log "with an entry: storage $TESTDIR/east, trust group east"
+
+vr primary server set --certificate "$PKI/evil.pem" --key "$PKI/evil.key" \
+    >/dev/null || fail "primary: server set (evil certificate)"
+tc "$T" && fail "a certificate of another CA passed"
+expect_fail "unknown CA" "authentication failed"
+vr primary server set --certificate "$PKI/primary.pem" --key "$PKI/primary.key" \
+    >/dev/null || fail "primary: server set (own certificate)"
+tc "$T" || fail "back to the good certificate: $(cat "$TESTDIR/tc.out")"
+
+vr replica server set --disable >/dev/null || fail "server set --disable"
+tc "$T" && fail "a disabled Replica server passed"
+expect_fail "disabled" "cannot reach it"
+
+vr primary server test-connection "$T" --auth bogus >"$TESTDIR/tc.out" 2>&1 &&
+    fail "--auth bogus accepted"
+log "PASS"
