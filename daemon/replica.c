@@ -1544,12 +1544,16 @@ guard_audit(const char *addr, const char *why)
     pthread_mutex_unlock(&D->lock);
 }
 
+static void listener_refresh(void);
+
 static void *
 guard_main(void *arg VR_UNUSED)
 {
-    for (;;) {
+    for (unsigned tick = 1;; tick++) {
         struct timespec ts = { 0, 250 * 1000 * 1000 };
         nanosleep(&ts, NULL);
+        if (tick % 20 == 0)
+            listener_refresh();
         uint64_t now = vr_mono_ms();
         pthread_mutex_lock(&guard_lock);
         for (struct conn_guard *g = guards; g; g = g->next) {
@@ -1906,6 +1910,30 @@ krb_listener_apply(bool on)
     log_info("replica", "listening on port %u (Kerberos, HTTP/%s)", n.port,
              n.self);
     return 0;
+}
+
+/* Every 5 s (from the guard's thread): a renewed certificate, key, CA or
+ * revocation list file is picked up without a restart.  The listener is
+ * re-applied, which restarts it only if a file's content changed, and only
+ * once the certificate and key match again (a renewal half written is
+ * left alone until it is complete). */
+static void
+listener_refresh(void)
+{
+    pthread_mutex_lock(&D->lock);
+    const struct server_cfg *c = &D->cfg;
+    bool cert = c->replica_enabled && !D->shutting_down && c->cert &&
+                c->key && c->ca && (!c->auth || strcmp(c->auth, "kerberos"));
+    if (cert && tls_check_material(c->cert, c->key, c->ca) == 0) {
+        struct MHD_Daemon *before = D->listener;
+        if (cert_listener_apply(true) < 0)
+            log_warn("replica", "reloading the certificate files: %s",
+                     vr_errmsg());
+        else if (D->listener != before)
+            event_add("info", NULL, "replica server: certificate files "
+                      "changed, reloaded (port %u)", c->cert_port);
+    }
+    pthread_mutex_unlock(&D->lock);
 }
 
 int

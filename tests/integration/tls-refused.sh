@@ -4,11 +4,12 @@
 # Talks to the replica's HTTPS port directly with curl: a client without a
 # certificate, with a certificate from an unrelated CA, with a certificate
 # lacking the clientAuth EKU, and (with `server set --crl`) a revoked one
-# must all be refused (TLS failure or
-# 401/403), each refusal must appear as an "audit" event naming the peer,
-# and nothing may be created under the storage location.  A good primary
-# certificate gets an ordinary HTTP answer (404 for an unknown VM).  Bad TLS
-# material given to `server set` is refused and the old settings kept.
+# must all be refused (TLS failure or 401/403), each refusal must appear as
+# an "audit" event naming the peer, and nothing may be created under the
+# storage location.  A good primary certificate gets an ordinary HTTP answer
+# (404 for an unknown VM).  Bad TLS material given to `server set` is
+# refused and the old settings kept.  A certificate renewed in place is
+# served within seconds, without a restart, once its key matches.
 source "$(dirname "$0")/functions.sh"
 requires curl jq openssl nbdkit python3
 requires_build
@@ -127,4 +128,31 @@ grep -q "no revocation list signed by the ca\|crl" "$TESTDIR/set2.out" ||
     fail "foreign crl: $(cat "$TESTDIR/set2.out")"
 log "a foreign CA's revocation list: $(cat "$TESTDIR/set2.out")"
 [ "$(jget replica .crl server show)" = "$PKI/crl.pem" ] || fail "the refused crl replaced the old one"
+
+# A renewed certificate is picked up without a restart, once the
+# certificate and its key match again (a half-written renewal is ignored).
+served() {
+    openssl s_client -connect "127.0.0.1:$REPLICA_PORT" -servername replica.test.local \
+        </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256 2>/dev/null
+}
+fp() { openssl x509 -in "$1" -noout -fingerprint -sha256; }
+served_is() { [ "$(served)" = "$1" ]; }
+fp0=$(fp "$PKI/replica.pem")
+[ "$(served)" = "$fp0" ] || fail "served certificate is not replica.pem"
+cp "$PKI/replica.pem" "$TESTDIR/replica.pem.orig"
+cp "$PKI/replica.key" "$TESTDIR/replica.key.orig"
+cat "$PKI/evil.pem" >"$PKI/replica.pem"   # the certificate, not yet its key
+sleep 7
+[ "$(served)" = "$fp0" ] || fail "a half-written renewal was loaded"
+cat "$PKI/evil.key" >"$PKI/replica.key"
+wait_until 15 served_is "$(fp "$PKI/evil.pem")" ||
+    fail "the renewed certificate was not picked up (serving $(served))"
+vrj replica events | jq -r '.events[].message' | grep -q "certificate files changed, reloaded" ||
+    fail "no event for the reload"
+log "renewed certificate picked up without a restart"
+cat "$TESTDIR/replica.pem.orig" >"$PKI/replica.pem"
+cat "$TESTDIR/replica.key.orig" >"$PKI/replica.key"
+wait_until 15 served_is "$fp0" || fail "the restored certificate was not picked up"
+r=$(req good4 primary GET)
+[ "$r" = 404 ] || fail "after the renewals: good client got '$r'"
 log "PASS"
