@@ -26,6 +26,12 @@ print_server(json_object *s)
     cli_kv("Certificate", "%s",
            cli_has(s, "certificate") ? cli_str(s, "certificate") : "-");
     cli_kv("Key", "%s", cli_has(s, "key") ? cli_str(s, "key") : "-");
+    cli_kv("Certificate thumbprint", "%s",
+           cli_has(s, "certificate_thumbprint")
+               ? cli_str(s, "certificate_thumbprint")
+               : "-");
+    if (cli_has(s, "certificate_store"))
+        cli_kv("Certificate store", "%s", cli_str(s, "certificate_store"));
     cli_kv("CA", "%s", cli_has(s, "ca") ? cli_str(s, "ca") : "-");
     cli_kv("CRL", "%s", cli_has(s, "crl") ? cli_str(s, "crl") : "-");
     if (cli_has(s, "kerberos_port"))
@@ -87,7 +93,7 @@ cmd_server_set(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
     const char *auth = NULL, *port = NULL, *cert = NULL, *key = NULL,
                *ca = NULL, *hostname = NULL, *storage = NULL,
                *interval = NULL, *kport = NULL, *keytab = NULL,
-               *kencrypt = NULL, *crl = NULL;
+               *kencrypt = NULL, *crl = NULL, *store = NULL, *thumb = NULL;
     const struct cli_opt opts[] = {
         { "enable", CLI_OPT_FLAG, &enable },
         { "disable", CLI_OPT_FLAG, &disable },
@@ -100,6 +106,8 @@ cmd_server_set(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
         { "key", CLI_OPT_STR, &key },
         { "ca", CLI_OPT_STR, &ca },
         { "crl", CLI_OPT_STR, &crl },
+        { "certificate-store", CLI_OPT_STR, &store },
+        { "certificate-thumbprint", CLI_OPT_STR, &thumb },
         { "no-crl", CLI_OPT_FLAG, &no_crl },
         { "hostname", CLI_OPT_STR, &hostname },
         { "allow-any", CLI_OPT_FLAG, &allow },
@@ -115,6 +123,9 @@ cmd_server_set(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
         return rc;
     if (enable && disable)
         return cli_usage_error(cmd, "--enable and --disable conflict");
+    if (thumb && cert)
+        return cli_usage_error(cmd, "--certificate-thumbprint chooses the "
+                               "certificate: not with --certificate");
     if (crl && no_crl)
         return cli_usage_error(cmd, "--crl and --no-crl conflict");
     if (allow && no_allow)
@@ -163,6 +174,10 @@ cmd_server_set(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
     add_path(body, "key", key);
     add_path(body, "ca", ca);
     add_path(body, "crl", crl);
+    add_path(body, "certificate_store", store);
+    if (thumb)
+        json_object_object_add(body, "certificate_thumbprint",
+                               json_object_new_string(thumb));
     if (no_crl)
         json_object_object_add(body, "crl", json_object_new_string(""));
     if (hostname)

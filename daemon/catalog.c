@@ -188,6 +188,8 @@ catalog_save_server(void)
         (rc = config_put("key", c->key)) < 0 ||
         (rc = config_put("ca", c->ca)) < 0 ||
         (rc = config_put("crl", c->crl)) < 0 ||
+        (rc = config_put("cert_store", c->cert_store)) < 0 ||
+        (rc = config_put("thumbprint", c->thumbprint)) < 0 ||
         (rc = config_put("allow_any", c->allow_any ? "1" : "0")) < 0 ||
         (rc = config_put("default_storage", c->default_storage)) < 0 ||
         (rc = config_put("monitoring_interval", mon)) < 0) {
@@ -222,6 +224,8 @@ load_server(void)
         S("key", key)
         S("ca", ca)
         S("crl", crl)
+        S("cert_store", cert_store)
+        S("thumbprint", thumbprint)
         S("keytab", keytab)
         S("default_storage", default_storage)
 #undef S

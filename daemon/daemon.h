@@ -15,9 +15,8 @@
 #include <sqlite3.h>
 #include <stdint.h>
 
+#include "r1json.h" /* MAX_DISKS, network_valid, nics_validate */
 #include "vr.h"
-
-#define MAX_DISKS 16
 
 struct disk {
     char id[16];   /* "disk0" */
@@ -169,6 +168,9 @@ struct server_cfg {
     bool krb_encrypt; /* replica: refuse Kerberos bodies sent in clear */
     char *cert, *key, *ca;
     char *crl; /* certificate revocation list of the ca (PEM), or NULL */
+    /* --certificate-thumbprint: cert and key were chosen from this
+     * directory by this thumbprint (NULL: given as files) */
+    char *cert_store, *thumbprint;
     bool allow_any;
     char *default_storage;
     unsigned monitoring_interval_s;
@@ -329,10 +331,6 @@ void vm_spec_of(const struct vm *vm, struct vmproc_spec *s,
 int vm_boot_parse(json_object *b, char *out[3]) VR_WUR;
 
 /* --- network.c ---------------------------------------------------------- */
-/* 0 if net is none, user, tap:IF or bridge:BR, else -EINVAL. */
-int network_valid(const char *net) VR_WUR;
-/* Validate a NIC array (as stored / registered). */
-int nics_validate(json_object *arr) VR_WUR;
 /* vm create's "nics": ["user", ...] -> NIC objects with new MACs. */
 int nics_from_create(json_object *body, json_object **out) VR_WUR;
 /* Fill a spec's NICs from vm; override: every NIC on that network. */
@@ -371,9 +369,23 @@ void replica_listener_stop(void);
 int replica_recover(void) VR_WUR;
 int replica_applier_start(void) VR_WUR;
 void replica_applier_stop(void);
+
+/* --- tls.c ------------------------------------------------------------- */
 /* Validate certificate material: 0 or -EINVAL with a message. */
 int tls_check_material(const char *cert, const char *key, const char *ca) VR_WUR;
-/* First DNS SAN of a certificate file; caller frees. */
+/* First DNS SAN of a certificate file / certificate; caller frees. */
 char *tls_cert_dns_name(const char *cert_path);
+struct gnutls_x509_crt_int;
+char *tls_crt_dns_name(struct gnutls_x509_crt_int *crt);
+/* A thumbprint as given, normalized to lower-case hex: false unless it is
+ * a SHA-1 (40 digits) or SHA-256 (64) one. */
+bool tls_thumbprint_norm(const char *in, char out[65]);
+/* SHA-1 thumbprint (hex) of a certificate file: 0 or -errno. */
+int tls_thumbprint(const char *cert_path, char sha1[41]) VR_WUR;
+/* The certificate of DIR (NAME.pem, its key NAME.key) whose SHA-1 or
+ * SHA-256 thumbprint is THUMBPRINT: 0 and both paths (caller frees), or
+ * -ENOENT/-EINVAL/-EEXIST with a message. */
+int tls_find_by_thumbprint(const char *dir, const char *thumbprint,
+                           char **cert, char **key) VR_WUR;
 
 #endif

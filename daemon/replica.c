@@ -30,67 +30,10 @@
 #include "daemon.h"
 #include "http.h"
 #include "krb.h"
+#include "r1json.h"
 
-#define R1_MAX_JSON      (64u << 10)
 #define R1_MAX_CYCLE_RAW (16ull << 30)
 #define R1_MAX_BASE_RAW  (80ull << 20)
-
-/* --- TLS material --------------------------------------------------------- */
-
-int
-tls_check_material(const char *cert, const char *key, const char *ca)
-{
-    if (!cert || !key || !ca)
-        return vr_err(-EINVAL, "certificate, key and ca must be given "
-                               "together");
-    gnutls_certificate_credentials_t cr;
-    gnutls_certificate_allocate_credentials(&cr);
-    int r = gnutls_certificate_set_x509_key_file(cr, cert, key,
-                                                 GNUTLS_X509_FMT_PEM);
-    int rc = 0;
-    if (r < 0)
-        rc = vr_err(-EINVAL, "certificate %s / key %s: %s", cert, key,
-                    gnutls_strerror(r));
-    else if ((r = gnutls_certificate_set_x509_trust_file(
-                  cr, ca, GNUTLS_X509_FMT_PEM)) <= 0)
-        rc = vr_err(-EINVAL, "ca %s: %s", ca,
-                    r < 0 ? gnutls_strerror(r) : "no certificate found");
-    gnutls_certificate_free_credentials(cr);
-    return rc;
-}
-
-static char *
-crt_dns_name(gnutls_x509_crt_t crt)
-{
-    for (unsigned i = 0; i < 64; i++) {
-        char name[256];
-        size_t sz = sizeof name;
-        int t = gnutls_x509_crt_get_subject_alt_name(crt, i, name, &sz, NULL);
-        if (t < 0)
-            break;
-        if (t == GNUTLS_SAN_DNSNAME && sz < sizeof name) {
-            name[sz] = '\0';
-            return xstrdup(name);
-        }
-    }
-    return NULL;
-}
-
-char *
-tls_cert_dns_name(const char *cert_path)
-{
-    gnutls_datum_t pem = { NULL, 0 };
-    if (gnutls_load_file(cert_path, &pem) < 0)
-        return NULL;
-    gnutls_x509_crt_t crt;
-    gnutls_x509_crt_init(&crt);
-    char *name = NULL;
-    if (gnutls_x509_crt_import(crt, &pem, GNUTLS_X509_FMT_PEM) >= 0)
-        name = crt_dns_name(crt);
-    gnutls_x509_crt_deinit(crt);
-    gnutls_free(pem.data);
-    return name;
-}
 
 /* Verify the peer of an HTTPS connection: a certificate chaining to our CA,
  * valid now, with the clientAuth purpose.  0 and *identity (caller frees),
@@ -144,7 +87,7 @@ verify_peer(struct MHD_Connection *c, const struct listener_ctx *lc,
     gnutls_x509_crt_init(&crt);
     char *name = NULL;
     if (gnutls_x509_crt_import(crt, &certs[0], GNUTLS_X509_FMT_DER) >= 0)
-        name = crt_dns_name(crt);
+        name = tls_crt_dns_name(crt);
     gnutls_x509_crt_deinit(crt);
     if (!name)
         return vr_err(-EACCES, "client certificate has no DNS name in its "
@@ -617,57 +560,18 @@ do_reverse(struct rreq *q, int64_t reverse_of, size_t nd,
 static int
 do_register(struct rreq *q, json_object **out)
 {
-    json_object *b = json_tokener_parse(q->body ? q->body : "");
-    if (!b || !json_object_is_type(b, json_type_object)) {
-        json_object_put(b);
-        return vr_err(-EPROTO, "register: body is not a JSON object");
-    }
-    int rc = 0;
-    const char *name = NULL;
-    json_object *v, *disks = NULL;
-    if (json_object_object_get_ex(b, "name", &v) &&
-        json_object_is_type(v, json_type_string) &&
-        (size_t)json_object_get_string_len(v) == strlen(json_object_get_string(v)))
-        name = json_object_get_string(v); /* (no NUL inside) */
-    if (!name || !vr_name_valid(name))
-        rc = vr_err(-EINVAL, "register: invalid vm name");
-    if (rc == 0 && (!json_object_object_get_ex(b, "disks", &disks) ||
-                    !json_object_is_type(disks, json_type_array) ||
-                    json_object_array_length(disks) < 1 ||
-                    json_object_array_length(disks) > MAX_DISKS))
-        rc = vr_err(-EINVAL, "register: 1..%d disks required", MAX_DISKS);
-    uint64_t sizes[MAX_DISKS];
-    size_t nd = rc == 0 ? json_object_array_length(disks) : 0;
-    for (size_t i = 0; rc == 0 && i < nd; i++) {
-        json_object *d = json_object_array_get_idx(disks, i), *s;
-        int64_t sz = -1;
-        /* Disks are named diskN here; an id, if sent, must be a name. */
-        if (json_object_object_get_ex(d, "id", &s) &&
-            (!json_object_is_type(s, json_type_string) ||
-             (size_t)json_object_get_string_len(s) !=
-                 strlen(json_object_get_string(s)) ||
-             !vr_name_valid(json_object_get_string(s)))) {
-            rc = vr_err(-EINVAL, "register: disk %zu: invalid id", i);
-            break;
-        }
-        if (json_object_object_get_ex(d, "size", &s))
-            sz = json_object_get_int64(s);
-        if (sz <= 0 || sz > (int64_t)1 << 50)
-            rc = vr_err(-EINVAL, "register: disk %zu: bad size", i);
-        else
-            sizes[i] = (uint64_t)sz;
-    }
-    int64_t cpus = 1, mem = 256;
-    if (json_object_object_get_ex(b, "cpus", &v))
-        cpus = json_object_get_int64(v);
-    if (json_object_object_get_ex(b, "memory_mib", &v))
-        mem = json_object_get_int64(v);
-    if (rc == 0 && (cpus < 1 || cpus > 64 || mem < 16 || mem > 1 << 20))
-        rc = vr_err(-EINVAL, "register: bad cpus or memory");
+    json_object *b = r1_json_parse(q->body, q->len);
+    struct r1_reg reg;
+    int rc = r1_register_parse(b, &reg);
     if (rc < 0) {
         json_object_put(b);
         return rc;
     }
+    const char *name = reg.name;
+    size_t nd = reg.ndisks;
+    uint64_t *sizes = reg.sizes;
+    int64_t cpus = reg.cpus, mem = reg.memory_mib;
+    json_object *v;
     if (json_object_object_get_ex(b, "reverse_of", &v)) {
         rc = do_reverse(q, json_object_get_int64(v), nd, sizes, b, out);
         json_object_put(b);
@@ -892,7 +796,7 @@ do_register(struct rreq *q, json_object **out)
 static int
 do_initial_done(struct rreq *q, json_object **out)
 {
-    json_object *b = json_tokener_parse(q->body ? q->body : "");
+    json_object *b = r1_json_parse(q->body, q->len);
     json_object *v;
     int64_t base = -1;
     if (b && json_object_object_get_ex(b, "base_cycle", &v))
@@ -937,7 +841,7 @@ do_initial_done(struct rreq *q, json_object **out)
 static int
 do_prepared(struct rreq *q, json_object **out)
 {
-    json_object *b = json_tokener_parse(q->body ? q->body : "");
+    json_object *b = r1_json_parse(q->body, q->len);
     json_object *v;
     int64_t n = -1;
     if (b && json_object_object_get_ex(b, "cycle", &v) &&
@@ -1491,7 +1395,7 @@ body_chunk(void *ud, const char *data, size_t n)
         if ((rc = cyc_decoder_feed(q->dec, data, n)) < 0)
             rreq_fail(q, rc, vr_errmsg());
     } else if (q->kind != R1_STATUS) {
-        if (q->len + n > R1_MAX_JSON) {
+        if (q->len + n > R1_JSON_MAX) {
             rreq_fail(q, -EFBIG, "request body too large");
             return 0;
         }
@@ -1546,6 +1450,20 @@ guard_audit(const char *addr, const char *why)
 
 static void listener_refresh(void);
 
+/* Is fd still the connection from addr?  (Should MHD close a socket before
+ * it tells us, its number could be another's by now.) */
+static bool
+same_peer(int fd, const char *addr)
+{
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    char now[80];
+    if (fd < 0 || getpeername(fd, (struct sockaddr *)&ss, &len) < 0)
+        return false;
+    sockaddr_str((const struct sockaddr *)&ss, now, sizeof now);
+    return strcmp(now, addr) == 0;
+}
+
 static void *
 guard_main(void *arg VR_UNUSED)
 {
@@ -1560,7 +1478,8 @@ guard_main(void *arg VR_UNUSED)
             /* Headers not complete in time.  (shutdown, not close: the fd
              * stays MHD's; its next read sees the end.) */
             if (!g->in_request && !g->cut &&
-                now - g->start_ms > (uint64_t)header_deadline_s * 1000) {
+                now - g->start_ms > (uint64_t)header_deadline_s * 1000 &&
+                same_peer(g->fd, g->addr)) {
                 g->cut = true;
                 shutdown(g->fd, SHUT_RDWR);
             }

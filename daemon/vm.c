@@ -205,6 +205,10 @@ server_json(void)
     STR("key", c->key);
     STR("ca", c->ca);
     STR("crl", c->crl);
+    char sha1[41];
+    STR("certificate_thumbprint",
+        c->cert && tls_thumbprint(c->cert, sha1) == 0 ? sha1 : NULL);
+    STR("certificate_store", c->cert_store);
     json_object_object_add(o, "kerberos_port",
                            json_object_new_int((int)c->krb_port));
     STR("keytab", c->keytab);
@@ -279,6 +283,8 @@ api_server_set(struct api_call *call, unsigned *status VR_UNUSED,
     c->ca = c->ca ? xstrdup(c->ca) : NULL;
     c->keytab = c->keytab ? xstrdup(c->keytab) : NULL;
     c->crl = c->crl ? xstrdup(c->crl) : NULL;
+    c->cert_store = c->cert_store ? xstrdup(c->cert_store) : NULL;
+    c->thumbprint = c->thumbprint ? xstrdup(c->thumbprint) : NULL;
     c->default_storage = c->default_storage ? xstrdup(c->default_storage)
                                             : NULL;
     json_object *v;
@@ -305,10 +311,40 @@ api_server_set(struct api_call *call, unsigned *status VR_UNUSED,
             c->auth = xstrdup(auth);
         }
     }
+    if (rc == 0 && jstr(b, "certificate")) {
+        free(c->cert_store); /* files given: no longer from a store */
+        free(c->thumbprint);
+        c->cert_store = c->thumbprint = NULL;
+    }
     if (rc == 0)
         rc = abs_path_arg(b, "certificate", &c->cert);
     if (rc == 0)
         rc = abs_path_arg(b, "key", &c->key);
+    if (rc == 0)
+        rc = abs_path_arg(b, "certificate_store", &c->cert_store);
+    const char *thumb = jstr(b, "certificate_thumbprint");
+    if (rc == 0 && (thumb || jstr(b, "certificate_store"))) {
+        /* Hyper-V's -CertificateThumbprint: one of several certificates
+         * (NAME.pem with NAME.key) in the store directory. */
+        if (!thumb)
+            thumb = c->thumbprint;
+        if (!thumb || !c->cert_store)
+            rc = vr_err(-EINVAL, "certificate_thumbprint and "
+                        "certificate_store go together");
+        char *cert = NULL, *key = NULL;
+        if (rc == 0)
+            rc = tls_find_by_thumbprint(c->cert_store, thumb, &cert, &key);
+        if (rc == 0) {
+            char norm[65];
+            VR_IGNORE(tls_thumbprint_norm(thumb, norm));
+            free(c->cert);
+            free(c->key);
+            free(c->thumbprint);
+            c->cert = cert;
+            c->key = key;
+            c->thumbprint = xstrdup(norm);
+        }
+    }
     if (rc == 0)
         rc = abs_path_arg(b, "ca", &c->ca);
     if (rc == 0)
@@ -367,6 +403,8 @@ api_server_set(struct api_call *call, unsigned *status VR_UNUSED,
     free(drop->ca);
     free(drop->keytab);
     free(drop->crl);
+    free(drop->cert_store);
+    free(drop->thumbprint);
     free(drop->default_storage);
     if (rc < 0) {
         *c = old;

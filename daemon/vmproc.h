@@ -26,6 +26,7 @@
 
 #include <json-c/json.h>
 
+#include "r1json.h"
 #include "vr.h"
 
 struct vmproc_disk {
@@ -33,7 +34,7 @@ struct vmproc_disk {
     const char *path; /* sparse raw image; its log is PATH.vrlog/ */
 };
 
-#define VMPROC_MAX_NICS 8
+#define VMPROC_MAX_NICS R1_MAX_NICS
 
 struct vmproc_spec {
     const char *name;

@@ -6,7 +6,9 @@
 # Replica server would use), nothing listening on the port, the Replica
 # server refusing this host (no authorization entry; the refusal is audited
 # there), an entry with a trust group, this host presenting a certificate of
-# another CA, and the Replica server disabled.  Kerberos mode is checked in
+# another CA, a certificate chosen by thumbprint from a store of several
+# (--certificate-thumbprint, SHA-1 or SHA-256), and the Replica server
+# disabled.  Kerberos mode is checked in
 # kerberos.sh.
 source "$(dirname "$0")/functions.sh"
 requires jq curl openssl python3
@@ -66,6 +68,41 @@ expect_fail "unknown CA" "authentication failed"
 vr primary server set --certificate "$PKI/primary.pem" --key "$PKI/primary.key" \
     >/dev/null || fail "primary: server set (own certificate)"
 tc "$T" || fail "back to the good certificate: $(cat "$TESTDIR/tc.out")"
+
+# --certificate-thumbprint chooses among several certificates of a store.
+S=$TESTDIR/store
+mkdir -p "$S"
+for n in primary evil noclientauth; do
+    cp "$PKI/$n.pem" "$PKI/$n.key" "$S/"
+done
+cp "$PKI/ca.pem" "$S/"
+sha1=$(openssl x509 -in "$PKI/primary.pem" -noout -fingerprint -sha1 | cut -d= -f2)
+vr primary server set --certificate-store "$S" --certificate-thumbprint "$sha1" \
+    >/dev/null || fail "server set --certificate-thumbprint (primary's)"
+[ "$(jget primary .certificate server show)" = "$S/primary.pem" ] ||
+    fail "the thumbprint chose $(jget primary .certificate server show)"
+[ "$(jget primary .certificate_thumbprint server show)" = "$(tr -d : <<<"${sha1,,}")" ] ||
+    fail "thumbprint shown: $(jget primary .certificate_thumbprint server show)"
+tc "$T" || fail "with the store's primary certificate: $(cat "$TESTDIR/tc.out")"
+sha256=$(openssl x509 -in "$PKI/evil.pem" -noout -fingerprint -sha256 | cut -d= -f2)
+vr primary server set --certificate-thumbprint "$sha256" >/dev/null ||
+    fail "server set --certificate-thumbprint (SHA-256, evil)"
+[ "$(jget primary .certificate server show)" = "$S/evil.pem" ] || fail "SHA-256 not matched"
+tc "$T" && fail "the store's evil certificate passed"
+expect_fail "store: evil certificate" "authentication failed"
+vr primary server set --certificate-thumbprint 00112233445566778899aabbccddeeff00112233 \
+    >"$TESTDIR/tc.out" 2>&1 && fail "an unknown thumbprint was accepted"
+expect_fail "unknown thumbprint" "none of its 4 certificates has thumbprint"
+[ "$(jget primary .certificate server show)" = "$S/evil.pem" ] ||
+    fail "a refused thumbprint changed the certificate"
+vr primary server set --certificate-thumbprint xyz >"$TESTDIR/tc.out" 2>&1 &&
+    fail "a malformed thumbprint was accepted"
+expect_fail "malformed thumbprint" "expected 40 (SHA-1) or 64 (SHA-256)"
+vr primary server set --certificate "$PKI/primary.pem" --key "$PKI/primary.key" \
+    >/dev/null || fail "primary: back to certificate files"
+[ "$(vrj primary server show | jq -r .certificate_store)" = null ] ||
+    fail "the store stayed after --certificate"
+tc "$T" || fail "back to files: $(cat "$TESTDIR/tc.out")"
 
 vr replica server set --disable >/dev/null || fail "server set --disable"
 tc "$T" && fail "a disabled Replica server passed"
