@@ -133,6 +133,7 @@ int cli_vm_path(struct cli *c, const struct cli_cmd *cmd, int argc,
 
 int cmd_server_show(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_server_set(struct cli *, const struct cli_cmd *, int, char **);
+int cmd_server_firewall(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_vm_create(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_vm_list(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_vm_show(struct cli *, const struct cli_cmd *, int, char **);

@@ -74,6 +74,18 @@ static const struct cli_cmd commands[] = {
       "  --allow-any, --no-allow-any accept any authenticated primary\n"
       "  --default-storage DIR       where Replica VMs of such primaries go\n"
       "  --monitoring-interval DUR   health window, e.g. 12h, 30m, 3600\n" },
+    { "server", "firewall", cmd_server_firewall, "enable|disable|show",
+      "open the listener ports in nftables (table inet vmreplica)",
+      "  enable   create table inet vmreplica: TCP to the running\n"
+      "           listeners' ports is marked 0x766d72 and accepted; it\n"
+      "           follows 'server set' and is re-created at daemon start\n"
+      "  disable  delete the table (the default: the host's firewall is\n"
+      "           not touched)\n"
+      "  show     the setting, the ports and the table as nft lists it\n"
+      "\n"
+      "An accept in this table cannot override a drop in another table:\n"
+      "if the host's own ruleset drops by default, add\n"
+      "'meta mark 0x766d72 accept' to its input chain.\n" },
     { "vm", "create", cmd_vm_create,
       "NAME (--disk FILE | --new-disk SIZE)... [--memory SIZE] [--cpus N]\n"
       "        [--nic NETWORK]... [--kernel FILE [--initrd FILE] "

@@ -107,6 +107,8 @@ struct route {
 static const struct route routes[] = {
     { "GET", "/v1/server", api_server_show },
     { "PUT", "/v1/server", api_server_set },
+    { "GET", "/v1/server/firewall", api_firewall_show },
+    { "PUT", "/v1/server/firewall", api_firewall_set },
     { "GET", "/v1/auth-entries", api_auth_list },
     { "POST", "/v1/auth-entries", api_auth_add },
     { "PUT", "/v1/auth-entries/*", api_auth_set },

@@ -172,6 +172,9 @@ struct server_cfg {
     bool allow_any;
     char *default_storage;
     unsigned monitoring_interval_s;
+    /* `server firewall enable`: vmreplicad keeps nftables table inet
+     * vmreplica open for its listener ports (firewall.c); off by default. */
+    bool firewall_enabled;
 };
 
 struct daemon {
@@ -375,5 +378,17 @@ void replica_applier_stop(void);
 int tls_check_material(const char *cert, const char *key, const char *ca) VR_WUR;
 /* First DNS SAN of a certificate file; caller frees. */
 char *tls_cert_dns_name(const char *cert_path);
+
+/* --- firewall.c -------------------------------------------------------- */
+/* The mark table inet vmreplica sets on packets to the listener ports, for
+ * the host's own ruleset to accept ("vmr"). */
+#define FIREWALL_MARK 0x766d72u
+/* After the listeners changed (start-up, server set), D->lock held: if the
+ * firewall is enabled and its table does not hold the running listeners'
+ * ports, rewrite it.  A failure is an error event, kept for
+ * firewall_error(). */
+void firewall_sync(void);
+/* firewall_sync's last failure while enabled, or NULL.  D->lock held. */
+const char *firewall_error(void);
 
 #endif
