@@ -19,7 +19,8 @@ PACKAGES=(build-essential meson ninja-build pkg-config nbdkit
     libzstd-dev libgnutls28-dev gnutls-bin libcurl4-gnutls-dev
     libmicrohttpd-dev libsqlite3-dev libjson-c-dev openssl curl jq socat
     zstd clang python3 busybox-static qemu-guest-agent e2fsprogs
-    libkrb5-dev krb5-user krb5-kdc krb5-admin-server faketime)
+    libkrb5-dev krb5-user krb5-kdc krb5-admin-server faketime
+    nftables iproute2)
 
 say() {
     printf 'quickstart: %s\n' "$*"

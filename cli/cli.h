@@ -135,6 +135,7 @@ int cmd_server_show(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_server_set(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_server_test_connection(struct cli *, const struct cli_cmd *, int,
                                char **);
+int cmd_server_firewall(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_vm_create(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_vm_list(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_vm_show(struct cli *, const struct cli_cmd *, int, char **);

@@ -86,6 +86,18 @@ static const struct cli_cmd commands[] = {
       "  Connects as replication would (same authentication), and says at\n"
       "  which step it failed: reaching the server, authenticating, or\n"
       "  being accepted (replication enabled, authorization entry).\n" },
+    { "server", "firewall", cmd_server_firewall, "enable|disable|show",
+      "open the listener ports in nftables (table inet vmreplica)",
+      "  enable   create table inet vmreplica: TCP to the running\n"
+      "           listeners' ports is marked 0x766d72 and accepted; it\n"
+      "           follows 'server set' and is re-created at daemon start\n"
+      "  disable  delete the table (the default: the host's firewall is\n"
+      "           not touched)\n"
+      "  show     the setting, the ports and the table as nft lists it\n"
+      "\n"
+      "An accept in this table cannot override a drop in another table:\n"
+      "if the host's own ruleset drops by default, add\n"
+      "'meta mark 0x766d72 accept' to its input chain.\n" },
     { "vm", "create", cmd_vm_create,
       "NAME (--disk FILE | --new-disk SIZE)... [--memory SIZE] [--cpus N]\n"
       "        [--nic NETWORK]... [--kernel FILE [--initrd FILE] "

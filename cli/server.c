@@ -1,7 +1,9 @@
 /* server.c: "vmreplica server show|set" — this host's Replica server
  * settings (GET/PUT /v1/server), the Set-/Get-VMReplicationServer of
  * Hyper-V.  Certificate and storage paths are made absolute here; the
- * daemon checks that it can read them.
+ * daemon checks that it can read them.  "server firewall" (GET/PUT
+ * /v1/server/firewall) stands in for the Windows firewall rules Hyper-V
+ * Replica ships, and "auth-entry" for its authorization entries.
  */
 #include <inttypes.h>
 #include <stdio.h>
@@ -44,6 +46,8 @@ print_server(json_object *s)
            cli_has(s, "default_storage") ? cli_str(s, "default_storage")
                                          : "-");
     cli_kv("Listening", "%s", cli_bool(s, "listening") ? "yes" : "no");
+    cli_kv("Firewall", "%s",
+           cli_bool(s, "firewall_enabled") ? "enabled" : "disabled");
     cli_kv("Monitoring interval", "%s",
            cli_fmt_duration((uint64_t)cli_int(s, "monitoring_interval"), buf,
                             sizeof buf));
@@ -52,6 +56,10 @@ print_server(json_object *s)
 static int
 finish(struct cli *c, json_object *out)
 {
+    /* The settings were applied; say so if the firewall could not follow. */
+    if (cli_has(out, "firewall_error"))
+        fprintf(stderr, "vmreplica: warning: %s\n",
+                cli_str(out, "firewall_error"));
     if (c->json)
         cli_print_json(out);
     else if (out)
@@ -201,6 +209,91 @@ cmd_server_set(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
     if (rc)
         return rc;
     return finish(c, out);
+}
+
+/* --- firewall ------------------------------------------------------------- */
+
+static void
+print_firewall(json_object *f)
+{
+    json_object *ports;
+    bool on = cli_bool(f, "enabled");
+    cli_kv("Firewall", "%s",
+           on ? "enabled"
+              : "disabled (vmreplica does not change this host's firewall)");
+    char list[64] = "";
+    size_t n = 0;
+    if (json_object_object_get_ex(f, "ports", &ports))
+        n = json_object_array_length(ports);
+    for (size_t i = 0; i < n; i++) {
+        size_t len = strlen(list);
+        snprintf(list + len, sizeof list - len, "%s%d/tcp", i ? ", " : "",
+                 json_object_get_int(json_object_array_get_idx(ports, i)));
+    }
+    cli_kv("Listener ports", "%s", n ? list : "none (no listener runs)");
+    cli_kv("Mark", "%s", cli_str(f, "mark"));
+    cli_kv("Table", "%s", cli_str(f, "table_name"));
+    if (cli_has(f, "error"))
+        cli_kv("Error", "%s", cli_str(f, "error"));
+    if (cli_has(f, "table")) {
+        printf("\n");
+        const char *t = cli_str(f, "table");
+        while (*t) {
+            size_t len = strcspn(t, "\n");
+            printf("    %.*s\n", (int)len, t);
+            t += len + (t[len] == '\n');
+        }
+    }
+    /* The daemon's hint, folded at 76 columns. */
+    printf("\nNote:");
+    unsigned col = 5;
+    for (const char *w = cli_str(f, "hint"); *w;) {
+        size_t len = strcspn(w, " ");
+        if (col + 1 + len > 76) {
+            printf("\n     ");
+            col = 5;
+        }
+        printf(" %.*s", (int)len, w);
+        col += 1 + (unsigned)len;
+        w += len + (w[len] == ' ');
+    }
+    printf("\n");
+}
+
+int
+cmd_server_firewall(struct cli *c, const struct cli_cmd *cmd, int argc,
+                    char **argv)
+{
+    const char *pos[1];
+    unsigned npos;
+    int rc = cli_parse(c, cmd, argc, argv, NULL, pos, 1, &npos);
+    if (rc)
+        return rc;
+    if ((rc = cli_want_args(cmd, npos, 1, "enable|disable|show")))
+        return rc;
+    json_object *out, *body = NULL;
+    if (strcmp(pos[0], "show") == 0) {
+        rc = cli_call(c, "GET", "/v1/server/firewall", NULL, &out);
+    } else if (strcmp(pos[0], "enable") == 0 ||
+               strcmp(pos[0], "disable") == 0) {
+        body = json_object_new_object();
+        json_object_object_add(
+            body, "enabled",
+            json_object_new_boolean(strcmp(pos[0], "enable") == 0));
+        rc = cli_call(c, "PUT", "/v1/server/firewall", body, &out);
+        json_object_put(body);
+    } else {
+        return cli_usage_error(cmd, "unknown action '%s': expected enable, "
+                               "disable or show", pos[0]);
+    }
+    if (rc)
+        return rc;
+    if (c->json)
+        cli_print_json(out);
+    else if (out)
+        print_firewall(out);
+    json_object_put(out);
+    return CLI_OK;
 }
 
 /* --- authorization entries ------------------------------------------------ */

@@ -23,6 +23,8 @@ const char *api_query(const struct api_call *call, const char *key);
 
 int api_server_show(struct api_call *, unsigned *, json_object **);
 int api_server_set(struct api_call *, unsigned *, json_object **);
+int api_firewall_show(struct api_call *, unsigned *, json_object **);
+int api_firewall_set(struct api_call *, unsigned *, json_object **);
 int api_vm_list(struct api_call *, unsigned *, json_object **);
 int api_vm_create(struct api_call *, unsigned *, json_object **);
 int api_vm_show(struct api_call *, unsigned *, json_object **);

@@ -108,6 +108,8 @@ static const struct route routes[] = {
     { "GET", "/v1/server", api_server_show },
     { "PUT", "/v1/server", api_server_set },
     { "POST", "/v1/server/test-connection", api_test_connection },
+    { "GET", "/v1/server/firewall", api_firewall_show },
+    { "PUT", "/v1/server/firewall", api_firewall_set },
     { "GET", "/v1/auth-entries", api_auth_list },
     { "POST", "/v1/auth-entries", api_auth_add },
     { "PUT", "/v1/auth-entries/*", api_auth_set },

@@ -192,7 +192,9 @@ catalog_save_server(void)
         (rc = config_put("thumbprint", c->thumbprint)) < 0 ||
         (rc = config_put("allow_any", c->allow_any ? "1" : "0")) < 0 ||
         (rc = config_put("default_storage", c->default_storage)) < 0 ||
-        (rc = config_put("monitoring_interval", mon)) < 0) {
+        (rc = config_put("monitoring_interval", mon)) < 0 ||
+        (rc = config_put("firewall_enabled",
+                         c->firewall_enabled ? "1" : "0")) < 0) {
         return catalog_end(rc);
     }
     return catalog_end(0);
@@ -241,6 +243,8 @@ load_server(void)
             c->krb_encrypt = atoi(v) != 0;
         else if (strcmp(k, "monitoring_interval") == 0)
             c->monitoring_interval_s = (unsigned)atoi(v);
+        else if (strcmp(k, "firewall_enabled") == 0)
+            c->firewall_enabled = atoi(v) != 0;
         free(v);
     }
     sqlite3_finalize(st);

@@ -174,6 +174,9 @@ struct server_cfg {
     bool allow_any;
     char *default_storage;
     unsigned monitoring_interval_s;
+    /* `server firewall enable`: vmreplicad keeps nftables table inet
+     * vmreplica open for its listener ports (firewall.c); off by default. */
+    bool firewall_enabled;
 };
 
 struct daemon {
@@ -387,5 +390,17 @@ int tls_thumbprint(const char *cert_path, char sha1[41]) VR_WUR;
  * -ENOENT/-EINVAL/-EEXIST with a message. */
 int tls_find_by_thumbprint(const char *dir, const char *thumbprint,
                            char **cert, char **key) VR_WUR;
+
+/* --- firewall.c -------------------------------------------------------- */
+/* The mark table inet vmreplica sets on packets to the listener ports, for
+ * the host's own ruleset to accept ("vmr"). */
+#define FIREWALL_MARK 0x766d72u
+/* After the listeners changed (start-up, server set), D->lock held: if the
+ * firewall is enabled and its table does not hold the running listeners'
+ * ports, rewrite it.  A failure is an error event, kept for
+ * firewall_error(). */
+void firewall_sync(void);
+/* firewall_sync's last failure while enabled, or NULL.  D->lock held. */
+const char *firewall_error(void);
 
 #endif

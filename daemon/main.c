@@ -199,6 +199,10 @@ main(int argc, char **argv)
             rc = 0;
         }
     }
+    /* After the listeners, whose ports it opens; a failure is an error
+     * event, and the daemon runs on. */
+    if (rc == 0)
+        firewall_sync();
     if (rc == 0)
         for (struct vm *vm = D->vms; vm; vm = vm->next)
             shipper_ensure(vm);

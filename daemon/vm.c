@@ -226,6 +226,9 @@ server_json(void)
                            json_object_new_boolean(D->krb_listener != NULL));
     json_object_object_add(o, "monitoring_interval",
                            json_object_new_int((int)c->monitoring_interval_s));
+    json_object_object_add(o, "firewall_enabled",
+                           json_object_new_boolean(c->firewall_enabled));
+    STR("firewall_error", firewall_error());
 #undef STR
     return o;
 }
@@ -416,6 +419,9 @@ api_server_set(struct api_call *call, unsigned *status VR_UNUSED,
     } else {
         event_add("info", NULL, "server settings changed%s",
                   c->replica_enabled ? " (replica server enabled)" : "");
+        /* The settings stand; a firewall that cannot follow them is an
+         * error event and shows in firewall_error. */
+        firewall_sync();
         *out = server_json();
     }
     pthread_mutex_unlock(&D->lock);

@@ -166,13 +166,18 @@ _api_up() { # NAME — true once the daemon answers on its socket
 # spawn_daemon NAME [VAR=VALUE…] — start vmreplicad NAME in the background
 # (state dir $TESTDIR/NAME, hostname NAME.test.local, stderr and stdout
 # appended to $TESTDIR/NAME.log), with the extra environment given, and do
-# not wait for it.  Sets DAEMON_PID[NAME] and NAME_pid.
+# not wait for it.  Sets DAEMON_PID[NAME] and NAME_pid.  If the variable
+# DAEMON_NETNS_NAME is set, the daemon runs in that network namespace
+# (`ip netns exec`, which execs it: the pid is the daemon's); its api.sock
+# is a unix socket, reached from here as usual.
 spawn_daemon() {
-    local name=$1
+    local name=$1 nsvar=DAEMON_NETNS_$1
     shift
+    local wrap=()
+    [ -z "${!nsvar:-}" ] || wrap=(ip netns exec "${!nsvar}")
     mkdir -p "$(state_dir "$name")"
     echo "=== $(date -u +%FT%TZ) start $name $*" >>"$TESTDIR/$name.log"
-    env "$@" "$VMREPLICAD" --state-dir "$(state_dir "$name")" \
+    ${wrap[@]+"${wrap[@]}"} env "$@" "$VMREPLICAD" --state-dir "$(state_dir "$name")" \
         --hostname "$name.test.local" -v \
         >>"$TESTDIR/$name.log" 2>&1 &
     DAEMON_PID[$name]=$!
