@@ -77,6 +77,10 @@ void cli_print_usage(const struct cli_cmd *cmd, FILE *f);
 /* Require exactly n positionals (named in what, e.g. "VM"). */
 int cli_want_args(const struct cli_cmd *cmd, unsigned npos, unsigned n,
                   const char *what);
+/* cli_parse with exactly n positionals (WHAT names them in the error). */
+int cli_parse_args(struct cli *c, const struct cli_cmd *cmd, int argc,
+                   char **argv, const struct cli_opt *opts, const char **pos,
+                   unsigned n, const char *what);
 
 /* --- API --------------------------------------------------------------- */
 

@@ -413,6 +413,18 @@ cli_want_args(const struct cli_cmd *cmd, unsigned npos, unsigned n,
     return CLI_OK;
 }
 
+int
+cli_parse_args(struct cli *c, const struct cli_cmd *cmd, int argc,
+               char **argv, const struct cli_opt *opts, const char **pos,
+               unsigned n, const char *what)
+{
+    unsigned npos;
+    int rc = cli_parse(c, cmd, argc, argv, opts, pos, n, &npos);
+    if (rc == CLI_OK)
+        rc = cli_want_args(cmd, npos, n, what);
+    return rc;
+}
+
 /* --- API call ---------------------------------------------------------- */
 
 struct buf {

@@ -265,11 +265,8 @@ cmd_server_firewall(struct cli *c, const struct cli_cmd *cmd, int argc,
                     char **argv)
 {
     const char *pos[1];
-    unsigned npos;
-    int rc = cli_parse(c, cmd, argc, argv, NULL, pos, 1, &npos);
+    int rc = cli_parse_args(c, cmd, argc, argv, NULL, pos, 1, "enable|disable|show");
     if (rc)
-        return rc;
-    if ((rc = cli_want_args(cmd, npos, 1, "enable|disable|show")))
         return rc;
     json_object *out, *body = NULL;
     if (strcmp(pos[0], "show") == 0) {
@@ -393,11 +390,8 @@ cmd_auth_remove(struct cli *c, const struct cli_cmd *cmd, int argc,
                 char **argv)
 {
     const char *pos[1];
-    unsigned npos;
-    int rc = cli_parse(c, cmd, argc, argv, NULL, pos, 1, &npos);
+    int rc = cli_parse_args(c, cmd, argc, argv, NULL, pos, 1, "PATTERN");
     if (rc)
-        return rc;
-    if ((rc = cli_want_args(cmd, npos, 1, "PATTERN")))
         return rc;
     CLEANUP_FREE char *esc = cli_escape(pos[0]);
     CLEANUP_FREE char *path = xasprintf("/v1/auth-entries/%s", esc);
@@ -423,11 +417,8 @@ cmd_server_test_connection(struct cli *c, const struct cli_cmd *cmd, int argc,
         { NULL, 0, NULL },
     };
     const char *pos[1];
-    unsigned npos;
-    int rc = cli_parse(c, cmd, argc, argv, opts, pos, 1, &npos);
+    int rc = cli_parse_args(c, cmd, argc, argv, opts, pos, 1, "FQDN[:PORT]");
     if (rc)
-        return rc;
-    if ((rc = cli_want_args(cmd, npos, 1, "FQDN[:PORT]")))
         return rc;
     if (!auth)
         return cli_usage_error(cmd, "missing --auth certificate|kerberos");

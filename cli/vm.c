@@ -133,11 +133,8 @@ cmd_vm_create(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
         { NULL, 0, NULL },
     };
     const char *pos[1];
-    unsigned npos;
-    int rc = cli_parse(c, cmd, argc, argv, opts, pos, 1, &npos);
+    int rc = cli_parse_args(c, cmd, argc, argv, opts, pos, 1, "NAME");
     if (rc)
-        return rc;
-    if ((rc = cli_want_args(cmd, npos, 1, "NAME")))
         return rc;
     const char *name = pos[0];
     if (!vr_name_valid(name))
@@ -268,11 +265,8 @@ cli_vm_path(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv,
         const char **name)
 {
     const char *pos[1];
-    unsigned npos;
-    int rc = cli_parse(c, cmd, argc, argv, opts, pos, 1, &npos);
+    int rc = cli_parse_args(c, cmd, argc, argv, opts, pos, 1, "VM");
     if (rc)
-        return rc;
-    if ((rc = cli_want_args(cmd, npos, 1, "VM")))
         return rc;
     CLEANUP_FREE char *esc = cli_escape(pos[0]);
     *path = xasprintf("/v1/vms/%s%s", esc, suffix);
@@ -401,11 +395,8 @@ cmd_vm_set_test_network(struct cli *c, const struct cli_cmd *cmd, int argc,
                         char **argv)
 {
     const char *pos[2];
-    unsigned npos;
-    int rc = cli_parse(c, cmd, argc, argv, NULL, pos, 2, &npos);
+    int rc = cli_parse_args(c, cmd, argc, argv, NULL, pos, 2, "VM NETWORK");
     if (rc)
-        return rc;
-    if ((rc = cli_want_args(cmd, npos, 2, "VM NETWORK")))
         return rc;
     CLEANUP_FREE char *esc = cli_escape(pos[0]);
     CLEANUP_FREE char *path = xasprintf("/v1/vms/%s/test-network", esc);

@@ -21,6 +21,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/tcp.h>
+#include <netinet/in.h>
+#include <stddef.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -1424,7 +1427,7 @@ struct conn_guard {
     bool in_request;   /* the access handler has the request's headers */
     unsigned requests; /* completed on this connection */
     bool cut;          /* shut down by the watchdog */
-    unsigned hs_failures; /* handshake_failures when it was accepted */
+    bool hs_failed;    /* a TLS handshake failed while it had sent bytes */
 };
 
 static pthread_mutex_t guard_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -1433,12 +1436,13 @@ static unsigned guard_count;
 static unsigned header_deadline_s = 30; /* a request's headers, whole */
 static unsigned max_connections = 64;
 static pthread_once_t guard_once = PTHREAD_ONCE_INIT;
-/* TLS handshakes that failed (MHD says so in its log, from the connection's
- * thread; it tells us of the close from another, with no reason).  A
- * connection that ends without a request while this count moved is taken
- * as one of them: wrong only if two such peers overlap, and both are
- * refused connections then. */
-static unsigned handshake_failures;
+/* A failed TLS handshake: MHD says so in its log, from the connection's
+ * thread, and tells us of the close from another, with neither the reason
+ * nor the connection.  So each connection still without a request that has
+ * sent bytes (TCP_INFO) is marked then, and audited if it closes without a
+ * request: a port probe (connect, close) sends nothing and is not audited;
+ * wrong only for a peer that had sent part of its handshake at that
+ * moment and then gives up without a request. */
 
 static void
 guard_audit(const char *addr, const char *why)
@@ -1503,6 +1507,22 @@ guard_start(void)
         pthread_detach(t);
 }
 
+/* Has the peer sent anything yet?  (False when it cannot be told: the
+ * socket is gone or no longer this peer's.) */
+static bool
+sent_something(const struct conn_guard *g)
+{
+    struct tcp_info ti;
+    socklen_t len = sizeof ti;
+    memset(&ti, 0, sizeof ti);
+    if (!same_peer(g->fd, g->addr) ||
+        getsockopt(g->fd, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0 ||
+        len < offsetof(struct tcp_info, tcpi_bytes_received) +
+                  sizeof ti.tcpi_bytes_received)
+        return false;
+    return ti.tcpi_bytes_received > 1; /* (a FIN counts one) */
+}
+
 static void
 mhd_logger(void *cls VR_UNUSED, const char *fmt, va_list ap)
 {
@@ -1513,7 +1533,9 @@ mhd_logger(void *cls VR_UNUSED, const char *fmt, va_list ap)
         msg[--n] = '\0';
     if (strstr(msg, "handshake")) {
         pthread_mutex_lock(&guard_lock);
-        handshake_failures++;
+        for (struct conn_guard *g = guards; g; g = g->next)
+            if (!g->in_request && g->requests == 0 && sent_something(g))
+                g->hs_failed = true;
         pthread_mutex_unlock(&guard_lock);
     }
     log_debug("replica", "libmicrohttpd: %s", msg);
@@ -1548,7 +1570,6 @@ notify_connection(void *cls VR_UNUSED, struct MHD_Connection *c,
         peer_addr(c, g->addr, sizeof g->addr);
         g->start_ms = vr_mono_ms();
         pthread_mutex_lock(&guard_lock);
-        g->hs_failures = handshake_failures;
         g->next = guards;
         guards = g;
         guard_count++;
@@ -1567,7 +1588,7 @@ notify_connection(void *cls VR_UNUSED, struct MHD_Connection *c,
             guard_count--;
             break;
         }
-    bool hs_failed = handshake_failures != g->hs_failures;
+    bool hs_failed = g->hs_failed;
     pthread_mutex_unlock(&guard_lock);
     if (g->requests == 0 && !g->in_request) {
         char why[320];

@@ -18,6 +18,7 @@
 
 #include <gnutls/crypto.h>
 #include <gnutls/gnutls.h>
+#include <gnutls/x509.h>
 
 #include "cycle.h"
 #include "krb.h"
@@ -66,6 +67,50 @@ errno_of_name(const char *name)
         if (strcmp(t[i].n, name) == 0)
             return t[i].e;
     return EIO;
+}
+
+/* Certificate mode, once TLS is up and before the request goes out: the
+ * Replica server's certificate must carry the serverAuth purpose (SPEC
+ * §6).  curl's GnuTLS backend checks the chain and the name, not the
+ * purpose. */
+struct prereq {
+    CURL *h;
+    char why[160];
+};
+
+static int
+check_server_purpose(void *ud, char *ip VR_UNUSED, char *local VR_UNUSED,
+                     int rport VR_UNUSED, int lport VR_UNUSED)
+{
+    struct prereq *pr = ud;
+    struct curl_tlssessioninfo *ti = NULL;
+    if (curl_easy_getinfo(pr->h, CURLINFO_TLS_SSL_PTR, &ti) != CURLE_OK ||
+        !ti || ti->backend != CURLSSLBACKEND_GNUTLS || !ti->internals) {
+        snprintf(pr->why, sizeof pr->why, "cannot inspect the TLS session");
+        return CURL_PREREQFUNC_ABORT;
+    }
+    unsigned n = 0;
+    const gnutls_datum_t *certs =
+        gnutls_certificate_get_peers((gnutls_session_t)ti->internals, &n);
+    gnutls_x509_crt_t crt;
+    bool server = false;
+    if (certs && n > 0 && gnutls_x509_crt_init(&crt) >= 0) {
+        if (gnutls_x509_crt_import(crt, &certs[0], GNUTLS_X509_FMT_DER) >= 0)
+            for (unsigned i = 0; i < 32 && !server; i++) {
+                char oid[128];
+                size_t sz = sizeof oid;
+                if (gnutls_x509_crt_get_key_purpose_oid(crt, i, oid, &sz,
+                                                        NULL) < 0)
+                    break;
+                server = strcmp(oid, GNUTLS_KP_TLS_WWW_SERVER) == 0;
+            }
+        gnutls_x509_crt_deinit(crt);
+    }
+    if (server)
+        return CURL_PREREQFUNC_OK;
+    snprintf(pr->why, sizeof pr->why, "its certificate lacks the serverAuth "
+             "extended key usage");
+    return CURL_PREREQFUNC_ABORT;
 }
 
 /* Response headers: the Replica server's MIC in Kerberos mode. */
@@ -274,6 +319,7 @@ peer_call(const struct peer *p, const char *method, const char *path,
     CLEANUP_FREE char *resp_mic = NULL;
     struct wrap_src wsrc = { .fd = -1 };
     char errbuf[CURL_ERROR_SIZE] = "";
+    struct prereq prereq = { .h = h };
     int rc = 0;
     curl_easy_setopt(h, CURLOPT_ERRORBUFFER, errbuf);
     curl_easy_setopt(h, CURLOPT_URL, url);
@@ -289,6 +335,8 @@ peer_call(const struct peer *p, const char *method, const char *path,
         curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, on_header);
         curl_easy_setopt(h, CURLOPT_HEADERDATA, &resp_mic);
     } else {
+        curl_easy_setopt(h, CURLOPT_PREREQFUNCTION, check_server_purpose);
+        curl_easy_setopt(h, CURLOPT_PREREQDATA, &prereq);
         curl_easy_setopt(h, CURLOPT_SSLCERT, p->cert);
         curl_easy_setopt(h, CURLOPT_SSLKEY, p->key);
         curl_easy_setopt(h, CURLOPT_CAINFO, p->ca);
@@ -371,6 +419,8 @@ peer_call(const struct peer *p, const char *method, const char *path,
         rc = vr_err(wsrc.err, "kerberos: wrapping the upload failed");
     if (rc < 0) {
         rc = vr_err(rc, "replica server %s: %s", p->server, vr_errmsg());
+    } else if (cr == CURLE_ABORTED_BY_CALLBACK && prereq.why[0]) {
+        rc = vr_err(-EACCES, "replica server %s: %s", p->server, prereq.why);
     } else if (cr != CURLE_OK) {
         /* A handshake the peer refused (a TLS alert: our certificate is
          * unknown, expired, revoked) will not heal by retrying; one cut

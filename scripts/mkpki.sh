@@ -8,6 +8,7 @@
 #   evilca.pem evilca.key         an unrelated CA
 #   evil.pem evil.key             primary.test.local signed by evilca
 #   noclientauth.pem .key         primary.test.local with serverAuth only
+#   noserverauth.pem .key         replica.test.local with clientAuth only
 #   revoked.pem revoked.key       primary.test.local, revoked by the CA
 #   crl.pem                       the CA's revocation list (revokes it)
 #   expired.pem expired.key       primary.test.local (both EKUs, SAN) whose
@@ -111,6 +112,7 @@ mkcert replica replica.test.local serverAuth,clientAuth
 # Negative cases.
 mkcert evil primary.test.local serverAuth,clientAuth evilca
 mkcert noclientauth primary.test.local serverAuth
+mkcert noserverauth replica.test.local clientAuth
 mkcert revoked primary.test.local serverAuth,clientAuth
 openssl ca -batch -config "$work/db-ca/ca.cnf" -cert "$out/ca.pem" \
     -keyfile "$out/ca.key" -revoke "$out/revoked.pem" 2>"$work/revoke.err" ||

@@ -78,8 +78,11 @@ _on_exit() {
     local rc=$1 i name
     set +e
     trap - EXIT
+    # Only what is still our child: a background job that ended long ago
+    # may have left its number to another test's process (a CI flake:
+    # "start nbdkit … exited: (log is empty)").
     for i in "${_bg_pids[@]}"; do
-        kill -TERM "$i" 2>/dev/null
+        _is_child "$i" && kill -TERM "$i" 2>/dev/null
     done
     for ((i = ${#_cleanups[@]} - 1; i >= 0; i--)); do
         eval "${_cleanups[$i]}"
@@ -92,7 +95,7 @@ _on_exit() {
         done
     fi
     for name in "${!DAEMON_PID[@]}"; do
-        _stop_pid "${DAEMON_PID[$name]}" 10
+        _is_child "${DAEMON_PID[$name]}" && _stop_pid "${DAEMON_PID[$name]}" 10
     done
     # nbdkit (started by the daemons, survives them by design), writers…
     _kill_matching TERM "$TESTDIR"
@@ -106,6 +109,14 @@ _on_exit() {
         rm -rf "$TESTDIR"
     fi
     exit "$rc"
+}
+# _is_child PID — true if PID is a live child of this shell.
+_is_child() {
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    stat=${stat##*) } # after "pid (comm) ": state ppid …
+    set -- $stat
+    [ "${2:-}" = "$$" ]
 }
 # _kill_matching SIG STRING — signal every process whose command line
 # contains STRING (pkill -f without needing procps).
@@ -557,6 +568,8 @@ stop_writer() {
 #   $KRB/replica.keytab  host/ and HTTP/replica.test.local
 #   $KRB/rogue.keytab    host/rogue.test.local (a host no entry admits)
 #   $KRB/alice.keytab    alice (a user, not a host)
+#   $KRB/wild.keytab     host/ of test.local, a.b.test.local, badtest.local
+#                        and test.local.evil.net (wildcard edge cases)
 # The KDC is stopped at exit.
 KRB=$TESTDIR/krb
 krb_realm() {
@@ -603,7 +616,8 @@ EOC
         >"$KRB/setup.log" 2>&1 || fail "kdb5_util create (see $KRB/setup.log)"
     for p in host/primary.test.local HTTP/primary.test.local \
         host/replica.test.local HTTP/replica.test.local \
-        host/rogue.test.local alice; do
+        host/rogue.test.local alice host/test.local host/a.b.test.local \
+        host/badtest.local host/test.local.evil.net; do
         kadmin.local -q "addprinc -randkey $p" >>"$KRB/setup.log" 2>&1 ||
             fail "kadmin.local addprinc $p"
     done
@@ -615,6 +629,8 @@ EOC
         >>"$KRB/setup.log" 2>&1 || fail "ktadd rogue"
     kadmin.local -q "ktadd -k $KRB/alice.keytab alice" \
         >>"$KRB/setup.log" 2>&1 || fail "ktadd alice"
+    kadmin.local -q "ktadd -k $KRB/wild.keytab host/test.local host/a.b.test.local host/badtest.local host/test.local.evil.net" \
+        >>"$KRB/setup.log" 2>&1 || fail "ktadd wild"
     krb5kdc -n -P "$KRB/kdc.pid" >"$KRB/kdc.stdout" 2>&1 &
     KDC_PID=$!
     _bg_pids+=("$KDC_PID")

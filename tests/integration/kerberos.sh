@@ -11,7 +11,9 @@
 #     (seen in a capture by a socat relay) and never with it.
 #  3. Refusals, each with its exact error, an audit event naming the peer,
 #     and nothing written under the storage location: no ticket; a host no
-#     entry admits (host/rogue); a user principal (alice); a stock SPNEGO
+#     entry admits (host/rogue); the wildcard edge cases of SPEC §6 against
+#     '*.test.local' (test.local, a.b.test.local, badtest.local,
+#     test.local.evil.net, with one.test.local admitted); a user principal (alice); a stock SPNEGO
 #     client (curl --negotiate); a replayed
 #     request; a body changed after it was signed; no MIC; a Replica server
 #     whose clock is 10 min ahead and one 10 min behind (faketime); a server
@@ -173,6 +175,35 @@ code=$(send rogue "$TESTDIR/h-rogue" "$BODY")
 [ "$code" = 403 ] || fail "rogue: HTTP $code, want 403"
 refused rogue 403 "primary rogue.test.local is not authorized" \
     "host/rogue.test.local@TEST.LOCAL"
+
+# Wildcard edge cases of SPEC §6 against the live server: with only
+# '*.test.local' admitting, a host one label deeper is admitted, and
+# test.local, a.b.test.local, badtest.local and test.local.evil.net are not
+# (each refused, audited, nothing written).  GET /r1/test writes nothing
+# even when admitted.
+vr replica auth-entry remove primary.test.local >/dev/null || fail "auth-entry remove"
+vr replica auth-entry add --primary '*.test.local' \
+    --storage "$TESTDIR/replica-storage" >/dev/null || fail "auth-entry add *.test.local"
+# probe LABEL PRINCIPAL KEYTAB — GET /r1/test as PRINCIPAL; prints the code.
+probe() {
+    "$KRBTOKEN" "$3" "$2" replica.test.local GET /r1/test 1 0/3600 - \
+        >"$TESTDIR/h-$1" || fail "krbtoken $2"
+    curl -sS -o "$TESTDIR/resp-$1" -w '%{http_code}' --max-time 10 \
+        --resolve "replica.test.local:$KRB_PORT:127.0.0.1" -H "@$TESTDIR/h-$1" \
+        -H 'X-Vmreplica-Epoch: 1' -H 'X-Vmreplica-History: 0/3600' "$URL/r1/test"
+}
+code=$(probe wild-ok host/rogue.test.local@TEST.LOCAL "$KRB/rogue.keytab")
+[ "$code" = 200 ] || fail "*.test.local does not admit rogue.test.local: $code $(cat "$TESTDIR/resp-wild-ok")"
+[ "$(jq -r .primary "$TESTDIR/resp-wild-ok")" = rogue.test.local ] || fail "wild-ok: $(cat "$TESTDIR/resp-wild-ok")"
+for h in test.local a.b.test.local badtest.local test.local.evil.net; do
+    a0=$(audits)
+    code=$(probe "wild-$h" "host/$h@TEST.LOCAL" "$KRB/wild.keytab")
+    [ "$code" = 403 ] || fail "*.test.local vs $h: HTTP $code, want 403"
+    refused "wild-$h" 403 "primary $h is not authorized" "host/$h@TEST.LOCAL"
+done
+vr replica auth-entry remove '*.test.local' >/dev/null || fail "auth-entry remove *"
+vr replica auth-entry add --primary primary.test.local \
+    --storage "$TESTDIR/replica-storage" >/dev/null || fail "auth-entry add back"
 
 # A user (not a host) principal.
 a0=$(audits)

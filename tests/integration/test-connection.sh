@@ -6,7 +6,8 @@
 # Replica server would use), nothing listening on the port, the Replica
 # server refusing this host (no authorization entry; the refusal is audited
 # there), an entry with a trust group, this host presenting a certificate of
-# another CA, a certificate chosen by thumbprint from a store of several
+# another CA, a Replica server whose certificate lacks serverAuth or names
+# another host, a certificate chosen by thumbprint from a store of several
 # (--certificate-thumbprint, SHA-1 or SHA-256), and the Replica server
 # disabled.  Kerberos mode is checked in
 # kerberos.sh.
@@ -68,6 +69,22 @@ expect_fail "unknown CA" "authentication failed"
 vr primary server set --certificate "$PKI/primary.pem" --key "$PKI/primary.key" \
     >/dev/null || fail "primary: server set (own certificate)"
 tc "$T" || fail "back to the good certificate: $(cat "$TESTDIR/tc.out")"
+
+# What the primary checks of the Replica server: the serverAuth purpose and
+# its name (the SAN must carry replica.test.local).
+vr replica server set --certificate "$PKI/noserverauth.pem" \
+    --key "$PKI/noserverauth.key" >/dev/null || fail "replica: noserverauth"
+tc "$T" && fail "a Replica server certificate without serverAuth passed"
+expect_fail "server certificate without serverAuth" "authentication failed" \
+    "its certificate lacks the serverAuth extended key usage"
+vr replica server set --certificate "$PKI/primary.pem" --key "$PKI/primary.key" \
+    >/dev/null || fail "replica: a certificate of another name"
+tc "$T" && fail "a Replica server certificate of another name passed"
+expect_fail "server certificate of another name" "authentication failed" \
+    "replica.test.local"
+vr replica server set --certificate "$PKI/replica.pem" --key "$PKI/replica.key" \
+    >/dev/null || fail "replica: its own certificate"
+tc "$T" || fail "the replica's own certificate again: $(cat "$TESTDIR/tc.out")"
 
 # --certificate-thumbprint chooses among several certificates of a store.
 S=$TESTDIR/store
