@@ -206,8 +206,9 @@ server_json(void)
     STR("ca", c->ca);
     STR("crl", c->crl);
     char sha1[41];
-    STR("certificate_thumbprint",
-        c->cert && tls_thumbprint(c->cert, sha1) == 0 ? sha1 : NULL);
+    const char *thumb =
+        c->cert && tls_thumbprint(c->cert, sha1) == 0 ? sha1 : NULL;
+    STR("certificate_thumbprint", thumb);
     STR("certificate_store", c->cert_store);
     json_object_object_add(o, "kerberos_port",
                            json_object_new_int((int)c->krb_port));

@@ -75,6 +75,11 @@ vrj replica events |
     jq -r '.events[] | select(.level == "audit") | .message' >"$TESTDIR/audit.txt"
 log "audit events:"
 sed 's/^/    /' "$TESTDIR/audit.txt"
+# Each refusal says why.
+for why in "no client certificate" "The certificate issuer is unknown" \
+    "does not match the intended purpose"; do
+    grep -q "$why" "$TESTDIR/audit.txt" || fail "no audit event says '$why'"
+done
 n=$(grep -cE '127\.0\.0\.1|test\.local' "$TESTDIR/audit.txt" || true)
 [ "$n" -ge 3 ] ||
     fail "audit events do not name the peer (127.0.0.1 or its certificate name)"
