@@ -41,6 +41,8 @@ http_status_for(int rc)
     case EFBIG:
     case E2BIG:
         return 413;
+    case ENOSPC:
+        return 507;
     case ECONNREFUSED:
     case EHOSTUNREACH:
     case ETIMEDOUT:

@@ -26,6 +26,7 @@
 #include <stddef.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -196,6 +197,7 @@ struct rreq {
     char *group;        /* the peer's trust group ("" none) */
     bool holds_busy;
     uint64_t disk_sizes[MAX_DISKS]; /* for the decoder's bounds checks */
+    uint64_t space_cap; /* nonzero: the payload was capped by free space */
     unsigned ndisks;
     struct MHD_Connection *conn;
     /* Kerberos mode: the request's context, SHA-256 of its plaintext body
@@ -957,10 +959,20 @@ upload_begin(struct rreq *q, struct MHD_Connection *c)
     q->fd = open(q->tmp_path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
     if (q->fd < 0)
         return vr_err(-errno, "open %s: %s", q->tmp_path, strerror(errno));
-    int rc2 = cyc_decoder_new(compressed,
-                              q->kind == R1_BASE ? R1_MAX_BASE_RAW
-                                                 : R1_MAX_CYCLE_RAW,
-                              q->fd, &q->dec);
+    /* However small the body, what it decompresses to is written to the
+     * staging file system: never let one payload fill it.  It may use what
+     * is free but a tenth of it (at most 1 GiB kept). */
+    uint64_t cap = q->kind == R1_BASE ? R1_MAX_BASE_RAW : R1_MAX_CYCLE_RAW;
+    struct statvfs sv;
+    if (fstatvfs(q->fd, &sv) == 0) {
+        uint64_t avail = (uint64_t)sv.f_bavail * sv.f_frsize;
+        uint64_t keep = avail / 10 < (1ull << 30) ? avail / 10 : 1ull << 30;
+        if (avail - keep < cap) {
+            cap = avail - keep;
+            q->space_cap = cap;
+        }
+    }
+    int rc2 = cyc_decoder_new(compressed, cap, q->fd, &q->dec);
     if (rc2 == 0)
         cyc_decoder_set_disk_sizes(q->dec, q->disk_sizes, q->ndisks);
     return rc2;
@@ -1367,7 +1379,7 @@ r1_access(void *cls, struct MHD_Connection *c, const char *url,
         snprintf(msg, sizeof msg, "%s", vr_errmsg());
         /* What the peer sent or may not do is audited; a failure of ours
          * (5xx: no space, I/O) is logged. */
-        if (http_status_for(rc) < 500)
+        if (http_status_for(rc) < 500 || rc == -ENOSPC)
             return refuse(c, q, rc, msg);
         log_warn("replica", "%s %s from %s: %s", method, url, q->peer, msg);
         return reply_error(c, q, rc, msg);
@@ -1395,8 +1407,17 @@ body_chunk(void *ud, const char *data, size_t n)
             rreq_fail(q, rc, vr_errmsg());
             return 0;
         }
-        if ((rc = cyc_decoder_feed(q->dec, data, n)) < 0)
+        if ((rc = cyc_decoder_feed(q->dec, data, n)) == -EFBIG &&
+            q->space_cap) {
+            char msg[256];
+            snprintf(msg, sizeof msg, "replica storage: the payload "
+                     "decompresses to more than the %llu bytes its file "
+                     "system can take (free space less a reserve)",
+                     (unsigned long long)q->space_cap);
+            rreq_fail(q, -ENOSPC, msg);
+        } else if (rc < 0) {
             rreq_fail(q, rc, vr_errmsg());
+        }
     } else if (q->kind != R1_STATUS) {
         if (q->len + n > R1_JSON_MAX) {
             rreq_fail(q, -EFBIG, "request body too large");

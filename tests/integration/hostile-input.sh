@@ -18,7 +18,8 @@
 #   3  vm name with ../                      4  vm name with /
 #   5  vm name with an embedded NUL          6  vm name of 4096 bytes
 #   7  disk id with ../ or /                 8  symlinks in the storage
-#   9  huge length and count fields          10 decompression bombs
+#   9  huge length and count fields          10 decompression bombs (also
+#                                               on a 40 MiB tmpfs storage)
 #   11 JSON body over 64 KiB                 12 bad or missing epoch
 # and, with the replica restarted with a 3 s request deadline and a cap of
 # 4 connections (test hooks VMREPLICA_TEST_IDLE_TIMEOUT/_MAX_CONNECTIONS):
@@ -491,6 +492,45 @@ zstd_window() {
 }
 run_case 10 "zstd bomb: 1088 MiB as a base chunk" zstd_bomb
 run_case 10 "zstd frame with a 1 GiB window" zstd_window
+# On a nearly full storage location (a 40 MiB tmpfs), the same bomb is cut
+# before it fills the file system: what may be staged is its free space
+# less a reserve, and the refusal says so (ENOSPC, audited).
+SMALL=$TESTDIR/small
+mkdir -p "$SMALL"
+if mount -t tmpfs -o size=40m tmpfs "$SMALL"; then
+    cleanup_fn umount -l "$SMALL"
+fi
+zstd_bomb_small() {
+    local u out peak size avail
+    mountpoint -q "$SMALL" || fail "cannot mount a tmpfs on $SMALL"
+    vr replica server set --default-storage "$SMALL" >/dev/null ||
+        fail "server set --default-storage (tmpfs)"
+    u=$(newuuid)
+    reg_body small >"$TESTDIR/small.json"
+    register "$u" "$TESTDIR/small.json"
+    [ "$R1_CODE" = 200 ] || fail "registering on the tmpfs: $R1_CODE $R1_MSG"
+    "$PY" "$HOSTILE" bomb "$u" 272 4 | zstd -q -c -3 >"$TESTDIR/bomb2.zst" ||
+        fail "making the bomb"
+    avail=$(($(stat -f -c '%a*%S' "$SMALL")))
+    mark
+    out=$("$PY" "$HOSTILE" paused-put "$REPLICA_PORT" "$PKI" \
+        "/r1/vms/$u/base/1" "$TESTDIR/bomb2.zst" "$SMALL/$u/staging/*.tmp" \
+        X-Vmreplica-Epoch:1 Content-Encoding:zstd) || fail "paused-put: $out"
+    R1_CODE=$(jq -r .code <<<"$out")
+    R1_PORT=$(jq -r .local_port <<<"$out")
+    R1_ERR=$(jq -r '.body | fromjson? | .error // empty' <<<"$out")
+    R1_MSG=$(jq -r '.body | fromjson? | .message // empty' <<<"$out")
+    R1_CURL=
+    peak=$(jq -r .tmp_peak_bytes <<<"$out")
+    log "  PUT base/1 on a 40 MiB tmpfs ($avail bytes free): $R1_CODE $R1_ERR: $R1_MSG; staged at most $peak bytes"
+    refused 507 ENOSPC "decompresses to more than the"
+    [ "$peak" -lt "$avail" ] || fail "the bomb filled the file system ($peak of $avail bytes)"
+    audited "from primary.test.local"
+    [ -z "$(ls "$SMALL/$u/staging")" ] || fail "the temporary file stayed"
+    vr replica server set --default-storage "$STORAGE" >/dev/null ||
+        fail "server set --default-storage back"
+}
+run_case 10 "zstd bomb on a nearly full storage location" zstd_bomb_small
 
 # --- 11: a JSON body over 64 KiB ---------------------------------------------------
 
