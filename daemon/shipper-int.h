@@ -42,6 +42,10 @@ void job_fini(struct job *jb);
  * upload_fd (upload_len bytes, zstd-encoded if zstd); the JSON answer goes
  * to *resp (may be NULL).  A refusal maps back to its errno (EPERM, ESTALE,
  * …) with the server's message. */
+/* A failure that retrying will not heal (refused, stale, …): replication
+ * stops in Error. */
+bool shipper_unrecoverable(int rc);
+
 int peer_call(const struct peer *p, const char *method, const char *path,
               const char *json_body, int upload_fd, uint64_t upload_len,
               bool zstd, json_object **resp) VR_WUR;

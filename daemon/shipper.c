@@ -113,6 +113,23 @@ check_server_purpose(void *ud, char *ip VR_UNUSED, char *local VR_UNUSED,
     return CURL_PREREQFUNC_ABORT;
 }
 
+/* Kerberos mode: does the answer carry HTTP/SERVER's MIC over its status
+ * and body?  (Its reason in vr_errmsg() if not.) */
+static bool
+answer_signed(gss_ctx_id_t ctx, long status, const struct resp_buf *body,
+              const char *mic)
+{
+    if (ctx == GSS_C_NO_CONTEXT) {
+        vr_err(-EACCES, "no Kerberos context");
+        return false;
+    }
+    uint8_t sha[32], digest[KRB_DIGEST_LEN];
+    gnutls_hash_fast(GNUTLS_DIG_SHA256, body->data ? body->data : "",
+                     body->len, sha);
+    krb_response_digest((unsigned)status, sha, digest);
+    return krb_verify(ctx, digest, mic) == 0;
+}
+
 /* Response headers: the Replica server's MIC in Kerberos mode. */
 static size_t
 on_header(char *ptr, size_t size, size_t nmemb, void *ud)
@@ -446,17 +463,19 @@ peer_call(const struct peer *p, const char *method, const char *path,
                     msg ? msg : "unexpected answer");
         if ((status == 403 || status == 401) && !name)
             rc = -EACCES;
-    } else if (p->kerberos) {
+        /* Kerberos mode is plain HTTP: anyone on the path can answer.  A
+         * refusal not signed by HTTP/SERVER must not stop replication;
+         * it is retried like a lost connection. */
+        if (p->kerberos && shipper_unrecoverable(rc) &&
+            !answer_signed(ctx, status, &body, resp_mic))
+            rc = vr_err(-ECONNRESET, "replica server %s: an unsigned answer "
+                        "%ld (not trusted, retrying): %s", p->server, status,
+                        msg ? msg : "no message");
+    } else if (p->kerberos && !answer_signed(ctx, status, &body, resp_mic)) {
         /* Only HTTP/SERVER could sign the answer: this is what
          * authenticates the Replica server to us. */
-        uint8_t sha[32], digest[KRB_DIGEST_LEN];
-        gnutls_hash_fast(GNUTLS_DIG_SHA256, body.data ? body.data : "",
-                         body.len, sha);
-        krb_response_digest((unsigned)status, sha, digest);
-        if (krb_verify(ctx, digest, resp_mic) < 0)
-            rc = vr_err(-EACCES, "replica server %s: its answer is not "
-                        "signed by HTTP/%s: %s", p->server, host,
-                        vr_errmsg());
+        rc = vr_err(-EACCES, "replica server %s: its answer is not signed "
+                    "by HTTP/%s: %s", p->server, host, vr_errmsg());
     }
     krb_ctx_free(&ctx);
     if (rc == 0 && resp)
@@ -1132,8 +1151,8 @@ run_initial(struct vm *vm, struct job *jb)
 
 /* --- the thread ----------------------------------------------------------- */
 
-static bool
-unrecoverable(int rc)
+bool
+shipper_unrecoverable(int rc)
 {
     return rc == -EPERM || rc == -EACCES || rc == -ESTALE || rc == -ENOENT ||
            rc == -EBADMSG || rc == -EPROTO || rc == -EINVAL;
@@ -1209,7 +1228,7 @@ shipper_main(void *arg)
         r->errors++;
         free(r->last_error);
         r->last_error = xstrdup(msg);
-        if (unrecoverable(rc)) {
+        if (shipper_unrecoverable(rc)) {
             snprintf(r->state, sizeof r->state, "%s", ST_ERROR);
             event_add("error", vm->name, "replication stopped: %s", msg);
         } else {

@@ -9,6 +9,8 @@
 #  2. With --kerberos-encrypt on, the same with the data wrapped: a marker
 #     written by the guest crosses the wire in the clear without encryption
 #     (seen in a capture by a socat relay) and never with it.
+#     An unsigned "403 EPERM" from a forger on the path is not trusted: the
+#     primary keeps retrying and catches up once the path is clean.
 #  3. Refusals, each with its exact error, an audit event naming the peer,
 #     and nothing written under the storage location: no ticket; a host no
 #     entry admits (host/rogue); the wildcard edge cases of SPEC §6 against
@@ -32,10 +34,14 @@ last_audit() { vrj replica events | jq -r '[.events[] | select(.level == "audit"
 # --- 1. replication end to end ------------------------------------------
 # Through a relay that records what the primary sends (socat -r).
 RELAY_PORT=$(free_port)
-socat -r "$TESTDIR/wire.bin" "TCP-LISTEN:$RELAY_PORT,bind=127.0.0.1,fork,reuseaddr" \
-    "TCP:127.0.0.1:$KRB_PORT" 2>"$TESTDIR/socat.log" &
-_bg_pids+=("$!")
-wait_until 10 port_open "$RELAY_PORT" || fail "relay not listening"
+relay_start() {
+    socat -r "$TESTDIR/wire.bin" "TCP-LISTEN:$RELAY_PORT,bind=127.0.0.1,fork,reuseaddr" \
+        "TCP:127.0.0.1:$KRB_PORT" 2>>"$TESTDIR/socat.log" &
+    RELAY_PID=$!
+    _bg_pids+=("$RELAY_PID")
+    wait_until 10 port_open "$RELAY_PORT" || fail "relay not listening"
+}
+relay_start
 
 # marker TEXT FILE — 1 MiB of TEXT repeated.
 marker() {
@@ -96,6 +102,36 @@ if grep -aq "SECRET-MARKER-ksecret-" "$TESTDIR/wire.bin"; then
 fi
 grep -aq "X-Vmreplica-Wrap: gss-v1" "$TESTDIR/wire.bin" || fail "no wrapped request seen"
 log "replicated in both modes; the marker of the encrypted VM never crossed the wire"
+
+# Kerberos mode is plain HTTP: someone on the path answering "403 EPERM"
+# must not stop replication, since only HTTP/replica could have signed a
+# real refusal.  The relay is replaced by a forger for a few cycles.
+kill "$RELAY_PID" 2>/dev/null; wait "$RELAY_PID" 2>/dev/null || true
+python3 -c 'import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def answer(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        if n: self.rfile.read(n)
+        b = b"{\"error\":\"EPERM\",\"message\":\"forged refusal\"}\n"
+        self.send_response(403); self.send_header("Content-Length", str(len(b)))
+        self.end_headers(); self.wfile.write(b)
+    do_GET = do_PUT = do_POST = do_DELETE = answer
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()' "$RELAY_PORT" &
+FORGER_PID=$!
+_bg_pids+=("$FORGER_PID")
+wait_until 10 port_open "$RELAY_PORT" || fail "forger not listening"
+qemu-io -f raw "$(nbd_uri primary kplain)" -c 'write -P 0x61 14M 64k' >/dev/null
+wait_until 30 eval '[[ "$(repl primary kplain last_error)" == *"unsigned answer 403"* ]]' ||
+    fail "the forged refusal was not seen (last_error: $(repl primary kplain last_error))"
+sleep 2
+[ "$(repl primary kplain state)" = Replicating ] ||
+    fail "a forged, unsigned refusal stopped replication: $(repl primary kplain state)"
+log "forged refusal ignored: $(repl primary kplain last_error)"
+kill "$FORGER_PID" 2>/dev/null; wait "$FORGER_PID" 2>/dev/null || true
+relay_start
+wait_converged kplain 90
+assert_identical kplain
 
 # server test-connection over Kerberos: accepted; a name the KDC does not
 # know fails at authentication, and says so.
