@@ -229,21 +229,32 @@ read_pidfile(const char *path)
  * that of the configured binary or starts with the default's stem (so a
  * process started with a differently configured path is still ours). */
 static bool
-cmdline_matches(pid_t pid, const char *configured, const char *stem)
+cmdline_matches(pid_t pid, const char *configured, const char *stem,
+                const char *arg)
 {
-    char path[64], buf[512];
+    char path[64];
     snprintf(path, sizeof path, "/proc/%d/cmdline", (int)pid);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return false;
-    ssize_t n = io_read_full(fd, buf, sizeof buf - 1);
+    size_t cap = 64 << 10; /* a QEMU command line is long */
+    CLEANUP_FREE char *buf = xmalloc(cap + 1);
+    ssize_t n = io_read_full(fd, buf, cap);
     close(fd);
     if (n <= 0)
         return false;
-    buf[n] = '\0'; /* argv[0] is NUL-terminated inside buf */
+    buf[n] = '\0'; /* each argument is NUL-terminated inside buf */
     const char *arg0 = base_name(buf);
-    return strcmp(arg0, base_name(configured)) == 0 ||
-           strncmp(arg0, stem, strlen(stem)) == 0;
+    if (strcmp(arg0, base_name(configured)) != 0 &&
+        strncmp(arg0, stem, strlen(stem)) != 0)
+        return false;
+    /* Ours only if it was given our pid file: the number in a stale pid
+     * file may be another nbdkit's (or QEMU's) by now — another VM's,
+     * another program's — and must never be taken for ours (and killed). */
+    for (size_t i = strlen(buf) + 1; i < (size_t)n; i += strlen(buf + i) + 1)
+        if (strcmp(buf + i, arg) == 0)
+            return true;
+    return false;
 }
 
 /* Alive and not a zombie (the process is init's child once it is ours no
@@ -273,7 +284,8 @@ static pid_t
 live_pid(const char *pidfile, const char *configured, const char *stem)
 {
     pid_t pid = read_pidfile(pidfile);
-    if (pid && pid_running(pid) && cmdline_matches(pid, configured, stem))
+    if (pid && pid_running(pid) &&
+        cmdline_matches(pid, configured, stem, pidfile))
         return pid;
     return 0;
 }
