@@ -7,7 +7,8 @@
 # to check only that the process was "nbdkit": it then believed a VM's
 # disks served by an unrelated nbdkit and killed it at `vm stop` (seen as a
 # CI flake: another test's nbdkit "exited: (log is empty)").  Now the
-# process must also have been given that very pid file.
+# process must also have been given that very pid file.  And an nbdkit
+# that dies at its start without a word is started once more.
 source "$(dirname "$0")/functions.sh"
 requires nbdkit jq
 requires_build
@@ -42,6 +43,35 @@ stop_daemon primary
 start_primary
 vr primary vm start v1 --no-hypervisor >/dev/null || fail "vm start after restart"
 vr primary vm stop v1 >/dev/null || fail "vm stop after restart"
-stop_daemon primary
 kill -0 "$OTHER" 2>/dev/null || fail "a restart killed the other program's nbdkit"
+log "a daemon restart over the stale pid file: the other nbdkit untouched"
+
+# An nbdkit that dies at its start without a word (a signal) is started
+# once more; twice is an error.  (A stand-in for nbdkit does that.)
+cat >"$TESTDIR/nbdkit" <<'EOS'
+#!/bin/bash
+n=$(cat "$NBDKIT_DEATHS" 2>/dev/null || echo 0)
+if [ "$n" -gt 0 ]; then
+    echo $((n - 1)) >"$NBDKIT_DEATHS"
+    kill -TERM $$
+fi
+exec nbdkit "$@"
+EOS
+chmod +x "$TESTDIR/nbdkit"
+stop_daemon primary
+start_primary VMREPLICA_NBDKIT="$TESTDIR/nbdkit" NBDKIT_DEATHS="$TESTDIR/deaths"
+echo 1 >"$TESTDIR/deaths"
+vr primary vm start v1 --no-hypervisor >/dev/null ||
+    fail "vm start did not survive one silent death of nbdkit"
+grep -q "exited at start without a word" "$rundir/nbdkit.log" ||
+    fail "the restart is not said in nbdkit.log"
+vr primary vm stop v1 >/dev/null || fail "vm stop"
+echo 2 >"$TESTDIR/deaths"
+vr primary vm start v1 --no-hypervisor >"$TESTDIR/start.out" 2>&1 &&
+    fail "vm start succeeded although nbdkit died twice"
+grep -q "start nbdkit for v1: exited" "$TESTDIR/start.out" ||
+    fail "two deaths: $(cat "$TESTDIR/start.out")"
+log "a silent death of nbdkit at start: started again; two: $(cat "$TESTDIR/start.out")"
+stop_daemon primary
+kill -0 "$OTHER" 2>/dev/null || fail "the other program's nbdkit is gone"
 log "PASS"
