@@ -193,25 +193,21 @@ api_test_connection(struct api_call *call, unsigned *status VR_UNUSED,
     const char *addr = jstr(b, "connect_address");
     if (!server || !repl_server_name_valid(server))
         return vr_err(-EINVAL, "replica_server: expected FQDN[:PORT]");
-    if (auth && strcmp(auth, "certificate") != 0 &&
-        strcmp(auth, "kerberos") != 0)
-        return vr_err(-EINVAL, "auth %s: expected certificate or kerberos",
-                      auth);
-    struct repl r = { .auth = (char *)(auth ? auth : "certificate") };
-    struct peer p = { .epoch = 1, .point_interval_s = 3600 };
+    int rc = auth ? repl_auth_check(auth) : 0;
+    if (rc < 0)
+        return rc;
+    /* A replication of a moment, as `replication enable` would make it. */
+    struct repl r = { .auth = (char *)(auth ? auth : "certificate"),
+                      .connect_address = (char *)(addr && *addr ? addr
+                                                                : NULL),
+                      .epoch = 1, .point_interval_s = 3600 };
+    CLEANUP_FREE char *with_port = repl_server_with_port(server, &r);
+    r.replica_server = with_port;
+    struct peer p = { 0 };
     pthread_mutex_lock(&D->lock);
-    int rc = repl_check_identity(&r);
-    if (rc == 0) {
-        const struct server_cfg *c = &D->cfg;
-        p.server = repl_server_with_port(server, &r);
-        p.connect_address = addr && *addr ? xstrdup(addr) : NULL;
-        p.cert = c->cert ? xstrdup(c->cert) : NULL;
-        p.key = c->key ? xstrdup(c->key) : NULL;
-        p.ca = c->ca ? xstrdup(c->ca) : NULL;
-        p.kerberos = repl_kerberos(&r);
-        p.keytab = c->keytab ? xstrdup(c->keytab) : NULL;
-        p.self = c->hostname ? xstrdup(c->hostname) : NULL;
-    }
+    rc = repl_check_identity(&r);
+    if (rc == 0)
+        peer_fill(&p, &r);
     pthread_mutex_unlock(&D->lock);
     json_object *resp = NULL;
     if (rc == 0) {
@@ -235,12 +231,6 @@ api_test_connection(struct api_call *call, unsigned *status VR_UNUSED,
                                json_object_new_string(p.server));
         json_object_object_add(*out, "auth", json_object_new_string(r.auth));
     }
-    free(p.server);
-    free(p.connect_address);
-    free(p.cert);
-    free(p.key);
-    free(p.ca);
-    free(p.keytab);
-    free(p.self);
+    peer_fini(&p);
     return rc;
 }

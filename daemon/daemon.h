@@ -309,6 +309,8 @@ json_object *repl_register_body(const struct vm *vm, const struct repl *r);
 /* The authentication a replication uses ("certificate" unless set). */
 const char *repl_auth(const struct repl *r);
 bool repl_kerberos(const struct repl *r);
+/* "certificate" or "kerberos": 0, else -EINVAL with the message. */
+int repl_auth_check(const char *auth) VR_WUR;
 /* SERVER with the default port of r's authentication unless it has one. */
 char *repl_server_with_port(const char *server, const struct repl *r);
 /* Does this host have the identity r's authentication needs (caller holds
@@ -364,6 +366,10 @@ int shipper_log_base(const struct disk *dk, uint64_t *base) VR_WUR;
 uint64_t shipper_pending_bytes(const struct vm *vm);
 
 /* --- replica.c (Replica server) ---------------------------------------- */
+/* Whether the auth setting ("certificate", "kerberos", "both"; unset is
+ * certificate) asks for the HTTPS / the Kerberos listener. */
+bool cfg_wants_certificate(const struct server_cfg *c);
+bool cfg_wants_kerberos(const struct server_cfg *c);
 /* (Re)start or stop the HTTPS listener per D->cfg. */
 int replica_listener_apply(void) VR_WUR;
 /* Stop it and wait for its requests (shutdown; caller holds no lock). */

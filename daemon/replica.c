@@ -1873,6 +1873,18 @@ krb_listener_apply(bool on)
     return 0;
 }
 
+bool
+cfg_wants_certificate(const struct server_cfg *c)
+{
+    return !c->auth || strcmp(c->auth, "kerberos") != 0;
+}
+
+bool
+cfg_wants_kerberos(const struct server_cfg *c)
+{
+    return c->auth && strcmp(c->auth, "certificate") != 0;
+}
+
 /* Every 5 s (from the guard's thread): a renewed certificate, key, CA or
  * revocation list file is picked up without a restart.  The listener is
  * re-applied, which restarts it only if a file's content changed, and only
@@ -1884,7 +1896,7 @@ listener_refresh(void)
     pthread_mutex_lock(&D->lock);
     const struct server_cfg *c = &D->cfg;
     bool cert = c->replica_enabled && !D->shutting_down && c->cert &&
-                c->key && c->ca && (!c->auth || strcmp(c->auth, "kerberos"));
+                c->key && c->ca && cfg_wants_certificate(c);
     if (cert && tls_check_material(c->cert, c->key, c->ca) == 0) {
         struct MHD_Daemon *before = D->listener;
         if (cert_listener_apply(true) < 0)
@@ -1902,8 +1914,8 @@ replica_listener_apply(void)
 {
     const struct server_cfg *c = &D->cfg;
     bool on = c->replica_enabled;
-    bool cert = on && (!c->auth || strcmp(c->auth, "kerberos") != 0);
-    bool krb = on && c->auth && strcmp(c->auth, "certificate") != 0;
+    bool cert = on && cfg_wants_certificate(c);
+    bool krb = on && cfg_wants_kerberos(c);
     int rc = cert_listener_apply(cert);
     if (rc == 0)
         rc = krb_listener_apply(krb);

@@ -241,6 +241,15 @@ repl_auth(const struct repl *r)
     return r->auth ? r->auth : "certificate";
 }
 
+int
+repl_auth_check(const char *auth)
+{
+    if (strcmp(auth, "certificate") != 0 && strcmp(auth, "kerberos") != 0)
+        return vr_err(-EINVAL, "auth %s: expected certificate or kerberos",
+                      auth);
+    return 0;
+}
+
 bool
 repl_kerberos(const struct repl *r)
 {
@@ -313,9 +322,9 @@ parse_common(json_object *b, struct repl *r)
     }
     const char *auth = jstr(b, "auth");
     if (auth) {
-        if (strcmp(auth, "certificate") != 0 && strcmp(auth, "kerberos") != 0)
-            return vr_err(-EINVAL, "auth %s: expected certificate or "
-                          "kerberos", auth);
+        int rc = repl_auth_check(auth);
+        if (rc < 0)
+            return rc;
         free(r->auth);
         r->auth = xstrdup(auth);
     }

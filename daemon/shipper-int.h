@@ -34,6 +34,11 @@ struct job {
     uint64_t app_last_ms;  /* wall clock of the last one */
 };
 
+/* The peer of replication r: its server, this host's identity from the
+ * server settings (caller holds d->lock); release with peer_fini. */
+void peer_fill(struct peer *p, const struct repl *r);
+void peer_fini(struct peer *p);
+
 /* Fill jb from vm (caller holds d->lock); release with job_fini. */
 void job_fill(struct job *jb, const struct vm *vm);
 void job_fini(struct job *jb);

@@ -657,6 +657,42 @@ shipper_pending_bytes(const struct vm *vm)
 
 /* --- jobs: copies of what the thread needs ------------------------------- */
 
+static char *
+dup_or_null(const char *s)
+{
+    return s ? xstrdup(s) : NULL;
+}
+
+void
+peer_fill(struct peer *p, const struct repl *r)
+{
+    memset(p, 0, sizeof *p);
+    p->server = xstrdup(r->replica_server);
+    p->connect_address = dup_or_null(r->connect_address);
+    p->cert = dup_or_null(D->cfg.cert);
+    p->key = dup_or_null(D->cfg.key);
+    p->ca = dup_or_null(D->cfg.ca);
+    p->kerberos = repl_kerberos(r);
+    p->krb_encrypt = r->krb_encrypt;
+    p->keytab = dup_or_null(D->cfg.keytab);
+    p->self = dup_or_null(D->cfg.hostname);
+    p->epoch = r->epoch;
+    p->recovery_history = r->recovery_history;
+    p->point_interval_s = r->point_interval_s;
+}
+
+void
+peer_fini(struct peer *p)
+{
+    free(p->server);
+    free(p->connect_address);
+    free(p->cert);
+    free(p->key);
+    free(p->ca);
+    free(p->keytab);
+    free(p->self);
+}
+
 void
 job_fill(struct job *jb, const struct vm *vm)
 {
@@ -670,19 +706,7 @@ job_fill(struct job *jb, const struct vm *vm)
         jb->disks[i].path = xstrdup(vm->disks[i].path);
     }
     const struct repl *r = vm->repl;
-    jb->peer.server = xstrdup(r->replica_server);
-    jb->peer.connect_address =
-        r->connect_address ? xstrdup(r->connect_address) : NULL;
-    jb->peer.cert = D->cfg.cert ? xstrdup(D->cfg.cert) : NULL;
-    jb->peer.key = D->cfg.key ? xstrdup(D->cfg.key) : NULL;
-    jb->peer.ca = D->cfg.ca ? xstrdup(D->cfg.ca) : NULL;
-    jb->peer.kerberos = repl_kerberos(r);
-    jb->peer.krb_encrypt = r->krb_encrypt;
-    jb->peer.keytab = D->cfg.keytab ? xstrdup(D->cfg.keytab) : NULL;
-    jb->peer.self = D->cfg.hostname ? xstrdup(D->cfg.hostname) : NULL;
-    jb->peer.epoch = r->epoch;
-    jb->peer.recovery_history = r->recovery_history;
-    jb->peer.point_interval_s = r->point_interval_s;
+    peer_fill(&jb->peer, r);
     jb->compression = r->compression;
     jb->app_every_ms = (uint64_t)r->app_every *
                        (r->point_interval_s ? r->point_interval_s : 3600) *
@@ -697,13 +721,7 @@ job_fini(struct job *jb)
     free(jb->rundir);
     for (unsigned i = 0; i < jb->ndisks; i++)
         free(jb->disks[i].path);
-    free(jb->peer.server);
-    free(jb->peer.connect_address);
-    free(jb->peer.cert);
-    free(jb->peer.key);
-    free(jb->peer.ca);
-    free(jb->peer.keytab);
-    free(jb->peer.self);
+    peer_fini(&jb->peer);
 }
 
 static int

@@ -372,8 +372,8 @@ api_server_set(struct api_call *call, unsigned *status VR_UNUSED,
     if (rc == 0 && !c->hostname && c->cert)
         c->hostname = tls_cert_dns_name(c->cert);
     if (rc == 0 && c->replica_enabled) {
-        bool cert = !c->auth || strcmp(c->auth, "kerberos") != 0;
-        bool krb = c->auth && strcmp(c->auth, "certificate") != 0;
+        bool cert = cfg_wants_certificate(c);
+        bool krb = cfg_wants_kerberos(c);
         if (cert && (!c->cert || !c->key || !c->ca))
             rc = vr_err(-EINVAL, "replica server: certificate, key and ca "
                                  "are required to enable it");
