@@ -454,24 +454,31 @@ run_case 9 "base: a write beyond the 4 MiB disk" bad_payload base 2 400 EBADMSG 
 # each covering the whole 4 MiB disk) make about 40 KiB of zstd.  It is sent with a pause before its last byte
 # so the staging directory can be watched: the test reports how much of
 # it the server wrote to its temporary file before refusing it.
+# paused_put PATH FILE TMPGLOB — PUT FILE (zstd) with a pause before its
+# last byte, watching TMPGLOB meanwhile: sets the R1_* of the answer and
+# PAUSED_PEAK, the most bytes the temporary file held.
+paused_put() {
+    local out
+    out=$("$PY" "$HOSTILE" paused-put "$REPLICA_PORT" "$PKI" "$1" "$2" "$3" \
+        X-Vmreplica-Epoch:1 Content-Encoding:zstd) || fail "paused-put: $out"
+    R1_CODE=$(jq -r .code <<<"$out")
+    R1_PORT=$(jq -r .local_port <<<"$out")
+    R1_ERR=$(jq -r '.body | fromjson? | .error // empty' <<<"$out")
+    R1_MSG=$(jq -r '.body | fromjson? | .message // empty' <<<"$out")
+    R1_CURL=
+    PAUSED_PEAK=$(jq -r .tmp_peak_bytes <<<"$out")
+}
 zstd_bomb() {
-    local out peak p0 p1
+    local peak p0 p1
     "$PY" "$HOSTILE" bomb "$T" 272 4 | zstd -q -c -3 >"$TESTDIR/bomb.zst" ||
         fail "making the bomb"
     log "  bomb: $(stat -c %s "$TESTDIR/bomb.zst") bytes of zstd for 1088 MiB"
     snap
     mark
     p0=$(vmpeak)
-    out=$("$PY" "$HOSTILE" paused-put "$REPLICA_PORT" "$PKI" \
-        "/r1/vms/$T/base/2" "$TESTDIR/bomb.zst" "$STORAGE/$T/staging/*.tmp" \
-        X-Vmreplica-Epoch:1 Content-Encoding:zstd) || fail "paused-put: $out"
+    paused_put "/r1/vms/$T/base/2" "$TESTDIR/bomb.zst" "$STORAGE/$T/staging/*.tmp"
     p1=$(vmpeak)
-    R1_CODE=$(jq -r .code <<<"$out")
-    R1_PORT=$(jq -r .local_port <<<"$out")
-    R1_ERR=$(jq -r '.body | fromjson? | .error // empty' <<<"$out")
-    R1_MSG=$(jq -r '.body | fromjson? | .message // empty' <<<"$out")
-    R1_CURL=
-    peak=$(jq -r .tmp_peak_bytes <<<"$out")
+    peak=$PAUSED_PEAK
     log "  PUT base/2 (zstd bomb): $R1_CODE $R1_ERR: $R1_MSG"
     log "  written to the temporary file before the refusal: $peak bytes ($((peak >> 20)) MiB); VmPeak +$(((p1 - p0) >> 10)) MiB"
     refused 413 EFBIG "cycle payload: more than 83886080 bytes uncompressed"
@@ -501,7 +508,7 @@ if mount -t tmpfs -o size=40m tmpfs "$SMALL"; then
     cleanup_fn umount -l "$SMALL"
 fi
 zstd_bomb_small() {
-    local u out peak size avail
+    local u peak avail
     mountpoint -q "$SMALL" || fail "cannot mount a tmpfs on $SMALL"
     vr replica server set --default-storage "$SMALL" >/dev/null ||
         fail "server set --default-storage (tmpfs)"
@@ -513,15 +520,8 @@ zstd_bomb_small() {
         fail "making the bomb"
     avail=$(($(stat -f -c '%a*%S' "$SMALL")))
     mark
-    out=$("$PY" "$HOSTILE" paused-put "$REPLICA_PORT" "$PKI" \
-        "/r1/vms/$u/base/1" "$TESTDIR/bomb2.zst" "$SMALL/$u/staging/*.tmp" \
-        X-Vmreplica-Epoch:1 Content-Encoding:zstd) || fail "paused-put: $out"
-    R1_CODE=$(jq -r .code <<<"$out")
-    R1_PORT=$(jq -r .local_port <<<"$out")
-    R1_ERR=$(jq -r '.body | fromjson? | .error // empty' <<<"$out")
-    R1_MSG=$(jq -r '.body | fromjson? | .message // empty' <<<"$out")
-    R1_CURL=
-    peak=$(jq -r .tmp_peak_bytes <<<"$out")
+    paused_put "/r1/vms/$u/base/1" "$TESTDIR/bomb2.zst" "$SMALL/$u/staging/*.tmp"
+    peak=$PAUSED_PEAK
     log "  PUT base/1 on a 40 MiB tmpfs ($avail bytes free): $R1_CODE $R1_ERR: $R1_MSG; staged at most $peak bytes"
     refused 507 ENOSPC "decompresses to more than the"
     [ "$peak" -lt "$avail" ] || fail "the bomb filled the file system ($peak of $avail bytes)"
