@@ -89,10 +89,11 @@ cl_rec_encode(const struct cl_rec *r, uint8_t out[CL_REC_HDR_BYTES])
     put32(out + 12, 0);
     put64(out + 16, r->offset);
     put64(out + 24, r->seq);
+    out[5] = r->flags & ~CL_F_PENDING;
     uint32_t crc = crc32c(0, out, CL_REC_HDR_BYTES);
     if (r->kind == CL_WRITE && r->len > 0)
         crc = crc32c(crc, r->data, r->len);
-    put32(out + 12, crc);
+    put32(out + 12, r->flags & CL_F_PENDING ? ~crc : crc);
 }
 
 /* Validate the fixed fields of a record header (no CRC); returns the number
@@ -125,9 +126,11 @@ rec_hdr_check(const uint8_t *p)
     return kind == CL_WRITE ? (int64_t)len : 0;
 }
 
-int
-cl_rec_decode(const void *buf, size_t avail, struct cl_rec *r,
-              size_t *used_bytes)
+/* cl_rec_decode; with allow_pending, a record whose CRC field is the NOT
+ * of its CRC is returned with CL_F_PENDING. */
+static int
+rec_decode(const void *buf, size_t avail, struct cl_rec *r,
+           size_t *used_bytes, bool allow_pending)
 {
     const uint8_t *p = buf;
     uint8_t hdr[CL_REC_HDR_BYTES];
@@ -146,12 +149,13 @@ cl_rec_decode(const void *buf, size_t avail, struct cl_rec *r,
     if (data_len > 0)
         crc = crc32c(crc, p + CL_REC_HDR_BYTES, (size_t)data_len);
     uint32_t want = get32(p + 12);
-    if (crc != want)
+    bool pending = allow_pending && crc == ~want;
+    if (crc != want && !pending)
         return vr_err(-EBADMSG, "change log record: crc32c 0x%08" PRIx32
                       ", expected 0x%08" PRIx32, crc, want);
 
     r->kind = p[4];
-    r->flags = p[5];
+    r->flags = p[5] | (pending ? CL_F_PENDING : 0);
     r->disk = get16(p + 6);
     r->len = get32(p + 8);
     r->offset = get64(p + 16);
@@ -159,6 +163,13 @@ cl_rec_decode(const void *buf, size_t avail, struct cl_rec *r,
     r->data = data_len > 0 ? p + CL_REC_HDR_BYTES : NULL;
     *used_bytes = CL_REC_HDR_BYTES + (size_t)data_len;
     return 0;
+}
+
+int
+cl_rec_decode(const void *buf, size_t avail, struct cl_rec *r,
+              size_t *used_bytes)
+{
+    return rec_decode(buf, avail, r, used_bytes, false);
 }
 
 /* --- segment header ---------------------------------------------------- */
@@ -220,6 +231,7 @@ struct cl_reader {
     int fd;
     bool own_fd;
     bool sealed;        /* a .log segment: must end with CL_SEAL */
+    bool pending_ok;    /* reopening: pending records are returned */
     int state;          /* 0 reading, 1 clean end, <0 sticky error */
     struct cl_seg_hdr hdr;
     uint8_t *buf;
@@ -312,7 +324,8 @@ reader_next(struct cl_reader *r, struct cl_rec *rec)
                                      "header at %" PRIu64, r->name,
                                      r->buf_off + r->start));
     size_t used;
-    int rc = cl_rec_decode(r->buf + r->start, (size_t)avail, rec, &used);
+    int rc = rec_decode(r->buf + r->start, (size_t)avail, rec, &used,
+                        r->pending_ok);
     if (rc == -EAGAIN) {
         /* The header is valid, so its length is bounded. */
         size_t need = CL_REC_HDR_BYTES + get32(r->buf + r->start + 8);
@@ -323,7 +336,8 @@ reader_next(struct cl_reader *r, struct cl_rec *rec)
             return reader_fail(r, vr_err(-EBADMSG, "change log %s: torn "
                                          "record at %" PRIu64, r->name,
                                          r->buf_off + r->start));
-        rc = cl_rec_decode(r->buf + r->start, (size_t)avail, rec, &used);
+        rc = rec_decode(r->buf + r->start, (size_t)avail, rec, &used,
+                        r->pending_ok);
     }
     if (rc < 0)
         return reader_fail(r, wrap_err(rc, r->name, r->buf_off + r->start));
@@ -645,9 +659,21 @@ cl_writer_create(int dirfd, uint16_t disk, uint64_t cycle, uint64_t first_seq,
     return writer_create_name(dirfd, name, &h, true, "change log", out);
 }
 
+/* Write the true CRC of pending record rec at file offset off of fd. */
+static int
+settle_fd(int fd, const struct cl_rec *rec, uint64_t off)
+{
+    uint8_t hdr[CL_REC_HDR_BYTES];
+    struct cl_rec done = *rec;
+    done.flags &= ~CL_F_PENDING;
+    cl_rec_encode(&done, hdr);
+    return io_pwrite_all(fd, hdr + 12, 4, (off_t)(off + 12));
+}
+
 static int
 writer_reopen_name(int dirfd, const char *name, uint16_t disk, uint64_t cycle,
-                   struct cl_writer **out, uint64_t *cut_bytes)
+                   cl_redo_fn redo, void *opaque, struct cl_writer **out,
+                   uint64_t *cut_bytes)
 {
     struct cl_reader *r = NULL;
     struct cl_rec rec;
@@ -667,9 +693,24 @@ writer_reopen_name(int dirfd, const char *name, uint16_t disk, uint64_t cycle,
         goto out;
     }
     /* Keep every complete, valid record; a CL_SEAL left by a seal that did
-     * not finish its rename is cut too: the segment is still open. */
+     * not finish its rename is cut too: the segment is still open.  A
+     * pending record is redone and settled (CL_F_PENDING). */
     uint64_t good_end = CL_SEG_HDR_BYTES, payload = 0;
+    r->pending_ok = true;
     while ((rc = reader_next(r, &rec)) == 1) {
+        if (rec.flags & CL_F_PENDING) {
+            if (!redo) {
+                rc = vr_err(-EBADMSG, "change log %s: pending record seq %"
+                            PRIu64, name, rec.seq);
+                goto out;
+            }
+            rc = redo(opaque, &rec);
+            if (rc == 0 && (rc = settle_fd(fd, &rec, good_end)) < 0)
+                vr_err(rc, "settle change log %s at %" PRIu64 ": %s", name,
+                       good_end, strerror(-rc));
+            if (rc < 0)
+                goto out;
+        }
         good_end = r->buf_off + r->start;
         payload += cl_rec_payload(&rec);
     }
@@ -714,9 +755,19 @@ int
 cl_writer_reopen(int dirfd, uint16_t disk, uint64_t cycle,
                  struct cl_writer **out, uint64_t *cut_bytes)
 {
+    return cl_writer_reopen_redo(dirfd, disk, cycle, NULL, NULL, out,
+                                 cut_bytes);
+}
+
+int
+cl_writer_reopen_redo(int dirfd, uint16_t disk, uint64_t cycle,
+                      cl_redo_fn redo, void *opaque, struct cl_writer **out,
+                      uint64_t *cut_bytes)
+{
     char name[32];
     cl_seg_name(cycle, false, name);
-    return writer_reopen_name(dirfd, name, disk, cycle, out, cut_bytes);
+    return writer_reopen_name(dirfd, name, disk, cycle, redo, opaque, out,
+                              cut_bytes);
 }
 
 int
@@ -745,7 +796,8 @@ cl_writer_open_pre(int dirfd, uint16_t disk, uint64_t cycle,
     }
     if (faccessat(dirfd, name, F_OK, AT_SYMLINK_NOFOLLOW) == 0) {
         uint64_t cut = 0;
-        rc = writer_reopen_name(dirfd, name, disk, cycle, &w, &cut);
+        rc = writer_reopen_name(dirfd, name, disk, cycle, NULL, NULL, &w,
+                                &cut);
     } else {
         rc = writer_create_name(dirfd, name, &h, false, "preserve file", &w);
     }
@@ -850,6 +902,35 @@ cl_writer_write(struct cl_writer *w, const struct cl_rec *rec,
 }
 
 int
+cl_writer_settle(struct cl_writer *w, const struct cl_rec *rec,
+                 uint64_t file_off)
+{
+    uint8_t hdr[CL_REC_HDR_BYTES];
+    struct cl_rec done = *rec;
+    done.flags &= ~CL_F_PENDING;
+    cl_rec_encode(&done, hdr);
+    /* Through the mapping where it covers the field (one 4-byte store),
+     * else one pwrite: the page cache is shared either way. */
+    if (file_off + 16 <= (uint64_t)__atomic_load_n(&w->nchunks,
+                                                    __ATOMIC_ACQUIRE) *
+                             MAP_CHUNK_BYTES) {
+        uint64_t c = (file_off + 12) / MAP_CHUNK_BYTES;
+        uint64_t in = (file_off + 12) % MAP_CHUNK_BYTES;
+        if (in + 4 <= MAP_CHUNK_BYTES) {
+            /* A constant 4-byte copy is one (possibly unaligned) store
+             * instruction: a crash sees the old or the new CRC. */
+            memcpy(w->chunks[c] + in, hdr + 12, 4);
+            return 0;
+        }
+    }
+    int rc = io_pwrite_all(w->fd, hdr + 12, 4, (off_t)(file_off + 12));
+    if (rc < 0)
+        return vr_err(rc, "settle change log cycle %" PRIu64 ": %s",
+                      w->cycle, strerror(-rc));
+    return 0;
+}
+
+int
 cl_writer_append(struct cl_writer *w, uint8_t kind, uint8_t flags,
                  uint64_t offset, uint32_t len, const void *data)
 {
@@ -902,6 +983,11 @@ cl_writer_seal_cut(struct cl_writer *w)
     if (rc == 0)
         map_drop(w);
     if (rc == 0 && ftruncate(w->fd, (off_t)w->bytes) < 0)
+        rc = -errno;
+    /* Durable before anything can depend on it: the caller creates the
+     * next segment next, and a next segment that survives a power loss
+     * must find this one whole, seal included. */
+    if (rc == 0 && fdatasync(w->fd) < 0)
         rc = -errno;
     if (rc < 0) {
         /* Still open: take the seal record back so appends may go on. */

@@ -38,6 +38,12 @@ enum cl_kind {
 };
 
 #define CL_F_FUA 0x01 /* the guest asked for FUA */
+/* Not a flag on disk: a record written before its change reached the disk
+ * and not yet settled (cl_writer_settle).  On disk its CRC field holds the
+ * bitwise NOT of its CRC.  Only ever in an open segment: the change may or
+ * may not have reached the disk when a crash struck, and reopening hands
+ * it to the caller to redo (cl_writer_reopen_redo). */
+#define CL_F_PENDING 0x80
 
 /* One decoded record.  data points into the caller's buffer (decode) or is
  * borrowed from the caller (append). */
@@ -106,6 +112,15 @@ int cl_writer_create(int dirfd, uint16_t disk, uint64_t cycle,
  * good record.  *cut_bytes says how much was cut. */
 int cl_writer_reopen(int dirfd, uint16_t disk, uint64_t cycle,
                      struct cl_writer **out, uint64_t *cut_bytes) VR_WUR;
+/* cl_writer_reopen for a segment that may hold pending records: for each
+ * one kept, in log order, redo(opaque, rec) makes the disk hold what the
+ * record says (rec->data valid for CL_WRITE during the call), then the
+ * record is settled.  A redo error fails the reopen.  (cl_writer_reopen
+ * refuses a pending record with -EBADMSG.) */
+typedef int (*cl_redo_fn)(void *opaque, const struct cl_rec *rec);
+int cl_writer_reopen_redo(int dirfd, uint16_t disk, uint64_t cycle,
+                          cl_redo_fn redo, void *opaque,
+                          struct cl_writer **out, uint64_t *cut_bytes) VR_WUR;
 /* Append one record (header + data in one writev).  Not durable until
  * cl_writer_sync.  Not thread-safe: the caller serialises per disk. */
 int cl_writer_append(struct cl_writer *w, uint8_t kind, uint8_t flags,
@@ -123,6 +138,11 @@ int cl_writer_reserve(struct cl_writer *w, uint8_t kind, uint8_t flags,
                       struct cl_rec *rec, uint64_t *file_off) VR_WUR;
 int cl_writer_write(struct cl_writer *w, const struct cl_rec *rec,
                     uint64_t file_off) VR_WUR;
+/* rec, written at file_off with CL_F_PENDING, is done: write its true CRC
+ * (one 4-byte store, so a crash leaves it pending or settled, never
+ * torn). */
+int cl_writer_settle(struct cl_writer *w, const struct cl_rec *rec,
+                     uint64_t file_off) VR_WUR;
 /* Process-wide: copy records through a shared mapping of each segment
  * (preallocated in 2 MiB chunks) instead of pwritev: all records
  * (faster on tmpfs, much slower on ext4 for records with data), or only
@@ -139,12 +159,13 @@ int cl_writer_sync(struct cl_writer *w) VR_WUR;
 /* Append CL_SEAL, fdatasync, rename .open to .log, fsync the directory.
  * The writer is finished afterwards; free it. */
 int cl_writer_seal(struct cl_writer *w) VR_WUR;
-/* cl_writer_seal in two halves, so a caller need not hold writers back
- * while the segment reaches the disk: _cut appends CL_SEAL and cuts the
- * file (no append after it); _commit fdatasyncs, renames .open to .log and
- * fsyncs the directory.  Between the two the segment is complete but still
- * named .open; after a crash there, a newer .open segment beside it says
- * the cut happened (the plugin's recovery then commits it). */
+/* cl_writer_seal in two halves: _cut appends CL_SEAL, cuts the file (no
+ * append after it) and fdatasyncs it, so that a next segment created
+ * afterwards never survives a power loss without this one whole; _commit
+ * renames .open to .log and fsyncs the directory, so a caller need not hold
+ * writers back for that.  Between the two the segment is complete but
+ * still named .open; after a crash there, a newer .open segment beside it
+ * says the cut happened (the plugin's recovery then commits it). */
 int cl_writer_seal_cut(struct cl_writer *w) VR_WUR;
 int cl_writer_seal_commit(struct cl_writer *w) VR_WUR;
 uint64_t cl_writer_cycle(const struct cl_writer *w);

@@ -512,6 +512,7 @@ static struct {
     char name[48];
     long when;
     long hits;
+    long pause_ms; /* > 0: sleep this long at the hit instead of dying */
 } faults[8];
 static unsigned nfaults;
 
@@ -526,12 +527,20 @@ fault_parse(void)
     char *save = NULL;
     for (char *tok = strtok_r(copy, ",", &save); tok && nfaults < 8;
          tok = strtok_r(NULL, ",", &save)) {
+        /* name:N or name:N:pause=MS */
+        long pause_ms = 0;
         char *colon = strrchr(tok, ':');
+        if (colon && strncmp(colon + 1, "pause=", 6) == 0) {
+            pause_ms = atol(colon + 7);
+            *colon = '\0';
+            colon = strrchr(tok, ':');
+        }
         if (!colon || colon - tok >= 48)
             continue;
         *colon = '\0';
         snprintf(faults[nfaults].name, sizeof faults[0].name, "%s", tok);
         faults[nfaults].when = atol(colon + 1);
+        faults[nfaults].pause_ms = pause_ms;
         nfaults++;
     }
     fault_state = nfaults > 0;
@@ -545,18 +554,27 @@ vr_fault_point(const char *name)
     pthread_mutex_lock(&fault_lock);
     if (fault_state < 0)
         fault_parse();
+    long pause_ms = 0;
     for (unsigned i = 0; i < nfaults; i++) {
         if (strcmp(faults[i].name, name) == 0 &&
             ++faults[i].hits == faults[i].when) {
             char msg[96];
-            int n = snprintf(msg, sizeof msg, "vmreplica: fault point %s hit\n",
-                             name);
+            int n = snprintf(msg, sizeof msg, "vmreplica: fault point %s "
+                             "hit%s\n", name,
+                             faults[i].pause_ms ? ", pausing" : "");
             ssize_t r = write(2, msg, (size_t)n);
             (void)r;
-            raise(SIGKILL);
+            if (!faults[i].pause_ms)
+                raise(SIGKILL);
+            pause_ms = faults[i].pause_ms;
         }
     }
     pthread_mutex_unlock(&fault_lock);
+    if (pause_ms > 0) {
+        struct timespec ts = { pause_ms / 1000, (pause_ms % 1000) * 1000000 };
+        while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
+        }
+    }
 }
 
 /* --- host names and authorization patterns --------------------------------- */

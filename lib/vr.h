@@ -118,8 +118,10 @@ int vr_parse_size(const char *s, uint64_t *out) VR_WUR;
 int vr_parse_duration(const char *s, uint64_t *out_s) VR_WUR;
 
 /* Fault points for crash tests: VMREPLICA_FAULT="name:N[,name:N]" makes the
- * N-th hit of the point named raise SIGKILL (N counts from 1).  Costs one
- * branch when the variable is unset. */
+ * N-th hit of the point named raise SIGKILL (N counts from 1);
+ * "name:N:pause=MS" makes that hit sleep MS milliseconds instead (the
+ * thread stalls there, as on a slow disk).  Costs one branch when the
+ * variable is unset. */
 void vr_fault_point(const char *name);
 
 #endif /* VR_H */

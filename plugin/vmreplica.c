@@ -18,18 +18,29 @@
  *
  * Locking: each write-class request holds the process-wide seal_lock for
  * reading.  Under its disk's mutex it waits until no in-flight request
- * overlaps its byte range, registers its range, reserves its log record
- * (sequence number and place in the segment) and updates the block owners;
- * then, without the mutex, it preserves what older unshipped cycles need,
- * writes the record and does the disk I/O (a record with data: after the
- * disk I/O), in parallel with requests on other ranges.  Overlapping
- * requests never run at the same time, so the log order equals the order
- * in which writes to the same bytes hit the disk.  A request whose disk I/O
- * fails still fills its reserved place (a WREF stands for whatever the disk
- * holds; a record with data is filled with it), so the log never has a
- * hole.  SEAL (over the control socket) takes seal_lock for writing: no
- * write is in flight on any disk while every disk's segment is sealed and
- * the next one opened, which gives one crash-consistent cut across all
+ * shares a 4 KiB block with its byte range, registers its range, reserves
+ * its log record (sequence number and place in the segment) and updates
+ * the block owners; then, without the mutex, it preserves what older
+ * unshipped cycles need and writes its record, in parallel with requests
+ * on other blocks.  Requests sharing a block never run at the same time,
+ * so the log order equals the order in which writes to the same bytes hit
+ * the disk, and a block is preserved before anything changes it.
+ *
+ * The change log must survive a crash of this process at any instant with
+ * every change the disk holds (docs/design.md "Crash safety of the change
+ * log"): (1) every record is written before its request changes the disk,
+ * whatever its kind; (2) a request changes the disk only once every record
+ * reserved before its own is written (wait_logged_prefix), so the records
+ * written form a prefix of the reservation order up to the first record
+ * not yet written, and no request after that one has changed the disk.
+ * Reopening after a crash cuts the segment at its first hole, which keeps
+ * every record whose request could have changed the disk, hence every
+ * request the guest saw complete.  A request whose disk I/O fails appends
+ * a record of what the disk now holds (log_readback); one whose preserve
+ * fails fills its place with a record that changes nothing and leaves the
+ * disk alone.  SEAL (over the control socket) takes seal_lock for writing:
+ * no write is in flight on any disk while every disk's segment is sealed
+ * and the next one opened, which gives one crash-consistent cut across all
  * disks of the VM.
  *
  * Control protocol (docs/formats.md): one request line, one reply line, on a
@@ -50,6 +61,7 @@
 
 #include "config.h"
 
+#include <assert.h>
 #include <dirent.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -79,9 +91,13 @@
 #define PRE_OPEN        4          /* preserve files kept open per disk */
 #define PRE_PIECE_MAX   (32u << 20) /* largest preserve record */
 
-/* A byte range of a write-class request in progress (on its stack). */
+/* A write-class request in progress (on its stack): its byte range,
+ * widened to whole CL_PRE_BLOCK blocks (preserving works on blocks, so two
+ * requests sharing a block must not run together), and its log record. */
 struct range {
     uint64_t start, end;
+    uint64_t seq;  /* its record's sequence number */
+    bool logged;   /* its record is written to the segment */
     struct range *next;
 };
 
@@ -94,6 +110,10 @@ struct disk {
     pthread_mutex_t lock;  /* guards inflight and log reservations */
     pthread_cond_t idle;   /* signalled when an in-flight range ends */
     struct range *inflight; /* write-class requests now in progress */
+    unsigned unlogged;     /* of those, how many have no record written */
+    unsigned log_waiters;  /* requests waiting in wait_logged_prefix */
+    pthread_cond_t logged; /* signalled when a record is written */
+    bool no_punch;         /* the file system cannot punch holes */
     struct cl_writer *w;   /* open segment; replaced under seal_lock (W) */
     uint64_t size;         /* bytes (raw disks do not change size) */
     /* Writes logged by reference (log=ref): block -> the cycle whose
@@ -195,6 +215,7 @@ vmreplica_unload(void)
             close(d->dirfd);
         pthread_mutex_destroy(&d->lock);
         pthread_cond_destroy(&d->idle);
+        pthread_cond_destroy(&d->logged);
         free(d->id);
         free(d->path);
         free(d->logdir);
@@ -255,6 +276,7 @@ vmreplica_config(const char *key, const char *value)
         pthread_mutexattr_settype(&ma, PTHREAD_MUTEX_ADAPTIVE_NP);
         pthread_mutex_init(&d->lock, &ma);
         pthread_cond_init(&d->idle, NULL);
+        pthread_cond_init(&d->logged, NULL);
         pthread_mutex_init(&d->pre_lock, NULL);
         d->inflight = NULL;
         pthread_mutexattr_destroy(&ma);
@@ -458,6 +480,43 @@ next_first_seq(struct disk *d, unsigned idx, const struct scan *s,
     return sealed_next_seq(d, idx, s->sealed_max, out);
 }
 
+static int zero_range(struct disk *d, uint32_t count, uint64_t offset,
+                      bool fast);
+
+/* A pending record kept at recovery: its request was in flight when the
+ * process died, and may or may not have changed the disk.  No later record
+ * shares a block with it (it was in flight), so doing it again is exactly
+ * what it says, whether or not it had been done. */
+static int
+redo_pending(void *opaque, const struct cl_rec *rec)
+{
+    struct disk *d = opaque;
+    int rc;
+
+    if (rec->offset > d->size || rec->len > d->size - rec->offset)
+        return vr_err(-EBADMSG, "%s: pending record seq %" PRIu64 " past "
+                      "the end of the disk", d->id, rec->seq);
+    if (rec->kind == CL_WRITE)
+        rc = io_pwrite_all(d->fd, rec->data, rec->len, (off_t)rec->offset);
+    else if (rec->kind == CL_ZERO || rec->kind == CL_TRIM)
+        rc = zero_range(d, rec->len, rec->offset, false);
+    else
+        return vr_err(-EBADMSG, "%s: pending record seq %" PRIu64 " of "
+                      "kind %u", d->id, rec->seq, rec->kind);
+    /* The disk holds it before the record says it is settled. */
+    if (rc == 0 && fdatasync(d->fd) < 0)
+        rc = -errno;
+    if (rc < 0)
+        return vr_err(rc, "%s: redo record seq %" PRIu64 ": %s", d->id,
+                      rec->seq, strerror(-rc));
+    nbdkit_debug("%s: redid %s of %" PRIu32 " bytes at %" PRIu64 " (seq %"
+                 PRIu64 ") left pending by a crash", d->id,
+                 rec->kind == CL_WRITE ? "write" : rec->kind == CL_ZERO
+                                                       ? "zero" : "trim",
+                 rec->len, rec->offset, rec->seq);
+    return 0;
+}
+
 /* Reopen CYCLE.open, recreating it if a crash tore its header. */
 static int
 reopen_open(struct disk *d, unsigned idx, const struct scan *s,
@@ -467,7 +526,8 @@ reopen_open(struct disk *d, unsigned idx, const struct scan *s,
     struct stat st;
     uint64_t cut = 0, first_seq;
 
-    int rc = cl_writer_reopen(d->dirfd, (uint16_t)idx, cycle, &d->w, &cut);
+    int rc = cl_writer_reopen_redo(d->dirfd, (uint16_t)idx, cycle,
+                                   redo_pending, d, &d->w, &cut);
     if (rc == 0) {
         nbdkit_debug("%s: reopened cycle %" PRIu64 " (%" PRIu64 " records, "
                      "torn tail of %" PRIu64 " bytes cut)", d->id, cycle,
@@ -770,10 +830,12 @@ static void
 do_seal(char *reply, size_t n)
 {
     /* The cut happens with every write held back: append CL_SEAL to every
-     * disk's segment and open the next ones.  Making the sealed segments
-     * durable (fdatasync, rename to .log) happens after writes resume,
-     * since on a real disk it can take longer than a cycle's worth of
-     * guest I/O should wait; the reply waits for it. */
+     * disk's segment, make it durable, and open the next ones.  The sync
+     * must come before the next segment exists: after a power loss, a
+     * next segment beside a sealed one whose seal did not reach the disk
+     * is a state recovery could not repair (docs/design.md).  Renaming
+     * the sealed segments to .log happens after writes resume; the reply
+     * waits for it. */
     struct cl_writer *done[MAX_DISKS] = { NULL };
     bool ok = false, cut_all = false;
     pthread_rwlock_wrlock(&seal_lock);
@@ -1443,24 +1505,117 @@ preserve_run(struct disk *d, const struct preserve *run)
     return rc;
 }
 
-/* One write-class request (see Locking at the top): wait for overlapping
- * requests, reserve the log record and take the blocks from older cycles'
- * protection, all under the disk mutex; then, without it, preserve what
- * older unshipped cycles still need, and do the disk I/O and the record.
- * A write logged by reference (CL_WREF) writes its record before the disk
- * changes, so the log is never behind the disk; a record with data
- * (log=data, zero, trim) is written after the disk I/O, with what the disk
- * holds if that failed.  FUA makes both durable.  Reserving first means a
- * full log file system fails the request before the disk changes. */
+/* Is a record reserved before seq not yet written?  Under d->lock. */
+static bool
+earlier_unlogged(const struct disk *d, uint64_t seq)
+{
+    if (d->unlogged == 0)
+        return false;
+    for (const struct range *r = d->inflight; r; r = r->next)
+        if (!r->logged && r->seq < seq)
+            return true;
+    return false;
+}
+
+/* me's record is written: say so, then wait until every record reserved
+ * before it is written too, so that the records on file are a prefix of
+ * the reservation order whenever the disk changes (see Locking).  The
+ * requests waited for are past their reservation and write their record
+ * without waiting on anything, so this always ends. */
+static void
+wait_logged_prefix(struct disk *d, struct range *me)
+{
+    pthread_mutex_lock(&d->lock);
+    if (!me->logged) {
+        me->logged = true;
+        d->unlogged--;
+        if (d->log_waiters)
+            pthread_cond_broadcast(&d->logged);
+    }
+    if (earlier_unlogged(d, me->seq)) {
+        d->log_waiters++;
+        while (earlier_unlogged(d, me->seq))
+            pthread_cond_wait(&d->logged, &d->lock);
+        d->log_waiters--;
+    }
+    pthread_mutex_unlock(&d->lock);
+}
+
+/* The disk I/O of in-flight request me on [offset, offset + count) failed
+ * after its record said what it would do: append records of what the disk
+ * holds now (read back, with data), so the log's replay is the disk again.
+ * Nothing else can touch the range meanwhile (me is in flight) and no seal
+ * can come (seal_lock is held).  The records are reserved like a new
+ * request's, so later requests wait for them before changing the disk. */
+static int
+log_readback(struct disk *d, struct range *me, uint64_t offset,
+             uint64_t count)
+{
+    int rc = 0;
+    while (count > 0 && rc == 0) {
+        uint32_t n = count < PRE_PIECE_MAX ? (uint32_t)count : PRE_PIECE_MAX;
+        uint8_t *now = malloc(n);
+        if (!now)
+            return vr_err(-ENOMEM, "read back %s: out of memory", d->path);
+        memset(now, 0, n);
+        rc = io_pread_all(d->fd, now, n, (off_t)offset);
+        if (rc == -ENODATA)
+            rc = 0; /* past the end reads as zeroes */
+        if (rc < 0) {
+            vr_err(rc, "read back %s at %" PRIu64 ": %s", d->path, offset,
+                   strerror(-rc));
+            free(now);
+            return rc;
+        }
+        struct cl_rec rec;
+        uint64_t log_off;
+        pthread_mutex_lock(&d->lock);
+        rc = cl_writer_reserve(d->w, CL_WRITE, 0, offset, n, now, &rec,
+                               &log_off);
+        if (rc == 0) {
+            /* The request's own owner_update already preserved and
+             * released these blocks: nothing older owns them now. */
+            struct preserve none[PRESERVE_STACK], *runs = none;
+            size_t nruns = owner_update(d, false, offset, n, &runs);
+            assert(nruns == 0 && runs == none);
+            me->seq = rec.seq;
+            me->logged = false;
+            d->unlogged++;
+        }
+        pthread_mutex_unlock(&d->lock);
+        if (rc == 0) {
+            rc = cl_writer_write(d->w, &rec, log_off);
+            wait_logged_prefix(d, me);
+        }
+        free(now);
+        offset += n;
+        count -= n;
+    }
+    return rc;
+}
+
+/* One write-class request (see Locking at the top): wait for requests
+ * sharing a block, reserve the log record and take the blocks from older
+ * cycles' protection, all under the disk mutex; then, without it, preserve
+ * what older unshipped cycles still need, write the record, wait until
+ * every earlier record is written, and only then change the disk.  FUA
+ * makes the log and the disk durable.  Reserving first means a full log
+ * file system fails the request before the disk changes. */
 static int
 tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
         uint64_t offset, uint32_t flags)
 {
     bool fua = flags & NBDKIT_FLAG_FUA;
+    bool fast = kind == CL_ZERO && (flags & NBDKIT_FLAG_FAST_ZERO);
     int rc = 0;
     const char *what = kind == CL_WRITE ? "write"
                        : kind == CL_ZERO ? "zero" : "trim";
-    struct range me = { .start = offset, .end = offset + count };
+    struct range me = {
+        .start = offset / CL_PRE_BLOCK * CL_PRE_BLOCK,
+        .end = count ? (offset + count + CL_PRE_BLOCK - 1) / CL_PRE_BLOCK *
+                           CL_PRE_BLOCK
+                     : offset / CL_PRE_BLOCK * CL_PRE_BLOCK,
+    };
     struct cl_rec rec;
     uint64_t log_off;
     struct preserve stack_runs[PRESERVE_STACK], *runs = stack_runs;
@@ -1468,6 +1623,12 @@ tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
     bool ref = false;
 
     vr_err_clear();
+    /* A fast zero this file system cannot do is refused before anything
+     * is logged (the client falls back to writing zeroes). */
+    if (fast && __atomic_load_n(&d->no_punch, __ATOMIC_RELAXED)) {
+        errno = ENOTSUP;
+        return -1;
+    }
     pthread_rwlock_rdlock(&seal_lock);
     if (__atomic_load_n(&broken, __ATOMIC_ACQUIRE)) {
         rc = vr_err(-EIO, "tracking stopped: %s", broken_msg);
@@ -1494,65 +1655,77 @@ tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
     if (rc == 0) {
         if (count > 0)
             nruns = owner_update(d, ref, offset, count, &runs);
+        me.seq = rec.seq;
         me.next = d->inflight;
         d->inflight = &me;
+        d->unlogged++;
     }
     pthread_mutex_unlock(&d->lock);
     if (rc < 0)
         goto out;
+    vr_fault_point("track-reserved");
 
     int prc = 0;
     for (size_t i = 0; i < nruns && prc == 0; i++)
         prc = preserve_run(d, &runs[i]);
     if (runs != stack_runs)
         free(runs);
+    vr_fault_point("track-preserved");
     int lrc = 0;
     if (prc < 0) {
         /* The owner map no longer protects those blocks: stop tracking
          * before anything overwrites them.  The disk is left unchanged
-         * and the reserved record says so. */
+         * and the reserved record changes nothing: after a restart the
+         * blocks still belong to the older cycle, which is then preserved
+         * as it must be. */
         char why[600];
         snprintf(why, sizeof why, "disk %s: could not preserve data of an "
                  "unshipped cycle: %s", d->id, vr_errmsg());
         set_broken(why);
-        lrc = ref ? cl_writer_write(d->w, &rec, log_off)
-                  : write_neutral(d, &rec, log_off);
+        lrc = write_neutral(d, &rec, log_off);
+        wait_logged_prefix(d, &me);
         rc = vr_err(-EIO, "%s", why);
-    } else if (ref) {
-        lrc = cl_writer_write(d->w, &rec, log_off);
-        if (lrc == 0)
-            rc = io_pwrite_all(d->fd, buf, count, (off_t)offset);
-        /* A failed write is shipped as what the disk holds: no repair. */
-    } else {
-        if (kind == CL_WRITE) {
-            rc = io_pwrite_all(d->fd, buf, count, (off_t)offset);
-        } else {
-            rc = zero_range(d, count, offset,
-                            kind == CL_ZERO && (flags & NBDKIT_FLAG_FAST_ZERO));
-        }
-        if (rc == 0) {
-            lrc = cl_writer_write(d->w, &rec, log_off);
-        } else {
-            char msg[512];
-            snprintf(msg, sizeof msg, "%s %s at %" PRIu64 ": %s", what,
-                     d->path, offset, strerror(-rc));
-            lrc = write_neutral(d, &rec, log_off);
-            if (lrc == 0 && rc != -ENOTSUP)
-                vr_err(rc, "%s", msg);
-            /* A failed zero or trim may have changed part of its range
-             * (the fallback writes zeroes block by block), which an empty
-             * record does not say: stop tracking rather than let the
-             * replica silently differ.  (-ENOTSUP: a fast zero was
-             * refused before anything changed.) */
-            if (lrc == 0 && kind != CL_WRITE && rc != -ENOTSUP) {
-                char why[600];
-                snprintf(why, sizeof why, "disk %s may be partly changed by "
-                         "a failed %s", d->id, msg);
-                set_broken(why);
-            }
-        }
+        goto done;
+    }
+    /* A record that says what the disk will hold (not a reference to it)
+     * is pending until the disk holds it: a crash in between leaves it
+     * for recovery to redo (redo_pending). */
+    if (!ref)
+        rec.flags |= CL_F_PENDING;
+    lrc = cl_writer_write(d->w, &rec, log_off);
+    wait_logged_prefix(d, &me);
+    if (lrc < 0)
+        goto done; /* the disk is left unchanged; tracking stops below */
+    vr_fault_point("track-logged");
+
+    if (kind == CL_WRITE)
+        rc = io_pwrite_all(d->fd, buf, count, (off_t)offset);
+    else
+        rc = zero_range(d, count, offset, fast);
+    if (rc == -ENOTSUP)
+        __atomic_store_n(&d->no_punch, true, __ATOMIC_RELAXED);
+    vr_fault_point("track-written");
+    if (!ref)
+        lrc = cl_writer_settle(d->w, &rec, log_off);
+    vr_fault_point("track-settled");
+    /* A write logged by reference already stands for whatever the disk
+     * holds.  Any other record said what the request would do: say what
+     * it did, which may be part of it or nothing.  (A crash between the
+     * settle and the read-back record, after a failed disk I/O, leaves
+     * the record's claim standing: docs/design.md.) */
+    if (lrc == 0 && rc < 0 && !ref) {
+        char msg[512];
+        snprintf(msg, sizeof msg, "%s %s at %" PRIu64 ": %s", what, d->path,
+                 offset, strerror(-rc));
+        lrc = log_readback(d, &me, offset, count);
+        if (lrc == 0 && rc != -ENOTSUP)
+            vr_err(rc, "%s", msg);
+    } else if (rc < 0) {
+        vr_err(rc, "%s %s at %" PRIu64 ": %s", what, d->path, offset,
+               strerror(-rc));
     }
 
+done:
     pthread_mutex_lock(&d->lock);
     for (struct range **p = &d->inflight; *p; p = &(*p)->next)
         if (*p == &me) {

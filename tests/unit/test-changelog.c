@@ -826,6 +826,146 @@ test_wref_and_pre(void)
     cl_writer_free(w);
 }
 
+/* Pending records (CL_F_PENDING): written before their change reaches the
+ * disk, settled after.  A reopen hands each pending one it keeps to the
+ * redo callback, in log order, then settles it; a plain reopen, a sealed
+ * segment's reader and cl_rec_decode refuse one. */
+struct redo_seen {
+    unsigned n;
+    uint64_t seq[8];
+    uint8_t kind[8];
+    uint32_t len[8];
+    int fail;
+};
+
+static int
+redo_cb(void *opaque, const struct cl_rec *rec)
+{
+    struct redo_seen *s = opaque;
+    if (s->n < 8) {
+        s->seq[s->n] = rec->seq;
+        s->kind[s->n] = rec->kind;
+        s->len[s->n] = rec->len;
+    }
+    s->n++;
+    return s->fail;
+}
+
+static void
+test_pending(void)
+{
+    clear_dir();
+    static uint8_t a[4096];
+    memset(a, 0x5a, sizeof a);
+    struct cl_writer *w = NULL;
+    struct cl_rec r1, r2, r3, r4;
+    uint64_t o1, o2, o3, o4;
+    int rc = cl_writer_create(dirfd_, 1, 20, 50, &w);
+    if (rc == 0)
+        rc = cl_writer_reserve(w, CL_ZERO, 0, 0, 8192, NULL, &r1, &o1);
+    if (rc == 0)
+        rc = cl_writer_reserve(w, CL_WRITE, CL_F_FUA, 8192, sizeof a, a, &r2,
+                               &o2);
+    if (rc == 0)
+        rc = cl_writer_reserve(w, CL_TRIM, 0, 65536, 512, NULL, &r3, &o3);
+    if (rc == 0)
+        rc = cl_writer_reserve(w, CL_WREF, 0, 1 << 20, 4096, NULL, &r4, &o4);
+    r1.flags |= CL_F_PENDING;
+    r2.flags |= CL_F_PENDING;
+    r3.flags |= CL_F_PENDING;
+    if (rc == 0)
+        rc = cl_writer_write(w, &r1, o1);
+    if (rc == 0)
+        rc = cl_writer_write(w, &r2, o2);
+    if (rc == 0)
+        rc = cl_writer_write(w, &r3, o3);
+    if (rc == 0)
+        rc = cl_writer_write(w, &r4, o4);
+    /* The trim is done: settled.  The zero and the write are in flight. */
+    if (rc == 0)
+        rc = cl_writer_settle(w, &r3, o3);
+    is_int(rc, 0, "pending: three pending records written, one settled");
+
+    size_t len;
+    char name[32];
+    cl_seg_name(20, false, name);
+    uint8_t *raw = read_whole(name, &len);
+    struct cl_rec g;
+    size_t used;
+    is_int(cl_rec_decode(raw + o1, len - o1, &g, &used), -EBADMSG,
+           "pending: cl_rec_decode refuses a pending record");
+    ok(cl_rec_decode(raw + o3, len - o3, &g, &used) == 0 && g.kind == CL_TRIM,
+       "pending: a settled record decodes");
+    free(raw);
+
+    struct cl_writer *w2 = NULL;
+    is_int(cl_writer_reopen(dirfd_, 1, 20, &w2, NULL), -EBADMSG,
+           "pending: a plain reopen refuses a pending record");
+    cl_writer_free(w2);
+    w2 = NULL;
+
+    struct redo_seen seen = { .fail = -EIO };
+    is_int(cl_writer_reopen_redo(dirfd_, 1, 20, redo_cb, &seen, &w2, NULL),
+           -EIO, "pending: a failed redo fails the reopen");
+    cl_writer_free(w2);
+    w2 = NULL;
+
+    memset(&seen, 0, sizeof seen);
+    uint64_t cut = 99;
+    is_int(cl_writer_reopen_redo(dirfd_, 1, 20, redo_cb, &seen, &w2, &cut), 0,
+           "pending: reopen with redo");
+    ok(seen.n == 2 && seen.seq[0] == 50 && seen.kind[0] == CL_ZERO &&
+       seen.len[0] == 8192 && seen.seq[1] == 51 && seen.kind[1] == CL_WRITE &&
+       seen.len[1] == sizeof a,
+       "pending: the zero and the write are redone, in log order (%u)",
+       seen.n);
+    is_int(w2 ? cl_writer_records(w2) : 0, 4, "pending: all four kept");
+    cl_writer_free(w2);
+    w2 = NULL;
+
+    memset(&seen, 0, sizeof seen);
+    is_int(cl_writer_reopen_redo(dirfd_, 1, 20, redo_cb, &seen, &w2, NULL), 0,
+           "pending: reopen again");
+    is_int(seen.n, 0, "pending: nothing left to redo: they were settled");
+    if (w2 && cl_writer_seal(w2) == 0) {
+        struct cl_reader *rd = NULL;
+        int n = 0;
+        cl_seg_name(20, true, name);
+        rc = cl_reader_open(dirfd_, name, &rd);
+        while (rc == 0 && (rc = cl_reader_next(rd, &g)) == 1) {
+            rc = 0;
+            n++;
+        }
+        cl_reader_free(rd);
+        ok(rc == 0 && n == 4, "pending: sealed afterwards, reads whole");
+    } else {
+        ok(0, "pending: sealed afterwards");
+    }
+    cl_writer_free(w2);
+    cl_writer_free(w);
+
+    /* A pending record after the first hole is cut, not redone: its
+     * request could not have changed the disk (the plugin's rule). */
+    clear_dir();
+    w = NULL;
+    rc = cl_writer_create(dirfd_, 1, 21, 0, &w);
+    if (rc == 0)
+        rc = cl_writer_reserve(w, CL_ZERO, 0, 0, 512, NULL, &r1, &o1);
+    if (rc == 0)
+        rc = cl_writer_reserve(w, CL_ZERO, 0, 4096, 512, NULL, &r2, &o2);
+    r2.flags |= CL_F_PENDING;
+    if (rc == 0)
+        rc = cl_writer_write(w, &r2, o2);
+    memset(&seen, 0, sizeof seen);
+    w2 = NULL;
+    if (rc == 0)
+        rc = cl_writer_reopen_redo(dirfd_, 1, 21, redo_cb, &seen, &w2, NULL);
+    ok(rc == 0 && seen.n == 0 && cl_writer_records(w2) == 0,
+       "pending: after a hole, cut and not redone");
+    cl_writer_free(w2);
+    cl_writer_free(w);
+}
+
 int
 main(void)
 {
@@ -848,17 +988,20 @@ main(void)
     test_parallel_slots();
     test_spare_reuse();
     test_wref_and_pre();
+    test_pending();
     diag("again with records copied through a mapping (logio=mmap)");
     cl_writer_use_mmap(CL_MMAP_ALL);
     test_round_trip();
     test_parallel_slots();
     test_spare_reuse();
+    test_pending();
     diag("again with only records without data mapped (logio=auto)");
     cl_writer_use_mmap(CL_MMAP_NODATA);
     test_round_trip();
     test_parallel_slots();
     test_spare_reuse();
     test_wref_and_pre();
+    test_pending();
     cl_writer_use_mmap(CL_MMAP_OFF);
 
     clear_dir();
