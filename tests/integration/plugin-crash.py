@@ -157,6 +157,25 @@ class Plugin:
             return None
 
 
+def nbd_connect(sock, plugin, wait_s=5):
+    """A libnbd handle connected to nbdkit's socket, or None if nbdkit
+    died first.  nbdkit binds its socket before it listens: a connection
+    in between is refused, so refusals are retried while it lives."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        h = nbd.NBD()
+        h.set_export_name("disk0")
+        try:
+            h.connect_unix(sock)
+            return h
+        except nbd.Error as e:
+            if not plugin.alive():
+                return None
+            if time.monotonic() > deadline:
+                raise Violation("cannot connect to a live nbdkit: %s" % e)
+            time.sleep(0.01)
+
+
 class Files:
     def __init__(self, root):
         self.root = root
@@ -270,22 +289,10 @@ class Client:
 
     def run(self, until, plugin):
         st, rng, a = self.state, self.rng, self.args
-        deadline = time.monotonic() + 5
-        while True:
-            h = nbd.NBD()
-            h.set_export_name("disk0")
-            try:
-                h.connect_unix(self.d.sock)
-                break
-            except nbd.Error as e:
-                # A fault point hit by the shipper's first SEAL: nbdkit is
-                # dying.
-                if not plugin.alive():
-                    return h
-                if time.monotonic() > deadline:
-                    raise Violation("cannot connect to a live nbdkit: %s"
-                                    % e)
-                time.sleep(0.01)
+        # None: a fault point hit by the shipper's first SEAL.
+        h = nbd_connect(self.d.sock, plugin)
+        if h is None:
+            return None
         inflight = {}
         failed = []
 
@@ -369,12 +376,12 @@ def main():
     ap.add_argument("--dir", required=True)
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--size", type=int, default=4 << 20)
+    ap.add_argument("--size", type=int, default=1 << 20)
     ap.add_argument("--hot", type=int, default=256 << 10)
     ap.add_argument("--qd", type=int, default=48)
     ap.add_argument("--threads", type=int, default=64)
-    ap.add_argument("--round-ms", type=int, default=60)
-    ap.add_argument("--seal-ms", type=int, default=15)
+    ap.add_argument("--round-ms", type=int, default=80)
+    ap.add_argument("--seal-ms", type=int, default=25)
     ap.add_argument("--fault-rate", type=float, default=0.5)
     a = ap.parse_args()
 
@@ -415,7 +422,7 @@ def main():
                                  and not plugin.alive() else "killed")
             fault = None
             if rng.random() < a.fault_rate:
-                fault = "%s:%d" % (rng.choice(FAULTS), rng.randint(1, 40))
+                fault = "%s:%d" % (rng.choice(FAULTS), rng.randint(1, 12))
             # Recovery runs without a fault; the next round's may have one.
             plugin.start()
             r = plugin.ctl("SEAL")

@@ -25,7 +25,8 @@ command -v nbdkit >/dev/null 2>&1 || skip "nbdkit not found"
 [ -f "$PLUGIN" ] || skip "plugin not built: $PLUGIN"
 [ -x "$CYCAPPLY" ] || skip "cycapply not built: $CYCAPPLY"
 
-T=$(mktemp -d /tmp/vrt-plugin-crash.XXXXXX)
+# tmpfs: a process crash keeps the page cache, and fsync costs nothing.
+T=$(mktemp -d /dev/shm/vrt-plugin-crash.XXXXXX)
 cleanup() {
     local rc=$?
     if [ "$rc" -ne 0 ] && [ -f "$T/nbdkit.log" ]; then
