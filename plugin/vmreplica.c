@@ -1505,6 +1505,16 @@ preserve_run(struct disk *d, const struct preserve *run)
     return rc;
 }
 
+/* A record could not be written (vr_err says why): stop tracking. */
+static void
+log_cannot_follow(struct disk *d)
+{
+    char msg[256];
+    snprintf(msg, sizeof msg, "disk %s: its change log cannot follow: %s",
+             d->id, vr_errmsg());
+    set_broken(msg);
+}
+
 /* Is a record reserved before seq not yet written?  Under d->lock. */
 static bool
 earlier_unlogged(const struct disk *d, uint64_t seq)
@@ -1517,12 +1527,15 @@ earlier_unlogged(const struct disk *d, uint64_t seq)
     return false;
 }
 
-/* me's record is written: say so, then wait until every record reserved
- * before it is written too, so that the records on file are a prefix of
- * the reservation order whenever the disk changes (see Locking).  The
- * requests waited for are past their reservation and write their record
- * without waiting on anything, so this always ends. */
-static void
+/* me's record is written (or failed: then tracking is already broken):
+ * say so, then wait until every record reserved before it is written too,
+ * so that the records on file are a prefix of the reservation order
+ * whenever the disk changes (see Locking).  The requests waited for are
+ * past their reservation and write their record without waiting on
+ * anything, so this always ends.  False if tracking broke meanwhile: an
+ * earlier place may then stay empty, and recovery would cut every record
+ * after it, so the caller must leave the disk alone. */
+static bool
 wait_logged_prefix(struct disk *d, struct range *me)
 {
     pthread_mutex_lock(&d->lock);
@@ -1539,6 +1552,7 @@ wait_logged_prefix(struct disk *d, struct range *me)
         d->log_waiters--;
     }
     pthread_mutex_unlock(&d->lock);
+    return !__atomic_load_n(&broken, __ATOMIC_ACQUIRE);
 }
 
 /* The disk I/O of in-flight request me on [offset, offset + count) failed
@@ -1585,7 +1599,9 @@ log_readback(struct disk *d, struct range *me, uint64_t offset,
         pthread_mutex_unlock(&d->lock);
         if (rc == 0) {
             rc = cl_writer_write(d->w, &rec, log_off);
-            wait_logged_prefix(d, me);
+            if (rc < 0)
+                log_cannot_follow(d);
+            (void)wait_logged_prefix(d, me);
         }
         free(now);
         offset += n;
@@ -1683,7 +1699,7 @@ tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
                  "unshipped cycle: %s", d->id, vr_errmsg());
         set_broken(why);
         lrc = write_neutral(d, &rec, log_off);
-        wait_logged_prefix(d, &me);
+        (void)wait_logged_prefix(d, &me);
         rc = vr_err(-EIO, "%s", why);
         goto done;
     }
@@ -1693,9 +1709,14 @@ tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
     if (!ref)
         rec.flags |= CL_F_PENDING;
     lrc = cl_writer_write(d->w, &rec, log_off);
-    wait_logged_prefix(d, &me);
     if (lrc < 0)
-        goto done; /* the disk is left unchanged; tracking stops below */
+        log_cannot_follow(d);
+    if (!wait_logged_prefix(d, &me)) {
+        /* The disk is left unchanged; tracking stops below. */
+        if (lrc == 0)
+            rc = vr_err(-EIO, "tracking stopped: %s", broken_msg);
+        goto done;
+    }
     vr_fault_point("track-logged");
 
     if (kind == CL_WRITE)
@@ -1736,12 +1757,8 @@ done:
     pthread_mutex_unlock(&d->lock);
 
     if (lrc < 0) {
-        char msg[256];
-        snprintf(msg, sizeof msg, "disk %s: its change log cannot follow: %s",
-                 d->id, vr_errmsg());
-        set_broken(msg);
-        vr_err(-EIO, "%s", msg);
-        rc = -EIO;
+        log_cannot_follow(d);
+        rc = vr_err(-EIO, "%s", broken_msg);
         goto out;
     }
     if (rc == 0 && fua)
