@@ -91,8 +91,12 @@ history_capture(struct vm *vm, uint64_t n, const char *payload_path)
         sizes[i] = vm->disks[i].size;
         opened++;
     }
-    if (rc == 0)
+    if (rc == 0) {
         rc = undo_capture(pfd, fds, sizes, vm->ndisks, dfd, n, &bytes);
+        if (rc < 0)
+            rc = vr_err(rc, "capture into %s/undo: %s", vm->repl->storage,
+                        vr_errmsg());
+    }
     for (unsigned i = 0; i < opened; i++)
         close(fds[i]);
     if (pfd >= 0)
