@@ -281,8 +281,9 @@ int storage_truncate(const char *vmdir, const char *path,
 /* Remove the files of directory path (a missing one is empty), fsync it;
  * the number removed or -errno. */
 int storage_clear_dir(const char *vmdir, const char *path) VR_WUR;
-/* Before the disks in vm->dir are handed by path to nbdkit and QEMU: each
- * is opened with storage_open once (a link on the way: -ELOOP). */
+/* Before the disks in vm->dir are handed by path to nbdkit and QEMU: each,
+ * and its change log directory if it has one, is opened with storage_open
+ * once (a link on the way: -ELOOP). */
 int storage_check_disks(const struct vm *vm) VR_WUR;
 
 /* history.c: recovery history of Replica VMs. */

@@ -138,6 +138,14 @@ storage_check_disks(const struct vm *vm)
         if (fd < 0)
             return fd;
         close(fd);
+        /* The data plane's change log beside it, once there is one. */
+        CLEANUP_FREE char *log = xasprintf("%s.vrlog", vm->disks[i].path);
+        fd = storage_open(vm->dir, log, O_RDONLY | O_DIRECTORY, 0);
+        if (fd < 0 && fd != -ENOENT)
+            return fd;
+        if (fd >= 0)
+            close(fd);
+        vr_err_clear();
     }
     return 0;
 }

@@ -89,6 +89,11 @@ refused_apply() {
     log "  $vm: refused: $err"
 }
 
+# _decided VM N — the Replica VM went to Error, or applied cycle N.
+_decided() {
+    _in_error "$1" || [ "$(repl replica "$1" applied_cycle)" -ge "$2" ]
+}
+
 # refused_upload VM PATH — an upload of VM was refused with an audit event
 # saying PATH is a symbolic link (the primary keeps retrying).
 _audit_names() {
@@ -170,10 +175,7 @@ case_capture() {
     done
     vr primary replication resume scapt >/dev/null
     write_more 66
-    _in_error_or_past() {
-        _in_error scapt || [ "$(repl replica scapt applied_cycle)" -ge "$next" ]
-    }
-    wait_until 30 _in_error_or_past ||
+    wait_until 30 _decided scapt "$next" ||
         fail "capture: cycle $next neither applied nor refused"
     err=$(repl replica scapt last_error)
     [ "$(repl replica scapt state)" = Error ] &&
