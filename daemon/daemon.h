@@ -267,6 +267,25 @@ int catalog_delete_point(const char *uuid, uint64_t cycle) VR_WUR;
 /* Points in cycle order; caller frees *out. */
 int catalog_points(const char *uuid, struct point **out, size_t *n) VR_WUR;
 
+/* storage.c: files of a VM beneath its storage location (the parent of
+ * vmdir): opened relative to it with io_open_beneath, so no symbolic link
+ * from the VM's directory down is followed (-ELOOP, the message names
+ * path).  path is vmdir or a path in it. */
+int storage_open(const char *vmdir, const char *path, int flags,
+                 mode_t mode) VR_WUR;
+/* mkdir -p of path (0750), every component a real directory. */
+int storage_mkdir(const char *vmdir, const char *path) VR_WUR;
+/* ftruncate path (opened with storage_open) to size bytes. */
+int storage_truncate(const char *vmdir, const char *path,
+                     uint64_t size) VR_WUR;
+/* Remove the files of directory path (a missing one is empty), fsync it;
+ * the number removed or -errno. */
+int storage_clear_dir(const char *vmdir, const char *path) VR_WUR;
+/* Before the disks in vm->dir are handed by path to nbdkit and QEMU: each,
+ * and its change log directory if it has one, is opened with storage_open
+ * once (a link on the way: -ELOOP). */
+int storage_check_disks(const struct vm *vm) VR_WUR;
+
 /* history.c: recovery history of Replica VMs. */
 /* Forget every point and undo file (a fresh relationship); D->lock held. */
 int history_reset(struct vm *vm) VR_WUR;

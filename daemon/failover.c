@@ -106,18 +106,47 @@ view_spec(const struct vm *vm, uint64_t point, const char *rd,
     nics_to_spec(vm, spec, network);
 }
 
+/* Remove run directory rd (STORAGE/UUID/NAME) and its files, beneath the
+ * storage location: a link in its place is not followed (and stays). */
 static void
-remove_test_dir(const char *rd)
+remove_test_dir(const char *storage, const char *rd)
 {
-    DIR *d = opendir(rd);
-    if (!d)
+    if (storage_clear_dir(storage, rd) < 0) {
+        log_warn("failover", "%s", vr_errmsg());
+        vr_err_clear();
         return;
-    struct dirent *de;
-    while ((de = readdir(d)))
-        if (de->d_name[0] != '.')
-            unlinkat(dirfd(d), de->d_name, 0);
-    closedir(d);
-    rmdir(rd);
+    }
+    int vfd = storage_open(storage, storage, O_RDONLY | O_DIRECTORY, 0);
+    if (vfd >= 0) {
+        unlinkat(vfd, strrchr(rd, '/') + 1, AT_REMOVEDIR);
+        close(vfd);
+    }
+    vr_err_clear();
+}
+
+/* Before a run directory and the disks are handed to nbdkit, QEMU and
+ * qemu-img, which take paths: each must be what it seems, beneath the
+ * storage location with no link on the way (made if need be).  Between
+ * this check and their open only the daemon's user can change what is
+ * inside STORAGE/UUID (0750); a link swapped in at STORAGE/UUID itself in
+ * that window is the one case left to the storage location's own
+ * permissions (docs/security.md). */
+static int
+check_beneath(const struct vm *vm, const char *rd)
+{
+    const char *st = vm->repl->storage;
+    CLEANUP_FREE char *undo = xasprintf("%s/undo", st);
+    int rc = storage_mkdir(st, undo);
+    if (rc == 0 && rd)
+        rc = storage_mkdir(st, rd);
+    for (unsigned i = 0; rc == 0 && i < vm->ndisks; i++) {
+        int fd = storage_open(st, vm->disks[i].path, O_RDONLY, 0);
+        if (fd < 0)
+            rc = fd;
+        else
+            close(fd);
+    }
+    return rc;
 }
 
 /* --- common ----------------------------------------------------------- */
@@ -176,15 +205,17 @@ fault(const char *prefix, const char *step)
  * (without D->lock).  Fault points PREFIX-view, -overlays, -qemu.  On
  * failure whatever was started is stopped and the run directory removed. */
 static int
-launch(struct vmproc_spec *spec, struct vmproc_disk *disks,
-       const char *storage, const char *prefix)
+launch(const struct vm *vm, struct vmproc_spec *spec,
+       struct vmproc_disk *disks, const char *prefix)
 {
+    const char *storage = vm->repl->storage;
     /* The undo directory exists once history was ever kept; a view of the
-     * latest point needs no spans but still opens the directory. */
-    CLEANUP_FREE char *undo = xasprintf("%s/undo", storage);
-    int rc = io_mkdir_p(undo, 0750);
-    if (rc == 0)
-        rc = vmproc_start(spec);
+     * latest point needs no spans but still opens the directory
+     * (check_beneath makes it). */
+    int rc = check_beneath(vm, spec->rundir);
+    if (rc < 0)
+        return rc;
+    rc = vmproc_start(spec);
     if (rc == 0) {
         fault(prefix, "view");
         rc = vmproc_make_overlays(spec->rundir, spec->ndisks, disks);
@@ -201,7 +232,7 @@ launch(struct vmproc_spec *spec, struct vmproc_disk *disks,
         char msg[1024];
         snprintf(msg, sizeof msg, "%s", vr_errmsg());
         VR_IGNORE(vmproc_stop(spec->rundir, true, 0));
-        remove_test_dir(spec->rundir);
+        remove_test_dir(storage, spec->rundir);
         vr_err(rc, "%s", msg);
     }
     return rc;
@@ -242,7 +273,7 @@ cancel_steps(struct vm *vm)
     int rc = vmproc_stop(rd, true, 0);
     if (rc == 0) {
         vr_fault_point("failover-stop-stopped");
-        remove_test_dir(rd);
+        remove_test_dir(vm->repl->storage, rd);
         vr_fault_point("failover-stop-removed");
     }
     pthread_mutex_lock(&D->lock);
@@ -254,23 +285,23 @@ cancel_steps(struct vm *vm)
 static int
 revert_disks(const struct vm *vm, uint64_t point, uint64_t latest)
 {
-    CLEANUP_FREE char *undo = xasprintf("%s/undo", vm->repl->storage);
+    const char *st = vm->repl->storage;
+    CLEANUP_FREE char *undo = xasprintf("%s/undo", st);
     uint64_t sizes[MAX_DISKS], bytes = 0;
     int fds[MAX_DISKS];
     unsigned opened = 0;
     struct undo_view *v = NULL;
     int rc = 0;
-    int dfd = open(undo, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    int dfd = storage_open(st, undo, O_RDONLY | O_DIRECTORY, 0);
     if (dfd < 0)
-        return vr_err(-errno, "revert: open %s: %s", undo, strerror(errno));
+        return vr_err(dfd, "revert: %s", vr_errmsg());
     for (unsigned i = 0; i < vm->ndisks; i++)
         sizes[i] = vm->disks[i].size;
     rc = undo_view_open(dfd, point, latest, vm->ndisks, sizes, &v);
     for (; rc == 0 && opened < vm->ndisks; opened++) {
-        fds[opened] = open(vm->disks[opened].path, O_RDWR | O_CLOEXEC);
+        fds[opened] = storage_open(st, vm->disks[opened].path, O_RDWR, 0);
         if (fds[opened] < 0)
-            rc = vr_err(-errno, "revert: open %s: %s",
-                        vm->disks[opened].path, strerror(errno));
+            rc = vr_err(fds[opened], "revert: %s", vr_errmsg());
     }
     if (rc == 0)
         rc = undo_view_revert(v, fds, &bytes);
@@ -314,7 +345,9 @@ complete_steps(struct vm *vm)
     }
     if (rc == 0 && r->failover_step == FO_REVERTED) {
         pthread_mutex_unlock(&D->lock);
-        rc = vmproc_commit_overlays(rd, vm->ndisks, disks);
+        rc = check_beneath(vm, rd);
+        if (rc == 0)
+            rc = vmproc_commit_overlays(rd, vm->ndisks, disks);
         pthread_mutex_lock(&D->lock);
         if (rc == 0)
             rc = set_step(r, FO_COMMITTED);
@@ -322,12 +355,11 @@ complete_steps(struct vm *vm)
             vr_fault_point("failover-complete-committed");
     }
     if (rc == 0 && r->failover_step == FO_COMMITTED) {
-        remove_test_dir(rd);
+        remove_test_dir(r->storage, rd);
         /* Staged cycles of the old primary will never be applied. */
         CLEANUP_FREE char *stg = xasprintf("%s/staging", r->storage);
-        int n_rm = io_clear_dir(stg);
-        rc = n_rm < 0 ? vr_err(n_rm, "clear %s: %s", stg, strerror(-n_rm))
-                      : history_reset(vm);
+        int n_rm = storage_clear_dir(r->storage, stg);
+        rc = n_rm < 0 ? n_rm : history_reset(vm);
         if (rc == 0) {
             r->failover_point = 0;
             r->failover_step = FO_NONE;
@@ -393,7 +425,7 @@ recover_test(struct vm *vm)
     int rc = vmproc_stop(rd, true, TEST_STOP_MS);
     if (rc < 0)
         return rc;
-    remove_test_dir(rd);
+    remove_test_dir(r->storage, rd);
     if (r->test_point) {
         event_add("warning", vm->name, "test failover at point %llu was cut "
                   "short by a crash; removed it", (unsigned long long)
@@ -415,7 +447,7 @@ recover_failover(struct vm *vm)
         if (access(rd, F_OK) == 0) { /* after a finished complete */
             rc = vmproc_stop(rd, true, 0);
             if (rc == 0)
-                remove_test_dir(rd);
+                remove_test_dir(r->storage, rd);
         }
         return rc;
     case FO_STARTING:
@@ -441,7 +473,8 @@ recover_failover(struct vm *vm)
         CLEANUP_FREE char *view = NULL;
         view_spec(vm, r->failover_point, rd, vm->name, vm->uuid, NULL, disks,
                   &view, &spec);
-        return vmproc_start(&spec);
+        rc = check_beneath(vm, rd);
+        return rc < 0 ? rc : vmproc_start(&spec);
     }
     case FO_CANCELLING:
         return cancel_steps(vm);
@@ -552,7 +585,7 @@ test_start(struct api_call *call, int64_t want, json_object **out)
     pthread_mutex_unlock(&D->lock);
 
     if (rc == 0)
-        rc = launch(&spec, disks, r->storage, "test-start");
+        rc = launch(vm, &spec, disks, "test-start");
 
     pthread_mutex_lock(&D->lock);
     if (rc < 0) {
@@ -635,7 +668,7 @@ unplanned_start(struct api_call *call, int64_t want, bool force,
     pthread_mutex_unlock(&D->lock);
 
     if (rc == 0)
-        rc = launch(&spec, disks, r->storage, "failover-start");
+        rc = launch(vm, &spec, disks, "failover-start");
 
     pthread_mutex_lock(&D->lock);
     if (rc == 0)
@@ -718,7 +751,7 @@ test_stop(struct api_call *call, json_object **out)
     rc = vmproc_stop(rd, true, TEST_STOP_MS);
     if (rc == 0) {
         vr_fault_point("test-stop-stopped");
-        remove_test_dir(rd);
+        remove_test_dir(r->storage, rd);
         vr_fault_point("test-stop-removed");
     }
 

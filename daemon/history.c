@@ -40,17 +40,18 @@ undo_dir(const struct repl *r)
     return xasprintf("%s/undo", r->storage);
 }
 
+/* The undo directory, made if need be, opened beneath the storage
+ * location: a symbolic link on the way (STORAGE/UUID or undo itself) is
+ * refused, never followed.  Its files are then used relative to *dfd. */
 static int
 open_undo_dir(const struct repl *r, int *dfd)
 {
     CLEANUP_FREE char *dir = undo_dir(r);
-    int rc = io_mkdir_p(dir, 0750);
+    int rc = storage_mkdir(r->storage, dir);
     if (rc < 0)
-        return vr_err(rc, "mkdir %s: %s", dir, strerror(-rc));
-    *dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (*dfd < 0)
-        return vr_err(-errno, "open %s: %s", dir, strerror(errno));
-    return 0;
+        return rc;
+    *dfd = storage_open(r->storage, dir, O_RDONLY | O_DIRECTORY, 0);
+    return *dfd < 0 ? *dfd : 0;
 }
 
 int
@@ -61,16 +62,8 @@ history_reset(struct vm *vm)
     if (rc < 0 || !r || !r->storage)
         return rc;
     CLEANUP_FREE char *dir = undo_dir(r);
-    DIR *d = opendir(dir);
-    if (!d)
-        return 0;
-    struct dirent *de;
-    while ((de = readdir(d)))
-        if (de->d_name[0] != '.')
-            unlinkat(dirfd(d), de->d_name, 0);
-    closedir(d);
-    rc = io_fsync_dir(dir);
-    return rc < 0 ? vr_err(rc, "sync %s: %s", dir, strerror(-rc)) : 0;
+    rc = storage_clear_dir(r->storage, dir);
+    return rc < 0 ? rc : 0;
 }
 
 int
@@ -85,22 +78,25 @@ history_capture(struct vm *vm, uint64_t n, const char *payload_path)
     unsigned opened = 0;
     int rc = open_undo_dir(vm->repl, &dfd);
     if (rc == 0) {
-        pfd = open(payload_path, O_RDONLY | O_CLOEXEC);
+        pfd = storage_open(vm->dir, payload_path, O_RDONLY, 0);
         if (pfd < 0)
-            rc = vr_err(-errno, "open %s: %s", payload_path, strerror(errno));
+            rc = pfd;
     }
     for (unsigned i = 0; rc == 0 && i < vm->ndisks; i++) {
-        fds[i] = open(vm->disks[i].path, O_RDONLY | O_CLOEXEC);
+        fds[i] = storage_open(vm->dir, vm->disks[i].path, O_RDONLY, 0);
         if (fds[i] < 0) {
-            rc = vr_err(-errno, "open %s: %s", vm->disks[i].path,
-                        strerror(errno));
+            rc = fds[i];
             break;
         }
         sizes[i] = vm->disks[i].size;
         opened++;
     }
-    if (rc == 0)
+    if (rc == 0) {
         rc = undo_capture(pfd, fds, sizes, vm->ndisks, dfd, n, &bytes);
+        if (rc < 0)
+            rc = vr_err(rc, "capture into %s/undo: %s", vm->repl->storage,
+                        vr_errmsg());
+    }
     for (unsigned i = 0; i < opened; i++)
         close(fds[i]);
     if (pfd >= 0)
@@ -302,17 +298,21 @@ history_points_json(struct vm *vm)
         return arr;
     /* The undo data that leads from the next point back to this one. */
     CLEANUP_FREE char *dir = vm->repl ? undo_dir(vm->repl) : NULL;
+    int dfd = dir ? storage_open(vm->repl->storage, dir,
+                                 O_RDONLY | O_DIRECTORY, 0) : -1;
+    if (dfd < 0)
+        vr_err_clear();
     uint64_t iv = vm->repl && vm->repl->point_interval_s
                       ? (uint64_t)vm->repl->point_interval_s * 1000
                       : 3600000;
     for (size_t i = 0; i < np; i++) {
         uint64_t size = 0;
-        if (dir && i + 1 < np) {
+        if (dfd >= 0 && i + 1 < np) {
             char name[48];
             undo_name(pts[i].cycle + 1, pts[i + 1].cycle, name);
-            CLEANUP_FREE char *p = xasprintf("%s/%s", dir, name);
             struct stat st;
-            if (stat(p, &st) == 0)
+            if (fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+                S_ISREG(st.st_mode))
                 size = (uint64_t)st.st_size;
         }
         bool recent = i + 1 == np ||
@@ -331,5 +331,7 @@ history_points_json(struct vm *vm)
         json_object_array_add(arr, o);
     }
     free(pts);
+    if (dfd >= 0)
+        close(dfd);
     return arr;
 }

@@ -277,9 +277,9 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
     if (rc == 0) {
         vr_fault_point("planned-start-reset");
         CLEANUP_FREE char *stg = xasprintf("%s/staging", r->storage);
-        int n_rm = io_clear_dir(stg);
+        int n_rm = storage_clear_dir(r->storage, stg);
         if (n_rm < 0)
-            rc = vr_err(n_rm, "clear %s: %s", stg, strerror(-n_rm));
+            rc = n_rm;
     }
     if (rc == 0) {
         struct repl old = *r;
@@ -310,7 +310,9 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
         struct vmproc_disk dks[MAX_DISKS];
         vm_spec_of(vm, &s, dks, rundir);
         pthread_mutex_unlock(&D->lock);
-        rc = vmproc_start(&s);
+        rc = storage_check_disks(vm);
+        if (rc == 0)
+            rc = vmproc_start(&s);
         pthread_mutex_lock(&D->lock);
         vm->changing = false;
         if (rc < 0)

@@ -191,8 +191,10 @@ struct rreq {
     size_t len;
     struct cyc_decoder *dec;
     int fd;
-    char *tmp_path;
+    char *tmp_path;     /* STAGING/NAME.tmp, once we created it */
     char *staging;
+    int stgfd;          /* the staging directory, opened beneath storage */
+    char tmp_name[48];  /* NAME.tmp in stgfd */
     char *root;         /* the peer's storage location (authorization) */
     char *group;        /* the peer's trust group ("" none) */
     bool holds_busy;
@@ -234,9 +236,11 @@ rreq_done(void *cls VR_UNUSED, struct MHD_Connection *c,
     if (q->fd >= 0)
         close(q->fd);
     if (q->tmp_path) {
-        unlink(q->tmp_path);
+        unlinkat(q->stgfd, q->tmp_name, 0);
         free(q->tmp_path);
     }
+    if (q->stgfd >= 0)
+        close(q->stgfd);
     if (q->holds_busy) {
         pthread_mutex_lock(&D->lock);
         struct vm *vm = vm_find_uuid(q->uuid);
@@ -370,14 +374,14 @@ own_vm(struct rreq *q, struct vm **out)
     return 0;
 }
 
+/* The disks beneath the storage location, never through a link. */
 static int
 open_disks(const struct vm *vm, int *fds)
 {
     for (unsigned i = 0; i < vm->ndisks; i++) {
-        fds[i] = open(vm->disks[i].path, O_RDWR | O_CLOEXEC);
+        fds[i] = storage_open(vm->dir, vm->disks[i].path, O_RDWR, 0);
         if (fds[i] < 0) {
-            int rc = vr_err(-errno, "open %s: %s", vm->disks[i].path,
-                            strerror(errno));
+            int rc = fds[i];
             while (i-- > 0)
                 close(fds[i]);
             return rc;
@@ -386,24 +390,32 @@ open_disks(const struct vm *vm, int *fds)
     return 0;
 }
 
-/* Apply a payload file to the VM's disks.  Runs without d->lock; vm's disk
- * table is immutable while it is a Replica VM. */
+/* Apply the payload in pfd to the VM's disks.  Runs without d->lock; vm's
+ * disk table is immutable while it is a Replica VM. */
 static int
-apply_payload(const struct vm *vm, const char *path, uint64_t *nrec)
+apply_payload_fd(const struct vm *vm, int pfd, uint64_t *nrec)
 {
     int fds[MAX_DISKS];
     uint64_t sizes[MAX_DISKS];
     for (unsigned i = 0; i < vm->ndisks; i++)
         sizes[i] = vm->disks[i].size;
-    int pfd = open(path, O_RDONLY | O_CLOEXEC);
-    if (pfd < 0)
-        return vr_err(-errno, "open %s: %s", path, strerror(errno));
     int rc = open_disks(vm, fds);
     if (rc == 0) {
         rc = cyc_apply_file(pfd, fds, sizes, vm->ndisks, nrec);
         for (unsigned i = 0; i < vm->ndisks; i++)
             close(fds[i]);
     }
+    return rc;
+}
+
+/* The same from a staged file. */
+static int
+apply_payload(const struct vm *vm, const char *path, uint64_t *nrec)
+{
+    int pfd = storage_open(vm->dir, path, O_RDONLY, 0);
+    if (pfd < 0)
+        return pfd;
+    int rc = apply_payload_fd(vm, pfd, nrec);
     close(pfd);
     return rc;
 }
@@ -421,23 +433,14 @@ cycle_path(const struct repl *r, uint64_t n)
                      (unsigned long long)n);
 }
 
-/* Delete every file in the VM's staging directory. */
-static void
+/* Delete every file in the VM's staging directory (a link in its place is
+ * refused, not followed). */
+static int
 clear_staging(const struct repl *r)
 {
     CLEANUP_FREE char *stg = staging_dir(r);
-    int fd = open(stg, O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-    DIR *dir = fd >= 0 ? fdopendir(fd) : NULL;
-    if (!dir) {
-        if (fd >= 0)
-            close(fd);
-        return;
-    }
-    struct dirent *de;
-    while ((de = readdir(dir)))
-        if (de->d_name[0] != '.')
-            unlinkat(dirfd(dir), de->d_name, 0);
-    closedir(dir);
+    int n = storage_clear_dir(r->storage, stg);
+    return n < 0 ? n : 0;
 }
 
 /* --- request handlers (JSON ones run at the end of the body) ------------- */
@@ -508,9 +511,9 @@ do_reverse(struct rreq *q, int64_t reverse_of, size_t nd,
             /* Its disks are not served (prepare stopped them). */
             shipper_stop(vm);
             CLEANUP_FREE char *stg = xasprintf("%s/staging", vm->dir);
-            rc = io_mkdir_p(stg, 0750);
+            rc = storage_mkdir(vm->dir, stg);
             if (rc < 0)
-                rc = vr_err(rc, "register: %s: %s", stg, strerror(-rc));
+                rc = vr_err(rc, "register: %s", vr_errmsg());
         }
         if (rc == 0) {
             vr_fault_point("reverse-accepting");
@@ -636,21 +639,31 @@ do_register(struct rreq *q, json_object **out)
             vm->disks[i].path = xasprintf("%s/disk%u.raw", vm->dir, i);
         }
         /* Nothing may lead out of the storage location: no symbolic link
-         * on the way (a peer names no path, but one may be left there). */
-        CLEANUP_FREE char *rel = xasprintf("%s/staging", q->uuid);
-        rc = io_mkdir_beneath(q->root, rel, 0750);
+         * on the way (a peer names no path, but one may be left there),
+         * checked again at every open (storage.c). */
+        CLEANUP_FREE char *stg = xasprintf("%s/staging", vm->dir);
+        rc = storage_mkdir(vm->dir, stg);
         for (unsigned i = 0; rc == 0 && i < vm->ndisks; i++) {
-            int fd = open(vm->disks[i].path,
-                          O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0640);
-            if (fd < 0 || ftruncate(fd, (off_t)sizes[i]) < 0 || fsync(fd) < 0)
-                rc = vr_err(-errno, "register: create %s: %s",
-                            vm->disks[i].path, strerror(errno));
+            int fd = storage_open(vm->dir, vm->disks[i].path,
+                                  O_RDWR | O_CREAT, 0640);
+            if (fd < 0)
+                rc = fd;
+            else if (ftruncate(fd, (off_t)sizes[i]) < 0 || fsync(fd) < 0)
+                rc = vr_err(-errno, "create %s: %s", vm->disks[i].path,
+                            strerror(errno));
             if (fd >= 0)
                 close(fd);
             vm->disks[i].size = sizes[i];
         }
-        if (rc == 0)
-            rc = io_fsync_dir(vm->dir);
+        if (rc == 0) {
+            int dfd = storage_open(vm->dir, vm->dir, O_RDONLY | O_DIRECTORY,
+                                   0);
+            rc = dfd < 0 ? dfd : io_fsync_dirfd(dfd);
+            if (dfd >= 0)
+                close(dfd);
+        }
+        if (rc < 0)
+            rc = vr_err(rc, "register: %s", vr_errmsg());
         if (rc < 0) {
             vm_free(vm);
             vm = NULL;
@@ -663,9 +676,9 @@ do_register(struct rreq *q, json_object **out)
         /* Disk sizes may have grown on the primary. */
         for (unsigned i = 0; i < vm->ndisks; i++)
             if (sizes[i] != vm->disks[i].size) {
-                if (truncate(vm->disks[i].path, (off_t)sizes[i]) < 0) {
-                    rc = vr_err(-errno, "register: resize %s: %s",
-                                vm->disks[i].path, strerror(errno));
+                rc = storage_truncate(vm->dir, vm->disks[i].path, sizes[i]);
+                if (rc < 0) {
+                    rc = vr_err(rc, "register: %s", vr_errmsg());
                     break;
                 }
                 vm->disks[i].size = sizes[i];
@@ -769,15 +782,18 @@ do_register(struct rreq *q, json_object **out)
             /* Initial replication sends only the primary's allocated
              * regions: whatever a kept Replica disk holds elsewhere must
              * read as zeroes, as on the primary. */
-            for (unsigned i = 0; rc == 0 && i < vm->ndisks; i++)
-                if (truncate(vm->disks[i].path, 0) < 0 ||
-                    truncate(vm->disks[i].path, (off_t)vm->disks[i].size) < 0)
-                    rc = vr_err(-errno, "register: reset %s: %s",
-                                vm->disks[i].path, strerror(errno));
+            for (unsigned i = 0; rc == 0 && i < vm->ndisks; i++) {
+                rc = storage_truncate(vm->dir, vm->disks[i].path, 0);
+                if (rc == 0)
+                    rc = storage_truncate(vm->dir, vm->disks[i].path,
+                                          vm->disks[i].size);
+                if (rc < 0)
+                    rc = vr_err(rc, "register: reset: %s", vr_errmsg());
+            }
             r->applied_cycle = r->last_cycle = 0;
             r->prepared_cycle = 0;
             if (rc == 0)
-                clear_staging(r);
+                rc = clear_staging(r);
             /* The recovery history of the old relationship goes too. */
             if (rc == 0)
                 rc = history_reset(vm);
@@ -908,6 +924,37 @@ do_remove(struct rreq *q, json_object **out)
     return rc;
 }
 
+/* Create NAME afresh in the staging directory stgfd: O_EXCL, so nothing
+ * left there is ever written through.  A regular file of that name (an
+ * upload whose end we did not see) is replaced; a symbolic link or anything
+ * else is refused and left for the administrator to see. */
+static int
+create_staged(int stgfd, const char *staging, const char *name)
+{
+    for (int tries = 0; tries < 2; tries++) {
+        int fd = openat(stgfd, name, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW |
+                        O_CLOEXEC, 0640);
+        if (fd >= 0)
+            return fd;
+        if (errno != EEXIST)
+            return vr_err(-errno, "create %s/%s: %s", staging, name,
+                          strerror(errno));
+        struct stat st;
+        if (fstatat(stgfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+            !S_ISREG(st.st_mode))
+            return vr_err(S_ISLNK(st.st_mode) ? -ELOOP : -EEXIST,
+                          "create %s/%s: refused: %s is there (not "
+                          "followed)", staging, name,
+                          S_ISLNK(st.st_mode) ? "a symbolic link"
+                                              : "something not a file");
+        if (unlinkat(stgfd, name, 0) < 0 && errno != ENOENT)
+            return vr_err(-errno, "remove stale %s/%s: %s", staging, name,
+                          strerror(errno));
+    }
+    return vr_err(-EEXIST, "create %s/%s: it keeps coming back", staging,
+                  name);
+}
+
 /* First call for an upload: check the VM and its state, open the temp. */
 static int
 upload_begin(struct rreq *q, struct MHD_Connection *c)
@@ -936,10 +983,12 @@ upload_begin(struct rreq *q, struct MHD_Connection *c)
                         vm->name, (unsigned long long)q->n,
                         (unsigned long long)r->last_cycle + 1);
     }
+    CLEANUP_FREE char *vmdir = NULL;
     if (rc == 0) {
         r->busy = true;
         q->holds_busy = true;
         q->staging = staging_dir(r);
+        vmdir = xstrdup(r->storage);
         q->ndisks = vm->ndisks;
         for (unsigned i = 0; i < vm->ndisks; i++)
             q->disk_sizes[i] = vm->disks[i].size;
@@ -953,12 +1002,15 @@ upload_begin(struct rreq *q, struct MHD_Connection *c)
     bool compressed = enc && strcmp(enc, "zstd") == 0;
     if (enc && !compressed && strcmp(enc, "identity") != 0)
         return vr_err(-EINVAL, "content-encoding %s: not supported", enc);
-    q->tmp_path = xasprintf("%s/%s-%llu.tmp", q->staging,
-                            q->kind == R1_BASE ? "base" : "cycle",
-                            (unsigned long long)q->n);
-    q->fd = open(q->tmp_path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+    snprintf(q->tmp_name, sizeof q->tmp_name, "%s-%llu.tmp",
+             q->kind == R1_BASE ? "base" : "cycle", (unsigned long long)q->n);
+    q->stgfd = storage_open(vmdir, q->staging, O_RDONLY | O_DIRECTORY, 0);
+    if (q->stgfd < 0)
+        return q->stgfd;
+    q->fd = create_staged(q->stgfd, q->staging, q->tmp_name);
     if (q->fd < 0)
-        return vr_err(-errno, "open %s: %s", q->tmp_path, strerror(errno));
+        return q->fd;
+    q->tmp_path = xasprintf("%s/%s", q->staging, q->tmp_name);
     /* However small the body, what it decompresses to is written to the
      * staging file system: never let one payload fill it.  It may use what
      * is free but a tenth of it (at most 1 GiB kept). */
@@ -1012,18 +1064,20 @@ upload_finish(struct rreq *q, json_object **out)
         /* Initial replication chunks go straight to the disks: the Replica
          * VM is not a recovery point until initial replication completes. */
         uint64_t applied;
-        rc = apply_payload(vm, q->tmp_path, &applied);
+        rc = apply_payload_fd(vm, q->fd, &applied);
         if (rc < 0)
             return rc;
     } else {
         pthread_mutex_lock(&D->lock);
         CLEANUP_FREE char *final = cycle_path(vm->repl, q->n);
         pthread_mutex_unlock(&D->lock);
-        if (rename(q->tmp_path, final) < 0)
+        /* Renaming over a link replaces the link: nothing is followed. */
+        if (renameat(q->stgfd, q->tmp_name, q->stgfd,
+                     strrchr(final, '/') + 1) < 0)
             return vr_err(-errno, "rename %s: %s", final, strerror(errno));
         free(q->tmp_path);
         q->tmp_path = NULL;
-        rc = io_fsync_dir(q->staging);
+        rc = io_fsync_dirfd(q->stgfd);
         if (rc < 0)
             return vr_err(rc, "sync %s: %s", q->staging, strerror(-rc));
         pthread_mutex_lock(&D->lock);
@@ -1063,7 +1117,7 @@ release_busy(struct rreq *q)
 {
     /* First the temporary file: the next transfer may reuse its name. */
     if (q->tmp_path) {
-        unlink(q->tmp_path);
+        unlinkat(q->stgfd, q->tmp_name, 0);
         free(q->tmp_path);
         q->tmp_path = NULL;
     }
@@ -1220,6 +1274,7 @@ r1_access(void *cls, struct MHD_Connection *c, const char *url,
     if (!q) {
         q = xcalloc(1, sizeof *q);
         q->fd = -1;
+        q->stgfd = -1;
         q->conn = c;
         const struct listener_ctx *lc = cls;
         q->krb = lc->kerberos;
@@ -1939,7 +1994,7 @@ test_applylog(const struct vm *vm, uint64_t n)
     if (!f)
         return;
     for (unsigned i = 0; i < vm->ndisks; i++) {
-        int fd = open(vm->disks[i].path, O_RDONLY | O_CLOEXEC);
+        int fd = storage_open(vm->dir, vm->disks[i].path, O_RDONLY, 0);
         gnutls_hash_hd_t h;
         if (fd < 0 || gnutls_hash_init(&h, GNUTLS_DIG_SHA256) < 0) {
             if (fd >= 0)
@@ -1965,13 +2020,15 @@ test_applylog(const struct vm *vm, uint64_t n)
 /* The header flags of a staged cycle (0 if unreadable: applying it will
  * say why). */
 static uint32_t
-staged_flags(const char *path)
+staged_flags(const struct vm *vm, const char *path)
 {
     uint8_t buf[CYC_HDR_BYTES];
     struct cyc_hdr h;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
+    int fd = storage_open(vm->dir, path, O_RDONLY, 0);
+    if (fd < 0) {
+        vr_err_clear();
         return 0;
+    }
     ssize_t n = pread(fd, buf, sizeof buf, 0);
     close(fd);
     if (n != (ssize_t)sizeof buf || cyc_hdr_decode(buf, &h) < 0) {
@@ -1979,6 +2036,22 @@ staged_flags(const char *path)
         return 0;
     }
     return h.flags;
+}
+
+/* Remove an applied cycle's file from staging (a link on the way is not
+ * followed: the staging directory is opened beneath the storage). */
+static void
+unlink_staged(const struct vm *vm, const char *path)
+{
+    CLEANUP_FREE char *stg = staging_dir(vm->repl);
+    int sfd = storage_open(vm->dir, stg, O_RDONLY | O_DIRECTORY, 0);
+    if (sfd < 0) {
+        log_warn("applier", "%s: %s", vm->name, vr_errmsg());
+        vr_err_clear();
+        return;
+    }
+    unlinkat(sfd, strrchr(path, '/') + 1, 0);
+    close(sfd);
 }
 
 /* Apply cycle n of vm from staging, then record it.  Called without the
@@ -1994,7 +2067,7 @@ apply_one(struct vm *vm, uint64_t n, bool locked)
     vm->applying = true;
     if (locked)
         pthread_mutex_unlock(&D->lock);
-    bool app = (staged_flags(path) & CYC_F_APP) != 0;
+    bool app = (staged_flags(vm, path) & CYC_F_APP) != 0;
     int rc = history_capture(vm, n, path);
     if (rc == 0)
         rc = failover_test_refresh(vm, n);
@@ -2011,7 +2084,7 @@ apply_one(struct vm *vm, uint64_t n, bool locked)
         rc = catalog_save_repl(vm->repl);
     }
     if (rc == 0) {
-        unlink(path);
+        unlink_staged(vm, path);
         log_debug("applier", "%s: applied cycle %llu (%llu records, %llu ms)",
                   vm->name, (unsigned long long)n, (unsigned long long)nrec,
                   (unsigned long long)(vr_mono_ms() - t0));
@@ -2045,7 +2118,13 @@ replica_recover(void)
         if (vm->mode != VM_MODE_REPLICA || !r || !r->storage)
             continue;
         CLEANUP_FREE char *stg = staging_dir(r);
-        DIR *dir = opendir(stg);
+        int sfd = storage_open(r->storage, stg, O_RDONLY | O_DIRECTORY, 0);
+        DIR *dir = sfd >= 0 ? fdopendir(sfd) : NULL;
+        if (sfd < 0 && sfd != -ENOENT)
+            log_warn("applier", "%s: %s", vm->name, vr_errmsg());
+        if (sfd >= 0 && !dir)
+            close(sfd);
+        vr_err_clear();
         if (dir) {
             struct dirent *de;
             while ((de = readdir(dir))) {
@@ -2054,10 +2133,8 @@ replica_recover(void)
                 unsigned long long c = strtoull(de->d_name, NULL, 10);
                 bool old = n == 26 && strcmp(de->d_name + 20, ".cycle") == 0 &&
                            c <= r->applied_cycle;
-                if (tmp || old) {
-                    CLEANUP_FREE char *p = xasprintf("%s/%s", stg, de->d_name);
-                    unlink(p);
-                }
+                if (tmp || old)
+                    unlinkat(dirfd(dir), de->d_name, 0);
             }
             closedir(dir);
         }

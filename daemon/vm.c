@@ -707,7 +707,9 @@ api_vm_start(struct api_call *call, unsigned *status VR_UNUSED,
     /* The spec borrows vm's strings: a changing VM is neither removed nor
      * altered. */
     pthread_mutex_unlock(&D->lock);
-    rc = vmproc_start(&s);
+    rc = storage_check_disks(vm);
+    if (rc == 0)
+        rc = vmproc_start(&s);
     char msg[1024];
     snprintf(msg, sizeof msg, "%s", vr_errmsg());
     pthread_mutex_lock(&D->lock);

@@ -182,7 +182,8 @@ create_tmp(int dirfd, const char *tmp, int *fd_out)
     if (unlinkat(dirfd, tmp, 0) < 0 && errno != ENOENT)
         return vr_err(-errno, "undo: remove stale %s: %s", tmp,
                       strerror(errno));
-    fd = openat(dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    fd = openat(dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW |
+                O_CLOEXEC, 0644);
     if (fd < 0)
         return vr_err(-errno, "undo: create %s: %s", tmp, strerror(errno));
     *fd_out = fd;
@@ -463,6 +464,12 @@ undo_capture(int payload_fd, const int *disk_fds, const uint64_t *disk_sizes,
 
     /* Captured before a crash: the disks may have changed since. */
     if (fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0) {
+        /* Only a file we wrote: a link there is never taken as data. */
+        if (!S_ISREG(st.st_mode))
+            return vr_err(S_ISLNK(st.st_mode) ? -ELOOP : -EINVAL,
+                          "undo: %s is %s, not an undo file (refused)", name,
+                          S_ISLNK(st.st_mode) ? "a symbolic link"
+                                              : "not a regular file");
         if (undo_bytes)
             *undo_bytes = (uint64_t)st.st_size;
         return 0;

@@ -11,8 +11,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <linux/openat2.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -364,6 +366,112 @@ io_mkdir_beneath(const char *root, const char *rel, mode_t mode)
     if (fd >= 0)
         close(fd);
     return rc;
+}
+
+/* --- opening beneath a directory ------------------------------------ */
+
+static bool beneath_fallback_only;
+
+void
+io_beneath_force_fallback(bool on)
+{
+    beneath_fallback_only = on;
+}
+
+/* A component refused by the per-component walk: say why with -ELOOP for
+ * a symbolic link, else the open's own errno. */
+static int
+beneath_refusal(int dirfd, const char *name, int e, const char *relpath)
+{
+    struct stat st;
+    if ((e == ENOTDIR || e == ELOOP) &&
+        fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+        S_ISLNK(st.st_mode))
+        return vr_err(-ELOOP, "%s: '%s' is a symbolic link (not followed)",
+                      relpath, name);
+    return vr_err(-e, "%s: %s", relpath, strerror(e));
+}
+
+/* What openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS) does, with one
+ * openat(O_NOFOLLOW) per component: for kernels without openat2 (< 5.6)
+ * or where a sandbox refuses it.  No component is "..": the caller
+ * checked. */
+static int
+open_beneath_walk(int rootfd, const char *relpath, int flags, mode_t mode)
+{
+    CLEANUP_FREE char *p = xstrdup(relpath);
+    char *save = NULL;
+    char *c = strtok_r(p, "/", &save);
+    int fd = rootfd;
+    while (c) {
+        char *after = strtok_r(NULL, "/", &save);
+        int next = after ? openat(fd, c, O_PATH | O_DIRECTORY | O_NOFOLLOW |
+                                  O_CLOEXEC)
+                         : openat(fd, c, flags | O_NOFOLLOW | O_CLOEXEC,
+                                  mode);
+        if (next < 0)
+            next = beneath_refusal(fd, c, errno, relpath);
+        if (fd != rootfd)
+            close(fd);
+        if (next < 0 || !after)
+            return next;
+        fd = next;
+        c = after;
+    }
+    return vr_err(-EINVAL, "%s: no file named", relpath);
+}
+
+int
+io_open_beneath(int rootfd, const char *relpath, int flags, mode_t mode)
+{
+    size_t len = strlen(relpath);
+    if (len == 0)
+        return vr_err(-EINVAL, "open beneath a directory: empty path");
+    if (len >= PATH_MAX)
+        return vr_err(-ENAMETOOLONG, "%.64s...: path too long", relpath);
+    if (relpath[0] == '/')
+        return vr_err(-EXDEV, "%s: an absolute path, not beneath the "
+                      "directory", relpath);
+    for (const char *c = relpath; *c;) {
+        size_t n = strcspn(c, "/");
+        if (n == 2 && c[0] == '.' && c[1] == '.')
+            return vr_err(-EXDEV, "%s: '..' leads out of the directory",
+                          relpath);
+        c += n;
+        c += strspn(c, "/");
+    }
+    if (!(flags & (O_CREAT | O_TMPFILE)))
+        mode = 0;
+#ifdef SYS_openat2
+    if (!beneath_fallback_only) {
+        struct open_how how = {
+            .flags = (uint64_t)(flags | O_CLOEXEC),
+            .mode = mode,
+            .resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
+                       RESOLVE_NO_MAGICLINKS,
+        };
+        int fd;
+        /* EAGAIN: a rename raced the lookup; it is safe to retry. */
+        for (int tries = 0; tries < 8; tries++) {
+            fd = (int)syscall(SYS_openat2, rootfd, relpath, &how, sizeof how);
+            if (fd >= 0 || errno != EAGAIN)
+                break;
+        }
+        if (fd >= 0)
+            return fd;
+        int e = errno;
+        if (e == ELOOP)
+            return vr_err(-ELOOP, "%s: a symbolic link in the path (not "
+                          "followed)", relpath);
+        if (e == EXDEV)
+            return vr_err(-EXDEV, "%s: leads out of the directory", relpath);
+        /* ENOSYS: an old kernel; EPERM: a seccomp filter that does not
+         * know openat2.  Walk the components instead. */
+        if (e != ENOSYS && e != EPERM)
+            return vr_err(-e, "%s: %s", relpath, strerror(e));
+    }
+#endif
+    return open_beneath_walk(rootfd, relpath, flags, mode);
 }
 
 uint64_t

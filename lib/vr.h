@@ -81,6 +81,17 @@ int io_mkdir_p(const char *path, mode_t mode) VR_WUR;
 /* mkdir -p of ROOT/REL, every component of REL a real directory beneath
  * ROOT (a symbolic link, "." or ".." is refused: -ELOOP, -EINVAL). */
 int io_mkdir_beneath(const char *root, const char *rel, mode_t mode) VR_WUR;
+/* Open RELPATH beneath the directory rootfd as openat(2) would with flags
+ * and mode (O_CLOEXEC added), but no component of RELPATH may be a symbolic
+ * link (-ELOOP) and none may be ".." nor RELPATH absolute (-EXDEV): the
+ * kernel's openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS), or the same done
+ * one component at a time with O_NOFOLLOW where openat2 is missing.  The
+ * directory rootfd itself was opened by the caller (its own path may hold
+ * links).  Returns the new fd or -errno. */
+int io_open_beneath(int rootfd, const char *relpath, int flags,
+                    mode_t mode) VR_WUR;
+/* Tests: make io_open_beneath walk components even where openat2 works. */
+void io_beneath_force_fallback(bool on);
 /* Remove every entry of directory path except "." ones (files only: a
  * subdirectory is left), then fsync it.  A missing directory is empty.
  * Returns the number removed or -errno. */

@@ -705,6 +705,27 @@ test_no_recapture(void)
     free(before);
     free(after);
     unlinkat(sub, name, 0);
+
+    /* A symbolic link where the capture goes is not taken as a capture
+     * already made, nor written through. */
+    char *outside = path_of("outside-%llu", latest);
+    int ofd = open(outside, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (ofd < 0 || write(ofd, "keep", 4) != 4)
+        die("outside");
+    close(ofd);
+    if (symlinkat(outside, sub, name) < 0)
+        die("symlinkat");
+    is_int(
+        undo_capture(pfds[latest], disk_fds, sizes, NDISKS, sub, latest, &ub),
+        -ELOOP, "capture: a symbolic link at the span's name refused");
+    ok(strstr(vr_errmsg(), "symbolic link") != NULL, "capture: says why: %s",
+       vr_errmsg());
+    struct stat st;
+    ok(stat(outside, &st) == 0 && st.st_size == 4,
+       "capture: the link's target is unchanged");
+    unlinkat(sub, name, 0);
+    unlink(outside);
+    free(outside);
     close(sub);
 
     /* The payload is for another cycle. */

@@ -271,6 +271,127 @@ test_fqdn(void)
     ok(!vr_fqdn_pattern_valid(NULL), "NULL is not");
 }
 
+/* io_open_beneath: a file beneath a directory, never through a link. */
+static void
+beneath_cases(const char *mode_name)
+{
+    char dir[] = "/tmp/test-beneath.XXXXXX";
+    char out[] = "/tmp/test-outside.XXXXXX";
+    if (!mkdtemp(dir) || !mkdtemp(out))
+        abort();
+    char *p = xasprintf("%s/a/b", dir);
+    if (io_mkdir_p(p, 0755) < 0)
+        abort();
+    free(p);
+    p = xasprintf("%s/a/b/file", dir);
+    VR_IGNORE(io_write_file_atomic(p, "inside", 6));
+    free(p);
+    char *secret = xasprintf("%s/secret", out);
+    VR_IGNORE(io_write_file_atomic(secret, "outside", 7));
+    int root = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (root < 0)
+        abort();
+
+    /* Normal files: read, create, directories. */
+    int fd = io_open_beneath(root, "a/b/file", O_RDONLY, 0);
+    char buf[16] = "";
+    ok(fd >= 0 && read(fd, buf, sizeof buf) == 6 &&
+       memcmp(buf, "inside", 6) == 0, "%s: a/b/file opened and read",
+       mode_name);
+    ok(fd < 0 || (fcntl(fd, F_GETFD) & FD_CLOEXEC), "%s: close-on-exec",
+       mode_name);
+    if (fd >= 0)
+        close(fd);
+    fd = io_open_beneath(root, "a/b/new", O_RDWR | O_CREAT | O_EXCL, 0640);
+    ok(fd >= 0, "%s: a/b/new created", mode_name);
+    struct stat st;
+    ok(fd >= 0 && fstat(fd, &st) == 0 && (st.st_mode & 0777) == 0640,
+       "%s: created with its mode", mode_name);
+    if (fd >= 0)
+        close(fd);
+    is_int(io_open_beneath(root, "a/b/new", O_RDWR | O_CREAT | O_EXCL, 0640),
+           -EEXIST, "%s: O_EXCL on an existing file", mode_name);
+    fd = io_open_beneath(root, "a//b/", O_RDONLY | O_DIRECTORY, 0);
+    ok(fd >= 0, "%s: a//b/ as a directory", mode_name);
+    if (fd >= 0)
+        close(fd);
+    is_int(io_open_beneath(root, "a/missing", O_RDONLY, 0), -ENOENT,
+           "%s: missing file", mode_name);
+
+    /* A symbolic link at the last component: to a file outside, to one
+     * inside, dangling (O_CREAT must not create its target). */
+    p = xasprintf("%s/a/b/link", dir);
+    if (symlink(secret, p) < 0)
+        abort();
+    free(p);
+    is_int(io_open_beneath(root, "a/b/link", O_RDWR, 0), -ELOOP,
+           "%s: link at the last component refused", mode_name);
+    ok(strstr(vr_errmsg(), "a/b/link") && strstr(vr_errmsg(), "symbolic"),
+       "%s: message names it: %s", mode_name, vr_errmsg());
+    is_int(io_open_beneath(root, "a/b/link", O_RDWR | O_CREAT | O_TRUNC, 0640),
+           -ELOOP, "%s: O_CREAT|O_TRUNC through a link refused", mode_name);
+    p = xasprintf("%s/a/b/inlink", dir);
+    if (symlink("file", p) < 0)
+        abort();
+    free(p);
+    is_int(io_open_beneath(root, "a/b/inlink", O_RDONLY, 0), -ELOOP,
+           "%s: even a link that stays inside is refused", mode_name);
+    char *dangling_target = xasprintf("%s/created", out);
+    p = xasprintf("%s/a/b/dangling", dir);
+    if (symlink(dangling_target, p) < 0)
+        abort();
+    free(p);
+    is_int(io_open_beneath(root, "a/b/dangling", O_WRONLY | O_CREAT, 0640),
+           -ELOOP, "%s: O_CREAT on a dangling link refused", mode_name);
+    ok(access(dangling_target, F_OK) < 0 && errno == ENOENT,
+       "%s: nothing created outside", mode_name);
+    free(dangling_target);
+
+    /* A symbolic link at a middle component (to a directory outside). */
+    p = xasprintf("%s/a/mid", dir);
+    if (symlink(out, p) < 0)
+        abort();
+    free(p);
+    is_int(io_open_beneath(root, "a/mid/secret", O_RDWR, 0), -ELOOP,
+           "%s: link at a middle component refused", mode_name);
+    is_int(io_open_beneath(root, "a/mid/new", O_RDWR | O_CREAT, 0640), -ELOOP,
+           "%s: create beneath a linked directory refused", mode_name);
+    is_int(io_open_beneath(root, "a/mid", O_RDONLY | O_DIRECTORY, 0), -ELOOP,
+           "%s: a linked directory itself refused", mode_name);
+
+    /* Out of the directory: "..", absolute paths, empty. */
+    is_int(io_open_beneath(root, "../outside", O_RDONLY, 0), -EXDEV,
+           "%s: '..' refused", mode_name);
+    is_int(io_open_beneath(root, "a/../a/b/file", O_RDONLY, 0), -EXDEV,
+           "%s: '..' refused even when it stays inside", mode_name);
+    is_int(io_open_beneath(root, secret, O_RDONLY, 0), -EXDEV,
+           "%s: absolute path refused", mode_name);
+    is_int(io_open_beneath(root, "", O_RDONLY, 0), -EINVAL,
+           "%s: empty path refused", mode_name);
+
+    /* The outside file is as it was. */
+    char *got = NULL;
+    size_t len = 0;
+    ok(io_read_file(secret, 100, &got, &len) == 0 && len == 7 &&
+       memcmp(got, "outside", 7) == 0, "%s: the file outside is unchanged",
+       mode_name);
+    free(got);
+    close(root);
+    char *cmd = xasprintf("rm -rf '%s' '%s'", dir, out);
+    VR_IGNORE(system(cmd));
+    free(cmd);
+    free(secret);
+}
+
+static void
+test_beneath(void)
+{
+    beneath_cases("openat2");
+    io_beneath_force_fallback(true);
+    beneath_cases("walk");
+    io_beneath_force_fallback(false);
+}
+
 int
 main(void)
 {
@@ -281,6 +402,7 @@ main(void)
     test_uuids();
     test_errors();
     test_files();
+    test_beneath();
     test_misc();
     test_fqdn();
     return done_testing();
