@@ -49,6 +49,13 @@ struct vm {
     bool hypervisor; /* QEMU was requested at start */
     bool applying;   /* the applier works on its disks without the lock */
     bool changing;   /* a start or stop runs without the lock */
+    /* Replica VMs: the primary that registered it last and the trust
+     * group of the authorization entry it was created under ("": none).
+     * Kept when the relationship is removed (from either side), so that
+     * only that primary, or one of its trust group, may register the VM
+     * again (replica.c, check_owner).  NULL owner: not known (a VM kept
+     * from a removal before the catalog recorded it). */
+    char *owner, *owner_group;
     struct repl *repl;
 };
 
@@ -140,6 +147,11 @@ struct repl {
      * created under ("" or NULL: none); only primaries of that group may
      * replicate it (SPEC §6). */
     char *trust_group;
+    /* replica: the disks still hold the copy of an earlier relationship
+     * (kept at registration: it may seed a comparison); they are reset to
+     * zeroes before the first base chunk or initial-complete of a full
+     * initial replication. */
+    bool reset_pending;
     bool preparing;   /* runtime, primary: failover prepare runs */
     /* Application-consistent points: every app_every-th point interval
      * the cut is made with the guest's file systems frozen through the

@@ -523,6 +523,11 @@ do_reverse(struct rreq *q, int64_t reverse_of, size_t nd,
             r->storage = xstrdup(vm->dir);
             free(r->trust_group);
             r->trust_group = xstrdup(q->group ? q->group : "");
+            free(vm->owner);
+            vm->owner = xstrdup(q->peer);
+            free(vm->owner_group);
+            vm->owner_group = xstrdup(r->trust_group);
+            r->reset_pending = false;
             free(r->auth);
             r->auth = q->krb ? xstrdup("kerberos") : NULL;
             r->krb_encrypt = q->wrapped;
@@ -562,6 +567,105 @@ do_reverse(struct rreq *q, int64_t reverse_of, size_t nd,
     return rc;
 }
 
+/* May the primary of q register vm, an existing Replica VM (with or
+ * without a relationship)?  Its owner is the primary that registered it
+ * last, its trust group that of the authorization entry it was created
+ * under; both outlive `replication remove`, so a removed Replica VM is as
+ * closed to other primaries as a live one: only its owner, or any primary
+ * of its (non-empty) trust group, may register it (SPEC §6).  0 or -EPERM
+ * with the reason. */
+static int
+check_owner(const struct vm *vm, const struct rreq *q)
+{
+    const char *group = vm->owner_group ? vm->owner_group : "";
+    if (!vm->owner)
+        return vr_err(-EPERM, "register: vm %s is kept here from a removed "
+                      "replication whose primary is not known; only this "
+                      "server's administrator can free it ('vmreplica vm "
+                      "remove %s')", vm->name, vm->name);
+    if (*group && strcmp(group, q->group ? q->group : "") != 0)
+        return vr_err(-EPERM, "register: vm %s belongs to trust group '%s'; "
+                      "%s is in '%s'", vm->name, group, q->peer,
+                      q->group ? q->group : "");
+    /* A VM moves between primaries of its trust group (SPEC §6). */
+    if (!*group && strcmp(vm->owner, q->peer) != 0)
+        return vr_err(-EPERM, "register: vm %s belongs to primary %s, not %s",
+                      vm->name, vm->owner, q->peer);
+    return 0;
+}
+
+/* The other conditions for registering vm, an existing Replica VM, again
+ * (its owner checked): a current epoch, the same disks, and nothing in
+ * progress on it.  0, or the reason. */
+static int
+check_reregister(const struct vm *vm, const struct rreq *q, size_t nd)
+{
+    const struct repl *r = vm->repl;
+    if (r && q->epoch < r->epoch)
+        return vr_err(-ESTALE, "register: epoch %llu is older than %llu",
+                      (unsigned long long)q->epoch,
+                      (unsigned long long)r->epoch);
+    if (vm->ndisks != nd)
+        return vr_err(-EINVAL, "register: vm %s has %u disks here, not %zu",
+                      vm->name, vm->ndisks, nd);
+    if (vm->applying || (r && r->busy))
+        return vr_err(-EBUSY, "register: vm %s: a cycle is being received "
+                      "or applied; try again", vm->name);
+    if (r && (r->failover_point || r->failover_busy ||
+              strcmp(r->state, ST_FAILED_OVER) == 0))
+        return vr_err(-EPERM, "register: vm %s was failed over on the "
+                      "Replica server; it no longer replicates from %s",
+                      vm->name, q->peer);
+    if (r && (r->test_point || r->test_busy))
+        return vr_err(-EBUSY, "register: vm %s: a test failover is running "
+                      "on the Replica server", vm->name);
+    return 0;
+}
+
+/* Make every disk of vm read as zeroes at its size (a full initial
+ * replication sends only the primary's allocated regions, so whatever a
+ * kept disk holds elsewhere must go), durably.  Without D->lock: the
+ * caller holds the VM's transfer (repl->busy) or the lock. */
+static int
+reset_disks(const struct vm *vm)
+{
+    for (unsigned i = 0; i < vm->ndisks; i++) {
+        int fd = open(vm->disks[i].path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+        int rc = 0;
+        if (fd < 0 || ftruncate(fd, 0) < 0 ||
+            ftruncate(fd, (off_t)vm->disks[i].size) < 0 || fsync(fd) < 0)
+            rc = vr_err(-errno, "reset %s: %s", vm->disks[i].path,
+                        strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+/* Before the first piece of a full initial replication (a base chunk or
+ * initial-complete): a kept copy is reset, and that is recorded.  The
+ * reset comes first, so a crash between repeats it, which is harmless:
+ * nothing of this relationship was applied yet.  D->lock held. */
+static int
+reset_kept_disks(struct vm *vm)
+{
+    if (!vm->repl || !vm->repl->reset_pending)
+        return 0;
+    int rc = reset_disks(vm);
+    if (rc == 0) {
+        vm->repl->reset_pending = false;
+        rc = catalog_save_repl(vm->repl);
+        if (rc < 0)
+            vm->repl->reset_pending = true;
+    }
+    if (rc == 0)
+        log_info("replica", "%s: initial replication: the kept disks are "
+                 "reset", vm->name);
+    return rc;
+}
+
 static int
 do_register(struct rreq *q, json_object **out)
 {
@@ -591,39 +695,12 @@ do_register(struct rreq *q, json_object **out)
     else if (vm && vm->mode != VM_MODE_REPLICA)
         rc = vr_err(-EEXIST, "register: vm %s is not a Replica VM here",
                     vm->name);
-    else if (vm && vm->repl && vm->repl->trust_group &&
-             *vm->repl->trust_group &&
-             strcmp(vm->repl->trust_group, q->group) != 0)
-        rc = vr_err(-EPERM, "register: vm %s belongs to trust group '%s'; "
-                    "%s is in '%s'", vm->name, vm->repl->trust_group,
-                    q->peer, q->group);
-    /* A VM moves between primaries of its trust group (SPEC §6). */
-    else if (vm && vm->repl && vm->repl->primary_server &&
-             strcmp(vm->repl->primary_server, q->peer) != 0 &&
-             !(vm->repl->trust_group && *vm->repl->trust_group))
-        rc = vr_err(-EPERM, "register: vm %s replicates from %s, not %s",
-                    vm->name, vm->repl->primary_server, q->peer);
-    else if (vm && vm->repl && q->epoch < vm->repl->epoch)
-        rc = vr_err(-ESTALE, "register: epoch %llu is older than %llu",
-                    (unsigned long long)q->epoch,
-                    (unsigned long long)vm->repl->epoch);
-    else if (vm && vm->ndisks != nd)
-        rc = vr_err(-EINVAL, "register: vm %s has %u disks here, not %zu",
-                    vm->name, vm->ndisks, nd);
-    else if (vm && (vm->applying || (vm->repl && vm->repl->busy)))
-        rc = vr_err(-EBUSY, "register: vm %s: a cycle is being received or "
-                            "applied; try again",
-                    vm->name);
-    else if (vm && vm->repl &&
-             (vm->repl->failover_point || vm->repl->failover_busy ||
-              strcmp(vm->repl->state, ST_FAILED_OVER) == 0))
-        rc = vr_err(-EPERM, "register: vm %s was failed over on the Replica "
-                    "server; it no longer replicates from %s", vm->name,
-                    q->peer);
-    else if (vm && vm->repl && (vm->repl->test_point || vm->repl->test_busy))
-        rc = vr_err(-EBUSY, "register: vm %s: a test failover is running "
-                    "on the Replica server", vm->name);
-    if (rc == 0 && !vm) {
+    else if (vm)
+        rc = check_owner(vm, q);
+    if (rc == 0 && vm)
+        rc = check_reregister(vm, q, nd);
+    bool created = rc == 0 && !vm;
+    if (created) {
         /* New Replica VM beneath the default storage location. */
         vm = xcalloc(1, sizeof *vm);
         snprintf(vm->uuid, sizeof vm->uuid, "%s", q->uuid);
@@ -734,6 +811,12 @@ do_register(struct rreq *q, json_object **out)
          * `vm set-boot`. */
         free(vm->name);
         vm->name = xstrdup(name);
+        /* The owner: this primary now (check_owner admitted it), in the
+         * trust group the VM was created under. */
+        free(vm->owner);
+        vm->owner = xstrdup(q->peer);
+        if (!vm->owner_group)
+            vm->owner_group = xstrdup(q->group);
         struct repl *r = vm->repl;
         bool fresh = !r;
         if (fresh) {
@@ -741,8 +824,7 @@ do_register(struct rreq *q, json_object **out)
             snprintf(r->vm_uuid, sizeof r->vm_uuid, "%s", vm->uuid);
             r->mode = VM_MODE_REPLICA;
             r->storage = xstrdup(vm->dir);
-            r->primary_server = xstrdup(q->peer);
-            r->trust_group = xstrdup(q->group);
+            r->trust_group = xstrdup(vm->owner_group);
             vm->repl = r;
         }
         free(r->auth);
@@ -764,32 +846,26 @@ do_register(struct rreq *q, json_object **out)
          * side still thinks is replicating: the primary may have removed
          * it while we were unreachable, and changed the disk since. */
         r->initial_done = false;
-        {
-            snprintf(r->state, sizeof r->state, "%s", ST_WAITING_INITIAL);
-            /* Initial replication sends only the primary's allocated
-             * regions: whatever a kept Replica disk holds elsewhere must
-             * read as zeroes, as on the primary. */
-            for (unsigned i = 0; rc == 0 && i < vm->ndisks; i++)
-                if (truncate(vm->disks[i].path, 0) < 0 ||
-                    truncate(vm->disks[i].path, (off_t)vm->disks[i].size) < 0)
-                    rc = vr_err(-errno, "register: reset %s: %s",
-                                vm->disks[i].path, strerror(errno));
-            r->applied_cycle = r->last_cycle = 0;
-            r->prepared_cycle = 0;
-            if (rc == 0)
-                clear_staging(r);
-            /* The recovery history of the old relationship goes too. */
-            if (rc == 0)
-                rc = history_reset(vm);
-        }
+        snprintf(r->state, sizeof r->state, "%s", ST_WAITING_INITIAL);
+        r->applied_cycle = r->last_cycle = 0;
+        r->prepared_cycle = 0;
+        /* The disks of an existing VM are kept as they are (they may seed
+         * a comparison, SPEC §5); a full initial replication resets them
+         * before its first piece (reset_kept_disks). */
+        r->reset_pending = !created;
+        clear_staging(r);
+        /* The recovery history of the old relationship goes. */
+        rc = history_reset(vm);
         if (rc == 0)
             rc = catalog_save_vm(vm);
         if (rc == 0)
             rc = catalog_save_repl(r);
         if (rc == 0) {
             event_add("info", vm->name,
-                      "replica vm %s registered by primary %s (%s)",
-                      fresh ? "created" : "updated", q->peer, q->addr);
+                      "replica vm %s registered by primary %s (%s)%s",
+                      created ? "created" : "updated", q->peer, q->addr,
+                      created ? "" : "; its disks are kept until a full "
+                                     "initial replication starts");
             *out = replica_status_json(vm);
         }
     }
@@ -822,7 +898,7 @@ do_initial_done(struct rreq *q, json_object **out)
     if (rc == 0 && again) {
         /* The primary did not hear our answer and asks again. */
         *out = replica_status_json(vm);
-    } else if (rc == 0) {
+    } else if (rc == 0 && (rc = reset_kept_disks(vm)) == 0) {
         struct repl *r = vm->repl;
         r->base_cycle = (uint64_t)base;
         r->applied_cycle = (uint64_t)base;
@@ -1004,6 +1080,8 @@ upload_finish(struct rreq *q, json_object **out)
     if (rc == 0 && h.ndisks != vm->ndisks)
         rc = vr_err(-EPROTO, "payload has %u disks, vm %s has %u", h.ndisks,
                     vm->name, vm->ndisks);
+    if (rc == 0 && base)
+        rc = reset_kept_disks(vm);
     pthread_mutex_unlock(&D->lock);
     if (rc < 0)
         return rc;
