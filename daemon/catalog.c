@@ -14,7 +14,8 @@
                             4: auth, krb_encrypt (Kerberos mode)
                             5: vms.owner, vms.owner_group (a Replica
                                VM's owner, kept after removal),
-                               replications.reset_pending */
+                               replications.reset_pending,
+                               auth_entries.max_vms */
 
 static const char schema[] =
     "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);"
@@ -40,7 +41,7 @@ static const char schema[] =
     "CREATE TABLE IF NOT EXISTS points(vm_uuid TEXT, cycle INT, time_ms INT, "
     "  kind TEXT, undo_bytes INT, PRIMARY KEY(vm_uuid, cycle));"
     "CREATE TABLE IF NOT EXISTS auth_entries(pattern TEXT PRIMARY KEY, "
-    "  storage TEXT NOT NULL, trust_group TEXT NOT NULL);"
+    "  storage TEXT NOT NULL, trust_group TEXT NOT NULL, max_vms INT);"
     "CREATE TABLE IF NOT EXISTS events(id INTEGER PRIMARY KEY, time_ms INT, "
     "  level TEXT, vm TEXT, message TEXT);";
 
@@ -100,6 +101,7 @@ migrate(void)
         rc = exec_sql("ALTER TABLE vms ADD COLUMN owner TEXT; ALTER TABLE "
                       "vms ADD COLUMN owner_group TEXT; ALTER TABLE "
                       "replications ADD COLUMN reset_pending INT; "
+                      "ALTER TABLE auth_entries ADD COLUMN max_vms INT; "
                       "UPDATE vms SET owner = (SELECT primary_server FROM "
                       "replications r WHERE r.vm_uuid = vms.uuid), "
                       "owner_group = (SELECT coalesce(trust_group, '') FROM "
@@ -625,8 +627,8 @@ catalog_auth_list(struct auth_entry **out, size_t *n)
 {
     *out = NULL;
     *n = 0;
-    sqlite3_stmt *st = prep("SELECT pattern, storage, trust_group FROM "
-                            "auth_entries ORDER BY pattern");
+    sqlite3_stmt *st = prep("SELECT pattern, storage, trust_group, max_vms "
+                            "FROM auth_entries ORDER BY pattern");
     if (!st)
         return -EIO;
     size_t cap = 0;
@@ -640,6 +642,7 @@ catalog_auth_list(struct auth_entry **out, size_t *n)
         e->pattern = col_str(st, 0);
         e->storage = col_str(st, 1);
         e->trust_group = col_str(st, 2);
+        e->max_vms = (unsigned)sqlite3_column_int64(st, 3);
     }
     sqlite3_finalize(st);
     if (r != SQLITE_DONE) {
@@ -666,13 +669,14 @@ int
 catalog_auth_put(const struct auth_entry *e)
 {
     sqlite3_stmt *st =
-        prep("INSERT OR REPLACE INTO auth_entries VALUES(?,?,?)");
+        prep("INSERT OR REPLACE INTO auth_entries VALUES(?,?,?,?)");
     if (!st)
         return -EIO;
     sqlite3_bind_text(st, 1, e->pattern, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 2, e->storage, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 3, e->trust_group ? e->trust_group : "", -1,
                       SQLITE_STATIC);
+    sqlite3_bind_int64(st, 4, e->max_vms);
     return step_done(st);
 }
 

@@ -248,7 +248,10 @@ struct auth_entry {
     char *pattern;     /* FQDN or *.FQDN (vr_fqdn_pattern_valid) */
     char *storage;     /* absolute directory */
     char *trust_group; /* "" for none */
+    unsigned max_vms;  /* Replica VMs its primaries may own; 0: default */
 };
+#define AUTH_DEFAULT_MAX_VMS 256
+#define AUTH_MAX_MAX_VMS     65536
 int catalog_auth_list(struct auth_entry **out, size_t *n) VR_WUR;
 void auth_entries_free(struct auth_entry *e, size_t n);
 int catalog_auth_put(const struct auth_entry *e) VR_WUR;
@@ -259,6 +262,10 @@ int catalog_auth_delete(const char *pattern) VR_WUR;
  * gives *storage and *group (caller frees); else "allow any" gives the
  * default storage and group ""; else -EPERM with the reason. */
 int auth_authorize(const char *peer, char **storage, char **group) VR_WUR;
+/* auth.c: D->lock held.  May peer create one more Replica VM here?  The
+ * Replica VMs whose owner the same entry admits (or "allow any", counted
+ * as one entry) are at most its max_vms: 0, or -EPERM with the reason. */
+int auth_check_vm_cap(const char *peer) VR_WUR;
 
 /* A transaction around several saves: catalog_end(rc) commits if rc >= 0,
  * else rolls back and returns rc. */

@@ -197,7 +197,17 @@ struct rreq {
     char *group;        /* the peer's trust group ("" none) */
     bool holds_busy;
     uint64_t disk_sizes[MAX_DISKS]; /* for the decoder's bounds checks */
-    uint64_t space_cap; /* nonzero: the payload was capped by free space */
+    /* Server-wide limits (see "limits" below): the request memory this
+     * request was charged, and its upload's claim on staging space. */
+    uint64_t mem_charged;
+    uint64_t buf_bytes, buf_allowance; /* the decoder's buffer, charged */
+    struct space_claim {
+        struct space_claim *next;
+        dev_t dev;
+        uint64_t claimed, written;
+        unsigned factor; /* 2 for a base chunk: staged, then applied */
+        bool linked;
+    } claim;
     unsigned ndisks;
     struct MHD_Connection *conn;
     /* Kerberos mode: the request's context, SHA-256 of its plaintext body
@@ -220,6 +230,8 @@ rreq_fail(struct rreq *q, int rc, const char *msg)
 }
 
 static void guard_request(struct MHD_Connection *c, bool begin);
+static void mem_release(struct rreq *q);
+static void claim_unlink(struct rreq *q);
 
 static void
 rreq_done(void *cls VR_UNUSED, struct MHD_Connection *c,
@@ -244,6 +256,7 @@ rreq_done(void *cls VR_UNUSED, struct MHD_Connection *c,
             vm->repl->busy = false;
         pthread_mutex_unlock(&D->lock);
     }
+    claim_unlink(q);
     free(q->staging);
     free(q->root);
     free(q->group);
@@ -252,6 +265,7 @@ rreq_done(void *cls VR_UNUSED, struct MHD_Connection *c,
     if (q->hash)
         gnutls_hash_deinit(q->hash, NULL);
     krb_unframer_free(&q->unf);
+    mem_release(q); /* every buffer of q is freed now */
     free(q);
 }
 
@@ -311,7 +325,9 @@ parse_url(const char *url, const char *method, struct rreq *q)
         return vr_err(-EOPNOTSUPP, "method not allowed");
     errno = 0;
     unsigned long long v = strtoull(num, &end, 10);
-    if (errno || end == num || *end || *num == '0' || strlen(num) > 19)
+    /* Cycle numbers are kept as SQLite integers: at most 2^63 - 1. */
+    if (errno || end == num || *end || *num == '0' || strlen(num) > 19 ||
+        v > INT64_MAX)
         return vr_err(-EINVAL, "bad number in url");
     q->n = v;
     return 0;
@@ -440,6 +456,208 @@ clear_staging(const struct repl *r)
     closedir(dir);
 }
 
+/* --- server-wide limits -------------------------------------------------
+ *
+ * One authenticated primary must not be able to exhaust the Replica server
+ * (issue #9): besides the cap on connections (connection guard, below)
+ * and on Replica VMs per authorization entry (auth_check_vm_cap), two
+ * budgets hold for the whole server, not per connection.
+ *
+ * Memory.  Every buffer a request holds while it is received — its JSON
+ * body, the Kerberos frames, the zstd window and the payload decoder's
+ * reassembly buffer (up to a 64 MiB record) — is charged to one budget
+ * before it is allocated, and returned when the request ends.  A request
+ * that would go over it is refused with 503 EAGAIN and Retry-After, which
+ * the primary's shipper retries: memory stays bounded however many
+ * connections send big records at once.
+ *
+ * Space.  An upload claims the bytes it is expected to stage (its
+ * Content-Length, then more in steps as it decompresses) before it stages
+ * them; a claim is granted only if the staging file system's free space
+ * less the reserve margin (a tenth of its size, at most 1 GiB) and less
+ * what the uploads in progress have claimed but not written yet can hold
+ * it.  So concurrent uploads together never stage into the margin that
+ * keeps room for applying cycles; the later ones are refused (507
+ * ENOSPC, retried by the primary) while the first completes. */
+
+#define R1_MEM_BUDGET_DEFAULT (512ull << 20)
+#define R1_ZSTD_MEM           (17u << 20) /* a 16 MiB window + buffers */
+#define R1_KRB_MEM            (2u * KRB_FRAME_MAX)
+/* The decoder's buffer: R1_SMALL_BUF is charged with the upload, the rest
+ * up to the largest record (R1_BIG_BUF) at once when it needs more. */
+#define R1_SMALL_BUF          (1u << 20)
+#define R1_BIG_BUF            ((uint64_t)CL_REC_HDR_BYTES + CL_MAX_DATA_BYTES)
+#define R1_MEM_WAIT_MS        10000
+#define R1_CLAIM_STEP         (16ull << 20)
+#define R1_RETRY_AFTER_S      "5"
+
+static pthread_mutex_t limits_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t limits_cond = PTHREAD_COND_INITIALIZER;
+static uint64_t mem_budget = R1_MEM_BUDGET_DEFAULT; /* set once at start */
+static uint64_t mem_used;
+static struct space_claim *claims; /* uploads in progress */
+
+/* Charge bytes of request memory to q before allocating them: 0, or
+ * -EAGAIN (nothing charged).  Guarantees mem_used <= mem_budget.  Small
+ * charges (request starts, JSON bodies) must leave room for one big
+ * buffer and never wait; a big one (a buffer for records over
+ * R1_SMALL_BUF) may use all of the budget and waits up to R1_MEM_WAIT_MS
+ * for it.  Whoever holds a big charge waits for nothing else, so it
+ * completes and releases it: big requests never deadlock each other, and
+ * small ones cannot starve them. */
+static int
+mem_charge(struct rreq *q, uint64_t bytes, bool big)
+{
+    uint64_t limit = big ? mem_budget : mem_budget - R1_BIG_BUF;
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += R1_MEM_WAIT_MS / 1000;
+    pthread_mutex_lock(&limits_lock);
+    bool ok;
+    while (!(ok = mem_used <= limit && bytes <= limit - mem_used) && big)
+        if (pthread_cond_timedwait(&limits_cond, &limits_lock, &until) != 0)
+            big = false; /* timed out: one last look */
+    if (ok) {
+        mem_used += bytes;
+        q->mem_charged += bytes;
+    }
+    pthread_mutex_unlock(&limits_lock);
+    if (!ok)
+        return vr_err(-EAGAIN, "replica server: its memory budget for "
+                      "requests (%llu MiB) is in use by other transfers; try "
+                      "again later", (unsigned long long)(mem_budget >> 20));
+    return 0;
+}
+
+/* Give back everything q was charged (its buffers are freed). */
+static void
+mem_release(struct rreq *q)
+{
+    pthread_mutex_lock(&limits_lock);
+    mem_used -= q->mem_charged;
+    q->mem_charged = 0;
+    q->buf_allowance = 0;
+    pthread_cond_broadcast(&limits_cond);
+    pthread_mutex_unlock(&limits_lock);
+}
+
+/* The decoder's hook: its reassembly buffer grows by more bytes.  Within
+ * the R1_SMALL_BUF charged with the upload it is free; beyond, the rest up
+ * to the largest record is charged at once (big). */
+static int
+decoder_mem(void *ud, size_t more)
+{
+    struct rreq *q = ud;
+    if (q->buf_bytes + more > q->buf_allowance) {
+        int rc = mem_charge(q, R1_BIG_BUF - q->buf_allowance, true);
+        if (rc < 0)
+            return rc;
+        q->buf_allowance = R1_BIG_BUF;
+    }
+    q->buf_bytes += more;
+    return 0;
+}
+
+/* Bytes claimed on dev by uploads in progress and not written yet.
+ * limits_lock held. */
+static uint64_t
+claims_outstanding(dev_t dev)
+{
+    uint64_t sum = 0;
+    for (const struct space_claim *c = claims; c; c = c->next)
+        if (c->dev == dev && c->claimed > c->written)
+            sum += c->claimed - c->written;
+    return sum;
+}
+
+/* Let q's upload stage raw_bytes in all: grow its claim (by at least
+ * R1_CLAIM_STEP, so that statvfs is not called for every chunk) if the
+ * staging file system can hold it next to the other claims and the
+ * reserve margin, else -ENOSPC, nothing claimed.  A base chunk claims its
+ * bytes twice: the same request applies it to the disks, which are on
+ * that file system too.  begin: the claim of the expected size, before
+ * anything is staged. */
+static int
+space_claim(struct rreq *q, uint64_t raw, bool begin)
+{
+    struct space_claim *c = &q->claim;
+    uint64_t raw_bytes = raw * c->factor;
+    if (raw_bytes <= c->claimed) {
+        pthread_mutex_lock(&limits_lock);
+        c->written = raw;
+        pthread_mutex_unlock(&limits_lock);
+        return 0;
+    }
+    struct statvfs sv;
+    if (statvfs(q->staging, &sv) < 0)
+        return vr_err(-errno, "statvfs %s: %s", q->staging, strerror(errno));
+    uint64_t avail = (uint64_t)sv.f_bavail * sv.f_frsize;
+    uint64_t size = (uint64_t)sv.f_blocks * sv.f_frsize;
+    uint64_t margin = size / 10 < (1ull << 30) ? size / 10 : 1ull << 30;
+    pthread_mutex_lock(&limits_lock);
+    uint64_t held = claims_outstanding(c->dev) + margin;
+    uint64_t room = avail > held ? avail - held : 0;
+    uint64_t more = raw_bytes - c->claimed, grant = more;
+    if (grant < R1_CLAIM_STEP)
+        grant = R1_CLAIM_STEP < room ? R1_CLAIM_STEP : more;
+    bool ok = more <= room;
+    uint64_t could = c->claimed - c->written + room;
+    if (ok) {
+        c->claimed += grant;
+        c->written = begin ? 0 : raw;
+    }
+    pthread_mutex_unlock(&limits_lock);
+    if (ok)
+        return 0;
+    if (begin)
+        return vr_err(-ENOSPC, "replica storage: the payload needs %llu "
+                      "bytes, more than the %llu bytes its file system can "
+                      "take now (free space less a reserve and what uploads "
+                      "in progress hold)", (unsigned long long)raw_bytes,
+                      (unsigned long long)could);
+    return vr_err(-ENOSPC, "replica storage: the payload decompresses to "
+                  "more than the %llu bytes its file system can take (free "
+                  "space less a reserve and what uploads in progress hold)",
+                  (unsigned long long)(c->written + could));
+}
+
+/* The decoder's hook: raw_bytes in all are about to be staged. */
+static int
+decoder_stage(void *ud, uint64_t raw_bytes)
+{
+    return space_claim(ud, raw_bytes, false);
+}
+
+/* Enter q's upload, staging on dev, in the claims. */
+static void
+claim_link(struct rreq *q, dev_t dev)
+{
+    pthread_mutex_lock(&limits_lock);
+    q->claim.dev = dev;
+    q->claim.factor = q->kind == R1_BASE ? 2 : 1;
+    q->claim.next = claims;
+    claims = &q->claim;
+    q->claim.linked = true;
+    pthread_mutex_unlock(&limits_lock);
+}
+
+/* The upload is over (staged, or refused and its file deleted): what it
+ * staged is in the file system's free space from now on. */
+static void
+claim_unlink(struct rreq *q)
+{
+    pthread_mutex_lock(&limits_lock);
+    for (struct space_claim **pp = &claims; q->claim.linked && *pp;
+         pp = &(*pp)->next)
+        if (*pp == &q->claim) {
+            *pp = q->claim.next;
+            break;
+        }
+    q->claim.linked = false;
+    q->claim.claimed = q->claim.written = 0;
+    pthread_mutex_unlock(&limits_lock);
+}
+
 /* --- request handlers (JSON ones run at the end of the body) ------------- */
 
 /* The primary's recovery-history settings travel with each request. */
@@ -459,9 +677,11 @@ take_history(struct repl *r, const struct rreq *q)
  * and no copy.  The same registration again (a lost answer) is accepted
  * as is.  D->lock not held. */
 static int
-do_reverse(struct rreq *q, int64_t reverse_of, size_t nd,
-           const uint64_t *sizes, json_object *b, json_object **out)
+do_reverse(struct rreq *q, const struct r1_reg *reg, json_object **out)
 {
+    int64_t reverse_of = reg->reverse_of;
+    size_t nd = reg->ndisks;
+    const uint64_t *sizes = reg->sizes;
     pthread_mutex_lock(&D->lock);
     struct vm *vm = vm_find_uuid(q->uuid);
     struct repl *r = vm ? vm->repl : NULL;
@@ -514,7 +734,6 @@ do_reverse(struct rreq *q, int64_t reverse_of, size_t nd,
         }
         if (rc == 0) {
             vr_fault_point("reverse-accepting");
-            json_object *v;
             vm->mode = VM_MODE_REPLICA;
             r->mode = VM_MODE_REPLICA;
             free(r->primary_server);
@@ -536,8 +755,8 @@ do_reverse(struct rreq *q, int64_t reverse_of, size_t nd,
             r->base_cycle = r->applied_cycle = r->last_cycle = 0;
             r->prepared_cycle = 0;
             take_history(r, q);
-            if (json_object_object_get_ex(b, "frequency", &v))
-                r->frequency_s = (unsigned)json_object_get_int64(v);
+            if (reg->frequency_s)
+                r->frequency_s = reg->frequency_s;
             snprintf(r->state, sizeof r->state, "%s", ST_WAITING_INITIAL);
             rc = catalog_begin();
             if (rc == 0) {
@@ -681,8 +900,8 @@ do_register(struct rreq *q, json_object **out)
     uint64_t *sizes = reg.sizes;
     int64_t cpus = reg.cpus, mem = reg.memory_mib;
     json_object *v;
-    if (json_object_object_get_ex(b, "reverse_of", &v)) {
-        rc = do_reverse(q, json_object_get_int64(v), nd, sizes, b, out);
+    if (reg.reverse_of) {
+        rc = do_reverse(q, &reg, out);
         json_object_put(b);
         return rc;
     }
@@ -697,6 +916,8 @@ do_register(struct rreq *q, json_object **out)
                     vm->name);
     else if (vm)
         rc = check_owner(vm, q);
+    else
+        rc = auth_check_vm_cap(q->peer);
     if (rc == 0 && vm)
         rc = check_reregister(vm, q, nd);
     bool created = rc == 0 && !vm;
@@ -837,10 +1058,10 @@ do_register(struct rreq *q, json_object **out)
         take_history(r, q);
         if (!r->point_interval_s)
             r->point_interval_s = 3600;
-        if (json_object_object_get_ex(b, "frequency", &v))
-            r->frequency_s = (unsigned)json_object_get_int64(v);
-        if (json_object_object_get_ex(b, "compression", &v))
-            r->compression = json_object_get_boolean(v);
+        if (reg.frequency_s)
+            r->frequency_s = reg.frequency_s;
+        if (reg.compression >= 0)
+            r->compression = reg.compression;
         /* A registration starts a relationship afresh (the primary
          * registers only when replication is enabled), even over one this
          * side still thinks is replicating: the primary may have removed
@@ -880,7 +1101,8 @@ do_initial_done(struct rreq *q, json_object **out)
     json_object *b = r1_json_parse(q->body, q->len);
     json_object *v;
     int64_t base = -1;
-    if (b && json_object_object_get_ex(b, "base_cycle", &v))
+    if (b && json_object_object_get_ex(b, "base_cycle", &v) &&
+        json_object_is_type(v, json_type_int))
         base = json_object_get_int64(v);
     json_object_put(b);
     if (base < 0)
@@ -984,6 +1206,22 @@ do_remove(struct rreq *q, json_object **out)
     return rc;
 }
 
+/* The uncompressed bytes an upload is expected to stage: its
+ * Content-Length (exact for an identity body, a lower bound for zstd), at
+ * most cap; 0 if it sends none. */
+static uint64_t
+expected_bytes(struct MHD_Connection *c, uint64_t cap)
+{
+    const char *cl =
+        MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length");
+    char *end = NULL;
+    errno = 0;
+    unsigned long long n = cl ? strtoull(cl, &end, 10) : 0;
+    if (!cl || errno || end == cl || *end)
+        return 0;
+    return n < cap ? n : cap;
+}
+
 /* First call for an upload: check the VM and its state, open the temp. */
 static int
 upload_begin(struct rreq *q, struct MHD_Connection *c)
@@ -1029,28 +1267,35 @@ upload_begin(struct rreq *q, struct MHD_Connection *c)
     bool compressed = enc && strcmp(enc, "zstd") == 0;
     if (enc && !compressed && strcmp(enc, "identity") != 0)
         return vr_err(-EINVAL, "content-encoding %s: not supported", enc);
+    /* However small the body, what it decompresses to is staged: claim
+     * the space it is expected to take and the decoder's memory first
+     * (limits, above). */
+    struct stat st;
+    if (stat(q->staging, &st) < 0)
+        return vr_err(-errno, "stat %s: %s", q->staging, strerror(errno));
+    claim_link(q, st.st_dev);
+    uint64_t cap = q->kind == R1_BASE ? R1_MAX_BASE_RAW : R1_MAX_CYCLE_RAW;
+    int rc2 = space_claim(q, expected_bytes(c, cap), true);
+    if (rc2 == 0)
+        rc2 = mem_charge(q, R1_SMALL_BUF + (compressed ? R1_ZSTD_MEM : 0),
+                         false);
+    if (rc2 < 0)
+        return rc2;
+    q->buf_allowance = R1_SMALL_BUF;
     q->tmp_path = xasprintf("%s/%s-%llu.tmp", q->staging,
                             q->kind == R1_BASE ? "base" : "cycle",
                             (unsigned long long)q->n);
     q->fd = open(q->tmp_path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
     if (q->fd < 0)
         return vr_err(-errno, "open %s: %s", q->tmp_path, strerror(errno));
-    /* However small the body, what it decompresses to is written to the
-     * staging file system: never let one payload fill it.  It may use what
-     * is free but a tenth of it (at most 1 GiB kept). */
-    uint64_t cap = q->kind == R1_BASE ? R1_MAX_BASE_RAW : R1_MAX_CYCLE_RAW;
-    struct statvfs sv;
-    if (fstatvfs(q->fd, &sv) == 0) {
-        uint64_t avail = (uint64_t)sv.f_bavail * sv.f_frsize;
-        uint64_t keep = avail / 10 < (1ull << 30) ? avail / 10 : 1ull << 30;
-        if (avail - keep < cap) {
-            cap = avail - keep;
-            q->space_cap = cap;
-        }
-    }
-    int rc2 = cyc_decoder_new(compressed, cap, q->fd, &q->dec);
-    if (rc2 == 0)
+    rc2 = cyc_decoder_new(compressed, cap, q->fd, &q->dec);
+    if (rc2 == 0) {
+        const struct cyc_decoder_hooks hooks = { .mem = decoder_mem,
+                                                 .stage = decoder_stage,
+                                                 .ud = q };
         cyc_decoder_set_disk_sizes(q->dec, q->disk_sizes, q->ndisks);
+        cyc_decoder_set_hooks(q->dec, &hooks);
+    }
     return rc2;
 }
 
@@ -1088,7 +1333,12 @@ upload_finish(struct rreq *q, json_object **out)
 
     if (base) {
         /* Initial replication chunks go straight to the disks: the Replica
-         * VM is not a recovery point until initial replication completes. */
+         * VM is not a recovery point until initial replication completes.
+         * The decoder goes first: applying reads the payload through a
+         * buffer of its own, no larger than the decoder's was, and the
+         * request's memory charge stays until it ends. */
+        cyc_decoder_free(q->dec);
+        q->dec = NULL;
         uint64_t applied;
         rc = apply_payload(vm, q->tmp_path, &applied);
         if (rc < 0)
@@ -1145,6 +1395,7 @@ release_busy(struct rreq *q)
         free(q->tmp_path);
         q->tmp_path = NULL;
     }
+    claim_unlink(q);
     if (!q->holds_busy)
         return;
     pthread_mutex_lock(&D->lock);
@@ -1163,6 +1414,8 @@ sign_response(struct MHD_Response *r, unsigned status, const char *body,
               size_t len, void *ud)
 {
     struct rreq *q = ud;
+    if (status == 503)
+        MHD_add_response_header(r, "Retry-After", R1_RETRY_AFTER_S);
     if (!q->krb)
         return;
     if (q->gss == GSS_C_NO_CONTEXT) {
@@ -1193,7 +1446,8 @@ static MHD_RESULT
 reply_error(struct MHD_Connection *c, struct rreq *q, int rc,
             const char *msg)
 {
-    unsigned status = http_status_for(rc);
+    /* Over a server-wide budget: transient, the primary retries. */
+    unsigned status = rc == -EAGAIN ? 503 : http_status_for(rc);
     if (q->krb && q->gss == GSS_C_NO_CONTEXT &&
         (rc == -EACCES || rc == -ETIME))
         status = 401;
@@ -1320,6 +1574,11 @@ r1_access(void *cls, struct MHD_Connection *c, const char *url,
         if (id)
             snprintf(q->peer, sizeof q->peer, "%s", id);
         free(id);
+        /* Kerberos-wrapped bodies: the unframer's frame buffers. */
+        if (q->wrapped && mem_charge(q, R1_KRB_MEM, false) < 0) {
+            rreq_fail(q, -EAGAIN, vr_errmsg());
+            return MHD_YES;
+        }
         if (parse_url(url, method, q) < 0) {
             rreq_fail(q, -EINVAL, vr_errmsg());
             return MHD_YES;
@@ -1330,8 +1589,8 @@ r1_access(void *cls, struct MHD_Connection *c, const char *url,
         errno = 0;
         q->epoch = ep && ep[0] >= '1' && ep[0] <= '9' ? strtoull(ep, &end, 10)
                                                       : 0;
-        if (q->kind != R1_TEST &&
-            (!ep || !end || *end || errno || q->epoch == 0)) {
+        if (q->kind != R1_TEST && (!ep || !end || *end || errno ||
+                                   q->epoch == 0 || q->epoch > INT64_MAX)) {
             rreq_fail(q, -EPROTO, "missing or bad X-Vmreplica-Epoch");
             return MHD_YES;
         }
@@ -1457,12 +1716,34 @@ r1_access(void *cls, struct MHD_Connection *c, const char *url,
         snprintf(msg, sizeof msg, "%s", vr_errmsg());
         /* What the peer sent or may not do is audited; a failure of ours
          * (5xx: no space, I/O) is logged. */
-        if (http_status_for(rc) < 500 || rc == -ENOSPC)
+        if (http_status_for(rc) < 500 || rc == -ENOSPC || rc == -EAGAIN)
             return refuse(c, q, rc, msg);
         log_warn("replica", "%s %s from %s: %s", method, url, q->peer, msg);
         return reply_error(c, q, rc, msg);
     }
     return reply(c, q, 200, out ? out : json_object_new_object());
+}
+
+/* An upload refused while its body still arrives (drained until its end,
+ * to answer): its decoder, temporary file, space claim and memory charge
+ * go now, not when the peer has sent the rest, so that concurrent
+ * transfers can have them. */
+static void
+upload_abort(struct rreq *q)
+{
+    cyc_decoder_free(q->dec);
+    q->dec = NULL;
+    if (q->fd >= 0) {
+        close(q->fd);
+        q->fd = -1;
+    }
+    if (q->tmp_path) {
+        unlink(q->tmp_path);
+        free(q->tmp_path);
+        q->tmp_path = NULL;
+    }
+    claim_unlink(q);
+    mem_release(q);
 }
 
 /* A piece of the request's (plaintext) body. */
@@ -1483,22 +1764,20 @@ body_chunk(void *ud, const char *data, size_t n)
                 return 0;
             }
             rreq_fail(q, rc, vr_errmsg());
+            upload_abort(q);
             return 0;
         }
-        if ((rc = cyc_decoder_feed(q->dec, data, n)) == -EFBIG &&
-            q->space_cap) {
-            char msg[256];
-            snprintf(msg, sizeof msg, "replica storage: the payload "
-                     "decompresses to more than the %llu bytes its file "
-                     "system can take (free space less a reserve)",
-                     (unsigned long long)q->space_cap);
-            rreq_fail(q, -ENOSPC, msg);
-        } else if (rc < 0) {
+        if ((rc = cyc_decoder_feed(q->dec, data, n)) < 0) {
             rreq_fail(q, rc, vr_errmsg());
+            upload_abort(q);
         }
     } else if (q->kind != R1_STATUS) {
         if (q->len + n > R1_JSON_MAX) {
             rreq_fail(q, -EFBIG, "request body too large");
+            return 0;
+        }
+        if (mem_charge(q, n + (q->body ? 0 : 1), false) < 0) {
+            rreq_fail(q, -EAGAIN, vr_errmsg());
             return 0;
         }
         q->body = xrealloc(q->body, q->len + n + 1);
@@ -1601,6 +1880,12 @@ guard_start(void)
     v = getenv("VMREPLICA_TEST_MAX_CONNECTIONS");
     if (v && atoi(v) > 0)
         max_connections = (unsigned)atoi(v);
+    v = getenv("VMREPLICA_TEST_MEM_BUDGET_MIB");
+    if (v && atoi(v) > 0)
+        mem_budget = (uint64_t)atoi(v) << 20;
+    /* Room for one upload of the largest record, and some small ones. */
+    if (mem_budget < 2 * R1_BIG_BUF)
+        mem_budget = 2 * R1_BIG_BUF;
     pthread_t t;
     if (pthread_create(&t, NULL, guard_main, NULL) == 0)
         pthread_detach(t);
