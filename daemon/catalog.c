@@ -57,6 +57,26 @@ exec_sql(const char *sql)
     return 0;
 }
 
+/* Add column col to table unless it has it (a table the schema created
+ * just now, in an older catalog, has it already). */
+static int
+add_column(const char *table, const char *col, const char *type)
+{
+    sqlite3_stmt *st = NULL;
+    if (sqlite3_prepare_v2(D->db, "SELECT 1 FROM pragma_table_info(?) WHERE "
+                           "name = ?", -1, &st, NULL) != SQLITE_OK)
+        return vr_err(-EIO, "catalog: %s", sqlite3_errmsg(D->db));
+    sqlite3_bind_text(st, 1, table, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, col, -1, SQLITE_STATIC);
+    bool have = sqlite3_step(st) == SQLITE_ROW;
+    sqlite3_finalize(st);
+    if (have)
+        return 0;
+    CLEANUP_FREE char *sql =
+        xasprintf("ALTER TABLE %s ADD COLUMN %s %s", table, col, type);
+    return exec_sql(sql);
+}
+
 /* Bring an older catalog to the current version: version 2 added the
  * columns of recovery history and test failover (the points table is
  * created by the schema), version 3 those of failover. */
@@ -98,11 +118,15 @@ migrate(void)
      * trust group; one kept from an earlier removal has none (only a
      * local 'vm remove' frees it). */
     if (rc == 0 && have >= 1 && have <= 4)
-        rc = exec_sql("ALTER TABLE vms ADD COLUMN owner TEXT; ALTER TABLE "
-                      "vms ADD COLUMN owner_group TEXT; ALTER TABLE "
-                      "replications ADD COLUMN reset_pending INT; "
-                      "ALTER TABLE auth_entries ADD COLUMN max_vms INT; "
-                      "UPDATE vms SET owner = (SELECT primary_server FROM "
+        rc = add_column("vms", "owner", "TEXT");
+    if (rc == 0 && have >= 1 && have <= 4)
+        rc = add_column("vms", "owner_group", "TEXT");
+    if (rc == 0 && have >= 1 && have <= 4)
+        rc = add_column("replications", "reset_pending", "INT");
+    if (rc == 0 && have >= 1 && have <= 4)
+        rc = add_column("auth_entries", "max_vms", "INT");
+    if (rc == 0 && have >= 1 && have <= 4)
+        rc = exec_sql("UPDATE vms SET owner = (SELECT primary_server FROM "
                       "replications r WHERE r.vm_uuid = vms.uuid), "
                       "owner_group = (SELECT coalesce(trust_group, '') FROM "
                       "replications r WHERE r.vm_uuid = vms.uuid) WHERE "

@@ -843,8 +843,8 @@ check_reregister(const struct vm *vm, const struct rreq *q, size_t nd)
 
 /* Make every disk of vm read as zeroes at its size (a full initial
  * replication sends only the primary's allocated regions, so whatever a
- * kept disk holds elsewhere must go), durably.  Without D->lock: the
- * caller holds the VM's transfer (repl->busy) or the lock. */
+ * kept disk holds elsewhere must go), durably.  D->lock held; no apply
+ * runs (a base chunk holds the VM's transfer, repl->busy). */
 static int
 reset_disks(const struct vm *vm)
 {
