@@ -24,7 +24,7 @@
 
 static const struct cli_cmd commands[] = {
     { "auth-entry", "add", cmd_auth_add,
-      "--primary PATTERN --storage DIR [--trust-group NAME]",
+      "--primary PATTERN --storage DIR [--trust-group NAME] [--max-vms N]",
       "on the Replica server: allow a primary (FQDN, or *.FQDN) to "
       "replicate here",
       "  --primary PATTERN  the primary's certificate name; '*' only as the "
@@ -32,11 +32,14 @@ static const struct cli_cmd commands[] = {
       "                     first label (*.example.com)\n"
       "  --storage DIR      where its Replica VMs are kept\n"
       "  --trust-group NAME its VMs may move between primaries of the "
-      "group\n" },
+      "group\n"
+      "  --max-vms N        at most N Replica VMs for the primaries it "
+      "admits\n"
+      "                     (default 256)\n" },
     { "auth-entry", "list", cmd_auth_list, "", "list authorization entries",
       NULL },
     { "auth-entry", "set", cmd_auth_set,
-      "PATTERN [--storage DIR] [--trust-group NAME]",
+      "PATTERN [--storage DIR] [--trust-group NAME] [--max-vms N]",
       "change an authorization entry", NULL },
     { "auth-entry", "remove", cmd_auth_remove, "PATTERN",
       "remove an authorization entry (its primary's next request is "

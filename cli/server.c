@@ -296,16 +296,18 @@ cmd_server_firewall(struct cli *c, const struct cli_cmd *cmd, int argc,
 /* --- authorization entries ------------------------------------------------ */
 
 /* auth-entry add|set: --primary (add) or PATTERN (set), --storage,
- * --trust-group. */
+ * --trust-group, --max-vms. */
 static int
 auth_put(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv,
          bool add)
 {
-    const char *primary = NULL, *storage = NULL, *group = NULL;
+    const char *primary = NULL, *storage = NULL, *group = NULL,
+               *max_vms = NULL;
     const struct cli_opt opts_add[] = {
         { "primary", CLI_OPT_STR, &primary },
         { "storage", CLI_OPT_STR, &storage },
         { "trust-group", CLI_OPT_STR, &group },
+        { "max-vms", CLI_OPT_STR, &max_vms },
         { NULL, 0, NULL },
     };
     const struct cli_opt *opts = add ? opts_add : opts_add + 1;
@@ -320,7 +322,17 @@ auth_put(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv,
         return cli_usage_error(cmd, "missing --primary PATTERN");
     if (add && !storage)
         return cli_usage_error(cmd, "missing --storage DIR");
+    char *end = NULL;
+    long long nmax = 0;
+    if (max_vms) {
+        errno = 0;
+        nmax = strtoll(max_vms, &end, 10);
+        if (errno || end == max_vms || *end || nmax < 1)
+            return cli_usage_error(cmd, "--max-vms: expected a number >= 1");
+    }
     json_object *body = json_object_new_object();
+    if (max_vms)
+        json_object_object_add(body, "max_vms", json_object_new_int64(nmax));
     if (add)
         json_object_object_add(body, "primary",
                                json_object_new_string(primary));
@@ -339,9 +351,11 @@ auth_put(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv,
     if (c->json)
         cli_print_json(out);
     else
-        printf("authorization entry %s: storage %s, trust group '%s'\n",
+        printf("authorization entry %s: storage %s, trust group '%s', at "
+               "most %lld Replica VMs\n",
                cli_str(out, "primary"), cli_str(out, "storage"),
-               cli_str(out, "trust_group"));
+               cli_str(out, "trust_group"),
+               (long long)cli_int(out, "max_vms"));
     json_object_put(out);
     return CLI_OK;
 }
@@ -372,13 +386,14 @@ cmd_auth_list(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
     if (c->json) {
         cli_print_json(out);
     } else if (json_object_object_get_ex(out, "entries", &arr)) {
-        printf("%-32s %-12s %s\n", "PRIMARY", "TRUST GROUP", "STORAGE");
+        printf("%-32s %-12s %-7s %s\n", "PRIMARY", "TRUST GROUP", "MAX VMS",
+               "STORAGE");
         for (size_t i = 0; i < json_object_array_length(arr); i++) {
             json_object *e = json_object_array_get_idx(arr, i);
-            printf("%-32s %-12s %s\n", cli_str(e, "primary"),
+            printf("%-32s %-12s %-7lld %s\n", cli_str(e, "primary"),
                    *cli_str(e, "trust_group") ? cli_str(e, "trust_group")
                                               : "-",
-                   cli_str(e, "storage"));
+                   (long long)cli_int(e, "max_vms"), cli_str(e, "storage"));
         }
     }
     json_object_put(out);

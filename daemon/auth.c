@@ -19,6 +19,28 @@
 #include "daemon.h"
 #include "shipper-int.h"
 
+/* The entry of e[0..n) that admits peer: the most specific match, or
+ * NULL. */
+static const struct auth_entry *
+best_entry(const struct auth_entry *e, size_t n, const char *peer)
+{
+    const struct auth_entry *best = NULL;
+    for (size_t i = 0; i < n; i++) {
+        if (!vr_fqdn_match(e[i].pattern, peer))
+            continue;
+        /* An exact name is more specific than a wildcard. */
+        if (!best || (best->pattern[0] == '*' && e[i].pattern[0] != '*'))
+            best = &e[i];
+    }
+    return best;
+}
+
+static unsigned
+entry_max_vms(const struct auth_entry *e)
+{
+    return e && e->max_vms ? e->max_vms : AUTH_DEFAULT_MAX_VMS;
+}
+
 int
 auth_authorize(const char *peer, char **storage, char **group)
 {
@@ -28,14 +50,7 @@ auth_authorize(const char *peer, char **storage, char **group)
     int rc = catalog_auth_list(&e, &n);
     if (rc < 0)
         return rc;
-    const struct auth_entry *best = NULL;
-    for (size_t i = 0; i < n; i++) {
-        if (!vr_fqdn_match(e[i].pattern, peer))
-            continue;
-        /* An exact name is more specific than a wildcard. */
-        if (!best || (best->pattern[0] == '*' && e[i].pattern[0] != '*'))
-            best = &e[i];
-    }
+    const struct auth_entry *best = best_entry(e, n, peer);
     if (best) {
         *storage = xstrdup(best->storage);
         *group = xstrdup(best->trust_group ? best->trust_group : "");
@@ -51,6 +66,32 @@ auth_authorize(const char *peer, char **storage, char **group)
     return rc;
 }
 
+/* Guarantees that no authorization entry (nor "allow any") lets its
+ * primaries own more than its max_vms Replica VMs: each Replica VM counts
+ * for the entry that admits its owner now. */
+int
+auth_check_vm_cap(const char *peer)
+{
+    struct auth_entry *e = NULL;
+    size_t n = 0;
+    int rc = catalog_auth_list(&e, &n);
+    if (rc < 0)
+        return rc;
+    const struct auth_entry *best = best_entry(e, n, peer);
+    unsigned cap = entry_max_vms(best), have = 0;
+    for (const struct vm *vm = D->vms; vm; vm = vm->next)
+        if (vm->mode == VM_MODE_REPLICA && vm->owner &&
+            best_entry(e, n, vm->owner) == best)
+            have++;
+    if (have >= cap)
+        rc = vr_err(-EPERM, "register: %s may not create another Replica VM "
+                    "here: %s%s allows %u (max-vms), and %u exist", peer,
+                    best ? "authorization entry " : "'allow any'",
+                    best ? best->pattern : "", cap, have);
+    auth_entries_free(e, n);
+    return rc;
+}
+
 static json_object *
 entry_json(const struct auth_entry *e)
 {
@@ -60,6 +101,8 @@ entry_json(const struct auth_entry *e)
     json_object_object_add(o, "trust_group",
                            json_object_new_string(e->trust_group
                                                       ? e->trust_group : ""));
+    json_object_object_add(o, "max_vms",
+                           json_object_new_int64(entry_max_vms(e)));
     return o;
 }
 
@@ -111,6 +154,13 @@ put_entry(struct api_call *call, bool add, unsigned *status,
     if (add && !storage)
         return vr_err(-EINVAL, "storage: required (where this primary's "
                       "Replica VMs are kept)");
+    json_object *mv = NULL;
+    int64_t max_vms = 0;
+    if (call->body && json_object_object_get_ex(call->body, "max_vms", &mv) &&
+        (!json_object_is_type(mv, json_type_int) ||
+         (max_vms = json_object_get_int64(mv)) < 1 ||
+         max_vms > AUTH_MAX_MAX_VMS))
+        return vr_err(-EINVAL, "max_vms: expected 1..%d", AUTH_MAX_MAX_VMS);
     pthread_mutex_lock(&D->lock);
     struct auth_entry *e = NULL;
     size_t n = 0;
@@ -129,6 +179,7 @@ put_entry(struct api_call *call, bool add, unsigned *status,
         .storage = (char *)(storage ? storage : found ? found->storage : ""),
         .trust_group = (char *)(group ? group
                                 : found ? found->trust_group : ""),
+        .max_vms = mv ? (unsigned)max_vms : found ? found->max_vms : 0,
     };
     if (rc == 0) {
         rc = io_mkdir_p(ne.storage, 0750);
@@ -139,8 +190,9 @@ put_entry(struct api_call *call, bool add, unsigned *status,
         rc = catalog_auth_put(&ne);
     if (rc == 0) {
         event_add("info", NULL, "authorization entry %s %s: storage %s, trust "
-                  "group '%s'", ne.pattern, add ? "added" : "changed",
-                  ne.storage, ne.trust_group);
+                  "group '%s', at most %u Replica VMs", ne.pattern,
+                  add ? "added" : "changed", ne.storage, ne.trust_group,
+                  entry_max_vms(&ne));
         *out = entry_json(&ne);
         if (add)
             *status = 201;

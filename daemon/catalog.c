@@ -8,17 +8,22 @@
 
 #include "daemon.h"
 
-#define SCHEMA_VERSION 4 /* 2: recovery history (points, two columns)
+#define SCHEMA_VERSION 5 /* 2: recovery history (points, two columns)
                             3: failover_point, failover_step,
                                prepared_cycle, app_every
-                            4: auth, krb_encrypt (Kerberos mode) */
+                            4: auth, krb_encrypt (Kerberos mode)
+                            5: vms.owner, vms.owner_group (a Replica
+                               VM's owner, kept after removal),
+                               replications.reset_pending,
+                               auth_entries.max_vms */
 
 static const char schema[] =
     "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);"
     "CREATE TABLE IF NOT EXISTS config(key TEXT PRIMARY KEY, value TEXT);"
     "CREATE TABLE IF NOT EXISTS vms(uuid TEXT PRIMARY KEY, name TEXT UNIQUE "
     "  NOT NULL, cpus INT, memory_mib INT, mode TEXT, dir TEXT, kernel TEXT, "
-    "  initrd TEXT, cmdline TEXT, nics TEXT, test_network TEXT);"
+    "  initrd TEXT, cmdline TEXT, nics TEXT, test_network TEXT, owner TEXT, "
+    "  owner_group TEXT);"
     "CREATE TABLE IF NOT EXISTS disks(vm_uuid TEXT, idx INT, id TEXT, "
     "  path TEXT, size INT, PRIMARY KEY(vm_uuid, idx));"
     "CREATE TABLE IF NOT EXISTS replications(vm_uuid TEXT PRIMARY KEY, "
@@ -32,11 +37,11 @@ static const char schema[] =
     "  last_error TEXT, recovery_history INT, point_interval INT, "
     "  test_point INT, failover_point INT, failover_step INT, "
     "  prepared_cycle INT, app_every INT, trust_group TEXT, auth TEXT, "
-    "  krb_encrypt INT);"
+    "  krb_encrypt INT, reset_pending INT);"
     "CREATE TABLE IF NOT EXISTS points(vm_uuid TEXT, cycle INT, time_ms INT, "
     "  kind TEXT, undo_bytes INT, PRIMARY KEY(vm_uuid, cycle));"
     "CREATE TABLE IF NOT EXISTS auth_entries(pattern TEXT PRIMARY KEY, "
-    "  storage TEXT NOT NULL, trust_group TEXT NOT NULL);"
+    "  storage TEXT NOT NULL, trust_group TEXT NOT NULL, max_vms INT);"
     "CREATE TABLE IF NOT EXISTS events(id INTEGER PRIMARY KEY, time_ms INT, "
     "  level TEXT, vm TEXT, message TEXT);";
 
@@ -50,6 +55,26 @@ exec_sql(const char *sql)
         return rc;
     }
     return 0;
+}
+
+/* Add column col to table unless it has it (a table the schema created
+ * just now, in an older catalog, has it already). */
+static int
+add_column(const char *table, const char *col, const char *type)
+{
+    sqlite3_stmt *st = NULL;
+    if (sqlite3_prepare_v2(D->db, "SELECT 1 FROM pragma_table_info(?) WHERE "
+                           "name = ?", -1, &st, NULL) != SQLITE_OK)
+        return vr_err(-EIO, "catalog: %s", sqlite3_errmsg(D->db));
+    sqlite3_bind_text(st, 1, table, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, col, -1, SQLITE_STATIC);
+    bool have = sqlite3_step(st) == SQLITE_ROW;
+    sqlite3_finalize(st);
+    if (have)
+        return 0;
+    CLEANUP_FREE char *sql =
+        xasprintf("ALTER TABLE %s ADD COLUMN %s %s", table, col, type);
+    return exec_sql(sql);
 }
 
 /* Bring an older catalog to the current version: version 2 added the
@@ -89,9 +114,26 @@ migrate(void)
     if (rc == 0 && have >= 1 && have <= 3)
         rc = exec_sql("ALTER TABLE replications ADD COLUMN auth TEXT; "
                       "ALTER TABLE replications ADD COLUMN krb_encrypt INT;");
+    /* 5: a Replica VM's owner is its live relationship's primary and
+     * trust group; one kept from an earlier removal has none (only a
+     * local 'vm remove' frees it). */
+    if (rc == 0 && have >= 1 && have <= 4)
+        rc = add_column("vms", "owner", "TEXT");
+    if (rc == 0 && have >= 1 && have <= 4)
+        rc = add_column("vms", "owner_group", "TEXT");
+    if (rc == 0 && have >= 1 && have <= 4)
+        rc = add_column("replications", "reset_pending", "INT");
+    if (rc == 0 && have >= 1 && have <= 4)
+        rc = add_column("auth_entries", "max_vms", "INT");
+    if (rc == 0 && have >= 1 && have <= 4)
+        rc = exec_sql("UPDATE vms SET owner = (SELECT primary_server FROM "
+                      "replications r WHERE r.vm_uuid = vms.uuid), "
+                      "owner_group = (SELECT coalesce(trust_group, '') FROM "
+                      "replications r WHERE r.vm_uuid = vms.uuid) WHERE "
+                      "mode = 'replica';");
     if (rc == 0)
         rc = exec_sql("INSERT OR REPLACE INTO meta VALUES('schema_version', "
-                      "'4')");
+                      "'5')");
     return rc;
 }
 
@@ -269,7 +311,7 @@ catalog_save_vm(const struct vm *vm)
     if (rc < 0)
         return rc;
     sqlite3_stmt *st =
-        prep("INSERT OR REPLACE INTO vms VALUES(?,?,?,?,?,?,?,?,?,?,?)");
+        prep("INSERT OR REPLACE INTO vms VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)");
     if (!st)
         return catalog_end(-EIO);
     sqlite3_bind_text(st, 1, vm->uuid, -1, SQLITE_STATIC);
@@ -287,6 +329,8 @@ catalog_save_vm(const struct vm *vm)
                                : NULL,
                       -1, SQLITE_TRANSIENT);
     sqlite3_bind_text(st, 11, vm->test_network, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 12, vm->owner, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 13, vm->owner_group, -1, SQLITE_STATIC);
     rc = step_done(st);
     if (rc == 0) {
         st = prep("DELETE FROM disks WHERE vm_uuid = ?");
@@ -341,7 +385,7 @@ catalog_save_repl(const struct repl *r)
 {
     sqlite3_stmt *st = prep(
         "INSERT OR REPLACE INTO replications VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,"
-        "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
+        "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
     if (!st)
         return -EIO;
     int i = 1;
@@ -385,6 +429,7 @@ catalog_save_repl(const struct repl *r)
     sqlite3_bind_text(st, i++, r->trust_group, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, i++, r->auth, -1, SQLITE_STATIC);
     sqlite3_bind_int(st, i++, r->krb_encrypt);
+    sqlite3_bind_int(st, i++, r->reset_pending);
     return step_done(st);
 }
 
@@ -464,6 +509,7 @@ load_repl(sqlite3_stmt *st)
     r->trust_group = col_str(st, i++);
     r->auth = col_str(st, i++);
     r->krb_encrypt = sqlite3_column_int(st, i++) != 0;
+    r->reset_pending = sqlite3_column_int(st, i++) != 0;
     if (r->point_interval_s == 0)
         r->point_interval_s = 3600;
     return r;
@@ -539,8 +585,8 @@ catalog_load(void)
 {
     load_server();
     sqlite3_stmt *st = prep("SELECT uuid, name, cpus, memory_mib, mode, dir, "
-                            "kernel, initrd, cmdline, nics, test_network FROM "
-                            "vms ORDER BY name DESC");
+                            "kernel, initrd, cmdline, nics, test_network, "
+                            "owner, owner_group FROM vms ORDER BY name DESC");
     if (!st)
         return -EIO;
     while (sqlite3_step(st) == SQLITE_ROW) {
@@ -565,6 +611,8 @@ catalog_load(void)
             vm->nics = NULL;
         }
         vm->test_network = col_str(st, 10);
+        vm->owner = col_str(st, 11);
+        vm->owner_group = col_str(st, 12);
         vm->next = D->vms;
         D->vms = vm;
     }
@@ -603,8 +651,8 @@ catalog_auth_list(struct auth_entry **out, size_t *n)
 {
     *out = NULL;
     *n = 0;
-    sqlite3_stmt *st = prep("SELECT pattern, storage, trust_group FROM "
-                            "auth_entries ORDER BY pattern");
+    sqlite3_stmt *st = prep("SELECT pattern, storage, trust_group, max_vms "
+                            "FROM auth_entries ORDER BY pattern");
     if (!st)
         return -EIO;
     size_t cap = 0;
@@ -618,6 +666,7 @@ catalog_auth_list(struct auth_entry **out, size_t *n)
         e->pattern = col_str(st, 0);
         e->storage = col_str(st, 1);
         e->trust_group = col_str(st, 2);
+        e->max_vms = (unsigned)sqlite3_column_int64(st, 3);
     }
     sqlite3_finalize(st);
     if (r != SQLITE_DONE) {
@@ -644,13 +693,14 @@ int
 catalog_auth_put(const struct auth_entry *e)
 {
     sqlite3_stmt *st =
-        prep("INSERT OR REPLACE INTO auth_entries VALUES(?,?,?)");
+        prep("INSERT OR REPLACE INTO auth_entries VALUES(?,?,?,?)");
     if (!st)
         return -EIO;
     sqlite3_bind_text(st, 1, e->pattern, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 2, e->storage, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 3, e->trust_group ? e->trust_group : "", -1,
                       SQLITE_STATIC);
+    sqlite3_bind_int64(st, 4, e->max_vms);
     return step_done(st);
 }
 

@@ -49,6 +49,13 @@ struct vm {
     bool hypervisor; /* QEMU was requested at start */
     bool applying;   /* the applier works on its disks without the lock */
     bool changing;   /* a start or stop runs without the lock */
+    /* Replica VMs: the primary that registered it last and the trust
+     * group of the authorization entry it was created under ("": none).
+     * Kept when the relationship is removed (from either side), so that
+     * only that primary, or one of its trust group, may register the VM
+     * again (replica.c, check_owner).  NULL owner: not known (a VM kept
+     * from a removal before the catalog recorded it). */
+    char *owner, *owner_group;
     struct repl *repl;
 };
 
@@ -140,6 +147,11 @@ struct repl {
      * created under ("" or NULL: none); only primaries of that group may
      * replicate it (SPEC §6). */
     char *trust_group;
+    /* replica: the disks still hold the copy of an earlier relationship
+     * (kept at registration: it may seed a comparison); they are reset to
+     * zeroes before the first base chunk or initial-complete of a full
+     * initial replication. */
+    bool reset_pending;
     bool preparing;   /* runtime, primary: failover prepare runs */
     /* Application-consistent points: every app_every-th point interval
      * the cut is made with the guest's file systems frozen through the
@@ -236,7 +248,10 @@ struct auth_entry {
     char *pattern;     /* FQDN or *.FQDN (vr_fqdn_pattern_valid) */
     char *storage;     /* absolute directory */
     char *trust_group; /* "" for none */
+    unsigned max_vms;  /* Replica VMs its primaries may own; 0: default */
 };
+#define AUTH_DEFAULT_MAX_VMS 256
+#define AUTH_MAX_MAX_VMS     65536
 int catalog_auth_list(struct auth_entry **out, size_t *n) VR_WUR;
 void auth_entries_free(struct auth_entry *e, size_t n);
 int catalog_auth_put(const struct auth_entry *e) VR_WUR;
@@ -247,6 +262,10 @@ int catalog_auth_delete(const char *pattern) VR_WUR;
  * gives *storage and *group (caller frees); else "allow any" gives the
  * default storage and group ""; else -EPERM with the reason. */
 int auth_authorize(const char *peer, char **storage, char **group) VR_WUR;
+/* auth.c: D->lock held.  May peer create one more Replica VM here?  The
+ * Replica VMs whose owner the same entry admits (or "allow any", counted
+ * as one entry) are at most its max_vms: 0, or -EPERM with the reason. */
+int auth_check_vm_cap(const char *peer) VR_WUR;
 
 /* A transaction around several saves: catalog_end(rc) commits if rc >= 0,
  * else rolls back and returns rc. */

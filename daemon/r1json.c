@@ -19,6 +19,16 @@ plain_string(json_object *v)
     return s;
 }
 
+/* A JSON integer's value, or bad for any other type (json-c would read a
+ * string or a double as a number). */
+static int64_t
+int_or(json_object *v, int64_t bad)
+{
+    if (!v || !json_object_is_type(v, json_type_int))
+        return bad;
+    return json_object_get_int64(v);
+}
+
 json_object *
 r1_json_parse(const char *body, size_t len)
 {
@@ -77,12 +87,30 @@ r1_register_parse(json_object *b, struct r1_reg *reg)
     reg->cpus = 1;
     reg->memory_mib = 256;
     if (json_object_object_get_ex(b, "cpus", &v))
-        reg->cpus = json_object_get_int64(v);
+        reg->cpus = int_or(v, -1);
     if (json_object_object_get_ex(b, "memory_mib", &v))
-        reg->memory_mib = json_object_get_int64(v);
+        reg->memory_mib = int_or(v, -1);
     if (reg->cpus < 1 || reg->cpus > 64 || reg->memory_mib < 16 ||
         reg->memory_mib > 1 << 20)
         return vr_err(-EINVAL, "register: bad cpus or memory");
+    if (json_object_object_get_ex(b, "frequency", &v)) {
+        int64_t f = int_or(v, -1);
+        if (f < 1 || f > R1_MAX_FREQUENCY_S)
+            return vr_err(-EINVAL, "register: frequency: must be 1 s .. 24 h "
+                          "(1..%d seconds)", R1_MAX_FREQUENCY_S);
+        reg->frequency_s = (unsigned)f;
+    }
+    reg->compression = -1;
+    if (json_object_object_get_ex(b, "compression", &v)) {
+        if (!json_object_is_type(v, json_type_boolean))
+            return vr_err(-EINVAL, "register: compression: must be true or "
+                          "false");
+        reg->compression = json_object_get_boolean(v);
+    }
+    if (json_object_object_get_ex(b, "reverse_of", &v) &&
+        (reg->reverse_of = int_or(v, -1)) < 1)
+        return vr_err(-EINVAL, "register: reverse_of: must be a cycle "
+                      "number >= 1");
     return 0;
 }
 

@@ -29,7 +29,15 @@ struct r1_reg {
     size_t ndisks;
     uint64_t sizes[MAX_DISKS];
     int64_t cpus, memory_mib;
+    unsigned frequency_s;   /* 0: not sent */
+    int compression;        /* -1: not sent, else 0 or 1 */
+    int64_t reverse_of;     /* 0: not a reverse replication */
 };
+/* Every number a registration carries is bounded here (SPEC §6): disks
+ * 1..MAX_DISKS of 1 byte..1 PiB, cpus 1..64, memory_mib 16..1 TiB,
+ * frequency 1 s..24 h (as `replication enable`), reverse_of >= 1, each a
+ * JSON integer; compression a boolean. */
+#define R1_MAX_FREQUENCY_S 86400
 int r1_register_parse(json_object *b, struct r1_reg *reg) VR_WUR;
 
 /* "none", "user", "tap:IFNAME" or "bridge:BRIDGE": 0 or -EINVAL. */

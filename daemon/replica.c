@@ -199,7 +199,17 @@ struct rreq {
     char *group;        /* the peer's trust group ("" none) */
     bool holds_busy;
     uint64_t disk_sizes[MAX_DISKS]; /* for the decoder's bounds checks */
-    uint64_t space_cap; /* nonzero: the payload was capped by free space */
+    /* Server-wide limits (see "limits" below): the request memory this
+     * request was charged, and its upload's claim on staging space. */
+    uint64_t mem_charged;
+    uint64_t buf_bytes, buf_allowance; /* the decoder's buffer, charged */
+    struct space_claim {
+        struct space_claim *next;
+        dev_t dev;
+        uint64_t claimed, written;
+        unsigned factor; /* 2 for a base chunk: staged, then applied */
+        bool linked;
+    } claim;
     unsigned ndisks;
     struct MHD_Connection *conn;
     /* Kerberos mode: the request's context, SHA-256 of its plaintext body
@@ -222,6 +232,8 @@ rreq_fail(struct rreq *q, int rc, const char *msg)
 }
 
 static void guard_request(struct MHD_Connection *c, bool begin);
+static void mem_release(struct rreq *q);
+static void claim_unlink(struct rreq *q);
 
 static void
 rreq_done(void *cls VR_UNUSED, struct MHD_Connection *c,
@@ -248,6 +260,7 @@ rreq_done(void *cls VR_UNUSED, struct MHD_Connection *c,
             vm->repl->busy = false;
         pthread_mutex_unlock(&D->lock);
     }
+    claim_unlink(q);
     free(q->staging);
     free(q->root);
     free(q->group);
@@ -256,6 +269,7 @@ rreq_done(void *cls VR_UNUSED, struct MHD_Connection *c,
     if (q->hash)
         gnutls_hash_deinit(q->hash, NULL);
     krb_unframer_free(&q->unf);
+    mem_release(q); /* every buffer of q is freed now */
     free(q);
 }
 
@@ -315,7 +329,9 @@ parse_url(const char *url, const char *method, struct rreq *q)
         return vr_err(-EOPNOTSUPP, "method not allowed");
     errno = 0;
     unsigned long long v = strtoull(num, &end, 10);
-    if (errno || end == num || *end || *num == '0' || strlen(num) > 19)
+    /* Cycle numbers are kept as SQLite integers: at most 2^63 - 1. */
+    if (errno || end == num || *end || *num == '0' || strlen(num) > 19 ||
+        v > INT64_MAX)
         return vr_err(-EINVAL, "bad number in url");
     q->n = v;
     return 0;
@@ -443,6 +459,208 @@ clear_staging(const struct repl *r)
     return n < 0 ? n : 0;
 }
 
+/* --- server-wide limits -------------------------------------------------
+ *
+ * One authenticated primary must not be able to exhaust the Replica server
+ * (issue #9): besides the cap on connections (connection guard, below)
+ * and on Replica VMs per authorization entry (auth_check_vm_cap), two
+ * budgets hold for the whole server, not per connection.
+ *
+ * Memory.  Every buffer a request holds while it is received — its JSON
+ * body, the Kerberos frames, the zstd window and the payload decoder's
+ * reassembly buffer (up to a 64 MiB record) — is charged to one budget
+ * before it is allocated, and returned when the request ends.  A request
+ * that would go over it is refused with 503 EAGAIN and Retry-After, which
+ * the primary's shipper retries: memory stays bounded however many
+ * connections send big records at once.
+ *
+ * Space.  An upload claims the bytes it is expected to stage (its
+ * Content-Length, then more in steps as it decompresses) before it stages
+ * them; a claim is granted only if the staging file system's free space
+ * less the reserve margin (a tenth of its size, at most 1 GiB) and less
+ * what the uploads in progress have claimed but not written yet can hold
+ * it.  So concurrent uploads together never stage into the margin that
+ * keeps room for applying cycles; the later ones are refused (507
+ * ENOSPC, retried by the primary) while the first completes. */
+
+#define R1_MEM_BUDGET_DEFAULT (512ull << 20)
+#define R1_ZSTD_MEM           (17u << 20) /* a 16 MiB window + buffers */
+#define R1_KRB_MEM            (2u * KRB_FRAME_MAX)
+/* The decoder's buffer: R1_SMALL_BUF is charged with the upload, the rest
+ * up to the largest record (R1_BIG_BUF) at once when it needs more. */
+#define R1_SMALL_BUF          (1u << 20)
+#define R1_BIG_BUF            ((uint64_t)CL_REC_HDR_BYTES + CL_MAX_DATA_BYTES)
+#define R1_MEM_WAIT_MS        10000
+#define R1_CLAIM_STEP         (16ull << 20)
+#define R1_RETRY_AFTER_S      "5"
+
+static pthread_mutex_t limits_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t limits_cond = PTHREAD_COND_INITIALIZER;
+static uint64_t mem_budget = R1_MEM_BUDGET_DEFAULT; /* set once at start */
+static uint64_t mem_used;
+static struct space_claim *claims; /* uploads in progress */
+
+/* Charge bytes of request memory to q before allocating them: 0, or
+ * -EAGAIN (nothing charged).  Guarantees mem_used <= mem_budget.  Small
+ * charges (request starts, JSON bodies) must leave room for one big
+ * buffer and never wait; a big one (a buffer for records over
+ * R1_SMALL_BUF) may use all of the budget and waits up to R1_MEM_WAIT_MS
+ * for it.  Whoever holds a big charge waits for nothing else, so it
+ * completes and releases it: big requests never deadlock each other, and
+ * small ones cannot starve them. */
+static int
+mem_charge(struct rreq *q, uint64_t bytes, bool big)
+{
+    uint64_t limit = big ? mem_budget : mem_budget - R1_BIG_BUF;
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += R1_MEM_WAIT_MS / 1000;
+    pthread_mutex_lock(&limits_lock);
+    bool ok;
+    while (!(ok = mem_used <= limit && bytes <= limit - mem_used) && big)
+        if (pthread_cond_timedwait(&limits_cond, &limits_lock, &until) != 0)
+            big = false; /* timed out: one last look */
+    if (ok) {
+        mem_used += bytes;
+        q->mem_charged += bytes;
+    }
+    pthread_mutex_unlock(&limits_lock);
+    if (!ok)
+        return vr_err(-EAGAIN, "replica server: its memory budget for "
+                      "requests (%llu MiB) is in use by other transfers; try "
+                      "again later", (unsigned long long)(mem_budget >> 20));
+    return 0;
+}
+
+/* Give back everything q was charged (its buffers are freed). */
+static void
+mem_release(struct rreq *q)
+{
+    pthread_mutex_lock(&limits_lock);
+    mem_used -= q->mem_charged;
+    q->mem_charged = 0;
+    q->buf_allowance = 0;
+    pthread_cond_broadcast(&limits_cond);
+    pthread_mutex_unlock(&limits_lock);
+}
+
+/* The decoder's hook: its reassembly buffer grows by more bytes.  Within
+ * the R1_SMALL_BUF charged with the upload it is free; beyond, the rest up
+ * to the largest record is charged at once (big). */
+static int
+decoder_mem(void *ud, size_t more)
+{
+    struct rreq *q = ud;
+    if (q->buf_bytes + more > q->buf_allowance) {
+        int rc = mem_charge(q, R1_BIG_BUF - q->buf_allowance, true);
+        if (rc < 0)
+            return rc;
+        q->buf_allowance = R1_BIG_BUF;
+    }
+    q->buf_bytes += more;
+    return 0;
+}
+
+/* Bytes claimed on dev by uploads in progress and not written yet.
+ * limits_lock held. */
+static uint64_t
+claims_outstanding(dev_t dev)
+{
+    uint64_t sum = 0;
+    for (const struct space_claim *c = claims; c; c = c->next)
+        if (c->dev == dev && c->claimed > c->written)
+            sum += c->claimed - c->written;
+    return sum;
+}
+
+/* Let q's upload stage raw_bytes in all: grow its claim (by at least
+ * R1_CLAIM_STEP, so that statvfs is not called for every chunk) if the
+ * staging file system can hold it next to the other claims and the
+ * reserve margin, else -ENOSPC, nothing claimed.  A base chunk claims its
+ * bytes twice: the same request applies it to the disks, which are on
+ * that file system too.  begin: the claim of the expected size, before
+ * anything is staged. */
+static int
+space_claim(struct rreq *q, uint64_t raw, bool begin)
+{
+    struct space_claim *c = &q->claim;
+    uint64_t raw_bytes = raw * c->factor;
+    if (raw_bytes <= c->claimed) {
+        pthread_mutex_lock(&limits_lock);
+        c->written = raw;
+        pthread_mutex_unlock(&limits_lock);
+        return 0;
+    }
+    struct statvfs sv;
+    if (statvfs(q->staging, &sv) < 0)
+        return vr_err(-errno, "statvfs %s: %s", q->staging, strerror(errno));
+    uint64_t avail = (uint64_t)sv.f_bavail * sv.f_frsize;
+    uint64_t size = (uint64_t)sv.f_blocks * sv.f_frsize;
+    uint64_t margin = size / 10 < (1ull << 30) ? size / 10 : 1ull << 30;
+    pthread_mutex_lock(&limits_lock);
+    uint64_t held = claims_outstanding(c->dev) + margin;
+    uint64_t room = avail > held ? avail - held : 0;
+    uint64_t more = raw_bytes - c->claimed, grant = more;
+    if (grant < R1_CLAIM_STEP)
+        grant = R1_CLAIM_STEP < room ? R1_CLAIM_STEP : more;
+    bool ok = more <= room;
+    uint64_t could = c->claimed - c->written + room;
+    if (ok) {
+        c->claimed += grant;
+        c->written = begin ? 0 : raw;
+    }
+    pthread_mutex_unlock(&limits_lock);
+    if (ok)
+        return 0;
+    if (begin)
+        return vr_err(-ENOSPC, "replica storage: the payload needs %llu "
+                      "bytes, more than the %llu bytes its file system can "
+                      "take now (free space less a reserve and what uploads "
+                      "in progress hold)", (unsigned long long)raw_bytes,
+                      (unsigned long long)could);
+    return vr_err(-ENOSPC, "replica storage: the payload decompresses to "
+                  "more than the %llu bytes its file system can take (free "
+                  "space less a reserve and what uploads in progress hold)",
+                  (unsigned long long)(c->written + could));
+}
+
+/* The decoder's hook: raw_bytes in all are about to be staged. */
+static int
+decoder_stage(void *ud, uint64_t raw_bytes)
+{
+    return space_claim(ud, raw_bytes, false);
+}
+
+/* Enter q's upload, staging on dev, in the claims. */
+static void
+claim_link(struct rreq *q, dev_t dev)
+{
+    pthread_mutex_lock(&limits_lock);
+    q->claim.dev = dev;
+    q->claim.factor = q->kind == R1_BASE ? 2 : 1;
+    q->claim.next = claims;
+    claims = &q->claim;
+    q->claim.linked = true;
+    pthread_mutex_unlock(&limits_lock);
+}
+
+/* The upload is over (staged, or refused and its file deleted): what it
+ * staged is in the file system's free space from now on. */
+static void
+claim_unlink(struct rreq *q)
+{
+    pthread_mutex_lock(&limits_lock);
+    for (struct space_claim **pp = &claims; q->claim.linked && *pp;
+         pp = &(*pp)->next)
+        if (*pp == &q->claim) {
+            *pp = q->claim.next;
+            break;
+        }
+    q->claim.linked = false;
+    q->claim.claimed = q->claim.written = 0;
+    pthread_mutex_unlock(&limits_lock);
+}
+
 /* --- request handlers (JSON ones run at the end of the body) ------------- */
 
 /* The primary's recovery-history settings travel with each request. */
@@ -462,9 +680,11 @@ take_history(struct repl *r, const struct rreq *q)
  * and no copy.  The same registration again (a lost answer) is accepted
  * as is.  D->lock not held. */
 static int
-do_reverse(struct rreq *q, int64_t reverse_of, size_t nd,
-           const uint64_t *sizes, json_object *b, json_object **out)
+do_reverse(struct rreq *q, const struct r1_reg *reg, json_object **out)
 {
+    int64_t reverse_of = reg->reverse_of;
+    size_t nd = reg->ndisks;
+    const uint64_t *sizes = reg->sizes;
     pthread_mutex_lock(&D->lock);
     struct vm *vm = vm_find_uuid(q->uuid);
     struct repl *r = vm ? vm->repl : NULL;
@@ -517,7 +737,6 @@ do_reverse(struct rreq *q, int64_t reverse_of, size_t nd,
         }
         if (rc == 0) {
             vr_fault_point("reverse-accepting");
-            json_object *v;
             vm->mode = VM_MODE_REPLICA;
             r->mode = VM_MODE_REPLICA;
             free(r->primary_server);
@@ -526,6 +745,11 @@ do_reverse(struct rreq *q, int64_t reverse_of, size_t nd,
             r->storage = xstrdup(vm->dir);
             free(r->trust_group);
             r->trust_group = xstrdup(q->group ? q->group : "");
+            free(vm->owner);
+            vm->owner = xstrdup(q->peer);
+            free(vm->owner_group);
+            vm->owner_group = xstrdup(r->trust_group);
+            r->reset_pending = false;
             free(r->auth);
             r->auth = q->krb ? xstrdup("kerberos") : NULL;
             r->krb_encrypt = q->wrapped;
@@ -534,8 +758,8 @@ do_reverse(struct rreq *q, int64_t reverse_of, size_t nd,
             r->base_cycle = r->applied_cycle = r->last_cycle = 0;
             r->prepared_cycle = 0;
             take_history(r, q);
-            if (json_object_object_get_ex(b, "frequency", &v))
-                r->frequency_s = (unsigned)json_object_get_int64(v);
+            if (reg->frequency_s)
+                r->frequency_s = reg->frequency_s;
             snprintf(r->state, sizeof r->state, "%s", ST_WAITING_INITIAL);
             rc = catalog_begin();
             if (rc == 0) {
@@ -565,6 +789,107 @@ do_reverse(struct rreq *q, int64_t reverse_of, size_t nd,
     return rc;
 }
 
+/* May the primary of q register vm, an existing Replica VM (with or
+ * without a relationship)?  Its owner is the primary that registered it
+ * last, its trust group that of the authorization entry it was created
+ * under; both outlive `replication remove`, so a removed Replica VM is as
+ * closed to other primaries as a live one: only its owner, or any primary
+ * of its (non-empty) trust group, may register it (SPEC §6).  0 or -EPERM
+ * with the reason. */
+static int
+check_owner(const struct vm *vm, const struct rreq *q)
+{
+    const char *group = vm->owner_group ? vm->owner_group : "";
+    if (!vm->owner)
+        return vr_err(-EPERM, "register: vm %s is kept here from a removed "
+                      "replication whose primary is not known; only this "
+                      "server's administrator can free it ('vmreplica vm "
+                      "remove %s')", vm->name, vm->name);
+    if (*group && strcmp(group, q->group ? q->group : "") != 0)
+        return vr_err(-EPERM, "register: vm %s belongs to trust group '%s'; "
+                      "%s is in '%s'", vm->name, group, q->peer,
+                      q->group ? q->group : "");
+    /* A VM moves between primaries of its trust group (SPEC §6). */
+    if (!*group && strcmp(vm->owner, q->peer) != 0)
+        return vr_err(-EPERM, "register: vm %s belongs to primary %s, not %s",
+                      vm->name, vm->owner, q->peer);
+    return 0;
+}
+
+/* The other conditions for registering vm, an existing Replica VM, again
+ * (its owner checked): a current epoch, the same disks, and nothing in
+ * progress on it.  0, or the reason. */
+static int
+check_reregister(const struct vm *vm, const struct rreq *q, size_t nd)
+{
+    const struct repl *r = vm->repl;
+    if (r && q->epoch < r->epoch)
+        return vr_err(-ESTALE, "register: epoch %llu is older than %llu",
+                      (unsigned long long)q->epoch,
+                      (unsigned long long)r->epoch);
+    if (vm->ndisks != nd)
+        return vr_err(-EINVAL, "register: vm %s has %u disks here, not %zu",
+                      vm->name, vm->ndisks, nd);
+    if (vm->applying || (r && r->busy))
+        return vr_err(-EBUSY, "register: vm %s: a cycle is being received "
+                      "or applied; try again", vm->name);
+    if (r && (r->failover_point || r->failover_busy ||
+              strcmp(r->state, ST_FAILED_OVER) == 0))
+        return vr_err(-EPERM, "register: vm %s was failed over on the "
+                      "Replica server; it no longer replicates from %s",
+                      vm->name, q->peer);
+    if (r && (r->test_point || r->test_busy))
+        return vr_err(-EBUSY, "register: vm %s: a test failover is running "
+                      "on the Replica server", vm->name);
+    return 0;
+}
+
+/* Make every disk of vm read as zeroes at its size (a full initial
+ * replication sends only the primary's allocated regions, so whatever a
+ * kept disk holds elsewhere must go), durably.  D->lock held; no apply
+ * runs (a base chunk holds the VM's transfer, repl->busy). */
+static int
+reset_disks(const struct vm *vm)
+{
+    for (unsigned i = 0; i < vm->ndisks; i++) {
+        /* Beneath the storage location, never through a link. */
+        int fd = storage_open(vm->dir, vm->disks[i].path, O_RDWR, 0);
+        int rc = fd < 0 ? fd : 0;
+        if (fd >= 0 && (ftruncate(fd, 0) < 0 ||
+                        ftruncate(fd, (off_t)vm->disks[i].size) < 0 ||
+                        fsync(fd) < 0))
+            rc = vr_err(-errno, "reset %s: %s", vm->disks[i].path,
+                        strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+/* Before the first piece of a full initial replication (a base chunk or
+ * initial-complete): a kept copy is reset, and that is recorded.  The
+ * reset comes first, so a crash between repeats it, which is harmless:
+ * nothing of this relationship was applied yet.  D->lock held. */
+static int
+reset_kept_disks(struct vm *vm)
+{
+    if (!vm->repl || !vm->repl->reset_pending)
+        return 0;
+    int rc = reset_disks(vm);
+    if (rc == 0) {
+        vm->repl->reset_pending = false;
+        rc = catalog_save_repl(vm->repl);
+        if (rc < 0)
+            vm->repl->reset_pending = true;
+    }
+    if (rc == 0)
+        log_info("replica", "%s: initial replication: the kept disks are "
+                 "reset", vm->name);
+    return rc;
+}
+
 static int
 do_register(struct rreq *q, json_object **out)
 {
@@ -580,8 +905,8 @@ do_register(struct rreq *q, json_object **out)
     uint64_t *sizes = reg.sizes;
     int64_t cpus = reg.cpus, mem = reg.memory_mib;
     json_object *v;
-    if (json_object_object_get_ex(b, "reverse_of", &v)) {
-        rc = do_reverse(q, json_object_get_int64(v), nd, sizes, b, out);
+    if (reg.reverse_of) {
+        rc = do_reverse(q, &reg, out);
         json_object_put(b);
         return rc;
     }
@@ -594,39 +919,14 @@ do_register(struct rreq *q, json_object **out)
     else if (vm && vm->mode != VM_MODE_REPLICA)
         rc = vr_err(-EEXIST, "register: vm %s is not a Replica VM here",
                     vm->name);
-    else if (vm && vm->repl && vm->repl->trust_group &&
-             *vm->repl->trust_group &&
-             strcmp(vm->repl->trust_group, q->group) != 0)
-        rc = vr_err(-EPERM, "register: vm %s belongs to trust group '%s'; "
-                    "%s is in '%s'", vm->name, vm->repl->trust_group,
-                    q->peer, q->group);
-    /* A VM moves between primaries of its trust group (SPEC §6). */
-    else if (vm && vm->repl && vm->repl->primary_server &&
-             strcmp(vm->repl->primary_server, q->peer) != 0 &&
-             !(vm->repl->trust_group && *vm->repl->trust_group))
-        rc = vr_err(-EPERM, "register: vm %s replicates from %s, not %s",
-                    vm->name, vm->repl->primary_server, q->peer);
-    else if (vm && vm->repl && q->epoch < vm->repl->epoch)
-        rc = vr_err(-ESTALE, "register: epoch %llu is older than %llu",
-                    (unsigned long long)q->epoch,
-                    (unsigned long long)vm->repl->epoch);
-    else if (vm && vm->ndisks != nd)
-        rc = vr_err(-EINVAL, "register: vm %s has %u disks here, not %zu",
-                    vm->name, vm->ndisks, nd);
-    else if (vm && (vm->applying || (vm->repl && vm->repl->busy)))
-        rc = vr_err(-EBUSY, "register: vm %s: a cycle is being received or "
-                            "applied; try again",
-                    vm->name);
-    else if (vm && vm->repl &&
-             (vm->repl->failover_point || vm->repl->failover_busy ||
-              strcmp(vm->repl->state, ST_FAILED_OVER) == 0))
-        rc = vr_err(-EPERM, "register: vm %s was failed over on the Replica "
-                    "server; it no longer replicates from %s", vm->name,
-                    q->peer);
-    else if (vm && vm->repl && (vm->repl->test_point || vm->repl->test_busy))
-        rc = vr_err(-EBUSY, "register: vm %s: a test failover is running "
-                    "on the Replica server", vm->name);
-    if (rc == 0 && !vm) {
+    else if (vm)
+        rc = check_owner(vm, q);
+    else
+        rc = auth_check_vm_cap(q->peer);
+    if (rc == 0 && vm)
+        rc = check_reregister(vm, q, nd);
+    bool created = rc == 0 && !vm;
+    if (created) {
         /* New Replica VM beneath the default storage location. */
         vm = xcalloc(1, sizeof *vm);
         snprintf(vm->uuid, sizeof vm->uuid, "%s", q->uuid);
@@ -747,6 +1047,12 @@ do_register(struct rreq *q, json_object **out)
          * `vm set-boot`. */
         free(vm->name);
         vm->name = xstrdup(name);
+        /* The owner: this primary now (check_owner admitted it), in the
+         * trust group the VM was created under. */
+        free(vm->owner);
+        vm->owner = xstrdup(q->peer);
+        if (!vm->owner_group)
+            vm->owner_group = xstrdup(q->group);
         struct repl *r = vm->repl;
         bool fresh = !r;
         if (fresh) {
@@ -754,8 +1060,7 @@ do_register(struct rreq *q, json_object **out)
             snprintf(r->vm_uuid, sizeof r->vm_uuid, "%s", vm->uuid);
             r->mode = VM_MODE_REPLICA;
             r->storage = xstrdup(vm->dir);
-            r->primary_server = xstrdup(q->peer);
-            r->trust_group = xstrdup(q->group);
+            r->trust_group = xstrdup(vm->owner_group);
             vm->repl = r;
         }
         free(r->auth);
@@ -768,44 +1073,36 @@ do_register(struct rreq *q, json_object **out)
         take_history(r, q);
         if (!r->point_interval_s)
             r->point_interval_s = 3600;
-        if (json_object_object_get_ex(b, "frequency", &v))
-            r->frequency_s = (unsigned)json_object_get_int64(v);
-        if (json_object_object_get_ex(b, "compression", &v))
-            r->compression = json_object_get_boolean(v);
+        if (reg.frequency_s)
+            r->frequency_s = reg.frequency_s;
+        if (reg.compression >= 0)
+            r->compression = reg.compression;
         /* A registration starts a relationship afresh (the primary
          * registers only when replication is enabled), even over one this
          * side still thinks is replicating: the primary may have removed
          * it while we were unreachable, and changed the disk since. */
         r->initial_done = false;
-        {
-            snprintf(r->state, sizeof r->state, "%s", ST_WAITING_INITIAL);
-            /* Initial replication sends only the primary's allocated
-             * regions: whatever a kept Replica disk holds elsewhere must
-             * read as zeroes, as on the primary. */
-            for (unsigned i = 0; rc == 0 && i < vm->ndisks; i++) {
-                rc = storage_truncate(vm->dir, vm->disks[i].path, 0);
-                if (rc == 0)
-                    rc = storage_truncate(vm->dir, vm->disks[i].path,
-                                          vm->disks[i].size);
-                if (rc < 0)
-                    rc = vr_err(rc, "register: reset: %s", vr_errmsg());
-            }
-            r->applied_cycle = r->last_cycle = 0;
-            r->prepared_cycle = 0;
-            if (rc == 0)
-                rc = clear_staging(r);
-            /* The recovery history of the old relationship goes too. */
-            if (rc == 0)
-                rc = history_reset(vm);
-        }
+        snprintf(r->state, sizeof r->state, "%s", ST_WAITING_INITIAL);
+        r->applied_cycle = r->last_cycle = 0;
+        r->prepared_cycle = 0;
+        /* The disks of an existing VM are kept as they are (they may seed
+         * a comparison, SPEC §5); a full initial replication resets them
+         * before its first piece (reset_kept_disks). */
+        r->reset_pending = !created;
+        rc = clear_staging(r);
+        /* The recovery history of the old relationship goes. */
+        if (rc == 0)
+            rc = history_reset(vm);
         if (rc == 0)
             rc = catalog_save_vm(vm);
         if (rc == 0)
             rc = catalog_save_repl(r);
         if (rc == 0) {
             event_add("info", vm->name,
-                      "replica vm %s registered by primary %s (%s)",
-                      fresh ? "created" : "updated", q->peer, q->addr);
+                      "replica vm %s registered by primary %s (%s)%s",
+                      created ? "created" : "updated", q->peer, q->addr,
+                      created ? "" : "; its disks are kept until a full "
+                                     "initial replication starts");
             *out = replica_status_json(vm);
         }
     }
@@ -820,7 +1117,8 @@ do_initial_done(struct rreq *q, json_object **out)
     json_object *b = r1_json_parse(q->body, q->len);
     json_object *v;
     int64_t base = -1;
-    if (b && json_object_object_get_ex(b, "base_cycle", &v))
+    if (b && json_object_object_get_ex(b, "base_cycle", &v) &&
+        json_object_is_type(v, json_type_int))
         base = json_object_get_int64(v);
     json_object_put(b);
     if (base < 0)
@@ -838,7 +1136,7 @@ do_initial_done(struct rreq *q, json_object **out)
     if (rc == 0 && again) {
         /* The primary did not hear our answer and asks again. */
         *out = replica_status_json(vm);
-    } else if (rc == 0) {
+    } else if (rc == 0 && (rc = reset_kept_disks(vm)) == 0) {
         struct repl *r = vm->repl;
         r->base_cycle = (uint64_t)base;
         r->applied_cycle = (uint64_t)base;
@@ -955,6 +1253,22 @@ create_staged(int stgfd, const char *staging, const char *name)
                   name);
 }
 
+/* The uncompressed bytes an upload is expected to stage: its
+ * Content-Length (exact for an identity body, a lower bound for zstd), at
+ * most cap; 0 if it sends none. */
+static uint64_t
+expected_bytes(struct MHD_Connection *c, uint64_t cap)
+{
+    const char *cl =
+        MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length");
+    char *end = NULL;
+    errno = 0;
+    unsigned long long n = cl ? strtoull(cl, &end, 10) : 0;
+    if (!cl || errno || end == cl || *end)
+        return 0;
+    return n < cap ? n : cap;
+}
+
 /* First call for an upload: check the VM and its state, open the temp. */
 static int
 upload_begin(struct rreq *q, struct MHD_Connection *c)
@@ -1007,26 +1321,33 @@ upload_begin(struct rreq *q, struct MHD_Connection *c)
     q->stgfd = storage_open(vmdir, q->staging, O_RDONLY | O_DIRECTORY, 0);
     if (q->stgfd < 0)
         return q->stgfd;
+    /* However small the body, what it decompresses to is staged: claim
+     * the space it is expected to take and the decoder's memory first
+     * (limits, above). */
+    struct stat st;
+    if (fstat(q->stgfd, &st) < 0)
+        return vr_err(-errno, "stat %s: %s", q->staging, strerror(errno));
+    claim_link(q, st.st_dev);
+    uint64_t cap = q->kind == R1_BASE ? R1_MAX_BASE_RAW : R1_MAX_CYCLE_RAW;
+    int rc2 = space_claim(q, expected_bytes(c, cap), true);
+    if (rc2 == 0)
+        rc2 = mem_charge(q, R1_SMALL_BUF + (compressed ? R1_ZSTD_MEM : 0),
+                         false);
+    if (rc2 < 0)
+        return rc2;
+    q->buf_allowance = R1_SMALL_BUF;
     q->fd = create_staged(q->stgfd, q->staging, q->tmp_name);
     if (q->fd < 0)
         return q->fd;
     q->tmp_path = xasprintf("%s/%s", q->staging, q->tmp_name);
-    /* However small the body, what it decompresses to is written to the
-     * staging file system: never let one payload fill it.  It may use what
-     * is free but a tenth of it (at most 1 GiB kept). */
-    uint64_t cap = q->kind == R1_BASE ? R1_MAX_BASE_RAW : R1_MAX_CYCLE_RAW;
-    struct statvfs sv;
-    if (fstatvfs(q->fd, &sv) == 0) {
-        uint64_t avail = (uint64_t)sv.f_bavail * sv.f_frsize;
-        uint64_t keep = avail / 10 < (1ull << 30) ? avail / 10 : 1ull << 30;
-        if (avail - keep < cap) {
-            cap = avail - keep;
-            q->space_cap = cap;
-        }
-    }
-    int rc2 = cyc_decoder_new(compressed, cap, q->fd, &q->dec);
-    if (rc2 == 0)
+    rc2 = cyc_decoder_new(compressed, cap, q->fd, &q->dec);
+    if (rc2 == 0) {
+        const struct cyc_decoder_hooks hooks = { .mem = decoder_mem,
+                                                 .stage = decoder_stage,
+                                                 .ud = q };
         cyc_decoder_set_disk_sizes(q->dec, q->disk_sizes, q->ndisks);
+        cyc_decoder_set_hooks(q->dec, &hooks);
+    }
     return rc2;
 }
 
@@ -1056,13 +1377,20 @@ upload_finish(struct rreq *q, json_object **out)
     if (rc == 0 && h.ndisks != vm->ndisks)
         rc = vr_err(-EPROTO, "payload has %u disks, vm %s has %u", h.ndisks,
                     vm->name, vm->ndisks);
+    if (rc == 0 && base)
+        rc = reset_kept_disks(vm);
     pthread_mutex_unlock(&D->lock);
     if (rc < 0)
         return rc;
 
     if (base) {
         /* Initial replication chunks go straight to the disks: the Replica
-         * VM is not a recovery point until initial replication completes. */
+         * VM is not a recovery point until initial replication completes.
+         * The decoder goes first: applying reads the payload through a
+         * buffer of its own, no larger than the decoder's was, and the
+         * request's memory charge stays until it ends. */
+        cyc_decoder_free(q->dec);
+        q->dec = NULL;
         uint64_t applied;
         rc = apply_payload_fd(vm, q->fd, &applied);
         if (rc < 0)
@@ -1121,6 +1449,7 @@ release_busy(struct rreq *q)
         free(q->tmp_path);
         q->tmp_path = NULL;
     }
+    claim_unlink(q);
     if (!q->holds_busy)
         return;
     pthread_mutex_lock(&D->lock);
@@ -1139,6 +1468,8 @@ sign_response(struct MHD_Response *r, unsigned status, const char *body,
               size_t len, void *ud)
 {
     struct rreq *q = ud;
+    if (status == 503)
+        MHD_add_response_header(r, "Retry-After", R1_RETRY_AFTER_S);
     if (!q->krb)
         return;
     if (q->gss == GSS_C_NO_CONTEXT) {
@@ -1169,7 +1500,8 @@ static MHD_RESULT
 reply_error(struct MHD_Connection *c, struct rreq *q, int rc,
             const char *msg)
 {
-    unsigned status = http_status_for(rc);
+    /* Over a server-wide budget: transient, the primary retries. */
+    unsigned status = rc == -EAGAIN ? 503 : http_status_for(rc);
     if (q->krb && q->gss == GSS_C_NO_CONTEXT &&
         (rc == -EACCES || rc == -ETIME))
         status = 401;
@@ -1297,6 +1629,11 @@ r1_access(void *cls, struct MHD_Connection *c, const char *url,
         if (id)
             snprintf(q->peer, sizeof q->peer, "%s", id);
         free(id);
+        /* Kerberos-wrapped bodies: the unframer's frame buffers. */
+        if (q->wrapped && mem_charge(q, R1_KRB_MEM, false) < 0) {
+            rreq_fail(q, -EAGAIN, vr_errmsg());
+            return MHD_YES;
+        }
         if (parse_url(url, method, q) < 0) {
             rreq_fail(q, -EINVAL, vr_errmsg());
             return MHD_YES;
@@ -1307,8 +1644,8 @@ r1_access(void *cls, struct MHD_Connection *c, const char *url,
         errno = 0;
         q->epoch = ep && ep[0] >= '1' && ep[0] <= '9' ? strtoull(ep, &end, 10)
                                                       : 0;
-        if (q->kind != R1_TEST &&
-            (!ep || !end || *end || errno || q->epoch == 0)) {
+        if (q->kind != R1_TEST && (!ep || !end || *end || errno ||
+                                   q->epoch == 0 || q->epoch > INT64_MAX)) {
             rreq_fail(q, -EPROTO, "missing or bad X-Vmreplica-Epoch");
             return MHD_YES;
         }
@@ -1434,12 +1771,34 @@ r1_access(void *cls, struct MHD_Connection *c, const char *url,
         snprintf(msg, sizeof msg, "%s", vr_errmsg());
         /* What the peer sent or may not do is audited; a failure of ours
          * (5xx: no space, I/O) is logged. */
-        if (http_status_for(rc) < 500 || rc == -ENOSPC)
+        if (http_status_for(rc) < 500 || rc == -ENOSPC || rc == -EAGAIN)
             return refuse(c, q, rc, msg);
         log_warn("replica", "%s %s from %s: %s", method, url, q->peer, msg);
         return reply_error(c, q, rc, msg);
     }
     return reply(c, q, 200, out ? out : json_object_new_object());
+}
+
+/* An upload refused while its body still arrives (drained until its end,
+ * to answer): its decoder, temporary file, space claim and memory charge
+ * go now, not when the peer has sent the rest, so that concurrent
+ * transfers can have them. */
+static void
+upload_abort(struct rreq *q)
+{
+    cyc_decoder_free(q->dec);
+    q->dec = NULL;
+    if (q->fd >= 0) {
+        close(q->fd);
+        q->fd = -1;
+    }
+    if (q->tmp_path) {
+        unlinkat(q->stgfd, q->tmp_name, 0);
+        free(q->tmp_path);
+        q->tmp_path = NULL;
+    }
+    claim_unlink(q);
+    mem_release(q);
 }
 
 /* A piece of the request's (plaintext) body. */
@@ -1460,22 +1819,20 @@ body_chunk(void *ud, const char *data, size_t n)
                 return 0;
             }
             rreq_fail(q, rc, vr_errmsg());
+            upload_abort(q);
             return 0;
         }
-        if ((rc = cyc_decoder_feed(q->dec, data, n)) == -EFBIG &&
-            q->space_cap) {
-            char msg[256];
-            snprintf(msg, sizeof msg, "replica storage: the payload "
-                     "decompresses to more than the %llu bytes its file "
-                     "system can take (free space less a reserve)",
-                     (unsigned long long)q->space_cap);
-            rreq_fail(q, -ENOSPC, msg);
-        } else if (rc < 0) {
+        if ((rc = cyc_decoder_feed(q->dec, data, n)) < 0) {
             rreq_fail(q, rc, vr_errmsg());
+            upload_abort(q);
         }
     } else if (q->kind != R1_STATUS) {
         if (q->len + n > R1_JSON_MAX) {
             rreq_fail(q, -EFBIG, "request body too large");
+            return 0;
+        }
+        if (mem_charge(q, n + (q->body ? 0 : 1), false) < 0) {
+            rreq_fail(q, -EAGAIN, vr_errmsg());
             return 0;
         }
         q->body = xrealloc(q->body, q->len + n + 1);
@@ -1578,6 +1935,12 @@ guard_start(void)
     v = getenv("VMREPLICA_TEST_MAX_CONNECTIONS");
     if (v && atoi(v) > 0)
         max_connections = (unsigned)atoi(v);
+    v = getenv("VMREPLICA_TEST_MEM_BUDGET_MIB");
+    if (v && atoi(v) > 0)
+        mem_budget = (uint64_t)atoi(v) << 20;
+    /* Room for one upload of the largest record, and some small ones. */
+    if (mem_budget < 2 * R1_BIG_BUF)
+        mem_budget = 2 * R1_BIG_BUF;
     pthread_t t;
     if (pthread_create(&t, NULL, guard_main, NULL) == 0)
         pthread_detach(t);

@@ -77,6 +77,8 @@ vm_free(struct vm *vm)
     free(vm->cmdline);
     json_object_put(vm->nics);
     free(vm->test_network);
+    free(vm->owner);
+    free(vm->owner_group);
     free(vm);
 }
 
@@ -122,6 +124,14 @@ vm_to_json(const struct vm *vm)
                            json_object_new_int((int)vm->memory_mib));
     json_object_object_add(o, "mode",
                            json_object_new_string(vm_mode_name(vm->mode)));
+    if (vm->mode == VM_MODE_REPLICA && vm->owner) {
+        /* Who may register it (again): replica.c, check_owner. */
+        json_object_object_add(o, "owner", json_object_new_string(vm->owner));
+        json_object_object_add(o, "owner_trust_group",
+                               json_object_new_string(vm->owner_group
+                                                          ? vm->owner_group
+                                                          : ""));
+    }
     json_object_object_add(o, "running", json_object_new_boolean(running));
     json_object_object_add(o, "served", json_object_new_boolean(served));
     json_object_object_add(o, "hypervisor",

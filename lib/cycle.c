@@ -188,10 +188,14 @@ cyc_hdr_decode(const void *buf, struct cyc_hdr *h)
 
 /* --- reassembly buffer ----------------------------------------------- */
 
-/* Bytes buf[head..tail) are pending; capacity grows up to CYC_REC_MAX. */
+/* Bytes buf[head..tail) are pending; capacity grows up to CYC_REC_MAX,
+ * each growth first allowed by mem (if set; its refusal is kept in err). */
 struct rbuf {
     uint8_t *buf;
     size_t cap, head, tail;
+    int (*mem)(void *ud, size_t more_bytes);
+    void *mem_ud;
+    int err;
 };
 
 static size_t
@@ -218,6 +222,8 @@ rbuf_reserve(struct rbuf *rb, size_t want)
             ncap *= 2;
         if (ncap > CYC_REC_MAX)
             ncap = CYC_REC_MAX;
+        if (rb->mem && (rb->err = rb->mem(rb->mem_ud, ncap - rb->cap)) < 0)
+            return 0;
         rb->buf = xrealloc(rb->buf, ncap);
         rb->cap = ncap;
     }
@@ -770,6 +776,7 @@ struct cyc_decoder {
     struct cyc_hdr hdr;
     const uint64_t *disk_sizes; /* optional, borrowed */
     unsigned nsizes;
+    struct cyc_decoder_hooks hooks;
     ZSTD_DCtx *dctx;
     uint8_t *zout;
     size_t zcap;
@@ -856,6 +863,9 @@ d_raw(struct cyc_decoder *d, const uint8_t *buf, size_t len)
         return vr_err(-EFBIG,
                       "cycle payload: more than %" PRIu64 " bytes uncompressed",
                       d->max_raw);
+    if (d->hooks.stage &&
+        (rc = d->hooks.stage(d->hooks.ud, d->raw_bytes + len)) < 0)
+        return rc;
     d->raw_bytes += len;
     if (d->out_fd >= 0 && (rc = io_write_all(d->out_fd, buf, len)) < 0)
         return vr_err(rc, "cycle payload: stage: %s", strerror(-rc));
@@ -869,6 +879,8 @@ d_raw(struct cyc_decoder *d, const uint8_t *buf, size_t len)
         size_t room =
             rbuf_reserve(&d->rb, len < CYC_IO_BYTES ? len : CYC_IO_BYTES);
         size_t n = len < room ? len : room;
+        if (n == 0 && d->rb.err)
+            return d->rb.err; /* the mem hook's refusal, with its message */
         if (n == 0)
             return vr_err(-EBADMSG,
                           "cycle payload: record %" PRIu64
@@ -988,6 +1000,15 @@ cyc_decoder_set_disk_sizes(struct cyc_decoder *d, const uint64_t *sizes,
 {
     d->disk_sizes = sizes;
     d->nsizes = n;
+}
+
+void
+cyc_decoder_set_hooks(struct cyc_decoder *d,
+                      const struct cyc_decoder_hooks *h)
+{
+    d->hooks = *h;
+    d->rb.mem = h->mem;
+    d->rb.mem_ud = h->ud;
 }
 
 void

@@ -95,8 +95,22 @@ int cyc_decoder_new(bool compressed, uint64_t max_raw_bytes, int out_fd,
  * sizes is borrowed and must outlive the decoder. */
 void cyc_decoder_set_disk_sizes(struct cyc_decoder *d, const uint64_t *sizes,
                                 unsigned n);
-/* -EBADMSG / -EPROTO on corrupt input, -EFBIG over the cap; the message is
- * in vr_errmsg().  After an error further feeds keep failing. */
+/* Limits the caller enforces while a payload arrives: before the
+ * reassembly buffer grows by more_bytes, mem(ud, more_bytes); before
+ * uncompressed bytes are staged, stage(ud, raw_bytes) with the total
+ * staged once they are.  Each returns 0, or a negative errno (its message
+ * set with vr_err) that fails the payload.  Either may be NULL. */
+struct cyc_decoder_hooks {
+    int (*mem)(void *ud, size_t more_bytes);
+    int (*stage)(void *ud, uint64_t raw_bytes);
+    void *ud;
+};
+/* h is copied. */
+void cyc_decoder_set_hooks(struct cyc_decoder *d,
+                           const struct cyc_decoder_hooks *h);
+/* -EBADMSG / -EPROTO on corrupt input, -EFBIG over the cap, or a hook's
+ * error; the message is in vr_errmsg().  After an error further feeds keep
+ * failing. */
 int cyc_decoder_feed(struct cyc_decoder *d, const void *buf,
                      size_t len) VR_WUR;
 /* All input given: require a complete payload ending in a valid CL_SEAL

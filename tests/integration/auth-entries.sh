@@ -80,8 +80,10 @@ wait_converged v1 60
 assert_identical v1
 log "the exact entry admits the primary; its VM lives under $ST_A"
 
-vr replica auth-entry set primary.test.local --trust-group west >/dev/null || fail "set group"
+# (The mark before the change: the primary's next cycle, even an empty
+# one a second later, may be refused before the change command returns.)
 a0=$(audits)
+vr replica auth-entry set primary.test.local --trust-group west >/dev/null || fail "set group"
 qemu-io -f raw "$(nbd_uri primary v1)" -c "write -P 0x32 2M 64k" >/dev/null || fail "write 2"
 wait_until 20 repl_is primary v1 state Error ||
     fail "a primary of another trust group replicated: $(repl primary v1 state)"
@@ -94,11 +96,13 @@ vr replica auth-entry set primary.test.local --trust-group east >/dev/null || fa
 vr primary replication resume v1 >/dev/null || fail "resume"
 wait_converged v1 60
 assert_identical v1
-vr replica auth-entry remove primary.test.local >/dev/null || fail "auth-entry remove"
+a0=$(audits)
+# The wildcard first: while it is left alone it admits the primary in
+# group west, which v1 (east) refuses with another message.
 vr replica auth-entry remove "*.test.local" >/dev/null || fail "auth-entry remove *.test.local"
+vr replica auth-entry remove primary.test.local >/dev/null || fail "auth-entry remove"
 err=$(vr replica auth-entry remove primary.test.local 2>&1) && fail "second remove"
 grep -q "no authorization entry for primary.test.local" <<<"$err" || fail "second remove: $err"
-a0=$(audits)
 staged=$(files_under "$(dirname "$RDISK")/staging")
 qemu-io -f raw "$(nbd_uri primary v1)" -c "write -P 0x33 3M 64k" >/dev/null || fail "write 3"
 wait_until 20 repl_is primary v1 state Error || fail "a removed entry still admits the primary"

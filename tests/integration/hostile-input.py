@@ -20,6 +20,15 @@ event naming it).
     plaintext PORT
     slowloris PORT PKI UUID MAX_S
     flood PORT PKI HOLD
+    hold-put PORT PKI PATH BODYFILE HOLD_BYTES GATE [HEADER:VALUE]...
+                                      PUT the first HOLD_BYTES of BODYFILE,
+                                      wait until the file GATE exists, send
+                                      the rest and read the answer
+    many-put PORT PKI HOLD_S PATH BODYFILE [PATH BODYFILE]... [-- HEADER:VALUE...]
+                                      one connection per PATH at once, each
+                                      sending all of its body but the last
+                                      byte; after HOLD_S the last bytes, then
+                                      the answers (a JSON list)
 """
 import glob
 import json
@@ -193,6 +202,9 @@ def connect(port, timeout=10):
     return s, s.getsockname()[1]
 
 
+LAST_HEADERS = {}  # of the last response read_response read
+
+
 def read_response(ss, deadline_s=30):
     """Read one HTTP response; returns (code, body text)."""
     ss.settimeout(deadline_s)
@@ -204,6 +216,10 @@ def read_response(ss, deadline_s=30):
         buf += d
     head, _, body = buf.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
+    LAST_HEADERS.clear()
+    for ln in lines[1:]:
+        k, _, v = ln.partition(":")
+        LAST_HEADERS[k.strip().lower()] = v.strip()
     code = int(lines[0].split()[1]) if lines and lines[0].startswith(
         "HTTP/") else 0
     clen = None
@@ -373,10 +389,66 @@ def cmd_flood(a):
     print(json.dumps(res))
 
 
+def put_header(path, port, length, extra):
+    hdr = "PUT %s HTTP/1.1\r\nHost: %s:%d\r\nConnection: close\r\n" \
+          "Content-Type: application/octet-stream\r\n" \
+          "Content-Length: %d\r\n" % (path, HOST, port, length)
+    for h in extra:
+        k, _, v = h.partition(":")
+        hdr += "%s: %s\r\n" % (k, v)
+    return hdr.encode() + b"\r\n"
+
+
+def answer(ss, lport):
+    try:
+        code, text = read_response(ss, 60)
+    except (OSError, ssl.SSLError) as e:
+        code, text = 0, str(e)
+    return {"code": code, "body": text, "local_port": lport,
+            "retry_after": LAST_HEADERS.get("retry-after")}
+
+
+def cmd_hold_put(a):
+    port, pki, path, bodyfile = int(a[0]), a[1], a[2], a[3]
+    hold, gate, extra = int(a[4]), a[5], a[6:]
+    body = open(bodyfile, "rb").read()
+    s, lport = connect(port, timeout=90)
+    ss = tls_ctx(pki).wrap_socket(s, server_hostname=HOST)
+    ss.sendall(put_header(path, port, len(body), extra) + body[:hold])
+    t0 = time.monotonic()
+    while not os.path.exists(gate) and time.monotonic() - t0 < 60:
+        time.sleep(0.05)
+    ss.sendall(body[hold:])
+    print(json.dumps(answer(ss, lport)))
+
+
+def cmd_many_put(a):
+    port, pki, hold_s = int(a[0]), a[1], float(a[2])
+    rest, extra = a[3:], []
+    if "--" in rest:
+        i = rest.index("--")
+        rest, extra = rest[:i], rest[i + 1:]
+    conns = []
+    for path, bodyfile in zip(rest[0::2], rest[1::2]):
+        body = open(bodyfile, "rb").read()
+        s, lport = connect(port, timeout=90)
+        ss = tls_ctx(pki).wrap_socket(s, server_hostname=HOST)
+        ss.sendall(put_header(path, port, len(body), extra) + body[:-1])
+        conns.append((ss, lport, body[-1:]))
+    time.sleep(hold_s)
+    for ss, _, last in conns:
+        try:
+            ss.sendall(last)
+        except OSError:
+            pass
+    print(json.dumps([answer(ss, lport) for ss, lport, _ in conns]))
+
+
 CMDS = {"payload": cmd_payload, "bomb": cmd_bomb,
         "crc-selftest": cmd_crc_selftest, "paused-put": cmd_paused_put,
         "tls-old": cmd_tls_old, "plaintext": cmd_plaintext,
-        "slowloris": cmd_slowloris, "flood": cmd_flood}
+        "slowloris": cmd_slowloris, "flood": cmd_flood,
+        "hold-put": cmd_hold_put, "many-put": cmd_many_put}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in CMDS:

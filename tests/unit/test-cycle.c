@@ -1122,6 +1122,112 @@ cleanup_tmpdir(void)
         diag("cannot remove the temporary directory");
 }
 
+/* The limits hooks (cyc_decoder_set_hooks): mem sees every growth of the
+ * reassembly buffer before it happens, stage the running total of staged
+ * bytes before they are written; a refusal of either fails the payload
+ * with its code and message, and nothing more is staged. */
+struct hook_log {
+    uint64_t mem_total, last_stage, staged_limit;
+    size_t mem_limit;
+    unsigned mem_calls, stage_calls;
+};
+
+static int
+hook_mem(void *ud, size_t more)
+{
+    struct hook_log *l = ud;
+    l->mem_calls++;
+    if (l->mem_total + more > l->mem_limit)
+        return vr_err(-EAGAIN, "test: memory budget");
+    l->mem_total += more;
+    return 0;
+}
+
+static int
+hook_stage(void *ud, uint64_t raw)
+{
+    struct hook_log *l = ud;
+    l->stage_calls++;
+    if (raw < l->last_stage)
+        abort(); /* must be a running total */
+    if (raw > l->staged_limit)
+        return vr_err(-ENOSPC, "test: no space");
+    l->last_stage = raw;
+    return 0;
+}
+
+static int
+decode_hooked(const uint8_t *buf, size_t len, bool compressed, int out_fd,
+              struct hook_log *l)
+{
+    struct cyc_decoder *d;
+    struct cyc_hdr h;
+    uint64_t nrec, raw;
+    if (cyc_decoder_new(compressed, UINT64_MAX, out_fd, &d) < 0)
+        abort();
+    const struct cyc_decoder_hooks hk = { hook_mem, hook_stage, l };
+    cyc_decoder_set_hooks(d, &hk);
+    int rc = 0;
+    for (size_t pos = 0; rc == 0 && pos < len; pos += 4096)
+        rc = cyc_decoder_feed(d, buf + pos, len - pos < 4096 ? len - pos
+                                                              : 4096);
+    if (rc == 0)
+        rc = cyc_decoder_finish(d, &h, &nrec, &raw);
+    cyc_decoder_free(d);
+    return rc;
+}
+
+static void
+test_hooks(void)
+{
+    struct recset s = { 0 };
+    recset_add(&s, CL_WRITE, 0, 0, 4096);
+    recset_add(&s, CL_WRITE, 0, 8192, 600 << 10); /* a 600 KiB record */
+    struct cyc_hdr h = mkhdr(1, 0);
+    for (int compress = 0; compress <= 1; compress++) {
+        size_t len, rawlen;
+        uint8_t *p = build(&s, &h, compress, &len);
+        uint8_t *raw = build(&s, &h, false, &rawlen);
+        struct hook_log l = { .mem_limit = SIZE_MAX,
+                              .staged_limit = UINT64_MAX };
+        int fd = memfd();
+        is_int(decode_hooked(p, len, compress, fd, &l), 0,
+               "hooks (%s): accepted", compress ? "zstd" : "plain");
+        ok(l.mem_calls > 0 && l.mem_total >= (600u << 10),
+           "hooks: the buffer's growth was asked for (%llu bytes)",
+           (unsigned long long)l.mem_total);
+        is_int((int64_t)l.last_stage, (int64_t)rawlen,
+               "hooks: stage saw the raw total");
+        close(fd);
+
+        /* Memory refused: the payload fails with the hook's code. */
+        struct hook_log lm = { .mem_limit = 300 << 10,
+                               .staged_limit = UINT64_MAX };
+        vr_err_clear();
+        is_int(decode_hooked(p, len, compress, -1, &lm), -EAGAIN,
+               "hooks: a refused growth fails with -EAGAIN");
+        is_str(vr_errmsg(), "test: memory budget", "hooks: its message");
+
+        /* Space refused: nothing past the refusal is staged. */
+        struct hook_log ls = { .mem_limit = SIZE_MAX,
+                               .staged_limit = 100 << 10 };
+        fd = memfd();
+        vr_err_clear();
+        is_int(decode_hooked(p, len, compress, fd, &ls), -ENOSPC,
+               "hooks: a refused stage fails with -ENOSPC");
+        struct stat st;
+        if (fstat(fd, &st) < 0)
+            abort();
+        ok((uint64_t)st.st_size <= ls.staged_limit,
+           "hooks: %lld bytes staged, within the limit",
+           (long long)st.st_size);
+        close(fd);
+        free(p);
+        free(raw);
+    }
+    recset_free(&s);
+}
+
 int
 main(void)
 {
@@ -1141,6 +1247,7 @@ main(void)
     test_segment_ref();
     test_apply();
     test_disk_bounds();
+    test_hooks();
     cleanup_tmpdir();
     return done_testing();
 }
