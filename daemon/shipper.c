@@ -473,9 +473,13 @@ peer_call(const struct peer *p, const char *method, const char *path,
                         msg ? msg : "no message");
     } else if (p->kerberos && !answer_signed(ctx, status, &body, resp_mic)) {
         /* Only HTTP/SERVER could sign the answer: this is what
-         * authenticates the Replica server to us. */
-        rc = vr_err(-EACCES, "replica server %s: its answer is not signed "
-                    "by HTTP/%s: %s", p->server, host, vr_errmsg());
+         * authenticates the Replica server to us.  An answer without its
+         * signature (or with a wrong one) is not the Replica server's: it
+         * is ignored and the request retried, so a forger on the path can
+         * delay replication but not stop it. */
+        rc = vr_err(-ECONNRESET, "replica server %s: an unsigned answer %ld "
+                    "(not trusted, retrying): not signed by HTTP/%s: %s",
+                    p->server, status, host, vr_errmsg());
     }
     krb_ctx_free(&ctx);
     if (rc == 0 && resp)
