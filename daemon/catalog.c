@@ -8,10 +8,11 @@
 
 #include "daemon.h"
 
-#define SCHEMA_VERSION 4 /* 2: recovery history (points, two columns)
+#define SCHEMA_VERSION 5 /* 2: recovery history (points, two columns)
                             3: failover_point, failover_step,
                                prepared_cycle, app_every
-                            4: auth, krb_encrypt (Kerberos mode) */
+                            4: auth, krb_encrypt (Kerberos mode)
+                            5: first_point */
 
 static const char schema[] =
     "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);"
@@ -32,7 +33,7 @@ static const char schema[] =
     "  last_error TEXT, recovery_history INT, point_interval INT, "
     "  test_point INT, failover_point INT, failover_step INT, "
     "  prepared_cycle INT, app_every INT, trust_group TEXT, auth TEXT, "
-    "  krb_encrypt INT);"
+    "  krb_encrypt INT, first_point INT);"
     "CREATE TABLE IF NOT EXISTS points(vm_uuid TEXT, cycle INT, time_ms INT, "
     "  kind TEXT, undo_bytes INT, PRIMARY KEY(vm_uuid, cycle));"
     "CREATE TABLE IF NOT EXISTS auth_entries(pattern TEXT PRIMARY KEY, "
@@ -89,9 +90,11 @@ migrate(void)
     if (rc == 0 && have >= 1 && have <= 3)
         rc = exec_sql("ALTER TABLE replications ADD COLUMN auth TEXT; "
                       "ALTER TABLE replications ADD COLUMN krb_encrypt INT;");
+    if (rc == 0 && have >= 1 && have <= 4)
+        rc = exec_sql("ALTER TABLE replications ADD COLUMN first_point INT;");
     if (rc == 0)
         rc = exec_sql("INSERT OR REPLACE INTO meta VALUES('schema_version', "
-                      "'4')");
+                      "'5')");
     return rc;
 }
 
@@ -341,7 +344,7 @@ catalog_save_repl(const struct repl *r)
 {
     sqlite3_stmt *st = prep(
         "INSERT OR REPLACE INTO replications VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,"
-        "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
+        "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
     if (!st)
         return -EIO;
     int i = 1;
@@ -385,6 +388,7 @@ catalog_save_repl(const struct repl *r)
     sqlite3_bind_text(st, i++, r->trust_group, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, i++, r->auth, -1, SQLITE_STATIC);
     sqlite3_bind_int(st, i++, r->krb_encrypt);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->first_point);
     return step_done(st);
 }
 
@@ -464,6 +468,7 @@ load_repl(sqlite3_stmt *st)
     r->trust_group = col_str(st, i++);
     r->auth = col_str(st, i++);
     r->krb_encrypt = sqlite3_column_int(st, i++) != 0;
+    r->first_point = (uint64_t)sqlite3_column_int64(st, i++);
     if (r->point_interval_s == 0)
         r->point_interval_s = 3600;
     return r;

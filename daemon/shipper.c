@@ -1066,6 +1066,35 @@ send_base_chunk(struct job *jb, unsigned d, uint64_t base, uint64_t seq,
     return rc;
 }
 
+/* The first cycle at whose seal the Replica VM equals this VM, once the
+ * copy has read everything: the cycle open now.  A cycle sealed while the
+ * copy still read the disk is not one (the copy may have read data written
+ * after its seal, which only a later cycle puts in order); every cycle
+ * sealed after the last read is (each block is then as the copy read it
+ * or as the last cycle that wrote it left it, both as of that seal).
+ * Called after the last read, so the cycle open now is at worst later
+ * than the first such cycle.  With the disks not served, nothing writes
+ * them: the cycle after the log's last seal. */
+static int
+first_consistent_cycle(const struct job *jb, uint64_t base, uint64_t *first)
+{
+    bool served = false, running = false;
+    uint64_t open = 0, bytes, payload;
+    vmproc_status(jb->rundir, &served, &running);
+    if (!served ||
+        vmproc_open_cycle(jb->rundir, &open, &bytes, &payload) < 0) {
+        /* Not served, or stopped since (a stop seals first). */
+        vr_err_clear();
+        uint64_t last = 0;
+        int rc = shipper_log_base(&jb->disks[0], &last);
+        if (rc < 0)
+            return rc;
+        open = last + 1;
+    }
+    *first = open > base ? open : base + 1;
+    return 0;
+}
+
 static int
 run_initial(struct vm *vm, struct job *jb)
 {
@@ -1149,15 +1178,21 @@ run_initial(struct vm *vm, struct job *jb)
     pthread_mutex_lock(&D->lock);
     uint64_t base = r->base_cycle;
     pthread_mutex_unlock(&D->lock);
-    CLEANUP_FREE char *body =
-        xasprintf("{\"base_cycle\": %llu}", (unsigned long long)base);
+    uint64_t first = 0;
+    int rc = first_consistent_cycle(jb, base, &first);
+    if (rc < 0)
+        return rc;
+    CLEANUP_FREE char *body = xasprintf(
+        "{\"base_cycle\": %llu, \"first_point\": %llu}",
+        (unsigned long long)base, (unsigned long long)first);
     CLEANUP_FREE char *path =
         xasprintf("/r1/vms/%s/initial-complete", jb->uuid);
-    int rc = peer_call(&jb->peer, "POST", path, body, -1, 0, false, NULL);
+    rc = peer_call(&jb->peer, "POST", path, body, -1, 0, false, NULL);
     if (rc < 0)
         return rc;
     pthread_mutex_lock(&D->lock);
     r->initial_done = true;
+    r->first_point = first;
     r->last_cycle = base;
     r->last_ok_ms = vr_wall_ms();
     snprintf(r->state, sizeof r->state, "%s", ST_REPLICATING);
