@@ -280,6 +280,35 @@ pid_running(pid_t pid)
     return rp[2] != 'Z' && rp[2] != 'X';
 }
 
+/* How a process that is not our child ended, while it is still a zombie
+ * (init has not reaped it yet): /proc/PID/stat's last field is its status
+ * as waitpid() reports it.  "" if that cannot be known any more. */
+static void
+death_of(pid_t pid, char *out, size_t n)
+{
+    char path[64], buf[1024];
+    snprintf(out, n, "%s", "");
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    ssize_t len = io_read_full(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (len <= 0)
+        return;
+    buf[len] = '\0';
+    const char *rp = strrchr(buf, ')');
+    const char *last = strrchr(buf, ' ');
+    if (!rp || rp[1] != ' ' || rp[2] != 'Z' || !last)
+        return;
+    int st = atoi(last + 1);
+    if (WIFSIGNALED(st))
+        snprintf(out, n, "killed by signal %d (%s)", WTERMSIG(st),
+                 strsignal(WTERMSIG(st)));
+    else if (WIFEXITED(st))
+        snprintf(out, n, "exit status %d", WEXITSTATUS(st));
+}
+
 static pid_t
 live_pid(const char *pidfile, const char *configured, const char *stem)
 {
@@ -697,6 +726,9 @@ start_nbdkit(const struct vmproc_spec *s)
         }
         if (!why)
             break; /* up */
+        char death[96] = "";
+        if (strcmp(why, "exited") == 0)
+            death_of(pid, death, sizeof death);
         bool had_pidfile = read_pidfile(pidfile) != 0;
         if (kill(pid, 0) == 0)
             (void)terminate(pid, SIGKILL, KILL_WAIT_MS, "nbdkit");
@@ -708,15 +740,18 @@ start_nbdkit(const struct vmproc_spec *s)
             int lfd = open(logpath, O_WRONLY | O_APPEND | O_CLOEXEC);
             if (lfd >= 0) {
                 dprintf(lfd, "vmreplicad: nbdkit (pid %d) exited at start "
-                        "without a word (pid file %swritten); starting it "
-                        "again\n", (int)pid, had_pidfile ? "" : "not ");
+                        "without a word (%s; pid file %swritten); starting "
+                        "it again\n", (int)pid,
+                        *death ? death : "status unknown",
+                        had_pidfile ? "" : "not ");
                 close(lfd);
             }
             unlink(nbd_sock);
             unlink(ctl_sock);
             continue;
         }
-        rc = vr_err(-EIO, "start nbdkit for %s: %s: %s", s->name, why, tail);
+        rc = vr_err(-EIO, "start nbdkit for %s: %s%s%s%s: %s", s->name, why,
+                    *death ? " (" : "", death, *death ? ")" : "", tail);
         break;
     }
     argv_fini(&a);

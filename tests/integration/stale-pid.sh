@@ -63,13 +63,16 @@ start_primary VMREPLICA_NBDKIT="$TESTDIR/nbdkit" NBDKIT_DEATHS="$TESTDIR/deaths"
 echo 1 >"$TESTDIR/deaths"
 vr primary vm start v1 --no-hypervisor >/dev/null ||
     fail "vm start did not survive one silent death of nbdkit"
-grep -q "exited at start without a word" "$rundir/nbdkit.log" ||
-    fail "the restart is not said in nbdkit.log"
+# With how it ended, read from the zombie before init reaps it ("status
+# unknown" where init reaps at once).
+grep -Eq "exited at start without a word \((killed by signal 15 \(Terminated\)|status unknown); pid file not written\); starting it again" \
+    "$rundir/nbdkit.log" ||
+    fail "the restart is not said in nbdkit.log with how nbdkit ended: $(grep vmreplicad: "$rundir/nbdkit.log")"
 vr primary vm stop v1 >/dev/null || fail "vm stop"
 echo 2 >"$TESTDIR/deaths"
 vr primary vm start v1 --no-hypervisor >"$TESTDIR/start.out" 2>&1 &&
     fail "vm start succeeded although nbdkit died twice"
-grep -q "start nbdkit for v1: exited" "$TESTDIR/start.out" ||
+grep -Eq "start nbdkit for v1: exited( \(killed by signal 15 \(Terminated\)\))?: " "$TESTDIR/start.out" ||
     fail "two deaths: $(cat "$TESTDIR/start.out")"
 log "a silent death of nbdkit at start: started again; two: $(cat "$TESTDIR/start.out")"
 stop_daemon primary
