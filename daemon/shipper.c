@@ -846,6 +846,19 @@ seal_cycle(struct vm *vm, struct job *jb, bool running)
     return 0;
 }
 
+/* Tests: hold the shipper between seeing the disks served and sealing,
+ * so a `vm stop` can come in between. */
+static void
+test_seal_delay(void)
+{
+    const char *v = getenv("VMREPLICA_TEST_SEAL_DELAY_MS");
+    long ms = v ? atol(v) : 0;
+    if (ms > 0 && ms < 600000) {
+        struct timespec ts = { ms / 1000, (ms % 1000) * 1000000 };
+        nanosleep(&ts, NULL);
+    }
+}
+
 /* Seal (if the disks are served) and send every sealed cycle after
  * last_cycle, in order. */
 static int
@@ -854,9 +867,23 @@ ship_cycles(struct vm *vm, struct job *jb, uint64_t last_cycle)
     bool served = false, running = false;
     vmproc_status(jb->rundir, &served, &running);
     if (served) {
+        test_seal_delay();
         int rc = seal_cycle(vm, jb, running);
-        if (rc < 0)
-            return rc;
+        if (rc < 0) {
+            /* A `vm stop` since the look above seals the last writes
+             * itself: ship what is sealed.  Otherwise a failed seal
+             * (control socket gone or refusing) is retried, never the
+             * end of replication: -ENOENT from a vanished socket would
+             * read as unrecoverable. */
+            char msg[1024];
+            snprintf(msg, sizeof msg, "%s", vr_errmsg());
+            vmproc_status(jb->rundir, &served, &running);
+            if (served)
+                return vr_err(-EAGAIN, "%s", msg);
+            log_info("shipper", "%s: not sealed, the disks stopped being "
+                     "served meanwhile: %s", jb->name, msg);
+            vr_err_clear();
+        }
     }
     CLEANUP_FREE char *dir0 = logdir_of(&jb->disks[0]);
     CLEANUP_FREE uint64_t *cs = NULL;
