@@ -8,14 +8,16 @@
 
 #include "daemon.h"
 
-#define SCHEMA_VERSION 5 /* 2: recovery history (points, two columns)
+#define SCHEMA_VERSION 6 /* 2: recovery history (points, two columns)
                             3: failover_point, failover_step,
                                prepared_cycle, app_every
                             4: auth, krb_encrypt (Kerberos mode)
                             5: vms.owner, vms.owner_group (a Replica
                                VM's owner, kept after removal),
                                replications.reset_pending,
-                               auth_entries.max_vms */
+                               auth_entries.max_vms
+                            6: first_point (the first consistent cycle
+                               after an initial replication) */
 
 static const char schema[] =
     "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);"
@@ -37,7 +39,7 @@ static const char schema[] =
     "  last_error TEXT, recovery_history INT, point_interval INT, "
     "  test_point INT, failover_point INT, failover_step INT, "
     "  prepared_cycle INT, app_every INT, trust_group TEXT, auth TEXT, "
-    "  krb_encrypt INT, reset_pending INT);"
+    "  krb_encrypt INT, reset_pending INT, first_point INT);"
     "CREATE TABLE IF NOT EXISTS points(vm_uuid TEXT, cycle INT, time_ms INT, "
     "  kind TEXT, undo_bytes INT, PRIMARY KEY(vm_uuid, cycle));"
     "CREATE TABLE IF NOT EXISTS auth_entries(pattern TEXT PRIMARY KEY, "
@@ -131,9 +133,12 @@ migrate(void)
                       "owner_group = (SELECT coalesce(trust_group, '') FROM "
                       "replications r WHERE r.vm_uuid = vms.uuid) WHERE "
                       "mode = 'replica';");
+    /* 6: the first consistent cycle after an initial replication. */
+    if (rc == 0 && have >= 1 && have <= 5)
+        rc = add_column("replications", "first_point", "INT");
     if (rc == 0)
         rc = exec_sql("INSERT OR REPLACE INTO meta VALUES('schema_version', "
-                      "'5')");
+                      "'6')");
     return rc;
 }
 
@@ -385,7 +390,7 @@ catalog_save_repl(const struct repl *r)
 {
     sqlite3_stmt *st = prep(
         "INSERT OR REPLACE INTO replications VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,"
-        "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
+        "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
     if (!st)
         return -EIO;
     int i = 1;
@@ -430,6 +435,7 @@ catalog_save_repl(const struct repl *r)
     sqlite3_bind_text(st, i++, r->auth, -1, SQLITE_STATIC);
     sqlite3_bind_int(st, i++, r->krb_encrypt);
     sqlite3_bind_int(st, i++, r->reset_pending);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->first_point);
     return step_done(st);
 }
 
@@ -510,6 +516,7 @@ load_repl(sqlite3_stmt *st)
     r->auth = col_str(st, i++);
     r->krb_encrypt = sqlite3_column_int(st, i++) != 0;
     r->reset_pending = sqlite3_column_int(st, i++) != 0;
+    r->first_point = (uint64_t)sqlite3_column_int64(st, i++);
     if (r->point_interval_s == 0)
         r->point_interval_s = 3600;
     return r;

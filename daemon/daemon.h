@@ -104,6 +104,12 @@ struct repl {
     /* initial replication */
     bool initial_done;
     uint64_t base_cycle;
+    /* The first cycle at whose seal the Replica VM can equal the primary:
+     * the cycle open when the base copy's last read was done (cycles
+     * sealed during the copy may be older than data it read).  No
+     * recovery point before it.  0: base_cycle + 1 (catalogs and primaries
+     * from before it was sent). */
+    uint64_t first_point;
     unsigned initial_disk;
     uint64_t initial_offset;
     uint64_t initial_seq;
@@ -355,6 +361,8 @@ char *repl_server_with_port(const char *server, const struct repl *r);
  * d->lock)?  0 or -EINVAL with what to run. */
 int repl_check_identity(const struct repl *r) VR_WUR;
 const char *repl_health(const struct repl *r, json_object *details);
+/* The first cycle that may be a recovery point (see first_point). */
+uint64_t repl_first_point(const struct repl *r);
 /* The state shown (SPEC §9): r->state, or TestFailoverInProgress. */
 const char *repl_state(const struct repl *r);
 /* failover.c: "VM - Test" while a test failover of vm runs (its name,

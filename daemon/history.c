@@ -2,7 +2,10 @@
  *
  * With recovery history on (recovery_history N > 0), every cycle's undo
  * data is captured before the cycle is applied (STORAGE/undo/a-b.undo), and
- * every applied cycle becomes a recovery point.  After each apply the
+ * every applied cycle becomes a recovery point — from the first cycle at
+ * whose seal the Replica VM equals the primary on (repl_first_point():
+ * cycles sealed while the initial copy read the live disk are not points,
+ * see design.md "Cycles and crash consistency").  After each apply the
  * retention policy decides which points stay:
  *
  *   - the latest point, always, and the point of a running test failover;
@@ -221,7 +224,7 @@ history_after_apply(struct vm *vm, uint64_t n, bool app)
     int rc = 0;
     struct repl *r = vm->repl;
 
-    if (r && r->initial_done && n > r->base_cycle) {
+    if (r && r->initial_done && n >= repl_first_point(r)) {
         struct point p = { .cycle = n, .time_ms = vr_wall_ms() };
         snprintf(p.kind, sizeof p.kind, "%s",
                  app ? "application-consistent" : "standard");
@@ -271,7 +274,8 @@ history_recover(struct vm *vm)
     free(pts);
     if (rc < 0)
         return rc;
-    if (!have_last && r->initial_done && r->applied_cycle > r->base_cycle) {
+    if (!have_last && r->initial_done &&
+        r->applied_cycle >= repl_first_point(r)) {
         struct point p = { .cycle = r->applied_cycle,
                            .time_ms = vr_wall_ms() };
         snprintf(p.kind, sizeof p.kind, "standard");

@@ -1116,13 +1116,26 @@ do_initial_done(struct rreq *q, json_object **out)
 {
     json_object *b = r1_json_parse(q->body, q->len);
     json_object *v;
-    int64_t base = -1;
+    int64_t base = -1, first = 0;
     if (b && json_object_object_get_ex(b, "base_cycle", &v) &&
         json_object_is_type(v, json_type_int))
         base = json_object_get_int64(v);
+    /* The first cycle that can be a recovery point (the primary's copy
+     * read the disk until that cycle was open); absent from older
+     * primaries: the one after the base. */
+    if (b && json_object_object_get_ex(b, "first_point", &v))
+        first = json_object_is_type(v, json_type_int)
+                    ? json_object_get_int64(v) : -1;
     json_object_put(b);
-    if (base < 0)
-        return vr_err(-EINVAL, "initial-complete: base_cycle missing");
+    if (base < 0 || base >= INT64_MAX / 2)
+        return vr_err(-EINVAL, "initial-complete: base_cycle missing or out "
+                               "of range");
+    if (first == 0)
+        first = base + 1;
+    if (first <= base || first - base > INT32_MAX)
+        return vr_err(-EINVAL, "initial-complete: first_point %lld is not "
+                      "after base_cycle %lld (or too far)", (long long)first,
+                      (long long)base);
     pthread_mutex_lock(&D->lock);
     struct vm *vm = NULL;
     int rc = own_vm(q, &vm);
@@ -1139,6 +1152,7 @@ do_initial_done(struct rreq *q, json_object **out)
     } else if (rc == 0 && (rc = reset_kept_disks(vm)) == 0) {
         struct repl *r = vm->repl;
         r->base_cycle = (uint64_t)base;
+        r->first_point = (uint64_t)first;
         r->applied_cycle = (uint64_t)base;
         r->last_cycle = (uint64_t)base;
         r->initial_done = true;
@@ -1146,8 +1160,9 @@ do_initial_done(struct rreq *q, json_object **out)
         rc = catalog_save_repl(r);
         if (rc == 0) {
             event_add("info", vm->name,
-                      "initial replication complete at cycle %lld",
-                      (long long)base);
+                      "initial replication complete at cycle %lld; recovery "
+                      "points from cycle %lld on",
+                      (long long)base, (long long)first);
             *out = replica_status_json(vm);
         }
     }

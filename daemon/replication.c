@@ -36,6 +36,13 @@ repl_state(const struct repl *r)
     return r->state;
 }
 
+uint64_t
+repl_first_point(const struct repl *r)
+{
+    return r->first_point > r->base_cycle ? r->first_point
+                                          : r->base_cycle + 1;
+}
+
 const char *
 repl_health(const struct repl *r, json_object *details)
 {
@@ -58,6 +65,23 @@ repl_health(const struct repl *r, json_object *details)
             "replication is suspended");
     if (!r->initial_done)
         ADD("Warning", "initial replication has not completed");
+    /* Cycles sealed while the base copy read the disk are applied, but
+     * the Replica VM equals the primary only from the first cycle sealed
+     * after the copy: until that one is applied there is no recovery
+     * point.  (Not after a failover: base_cycle is then the VM's own.) */
+    uint64_t reached = r->mode == VM_MODE_REPLICA ? r->applied_cycle
+                                                  : r->last_cycle;
+    if (r->initial_done && reached < repl_first_point(r) &&
+        (strcmp(r->state, ST_REPLICATING) == 0 ||
+         strcmp(r->state, ST_SUSPENDED) == 0)) {
+        char buf[200];
+        snprintf(buf, sizeof buf, "no recovery point yet: the Replica VM is "
+                 "consistent from cycle %llu on (%s: %llu)",
+                 (unsigned long long)repl_first_point(r),
+                 r->mode == VM_MODE_REPLICA ? "applied" : "acknowledged",
+                 (unsigned long long)reached);
+        ADD("Warning", buf);
+    }
     uint64_t now = vr_wall_ms();
     if (r->initial_done && r->last_ok_ms && now > r->last_ok_ms + 3600000)
         ADD("Warning", "more than an hour since the last successful cycle");
@@ -146,6 +170,11 @@ repl_to_json(const struct vm *vm)
                            json_object_new_boolean(r->initial_done));
     json_object_object_add(o, "base_cycle",
                            json_object_new_int64((int64_t)r->base_cycle));
+    json_object_object_add(o, "first_point",
+                           r->initial_done
+                               ? json_object_new_int64(
+                                     (int64_t)repl_first_point(r))
+                               : NULL);
     json_object_object_add(o, "last_cycle",
                            json_object_new_int64((int64_t)r->last_cycle));
     json_object_object_add(

@@ -473,9 +473,13 @@ peer_call(const struct peer *p, const char *method, const char *path,
                         msg ? msg : "no message");
     } else if (p->kerberos && !answer_signed(ctx, status, &body, resp_mic)) {
         /* Only HTTP/SERVER could sign the answer: this is what
-         * authenticates the Replica server to us. */
-        rc = vr_err(-EACCES, "replica server %s: its answer is not signed "
-                    "by HTTP/%s: %s", p->server, host, vr_errmsg());
+         * authenticates the Replica server to us.  An answer without its
+         * signature (or with a wrong one) is not the Replica server's: it
+         * is ignored and the request retried, so a forger on the path can
+         * delay replication but not stop it. */
+        rc = vr_err(-ECONNRESET, "replica server %s: an unsigned answer %ld "
+                    "(not trusted, retrying): not signed by HTTP/%s: %s",
+                    p->server, status, host, vr_errmsg());
     }
     krb_ctx_free(&ctx);
     if (rc == 0 && resp)
@@ -842,6 +846,19 @@ seal_cycle(struct vm *vm, struct job *jb, bool running)
     return 0;
 }
 
+/* Tests: hold the shipper between seeing the disks served and sealing,
+ * so a `vm stop` can come in between. */
+static void
+test_seal_delay(void)
+{
+    const char *v = getenv("VMREPLICA_TEST_SEAL_DELAY_MS");
+    long ms = v ? atol(v) : 0;
+    if (ms > 0 && ms < 600000) {
+        struct timespec ts = { ms / 1000, (ms % 1000) * 1000000 };
+        nanosleep(&ts, NULL);
+    }
+}
+
 /* Seal (if the disks are served) and send every sealed cycle after
  * last_cycle, in order. */
 static int
@@ -850,9 +867,23 @@ ship_cycles(struct vm *vm, struct job *jb, uint64_t last_cycle)
     bool served = false, running = false;
     vmproc_status(jb->rundir, &served, &running);
     if (served) {
+        test_seal_delay();
         int rc = seal_cycle(vm, jb, running);
-        if (rc < 0)
-            return rc;
+        if (rc < 0) {
+            /* A `vm stop` since the look above seals the last writes
+             * itself: ship what is sealed.  Otherwise a failed seal
+             * (control socket gone or refusing) is retried, never the
+             * end of replication: -ENOENT from a vanished socket would
+             * read as unrecoverable. */
+            char msg[1024];
+            snprintf(msg, sizeof msg, "%s", vr_errmsg());
+            vmproc_status(jb->rundir, &served, &running);
+            if (served)
+                return vr_err(-EAGAIN, "%s", msg);
+            log_info("shipper", "%s: not sealed, the disks stopped being "
+                     "served meanwhile: %s", jb->name, msg);
+            vr_err_clear();
+        }
     }
     CLEANUP_FREE char *dir0 = logdir_of(&jb->disks[0]);
     CLEANUP_FREE uint64_t *cs = NULL;
@@ -1062,6 +1093,35 @@ send_base_chunk(struct job *jb, unsigned d, uint64_t base, uint64_t seq,
     return rc;
 }
 
+/* The first cycle at whose seal the Replica VM equals this VM, once the
+ * copy has read everything: the cycle open now.  A cycle sealed while the
+ * copy still read the disk is not one (the copy may have read data written
+ * after its seal, which only a later cycle puts in order); every cycle
+ * sealed after the last read is (each block is then as the copy read it
+ * or as the last cycle that wrote it left it, both as of that seal).
+ * Called after the last read, so the cycle open now is at worst later
+ * than the first such cycle.  With the disks not served, nothing writes
+ * them: the cycle after the log's last seal. */
+static int
+first_consistent_cycle(const struct job *jb, uint64_t base, uint64_t *first)
+{
+    bool served = false, running = false;
+    uint64_t open = 0, bytes, payload;
+    vmproc_status(jb->rundir, &served, &running);
+    if (!served ||
+        vmproc_open_cycle(jb->rundir, &open, &bytes, &payload) < 0) {
+        /* Not served, or stopped since (a stop seals first). */
+        vr_err_clear();
+        uint64_t last = 0;
+        int rc = shipper_log_base(&jb->disks[0], &last);
+        if (rc < 0)
+            return rc;
+        open = last + 1;
+    }
+    *first = open > base ? open : base + 1;
+    return 0;
+}
+
 static int
 run_initial(struct vm *vm, struct job *jb)
 {
@@ -1145,15 +1205,21 @@ run_initial(struct vm *vm, struct job *jb)
     pthread_mutex_lock(&D->lock);
     uint64_t base = r->base_cycle;
     pthread_mutex_unlock(&D->lock);
-    CLEANUP_FREE char *body =
-        xasprintf("{\"base_cycle\": %llu}", (unsigned long long)base);
+    uint64_t first = 0;
+    int rc = first_consistent_cycle(jb, base, &first);
+    if (rc < 0)
+        return rc;
+    CLEANUP_FREE char *body = xasprintf(
+        "{\"base_cycle\": %llu, \"first_point\": %llu}",
+        (unsigned long long)base, (unsigned long long)first);
     CLEANUP_FREE char *path =
         xasprintf("/r1/vms/%s/initial-complete", jb->uuid);
-    int rc = peer_call(&jb->peer, "POST", path, body, -1, 0, false, NULL);
+    rc = peer_call(&jb->peer, "POST", path, body, -1, 0, false, NULL);
     if (rc < 0)
         return rc;
     pthread_mutex_lock(&D->lock);
     r->initial_done = true;
+    r->first_point = first;
     r->last_cycle = base;
     r->last_ok_ms = vr_wall_ms();
     snprintf(r->state, sizeof r->state, "%s", ST_REPLICATING);

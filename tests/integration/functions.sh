@@ -228,13 +228,18 @@ start_replica() {
 }
 
 _stop_pid() { # PID TIMEOUT_S — SIGTERM, wait, then SIGKILL
+    # Only while PID is still our child: bash reaps a background job as
+    # soon as it ends, and its number may then be another process's.  (The
+    # SIGKILL used to follow every stop, to a number already released:
+    # strace showed kill(N, 0) = ESRCH, then kill(N, SIGKILL).)
     local pid=$1 timeout=$2 i
-    kill -TERM "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+    _is_child "$pid" && kill -TERM "$pid" 2>/dev/null ||
+        { wait "$pid" 2>/dev/null || true; return 0; }
     for ((i = 0; i < timeout * 10; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
+        _is_child "$pid" || break
         sleep 0.1
     done
-    kill -KILL "$pid" 2>/dev/null || true
+    if _is_child "$pid"; then kill -KILL "$pid" 2>/dev/null || true; fi
     wait "$pid" 2>/dev/null || true
     return 0
 }
@@ -251,7 +256,9 @@ stop_daemon() {
 kill_daemon() {
     local name=$1
     [ -n "${DAEMON_PID[$name]:-}" ] || return 0
-    kill -KILL "${DAEMON_PID[$name]}" 2>/dev/null || true
+    if _is_child "${DAEMON_PID[$name]}"; then
+        kill -KILL "${DAEMON_PID[$name]}" 2>/dev/null || true
+    fi
     wait "${DAEMON_PID[$name]}" 2>/dev/null || true
     unset "DAEMON_PID[$name]"
 }

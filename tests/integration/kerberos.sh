@@ -9,8 +9,10 @@
 #  2. With --kerberos-encrypt on, the same with the data wrapped: a marker
 #     written by the guest crosses the wire in the clear without encryption
 #     (seen in a capture by a socat relay) and never with it.
-#     An unsigned "403 EPERM" from a forger on the path is not trusted: the
-#     primary keeps retrying and catches up once the path is clean.
+#     Unsigned answers from a forger on the path ("403 EPERM", "200 OK",
+#     "201", a 200 with a wrong MIC) are not trusted: the primary stays
+#     Replicating, retries, and catches up byte for byte once the path is
+#     clean.
 #  3. Refusals, each with its exact error, an audit event naming the peer,
 #     and nothing written under the storage location: no ticket; a host no
 #     entry admits (host/rogue); the wildcard edge cases of SPEC §6 against
@@ -103,32 +105,55 @@ fi
 grep -aq "X-Vmreplica-Wrap: gss-v1" "$TESTDIR/wire.bin" || fail "no wrapped request seen"
 log "replicated in both modes; the marker of the encrypted VM never crossed the wire"
 
-# Kerberos mode is plain HTTP: someone on the path answering "403 EPERM"
-# must not stop replication, since only HTTP/replica could have signed a
-# real refusal.  The relay is replaced by a forger for a few cycles.
-kill "$RELAY_PID" 2>/dev/null; wait "$RELAY_PID" 2>/dev/null || true
-python3 -c 'import http.server, sys
+# Kerberos mode is plain HTTP: anyone on the path can answer.  Only
+# HTTP/replica can sign an answer, so an answer without its signature —
+# a refusal ("403 EPERM"), a success ("200 OK", "201 Created"), or a
+# success whose MIC is not HTTP/replica's — must delay replication, never
+# stop it.  The relay is replaced by a forger answering each in turn.
+forger_start() { # MODE: 403, 200, 201 or 200-badmic
+    python3 -c 'import http.server, sys
+mode = sys.argv[2]
 class H(http.server.BaseHTTPRequestHandler):
     def answer(self):
         n = int(self.headers.get("Content-Length") or 0)
         if n: self.rfile.read(n)
-        b = b"{\"error\":\"EPERM\",\"message\":\"forged refusal\"}\n"
-        self.send_response(403); self.send_header("Content-Length", str(len(b)))
+        if mode == "403":
+            code, b = 403, b"{\"error\":\"EPERM\",\"message\":\"forged refusal\"}\n"
+        else:
+            code, b = int(mode[:3]), b"{}\n"
+        self.send_response(code); self.send_header("Content-Length", str(len(b)))
+        if mode.endswith("badmic"):
+            # A well-formed token that is not a MIC of this answer.
+            self.send_header("X-Vmreplica-MIC", "BAQE/wAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
         self.end_headers(); self.wfile.write(b)
     do_GET = do_PUT = do_POST = do_DELETE = answer
     def log_message(self, *a): pass
-http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()' "$RELAY_PORT" &
-FORGER_PID=$!
-_bg_pids+=("$FORGER_PID")
-wait_until 10 port_open "$RELAY_PORT" || fail "forger not listening"
-qemu-io -f raw "$(nbd_uri primary kplain)" -c 'write -P 0x61 14M 64k' >/dev/null
-wait_until 30 eval '[[ "$(repl primary kplain last_error)" == *"unsigned answer 403"* ]]' ||
-    fail "the forged refusal was not seen (last_error: $(repl primary kplain last_error))"
-sleep 2
-[ "$(repl primary kplain state)" = Replicating ] ||
-    fail "a forged, unsigned refusal stopped replication: $(repl primary kplain state)"
-log "forged refusal ignored: $(repl primary kplain last_error)"
-kill "$FORGER_PID" 2>/dev/null; wait "$FORGER_PID" 2>/dev/null || true
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()' "$RELAY_PORT" "$1" &
+    FORGER_PID=$!
+    _bg_pids+=("$FORGER_PID")
+    wait_until 10 port_open "$RELAY_PORT" || fail "forger not listening"
+}
+repl_errors() { vrj primary replication measure kplain | jq -r .replication_errors; }
+kill "$RELAY_PID" 2>/dev/null; wait "$RELAY_PID" 2>/dev/null || true
+byte=0x61
+for mode in 403 200 201 200-badmic; do
+    forger_start "$mode"
+    qemu-io -f raw "$(nbd_uri primary kplain)" -c "write -P $byte 14M 64k" >/dev/null
+    byte=$((byte + 1))
+    want="unsigned answer ${mode%-badmic} (not trusted, retrying)"
+    [ "$mode" = 200-badmic ] && want="unsigned answer 200 (not trusted, retrying): not signed by HTTP/*: kerberos: message integrity check failed"
+    wait_until 30 eval '[[ "$(repl primary kplain last_error)" == *$want* ]]' ||
+        fail "forger $mode: the forged answer was not seen (state $(repl primary kplain state), last_error: $(repl primary kplain last_error))"
+    # Still trying: a later attempt fails again, and the state never left
+    # Replicating.
+    errs=$(repl_errors)
+    wait_until 30 eval '[ "$(repl_errors)" -gt "$errs" ]' ||
+        fail "forger $mode: no retry after the forged answer (state $(repl primary kplain state), last_error: $(repl primary kplain last_error))"
+    [ "$(repl primary kplain state)" = Replicating ] ||
+        fail "forger $mode: a forged, unsigned answer stopped replication: $(repl primary kplain state): $(repl primary kplain last_error)"
+    log "forger $mode ignored: $(repl primary kplain last_error)"
+    kill "$FORGER_PID" 2>/dev/null; wait "$FORGER_PID" 2>/dev/null || true
+done
 relay_start
 wait_converged kplain 90
 assert_identical kplain
