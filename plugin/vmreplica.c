@@ -22,7 +22,9 @@
  * its log record (sequence number and place in the segment) and updates
  * the block owners; then, without the mutex, it preserves what older
  * unshipped cycles need and writes its record, in parallel with requests
- * on other blocks.  Requests sharing a block never run at the same time,
+ * on other blocks (a record without data that needs no preserve, the
+ * usual case, is copied into the mapped segment at once, under the
+ * mutex).  Requests sharing a block never run at the same time,
  * so the log order equals the order in which writes to the same bytes hit
  * the disk, and a block is preserved before anything changes it.
  *
@@ -110,7 +112,8 @@ struct disk {
     pthread_mutex_t lock;  /* guards inflight and log reservations */
     pthread_cond_t idle;   /* signalled when an in-flight range ends */
     struct range *inflight; /* write-class requests now in progress */
-    unsigned unlogged;     /* of those, how many have no record written */
+    unsigned unlogged;     /* of those, how many have no record written
+                              (changed under lock, read atomically) */
     unsigned log_waiters;  /* requests waiting in wait_logged_prefix */
     pthread_cond_t logged; /* signalled when a record is written */
     bool no_punch;         /* the file system cannot punch holes */
@@ -1541,7 +1544,7 @@ wait_logged_prefix(struct disk *d, struct range *me)
     pthread_mutex_lock(&d->lock);
     if (!me->logged) {
         me->logged = true;
-        d->unlogged--;
+        __atomic_store_n(&d->unlogged, d->unlogged - 1, __ATOMIC_RELEASE);
         if (d->log_waiters)
             pthread_cond_broadcast(&d->logged);
     }
@@ -1553,6 +1556,18 @@ wait_logged_prefix(struct disk *d, struct range *me)
     }
     pthread_mutex_unlock(&d->lock);
     return !__atomic_load_n(&broken, __ATOMIC_ACQUIRE);
+}
+
+/* wait_logged_prefix without the mutex when nothing reserved is unlogged
+ * (every record is written at its reservation in the usual case): the
+ * count is stored with release after each record is written, so reading
+ * zero means every earlier record is on file. */
+static bool
+prefix_logged(struct disk *d, struct range *me)
+{
+    if (me->logged && __atomic_load_n(&d->unlogged, __ATOMIC_ACQUIRE) == 0)
+        return !__atomic_load_n(&broken, __ATOMIC_ACQUIRE);
+    return wait_logged_prefix(d, me);
 }
 
 /* The disk I/O of in-flight request me on [offset, offset + count) failed
@@ -1594,7 +1609,7 @@ log_readback(struct disk *d, struct range *me, uint64_t offset,
             assert(nruns == 0 && runs == none);
             me->seq = rec.seq;
             me->logged = false;
-            d->unlogged++;
+            __atomic_store_n(&d->unlogged, d->unlogged + 1, __ATOMIC_RELEASE);
         }
         pthread_mutex_unlock(&d->lock);
         if (rc == 0) {
@@ -1668,17 +1683,34 @@ tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
     }
     rc = cl_writer_reserve(d->w, ref ? CL_WREF : kind, fua ? CL_F_FUA : 0,
                            offset, count, buf, &rec, &log_off);
+    int lrc = 0;
     if (rc == 0) {
         if (count > 0)
             nruns = owner_update(d, ref, offset, count, &runs);
         me.seq = rec.seq;
         me.next = d->inflight;
         d->inflight = &me;
-        d->unlogged++;
+        /* A record that says what the disk will hold (not a reference to
+         * it) is pending until the disk holds it: a crash in between
+         * leaves it for recovery to redo (redo_pending). */
+        if (!ref)
+            rec.flags |= CL_F_PENDING;
+        if (nruns == 0 && rec.kind != CL_WRITE && logio != CL_MMAP_OFF) {
+            /* The usual case: 32 bytes copied into the mapping, so the
+             * record goes in now, in order, and nobody waits for it. */
+            lrc = cl_writer_write(d->w, &rec, log_off);
+            if (lrc < 0)
+                log_cannot_follow(d);
+            me.logged = true;
+        } else {
+            __atomic_store_n(&d->unlogged, d->unlogged + 1, __ATOMIC_RELEASE);
+        }
     }
     pthread_mutex_unlock(&d->lock);
     if (rc < 0)
         goto out;
+    if (lrc < 0)
+        goto done; /* the disk is left unchanged; tracking stops below */
     vr_fault_point("track-reserved");
 
     int prc = 0;
@@ -1687,7 +1719,6 @@ tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
     if (runs != stack_runs)
         free(runs);
     vr_fault_point("track-preserved");
-    int lrc = 0;
     if (prc < 0) {
         /* The owner map no longer protects those blocks: stop tracking
          * before anything overwrites them.  The disk is left unchanged
@@ -1703,15 +1734,12 @@ tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
         rc = vr_err(-EIO, "%s", why);
         goto done;
     }
-    /* A record that says what the disk will hold (not a reference to it)
-     * is pending until the disk holds it: a crash in between leaves it
-     * for recovery to redo (redo_pending). */
-    if (!ref)
-        rec.flags |= CL_F_PENDING;
-    lrc = cl_writer_write(d->w, &rec, log_off);
-    if (lrc < 0)
-        log_cannot_follow(d);
-    if (!wait_logged_prefix(d, &me)) {
+    if (!me.logged) {
+        lrc = cl_writer_write(d->w, &rec, log_off);
+        if (lrc < 0)
+            log_cannot_follow(d);
+    }
+    if (!prefix_logged(d, &me)) {
         /* The disk is left unchanged; tracking stops below. */
         if (lrc == 0)
             rc = vr_err(-EIO, "tracking stopped: %s", broken_msg);
