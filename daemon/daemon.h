@@ -394,6 +394,9 @@ void network_inject_start(const struct vm *vm, const char *rundir);
 /* --- api.c ------------------------------------------------------------- */
 int api_start(const char *sock_path) VR_WUR;
 void api_stop(void);
+/* Remove sock_path only if it is still the socket api_start bound (same
+ * device and inode): never another daemon's. */
+void api_unlink_socket(const char *sock_path);
 
 /* --- shipper.c (primary) ----------------------------------------------- */
 /* Start the VM's replication thread if replication is on and not running. */

@@ -107,10 +107,16 @@ view_spec(const struct vm *vm, uint64_t point, const char *rd,
 }
 
 /* Remove run directory rd (STORAGE/UUID/NAME) and its files, beneath the
- * storage location: a link in its place is not followed (and stays). */
+ * storage location: a link in its place is not followed (and stays).
+ * Unless a process still holds it (its files are that process's). */
 static void
 remove_test_dir(const char *storage, const char *rd)
 {
+    if (vmproc_rundir_busy(rd)) {
+        log_warn("failover", "left %s: %s", rd, vr_errmsg());
+        vr_err_clear();
+        return;
+    }
     if (storage_clear_dir(storage, rd) < 0) {
         log_warn("failover", "%s", vr_errmsg());
         vr_err_clear();

@@ -786,6 +786,8 @@ api_vm_remove(struct api_call *call, unsigned *status VR_UNUSED,
         vmproc_status(rundir, &served, &running);
         if (served || running)
             rc = vr_err(-EBUSY, "vm %s: is running; stop it first", vm->name);
+        else if (vmproc_rundir_busy(rundir))
+            rc = vr_err(-EBUSY, "vm %s: %s", vm->name, vr_errmsg());
         else if (vm->applying || vm->changing)
             rc = vr_err(-EBUSY, "vm %s: a cycle is being applied or a start "
                                 "or stop is in progress; try again",
