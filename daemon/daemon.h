@@ -46,7 +46,8 @@ struct vm {
      * the network a test failover puts them on (NULL: "none"). */
     json_object *nics;
     char *test_network;
-    bool hypervisor; /* QEMU was requested at start */
+    bool hypervisor; /* QEMU is asked of the next start (status: vm_to_json,
+                      * from the processes) */
     bool applying;   /* the applier works on its disks without the lock */
     bool changing;   /* a start or stop runs without the lock */
     /* Replica VMs: the primary that registered it last and the trust

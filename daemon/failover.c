@@ -394,6 +394,7 @@ failover_test_vm_json(const struct vm *vm)
     CLEANUP_FREE char *name = test_name(vm);
     bool served = false, running = false;
     vmproc_status(rd, &served, &running);
+    served = served && vmproc_nbd_sock_exists(rd);
     json_object *o = json_object_new_object();
     json_object_object_add(o, "name", json_object_new_string(name));
     json_object_object_add(o, "mode", json_object_new_string("test"));
@@ -405,6 +406,7 @@ failover_test_vm_json(const struct vm *vm)
                            json_object_new_int((int)vm->memory_mib));
     json_object_object_add(o, "running", json_object_new_boolean(running));
     json_object_object_add(o, "served", json_object_new_boolean(served));
+    json_object_object_add(o, "hypervisor", json_object_new_boolean(running));
     json_object_object_add(o, "run_dir", json_object_new_string(rd));
     return o;
 }

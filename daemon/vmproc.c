@@ -1235,6 +1235,13 @@ vmproc_stop(const char *rundir, bool force, unsigned timeout_ms)
     return stop_nbdkit(rundir);
 }
 
+bool
+vmproc_nbd_sock_exists(const char *rundir)
+{
+    CLEANUP_FREE char *p = xasprintf("%s/nbd.sock", rundir);
+    return is_socket(p);
+}
+
 void
 vmproc_status(const char *rundir, bool *disks_served, bool *qemu_running)
 {

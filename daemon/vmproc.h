@@ -72,6 +72,8 @@ int vmproc_stop(const char *rundir, bool force, unsigned timeout_ms) VR_WUR;
 /* Whether a process holds RUNDIR/run.lock (an nbdkit: ours, or one
  * without our pid file); vr_errmsg() then names its pid. */
 bool vmproc_rundir_busy(const char *rundir);
+/* Whether RUNDIR/nbd.sock, the exports' socket, is there. */
+bool vmproc_nbd_sock_exists(const char *rundir);
 /* Whether nbdkit (disks served) and QEMU are alive, from their pid files. */
 void vmproc_status(const char *rundir, bool *disks_served, bool *qemu_running);
 /* Ask the plugin to seal the open cycle of every disk at one instant.
