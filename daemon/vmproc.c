@@ -13,6 +13,7 @@
  * for its life (its pid written in the file), so neither a second daemon
  * nor a start while an nbdkit we cannot see (no pid file) still serves the
  * disks can start another nbdkit on the same disks and change logs.
+ * RUNDIR/qemu.lock does the same for QEMU: one guest per disk.
  *
  * vmreplicad is multithreaded, so everything a child needs (argv, paths) is
  * built before fork() and the child only calls async-signal-safe functions.
@@ -709,35 +710,42 @@ unlink_in(const char *rundir, const char *name)
     unlink(p);
 }
 
-/* Take RUNDIR/run.lock for a start; -EBUSY naming the holder if another
- * process (an nbdkit without our pid file, another daemon) holds it. */
+/* Take RUNDIR/NAME (run.lock: nbdkit's, qemu.lock: QEMU's) for a start;
+ * -EBUSY naming the holder if another process (one without our pid file,
+ * another daemon) holds it. */
 static int
-lock_rundir(const char *rundir, int *fd)
+lock_rundir(const char *rundir, const char *name, int *fd)
 {
-    CLEANUP_FREE char *path = xasprintf("%s/run.lock", rundir);
+    CLEANUP_FREE char *path = xasprintf("%s/%s", rundir, name);
     pid_t holder;
     int rc = io_lock_file(path, fd, &holder);
     if (rc == -EWOULDBLOCK)
         return vr_err(-EBUSY, "run directory %s is in use by another "
                       "process (pid %d) that this daemon did not start or "
-                      "no longer knows; stop that process first", rundir,
-                      (int)holder);
+                      "no longer knows (it holds %s); stop that process "
+                      "first", rundir, (int)holder, name);
     return rc;
 }
 
-bool
-vmproc_rundir_busy(const char *rundir)
+static bool
+lock_busy(const char *rundir, const char *name)
 {
     int fd;
-    CLEANUP_FREE char *path = xasprintf("%s/run.lock", rundir);
+    CLEANUP_FREE char *path = xasprintf("%s/%s", rundir, name);
     if (access(path, F_OK) < 0)
         return false;
-    int rc = lock_rundir(rundir, &fd);
+    int rc = lock_rundir(rundir, name, &fd);
     if (rc == 0)
         close(fd);
     else if (rc != -EBUSY)
         vr_err_clear();
     return rc == -EBUSY;
+}
+
+bool
+vmproc_rundir_busy(const char *rundir)
+{
+    return lock_busy(rundir, "run.lock") || lock_busy(rundir, "qemu.lock");
 }
 
 /* Start nbdkit holding lock_fd (RUNDIR/run.lock) for its life. */
@@ -833,7 +841,7 @@ stop_nbdkit(const char *rundir)
         int rc = terminate(pid, SIGTERM, NBDKIT_STOP_MS, "nbdkit");
         if (rc < 0)
             return rc;
-    } else if (vmproc_rundir_busy(rundir)) {
+    } else if (lock_busy(rundir, "run.lock")) {
         /* Its sockets are another process's: leave them (the error names
          * it). */
         return -EBUSY;
@@ -872,8 +880,9 @@ kvm_usable(void)
     return true;
 }
 
+/* Start QEMU holding lock_fd (RUNDIR/qemu.lock) for its life. */
 static int
-start_qemu(const struct vmproc_spec *s)
+launch_qemu(const struct vmproc_spec *s, int lock_fd)
 {
     const char *rd = s->rundir;
     CLEANUP_FREE char *bin = resolve_bin(qemu_bin());
@@ -987,7 +996,7 @@ start_qemu(const struct vmproc_spec *s)
     }
     if (pid == 0) {
         close(pfd[0]);
-        child_setup(logpath, pfd[1], -1);
+        child_setup(logpath, pfd[1], lock_fd);
         execv(bin, a.v);
         int e = errno;
         ssize_t w = write(pfd[1], &e, sizeof e);
@@ -1033,6 +1042,20 @@ start_qemu(const struct vmproc_spec *s)
         return vr_err(-EIO, "start qemu for %s: %s", s->name, tail);
     }
     return 0;
+}
+
+static int
+start_qemu(const struct vmproc_spec *s)
+{
+    int lock_fd;
+    int rc = lock_rundir(s->rundir, "qemu.lock", &lock_fd);
+    if (rc < 0)
+        return err_wrap(rc, "vm %s", s->name);
+    rc = launch_qemu(s, lock_fd);
+    if (rc == 0 && io_lock_note_pid(lock_fd, qemu_pid(s->rundir)) < 0)
+        vr_err_clear(); /* only the messages lose the pid */
+    close(lock_fd); /* QEMU holds it now */
+    return rc;
 }
 
 /* QMP: greeting, qmp_capabilities, then one command.  Replies are lines. */
@@ -1167,6 +1190,8 @@ stop_qemu(const char *rundir, bool force, unsigned timeout_ms)
             if (rc < 0)
                 return rc;
         }
+    } else if (lock_busy(rundir, "qemu.lock")) {
+        return -EBUSY; /* another process's QEMU: its sockets stay */
     }
     unlink_in(rundir, "qemu.pid");
     unlink_in(rundir, "qmp.sock");
@@ -1188,7 +1213,7 @@ vmproc_start(const struct vmproc_spec *s)
     bool started_nbdkit = false;
     if (!served) {
         int lock_fd = -1;
-        rc = lock_rundir(s->rundir, &lock_fd);
+        rc = lock_rundir(s->rundir, "run.lock", &lock_fd);
         if (rc < 0)
             rc = err_wrap(rc, "vm %s", s->name);
         if (rc == 0)

@@ -15,7 +15,9 @@
 #   - a daemon killed by SIGKILL leaves no lock behind: a new one starts;
 #   - an nbdkit the daemon no longer knows (its pid file gone) is not
 #     joined by a second one on the same disks: `vm start` refuses naming
-#     it, `vm stop` leaves its sockets; once it is gone, `vm start` works.
+#     it, `vm stop` leaves its sockets; once it is gone, `vm start` works;
+#   - the same for a QEMU the daemon no longer knows (qemu.lock), if QEMU
+#     is installed.
 source "$(dirname "$0")/functions.sh"
 requires qemu-io jq curl openssl nbdkit python3 cmp sha256sum flock timeout
 requires_build
@@ -42,7 +44,7 @@ wait_converged v1 30
 snap() {
     (cd "$SD" && find . \( -path ./run -o -name catalog.db-shm \) -prune -o \
         -printf '%p %y %i %s %T@\n' | sort &&
-        sha256sum catalog.db catalog.db-wal vmreplicad.lock 2>&1)
+        { sha256sum catalog.db catalog.db-wal vmreplicad.lock 2>&1 || :; })
 }
 events_before=$(vrj primary events | jq '.events | length')
 before=$(snap)
@@ -108,4 +110,34 @@ qemu-io -f raw "$uri" -c 'write -P 0x55 8M 1M' >/dev/null || fail "write 5"
 wait_converged v1 60
 assert_identical v1
 assert_replicating v1
+
+# The same for QEMU (RUNDIR/qemu.lock): v1's disk boots nothing, so its
+# QEMU waits in the firmware.  KVM or TCG, whichever there is.
+if command -v qemu-system-x86_64 >/dev/null; then
+    log "a QEMU the daemon no longer knows"
+    vr primary vm start v1 >/dev/null || fail "vm start v1 (QEMU)"
+    QEMU=$(cat "$RUN/qemu.pid")
+    [ "$(cat "$RUN/qemu.lock")" = "$QEMU" ] ||
+        fail "qemu.lock holds '$(cat "$RUN/qemu.lock")', not QEMU's pid $QEMU"
+    rm "$RUN/qemu.pid"
+    err=$(vr primary vm start v1 2>&1) &&
+        fail "a second QEMU was started on v1's disks while pid $QEMU runs"
+    grep -q "is in use by another process (pid $QEMU)" <<<"$err" ||
+        fail "vm start over an unknown QEMU: $err"
+    err=$(vr primary vm stop v1 --force 2>&1) && fail "vm stop did not see the unknown QEMU"
+    grep -q "is in use by another process (pid $QEMU)" <<<"$err" ||
+        fail "vm stop over an unknown QEMU: $err"
+    [ -S "$RUN/qmp.sock" ] || fail "the unknown QEMU's QMP socket was removed"
+    kill -0 "$QEMU" || fail "QEMU $QEMU was stopped"
+    log "refused: $err"
+    kill -KILL "$QEMU"
+    wait_until 10 eval '! kill -0 "$QEMU" 2>/dev/null' || fail "QEMU $QEMU did not end"
+    vr primary vm start v1 >/dev/null || fail "vm start (QEMU) once it is gone"
+    [ "$(cat "$RUN/qemu.lock")" = "$(cat "$RUN/qemu.pid")" ] || fail "qemu.lock not renewed"
+    vr primary vm stop v1 --force >/dev/null || fail "vm stop v1"
+    vr primary vm start v1 --no-hypervisor >/dev/null || fail "serve v1 again"
+    qemu-io -f raw "$uri" -c 'write -P 0x66 10M 1M' >/dev/null || fail "write 6"
+    wait_converged v1 60
+    assert_identical v1
+fi
 log "PASS"
