@@ -276,6 +276,11 @@ api_query(const struct api_call *call, const char *key)
     return MHD_lookup_connection_value(call->conn, MHD_GET_ARGUMENT_KIND, key);
 }
 
+/* The socket api_start bound: api_unlink_socket removes only that one. */
+static dev_t sock_dev;
+static ino_t sock_ino;
+static bool sock_bound;
+
 int
 api_start(const char *sock_path)
 {
@@ -291,11 +296,15 @@ api_start(const char *sock_path)
     mode_t old = umask(0117);
     int rc = bind(fd, (struct sockaddr *)&sa, sizeof sa);
     umask(old);
-    if (rc < 0 || listen(fd, 64) < 0) {
+    struct stat st;
+    if (rc < 0 || lstat(sock_path, &st) < 0 || listen(fd, 64) < 0) {
         rc = -errno;
         close(fd);
         return vr_err(rc, "listen on %s: %s", sock_path, strerror(-rc));
     }
+    sock_dev = st.st_dev;
+    sock_ino = st.st_ino;
+    sock_bound = true;
     D->api = MHD_start_daemon(
         MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION |
             MHD_USE_POLL,
@@ -308,6 +317,18 @@ api_start(const char *sock_path)
         return vr_err(-EIO, "start management API on %s", sock_path);
     }
     return 0;
+}
+
+void
+api_unlink_socket(const char *sock_path)
+{
+    struct stat st;
+    if (sock_bound && lstat(sock_path, &st) == 0 && st.st_dev == sock_dev &&
+        st.st_ino == sock_ino)
+        unlink(sock_path);
+    else if (sock_bound)
+        log_warn("api", "%s is not the socket this daemon bound; left it",
+                 sock_path);
 }
 
 void

@@ -46,7 +46,8 @@ struct vm {
      * the network a test failover puts them on (NULL: "none"). */
     json_object *nics;
     char *test_network;
-    bool hypervisor; /* QEMU was requested at start */
+    bool hypervisor; /* QEMU is asked of the next start (status: vm_to_json,
+                      * from the processes) */
     bool applying;   /* the applier works on its disks without the lock */
     bool changing;   /* a start or stop runs without the lock */
     /* Replica VMs: the primary that registered it last and the trust
@@ -394,6 +395,9 @@ void network_inject_start(const struct vm *vm, const char *rundir);
 /* --- api.c ------------------------------------------------------------- */
 int api_start(const char *sock_path) VR_WUR;
 void api_stop(void);
+/* Remove sock_path only if it is still the socket api_start bound (same
+ * device and inode): never another daemon's. */
+void api_unlink_socket(const char *sock_path);
 
 /* --- shipper.c (primary) ----------------------------------------------- */
 /* Start the VM's replication thread if replication is on and not running. */

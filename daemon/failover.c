@@ -107,10 +107,16 @@ view_spec(const struct vm *vm, uint64_t point, const char *rd,
 }
 
 /* Remove run directory rd (STORAGE/UUID/NAME) and its files, beneath the
- * storage location: a link in its place is not followed (and stays). */
+ * storage location: a link in its place is not followed (and stays).
+ * Unless a process still holds it (its files are that process's). */
 static void
 remove_test_dir(const char *storage, const char *rd)
 {
+    if (vmproc_rundir_busy(rd)) {
+        log_warn("failover", "left %s: %s", rd, vr_errmsg());
+        vr_err_clear();
+        return;
+    }
     if (storage_clear_dir(storage, rd) < 0) {
         log_warn("failover", "%s", vr_errmsg());
         vr_err_clear();
@@ -388,6 +394,7 @@ failover_test_vm_json(const struct vm *vm)
     CLEANUP_FREE char *name = test_name(vm);
     bool served = false, running = false;
     vmproc_status(rd, &served, &running);
+    served = served && vmproc_nbd_sock_exists(rd);
     json_object *o = json_object_new_object();
     json_object_object_add(o, "name", json_object_new_string(name));
     json_object_object_add(o, "mode", json_object_new_string("test"));
@@ -399,6 +406,7 @@ failover_test_vm_json(const struct vm *vm)
                            json_object_new_int((int)vm->memory_mib));
     json_object_object_add(o, "running", json_object_new_boolean(running));
     json_object_object_add(o, "served", json_object_new_boolean(served));
+    json_object_object_add(o, "hypervisor", json_object_new_boolean(running));
     json_object_object_add(o, "run_dir", json_object_new_string(rd));
     return o;
 }

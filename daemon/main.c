@@ -1,9 +1,11 @@
 /* main.c: vmreplicad — start-up, logging, events and shutdown.
  *
- * Start-up order matters for crash safety: open the catalog, load it, finish
- * applying any cycle that was staged before a crash (so no Replica disk is
- * ever seen between two cycles), and only then open the management socket,
- * the replication listener and the shipper threads. */
+ * Start-up order matters for crash safety: lock the state directory (one
+ * daemon per state directory: a second one would ship and apply the same
+ * VMs and take over api.sock), open the catalog, load it, finish applying
+ * any cycle that was staged before a crash (so no Replica disk is ever seen
+ * between two cycles), and only then open the management socket, the
+ * replication listener and the shipper threads. */
 #include <getopt.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -97,6 +99,30 @@ sd_notify_ready(void)
     close(fd);
 }
 
+/* Take STATE_DIR/vmreplicad.lock for the daemon's whole life (the fd is
+ * never closed; the kernel drops the lock when the daemon dies, even by
+ * SIGKILL), before anything in the state directory is opened, created or
+ * removed.  Refuses if another daemon holds it. */
+static int
+lock_state_dir(const char *dir)
+{
+    CLEANUP_FREE char *path = xasprintf("%s/vmreplicad.lock", dir);
+    int fd;
+    pid_t holder;
+    int rc = io_lock_file(path, &fd, &holder);
+    if (rc == -EWOULDBLOCK) {
+        char who[32] = "pid unknown";
+        if (holder)
+            snprintf(who, sizeof who, "pid %d", (int)holder);
+        return vr_err(rc, "state dir %s: vmreplicad is already running "
+                      "(%s), holding %s; one daemon per state directory",
+                      dir, who, path);
+    }
+    if (rc == 0)
+        rc = io_lock_note_pid(fd, getpid());
+    return rc;
+}
+
 static void
 usage(FILE *f)
 {
@@ -162,6 +188,10 @@ main(int argc, char **argv)
     char real[4096];
     if (!realpath(state_dir, real)) {
         log_error("main", "state dir %s: %s", state_dir, strerror(errno));
+        return 1;
+    }
+    if (lock_state_dir(real) < 0) {
+        log_error("main", "%s", vr_errmsg());
         return 1;
     }
     D->state_dir = xstrdup(real);
@@ -230,7 +260,7 @@ main(int argc, char **argv)
     replica_applier_stop();
     api_stop();
     replica_listener_stop();
-    unlink(sock);
+    api_unlink_socket(sock);
     pthread_mutex_lock(&D->lock);
     catalog_close();
     pthread_mutex_unlock(&D->lock);

@@ -88,19 +88,30 @@ vm_rundir(const struct vm *vm)
     return xasprintf("%s/run/%s", D->state_dir, vm->uuid);
 }
 
+/* What runs for vm now, from its processes (never from what was asked at
+ * its last start): *running and *hypervisor while its QEMU runs, *served
+ * while its nbdkit runs and its socket is there.  The run directory is
+ * STORAGE/failover while a Replica VM is failed over (*view: its disks
+ * are then a read-only view of the point under QEMU's qcow2 overlays, so
+ * no NBD URI is the VM's disk), else STATE/run/UUID.  Caller frees. */
+static char *
+vm_status(const struct vm *vm, bool *served, bool *running, bool *view)
+{
+    *view = vm->mode == VM_MODE_REPLICA && vm->repl &&
+            vm->repl->failover_point && vm->repl->storage;
+    char *rundir = *view ? xasprintf("%s/failover", vm->repl->storage)
+                         : vm_rundir(vm);
+    vmproc_status(rundir, served, running);
+    *served = *served && vmproc_nbd_sock_exists(rundir);
+    return rundir;
+}
+
 json_object *
 vm_to_json(const struct vm *vm)
 {
     json_object *o = json_object_new_object();
-    CLEANUP_FREE char *rundir = vm_rundir(vm);
-    bool served = false, running = false;
-    if (vm->mode == VM_MODE_REPLICA && vm->repl && vm->repl->failover_point) {
-        /* It runs from overlays on a recovery point (failover.c). */
-        CLEANUP_FREE char *fo = xasprintf("%s/failover", vm->repl->storage);
-        vmproc_status(fo, &served, &running);
-    } else {
-        vmproc_status(rundir, &served, &running);
-    }
+    bool served, running, view;
+    CLEANUP_FREE char *rundir = vm_status(vm, &served, &running, &view);
     json_object_object_add(o, "name", json_object_new_string(vm->name));
     json_object_object_add(o, "uuid", json_object_new_string(vm->uuid));
     json_object_object_add(o, "cpus", json_object_new_int((int)vm->cpus));
@@ -134,8 +145,7 @@ vm_to_json(const struct vm *vm)
     }
     json_object_object_add(o, "running", json_object_new_boolean(running));
     json_object_object_add(o, "served", json_object_new_boolean(served));
-    json_object_object_add(o, "hypervisor",
-                           json_object_new_boolean(vm->hypervisor));
+    json_object_object_add(o, "hypervisor", json_object_new_boolean(running));
     json_object *disks = json_object_new_array();
     for (unsigned i = 0; i < vm->ndisks; i++) {
         json_object *d = json_object_new_object();
@@ -146,7 +156,7 @@ vm_to_json(const struct vm *vm)
                                json_object_new_string(vm->disks[i].path));
         json_object_object_add(
             d, "size", json_object_new_int64((int64_t)vm->disks[i].size));
-        if (served) {
+        if (served && !view) {
             CLEANUP_FREE char *uri = vmproc_nbd_uri(rundir, vm->disks[i].id);
             json_object_object_add(d, "nbd_uri", json_object_new_string(uri));
         }
@@ -786,6 +796,8 @@ api_vm_remove(struct api_call *call, unsigned *status VR_UNUSED,
         vmproc_status(rundir, &served, &running);
         if (served || running)
             rc = vr_err(-EBUSY, "vm %s: is running; stop it first", vm->name);
+        else if (vmproc_rundir_busy(rundir))
+            rc = vr_err(-EBUSY, "vm %s: %s", vm->name, vr_errmsg());
         else if (vm->applying || vm->changing)
             rc = vr_err(-EBUSY, "vm %s: a cycle is being applied or a start "
                                 "or stop is in progress; try again",

@@ -8,6 +8,13 @@
  * their pid files are the only link, and every pid read back is checked
  * against /proc/PID/cmdline so a recycled pid is never signalled.
  *
+ * RUNDIR/run.lock (flock) keeps one nbdkit per run directory: vmproc_start
+ * takes it before touching the directory, nbdkit inherits it and holds it
+ * for its life (its pid written in the file), so neither a second daemon
+ * nor a start while an nbdkit we cannot see (no pid file) still serves the
+ * disks can start another nbdkit on the same disks and change logs.
+ * RUNDIR/qemu.lock does the same for QEMU: one guest per disk.
+ *
  * vmreplicad is multithreaded, so everything a child needs (argv, paths) is
  * built before fork() and the child only calls async-signal-safe functions.
  * Nothing here logs: failures go to vr_err() and the caller reports them.
@@ -530,11 +537,24 @@ file_size(const char *path)
 
 /* --- spawning ---------------------------------------------------------- */
 
+/* Close fds [lo, hi); hi ~0U: to the last.  Async-signal-safe. */
+static void
+close_fds(unsigned lo, unsigned hi)
+{
+    if (lo >= hi)
+        return;
+    if (close_range(lo, hi == ~0U ? ~0U : hi - 1, 0) < 0) {
+        for (unsigned fd = lo; fd < hi && fd < 65536; fd++)
+            close((int)fd);
+    }
+}
+
 /* In a child: default signal handling, stdin from /dev/null, stdout and
- * stderr appended to logpath, every other fd closed except keep_fd.
+ * stderr appended to logpath, every other fd closed except keep_fd and
+ * inherit_fd (-1: none), which the program keeps across exec.
  * Async-signal-safe only. */
 static void
-child_setup(const char *logpath, int keep_fd)
+child_setup(const char *logpath, int keep_fd, int inherit_fd)
 {
     sigset_t all;
     sigemptyset(&all);
@@ -556,18 +576,26 @@ child_setup(const char *logpath, int keep_fd)
         close(in);
     if (log > 2)
         close(log);
+    /* inherit_fd moves above keep_fd, without close-on-exec. */
+    int inh = -1;
+    if (inherit_fd >= 0) {
+        inh = fcntl(inherit_fd, F_DUPFD,
+                    (keep_fd > inherit_fd ? keep_fd : inherit_fd) + 1);
+        if (inh < 0)
+            _exit(126);
+    }
     /* Close everything else; keep_fd (>= 3) is CLOEXEC and reports exec
      * failure to the parent. */
     unsigned lo = 3;
-    unsigned hi = keep_fd >= 3 ? (unsigned)keep_fd : ~0U;
-    if (hi > lo && close_range(lo, hi - 1, 0) < 0) {
-        for (unsigned fd = lo; fd < hi && fd < 65536; fd++)
-            close((int)fd);
+    if (keep_fd >= 3) {
+        close_fds(lo, (unsigned)keep_fd);
+        lo = (unsigned)keep_fd + 1;
     }
-    if (keep_fd >= 3 && close_range((unsigned)keep_fd + 1, ~0U, 0) < 0) {
-        for (int fd = keep_fd + 1; fd < 65536; fd++)
-            close(fd);
+    if (inh >= 0) {
+        close_fds(lo, (unsigned)inh);
+        lo = (unsigned)inh + 1;
     }
+    close_fds(lo, ~0U);
 }
 
 /* In the grandchild: wait until the intermediate child has exited and we
@@ -598,10 +626,11 @@ test_spawn_exit_delay_ms(void)
 }
 
 /* Double-fork argv (argv[0] resolved) into its own session with output to
- * logpath.  *pid_out is the grandchild's pid.  Fails if exec fails. */
+ * logpath, inherit_fd (-1: none) left open in it.  *pid_out is the
+ * grandchild's pid.  Fails if exec fails. */
 static int
 spawn_detached(const char *bin, char *const argv[], const char *logpath,
-               pid_t *pid_out)
+               int inherit_fd, pid_t *pid_out)
 {
     long exit_delay_ms = test_spawn_exit_delay_ms();
     int pfd[2];
@@ -627,7 +656,7 @@ spawn_detached(const char *bin, char *const argv[], const char *logpath,
             _exit(125);
         if (pid == 0) {
             wait_reparented(self);
-            child_setup(logpath, pfd[1]);
+            child_setup(logpath, pfd[1], inherit_fd);
             execv(bin, argv);
             struct spawn_msg m = { MSG_EXEC_ERRNO, errno };
             ssize_t w = write(pfd[1], &m, sizeof m);
@@ -681,8 +710,47 @@ unlink_in(const char *rundir, const char *name)
     unlink(p);
 }
 
+/* Take RUNDIR/NAME (run.lock: nbdkit's, qemu.lock: QEMU's) for a start;
+ * -EBUSY naming the holder if another process (one without our pid file,
+ * another daemon) holds it. */
 static int
-start_nbdkit(const struct vmproc_spec *s)
+lock_rundir(const char *rundir, const char *name, int *fd)
+{
+    CLEANUP_FREE char *path = xasprintf("%s/%s", rundir, name);
+    pid_t holder;
+    int rc = io_lock_file(path, fd, &holder);
+    if (rc == -EWOULDBLOCK)
+        return vr_err(-EBUSY, "run directory %s is in use by another "
+                      "process (pid %d) that this daemon did not start or "
+                      "no longer knows (it holds %s); stop that process "
+                      "first", rundir, (int)holder, name);
+    return rc;
+}
+
+static bool
+lock_busy(const char *rundir, const char *name)
+{
+    int fd;
+    CLEANUP_FREE char *path = xasprintf("%s/%s", rundir, name);
+    if (access(path, F_OK) < 0)
+        return false;
+    int rc = lock_rundir(rundir, name, &fd);
+    if (rc == 0)
+        close(fd);
+    else if (rc != -EBUSY)
+        vr_err_clear();
+    return rc == -EBUSY;
+}
+
+bool
+vmproc_rundir_busy(const char *rundir)
+{
+    return lock_busy(rundir, "run.lock") || lock_busy(rundir, "qemu.lock");
+}
+
+/* Start nbdkit holding lock_fd (RUNDIR/run.lock) for its life. */
+static int
+start_nbdkit(const struct vmproc_spec *s, int lock_fd)
 {
     const char *rd = s->rundir;
     CLEANUP_FREE char *nbd_sock = xasprintf("%s/nbd.sock", rd);
@@ -731,7 +799,7 @@ start_nbdkit(const struct vmproc_spec *s)
      * one used to be started again: see wait_reparented()). */
     off_t log_start = file_size(logpath);
     pid_t pid = 0;
-    int rc = spawn_detached(bin, a.v, logpath, &pid);
+    int rc = spawn_detached(bin, a.v, logpath, lock_fd, &pid);
     argv_fini(&a);
     if (rc < 0)
         return err_wrap(rc, "start nbdkit for %s", s->name);
@@ -773,6 +841,10 @@ stop_nbdkit(const char *rundir)
         int rc = terminate(pid, SIGTERM, NBDKIT_STOP_MS, "nbdkit");
         if (rc < 0)
             return rc;
+    } else if (lock_busy(rundir, "run.lock")) {
+        /* Its sockets are another process's: leave them (the error names
+         * it). */
+        return -EBUSY;
     }
     unlink_in(rundir, "nbdkit.pid");
     unlink_in(rundir, "nbd.sock");
@@ -808,8 +880,9 @@ kvm_usable(void)
     return true;
 }
 
+/* Start QEMU holding lock_fd (RUNDIR/qemu.lock) for its life. */
 static int
-start_qemu(const struct vmproc_spec *s)
+launch_qemu(const struct vmproc_spec *s, int lock_fd)
 {
     const char *rd = s->rundir;
     CLEANUP_FREE char *bin = resolve_bin(qemu_bin());
@@ -923,7 +996,7 @@ start_qemu(const struct vmproc_spec *s)
     }
     if (pid == 0) {
         close(pfd[0]);
-        child_setup(logpath, pfd[1]);
+        child_setup(logpath, pfd[1], lock_fd);
         execv(bin, a.v);
         int e = errno;
         ssize_t w = write(pfd[1], &e, sizeof e);
@@ -969,6 +1042,20 @@ start_qemu(const struct vmproc_spec *s)
         return vr_err(-EIO, "start qemu for %s: %s", s->name, tail);
     }
     return 0;
+}
+
+static int
+start_qemu(const struct vmproc_spec *s)
+{
+    int lock_fd;
+    int rc = lock_rundir(s->rundir, "qemu.lock", &lock_fd);
+    if (rc < 0)
+        return err_wrap(rc, "vm %s", s->name);
+    rc = launch_qemu(s, lock_fd);
+    if (rc == 0 && io_lock_note_pid(lock_fd, qemu_pid(s->rundir)) < 0)
+        vr_err_clear(); /* only the messages lose the pid */
+    close(lock_fd); /* QEMU holds it now */
+    return rc;
 }
 
 /* QMP: greeting, qmp_capabilities, then one command.  Replies are lines. */
@@ -1103,6 +1190,8 @@ stop_qemu(const char *rundir, bool force, unsigned timeout_ms)
             if (rc < 0)
                 return rc;
         }
+    } else if (lock_busy(rundir, "qemu.lock")) {
+        return -EBUSY; /* another process's QEMU: its sockets stay */
     }
     unlink_in(rundir, "qemu.pid");
     unlink_in(rundir, "qmp.sock");
@@ -1123,7 +1212,19 @@ vmproc_start(const struct vmproc_spec *s)
     vmproc_status(s->rundir, &served, &running);
     bool started_nbdkit = false;
     if (!served) {
-        rc = start_nbdkit(s);
+        int lock_fd = -1;
+        rc = lock_rundir(s->rundir, "run.lock", &lock_fd);
+        if (rc < 0)
+            rc = err_wrap(rc, "vm %s", s->name);
+        if (rc == 0)
+            rc = start_nbdkit(s, lock_fd);
+        if (rc == 0) {
+            CLEANUP_FREE char *pf = xasprintf("%s/nbdkit.pid", s->rundir);
+            if (io_lock_note_pid(lock_fd, read_pidfile(pf)) < 0)
+                vr_err_clear(); /* only the messages lose the pid */
+        }
+        if (lock_fd >= 0)
+            close(lock_fd); /* nbdkit holds it now */
         if (rc < 0)
             return rc;
         started_nbdkit = true;
@@ -1157,6 +1258,13 @@ vmproc_stop(const char *rundir, bool force, unsigned timeout_ms)
     if (nbdkit_pid(rundir) && vmproc_seal(rundir, &cycle) < 0)
         vr_err_clear();
     return stop_nbdkit(rundir);
+}
+
+bool
+vmproc_nbd_sock_exists(const char *rundir)
+{
+    CLEANUP_FREE char *p = xasprintf("%s/nbd.sock", rundir);
+    return is_socket(p);
 }
 
 void

@@ -7,6 +7,8 @@
  *   RUNDIR/nbdkit.pid    nbdkit's pid      RUNDIR/nbdkit.log its stderr
  *   RUNDIR/qemu.pid      QEMU's pid        RUNDIR/console.log COM1 output
  *   RUNDIR/qmp.sock      QEMU's QMP socket
+ *   RUNDIR/run.lock      flock held by nbdkit for its life (its pid inside)
+ *   RUNDIR/qemu.lock     the same for QEMU
  * nbdkit runs in its own session (setsid), not tied to vmreplicad, so a
  * restart of the daemon never stalls a VM's I/O; vmproc_status() re-adopts
  * it from the pid file.
@@ -68,6 +70,12 @@ int vmproc_start(const struct vmproc_spec *s) VR_WUR;
  * force), then seal the open cycle (so the guest's last writes can be
  * shipped while it is off) and stop nbdkit (SIGTERM, wait). */
 int vmproc_stop(const char *rundir, bool force, unsigned timeout_ms) VR_WUR;
+/* Whether a process holds RUNDIR/run.lock or qemu.lock (an nbdkit or a
+ * QEMU: ours, or one without our pid file); vr_errmsg() then names its
+ * pid. */
+bool vmproc_rundir_busy(const char *rundir);
+/* Whether RUNDIR/nbd.sock, the exports' socket, is there. */
+bool vmproc_nbd_sock_exists(const char *rundir);
 /* Whether nbdkit (disks served) and QEMU are alive, from their pid files. */
 void vmproc_status(const char *rundir, bool *disks_served, bool *qemu_running);
 /* Ask the plugin to seal the open cycle of every disk at one instant.

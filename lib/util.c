@@ -12,6 +12,7 @@
 #include <string.h>
 #include <strings.h>
 #include <linux/openat2.h>
+#include <sys/file.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -316,6 +317,62 @@ io_write_file_atomic(const char *path, const void *buf, size_t len)
         return vr_err(rc, "write %s: %s", path, strerror(-rc));
     }
     return 0;
+}
+
+/* The pid in a lock file, 0 if it holds none (yet: its holder writes it
+ * just after taking the lock). */
+static pid_t
+lock_holder(int fd)
+{
+    char buf[32];
+    for (int tries = 0; tries < 50; tries++) {
+        ssize_t n = pread(fd, buf, sizeof buf - 1, 0);
+        if (n > 0) {
+            buf[n] = '\0';
+            char *end;
+            long v = strtol(buf, &end, 10);
+            if (end != buf && *end == '\n' && v > 0 && v <= INT_MAX)
+                return (pid_t)v;
+        }
+        struct timespec ts = { 0, 20 * 1000000L };
+        nanosleep(&ts, NULL);
+    }
+    return 0;
+}
+
+int
+io_lock_file(const char *path, int *fd, pid_t *holder)
+{
+    *holder = 0;
+    int lfd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0640);
+    if (lfd < 0)
+        return vr_err(-errno, "open %s: %s", path, strerror(errno));
+    int rc;
+    while ((rc = flock(lfd, LOCK_EX | LOCK_NB)) < 0 && errno == EINTR)
+        ;
+    if (rc < 0) {
+        int e = errno;
+        if (e == EWOULDBLOCK)
+            *holder = lock_holder(lfd);
+        close(lfd);
+        return e == EWOULDBLOCK
+                   ? vr_err(-EWOULDBLOCK, "%s is locked (pid %d)", path,
+                            (int)*holder)
+                   : vr_err(-e, "lock %s: %s", path, strerror(e));
+    }
+    *fd = lfd;
+    return 0;
+}
+
+int
+io_lock_note_pid(int fd, pid_t pid)
+{
+    char buf[32];
+    int n = snprintf(buf, sizeof buf, "%d\n", (int)pid);
+    if (ftruncate(fd, 0) < 0)
+        return vr_err(-errno, "lock file: truncate: %s", strerror(errno));
+    int rc = io_pwrite_all(fd, buf, (size_t)n, 0);
+    return rc < 0 ? vr_err(rc, "lock file: write: %s", strerror(-rc)) : 0;
 }
 
 int

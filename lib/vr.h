@@ -76,6 +76,15 @@ int io_read_file(const char *path, size_t max_bytes, char **out,
                  size_t *len_out) VR_WUR;
 /* Write a file atomically: tmp, fsync, rename, fsync dir. */
 int io_write_file_atomic(const char *path, const void *buf, size_t len) VR_WUR;
+/* Take an exclusive flock(2) on the lock file path (created 0640 if
+ * missing, never through a symbolic link) without waiting: 0 and *fd
+ * (close-on-exec; the lock lasts while any copy of that open file does,
+ * across fork and exec too, and the kernel drops it when the last holder
+ * dies).  -EWOULDBLOCK if another open file holds it, *holder then being
+ * the pid written in the file by its holder (0 if none within 1 s). */
+int io_lock_file(const char *path, int *fd, pid_t *holder) VR_WUR;
+/* Make a held lock file's content "PID\n" (who holds it, for messages). */
+int io_lock_note_pid(int fd, pid_t pid) VR_WUR;
 /* mkdir -p with mode; existing directories are fine. */
 int io_mkdir_p(const char *path, mode_t mode) VR_WUR;
 /* mkdir -p of ROOT/REL, every component of REL a real directory beneath

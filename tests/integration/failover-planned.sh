@@ -20,6 +20,9 @@
 #     former Replica server again.
 #   - Refusals: prepare of a Replica VM, reverse of a VM not failed over,
 #     reverse after an unplanned failover (needs a resynchronization).
+#   - The status of i1 (an empty disk: its QEMU stays up) after its planned
+#     failover, and again after a restart of the daemon: `vm list` and `vm
+#     show` say running, "hypervisor" is true, its nbd_uri names a socket.
 source "$(dirname "$0")/functions.sh"
 requires qemu-system-x86_64
 requires qemu-img qemu-io jq curl openssl nbdkit python3 cmp sha256sum
@@ -159,4 +162,16 @@ out=$(vrj replica failover start g1 --force) || fail "unplanned failover"
 vr replica failover complete g1 >/dev/null || fail "complete"
 err=$(vr replica replication reverse g1 2>&1) && fail "reverse after unplanned"
 grep -q "needs their resynchronization" <<<"$err" || fail "reverse after unplanned: $err"
+
+log "the status of a VM after a planned failover is that of its processes"
+create_vm i1 8M
+enable_replication i1 --frequency 1s
+vr primary failover prepare i1 >/dev/null || fail "failover prepare i1"
+vr replica failover start i1 >/dev/null || fail "planned failover start i1"
+assert_vm_runs replica i1
+stop_daemon replica
+start_replica "${REPLICA_ENV[@]}"
+assert_vm_runs replica i1
+vr replica vm stop i1 --force >/dev/null || fail "vm stop i1"
+log "i1 after a planned failover and a restart: running, hypervisor true"
 log "PASS"

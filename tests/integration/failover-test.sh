@@ -18,6 +18,8 @@
 # contact, failover on the primary, replication remove during a test.  Then
 # the Replica server is SIGKILLed at each step of starting and of stopping
 # a test failover; after its restart the test failover is whole or gone.
+# Last, the test VM of i1 (an empty disk: its QEMU stays up) must be
+# listed and shown running, with "hypervisor" true.
 source "$(dirname "$0")/functions.sh"
 requires qemu-system-x86_64
 requires qemu-img jq curl openssl nbdkit python3 cmp sha256sum pgrep
@@ -138,4 +140,13 @@ vr replica failover stop g1 --test >/dev/null || fail "stop after the crashes"
 wait_converged g1 60
 assert_identical g1
 assert_replicating g1
+
+log "the status of a test VM is that of its processes"
+create_vm i1 8M
+enable_replication i1 --frequency 1s --recovery-history 2 --point-interval 120s
+wait_converged i1 60
+vr replica failover start i1 --test >/dev/null || fail "failover start i1 --test"
+assert_vm_runs replica "i1 - Test"
+vr replica failover stop i1 --test >/dev/null || fail "failover stop i1 --test"
+log "i1 - Test: vm list and vm show say running, hypervisor true"
 log "PASS"

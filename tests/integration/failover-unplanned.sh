@@ -8,7 +8,11 @@
 # logs the hash of the disk at every cycle (hashlog).  On the Replica
 # server:
 #   - `failover start g1` is refused while the primary is in contact;
-#   - the primary daemon is SIGKILLed (the disaster); `failover start g1
+#   - the primary daemon is SIGKILLed (the disaster); `failover start i1
+#     --point N --force` of a VM whose QEMU stays up (an empty disk): `vm
+#     list` and `vm show` say running, "hypervisor" is true, no nbd_uri
+#     names a missing socket (they said "served", false and one);
+#   - `failover start g1
 #     --point P` for a point in the middle of the guest's run boots g1 from
 #     P: the guest runs again and prints "done"; the view under it hashes
 #     to the primary's disk at cycle P;
@@ -50,6 +54,15 @@ want=$(awk -v c="$P" '$1 == c { print $3 }' "$HASHLOG")
 latest_hash=$(sha "$RDISK")
 log "point $P has the guest mid-run"
 
+# i1: an empty disk, so its QEMU stays up (the firmware finds nothing to
+# boot and waits) while its status is checked.  Made only now: its disk's
+# hashes at each seal go to the same hashlog, under the same disk id.
+create_vm i1 8M
+enable_replication i1 --frequency 1s --recovery-history 2 --point-interval 120s
+qemu-io -f raw "$(nbd_uri primary i1)" -c "write -P 0x11 0 1M" >/dev/null ||
+    fail "write i1"
+wait_converged i1 60
+
 err=$(vr replica failover start g1 --point "$P" 2>&1) &&
     fail "failover accepted while the primary is in contact"
 grep -q "primary server primary.test.local was in contact" <<<"$err" ||
@@ -62,6 +75,16 @@ grep -q "no failover to complete" <<<"$err" || fail "complete without failover: 
 log "the disaster: the primary server dies"
 kill_daemon primary
 sleep 9 # three replication periods plus 5 s without contact
+
+log "the status of a failed-over VM is that of its processes"
+IP=$(vrj replica points list i1 | jq '.points[-1].id')
+out=$(vrj replica failover start i1 --point "$IP" --force) ||
+    fail "failover start i1 --point $IP --force"
+assert_vm_runs replica i1
+vr replica failover stop i1 >/dev/null || fail "failover stop i1"
+[ "$(vr replica vm list | awk 'index($0, "i1  ") == 1 { print $NF }')" = stopped ] ||
+    fail "i1 after failover stop: $(vr replica vm list)"
+log "i1 failed over: vm list and vm show say running, hypervisor true"
 
 # start_at P — fail over to point P; sets RUN (its run directory).
 start_at() {

@@ -329,6 +329,25 @@ nbd_uri() {
         fail "$1: no nbd_uri for disk ${3:-0} of vm $2 (not served?)"
 }
 
+# assert_vm_runs NAME VM — VM's QEMU runs on daemon NAME now (a guest that
+# keeps running: the caller knows), and its status says so: `vm list` and
+# `vm show` say running, `vm show --json` has "running" and "hypervisor"
+# true, and a disk's nbd_uri, if given, names a socket that exists.
+assert_vm_runs() {
+    local st show uri
+    st=$(vr "$1" vm list | awk -v n="$2" 'index($0, n "  ") == 1 {
+        sub(/.*  /, ""); print }') || fail "$1: vm list"
+    [ "$st" = running ] || fail "$1: vm list says '$st' for $2, whose QEMU runs"
+    st=$(vr "$1" vm show "$2" | sed -n 's/^State: *//p') || fail "$1: vm show $2"
+    [ "$st" = running ] || fail "$1: vm show $2 says '$st', its QEMU runs"
+    show=$(vrj "$1" vm show "$2") || fail "$1: vm show --json $2"
+    [ "$(jq -c '[.running, .hypervisor]' <<<"$show")" = '[true,true]' ] ||
+        fail "$1: vm show $2: running, hypervisor: $(jq -c '[.running, .hypervisor]' <<<"$show")"
+    for uri in $(jq -r '.disks // [] | .[] | .nbd_uri // empty' <<<"$show"); do
+        [ -S "${uri#*socket=}" ] || fail "$1: vm show $2: $uri: no such socket"
+    done
+}
+
 # repl NAME VM KEY — one key of `replication show --json` (null → "null").
 repl() {
     vrj "$1" replication show "$2" | jq -r ".$3"

@@ -392,6 +392,46 @@ test_beneath(void)
     io_beneath_force_fallback(false);
 }
 
+/* io_lock_file: one holder at a time, the holder's pid told, released
+ * with the last copy of the open file, never through a symbolic link. */
+static void
+test_lock(void)
+{
+    char dir[] = "/tmp/test-util-lock.XXXXXX";
+    if (!mkdtemp(dir))
+        abort();
+    char *path = xasprintf("%s/x.lock", dir);
+    int fd = -1, fd2 = -1;
+    pid_t holder = -1;
+    is_int(io_lock_file(path, &fd, &holder), 0, "lock a new lock file");
+    is_int(io_lock_note_pid(fd, 4242), 0, "note the holder's pid");
+    is_int(io_lock_file(path, &fd2, &holder), -EWOULDBLOCK,
+           "a second open file does not get it");
+    is_int(holder, 4242, "the holder's pid is told");
+    ok(strstr(vr_errmsg(), "(pid 4242)") != NULL, "message: %s", vr_errmsg());
+    int dup_fd = dup(fd);
+    close(fd);
+    is_int(io_lock_file(path, &fd2, &holder), -EWOULDBLOCK,
+           "held while a copy of the open file is");
+    close(dup_fd);
+    is_int(io_lock_file(path, &fd2, &holder), 0, "free once all are closed");
+    char *buf = NULL;
+    is_int(io_read_file(path, 100, &buf, NULL), 0, "read the lock file");
+    is_str(buf, "4242\n", "the previous holder's pid stays until replaced");
+    free(buf);
+    close(fd2);
+    char *link = xasprintf("%s/link.lock", dir);
+    if (symlink(path, link) < 0)
+        abort();
+    is_int(io_lock_file(link, &fd, &holder), -ELOOP,
+           "a symbolic link is not followed");
+    unlink(link);
+    unlink(path);
+    rmdir(dir);
+    free(link);
+    free(path);
+}
+
 int
 main(void)
 {
@@ -405,5 +445,6 @@ main(void)
     test_beneath();
     test_misc();
     test_fqdn();
+    test_lock();
     return done_testing();
 }
