@@ -1130,6 +1130,9 @@ do_initial_done(struct rreq *q, json_object **out)
     if (base < 0 || base >= INT64_MAX / 2)
         return vr_err(-EINVAL, "initial-complete: base_cycle missing or out "
                                "of range");
+    if (first < 0)
+        return vr_err(-EINVAL, "initial-complete: first_point is not a "
+                               "cycle number");
     if (first == 0)
         first = base + 1;
     if (first <= base || first - base > INT32_MAX)

@@ -116,7 +116,15 @@ refused 400 EPROTO 'missing or bad X-Vmreplica-Epoch'
 mark
 r1 POST "/$T/initial-complete" -H 'Content-Type: application/json' \
     --data-binary '{"base_cycle": "1"}'
-refused 400 EINVAL 'initial-complete: base_cycle missing'
+refused 400 EINVAL 'initial-complete: base_cycle missing or out of range'
+mark
+r1 POST "/$T/initial-complete" -H 'Content-Type: application/json' \
+    --data-binary '{"base_cycle": 1, "first_point": "2"}'
+refused 400 EINVAL 'initial-complete: first_point is not a cycle number'
+mark
+r1 POST "/$T/initial-complete" -H 'Content-Type: application/json' \
+    --data-binary '{"base_cycle": 5, "first_point": 5}'
+refused 400 EINVAL 'initial-complete: first_point 5 is not after base_cycle 5 \(or too far\)'
 
 # --- 2: space reserved across concurrent uploads --------------------------------
 
