@@ -113,7 +113,7 @@ run_tests() {
     say "building with ASan+UBSan (clang, build-asan)"
     if CC=clang setup build-asan -Db_sanitize=address,undefined \
         -Db_lundef=false -Dc_args=-fno-sanitize-recover=all \
-        -Dfuzzing=true \
+        -Dfuzzing=true -Dfuzz_seconds=30 \
         -Dintegration_plugin="$PWD/build/plugin/nbdkit-vmreplica-plugin.so"; then
         say "under ASan+UBSan: unit tests, each fuzzer briefly, and the" \
             "'sanitize' integration tests with the daemon and CLI instrumented"

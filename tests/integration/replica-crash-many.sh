@@ -5,7 +5,7 @@
 #
 # Two primary daemons ("primary" and "primary2"), two VMs each, replicate
 # every second to one Replica server while a libnbd writer per VM keeps 16
-# writes, zeroes and trims in flight.  ROUNDS times (default 6; SOAK=1:
+# writes, zeroes and trims in flight.  ROUNDS times (default 4; SOAK=1:
 # 40) the Replica server dies: by SIGKILL at a random moment, or restarted
 # with a fault point that kills it inside its work (receiving a chunk,
 # applying a record, after applying before committing, capturing undo
@@ -22,7 +22,7 @@ requires_build
 /usr/bin/python3 -c 'import nbd' 2>/dev/null ||
     skip "python3-libnbd not installed"
 
-ROUNDS=${ROUNDS:-6}
+ROUNDS=${ROUNDS:-4}
 [ "${SOAK:-0}" = 0 ] || ROUNDS=${SOAK_ROUNDS:-40}
 SEED=${SEED:-1}
 RANDOM=$SEED
