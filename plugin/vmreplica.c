@@ -1379,6 +1379,7 @@ overlaps(const struct disk *d, uint64_t start, uint64_t end)
 static int
 write_neutral(struct disk *d, struct cl_rec *rec, uint64_t log_off)
 {
+    rec->flags &= ~CL_F_PENDING; /* it says what the disk holds already */
     if (rec->kind != CL_WRITE) {
         rec->kind = CL_ZERO;
         rec->len = 0;
