@@ -12,7 +12,6 @@
  * is refused too.  STORAGE's own path is the administrator's and may hold
  * links.
  */
-#include <dirent.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -101,27 +100,7 @@ storage_clear_dir(const char *vmdir, const char *path)
         return 0;
     if (fd < 0)
         return fd;
-    DIR *d = fdopendir(fd);
-    if (!d) {
-        int e = errno;
-        close(fd);
-        return vr_err(-e, "open %s: %s", path, strerror(e));
-    }
-    int n = 0, rc = 0;
-    struct dirent *de;
-    while ((de = readdir(d))) {
-        if (de->d_name[0] == '.')
-            continue;
-        if (unlinkat(dirfd(d), de->d_name, 0) == 0)
-            n++;
-        else if (errno != EISDIR && errno != ENOENT && rc == 0)
-            rc = vr_err(-errno, "remove %s/%s: %s", path, de->d_name,
-                        strerror(errno));
-    }
-    if (rc == 0 && (rc = io_fsync_dirfd(dirfd(d))) < 0)
-        rc = vr_err(rc, "sync %s: %s", path, strerror(-rc));
-    closedir(d);
-    return rc < 0 ? rc : n;
+    return io_clear_dirfd(fd, path);
 }
 
 int

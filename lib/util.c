@@ -234,11 +234,14 @@ io_fsync_dir(const char *path)
 }
 
 int
-io_clear_dir(const char *path)
+io_clear_dirfd(int fd, const char *name)
 {
-    DIR *d = opendir(path);
-    if (!d)
-        return errno == ENOENT ? 0 : -errno;
+    DIR *d = fdopendir(fd);
+    if (!d) {
+        int e = errno;
+        close(fd);
+        return vr_err(-e, "open %s: %s", name, strerror(e));
+    }
     int n = 0, rc = 0;
     struct dirent *de;
     while ((de = readdir(d))) {
@@ -247,10 +250,11 @@ io_clear_dir(const char *path)
         if (unlinkat(dirfd(d), de->d_name, 0) == 0)
             n++;
         else if (errno != EISDIR && errno != ENOENT && rc == 0)
-            rc = -errno;
+            rc = vr_err(-errno, "remove %s/%s: %s", name, de->d_name,
+                        strerror(errno));
     }
-    if (rc == 0)
-        rc = io_fsync_dirfd(dirfd(d));
+    if (rc == 0 && (rc = io_fsync_dirfd(dirfd(d))) < 0)
+        rc = vr_err(rc, "sync %s: %s", name, strerror(-rc));
     closedir(d);
     return rc < 0 ? rc : n;
 }

@@ -101,10 +101,10 @@ int io_open_beneath(int rootfd, const char *relpath, int flags,
                     mode_t mode) VR_WUR;
 /* Tests: make io_open_beneath walk components even where openat2 works. */
 void io_beneath_force_fallback(bool on);
-/* Remove every entry of directory path except "." ones (files only: a
- * subdirectory is left), then fsync it.  A missing directory is empty.
- * Returns the number removed or -errno. */
-int io_clear_dir(const char *path) VR_WUR;
+/* Remove every entry of the open directory fd except "." ones (files
+ * only: a subdirectory is left), then fsync it; fd is closed.  name is for
+ * messages.  Returns the number removed or -errno (vr_err says why). */
+int io_clear_dirfd(int fd, const char *name) VR_WUR;
 
 /* Clocks. */
 uint64_t vr_mono_ms(void);
