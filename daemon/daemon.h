@@ -126,6 +126,8 @@ struct repl {
     uint64_t max_size, sum_size;
     uint64_t max_latency_ms, sum_latency_ms;
     char *last_error;
+    bool untracked; /* runtime, primary: the data plane stopped tracking
+                       (its log could not follow); cleared by a cycle sent */
     /* recovery history (kept on the Replica server, set on the primary) */
     unsigned recovery_history; /* hourly points kept besides the latest */
     unsigned point_interval_s; /* the "hour"; 3600 unless shortened */

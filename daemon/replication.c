@@ -60,6 +60,12 @@ repl_health(const struct repl *r, json_object *details)
                  r->last_error ? r->last_error : "unknown");
         ADD("Critical", buf);
     }
+    if (r->untracked) {
+        char buf[1200];
+        snprintf(buf, sizeof buf, "change tracking stopped: %s",
+                 r->last_error ? r->last_error : "unknown");
+        ADD("Critical", buf);
+    }
     if (strcmp(r->state, ST_SUSPENDED) == 0)
         ADD(r->mode == VM_MODE_REPLICA ? "Critical" : "Warning",
             "replication is suspended");

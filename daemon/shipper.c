@@ -21,6 +21,7 @@
 #include <gnutls/x509.h>
 
 #include "cycle.h"
+#include "dirtymap.h"
 #include "krb.h"
 #include "daemon.h"
 #include "shipper-int.h"
@@ -557,6 +558,45 @@ shipper_log_base(const struct disk *dk, uint64_t *base)
     return 0;
 }
 
+/* Did the data plane stop tracking any of the job's disks (the log could
+ * not follow them: a full or failing log file system)?  Its tracking
+ * marker says so before the first write it did not log, so once it does,
+ * no unshipped cycle may be sent: its blocks may have changed since its
+ * seal without being preserved.  -EAGAIN (retried, never the end of
+ * replication) with what to do, and *why; 0 if every disk is tracked. */
+static int
+tracking_intact(struct vm *vm, const struct job *jb, uint64_t last_cycle)
+{
+    int rc = 0;
+    for (unsigned i = 0; i < jb->ndisks; i++) {
+        CLEANUP_FREE char *dir = logdir_of(&jb->disks[i]);
+        CLEANUP_FREE char *path = xasprintf("%s/" TRACKING_NAME, dir);
+        int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        if (fd < 0 && errno == ENOENT)
+            continue; /* a log made before markers */
+        bool stopped = true;
+        uint64_t c = 0;
+        char why[300] = "its tracking marker cannot be read";
+        if (fd >= 0) {
+            if (tracking_marker_read(fd, &stopped, &c, why, sizeof why) < 0)
+                snprintf(why, sizeof why, "%s", vr_errmsg());
+            close(fd);
+        }
+        if (stopped) {
+            rc = vr_err(-EAGAIN, "tracking stopped on this primary (%s): "
+                        "the Replica VM stays at cycle %llu; to "
+                        "resynchronize, remove replication and enable it "
+                        "again", why, (unsigned long long)last_cycle);
+            break;
+        }
+    }
+    pthread_mutex_lock(&D->lock);
+    if (vm->repl)
+        vm->repl->untracked = rc < 0;
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
 static void
 delete_sealed_upto(const struct job *jb, uint64_t upto)
 {
@@ -878,6 +918,9 @@ ship_cycles(struct vm *vm, struct job *jb, uint64_t last_cycle)
             char msg[1024];
             snprintf(msg, sizeof msg, "%s", vr_errmsg());
             vmproc_status(jb->rundir, &served, &running);
+            rc = tracking_intact(vm, jb, last_cycle);
+            if (rc < 0)
+                return rc;
             if (served)
                 return vr_err(-EAGAIN, "%s", msg);
             log_info("shipper", "%s: not sealed, the disks stopped being "
@@ -942,6 +985,10 @@ ship_cycles(struct vm *vm, struct job *jb, uint64_t last_cycle)
         if (rc == 0)
             rc = cyc_builder_finish(b, &raw, &wire);
         cyc_builder_free(b);
+        /* After every read of the disks for this cycle: if tracking had
+         * stopped by now, those reads may hold untracked writes. */
+        if (rc == 0)
+            rc = tracking_intact(vm, jb, last_cycle);
         if (rc == 0) {
             test_send_delay();
             CLEANUP_FREE char *path =
@@ -1131,11 +1178,29 @@ run_initial(struct vm *vm, struct job *jb)
     pthread_mutex_unlock(&D->lock);
 
     if (fresh) {
-        /* The base: seal so every later write is in a cycle after it. */
+        /* The base: seal so every later write is in a cycle after it.  If
+         * tracking had stopped, a new log is started instead: every write
+         * after the base is in it, and the copy below sends the rest. */
         bool served = false, running = false;
         uint64_t base = 0;
         vmproc_status(jb->rundir, &served, &running);
-        if (served) {
+        bool intact = tracking_intact(vm, jb, 0) == 0;
+        if (!intact && !served)
+            return vr_err(-EAGAIN, "tracking stopped on this VM's disks: "
+                          "start the VM so initial replication can start a "
+                          "new change log");
+        vr_err_clear();
+        if (!intact) {
+            int rc = vmproc_rearm(jb->rundir, &base);
+            if (rc < 0)
+                return rc;
+            pthread_mutex_lock(&D->lock);
+            vm->repl->untracked = false;
+            event_add("info", vm->name, "change tracking restarted after "
+                      "cycle %llu for the initial replication",
+                      (unsigned long long)base);
+            pthread_mutex_unlock(&D->lock);
+        } else if (served) {
             int rc = vmproc_seal(jb->rundir, &base);
             if (rc < 0)
                 return rc;

@@ -1336,6 +1336,22 @@ vmproc_seal(const char *rundir, uint64_t *cycle)
 }
 
 int
+vmproc_rearm(const char *rundir, uint64_t *voided)
+{
+    char line[512];
+    int rc = ctl_request(rundir, "REARM\n", line, sizeof line);
+    if (rc < 0)
+        return err_wrap(rc, "re-arm tracking %s", rundir);
+    char *end;
+    uint64_t v;
+    if (!parse_u64(line, &end, &v) || *end)
+        return vr_err(-EPROTO, "re-arm tracking %s: bad reply 'OK %.64s'",
+                      rundir, line);
+    *voided = v;
+    return 0;
+}
+
+int
 vmproc_shipped(const char *rundir, uint64_t cycle)
 {
     char line[512], cmd[64];

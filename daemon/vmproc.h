@@ -84,6 +84,11 @@ int vmproc_seal(const char *rundir, uint64_t *cycle) VR_WUR;
 /* Tell the data plane cycles up to cycle are on the Replica server: the
  * blocks they logged by reference need no more protection. */
 int vmproc_shipped(const char *rundir, uint64_t cycle) VR_WUR;
+/* Tracking had stopped (the log could not follow the disks): start a new
+ * log.  *voided: every change through that cycle is in no usable log;
+ * the regions changed are in each disk's log directory as VOIDED.dirty
+ * (lib/dirtymap.h), and the next cycle is tracked. */
+int vmproc_rearm(const char *rundir, uint64_t *voided) VR_WUR;
 /* The plugin's open cycle number, bytes in the open segments and the
  * payload bytes their records stand for (cl_rec_payload). */
 int vmproc_open_cycle(const char *rundir, uint64_t *cycle,

@@ -3,7 +3,7 @@
  * Control protocol (docs/formats.md): one request line, one reply line, on a
  * unix stream socket: SEAL -> "OK <sealed cycle>", STATUS -> "OK <open
  * cycle> <bytes in open segments> <payload bytes they stand for>",
- * SHIPPED N -> "OK N", PING -> "OK";
+ * SHIPPED N -> "OK N", PING -> "OK", REARM -> "OK <voided cycle>";
  * errors are "ERR <msg>".
  *
  * The socket is bound before nbdkit forks (so it exists once the server
@@ -112,8 +112,8 @@ do_seal(char *reply, size_t n)
     bool ok = false, cut_all = false;
     pthread_rwlock_wrlock(&seal_lock);
     uint64_t c = open_cycle;
-    if (broken) {
-        snprintf(reply, n, "ERR tracking stopped: %s", broken_msg);
+    if (stopped) {
+        snprintf(reply, n, "ERR tracking stopped: %s", stopped_msg);
         pthread_rwlock_unlock(&seal_lock);
         return;
     }
@@ -134,7 +134,7 @@ do_seal(char *reply, size_t n)
             snprintf(msg, sizeof msg, "seal of cycle %" PRIu64 " failed on "
                      "disk %s: %s", c, d->id, vr_errmsg());
             nbdkit_error("%s", msg);
-            set_broken(msg);
+            stop_tracking(msg);
             snprintf(reply, n, "ERR %s", msg);
             goto out;
         }
@@ -160,7 +160,7 @@ out:
             snprintf(msg, sizeof msg, "seal of cycle %" PRIu64 " failed on "
                      "disk %s: %s", c, disks[i].id, vr_errmsg());
             nbdkit_error("%s", msg);
-            set_broken(msg);
+            stop_tracking(msg);
             snprintf(reply, n, "ERR %s", msg);
             ok = false;
         }
@@ -185,8 +185,8 @@ do_status(char *reply, size_t n)
         }
         pthread_mutex_unlock(&disks[i].lock);
     }
-    if (broken)
-        snprintf(reply, n, "ERR tracking stopped: %s", broken_msg);
+    if (stopped)
+        snprintf(reply, n, "ERR tracking stopped: %s", stopped_msg);
     else
         snprintf(reply, n, "OK %" PRIu64 " %" PRIu64 " %" PRIu64, open_cycle,
                  bytes, payload);
@@ -233,6 +233,24 @@ do_shipped(const char *arg, char *reply, size_t n)
     snprintf(reply, n, "OK %" PRIu64, c);
 }
 
+/* REARM: tracking stopped (the log could not follow); the daemon is ready
+ * to resynchronize.  Start a new log: "OK C" says every change through
+ * cycle C is in no usable log, the regions changed are in each disk's
+ * C.dirty, and cycle C + 1 is tracked (recover.c, rearm). */
+static void
+do_rearm(char *reply, size_t n)
+{
+    uint64_t c = 0;
+    pthread_rwlock_wrlock(&seal_lock);
+    if (!tracking_stopped())
+        snprintf(reply, n, "ERR tracking has not stopped");
+    else if (rearm(&c) < 0)
+        snprintf(reply, n, "ERR %s", vr_errmsg());
+    else
+        snprintf(reply, n, "OK %" PRIu64, c);
+    pthread_rwlock_unlock(&seal_lock);
+}
+
 static void
 handle_line(char *line, char *reply, size_t n)
 {
@@ -259,6 +277,8 @@ handle_line(char *line, char *reply, size_t n)
         snprintf(reply, n, "OK");
     else if (strncmp(line, "SHIPPED ", 8) == 0)
         do_shipped(line + 8, reply, n);
+    else if (strcmp(line, "REARM") == 0)
+        do_rearm(reply, n);
     else
         snprintf(reply, n, "ERR unknown command");
 }

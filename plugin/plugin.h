@@ -20,6 +20,7 @@
 #include <stdint.h>
 
 #include "changelog.h"
+#include "dirtymap.h"
 #include "u64map.h"
 
 #define MAX_DISKS       64
@@ -60,6 +61,10 @@ struct disk {
     /* Preserve files being appended, one whole record at a time. */
     pthread_mutex_t pre_lock;
     struct cl_writer *pre[PRE_OPEN];
+    /* Once tracking has stopped (see track.c): the grains written since,
+     * marked before each write reaches the disk.  Marked lock-free. */
+    struct dirtymap dirty;
+    int markfd;            /* its tracking marker (lib/dirtymap.h) */
 };
 
 
@@ -74,8 +79,12 @@ extern uint64_t shipped;     /* cycles <= shipped are shipped (atomic) */
 extern bool log_ref;         /* log=ref (default) or log=data */
 extern int logio;            /* logio=: a CL_MMAP_* of changelog.h */
 extern uint64_t refmap_max;  /* owner entries per disk */
-extern int broken;           /* set once the log cannot follow the disk */
-extern char broken_msg[256];
+/* Set (with release, after every disk's tracking marker says so) once the
+ * log cannot follow the disks: writes then reach the disks untracked,
+ * marked in the dirty maps, until REARM.  Changed under seal_lock (R) by
+ * stop_tracking, cleared under seal_lock (W) by REARM. */
+extern int stopped;
+extern char stopped_msg[256];
 
 /* View mode (view.c); view_dir is set by configuration. */
 extern char *view_dir;
@@ -86,12 +95,15 @@ int tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
             uint64_t offset, uint32_t flags);
 int make_durable(struct disk *d);
 int zero_range(struct disk *d, uint32_t count, uint64_t offset, bool fast);
-void set_broken(const char *msg);
+void stop_tracking(const char *msg);
+bool tracking_stopped(void);
 int fail(int rc, const char *what, struct disk *d);
 
 /* recover.c */
 int recover(void);
 int rebuild_owner(struct disk *d);
+int recover_stopped(uint64_t marker_cycle);
+int rearm(uint64_t *voided);
 
 /* control.c */
 int control_open(void);

@@ -65,6 +65,24 @@ sealed_next_seq(struct disk *d, unsigned idx, uint64_t cycle, uint64_t *out)
     return 0;
 }
 
+/* A stream over d's log directory from its start (closedir it), or NULL
+ * with vr_err set. */
+static DIR *
+logdir_open(struct disk *d)
+{
+    int fd = d->dirfd >= 0 ? dup(d->dirfd) : -1;
+    DIR *dir = fd >= 0 ? fdopendir(fd) : NULL;
+    if (!dir) {
+        int e = d->dirfd >= 0 ? errno : EBADF;
+        if (fd >= 0)
+            close(fd);
+        vr_err(-e, "read directory %s: %s", d->logdir, strerror(e));
+        return NULL;
+    }
+    rewinddir(dir);
+    return dir;
+}
+
 struct scan {
     unsigned nopen;
     uint64_t open_cycle;
@@ -75,17 +93,12 @@ struct scan {
 static int
 scan_dir(struct disk *d, struct scan *s)
 {
-    int fd = dup(d->dirfd);
-    DIR *dir = fd >= 0 ? fdopendir(fd) : NULL;
+    DIR *dir = logdir_open(d);
     struct dirent *e;
 
     memset(s, 0, sizeof *s);
-    if (!dir) {
-        if (fd >= 0)
-            close(fd);
-        return vr_err(-errno, "read directory %s: %m", d->logdir);
-    }
-    rewinddir(dir);
+    if (!dir)
+        return -EIO;
     while ((e = readdir(dir)) != NULL) {
         char *end;
         if (strlen(e->d_name) < 24 || e->d_name[0] < '0' ||
@@ -328,17 +341,12 @@ owner_apply(struct disk *d, const struct cl_rec *r, uint64_t c)
 int
 rebuild_owner(struct disk *d)
 {
-    int fd = dup(d->dirfd);
-    DIR *dir = fd >= 0 ? fdopendir(fd) : NULL;
+    DIR *dir = logdir_open(d);
     struct dirent *e;
     uint64_t lo = open_cycle;
 
-    if (!dir) {
-        if (fd >= 0)
-            close(fd);
-        return vr_err(-errno, "read directory %s: %m", d->logdir);
-    }
-    rewinddir(dir);
+    if (!dir)
+        return -EIO;
     while ((e = readdir(dir)) != NULL) {
         char *end;
         if (strlen(e->d_name) != 24 || e->d_name[0] < '0' ||
@@ -394,5 +402,179 @@ rebuild_owner(struct disk *d)
     }
     nbdkit_debug("%s: %zu blocks logged by reference in cycles %" PRIu64
                  "..%" PRIu64, d->id, d->owner.used, lo, open_cycle);
+    return 0;
+}
+
+/* --- tracking stopped ---------------------------------------------------- */
+
+/* Start-up with tracking stopped: no segment is opened or recovered (they
+ * are void); the open cycle is the newest cycle any disk's log or marker
+ * names, so cycle numbers only ever grow. */
+int
+recover_stopped(uint64_t marker_cycle)
+{
+    uint64_t top = marker_cycle;
+    int rc = 0;
+    for (unsigned i = 0; i < ndisks; i++) {
+        struct scan s;
+        struct disk *d = &disks[i];
+        cl_writer_free(d->w);
+        d->w = NULL;
+        if (d->dirfd < 0)
+            continue;
+        if (scan_dir(d, &s) < 0) {
+            rc = -1;
+            continue;
+        }
+        if (s.open_cycle > top)
+            top = s.open_cycle;
+        if (s.sealed_max > top)
+            top = s.sealed_max;
+    }
+    open_cycle = top ? top : 1;
+    return rc;
+}
+
+/* Mark in d's dirty map every range a record of an unshipped cycle names:
+ * the replica has none of them, and their cycles can no longer be built
+ * as they were (writes since the stop were not preserved).  An open
+ * segment ends at its first hole (no request after it changed the disk
+ * while tracked); a sealed segment that does not read whole, or a log
+ * that cannot be listed, marks the whole disk. */
+static void
+mark_unshipped(struct disk *d)
+{
+    DIR *dir = logdir_open(d);
+    struct dirent *e;
+    if (!dir) {
+        dirtymap_mark_all(&d->dirty);
+        return;
+    }
+    while ((e = readdir(dir)) != NULL) {
+        char *end;
+        if (strlen(e->d_name) != 24 && strlen(e->d_name) != 25)
+            continue;
+        uint64_t c = strtoull(e->d_name, &end, 10);
+        if (end != e->d_name + 20 || c <= shipped)
+            continue;
+        bool sealed = strcmp(end, ".log") == 0;
+        if (!sealed && strcmp(end, ".open") != 0)
+            continue;
+        struct cl_reader *r = NULL;
+        struct cl_rec rec;
+        int rc = cl_reader_open(d->dirfd, e->d_name, &r);
+        while (rc == 0 && (rc = cl_reader_next(r, &rec)) == 1) {
+            dirtymap_mark(&d->dirty, rec.offset, rec.len);
+            rc = 0;
+        }
+        cl_reader_free(r);
+        if (rc < 0 && (sealed || rc != -EBADMSG)) {
+            nbdkit_debug("%s: %s/%s does not read whole (%s): the whole "
+                         "disk is marked", d->id, d->logdir, e->d_name,
+                         vr_errmsg());
+            dirtymap_mark_all(&d->dirty);
+        }
+    }
+    closedir(dir);
+    vr_err_clear();
+}
+
+/* Remove the void segments and preserve files of cycles <= c. */
+static int
+remove_void(struct disk *d, uint64_t c)
+{
+    DIR *dir = logdir_open(d);
+    struct dirent *e;
+    int rc = 0;
+    if (!dir)
+        return -EIO;
+    while ((e = readdir(dir)) != NULL) {
+        char *end;
+        uint64_t n = strtoull(e->d_name, &end, 10);
+        if (end != e->d_name + 20 || n > c ||
+            (strcmp(end, ".log") && strcmp(end, ".open") &&
+             strcmp(end, ".pre")))
+            continue;
+        if (unlinkat(d->dirfd, e->d_name, 0) < 0 && errno != ENOENT && !rc)
+            rc = vr_err(-errno, "remove %s/%s: %m", d->logdir, e->d_name);
+    }
+    closedir(dir);
+    return rc;
+}
+
+/* REARM, under seal_lock (W) with tracking stopped at open cycle c: every
+ * change through cycle c is in no log the replica can use.  Save each
+ * disk's dirty map (what changed untracked, plus what the void cycles had
+ * logged) as C.dirty, remove the void logs, open cycle c + 1 and say
+ * "tracking" in every marker; *voided = c.  Until every step is done the
+ * markers say stopped, so a crash anywhere in between starts stopped
+ * again; on failure nothing new is left open. */
+int
+rearm(uint64_t *voided)
+{
+    uint64_t c = open_cycle;
+    uint64_t next_seq[MAX_DISKS];
+    char name[40];
+    int rc = 0;
+
+    snprintf(name, sizeof name, "%020" PRIu64 ".dirty", c);
+    for (unsigned i = 0; i < ndisks; i++) {
+        struct disk *d = &disks[i];
+        if (d->dirfd < 0 || d->markfd < 0)
+            return vr_err(-EIO, "disk %s: its log directory is not open; "
+                          "restart the data plane", d->id);
+        next_seq[i] = d->w ? cl_writer_next_seq(d->w) : 0;
+        cl_writer_free(d->w);
+        d->w = NULL;
+        pthread_mutex_lock(&d->pre_lock);
+        for (unsigned k = 0; k < PRE_OPEN; k++) {
+            cl_writer_free(d->pre[k]);
+            d->pre[k] = NULL;
+        }
+        pthread_mutex_unlock(&d->pre_lock);
+        mark_unshipped(d);
+    }
+    for (unsigned i = 0; i < ndisks && rc == 0; i++) {
+        struct disk *d = &disks[i];
+        rc = remove_void(d, c);
+        if (rc == 0)
+            rc = dirtymap_save(&d->dirty, d->dirfd, name);
+    }
+    for (unsigned i = 0; i < ndisks && rc == 0; i++)
+        rc = cl_writer_create(disks[i].dirfd, (uint16_t)i, c + 1,
+                              next_seq[i], &disks[i].w);
+    for (unsigned i = 0; i < ndisks && rc == 0; i++)
+        rc = tracking_marker_write(disks[i].markfd, false, 0, NULL);
+    if (rc < 0) {
+        char msg[512];
+        snprintf(msg, sizeof msg, "%s", vr_errmsg());
+        for (unsigned i = 0; i < ndisks; i++) {
+            struct disk *d = &disks[i];
+            if (tracking_marker_write(d->markfd, true, c, stopped_msg) < 0)
+                nbdkit_error("disk %s: %s", d->id, vr_errmsg());
+            if (d->w) {
+                char open_name[32];
+                cl_seg_name(c + 1, false, open_name);
+                cl_writer_free(d->w);
+                d->w = NULL;
+                unlinkat(d->dirfd, open_name, 0);
+            }
+        }
+        return vr_err(rc, "rearm: %s", msg);
+    }
+    for (unsigned i = 0; i < ndisks; i++) {
+        struct disk *d = &disks[i];
+        u64map_free(&d->owner);
+        d->owner.drop_upto = c;
+        d->compacted_at = c;
+        dirtymap_clear(&d->dirty);
+    }
+    __atomic_store_n(&shipped, c, __ATOMIC_RELEASE);
+    open_cycle = c + 1;
+    stopped_msg[0] = '\0';
+    __atomic_store_n(&stopped, 0, __ATOMIC_RELEASE);
+    *voided = c;
+    nbdkit_debug("tracking re-armed at cycle %" PRIu64 "; changes through "
+                 "cycle %" PRIu64 " are in %s of each disk", c + 1, c, name);
     return 0;
 }

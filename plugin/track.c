@@ -57,13 +57,43 @@
 
 #define PRESERVE_STACK 8
 
+static pthread_mutex_t stop_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* The log cannot follow the disks (msg says why): from now on writes reach
+ * the disks untracked, each marked in its disk's dirty map first.  Every
+ * disk's tracking marker says so, durably, before `stopped` is set, so no
+ * untracked write reaches a disk while a marker still says "tracking": a
+ * restart after any crash knows the log is void.  Called with seal_lock
+ * held (either way) by whichever request or seal met the failure. */
 void
-set_broken(const char *msg)
+stop_tracking(const char *msg)
 {
-    if (!broken)
-        snprintf(broken_msg, sizeof broken_msg, "%.*s",
-                 (int)sizeof broken_msg - 1, msg);
-    __atomic_store_n(&broken, 1, __ATOMIC_RELEASE);
+    pthread_mutex_lock(&stop_lock);
+    if (!stopped) {
+        snprintf(stopped_msg, sizeof stopped_msg, "%.*s",
+                 (int)sizeof stopped_msg - 1, msg);
+        for (unsigned i = 0; i < ndisks; i++) {
+            struct disk *d = &disks[i];
+            if (d->markfd < 0 ||
+                tracking_marker_write(d->markfd, true, open_cycle, msg) < 0)
+                /* Guest writes go on regardless (replication never fails
+                 * the guest); only a crash before REARM could now hide
+                 * them from a restart, so say it loudly. */
+                nbdkit_error("disk %s: cannot record in %s/%s that tracking "
+                             "stopped: %s", d->id, d->logdir, TRACKING_NAME,
+                             d->markfd < 0 ? "not open" : vr_errmsg());
+        }
+        nbdkit_error("tracking stopped: %s; guest writes go on and are "
+                     "marked for resynchronization", msg);
+        __atomic_store_n(&stopped, 1, __ATOMIC_RELEASE);
+    }
+    pthread_mutex_unlock(&stop_lock);
+}
+
+bool
+tracking_stopped(void)
+{
+    return __atomic_load_n(&stopped, __ATOMIC_ACQUIRE);
 }
 
 
@@ -108,18 +138,29 @@ int
 make_durable(struct disk *d)
 {
     /* Preserve files first, so a block's saved old content is durable no
-     * later than the new content that replaced it on the disk. */
+     * later than the new content that replaced it on the disk.  A log
+     * that cannot be made durable stops tracking; the disk's own flush is
+     * the guest's, and its only possible failure. */
     int rc = 0;
-    pthread_mutex_lock(&d->pre_lock);
-    for (unsigned k = 0; k < PRE_OPEN && rc == 0; k++)
-        if (d->pre[k])
-            rc = cl_writer_sync(d->pre[k]);
-    pthread_mutex_unlock(&d->pre_lock);
-    if (rc == 0)
-        rc = cl_writer_sync(d->w);
-    if (rc == 0 && fdatasync(d->fd) < 0)
-        rc = vr_err(-errno, "fdatasync %s: %m", d->path);
-    return rc;
+    if (!tracking_stopped()) {
+        pthread_mutex_lock(&d->pre_lock);
+        for (unsigned k = 0; k < PRE_OPEN && rc == 0; k++)
+            if (d->pre[k])
+                rc = cl_writer_sync(d->pre[k]);
+        pthread_mutex_unlock(&d->pre_lock);
+        if (rc == 0 && d->w)
+            rc = cl_writer_sync(d->w);
+        if (rc < 0) {
+            char msg[256];
+            snprintf(msg, sizeof msg, "disk %s: its change log cannot be "
+                     "made durable: %s", d->id, vr_errmsg());
+            stop_tracking(msg);
+            vr_err_clear();
+        }
+    }
+    if (fdatasync(d->fd) < 0)
+        return vr_err(-errno, "fdatasync %s: %m", d->path);
+    return 0;
 }
 
 static bool
@@ -129,37 +170,6 @@ overlaps(const struct disk *d, uint64_t start, uint64_t end)
         if (r->start < end && start < r->end)
             return true;
     return false;
-}
-
-/* Write the reserved record of a request whose disk I/O failed, so that
- * the log has no hole and says what the disk now holds: a write's range as
- * read back from the disk, or an empty zero (a no-op) for zero and trim.
- * The guest was told the request failed. */
-static int
-write_neutral(struct disk *d, struct cl_rec *rec, uint64_t log_off)
-{
-    rec->flags &= ~CL_F_PENDING; /* it says what the disk holds already */
-    if (rec->kind != CL_WRITE) {
-        rec->kind = CL_ZERO;
-        rec->len = 0;
-        rec->flags = 0;
-        return cl_writer_write(d->w, rec, log_off);
-    }
-    void *now = malloc(rec->len);
-    if (!now)
-        return vr_err(-ENOMEM, "read back %s: out of memory", d->path);
-    int rc = io_pread_all(d->fd, now, rec->len, (off_t)rec->offset);
-    if (rc == -ENODATA)
-        rc = 0; /* past the end reads as zeroes; pread filled what it could */
-    if (rc == 0) {
-        rec->data = now;
-        rc = cl_writer_write(d->w, rec, log_off);
-    } else {
-        vr_err(rc, "read back %s at %" PRIu64 ": %s", d->path, rec->offset,
-               strerror(-rc));
-    }
-    free(now);
-    return rc;
 }
 
 /* A run of blocks whose content as of an unshipped cycle's seal must be
@@ -274,7 +284,7 @@ log_cannot_follow(struct disk *d)
     char msg[256];
     snprintf(msg, sizeof msg, "disk %s: its change log cannot follow: %s",
              d->id, vr_errmsg());
-    set_broken(msg);
+    stop_tracking(msg);
 }
 
 /* Is a record reserved before seq not yet written?  Under d->lock. */
@@ -289,7 +299,7 @@ earlier_unlogged(const struct disk *d, uint64_t seq)
     return false;
 }
 
-/* me's record is written (or failed: then tracking is already broken):
+/* me's record is written (or failed: then tracking is already stopped):
  * say so, then wait until every record reserved before it is written too,
  * so that the records on file are a prefix of the reservation order
  * whenever the disk changes (see Locking).  The requests waited for are
@@ -297,16 +307,23 @@ earlier_unlogged(const struct disk *d, uint64_t seq)
  * anything, so this always ends.  False if tracking broke meanwhile: an
  * earlier place may then stay empty, and recovery would cut every record
  * after it, so the caller must leave the disk alone. */
-static bool
-wait_logged_prefix(struct disk *d, struct range *me)
+/* Under d->lock: me's record is on file (or given up); wake its waiters. */
+static void
+set_logged(struct disk *d, struct range *me)
 {
-    pthread_mutex_lock(&d->lock);
     if (!me->logged) {
         me->logged = true;
         __atomic_store_n(&d->unlogged, d->unlogged - 1, __ATOMIC_RELEASE);
         if (d->log_waiters)
             pthread_cond_broadcast(&d->logged);
     }
+}
+
+static bool
+wait_logged_prefix(struct disk *d, struct range *me)
+{
+    pthread_mutex_lock(&d->lock);
+    set_logged(d, me);
     if (earlier_unlogged(d, me->seq)) {
         d->log_waiters++;
         while (earlier_unlogged(d, me->seq))
@@ -314,7 +331,7 @@ wait_logged_prefix(struct disk *d, struct range *me)
         d->log_waiters--;
     }
     pthread_mutex_unlock(&d->lock);
-    return !__atomic_load_n(&broken, __ATOMIC_ACQUIRE);
+    return !__atomic_load_n(&stopped, __ATOMIC_ACQUIRE);
 }
 
 /* wait_logged_prefix without the mutex when nothing reserved is unlogged
@@ -325,7 +342,7 @@ static bool
 prefix_logged(struct disk *d, struct range *me)
 {
     if (me->logged && __atomic_load_n(&d->unlogged, __ATOMIC_ACQUIRE) == 0)
-        return !__atomic_load_n(&broken, __ATOMIC_ACQUIRE);
+        return !__atomic_load_n(&stopped, __ATOMIC_ACQUIRE);
     return wait_logged_prefix(d, me);
 }
 
@@ -384,13 +401,48 @@ log_readback(struct disk *d, struct range *me, uint64_t offset,
     return rc;
 }
 
+/* A request once tracking has stopped: mark its grains, then change the
+ * disk.  Its only possible failure is the disk's own. */
+static int
+untracked_io(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
+             uint64_t offset, bool fast, bool fua)
+{
+    dirtymap_mark(&d->dirty, offset, count);
+    vr_fault_point("track-untracked");
+    int rc = kind == CL_WRITE ? io_pwrite_all(d->fd, buf, count, (off_t)offset)
+                              : zero_range(d, count, offset, fast);
+    if (rc == -ENOTSUP)
+        __atomic_store_n(&d->no_punch, true, __ATOMIC_RELAXED);
+    else if (rc < 0)
+        vr_err(rc, "%s %s at %" PRIu64 ": %s",
+               kind == CL_WRITE ? "write" : kind == CL_ZERO ? "zero" : "trim",
+               d->path, offset, strerror(-rc));
+    if (rc == 0 && fua && fdatasync(d->fd) < 0)
+        rc = vr_err(-errno, "fdatasync %s: %m", d->path);
+    return rc;
+}
+
+/* me's record is written, failed or given up: release the requests that
+ * wait for it, without waiting for earlier ones. */
+static void
+mark_logged(struct disk *d, struct range *me)
+{
+    pthread_mutex_lock(&d->lock);
+    set_logged(d, me);
+    pthread_mutex_unlock(&d->lock);
+}
+
 /* One write-class request (see Locking at the top): wait for requests
  * sharing a block, reserve the log record and take the blocks from older
  * cycles' protection, all under the disk mutex; then, without it, preserve
  * what older unshipped cycles still need, write the record, wait until
  * every earlier record is written, and only then change the disk.  FUA
- * makes the log and the disk durable.  Reserving first means a full log
- * file system fails the request before the disk changes. */
+ * makes the log and the disk durable.
+ *
+ * Replication never fails the guest: wherever the log cannot follow (no
+ * space to reserve or preserve, a record or a sync that fails) tracking
+ * stops (stop_tracking) and the request goes on untracked, so the only
+ * error a guest can see is its disk's own. */
 int
 tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
         uint64_t offset, uint32_t flags)
@@ -420,8 +472,8 @@ tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
         return -1;
     }
     pthread_rwlock_rdlock(&seal_lock);
-    if (__atomic_load_n(&broken, __ATOMIC_ACQUIRE)) {
-        rc = vr_err(-EIO, "tracking stopped: %s", broken_msg);
+    if (tracking_stopped()) {
+        rc = untracked_io(d, kind, buf, count, offset, fast, fua);
         goto out;
     }
     pthread_mutex_lock(&d->lock);
@@ -440,8 +492,12 @@ tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
         if (d->owner.used + nblocks > refmap_max)
             ref = false;
     }
-    rc = cl_writer_reserve(d->w, ref ? CL_WREF : kind, fua ? CL_F_FUA : 0,
-                           offset, count, buf, &rec, &log_off);
+    /* Stopped since the look above: its dirty map is marked only by
+     * requests that see `stopped`, so this one must not use the log. */
+    rc = tracking_stopped() ? -ECANCELED
+                            : cl_writer_reserve(d->w, ref ? CL_WREF : kind,
+                                                fua ? CL_F_FUA : 0, offset,
+                                                count, buf, &rec, &log_off);
     int lrc = 0;
     if (rc == 0) {
         if (count > 0)
@@ -458,18 +514,24 @@ tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
             /* The usual case: 32 bytes copied into the mapping, so the
              * record goes in now, in order, and nobody waits for it. */
             lrc = cl_writer_write(d->w, &rec, log_off);
-            if (lrc < 0)
-                log_cannot_follow(d);
             me.logged = true;
         } else {
             __atomic_store_n(&d->unlogged, d->unlogged + 1, __ATOMIC_RELEASE);
         }
     }
     pthread_mutex_unlock(&d->lock);
-    if (rc < 0)
+    if (rc < 0) {
+        /* No place in the log (its file system is full, say): go on
+         * without it.  Nothing is registered, so no one waits for us. */
+        if (rc != -ECANCELED)
+            log_cannot_follow(d);
+        rc = untracked_io(d, kind, buf, count, offset, fast, fua);
         goto out;
-    if (lrc < 0)
-        goto done; /* the disk is left unchanged; tracking stops below */
+    }
+    if (lrc < 0) {
+        log_cannot_follow(d);
+        goto untracked;
+    }
     vr_fault_point("track-reserved");
 
     int prc = 0;
@@ -479,31 +541,24 @@ tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
         free(runs);
     vr_fault_point("track-preserved");
     if (prc < 0) {
-        /* The owner map no longer protects those blocks: stop tracking
-         * before anything overwrites them.  The disk is left unchanged
-         * and the reserved record changes nothing: after a restart the
-         * blocks still belong to the older cycle, which is then preserved
-         * as it must be. */
+        /* The owner map no longer protects those blocks and the older
+         * cycle cannot be kept as it was at its seal: the log cannot
+         * follow.  The disk is still unchanged. */
         char why[600];
         snprintf(why, sizeof why, "disk %s: could not preserve data of an "
                  "unshipped cycle: %s", d->id, vr_errmsg());
-        set_broken(why);
-        lrc = write_neutral(d, &rec, log_off);
-        (void)wait_logged_prefix(d, &me);
-        rc = vr_err(-EIO, "%s", why);
-        goto done;
+        stop_tracking(why);
+        goto untracked;
     }
     if (!me.logged) {
         lrc = cl_writer_write(d->w, &rec, log_off);
-        if (lrc < 0)
+        if (lrc < 0) {
             log_cannot_follow(d);
+            goto untracked;
+        }
     }
-    if (!prefix_logged(d, &me)) {
-        /* The disk is left unchanged; tracking stops below. */
-        if (lrc == 0)
-            rc = vr_err(-EIO, "tracking stopped: %s", broken_msg);
-        goto done;
-    }
+    if (!prefix_logged(d, &me))
+        goto untracked; /* stopped meanwhile; the disk is unchanged */
     vr_fault_point("track-logged");
 
     if (kind == CL_WRITE)
@@ -532,6 +587,24 @@ tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
         vr_err(rc, "%s %s at %" PRIu64 ": %s", what, d->path, offset,
                strerror(-rc));
     }
+    if (lrc < 0) {
+        /* The disk I/O is done; the log does not say what it did.  Its
+         * grains are marked too, so resynchronization covers them. */
+        char msg[512];
+        snprintf(msg, sizeof msg, "%s", vr_errmsg());
+        log_cannot_follow(d);
+        dirtymap_mark(&d->dirty, offset, count);
+        if (rc < 0)
+            vr_err(rc, "%s", msg);
+        else
+            vr_err_clear();
+    }
+    goto done;
+
+untracked:
+    mark_logged(d, &me);
+    rc = untracked_io(d, kind, buf, count, offset, fast, fua);
+    fua = false; /* done by untracked_io */
 
 done:
     pthread_mutex_lock(&d->lock);
@@ -542,12 +615,6 @@ done:
         }
     pthread_cond_broadcast(&d->idle);
     pthread_mutex_unlock(&d->lock);
-
-    if (lrc < 0) {
-        log_cannot_follow(d);
-        rc = vr_err(-EIO, "%s", broken_msg);
-        goto out;
-    }
     if (rc == 0 && fua)
         rc = make_durable(d);
 out:

@@ -53,8 +53,8 @@ uint64_t shipped;     /* cycles <= shipped are shipped (atomic) */
 bool log_ref = true;  /* log=ref (default) or log=data */
 int logio = CL_MMAP_NODATA; /* logio=auto (default), write, mmap */
 uint64_t refmap_max = 1u << 20; /* owner entries per disk */
-int broken;           /* set once the log cannot follow the disk */
-char broken_msg[256];
+int stopped;           /* set once the log cannot follow the disk */
+char stopped_msg[256];
 
 /* --- configuration ----------------------------------------------------- */
 
@@ -89,6 +89,9 @@ vmreplica_unload(void)
         for (unsigned k = 0; k < PRE_OPEN; k++)
             cl_writer_free(d->pre[k]);
         u64map_free(&d->owner);
+        dirtymap_free(&d->dirty);
+        if (d->markfd >= 0)
+            close(d->markfd);
         pthread_mutex_destroy(&d->pre_lock);
         if (d->fd >= 0)
             close(d->fd);
@@ -146,6 +149,7 @@ vmreplica_config(const char *key, const char *value)
         d->logdir = xasprintf("%s.vrlog", d->path);
         d->fd = -1;
         d->dirfd = -1;
+        d->markfd = -1;
         /* Adaptive: the critical section is two short writes; spinning
          * briefly beats a futex sleep and wake-up of a worker thread. */
         pthread_mutexattr_t ma;
@@ -259,9 +263,54 @@ vmreplica_config_complete(void)
 
 /* --- start-up ---------------------------------------------------------- */
 
+/* Open disk d's log directory and its tracking marker, and say whether the
+ * marker says tracking stopped (why and since when).  A log that cannot
+ * be opened stops tracking too: the disks are served regardless. */
+static int
+open_log(struct disk *d, bool *was_stopped, uint64_t *cycle, char *why,
+         size_t n)
+{
+    *was_stopped = false;
+    if (dirtymap_init(&d->dirty, d->size, DIRTY_GRAIN_SHIFT) < 0) {
+        nbdkit_error("%s: %s", d->path, vr_errmsg());
+        return -1;
+    }
+    if (mkdir(d->logdir, 0755) < 0 && errno != EEXIST) {
+        snprintf(why, n, "mkdir %s: %m", d->logdir);
+        return 1;
+    }
+    d->dirfd = open(d->logdir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (d->dirfd < 0) {
+        snprintf(why, n, "open %s: %m", d->logdir);
+        return 1;
+    }
+    if (tracking_marker_open(d->dirfd, &d->markfd) < 0) {
+        snprintf(why, n, "%s: %s", d->logdir, vr_errmsg());
+        return 1;
+    }
+    int rc = tracking_marker_read(d->markfd, was_stopped, cycle, why, n);
+    if (rc < 0) {
+        snprintf(why, n, "%s: %s", d->logdir, vr_errmsg());
+        return 1;
+    }
+    return 0;
+}
+
+/* Start with tracking stopped (msg says why): every grain of every disk
+ * may differ from what the log says. */
+static void
+start_stopped(const char *msg)
+{
+    for (unsigned i = 0; i < ndisks; i++)
+        dirtymap_mark_all(&disks[i].dirty);
+    stop_tracking(msg);
+}
+
 static int
 vmreplica_get_ready(void)
 {
+    char why[256] = "", msg[512] = "";
+    uint64_t marker_cycle = 0;
     for (unsigned i = 0; i < ndisks; i++) {
         struct disk *d = &disks[i];
         struct stat st;
@@ -277,33 +326,46 @@ vmreplica_get_ready(void)
         d->size = (uint64_t)st.st_size;
         if (view_dir)
             continue; /* no change log in view mode */
-        if (mkdir(d->logdir, 0755) < 0 && errno != EEXIST) {
-            nbdkit_error("mkdir %s: %m", d->logdir);
+        bool was_stopped;
+        uint64_t c = 0;
+        int rc = open_log(d, &was_stopped, &c, why, sizeof why);
+        if (rc < 0)
             return -1;
+        if (rc > 0 && !msg[0])
+            snprintf(msg, sizeof msg, "disk %s: its change log cannot be "
+                     "opened: %s", d->id, why);
+        if (was_stopped && !msg[0]) {
+            snprintf(msg, sizeof msg, "%s", why);
+            nbdkit_debug("tracking had stopped before this start: %s", why);
         }
-        d->dirfd = open(d->logdir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (d->dirfd < 0) {
-            nbdkit_error("open %s: %m", d->logdir);
-            return -1;
-        }
+        if (c > marker_cycle)
+            marker_cycle = c;
     }
     if (view_dir)
         return view_open() < 0 ? -1 : control_open();
-    if (recover() < 0) {
-        nbdkit_error("change log recovery: %s", vr_errmsg());
-        return -1;
-    }
+    /* Replication never keeps the VM from starting: a log that cannot be
+     * opened or recovered stops tracking instead (track.c). */
+    if (!msg[0] && recover() < 0)
+        snprintf(msg, sizeof msg, "change log recovery: %s", vr_errmsg());
     uint64_t lowest = open_cycle;
-    for (unsigned i = 0; i < ndisks; i++) {
-        if (rebuild_owner(&disks[i]) < 0) {
-            nbdkit_error("change log recovery: %s", vr_errmsg());
-            return -1;
-        }
+    for (unsigned i = 0; i < ndisks && !msg[0]; i++) {
+        if (rebuild_owner(&disks[i]) < 0)
+            snprintf(msg, sizeof msg, "change log recovery: %s",
+                     vr_errmsg());
         if (disks[i].owner.drop_upto < lowest)
             lowest = disks[i].owner.drop_upto;
     }
-    shipped = lowest;
-    nbdkit_debug("tracking %u disks at cycle %" PRIu64, ndisks, open_cycle);
+    if (msg[0]) {
+        if (recover_stopped(marker_cycle) < 0)
+            nbdkit_debug("%s", vr_errmsg());
+        start_stopped(msg);
+        nbdkit_debug("serving %u disks untracked after cycle %" PRIu64,
+                     ndisks, open_cycle);
+    } else {
+        shipped = lowest;
+        nbdkit_debug("tracking %u disks at cycle %" PRIu64, ndisks,
+                     open_cycle);
+    }
     /* Bound before nbdkit forks, so the socket exists once it is ready;
      * the thread is only started after the fork. */
     return control_open();

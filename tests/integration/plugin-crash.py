@@ -97,8 +97,9 @@ def read_records(path):
 class Plugin:
     """One nbdkit process serving the disk, and its control socket."""
 
-    def __init__(self, args, d):
+    def __init__(self, args, d, extra=()):
         self.args, self.d = args, d
+        self.extra = list(extra)  # more plugin parameters
         self.proc = None
 
     def start(self, fault=None):
@@ -116,7 +117,7 @@ class Plugin:
             ["nbdkit", "--foreground", "--unix", self.d.sock, "--threads",
              str(self.args.threads), self.args.plugin,
              "disk=disk0:" + self.d.disk, "control=" + self.d.ctl,
-             "hashlog=" + self.d.hashlog],
+             "hashlog=" + self.d.hashlog] + self.extra,
             stdout=log, stderr=log, env=env)
         log.close()
         deadline = time.monotonic() + 20

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # plugin-order.sh: the data plane's ordering rules, one named scenario per
 # defect of issue #9 it fixes (plugin-order.py): a completed write always
-# survives a crash (1), a failed preserve keeps its cycle whole (3), and a
-# sealed segment is durable before the next exists (8).
+# survives a crash (1), and a sealed segment is durable before the next
+# exists (8).  Defect 3 (a failed preserve) is in plugin-stop.sh.
 #
 # Env: BUILD_DIR (default ./build), VMREPLICA_PLUGIN.
 # Exit: 0 pass, 1 fail, 77 skip.

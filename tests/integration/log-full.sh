@@ -1,0 +1,89 @@
+#!/bin/bash
+# log-full: a full log file system never fails the guest (issue #11).
+#
+# A VM's change log (DISK.vrlog) is a 4 MiB tmpfs.  The VM replicates every
+# second; the Replica server is stopped, so cycles pile up, and the guest
+# keeps rewriting the same 2 MiB, so every write of a block of an unshipped
+# cycle preserves it (4 KiB each) until the log file system is full.
+#   - every guest write succeeds, also once the log is full, and the disk
+#     holds them;
+#   - the primary's health turns Critical with a detail saying tracking
+#     stopped and why (no space), and the VM stays Replicating (retrying);
+#   - with the Replica server back, no cycle is sent (the Replica VM stays
+#     at its last cycle: the void cycles are never shipped);
+#   - `replication remove` and `replication enable` run initial
+#     replication, which restarts tracking in a new log (REARM) and brings
+#     the replica to a byte-identical copy, with health Normal.
+source "$(dirname "$0")/functions.sh"
+requires qemu-io jq curl openssl nbdkit python3 cmp numfmt mount
+requires_build
+[ "$(id -u)" = 0 ] || skip "not root (mounts a tmpfs)"
+
+setup_pair
+
+vm=full1
+vr primary vm create "$vm" --new-disk 64M >/dev/null || fail "vm create"
+disk=$(disk_path primary "$vm")
+mkdir -p "$disk.vrlog"
+mount -t tmpfs -o size=4m tmpfs "$disk.vrlog" || skip "cannot mount a tmpfs"
+cleanup_fn umount -l "$disk.vrlog"
+vr primary vm start "$vm" --no-hypervisor >/dev/null || fail "vm start"
+uri=$(nbd_uri primary "$vm")
+qemu-io -f raw "$uri" -c 'write -P 0x11 0 4M' >/dev/null
+log "enable replication every second"
+enable_replication "$vm" --frequency 1s
+wait_converged "$vm" 60
+before=$(repl replica "$vm" applied_cycle)
+
+log "stop the Replica server; rewrite 2 MiB of the disk until the log is full"
+stop_daemon replica
+full=false
+for i in $(seq 1 40); do
+    out=$(qemu-io -f raw "$uri" -c "write -P $((i % 200 + 20)) 0 2M" 2>&1) ||
+        fail "guest write $i failed: $out"
+    [[ $out == *"wrote 2097152/2097152"* ]] || fail "guest write $i: $out"
+    if [ "$(jget primary .health replication show "$vm")" = Critical ]; then
+        full=true
+        break
+    fi
+    sleep 0.3
+done
+$full || fail "the log never filled (health $(jget primary .health replication show "$vm"))"
+# More writes with the log full: they go on.
+qemu-io -f raw "$uri" -c 'write -P 0xee 1M 1M' -c 'write -z 3M 64k' \
+    -c 'discard 8M 64k' >/dev/null || fail "guest writes after the log filled"
+want=$(mktemp "$TESTDIR/want.XXXXXX")
+python3 - "$disk" "$want" <<'EOF' || fail "the disk does not hold the writes"
+import sys
+d = open(sys.argv[1], "rb").read(4 << 20)
+assert d[1 << 20:2 << 20] == b"\xee" * (1 << 20), "1M..2M"
+assert d[3 << 20:(3 << 20) + 65536] == bytes(65536), "zeroes at 3M"
+EOF
+details=$(vrj primary replication show "$vm" | jq -r '.health_details[]')
+log "health Critical: $details"
+[[ $details == *"change tracking stopped"*"No space left on device"* ]] ||
+    fail "health details do not say tracking stopped for want of space: $details"
+[ "$(repl primary "$vm" state)" = Replicating ] ||
+    fail "primary state $(repl primary "$vm" state), want Replicating (retrying)"
+
+log "start the Replica server again: no void cycle is shipped"
+start_replica
+sleep 4
+after=$(repl replica "$vm" applied_cycle)
+[ "$after" = "$before" ] ||
+    fail "the Replica VM moved from cycle $before to $after after tracking stopped"
+err=$(repl primary "$vm" last_error)
+[[ $err == *"tracking stopped on this primary"*"stays at cycle"* ]] ||
+    fail "last_error does not say what to do: $err"
+
+log "remove and enable replication again: a new log and a full copy"
+vr primary replication remove "$vm" >/dev/null || fail "replication remove"
+enable_replication "$vm" --frequency 1s
+qemu-io -f raw "$uri" -c 'write -P 0x5a 5M 1M' >/dev/null
+wait_converged "$vm" 90
+assert_identical "$vm"
+[ "$(jget primary .health replication show "$vm")" = Normal ] ||
+    fail "health after the resync: $(vrj primary replication show "$vm" | jq -c .health_details)"
+grep -q "vmreplica tracking" "$disk.vrlog/tracking" ||
+    fail "the tracking marker does not say tracking"
+log "PASS"
