@@ -24,54 +24,55 @@ live(const struct u64map *m, uint64_t val)
 static void
 rehash(struct u64map *m, size_t cap)
 {
-    uint64_t *ok = m->keys, *ov = m->vals;
+    struct u64map_slot *old = m->slots;
     size_t ocap = m->cap;
-    m->keys = xcalloc(cap, sizeof *m->keys);
-    m->vals = xcalloc(cap, sizeof *m->vals);
+    m->slots = xcalloc(cap, sizeof *m->slots);
     m->cap = cap;
     m->used = 0;
     for (size_t i = 0; i < ocap; i++) {
-        if (ok[i] == 0 || !live(m, ov[i]))
+        if (old[i].key == 0 || !live(m, old[i].val))
             continue;
-        size_t j = slot_of(m, ok[i] - 1);
-        while (m->keys[j] != 0)
+        size_t j = slot_of(m, old[i].key - 1);
+        while (m->slots[j].key != 0)
             j = (j + 1) & (cap - 1);
-        m->keys[j] = ok[i];
-        m->vals[j] = ov[i];
+        m->slots[j] = old[i];
         m->used++;
     }
-    free(ok);
-    free(ov);
+    free(old);
+}
+
+/* The slot holding key, or NULL. */
+static struct u64map_slot *
+find(const struct u64map *m, uint64_t key)
+{
+    if (m->cap == 0)
+        return NULL;
+    for (size_t j = slot_of(m, key);; j = (j + 1) & (m->cap - 1)) {
+        if (m->slots[j].key == 0)
+            return NULL;
+        if (m->slots[j].key == key + 1)
+            return &m->slots[j];
+    }
 }
 
 uint64_t
 u64map_get(const struct u64map *m, uint64_t key)
 {
-    if (m->cap == 0)
-        return 0;
-    for (size_t j = slot_of(m, key);; j = (j + 1) & (m->cap - 1)) {
-        if (m->keys[j] == 0)
-            return 0;
-        if (m->keys[j] == key + 1)
-            return live(m, m->vals[j]) ? m->vals[j] : 0;
-    }
+    const struct u64map_slot *s = find(m, key);
+    return s && live(m, s->val) ? s->val : 0;
 }
 
-void
-u64map_put(struct u64map *m, uint64_t key, uint64_t val)
+uint64_t
+u64map_exchange(struct u64map *m, uint64_t key, uint64_t val)
 {
-    if (m->cap > 0) {
-        for (size_t j = slot_of(m, key);; j = (j + 1) & (m->cap - 1)) {
-            if (m->keys[j] == 0)
-                break;
-            if (m->keys[j] == key + 1) {
-                m->vals[j] = val;
-                return;
-            }
-        }
+    struct u64map_slot *s = find(m, key);
+    if (s) {
+        uint64_t old = live(m, s->val) ? s->val : 0;
+        s->val = val;
+        return old;
     }
     if (val == 0)
-        return;
+        return 0;
     if ((m->used + 1) * 2 > m->cap) {
         /* Reclaim dead slots first; grow unless that left the table at
          * most a third full, so the next rehash is cap/6 inserts away
@@ -84,11 +85,17 @@ u64map_put(struct u64map *m, uint64_t key, uint64_t val)
             rehash(m, cap);
     }
     size_t j = slot_of(m, key);
-    while (m->keys[j] != 0)
+    while (m->slots[j].key != 0)
         j = (j + 1) & (m->cap - 1);
-    m->keys[j] = key + 1;
-    m->vals[j] = val;
+    m->slots[j] = (struct u64map_slot){ key + 1, val };
     m->used++;
+    return 0;
+}
+
+void
+u64map_put(struct u64map *m, uint64_t key, uint64_t val)
+{
+    (void)u64map_exchange(m, key, val);
 }
 
 size_t
@@ -102,7 +109,6 @@ u64map_compact(struct u64map *m)
 void
 u64map_free(struct u64map *m)
 {
-    free(m->keys);
-    free(m->vals);
+    free(m->slots);
     memset(m, 0, sizeof *m);
 }

@@ -12,9 +12,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
+struct u64map_slot {
+    uint64_t key;   /* key + 1; 0 = empty slot */
+    uint64_t val;   /* beside its key: one cache line per probe */
+};
+
 struct u64map {
-    uint64_t *keys; /* key + 1; 0 = empty slot */
-    uint64_t *vals;
+    struct u64map_slot *slots;
     size_t cap;     /* power of two, or 0 */
     size_t used;    /* slots holding a key (live or dead) */
     uint64_t drop_upto;
@@ -25,6 +29,8 @@ uint64_t u64map_get(const struct u64map *m, uint64_t key);
 /* Set key's value (0 deletes).  Grows as needed (aborts when out of
  * memory, like xmalloc). */
 void u64map_put(struct u64map *m, uint64_t key, uint64_t val);
+/* u64map_put, returning what u64map_get would have (one probe for both). */
+uint64_t u64map_exchange(struct u64map *m, uint64_t key, uint64_t val);
 /* Rehash, dropping dead entries; returns the live entries kept. */
 size_t u64map_compact(struct u64map *m);
 void u64map_free(struct u64map *m);

@@ -194,7 +194,10 @@ owner_update(struct disk *d, bool ref, uint64_t offset, uint32_t count,
     uint64_t b1 = (offset + count - 1) / CL_PRE_BLOCK;
 
     for (uint64_t b = b0; b <= b1; b++) {
-        uint64_t c = u64map_get(&d->owner, b);
+        /* A reference makes the open cycle the owner whatever it was:
+         * one probe of the map does both. */
+        uint64_t c = ref ? u64map_exchange(&d->owner, b, open_cycle)
+                         : u64map_get(&d->owner, b);
         if (c != 0 && c < open_cycle) {
             uint64_t off = b * CL_PRE_BLOCK;
             uint64_t len = d->size - off < CL_PRE_BLOCK ? d->size - off
@@ -215,9 +218,8 @@ owner_update(struct disk *d, bool ref, uint64_t offset, uint32_t count,
                 p[n++] = (struct preserve){ c, off, len };
             }
         }
-        uint64_t nv = ref ? open_cycle : c == open_cycle ? c : 0;
-        if (nv != c)
-            u64map_put(&d->owner, b, nv);
+        if (!ref && c != 0 && c != open_cycle)
+            u64map_put(&d->owner, b, 0);
     }
     *runs = p;
     return n;
