@@ -253,6 +253,18 @@ dirtymap_load(int dirfd, const char *name, uint64_t size, struct dirtymap *m)
 
 #define MARK_TRACKING "vmreplica tracking\n"
 #define MARK_STOPPED  "vmreplica stopped "
+#define MARK_SERVED   "served "
+
+static int
+marker_put(int fd, const char *buf)
+{
+    int rc = io_pwrite_all(fd, buf, TRACKING_BYTES, 0);
+    if (rc == 0 && fdatasync(fd) < 0)
+        rc = -errno;
+    if (rc < 0)
+        return vr_err(rc, "tracking marker: %s", strerror(-rc));
+    return 0;
+}
 
 int
 tracking_marker_write(int fd, bool stopped, uint64_t cycle, const char *why)
@@ -264,11 +276,72 @@ tracking_marker_write(int fd, bool stopped, uint64_t cycle, const char *why)
                  (unsigned long long)cycle, why ? why : "");
     else
         snprintf(buf, sizeof buf, MARK_TRACKING);
-    int rc = io_pwrite_all(fd, buf, sizeof buf, 0);
-    if (rc == 0 && fdatasync(fd) < 0)
-        rc = -errno;
+    return marker_put(fd, buf);
+}
+
+int
+tracking_marker_served(int fd, const char *boot)
+{
+    char buf[TRACKING_BYTES];
+    memset(buf, 0, sizeof buf);
+    snprintf(buf, sizeof buf, MARK_TRACKING MARK_SERVED "%.64s\n", boot);
+    return marker_put(fd, buf);
+}
+
+/* The marker's text, NUL-terminated, in buf[TRACKING_BYTES + 1]. */
+static int
+marker_get(int fd, char *buf)
+{
+    ssize_t got = pread(fd, buf, TRACKING_BYTES, 0);
+    if (got < 0)
+        return vr_err(-errno, "read %s: %m", TRACKING_NAME);
+    buf[got] = '\0';
+    return 0;
+}
+
+/* If buf is a "tracking" marker: what follows its first line. */
+static const char *
+tracking_rest(const char *buf)
+{
+    size_t n = strlen(MARK_TRACKING);
+    return strncmp(buf, MARK_TRACKING, n) == 0 ? buf + n : NULL;
+}
+
+int
+tracking_marker_boot(int fd, char *boot, size_t n)
+{
+    char buf[TRACKING_BYTES + 1];
+    int rc = marker_get(fd, buf);
     if (rc < 0)
-        return vr_err(rc, "tracking marker: %s", strerror(-rc));
+        return rc;
+    const char *rest = tracking_rest(buf);
+    boot[0] = '\0';
+    if (!rest || strncmp(rest, MARK_SERVED, strlen(MARK_SERVED)) != 0)
+        return 0;
+    rest += strlen(MARK_SERVED);
+    size_t len = strcspn(rest, "\n");
+    snprintf(boot, n, "%.*s", (int)len, rest);
+    return 0;
+}
+
+int
+vr_boot_id(char out[40])
+{
+    const char *t = getenv("VMREPLICA_TEST_BOOT_ID");
+    if (t && *t) {
+        snprintf(out, 40, "%.39s", t);
+        return 0;
+    }
+    char buf[64];
+    int fd = open("/proc/sys/kernel/random/boot_id", O_RDONLY | O_CLOEXEC);
+    ssize_t n = fd >= 0 ? read(fd, buf, sizeof buf - 1) : -1;
+    if (fd >= 0)
+        close(fd);
+    if (n <= 0)
+        return vr_err(-EIO, "cannot read the boot id");
+    buf[n] = '\0';
+    buf[strcspn(buf, "\n")] = '\0';
+    snprintf(out, 40, "%.39s", buf);
     return 0;
 }
 
@@ -299,15 +372,15 @@ tracking_marker_read(int fd, bool *stopped, uint64_t *cycle, char *why,
                      size_t n)
 {
     char buf[TRACKING_BYTES + 1];
-    ssize_t got = pread(fd, buf, TRACKING_BYTES, 0);
-    if (got < 0)
-        return vr_err(-errno, "read %s: %m", TRACKING_NAME);
-    buf[got] = '\0';
+    int rc = marker_get(fd, buf);
+    if (rc < 0)
+        return rc;
     *stopped = false;
     *cycle = 0;
     if (n)
         why[0] = '\0';
-    if (strcmp(buf, MARK_TRACKING) == 0)
+    const char *rest = tracking_rest(buf);
+    if (rest && (!*rest || strncmp(rest, MARK_SERVED, strlen(MARK_SERVED)) == 0))
         return 0;
     if (strncmp(buf, MARK_STOPPED, strlen(MARK_STOPPED)) != 0)
         return vr_err(-EBADMSG, "%s says neither tracking nor stopped",

@@ -86,4 +86,15 @@ int tracking_marker_write(int fd, bool stopped, uint64_t cycle,
 int tracking_marker_read(int fd, bool *stopped, uint64_t *cycle, char *why,
                          size_t n) VR_WUR;
 
+/* While a data plane serves the disks the marker also names the host's
+ * boot (/proc/sys/kernel/random/boot_id): found at the next start under
+ * another boot, it means the host went down with the disks served, so
+ * writes not yet flushed may be on the disks without their records.  A
+ * clean stop (everything synced) writes the plain "tracking" back. */
+int tracking_marker_served(int fd, const char *boot) VR_WUR;
+/* The boot named by a "tracking" marker, or "" if none (a clean stop). */
+int tracking_marker_boot(int fd, char *boot, size_t n) VR_WUR;
+/* This host's boot id (VMREPLICA_TEST_BOOT_ID overrides it, for tests). */
+int vr_boot_id(char out[40]) VR_WUR;
+
 #endif /* VR_DIRTYMAP_H */

@@ -85,6 +85,7 @@ extern uint64_t refmap_max;  /* owner entries per disk */
  * stop_tracking, cleared under seal_lock (W) by REARM. */
 extern int stopped;
 extern char stopped_msg[256];
+extern char boot_id[40];     /* this host's boot (lib/dirtymap.h) */
 
 /* View mode (view.c); view_dir is set by configuration. */
 extern char *view_dir;

@@ -544,7 +544,7 @@ rearm(uint64_t *voided)
         rc = cl_writer_create(disks[i].dirfd, (uint16_t)i, c + 1,
                               next_seq[i], &disks[i].w);
     for (unsigned i = 0; i < ndisks && rc == 0; i++)
-        rc = tracking_marker_write(disks[i].markfd, false, 0, NULL);
+        rc = tracking_marker_served(disks[i].markfd, boot_id);
     if (rc < 0) {
         char msg[512];
         snprintf(msg, sizeof msg, "%s", vr_errmsg());

@@ -83,8 +83,16 @@ vmreplica_unload(void)
     control_stop();
     for (unsigned i = 0; i < ndisks; i++) {
         struct disk *d = &disks[i];
-        if (d->w && cl_writer_sync(d->w) < 0)
-            nbdkit_error("%s: %s", d->id, vr_errmsg());
+        /* A clean stop: everything durable, then the marker no longer
+         * names this boot (a host restart after it loses nothing). */
+        if (d->markfd >= 0 && !tracking_stopped()) {
+            /* make_durable stops tracking if the log cannot sync. */
+            int rc = make_durable(d);
+            if (rc == 0 && !tracking_stopped())
+                rc = tracking_marker_write(d->markfd, false, 0, NULL);
+            if (rc < 0)
+                nbdkit_error("%s: %s", d->id, vr_errmsg());
+        }
         cl_writer_free(d->w);
         for (unsigned k = 0; k < PRE_OPEN; k++)
             cl_writer_free(d->pre[k]);
@@ -266,6 +274,8 @@ vmreplica_config_complete(void)
 /* Open disk d's log directory and its tracking marker, and say whether the
  * marker says tracking stopped (why and since when).  A log that cannot
  * be opened stops tracking too: the disks are served regardless. */
+char boot_id[40];
+
 static int
 open_log(struct disk *d, bool *was_stopped, uint64_t *cycle, char *why,
          size_t n)
@@ -293,6 +303,15 @@ open_log(struct disk *d, bool *was_stopped, uint64_t *cycle, char *why,
         snprintf(why, n, "%s: %s", d->logdir, vr_errmsg());
         return 1;
     }
+    char then[64];
+    if (!*was_stopped &&
+        tracking_marker_boot(d->markfd, then, sizeof then) == 0 && then[0] &&
+        strcmp(then, boot_id) != 0) {
+        snprintf(why, n, "the host went down while the disks were served "
+                 "(boot %.36s; now %.36s): writes not yet flushed may be on "
+                 "the disks without their records", then, boot_id);
+        return 1;
+    }
     return 0;
 }
 
@@ -311,6 +330,8 @@ vmreplica_get_ready(void)
 {
     char why[256] = "", msg[512] = "";
     uint64_t marker_cycle = 0;
+    if (!view_dir && vr_boot_id(boot_id) < 0)
+        snprintf(msg, sizeof msg, "%s", vr_errmsg());
     for (unsigned i = 0; i < ndisks; i++) {
         struct disk *d = &disks[i];
         struct stat st;
@@ -332,8 +353,9 @@ vmreplica_get_ready(void)
         if (rc < 0)
             return -1;
         if (rc > 0 && !msg[0])
-            snprintf(msg, sizeof msg, "disk %s: its change log cannot be "
-                     "opened: %s", d->id, why);
+            snprintf(msg, sizeof msg, "disk %s: %s%s", d->id,
+                     d->markfd >= 0 ? "" : "its change log cannot be opened: ",
+                     why);
         if (was_stopped && !msg[0]) {
             snprintf(msg, sizeof msg, "%s", why);
             nbdkit_debug("tracking had stopped before this start: %s", why);
@@ -355,6 +377,11 @@ vmreplica_get_ready(void)
         if (disks[i].owner.drop_upto < lowest)
             lowest = disks[i].owner.drop_upto;
     }
+    /* From now until a clean stop the markers name this boot. */
+    for (unsigned i = 0; i < ndisks && !msg[0]; i++)
+        if (tracking_marker_served(disks[i].markfd, boot_id) < 0)
+            snprintf(msg, sizeof msg, "disk %s: %s", disks[i].id,
+                     vr_errmsg());
     if (msg[0]) {
         if (recover_stopped(marker_cycle) < 0)
             nbdkit_debug("%s", vr_errmsg());

@@ -30,6 +30,14 @@ marker-first
     plugin is still stopped, every grain is dirty (the map was in memory),
     and REARM then brings the replica to the disk.
 
+host-restart
+    While the disks are served the marker names the host's boot; a clean
+    stop writes it back plain.  Started again under another boot after a
+    clean stop, or after a kill under the same boot (the page cache
+    survived), the plugin goes on tracking; after a kill and another boot
+    (a host crash: unflushed writes may be on the disk without records) it
+    starts with tracking stopped and every grain dirty.
+
 damaged-log
     A log whose open segment has a garbage header used to keep nbdkit from
     starting, so the VM could not start: now the disks are served, writes
@@ -242,7 +250,8 @@ def log_full(a, root):
                      "cycles' logs: %s" % r):
             return
         voided = int(r.split()[1])
-        check(marker(d) == "vmreplica tracking\n", "the marker says tracking")
+        check(marker(d).startswith("vmreplica tracking\nserved "),
+              "the marker says tracking, served: %r" % marker(d))
         check(sorted(n for n in os.listdir(d.logdir)
                      if n.endswith((".log", ".pre"))) == [],
               "the void cycles' logs are gone")
@@ -365,6 +374,57 @@ def damaged_log(a, root):
     p.kill()
 
 
+def start_as_boot(p, boot):
+    """Start nbdkit as if the host had booted as boot."""
+    os.environ["VMREPLICA_TEST_BOOT_ID"] = boot
+    try:
+        p.start()
+    finally:
+        del os.environ["VMREPLICA_TEST_BOOT_ID"]
+
+
+def host_restart(a, root):
+    d = fresh(root, "boot", 4 << 20)
+    p = pc.Plugin(a, d)
+    start_as_boot(p, "boot-a")
+    check(marker(d) == "vmreplica tracking\nserved boot-a\n",
+          "while served, the marker names the boot: %r" % marker(d))
+    h = pc.nbd_connect(d.sock, p)
+    h.pwrite(b"\x11" * 4096, 0)
+    check(p.ctl("SEAL") == "OK 1", "cycle 1 sealed")
+    h.pwrite(b"\x22" * 4096, 1 << 20)
+    del h
+    p.proc.terminate()
+    p.proc.wait(20)
+    check(marker(d) == "vmreplica tracking\n",
+          "a clean stop leaves a plain tracking marker: %r" % marker(d))
+    start_as_boot(p, "boot-b")
+    check(p.ctl("SEAL") == "OK 2", "after a clean stop and a host restart "
+          "tracking goes on")
+    h = pc.nbd_connect(d.sock, p)
+    h.pwrite(b"\x33" * 4096, 2 << 20)
+    del h
+    p.kill()
+    start_as_boot(p, "boot-b")
+    check(p.ctl("SEAL") == "OK 3", "after a kill under the same boot (page "
+          "cache intact) tracking goes on")
+    p.kill()
+    start_as_boot(p, "boot-c")
+    r = p.ctl("STATUS")
+    check(r.startswith("ERR tracking stopped: disk disk0: the host went down "
+                       "while the disks were served (boot boot-b; now "
+                       "boot-c)"), "a kill then another boot: a host crash, "
+          "tracking stopped: %s" % r)
+    r = p.ctl("REARM")
+    check(r == "OK 4", "REARM: %s" % r)
+    runs = read_dirty(os.path.join(d.logdir, "%020d.dirty" % 4))
+    check(runs == [(0, 4 << 20)], "every grain is dirty: %s" % runs)
+    h = pc.nbd_connect(d.sock, p)
+    resync_and_check(a, d, p, h, runs, 5)
+    del h
+    p.kill()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--plugin", required=True)
@@ -377,7 +437,8 @@ def main():
     for name, fn in [("log-full", log_full),
                      ("preserve-failure", preserve_failure),
                      ("marker-first", marker_first),
-                     ("damaged-log", damaged_log)]:
+                     ("damaged-log", damaged_log),
+                     ("host-restart", host_restart)]:
         if args.only and args.only != name:
             continue
         print("# %s" % name)

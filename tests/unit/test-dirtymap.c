@@ -209,7 +209,21 @@ test_marker(void)
     char small[5];
     ok(tracking_marker_read(fd2, &stopped, &c, small, sizeof small) == 0 &&
        strcmp(small, "log ") == 0, "a short buffer gets the reason cut");
+    char boot[40];
+    is_int(tracking_marker_served(fd, "b-1"), 0, "served under boot b-1");
+    ok(tracking_marker_read(fd2, &stopped, &c, why, sizeof why) == 0 &&
+       !stopped, "a served marker says tracking");
+    ok(tracking_marker_boot(fd2, boot, sizeof boot) == 0 &&
+       strcmp(boot, "b-1") == 0, "and names its boot (%s)", boot);
+    setenv("VMREPLICA_TEST_BOOT_ID", "test-boot", 1);
+    ok(vr_boot_id(boot) == 0 && strcmp(boot, "test-boot") == 0,
+       "the boot id can be set for tests");
+    unsetenv("VMREPLICA_TEST_BOOT_ID");
+    ok(vr_boot_id(boot) == 0 && strlen(boot) == 36,
+       "this host's boot id: %s", boot);
     is_int(tracking_marker_write(fd, false, 0, NULL), 0, "tracking again");
+    ok(tracking_marker_boot(fd2, boot, sizeof boot) == 0 && boot[0] == 0,
+       "a plain tracking marker names no boot (a clean stop)");
     ok(tracking_marker_read(fd2, &stopped, &c, why, sizeof why) == 0 &&
        !stopped, "it says tracking");
     VR_IGNORE(io_pwrite_all(fd, "vmreplica stopped x\n", 20, 0));
