@@ -396,7 +396,7 @@ catalog_save_repl(const struct repl *r)
     int i = 1;
     sqlite3_bind_text(st, i++, r->vm_uuid, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, i++, vm_mode_name(r->mode), -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, i++, r->state, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, i++, repl_st_name(r->st), -1, SQLITE_STATIC);
     sqlite3_bind_text(st, i++, r->replica_server, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, i++, r->connect_address, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, i++, r->primary_server, -1, SQLITE_STATIC);
@@ -476,8 +476,13 @@ load_repl(sqlite3_stmt *st)
              (const char *)sqlite3_column_text(st, i++));
     r->mode = mode_parse((const char *)sqlite3_column_text(st, i++));
     const unsigned char *state = sqlite3_column_text(st, i++);
-    snprintf(r->state, sizeof r->state, "%s",
-             state ? (const char *)state : ST_DISABLED);
+    r->st = REPL_ST_DISABLED;
+    if (state && !repl_st_parse((const char *)state, &r->st)) {
+        /* Only a damaged row names no state: stopped, not guessed. */
+        log_warn("catalog", "vm %s: unknown replication state %s; taken as "
+                 "Error", r->vm_uuid, (const char *)state);
+        r->st = REPL_ST_ERROR;
+    }
     r->replica_server = col_str(st, i++);
     r->connect_address = col_str(st, i++);
     r->primary_server = col_str(st, i++);

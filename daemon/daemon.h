@@ -60,17 +60,21 @@ struct vm {
     struct repl *repl;
 };
 
-/* Replication states (SPEC §9). */
-#define ST_DISABLED        "Disabled"
-#define ST_READY_INITIAL   "ReadyForInitialReplication"
-#define ST_INITIAL         "InitialReplicationInProgress"
-#define ST_WAITING_INITIAL "WaitingForInitialReplication"
-#define ST_REPLICATING     "Replicating"
-#define ST_SUSPENDED       "Suspended"
-#define ST_ERROR           "Error"
-#define ST_FAILOVER_WAIT   "FailOverWaitingCompletion"
-#define ST_FAILED_OVER     "FailedOver"
-#define ST_PREPARED        "PreparedForFailover"
+/* Replication states (SPEC §9).  The names are what the API, the CLI and
+ * the catalog show and store: they never change. */
+enum repl_st {
+    REPL_ST_DISABLED,        /* "Disabled": a catalog row without a state */
+    REPL_ST_READY_INITIAL,   /* "ReadyForInitialReplication" */
+    REPL_ST_INITIAL,         /* "InitialReplicationInProgress" */
+    REPL_ST_WAITING_INITIAL, /* "WaitingForInitialReplication" */
+    REPL_ST_REPLICATING,     /* "Replicating" */
+    REPL_ST_SUSPENDED,       /* "Suspended" */
+    REPL_ST_ERROR,           /* "Error" */
+    REPL_ST_FAILOVER_WAIT,   /* "FailOverWaitingCompletion" */
+    REPL_ST_FAILED_OVER,     /* "FailedOver" */
+    REPL_ST_PREPARED,        /* "PreparedForFailover" */
+    REPL_ST_COUNT
+};
 
 /* Steps of a failover (not a test) on the Replica server, in
  * repl.failover_step; each is in the catalog before its work starts, so a
@@ -88,7 +92,9 @@ enum fo_step {
 struct repl {
     char vm_uuid[37];
     enum vm_mode mode;
-    char state[40];
+    /* Set when the object is made (catalog, enable, reverse); changed
+     * only by repl_transition. */
+    enum repl_st st;
     char *replica_server;  /* primary: "fqdn:port" */
     char *connect_address; /* primary: optional IP to dial */
     char *primary_server;  /* replica: the primary's certificate name */
@@ -364,8 +370,27 @@ int repl_check_identity(const struct repl *r) VR_WUR;
 const char *repl_health(const struct repl *r, json_object *details);
 /* The first cycle that may be a recovery point (see first_point). */
 uint64_t repl_first_point(const struct repl *r);
-/* The state shown (SPEC §9): r->state, or TestFailoverInProgress. */
+/* The state shown (SPEC §9): r->st's name, or TestFailoverInProgress. */
 const char *repl_state(const struct repl *r);
+/* A state's name as shown and stored ("Replicating"). */
+const char *repl_st_name(enum repl_st st);
+/* The state named s; false if s names none. */
+bool repl_st_parse(const char *s, enum repl_st *out);
+/* Flags of repl_transition. */
+#define REPL_T_SAVE 1u /* persist vm->repl (catalog_save_repl) */
+/* The one place a replication's state changes (D->lock held): check that
+ * vm->repl may go from its state to `to` (-EINVAL with the message if
+ * not: a bug), set it and log the change at debug level; with REPL_T_SAVE
+ * persist the replication and return the catalog's result.  Without
+ * REPL_T_SAVE the caller persists the state with its other changes (in
+ * one transaction, or with a rollback) or keeps it in memory on purpose
+ * (start-up recovery). */
+int repl_transition(struct vm *vm, enum repl_st to, unsigned flags) VR_WUR;
+/* repl_transition, then, if it returned 0, record the event (level, fmt)
+ * that tells the user of the change. */
+int repl_transition_event(struct vm *vm, enum repl_st to, unsigned flags,
+                          const char *level, const char *fmt, ...)
+    VR_PRINTF(5, 6) VR_WUR;
 /* failover.c: "VM - Test" while a test failover of vm runs (its name,
  * mode "test", the point, run directory and whether QEMU runs), else
  * NULL.  D->lock held. */

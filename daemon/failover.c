@@ -261,9 +261,8 @@ finish_cancel(struct vm *vm)
     struct repl *r = vm->repl;
     r->failover_point = 0;
     r->failover_step = FO_NONE;
-    snprintf(r->state, sizeof r->state, "%s", ST_REPLICATING);
     r->kick = true;
-    int rc = catalog_save_repl(r);
+    int rc = repl_transition(vm, REPL_ST_REPLICATING, REPL_T_SAVE);
     pthread_cond_broadcast(&D->cond);
     return rc;
 }
@@ -371,15 +370,13 @@ complete_steps(struct vm *vm)
             r->failover_step = FO_NONE;
             r->applied_cycle = r->last_cycle = point;
             r->epoch++;
-            snprintf(r->state, sizeof r->state, "%s", ST_FAILED_OVER);
-            rc = catalog_save_repl(r);
+            rc = repl_transition_event(
+                vm, REPL_ST_FAILED_OVER, REPL_T_SAVE, "info",
+                "failover complete: the disks are point %llu plus the VM's "
+                "writes since; recovery points deleted; epoch %llu (the old "
+                "primary's changes are refused)", (unsigned long long)point,
+                (unsigned long long)r->epoch);
         }
-        if (rc == 0)
-            event_add("info", vm->name, "failover complete: the disks are "
-                      "point %llu plus the VM's writes since; recovery "
-                      "points deleted; epoch %llu (the old primary's "
-                      "changes are refused)", (unsigned long long)point,
-                      (unsigned long long)r->epoch);
     }
     return rc;
 }
@@ -547,7 +544,7 @@ check_idle(const struct vm *vm)
                       "failover complete %s' to commit", vm->name,
                       (unsigned long long)r->failover_point, vm->name,
                       vm->name);
-    if (strcmp(r->state, ST_FAILED_OVER) == 0)
+    if (r->st == REPL_ST_FAILED_OVER)
         return vr_err(-EINVAL, "vm %s: failover is complete; it is no "
                       "longer a replica", vm->name);
     if (!r->initial_done)
@@ -664,8 +661,7 @@ unplanned_start(struct api_call *call, int64_t want, bool force,
     /* The VM will hold its own writes on top of the point: the old
      * primary's disks (prepared or not) no longer match them. */
     r->prepared_cycle = 0;
-    snprintf(r->state, sizeof r->state, "%s", ST_FAILOVER_WAIT);
-    rc = catalog_save_repl(r);
+    rc = repl_transition(vm, REPL_ST_FAILOVER_WAIT, REPL_T_SAVE);
     if (rc == 0)
         vr_fault_point("failover-start-pinned");
     CLEANUP_FREE char *rd = fo_rundir(r);
@@ -701,7 +697,7 @@ unplanned_start(struct api_call *call, int64_t want, bool force,
         json_object_object_add(*out, "point",
                                json_object_new_int64((int64_t)point));
         json_object_object_add(*out, "state",
-                               json_object_new_string(r->state));
+                               json_object_new_string(repl_st_name(r->st)));
         json_object_object_add(*out, "run_dir", json_object_new_string(rd));
     }
     r->failover_busy = false;
@@ -724,7 +720,7 @@ api_failover_start(struct api_call *call, unsigned *status VR_UNUSED,
     struct vm *vm = vm_find(call->arg);
     bool planned = !want && vm && vm->mode == VM_MODE_REPLICA && vm->repl &&
                    vm->repl->prepared_cycle &&
-                   strcmp(vm->repl->state, ST_REPLICATING) == 0;
+                   vm->repl->st == REPL_ST_REPLICATING;
     pthread_mutex_unlock(&D->lock);
     if (planned)
         return planned_start(call, !jbool(call->body, "no_start", false),
@@ -821,7 +817,7 @@ api_failover_stop(struct api_call *call, unsigned *status VR_UNUSED,
     pthread_mutex_lock(&D->lock);
     struct vm *pvm = vm_find(call->arg);
     bool prepared = pvm && pvm->mode == VM_MODE_PRIMARY && pvm->repl &&
-                    strcmp(pvm->repl->state, ST_PREPARED) == 0;
+                    pvm->repl->st == REPL_ST_PREPARED;
     pthread_mutex_unlock(&D->lock);
     if (prepared)
         return planned_unprepare(call, out);
@@ -849,7 +845,7 @@ api_failover_stop(struct api_call *call, unsigned *status VR_UNUSED,
         json_object_object_add(*out, "point",
                                json_object_new_int64((int64_t)point));
         json_object_object_add(*out, "state",
-                               json_object_new_string(r->state));
+                               json_object_new_string(repl_st_name(r->st)));
     }
     r->failover_busy = false;
     pthread_cond_broadcast(&D->cond);
@@ -883,7 +879,7 @@ api_failover_complete(struct api_call *call, unsigned *status VR_UNUSED,
         json_object_object_add(*out, "point",
                                json_object_new_int64((int64_t)point));
         json_object_object_add(*out, "state",
-                               json_object_new_string(r->state));
+                               json_object_new_string(repl_st_name(r->st)));
         json_object_object_add(*out, "epoch",
                                json_object_new_int64((int64_t)r->epoch));
     } else {

@@ -265,7 +265,7 @@ history_recover(struct vm *vm)
     if (!r || !r->storage || vm->mode != VM_MODE_REPLICA)
         return 0;
     /* A completed failover has no points: its disks are its own. */
-    if (strcmp(r->state, ST_FAILED_OVER) == 0)
+    if (r->st == REPL_ST_FAILED_OVER)
         return 0;
     struct point *pts = NULL;
     size_t np = 0;

@@ -86,7 +86,7 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
     int rc = lookup_primary(call, &vm);
     struct repl *r = rc == 0 ? vm->repl : NULL;
     CLEANUP_FREE char *rundir = rc == 0 ? vm_rundir(vm) : NULL;
-    if (rc == 0 && strcmp(r->state, ST_PREPARED) == 0 && !r->preparing) {
+    if (rc == 0 && r->st == REPL_ST_PREPARED && !r->preparing) {
         /* Asked again: tell the Replica server again (a crash may have
          * come between recording the state and telling it). */
         r->preparing = true;
@@ -97,9 +97,9 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
         pthread_mutex_unlock(&D->lock);
         return rc;
     }
-    if (rc == 0 && strcmp(r->state, ST_REPLICATING) != 0)
+    if (rc == 0 && r->st != REPL_ST_REPLICATING)
         rc = vr_err(-EBUSY, "vm %s: replication is %s; it must be "
-                    "Replicating to prepare a failover", vm->name, r->state);
+                    "Replicating to prepare a failover", vm->name, repl_st_name(r->st));
     if (rc == 0 && (vm->changing || r->preparing || r->removing))
         rc = vr_err(-EBUSY, "vm %s: a start, stop or other change is in "
                     "progress; try again", vm->name);
@@ -129,10 +129,10 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
     uint64_t deadline = vr_mono_ms() + (limit > PREPARE_SHIP_MS
                                             ? limit : PREPARE_SHIP_MS);
     while (rc == 0) {
-        if (strcmp(r->state, ST_REPLICATING) != 0) {
+        if (r->st != REPL_ST_REPLICATING) {
             rc = vr_err(-EIO, "vm %s: replication stopped while preparing: "
                         "%s", vm->name, r->last_error ? r->last_error
-                                                      : r->state);
+                                                      : repl_st_name(r->st));
             break;
         }
         if (shipper_pending_bytes(vm) == 0)
@@ -153,9 +153,8 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
     uint64_t n = r->last_cycle;
     if (rc == 0) {
         vr_fault_point("prepare-shipped");
-        snprintf(r->state, sizeof r->state, "%s", ST_PREPARED);
         r->prepared_cycle = n;
-        rc = catalog_save_repl(r);
+        rc = repl_transition(vm, REPL_ST_PREPARED, REPL_T_SAVE);
         if (rc == 0)
             vr_fault_point("prepare-saved");
         /* If the Replica server does not answer, it may still have
@@ -189,9 +188,9 @@ planned_unprepare(struct api_call *call, json_object **out)
     struct vm *vm = NULL;
     int rc = lookup_primary(call, &vm);
     struct repl *r = rc == 0 ? vm->repl : NULL;
-    if (rc == 0 && strcmp(r->state, ST_PREPARED) != 0)
+    if (rc == 0 && r->st != REPL_ST_PREPARED)
         rc = vr_err(-ENOENT, "vm %s: not prepared for failover (state %s)",
-                    vm->name, r->state);
+                    vm->name, repl_st_name(r->st));
     if (rc == 0 && (vm->changing || r->preparing))
         rc = vr_err(-EBUSY, "vm %s: a change is in progress; try again",
                     vm->name);
@@ -205,10 +204,9 @@ planned_unprepare(struct api_call *call, json_object **out)
                         vr_errmsg());
     }
     if (rc == 0) {
-        snprintf(r->state, sizeof r->state, "%s", ST_REPLICATING);
         r->prepared_cycle = 0;
         r->kick = true;
-        rc = catalog_save_repl(r);
+        rc = repl_transition(vm, REPL_ST_REPLICATING, REPL_T_SAVE);
     }
     if (rc == 0) {
         event_add("info", vm->name, "failover preparation withdrawn; "
@@ -236,8 +234,8 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
              r->failover_busy || vm->changing)
         rc = vr_err(-EBUSY, "vm %s: a test failover or another failover "
                     "step is running", vm->name);
-    else if (strcmp(r->state, ST_REPLICATING) != 0)
-        rc = vr_err(-EBUSY, "vm %s: replication is %s", vm->name, r->state);
+    else if (r->st != REPL_ST_REPLICATING)
+        rc = vr_err(-EBUSY, "vm %s: replication is %s", vm->name, repl_st_name(r->st));
     if (rc < 0) {
         pthread_mutex_unlock(&D->lock);
         return rc;
@@ -248,7 +246,7 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
     /* The prepared cycle may still be being applied. */
     uint64_t deadline = vr_mono_ms() + PLANNED_APPLY_MS;
     while (r->prepared_cycle && r->applied_cycle < r->prepared_cycle &&
-           vr_mono_ms() < deadline && strcmp(r->state, ST_REPLICATING) == 0)
+           vr_mono_ms() < deadline && r->st == REPL_ST_REPLICATING)
         daemon_wait_ms(100);
     while (vm->applying)
         pthread_cond_wait(&D->cond, &D->lock);
@@ -286,14 +284,13 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
         r->base_cycle = base;
         r->last_cycle = r->applied_cycle = n;
         r->epoch++;
-        snprintf(r->state, sizeof r->state, "%s", ST_FAILED_OVER);
-        rc = catalog_save_repl(r);
+        rc = repl_transition(vm, REPL_ST_FAILED_OVER, REPL_T_SAVE);
         if (rc < 0) { /* as it was: the catalog is the truth */
             r->base_cycle = old.base_cycle;
             r->last_cycle = old.last_cycle;
             r->applied_cycle = old.applied_cycle;
             r->epoch = old.epoch;
-            memcpy(r->state, old.state, sizeof r->state);
+            r->st = old.st; /* a rollback, not a transition */
         }
     }
     if (rc == 0) {
@@ -331,7 +328,7 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
         json_object_object_add(*out, "point",
                                json_object_new_int64((int64_t)n));
         json_object_object_add(*out, "state",
-                               json_object_new_string(r->state));
+                               json_object_new_string(repl_st_name(r->st)));
         json_object_object_add(*out, "epoch",
                                json_object_new_int64((int64_t)r->epoch));
     }
@@ -360,7 +357,7 @@ api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,
     if (!vm)
         rc = vr_err(-ENOENT, "vm %s: not found", call->arg);
     else if (vm->mode != VM_MODE_REPLICA || !r ||
-             strcmp(r->state, ST_FAILED_OVER) != 0)
+             r->st != REPL_ST_FAILED_OVER)
         rc = vr_err(-EINVAL, "vm %s: not a failed-over Replica VM (run "
                     "'vmreplica failover start %s' on this server first)",
                     vm->name, vm->name);
@@ -406,7 +403,7 @@ api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,
     nr->base_cycle = nr->last_cycle = r->base_cycle;
     nr->initial_seq = 1;
     nr->initial_disk = vm->ndisks;
-    snprintf(nr->state, sizeof nr->state, "%s", ST_INITIAL);
+    nr->st = REPL_ST_INITIAL;
     nr->task = xstrdup("InitialReplication");
     uint64_t prepared = r->prepared_cycle;
     /* The old primary's name stays, for a fail-back's default. */

@@ -352,7 +352,7 @@ replica_status_json(const struct vm *vm)
                            json_object_new_int64((int64_t)r->applied_cycle));
     json_object_object_add(o, "staged_cycle",
                            json_object_new_int64((int64_t)r->last_cycle));
-    json_object_object_add(o, "state", json_object_new_string(r->state));
+    json_object_object_add(o, "state", json_object_new_string(repl_st_name(r->st)));
     return o;
 }
 
@@ -703,13 +703,13 @@ do_reverse(struct rreq *q, const struct r1_reg *reg, json_object **out)
             rc = vr_err(-EPERM, "register: reverse replication of vm %s: "
                         "it replicates to %s, not %s", vm->name,
                         r->replica_server, q->peer);
-        else if (strcmp(r->state, ST_PREPARED) != 0 || reverse_of <= 0 ||
+        else if (r->st != REPL_ST_PREPARED || reverse_of <= 0 ||
                  r->prepared_cycle != (uint64_t)reverse_of)
             rc = vr_err(-EPERM, "register: reverse replication of vm %s at "
                         "cycle %lld refused: it is %s here (prepared at "
                         "%llu); only a VM prepared with 'failover prepare' "
                         "is reversed without resynchronization", vm->name,
-                        (long long)reverse_of, r->state,
+                        (long long)reverse_of, repl_st_name(r->st),
                         (unsigned long long)r->prepared_cycle);
         else if (q->epoch <= r->epoch)
             rc = vr_err(-ESTALE, "register: epoch %llu is not newer than "
@@ -760,8 +760,9 @@ do_reverse(struct rreq *q, const struct r1_reg *reg, json_object **out)
             take_history(r, q);
             if (reg->frequency_s)
                 r->frequency_s = reg->frequency_s;
-            snprintf(r->state, sizeof r->state, "%s", ST_WAITING_INITIAL);
-            rc = catalog_begin();
+            rc = repl_transition(vm, REPL_ST_WAITING_INITIAL, 0);
+            if (rc == 0)
+                rc = catalog_begin();
             if (rc == 0) {
                 rc = history_reset(vm);
                 if (rc == 0)
@@ -834,7 +835,7 @@ check_reregister(const struct vm *vm, const struct rreq *q, size_t nd)
         return vr_err(-EBUSY, "register: vm %s: a cycle is being received "
                       "or applied; try again", vm->name);
     if (r && (r->failover_point || r->failover_busy ||
-              strcmp(r->state, ST_FAILED_OVER) == 0))
+              r->st == REPL_ST_FAILED_OVER))
         return vr_err(-EPERM, "register: vm %s was failed over on the "
                       "Replica server; it no longer replicates from %s",
                       vm->name, q->peer);
@@ -1082,14 +1083,15 @@ do_register(struct rreq *q, json_object **out)
          * side still thinks is replicating: the primary may have removed
          * it while we were unreachable, and changed the disk since. */
         r->initial_done = false;
-        snprintf(r->state, sizeof r->state, "%s", ST_WAITING_INITIAL);
+        rc = repl_transition(vm, REPL_ST_WAITING_INITIAL, 0);
         r->applied_cycle = r->last_cycle = 0;
         r->prepared_cycle = 0;
         /* The disks of an existing VM are kept as they are (they may seed
          * a comparison, SPEC §5); a full initial replication resets them
          * before its first piece (reset_kept_disks). */
         r->reset_pending = !created;
-        rc = clear_staging(r);
+        if (rc == 0)
+            rc = clear_staging(r);
         /* The recovery history of the old relationship goes. */
         if (rc == 0)
             rc = history_reset(vm);
@@ -1159,15 +1161,12 @@ do_initial_done(struct rreq *q, json_object **out)
         r->applied_cycle = (uint64_t)base;
         r->last_cycle = (uint64_t)base;
         r->initial_done = true;
-        snprintf(r->state, sizeof r->state, "%s", ST_REPLICATING);
-        rc = catalog_save_repl(r);
-        if (rc == 0) {
-            event_add("info", vm->name,
-                      "initial replication complete at cycle %lld; recovery "
-                      "points from cycle %lld on",
-                      (long long)base, (long long)first);
+        rc = repl_transition_event(
+            vm, REPL_ST_REPLICATING, REPL_T_SAVE, "info",
+            "initial replication complete at cycle %lld; recovery points "
+            "from cycle %lld on", (long long)base, (long long)first);
+        if (rc == 0)
             *out = replica_status_json(vm);
-        }
     }
     pthread_mutex_unlock(&D->lock);
     return rc;
@@ -2537,7 +2536,8 @@ replica_recover(void)
                      vm->name, (unsigned long long)n);
             int rc = apply_one(vm, n, true);
             if (rc < 0) {
-                snprintf(r->state, sizeof r->state, "%s", ST_ERROR);
+                /* In memory only: the next start tries again. */
+                VR_IGNORE(repl_transition(vm, REPL_ST_ERROR, 0));
                 break;
             }
         }
@@ -2557,7 +2557,7 @@ applier_main(void *arg VR_UNUSED)
         for (struct vm *vm = D->vms; vm && !todo; vm = vm->next) {
             struct repl *r = vm->repl;
             if (vm->mode != VM_MODE_REPLICA || !r || !r->initial_done ||
-                strcmp(r->state, ST_REPLICATING) != 0 ||
+                r->st != REPL_ST_REPLICATING ||
                 r->applied_cycle >= r->last_cycle || r->test_busy)
                 continue;
             if (r->apply_retry_ms > now) {
@@ -2594,8 +2594,7 @@ applier_main(void *arg VR_UNUSED)
                                    : "replica storage full",
                      (unsigned long long)delay_ms / 1000);
         } else if (rc < 0) {
-            snprintf(r->state, sizeof r->state, "%s", ST_ERROR);
-            VR_IGNORE(catalog_save_repl(r));
+            VR_IGNORE(repl_transition(todo, REPL_ST_ERROR, REPL_T_SAVE));
         } else {
             r->apply_retry_ms = 0;
         }

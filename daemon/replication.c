@@ -1,6 +1,8 @@
 /* replication.c: the replication endpoints of the management API (enable,
  * set, show, list, measure, suspend, resume, remove, reset-stats, initial
  * replication), health by Hyper-V's rules, and the /metrics text. */
+#include <assert.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,15 +27,120 @@ lookup_repl(struct api_call *call, struct vm **out)
     return 0;
 }
 
+/* ---- the replication state machine ----------------------------------- */
+
+static const char *const st_names[REPL_ST_COUNT] = {
+    [REPL_ST_DISABLED] = "Disabled",
+    [REPL_ST_READY_INITIAL] = "ReadyForInitialReplication",
+    [REPL_ST_INITIAL] = "InitialReplicationInProgress",
+    [REPL_ST_WAITING_INITIAL] = "WaitingForInitialReplication",
+    [REPL_ST_REPLICATING] = "Replicating",
+    [REPL_ST_SUSPENDED] = "Suspended",
+    [REPL_ST_ERROR] = "Error",
+    [REPL_ST_FAILOVER_WAIT] = "FailOverWaitingCompletion",
+    [REPL_ST_FAILED_OVER] = "FailedOver",
+    [REPL_ST_PREPARED] = "PreparedForFailover",
+};
+
+#define B(st) (1u << (st))
+/* Where each state may go, besides staying where it is.  From every state:
+ * Error (a cycle or an apply failed for good), WaitingForInitialReplication
+ * (a registration starts a relationship afresh, and reverses a prepared
+ * primary) and FailOverWaitingCompletion (an unplanned failover starts at
+ * whatever the Replica VM reached).  Disabled is only ever read from an
+ * old catalog row, so it may go anywhere. */
+#define ST_ANY_TO                                                              \
+    (B(REPL_ST_ERROR) | B(REPL_ST_WAITING_INITIAL) | B(REPL_ST_FAILOVER_WAIT))
+#define ST_RESUME_TO                                                           \
+    (B(REPL_ST_REPLICATING) | B(REPL_ST_WAITING_INITIAL) |                     \
+     B(REPL_ST_INITIAL) | B(REPL_ST_READY_INITIAL))
+static const unsigned st_next[REPL_ST_COUNT] = {
+    [REPL_ST_DISABLED] = B(REPL_ST_COUNT) - 1,
+    /* initial start; suspend; initial completes after a resume */
+    [REPL_ST_READY_INITIAL] =
+        B(REPL_ST_INITIAL) | B(REPL_ST_SUSPENDED) | B(REPL_ST_REPLICATING),
+    /* the base copy completes; suspend */
+    [REPL_ST_INITIAL] = B(REPL_ST_REPLICATING) | B(REPL_ST_SUSPENDED),
+    /* initial-complete from the primary; suspend */
+    [REPL_ST_WAITING_INITIAL] =
+        B(REPL_ST_REPLICATING) | B(REPL_ST_SUSPENDED),
+    /* suspend; failover prepare (primary); planned failover (replica) */
+    [REPL_ST_REPLICATING] = B(REPL_ST_SUSPENDED) | B(REPL_ST_PREPARED) |
+                            B(REPL_ST_FAILED_OVER),
+    /* resume */
+    [REPL_ST_SUSPENDED] = ST_RESUME_TO,
+    /* resume; suspend; a planned failover whose wait saw an apply fail */
+    [REPL_ST_ERROR] =
+        ST_RESUME_TO | B(REPL_ST_SUSPENDED) | B(REPL_ST_FAILED_OVER),
+    /* failover complete; failover stop (or its crash recovery) */
+    [REPL_ST_FAILOVER_WAIT] = B(REPL_ST_FAILED_OVER) | B(REPL_ST_REPLICATING),
+    [REPL_ST_FAILED_OVER] = 0,
+    /* failover stop on the primary withdraws the preparation */
+    [REPL_ST_PREPARED] = B(REPL_ST_REPLICATING),
+};
+
+const char *
+repl_st_name(enum repl_st st)
+{
+    return (unsigned)st < REPL_ST_COUNT ? st_names[st] : "Unknown";
+}
+
+bool
+repl_st_parse(const char *s, enum repl_st *out)
+{
+    for (unsigned i = 0; i < REPL_ST_COUNT; i++)
+        if (strcmp(s, st_names[i]) == 0) {
+            *out = (enum repl_st)i;
+            return true;
+        }
+    return false;
+}
+
+int
+repl_transition(struct vm *vm, enum repl_st to, unsigned flags)
+{
+    struct repl *r = vm->repl;
+    assert((unsigned)to < REPL_ST_COUNT);
+    if (to != r->st && !((st_next[r->st] | ST_ANY_TO) & B(to))) {
+        int rc = vr_err(-EINVAL, "vm %s: replication state %s cannot change "
+                        "to %s", vm->name, repl_st_name(r->st),
+                        repl_st_name(to));
+        log_error("repl", "%s", vr_errmsg());
+        return rc;
+    }
+    if (to != r->st)
+        log_debug("repl", "%s: state %s -> %s", vm->name,
+                  repl_st_name(r->st), repl_st_name(to));
+    r->st = to;
+    return flags & REPL_T_SAVE ? catalog_save_repl(r) : 0;
+}
+
+int
+repl_transition_event(struct vm *vm, enum repl_st to, unsigned flags,
+                      const char *level, const char *fmt, ...)
+{
+    int rc = repl_transition(vm, to, flags);
+    if (rc < 0)
+        return rc;
+    char msg[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    event_add(level, vm->name, "%s", msg);
+    return 0;
+}
+#undef B
+
 const char *
 repl_state(const struct repl *r)
 {
     /* SPEC §9: a Replica VM with a test failover shows it; replication
-     * into it goes on (the applier goes by r->state). */
+     * into it goes on (the applier goes by r->st). */
     if (r->mode == VM_MODE_REPLICA && r->test_point &&
-        strcmp(r->state, ST_REPLICATING) == 0)
+        r->st == REPL_ST_REPLICATING)
         return "TestFailoverInProgress";
-    return r->state;
+    return repl_st_name(r->st);
 }
 
 uint64_t
@@ -54,13 +161,13 @@ repl_health(const struct repl *r, json_object *details)
         if (strcmp(level, "Critical") == 0 || strcmp(h, "Normal") == 0)        \
             h = level;                                                         \
     } while (0)
-    if (strcmp(r->state, ST_ERROR) == 0) {
+    if (r->st == REPL_ST_ERROR) {
         char buf[1200];
         snprintf(buf, sizeof buf, "replication stopped by an error: %s",
                  r->last_error ? r->last_error : "unknown");
         ADD("Critical", buf);
     }
-    if (strcmp(r->state, ST_SUSPENDED) == 0)
+    if (r->st == REPL_ST_SUSPENDED)
         ADD(r->mode == VM_MODE_REPLICA ? "Critical" : "Warning",
             "replication is suspended");
     if (!r->initial_done)
@@ -72,8 +179,8 @@ repl_health(const struct repl *r, json_object *details)
     uint64_t reached = r->mode == VM_MODE_REPLICA ? r->applied_cycle
                                                   : r->last_cycle;
     if (r->initial_done && reached < repl_first_point(r) &&
-        (strcmp(r->state, ST_REPLICATING) == 0 ||
-         strcmp(r->state, ST_SUSPENDED) == 0)) {
+        (r->st == REPL_ST_REPLICATING ||
+         r->st == REPL_ST_SUSPENDED)) {
         char buf[200];
         snprintf(buf, sizeof buf, "no recovery point yet: the Replica VM is "
                  "consistent from cycle %llu on (%s: %llu)",
@@ -88,7 +195,7 @@ repl_health(const struct repl *r, json_object *details)
     uint64_t total = r->ok_count + r->missed;
     if (total >= 5 && r->missed * 5 > total)
         ADD("Warning", "more than 20% of cycles were missed");
-    if (r->errors && r->last_error && strcmp(r->state, ST_ERROR) != 0 &&
+    if (r->errors && r->last_error && r->st != REPL_ST_ERROR &&
         strcmp(h, "Normal") == 0 && r->last_ok_ms + 60000 < now) {
         char buf[1200];
         snprintf(buf, sizeof buf, "replication is retrying: %s",
@@ -223,7 +330,7 @@ repl_measure_json(const struct vm *vm)
     I64("applied_cycle",
         r->mode == VM_MODE_REPLICA ? r->applied_cycle : r->last_cycle);
 #undef I64
-    bool initial = strcmp(r->state, ST_INITIAL) == 0;
+    bool initial = r->st == REPL_ST_INITIAL;
     json_object_object_add(
         o, "current_task",
         json_object_new_string(initial ? "InitialReplication" : "None"));
@@ -406,7 +513,7 @@ api_repl_enable(struct api_call *call, unsigned *status, json_object **out)
     r->compression = true;
     r->point_interval_s = 3600;
     r->epoch = 1;
-    snprintf(r->state, sizeof r->state, "%s", ST_READY_INITIAL);
+    r->st = REPL_ST_READY_INITIAL;
     int rc = parse_common(b, r);
     r->replica_server = repl_server_with_port(server, r);
 
@@ -450,7 +557,7 @@ api_repl_enable(struct api_call *call, unsigned *status, json_object **out)
                     call->arg);
     if (rc == 0) {
         if (jbool(b, "start_initial", false)) {
-            snprintf(r->state, sizeof r->state, "%s", ST_INITIAL);
+            r->st = REPL_ST_INITIAL; /* not attached yet */
             r->task = xstrdup("InitialReplication");
         }
         vm->repl = r;
@@ -575,10 +682,10 @@ api_repl_list(struct api_call *call, unsigned *status VR_UNUSED,
     return 0;
 }
 
+/* D->lock held: the shipper (or applier) waits for a state change. */
 static void
-set_state(struct vm *vm, const char *st)
+wake(struct vm *vm)
 {
-    snprintf(vm->repl->state, sizeof vm->repl->state, "%s", st);
     vm->repl->kick = true;
     pthread_cond_broadcast(&D->cond);
 }
@@ -593,14 +700,14 @@ check_not_failing_over(const struct vm *vm)
     if (r->preparing || r->failover_busy || vm->changing)
         return vr_err(-EBUSY, "vm %s: a failover step or another change is "
                       "in progress; try again", vm->name);
-    if (strcmp(r->state, ST_PREPARED) == 0)
+    if (r->st == REPL_ST_PREPARED)
         return vr_err(-EBUSY, "vm %s: prepared for failover; 'vmreplica "
                       "failover stop %s' undoes the preparation", vm->name,
                       vm->name);
-    if (r->failover_point || strcmp(r->state, ST_FAILED_OVER) == 0)
+    if (r->failover_point || r->st == REPL_ST_FAILED_OVER)
         return vr_err(-EBUSY, "vm %s: failed over (%s); replication does "
                       "not suspend or resume in that state", vm->name,
-                      r->state);
+                      repl_st_name(r->st));
     return 0;
 }
 
@@ -613,11 +720,10 @@ api_repl_suspend(struct api_call *call, unsigned *status VR_UNUSED,
     int rc = lookup_repl(call, &vm);
     if (rc == 0)
         rc = check_not_failing_over(vm);
-    if (rc == 0 && strcmp(vm->repl->state, ST_SUSPENDED) != 0) {
-        set_state(vm, ST_SUSPENDED);
-        rc = catalog_save_repl(vm->repl);
-        if (rc == 0)
-            event_add("info", vm->name, "replication suspended");
+    if (rc == 0 && vm->repl->st != REPL_ST_SUSPENDED) {
+        wake(vm);
+        rc = repl_transition_event(vm, REPL_ST_SUSPENDED, REPL_T_SAVE, "info",
+                                   "replication suspended");
     }
     if (rc == 0)
         *out = repl_to_json(vm);
@@ -634,18 +740,18 @@ api_repl_resume(struct api_call *call, unsigned *status VR_UNUSED,
     int rc = lookup_repl(call, &vm);
     if (rc == 0)
         rc = check_not_failing_over(vm);
-    if (rc == 0 && (strcmp(vm->repl->state, ST_SUSPENDED) == 0 ||
-                    strcmp(vm->repl->state, ST_ERROR) == 0)) {
+    if (rc == 0 && (vm->repl->st == REPL_ST_SUSPENDED ||
+                    vm->repl->st == REPL_ST_ERROR)) {
         struct repl *r = vm->repl;
-        set_state(vm, r->initial_done ? ST_REPLICATING
-                      : r->mode == VM_MODE_REPLICA ? ST_WAITING_INITIAL
-                      : r->initial_seq ? ST_INITIAL
-                                       : ST_READY_INITIAL);
-        rc = catalog_save_repl(r);
-        if (rc == 0) {
-            event_add("info", vm->name, "replication resumed");
+        wake(vm);
+        rc = repl_transition_event(
+            vm, r->initial_done                ? REPL_ST_REPLICATING
+                : r->mode == VM_MODE_REPLICA ? REPL_ST_WAITING_INITIAL
+                : r->initial_seq             ? REPL_ST_INITIAL
+                                             : REPL_ST_READY_INITIAL,
+            REPL_T_SAVE, "info", "replication resumed");
+        if (rc == 0)
             shipper_ensure(vm);
-        }
     }
     if (rc == 0)
         *out = repl_to_json(vm);
@@ -687,16 +793,16 @@ api_initial_start(struct api_call *call, unsigned *status VR_UNUSED,
     if (rc == 0 && vm->repl->initial_done)
         rc = vr_err(-EALREADY, "vm %s: initial replication is already done",
                     vm->name);
-    if (rc == 0 && strcmp(vm->repl->state, ST_INITIAL) != 0) {
-        if (strcmp(vm->repl->state, ST_READY_INITIAL) != 0)
+    if (rc == 0 && vm->repl->st != REPL_ST_INITIAL) {
+        if (vm->repl->st != REPL_ST_READY_INITIAL)
             rc = vr_err(-EBUSY, "vm %s: cannot start initial replication in "
                                 "state %s",
-                        vm->name, vm->repl->state);
+                        vm->name, repl_st_name(vm->repl->st));
         else {
-            set_state(vm, ST_INITIAL);
+            wake(vm);
             free(vm->repl->task);
             vm->repl->task = xstrdup("InitialReplication");
-            rc = catalog_save_repl(vm->repl);
+            rc = repl_transition(vm, REPL_ST_INITIAL, REPL_T_SAVE);
             shipper_ensure(vm);
         }
     }
@@ -756,7 +862,7 @@ api_repl_remove(struct api_call *call, unsigned *status VR_UNUSED,
                     (unsigned long long)vm->repl->failover_point, vm->name,
                     vm->name);
     bool failed_over = rc == 0 &&
-                       strcmp(vm->repl->state, ST_FAILED_OVER) == 0;
+                       vm->repl->st == REPL_ST_FAILED_OVER;
     if (rc == 0) {
         rc = catalog_delete_repl(vm->uuid);
         if (rc == 0) {

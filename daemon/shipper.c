@@ -1168,7 +1168,7 @@ run_initial(struct vm *vm, struct job *jb)
 
     for (;;) {
         pthread_mutex_lock(&D->lock);
-        bool stop = r->stop || strcmp(r->state, ST_INITIAL) != 0;
+        bool stop = r->stop || r->st != REPL_ST_INITIAL;
         unsigned d = r->initial_disk;
         uint64_t off = r->initial_offset, seq = r->initial_seq,
                  base = r->base_cycle;
@@ -1222,10 +1222,9 @@ run_initial(struct vm *vm, struct job *jb)
     r->first_point = first;
     r->last_cycle = base;
     r->last_ok_ms = vr_wall_ms();
-    snprintf(r->state, sizeof r->state, "%s", ST_REPLICATING);
     free(r->task);
     r->task = NULL;
-    rc = catalog_save_repl(r);
+    rc = repl_transition(vm, REPL_ST_REPLICATING, REPL_T_SAVE);
     event_add("info", vm->name,
               "initial replication complete: %llu bytes of data sent",
               (unsigned long long)r->initial_sent);
@@ -1270,8 +1269,8 @@ shipper_main(void *arg)
         pthread_mutex_lock(&D->lock);
     }
     while (!r->stop && !D->shutting_down) {
-        bool initial = strcmp(r->state, ST_INITIAL) == 0;
-        bool replicating = strcmp(r->state, ST_REPLICATING) == 0;
+        bool initial = r->st == REPL_ST_INITIAL;
+        bool replicating = r->st == REPL_ST_REPLICATING;
         /* Time spent suspended or in error is not missed cycles. */
         if (!initial && !replicating)
             next_due = 0;
@@ -1313,8 +1312,9 @@ shipper_main(void *arg)
         free(r->last_error);
         r->last_error = xstrdup(msg);
         if (shipper_unrecoverable(rc)) {
-            snprintf(r->state, sizeof r->state, "%s", ST_ERROR);
-            event_add("error", vm->name, "replication stopped: %s", msg);
+            /* Saved below with the error counters. */
+            VR_IGNORE(repl_transition_event(vm, REPL_ST_ERROR, 0, "error",
+                                            "replication stopped: %s", msg));
         } else {
             unsigned idx = failures < ARRAY_SIZE(backoff_s)
                                ? failures
@@ -1344,7 +1344,7 @@ shipper_ensure(struct vm *vm)
     if (!r || r->mode != VM_MODE_PRIMARY || r->thread_running ||
         r->removing || D->shutting_down)
         return;
-    if (strcmp(r->state, ST_INITIAL) == 0 && !r->task)
+    if (r->st == REPL_ST_INITIAL && !r->task)
         r->task = xstrdup("InitialReplication");
     r->stop = false;
     r->thread_running = true;

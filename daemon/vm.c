@@ -700,7 +700,7 @@ api_vm_start(struct api_call *call, unsigned *status VR_UNUSED,
     int rc = begin_change(call, &vm);
     if (rc == 0 && vm->repl && vm->repl->mode == VM_MODE_PRIMARY &&
         (vm->repl->preparing ||
-         strcmp(vm->repl->state, ST_PREPARED) == 0)) {
+         vm->repl->st == REPL_ST_PREPARED)) {
         vm->changing = false;
         rc = vr_err(-EBUSY, "vm %s: prepared for failover to %s: it starts "
                     "there ('vmreplica failover start %s' on the Replica "
@@ -709,7 +709,7 @@ api_vm_start(struct api_call *call, unsigned *status VR_UNUSED,
                     vm->name, vm->name);
     }
     if (rc == 0 && vm->mode == VM_MODE_REPLICA &&
-        !(vm->repl && strcmp(vm->repl->state, ST_FAILED_OVER) == 0)) {
+        !(vm->repl && vm->repl->st == REPL_ST_FAILED_OVER)) {
         vm->changing = false;
         rc = vr_err(-EBUSY, "vm %s: is a Replica VM; it starts only through "
                             "failover",
