@@ -44,7 +44,7 @@
 #include "api-int.h"
 #include "daemon.h"
 #include "undo.h"
-#include "vmproc.h"
+#include "proc/vmproc.h"
 
 #define TEST_STOP_MS 5000
 #define FO_STOP_MS 30000 /* a failed-over VM's shutdown at complete */

@@ -22,7 +22,7 @@
 
 #include "api-int.h"
 #include "daemon.h"
-#include "vmproc.h"
+#include "proc/vmproc.h"
 
 #define INJECT_WAIT_MS (180 * 1000) /* the guest's boot, up to its agent */
 

@@ -37,7 +37,7 @@
 #include "api-int.h"
 #include "daemon.h"
 #include "shipper-int.h"
-#include "vmproc.h"
+#include "proc/vmproc.h"
 
 #define PREPARE_SHIP_MS 60000 /* at least: the remaining cycles' shipping */
 #define PLANNED_APPLY_MS 60000 /* the prepared cycle's apply */

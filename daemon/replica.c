@@ -32,9 +32,9 @@
 
 #include "cycle.h"
 #include "daemon.h"
-#include "http.h"
-#include "krb.h"
-#include "r1json.h"
+#include "net/http.h"
+#include "net/krb.h"
+#include "core/r1json.h"
 
 #define R1_MAX_CYCLE_RAW (16ull << 30)
 #define R1_MAX_BASE_RAW  (80ull << 20)

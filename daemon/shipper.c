@@ -21,10 +21,10 @@
 #include <gnutls/x509.h>
 
 #include "cycle.h"
-#include "krb.h"
+#include "net/krb.h"
 #include "daemon.h"
 #include "shipper-int.h"
-#include "vmproc.h"
+#include "proc/vmproc.h"
 
 #define BASE_CHUNK_BYTES (32u << 20)
 #define BASE_REC_BYTES   (1u << 20)

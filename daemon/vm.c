@@ -13,7 +13,7 @@
 #include "config.h"
 #include "api-int.h"
 #include "daemon.h"
-#include "vmproc.h"
+#include "proc/vmproc.h"
 
 const char *
 vm_mode_name(enum vm_mode m)
