@@ -47,7 +47,7 @@ auth_authorize(const char *peer, char **storage, char **group)
     *storage = *group = NULL;
     struct auth_entry *e = NULL;
     size_t n = 0;
-    int rc = catalog_auth_list(&e, &n);
+    int rc = catalog_auth_list(D->cat, &e, &n);
     if (rc < 0)
         return rc;
     const struct auth_entry *best = best_entry(e, n, peer);
@@ -74,7 +74,7 @@ auth_check_vm_cap(const char *peer)
 {
     struct auth_entry *e = NULL;
     size_t n = 0;
-    int rc = catalog_auth_list(&e, &n);
+    int rc = catalog_auth_list(D->cat, &e, &n);
     if (rc < 0)
         return rc;
     const struct auth_entry *best = best_entry(e, n, peer);
@@ -119,7 +119,7 @@ api_auth_list(struct api_call *call VR_UNUSED, unsigned *status VR_UNUSED,
     struct auth_entry *e = NULL;
     size_t n = 0;
     pthread_mutex_lock(&D->lock);
-    int rc = catalog_auth_list(&e, &n);
+    int rc = catalog_auth_list(D->cat, &e, &n);
     pthread_mutex_unlock(&D->lock);
     if (rc < 0)
         return rc;
@@ -164,7 +164,7 @@ put_entry(struct api_call *call, bool add, unsigned *status,
     pthread_mutex_lock(&D->lock);
     struct auth_entry *e = NULL;
     size_t n = 0;
-    int rc = catalog_auth_list(&e, &n);
+    int rc = catalog_auth_list(D->cat, &e, &n);
     struct auth_entry *found = NULL;
     for (size_t i = 0; rc == 0 && i < n; i++)
         if (strcasecmp(e[i].pattern, pattern) == 0)
@@ -187,7 +187,7 @@ put_entry(struct api_call *call, bool add, unsigned *status,
             rc = vr_err(rc, "storage %s: %s", ne.storage, strerror(-rc));
     }
     if (rc == 0)
-        rc = catalog_auth_put(&ne);
+        rc = catalog_auth_put(D->cat, &ne);
     if (rc == 0) {
         event_add("info", NULL, "authorization entry %s %s: storage %s, trust "
                   "group '%s', at most %u Replica VMs", ne.pattern,
@@ -219,7 +219,7 @@ api_auth_remove(struct api_call *call, unsigned *status VR_UNUSED,
                 json_object **out)
 {
     pthread_mutex_lock(&D->lock);
-    int rc = catalog_auth_delete(call->arg);
+    int rc = catalog_auth_delete(D->cat, call->arg);
     if (rc == 0) {
         event_add("info", NULL, "authorization entry %s removed", call->arg);
         *out = json_object_new_object();

@@ -11,6 +11,8 @@
 #include <sqlite3.h>
 #include <stdint.h>
 
+#include "core/catalog.h"
+#include "core/log.h"
 #include "core/r1json.h" /* MAX_DISKS, network_valid, nics_validate */
 #include "core/state.h"
 #include "core/storage.h"
@@ -18,23 +20,6 @@
 #include "vr.h"
 
 extern struct daemon *D;
-
-/* --- logging (daemon only) ------------------------------------------- */
-void log_msg(int level, const char *component, const char *fmt, ...)
-    VR_PRINTF(3, 4);
-#define LOG_ERROR 0
-#define LOG_WARN  1
-#define LOG_INFO  2
-#define LOG_DEBUG 3
-extern int log_level;
-#define log_error(c, ...) log_msg(LOG_ERROR, c, __VA_ARGS__)
-#define log_warn(c, ...)  log_msg(LOG_WARN, c, __VA_ARGS__)
-#define log_info(c, ...)  log_msg(LOG_INFO, c, __VA_ARGS__)
-#define log_debug(c, ...)                                                      \
-    do {                                                                       \
-        if (unlikely(log_level >= LOG_DEBUG))                                  \
-            log_msg(LOG_DEBUG, c, __VA_ARGS__);                                \
-    } while (0)
 
 /* Wait on D->cond for at most ms (caller holds D->lock). */
 void daemon_wait_ms(uint64_t ms);
@@ -44,31 +29,6 @@ void daemon_wait_ms(uint64_t ms);
 void event_add(const char *level, const char *vm, const char *fmt, ...)
     VR_PRINTF(3, 4);
 
-/* --- catalog.c --------------------------------------------------------- */
-int catalog_open(const char *path) VR_WUR;
-void catalog_close(void);
-/* Load server config, VMs, disks and replications into D. */
-int catalog_load(void) VR_WUR;
-int catalog_save_server(void) VR_WUR;
-int catalog_save_vm(const struct vm *vm) VR_WUR;
-int catalog_delete_vm(const char *uuid) VR_WUR;
-int catalog_save_repl(const struct repl *r) VR_WUR;
-int catalog_delete_repl(const char *uuid) VR_WUR;
-/* Authorization entries (SPEC §6): which primaries may replicate here,
- * where their Replica VMs are stored, their trust group. */
-struct auth_entry {
-    char *pattern;     /* FQDN or *.FQDN (vr_fqdn_pattern_valid) */
-    char *storage;     /* absolute directory */
-    char *trust_group; /* "" for none */
-    unsigned max_vms;  /* Replica VMs its primaries may own; 0: default */
-};
-#define AUTH_DEFAULT_MAX_VMS 256
-#define AUTH_MAX_MAX_VMS     65536
-int catalog_auth_list(struct auth_entry **out, size_t *n) VR_WUR;
-void auth_entries_free(struct auth_entry *e, size_t n);
-int catalog_auth_put(const struct auth_entry *e) VR_WUR;
-/* -ENOENT if there is no entry for pattern. */
-int catalog_auth_delete(const char *pattern) VR_WUR;
 /* auth.c: D->lock held.  May peer (its certificate name) replicate here?
  * The most specific matching entry (an exact name before a wildcard)
  * gives *storage and *group (caller frees); else "allow any" gives the
@@ -78,25 +38,6 @@ int auth_authorize(const char *peer, char **storage, char **group) VR_WUR;
  * Replica VMs whose owner the same entry admits (or "allow any", counted
  * as one entry) are at most its max_vms: 0, or -EPERM with the reason. */
 int auth_check_vm_cap(const char *peer) VR_WUR;
-
-/* A transaction around several saves: catalog_end(rc) commits if rc >= 0,
- * else rolls back and returns rc. */
-int catalog_begin(void) VR_WUR;
-int catalog_end(int rc) VR_WUR;
-
-/* A recovery point of a Replica VM: the disks after cycle `cycle`. */
-struct point {
-    uint64_t cycle;
-    uint64_t time_ms;  /* when it was applied (wall clock) */
-    char kind[32];     /* "standard" (crash-consistent) or
-                          "application-consistent" */
-    uint64_t undo_bytes; /* undo data kept to reach it from the next one */
-};
-int catalog_add_point(const char *uuid, const struct point *p) VR_WUR;
-/* cycle 0: every point of the VM. */
-int catalog_delete_point(const char *uuid, uint64_t cycle) VR_WUR;
-/* Points in cycle order; caller frees *out. */
-int catalog_points(const char *uuid, struct point **out, size_t *n) VR_WUR;
 
 /* history.c: recovery history of Replica VMs. */
 /* Forget every point and undo file (a fresh relationship); D->lock held. */
@@ -119,17 +60,11 @@ int failover_test_refresh(struct vm *vm, uint64_t n) VR_WUR;
 int failover_recover(struct vm *vm) VR_WUR;
 /* GET /v1/vms/VM/points body (an array). D->lock held. */
 json_object *history_points_json(struct vm *vm);
-/* Events, newest last, optional filter by VM name; caller puts them. */
-json_object *catalog_events(const char *vm, unsigned max);
-void catalog_add_event(uint64_t time_ms, const char *level, const char *vm,
-                       const char *msg);
-
 /* --- objects ----------------------------------------------------------- */
 struct vm *vm_find(const char *name_or_uuid);
 struct vm *vm_find_uuid(const char *uuid);
 void vm_free(struct vm *vm);
 void repl_free(struct repl *r);
-const char *vm_mode_name(enum vm_mode m);
 json_object *vm_to_json(const struct vm *vm);
 json_object *repl_to_json(const struct vm *vm);
 json_object *repl_measure_json(const struct vm *vm);
@@ -152,10 +87,6 @@ const char *repl_health(const struct repl *r, json_object *details);
 uint64_t repl_first_point(const struct repl *r);
 /* The state shown (SPEC §9): r->st's name, or TestFailoverInProgress. */
 const char *repl_state(const struct repl *r);
-/* A state's name as shown and stored ("Replicating"). */
-const char *repl_st_name(enum repl_st st);
-/* The state named s; false if s names none. */
-bool repl_st_parse(const char *s, enum repl_st *out);
 /* Flags of repl_transition. */
 #define REPL_T_SAVE 1u /* persist vm->repl (catalog_save_repl) */
 /* The one place a replication's state changes (D->lock held): check that

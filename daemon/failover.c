@@ -185,7 +185,7 @@ choose_point(const struct vm *vm, int64_t want, uint64_t *point)
 {
     struct point *pts = NULL;
     size_t np = 0;
-    int rc = catalog_points(vm->uuid, &pts, &np);
+    int rc = catalog_points(D->cat, vm->uuid, &pts, &np);
     *point = 0;
     for (size_t i = 0; rc == 0 && i < np; i++)
         if (want ? pts[i].cycle == (uint64_t)want : i + 1 == np)
@@ -251,7 +251,7 @@ static int
 set_step(struct repl *r, int step)
 {
     r->failover_step = step;
-    return catalog_save_repl(r);
+    return catalog_save_repl(D->cat, r);
 }
 
 /* D->lock held: the failover is gone; replication resumes. */
@@ -436,7 +436,7 @@ recover_test(struct vm *vm)
                   "short by a crash; removed it", (unsigned long long)
                   r->test_point);
         r->test_point = 0;
-        rc = catalog_save_repl(r);
+        rc = catalog_save_repl(D->cat, r);
     }
     return rc;
 }
@@ -573,7 +573,7 @@ test_start(struct api_call *call, int64_t want, json_object **out)
     r->test_busy = true;
     wait_applier(vm);
     r->test_point = point;
-    rc = catalog_save_repl(r);
+    rc = catalog_save_repl(D->cat, r);
     if (rc == 0)
         vr_fault_point("test-start-pinned");
     CLEANUP_FREE char *rd = test_rundir(r);
@@ -595,7 +595,7 @@ test_start(struct api_call *call, int64_t want, json_object **out)
     pthread_mutex_lock(&D->lock);
     if (rc < 0) {
         r->test_point = 0;
-        VR_IGNORE(catalog_save_repl(r));
+        VR_IGNORE(catalog_save_repl(D->cat, r));
         event_add("error", vm->name, "test failover at point %llu failed: %s",
                   (unsigned long long)point, vr_errmsg());
     } else {
@@ -762,7 +762,7 @@ test_stop(struct api_call *call, json_object **out)
     pthread_mutex_lock(&D->lock);
     if (rc == 0) {
         r->test_point = 0;
-        rc = catalog_save_repl(r);
+        rc = catalog_save_repl(D->cat, r);
         event_add("info", vm->name, "test failover at point %llu stopped",
                   (unsigned long long)point);
         *out = json_object_new_object();

@@ -412,7 +412,7 @@ api_firewall_set(struct api_call *call, unsigned *status VR_UNUSED,
         changed = rc == 0;
     }
     if (rc == 0)
-        rc = catalog_save_server();
+        rc = catalog_save_server(D->cat, &D->cfg);
     if (rc < 0) {
         char saved[1024];
         snprintf(saved, sizeof saved, "%s", vr_errmsg());

@@ -1,11 +1,12 @@
-/* main.c: vmreplicad — start-up, logging, events and shutdown.
+/* main.c: vmreplicad — start-up, events and shutdown.
  *
  * Start-up order matters for crash safety: lock the state directory (one
  * daemon per state directory: a second one would ship and apply the same
  * VMs and take over api.sock), open the catalog, load it, finish applying
  * any cycle that was staged before a crash (so no Replica disk is ever seen
  * between two cycles), and only then open the management socket, the
- * replication listener and the shipper threads. */
+ * replication listener and the shipper threads.  main.c owns the daemon
+ * object D; the log itself is core/log.c. */
 #include <getopt.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -25,27 +26,6 @@ static struct daemon daemon_state = {
     .cond = PTHREAD_COND_INITIALIZER,
 };
 struct daemon *D = &daemon_state;
-int log_level = LOG_INFO;
-
-void
-log_msg(int level, const char *component, const char *fmt, ...)
-{
-    static const char *names[] = { "error", "warning", "info", "debug" };
-    if (level > log_level)
-        return;
-    int saved = errno;
-    char msg[2048];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    char ts[32];
-    vr_rfc3339(vr_wall_ms(), ts);
-    fprintf(stderr, "%s vmreplicad %s: %s: %s\n", ts, names[level], component,
-            msg);
-    errno = saved;
-}
-
 void
 daemon_wait_ms(uint64_t ms)
 {
@@ -74,7 +54,7 @@ event_add(const char *level, const char *vm, const char *fmt, ...)
                                              : LOG_INFO;
     log_msg(lv, strcmp(level, "audit") == 0 ? "audit" : "event", "%s%s%s",
             vm ? vm : "", vm ? ": " : "", msg);
-    catalog_add_event(vr_wall_ms(), level, vm, msg);
+    catalog_add_event(D->cat, vr_wall_ms(), level, vm, msg);
 }
 
 static void
@@ -199,15 +179,15 @@ main(int argc, char **argv)
     CLEANUP_FREE char *sock = xasprintf("%s/api.sock", D->state_dir);
 
     pthread_mutex_lock(&D->lock);
-    int rc = catalog_open(db);
+    int rc = catalog_open(db, &D->cat);
     if (rc == 0)
-        rc = catalog_load();
+        rc = catalog_load(D->cat, &D->cfg, &D->vms);
     if (rc == 0 && !D->cfg.monitoring_interval_s)
         D->cfg.monitoring_interval_s = 12 * 3600; /* Hyper-V's default */
     if (rc == 0 && hostname) {
         free(D->cfg.hostname);
         D->cfg.hostname = xstrdup(hostname);
-        rc = catalog_save_server();
+        rc = catalog_save_server(D->cat, &D->cfg);
     }
     if (rc == 0)
         rc = replica_recover();
@@ -262,7 +242,8 @@ main(int argc, char **argv)
     replica_listener_stop();
     api_unlink_socket(sock);
     pthread_mutex_lock(&D->lock);
-    catalog_close();
+    catalog_close(D->cat);
+    D->cat = NULL;
     pthread_mutex_unlock(&D->lock);
     return 0;
 }

@@ -99,7 +99,7 @@ api_vm_set_test_network(struct api_call *call, unsigned *status VR_UNUSED,
     if (rc == 0) {
         free(vm->test_network);
         vm->test_network = xstrdup(net);
-        rc = catalog_save_vm(vm);
+        rc = catalog_save_vm(D->cat, vm);
     }
     if (rc == 0) {
         event_add("info", vm->name, "test network: %s", net);
@@ -164,7 +164,7 @@ api_vm_set_failover_network(struct api_call *call, unsigned *status VR_UNUSED,
         json_object *old = vm->nics;
         vm->nics = copy;
         copy = NULL;
-        rc = catalog_save_vm(vm);
+        rc = catalog_save_vm(D->cat, vm);
         if (rc < 0) {
             copy = vm->nics;
             vm->nics = old;
@@ -209,7 +209,7 @@ api_vm_set_boot(struct api_call *call, unsigned *status VR_UNUSED,
         vm->kernel = boot[0];
         vm->initrd = boot[1];
         vm->cmdline = boot[2];
-        rc = catalog_save_vm(vm);
+        rc = catalog_save_vm(D->cat, vm);
         if (rc < 0) {
             boot[0] = vm->kernel;
             boot[1] = vm->initrd;

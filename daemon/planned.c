@@ -432,13 +432,13 @@ api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,
     pthread_mutex_lock(&D->lock);
     vm->changing = false;
     if (rc == 0) {
-        rc = catalog_begin();
+        rc = catalog_begin(D->cat);
         if (rc == 0) {
             vm->mode = VM_MODE_PRIMARY;
-            rc = catalog_save_vm(vm);
+            rc = catalog_save_vm(D->cat, vm);
             if (rc == 0)
-                rc = catalog_save_repl(nr);
-            rc = catalog_end(rc);
+                rc = catalog_save_repl(D->cat, nr);
+            rc = catalog_end(D->cat, rc);
             if (rc < 0)
                 vm->mode = VM_MODE_REPLICA;
         }

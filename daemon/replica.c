@@ -762,14 +762,14 @@ do_reverse(struct rreq *q, const struct r1_reg *reg, json_object **out)
                 r->frequency_s = reg->frequency_s;
             rc = repl_transition(vm, REPL_ST_WAITING_INITIAL, 0);
             if (rc == 0)
-                rc = catalog_begin();
+                rc = catalog_begin(D->cat);
             if (rc == 0) {
                 rc = history_reset(vm);
                 if (rc == 0)
-                    rc = catalog_save_vm(vm);
+                    rc = catalog_save_vm(D->cat, vm);
                 if (rc == 0)
-                    rc = catalog_save_repl(r);
-                rc = catalog_end(rc);
+                    rc = catalog_save_repl(D->cat, r);
+                rc = catalog_end(D->cat, rc);
             }
             if (rc == 0)
                 event_add("info", vm->name, "replication reversed by %s "
@@ -881,7 +881,7 @@ reset_kept_disks(struct vm *vm)
     int rc = reset_disks(vm);
     if (rc == 0) {
         vm->repl->reset_pending = false;
-        rc = catalog_save_repl(vm->repl);
+        rc = catalog_save_repl(D->cat, vm->repl);
         if (rc < 0)
             vm->repl->reset_pending = true;
     }
@@ -1096,9 +1096,9 @@ do_register(struct rreq *q, json_object **out)
         if (rc == 0)
             rc = history_reset(vm);
         if (rc == 0)
-            rc = catalog_save_vm(vm);
+            rc = catalog_save_vm(D->cat, vm);
         if (rc == 0)
-            rc = catalog_save_repl(r);
+            rc = catalog_save_repl(D->cat, r);
         if (rc == 0) {
             event_add("info", vm->name,
                       "replica vm %s registered by primary %s (%s)%s",
@@ -1199,7 +1199,7 @@ do_prepared(struct rreq *q, json_object **out)
                     (unsigned long long)r->last_cycle);
     if (rc == 0 && r->prepared_cycle != (uint64_t)n) {
         r->prepared_cycle = (uint64_t)n;
-        rc = catalog_save_repl(r);
+        rc = catalog_save_repl(D->cat, r);
         if (rc == 0 && n)
             event_add("info", vm->name, "primary %s prepared for failover at "
                       "cycle %lld: 'vmreplica failover start %s' fails over "
@@ -1225,7 +1225,7 @@ do_remove(struct rreq *q, json_object **out)
                             "progress; try again",
                     vm->name);
     if (rc == 0) {
-        rc = catalog_delete_repl(vm->uuid);
+        rc = catalog_delete_repl(D->cat, vm->uuid);
         if (rc == 0) {
             repl_free(vm->repl);
             vm->repl = NULL;
@@ -1438,7 +1438,7 @@ upload_finish(struct rreq *q, json_object **out)
             if (vm->repl->prepared_cycle && q->n > vm->repl->prepared_cycle)
                 vm->repl->prepared_cycle = 0;
             take_history(vm->repl, q);
-            rc = catalog_save_repl(vm->repl);
+            rc = catalog_save_repl(D->cat, vm->repl);
             pthread_cond_broadcast(&D->cond);
         }
         pthread_mutex_unlock(&D->lock);
@@ -2461,7 +2461,7 @@ apply_one(struct vm *vm, uint64_t n, bool locked)
     if (rc == 0) {
         vm->repl->applied_cycle = n;
         vm->repl->last_ok_ms = vr_wall_ms();
-        rc = catalog_save_repl(vm->repl);
+        rc = catalog_save_repl(D->cat, vm->repl);
     }
     if (rc == 0) {
         unlink_staged(vm, path);

@@ -29,19 +29,6 @@ lookup_repl(struct api_call *call, struct vm **out)
 
 /* ---- the replication state machine ----------------------------------- */
 
-static const char *const st_names[REPL_ST_COUNT] = {
-    [REPL_ST_DISABLED] = "Disabled",
-    [REPL_ST_READY_INITIAL] = "ReadyForInitialReplication",
-    [REPL_ST_INITIAL] = "InitialReplicationInProgress",
-    [REPL_ST_WAITING_INITIAL] = "WaitingForInitialReplication",
-    [REPL_ST_REPLICATING] = "Replicating",
-    [REPL_ST_SUSPENDED] = "Suspended",
-    [REPL_ST_ERROR] = "Error",
-    [REPL_ST_FAILOVER_WAIT] = "FailOverWaitingCompletion",
-    [REPL_ST_FAILED_OVER] = "FailedOver",
-    [REPL_ST_PREPARED] = "PreparedForFailover",
-};
-
 #define B(st) (1u << (st))
 /* Where each state may go, besides staying where it is.  From every state:
  * Error (a cycle or an apply failed for good), WaitingForInitialReplication
@@ -79,23 +66,6 @@ static const unsigned st_next[REPL_ST_COUNT] = {
     [REPL_ST_PREPARED] = B(REPL_ST_REPLICATING),
 };
 
-const char *
-repl_st_name(enum repl_st st)
-{
-    return (unsigned)st < REPL_ST_COUNT ? st_names[st] : "Unknown";
-}
-
-bool
-repl_st_parse(const char *s, enum repl_st *out)
-{
-    for (unsigned i = 0; i < REPL_ST_COUNT; i++)
-        if (strcmp(s, st_names[i]) == 0) {
-            *out = (enum repl_st)i;
-            return true;
-        }
-    return false;
-}
-
 int
 repl_transition(struct vm *vm, enum repl_st to, unsigned flags)
 {
@@ -112,7 +82,7 @@ repl_transition(struct vm *vm, enum repl_st to, unsigned flags)
         log_debug("repl", "%s: state %s -> %s", vm->name,
                   repl_st_name(r->st), repl_st_name(to));
     r->st = to;
-    return flags & REPL_T_SAVE ? catalog_save_repl(r) : 0;
+    return flags & REPL_T_SAVE ? catalog_save_repl(D->cat, r) : 0;
 }
 
 int
@@ -562,9 +532,9 @@ api_repl_enable(struct api_call *call, unsigned *status, json_object **out)
         }
         vm->repl = r;
         vm->mode = VM_MODE_PRIMARY;
-        rc = catalog_save_vm(vm);
+        rc = catalog_save_vm(D->cat, vm);
         if (rc == 0)
-            rc = catalog_save_repl(r);
+            rc = catalog_save_repl(D->cat, r);
         if (rc < 0) {
             vm->repl = NULL;
             vm->mode = VM_MODE_NONE;
@@ -593,7 +563,7 @@ api_repl_set(struct api_call *call, unsigned *status VR_UNUSED,
     if (rc == 0) {
         rc = parse_common(call->body, vm->repl);
         if (rc == 0)
-            rc = catalog_save_repl(vm->repl);
+            rc = catalog_save_repl(D->cat, vm->repl);
         if (rc == 0) {
             vm->repl->kick = true;
             pthread_cond_broadcast(&D->cond);
@@ -771,7 +741,7 @@ api_repl_reset_stats(struct api_call *call, unsigned *status VR_UNUSED,
         r->errors = r->ok_count = r->missed = 0;
         r->max_size = r->sum_size = 0;
         r->max_latency_ms = r->sum_latency_ms = 0;
-        rc = catalog_save_repl(r);
+        rc = catalog_save_repl(D->cat, r);
         if (rc == 0)
             *out = repl_measure_json(vm);
     }
@@ -864,14 +834,14 @@ api_repl_remove(struct api_call *call, unsigned *status VR_UNUSED,
     bool failed_over = rc == 0 &&
                        vm->repl->st == REPL_ST_FAILED_OVER;
     if (rc == 0) {
-        rc = catalog_delete_repl(vm->uuid);
+        rc = catalog_delete_repl(D->cat, vm->uuid);
         if (rc == 0) {
             repl_free(vm->repl);
             vm->repl = NULL;
             /* A completed failover leaves a VM of this server's own. */
             if (vm->mode == VM_MODE_PRIMARY || failed_over)
                 vm->mode = VM_MODE_NONE;
-            rc = catalog_save_vm(vm);
+            rc = catalog_save_vm(D->cat, vm);
         }
         if (rc == 0) {
             event_add("info", vm->name, "replication removed");

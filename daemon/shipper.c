@@ -970,7 +970,7 @@ ship_cycles(struct vm *vm, struct job *jb, uint64_t last_cycle)
         r->sum_latency_ms += lat;
         if (lat > r->max_latency_ms)
             r->max_latency_ms = lat;
-        rc = catalog_save_repl(r);
+        rc = catalog_save_repl(D->cat, r);
         pthread_mutex_unlock(&D->lock);
         if (rc < 0)
             return rc;
@@ -1156,7 +1156,7 @@ run_initial(struct vm *vm, struct job *jb)
         r->initial_total = total;
         r->initial_sent = 0;
         r->last_cycle = base;
-        int rc = catalog_save_repl(r);
+        int rc = catalog_save_repl(D->cat, r);
         event_add("info", vm->name,
                   "initial replication started: %llu bytes allocated, base "
                   "cycle %llu",
@@ -1195,7 +1195,7 @@ run_initial(struct vm *vm, struct job *jb)
         } else {
             r->initial_offset = off;
         }
-        rc = catalog_save_repl(r);
+        rc = catalog_save_repl(D->cat, r);
         pthread_mutex_unlock(&D->lock);
         if (rc < 0)
             return rc;
@@ -1329,7 +1329,7 @@ shipper_main(void *arg)
             failures++;
             next_due = vr_mono_ms() + delay_ms;
         }
-        VR_IGNORE(catalog_save_repl(r));
+        VR_IGNORE(catalog_save_repl(D->cat, r));
     }
     r->thread_running = false;
     pthread_cond_broadcast(&D->cond);

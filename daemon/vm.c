@@ -15,19 +15,6 @@
 #include "daemon.h"
 #include "proc/vmproc.h"
 
-const char *
-vm_mode_name(enum vm_mode m)
-{
-    switch (m) {
-    case VM_MODE_PRIMARY:
-        return "primary";
-    case VM_MODE_REPLICA:
-        return "replica";
-    default:
-        return "none";
-    }
-}
-
 struct vm *
 vm_find(const char *key)
 {
@@ -418,7 +405,7 @@ api_server_set(struct api_call *call, unsigned *status VR_UNUSED,
     if (rc == 0)
         rc = replica_listener_apply();
     if (rc == 0)
-        rc = catalog_save_server();
+        rc = catalog_save_server(D->cat, &D->cfg);
     struct server_cfg *drop = rc == 0 ? &old : c;
     free(drop->hostname);
     free(drop->auth);
@@ -591,7 +578,7 @@ api_vm_create(struct api_call *call, unsigned *status, json_object **out)
     if (rc == 0 && vm_find(name))
         rc = vr_err(-EEXIST, "vm %s: already exists", name);
     if (rc == 0)
-        rc = catalog_save_vm(vm);
+        rc = catalog_save_vm(D->cat, vm);
     if (rc < 0) {
         pthread_mutex_unlock(&D->lock);
         char saved[1024];
@@ -811,7 +798,7 @@ api_vm_remove(struct api_call *call, unsigned *status VR_UNUSED,
                                 "first",
                         vm->name);
         if (rc == 0)
-            rc = catalog_delete_vm(vm->uuid);
+            rc = catalog_delete_vm(D->cat, vm->uuid);
         if (rc == 0) {
             for (struct vm **p = &D->vms; *p; p = &(*p)->next)
                 if (*p == vm) {
@@ -837,7 +824,7 @@ api_events(struct api_call *call, unsigned *status VR_UNUSED,
            json_object **out)
 {
     pthread_mutex_lock(&D->lock);
-    json_object *arr = catalog_events(api_query(call, "vm"), 1000);
+    json_object *arr = catalog_events(D->cat, api_query(call, "vm"), 1000);
     pthread_mutex_unlock(&D->lock);
     *out = json_object_new_object();
     json_object_object_add(*out, "events", arr);

@@ -13,7 +13,6 @@
 
 #include <json-c/json.h>
 #include <pthread.h>
-#include <sqlite3.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -206,11 +205,13 @@ struct server_cfg {
     bool firewall_enabled;
 };
 
+struct catalog;
+
 struct daemon {
     pthread_mutex_t lock;
     pthread_cond_t cond; /* broadcast on any change the threads wait for */
     char *state_dir;
-    sqlite3 *db;
+    struct catalog *cat; /* core/catalog.h */
     struct server_cfg cfg;
     struct vm *vms;
     bool shutting_down;
@@ -219,5 +220,12 @@ struct daemon {
     struct MHD_Daemon *krb_listener; /* Kerberos port (HTTP) */
     pthread_t applier;
 };
+
+/* "primary", "replica" or "none". */
+const char *vm_mode_name(enum vm_mode m);
+/* A replication state's name as shown and stored ("Replicating"). */
+const char *repl_st_name(enum repl_st st);
+/* The state named s; false if s names none. */
+bool repl_st_parse(const char *s, enum repl_st *out);
 
 #endif

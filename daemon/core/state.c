@@ -1,0 +1,48 @@
+/* state.c: the names of the state's enums, as the API, the CLI and the
+ * catalog show and store them (they never change). */
+#include <string.h>
+
+#include "state.h"
+
+const char *
+vm_mode_name(enum vm_mode m)
+{
+    switch (m) {
+    case VM_MODE_PRIMARY:
+        return "primary";
+    case VM_MODE_REPLICA:
+        return "replica";
+    default:
+        return "none";
+    }
+}
+
+static const char *const st_names[REPL_ST_COUNT] = {
+    [REPL_ST_DISABLED] = "Disabled",
+    [REPL_ST_READY_INITIAL] = "ReadyForInitialReplication",
+    [REPL_ST_INITIAL] = "InitialReplicationInProgress",
+    [REPL_ST_WAITING_INITIAL] = "WaitingForInitialReplication",
+    [REPL_ST_REPLICATING] = "Replicating",
+    [REPL_ST_SUSPENDED] = "Suspended",
+    [REPL_ST_ERROR] = "Error",
+    [REPL_ST_FAILOVER_WAIT] = "FailOverWaitingCompletion",
+    [REPL_ST_FAILED_OVER] = "FailedOver",
+    [REPL_ST_PREPARED] = "PreparedForFailover",
+};
+
+const char *
+repl_st_name(enum repl_st st)
+{
+    return (unsigned)st < REPL_ST_COUNT ? st_names[st] : "Unknown";
+}
+
+bool
+repl_st_parse(const char *s, enum repl_st *out)
+{
+    for (unsigned i = 0; i < REPL_ST_COUNT; i++)
+        if (strcmp(s, st_names[i]) == 0) {
+            *out = (enum repl_st)i;
+            return true;
+        }
+    return false;
+}
