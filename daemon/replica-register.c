@@ -235,222 +235,248 @@ reset_kept_disks(struct vm *vm)
     return rc;
 }
 
+/* D->lock held: may q's peer register the VM q->uuid named name with nd
+ * disks?  *vm: the existing Replica VM, or NULL for a new one. */
+static int
+admit_registration(struct rreq *q, const char *name, size_t nd,
+                   struct vm **vm)
+{
+    int rc;
+    *vm = vm_find_uuid(q->uuid);
+    struct vm *byname = vm_find(name);
+    if (byname && byname != *vm)
+        rc = vr_err(-EEXIST, "register: another vm is named %s here", name);
+    else if (*vm && (*vm)->mode != VM_MODE_REPLICA)
+        rc = vr_err(-EEXIST, "register: vm %s is not a Replica VM here",
+                    (*vm)->name);
+    else if (*vm)
+        rc = check_owner(*vm, q);
+    else
+        rc = auth_check_vm_cap(q->peer);
+    if (rc == 0 && *vm)
+        rc = check_reregister(*vm, q, nd);
+    return rc;
+}
+
+/* D->lock held: a new Replica VM beneath the peer's storage location, its
+ * disks created at their sizes and made durable, put on D->vms. */
+static int
+create_replica_vm(const struct rreq *q, const struct r1_reg *reg,
+                  struct vm **out)
+{
+    struct vm *vm = xcalloc(1, sizeof *vm);
+    snprintf(vm->uuid, sizeof vm->uuid, "%s", q->uuid);
+    vm->name = xstrdup(reg->name);
+    vm->mode = VM_MODE_REPLICA;
+    vm->dir = xasprintf("%s/%s", q->root, q->uuid);
+    vm->ndisks = (unsigned)reg->ndisks;
+    for (unsigned i = 0; i < vm->ndisks; i++) {
+        snprintf(vm->disks[i].id, sizeof vm->disks[i].id, "disk%u", i);
+        vm->disks[i].path = xasprintf("%s/disk%u.raw", vm->dir, i);
+    }
+    /* Nothing may lead out of the storage location: no symbolic link
+     * on the way (a peer names no path, but one may be left there),
+     * checked again at every open (storage.c). */
+    CLEANUP_FREE char *stg = xasprintf("%s/staging", vm->dir);
+    int rc = storage_mkdir(vm->dir, stg);
+    for (unsigned i = 0; rc == 0 && i < vm->ndisks; i++) {
+        int fd = storage_open(vm->dir, vm->disks[i].path,
+                              O_RDWR | O_CREAT, 0640);
+        if (fd < 0)
+            rc = fd;
+        else if (ftruncate(fd, (off_t)reg->sizes[i]) < 0 || fsync(fd) < 0)
+            rc = vr_err(-errno, "create %s: %s", vm->disks[i].path,
+                        strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        vm->disks[i].size = reg->sizes[i];
+    }
+    if (rc == 0) {
+        int dfd = storage_open(vm->dir, vm->dir, O_RDONLY | O_DIRECTORY, 0);
+        rc = dfd < 0 ? dfd : io_fsync_dirfd(dfd);
+        if (dfd >= 0)
+            close(dfd);
+    }
+    if (rc < 0) {
+        rc = vr_err(rc, "register: %s", vr_errmsg());
+        vm_free(vm);
+        return rc;
+    }
+    vm->next = D->vms;
+    D->vms = vm;
+    *out = vm;
+    return 0;
+}
+
+/* Disk sizes may have grown on the primary. */
+static int
+grow_disks(struct vm *vm, const uint64_t *sizes)
+{
+    for (unsigned i = 0; i < vm->ndisks; i++)
+        if (sizes[i] != vm->disks[i].size) {
+            int rc = storage_truncate(vm->dir, vm->disks[i].path, sizes[i]);
+            if (rc < 0)
+                return vr_err(rc, "register: %s", vr_errmsg());
+            vm->disks[i].size = sizes[i];
+        }
+    return 0;
+}
+
+/* Whether a NIC's network is on a host interface (tap:, bridge:). */
+static bool
+on_host_interface(json_object *n)
+{
+    json_object *net;
+    return json_object_object_get_ex(n, "network", &net) &&
+           (strncmp(json_object_get_string(net), "tap:", 4) == 0 ||
+            strncmp(json_object_get_string(net), "bridge:", 7) == 0);
+}
+
+/* The NICs of registration body b (if it has "nics") replace vm's.  They
+ * travel with their failover settings; what was set here for a MAC (its
+ * network, its failover settings) wins, and a new NIC the peer puts on a
+ * host interface (tap:, bridge:) is not connected here: a peer names
+ * nothing on this host (SPEC §6); `vm set-failover-network --network`
+ * connects it.  Invalid NICs are logged and not kept. */
+static void
+merge_peer_nics(struct vm *vm, json_object *b, const char *name)
+{
+    json_object *v;
+    if (!json_object_object_get_ex(b, "nics", &v))
+        return;
+    json_object *nics = json_tokener_parse(json_object_to_json_string(v));
+    if (nics_validate(nics) < 0) {
+        log_warn("replica", "%s: NICs not kept: %s", name, vr_errmsg());
+        vr_err_clear();
+        json_object_put(nics);
+        nics = NULL;
+    }
+    for (size_t i = 0; nics && i < json_object_array_length(nics); i++) {
+        json_object *n = json_object_array_get_idx(nics, i), *m, *f;
+        const char *mac = json_object_object_get_ex(n, "mac", &m)
+                              ? json_object_get_string(m) : "";
+        bool known = false;
+        for (size_t j = 0; vm->nics && j < json_object_array_length(vm->nics);
+             j++) {
+            json_object *o = json_object_array_get_idx(vm->nics, j), *om,
+                        *on;
+            if (!json_object_object_get_ex(o, "mac", &om) ||
+                strcmp(json_object_get_string(om), mac) != 0)
+                continue;
+            known = true;
+            if (json_object_object_get_ex(o, "failover", &f))
+                json_object_object_add(n, "failover", json_object_get(f));
+            if (json_object_object_get_ex(o, "network", &on))
+                json_object_object_add(n, "network", json_object_get(on));
+        }
+        if (!known && on_host_interface(n))
+            json_object_object_add(n, "network",
+                                   json_object_new_string("none"));
+    }
+    json_object_put(vm->nics);
+    vm->nics = nics;
+}
+
+/* D->lock held: the VM's relationship starts afresh with q's peer, saved
+ * with the VM (created: the disks are new, else they are kept). */
+static int
+start_relationship(struct vm *vm, const struct rreq *q,
+                   const struct r1_reg *reg, bool created)
+{
+    struct repl *r = vm->repl;
+    if (!r) {
+        r = xcalloc(1, sizeof *r);
+        snprintf(r->vm_uuid, sizeof r->vm_uuid, "%s", vm->uuid);
+        r->mode = VM_MODE_REPLICA;
+        r->storage = xstrdup(vm->dir);
+        r->trust_group = xstrdup(vm->owner_group);
+        vm->repl = r;
+    }
+    free(r->auth);
+    r->auth = q->krb ? xstrdup("kerberos") : NULL;
+    r->krb_encrypt = q->wrapped;
+    /* Possibly another primary of the VM's trust group. */
+    free(r->primary_server);
+    r->primary_server = xstrdup(q->peer);
+    r->epoch = q->epoch;
+    take_history(r, q);
+    if (!r->point_interval_s)
+        r->point_interval_s = 3600;
+    if (reg->frequency_s)
+        r->frequency_s = reg->frequency_s;
+    if (reg->compression >= 0)
+        r->compression = reg->compression;
+    /* A registration starts a relationship afresh (the primary
+     * registers only when replication is enabled), even over one this
+     * side still thinks is replicating: the primary may have removed
+     * it while we were unreachable, and changed the disk since. */
+    r->initial_done = false;
+    int rc = repl_transition(vm, REPL_ST_WAITING_INITIAL, 0);
+    r->applied_cycle = r->last_cycle = 0;
+    r->prepared_cycle = 0;
+    /* The disks of an existing VM are kept as they are (they may seed
+     * a comparison, SPEC §5); a full initial replication resets them
+     * before its first piece (reset_kept_disks). */
+    r->reset_pending = !created;
+    if (rc == 0)
+        rc = clear_staging(r);
+    /* The recovery history of the old relationship goes. */
+    if (rc == 0)
+        rc = history_reset(vm);
+    if (rc == 0)
+        rc = catalog_save_vm(D->cat, vm);
+    if (rc == 0)
+        rc = catalog_save_repl(D->cat, r);
+    return rc;
+}
+
+/* PUT /r1/vms/UUID: admit the peer, create or update the Replica VM (its
+ * disks, CPUs, memory, NICs, name, owner), and start the relationship. */
 int
 do_register(struct rreq *q, json_object **out)
 {
     json_object *b = r1_json_parse(q->body, q->len);
     struct r1_reg reg;
     int rc = r1_register_parse(b, &reg);
-    if (rc < 0) {
-        json_object_put(b);
-        return rc;
-    }
-    const char *name = reg.name;
-    size_t nd = reg.ndisks;
-    uint64_t *sizes = reg.sizes;
-    int64_t cpus = reg.cpus, mem = reg.memory_mib;
-    json_object *v;
-    if (reg.reverse_of) {
+    if (rc == 0 && reg.reverse_of)
         rc = do_reverse(q, &reg, out);
+    if (rc < 0 || reg.reverse_of) {
         json_object_put(b);
         return rc;
     }
 
     pthread_mutex_lock(&D->lock);
-    struct vm *vm = vm_find_uuid(q->uuid);
-    struct vm *byname = vm_find(name);
-    if (byname && byname != vm)
-        rc = vr_err(-EEXIST, "register: another vm is named %s here", name);
-    else if (vm && vm->mode != VM_MODE_REPLICA)
-        rc = vr_err(-EEXIST, "register: vm %s is not a Replica VM here",
-                    vm->name);
-    else if (vm)
-        rc = check_owner(vm, q);
-    else
-        rc = auth_check_vm_cap(q->peer);
-    if (rc == 0 && vm)
-        rc = check_reregister(vm, q, nd);
+    struct vm *vm = NULL;
+    rc = admit_registration(q, reg.name, reg.ndisks, &vm);
     bool created = rc == 0 && !vm;
-    if (created) {
-        /* New Replica VM beneath the default storage location. */
-        vm = xcalloc(1, sizeof *vm);
-        snprintf(vm->uuid, sizeof vm->uuid, "%s", q->uuid);
-        vm->name = xstrdup(name);
-        vm->mode = VM_MODE_REPLICA;
-        vm->dir = xasprintf("%s/%s", q->root, q->uuid);
-        vm->ndisks = (unsigned)nd;
-        for (unsigned i = 0; i < vm->ndisks; i++) {
-            snprintf(vm->disks[i].id, sizeof vm->disks[i].id, "disk%u", i);
-            vm->disks[i].path = xasprintf("%s/disk%u.raw", vm->dir, i);
-        }
-        /* Nothing may lead out of the storage location: no symbolic link
-         * on the way (a peer names no path, but one may be left there),
-         * checked again at every open (storage.c). */
-        CLEANUP_FREE char *stg = xasprintf("%s/staging", vm->dir);
-        rc = storage_mkdir(vm->dir, stg);
-        for (unsigned i = 0; rc == 0 && i < vm->ndisks; i++) {
-            int fd = storage_open(vm->dir, vm->disks[i].path,
-                                  O_RDWR | O_CREAT, 0640);
-            if (fd < 0)
-                rc = fd;
-            else if (ftruncate(fd, (off_t)sizes[i]) < 0 || fsync(fd) < 0)
-                rc = vr_err(-errno, "create %s: %s", vm->disks[i].path,
-                            strerror(errno));
-            if (fd >= 0)
-                close(fd);
-            vm->disks[i].size = sizes[i];
-        }
-        if (rc == 0) {
-            int dfd = storage_open(vm->dir, vm->dir, O_RDONLY | O_DIRECTORY,
-                                   0);
-            rc = dfd < 0 ? dfd : io_fsync_dirfd(dfd);
-            if (dfd >= 0)
-                close(dfd);
-        }
-        if (rc < 0)
-            rc = vr_err(rc, "register: %s", vr_errmsg());
-        if (rc < 0) {
-            vm_free(vm);
-            vm = NULL;
-        } else {
-            vm->next = D->vms;
-            D->vms = vm;
-        }
-    }
+    if (created)
+        rc = create_replica_vm(q, &reg, &vm);
+    if (rc == 0)
+        rc = grow_disks(vm, reg.sizes);
     if (rc == 0) {
-        /* Disk sizes may have grown on the primary. */
-        for (unsigned i = 0; i < vm->ndisks; i++)
-            if (sizes[i] != vm->disks[i].size) {
-                rc = storage_truncate(vm->dir, vm->disks[i].path, sizes[i]);
-                if (rc < 0) {
-                    rc = vr_err(rc, "register: %s", vr_errmsg());
-                    break;
-                }
-                vm->disks[i].size = sizes[i];
-            }
-    }
-    if (rc == 0) {
-        vm->cpus = (unsigned)cpus;
-        vm->memory_mib = (unsigned)mem;
-        /* The NICs travel with their failover settings; what was set
-         * here for a MAC (its network, its failover settings) wins, and a
-         * new NIC the peer puts on a host interface (tap:, bridge:) is
-         * not connected here: a peer names nothing on this host (SPEC
-         * §6); `vm set-failover-network --network` connects it. */
-        json_object *nics = NULL;
-        bool have_nics = json_object_object_get_ex(b, "nics", &v);
-        if (have_nics) {
-            nics = json_tokener_parse(json_object_to_json_string(v));
-            if (nics_validate(nics) < 0) {
-                log_warn("replica", "%s: NICs not kept: %s", name,
-                         vr_errmsg());
-                vr_err_clear();
-                json_object_put(nics);
-                nics = NULL;
-            }
-        }
-        for (size_t i = 0; nics && vm->nics &&
-                           i < json_object_array_length(nics); i++) {
-            json_object *n = json_object_array_get_idx(nics, i), *m, *f;
-            const char *mac = json_object_object_get_ex(n, "mac", &m)
-                                  ? json_object_get_string(m) : "";
-            bool known = false;
-            for (size_t j = 0; j < json_object_array_length(vm->nics); j++) {
-                json_object *o = json_object_array_get_idx(vm->nics, j), *om,
-                            *on;
-                if (!json_object_object_get_ex(o, "mac", &om) ||
-                    strcmp(json_object_get_string(om), mac) != 0)
-                    continue;
-                known = true;
-                if (json_object_object_get_ex(o, "failover", &f))
-                    json_object_object_add(n, "failover", json_object_get(f));
-                if (json_object_object_get_ex(o, "network", &on))
-                    json_object_object_add(n, "network", json_object_get(on));
-            }
-            json_object *net;
-            if (!known && json_object_object_get_ex(n, "network", &net) &&
-                (strncmp(json_object_get_string(net), "tap:", 4) == 0 ||
-                 strncmp(json_object_get_string(net), "bridge:", 7) == 0))
-                json_object_object_add(n, "network",
-                                       json_object_new_string("none"));
-        }
-        for (size_t i = 0; nics && !vm->nics &&
-                           i < json_object_array_length(nics); i++) {
-            json_object *n = json_object_array_get_idx(nics, i), *net;
-            if (json_object_object_get_ex(n, "network", &net) &&
-                (strncmp(json_object_get_string(net), "tap:", 4) == 0 ||
-                 strncmp(json_object_get_string(net), "bridge:", 7) == 0))
-                json_object_object_add(n, "network",
-                                       json_object_new_string("none"));
-        }
-        if (have_nics) {
-            json_object_put(vm->nics);
-            vm->nics = nics;
-        }
+        vm->cpus = (unsigned)reg.cpus;
+        vm->memory_mib = (unsigned)reg.memory_mib;
+        merge_peer_nics(vm, b, reg.name);
         /* Direct kernel boot does not travel: a peer names no path here
          * (SPEC §6).  The Replica server's administrator sets it with
          * `vm set-boot`. */
         free(vm->name);
-        vm->name = xstrdup(name);
+        vm->name = xstrdup(reg.name);
         /* The owner: this primary now (check_owner admitted it), in the
          * trust group the VM was created under. */
         free(vm->owner);
         vm->owner = xstrdup(q->peer);
         if (!vm->owner_group)
             vm->owner_group = xstrdup(q->group);
-        struct repl *r = vm->repl;
-        bool fresh = !r;
-        if (fresh) {
-            r = xcalloc(1, sizeof *r);
-            snprintf(r->vm_uuid, sizeof r->vm_uuid, "%s", vm->uuid);
-            r->mode = VM_MODE_REPLICA;
-            r->storage = xstrdup(vm->dir);
-            r->trust_group = xstrdup(vm->owner_group);
-            vm->repl = r;
-        }
-        free(r->auth);
-        r->auth = q->krb ? xstrdup("kerberos") : NULL;
-        r->krb_encrypt = q->wrapped;
-        /* Possibly another primary of the VM's trust group. */
-        free(r->primary_server);
-        r->primary_server = xstrdup(q->peer);
-        r->epoch = q->epoch;
-        take_history(r, q);
-        if (!r->point_interval_s)
-            r->point_interval_s = 3600;
-        if (reg.frequency_s)
-            r->frequency_s = reg.frequency_s;
-        if (reg.compression >= 0)
-            r->compression = reg.compression;
-        /* A registration starts a relationship afresh (the primary
-         * registers only when replication is enabled), even over one this
-         * side still thinks is replicating: the primary may have removed
-         * it while we were unreachable, and changed the disk since. */
-        r->initial_done = false;
-        rc = repl_transition(vm, REPL_ST_WAITING_INITIAL, 0);
-        r->applied_cycle = r->last_cycle = 0;
-        r->prepared_cycle = 0;
-        /* The disks of an existing VM are kept as they are (they may seed
-         * a comparison, SPEC §5); a full initial replication resets them
-         * before its first piece (reset_kept_disks). */
-        r->reset_pending = !created;
-        if (rc == 0)
-            rc = clear_staging(r);
-        /* The recovery history of the old relationship goes. */
-        if (rc == 0)
-            rc = history_reset(vm);
-        if (rc == 0)
-            rc = catalog_save_vm(D->cat, vm);
-        if (rc == 0)
-            rc = catalog_save_repl(D->cat, r);
-        if (rc == 0) {
-            event_add("info", vm->name,
-                      "replica vm %s registered by primary %s (%s)%s",
-                      created ? "created" : "updated", q->peer, q->addr,
-                      created ? "" : "; its disks are kept until a full "
-                                     "initial replication starts");
-            *out = replica_status_json(vm);
-        }
+        rc = start_relationship(vm, q, &reg, created);
+    }
+    if (rc == 0) {
+        event_add("info", vm->name,
+                  "replica vm %s registered by primary %s (%s)%s",
+                  created ? "created" : "updated", q->peer, q->addr,
+                  created ? "" : "; its disks are kept until a full "
+                                 "initial replication starts");
+        *out = replica_status_json(vm);
     }
     pthread_mutex_unlock(&D->lock);
     json_object_put(b);

@@ -557,104 +557,170 @@ krb_check_request(struct MHD_Connection *c, struct rreq *q, const char *url,
 
 static int body_chunk(void *ud, const char *data, size_t n);
 
-MHD_RESULT
-r1_access(void *cls, struct MHD_Connection *c, const char *url,
-          const char *method, const char *version VR_UNUSED,
-          const char *upload_data, size_t *upload_size, void **con_cls)
+/* The request's epoch (X-Vmreplica-Epoch, required but for the test
+ * request) and the primary's recovery-history settings
+ * (X-Vmreplica-History: N/INTERVAL_S, optional): 0 or -EPROTO. */
+static int
+parse_headers(struct MHD_Connection *c, struct rreq *q)
 {
-    struct rreq *q = *con_cls;
-    if (!q) {
-        q = xcalloc(1, sizeof *q);
-        q->fd = -1;
-        q->stgfd = -1;
-        q->conn = c;
-        const struct listener_ctx *lc = cls;
-        q->krb = lc->kerberos;
-        *con_cls = q;
-        guard_request(c, true);
-        peer_addr(c, q->addr, sizeof q->addr);
-        char *id = NULL;
-        vr_err_clear();
-        int arc = q->krb ? krb_authenticate(c, lc, q)
-                         : verify_peer(c, lc, &id);
-        if (arc < 0) {
-            /* An unauthenticated peer learns nothing, not even whether the
-             * URL exists, and none of its body is read. */
-            char msg[512];
-            snprintf(msg, sizeof msg, "%s", vr_errmsg());
-            return refuse(c, q,
-                          arc == -EPROTO || arc == -ETIME ? arc : -EACCES,
-                          msg);
-        }
-        if (id)
-            snprintf(q->peer, sizeof q->peer, "%s", id);
-        free(id);
-        /* Kerberos-wrapped bodies: the unframer's frame buffers. */
-        if (q->wrapped && mem_charge(q, R1_KRB_MEM, false) < 0) {
-            rreq_fail(q, -EAGAIN, vr_errmsg());
-            return MHD_YES;
-        }
-        if (parse_url(url, method, q) < 0) {
-            rreq_fail(q, -EINVAL, vr_errmsg());
-            return MHD_YES;
-        }
-        const char *ep =
-            MHD_lookup_connection_value(c, MHD_HEADER_KIND, "X-Vmreplica-Epoch");
-        char *end = NULL;
-        errno = 0;
-        q->epoch = ep && ep[0] >= '1' && ep[0] <= '9' ? strtoull(ep, &end, 10)
-                                                      : 0;
-        if (q->kind != R1_TEST && (!ep || !end || *end || errno ||
-                                   q->epoch == 0 || q->epoch > INT64_MAX)) {
-            rreq_fail(q, -EPROTO, "missing or bad X-Vmreplica-Epoch");
-            return MHD_YES;
-        }
-        const char *hist = MHD_lookup_connection_value(c, MHD_HEADER_KIND,
-                                                       "X-Vmreplica-History");
-        if (hist) {
-            unsigned long n, iv;
-            char *e1, *e2;
-            n = strtoul(hist, &e1, 10);
-            iv = *e1 == '/' ? strtoul(e1 + 1, &e2, 10) : 0;
-            if (*e1 != '/' || *e2 || n > REPL_MAX_HISTORY || iv < 1 ||
-                iv > 86400) {
-                rreq_fail(q, -EPROTO, "bad X-Vmreplica-History");
-                return MHD_YES;
-            }
-            q->has_history = true;
-            q->history = (unsigned)n;
-            q->interval_s = (unsigned)iv;
-        }
-        pthread_mutex_lock(&D->lock);
-        bool enabled = D->cfg.replica_enabled;
-        arc = enabled ? auth_authorize(q->peer, &q->root, &q->group) : 0;
-        pthread_mutex_unlock(&D->lock);
-        if (!enabled)
-            rreq_fail(q, -EPERM, "replication is not enabled on this server");
-        else if (arc < 0)
-            rreq_fail(q, arc, vr_errmsg());
+    const char *ep =
+        MHD_lookup_connection_value(c, MHD_HEADER_KIND, "X-Vmreplica-Epoch");
+    char *end = NULL;
+    errno = 0;
+    q->epoch = ep && ep[0] >= '1' && ep[0] <= '9' ? strtoull(ep, &end, 10)
+                                                  : 0;
+    if (q->kind != R1_TEST && (!ep || !end || *end || errno ||
+                               q->epoch == 0 || q->epoch > INT64_MAX))
+        return vr_err(-EPROTO, "missing or bad X-Vmreplica-Epoch");
+    const char *hist = MHD_lookup_connection_value(c, MHD_HEADER_KIND,
+                                                   "X-Vmreplica-History");
+    if (hist) {
+        unsigned long n, iv;
+        char *e1, *e2;
+        n = strtoul(hist, &e1, 10);
+        iv = *e1 == '/' ? strtoul(e1 + 1, &e2, 10) : 0;
+        if (*e1 != '/' || *e2 || n > REPL_MAX_HISTORY || iv < 1 ||
+            iv > 86400)
+            return vr_err(-EPROTO, "bad X-Vmreplica-History");
+        q->has_history = true;
+        q->history = (unsigned)n;
+        q->interval_s = (unsigned)iv;
+    }
+    return 0;
+}
+
+/* The first call of a request: authenticate the peer (its listener's
+ * way), then parse the URL and headers and authorize the peer.  A peer
+ * that fails authentication is refused at once; any later failure is
+ * kept in q and answered once the body has been read. */
+static MHD_RESULT
+request_begin(struct MHD_Connection *c, const struct listener_ctx *lc,
+              const char *url, const char *method, struct rreq *q)
+{
+    guard_request(c, true);
+    peer_addr(c, q->addr, sizeof q->addr);
+    char *id = NULL;
+    vr_err_clear();
+    int arc = q->krb ? krb_authenticate(c, lc, q) : verify_peer(c, lc, &id);
+    if (arc < 0) {
+        /* An unauthenticated peer learns nothing, not even whether the
+         * URL exists, and none of its body is read. */
+        char msg[512];
+        snprintf(msg, sizeof msg, "%s", vr_errmsg());
+        return refuse(c, q, arc == -EPROTO || arc == -ETIME ? arc : -EACCES,
+                      msg);
+    }
+    if (id)
+        snprintf(q->peer, sizeof q->peer, "%s", id);
+    free(id);
+    /* Kerberos-wrapped bodies: the unframer's frame buffers. */
+    if (q->wrapped && mem_charge(q, R1_KRB_MEM, false) < 0) {
+        rreq_fail(q, -EAGAIN, vr_errmsg());
         return MHD_YES;
     }
-
-    if (*upload_size) {
-        size_t n = *upload_size;
-        *upload_size = 0;
-        if (q->wrapped) {
-            if (!q->unframe_failed) {
-                int rc = krb_unframe(&q->unf, q->gss, upload_data, n,
-                                     body_chunk, q);
-                if (rc < 0) {
-                    q->unframe_failed = true;
-                    rreq_fail(q, rc, vr_errmsg());
-                }
-            }
-        } else {
-            VR_IGNORE(body_chunk(q, upload_data, n));
-        }
+    if (parse_url(url, method, q) < 0) {
+        rreq_fail(q, -EINVAL, vr_errmsg());
         return MHD_YES;
     }
+    if (parse_headers(c, q) < 0) {
+        rreq_fail(q, -EPROTO, vr_errmsg());
+        return MHD_YES;
+    }
+    pthread_mutex_lock(&D->lock);
+    bool enabled = D->cfg.replica_enabled;
+    arc = enabled ? auth_authorize(q->peer, &q->root, &q->group) : 0;
+    pthread_mutex_unlock(&D->lock);
+    if (!enabled)
+        rreq_fail(q, -EPERM, "replication is not enabled on this server");
+    else if (arc < 0)
+        rreq_fail(q, arc, vr_errmsg());
+    return MHD_YES;
+}
 
-    /* End of request. */
+/* A piece of the body: unwrapped first if it travels wrapped. */
+static void
+request_data(struct rreq *q, const char *data, size_t n)
+{
+    if (!q->wrapped) {
+        VR_IGNORE(body_chunk(q, data, n));
+        return;
+    }
+    if (q->unframe_failed)
+        return;
+    int rc = krb_unframe(&q->unf, q->gss, data, n, body_chunk, q);
+    if (rc < 0) {
+        q->unframe_failed = true;
+        rreq_fail(q, rc, vr_errmsg());
+    }
+}
+
+/* --- endpoints: one handler per kind of request ----------------------------- */
+
+/* GET /r1/vms/UUID: the Replica VM's status (any epoch). */
+static int
+ep_status(struct rreq *q, json_object **out)
+{
+    pthread_mutex_lock(&D->lock);
+    struct vm *vm;
+    q->epoch = 0;
+    int rc = own_vm(q, &vm);
+    if (rc == 0)
+        *out = replica_status_json(vm);
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
+/* GET /r1/test (server test-connection): authenticated and authorized
+ * (or refused) like any request; tells who we are and what the peer may. */
+static int
+ep_test(struct rreq *q, json_object **out)
+{
+    *out = json_object_new_object();
+    pthread_mutex_lock(&D->lock);
+    json_object_object_add(*out, "server", D->cfg.hostname
+                               ? json_object_new_string(D->cfg.hostname)
+                               : NULL);
+    pthread_mutex_unlock(&D->lock);
+    json_object_object_add(*out, "primary", json_object_new_string(q->peer));
+    json_object_object_add(*out, "storage", json_object_new_string(q->root));
+    json_object_object_add(*out, "trust_group",
+                           json_object_new_string(q->group));
+    return 0;
+}
+
+/* PUT of a base chunk or a cycle: staged at the end of its body (an
+ * upload that had nothing to stage is answered {} at once). */
+static int
+ep_upload(struct rreq *q, json_object **out)
+{
+    int rc = 0;
+    if (!q->dec) {
+        rc = upload_begin(q, q->conn);
+        if (rc == 1) {
+            /* A duplicate, already staged or applied: answered {}. */
+            *out = json_object_new_object();
+            return 0;
+        }
+    }
+    if (rc == 0)
+        rc = upload_finish(q, out);
+    release_busy(q);
+    return rc;
+}
+
+static int (*const endpoints[])(struct rreq *q, json_object **out) = {
+    [R1_STATUS] = ep_status,         [R1_REGISTER] = do_register,
+    [R1_BASE] = ep_upload,           [R1_INITIAL_DONE] = do_initial_done,
+    [R1_CYCLE] = ep_upload,          [R1_REMOVE] = do_remove,
+    [R1_PREPARED] = do_prepared,     [R1_TEST] = ep_test,
+};
+
+/* The end of a request: check a Kerberos request's signature, then answer
+ * a failure kept in q, or run its endpoint and answer what it returns. */
+static MHD_RESULT
+request_end(struct MHD_Connection *c, struct rreq *q, const char *url,
+            const char *method)
+{
     if (q->krb && !q->unframe_failed) {
         /* Checked even when the request already failed: a body changed on
          * the way is the cause to report, not what it made us refuse. */
@@ -672,59 +738,8 @@ r1_access(void *cls, struct MHD_Connection *c, const char *url,
         return refuse(c, q, q->rc, q->msg);
     }
     json_object *out = NULL;
-    int rc = 0;
     vr_err_clear();
-    switch (q->kind) {
-    case R1_STATUS: {
-        pthread_mutex_lock(&D->lock);
-        struct vm *vm;
-        q->epoch = 0;
-        rc = own_vm(q, &vm);
-        if (rc == 0)
-            out = replica_status_json(vm);
-        pthread_mutex_unlock(&D->lock);
-        break;
-    }
-    case R1_REGISTER:
-        rc = do_register(q, &out);
-        break;
-    case R1_INITIAL_DONE:
-        rc = do_initial_done(q, &out);
-        break;
-    case R1_REMOVE:
-        rc = do_remove(q, &out);
-        break;
-    case R1_PREPARED:
-        rc = do_prepared(q, &out);
-        break;
-    case R1_TEST:
-        /* Authenticated and authorized (or refused) like any request. */
-        out = json_object_new_object();
-        pthread_mutex_lock(&D->lock);
-        json_object_object_add(out, "server", D->cfg.hostname
-                                   ? json_object_new_string(D->cfg.hostname)
-                                   : NULL);
-        pthread_mutex_unlock(&D->lock);
-        json_object_object_add(out, "primary", json_object_new_string(q->peer));
-        json_object_object_add(out, "storage", json_object_new_string(q->root));
-        json_object_object_add(out, "trust_group",
-                               json_object_new_string(q->group));
-        break;
-    case R1_BASE:
-    case R1_CYCLE:
-        if (!q->dec) {
-            rc = upload_begin(q, c);
-            if (rc == 1) {
-                rc = 0;
-                out = json_object_new_object();
-                break;
-            }
-        }
-        if (rc == 0)
-            rc = upload_finish(q, &out);
-        release_busy(q);
-        break;
-    }
+    int rc = endpoints[q->kind](q, &out);
     if (rc < 0) {
         json_object_put(out);
         char msg[512];
@@ -737,6 +752,31 @@ r1_access(void *cls, struct MHD_Connection *c, const char *url,
         return reply_error(c, q, rc, msg);
     }
     return reply(c, q, 200, out ? out : json_object_new_object());
+}
+
+MHD_RESULT
+r1_access(void *cls, struct MHD_Connection *c, const char *url,
+          const char *method, const char *version VR_UNUSED,
+          const char *upload_data, size_t *upload_size, void **con_cls)
+{
+    struct rreq *q = *con_cls;
+    if (!q) {
+        q = xcalloc(1, sizeof *q);
+        q->fd = -1;
+        q->stgfd = -1;
+        q->conn = c;
+        const struct listener_ctx *lc = cls;
+        q->krb = lc->kerberos;
+        *con_cls = q;
+        return request_begin(c, lc, url, method, q);
+    }
+    if (*upload_size) {
+        size_t n = *upload_size;
+        *upload_size = 0;
+        request_data(q, upload_data, n);
+        return MHD_YES;
+    }
+    return request_end(c, q, url, method);
 }
 
 /* An upload refused while its body still arrives (drained until its end,

@@ -282,200 +282,340 @@ krb_prepare(const struct peer *p, const char *host,
     return 0;
 }
 
-int
-peer_call(const struct peer *p, const char *method, const char *path,
-          const char *json_body, int upload_fd, uint64_t upload_len,
-          bool zstd, json_object **resp)
-{
-    CURL *h = curl_easy_init();
-    if (!h)
-        return vr_err(-ENOMEM, "curl init");
+/* --- one request ------------------------------------------------------------ */
+
+/* What one request holds while it is made. */
+struct call {
+    const struct peer *p;
+    CURL *h;
     char host[256];
-    snprintf(host, sizeof host, "%s", p->server);
-    char *colon = strrchr(host, ':');
-    unsigned port = p->kerberos ? 80 : 443;
+    unsigned port;
+    char *url;
+    char epoch[24], history[32];
+    struct curl_slist *hdrs, *resolve;
+    struct resp_buf body;
+    FILE *upload;
+    char errbuf[CURL_ERROR_SIZE];
+    struct krb_req_fields fields;
+    /* certificate: the server certificate's purpose, checked by curl's
+     * pre-request callback */
+    struct prereq prereq;
+    /* Kerberos: the request's context, its body (token-signed or wrapped),
+     * the answer's MIC, and the frames of a wrapped upload. */
+    gss_ctx_id_t ctx;
+    uint8_t *postdata;
+    size_t postlen;
+    char *resp_mic;
+    struct wrap_src wsrc;
+};
+
+/* How a request is authenticated, one table per mode, so that the rest of
+ * peer_call has no Kerberos-or-certificate branch: set the handle up (and
+ * make the body, for Kerberos), and say whether an answer is the Replica
+ * server's (signed by HTTP/SERVER for Kerberos; TLS said so already). */
+struct peer_auth_ops {
+    int (*setup)(struct call *c, const char *json_body, int upload_fd,
+                 uint64_t upload_len);
+    bool (*answer_trusted)(struct call *c, long status);
+    /* A wrapped upload is framed while it is sent (Kerberos, encrypt). */
+    bool (*wraps_upload)(const struct call *c);
+};
+
+static int
+cert_setup(struct call *c, const char *json_body VR_UNUSED,
+           int upload_fd VR_UNUSED, uint64_t upload_len VR_UNUSED)
+{
+    CURL *h = c->h;
+    curl_easy_setopt(h, CURLOPT_PREREQFUNCTION, check_server_purpose);
+    curl_easy_setopt(h, CURLOPT_PREREQDATA, &c->prereq);
+    curl_easy_setopt(h, CURLOPT_SSLCERT, c->p->cert);
+    curl_easy_setopt(h, CURLOPT_SSLKEY, c->p->key);
+    curl_easy_setopt(h, CURLOPT_CAINFO, c->p->ca);
+    curl_easy_setopt(h, CURLOPT_CAPATH, NULL);
+    curl_easy_setopt(h, CURLOPT_SSLVERSION, (long)CURL_SSLVERSION_TLSv1_2);
+    curl_easy_setopt(h, CURLOPT_SSL_VERIFYPEER, 1L);
+    curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, 2L);
+    curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "https");
+    return 0;
+}
+
+static bool
+cert_answer_trusted(struct call *c VR_UNUSED, long status VR_UNUSED)
+{
+    return true;
+}
+
+static bool
+cert_wraps_upload(const struct call *c VR_UNUSED)
+{
+    return false;
+}
+
+static int
+krb_setup(struct call *c, const char *json_body, int upload_fd,
+          uint64_t upload_len)
+{
+    int rc = krb_prepare(c->p, c->host, &c->fields, json_body, upload_fd,
+                         upload_len, &c->ctx, &c->hdrs, &c->postdata,
+                         &c->postlen);
+    curl_easy_setopt(c->h, CURLOPT_PROTOCOLS_STR, "http");
+    curl_easy_setopt(c->h, CURLOPT_HEADERFUNCTION, on_header);
+    curl_easy_setopt(c->h, CURLOPT_HEADERDATA, &c->resp_mic);
+    return rc;
+}
+
+static bool
+krb_answer_trusted(struct call *c, long status)
+{
+    return answer_signed(c->ctx, status, &c->body, c->resp_mic);
+}
+
+static bool
+krb_wraps_upload(const struct call *c)
+{
+    return c->p->krb_encrypt;
+}
+
+static const struct peer_auth_ops cert_ops = {
+    cert_setup, cert_answer_trusted, cert_wraps_upload
+};
+static const struct peer_auth_ops krb_ops = {
+    krb_setup, krb_answer_trusted, krb_wraps_upload
+};
+
+/* The URL of path on p's server (port: the mode's default unless given),
+ * the headers every request carries, and the pinned address if any. */
+static void
+call_target(struct call *c, const char *path)
+{
+    const struct peer *p = c->p;
+    snprintf(c->host, sizeof c->host, "%s", p->server);
+    char *colon = strrchr(c->host, ':');
+    c->port = p->kerberos ? 80 : 443;
     if (colon) {
-        port = (unsigned)atoi(colon + 1);
+        c->port = (unsigned)atoi(colon + 1);
         *colon = '\0';
     }
-    CLEANUP_FREE char *url = xasprintf("%s://%s:%u%s",
-                                       p->kerberos ? "http" : "https", host,
-                                       port, path);
-    struct curl_slist *hdrs = NULL, *resolve = NULL;
-    char epoch[24], history[32];
-    snprintf(epoch, sizeof epoch, "%llu", (unsigned long long)p->epoch);
-    snprintf(history, sizeof history, "%u/%u", p->recovery_history,
+    c->url = xasprintf("%s://%s:%u%s", p->kerberos ? "http" : "https",
+                       c->host, c->port, path);
+    snprintf(c->epoch, sizeof c->epoch, "%llu", (unsigned long long)p->epoch);
+    snprintf(c->history, sizeof c->history, "%u/%u", p->recovery_history,
              p->point_interval_s ? p->point_interval_s : 3600);
-    CLEANUP_FREE char *ep = xasprintf("X-Vmreplica-Epoch: %s", epoch);
-    CLEANUP_FREE char *hist = xasprintf("X-Vmreplica-History: %s", history);
-    hdrs = curl_slist_append(hdrs, ep);
-    hdrs = curl_slist_append(hdrs, hist);
-    hdrs = curl_slist_append(hdrs, "Expect:");
+    CLEANUP_FREE char *ep = xasprintf("X-Vmreplica-Epoch: %s", c->epoch);
+    CLEANUP_FREE char *hist = xasprintf("X-Vmreplica-History: %s",
+                                        c->history);
+    c->hdrs = curl_slist_append(c->hdrs, ep);
+    c->hdrs = curl_slist_append(c->hdrs, hist);
+    c->hdrs = curl_slist_append(c->hdrs, "Expect:");
     if (p->connect_address) {
         CLEANUP_FREE char *r =
-            xasprintf("%s:%u:%s", host, port, p->connect_address);
-        resolve = curl_slist_append(resolve, r);
-        curl_easy_setopt(h, CURLOPT_RESOLVE, resolve);
+            xasprintf("%s:%u:%s", c->host, c->port, p->connect_address);
+        c->resolve = curl_slist_append(c->resolve, r);
+        curl_easy_setopt(c->h, CURLOPT_RESOLVE, c->resolve);
     }
-    struct resp_buf body = { NULL, 0 };
-    FILE *upload = NULL;
-    gss_ctx_id_t ctx = GSS_C_NO_CONTEXT;
-    CLEANUP_FREE uint8_t *postdata = NULL;
-    size_t postlen = 0;
-    CLEANUP_FREE char *resp_mic = NULL;
-    struct wrap_src wsrc = { .fd = -1 };
-    char errbuf[CURL_ERROR_SIZE] = "";
-    struct prereq prereq = { .h = h };
-    int rc = 0;
-    curl_easy_setopt(h, CURLOPT_ERRORBUFFER, errbuf);
-    curl_easy_setopt(h, CURLOPT_URL, url);
-    struct krb_req_fields fields = {
-        .method = method, .path = path, .epoch = epoch, .history = history,
-        .encoding = upload_fd >= 0 ? (zstd ? "zstd" : "identity") : NULL,
-        .wrap = p->krb_encrypt ? KRB_WRAP_VALUE : NULL,
-    };
-    if (p->kerberos) {
-        rc = krb_prepare(p, host, &fields, json_body, upload_fd, upload_len,
-                         &ctx, &hdrs, &postdata, &postlen);
-        curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http");
-        curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, on_header);
-        curl_easy_setopt(h, CURLOPT_HEADERDATA, &resp_mic);
-    } else {
-        curl_easy_setopt(h, CURLOPT_PREREQFUNCTION, check_server_purpose);
-        curl_easy_setopt(h, CURLOPT_PREREQDATA, &prereq);
-        curl_easy_setopt(h, CURLOPT_SSLCERT, p->cert);
-        curl_easy_setopt(h, CURLOPT_SSLKEY, p->key);
-        curl_easy_setopt(h, CURLOPT_CAINFO, p->ca);
-        curl_easy_setopt(h, CURLOPT_CAPATH, NULL);
-        curl_easy_setopt(h, CURLOPT_SSLVERSION,
-                         (long)CURL_SSLVERSION_TLSv1_2);
-        curl_easy_setopt(h, CURLOPT_SSL_VERIFYPEER, 1L);
-        curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, 2L);
-        curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "https");
+}
+
+/* An upload from upload_fd: framed while sent (wrapped), or read from a
+ * duplicate of the descriptor. */
+static int
+call_upload(struct call *c, const struct peer_auth_ops *ops, int upload_fd,
+            uint64_t upload_len, bool zstd)
+{
+    CURL *h = c->h;
+    c->hdrs = curl_slist_append(c->hdrs, zstd ? "Content-Encoding: zstd"
+                                              : "Content-Encoding: identity");
+    c->hdrs = curl_slist_append(c->hdrs,
+                                "Content-Type: application/octet-stream");
+    curl_easy_setopt(h, CURLOPT_UPLOAD, 1L);
+    if (ops->wraps_upload(c)) {
+        /* Frames made while sending: the length is not known ahead,
+         * so the body goes chunked. */
+        c->wsrc.fd = upload_fd;
+        c->wsrc.len = upload_len;
+        c->wsrc.ctx = c->ctx;
+        c->wsrc.fields = &c->fields;
+        c->wsrc.plain = xmalloc(KRB_FRAME_PLAIN);
+        if (gnutls_hash_init(&c->wsrc.hash, GNUTLS_DIG_SHA256) < 0)
+            abort();
+        curl_easy_setopt(h, CURLOPT_READFUNCTION, read_wrapped);
+        curl_easy_setopt(h, CURLOPT_READDATA, &c->wsrc);
+        curl_easy_setopt(h, CURLOPT_INFILESIZE_LARGE, (curl_off_t)-1);
+        return 0;
     }
-    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT, 10L);
-    curl_easy_setopt(h, CURLOPT_LOW_SPEED_LIMIT, 1L);
-    curl_easy_setopt(h, CURLOPT_LOW_SPEED_TIME, 60L);
-    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_body);
-    curl_easy_setopt(h, CURLOPT_WRITEDATA, &body);
-    if (rc == 0 && upload_fd >= 0) {
-        hdrs = curl_slist_append(hdrs, zstd ? "Content-Encoding: zstd"
-                                            : "Content-Encoding: identity");
-        hdrs = curl_slist_append(hdrs,
-                                 "Content-Type: application/octet-stream");
-        curl_easy_setopt(h, CURLOPT_UPLOAD, 1L);
-        if (p->kerberos && p->krb_encrypt) {
-            /* Frames made while sending: the length is not known ahead,
-             * so the body goes chunked. */
-            wsrc.fd = upload_fd;
-            wsrc.len = upload_len;
-            wsrc.ctx = ctx;
-            wsrc.fields = &fields;
-            wsrc.plain = xmalloc(KRB_FRAME_PLAIN);
-            if (gnutls_hash_init(&wsrc.hash, GNUTLS_DIG_SHA256) < 0)
-                abort();
-            curl_easy_setopt(h, CURLOPT_READFUNCTION, read_wrapped);
-            curl_easy_setopt(h, CURLOPT_READDATA, &wsrc);
-            curl_easy_setopt(h, CURLOPT_INFILESIZE_LARGE, (curl_off_t)-1);
-        } else {
-            int dupfd = dup(upload_fd);
-            upload = dupfd >= 0 ? fdopen(dupfd, "rb") : NULL;
-            if (!upload) {
-                rc = vr_err(-errno, "upload: %s", strerror(errno));
-                if (dupfd >= 0)
-                    close(dupfd);
-            } else {
-                rewind(upload);
-                curl_easy_setopt(h, CURLOPT_READDATA, upload);
-                curl_easy_setopt(h, CURLOPT_INFILESIZE_LARGE,
-                                 (curl_off_t)upload_len);
-            }
-        }
-    } else if (rc == 0 && postdata) {
+    int dupfd = dup(upload_fd);
+    c->upload = dupfd >= 0 ? fdopen(dupfd, "rb") : NULL;
+    if (!c->upload) {
+        int rc = vr_err(-errno, "upload: %s", strerror(errno));
+        if (dupfd >= 0)
+            close(dupfd);
+        return rc;
+    }
+    rewind(c->upload);
+    curl_easy_setopt(h, CURLOPT_READDATA, c->upload);
+    curl_easy_setopt(h, CURLOPT_INFILESIZE_LARGE, (curl_off_t)upload_len);
+    return 0;
+}
+
+/* The body: an upload, the body the mode made (Kerberos), or the JSON. */
+static int
+call_body(struct call *c, const struct peer_auth_ops *ops,
+          const char *json_body, int upload_fd, uint64_t upload_len,
+          bool zstd)
+{
+    if (upload_fd >= 0)
+        return call_upload(c, ops, upload_fd, upload_len, zstd);
+    if (c->postdata) {
         if (json_body)
-            hdrs = curl_slist_append(hdrs, "Content-Type: application/json");
-        curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)postlen);
-        curl_easy_setopt(h, CURLOPT_POSTFIELDS, postdata);
-    } else if (rc == 0 && json_body) {
-        hdrs = curl_slist_append(hdrs, "Content-Type: application/json");
-        curl_easy_setopt(h, CURLOPT_POSTFIELDS, json_body);
+            c->hdrs = curl_slist_append(c->hdrs,
+                                        "Content-Type: application/json");
+        curl_easy_setopt(c->h, CURLOPT_POSTFIELDSIZE_LARGE,
+                         (curl_off_t)c->postlen);
+        curl_easy_setopt(c->h, CURLOPT_POSTFIELDS, c->postdata);
+    } else if (json_body) {
+        c->hdrs = curl_slist_append(c->hdrs, "Content-Type: application/json");
+        curl_easy_setopt(c->h, CURLOPT_POSTFIELDS, json_body);
     }
-    curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, method);
-    curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdrs);
+    return 0;
+}
 
-    CURLcode cr = CURLE_OK;
-    long status = 0;
-    if (rc == 0) {
-        cr = curl_easy_perform(h);
-        curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
-    }
-    curl_easy_cleanup(h);
-    curl_slist_free_all(hdrs);
-    curl_slist_free_all(resolve);
-    if (upload)
-        fclose(upload);
-    free(wsrc.frame);
-    free(wsrc.plain);
-    if (wsrc.hash)
-        gnutls_hash_deinit(wsrc.hash, NULL);
+/* A transfer that failed (cr): a handshake the peer refused (a TLS alert:
+ * our certificate is unknown, expired, revoked) will not heal by retrying;
+ * one cut short (the Replica server restarting, a reset) will. */
+static int
+transfer_error(const struct call *c, CURLcode cr)
+{
+    bool refused = cr == CURLE_SSL_CONNECT_ERROR &&
+                   strcasestr(c->errbuf, "alert") != NULL;
+    int e = cr == CURLE_COULDNT_CONNECT       ? ECONNREFUSED
+            : cr == CURLE_OPERATION_TIMEDOUT  ? ETIMEDOUT
+            : cr == CURLE_PEER_FAILED_VERIFICATION ||
+                    cr == CURLE_SSL_CERTPROBLEM || refused
+                ? EACCES
+                : ECONNRESET;
+    return vr_err(-e, "replica server %s: %s%s%s", c->p->server,
+                  curl_easy_strerror(cr), *c->errbuf ? ": " : "", c->errbuf);
+}
 
-    json_object *j = body.data ? json_tokener_parse(body.data) : NULL;
-    if (rc == 0 && cr != CURLE_OK && wsrc.err < 0)
-        rc = vr_err(wsrc.err, "kerberos: wrapping the upload failed");
-    if (rc < 0) {
-        rc = vr_err(rc, "replica server %s: %s", p->server, vr_errmsg());
-    } else if (cr == CURLE_ABORTED_BY_CALLBACK && prereq.why[0]) {
-        rc = vr_err(-EACCES, "replica server %s: %s", p->server, prereq.why);
-    } else if (cr != CURLE_OK) {
-        /* A handshake the peer refused (a TLS alert: our certificate is
-         * unknown, expired, revoked) will not heal by retrying; one cut
-         * short (the Replica server restarting, a reset) will. */
-        bool refused = cr == CURLE_SSL_CONNECT_ERROR &&
-                       strcasestr(errbuf, "alert") != NULL;
-        int e = cr == CURLE_COULDNT_CONNECT       ? ECONNREFUSED
-                : cr == CURLE_OPERATION_TIMEDOUT  ? ETIMEDOUT
-                : cr == CURLE_PEER_FAILED_VERIFICATION ||
-                        cr == CURLE_SSL_CERTPROBLEM || refused
-                    ? EACCES
-                    : ECONNRESET;
-        rc = vr_err(-e, "replica server %s: %s%s%s", p->server,
-                    curl_easy_strerror(cr), *errbuf ? ": " : "", errbuf);
-    } else if (status != 200 && status != 201) {
-        json_object *v;
-        const char *name = NULL, *msg = NULL;
-        if (j && json_object_object_get_ex(j, "error", &v))
-            name = json_object_get_string(v);
-        if (j && json_object_object_get_ex(j, "message", &v))
-            msg = json_object_get_string(v);
-        rc = vr_err(-errno_of_name(name), "replica server %s: %s", p->server,
-                    msg ? msg : "unexpected answer");
-        if ((status == 403 || status == 401) && !name)
-            rc = -EACCES;
-        /* Kerberos mode is plain HTTP: anyone on the path can answer.  A
-         * refusal not signed by HTTP/SERVER must not stop replication;
-         * it is retried like a lost connection. */
-        if (p->kerberos && peer_unrecoverable(rc) &&
-            !answer_signed(ctx, status, &body, resp_mic))
-            rc = vr_err(-ECONNRESET, "replica server %s: an unsigned answer "
-                        "%ld (not trusted, retrying): %s", p->server, status,
-                        msg ? msg : "no message");
-    } else if (p->kerberos && !answer_signed(ctx, status, &body, resp_mic)) {
+/* A refusal (status not 2xx) maps back to its errno with the server's
+ * message.  Kerberos mode is plain HTTP: anyone on the path can answer, so
+ * a refusal the mode does not trust must not stop replication; it is
+ * retried like a lost connection. */
+static int
+refusal_error(struct call *c, const struct peer_auth_ops *ops, long status,
+              json_object *j)
+{
+    json_object *v;
+    const char *name = NULL, *msg = NULL;
+    if (j && json_object_object_get_ex(j, "error", &v))
+        name = json_object_get_string(v);
+    if (j && json_object_object_get_ex(j, "message", &v))
+        msg = json_object_get_string(v);
+    int rc = vr_err(-errno_of_name(name), "replica server %s: %s",
+                    c->p->server, msg ? msg : "unexpected answer");
+    if ((status == 403 || status == 401) && !name)
+        rc = -EACCES;
+    if (peer_unrecoverable(rc) && !ops->answer_trusted(c, status))
+        rc = vr_err(-ECONNRESET, "replica server %s: an unsigned answer "
+                    "%ld (not trusted, retrying): %s", c->p->server, status,
+                    msg ? msg : "no message");
+    return rc;
+}
+
+/* What the request came to: 0, or the errno of the failure, with the
+ * message. */
+static int
+call_result(struct call *c, const struct peer_auth_ops *ops, int rc,
+            CURLcode cr, long status, json_object *j)
+{
+    if (rc == 0 && cr != CURLE_OK && c->wsrc.err < 0)
+        rc = vr_err(c->wsrc.err, "kerberos: wrapping the upload failed");
+    if (rc < 0)
+        return vr_err(rc, "replica server %s: %s", c->p->server,
+                      vr_errmsg());
+    if (cr == CURLE_ABORTED_BY_CALLBACK && c->prereq.why[0])
+        return vr_err(-EACCES, "replica server %s: %s", c->p->server,
+                      c->prereq.why);
+    if (cr != CURLE_OK)
+        return transfer_error(c, cr);
+    if (status != 200 && status != 201)
+        return refusal_error(c, ops, status, j);
+    if (!ops->answer_trusted(c, status))
         /* Only HTTP/SERVER could sign the answer: this is what
          * authenticates the Replica server to us.  An answer without its
          * signature (or with a wrong one) is not the Replica server's: it
          * is ignored and the request retried, so a forger on the path can
          * delay replication but not stop it. */
-        rc = vr_err(-ECONNRESET, "replica server %s: an unsigned answer %ld "
-                    "(not trusted, retrying): not signed by HTTP/%s: %s",
-                    p->server, status, host, vr_errmsg());
+        return vr_err(-ECONNRESET, "replica server %s: an unsigned answer "
+                      "%ld (not trusted, retrying): not signed by HTTP/%s: "
+                      "%s", c->p->server, status, c->host, vr_errmsg());
+    return 0;
+}
+
+static void
+call_fini(struct call *c)
+{
+    curl_easy_cleanup(c->h);
+    curl_slist_free_all(c->hdrs);
+    curl_slist_free_all(c->resolve);
+    if (c->upload)
+        fclose(c->upload);
+    free(c->wsrc.frame);
+    free(c->wsrc.plain);
+    if (c->wsrc.hash)
+        gnutls_hash_deinit(c->wsrc.hash, NULL);
+}
+
+int
+peer_call(const struct peer *p, const char *method, const char *path,
+          const char *json_body, int upload_fd, uint64_t upload_len,
+          bool zstd, json_object **resp)
+{
+    struct call c = { .p = p, .ctx = GSS_C_NO_CONTEXT, .wsrc = { .fd = -1 } };
+    c.h = curl_easy_init();
+    if (!c.h)
+        return vr_err(-ENOMEM, "curl init");
+    const struct peer_auth_ops *ops = p->kerberos ? &krb_ops : &cert_ops;
+    c.prereq.h = c.h;
+    call_target(&c, path);
+    curl_easy_setopt(c.h, CURLOPT_ERRORBUFFER, c.errbuf);
+    curl_easy_setopt(c.h, CURLOPT_URL, c.url);
+    c.fields = (struct krb_req_fields){
+        .method = method, .path = path, .epoch = c.epoch,
+        .history = c.history,
+        .encoding = upload_fd >= 0 ? (zstd ? "zstd" : "identity") : NULL,
+        .wrap = p->krb_encrypt ? KRB_WRAP_VALUE : NULL,
+    };
+    int rc = ops->setup(&c, json_body, upload_fd, upload_len);
+    curl_easy_setopt(c.h, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(c.h, CURLOPT_CONNECTTIMEOUT, 10L);
+    curl_easy_setopt(c.h, CURLOPT_LOW_SPEED_LIMIT, 1L);
+    curl_easy_setopt(c.h, CURLOPT_LOW_SPEED_TIME, 60L);
+    curl_easy_setopt(c.h, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(c.h, CURLOPT_WRITEDATA, &c.body);
+    if (rc == 0)
+        rc = call_body(&c, ops, json_body, upload_fd, upload_len, zstd);
+    curl_easy_setopt(c.h, CURLOPT_CUSTOMREQUEST, method);
+    curl_easy_setopt(c.h, CURLOPT_HTTPHEADER, c.hdrs);
+
+    CURLcode cr = CURLE_OK;
+    long status = 0;
+    if (rc == 0) {
+        cr = curl_easy_perform(c.h);
+        curl_easy_getinfo(c.h, CURLINFO_RESPONSE_CODE, &status);
     }
-    krb_ctx_free(&ctx);
+    call_fini(&c);
+
+    json_object *j = c.body.data ? json_tokener_parse(c.body.data) : NULL;
+    rc = call_result(&c, ops, rc, cr, status, j);
+    krb_ctx_free(&c.ctx);
     if (rc == 0 && resp)
         *resp = j ? j : json_object_new_object();
     else
         json_object_put(j);
-    free(body.data);
+    free(c.body.data);
+    free(c.url);
+    free(c.postdata);
+    free(c.resp_mic);
     return rc;
 }
 
