@@ -43,7 +43,7 @@ int auth_check_vm_cap(const char *peer) VR_WUR;
 /* Forget every point and undo file (a fresh relationship); D->lock held. */
 int history_reset(struct vm *vm) VR_WUR;
 /* Before applying cycle n from payload_path: save what it overwrites (if
- * recovery history is on).  Without D->lock, vm->applying set. */
+ * recovery history is on).  Without D->lock, VM_OP_APPLY in progress. */
 int history_capture(struct vm *vm, uint64_t n,
                     const char *payload_path) VR_WUR;
 /* After cycle n was recorded as applied: make it a point (app: an
@@ -51,7 +51,7 @@ int history_capture(struct vm *vm, uint64_t n,
 int history_after_apply(struct vm *vm, uint64_t n, bool app) VR_WUR;
 /* At start-up: repair points and undo files after a crash. */
 int history_recover(struct vm *vm) VR_WUR;
-/* failover.c: before cycle n is applied (without D->lock, vm->applying
+/* failover.c: before cycle n is applied (without D->lock, VM_OP_APPLY
  * set), hand a running test failover's view the cycle's undo span;
  * -EAGAIN if the view does not answer (the cycle waits). */
 int failover_test_refresh(struct vm *vm, uint64_t n) VR_WUR;

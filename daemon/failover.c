@@ -11,7 +11,7 @@
  * test lasts, and before each cycle is applied the applier hands the view
  * the cycle's undo span (REFRESH), so the test VM never sees a later
  * cycle.  `failover stop VM --test` stops it and removes its overlays.
- * While a test starts or stops (r->test_busy) the applier leaves the VM
+ * While a test starts or stops (VM_OP_TEST) the applier leaves the VM
  * alone.
  *
  * Unplanned failover (`failover start VM [--point ID] [--force]`) starts
@@ -161,7 +161,7 @@ check_beneath(const struct vm *vm, const char *rd)
 static void
 wait_applier(struct vm *vm)
 {
-    while (vm->applying)
+    while (vm_busy(vm, VM_OP_APPLY))
         pthread_cond_wait(&D->cond, &D->lock);
 }
 
@@ -322,7 +322,7 @@ revert_disks(const struct vm *vm, uint64_t point, uint64_t latest)
     return rc;
 }
 
-/* D->lock held (dropped for the work), r->failover_busy set: carry a
+/* D->lock held (dropped for the work), VM_OP_FAILOVER in progress: carry a
  * complete on from the step it reached. */
 static int
 complete_steps(struct vm *vm)
@@ -511,7 +511,7 @@ failover_recover(struct vm *vm)
 int
 failover_test_refresh(struct vm *vm, uint64_t n)
 {
-    /* Without D->lock, vm->applying set: test_point cannot change (start
+    /* Without D->lock, VM_OP_APPLY in progress: test_point cannot change (start
      * and stop wait for the applier). */
     struct repl *r = vm->repl;
     if (!r || r->test_point == 0)
@@ -531,7 +531,7 @@ static int
 check_idle(const struct vm *vm)
 {
     const struct repl *r = vm->repl;
-    if (r->test_busy || r->failover_busy)
+    if (vm_busy(vm, VM_OP_TEST | VM_OP_FAILOVER))
         return vr_err(-EBUSY, "vm %s: a failover is starting or stopping; "
                       "try again", vm->name);
     if (r->test_point)
@@ -570,7 +570,7 @@ test_start(struct api_call *call, int64_t want, json_object **out)
         return rc;
     }
     /* Pin the point and keep the applier away while the test starts. */
-    r->test_busy = true;
+    vm_op_begin(vm, VM_OP_TEST);
     wait_applier(vm);
     r->test_point = point;
     rc = catalog_save_repl(D->cat, r);
@@ -610,7 +610,7 @@ test_start(struct api_call *call, int64_t want, json_object **out)
                                json_object_new_int64((int64_t)point));
         json_object_object_add(*out, "run_dir", json_object_new_string(rd));
     }
-    r->test_busy = false;
+    vm_op_end(vm, VM_OP_TEST);
     pthread_cond_broadcast(&D->cond);
     pthread_mutex_unlock(&D->lock);
     return rc;
@@ -654,7 +654,7 @@ unplanned_start(struct api_call *call, int64_t want, bool force,
         pthread_mutex_unlock(&D->lock);
         return rc;
     }
-    r->failover_busy = true;
+    vm_op_begin(vm, VM_OP_FAILOVER);
     wait_applier(vm);
     r->failover_point = point;
     r->failover_step = FO_STARTING;
@@ -700,7 +700,7 @@ unplanned_start(struct api_call *call, int64_t want, bool force,
                                json_object_new_string(repl_st_name(r->st)));
         json_object_object_add(*out, "run_dir", json_object_new_string(rd));
     }
-    r->failover_busy = false;
+    vm_op_end(vm, VM_OP_FAILOVER);
     pthread_cond_broadcast(&D->cond);
     pthread_mutex_unlock(&D->lock);
     return rc;
@@ -739,14 +739,14 @@ test_stop(struct api_call *call, json_object **out)
     if (rc == 0 && !r->test_point)
         rc = vr_err(-ENOENT, "vm %s: no test failover is running",
                     vm->name);
-    if (rc == 0 && r->test_busy)
+    if (rc == 0 && vm_busy(vm, VM_OP_TEST))
         rc = vr_err(-EBUSY, "vm %s: a test failover is starting or "
                     "stopping", vm->name);
     if (rc < 0) {
         pthread_mutex_unlock(&D->lock);
         return rc;
     }
-    r->test_busy = true;
+    vm_op_begin(vm, VM_OP_TEST);
     wait_applier(vm);
     uint64_t point = r->test_point;
     CLEANUP_FREE char *rd = test_rundir(r);
@@ -770,7 +770,7 @@ test_stop(struct api_call *call, json_object **out)
         json_object_object_add(*out, "point",
                                json_object_new_int64((int64_t)point));
     }
-    r->test_busy = false;
+    vm_op_end(vm, VM_OP_TEST);
     pthread_cond_broadcast(&D->cond);
     pthread_mutex_unlock(&D->lock);
     return rc;
@@ -787,7 +787,7 @@ lookup_failover(struct api_call *call, const char *verb, struct vm **out)
         return rc;
     struct vm *vm = *out;
     struct repl *r = vm->repl;
-    if (r->failover_busy)
+    if (vm_busy(vm, VM_OP_FAILOVER))
         return vr_err(-EBUSY, "vm %s: a failover step is running; try "
                       "again", vm->name);
     if (!r->failover_point)
@@ -830,7 +830,7 @@ api_failover_stop(struct api_call *call, unsigned *status VR_UNUSED,
     }
     struct repl *r = vm->repl;
     uint64_t point = r->failover_point;
-    r->failover_busy = true;
+    vm_op_begin(vm, VM_OP_FAILOVER);
     if (r->failover_step == FO_RUNNING || r->failover_step == FO_STARTING)
         rc = set_step(r, FO_CANCELLING);
     if (rc == 0) {
@@ -847,7 +847,7 @@ api_failover_stop(struct api_call *call, unsigned *status VR_UNUSED,
         json_object_object_add(*out, "state",
                                json_object_new_string(repl_st_name(r->st)));
     }
-    r->failover_busy = false;
+    vm_op_end(vm, VM_OP_FAILOVER);
     pthread_cond_broadcast(&D->cond);
     pthread_mutex_unlock(&D->lock);
     return rc;
@@ -866,7 +866,7 @@ api_failover_complete(struct api_call *call, unsigned *status VR_UNUSED,
     }
     struct repl *r = vm->repl;
     uint64_t point = r->failover_point;
-    r->failover_busy = true;
+    vm_op_begin(vm, VM_OP_FAILOVER);
     if (r->failover_step == FO_RUNNING)
         rc = set_step(r, FO_COMPLETING);
     if (rc == 0) {
@@ -887,7 +887,7 @@ api_failover_complete(struct api_call *call, unsigned *status VR_UNUSED,
                   "with the next 'failover complete' or at a restart)",
                   vr_errmsg());
     }
-    r->failover_busy = false;
+    vm_op_end(vm, VM_OP_FAILOVER);
     pthread_cond_broadcast(&D->cond);
     pthread_mutex_unlock(&D->lock);
     return rc;

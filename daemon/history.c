@@ -73,7 +73,7 @@ int
 history_capture(struct vm *vm, uint64_t n, const char *payload_path)
 {
     /* Called without D->lock by the applier; the VM cannot go away while
-     * vm->applying is set, and its disk table is fixed. */
+     * VM_OP_APPLY is in progress, and its disk table is fixed. */
     if (!vm->repl || vm->repl->recovery_history == 0)
         return 0;
     int dfd = -1, pfd = -1, fds[MAX_DISKS];
@@ -217,7 +217,7 @@ reconcile_files(struct vm *vm, const struct point *pts, size_t n)
 int
 history_after_apply(struct vm *vm, uint64_t n, bool app)
 {
-    /* Called with D->lock held and vm->applying set; drops the lock for
+    /* Called with D->lock held and VM_OP_APPLY in progress; drops the lock for
      * the file work and takes it again before returning. */
     struct point *pts = NULL;
     size_t np = 0;

@@ -200,8 +200,8 @@ api_vm_set_boot(struct api_call *call, unsigned *status VR_UNUSED,
     if (!vm)
         rc = vr_err(-ENOENT, "vm %s: not found", call->arg);
     /* Starts borrow these strings with the lock dropped. */
-    else if (vm->changing || (vm->repl && (vm->repl->failover_busy ||
-                                           vm->repl->test_busy)))
+    else if (vm_busy(vm, VM_OP_CHANGE) ||
+             (vm->repl && vm_busy(vm, VM_OP_FAILOVER | VM_OP_TEST)))
         rc = vr_err(-EBUSY, "vm %s: a start, stop or failover step is in "
                     "progress; try again", vm->name);
     if (rc == 0) {

@@ -86,12 +86,12 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
     int rc = lookup_primary(call, &vm);
     struct repl *r = rc == 0 ? vm->repl : NULL;
     CLEANUP_FREE char *rundir = rc == 0 ? vm_rundir(vm) : NULL;
-    if (rc == 0 && r->st == REPL_ST_PREPARED && !r->preparing) {
+    if (rc == 0 && r->st == REPL_ST_PREPARED && !vm_busy(vm, VM_OP_PREPARE)) {
         /* Asked again: tell the Replica server again (a crash may have
          * come between recording the state and telling it). */
-        r->preparing = true;
+        vm_op_begin(vm, VM_OP_PREPARE);
         rc = send_prepared(vm, r->prepared_cycle);
-        r->preparing = false;
+        vm_op_end(vm, VM_OP_PREPARE);
         if (rc == 0)
             *out = repl_to_json(vm);
         pthread_mutex_unlock(&D->lock);
@@ -100,7 +100,7 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
     if (rc == 0 && r->st != REPL_ST_REPLICATING)
         rc = vr_err(-EBUSY, "vm %s: replication is %s; it must be "
                     "Replicating to prepare a failover", vm->name, repl_st_name(r->st));
-    if (rc == 0 && (vm->changing || r->preparing || r->removing))
+    if (rc == 0 && (vm_busy(vm, VM_OP_CHANGE | VM_OP_PREPARE | VM_OP_REMOVE)))
         rc = vr_err(-EBUSY, "vm %s: a start, stop or other change is in "
                     "progress; try again", vm->name);
     if (rc == 0) {
@@ -116,8 +116,8 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
     }
     /* No start, stop or write from here on: the disks stop being served,
      * which seals their last writes into a cycle of their own. */
-    r->preparing = true;
-    vm->changing = true;
+    vm_op_begin(vm, VM_OP_PREPARE);
+    vm_op_begin(vm, VM_OP_CHANGE);
     pthread_mutex_unlock(&D->lock);
     rc = vmproc_stop(rundir, true, 0);
     pthread_mutex_lock(&D->lock);
@@ -174,8 +174,8 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
                   r->replica_server, (unsigned long long)n, vm->name);
         *out = repl_to_json(vm);
     }
-    r->preparing = false;
-    vm->changing = false;
+    vm_op_end(vm, VM_OP_PREPARE);
+    vm_op_end(vm, VM_OP_CHANGE);
     pthread_cond_broadcast(&D->cond);
     pthread_mutex_unlock(&D->lock);
     return rc;
@@ -191,13 +191,13 @@ planned_unprepare(struct api_call *call, json_object **out)
     if (rc == 0 && r->st != REPL_ST_PREPARED)
         rc = vr_err(-ENOENT, "vm %s: not prepared for failover (state %s)",
                     vm->name, repl_st_name(r->st));
-    if (rc == 0 && (vm->changing || r->preparing))
+    if (rc == 0 && (vm_busy(vm, VM_OP_CHANGE | VM_OP_PREPARE)))
         rc = vr_err(-EBUSY, "vm %s: a change is in progress; try again",
                     vm->name);
     if (rc == 0) {
-        vm->changing = true;
+        vm_op_begin(vm, VM_OP_CHANGE);
         rc = send_prepared(vm, 0);
-        vm->changing = false;
+        vm_op_end(vm, VM_OP_CHANGE);
         if (rc == -ESTALE)
             rc = vr_err(rc, "vm %s: the Replica server has already failed "
                         "over (%s); the VM runs there now", vm->name,
@@ -230,8 +230,8 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
     if (!vm || vm->mode != VM_MODE_REPLICA || !r || !r->prepared_cycle)
         rc = vr_err(-EINVAL, "vm %s: not prepared for a planned failover",
                     call->arg);
-    else if (r->test_point || r->test_busy || r->failover_point ||
-             r->failover_busy || vm->changing)
+    else if (r->test_point || vm_busy(vm, VM_OP_TEST) || r->failover_point ||
+             vm_busy(vm, VM_OP_FAILOVER | VM_OP_CHANGE))
         rc = vr_err(-EBUSY, "vm %s: a test failover or another failover "
                     "step is running", vm->name);
     else if (r->st != REPL_ST_REPLICATING)
@@ -240,15 +240,15 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
         pthread_mutex_unlock(&D->lock);
         return rc;
     }
-    /* failover_busy keeps removes, other failovers and the primary's
+    /* VM_OP_FAILOVER keeps removes, other failovers and the primary's
      * requests (own_vm) away while we wait with the lock dropped. */
-    r->failover_busy = true;
+    vm_op_begin(vm, VM_OP_FAILOVER);
     /* The prepared cycle may still be being applied. */
     uint64_t deadline = vr_mono_ms() + PLANNED_APPLY_MS;
     while (r->prepared_cycle && r->applied_cycle < r->prepared_cycle &&
            vr_mono_ms() < deadline && r->st == REPL_ST_REPLICATING)
         daemon_wait_ms(100);
-    while (vm->applying)
+    while (vm_busy(vm, VM_OP_APPLY))
         pthread_cond_wait(&D->cond, &D->lock);
     uint64_t n = r->prepared_cycle;
     if (!n)
@@ -260,7 +260,7 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
                     (unsigned long long)n,
                     (unsigned long long)r->applied_cycle);
     if (rc < 0) {
-        r->failover_busy = false;
+        vm_op_end(vm, VM_OP_FAILOVER);
         pthread_cond_broadcast(&D->cond);
         pthread_mutex_unlock(&D->lock);
         return rc;
@@ -300,7 +300,7 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
                   (unsigned long long)n, (unsigned long long)r->epoch);
     }
     if (rc == 0 && start_vm) {
-        vm->changing = true;
+        vm_op_begin(vm, VM_OP_CHANGE);
         vm->hypervisor = true;
         CLEANUP_FREE char *rundir = vm_rundir(vm);
         struct vmproc_spec s;
@@ -311,7 +311,7 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
         if (rc == 0)
             rc = vmproc_start(&s);
         pthread_mutex_lock(&D->lock);
-        vm->changing = false;
+        vm_op_end(vm, VM_OP_CHANGE);
         if (rc < 0)
             rc = vr_err(rc, "vm %s: failed over, but it did not start: %s "
                         "(try 'vmreplica vm start %s')", vm->name,
@@ -332,7 +332,7 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
         json_object_object_add(*out, "epoch",
                                json_object_new_int64((int64_t)r->epoch));
     }
-    r->failover_busy = false;
+    vm_op_end(vm, VM_OP_FAILOVER);
     pthread_cond_broadcast(&D->cond);
     pthread_mutex_unlock(&D->lock);
     return rc;
@@ -366,7 +366,7 @@ api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,
                     "prepare' on the primary, so the old primary's disks "
                     "differ; reversing needs their resynchronization, "
                     "which is not available yet", vm->name);
-    else if (vm->changing || r->failover_busy)
+    else if (vm_busy(vm, VM_OP_CHANGE | VM_OP_FAILOVER))
         rc = vr_err(-EBUSY, "vm %s: a change is in progress; try again",
                     vm->name);
     else if (!server && !r->replica_server)
@@ -417,7 +417,7 @@ api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,
     vm->repl = nr;
     job_fill(&jb, vm);
     vm->repl = saved;
-    vm->changing = true;
+    vm_op_begin(vm, VM_OP_CHANGE);
     pthread_mutex_unlock(&D->lock);
 
     vr_fault_point("reverse-registering");
@@ -430,7 +430,7 @@ api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,
         vr_fault_point("reverse-registered");
 
     pthread_mutex_lock(&D->lock);
-    vm->changing = false;
+    vm_op_end(vm, VM_OP_CHANGE);
     if (rc == 0) {
         rc = catalog_begin(D->cat);
         if (rc == 0) {

@@ -163,9 +163,9 @@ apply_one(struct vm *vm, uint64_t n, bool locked)
     CLEANUP_FREE char *path = cycle_path(vm->repl, n);
     uint64_t nrec = 0;
     uint64_t t0 = vr_mono_ms();
-    /* While the lock is dropped, vm->applying keeps the VM and its
+    /* While the lock is dropped, VM_OP_APPLY keeps the VM and its
      * replication from being removed under us. */
-    vm->applying = true;
+    vm_op_begin(vm, VM_OP_APPLY);
     if (locked)
         pthread_mutex_unlock(&D->lock);
     bool app = (staged_flags(vm, path) & CYC_F_APP) != 0;
@@ -204,7 +204,7 @@ apply_one(struct vm *vm, uint64_t n, bool locked)
         event_add("error", vm->name, "apply cycle %llu: %s",
                   (unsigned long long)n, vr_errmsg());
     }
-    vm->applying = false;
+    vm_op_end(vm, VM_OP_APPLY);
     pthread_cond_broadcast(&D->cond);
     if (!locked)
         pthread_mutex_unlock(&D->lock);
@@ -279,7 +279,7 @@ applier_main(void *arg VR_UNUSED)
             struct repl *r = vm->repl;
             if (vm->mode != VM_MODE_REPLICA || !r || !r->initial_done ||
                 r->st != REPL_ST_REPLICATING ||
-                r->applied_cycle >= r->last_cycle || r->test_busy)
+                r->applied_cycle >= r->last_cycle || vm_busy(vm, VM_OP_TEST))
                 continue;
             if (r->apply_retry_ms > now) {
                 if (!next_retry || r->apply_retry_ms < next_retry)

@@ -68,7 +68,8 @@ do_reverse(struct rreq *q, const struct r1_reg *reg, json_object **out)
                             "bytes here, not %llu", vm->name, i,
                             (unsigned long long)vm->disks[i].size,
                             (unsigned long long)sizes[i]);
-        if (rc == 0 && (vm->changing || r->preparing || r->removing))
+        if (rc == 0 &&
+            vm_busy(vm, VM_OP_CHANGE | VM_OP_PREPARE | VM_OP_REMOVE))
             rc = vr_err(-EBUSY, "register: vm %s: a change is in progress",
                         vm->name);
         if (rc == 0) {
@@ -175,15 +176,15 @@ check_reregister(const struct vm *vm, const struct rreq *q, size_t nd)
     if (vm->ndisks != nd)
         return vr_err(-EINVAL, "register: vm %s has %u disks here, not %zu",
                       vm->name, vm->ndisks, nd);
-    if (vm->applying || (r && r->busy))
+    if (vm_busy(vm, VM_OP_APPLY) || (r && vm_busy(vm, VM_OP_RECEIVE)))
         return vr_err(-EBUSY, "register: vm %s: a cycle is being received "
                       "or applied; try again", vm->name);
-    if (r && (r->failover_point || r->failover_busy ||
+    if (r && (r->failover_point || vm_busy(vm, VM_OP_FAILOVER) ||
               r->st == REPL_ST_FAILED_OVER))
         return vr_err(-EPERM, "register: vm %s was failed over on the "
                       "Replica server; it no longer replicates from %s",
                       vm->name, q->peer);
-    if (r && (r->test_point || r->test_busy))
+    if (r && (r->test_point || vm_busy(vm, VM_OP_TEST)))
         return vr_err(-EBUSY, "register: vm %s: a test failover is running "
                       "on the Replica server", vm->name);
     return 0;
@@ -192,7 +193,7 @@ check_reregister(const struct vm *vm, const struct rreq *q, size_t nd)
 /* Make every disk of vm read as zeroes at its size (a full initial
  * replication sends only the primary's allocated regions, so whatever a
  * kept disk holds elsewhere must go), durably.  D->lock held; no apply
- * runs (a base chunk holds the VM's transfer, repl->busy). */
+ * runs (a base chunk holds the VM's transfer, VM_OP_RECEIVE). */
 static int
 reset_disks(const struct vm *vm)
 {
@@ -517,7 +518,7 @@ do_initial_done(struct rreq *q, json_object **out)
     bool again = rc == 0 && vm->repl->initial_done &&
                  vm->repl->base_cycle == (uint64_t)base;
     if (rc == 0 && !again &&
-        (vm->repl->initial_done || vm->applying || vm->repl->busy))
+        (vm->repl->initial_done || vm_busy(vm, VM_OP_APPLY | VM_OP_RECEIVE)))
         rc = vr_err(-EPROTO, "initial-complete: vm %s is not in initial "
                              "replication",
                     vm->name);
@@ -590,7 +591,7 @@ do_remove(struct rreq *q, json_object **out)
     pthread_mutex_lock(&D->lock);
     struct vm *vm = NULL;
     int rc = own_vm(q, &vm);
-    if (rc == 0 && (vm->repl->busy || vm->applying))
+    if (rc == 0 && (vm_busy(vm, VM_OP_RECEIVE | VM_OP_APPLY)))
         rc = vr_err(-EBUSY, "replica vm %s: a transfer or an apply is in "
                             "progress; try again",
                     vm->name);

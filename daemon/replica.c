@@ -48,8 +48,8 @@ rreq_done(void *cls VR_UNUSED, struct MHD_Connection *c,
     if (q->holds_busy) {
         pthread_mutex_lock(&D->lock);
         struct vm *vm = vm_find_uuid(q->uuid);
-        if (vm && vm->repl)
-            vm->repl->busy = false;
+        if (vm)
+            vm_op_end(vm, VM_OP_RECEIVE);
         pthread_mutex_unlock(&D->lock);
     }
     claim_unlink(q);
@@ -173,7 +173,7 @@ own_vm(struct rreq *q, struct vm **out)
                       vm->name, (unsigned long long)q->epoch,
                       (unsigned long long)vm->repl->epoch);
     if (q->kind != R1_STATUS &&
-        (vm->repl->failover_point || vm->repl->failover_busy))
+        (vm->repl->failover_point || vm_busy(vm, VM_OP_FAILOVER)))
         return vr_err(-EBUSY, "replica vm %s: failed over on the Replica "
                       "server (point %llu); changes are refused until the "
                       "failover is cancelled", vm->name,
@@ -237,7 +237,7 @@ upload_begin(struct rreq *q, struct MHD_Connection *c)
     struct vm *vm = NULL;
     int rc = own_vm(q, &vm);
     struct repl *r = rc == 0 ? vm->repl : NULL;
-    if (rc == 0 && r->busy)
+    if (rc == 0 && vm_busy(vm, VM_OP_RECEIVE))
         rc = vr_err(-EBUSY, "replica vm %s: another transfer is in progress",
                     vm->name);
     if (rc == 0 && q->kind == R1_BASE && r->initial_done)
@@ -259,7 +259,7 @@ upload_begin(struct rreq *q, struct MHD_Connection *c)
     }
     CLEANUP_FREE char *vmdir = NULL;
     if (rc == 0) {
-        r->busy = true;
+        vm_op_begin(vm, VM_OP_RECEIVE);
         q->holds_busy = true;
         q->staging = staging_dir(r);
         vmdir = xstrdup(r->storage);
@@ -414,8 +414,8 @@ release_busy(struct rreq *q)
         return;
     pthread_mutex_lock(&D->lock);
     struct vm *vm = vm_find_uuid(q->uuid);
-    if (vm && vm->repl)
-        vm->repl->busy = false;
+    if (vm)
+        vm_op_end(vm, VM_OP_RECEIVE);
     q->holds_busy = false;
     pthread_mutex_unlock(&D->lock);
 }

@@ -20,7 +20,7 @@ lookup_repl(struct api_call *call, struct vm **out)
     if (!vm->repl)
         return vr_err(-ENOENT, "vm %s: replication is not enabled",
                       vm->name);
-    if (vm->repl->removing)
+    if (vm_busy(vm, VM_OP_REMOVE))
         return vr_err(-EBUSY, "vm %s: replication is being removed",
                       vm->name);
     *out = vm;
@@ -667,7 +667,7 @@ static int
 check_not_failing_over(const struct vm *vm)
 {
     const struct repl *r = vm->repl;
-    if (r->preparing || r->failover_busy || vm->changing)
+    if (vm_busy(vm, VM_OP_PREPARE | VM_OP_FAILOVER | VM_OP_CHANGE))
         return vr_err(-EBUSY, "vm %s: a failover step or another change is "
                       "in progress; try again", vm->name);
     if (r->st == REPL_ST_PREPARED)
@@ -790,15 +790,14 @@ api_repl_remove(struct api_call *call, unsigned *status VR_UNUSED,
     pthread_mutex_lock(&D->lock);
     int rc = lookup_repl(call, &vm);
     /* Steps that hold the repl with the lock dropped must end first. */
-    if (rc == 0 && (vm->changing || vm->repl->preparing ||
-                    vm->repl->failover_busy))
+    if (rc == 0 && (vm_busy(vm, VM_OP_CHANGE | VM_OP_PREPARE | VM_OP_FAILOVER)))
         rc = vr_err(-EBUSY, "vm %s: a failover step or another change is "
                     "in progress; try again", vm->name);
     if (rc == 0 && vm->repl->mode == VM_MODE_PRIMARY) {
-        /* 'removing' keeps every other call (resume, initial start, a
+        /* VM_OP_REMOVE keeps every other call (resume, initial start, a
          * second remove) away from this repl while we talk to the Replica
          * server unlocked; it is freed below. */
-        vm->repl->removing = true;
+        vm_op_begin(vm, VM_OP_REMOVE);
         shipper_stop(vm);
         struct job jb;
         job_fill(&jb, vm);
@@ -817,15 +816,15 @@ api_repl_remove(struct api_call *call, unsigned *status VR_UNUSED,
         else
             shipper_stop(vm);
     }
-    if (rc == 0 && (vm->applying || vm->repl->busy))
+    if (rc == 0 && (vm_busy(vm, VM_OP_APPLY | VM_OP_RECEIVE)))
         rc = vr_err(-EBUSY, "vm %s: a cycle is being received or applied; "
                             "try again",
                     vm->name);
-    if (rc == 0 && (vm->repl->test_point || vm->repl->test_busy))
+    if (rc == 0 && (vm->repl->test_point || vm_busy(vm, VM_OP_TEST)))
         rc = vr_err(-EBUSY, "vm %s: a test failover is running; run "
                     "'vmreplica failover stop %s --test' first", vm->name,
                     vm->name);
-    if (rc == 0 && (vm->repl->failover_point || vm->repl->failover_busy))
+    if (rc == 0 && (vm->repl->failover_point || vm_busy(vm, VM_OP_FAILOVER)))
         rc = vr_err(-EBUSY, "vm %s: failed over at point %llu; cancel "
                     "('vmreplica failover stop %s') or commit ('vmreplica "
                     "failover complete %s') first", vm->name,
@@ -848,9 +847,10 @@ api_repl_remove(struct api_call *call, unsigned *status VR_UNUSED,
             *out = vm_to_json(vm);
         }
     }
-    if (rc < 0 && vm && vm->repl && vm->repl->removing) {
-        vm->repl->removing = false; /* still there: carry on */
-        shipper_ensure(vm);
+    if (vm && vm_busy(vm, VM_OP_REMOVE)) {
+        vm_op_end(vm, VM_OP_REMOVE);
+        if (rc < 0 && vm->repl)
+            shipper_ensure(vm); /* still there: carry on */
     }
     pthread_mutex_unlock(&D->lock);
     return rc;

@@ -873,7 +873,7 @@ shipper_ensure(struct vm *vm)
 {
     struct repl *r = vm->repl;
     if (!r || r->mode != VM_MODE_PRIMARY || r->thread_running ||
-        r->removing || D->shutting_down)
+        vm_busy(vm, VM_OP_REMOVE) || D->shutting_down)
         return;
     if (r->st == REPL_ST_INITIAL && !r->task)
         r->task = xstrdup("InitialReplication");

@@ -655,24 +655,24 @@ vm_spec_of(const struct vm *vm, struct vmproc_spec *s,
 }
 
 /* Start or stop run their processes without the lock (up to the QEMU
- * timeouts); vm->changing keeps a second start, stop or remove out
+ * timeouts); VM_OP_CHANGE keeps a second start, stop or remove out
  * meanwhile. */
 static int
 begin_change(struct api_call *call, struct vm **out)
 {
     int rc = lookup(call, out);
-    if (rc == 0 && (*out)->changing)
+    if (rc == 0 && vm_busy(*out, VM_OP_CHANGE))
         rc = vr_err(-EBUSY, "vm %s: a start or stop is in progress",
                     (*out)->name);
     if (rc == 0)
-        (*out)->changing = true;
+        vm_op_begin(*out, VM_OP_CHANGE);
     return rc;
 }
 
 static void
 end_change(struct vm *vm)
 {
-    vm->changing = false;
+    vm_op_end(vm, VM_OP_CHANGE);
     if (vm->repl)
         vm->repl->kick = true;
     pthread_cond_broadcast(&D->cond);
@@ -686,9 +686,9 @@ api_vm_start(struct api_call *call, unsigned *status VR_UNUSED,
     pthread_mutex_lock(&D->lock);
     int rc = begin_change(call, &vm);
     if (rc == 0 && vm->repl && vm->repl->mode == VM_MODE_PRIMARY &&
-        (vm->repl->preparing ||
+        (vm_busy(vm, VM_OP_PREPARE) ||
          vm->repl->st == REPL_ST_PREPARED)) {
-        vm->changing = false;
+        vm_op_end(vm, VM_OP_CHANGE);
         rc = vr_err(-EBUSY, "vm %s: prepared for failover to %s: it starts "
                     "there ('vmreplica failover start %s' on the Replica "
                     "server); 'vmreplica failover stop %s' here undoes the "
@@ -697,7 +697,7 @@ api_vm_start(struct api_call *call, unsigned *status VR_UNUSED,
     }
     if (rc == 0 && vm->mode == VM_MODE_REPLICA &&
         !(vm->repl && vm->repl->st == REPL_ST_FAILED_OVER)) {
-        vm->changing = false;
+        vm_op_end(vm, VM_OP_CHANGE);
         rc = vr_err(-EBUSY, "vm %s: is a Replica VM; it starts only through "
                             "failover",
                     vm->name);
@@ -785,11 +785,11 @@ api_vm_remove(struct api_call *call, unsigned *status VR_UNUSED,
             rc = vr_err(-EBUSY, "vm %s: is running; stop it first", vm->name);
         else if (vmproc_rundir_busy(rundir))
             rc = vr_err(-EBUSY, "vm %s: %s", vm->name, vr_errmsg());
-        else if (vm->applying || vm->changing)
+        else if (vm_busy(vm, VM_OP_APPLY | VM_OP_CHANGE))
             rc = vr_err(-EBUSY, "vm %s: a cycle is being applied or a start "
                                 "or stop is in progress; try again",
                         vm->name);
-        else if (vm->repl && (vm->repl->test_point || vm->repl->test_busy))
+        else if (vm->repl && (vm->repl->test_point || vm_busy(vm, VM_OP_TEST)))
             rc = vr_err(-EBUSY, "vm %s: a test failover is running; run "
                         "'vmreplica failover stop %s --test' first",
                         vm->name, vm->name);

@@ -1,8 +1,27 @@
 /* state.c: the names of the state's enums, as the API, the CLI and the
- * catalog show and store them (they never change). */
+ * catalog show and store them (they never change), and the operations in
+ * progress on a VM (state.h, enum vm_op). */
 #include <string.h>
 
+#include "log.h"
 #include "state.h"
+
+void
+vm_op_begin(struct vm *vm, enum vm_op op)
+{
+    /* Never begun twice: its owner checked vm_busy first (a bug if not;
+     * logged, the operation goes on as it always did). */
+    if (vm->ops & op)
+        log_error("vm", "%s: operation 0x%x begun while in progress",
+                  vm->name, (unsigned)op);
+    vm->ops |= op;
+}
+
+void
+vm_op_end(struct vm *vm, enum vm_op op)
+{
+    vm->ops &= ~(unsigned)op;
+}
 
 const char *
 vm_mode_name(enum vm_mode m)

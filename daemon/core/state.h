@@ -27,6 +27,44 @@ struct disk {
 
 enum vm_mode { VM_MODE_NONE, VM_MODE_PRIMARY, VM_MODE_REPLICA };
 
+/* Operations in progress on a VM (vm->ops): each runs with the daemon's
+ * lock dropped for its slow part, and marks the VM so that what must not
+ * run meanwhile stays away.  Runtime only (never in the catalog).
+ *
+ * Invariant: an operation is begun (vm_op_begin) only by its owner, under
+ * the lock, after it has checked with vm_busy that nothing it excludes is
+ * in progress, itself included; it ends it (vm_op_end) under the lock.
+ * vm_op_begin checks the "itself included" part for every operation.
+ * What refuses to start (EBUSY), skips or waits while which operations run:
+ *
+ *   starting ...           refused (or waits) while ...
+ *   APPLY (the applier)    TEST (skips the VM)
+ *   RECEIVE (an upload)    RECEIVE, FAILOVER (own_vm)
+ *   CHANGE (start, stop)   CHANGE; PREPARE (vm start)
+ *   TEST (test failover)   TEST, FAILOVER; waits for APPLY
+ *   FAILOVER (any step)    FAILOVER, TEST; CHANGE (planned); waits for APPLY
+ *   PREPARE (primary)      PREPARE, CHANGE, REMOVE
+ *   REMOVE (replication)   REMOVE, CHANGE, PREPARE, FAILOVER; then APPLY,
+ *                          RECEIVE, TEST
+ *   suspend, resume        PREPARE, FAILOVER, CHANGE
+ *   registration           APPLY, RECEIVE, FAILOVER, TEST
+ *   vm remove              APPLY, CHANGE, TEST
+ *   vm set-boot            CHANGE, FAILOVER, TEST
+ *
+ * (The exact set each caller checks is at its vm_busy call, with its
+ * message.)  Two operations can run at once where neither excludes the
+ * other: APPLY with RECEIVE (the next cycle is staged while one is
+ * applied), CHANGE with PREPARE or FAILOVER (their own start and stop). */
+enum vm_op {
+    VM_OP_APPLY = 1u << 0,    /* the applier works on the Replica disks */
+    VM_OP_RECEIVE = 1u << 1,  /* an upload from the primary is staged */
+    VM_OP_CHANGE = 1u << 2,   /* a start, stop or other change of processes */
+    VM_OP_TEST = 1u << 3,     /* a test failover starts or stops */
+    VM_OP_FAILOVER = 1u << 4, /* a failover step (planned or not) */
+    VM_OP_PREPARE = 1u << 5,  /* failover prepare (primary) */
+    VM_OP_REMOVE = 1u << 6,   /* replication remove (primary) */
+};
+
 struct repl;
 
 struct vm {
@@ -49,8 +87,7 @@ struct vm {
     char *test_network;
     bool hypervisor; /* QEMU is asked of the next start (status: vm_to_json,
                       * from the processes) */
-    bool applying;   /* the applier works on its disks without the lock */
-    bool changing;   /* a start or stop runs without the lock */
+    unsigned ops;    /* operations in progress (enum vm_op, vm_busy) */
     /* Replica VMs: the primary that registered it last and the trust
      * group of the authorization entry it was created under ("": none).
      * Kept when the relationship is removed (from either side), so that
@@ -141,14 +178,12 @@ struct repl {
      * this point, in STORAGE/test); 0 = none.  The point is kept while it
      * lasts, and the applier REFRESHes the view before each cycle. */
     uint64_t test_point;
-    bool test_busy;   /* runtime: a test failover starts or stops */
     /* replica: failover (planned or unplanned, not a test) at this point;
      * 0 = none.  The VM runs as itself from overlays on a view of the
      * point in STORAGE/failover until `failover complete` writes the
      * overlays into its disks or `failover stop` discards them. */
     uint64_t failover_point;
     int failover_step;  /* enum fo_step */
-    bool failover_busy; /* runtime: a failover step runs without the lock */
     uint64_t last_contact_ms; /* runtime, wall clock: the primary's last
                                  authenticated request for this VM */
     /* Planned failover: primary — the last cycle it shipped when it was
@@ -166,7 +201,6 @@ struct repl {
      * zeroes before the first base chunk or initial-complete of a full
      * initial replication. */
     bool reset_pending;
-    bool preparing;   /* runtime, primary: failover prepare runs */
     /* Application-consistent points: every app_every-th point interval
      * the cut is made with the guest's file systems frozen through the
      * QEMU guest agent (0: never).  app_last_ms: runtime, wall clock, the
@@ -178,8 +212,6 @@ struct repl {
     bool thread_running;
     bool stop;        /* ask the shipper thread to end */
     bool kick;        /* wake the shipper early */
-    bool busy;        /* replica: a receive is in progress */
-    bool removing;    /* primary: replication remove runs unlocked */
     uint64_t apply_retry_ms; /* replica: monotonic time to retry an apply */
     char *task;       /* "InitialReplication" or NULL */
 };
@@ -220,6 +252,16 @@ struct daemon {
     struct MHD_Daemon *krb_listener; /* Kerberos port (HTTP) */
     pthread_t applier;
 };
+
+/* Is any of the operations in mask (enum vm_op bits) in progress on vm? */
+static inline bool
+vm_busy(const struct vm *vm, unsigned mask)
+{
+    return (vm->ops & mask) != 0;
+}
+/* Mark op in progress on vm / ended (the daemon's lock held). */
+void vm_op_begin(struct vm *vm, enum vm_op op);
+void vm_op_end(struct vm *vm, enum vm_op op);
 
 /* "primary", "replica" or "none". */
 const char *vm_mode_name(enum vm_mode m);
