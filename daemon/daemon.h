@@ -63,6 +63,9 @@ json_object *history_points_json(struct vm *vm);
 /* --- objects ----------------------------------------------------------- */
 struct vm *vm_find(const char *name_or_uuid);
 struct vm *vm_find_uuid(const char *uuid);
+/* D->lock held: the VM named key (name or UUID) in *out, or -ENOENT with
+ * "vm KEY: not found" (*out NULL).  Every API lookup starts here. */
+int vm_lookup(const char *key, struct vm **out) VR_WUR;
 void vm_free(struct vm *vm);
 void repl_free(struct repl *r);
 json_object *vm_to_json(const struct vm *vm);

@@ -169,9 +169,10 @@ wait_applier(struct vm *vm)
 static int
 lookup_replica(struct api_call *call, struct vm **out)
 {
-    struct vm *vm = vm_find(call->arg);
-    if (!vm)
-        return vr_err(-ENOENT, "vm %s: not found", call->arg);
+    struct vm *vm;
+    int rc = vm_lookup(call->arg, &vm);
+    if (rc < 0)
+        return rc;
     if (vm->mode != VM_MODE_REPLICA || !vm->repl || !vm->repl->storage)
         return vr_err(-EINVAL, "vm %s: not a Replica VM on this server",
                       vm->name);

@@ -93,9 +93,8 @@ api_vm_set_test_network(struct api_call *call, unsigned *status VR_UNUSED,
     if (rc < 0)
         return rc;
     pthread_mutex_lock(&D->lock);
-    struct vm *vm = vm_find(call->arg);
-    if (!vm)
-        rc = vr_err(-ENOENT, "vm %s: not found", call->arg);
+    struct vm *vm;
+    rc = vm_lookup(call->arg, &vm);
     if (rc == 0) {
         free(vm->test_network);
         vm->test_network = xstrdup(net);
@@ -138,12 +137,10 @@ api_vm_set_failover_network(struct api_call *call, unsigned *status VR_UNUSED,
     }
 
     pthread_mutex_lock(&D->lock);
-    struct vm *vm = vm_find(call->arg);
-    int rc = 0;
+    struct vm *vm;
+    int rc = vm_lookup(call->arg, &vm);
     size_t n = vm && vm->nics ? json_object_array_length(vm->nics) : 0;
-    if (!vm)
-        rc = vr_err(-ENOENT, "vm %s: not found", call->arg);
-    else if (idx < 0 || (size_t)idx >= n)
+    if (rc == 0 && (idx < 0 || (size_t)idx >= n))
         rc = vr_err(-EINVAL, "vm %s: no NIC %lld (it has %zu)", vm->name,
                     (long long)idx, n);
     json_object *copy = NULL;
@@ -196,12 +193,11 @@ api_vm_set_boot(struct api_call *call, unsigned *status VR_UNUSED,
     if (rc < 0)
         return rc;
     pthread_mutex_lock(&D->lock);
-    struct vm *vm = vm_find(call->arg);
-    if (!vm)
-        rc = vr_err(-ENOENT, "vm %s: not found", call->arg);
+    struct vm *vm;
+    rc = vm_lookup(call->arg, &vm);
     /* Starts borrow these strings with the lock dropped. */
-    else if (vm_busy(vm, VM_OP_CHANGE) ||
-             (vm->repl && vm_busy(vm, VM_OP_FAILOVER | VM_OP_TEST)))
+    if (rc == 0 && (vm_busy(vm, VM_OP_CHANGE) ||
+                    (vm->repl && vm_busy(vm, VM_OP_FAILOVER | VM_OP_TEST))))
         rc = vr_err(-EBUSY, "vm %s: a start, stop or failover step is in "
                     "progress; try again", vm->name);
     if (rc == 0) {

@@ -48,9 +48,10 @@
 static int
 lookup_primary(struct api_call *call, struct vm **out)
 {
-    struct vm *vm = vm_find(call->arg);
-    if (!vm)
-        return vr_err(-ENOENT, "vm %s: not found", call->arg);
+    struct vm *vm;
+    int rc = vm_lookup(call->arg, &vm);
+    if (rc < 0)
+        return rc;
     if (vm->mode != VM_MODE_PRIMARY || !vm->repl ||
         vm->repl->mode != VM_MODE_PRIMARY)
         return vr_err(-EINVAL, "vm %s: not a primary VM on this server "
@@ -351,25 +352,23 @@ api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,
         return vr_err(-EINVAL, "replica_server: expected FQDN[:PORT]");
 
     pthread_mutex_lock(&D->lock);
-    struct vm *vm = vm_find(call->arg);
+    struct vm *vm;
+    int rc = vm_lookup(call->arg, &vm);
     struct repl *r = vm ? vm->repl : NULL;
-    int rc = 0;
-    if (!vm)
-        rc = vr_err(-ENOENT, "vm %s: not found", call->arg);
-    else if (vm->mode != VM_MODE_REPLICA || !r ||
-             r->st != REPL_ST_FAILED_OVER)
+    if (rc == 0 && (vm->mode != VM_MODE_REPLICA || !r ||
+                    r->st != REPL_ST_FAILED_OVER))
         rc = vr_err(-EINVAL, "vm %s: not a failed-over Replica VM (run "
                     "'vmreplica failover start %s' on this server first)",
                     vm->name, vm->name);
-    else if (!r->prepared_cycle)
+    else if (rc == 0 && !r->prepared_cycle)
         rc = vr_err(-ENOTSUP, "vm %s: failed over without 'failover "
                     "prepare' on the primary, so the old primary's disks "
                     "differ; reversing needs their resynchronization, "
                     "which is not available yet", vm->name);
-    else if (vm_busy(vm, VM_OP_CHANGE | VM_OP_FAILOVER))
+    else if (rc == 0 && vm_busy(vm, VM_OP_CHANGE | VM_OP_FAILOVER))
         rc = vr_err(-EBUSY, "vm %s: a change is in progress; try again",
                     vm->name);
-    else if (!server && !r->replica_server)
+    else if (rc == 0 && !server && !r->replica_server)
         rc = vr_err(-EINVAL, "vm %s: where the old primary %s listens is "
                     "not known here: give --replica-server FQDN[:PORT]",
                     vm->name, r->primary_server);

@@ -151,7 +151,7 @@ check_owner(const struct vm *vm, const struct rreq *q)
                       "replication whose primary is not known; only this "
                       "server's administrator can free it ('vmreplica vm "
                       "remove %s')", vm->name, vm->name);
-    if (*group && strcmp(group, q->group ? q->group : "") != 0)
+    if (!trust_group_admits(group, q->group))
         return vr_err(-EPERM, "register: vm %s belongs to trust group '%s'; "
                       "%s is in '%s'", vm->name, group, q->peer,
                       q->group ? q->group : "");

@@ -159,8 +159,7 @@ own_vm(struct rreq *q, struct vm **out)
         strcmp(vm->repl->primary_server, q->peer) != 0)
         return vr_err(-EPERM, "replica vm %s: belongs to primary %s, not %s",
                       vm->name, vm->repl->primary_server, q->peer);
-    if (vm->repl->trust_group && *vm->repl->trust_group &&
-        strcmp(vm->repl->trust_group, q->group ? q->group : "") != 0)
+    if (!trust_group_admits(vm->repl->trust_group, q->group))
         return vr_err(-EPERM, "replica vm %s: belongs to trust group '%s'; "
                       "%s is in '%s'", vm->name, vm->repl->trust_group,
                       q->peer, q->group ? q->group : "");

@@ -14,9 +14,10 @@
 static int
 lookup_repl(struct api_call *call, struct vm **out)
 {
-    struct vm *vm = vm_find(call->arg);
-    if (!vm)
-        return vr_err(-ENOENT, "vm %s: not found", call->arg);
+    struct vm *vm;
+    int rc = vm_lookup(call->arg, &vm);
+    if (rc < 0)
+        return rc;
     if (!vm->repl)
         return vr_err(-ENOENT, "vm %s: replication is not enabled",
                       vm->name);
@@ -488,9 +489,9 @@ api_repl_enable(struct api_call *call, unsigned *status, json_object **out)
     r->replica_server = repl_server_with_port(server, r);
 
     pthread_mutex_lock(&D->lock);
-    struct vm *vm = vm_find(call->arg);
-    if (rc == 0 && !vm)
-        rc = vr_err(-ENOENT, "vm %s: not found", call->arg);
+    struct vm *vm = NULL;
+    if (rc == 0)
+        rc = vm_lookup(call->arg, &vm);
     if (rc == 0 && vm->repl)
         rc = vr_err(-EEXIST, "vm %s: replication is already enabled (%s)",
                     vm->name, vm_mode_name(vm->repl->mode));
@@ -607,14 +608,12 @@ api_points_list(struct api_call *call, unsigned *status VR_UNUSED,
                 json_object **out)
 {
     pthread_mutex_lock(&D->lock);
-    struct vm *vm = vm_find(call->arg);
-    int rc = 0;
-    if (!vm)
-        rc = vr_err(-ENOENT, "vm %s: not found", call->arg);
-    else if (vm->mode != VM_MODE_REPLICA)
+    struct vm *vm;
+    int rc = vm_lookup(call->arg, &vm);
+    if (rc == 0 && vm->mode != VM_MODE_REPLICA)
         rc = vr_err(-EINVAL, "vm %s: recovery points are kept on the "
                     "Replica server; this is the primary", vm->name);
-    else {
+    else if (rc == 0) {
         *out = json_object_new_object();
         json_object_object_add(*out, "vm", json_object_new_string(vm->name));
         json_object_object_add(*out, "points", history_points_json(vm));

@@ -181,14 +181,11 @@ jint(json_object *o, const char *key, int64_t dflt)
     return json_object_get_int64(v);
 }
 
-static int
-lookup(struct api_call *call, struct vm **out)
+int
+vm_lookup(const char *key, struct vm **out)
 {
-    struct vm *vm = vm_find(call->arg);
-    if (!vm)
-        return vr_err(-ENOENT, "vm %s: not found", call->arg);
-    *out = vm;
-    return 0;
+    *out = vm_find(key);
+    return *out ? 0 : vr_err(-ENOENT, "vm %s: not found", key);
 }
 
 /* --- server -------------------------------------------------------------- */
@@ -473,7 +470,7 @@ api_vm_show(struct api_call *call, unsigned *status VR_UNUSED,
             return 0;
         }
     }
-    int rc = lookup(call, &vm);
+    int rc = vm_lookup(call->arg, &vm);
     if (rc == 0)
         *out = vm_to_json(vm);
     pthread_mutex_unlock(&D->lock);
@@ -660,7 +657,7 @@ vm_spec_of(const struct vm *vm, struct vmproc_spec *s,
 static int
 begin_change(struct api_call *call, struct vm **out)
 {
-    int rc = lookup(call, out);
+    int rc = vm_lookup(call->arg, out);
     if (rc == 0 && vm_busy(*out, VM_OP_CHANGE))
         rc = vr_err(-EBUSY, "vm %s: a start or stop is in progress",
                     (*out)->name);
@@ -776,7 +773,7 @@ api_vm_remove(struct api_call *call, unsigned *status VR_UNUSED,
 {
     struct vm *vm = NULL;
     pthread_mutex_lock(&D->lock);
-    int rc = lookup(call, &vm);
+    int rc = vm_lookup(call->arg, &vm);
     if (rc == 0) {
         CLEANUP_FREE char *rundir = vm_rundir(vm);
         bool served, running;

@@ -1,10 +1,17 @@
 /* state.c: the names of the state's enums, as the API, the CLI and the
  * catalog show and store them (they never change), and the operations in
- * progress on a VM (state.h, enum vm_op). */
+ * progress on a VM (state.h, enum vm_op), and the trust-group check. */
 #include <string.h>
 
 #include "log.h"
 #include "state.h"
+
+bool
+trust_group_admits(const char *group, const char *peer_group)
+{
+    return !group || !*group ||
+           strcmp(group, peer_group ? peer_group : "") == 0;
+}
 
 void
 vm_op_begin(struct vm *vm, enum vm_op op)

@@ -263,6 +263,10 @@ vm_busy(const struct vm *vm, unsigned mask)
 void vm_op_begin(struct vm *vm, enum vm_op op);
 void vm_op_end(struct vm *vm, enum vm_op op);
 
+/* The one trust-group check (SPEC §6): may a primary of peer_group (NULL:
+ * none) use a Replica VM of group (NULL or "": none, any primary)? */
+bool trust_group_admits(const char *group, const char *peer_group);
+
 /* "primary", "replica" or "none". */
 const char *vm_mode_name(enum vm_mode m);
 /* A replication state's name as shown and stored ("Replicating"). */
