@@ -72,14 +72,6 @@ pid_t nbdkit_pid(const char *rundir);
 const char *qemu_bin(void);
 /* QEMU's option parser splits on ',' and takes ",," as a literal comma. */
 char *qemu_escape(const char *s);
-/* A close-on-exec pipe whose ends are above stdio, so the child's dup2()
- * onto 0-2 cannot clobber it even if the daemon runs with stdio closed. */
-int pipe_high(int pfd[2]);
-/* In a child: default signal handling, stdin from /dev/null, stdout and
- * stderr appended to logpath, every other fd closed except keep_fd and
- * inherit_fd (-1: none), which the program keeps across exec.
- * Async-signal-safe only. */
-void child_setup(const char *logpath, int keep_fd, int inherit_fd);
 /* The live QEMU of rundir, or 0. */
 pid_t qemu_pid(const char *rundir);
 /* Connect to the unix socket at path: 0 and *fd_out, or -errno. */
@@ -90,5 +82,14 @@ int read_line(struct linebuf *lb, char *out, size_t cap, uint64_t deadline_ms);
 int send_all(int fd, const char *s);
 /* Wait until pid is gone; true if it went within timeout_ms. */
 bool wait_gone(pid_t pid, unsigned timeout_ms);
+/* Run bin (argv) in a child as spawn_detached sets it up (default
+ * signals, stdin from /dev/null, output appended to logpath, every fd
+ * closed but inherit_fd) and wait up to timeout_ms for it to exit: 0 with its
+ * wait status in *status (-1 if waiting failed) and exec's errno in
+ * *exec_errno (0: it ran); -ETIMEDOUT (killed, no message); or -errno of
+ * the pipe or fork, with the message "WHAT: pipe|fork: ...". */
+int spawn_wait(const char *bin, char *const argv[], const char *logpath,
+               int inherit_fd, unsigned timeout_ms, const char *what,
+               int *exec_errno, int *status);
 
 #endif

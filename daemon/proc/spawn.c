@@ -1,8 +1,9 @@
-/* spawn.c: the processes vmproc.c runs, and the one way each is run —
- * spawn_detached (a double fork: nbdkit and QEMU outlive the daemon, in
- * their own session, their pid reported over a pipe, their stderr in a
- * log whose tail explains an early death) and vmproc_run (a short-lived
- * tool, waited for, the last line of its stderr in the error); pid files
+/* spawn.c: how vmproc.c runs processes — spawn_detached (a double fork:
+ * nbdkit outlives the daemon in its own session, its pid reported over a
+ * pipe, its stderr in a log whose tail explains an early death),
+ * spawn_wait (QEMU, which daemonizes itself: run with the same child set
+ * up and waited for with a timeout) and vmproc_run (a short-lived tool,
+ * waited for, the last line of its stderr in the error); pid files
  * checked against /proc; unix sockets and line-based control protocols. */
 #include <fcntl.h>
 #include <limits.h>
@@ -132,7 +133,7 @@ err_wrap(int rc, const char *fmt, ...)
 
 /* A close-on-exec pipe whose ends are above stdio, so the child's dup2()
  * onto 0-2 cannot clobber it even if the daemon runs with stdio closed. */
-int
+static int
 pipe_high(int pfd[2])
 {
     int raw[2];
@@ -521,7 +522,7 @@ close_fds(unsigned lo, unsigned hi)
  * stderr appended to logpath, every other fd closed except keep_fd and
  * inherit_fd (-1: none), which the program keeps across exec.
  * Async-signal-safe only. */
-void
+static void
 child_setup(const char *logpath, int keep_fd, int inherit_fd)
 {
     sigset_t all;
@@ -667,6 +668,61 @@ spawn_detached(const char *bin, char *const argv[], const char *logpath,
         return vr_err(-ECHILD, "spawn %s: fork failed", bin);
     *pid_out = pid;
     return 0;
+}
+
+int
+spawn_wait(const char *bin, char *const argv[], const char *logpath,
+           int inherit_fd, unsigned timeout_ms, const char *what,
+           int *exec_errno, int *status)
+{
+    *exec_errno = 0;
+    *status = 0;
+    int pfd[2];
+    int prc = pipe_high(pfd);
+    if (prc < 0)
+        return vr_err(prc, "%s: pipe: %s", what, strerror(-prc));
+    pid_t pid = fork();
+    if (pid < 0) {
+        int e = errno;
+        close(pfd[0]);
+        close(pfd[1]);
+        return vr_err(-e, "%s: fork: %s", what, strerror(e));
+    }
+    if (pid == 0) {
+        close(pfd[0]);
+        child_setup(logpath, pfd[1], inherit_fd);
+        execv(bin, argv);
+        int e = errno;
+        ssize_t w = write(pfd[1], &e, sizeof e);
+        (void)w;
+        _exit(127);
+    }
+    close(pfd[1]);
+    ssize_t n;
+    while ((n = read(pfd[0], exec_errno, sizeof *exec_errno)) < 0 &&
+           errno == EINTR)
+        ;
+    close(pfd[0]);
+    if (n != (ssize_t)sizeof *exec_errno)
+        *exec_errno = 0;
+
+    uint64_t deadline = vr_mono_ms() + timeout_ms;
+    for (;;) {
+        pid_t r = waitpid(pid, status, WNOHANG);
+        if (r == pid)
+            return 0;
+        if (r < 0 && errno != EINTR) {
+            *status = -1;
+            return 0;
+        }
+        if (vr_mono_ms() >= deadline) {
+            kill(pid, SIGKILL);
+            while (waitpid(pid, status, 0) < 0 && errno == EINTR)
+                ;
+            return -ETIMEDOUT;
+        }
+        sleep_ms(10);
+    }
 }
 
 /* Run argv, waiting; on failure the last line of its stderr goes into the

@@ -227,7 +227,114 @@ kvm_usable(void)
     return true;
 }
 
-/* Start QEMU holding lock_fd (RUNDIR/qemu.lock) for its life. */
+/* QEMU's options for the VM itself: name, UUID, machine, memory, CPUs,
+ * direct kernel boot, console, QMP and pid file, daemonized. */
+static void
+qemu_argv_machine(struct argv *a, const struct vmproc_spec *s,
+                  const char *erd, const char *pidfile)
+{
+    CLEANUP_FREE char *ename = qemu_escape(s->name);
+    argv_addf(a, qemu_bin());
+    argv_addf(a, "-name");
+    argv_addf(a, ename);
+    if (s->uuid && *s->uuid) {
+        argv_addf(a, "-uuid");
+        argv_addf(a, s->uuid);
+    }
+    argv_addf(a, "-machine");
+    argv_addf(a, machine_arg());
+    argv_addf(a, "-m");
+    argv_add(a, xasprintf("%u", s->memory_mib ? s->memory_mib : 256));
+    argv_addf(a, "-smp");
+    argv_add(a, xasprintf("%u", s->cpus ? s->cpus : 1));
+    argv_addf(a, "-nodefaults");
+    if (s->kernel) {
+        argv_addf(a, "-kernel");
+        argv_addf(a, s->kernel);
+        if (s->initrd) {
+            argv_addf(a, "-initrd");
+            argv_addf(a, s->initrd);
+        }
+        if (s->cmdline) {
+            argv_addf(a, "-append");
+            argv_addf(a, s->cmdline);
+        }
+    }
+    argv_addf(a, "-display");
+    argv_addf(a, "none");
+    argv_addf(a, "-serial");
+    argv_add(a, xasprintf("file:%s/console.log", erd));
+    argv_addf(a, "-qmp");
+    argv_add(a, xasprintf("unix:%s/qmp.sock,server=on,wait=off", erd));
+    argv_addf(a, "-pidfile");
+    argv_addf(a, pidfile);
+    argv_addf(a, "-daemonize");
+}
+
+/* One virtio-blk device per disk: its NBD export, or its qcow2 overlay. */
+static void
+qemu_argv_disks(struct argv *a, const struct vmproc_spec *s, const char *erd)
+{
+    for (unsigned i = 0; i < s->ndisks; i++) {
+        CLEANUP_FREE char *id = qemu_escape(s->disks[i].id);
+        argv_addf(a, "-blockdev");
+        if (s->overlays)
+            argv_add(a, xasprintf("driver=qcow2,node-name=%s,"
+                                  "file.driver=file,file.filename=%s/%s"
+                                  ".qcow2", id, erd, id));
+        else
+            argv_add(a, xasprintf("driver=nbd,node-name=%s,server.type="
+                                  "unix,server.path=%s/nbd.sock,export=%s",
+                                  id, erd, id));
+        argv_addf(a, "-device");
+        argv_add(a, xasprintf("virtio-blk-pci,drive=%s%s", id,
+                              /* -kernel boots first: QEMU refuses a
+                               * second bootindex 0 */
+                              i == 0 && !s->kernel ? ",bootindex=0" : ""));
+    }
+}
+
+/* One virtio-net device per NIC, on its network. */
+static void
+qemu_argv_nics(struct argv *a, const struct vmproc_spec *s)
+{
+    for (unsigned i = 0; i < s->nnics; i++) {
+        const char *net = s->nic_net[i];
+        argv_addf(a, "-netdev");
+        if (strcmp(net, "user") == 0)
+            argv_add(a, xasprintf("user,id=net%u", i));
+        else if (strncmp(net, "tap:", 4) == 0)
+            argv_add(a, xasprintf("tap,id=net%u,ifname=%s,script=no,"
+                                  "downscript=no", i, net + 4));
+        else if (strncmp(net, "bridge:", 7) == 0)
+            argv_add(a, xasprintf("bridge,id=net%u,br=%s", i, net + 7));
+        else /* none: a hub of its own, connected to nothing */
+            argv_add(a, xasprintf("hubport,id=net%u,hubid=%u", i, 100 + i));
+        argv_addf(a, "-device");
+        argv_add(a, xasprintf("virtio-net-pci,netdev=net%u,mac=%s", i,
+                              s->nic_mac[i]));
+    }
+}
+
+/* The exit device the guest tests use, and the guest agent's channel. */
+static void
+qemu_argv_agent(struct argv *a, const char *erd)
+{
+    argv_addf(a, "-device");
+    argv_addf(a, "isa-debug-exit,iobase=0xf4,iosize=0x04");
+    argv_addf(a, "-chardev");
+    argv_add(a, xasprintf("socket,path=%s/qga.sock,server=on,wait=off,"
+                          "id=qga0", erd));
+    argv_addf(a, "-device");
+    argv_addf(a, "virtio-serial");
+    argv_addf(a, "-device");
+    argv_addf(a, "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0");
+}
+
+/* Start QEMU holding lock_fd (RUNDIR/qemu.lock) for its life.  With
+ * -daemonize the process we start exits once the VM is set up (or
+ * failed), and the VM itself is reparented to init.  Its pre-daemonize
+ * errors land in qemu.log. */
 static int
 launch_qemu(const struct vmproc_spec *s, int lock_fd)
 {
@@ -237,7 +344,6 @@ launch_qemu(const struct vmproc_spec *s, int lock_fd)
         return vr_err(-ENOENT, "start qemu: %s: not found in PATH",
                       qemu_bin());
     CLEANUP_FREE char *erd = qemu_escape(rd);
-    CLEANUP_FREE char *ename = qemu_escape(s->name);
     CLEANUP_FREE char *pidfile = xasprintf("%s/qemu.pid", rd);
     CLEANUP_FREE char *logpath = xasprintf("%s/qemu.log", rd);
     unlink(pidfile);
@@ -245,141 +351,21 @@ launch_qemu(const struct vmproc_spec *s, int lock_fd)
     unlink_in(rd, "qga.sock");
 
     struct argv a = { 0 };
-    argv_addf(&a, qemu_bin());
-    argv_addf(&a, "-name");
-    argv_addf(&a, ename);
-    if (s->uuid && *s->uuid) {
-        argv_addf(&a, "-uuid");
-        argv_addf(&a, s->uuid);
-    }
-    argv_addf(&a, "-machine");
-    argv_addf(&a, machine_arg());
-    argv_addf(&a, "-m");
-    argv_add(&a, xasprintf("%u", s->memory_mib ? s->memory_mib : 256));
-    argv_addf(&a, "-smp");
-    argv_add(&a, xasprintf("%u", s->cpus ? s->cpus : 1));
-    argv_addf(&a, "-nodefaults");
-    if (s->kernel) {
-        argv_addf(&a, "-kernel");
-        argv_addf(&a, s->kernel);
-        if (s->initrd) {
-            argv_addf(&a, "-initrd");
-            argv_addf(&a, s->initrd);
-        }
-        if (s->cmdline) {
-            argv_addf(&a, "-append");
-            argv_addf(&a, s->cmdline);
-        }
-    }
-    argv_addf(&a, "-display");
-    argv_addf(&a, "none");
-    argv_addf(&a, "-serial");
-    argv_add(&a, xasprintf("file:%s/console.log", erd));
-    argv_addf(&a, "-qmp");
-    argv_add(&a, xasprintf("unix:%s/qmp.sock,server=on,wait=off", erd));
-    argv_addf(&a, "-pidfile");
-    argv_addf(&a, pidfile);
-    argv_addf(&a, "-daemonize");
-    for (unsigned i = 0; i < s->ndisks; i++) {
-        CLEANUP_FREE char *id = qemu_escape(s->disks[i].id);
-        argv_addf(&a, "-blockdev");
-        if (s->overlays)
-            argv_add(&a, xasprintf("driver=qcow2,node-name=%s,"
-                                   "file.driver=file,file.filename=%s/%s"
-                                   ".qcow2", id, erd, id));
-        else
-            argv_add(&a, xasprintf("driver=nbd,node-name=%s,server.type="
-                                   "unix,server.path=%s/nbd.sock,export=%s",
-                                   id, erd, id));
-        argv_addf(&a, "-device");
-        argv_add(&a, xasprintf("virtio-blk-pci,drive=%s%s", id,
-                               /* -kernel boots first: QEMU refuses a
-                                * second bootindex 0 */
-                               i == 0 && !s->kernel ? ",bootindex=0" : ""));
-    }
-    for (unsigned i = 0; i < s->nnics; i++) {
-        const char *net = s->nic_net[i];
-        argv_addf(&a, "-netdev");
-        if (strcmp(net, "user") == 0)
-            argv_add(&a, xasprintf("user,id=net%u", i));
-        else if (strncmp(net, "tap:", 4) == 0)
-            argv_add(&a, xasprintf("tap,id=net%u,ifname=%s,script=no,"
-                                   "downscript=no", i, net + 4));
-        else if (strncmp(net, "bridge:", 7) == 0)
-            argv_add(&a, xasprintf("bridge,id=net%u,br=%s", i, net + 7));
-        else /* none: a hub of its own, connected to nothing */
-            argv_add(&a, xasprintf("hubport,id=net%u,hubid=%u", i, 100 + i));
-        argv_addf(&a, "-device");
-        argv_add(&a, xasprintf("virtio-net-pci,netdev=net%u,mac=%s", i,
-                               s->nic_mac[i]));
-    }
-    argv_addf(&a, "-device");
-    argv_addf(&a, "isa-debug-exit,iobase=0xf4,iosize=0x04");
-    argv_addf(&a, "-chardev");
-    argv_add(&a, xasprintf("socket,path=%s/qga.sock,server=on,wait=off,"
-                           "id=qga0", erd));
-    argv_addf(&a, "-device");
-    argv_addf(&a, "virtio-serial");
-    argv_addf(&a, "-device");
-    argv_addf(&a, "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0");
+    qemu_argv_machine(&a, s, erd, pidfile);
+    qemu_argv_disks(&a, s, erd);
+    qemu_argv_nics(&a, s);
+    qemu_argv_agent(&a, erd);
 
-    /* With -daemonize the process we start exits once the VM is set up (or
-     * failed), and the VM itself is reparented to init.  Its pre-daemonize
-     * errors land in qemu.log. */
     off_t log_start = file_size(logpath);
-    int pfd[2];
-    int prc = pipe_high(pfd);
-    if (prc < 0) {
-        argv_fini(&a);
-        return vr_err(prc, "start qemu: pipe: %s", strerror(-prc));
-    }
-    pid_t pid = fork();
-    if (pid < 0) {
-        int e = errno;
-        argv_fini(&a);
-        close(pfd[0]);
-        close(pfd[1]);
-        return vr_err(-e, "start qemu: fork: %s", strerror(e));
-    }
-    if (pid == 0) {
-        close(pfd[0]);
-        child_setup(logpath, pfd[1], lock_fd);
-        execv(bin, a.v);
-        int e = errno;
-        ssize_t w = write(pfd[1], &e, sizeof e);
-        (void)w;
-        _exit(127);
-    }
+    int exec_errno = 0, status = 0;
+    int rc = spawn_wait(bin, a.v, logpath, lock_fd, QEMU_LAUNCH_MS,
+                        "start qemu", &exec_errno, &status);
     argv_fini(&a);
-    close(pfd[1]);
-    int exec_errno = 0;
-    ssize_t n;
-    while ((n = read(pfd[0], &exec_errno, sizeof exec_errno)) < 0 &&
-           errno == EINTR)
-        ;
-    close(pfd[0]);
-    if (n != (ssize_t)sizeof exec_errno)
-        exec_errno = 0;
-
-    int status = 0;
-    uint64_t deadline = vr_mono_ms() + QEMU_LAUNCH_MS;
-    for (;;) {
-        pid_t r = waitpid(pid, &status, WNOHANG);
-        if (r == pid)
-            break;
-        if (r < 0 && errno != EINTR) {
-            status = -1;
-            break;
-        }
-        if (vr_mono_ms() >= deadline) {
-            kill(pid, SIGKILL);
-            while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
-                ;
-            return vr_err(-ETIMEDOUT, "start qemu for %s: not ready after "
-                          "%d s", s->name, QEMU_LAUNCH_MS / 1000);
-        }
-        sleep_ms(10);
-    }
+    if (rc == -ETIMEDOUT)
+        return vr_err(-ETIMEDOUT, "start qemu for %s: not ready after %d s",
+                      s->name, QEMU_LAUNCH_MS / 1000);
+    if (rc < 0)
+        return rc;
     if (exec_errno)
         return vr_err(-exec_errno, "start qemu for %s: exec %s: %s", s->name,
                       bin, strerror(exec_errno));
