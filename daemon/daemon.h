@@ -169,9 +169,6 @@ int replica_applier_start(void) VR_WUR;
 void replica_applier_stop(void);
 
 /* --- firewall.c -------------------------------------------------------- */
-/* The mark table inet vmreplica sets on packets to the listener ports, for
- * the host's own ruleset to accept ("vmr"). */
-#define FIREWALL_MARK 0x766d72u
 /* After the listeners changed (start-up, server set), D->lock held: if the
  * firewall is enabled and its table does not hold the running listeners'
  * ports, rewrite it.  A failure is an error event, kept for
