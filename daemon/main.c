@@ -110,11 +110,12 @@ usage(FILE *f)
                "[-D SUBSYS,...]\n");
 }
 
-int
-main(int argc, char **argv)
+/* Options: -1 to go on, else the exit status (--help, --version, a bad
+ * option). */
+static int
+parse_options(int argc, char **argv, const char **state_dir,
+              const char **hostname)
 {
-    const char *state_dir = "/var/lib/vmreplica";
-    const char *hostname = NULL;
     static const struct option opts[] = {
         { "state-dir", required_argument, NULL, 's' },
         { "hostname", required_argument, NULL, 'H' },
@@ -128,10 +129,10 @@ main(int argc, char **argv)
     while ((c = getopt_long(argc, argv, "vD:h", opts, NULL)) != -1) {
         switch (c) {
         case 's':
-            state_dir = optarg;
+            *state_dir = optarg;
             break;
         case 'H':
-            hostname = optarg;
+            *hostname = optarg;
             break;
         case 'v':
         case 'D':
@@ -152,32 +153,37 @@ main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
+    return -1;
+}
 
-    /* Every thread inherits this mask; main alone takes the signals. */
-    signal(SIGPIPE, SIG_IGN);
-    sigset_t sigs;
-    sigemptyset(&sigs);
-    sigaddset(&sigs, SIGTERM);
-    sigaddset(&sigs, SIGINT);
-    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
-
+/* Take the state directory (created if need be) for this daemon alone:
+ * D->state_dir is its real path.  The error is logged. */
+static int
+take_state_dir(const char *state_dir)
+{
     if (io_mkdir_p(state_dir, 0750) < 0) {
         log_error("main", "%s", vr_errmsg());
-        return 1;
+        return -1;
     }
     char real[4096];
     if (!realpath(state_dir, real)) {
         log_error("main", "state dir %s: %s", state_dir, strerror(errno));
-        return 1;
+        return -1;
     }
     if (lock_state_dir(real) < 0) {
         log_error("main", "%s", vr_errmsg());
-        return 1;
+        return -1;
     }
     D->state_dir = xstrdup(real);
-    CLEANUP_FREE char *db = xasprintf("%s/catalog.db", D->state_dir);
-    CLEANUP_FREE char *sock = xasprintf("%s/api.sock", D->state_dir);
+    return 0;
+}
 
+/* Open and load the catalog, then finish applying what was staged before
+ * a crash: nothing may see a Replica disk between two cycles. */
+static int
+load_state(const char *hostname)
+{
+    CLEANUP_FREE char *db = xasprintf("%s/catalog.db", D->state_dir);
     pthread_mutex_lock(&D->lock);
     int rc = catalog_open(db, &D->cat);
     if (rc == 0)
@@ -192,13 +198,16 @@ main(int argc, char **argv)
     if (rc == 0)
         rc = replica_recover();
     pthread_mutex_unlock(&D->lock);
-    if (rc < 0) {
-        log_error("main", "%s", vr_errmsg());
-        return 1;
-    }
+    return rc;
+}
 
+/* The applier, the management socket, the listeners, the firewall table
+ * and the shippers, in that order. */
+static int
+start_services(const char *sock)
+{
     pthread_mutex_lock(&D->lock);
-    rc = replica_applier_start();
+    int rc = replica_applier_start();
     if (rc == 0)
         rc = api_start(sock);
     if (rc == 0 && D->cfg.replica_enabled) {
@@ -220,17 +229,14 @@ main(int argc, char **argv)
         event_add("info", NULL, "vmreplicad %s started (state dir %s)",
                   VERSION, D->state_dir);
     pthread_mutex_unlock(&D->lock);
-    if (rc < 0) {
-        log_error("main", "%s", vr_errmsg());
-        return 1;
-    }
-    sd_notify_ready();
+    return rc;
+}
 
-    int sig = 0;
-    while (sigwait(&sigs, &sig) != 0)
-        ;
-
-    log_info("main", "signal %d: shutting down", sig);
+/* The shippers, the applier, the management socket and the listeners
+ * stop; the catalog closes last. */
+static void
+stop_services(const char *sock)
+{
     pthread_mutex_lock(&D->lock);
     D->shutting_down = true;
     pthread_cond_broadcast(&D->cond);
@@ -245,5 +251,38 @@ main(int argc, char **argv)
     catalog_close(D->cat);
     D->cat = NULL;
     pthread_mutex_unlock(&D->lock);
+}
+
+int
+main(int argc, char **argv)
+{
+    const char *state_dir = "/var/lib/vmreplica";
+    const char *hostname = NULL;
+    int status = parse_options(argc, argv, &state_dir, &hostname);
+    if (status >= 0)
+        return status;
+
+    /* Every thread inherits this mask; main alone takes the signals. */
+    signal(SIGPIPE, SIG_IGN);
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+
+    if (take_state_dir(state_dir) < 0)
+        return 1;
+    CLEANUP_FREE char *sock = xasprintf("%s/api.sock", D->state_dir);
+    if (load_state(hostname) < 0 || start_services(sock) < 0) {
+        log_error("main", "%s", vr_errmsg());
+        return 1;
+    }
+    sd_notify_ready();
+
+    int sig = 0;
+    while (sigwait(&sigs, &sig) != 0)
+        ;
+    log_info("main", "signal %d: shutting down", sig);
+    stop_services(sock);
     return 0;
 }

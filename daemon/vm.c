@@ -274,16 +274,10 @@ port_arg(json_object *body, const char *key, unsigned *field)
     return 0;
 }
 
-int
-api_server_set(struct api_call *call, unsigned *status VR_UNUSED,
-               json_object **out)
+/* Give c copies of its strings, so that a refusal can restore the old. */
+static void
+cfg_copy_strings(struct server_cfg *c)
 {
-    json_object *b = call->body;
-    int rc = 0;
-    pthread_mutex_lock(&D->lock);
-    struct server_cfg old = D->cfg;
-    struct server_cfg *c = &D->cfg;
-    /* Work on copies of the strings so a refusal restores the old ones. */
     c->hostname = c->hostname ? xstrdup(c->hostname) : NULL;
     c->auth = c->auth ? xstrdup(c->auth) : NULL;
     c->cert = c->cert ? xstrdup(c->cert) : NULL;
@@ -295,64 +289,99 @@ api_server_set(struct api_call *call, unsigned *status VR_UNUSED,
     c->thumbprint = c->thumbprint ? xstrdup(c->thumbprint) : NULL;
     c->default_storage = c->default_storage ? xstrdup(c->default_storage)
                                             : NULL;
+}
+
+static void
+cfg_free_strings(struct server_cfg *c)
+{
+    free(c->hostname);
+    free(c->auth);
+    free(c->cert);
+    free(c->key);
+    free(c->ca);
+    free(c->keytab);
+    free(c->crl);
+    free(c->cert_store);
+    free(c->thumbprint);
+    free(c->default_storage);
+}
+
+/* The switches, ports and authentication of a `server set` body. */
+static int
+cfg_set_listener(json_object *b, struct server_cfg *c)
+{
     json_object *v;
     if (json_object_object_get_ex(b, "replica_enabled", &v))
         c->replica_enabled = json_object_get_boolean(v);
     if (json_object_object_get_ex(b, "allow_any", &v))
         c->allow_any = json_object_get_boolean(v);
-    if (rc == 0)
-        rc = port_arg(b, "certificate_port", &c->cert_port);
+    int rc = port_arg(b, "certificate_port", &c->cert_port);
     if (rc == 0)
         rc = port_arg(b, "kerberos_port", &c->krb_port);
+    if (rc < 0)
+        return rc;
     if (json_object_object_get_ex(b, "kerberos_encrypt", &v))
         c->krb_encrypt = json_object_get_boolean(v);
     if (json_object_object_get_ex(b, "monitoring_interval", &v))
         c->monitoring_interval_s = (unsigned)json_object_get_int64(v);
     const char *auth = jstr(b, "auth");
-    if (rc == 0 && auth) {
-        if (strcmp(auth, "certificate") != 0 &&
-            strcmp(auth, "kerberos") != 0 && strcmp(auth, "both") != 0)
-            rc = vr_err(-EINVAL, "auth %s: expected certificate, kerberos "
-                        "or both", auth);
-        else {
-            free(c->auth);
-            c->auth = xstrdup(auth);
-        }
-    }
-    if (rc == 0 && jstr(b, "certificate")) {
+    if (!auth)
+        return 0;
+    if (strcmp(auth, "certificate") != 0 && strcmp(auth, "kerberos") != 0 &&
+        strcmp(auth, "both") != 0)
+        return vr_err(-EINVAL, "auth %s: expected certificate, kerberos or "
+                      "both", auth);
+    free(c->auth);
+    c->auth = xstrdup(auth);
+    return 0;
+}
+
+/* Hyper-V's -CertificateThumbprint: one of several certificates (NAME.pem
+ * with NAME.key) in the store directory becomes cert and key. */
+static int
+cfg_set_from_store(json_object *b, struct server_cfg *c)
+{
+    const char *thumb = jstr(b, "certificate_thumbprint");
+    if (!thumb && !jstr(b, "certificate_store"))
+        return 0;
+    if (!thumb)
+        thumb = c->thumbprint;
+    if (!thumb || !c->cert_store)
+        return vr_err(-EINVAL, "certificate_thumbprint and "
+                      "certificate_store go together");
+    char *cert = NULL, *key = NULL;
+    int rc = tls_find_by_thumbprint(c->cert_store, thumb, &cert, &key);
+    if (rc < 0)
+        return rc;
+    char norm[65];
+    VR_IGNORE(tls_thumbprint_norm(thumb, norm));
+    free(c->cert);
+    free(c->key);
+    free(c->thumbprint);
+    c->cert = cert;
+    c->key = key;
+    c->thumbprint = xstrdup(norm);
+    return 0;
+}
+
+/* This host's identity from a `server set` body: certificate files or a
+ * certificate store, CA, keytab, revocation list, default storage and
+ * host name. */
+static int
+cfg_set_identity(json_object *b, struct server_cfg *c)
+{
+    if (jstr(b, "certificate")) {
         free(c->cert_store); /* files given: no longer from a store */
         free(c->thumbprint);
         c->cert_store = c->thumbprint = NULL;
     }
-    if (rc == 0)
-        rc = abs_path_arg(b, "certificate", &c->cert);
+    int rc = abs_path_arg(b, "certificate", &c->cert);
     if (rc == 0)
         rc = abs_path_arg(b, "key", &c->key);
     if (rc == 0)
         rc = abs_path_arg(b, "certificate_store", &c->cert_store);
-    const char *thumb = jstr(b, "certificate_thumbprint");
-    if (rc == 0 && (thumb || jstr(b, "certificate_store"))) {
-        /* Hyper-V's -CertificateThumbprint: one of several certificates
-         * (NAME.pem with NAME.key) in the store directory. */
-        if (!thumb)
-            thumb = c->thumbprint;
-        if (!thumb || !c->cert_store)
-            rc = vr_err(-EINVAL, "certificate_thumbprint and "
-                        "certificate_store go together");
-        char *cert = NULL, *key = NULL;
-        if (rc == 0)
-            rc = tls_find_by_thumbprint(c->cert_store, thumb, &cert, &key);
-        if (rc == 0) {
-            char norm[65];
-            VR_IGNORE(tls_thumbprint_norm(thumb, norm));
-            free(c->cert);
-            free(c->key);
-            free(c->thumbprint);
-            c->cert = cert;
-            c->key = key;
-            c->thumbprint = xstrdup(norm);
-        }
-    }
+    if (rc == 0)
+        rc = cfg_set_from_store(b, c);
     if (rc == 0)
         rc = abs_path_arg(b, "ca", &c->ca);
     if (rc == 0)
@@ -371,49 +400,68 @@ api_server_set(struct api_call *call, unsigned *status VR_UNUSED,
         free(c->hostname);
         c->hostname = xstrdup(hn);
     }
-    if (rc == 0 && (c->cert || c->key || c->ca))
+    return rc;
+}
+
+/* Do the settings hold together: valid TLS material, and what an enabled
+ * Replica server needs (default ports filled in)? */
+static int
+cfg_check(struct server_cfg *c)
+{
+    int rc = 0;
+    if (c->cert || c->key || c->ca)
         rc = tls_check_material(c->cert, c->key, c->ca);
     if (rc == 0 && !c->hostname && c->cert)
         c->hostname = tls_cert_dns_name(c->cert);
-    if (rc == 0 && c->replica_enabled) {
-        bool cert = cfg_wants_certificate(c);
-        bool krb = cfg_wants_kerberos(c);
-        if (cert && (!c->cert || !c->key || !c->ca))
-            rc = vr_err(-EINVAL, "replica server: certificate, key and ca "
-                                 "are required to enable it");
-        else if (krb && (!c->keytab || !c->hostname))
-            rc = vr_err(-EINVAL, "replica server: Kerberos needs --keytab "
-                                 "(with HTTP/%s) and this host's name "
-                                 "(--hostname)",
-                        c->hostname ? c->hostname : "FQDN");
-        else if (c->allow_any && !c->default_storage)
-            rc = vr_err(-EINVAL, "replica server: allow_any needs a "
-                                 "default_storage directory");
-        if (rc == 0 && !c->cert_port)
-            c->cert_port = 443;
-        if (rc == 0 && !c->krb_port)
-            c->krb_port = 80;
-        if (rc == 0 && cert && krb && c->cert_port == c->krb_port)
-            rc = vr_err(-EINVAL, "replica server: the certificate and "
-                        "Kerberos ports must differ (%u)", c->krb_port);
-    }
+    if (rc < 0 || !c->replica_enabled)
+        return rc;
+    bool cert = cfg_wants_certificate(c);
+    bool krb = cfg_wants_kerberos(c);
+    if (cert && (!c->cert || !c->key || !c->ca))
+        return vr_err(-EINVAL, "replica server: certificate, key and ca "
+                               "are required to enable it");
+    if (krb && (!c->keytab || !c->hostname))
+        return vr_err(-EINVAL, "replica server: Kerberos needs --keytab "
+                               "(with HTTP/%s) and this host's name "
+                               "(--hostname)",
+                      c->hostname ? c->hostname : "FQDN");
+    if (c->allow_any && !c->default_storage)
+        return vr_err(-EINVAL, "replica server: allow_any needs a "
+                               "default_storage directory");
+    if (!c->cert_port)
+        c->cert_port = 443;
+    if (!c->krb_port)
+        c->krb_port = 80;
+    if (cert && krb && c->cert_port == c->krb_port)
+        return vr_err(-EINVAL, "replica server: the certificate and "
+                      "Kerberos ports must differ (%u)", c->krb_port);
+    return 0;
+}
+
+/* PUT /v1/server: change the settings, restart the listeners to match,
+ * persist; a refusal at any step leaves settings and listeners as they
+ * were. */
+int
+api_server_set(struct api_call *call, unsigned *status VR_UNUSED,
+               json_object **out)
+{
+    json_object *b = call->body;
+    pthread_mutex_lock(&D->lock);
+    struct server_cfg old = D->cfg;
+    struct server_cfg *c = &D->cfg;
+    cfg_copy_strings(c);
+    int rc = cfg_set_listener(b, c);
+    if (rc == 0)
+        rc = cfg_set_identity(b, c);
+    if (rc == 0)
+        rc = cfg_check(c);
     if (rc == 0 && c->default_storage)
         rc = io_mkdir_p(c->default_storage, 0750);
     if (rc == 0)
         rc = replica_listener_apply();
     if (rc == 0)
         rc = catalog_save_server(D->cat, &D->cfg);
-    struct server_cfg *drop = rc == 0 ? &old : c;
-    free(drop->hostname);
-    free(drop->auth);
-    free(drop->cert);
-    free(drop->key);
-    free(drop->ca);
-    free(drop->keytab);
-    free(drop->crl);
-    free(drop->cert_store);
-    free(drop->thumbprint);
-    free(drop->default_storage);
+    cfg_free_strings(rc == 0 ? &old : c);
     if (rc < 0) {
         *c = old;
         /* Restore the listener that matched the old settings. */
