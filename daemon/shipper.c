@@ -397,36 +397,134 @@ test_seal_delay(void)
     }
 }
 
+/* Seal the open cycle if the disks are served.  A `vm stop` since the
+ * look seals the last writes itself: ship what is sealed.  Otherwise a
+ * failed seal (control socket gone or refusing) is retried (-EAGAIN),
+ * never the end of replication: -ENOENT from a vanished socket would read
+ * as unrecoverable. */
+static int
+seal_if_served(struct vm *vm, struct job *jb)
+{
+    bool served = false, running = false;
+    vmproc_status(jb->rundir, &served, &running);
+    if (!served)
+        return 0;
+    test_seal_delay();
+    if (seal_cycle(vm, jb, running) == 0)
+        return 0;
+    char msg[1024];
+    snprintf(msg, sizeof msg, "%s", vr_errmsg());
+    vmproc_status(jb->rundir, &served, &running);
+    if (served)
+        return vr_err(-EAGAIN, "%s", msg);
+    log_info("shipper", "%s: not sealed, the disks stopped being "
+             "served meanwhile: %s", jb->name, msg);
+    vr_err_clear();
+    return 0;
+}
+
+/* The payload of cycle N into fd: every disk's sealed segment, writes
+ * logged by reference read from the disk image (and the cycle's preserve
+ * file) as of the seal.  *raw, *wire: its data and encoded sizes. */
+static int
+build_cycle(const struct job *jb, uint64_t N, int fd, uint64_t *raw,
+            uint64_t *wire)
+{
+    struct cyc_hdr h = { .version = CYC_VERSION,
+                         .cycle = N,
+                         .epoch = jb->peer.epoch,
+                         .ndisks = jb->ndisks };
+    CLEANUP_FREE char *marker = app_marker(jb, N);
+    if (access(marker, F_OK) == 0)
+        h.flags |= CYC_F_APP;
+    int rc = cyc_uuid_parse(jb->uuid, h.uuid);
+    struct cyc_builder *b = NULL;
+    if (rc == 0)
+        rc = cyc_builder_new(fd, jb->compression, 1, &h, &b);
+    for (unsigned i = 0; rc == 0 && i < jb->ndisks; i++) {
+        CLEANUP_FREE char *dir = logdir_of(&jb->disks[i]);
+        int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd < 0) {
+            rc = vr_err(-errno, "open %s: %s", dir, strerror(errno));
+            break;
+        }
+        char name[32];
+        cl_seg_name(N, true, name);
+        int disk_fd = open(jb->disks[i].path, O_RDONLY | O_CLOEXEC);
+        if (disk_fd < 0) {
+            rc = vr_err(-errno, "open %s: %s", jb->disks[i].path,
+                        strerror(errno));
+            close(dfd);
+            break;
+        }
+        rc = cyc_builder_add_segment_ref(b, dfd, name, (uint16_t)i, disk_fd);
+        close(disk_fd);
+        close(dfd);
+    }
+    if (rc == 0)
+        rc = cyc_builder_finish(b, raw, wire);
+    cyc_builder_free(b);
+    return rc;
+}
+
+/* Build cycle N and send it (PUT /r1/vms/UUID/cycles/N). */
+static int
+send_cycle(const struct job *jb, uint64_t N, uint64_t *raw, uint64_t *wire)
+{
+    CLEANUP_FREE char *tmp = NULL;
+    int fd = tmp_payload(jb, &tmp);
+    if (fd < 0)
+        return fd;
+    int rc = build_cycle(jb, N, fd, raw, wire);
+    if (rc == 0) {
+        test_send_delay();
+        CLEANUP_FREE char *path = xasprintf("/r1/vms/%s/cycles/%llu",
+                                            jb->uuid, (unsigned long long)N);
+        rc = peer_call(&jb->peer, "PUT", path, NULL, fd, *wire,
+                       jb->compression, NULL);
+        if (rc == 0)
+            vr_fault_point("cycle-sent");
+    }
+    close(fd);
+    unlink(tmp);
+    return rc;
+}
+
+/* Record cycle N as acknowledged, with its statistics (D->lock taken). */
+static int
+record_sent(struct vm *vm, uint64_t N, uint64_t raw, uint64_t wire,
+            uint64_t lat)
+{
+    pthread_mutex_lock(&D->lock);
+    struct repl *r = vm->repl;
+    r->last_cycle = N;
+    r->last_ok_ms = vr_wall_ms();
+    r->ok_count++;
+    r->bytes_raw += raw;
+    r->bytes_wire += wire;
+    r->sum_size += wire;
+    if (wire > r->max_size)
+        r->max_size = wire;
+    r->sum_latency_ms += lat;
+    if (lat > r->max_latency_ms)
+        r->max_latency_ms = lat;
+    int rc = catalog_save_repl(D->cat, r);
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
 /* Seal (if the disks are served) and send every sealed cycle after
  * last_cycle, in order. */
 static int
 ship_cycles(struct vm *vm, struct job *jb, uint64_t last_cycle)
 {
-    bool served = false, running = false;
-    vmproc_status(jb->rundir, &served, &running);
-    if (served) {
-        test_seal_delay();
-        int rc = seal_cycle(vm, jb, running);
-        if (rc < 0) {
-            /* A `vm stop` since the look above seals the last writes
-             * itself: ship what is sealed.  Otherwise a failed seal
-             * (control socket gone or refusing) is retried, never the
-             * end of replication: -ENOENT from a vanished socket would
-             * read as unrecoverable. */
-            char msg[1024];
-            snprintf(msg, sizeof msg, "%s", vr_errmsg());
-            vmproc_status(jb->rundir, &served, &running);
-            if (served)
-                return vr_err(-EAGAIN, "%s", msg);
-            log_info("shipper", "%s: not sealed, the disks stopped being "
-                     "served meanwhile: %s", jb->name, msg);
-            vr_err_clear();
-        }
-    }
+    int rc = seal_if_served(vm, jb);
+    if (rc < 0)
+        return rc;
     CLEANUP_FREE char *dir0 = logdir_of(&jb->disks[0]);
     CLEANUP_FREE uint64_t *cs = NULL;
     size_t n;
-    int rc = sealed_cycles(dir0, &cs, &n, NULL);
+    rc = sealed_cycles(dir0, &cs, &n, NULL);
     if (rc < 0)
         return rc;
     release_shipped(jb, last_cycle);
@@ -438,78 +536,12 @@ ship_cycles(struct vm *vm, struct job *jb, uint64_t last_cycle)
             return vr_err(-EBADMSG, "change log: cycle %llu missing",
                           (unsigned long long)last_cycle + 1);
         uint64_t t0 = vr_mono_ms();
-        CLEANUP_FREE char *tmp = NULL;
-        int fd = tmp_payload(jb, &tmp);
-        if (fd < 0)
-            return fd;
-        struct cyc_hdr h = { .version = CYC_VERSION,
-                             .cycle = N,
-                             .epoch = jb->peer.epoch,
-                             .ndisks = jb->ndisks };
-        CLEANUP_FREE char *marker = app_marker(jb, N);
-        if (access(marker, F_OK) == 0)
-            h.flags |= CYC_F_APP;
-        rc = cyc_uuid_parse(jb->uuid, h.uuid);
-        struct cyc_builder *b = NULL;
-        if (rc == 0)
-            rc = cyc_builder_new(fd, jb->compression, 1, &h, &b);
-        for (unsigned i = 0; rc == 0 && i < jb->ndisks; i++) {
-            CLEANUP_FREE char *dir = logdir_of(&jb->disks[i]);
-            int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-            if (dfd < 0) {
-                rc = vr_err(-errno, "open %s: %s", dir, strerror(errno));
-                break;
-            }
-            char name[32];
-            cl_seg_name(N, true, name);
-            /* Writes logged by reference are read from the disk image
-             * (and the cycle's preserve file) as of the seal. */
-            int disk_fd = open(jb->disks[i].path, O_RDONLY | O_CLOEXEC);
-            if (disk_fd < 0) {
-                rc = vr_err(-errno, "open %s: %s", jb->disks[i].path,
-                            strerror(errno));
-                close(dfd);
-                break;
-            }
-            rc = cyc_builder_add_segment_ref(b, dfd, name, (uint16_t)i,
-                                             disk_fd);
-            close(disk_fd);
-            close(dfd);
-        }
         uint64_t raw = 0, wire = 0;
-        if (rc == 0)
-            rc = cyc_builder_finish(b, &raw, &wire);
-        cyc_builder_free(b);
-        if (rc == 0) {
-            test_send_delay();
-            CLEANUP_FREE char *path =
-                xasprintf("/r1/vms/%s/cycles/%llu", jb->uuid,
-                          (unsigned long long)N);
-            rc = peer_call(&jb->peer, "PUT", path, NULL, fd, wire,
-                           jb->compression, NULL);
-            if (rc == 0)
-                vr_fault_point("cycle-sent");
-        }
-        close(fd);
-        unlink(tmp);
+        rc = send_cycle(jb, N, &raw, &wire);
         if (rc < 0)
             return rc;
         uint64_t lat = vr_mono_ms() - t0;
-        pthread_mutex_lock(&D->lock);
-        struct repl *r = vm->repl;
-        r->last_cycle = N;
-        r->last_ok_ms = vr_wall_ms();
-        r->ok_count++;
-        r->bytes_raw += raw;
-        r->bytes_wire += wire;
-        r->sum_size += wire;
-        if (wire > r->max_size)
-            r->max_size = wire;
-        r->sum_latency_ms += lat;
-        if (lat > r->max_latency_ms)
-            r->max_latency_ms = lat;
-        rc = catalog_save_repl(D->cat, r);
-        pthread_mutex_unlock(&D->lock);
+        rc = record_sent(vm, N, raw, wire, lat);
         if (rc < 0)
             return rc;
         release_shipped(jb, N);
