@@ -1,7 +1,7 @@
 /* shipper.c: the primary side of replication — one thread per replicated
  * VM that runs initial replication and then, every frequency, seals a cycle
  * through the data plane, builds the cycle payload (zstd), sends it to the
- * Replica server over HTTPS with mutual TLS, and deletes the sealed logs
+ * Replica server (net/peer.c), and deletes the sealed logs
  * only once the Replica server has acknowledged them as durably staged.
  *
  * The thread holds d->lock only for bookkeeping; sealing, payload building
@@ -15,15 +15,10 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <gnutls/crypto.h>
-#include <gnutls/gnutls.h>
-#include <gnutls/x509.h>
-
 #include "cycle.h"
-#include "net/krb.h"
 #include "daemon.h"
-#include "shipper-int.h"
 #include "proc/vmproc.h"
+#include "shipper-int.h"
 
 #define BASE_CHUNK_BYTES (32u << 20)
 #define BASE_REC_BYTES   (1u << 20)
