@@ -594,6 +594,24 @@ test_spawn_exit_delay_ms(void)
     return ms > 0 && ms < 60000 ? ms : 0;
 }
 
+/* A status pipe (above stdio, close-on-exec), then fork: 0 with *pid (0
+ * in the child), or -errno with "WHAT: pipe|fork: ..." (nothing open). */
+static int
+pipe_fork(const char *what, int pfd[2], pid_t *pid)
+{
+    int prc = pipe_high(pfd);
+    if (prc < 0)
+        return vr_err(prc, "%s: pipe: %s", what, strerror(-prc));
+    *pid = fork();
+    if (*pid < 0) {
+        int e = errno;
+        close(pfd[0]);
+        close(pfd[1]);
+        return vr_err(-e, "%s: fork: %s", what, strerror(e));
+    }
+    return 0;
+}
+
 /* Double-fork argv (argv[0] resolved) into its own session with output to
  * logpath, inherit_fd (-1: none) left open in it.  *pid_out is the
  * grandchild's pid.  Fails if exec fails. */
@@ -602,17 +620,12 @@ spawn_detached(const char *bin, char *const argv[], const char *logpath,
                int inherit_fd, pid_t *pid_out)
 {
     long exit_delay_ms = test_spawn_exit_delay_ms();
+    CLEANUP_FREE char *what = xasprintf("spawn %s", bin);
     int pfd[2];
-    int prc = pipe_high(pfd);
-    if (prc < 0)
-        return vr_err(prc, "spawn %s: pipe: %s", bin, strerror(-prc));
-    pid_t mid = fork();
-    if (mid < 0) {
-        int e = errno;
-        close(pfd[0]);
-        close(pfd[1]);
-        return vr_err(-e, "spawn %s: fork: %s", bin, strerror(e));
-    }
+    pid_t mid;
+    int rc = pipe_fork(what, pfd, &mid);
+    if (rc < 0)
+        return rc;
     if (mid == 0) {
         /* Intermediate child: fork the real one and exit, so it becomes
          * init's child and is never our zombie. */
@@ -678,16 +691,10 @@ spawn_wait(const char *bin, char *const argv[], const char *logpath,
     *exec_errno = 0;
     *status = 0;
     int pfd[2];
-    int prc = pipe_high(pfd);
-    if (prc < 0)
-        return vr_err(prc, "%s: pipe: %s", what, strerror(-prc));
-    pid_t pid = fork();
-    if (pid < 0) {
-        int e = errno;
-        close(pfd[0]);
-        close(pfd[1]);
-        return vr_err(-e, "%s: fork: %s", what, strerror(e));
-    }
+    pid_t pid;
+    int rc = pipe_fork(what, pfd, &pid);
+    if (rc < 0)
+        return rc;
     if (pid == 0) {
         close(pfd[0]);
         child_setup(logpath, pfd[1], inherit_fd);
