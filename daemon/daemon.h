@@ -8,7 +8,6 @@
 
 #include <json-c/json.h>
 #include <pthread.h>
-#include <sqlite3.h>
 #include <stdint.h>
 
 #include "core/catalog.h"
