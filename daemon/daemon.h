@@ -10,6 +10,7 @@
 #include <pthread.h>
 #include <stdint.h>
 
+#include "core/authz.h"
 #include "core/catalog.h"
 #include "core/log.h"
 #include "core/r1json.h" /* MAX_DISKS, network_valid, nics_validate */
@@ -28,15 +29,6 @@ void daemon_wait_ms(uint64_t ms);
 void event_add(const char *level, const char *vm, const char *fmt, ...)
     VR_PRINTF(3, 4);
 
-/* auth.c: D->lock held.  May peer (its certificate name) replicate here?
- * The most specific matching entry (an exact name before a wildcard)
- * gives *storage and *group (caller frees); else "allow any" gives the
- * default storage and group ""; else -EPERM with the reason. */
-int auth_authorize(const char *peer, char **storage, char **group) VR_WUR;
-/* auth.c: D->lock held.  May peer create one more Replica VM here?  The
- * Replica VMs whose owner the same entry admits (or "allow any", counted
- * as one entry) are at most its max_vms: 0, or -EPERM with the reason. */
-int auth_check_vm_cap(const char *peer) VR_WUR;
 
 /* history.c: recovery history of Replica VMs. */
 /* Forget every point and undo file (a fresh relationship); D->lock held. */

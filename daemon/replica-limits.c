@@ -7,7 +7,7 @@
  *
  * One authenticated primary must not be able to exhaust the Replica server
  * (issue #9): besides the cap on connections (connection guard, below)
- * and on Replica VMs per authorization entry (auth_check_vm_cap), two
+ * and on Replica VMs per authorization entry (authz_check_vm_cap), two
  * budgets hold for the whole server, not per connection.
  *
  * Memory.  Every buffer a request holds while it is received — its JSON

@@ -253,7 +253,7 @@ admit_registration(struct rreq *q, const char *name, size_t nd,
     else if (*vm)
         rc = check_owner(*vm, q);
     else
-        rc = auth_check_vm_cap(q->peer);
+        rc = authz_check_vm_cap(D->cat, D->vms, q->peer);
     if (rc == 0 && *vm)
         rc = check_reregister(*vm, q, nd);
     return rc;

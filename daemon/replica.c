@@ -627,7 +627,9 @@ request_begin(struct MHD_Connection *c, const struct listener_ctx *lc,
     }
     pthread_mutex_lock(&D->lock);
     bool enabled = D->cfg.replica_enabled;
-    arc = enabled ? auth_authorize(q->peer, &q->root, &q->group) : 0;
+    arc = enabled
+              ? authz_decide(D->cat, &D->cfg, q->peer, &q->root, &q->group)
+              : 0;
     pthread_mutex_unlock(&D->lock);
     if (!enabled)
         rreq_fail(q, -EPERM, "replication is not enabled on this server");
