@@ -13,6 +13,7 @@
 #include "core/authz.h"
 #include "core/catalog.h"
 #include "core/log.h"
+#include "core/repl.h"
 #include "core/r1json.h" /* MAX_DISKS, network_valid, nics_validate */
 #include "core/state.h"
 #include "core/storage.h"
@@ -24,10 +25,6 @@ extern struct daemon *D;
 /* Wait on D->cond for at most ms (caller holds D->lock). */
 void daemon_wait_ms(uint64_t ms);
 
-/* Record an event (catalog + log).  level: "info", "warning", "error",
- * "audit".  Caller holds d->lock. */
-void event_add(const char *level, const char *vm, const char *fmt, ...)
-    VR_PRINTF(3, 4);
 
 
 /* history.c: recovery history of Replica VMs. */
@@ -81,21 +78,6 @@ const char *repl_health(const struct repl *r, json_object *details);
 uint64_t repl_first_point(const struct repl *r);
 /* The state shown (SPEC §9): r->st's name, or TestFailoverInProgress. */
 const char *repl_state(const struct repl *r);
-/* Flags of repl_transition. */
-#define REPL_T_SAVE 1u /* persist vm->repl (catalog_save_repl) */
-/* The one place a replication's state changes (D->lock held): check that
- * vm->repl may go from its state to `to` (-EINVAL with the message if
- * not: a bug), set it and log the change at debug level; with REPL_T_SAVE
- * persist the replication and return the catalog's result.  Without
- * REPL_T_SAVE the caller persists the state with its other changes (in
- * one transaction, or with a rollback) or keeps it in memory on purpose
- * (start-up recovery). */
-int repl_transition(struct vm *vm, enum repl_st to, unsigned flags) VR_WUR;
-/* repl_transition, then, if it returned 0, record the event (level, fmt)
- * that tells the user of the change. */
-int repl_transition_event(struct vm *vm, enum repl_st to, unsigned flags,
-                          const char *level, const char *fmt, ...)
-    VR_PRINTF(5, 6) VR_WUR;
 /* failover.c: "VM - Test" while a test failover of vm runs (its name,
  * mode "test", the point, run directory and whether QEMU runs), else
  * NULL.  D->lock held. */

@@ -263,7 +263,7 @@ finish_cancel(struct vm *vm)
     r->failover_point = 0;
     r->failover_step = FO_NONE;
     r->kick = true;
-    int rc = repl_transition(vm, REPL_ST_REPLICATING, REPL_T_SAVE);
+    int rc = repl_transition(D->cat, vm, REPL_ST_REPLICATING, REPL_T_SAVE);
     pthread_cond_broadcast(&D->cond);
     return rc;
 }
@@ -372,7 +372,7 @@ complete_steps(struct vm *vm)
             r->applied_cycle = r->last_cycle = point;
             r->epoch++;
             rc = repl_transition_event(
-                vm, REPL_ST_FAILED_OVER, REPL_T_SAVE, "info",
+                D->cat, vm, REPL_ST_FAILED_OVER, REPL_T_SAVE, "info",
                 "failover complete: the disks are point %llu plus the VM's "
                 "writes since; recovery points deleted; epoch %llu (the old "
                 "primary's changes are refused)", (unsigned long long)point,
@@ -433,7 +433,7 @@ recover_test(struct vm *vm)
         return rc;
     remove_test_dir(r->storage, rd);
     if (r->test_point) {
-        event_add("warning", vm->name, "test failover at point %llu was cut "
+        event_add(D->cat, "warning", vm->name, "test failover at point %llu was cut "
                   "short by a crash; removed it", (unsigned long long)
                   r->test_point);
         r->test_point = 0;
@@ -460,7 +460,7 @@ recover_failover(struct vm *vm)
         /* The start did not answer: undo it, whatever it got to. */
         rc = cancel_steps(vm);
         if (rc == 0)
-            event_add("warning", vm->name, "failover at point %llu was cut "
+            event_add(D->cat, "warning", vm->name, "failover at point %llu was cut "
                       "short by a crash while starting; undone",
                       (unsigned long long)r->failover_point);
         return rc;
@@ -597,10 +597,10 @@ test_start(struct api_call *call, int64_t want, json_object **out)
     if (rc < 0) {
         r->test_point = 0;
         VR_IGNORE(catalog_save_repl(D->cat, r));
-        event_add("error", vm->name, "test failover at point %llu failed: %s",
+        event_add(D->cat, "error", vm->name, "test failover at point %llu failed: %s",
                   (unsigned long long)point, vr_errmsg());
     } else {
-        event_add("info", vm->name, "test failover started: \"%s\" at point "
+        event_add(D->cat, "info", vm->name, "test failover started: \"%s\" at point "
                   "%llu", name, (unsigned long long)point);
         *out = json_object_new_object();
         json_object_object_add(*out, "vm", json_object_new_string(vm->name));
@@ -662,7 +662,7 @@ unplanned_start(struct api_call *call, int64_t want, bool force,
     /* The VM will hold its own writes on top of the point: the old
      * primary's disks (prepared or not) no longer match them. */
     r->prepared_cycle = 0;
-    rc = repl_transition(vm, REPL_ST_FAILOVER_WAIT, REPL_T_SAVE);
+    rc = repl_transition(D->cat, vm, REPL_ST_FAILOVER_WAIT, REPL_T_SAVE);
     if (rc == 0)
         vr_fault_point("failover-start-pinned");
     CLEANUP_FREE char *rd = fo_rundir(r);
@@ -683,11 +683,11 @@ unplanned_start(struct api_call *call, int64_t want, bool force,
         snprintf(msg, sizeof msg, "%s", vr_errmsg());
         VR_IGNORE(cancel_steps(vm));
         vr_err(rc, "%s", msg);
-        event_add("error", vm->name, "failover at point %llu failed: %s",
+        event_add(D->cat, "error", vm->name, "failover at point %llu failed: %s",
                   (unsigned long long)point, msg);
     } else {
         network_inject_start(vm, rd);
-        event_add("warning", vm->name, "failover started%s: the VM runs "
+        event_add(D->cat, "warning", vm->name, "failover started%s: the VM runs "
                   "from point %llu; the primary's changes are refused until "
                   "'failover stop' cancels or 'failover complete' commits",
                   force && seen ? " (forced while the primary was in "
@@ -764,7 +764,7 @@ test_stop(struct api_call *call, json_object **out)
     if (rc == 0) {
         r->test_point = 0;
         rc = catalog_save_repl(D->cat, r);
-        event_add("info", vm->name, "test failover at point %llu stopped",
+        event_add(D->cat, "info", vm->name, "test failover at point %llu stopped",
                   (unsigned long long)point);
         *out = json_object_new_object();
         json_object_object_add(*out, "vm", json_object_new_string(vm->name));
@@ -839,7 +839,7 @@ api_failover_stop(struct api_call *call, unsigned *status VR_UNUSED,
         rc = cancel_steps(vm);
     }
     if (rc == 0) {
-        event_add("info", vm->name, "failover at point %llu cancelled; "
+        event_add(D->cat, "info", vm->name, "failover at point %llu cancelled; "
                   "replication resumes", (unsigned long long)point);
         *out = json_object_new_object();
         json_object_object_add(*out, "vm", json_object_new_string(vm->name));
@@ -884,7 +884,7 @@ api_failover_complete(struct api_call *call, unsigned *status VR_UNUSED,
         json_object_object_add(*out, "epoch",
                                json_object_new_int64((int64_t)r->epoch));
     } else {
-        event_add("error", vm->name, "failover complete: %s (it goes on "
+        event_add(D->cat, "error", vm->name, "failover complete: %s (it goes on "
                   "with the next 'failover complete' or at a restart)",
                   vr_errmsg());
     }

@@ -104,10 +104,10 @@ firewall_sync(void)
     if (firewall_apply() < 0) {
         free(fw.error);
         fw.error = xstrdup(vr_errmsg());
-        event_add("error", NULL, "%s", fw.error);
+        event_add(D->cat, "error", NULL, "%s", fw.error);
         return;
     }
-    event_add("info", NULL, "firewall rules applied (ports %s)", list);
+    event_add(D->cat, "info", NULL, "firewall rules applied (ports %s)", list);
 }
 
 const char *
@@ -203,9 +203,9 @@ api_firewall_set(struct api_call *call, unsigned *status VR_UNUSED,
     } else if (want) {
         char list[64];
         ports_text(fw.ports, fw.nports, list);
-        event_add("info", NULL, "firewall enabled (ports %s)", list);
+        event_add(D->cat, "info", NULL, "firewall enabled (ports %s)", list);
     } else if (old) {
-        event_add("info", NULL, "firewall disabled");
+        event_add(D->cat, "info", NULL, "firewall disabled");
     }
     if (rc == 0)
         *out = firewall_json();

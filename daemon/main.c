@@ -1,4 +1,4 @@
-/* main.c: vmreplicad — start-up, events and shutdown.
+/* main.c: vmreplicad — options, start-up and shutdown.
  *
  * Start-up order matters for crash safety: lock the state directory (one
  * daemon per state directory: a second one would ship and apply the same
@@ -9,7 +9,6 @@
  * object D; the log itself is core/log.c. */
 #include <getopt.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,23 +37,6 @@ daemon_wait_ms(uint64_t ms)
         ts.tv_nsec -= 1000000000;
     }
     pthread_cond_timedwait(&D->cond, &D->lock, &ts);
-}
-
-void
-event_add(const char *level, const char *vm, const char *fmt, ...)
-{
-    char msg[2048];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    int lv = strcmp(level, "error") == 0     ? LOG_ERROR
-             : strcmp(level, "warning") == 0 ? LOG_WARN
-             : strcmp(level, "audit") == 0   ? LOG_WARN
-                                             : LOG_INFO;
-    log_msg(lv, strcmp(level, "audit") == 0 ? "audit" : "event", "%s%s%s",
-            vm ? vm : "", vm ? ": " : "", msg);
-    catalog_add_event(D->cat, vr_wall_ms(), level, vm, msg);
 }
 
 static void
@@ -226,7 +208,7 @@ start_services(const char *sock)
         for (struct vm *vm = D->vms; vm; vm = vm->next)
             shipper_ensure(vm);
     if (rc == 0)
-        event_add("info", NULL, "vmreplicad %s started (state dir %s)",
+        event_add(D->cat, "info", NULL, "vmreplicad %s started (state dir %s)",
                   VERSION, D->state_dir);
     pthread_mutex_unlock(&D->lock);
     return rc;

@@ -155,7 +155,7 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
     if (rc == 0) {
         vr_fault_point("prepare-shipped");
         r->prepared_cycle = n;
-        rc = repl_transition(vm, REPL_ST_PREPARED, REPL_T_SAVE);
+        rc = repl_transition(D->cat, vm, REPL_ST_PREPARED, REPL_T_SAVE);
         if (rc == 0)
             vr_fault_point("prepare-saved");
         /* If the Replica server does not answer, it may still have
@@ -169,7 +169,7 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
                         vm->name, vr_errmsg(), vm->name, vm->name);
     }
     if (rc == 0) {
-        event_add("info", vm->name, "prepared for failover: every change is "
+        event_add(D->cat, "info", vm->name, "prepared for failover: every change is "
                   "on %s (cycle %llu); the VM does not start here until the "
                   "failover is undone ('vmreplica failover stop %s')",
                   r->replica_server, (unsigned long long)n, vm->name);
@@ -207,10 +207,10 @@ planned_unprepare(struct api_call *call, json_object **out)
     if (rc == 0) {
         r->prepared_cycle = 0;
         r->kick = true;
-        rc = repl_transition(vm, REPL_ST_REPLICATING, REPL_T_SAVE);
+        rc = repl_transition(D->cat, vm, REPL_ST_REPLICATING, REPL_T_SAVE);
     }
     if (rc == 0) {
-        event_add("info", vm->name, "failover preparation withdrawn; "
+        event_add(D->cat, "info", vm->name, "failover preparation withdrawn; "
                   "replication resumes");
         *out = repl_to_json(vm);
     }
@@ -285,7 +285,7 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
         r->base_cycle = base;
         r->last_cycle = r->applied_cycle = n;
         r->epoch++;
-        rc = repl_transition(vm, REPL_ST_FAILED_OVER, REPL_T_SAVE);
+        rc = repl_transition(D->cat, vm, REPL_ST_FAILED_OVER, REPL_T_SAVE);
         if (rc < 0) { /* as it was: the catalog is the truth */
             r->base_cycle = old.base_cycle;
             r->last_cycle = old.last_cycle;
@@ -296,7 +296,7 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
     }
     if (rc == 0) {
         vr_fault_point("planned-start-saved");
-        event_add("info", vm->name, "planned failover: the VM's disks are "
+        event_add(D->cat, "info", vm->name, "planned failover: the VM's disks are "
                   "the primary's at cycle %llu (no data lost); epoch %llu",
                   (unsigned long long)n, (unsigned long long)r->epoch);
     }
@@ -318,7 +318,7 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
                         "(try 'vmreplica vm start %s')", vm->name,
                         vr_errmsg(), vm->name);
         else {
-            event_add("info", vm->name, "vm started (qemu)");
+            event_add(D->cat, "info", vm->name, "vm started (qemu)");
             network_inject_start(vm, rundir);
         }
     }
@@ -445,7 +445,7 @@ api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,
     if (rc == 0) {
         vm->repl = nr;
         repl_free(r);
-        event_add("info", vm->name, "replication reversed: this server is "
+        event_add(D->cat, "info", vm->name, "replication reversed: this server is "
                   "the primary now, replicating to %s (epoch %llu) with no "
                   "resynchronization", nr->replica_server,
                   (unsigned long long)nr->epoch);

@@ -192,7 +192,7 @@ apply_one(struct vm *vm, uint64_t n, bool locked)
         /* The cycle is applied whatever happens to its point: a failure
          * here is retried by history_recover at the next start. */
         if (history_after_apply(vm, n, app) < 0) {
-            event_add("warning", vm->name, "recovery history after cycle "
+            event_add(D->cat, "warning", vm->name, "recovery history after cycle "
                       "%llu: %s", (unsigned long long)n, vr_errmsg());
             vr_err_clear();
         }
@@ -201,7 +201,7 @@ apply_one(struct vm *vm, uint64_t n, bool locked)
         vm->repl->errors++;
         free(vm->repl->last_error);
         vm->repl->last_error = xstrdup(vr_errmsg());
-        event_add("error", vm->name, "apply cycle %llu: %s",
+        event_add(D->cat, "error", vm->name, "apply cycle %llu: %s",
                   (unsigned long long)n, vr_errmsg());
     }
     vm_op_end(vm, VM_OP_APPLY);
@@ -258,7 +258,7 @@ replica_recover(void)
             int rc = apply_one(vm, n, true);
             if (rc < 0) {
                 /* In memory only: the next start tries again. */
-                VR_IGNORE(repl_transition(vm, REPL_ST_ERROR, 0));
+                VR_IGNORE(repl_transition(D->cat, vm, REPL_ST_ERROR, 0));
                 break;
             }
         }
@@ -315,7 +315,7 @@ applier_main(void *arg VR_UNUSED)
                                    : "replica storage full",
                      (unsigned long long)delay_ms / 1000);
         } else if (rc < 0) {
-            VR_IGNORE(repl_transition(todo, REPL_ST_ERROR, REPL_T_SAVE));
+            VR_IGNORE(repl_transition(D->cat, todo, REPL_ST_ERROR, REPL_T_SAVE));
         } else {
             r->apply_retry_ms = 0;
         }

@@ -164,7 +164,7 @@ static void
 guard_audit(const char *addr, const char *why)
 {
     pthread_mutex_lock(&D->lock);
-    event_add("audit", NULL, "refused connection from %s: %s", addr, why);
+    event_add(D->cat, "audit", NULL, "refused connection from %s: %s", addr, why);
     pthread_mutex_unlock(&D->lock);
 }
 
@@ -599,7 +599,7 @@ listener_refresh(void)
             log_warn("replica", "reloading the certificate files: %s",
                      vr_errmsg());
         else if (D->listener != before)
-            event_add("info", NULL, "replica server: certificate files "
+            event_add(D->cat, "info", NULL, "replica server: certificate files "
                       "changed, reloaded (port %u)", c->cert_port);
     }
     pthread_mutex_unlock(&D->lock);

@@ -105,7 +105,7 @@ do_reverse(struct rreq *q, const struct r1_reg *reg, json_object **out)
             take_history(r, q);
             if (reg->frequency_s)
                 r->frequency_s = reg->frequency_s;
-            rc = repl_transition(vm, REPL_ST_WAITING_INITIAL, 0);
+            rc = repl_transition(D->cat, vm, REPL_ST_WAITING_INITIAL, 0);
             if (rc == 0)
                 rc = catalog_begin(D->cat);
             if (rc == 0) {
@@ -117,14 +117,14 @@ do_reverse(struct rreq *q, const struct r1_reg *reg, json_object **out)
                 rc = catalog_end(D->cat, rc);
             }
             if (rc == 0)
-                event_add("info", vm->name, "replication reversed by %s "
+                event_add(D->cat, "info", vm->name, "replication reversed by %s "
                           "(%s): this is its Replica server now (epoch "
                           "%llu); the disks are kept as they are (cycle "
                           "%lld on both sides)", q->peer, q->addr,
                           (unsigned long long)q->epoch,
                           (long long)reverse_of);
             else
-                event_add("error", vm->name, "reverse replication: %s (the "
+                event_add(D->cat, "error", vm->name, "reverse replication: %s (the "
                           "daemon must restart to reload its catalog)",
                           vr_errmsg());
         }
@@ -412,7 +412,7 @@ start_relationship(struct vm *vm, const struct rreq *q,
      * side still thinks is replicating: the primary may have removed
      * it while we were unreachable, and changed the disk since. */
     r->initial_done = false;
-    int rc = repl_transition(vm, REPL_ST_WAITING_INITIAL, 0);
+    int rc = repl_transition(D->cat, vm, REPL_ST_WAITING_INITIAL, 0);
     r->applied_cycle = r->last_cycle = 0;
     r->prepared_cycle = 0;
     /* The disks of an existing VM are kept as they are (they may seed
@@ -472,7 +472,7 @@ do_register(struct rreq *q, json_object **out)
         rc = start_relationship(vm, q, &reg, created);
     }
     if (rc == 0) {
-        event_add("info", vm->name,
+        event_add(D->cat, "info", vm->name,
                   "replica vm %s registered by primary %s (%s)%s",
                   created ? "created" : "updated", q->peer, q->addr,
                   created ? "" : "; its disks are kept until a full "
@@ -533,7 +533,7 @@ do_initial_done(struct rreq *q, json_object **out)
         r->last_cycle = (uint64_t)base;
         r->initial_done = true;
         rc = repl_transition_event(
-            vm, REPL_ST_REPLICATING, REPL_T_SAVE, "info",
+            D->cat, vm, REPL_ST_REPLICATING, REPL_T_SAVE, "info",
             "initial replication complete at cycle %lld; recovery points "
             "from cycle %lld on", (long long)base, (long long)first);
         if (rc == 0)
@@ -572,11 +572,11 @@ do_prepared(struct rreq *q, json_object **out)
         r->prepared_cycle = (uint64_t)n;
         rc = catalog_save_repl(D->cat, r);
         if (rc == 0 && n)
-            event_add("info", vm->name, "primary %s prepared for failover at "
+            event_add(D->cat, "info", vm->name, "primary %s prepared for failover at "
                       "cycle %lld: 'vmreplica failover start %s' fails over "
                       "with no data loss", q->peer, (long long)n, vm->name);
         else if (rc == 0)
-            event_add("info", vm->name, "primary %s withdrew its failover "
+            event_add(D->cat, "info", vm->name, "primary %s withdrew its failover "
                       "preparation", q->peer);
     }
     if (rc == 0)
@@ -600,7 +600,7 @@ do_remove(struct rreq *q, json_object **out)
         if (rc == 0) {
             repl_free(vm->repl);
             vm->repl = NULL;
-            event_add("info", vm->name,
+            event_add(D->cat, "info", vm->name,
                       "replication removed by primary %s; replica disks kept",
                       q->peer);
             *out = json_object_new_object();

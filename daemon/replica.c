@@ -472,7 +472,7 @@ refuse(struct MHD_Connection *c, struct rreq *q, int rc, const char *msg)
 {
     pthread_mutex_lock(&D->lock);
     struct vm *vm = q->uuid[0] ? vm_find_uuid(q->uuid) : NULL;
-    event_add("audit", vm ? vm->name : NULL, "refused %s from %s (%s): %s",
+    event_add(D->cat, "audit", vm ? vm->name : NULL, "refused %s from %s (%s): %s",
               q->kind == R1_CYCLE ? "cycle" : "request",
               q->principal[0] ? q->principal
               : q->peer[0]    ? q->peer

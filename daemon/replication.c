@@ -1,8 +1,6 @@
 /* replication.c: the replication endpoints of the management API (enable,
  * set, show, list, measure, suspend, resume, remove, reset-stats, initial
  * replication), health by Hyper-V's rules, and the /metrics text. */
-#include <assert.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,81 +25,6 @@ lookup_repl(struct api_call *call, struct vm **out)
     *out = vm;
     return 0;
 }
-
-/* ---- the replication state machine ----------------------------------- */
-
-#define B(st) (1u << (st))
-/* Where each state may go, besides staying where it is.  From every state:
- * Error (a cycle or an apply failed for good), WaitingForInitialReplication
- * (a registration starts a relationship afresh, and reverses a prepared
- * primary) and FailOverWaitingCompletion (an unplanned failover starts at
- * whatever the Replica VM reached).  Disabled is only ever read from an
- * old catalog row, so it may go anywhere. */
-#define ST_ANY_TO                                                              \
-    (B(REPL_ST_ERROR) | B(REPL_ST_WAITING_INITIAL) | B(REPL_ST_FAILOVER_WAIT))
-#define ST_RESUME_TO                                                           \
-    (B(REPL_ST_REPLICATING) | B(REPL_ST_WAITING_INITIAL) |                     \
-     B(REPL_ST_INITIAL) | B(REPL_ST_READY_INITIAL))
-static const unsigned st_next[REPL_ST_COUNT] = {
-    [REPL_ST_DISABLED] = B(REPL_ST_COUNT) - 1,
-    /* initial start; suspend; initial completes after a resume */
-    [REPL_ST_READY_INITIAL] =
-        B(REPL_ST_INITIAL) | B(REPL_ST_SUSPENDED) | B(REPL_ST_REPLICATING),
-    /* the base copy completes; suspend */
-    [REPL_ST_INITIAL] = B(REPL_ST_REPLICATING) | B(REPL_ST_SUSPENDED),
-    /* initial-complete from the primary; suspend */
-    [REPL_ST_WAITING_INITIAL] =
-        B(REPL_ST_REPLICATING) | B(REPL_ST_SUSPENDED),
-    /* suspend; failover prepare (primary); planned failover (replica) */
-    [REPL_ST_REPLICATING] = B(REPL_ST_SUSPENDED) | B(REPL_ST_PREPARED) |
-                            B(REPL_ST_FAILED_OVER),
-    /* resume */
-    [REPL_ST_SUSPENDED] = ST_RESUME_TO,
-    /* resume; suspend; a planned failover whose wait saw an apply fail */
-    [REPL_ST_ERROR] =
-        ST_RESUME_TO | B(REPL_ST_SUSPENDED) | B(REPL_ST_FAILED_OVER),
-    /* failover complete; failover stop (or its crash recovery) */
-    [REPL_ST_FAILOVER_WAIT] = B(REPL_ST_FAILED_OVER) | B(REPL_ST_REPLICATING),
-    [REPL_ST_FAILED_OVER] = 0,
-    /* failover stop on the primary withdraws the preparation */
-    [REPL_ST_PREPARED] = B(REPL_ST_REPLICATING),
-};
-
-int
-repl_transition(struct vm *vm, enum repl_st to, unsigned flags)
-{
-    struct repl *r = vm->repl;
-    assert((unsigned)to < REPL_ST_COUNT);
-    if (to != r->st && !((st_next[r->st] | ST_ANY_TO) & B(to))) {
-        int rc = vr_err(-EINVAL, "vm %s: replication state %s cannot change "
-                        "to %s", vm->name, repl_st_name(r->st),
-                        repl_st_name(to));
-        log_error("repl", "%s", vr_errmsg());
-        return rc;
-    }
-    if (to != r->st)
-        log_debug("repl", "%s: state %s -> %s", vm->name,
-                  repl_st_name(r->st), repl_st_name(to));
-    r->st = to;
-    return flags & REPL_T_SAVE ? catalog_save_repl(D->cat, r) : 0;
-}
-
-int
-repl_transition_event(struct vm *vm, enum repl_st to, unsigned flags,
-                      const char *level, const char *fmt, ...)
-{
-    int rc = repl_transition(vm, to, flags);
-    if (rc < 0)
-        return rc;
-    char msg[2048];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    event_add(level, vm->name, "%s", msg);
-    return 0;
-}
-#undef B
 
 const char *
 repl_state(const struct repl *r)
@@ -542,7 +465,7 @@ api_repl_enable(struct api_call *call, unsigned *status, json_object **out)
         }
     }
     if (rc == 0) {
-        event_add("info", vm->name, "replication enabled to %s every %u s",
+        event_add(D->cat, "info", vm->name, "replication enabled to %s every %u s",
                   r->replica_server, r->frequency_s);
         shipper_ensure(vm);
         *out = repl_to_json(vm);
@@ -691,7 +614,7 @@ api_repl_suspend(struct api_call *call, unsigned *status VR_UNUSED,
         rc = check_not_failing_over(vm);
     if (rc == 0 && vm->repl->st != REPL_ST_SUSPENDED) {
         wake(vm);
-        rc = repl_transition_event(vm, REPL_ST_SUSPENDED, REPL_T_SAVE, "info",
+        rc = repl_transition_event(D->cat, vm, REPL_ST_SUSPENDED, REPL_T_SAVE, "info",
                                    "replication suspended");
     }
     if (rc == 0)
@@ -714,7 +637,7 @@ api_repl_resume(struct api_call *call, unsigned *status VR_UNUSED,
         struct repl *r = vm->repl;
         wake(vm);
         rc = repl_transition_event(
-            vm, r->initial_done                ? REPL_ST_REPLICATING
+            D->cat, vm, r->initial_done                ? REPL_ST_REPLICATING
                 : r->mode == VM_MODE_REPLICA ? REPL_ST_WAITING_INITIAL
                 : r->initial_seq             ? REPL_ST_INITIAL
                                              : REPL_ST_READY_INITIAL,
@@ -771,7 +694,7 @@ api_initial_start(struct api_call *call, unsigned *status VR_UNUSED,
             wake(vm);
             free(vm->repl->task);
             vm->repl->task = xstrdup("InitialReplication");
-            rc = repl_transition(vm, REPL_ST_INITIAL, REPL_T_SAVE);
+            rc = repl_transition(D->cat, vm, REPL_ST_INITIAL, REPL_T_SAVE);
             shipper_ensure(vm);
         }
     }
@@ -842,7 +765,7 @@ api_repl_remove(struct api_call *call, unsigned *status VR_UNUSED,
             rc = catalog_save_vm(D->cat, vm);
         }
         if (rc == 0) {
-            event_add("info", vm->name, "replication removed");
+            event_add(D->cat, "info", vm->name, "replication removed");
             *out = vm_to_json(vm);
         }
     }

@@ -289,7 +289,7 @@ api_server_set(struct api_call *call, unsigned *status VR_UNUSED,
         VR_IGNORE(replica_listener_apply());
         vr_err(rc, "%s", saved);
     } else {
-        event_add("info", NULL, "server settings changed%s",
+        event_add(D->cat, "info", NULL, "server settings changed%s",
                   c->replica_enabled ? " (replica server enabled)" : "");
         /* The settings stand; a firewall that cannot follow them is an
          * error event and shows in firewall_error. */

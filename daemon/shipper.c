@@ -347,12 +347,12 @@ seal_cycle(struct vm *vm, struct job *jb, bool running)
                 QGA_THAW_MS, NULL);
         pthread_mutex_lock(&D->lock);
         if (trc < 0)
-            event_add("error", jb->name, "guest agent: thaw failed: %s; the "
+            event_add(D->cat, "error", jb->name, "guest agent: thaw failed: %s; the "
                       "guest's file systems may still be frozen (a thaw is "
                       "sent again at the next cut and when the daemon "
                       "starts)", vr_errmsg());
         if (!frozen && rc == 0)
-            event_add("warning", jb->name, "application-consistent point "
+            event_add(D->cat, "warning", jb->name, "application-consistent point "
                       "not possible (%s): cycle %llu is crash-consistent",
                       why, (unsigned long long)c);
         /* Either way, the next try is in the next window. */
@@ -722,7 +722,7 @@ run_initial(struct vm *vm, struct job *jb)
         r->initial_sent = 0;
         r->last_cycle = base;
         int rc = catalog_save_repl(D->cat, r);
-        event_add("info", vm->name,
+        event_add(D->cat, "info", vm->name,
                   "initial replication started: %llu bytes allocated, base "
                   "cycle %llu",
                   (unsigned long long)total, (unsigned long long)base);
@@ -789,8 +789,8 @@ run_initial(struct vm *vm, struct job *jb)
     r->last_ok_ms = vr_wall_ms();
     free(r->task);
     r->task = NULL;
-    rc = repl_transition(vm, REPL_ST_REPLICATING, REPL_T_SAVE);
-    event_add("info", vm->name,
+    rc = repl_transition(D->cat, vm, REPL_ST_REPLICATING, REPL_T_SAVE);
+    event_add(D->cat, "info", vm->name,
               "initial replication complete: %llu bytes of data sent",
               (unsigned long long)r->initial_sent);
     pthread_mutex_unlock(&D->lock);
@@ -859,7 +859,7 @@ shipper_main(void *arg)
         pthread_mutex_lock(&D->lock);
         if (rc == 0 || rc == -ECANCELED) {
             if (failures)
-                event_add("info", vm->name, "replication recovered after %u "
+                event_add(D->cat, "info", vm->name, "replication recovered after %u "
                                             "failed attempt(s)",
                           failures);
             failures = 0;
@@ -871,7 +871,7 @@ shipper_main(void *arg)
         r->last_error = xstrdup(msg);
         if (peer_unrecoverable(rc)) {
             /* Saved below with the error counters. */
-            VR_IGNORE(repl_transition_event(vm, REPL_ST_ERROR, 0, "error",
+            VR_IGNORE(repl_transition_event(D->cat, vm, REPL_ST_ERROR, 0, "error",
                                             "replication stopped: %s", msg));
         } else {
             unsigned idx = failures < ARRAY_SIZE(backoff_s)
@@ -881,7 +881,7 @@ shipper_main(void *arg)
             if (delay_ms > freq_ms)
                 delay_ms = freq_ms;
             if (failures == 0 || failures % 10 == 0)
-                event_add("warning", vm->name, "replication failed, retrying "
+                event_add(D->cat, "warning", vm->name, "replication failed, retrying "
                                                "in %llu s: %s",
                           (unsigned long long)delay_ms / 1000, msg);
             failures++;

@@ -343,7 +343,7 @@ api_vm_create(struct api_call *call, unsigned *status, json_object **out)
     }
     vm->next = D->vms;
     D->vms = vm;
-    event_add("info", vm->name, "vm created with %u disk(s)", vm->ndisks);
+    event_add(D->cat, "info", vm->name, "vm created with %u disk(s)", vm->ndisks);
     *out = vm_to_json(vm);
     pthread_mutex_unlock(&D->lock);
     *status = 201;
@@ -474,7 +474,7 @@ api_vm_start(struct api_call *call, unsigned *status VR_UNUSED,
     pthread_mutex_lock(&D->lock);
     end_change(vm);
     if (rc == 0) {
-        event_add("info", vm->name, "vm started (%s)",
+        event_add(D->cat, "info", vm->name, "vm started (%s)",
                   vm->hypervisor ? "qemu" : "disks served only");
         *out = vm_to_json(vm);
     } else {
@@ -505,7 +505,7 @@ api_vm_stop(struct api_call *call, unsigned *status VR_UNUSED,
     end_change(vm);
     if (rc == 0) {
         vm->hypervisor = false;
-        event_add("info", vm->name, "vm stopped");
+        event_add(D->cat, "info", vm->name, "vm stopped");
         *out = vm_to_json(vm);
     } else {
         vr_err(rc, "%s", msg);
@@ -557,7 +557,7 @@ api_vm_remove(struct api_call *call, unsigned *status VR_UNUSED,
                     *p = vm->next;
                     break;
                 }
-            event_add("info", vm->name, "vm removed");
+            event_add(D->cat, "info", vm->name, "vm removed");
             if (vm->mode != VM_MODE_REPLICA)
                 remove_tree(vm->dir);
             remove_tree(rundir);
