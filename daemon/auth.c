@@ -1,4 +1,6 @@
-/* auth.c: authorization entries (SPEC §6).
+/* auth.c: the management API of authorization entries (SPEC §6): auth-entry
+ * list, add, set, remove, and server test-connection.  The decision itself
+ * is core/authz.c.
  *
  * The Replica server accepts a primary (its certificate's name) if an
  * authorization entry matches it — `auth-entry add --primary PATTERN
@@ -19,79 +21,6 @@
 #include "daemon.h"
 #include "shipper-int.h"
 
-/* The entry of e[0..n) that admits peer: the most specific match, or
- * NULL. */
-static const struct auth_entry *
-best_entry(const struct auth_entry *e, size_t n, const char *peer)
-{
-    const struct auth_entry *best = NULL;
-    for (size_t i = 0; i < n; i++) {
-        if (!vr_fqdn_match(e[i].pattern, peer))
-            continue;
-        /* An exact name is more specific than a wildcard. */
-        if (!best || (best->pattern[0] == '*' && e[i].pattern[0] != '*'))
-            best = &e[i];
-    }
-    return best;
-}
-
-static unsigned
-entry_max_vms(const struct auth_entry *e)
-{
-    return e && e->max_vms ? e->max_vms : AUTH_DEFAULT_MAX_VMS;
-}
-
-int
-auth_authorize(const char *peer, char **storage, char **group)
-{
-    *storage = *group = NULL;
-    struct auth_entry *e = NULL;
-    size_t n = 0;
-    int rc = catalog_auth_list(&e, &n);
-    if (rc < 0)
-        return rc;
-    const struct auth_entry *best = best_entry(e, n, peer);
-    if (best) {
-        *storage = xstrdup(best->storage);
-        *group = xstrdup(best->trust_group ? best->trust_group : "");
-    } else if (D->cfg.allow_any && D->cfg.default_storage) {
-        *storage = xstrdup(D->cfg.default_storage);
-        *group = xstrdup("");
-    } else {
-        rc = vr_err(-EPERM, "primary %s is not authorized on this server "
-                    "(no authorization entry matches it%s)", peer,
-                    D->cfg.allow_any ? "" : " and any server is not allowed");
-    }
-    auth_entries_free(e, n);
-    return rc;
-}
-
-/* Guarantees that no authorization entry (nor "allow any") lets its
- * primaries own more than its max_vms Replica VMs: each Replica VM counts
- * for the entry that admits its owner now. */
-int
-auth_check_vm_cap(const char *peer)
-{
-    struct auth_entry *e = NULL;
-    size_t n = 0;
-    int rc = catalog_auth_list(&e, &n);
-    if (rc < 0)
-        return rc;
-    const struct auth_entry *best = best_entry(e, n, peer);
-    unsigned cap = entry_max_vms(best), have = 0;
-    for (const struct vm *vm = D->vms; vm; vm = vm->next)
-        if (vm->mode == VM_MODE_REPLICA && vm->owner &&
-            best_entry(e, n, vm->owner) == best)
-            have++;
-    if (have >= cap)
-        rc = vr_err(-EPERM, "register: %s may not create another Replica VM "
-                    "here: %s%s allows %u (max-vms), and %u exist", peer,
-                    best ? "authorization entry " : "'allow any'",
-                    best ? best->pattern : "", cap, have);
-    auth_entries_free(e, n);
-    return rc;
-}
-
 static json_object *
 entry_json(const struct auth_entry *e)
 {
@@ -102,7 +31,7 @@ entry_json(const struct auth_entry *e)
                            json_object_new_string(e->trust_group
                                                       ? e->trust_group : ""));
     json_object_object_add(o, "max_vms",
-                           json_object_new_int64(entry_max_vms(e)));
+                           json_object_new_int64(authz_max_vms(e)));
     return o;
 }
 
@@ -119,7 +48,7 @@ api_auth_list(struct api_call *call VR_UNUSED, unsigned *status VR_UNUSED,
     struct auth_entry *e = NULL;
     size_t n = 0;
     pthread_mutex_lock(&D->lock);
-    int rc = catalog_auth_list(&e, &n);
+    int rc = catalog_auth_list(D->cat, &e, &n);
     pthread_mutex_unlock(&D->lock);
     if (rc < 0)
         return rc;
@@ -164,7 +93,7 @@ put_entry(struct api_call *call, bool add, unsigned *status,
     pthread_mutex_lock(&D->lock);
     struct auth_entry *e = NULL;
     size_t n = 0;
-    int rc = catalog_auth_list(&e, &n);
+    int rc = catalog_auth_list(D->cat, &e, &n);
     struct auth_entry *found = NULL;
     for (size_t i = 0; rc == 0 && i < n; i++)
         if (strcasecmp(e[i].pattern, pattern) == 0)
@@ -187,12 +116,12 @@ put_entry(struct api_call *call, bool add, unsigned *status,
             rc = vr_err(rc, "storage %s: %s", ne.storage, strerror(-rc));
     }
     if (rc == 0)
-        rc = catalog_auth_put(&ne);
+        rc = catalog_auth_put(D->cat, &ne);
     if (rc == 0) {
-        event_add("info", NULL, "authorization entry %s %s: storage %s, trust "
+        event_add(D->cat, "info", NULL, "authorization entry %s %s: storage %s, trust "
                   "group '%s', at most %u Replica VMs", ne.pattern,
                   add ? "added" : "changed", ne.storage, ne.trust_group,
-                  entry_max_vms(&ne));
+                  authz_max_vms(&ne));
         *out = entry_json(&ne);
         if (add)
             *status = 201;
@@ -219,9 +148,9 @@ api_auth_remove(struct api_call *call, unsigned *status VR_UNUSED,
                 json_object **out)
 {
     pthread_mutex_lock(&D->lock);
-    int rc = catalog_auth_delete(call->arg);
+    int rc = catalog_auth_delete(D->cat, call->arg);
     if (rc == 0) {
-        event_add("info", NULL, "authorization entry %s removed", call->arg);
+        event_add(D->cat, "info", NULL, "authorization entry %s removed", call->arg);
         *out = json_object_new_object();
         json_object_object_add(*out, "removed",
                                json_object_new_string(call->arg));

@@ -11,7 +11,7 @@
  * test lasts, and before each cycle is applied the applier hands the view
  * the cycle's undo span (REFRESH), so the test VM never sees a later
  * cycle.  `failover stop VM --test` stops it and removes its overlays.
- * While a test starts or stops (r->test_busy) the applier leaves the VM
+ * While a test starts or stops (VM_OP_TEST) the applier leaves the VM
  * alone.
  *
  * Unplanned failover (`failover start VM [--point ID] [--force]`) starts
@@ -44,7 +44,7 @@
 #include "api-int.h"
 #include "daemon.h"
 #include "undo.h"
-#include "vmproc.h"
+#include "proc/vmproc.h"
 
 #define TEST_STOP_MS 5000
 #define FO_STOP_MS 30000 /* a failed-over VM's shutdown at complete */
@@ -161,7 +161,7 @@ check_beneath(const struct vm *vm, const char *rd)
 static void
 wait_applier(struct vm *vm)
 {
-    while (vm->applying)
+    while (vm_busy(vm, VM_OP_APPLY))
         pthread_cond_wait(&D->cond, &D->lock);
 }
 
@@ -169,9 +169,10 @@ wait_applier(struct vm *vm)
 static int
 lookup_replica(struct api_call *call, struct vm **out)
 {
-    struct vm *vm = vm_find(call->arg);
-    if (!vm)
-        return vr_err(-ENOENT, "vm %s: not found", call->arg);
+    struct vm *vm;
+    int rc = vm_lookup(call->arg, &vm);
+    if (rc < 0)
+        return rc;
     if (vm->mode != VM_MODE_REPLICA || !vm->repl || !vm->repl->storage)
         return vr_err(-EINVAL, "vm %s: not a Replica VM on this server",
                       vm->name);
@@ -185,7 +186,7 @@ choose_point(const struct vm *vm, int64_t want, uint64_t *point)
 {
     struct point *pts = NULL;
     size_t np = 0;
-    int rc = catalog_points(vm->uuid, &pts, &np);
+    int rc = catalog_points(D->cat, vm->uuid, &pts, &np);
     *point = 0;
     for (size_t i = 0; rc == 0 && i < np; i++)
         if (want ? pts[i].cycle == (uint64_t)want : i + 1 == np)
@@ -251,7 +252,7 @@ static int
 set_step(struct repl *r, int step)
 {
     r->failover_step = step;
-    return catalog_save_repl(r);
+    return catalog_save_repl(D->cat, r);
 }
 
 /* D->lock held: the failover is gone; replication resumes. */
@@ -261,9 +262,8 @@ finish_cancel(struct vm *vm)
     struct repl *r = vm->repl;
     r->failover_point = 0;
     r->failover_step = FO_NONE;
-    snprintf(r->state, sizeof r->state, "%s", ST_REPLICATING);
     r->kick = true;
-    int rc = catalog_save_repl(r);
+    int rc = repl_transition(D->cat, vm, REPL_ST_REPLICATING, REPL_T_SAVE);
     pthread_cond_broadcast(&D->cond);
     return rc;
 }
@@ -323,7 +323,7 @@ revert_disks(const struct vm *vm, uint64_t point, uint64_t latest)
     return rc;
 }
 
-/* D->lock held (dropped for the work), r->failover_busy set: carry a
+/* D->lock held (dropped for the work), VM_OP_FAILOVER in progress: carry a
  * complete on from the step it reached. */
 static int
 complete_steps(struct vm *vm)
@@ -371,15 +371,13 @@ complete_steps(struct vm *vm)
             r->failover_step = FO_NONE;
             r->applied_cycle = r->last_cycle = point;
             r->epoch++;
-            snprintf(r->state, sizeof r->state, "%s", ST_FAILED_OVER);
-            rc = catalog_save_repl(r);
+            rc = repl_transition_event(
+                D->cat, vm, REPL_ST_FAILED_OVER, REPL_T_SAVE, "info",
+                "failover complete: the disks are point %llu plus the VM's "
+                "writes since; recovery points deleted; epoch %llu (the old "
+                "primary's changes are refused)", (unsigned long long)point,
+                (unsigned long long)r->epoch);
         }
-        if (rc == 0)
-            event_add("info", vm->name, "failover complete: the disks are "
-                      "point %llu plus the VM's writes since; recovery "
-                      "points deleted; epoch %llu (the old primary's "
-                      "changes are refused)", (unsigned long long)point,
-                      (unsigned long long)r->epoch);
     }
     return rc;
 }
@@ -435,11 +433,11 @@ recover_test(struct vm *vm)
         return rc;
     remove_test_dir(r->storage, rd);
     if (r->test_point) {
-        event_add("warning", vm->name, "test failover at point %llu was cut "
+        event_add(D->cat, "warning", vm->name, "test failover at point %llu was cut "
                   "short by a crash; removed it", (unsigned long long)
                   r->test_point);
         r->test_point = 0;
-        rc = catalog_save_repl(r);
+        rc = catalog_save_repl(D->cat, r);
     }
     return rc;
 }
@@ -462,7 +460,7 @@ recover_failover(struct vm *vm)
         /* The start did not answer: undo it, whatever it got to. */
         rc = cancel_steps(vm);
         if (rc == 0)
-            event_add("warning", vm->name, "failover at point %llu was cut "
+            event_add(D->cat, "warning", vm->name, "failover at point %llu was cut "
                       "short by a crash while starting; undone",
                       (unsigned long long)r->failover_point);
         return rc;
@@ -514,7 +512,7 @@ failover_recover(struct vm *vm)
 int
 failover_test_refresh(struct vm *vm, uint64_t n)
 {
-    /* Without D->lock, vm->applying set: test_point cannot change (start
+    /* Without D->lock, VM_OP_APPLY in progress: test_point cannot change (start
      * and stop wait for the applier). */
     struct repl *r = vm->repl;
     if (!r || r->test_point == 0)
@@ -534,7 +532,7 @@ static int
 check_idle(const struct vm *vm)
 {
     const struct repl *r = vm->repl;
-    if (r->test_busy || r->failover_busy)
+    if (vm_busy(vm, VM_OP_TEST | VM_OP_FAILOVER))
         return vr_err(-EBUSY, "vm %s: a failover is starting or stopping; "
                       "try again", vm->name);
     if (r->test_point)
@@ -547,7 +545,7 @@ check_idle(const struct vm *vm)
                       "failover complete %s' to commit", vm->name,
                       (unsigned long long)r->failover_point, vm->name,
                       vm->name);
-    if (strcmp(r->state, ST_FAILED_OVER) == 0)
+    if (r->st == REPL_ST_FAILED_OVER)
         return vr_err(-EINVAL, "vm %s: failover is complete; it is no "
                       "longer a replica", vm->name);
     if (!r->initial_done)
@@ -573,10 +571,10 @@ test_start(struct api_call *call, int64_t want, json_object **out)
         return rc;
     }
     /* Pin the point and keep the applier away while the test starts. */
-    r->test_busy = true;
+    vm_op_begin(vm, VM_OP_TEST);
     wait_applier(vm);
     r->test_point = point;
-    rc = catalog_save_repl(r);
+    rc = catalog_save_repl(D->cat, r);
     if (rc == 0)
         vr_fault_point("test-start-pinned");
     CLEANUP_FREE char *rd = test_rundir(r);
@@ -598,11 +596,11 @@ test_start(struct api_call *call, int64_t want, json_object **out)
     pthread_mutex_lock(&D->lock);
     if (rc < 0) {
         r->test_point = 0;
-        VR_IGNORE(catalog_save_repl(r));
-        event_add("error", vm->name, "test failover at point %llu failed: %s",
+        VR_IGNORE(catalog_save_repl(D->cat, r));
+        event_add(D->cat, "error", vm->name, "test failover at point %llu failed: %s",
                   (unsigned long long)point, vr_errmsg());
     } else {
-        event_add("info", vm->name, "test failover started: \"%s\" at point "
+        event_add(D->cat, "info", vm->name, "test failover started: \"%s\" at point "
                   "%llu", name, (unsigned long long)point);
         *out = json_object_new_object();
         json_object_object_add(*out, "vm", json_object_new_string(vm->name));
@@ -613,7 +611,7 @@ test_start(struct api_call *call, int64_t want, json_object **out)
                                json_object_new_int64((int64_t)point));
         json_object_object_add(*out, "run_dir", json_object_new_string(rd));
     }
-    r->test_busy = false;
+    vm_op_end(vm, VM_OP_TEST);
     pthread_cond_broadcast(&D->cond);
     pthread_mutex_unlock(&D->lock);
     return rc;
@@ -657,15 +655,14 @@ unplanned_start(struct api_call *call, int64_t want, bool force,
         pthread_mutex_unlock(&D->lock);
         return rc;
     }
-    r->failover_busy = true;
+    vm_op_begin(vm, VM_OP_FAILOVER);
     wait_applier(vm);
     r->failover_point = point;
     r->failover_step = FO_STARTING;
     /* The VM will hold its own writes on top of the point: the old
      * primary's disks (prepared or not) no longer match them. */
     r->prepared_cycle = 0;
-    snprintf(r->state, sizeof r->state, "%s", ST_FAILOVER_WAIT);
-    rc = catalog_save_repl(r);
+    rc = repl_transition(D->cat, vm, REPL_ST_FAILOVER_WAIT, REPL_T_SAVE);
     if (rc == 0)
         vr_fault_point("failover-start-pinned");
     CLEANUP_FREE char *rd = fo_rundir(r);
@@ -686,11 +683,11 @@ unplanned_start(struct api_call *call, int64_t want, bool force,
         snprintf(msg, sizeof msg, "%s", vr_errmsg());
         VR_IGNORE(cancel_steps(vm));
         vr_err(rc, "%s", msg);
-        event_add("error", vm->name, "failover at point %llu failed: %s",
+        event_add(D->cat, "error", vm->name, "failover at point %llu failed: %s",
                   (unsigned long long)point, msg);
     } else {
         network_inject_start(vm, rd);
-        event_add("warning", vm->name, "failover started%s: the VM runs "
+        event_add(D->cat, "warning", vm->name, "failover started%s: the VM runs "
                   "from point %llu; the primary's changes are refused until "
                   "'failover stop' cancels or 'failover complete' commits",
                   force && seen ? " (forced while the primary was in "
@@ -701,10 +698,10 @@ unplanned_start(struct api_call *call, int64_t want, bool force,
         json_object_object_add(*out, "point",
                                json_object_new_int64((int64_t)point));
         json_object_object_add(*out, "state",
-                               json_object_new_string(r->state));
+                               json_object_new_string(repl_st_name(r->st)));
         json_object_object_add(*out, "run_dir", json_object_new_string(rd));
     }
-    r->failover_busy = false;
+    vm_op_end(vm, VM_OP_FAILOVER);
     pthread_cond_broadcast(&D->cond);
     pthread_mutex_unlock(&D->lock);
     return rc;
@@ -724,7 +721,7 @@ api_failover_start(struct api_call *call, unsigned *status VR_UNUSED,
     struct vm *vm = vm_find(call->arg);
     bool planned = !want && vm && vm->mode == VM_MODE_REPLICA && vm->repl &&
                    vm->repl->prepared_cycle &&
-                   strcmp(vm->repl->state, ST_REPLICATING) == 0;
+                   vm->repl->st == REPL_ST_REPLICATING;
     pthread_mutex_unlock(&D->lock);
     if (planned)
         return planned_start(call, !jbool(call->body, "no_start", false),
@@ -743,14 +740,14 @@ test_stop(struct api_call *call, json_object **out)
     if (rc == 0 && !r->test_point)
         rc = vr_err(-ENOENT, "vm %s: no test failover is running",
                     vm->name);
-    if (rc == 0 && r->test_busy)
+    if (rc == 0 && vm_busy(vm, VM_OP_TEST))
         rc = vr_err(-EBUSY, "vm %s: a test failover is starting or "
                     "stopping", vm->name);
     if (rc < 0) {
         pthread_mutex_unlock(&D->lock);
         return rc;
     }
-    r->test_busy = true;
+    vm_op_begin(vm, VM_OP_TEST);
     wait_applier(vm);
     uint64_t point = r->test_point;
     CLEANUP_FREE char *rd = test_rundir(r);
@@ -766,15 +763,15 @@ test_stop(struct api_call *call, json_object **out)
     pthread_mutex_lock(&D->lock);
     if (rc == 0) {
         r->test_point = 0;
-        rc = catalog_save_repl(r);
-        event_add("info", vm->name, "test failover at point %llu stopped",
+        rc = catalog_save_repl(D->cat, r);
+        event_add(D->cat, "info", vm->name, "test failover at point %llu stopped",
                   (unsigned long long)point);
         *out = json_object_new_object();
         json_object_object_add(*out, "vm", json_object_new_string(vm->name));
         json_object_object_add(*out, "point",
                                json_object_new_int64((int64_t)point));
     }
-    r->test_busy = false;
+    vm_op_end(vm, VM_OP_TEST);
     pthread_cond_broadcast(&D->cond);
     pthread_mutex_unlock(&D->lock);
     return rc;
@@ -791,7 +788,7 @@ lookup_failover(struct api_call *call, const char *verb, struct vm **out)
         return rc;
     struct vm *vm = *out;
     struct repl *r = vm->repl;
-    if (r->failover_busy)
+    if (vm_busy(vm, VM_OP_FAILOVER))
         return vr_err(-EBUSY, "vm %s: a failover step is running; try "
                       "again", vm->name);
     if (!r->failover_point)
@@ -821,7 +818,7 @@ api_failover_stop(struct api_call *call, unsigned *status VR_UNUSED,
     pthread_mutex_lock(&D->lock);
     struct vm *pvm = vm_find(call->arg);
     bool prepared = pvm && pvm->mode == VM_MODE_PRIMARY && pvm->repl &&
-                    strcmp(pvm->repl->state, ST_PREPARED) == 0;
+                    pvm->repl->st == REPL_ST_PREPARED;
     pthread_mutex_unlock(&D->lock);
     if (prepared)
         return planned_unprepare(call, out);
@@ -834,7 +831,7 @@ api_failover_stop(struct api_call *call, unsigned *status VR_UNUSED,
     }
     struct repl *r = vm->repl;
     uint64_t point = r->failover_point;
-    r->failover_busy = true;
+    vm_op_begin(vm, VM_OP_FAILOVER);
     if (r->failover_step == FO_RUNNING || r->failover_step == FO_STARTING)
         rc = set_step(r, FO_CANCELLING);
     if (rc == 0) {
@@ -842,16 +839,16 @@ api_failover_stop(struct api_call *call, unsigned *status VR_UNUSED,
         rc = cancel_steps(vm);
     }
     if (rc == 0) {
-        event_add("info", vm->name, "failover at point %llu cancelled; "
+        event_add(D->cat, "info", vm->name, "failover at point %llu cancelled; "
                   "replication resumes", (unsigned long long)point);
         *out = json_object_new_object();
         json_object_object_add(*out, "vm", json_object_new_string(vm->name));
         json_object_object_add(*out, "point",
                                json_object_new_int64((int64_t)point));
         json_object_object_add(*out, "state",
-                               json_object_new_string(r->state));
+                               json_object_new_string(repl_st_name(r->st)));
     }
-    r->failover_busy = false;
+    vm_op_end(vm, VM_OP_FAILOVER);
     pthread_cond_broadcast(&D->cond);
     pthread_mutex_unlock(&D->lock);
     return rc;
@@ -870,7 +867,7 @@ api_failover_complete(struct api_call *call, unsigned *status VR_UNUSED,
     }
     struct repl *r = vm->repl;
     uint64_t point = r->failover_point;
-    r->failover_busy = true;
+    vm_op_begin(vm, VM_OP_FAILOVER);
     if (r->failover_step == FO_RUNNING)
         rc = set_step(r, FO_COMPLETING);
     if (rc == 0) {
@@ -883,15 +880,15 @@ api_failover_complete(struct api_call *call, unsigned *status VR_UNUSED,
         json_object_object_add(*out, "point",
                                json_object_new_int64((int64_t)point));
         json_object_object_add(*out, "state",
-                               json_object_new_string(r->state));
+                               json_object_new_string(repl_st_name(r->st)));
         json_object_object_add(*out, "epoch",
                                json_object_new_int64((int64_t)r->epoch));
     } else {
-        event_add("error", vm->name, "failover complete: %s (it goes on "
+        event_add(D->cat, "error", vm->name, "failover complete: %s (it goes on "
                   "with the next 'failover complete' or at a restart)",
                   vr_errmsg());
     }
-    r->failover_busy = false;
+    vm_op_end(vm, VM_OP_FAILOVER);
     pthread_cond_broadcast(&D->cond);
     pthread_mutex_unlock(&D->lock);
     return rc;

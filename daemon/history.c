@@ -61,7 +61,7 @@ int
 history_reset(struct vm *vm)
 {
     struct repl *r = vm->repl;
-    int rc = catalog_delete_point(vm->uuid, 0);
+    int rc = catalog_delete_point(D->cat, vm->uuid, 0);
     if (rc < 0 || !r || !r->storage)
         return rc;
     CLEANUP_FREE char *dir = undo_dir(r);
@@ -73,7 +73,7 @@ int
 history_capture(struct vm *vm, uint64_t n, const char *payload_path)
 {
     /* Called without D->lock by the applier; the VM cannot go away while
-     * vm->applying is set, and its disk table is fixed. */
+     * VM_OP_APPLY is in progress, and its disk table is fixed. */
     if (!vm->repl || vm->repl->recovery_history == 0)
         return 0;
     int dfd = -1, pfd = -1, fds[MAX_DISKS];
@@ -217,7 +217,7 @@ reconcile_files(struct vm *vm, const struct point *pts, size_t n)
 int
 history_after_apply(struct vm *vm, uint64_t n, bool app)
 {
-    /* Called with D->lock held and vm->applying set; drops the lock for
+    /* Called with D->lock held and VM_OP_APPLY in progress; drops the lock for
      * the file work and takes it again before returning. */
     struct point *pts = NULL;
     size_t np = 0;
@@ -228,10 +228,10 @@ history_after_apply(struct vm *vm, uint64_t n, bool app)
         struct point p = { .cycle = n, .time_ms = vr_wall_ms() };
         snprintf(p.kind, sizeof p.kind, "%s",
                  app ? "application-consistent" : "standard");
-        rc = catalog_add_point(vm->uuid, &p);
+        rc = catalog_add_point(D->cat, vm->uuid, &p);
     }
     if (rc == 0)
-        rc = catalog_points(vm->uuid, &pts, &np);
+        rc = catalog_points(D->cat, vm->uuid, &pts, &np);
     if (rc == 0 && np > 0) {
         bool *keep = xcalloc(np, sizeof *keep);
         retention(r, pts, np, keep);
@@ -240,7 +240,7 @@ history_after_apply(struct vm *vm, uint64_t n, bool app)
             if (keep[i])
                 pts[w++] = pts[i];
             else
-                rc = catalog_delete_point(vm->uuid, pts[i].cycle);
+                rc = catalog_delete_point(D->cat, vm->uuid, pts[i].cycle);
         }
         np = w;
         free(keep);
@@ -265,11 +265,11 @@ history_recover(struct vm *vm)
     if (!r || !r->storage || vm->mode != VM_MODE_REPLICA)
         return 0;
     /* A completed failover has no points: its disks are its own. */
-    if (strcmp(r->state, ST_FAILED_OVER) == 0)
+    if (r->st == REPL_ST_FAILED_OVER)
         return 0;
     struct point *pts = NULL;
     size_t np = 0;
-    int rc = catalog_points(vm->uuid, &pts, &np);
+    int rc = catalog_points(D->cat, vm->uuid, &pts, &np);
     bool have_last = np > 0 && pts[np - 1].cycle == r->applied_cycle;
     free(pts);
     if (rc < 0)
@@ -279,13 +279,13 @@ history_recover(struct vm *vm)
         struct point p = { .cycle = r->applied_cycle,
                            .time_ms = vr_wall_ms() };
         snprintf(p.kind, sizeof p.kind, "standard");
-        rc = catalog_add_point(vm->uuid, &p);
+        rc = catalog_add_point(D->cat, vm->uuid, &p);
         if (rc < 0)
             return rc;
     }
     /* Spans of cycles not applied yet (captured, then the crash) stay:
      * the re-apply reuses them. */
-    rc = catalog_points(vm->uuid, &pts, &np);
+    rc = catalog_points(D->cat, vm->uuid, &pts, &np);
     if (rc == 0 && (np > 0 || r->recovery_history > 0))
         rc = reconcile_files(vm, pts, np);
     free(pts);
@@ -298,7 +298,7 @@ history_points_json(struct vm *vm)
     struct point *pts = NULL;
     size_t np = 0;
     json_object *arr = json_object_new_array();
-    if (catalog_points(vm->uuid, &pts, &np) < 0)
+    if (catalog_points(D->cat, vm->uuid, &pts, &np) < 0)
         return arr;
     /* The undo data that leads from the next point back to this one. */
     CLEANUP_FREE char *dir = vm->repl ? undo_dir(vm->repl) : NULL;

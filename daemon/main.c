@@ -1,14 +1,14 @@
-/* main.c: vmreplicad — start-up, logging, events and shutdown.
+/* main.c: vmreplicad — options, start-up and shutdown.
  *
  * Start-up order matters for crash safety: lock the state directory (one
  * daemon per state directory: a second one would ship and apply the same
  * VMs and take over api.sock), open the catalog, load it, finish applying
  * any cycle that was staged before a crash (so no Replica disk is ever seen
  * between two cycles), and only then open the management socket, the
- * replication listener and the shipper threads. */
+ * replication listener and the shipper threads.  main.c owns the daemon
+ * object D; the log itself is core/log.c. */
 #include <getopt.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,27 +25,6 @@ static struct daemon daemon_state = {
     .cond = PTHREAD_COND_INITIALIZER,
 };
 struct daemon *D = &daemon_state;
-int log_level = LOG_INFO;
-
-void
-log_msg(int level, const char *component, const char *fmt, ...)
-{
-    static const char *names[] = { "error", "warning", "info", "debug" };
-    if (level > log_level)
-        return;
-    int saved = errno;
-    char msg[2048];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    char ts[32];
-    vr_rfc3339(vr_wall_ms(), ts);
-    fprintf(stderr, "%s vmreplicad %s: %s: %s\n", ts, names[level], component,
-            msg);
-    errno = saved;
-}
-
 void
 daemon_wait_ms(uint64_t ms)
 {
@@ -58,23 +37,6 @@ daemon_wait_ms(uint64_t ms)
         ts.tv_nsec -= 1000000000;
     }
     pthread_cond_timedwait(&D->cond, &D->lock, &ts);
-}
-
-void
-event_add(const char *level, const char *vm, const char *fmt, ...)
-{
-    char msg[2048];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    int lv = strcmp(level, "error") == 0     ? LOG_ERROR
-             : strcmp(level, "warning") == 0 ? LOG_WARN
-             : strcmp(level, "audit") == 0   ? LOG_WARN
-                                             : LOG_INFO;
-    log_msg(lv, strcmp(level, "audit") == 0 ? "audit" : "event", "%s%s%s",
-            vm ? vm : "", vm ? ": " : "", msg);
-    catalog_add_event(vr_wall_ms(), level, vm, msg);
 }
 
 static void
@@ -130,11 +92,12 @@ usage(FILE *f)
                "[-D SUBSYS,...]\n");
 }
 
-int
-main(int argc, char **argv)
+/* Options: -1 to go on, else the exit status (--help, --version, a bad
+ * option). */
+static int
+parse_options(int argc, char **argv, const char **state_dir,
+              const char **hostname)
 {
-    const char *state_dir = "/var/lib/vmreplica";
-    const char *hostname = NULL;
     static const struct option opts[] = {
         { "state-dir", required_argument, NULL, 's' },
         { "hostname", required_argument, NULL, 'H' },
@@ -148,10 +111,10 @@ main(int argc, char **argv)
     while ((c = getopt_long(argc, argv, "vD:h", opts, NULL)) != -1) {
         switch (c) {
         case 's':
-            state_dir = optarg;
+            *state_dir = optarg;
             break;
         case 'H':
-            hostname = optarg;
+            *hostname = optarg;
             break;
         case 'v':
         case 'D':
@@ -172,53 +135,61 @@ main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
+    return -1;
+}
 
-    /* Every thread inherits this mask; main alone takes the signals. */
-    signal(SIGPIPE, SIG_IGN);
-    sigset_t sigs;
-    sigemptyset(&sigs);
-    sigaddset(&sigs, SIGTERM);
-    sigaddset(&sigs, SIGINT);
-    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
-
+/* Take the state directory (created if need be) for this daemon alone:
+ * D->state_dir is its real path.  The error is logged. */
+static int
+take_state_dir(const char *state_dir)
+{
     if (io_mkdir_p(state_dir, 0750) < 0) {
         log_error("main", "%s", vr_errmsg());
-        return 1;
+        return -1;
     }
     char real[4096];
     if (!realpath(state_dir, real)) {
         log_error("main", "state dir %s: %s", state_dir, strerror(errno));
-        return 1;
+        return -1;
     }
     if (lock_state_dir(real) < 0) {
         log_error("main", "%s", vr_errmsg());
-        return 1;
+        return -1;
     }
     D->state_dir = xstrdup(real);
-    CLEANUP_FREE char *db = xasprintf("%s/catalog.db", D->state_dir);
-    CLEANUP_FREE char *sock = xasprintf("%s/api.sock", D->state_dir);
+    return 0;
+}
 
+/* Open and load the catalog, then finish applying what was staged before
+ * a crash: nothing may see a Replica disk between two cycles. */
+static int
+load_state(const char *hostname)
+{
+    CLEANUP_FREE char *db = xasprintf("%s/catalog.db", D->state_dir);
     pthread_mutex_lock(&D->lock);
-    int rc = catalog_open(db);
+    int rc = catalog_open(db, &D->cat);
     if (rc == 0)
-        rc = catalog_load();
+        rc = catalog_load(D->cat, &D->cfg, &D->vms);
     if (rc == 0 && !D->cfg.monitoring_interval_s)
         D->cfg.monitoring_interval_s = 12 * 3600; /* Hyper-V's default */
     if (rc == 0 && hostname) {
         free(D->cfg.hostname);
         D->cfg.hostname = xstrdup(hostname);
-        rc = catalog_save_server();
+        rc = catalog_save_server(D->cat, &D->cfg);
     }
     if (rc == 0)
         rc = replica_recover();
     pthread_mutex_unlock(&D->lock);
-    if (rc < 0) {
-        log_error("main", "%s", vr_errmsg());
-        return 1;
-    }
+    return rc;
+}
 
+/* The applier, the management socket, the listeners, the firewall table
+ * and the shippers, in that order. */
+static int
+start_services(const char *sock)
+{
     pthread_mutex_lock(&D->lock);
-    rc = replica_applier_start();
+    int rc = replica_applier_start();
     if (rc == 0)
         rc = api_start(sock);
     if (rc == 0 && D->cfg.replica_enabled) {
@@ -237,20 +208,17 @@ main(int argc, char **argv)
         for (struct vm *vm = D->vms; vm; vm = vm->next)
             shipper_ensure(vm);
     if (rc == 0)
-        event_add("info", NULL, "vmreplicad %s started (state dir %s)",
+        event_add(D->cat, "info", NULL, "vmreplicad %s started (state dir %s)",
                   VERSION, D->state_dir);
     pthread_mutex_unlock(&D->lock);
-    if (rc < 0) {
-        log_error("main", "%s", vr_errmsg());
-        return 1;
-    }
-    sd_notify_ready();
+    return rc;
+}
 
-    int sig = 0;
-    while (sigwait(&sigs, &sig) != 0)
-        ;
-
-    log_info("main", "signal %d: shutting down", sig);
+/* The shippers, the applier, the management socket and the listeners
+ * stop; the catalog closes last. */
+static void
+stop_services(const char *sock)
+{
     pthread_mutex_lock(&D->lock);
     D->shutting_down = true;
     pthread_cond_broadcast(&D->cond);
@@ -262,7 +230,41 @@ main(int argc, char **argv)
     replica_listener_stop();
     api_unlink_socket(sock);
     pthread_mutex_lock(&D->lock);
-    catalog_close();
+    catalog_close(D->cat);
+    D->cat = NULL;
     pthread_mutex_unlock(&D->lock);
+}
+
+int
+main(int argc, char **argv)
+{
+    const char *state_dir = "/var/lib/vmreplica";
+    const char *hostname = NULL;
+    int status = parse_options(argc, argv, &state_dir, &hostname);
+    if (status >= 0)
+        return status;
+
+    /* Every thread inherits this mask; main alone takes the signals. */
+    signal(SIGPIPE, SIG_IGN);
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+
+    if (take_state_dir(state_dir) < 0)
+        return 1;
+    CLEANUP_FREE char *sock = xasprintf("%s/api.sock", D->state_dir);
+    if (load_state(hostname) < 0 || start_services(sock) < 0) {
+        log_error("main", "%s", vr_errmsg());
+        return 1;
+    }
+    sd_notify_ready();
+
+    int sig = 0;
+    while (sigwait(&sigs, &sig) != 0)
+        ;
+    log_info("main", "signal %d: shutting down", sig);
+    stop_services(sock);
     return 0;
 }

@@ -22,7 +22,7 @@
 
 #include "api-int.h"
 #include "daemon.h"
-#include "vmproc.h"
+#include "proc/vmproc.h"
 
 #define INJECT_WAIT_MS (180 * 1000) /* the guest's boot, up to its agent */
 
@@ -93,16 +93,15 @@ api_vm_set_test_network(struct api_call *call, unsigned *status VR_UNUSED,
     if (rc < 0)
         return rc;
     pthread_mutex_lock(&D->lock);
-    struct vm *vm = vm_find(call->arg);
-    if (!vm)
-        rc = vr_err(-ENOENT, "vm %s: not found", call->arg);
+    struct vm *vm;
+    rc = vm_lookup(call->arg, &vm);
     if (rc == 0) {
         free(vm->test_network);
         vm->test_network = xstrdup(net);
-        rc = catalog_save_vm(vm);
+        rc = catalog_save_vm(D->cat, vm);
     }
     if (rc == 0) {
-        event_add("info", vm->name, "test network: %s", net);
+        event_add(D->cat, "info", vm->name, "test network: %s", net);
         *out = vm_to_json(vm);
     }
     pthread_mutex_unlock(&D->lock);
@@ -138,12 +137,10 @@ api_vm_set_failover_network(struct api_call *call, unsigned *status VR_UNUSED,
     }
 
     pthread_mutex_lock(&D->lock);
-    struct vm *vm = vm_find(call->arg);
-    int rc = 0;
+    struct vm *vm;
+    int rc = vm_lookup(call->arg, &vm);
     size_t n = vm && vm->nics ? json_object_array_length(vm->nics) : 0;
-    if (!vm)
-        rc = vr_err(-ENOENT, "vm %s: not found", call->arg);
-    else if (idx < 0 || (size_t)idx >= n)
+    if (rc == 0 && (idx < 0 || (size_t)idx >= n))
         rc = vr_err(-EINVAL, "vm %s: no NIC %lld (it has %zu)", vm->name,
                     (long long)idx, n);
     json_object *copy = NULL;
@@ -164,7 +161,7 @@ api_vm_set_failover_network(struct api_call *call, unsigned *status VR_UNUSED,
         json_object *old = vm->nics;
         vm->nics = copy;
         copy = NULL;
-        rc = catalog_save_vm(vm);
+        rc = catalog_save_vm(D->cat, vm);
         if (rc < 0) {
             copy = vm->nics;
             vm->nics = old;
@@ -175,7 +172,7 @@ api_vm_set_failover_network(struct api_call *call, unsigned *status VR_UNUSED,
     json_object_put(copy);
     json_object_put(f);
     if (rc == 0) {
-        event_add("info", vm->name, "failover network of NIC %lld %s%s%s",
+        event_add(D->cat, "info", vm->name, "failover network of NIC %lld %s%s%s",
                   (long long)idx, clear ? "cleared" : "set",
                   network ? "; network " : "", network ? network : "");
         *out = vm_to_json(vm);
@@ -196,12 +193,11 @@ api_vm_set_boot(struct api_call *call, unsigned *status VR_UNUSED,
     if (rc < 0)
         return rc;
     pthread_mutex_lock(&D->lock);
-    struct vm *vm = vm_find(call->arg);
-    if (!vm)
-        rc = vr_err(-ENOENT, "vm %s: not found", call->arg);
+    struct vm *vm;
+    rc = vm_lookup(call->arg, &vm);
     /* Starts borrow these strings with the lock dropped. */
-    else if (vm->changing || (vm->repl && (vm->repl->failover_busy ||
-                                           vm->repl->test_busy)))
+    if (rc == 0 && (vm_busy(vm, VM_OP_CHANGE) ||
+                    (vm->repl && vm_busy(vm, VM_OP_FAILOVER | VM_OP_TEST))))
         rc = vr_err(-EBUSY, "vm %s: a start, stop or failover step is in "
                     "progress; try again", vm->name);
     if (rc == 0) {
@@ -209,7 +205,7 @@ api_vm_set_boot(struct api_call *call, unsigned *status VR_UNUSED,
         vm->kernel = boot[0];
         vm->initrd = boot[1];
         vm->cmdline = boot[2];
-        rc = catalog_save_vm(vm);
+        rc = catalog_save_vm(D->cat, vm);
         if (rc < 0) {
             boot[0] = vm->kernel;
             boot[1] = vm->initrd;
@@ -224,7 +220,7 @@ api_vm_set_boot(struct api_call *call, unsigned *status VR_UNUSED,
     for (int k = 0; k < 3; k++)
         free(boot[k]);
     if (rc == 0) {
-        event_add("info", vm->name, "boot: %s", vm->kernel ? vm->kernel
+        event_add(D->cat, "info", vm->name, "boot: %s", vm->kernel ? vm->kernel
                                                            : "from disk");
         *out = vm_to_json(vm);
     }
@@ -427,10 +423,10 @@ inject_main(void *arg)
         int r = inject_nic(in->rundir, ifaces, nic, ifn, sizeof ifn);
         pthread_mutex_lock(&D->lock);
         if (r < 0)
-            event_add("warning", in->name, "failover network of NIC %zu not "
+            event_add(D->cat, "warning", in->name, "failover network of NIC %zu not "
                       "set: %s", i, vr_errmsg());
         else if (*ifn)
-            event_add("info", in->name, "failover network of NIC %zu set in "
+            event_add(D->cat, "info", in->name, "failover network of NIC %zu set in "
                       "the guest (%s): %s", i, ifn,
                       json_object_to_json_string_ext(
                           json_object_object_get(nic, "failover"),
@@ -440,7 +436,7 @@ inject_main(void *arg)
     }
     if (rc < 0) {
         pthread_mutex_lock(&D->lock);
-        event_add("warning", in->name, "failover network settings not set: "
+        event_add(D->cat, "warning", in->name, "failover network settings not set: "
                   "%s", msg);
         pthread_mutex_unlock(&D->lock);
     }
@@ -473,7 +469,7 @@ network_inject_start(const struct vm *vm, const char *rundir)
     pthread_attr_init(&a);
     pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
     if (pthread_create(&t, &a, inject_main, in) != 0) {
-        event_add("warning", vm->name, "failover network settings not set: "
+        event_add(D->cat, "warning", vm->name, "failover network settings not set: "
                   "no thread");
         json_object_put(in->nics);
         free(in->name);

@@ -37,7 +37,7 @@
 #include "api-int.h"
 #include "daemon.h"
 #include "shipper-int.h"
-#include "vmproc.h"
+#include "proc/vmproc.h"
 
 #define PREPARE_SHIP_MS 60000 /* at least: the remaining cycles' shipping */
 #define PLANNED_APPLY_MS 60000 /* the prepared cycle's apply */
@@ -48,9 +48,10 @@
 static int
 lookup_primary(struct api_call *call, struct vm **out)
 {
-    struct vm *vm = vm_find(call->arg);
-    if (!vm)
-        return vr_err(-ENOENT, "vm %s: not found", call->arg);
+    struct vm *vm;
+    int rc = vm_lookup(call->arg, &vm);
+    if (rc < 0)
+        return rc;
     if (vm->mode != VM_MODE_PRIMARY || !vm->repl ||
         vm->repl->mode != VM_MODE_PRIMARY)
         return vr_err(-EINVAL, "vm %s: not a primary VM on this server "
@@ -86,21 +87,21 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
     int rc = lookup_primary(call, &vm);
     struct repl *r = rc == 0 ? vm->repl : NULL;
     CLEANUP_FREE char *rundir = rc == 0 ? vm_rundir(vm) : NULL;
-    if (rc == 0 && strcmp(r->state, ST_PREPARED) == 0 && !r->preparing) {
+    if (rc == 0 && r->st == REPL_ST_PREPARED && !vm_busy(vm, VM_OP_PREPARE)) {
         /* Asked again: tell the Replica server again (a crash may have
          * come between recording the state and telling it). */
-        r->preparing = true;
+        vm_op_begin(vm, VM_OP_PREPARE);
         rc = send_prepared(vm, r->prepared_cycle);
-        r->preparing = false;
+        vm_op_end(vm, VM_OP_PREPARE);
         if (rc == 0)
             *out = repl_to_json(vm);
         pthread_mutex_unlock(&D->lock);
         return rc;
     }
-    if (rc == 0 && strcmp(r->state, ST_REPLICATING) != 0)
+    if (rc == 0 && r->st != REPL_ST_REPLICATING)
         rc = vr_err(-EBUSY, "vm %s: replication is %s; it must be "
-                    "Replicating to prepare a failover", vm->name, r->state);
-    if (rc == 0 && (vm->changing || r->preparing || r->removing))
+                    "Replicating to prepare a failover", vm->name, repl_st_name(r->st));
+    if (rc == 0 && (vm_busy(vm, VM_OP_CHANGE | VM_OP_PREPARE | VM_OP_REMOVE)))
         rc = vr_err(-EBUSY, "vm %s: a start, stop or other change is in "
                     "progress; try again", vm->name);
     if (rc == 0) {
@@ -116,8 +117,8 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
     }
     /* No start, stop or write from here on: the disks stop being served,
      * which seals their last writes into a cycle of their own. */
-    r->preparing = true;
-    vm->changing = true;
+    vm_op_begin(vm, VM_OP_PREPARE);
+    vm_op_begin(vm, VM_OP_CHANGE);
     pthread_mutex_unlock(&D->lock);
     rc = vmproc_stop(rundir, true, 0);
     pthread_mutex_lock(&D->lock);
@@ -129,10 +130,10 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
     uint64_t deadline = vr_mono_ms() + (limit > PREPARE_SHIP_MS
                                             ? limit : PREPARE_SHIP_MS);
     while (rc == 0) {
-        if (strcmp(r->state, ST_REPLICATING) != 0) {
+        if (r->st != REPL_ST_REPLICATING) {
             rc = vr_err(-EIO, "vm %s: replication stopped while preparing: "
                         "%s", vm->name, r->last_error ? r->last_error
-                                                      : r->state);
+                                                      : repl_st_name(r->st));
             break;
         }
         if (shipper_pending_bytes(vm) == 0)
@@ -153,9 +154,8 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
     uint64_t n = r->last_cycle;
     if (rc == 0) {
         vr_fault_point("prepare-shipped");
-        snprintf(r->state, sizeof r->state, "%s", ST_PREPARED);
         r->prepared_cycle = n;
-        rc = catalog_save_repl(r);
+        rc = repl_transition(D->cat, vm, REPL_ST_PREPARED, REPL_T_SAVE);
         if (rc == 0)
             vr_fault_point("prepare-saved");
         /* If the Replica server does not answer, it may still have
@@ -169,14 +169,14 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
                         vm->name, vr_errmsg(), vm->name, vm->name);
     }
     if (rc == 0) {
-        event_add("info", vm->name, "prepared for failover: every change is "
+        event_add(D->cat, "info", vm->name, "prepared for failover: every change is "
                   "on %s (cycle %llu); the VM does not start here until the "
                   "failover is undone ('vmreplica failover stop %s')",
                   r->replica_server, (unsigned long long)n, vm->name);
         *out = repl_to_json(vm);
     }
-    r->preparing = false;
-    vm->changing = false;
+    vm_op_end(vm, VM_OP_PREPARE);
+    vm_op_end(vm, VM_OP_CHANGE);
     pthread_cond_broadcast(&D->cond);
     pthread_mutex_unlock(&D->lock);
     return rc;
@@ -189,29 +189,28 @@ planned_unprepare(struct api_call *call, json_object **out)
     struct vm *vm = NULL;
     int rc = lookup_primary(call, &vm);
     struct repl *r = rc == 0 ? vm->repl : NULL;
-    if (rc == 0 && strcmp(r->state, ST_PREPARED) != 0)
+    if (rc == 0 && r->st != REPL_ST_PREPARED)
         rc = vr_err(-ENOENT, "vm %s: not prepared for failover (state %s)",
-                    vm->name, r->state);
-    if (rc == 0 && (vm->changing || r->preparing))
+                    vm->name, repl_st_name(r->st));
+    if (rc == 0 && (vm_busy(vm, VM_OP_CHANGE | VM_OP_PREPARE)))
         rc = vr_err(-EBUSY, "vm %s: a change is in progress; try again",
                     vm->name);
     if (rc == 0) {
-        vm->changing = true;
+        vm_op_begin(vm, VM_OP_CHANGE);
         rc = send_prepared(vm, 0);
-        vm->changing = false;
+        vm_op_end(vm, VM_OP_CHANGE);
         if (rc == -ESTALE)
             rc = vr_err(rc, "vm %s: the Replica server has already failed "
                         "over (%s); the VM runs there now", vm->name,
                         vr_errmsg());
     }
     if (rc == 0) {
-        snprintf(r->state, sizeof r->state, "%s", ST_REPLICATING);
         r->prepared_cycle = 0;
         r->kick = true;
-        rc = catalog_save_repl(r);
+        rc = repl_transition(D->cat, vm, REPL_ST_REPLICATING, REPL_T_SAVE);
     }
     if (rc == 0) {
-        event_add("info", vm->name, "failover preparation withdrawn; "
+        event_add(D->cat, "info", vm->name, "failover preparation withdrawn; "
                   "replication resumes");
         *out = repl_to_json(vm);
     }
@@ -232,25 +231,25 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
     if (!vm || vm->mode != VM_MODE_REPLICA || !r || !r->prepared_cycle)
         rc = vr_err(-EINVAL, "vm %s: not prepared for a planned failover",
                     call->arg);
-    else if (r->test_point || r->test_busy || r->failover_point ||
-             r->failover_busy || vm->changing)
+    else if (r->test_point || vm_busy(vm, VM_OP_TEST) || r->failover_point ||
+             vm_busy(vm, VM_OP_FAILOVER | VM_OP_CHANGE))
         rc = vr_err(-EBUSY, "vm %s: a test failover or another failover "
                     "step is running", vm->name);
-    else if (strcmp(r->state, ST_REPLICATING) != 0)
-        rc = vr_err(-EBUSY, "vm %s: replication is %s", vm->name, r->state);
+    else if (r->st != REPL_ST_REPLICATING)
+        rc = vr_err(-EBUSY, "vm %s: replication is %s", vm->name, repl_st_name(r->st));
     if (rc < 0) {
         pthread_mutex_unlock(&D->lock);
         return rc;
     }
-    /* failover_busy keeps removes, other failovers and the primary's
+    /* VM_OP_FAILOVER keeps removes, other failovers and the primary's
      * requests (own_vm) away while we wait with the lock dropped. */
-    r->failover_busy = true;
+    vm_op_begin(vm, VM_OP_FAILOVER);
     /* The prepared cycle may still be being applied. */
     uint64_t deadline = vr_mono_ms() + PLANNED_APPLY_MS;
     while (r->prepared_cycle && r->applied_cycle < r->prepared_cycle &&
-           vr_mono_ms() < deadline && strcmp(r->state, ST_REPLICATING) == 0)
+           vr_mono_ms() < deadline && r->st == REPL_ST_REPLICATING)
         daemon_wait_ms(100);
-    while (vm->applying)
+    while (vm_busy(vm, VM_OP_APPLY))
         pthread_cond_wait(&D->cond, &D->lock);
     uint64_t n = r->prepared_cycle;
     if (!n)
@@ -262,7 +261,7 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
                     (unsigned long long)n,
                     (unsigned long long)r->applied_cycle);
     if (rc < 0) {
-        r->failover_busy = false;
+        vm_op_end(vm, VM_OP_FAILOVER);
         pthread_cond_broadcast(&D->cond);
         pthread_mutex_unlock(&D->lock);
         return rc;
@@ -286,24 +285,23 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
         r->base_cycle = base;
         r->last_cycle = r->applied_cycle = n;
         r->epoch++;
-        snprintf(r->state, sizeof r->state, "%s", ST_FAILED_OVER);
-        rc = catalog_save_repl(r);
+        rc = repl_transition(D->cat, vm, REPL_ST_FAILED_OVER, REPL_T_SAVE);
         if (rc < 0) { /* as it was: the catalog is the truth */
             r->base_cycle = old.base_cycle;
             r->last_cycle = old.last_cycle;
             r->applied_cycle = old.applied_cycle;
             r->epoch = old.epoch;
-            memcpy(r->state, old.state, sizeof r->state);
+            r->st = old.st; /* a rollback, not a transition */
         }
     }
     if (rc == 0) {
         vr_fault_point("planned-start-saved");
-        event_add("info", vm->name, "planned failover: the VM's disks are "
+        event_add(D->cat, "info", vm->name, "planned failover: the VM's disks are "
                   "the primary's at cycle %llu (no data lost); epoch %llu",
                   (unsigned long long)n, (unsigned long long)r->epoch);
     }
     if (rc == 0 && start_vm) {
-        vm->changing = true;
+        vm_op_begin(vm, VM_OP_CHANGE);
         vm->hypervisor = true;
         CLEANUP_FREE char *rundir = vm_rundir(vm);
         struct vmproc_spec s;
@@ -314,13 +312,13 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
         if (rc == 0)
             rc = vmproc_start(&s);
         pthread_mutex_lock(&D->lock);
-        vm->changing = false;
+        vm_op_end(vm, VM_OP_CHANGE);
         if (rc < 0)
             rc = vr_err(rc, "vm %s: failed over, but it did not start: %s "
                         "(try 'vmreplica vm start %s')", vm->name,
                         vr_errmsg(), vm->name);
         else {
-            event_add("info", vm->name, "vm started (qemu)");
+            event_add(D->cat, "info", vm->name, "vm started (qemu)");
             network_inject_start(vm, rundir);
         }
     }
@@ -331,11 +329,11 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
         json_object_object_add(*out, "point",
                                json_object_new_int64((int64_t)n));
         json_object_object_add(*out, "state",
-                               json_object_new_string(r->state));
+                               json_object_new_string(repl_st_name(r->st)));
         json_object_object_add(*out, "epoch",
                                json_object_new_int64((int64_t)r->epoch));
     }
-    r->failover_busy = false;
+    vm_op_end(vm, VM_OP_FAILOVER);
     pthread_cond_broadcast(&D->cond);
     pthread_mutex_unlock(&D->lock);
     return rc;
@@ -354,25 +352,23 @@ api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,
         return vr_err(-EINVAL, "replica_server: expected FQDN[:PORT]");
 
     pthread_mutex_lock(&D->lock);
-    struct vm *vm = vm_find(call->arg);
+    struct vm *vm;
+    int rc = vm_lookup(call->arg, &vm);
     struct repl *r = vm ? vm->repl : NULL;
-    int rc = 0;
-    if (!vm)
-        rc = vr_err(-ENOENT, "vm %s: not found", call->arg);
-    else if (vm->mode != VM_MODE_REPLICA || !r ||
-             strcmp(r->state, ST_FAILED_OVER) != 0)
+    if (rc == 0 && (vm->mode != VM_MODE_REPLICA || !r ||
+                    r->st != REPL_ST_FAILED_OVER))
         rc = vr_err(-EINVAL, "vm %s: not a failed-over Replica VM (run "
                     "'vmreplica failover start %s' on this server first)",
                     vm->name, vm->name);
-    else if (!r->prepared_cycle)
+    else if (rc == 0 && !r->prepared_cycle)
         rc = vr_err(-ENOTSUP, "vm %s: failed over without 'failover "
                     "prepare' on the primary, so the old primary's disks "
                     "differ; reversing needs their resynchronization, "
                     "which is not available yet", vm->name);
-    else if (vm->changing || r->failover_busy)
+    else if (rc == 0 && vm_busy(vm, VM_OP_CHANGE | VM_OP_FAILOVER))
         rc = vr_err(-EBUSY, "vm %s: a change is in progress; try again",
                     vm->name);
-    else if (!server && !r->replica_server)
+    else if (rc == 0 && !server && !r->replica_server)
         rc = vr_err(-EINVAL, "vm %s: where the old primary %s listens is "
                     "not known here: give --replica-server FQDN[:PORT]",
                     vm->name, r->primary_server);
@@ -406,7 +402,7 @@ api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,
     nr->base_cycle = nr->last_cycle = r->base_cycle;
     nr->initial_seq = 1;
     nr->initial_disk = vm->ndisks;
-    snprintf(nr->state, sizeof nr->state, "%s", ST_INITIAL);
+    nr->st = REPL_ST_INITIAL;
     nr->task = xstrdup("InitialReplication");
     uint64_t prepared = r->prepared_cycle;
     /* The old primary's name stays, for a fail-back's default. */
@@ -420,7 +416,7 @@ api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,
     vm->repl = nr;
     job_fill(&jb, vm);
     vm->repl = saved;
-    vm->changing = true;
+    vm_op_begin(vm, VM_OP_CHANGE);
     pthread_mutex_unlock(&D->lock);
 
     vr_fault_point("reverse-registering");
@@ -433,15 +429,15 @@ api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,
         vr_fault_point("reverse-registered");
 
     pthread_mutex_lock(&D->lock);
-    vm->changing = false;
+    vm_op_end(vm, VM_OP_CHANGE);
     if (rc == 0) {
-        rc = catalog_begin();
+        rc = catalog_begin(D->cat);
         if (rc == 0) {
             vm->mode = VM_MODE_PRIMARY;
-            rc = catalog_save_vm(vm);
+            rc = catalog_save_vm(D->cat, vm);
             if (rc == 0)
-                rc = catalog_save_repl(nr);
-            rc = catalog_end(rc);
+                rc = catalog_save_repl(D->cat, nr);
+            rc = catalog_end(D->cat, rc);
             if (rc < 0)
                 vm->mode = VM_MODE_REPLICA;
         }
@@ -449,7 +445,7 @@ api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,
     if (rc == 0) {
         vm->repl = nr;
         repl_free(r);
-        event_add("info", vm->name, "replication reversed: this server is "
+        event_add(D->cat, "info", vm->name, "replication reversed: this server is "
                   "the primary now, replicating to %s (epoch %llu) with no "
                   "resynchronization", nr->replica_server,
                   (unsigned long long)nr->epoch);

@@ -12,13 +12,14 @@
 static int
 lookup_repl(struct api_call *call, struct vm **out)
 {
-    struct vm *vm = vm_find(call->arg);
-    if (!vm)
-        return vr_err(-ENOENT, "vm %s: not found", call->arg);
+    struct vm *vm;
+    int rc = vm_lookup(call->arg, &vm);
+    if (rc < 0)
+        return rc;
     if (!vm->repl)
         return vr_err(-ENOENT, "vm %s: replication is not enabled",
                       vm->name);
-    if (vm->repl->removing)
+    if (vm_busy(vm, VM_OP_REMOVE))
         return vr_err(-EBUSY, "vm %s: replication is being removed",
                       vm->name);
     *out = vm;
@@ -29,11 +30,11 @@ const char *
 repl_state(const struct repl *r)
 {
     /* SPEC §9: a Replica VM with a test failover shows it; replication
-     * into it goes on (the applier goes by r->state). */
+     * into it goes on (the applier goes by r->st). */
     if (r->mode == VM_MODE_REPLICA && r->test_point &&
-        strcmp(r->state, ST_REPLICATING) == 0)
+        r->st == REPL_ST_REPLICATING)
         return "TestFailoverInProgress";
-    return r->state;
+    return repl_st_name(r->st);
 }
 
 uint64_t
@@ -54,7 +55,7 @@ repl_health(const struct repl *r, json_object *details)
         if (strcmp(level, "Critical") == 0 || strcmp(h, "Normal") == 0)        \
             h = level;                                                         \
     } while (0)
-    if (strcmp(r->state, ST_ERROR) == 0) {
+    if (r->st == REPL_ST_ERROR) {
         char buf[1200];
         snprintf(buf, sizeof buf, "replication stopped by an error: %s",
                  r->last_error ? r->last_error : "unknown");
@@ -66,7 +67,7 @@ repl_health(const struct repl *r, json_object *details)
                  r->last_error ? r->last_error : "unknown");
         ADD("Critical", buf);
     }
-    if (strcmp(r->state, ST_SUSPENDED) == 0)
+    if (r->st == REPL_ST_SUSPENDED)
         ADD(r->mode == VM_MODE_REPLICA ? "Critical" : "Warning",
             "replication is suspended");
     if (!r->initial_done)
@@ -78,8 +79,8 @@ repl_health(const struct repl *r, json_object *details)
     uint64_t reached = r->mode == VM_MODE_REPLICA ? r->applied_cycle
                                                   : r->last_cycle;
     if (r->initial_done && reached < repl_first_point(r) &&
-        (strcmp(r->state, ST_REPLICATING) == 0 ||
-         strcmp(r->state, ST_SUSPENDED) == 0)) {
+        (r->st == REPL_ST_REPLICATING ||
+         r->st == REPL_ST_SUSPENDED)) {
         char buf[200];
         snprintf(buf, sizeof buf, "no recovery point yet: the Replica VM is "
                  "consistent from cycle %llu on (%s: %llu)",
@@ -94,7 +95,7 @@ repl_health(const struct repl *r, json_object *details)
     uint64_t total = r->ok_count + r->missed;
     if (total >= 5 && r->missed * 5 > total)
         ADD("Warning", "more than 20% of cycles were missed");
-    if (r->errors && r->last_error && strcmp(r->state, ST_ERROR) != 0 &&
+    if (r->errors && r->last_error && r->st != REPL_ST_ERROR &&
         strcmp(h, "Normal") == 0 && r->last_ok_ms + 60000 < now) {
         char buf[1200];
         snprintf(buf, sizeof buf, "replication is retrying: %s",
@@ -229,7 +230,7 @@ repl_measure_json(const struct vm *vm)
     I64("applied_cycle",
         r->mode == VM_MODE_REPLICA ? r->applied_cycle : r->last_cycle);
 #undef I64
-    bool initial = strcmp(r->state, ST_INITIAL) == 0;
+    bool initial = r->st == REPL_ST_INITIAL;
     json_object_object_add(
         o, "current_task",
         json_object_new_string(initial ? "InitialReplication" : "None"));
@@ -412,14 +413,14 @@ api_repl_enable(struct api_call *call, unsigned *status, json_object **out)
     r->compression = true;
     r->point_interval_s = 3600;
     r->epoch = 1;
-    snprintf(r->state, sizeof r->state, "%s", ST_READY_INITIAL);
+    r->st = REPL_ST_READY_INITIAL;
     int rc = parse_common(b, r);
     r->replica_server = repl_server_with_port(server, r);
 
     pthread_mutex_lock(&D->lock);
-    struct vm *vm = vm_find(call->arg);
-    if (rc == 0 && !vm)
-        rc = vr_err(-ENOENT, "vm %s: not found", call->arg);
+    struct vm *vm = NULL;
+    if (rc == 0)
+        rc = vm_lookup(call->arg, &vm);
     if (rc == 0 && vm->repl)
         rc = vr_err(-EEXIST, "vm %s: replication is already enabled (%s)",
                     vm->name, vm_mode_name(vm->repl->mode));
@@ -456,21 +457,21 @@ api_repl_enable(struct api_call *call, unsigned *status, json_object **out)
                     call->arg);
     if (rc == 0) {
         if (jbool(b, "start_initial", false)) {
-            snprintf(r->state, sizeof r->state, "%s", ST_INITIAL);
+            r->st = REPL_ST_INITIAL; /* not attached yet */
             r->task = xstrdup("InitialReplication");
         }
         vm->repl = r;
         vm->mode = VM_MODE_PRIMARY;
-        rc = catalog_save_vm(vm);
+        rc = catalog_save_vm(D->cat, vm);
         if (rc == 0)
-            rc = catalog_save_repl(r);
+            rc = catalog_save_repl(D->cat, r);
         if (rc < 0) {
             vm->repl = NULL;
             vm->mode = VM_MODE_NONE;
         }
     }
     if (rc == 0) {
-        event_add("info", vm->name, "replication enabled to %s every %u s",
+        event_add(D->cat, "info", vm->name, "replication enabled to %s every %u s",
                   r->replica_server, r->frequency_s);
         shipper_ensure(vm);
         *out = repl_to_json(vm);
@@ -492,7 +493,7 @@ api_repl_set(struct api_call *call, unsigned *status VR_UNUSED,
     if (rc == 0) {
         rc = parse_common(call->body, vm->repl);
         if (rc == 0)
-            rc = catalog_save_repl(vm->repl);
+            rc = catalog_save_repl(D->cat, vm->repl);
         if (rc == 0) {
             vm->repl->kick = true;
             pthread_cond_broadcast(&D->cond);
@@ -536,14 +537,12 @@ api_points_list(struct api_call *call, unsigned *status VR_UNUSED,
                 json_object **out)
 {
     pthread_mutex_lock(&D->lock);
-    struct vm *vm = vm_find(call->arg);
-    int rc = 0;
-    if (!vm)
-        rc = vr_err(-ENOENT, "vm %s: not found", call->arg);
-    else if (vm->mode != VM_MODE_REPLICA)
+    struct vm *vm;
+    int rc = vm_lookup(call->arg, &vm);
+    if (rc == 0 && vm->mode != VM_MODE_REPLICA)
         rc = vr_err(-EINVAL, "vm %s: recovery points are kept on the "
                     "Replica server; this is the primary", vm->name);
-    else {
+    else if (rc == 0) {
         *out = json_object_new_object();
         json_object_object_add(*out, "vm", json_object_new_string(vm->name));
         json_object_object_add(*out, "points", history_points_json(vm));
@@ -581,10 +580,10 @@ api_repl_list(struct api_call *call, unsigned *status VR_UNUSED,
     return 0;
 }
 
+/* D->lock held: the shipper (or applier) waits for a state change. */
 static void
-set_state(struct vm *vm, const char *st)
+wake(struct vm *vm)
 {
-    snprintf(vm->repl->state, sizeof vm->repl->state, "%s", st);
     vm->repl->kick = true;
     pthread_cond_broadcast(&D->cond);
 }
@@ -596,17 +595,17 @@ static int
 check_not_failing_over(const struct vm *vm)
 {
     const struct repl *r = vm->repl;
-    if (r->preparing || r->failover_busy || vm->changing)
+    if (vm_busy(vm, VM_OP_PREPARE | VM_OP_FAILOVER | VM_OP_CHANGE))
         return vr_err(-EBUSY, "vm %s: a failover step or another change is "
                       "in progress; try again", vm->name);
-    if (strcmp(r->state, ST_PREPARED) == 0)
+    if (r->st == REPL_ST_PREPARED)
         return vr_err(-EBUSY, "vm %s: prepared for failover; 'vmreplica "
                       "failover stop %s' undoes the preparation", vm->name,
                       vm->name);
-    if (r->failover_point || strcmp(r->state, ST_FAILED_OVER) == 0)
+    if (r->failover_point || r->st == REPL_ST_FAILED_OVER)
         return vr_err(-EBUSY, "vm %s: failed over (%s); replication does "
                       "not suspend or resume in that state", vm->name,
-                      r->state);
+                      repl_st_name(r->st));
     return 0;
 }
 
@@ -619,11 +618,10 @@ api_repl_suspend(struct api_call *call, unsigned *status VR_UNUSED,
     int rc = lookup_repl(call, &vm);
     if (rc == 0)
         rc = check_not_failing_over(vm);
-    if (rc == 0 && strcmp(vm->repl->state, ST_SUSPENDED) != 0) {
-        set_state(vm, ST_SUSPENDED);
-        rc = catalog_save_repl(vm->repl);
-        if (rc == 0)
-            event_add("info", vm->name, "replication suspended");
+    if (rc == 0 && vm->repl->st != REPL_ST_SUSPENDED) {
+        wake(vm);
+        rc = repl_transition_event(D->cat, vm, REPL_ST_SUSPENDED, REPL_T_SAVE, "info",
+                                   "replication suspended");
     }
     if (rc == 0)
         *out = repl_to_json(vm);
@@ -640,18 +638,18 @@ api_repl_resume(struct api_call *call, unsigned *status VR_UNUSED,
     int rc = lookup_repl(call, &vm);
     if (rc == 0)
         rc = check_not_failing_over(vm);
-    if (rc == 0 && (strcmp(vm->repl->state, ST_SUSPENDED) == 0 ||
-                    strcmp(vm->repl->state, ST_ERROR) == 0)) {
+    if (rc == 0 && (vm->repl->st == REPL_ST_SUSPENDED ||
+                    vm->repl->st == REPL_ST_ERROR)) {
         struct repl *r = vm->repl;
-        set_state(vm, r->initial_done ? ST_REPLICATING
-                      : r->mode == VM_MODE_REPLICA ? ST_WAITING_INITIAL
-                      : r->initial_seq ? ST_INITIAL
-                                       : ST_READY_INITIAL);
-        rc = catalog_save_repl(r);
-        if (rc == 0) {
-            event_add("info", vm->name, "replication resumed");
+        wake(vm);
+        rc = repl_transition_event(
+            D->cat, vm, r->initial_done                ? REPL_ST_REPLICATING
+                : r->mode == VM_MODE_REPLICA ? REPL_ST_WAITING_INITIAL
+                : r->initial_seq             ? REPL_ST_INITIAL
+                                             : REPL_ST_READY_INITIAL,
+            REPL_T_SAVE, "info", "replication resumed");
+        if (rc == 0)
             shipper_ensure(vm);
-        }
     }
     if (rc == 0)
         *out = repl_to_json(vm);
@@ -671,7 +669,7 @@ api_repl_reset_stats(struct api_call *call, unsigned *status VR_UNUSED,
         r->errors = r->ok_count = r->missed = 0;
         r->max_size = r->sum_size = 0;
         r->max_latency_ms = r->sum_latency_ms = 0;
-        rc = catalog_save_repl(r);
+        rc = catalog_save_repl(D->cat, r);
         if (rc == 0)
             *out = repl_measure_json(vm);
     }
@@ -693,16 +691,16 @@ api_initial_start(struct api_call *call, unsigned *status VR_UNUSED,
     if (rc == 0 && vm->repl->initial_done)
         rc = vr_err(-EALREADY, "vm %s: initial replication is already done",
                     vm->name);
-    if (rc == 0 && strcmp(vm->repl->state, ST_INITIAL) != 0) {
-        if (strcmp(vm->repl->state, ST_READY_INITIAL) != 0)
+    if (rc == 0 && vm->repl->st != REPL_ST_INITIAL) {
+        if (vm->repl->st != REPL_ST_READY_INITIAL)
             rc = vr_err(-EBUSY, "vm %s: cannot start initial replication in "
                                 "state %s",
-                        vm->name, vm->repl->state);
+                        vm->name, repl_st_name(vm->repl->st));
         else {
-            set_state(vm, ST_INITIAL);
+            wake(vm);
             free(vm->repl->task);
             vm->repl->task = xstrdup("InitialReplication");
-            rc = catalog_save_repl(vm->repl);
+            rc = repl_transition(D->cat, vm, REPL_ST_INITIAL, REPL_T_SAVE);
             shipper_ensure(vm);
         }
     }
@@ -720,15 +718,14 @@ api_repl_remove(struct api_call *call, unsigned *status VR_UNUSED,
     pthread_mutex_lock(&D->lock);
     int rc = lookup_repl(call, &vm);
     /* Steps that hold the repl with the lock dropped must end first. */
-    if (rc == 0 && (vm->changing || vm->repl->preparing ||
-                    vm->repl->failover_busy))
+    if (rc == 0 && (vm_busy(vm, VM_OP_CHANGE | VM_OP_PREPARE | VM_OP_FAILOVER)))
         rc = vr_err(-EBUSY, "vm %s: a failover step or another change is "
                     "in progress; try again", vm->name);
     if (rc == 0 && vm->repl->mode == VM_MODE_PRIMARY) {
-        /* 'removing' keeps every other call (resume, initial start, a
+        /* VM_OP_REMOVE keeps every other call (resume, initial start, a
          * second remove) away from this repl while we talk to the Replica
          * server unlocked; it is freed below. */
-        vm->repl->removing = true;
+        vm_op_begin(vm, VM_OP_REMOVE);
         shipper_stop(vm);
         struct job jb;
         job_fill(&jb, vm);
@@ -747,40 +744,41 @@ api_repl_remove(struct api_call *call, unsigned *status VR_UNUSED,
         else
             shipper_stop(vm);
     }
-    if (rc == 0 && (vm->applying || vm->repl->busy))
+    if (rc == 0 && (vm_busy(vm, VM_OP_APPLY | VM_OP_RECEIVE)))
         rc = vr_err(-EBUSY, "vm %s: a cycle is being received or applied; "
                             "try again",
                     vm->name);
-    if (rc == 0 && (vm->repl->test_point || vm->repl->test_busy))
+    if (rc == 0 && (vm->repl->test_point || vm_busy(vm, VM_OP_TEST)))
         rc = vr_err(-EBUSY, "vm %s: a test failover is running; run "
                     "'vmreplica failover stop %s --test' first", vm->name,
                     vm->name);
-    if (rc == 0 && (vm->repl->failover_point || vm->repl->failover_busy))
+    if (rc == 0 && (vm->repl->failover_point || vm_busy(vm, VM_OP_FAILOVER)))
         rc = vr_err(-EBUSY, "vm %s: failed over at point %llu; cancel "
                     "('vmreplica failover stop %s') or commit ('vmreplica "
                     "failover complete %s') first", vm->name,
                     (unsigned long long)vm->repl->failover_point, vm->name,
                     vm->name);
     bool failed_over = rc == 0 &&
-                       strcmp(vm->repl->state, ST_FAILED_OVER) == 0;
+                       vm->repl->st == REPL_ST_FAILED_OVER;
     if (rc == 0) {
-        rc = catalog_delete_repl(vm->uuid);
+        rc = catalog_delete_repl(D->cat, vm->uuid);
         if (rc == 0) {
             repl_free(vm->repl);
             vm->repl = NULL;
             /* A completed failover leaves a VM of this server's own. */
             if (vm->mode == VM_MODE_PRIMARY || failed_over)
                 vm->mode = VM_MODE_NONE;
-            rc = catalog_save_vm(vm);
+            rc = catalog_save_vm(D->cat, vm);
         }
         if (rc == 0) {
-            event_add("info", vm->name, "replication removed");
+            event_add(D->cat, "info", vm->name, "replication removed");
             *out = vm_to_json(vm);
         }
     }
-    if (rc < 0 && vm && vm->repl && vm->repl->removing) {
-        vm->repl->removing = false; /* still there: carry on */
-        shipper_ensure(vm);
+    if (vm && vm_busy(vm, VM_OP_REMOVE)) {
+        vm_op_end(vm, VM_OP_REMOVE);
+        if (rc < 0 && vm->repl)
+            shipper_ensure(vm); /* still there: carry on */
     }
     pthread_mutex_unlock(&D->lock);
     return rc;

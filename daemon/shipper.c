@@ -1,12 +1,11 @@
 /* shipper.c: the primary side of replication — one thread per replicated
  * VM that runs initial replication and then, every frequency, seals a cycle
  * through the data plane, builds the cycle payload (zstd), sends it to the
- * Replica server over HTTPS with mutual TLS, and deletes the sealed logs
+ * Replica server (net/peer.c), and deletes the sealed logs
  * only once the Replica server has acknowledged them as durably staged.
  *
  * The thread holds d->lock only for bookkeeping; sealing, payload building
  * and sending run unlocked on copies of what they need. */
-#include <curl/curl.h>
 #include <dirent.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -16,480 +15,14 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <gnutls/crypto.h>
-#include <gnutls/gnutls.h>
-#include <gnutls/x509.h>
-
 #include "cycle.h"
 #include "dirtymap.h"
-#include "krb.h"
 #include "daemon.h"
+#include "proc/vmproc.h"
 #include "shipper-int.h"
-#include "vmproc.h"
 
 #define BASE_CHUNK_BYTES (32u << 20)
 #define BASE_REC_BYTES   (1u << 20)
-#define RESP_MAX         (64u << 10)
-
-/* --- HTTPS client --------------------------------------------------------- */
-
-struct resp_buf {
-    char *data;
-    size_t len;
-};
-
-static size_t
-on_body(char *ptr, size_t size, size_t nmemb, void *ud)
-{
-    struct resp_buf *b = ud;
-    size_t n = size * nmemb;
-    if (b->len + n > RESP_MAX)
-        return 0; /* abort: a Replica server's answers are small */
-    b->data = xrealloc(b->data, b->len + n + 1);
-    memcpy(b->data + b->len, ptr, n);
-    b->len += n;
-    b->data[b->len] = '\0';
-    return n;
-}
-
-static int
-errno_of_name(const char *name)
-{
-    static const struct {
-        const char *n;
-        int e;
-    } t[] = { { "EPERM", EPERM },   { "EACCES", EACCES },
-              { "ENOENT", ENOENT }, { "EEXIST", EEXIST },
-              { "EBUSY", EBUSY },   { "ESTALE", ESTALE },
-              { "EINVAL", EINVAL }, { "EPROTO", EPROTO },
-              { "EFBIG", EFBIG },   { "ENOSPC", ENOSPC },
-              { "EBADMSG", EBADMSG }, { "ETIME", ETIME } };
-    for (size_t i = 0; name && i < ARRAY_SIZE(t); i++)
-        if (strcmp(t[i].n, name) == 0)
-            return t[i].e;
-    return EIO;
-}
-
-/* Certificate mode, once TLS is up and before the request goes out: the
- * Replica server's certificate must carry the serverAuth purpose (SPEC
- * §6).  curl's GnuTLS backend checks the chain and the name, not the
- * purpose. */
-struct prereq {
-    CURL *h;
-    char why[160];
-};
-
-static int
-check_server_purpose(void *ud, char *ip VR_UNUSED, char *local VR_UNUSED,
-                     int rport VR_UNUSED, int lport VR_UNUSED)
-{
-    struct prereq *pr = ud;
-    struct curl_tlssessioninfo *ti = NULL;
-    if (curl_easy_getinfo(pr->h, CURLINFO_TLS_SSL_PTR, &ti) != CURLE_OK ||
-        !ti || ti->backend != CURLSSLBACKEND_GNUTLS || !ti->internals) {
-        snprintf(pr->why, sizeof pr->why, "cannot inspect the TLS session");
-        return CURL_PREREQFUNC_ABORT;
-    }
-    unsigned n = 0;
-    const gnutls_datum_t *certs =
-        gnutls_certificate_get_peers((gnutls_session_t)ti->internals, &n);
-    gnutls_x509_crt_t crt;
-    bool server = false;
-    if (certs && n > 0 && gnutls_x509_crt_init(&crt) >= 0) {
-        if (gnutls_x509_crt_import(crt, &certs[0], GNUTLS_X509_FMT_DER) >= 0)
-            for (unsigned i = 0; i < 32 && !server; i++) {
-                char oid[128];
-                size_t sz = sizeof oid;
-                if (gnutls_x509_crt_get_key_purpose_oid(crt, i, oid, &sz,
-                                                        NULL) < 0)
-                    break;
-                server = strcmp(oid, GNUTLS_KP_TLS_WWW_SERVER) == 0;
-            }
-        gnutls_x509_crt_deinit(crt);
-    }
-    if (server)
-        return CURL_PREREQFUNC_OK;
-    snprintf(pr->why, sizeof pr->why, "its certificate lacks the serverAuth "
-             "extended key usage");
-    return CURL_PREREQFUNC_ABORT;
-}
-
-/* Kerberos mode: does the answer carry HTTP/SERVER's MIC over its status
- * and body?  (Its reason in vr_errmsg() if not.) */
-static bool
-answer_signed(gss_ctx_id_t ctx, long status, const struct resp_buf *body,
-              const char *mic)
-{
-    if (ctx == GSS_C_NO_CONTEXT) {
-        vr_err(-EACCES, "no Kerberos context");
-        return false;
-    }
-    uint8_t sha[32], digest[KRB_DIGEST_LEN];
-    gnutls_hash_fast(GNUTLS_DIG_SHA256, body->data ? body->data : "",
-                     body->len, sha);
-    krb_response_digest((unsigned)status, sha, digest);
-    return krb_verify(ctx, digest, mic) == 0;
-}
-
-/* Response headers: the Replica server's MIC in Kerberos mode. */
-static size_t
-on_header(char *ptr, size_t size, size_t nmemb, void *ud)
-{
-    char **mic = ud;
-    size_t n = size * nmemb;
-    static const char name[] = KRB_MIC_HEADER ":";
-    if (n > sizeof name - 1 && n < KRB_TOKEN_MAX &&
-        strncasecmp(ptr, name, sizeof name - 1) == 0) {
-        const char *v = ptr + sizeof name - 1;
-        size_t l = n - (sizeof name - 1);
-        while (l && (*v == ' ' || *v == '\t'))
-            v++, l--;
-        while (l && (v[l - 1] == '\r' || v[l - 1] == '\n' || v[l - 1] == ' '))
-            l--;
-        free(*mic);
-        *mic = xstrndup(v, l);
-    }
-    return n;
-}
-
-/* SHA-256 of the first len bytes of fd. */
-static int
-hash_fd(int fd, uint64_t len, uint8_t out[32])
-{
-    gnutls_hash_hd_t h;
-    if (gnutls_hash_init(&h, GNUTLS_DIG_SHA256) < 0)
-        return vr_err(-ENOMEM, "sha256");
-    CLEANUP_FREE char *buf = xmalloc(1 << 20);
-    uint64_t off = 0;
-    int rc = 0;
-    while (off < len) {
-        size_t want = len - off < (1 << 20) ? (size_t)(len - off) : 1 << 20;
-        ssize_t r = pread(fd, buf, want, (off_t)off);
-        if (r <= 0) {
-            rc = vr_err(r < 0 ? -errno : -EIO, "read upload: %s",
-                        r < 0 ? strerror(errno) : "short file");
-            break;
-        }
-        gnutls_hash(h, buf, (size_t)r);
-        off += (uint64_t)r;
-    }
-    gnutls_hash_deinit(h, out);
-    return rc;
-}
-
-/* The body of an encrypted upload: wrap frames made on the fly, then the
- * last frame with the request digest. */
-struct wrap_src {
-    int fd;
-    uint64_t off, len;
-    gss_ctx_id_t ctx;
-    const struct krb_req_fields *fields;
-    gnutls_hash_hd_t hash;
-    bool done;
-    uint8_t *frame;
-    size_t flen, fpos;
-    char *plain;
-    int err;
-};
-
-static size_t
-read_wrapped(char *out, size_t size, size_t nmemb, void *ud)
-{
-    struct wrap_src *w = ud;
-    size_t room = size * nmemb;
-    if (w->fpos == w->flen) {
-        free(w->frame);
-        w->frame = NULL;
-        w->flen = w->fpos = 0;
-        if (w->done)
-            return 0;
-        if (w->off >= w->len) {
-            uint8_t sha[32], digest[KRB_DIGEST_LEN];
-            gnutls_hash_deinit(w->hash, sha);
-            w->hash = NULL;
-            krb_request_digest(w->fields, sha, digest);
-            w->done = true;
-            if (krb_wrap_frame(w->ctx, digest, sizeof digest, true,
-                               &w->frame, &w->flen) < 0) {
-                w->err = -EIO;
-                return CURL_READFUNC_ABORT;
-            }
-            goto copy;
-        }
-        size_t want = w->len - w->off < KRB_FRAME_PLAIN
-                          ? (size_t)(w->len - w->off)
-                          : KRB_FRAME_PLAIN;
-        ssize_t r = pread(w->fd, w->plain, want, (off_t)w->off);
-        if (r <= 0 ||
-            krb_wrap_frame(w->ctx, w->plain, (size_t)r, false, &w->frame,
-                           &w->flen) < 0) {
-            w->err = r < 0 ? -errno : -EIO;
-            return CURL_READFUNC_ABORT;
-        }
-        gnutls_hash(w->hash, w->plain, (size_t)r);
-        w->off += (uint64_t)r;
-    }
-copy:;
-    size_t k = w->flen - w->fpos < room ? w->flen - w->fpos : room;
-    memcpy(out, w->frame + w->fpos, k);
-    w->fpos += k;
-    return k;
-}
-
-/* Kerberos: authenticate and sign one request.  Adds the headers to
- * *hdrs.  Wrapped, a JSON body (or none) becomes *postdata (caller frees):
- * its frame and the digest frame; an upload is wrapped while it is sent
- * (read_wrapped). */
-static int
-krb_prepare(const struct peer *p, const char *host,
-            const struct krb_req_fields *f, const char *json_body,
-            int upload_fd, uint64_t upload_len, gss_ctx_id_t *ctx,
-            struct curl_slist **hdrs, uint8_t **postdata, size_t *postlen)
-{
-    CLEANUP_FREE char *tok = NULL;
-    int rc = krb_client_begin(p->keytab, p->self, host, ctx, &tok);
-    if (rc < 0)
-        return rc;
-    CLEANUP_FREE char *h1 = xasprintf("Authorization: Negotiate %s", tok);
-    *hdrs = curl_slist_append(*hdrs, h1);
-    if (p->krb_encrypt) {
-        *hdrs = curl_slist_append(*hdrs,
-                                  KRB_WRAP_HEADER ": " KRB_WRAP_VALUE);
-        if (upload_fd >= 0)
-            return 0;
-        const char *b = json_body ? json_body : "";
-        uint8_t sha[32], digest[KRB_DIGEST_LEN];
-        gnutls_hash_fast(GNUTLS_DIG_SHA256, b, strlen(b), sha);
-        krb_request_digest(f, sha, digest);
-        CLEANUP_FREE uint8_t *f1 = NULL, *f2 = NULL;
-        size_t l1 = 0, l2 = 0;
-        if (*b && (rc = krb_wrap_frame(*ctx, b, strlen(b), false, &f1,
-                                       &l1)) < 0)
-            return rc;
-        if ((rc = krb_wrap_frame(*ctx, digest, sizeof digest, true, &f2,
-                                 &l2)) < 0)
-            return rc;
-        *postdata = xmalloc(l1 + l2);
-        if (l1)
-            memcpy(*postdata, f1, l1);
-        memcpy(*postdata + l1, f2, l2);
-        *postlen = l1 + l2;
-        return 0;
-    }
-    uint8_t sha[32];
-    if (upload_fd >= 0) {
-        if ((rc = hash_fd(upload_fd, upload_len, sha)) < 0)
-            return rc;
-    } else {
-        const char *b = json_body ? json_body : "";
-        gnutls_hash_fast(GNUTLS_DIG_SHA256, b, strlen(b), sha);
-    }
-    uint8_t digest[KRB_DIGEST_LEN];
-    krb_request_digest(f, sha, digest);
-    CLEANUP_FREE char *mic = NULL;
-    if ((rc = krb_sign(*ctx, digest, &mic)) < 0)
-        return rc;
-    CLEANUP_FREE char *h2 = xasprintf(KRB_MIC_HEADER ": %s", mic);
-    *hdrs = curl_slist_append(*hdrs, h2);
-    return 0;
-}
-
-int
-peer_call(const struct peer *p, const char *method, const char *path,
-          const char *json_body, int upload_fd, uint64_t upload_len,
-          bool zstd, json_object **resp)
-{
-    CURL *h = curl_easy_init();
-    if (!h)
-        return vr_err(-ENOMEM, "curl init");
-    char host[256];
-    snprintf(host, sizeof host, "%s", p->server);
-    char *colon = strrchr(host, ':');
-    unsigned port = p->kerberos ? 80 : 443;
-    if (colon) {
-        port = (unsigned)atoi(colon + 1);
-        *colon = '\0';
-    }
-    CLEANUP_FREE char *url = xasprintf("%s://%s:%u%s",
-                                       p->kerberos ? "http" : "https", host,
-                                       port, path);
-    struct curl_slist *hdrs = NULL, *resolve = NULL;
-    char epoch[24], history[32];
-    snprintf(epoch, sizeof epoch, "%llu", (unsigned long long)p->epoch);
-    snprintf(history, sizeof history, "%u/%u", p->recovery_history,
-             p->point_interval_s ? p->point_interval_s : 3600);
-    CLEANUP_FREE char *ep = xasprintf("X-Vmreplica-Epoch: %s", epoch);
-    CLEANUP_FREE char *hist = xasprintf("X-Vmreplica-History: %s", history);
-    hdrs = curl_slist_append(hdrs, ep);
-    hdrs = curl_slist_append(hdrs, hist);
-    hdrs = curl_slist_append(hdrs, "Expect:");
-    if (p->connect_address) {
-        CLEANUP_FREE char *r =
-            xasprintf("%s:%u:%s", host, port, p->connect_address);
-        resolve = curl_slist_append(resolve, r);
-        curl_easy_setopt(h, CURLOPT_RESOLVE, resolve);
-    }
-    struct resp_buf body = { NULL, 0 };
-    FILE *upload = NULL;
-    gss_ctx_id_t ctx = GSS_C_NO_CONTEXT;
-    CLEANUP_FREE uint8_t *postdata = NULL;
-    size_t postlen = 0;
-    CLEANUP_FREE char *resp_mic = NULL;
-    struct wrap_src wsrc = { .fd = -1 };
-    char errbuf[CURL_ERROR_SIZE] = "";
-    struct prereq prereq = { .h = h };
-    int rc = 0;
-    curl_easy_setopt(h, CURLOPT_ERRORBUFFER, errbuf);
-    curl_easy_setopt(h, CURLOPT_URL, url);
-    struct krb_req_fields fields = {
-        .method = method, .path = path, .epoch = epoch, .history = history,
-        .encoding = upload_fd >= 0 ? (zstd ? "zstd" : "identity") : NULL,
-        .wrap = p->krb_encrypt ? KRB_WRAP_VALUE : NULL,
-    };
-    if (p->kerberos) {
-        rc = krb_prepare(p, host, &fields, json_body, upload_fd, upload_len,
-                         &ctx, &hdrs, &postdata, &postlen);
-        curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http");
-        curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, on_header);
-        curl_easy_setopt(h, CURLOPT_HEADERDATA, &resp_mic);
-    } else {
-        curl_easy_setopt(h, CURLOPT_PREREQFUNCTION, check_server_purpose);
-        curl_easy_setopt(h, CURLOPT_PREREQDATA, &prereq);
-        curl_easy_setopt(h, CURLOPT_SSLCERT, p->cert);
-        curl_easy_setopt(h, CURLOPT_SSLKEY, p->key);
-        curl_easy_setopt(h, CURLOPT_CAINFO, p->ca);
-        curl_easy_setopt(h, CURLOPT_CAPATH, NULL);
-        curl_easy_setopt(h, CURLOPT_SSLVERSION,
-                         (long)CURL_SSLVERSION_TLSv1_2);
-        curl_easy_setopt(h, CURLOPT_SSL_VERIFYPEER, 1L);
-        curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, 2L);
-        curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "https");
-    }
-    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT, 10L);
-    curl_easy_setopt(h, CURLOPT_LOW_SPEED_LIMIT, 1L);
-    curl_easy_setopt(h, CURLOPT_LOW_SPEED_TIME, 60L);
-    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_body);
-    curl_easy_setopt(h, CURLOPT_WRITEDATA, &body);
-    if (rc == 0 && upload_fd >= 0) {
-        hdrs = curl_slist_append(hdrs, zstd ? "Content-Encoding: zstd"
-                                            : "Content-Encoding: identity");
-        hdrs = curl_slist_append(hdrs,
-                                 "Content-Type: application/octet-stream");
-        curl_easy_setopt(h, CURLOPT_UPLOAD, 1L);
-        if (p->kerberos && p->krb_encrypt) {
-            /* Frames made while sending: the length is not known ahead,
-             * so the body goes chunked. */
-            wsrc.fd = upload_fd;
-            wsrc.len = upload_len;
-            wsrc.ctx = ctx;
-            wsrc.fields = &fields;
-            wsrc.plain = xmalloc(KRB_FRAME_PLAIN);
-            if (gnutls_hash_init(&wsrc.hash, GNUTLS_DIG_SHA256) < 0)
-                abort();
-            curl_easy_setopt(h, CURLOPT_READFUNCTION, read_wrapped);
-            curl_easy_setopt(h, CURLOPT_READDATA, &wsrc);
-            curl_easy_setopt(h, CURLOPT_INFILESIZE_LARGE, (curl_off_t)-1);
-        } else {
-            int dupfd = dup(upload_fd);
-            upload = dupfd >= 0 ? fdopen(dupfd, "rb") : NULL;
-            if (!upload) {
-                rc = vr_err(-errno, "upload: %s", strerror(errno));
-                if (dupfd >= 0)
-                    close(dupfd);
-            } else {
-                rewind(upload);
-                curl_easy_setopt(h, CURLOPT_READDATA, upload);
-                curl_easy_setopt(h, CURLOPT_INFILESIZE_LARGE,
-                                 (curl_off_t)upload_len);
-            }
-        }
-    } else if (rc == 0 && postdata) {
-        if (json_body)
-            hdrs = curl_slist_append(hdrs, "Content-Type: application/json");
-        curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)postlen);
-        curl_easy_setopt(h, CURLOPT_POSTFIELDS, postdata);
-    } else if (rc == 0 && json_body) {
-        hdrs = curl_slist_append(hdrs, "Content-Type: application/json");
-        curl_easy_setopt(h, CURLOPT_POSTFIELDS, json_body);
-    }
-    curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, method);
-    curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdrs);
-
-    CURLcode cr = CURLE_OK;
-    long status = 0;
-    if (rc == 0) {
-        cr = curl_easy_perform(h);
-        curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
-    }
-    curl_easy_cleanup(h);
-    curl_slist_free_all(hdrs);
-    curl_slist_free_all(resolve);
-    if (upload)
-        fclose(upload);
-    free(wsrc.frame);
-    free(wsrc.plain);
-    if (wsrc.hash)
-        gnutls_hash_deinit(wsrc.hash, NULL);
-
-    json_object *j = body.data ? json_tokener_parse(body.data) : NULL;
-    if (rc == 0 && cr != CURLE_OK && wsrc.err < 0)
-        rc = vr_err(wsrc.err, "kerberos: wrapping the upload failed");
-    if (rc < 0) {
-        rc = vr_err(rc, "replica server %s: %s", p->server, vr_errmsg());
-    } else if (cr == CURLE_ABORTED_BY_CALLBACK && prereq.why[0]) {
-        rc = vr_err(-EACCES, "replica server %s: %s", p->server, prereq.why);
-    } else if (cr != CURLE_OK) {
-        /* A handshake the peer refused (a TLS alert: our certificate is
-         * unknown, expired, revoked) will not heal by retrying; one cut
-         * short (the Replica server restarting, a reset) will. */
-        bool refused = cr == CURLE_SSL_CONNECT_ERROR &&
-                       strcasestr(errbuf, "alert") != NULL;
-        int e = cr == CURLE_COULDNT_CONNECT       ? ECONNREFUSED
-                : cr == CURLE_OPERATION_TIMEDOUT  ? ETIMEDOUT
-                : cr == CURLE_PEER_FAILED_VERIFICATION ||
-                        cr == CURLE_SSL_CERTPROBLEM || refused
-                    ? EACCES
-                    : ECONNRESET;
-        rc = vr_err(-e, "replica server %s: %s%s%s", p->server,
-                    curl_easy_strerror(cr), *errbuf ? ": " : "", errbuf);
-    } else if (status != 200 && status != 201) {
-        json_object *v;
-        const char *name = NULL, *msg = NULL;
-        if (j && json_object_object_get_ex(j, "error", &v))
-            name = json_object_get_string(v);
-        if (j && json_object_object_get_ex(j, "message", &v))
-            msg = json_object_get_string(v);
-        rc = vr_err(-errno_of_name(name), "replica server %s: %s", p->server,
-                    msg ? msg : "unexpected answer");
-        if ((status == 403 || status == 401) && !name)
-            rc = -EACCES;
-        /* Kerberos mode is plain HTTP: anyone on the path can answer.  A
-         * refusal not signed by HTTP/SERVER must not stop replication;
-         * it is retried like a lost connection. */
-        if (p->kerberos && shipper_unrecoverable(rc) &&
-            !answer_signed(ctx, status, &body, resp_mic))
-            rc = vr_err(-ECONNRESET, "replica server %s: an unsigned answer "
-                        "%ld (not trusted, retrying): %s", p->server, status,
-                        msg ? msg : "no message");
-    } else if (p->kerberos && !answer_signed(ctx, status, &body, resp_mic)) {
-        /* Only HTTP/SERVER could sign the answer: this is what
-         * authenticates the Replica server to us.  An answer without its
-         * signature (or with a wrong one) is not the Replica server's: it
-         * is ignored and the request retried, so a forger on the path can
-         * delay replication but not stop it. */
-        rc = vr_err(-ECONNRESET, "replica server %s: an unsigned answer %ld "
-                    "(not trusted, retrying): not signed by HTTP/%s: %s",
-                    p->server, status, host, vr_errmsg());
-    }
-    krb_ctx_free(&ctx);
-    if (rc == 0 && resp)
-        *resp = j ? j : json_object_new_object();
-    else
-        json_object_put(j);
-    free(body.data);
-    return rc;
-}
 
 /* --- change-log segments ------------------------------------------------ */
 
@@ -556,45 +89,6 @@ shipper_log_base(const struct disk *dk, uint64_t *base)
     if (open_cycle && open_cycle - 1 > *base)
         *base = open_cycle - 1;
     return 0;
-}
-
-/* Did the data plane stop tracking any of the job's disks (the log could
- * not follow them: a full or failing log file system)?  Its tracking
- * marker says so before the first write it did not log, so once it does,
- * no unshipped cycle may be sent: its blocks may have changed since its
- * seal without being preserved.  -EAGAIN (retried, never the end of
- * replication) with what to do, and *why; 0 if every disk is tracked. */
-static int
-tracking_intact(struct vm *vm, const struct job *jb, uint64_t last_cycle)
-{
-    int rc = 0;
-    for (unsigned i = 0; i < jb->ndisks; i++) {
-        CLEANUP_FREE char *dir = logdir_of(&jb->disks[i]);
-        CLEANUP_FREE char *path = xasprintf("%s/" TRACKING_NAME, dir);
-        int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-        if (fd < 0 && errno == ENOENT)
-            continue; /* a log made before markers */
-        bool stopped = true;
-        uint64_t c = 0;
-        char why[300] = "its tracking marker cannot be read";
-        if (fd >= 0) {
-            if (tracking_marker_read(fd, &stopped, &c, why, sizeof why) < 0)
-                snprintf(why, sizeof why, "%s", vr_errmsg());
-            close(fd);
-        }
-        if (stopped) {
-            rc = vr_err(-EAGAIN, "tracking stopped on this primary (%s): "
-                        "the Replica VM stays at cycle %llu; to "
-                        "resynchronize, remove replication and enable it "
-                        "again", why, (unsigned long long)last_cycle);
-            break;
-        }
-    }
-    pthread_mutex_lock(&D->lock);
-    if (vm->repl)
-        vm->repl->untracked = rc < 0;
-    pthread_mutex_unlock(&D->lock);
-    return rc;
 }
 
 static void
@@ -854,12 +348,12 @@ seal_cycle(struct vm *vm, struct job *jb, bool running)
                 QGA_THAW_MS, NULL);
         pthread_mutex_lock(&D->lock);
         if (trc < 0)
-            event_add("error", jb->name, "guest agent: thaw failed: %s; the "
+            event_add(D->cat, "error", jb->name, "guest agent: thaw failed: %s; the "
                       "guest's file systems may still be frozen (a thaw is "
                       "sent again at the next cut and when the daemon "
                       "starts)", vr_errmsg());
         if (!frozen && rc == 0)
-            event_add("warning", jb->name, "application-consistent point "
+            event_add(D->cat, "warning", jb->name, "application-consistent point "
                       "not possible (%s): cycle %llu is crash-consistent",
                       why, (unsigned long long)c);
         /* Either way, the next try is in the next window. */
@@ -899,39 +393,181 @@ test_seal_delay(void)
     }
 }
 
+/* Seal the open cycle if the disks are served.  A `vm stop` since the
+ * look seals the last writes itself: ship what is sealed.  Otherwise a
+ * failed seal (control socket gone or refusing) is retried (-EAGAIN),
+ * never the end of replication: -ENOENT from a vanished socket would read
+ * as unrecoverable. */
+/* Did the data plane stop tracking any of the job's disks (the log could
+ * not follow them: a full or failing log file system, a host crash)?  Its
+ * tracking marker says so before the first write it did not log, so once
+ * it does, no unshipped cycle may be sent: its blocks may have changed
+ * since its seal without being preserved.  -EAGAIN (retried, never the
+ * end of replication) saying what to do; 0 if every disk is tracked.
+ * Sets the relationship's untracked flag either way (health Critical). */
+static int
+tracking_intact(struct vm *vm, const struct job *jb, uint64_t last_cycle)
+{
+    int rc = 0;
+    for (unsigned i = 0; i < jb->ndisks; i++) {
+        CLEANUP_FREE char *dir = logdir_of(&jb->disks[i]);
+        CLEANUP_FREE char *path = xasprintf("%s/" TRACKING_NAME, dir);
+        int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        if (fd < 0 && errno == ENOENT)
+            continue; /* a log made before markers */
+        bool stopped = true;
+        uint64_t c = 0;
+        char why[300] = "its tracking marker cannot be read";
+        if (fd >= 0) {
+            if (tracking_marker_read(fd, &stopped, &c, why, sizeof why) < 0)
+                snprintf(why, sizeof why, "%s", vr_errmsg());
+            close(fd);
+        }
+        if (stopped) {
+            rc = vr_err(-EAGAIN, "tracking stopped on this primary (%s): "
+                        "the Replica VM stays at cycle %llu; to "
+                        "resynchronize, remove replication and enable it "
+                        "again", why, (unsigned long long)last_cycle);
+            break;
+        }
+    }
+    pthread_mutex_lock(&D->lock);
+    if (vm->repl)
+        vm->repl->untracked = rc < 0;
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
+static int
+seal_if_served(struct vm *vm, struct job *jb)
+{
+    bool served = false, running = false;
+    vmproc_status(jb->rundir, &served, &running);
+    if (!served)
+        return 0;
+    test_seal_delay();
+    if (seal_cycle(vm, jb, running) == 0)
+        return 0;
+    char msg[1024];
+    snprintf(msg, sizeof msg, "%s", vr_errmsg());
+    vmproc_status(jb->rundir, &served, &running);
+    if (served)
+        return vr_err(-EAGAIN, "%s", msg);
+    log_info("shipper", "%s: not sealed, the disks stopped being "
+             "served meanwhile: %s", jb->name, msg);
+    vr_err_clear();
+    return 0;
+}
+
+/* The payload of cycle N into fd: every disk's sealed segment, writes
+ * logged by reference read from the disk image (and the cycle's preserve
+ * file) as of the seal.  *raw, *wire: its data and encoded sizes. */
+static int
+build_cycle(const struct job *jb, uint64_t N, int fd, uint64_t *raw,
+            uint64_t *wire)
+{
+    struct cyc_hdr h = { .version = CYC_VERSION,
+                         .cycle = N,
+                         .epoch = jb->peer.epoch,
+                         .ndisks = jb->ndisks };
+    CLEANUP_FREE char *marker = app_marker(jb, N);
+    if (access(marker, F_OK) == 0)
+        h.flags |= CYC_F_APP;
+    int rc = cyc_uuid_parse(jb->uuid, h.uuid);
+    struct cyc_builder *b = NULL;
+    if (rc == 0)
+        rc = cyc_builder_new(fd, jb->compression, 1, &h, &b);
+    for (unsigned i = 0; rc == 0 && i < jb->ndisks; i++) {
+        CLEANUP_FREE char *dir = logdir_of(&jb->disks[i]);
+        int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd < 0) {
+            rc = vr_err(-errno, "open %s: %s", dir, strerror(errno));
+            break;
+        }
+        char name[32];
+        cl_seg_name(N, true, name);
+        int disk_fd = open(jb->disks[i].path, O_RDONLY | O_CLOEXEC);
+        if (disk_fd < 0) {
+            rc = vr_err(-errno, "open %s: %s", jb->disks[i].path,
+                        strerror(errno));
+            close(dfd);
+            break;
+        }
+        rc = cyc_builder_add_segment_ref(b, dfd, name, (uint16_t)i, disk_fd);
+        close(disk_fd);
+        close(dfd);
+    }
+    if (rc == 0)
+        rc = cyc_builder_finish(b, raw, wire);
+    cyc_builder_free(b);
+    return rc;
+}
+
+/* Build cycle N and send it (PUT /r1/vms/UUID/cycles/N). */
+static int
+send_cycle(struct vm *vm, const struct job *jb, uint64_t N, uint64_t *raw,
+           uint64_t *wire)
+{
+    CLEANUP_FREE char *tmp = NULL;
+    int fd = tmp_payload(jb, &tmp);
+    if (fd < 0)
+        return fd;
+    int rc = build_cycle(jb, N, fd, raw, wire);
+    /* After every read of the disks for this cycle: if tracking had
+     * stopped by now, those reads may hold untracked writes. */
+    if (rc == 0)
+        rc = tracking_intact(vm, jb, N - 1);
+    if (rc == 0) {
+        test_send_delay();
+        CLEANUP_FREE char *path = xasprintf("/r1/vms/%s/cycles/%llu",
+                                            jb->uuid, (unsigned long long)N);
+        rc = peer_call(&jb->peer, "PUT", path, NULL, fd, *wire,
+                       jb->compression, NULL);
+        if (rc == 0)
+            vr_fault_point("cycle-sent");
+    }
+    close(fd);
+    unlink(tmp);
+    return rc;
+}
+
+/* Record cycle N as acknowledged, with its statistics (D->lock taken). */
+static int
+record_sent(struct vm *vm, uint64_t N, uint64_t raw, uint64_t wire,
+            uint64_t lat)
+{
+    pthread_mutex_lock(&D->lock);
+    struct repl *r = vm->repl;
+    r->last_cycle = N;
+    r->last_ok_ms = vr_wall_ms();
+    r->ok_count++;
+    r->bytes_raw += raw;
+    r->bytes_wire += wire;
+    r->sum_size += wire;
+    if (wire > r->max_size)
+        r->max_size = wire;
+    r->sum_latency_ms += lat;
+    if (lat > r->max_latency_ms)
+        r->max_latency_ms = lat;
+    int rc = catalog_save_repl(D->cat, r);
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
 /* Seal (if the disks are served) and send every sealed cycle after
  * last_cycle, in order. */
 static int
 ship_cycles(struct vm *vm, struct job *jb, uint64_t last_cycle)
 {
-    bool served = false, running = false;
-    vmproc_status(jb->rundir, &served, &running);
-    if (served) {
-        test_seal_delay();
-        int rc = seal_cycle(vm, jb, running);
-        if (rc < 0) {
-            /* A `vm stop` since the look above seals the last writes
-             * itself: ship what is sealed.  Otherwise a failed seal
-             * (control socket gone or refusing) is retried, never the
-             * end of replication: -ENOENT from a vanished socket would
-             * read as unrecoverable. */
-            char msg[1024];
-            snprintf(msg, sizeof msg, "%s", vr_errmsg());
-            vmproc_status(jb->rundir, &served, &running);
-            rc = tracking_intact(vm, jb, last_cycle);
-            if (rc < 0)
-                return rc;
-            if (served)
-                return vr_err(-EAGAIN, "%s", msg);
-            log_info("shipper", "%s: not sealed, the disks stopped being "
-                     "served meanwhile: %s", jb->name, msg);
-            vr_err_clear();
-        }
+    int rc = seal_if_served(vm, jb);
+    if (rc < 0) {
+        int trc = tracking_intact(vm, jb, last_cycle);
+        return trc < 0 ? trc : rc;
     }
     CLEANUP_FREE char *dir0 = logdir_of(&jb->disks[0]);
     CLEANUP_FREE uint64_t *cs = NULL;
     size_t n;
-    int rc = sealed_cycles(dir0, &cs, &n, NULL);
+    rc = sealed_cycles(dir0, &cs, &n, NULL);
     if (rc < 0)
         return rc;
     release_shipped(jb, last_cycle);
@@ -943,82 +579,12 @@ ship_cycles(struct vm *vm, struct job *jb, uint64_t last_cycle)
             return vr_err(-EBADMSG, "change log: cycle %llu missing",
                           (unsigned long long)last_cycle + 1);
         uint64_t t0 = vr_mono_ms();
-        CLEANUP_FREE char *tmp = NULL;
-        int fd = tmp_payload(jb, &tmp);
-        if (fd < 0)
-            return fd;
-        struct cyc_hdr h = { .version = CYC_VERSION,
-                             .cycle = N,
-                             .epoch = jb->peer.epoch,
-                             .ndisks = jb->ndisks };
-        CLEANUP_FREE char *marker = app_marker(jb, N);
-        if (access(marker, F_OK) == 0)
-            h.flags |= CYC_F_APP;
-        rc = cyc_uuid_parse(jb->uuid, h.uuid);
-        struct cyc_builder *b = NULL;
-        if (rc == 0)
-            rc = cyc_builder_new(fd, jb->compression, 1, &h, &b);
-        for (unsigned i = 0; rc == 0 && i < jb->ndisks; i++) {
-            CLEANUP_FREE char *dir = logdir_of(&jb->disks[i]);
-            int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-            if (dfd < 0) {
-                rc = vr_err(-errno, "open %s: %s", dir, strerror(errno));
-                break;
-            }
-            char name[32];
-            cl_seg_name(N, true, name);
-            /* Writes logged by reference are read from the disk image
-             * (and the cycle's preserve file) as of the seal. */
-            int disk_fd = open(jb->disks[i].path, O_RDONLY | O_CLOEXEC);
-            if (disk_fd < 0) {
-                rc = vr_err(-errno, "open %s: %s", jb->disks[i].path,
-                            strerror(errno));
-                close(dfd);
-                break;
-            }
-            rc = cyc_builder_add_segment_ref(b, dfd, name, (uint16_t)i,
-                                             disk_fd);
-            close(disk_fd);
-            close(dfd);
-        }
         uint64_t raw = 0, wire = 0;
-        if (rc == 0)
-            rc = cyc_builder_finish(b, &raw, &wire);
-        cyc_builder_free(b);
-        /* After every read of the disks for this cycle: if tracking had
-         * stopped by now, those reads may hold untracked writes. */
-        if (rc == 0)
-            rc = tracking_intact(vm, jb, last_cycle);
-        if (rc == 0) {
-            test_send_delay();
-            CLEANUP_FREE char *path =
-                xasprintf("/r1/vms/%s/cycles/%llu", jb->uuid,
-                          (unsigned long long)N);
-            rc = peer_call(&jb->peer, "PUT", path, NULL, fd, wire,
-                           jb->compression, NULL);
-            if (rc == 0)
-                vr_fault_point("cycle-sent");
-        }
-        close(fd);
-        unlink(tmp);
+        rc = send_cycle(vm, jb, N, &raw, &wire);
         if (rc < 0)
             return rc;
         uint64_t lat = vr_mono_ms() - t0;
-        pthread_mutex_lock(&D->lock);
-        struct repl *r = vm->repl;
-        r->last_cycle = N;
-        r->last_ok_ms = vr_wall_ms();
-        r->ok_count++;
-        r->bytes_raw += raw;
-        r->bytes_wire += wire;
-        r->sum_size += wire;
-        if (wire > r->max_size)
-            r->max_size = wire;
-        r->sum_latency_ms += lat;
-        if (lat > r->max_latency_ms)
-            r->max_latency_ms = lat;
-        rc = catalog_save_repl(r);
-        pthread_mutex_unlock(&D->lock);
+        rc = record_sent(vm, N, raw, wire, lat);
         if (rc < 0)
             return rc;
         release_shipped(jb, N);
@@ -1196,8 +762,8 @@ run_initial(struct vm *vm, struct job *jb)
                 return rc;
             pthread_mutex_lock(&D->lock);
             vm->repl->untracked = false;
-            event_add("info", vm->name, "change tracking restarted after "
-                      "cycle %llu for the initial replication",
+            event_add(D->cat, "info", vm->name, "change tracking restarted "
+                      "after cycle %llu for the initial replication",
                       (unsigned long long)base);
             pthread_mutex_unlock(&D->lock);
         } else if (served) {
@@ -1221,8 +787,8 @@ run_initial(struct vm *vm, struct job *jb)
         r->initial_total = total;
         r->initial_sent = 0;
         r->last_cycle = base;
-        int rc = catalog_save_repl(r);
-        event_add("info", vm->name,
+        int rc = catalog_save_repl(D->cat, r);
+        event_add(D->cat, "info", vm->name,
                   "initial replication started: %llu bytes allocated, base "
                   "cycle %llu",
                   (unsigned long long)total, (unsigned long long)base);
@@ -1233,7 +799,7 @@ run_initial(struct vm *vm, struct job *jb)
 
     for (;;) {
         pthread_mutex_lock(&D->lock);
-        bool stop = r->stop || strcmp(r->state, ST_INITIAL) != 0;
+        bool stop = r->stop || r->st != REPL_ST_INITIAL;
         unsigned d = r->initial_disk;
         uint64_t off = r->initial_offset, seq = r->initial_seq,
                  base = r->base_cycle;
@@ -1260,7 +826,7 @@ run_initial(struct vm *vm, struct job *jb)
         } else {
             r->initial_offset = off;
         }
-        rc = catalog_save_repl(r);
+        rc = catalog_save_repl(D->cat, r);
         pthread_mutex_unlock(&D->lock);
         if (rc < 0)
             return rc;
@@ -1287,11 +853,10 @@ run_initial(struct vm *vm, struct job *jb)
     r->first_point = first;
     r->last_cycle = base;
     r->last_ok_ms = vr_wall_ms();
-    snprintf(r->state, sizeof r->state, "%s", ST_REPLICATING);
     free(r->task);
     r->task = NULL;
-    rc = catalog_save_repl(r);
-    event_add("info", vm->name,
+    rc = repl_transition(D->cat, vm, REPL_ST_REPLICATING, REPL_T_SAVE);
+    event_add(D->cat, "info", vm->name,
               "initial replication complete: %llu bytes of data sent",
               (unsigned long long)r->initial_sent);
     pthread_mutex_unlock(&D->lock);
@@ -1299,13 +864,6 @@ run_initial(struct vm *vm, struct job *jb)
 }
 
 /* --- the thread ----------------------------------------------------------- */
-
-bool
-shipper_unrecoverable(int rc)
-{
-    return rc == -EPERM || rc == -EACCES || rc == -ESTALE || rc == -ENOENT ||
-           rc == -EBADMSG || rc == -EPROTO || rc == -EINVAL;
-}
 
 static const unsigned backoff_s[] = { 60, 120, 240, 480, 600, 1800 };
 
@@ -1335,8 +893,8 @@ shipper_main(void *arg)
         pthread_mutex_lock(&D->lock);
     }
     while (!r->stop && !D->shutting_down) {
-        bool initial = strcmp(r->state, ST_INITIAL) == 0;
-        bool replicating = strcmp(r->state, ST_REPLICATING) == 0;
+        bool initial = r->st == REPL_ST_INITIAL;
+        bool replicating = r->st == REPL_ST_REPLICATING;
         /* Time spent suspended or in error is not missed cycles. */
         if (!initial && !replicating)
             next_due = 0;
@@ -1367,7 +925,7 @@ shipper_main(void *arg)
         pthread_mutex_lock(&D->lock);
         if (rc == 0 || rc == -ECANCELED) {
             if (failures)
-                event_add("info", vm->name, "replication recovered after %u "
+                event_add(D->cat, "info", vm->name, "replication recovered after %u "
                                             "failed attempt(s)",
                           failures);
             failures = 0;
@@ -1377,9 +935,10 @@ shipper_main(void *arg)
         r->errors++;
         free(r->last_error);
         r->last_error = xstrdup(msg);
-        if (shipper_unrecoverable(rc)) {
-            snprintf(r->state, sizeof r->state, "%s", ST_ERROR);
-            event_add("error", vm->name, "replication stopped: %s", msg);
+        if (peer_unrecoverable(rc)) {
+            /* Saved below with the error counters. */
+            VR_IGNORE(repl_transition_event(D->cat, vm, REPL_ST_ERROR, 0, "error",
+                                            "replication stopped: %s", msg));
         } else {
             unsigned idx = failures < ARRAY_SIZE(backoff_s)
                                ? failures
@@ -1388,13 +947,13 @@ shipper_main(void *arg)
             if (delay_ms > freq_ms)
                 delay_ms = freq_ms;
             if (failures == 0 || failures % 10 == 0)
-                event_add("warning", vm->name, "replication failed, retrying "
+                event_add(D->cat, "warning", vm->name, "replication failed, retrying "
                                                "in %llu s: %s",
                           (unsigned long long)delay_ms / 1000, msg);
             failures++;
             next_due = vr_mono_ms() + delay_ms;
         }
-        VR_IGNORE(catalog_save_repl(r));
+        VR_IGNORE(catalog_save_repl(D->cat, r));
     }
     r->thread_running = false;
     pthread_cond_broadcast(&D->cond);
@@ -1407,9 +966,9 @@ shipper_ensure(struct vm *vm)
 {
     struct repl *r = vm->repl;
     if (!r || r->mode != VM_MODE_PRIMARY || r->thread_running ||
-        r->removing || D->shutting_down)
+        vm_busy(vm, VM_OP_REMOVE) || D->shutting_down)
         return;
-    if (strcmp(r->state, ST_INITIAL) == 0 && !r->task)
+    if (r->st == REPL_ST_INITIAL && !r->task)
         r->task = xstrdup("InitialReplication");
     r->stop = false;
     r->thread_running = true;

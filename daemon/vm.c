@@ -1,6 +1,7 @@
-/* vm.c: VM objects and the VM and server endpoints of the management API:
- * create (qemu-img conversion to sparse raw), list, show, start/stop (via
- * vmproc), remove, and server show/set. */
+/* vm.c: VM objects (lookup, JSON, run directory, the spec of their
+ * processes) and the vm endpoints of the management API: create
+ * (qemu-img conversion to sparse raw), list, show, start/stop (via
+ * vmproc), remove.  The server endpoints are server.c, events events.c. */
 #include <fcntl.h>
 #include <limits.h>
 #include <stdio.h>
@@ -10,23 +11,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "config.h"
 #include "api-int.h"
 #include "daemon.h"
-#include "vmproc.h"
-
-const char *
-vm_mode_name(enum vm_mode m)
-{
-    switch (m) {
-    case VM_MODE_PRIMARY:
-        return "primary";
-    case VM_MODE_REPLICA:
-        return "replica";
-    default:
-        return "none";
-    }
-}
+#include "proc/vmproc.h"
 
 struct vm *
 vm_find(const char *key)
@@ -194,259 +181,11 @@ jint(json_object *o, const char *key, int64_t dflt)
     return json_object_get_int64(v);
 }
 
-static int
-lookup(struct api_call *call, struct vm **out)
-{
-    struct vm *vm = vm_find(call->arg);
-    if (!vm)
-        return vr_err(-ENOENT, "vm %s: not found", call->arg);
-    *out = vm;
-    return 0;
-}
-
-/* --- server -------------------------------------------------------------- */
-
-static json_object *
-server_json(void)
-{
-    const struct server_cfg *c = &D->cfg;
-    json_object *o = json_object_new_object();
-#define STR(k, v)                                                              \
-    json_object_object_add(o, k, (v) ? json_object_new_string(v) : NULL)
-    STR("hostname", c->hostname);
-    STR("version", VERSION);
-    STR("state_dir", D->state_dir);
-    json_object_object_add(o, "replica_enabled",
-                           json_object_new_boolean(c->replica_enabled));
-    STR("auth", c->auth);
-    json_object_object_add(o, "certificate_port",
-                           json_object_new_int((int)c->cert_port));
-    STR("certificate", c->cert);
-    STR("key", c->key);
-    STR("ca", c->ca);
-    STR("crl", c->crl);
-    char sha1[41];
-    const char *thumb =
-        c->cert && tls_thumbprint(c->cert, sha1) == 0 ? sha1 : NULL;
-    STR("certificate_thumbprint", thumb);
-    STR("certificate_store", c->cert_store);
-    json_object_object_add(o, "kerberos_port",
-                           json_object_new_int((int)c->krb_port));
-    STR("keytab", c->keytab);
-    json_object_object_add(o, "kerberos_encrypt",
-                           json_object_new_boolean(c->krb_encrypt));
-    json_object_object_add(o, "allow_any",
-                           json_object_new_boolean(c->allow_any));
-    STR("default_storage", c->default_storage);
-    json_object_object_add(o, "listening",
-                           json_object_new_boolean(D->listener != NULL ||
-                                                   D->krb_listener != NULL));
-    json_object_object_add(o, "listening_certificate",
-                           json_object_new_boolean(D->listener != NULL));
-    json_object_object_add(o, "listening_kerberos",
-                           json_object_new_boolean(D->krb_listener != NULL));
-    json_object_object_add(o, "monitoring_interval",
-                           json_object_new_int((int)c->monitoring_interval_s));
-    json_object_object_add(o, "firewall_enabled",
-                           json_object_new_boolean(c->firewall_enabled));
-    STR("firewall_error", firewall_error());
-#undef STR
-    return o;
-}
-
 int
-api_server_show(struct api_call *call VR_UNUSED, unsigned *status VR_UNUSED,
-                json_object **out)
+vm_lookup(const char *key, struct vm **out)
 {
-    pthread_mutex_lock(&D->lock);
-    *out = server_json();
-    pthread_mutex_unlock(&D->lock);
-    return 0;
-}
-
-static int
-abs_path_arg(json_object *body, const char *key, char **field)
-{
-    const char *v = jstr(body, key);
-    if (!v)
-        return 0;
-    if (v[0] != '/')
-        return vr_err(-EINVAL, "%s: must be an absolute path: %s", key, v);
-    free(*field);
-    *field = xstrdup(v);
-    return 0;
-}
-
-static int
-port_arg(json_object *body, const char *key, unsigned *field)
-{
-    json_object *v;
-    if (!json_object_object_get_ex(body, key, &v))
-        return 0;
-    int64_t p = json_object_get_int64(v);
-    if (p < 1 || p > 65535)
-        return vr_err(-EINVAL, "%s: out of range: %lld", key, (long long)p);
-    *field = (unsigned)p;
-    return 0;
-}
-
-int
-api_server_set(struct api_call *call, unsigned *status VR_UNUSED,
-               json_object **out)
-{
-    json_object *b = call->body;
-    int rc = 0;
-    pthread_mutex_lock(&D->lock);
-    struct server_cfg old = D->cfg;
-    struct server_cfg *c = &D->cfg;
-    /* Work on copies of the strings so a refusal restores the old ones. */
-    c->hostname = c->hostname ? xstrdup(c->hostname) : NULL;
-    c->auth = c->auth ? xstrdup(c->auth) : NULL;
-    c->cert = c->cert ? xstrdup(c->cert) : NULL;
-    c->key = c->key ? xstrdup(c->key) : NULL;
-    c->ca = c->ca ? xstrdup(c->ca) : NULL;
-    c->keytab = c->keytab ? xstrdup(c->keytab) : NULL;
-    c->crl = c->crl ? xstrdup(c->crl) : NULL;
-    c->cert_store = c->cert_store ? xstrdup(c->cert_store) : NULL;
-    c->thumbprint = c->thumbprint ? xstrdup(c->thumbprint) : NULL;
-    c->default_storage = c->default_storage ? xstrdup(c->default_storage)
-                                            : NULL;
-    json_object *v;
-    if (json_object_object_get_ex(b, "replica_enabled", &v))
-        c->replica_enabled = json_object_get_boolean(v);
-    if (json_object_object_get_ex(b, "allow_any", &v))
-        c->allow_any = json_object_get_boolean(v);
-    if (rc == 0)
-        rc = port_arg(b, "certificate_port", &c->cert_port);
-    if (rc == 0)
-        rc = port_arg(b, "kerberos_port", &c->krb_port);
-    if (json_object_object_get_ex(b, "kerberos_encrypt", &v))
-        c->krb_encrypt = json_object_get_boolean(v);
-    if (json_object_object_get_ex(b, "monitoring_interval", &v))
-        c->monitoring_interval_s = (unsigned)json_object_get_int64(v);
-    const char *auth = jstr(b, "auth");
-    if (rc == 0 && auth) {
-        if (strcmp(auth, "certificate") != 0 &&
-            strcmp(auth, "kerberos") != 0 && strcmp(auth, "both") != 0)
-            rc = vr_err(-EINVAL, "auth %s: expected certificate, kerberos "
-                        "or both", auth);
-        else {
-            free(c->auth);
-            c->auth = xstrdup(auth);
-        }
-    }
-    if (rc == 0 && jstr(b, "certificate")) {
-        free(c->cert_store); /* files given: no longer from a store */
-        free(c->thumbprint);
-        c->cert_store = c->thumbprint = NULL;
-    }
-    if (rc == 0)
-        rc = abs_path_arg(b, "certificate", &c->cert);
-    if (rc == 0)
-        rc = abs_path_arg(b, "key", &c->key);
-    if (rc == 0)
-        rc = abs_path_arg(b, "certificate_store", &c->cert_store);
-    const char *thumb = jstr(b, "certificate_thumbprint");
-    if (rc == 0 && (thumb || jstr(b, "certificate_store"))) {
-        /* Hyper-V's -CertificateThumbprint: one of several certificates
-         * (NAME.pem with NAME.key) in the store directory. */
-        if (!thumb)
-            thumb = c->thumbprint;
-        if (!thumb || !c->cert_store)
-            rc = vr_err(-EINVAL, "certificate_thumbprint and "
-                        "certificate_store go together");
-        char *cert = NULL, *key = NULL;
-        if (rc == 0)
-            rc = tls_find_by_thumbprint(c->cert_store, thumb, &cert, &key);
-        if (rc == 0) {
-            char norm[65];
-            VR_IGNORE(tls_thumbprint_norm(thumb, norm));
-            free(c->cert);
-            free(c->key);
-            free(c->thumbprint);
-            c->cert = cert;
-            c->key = key;
-            c->thumbprint = xstrdup(norm);
-        }
-    }
-    if (rc == 0)
-        rc = abs_path_arg(b, "ca", &c->ca);
-    if (rc == 0)
-        rc = abs_path_arg(b, "keytab", &c->keytab);
-    const char *crl = jstr(b, "crl");
-    if (rc == 0 && crl && !*crl) {
-        free(c->crl); /* "": no revocation list */
-        c->crl = NULL;
-    } else if (rc == 0) {
-        rc = abs_path_arg(b, "crl", &c->crl);
-    }
-    if (rc == 0)
-        rc = abs_path_arg(b, "default_storage", &c->default_storage);
-    const char *hn = jstr(b, "hostname");
-    if (rc == 0 && hn) {
-        free(c->hostname);
-        c->hostname = xstrdup(hn);
-    }
-    if (rc == 0 && (c->cert || c->key || c->ca))
-        rc = tls_check_material(c->cert, c->key, c->ca);
-    if (rc == 0 && !c->hostname && c->cert)
-        c->hostname = tls_cert_dns_name(c->cert);
-    if (rc == 0 && c->replica_enabled) {
-        bool cert = cfg_wants_certificate(c);
-        bool krb = cfg_wants_kerberos(c);
-        if (cert && (!c->cert || !c->key || !c->ca))
-            rc = vr_err(-EINVAL, "replica server: certificate, key and ca "
-                                 "are required to enable it");
-        else if (krb && (!c->keytab || !c->hostname))
-            rc = vr_err(-EINVAL, "replica server: Kerberos needs --keytab "
-                                 "(with HTTP/%s) and this host's name "
-                                 "(--hostname)",
-                        c->hostname ? c->hostname : "FQDN");
-        else if (c->allow_any && !c->default_storage)
-            rc = vr_err(-EINVAL, "replica server: allow_any needs a "
-                                 "default_storage directory");
-        if (rc == 0 && !c->cert_port)
-            c->cert_port = 443;
-        if (rc == 0 && !c->krb_port)
-            c->krb_port = 80;
-        if (rc == 0 && cert && krb && c->cert_port == c->krb_port)
-            rc = vr_err(-EINVAL, "replica server: the certificate and "
-                        "Kerberos ports must differ (%u)", c->krb_port);
-    }
-    if (rc == 0 && c->default_storage)
-        rc = io_mkdir_p(c->default_storage, 0750);
-    if (rc == 0)
-        rc = replica_listener_apply();
-    if (rc == 0)
-        rc = catalog_save_server();
-    struct server_cfg *drop = rc == 0 ? &old : c;
-    free(drop->hostname);
-    free(drop->auth);
-    free(drop->cert);
-    free(drop->key);
-    free(drop->ca);
-    free(drop->keytab);
-    free(drop->crl);
-    free(drop->cert_store);
-    free(drop->thumbprint);
-    free(drop->default_storage);
-    if (rc < 0) {
-        *c = old;
-        /* Restore the listener that matched the old settings. */
-        char saved[1024];
-        snprintf(saved, sizeof saved, "%s", vr_errmsg());
-        VR_IGNORE(replica_listener_apply());
-        vr_err(rc, "%s", saved);
-    } else {
-        event_add("info", NULL, "server settings changed%s",
-                  c->replica_enabled ? " (replica server enabled)" : "");
-        /* The settings stand; a firewall that cannot follow them is an
-         * error event and shows in firewall_error. */
-        firewall_sync();
-        *out = server_json();
-    }
-    pthread_mutex_unlock(&D->lock);
-    return rc;
+    *out = vm_find(key);
+    return *out ? 0 : vr_err(-ENOENT, "vm %s: not found", key);
 }
 
 /* --- VMs ------------------------------------------------------------------ */
@@ -486,7 +225,7 @@ api_vm_show(struct api_call *call, unsigned *status VR_UNUSED,
             return 0;
         }
     }
-    int rc = lookup(call, &vm);
+    int rc = vm_lookup(call->arg, &vm);
     if (rc == 0)
         *out = vm_to_json(vm);
     pthread_mutex_unlock(&D->lock);
@@ -591,7 +330,7 @@ api_vm_create(struct api_call *call, unsigned *status, json_object **out)
     if (rc == 0 && vm_find(name))
         rc = vr_err(-EEXIST, "vm %s: already exists", name);
     if (rc == 0)
-        rc = catalog_save_vm(vm);
+        rc = catalog_save_vm(D->cat, vm);
     if (rc < 0) {
         pthread_mutex_unlock(&D->lock);
         char saved[1024];
@@ -604,7 +343,7 @@ api_vm_create(struct api_call *call, unsigned *status, json_object **out)
     }
     vm->next = D->vms;
     D->vms = vm;
-    event_add("info", vm->name, "vm created with %u disk(s)", vm->ndisks);
+    event_add(D->cat, "info", vm->name, "vm created with %u disk(s)", vm->ndisks);
     *out = vm_to_json(vm);
     pthread_mutex_unlock(&D->lock);
     *status = 201;
@@ -668,24 +407,24 @@ vm_spec_of(const struct vm *vm, struct vmproc_spec *s,
 }
 
 /* Start or stop run their processes without the lock (up to the QEMU
- * timeouts); vm->changing keeps a second start, stop or remove out
+ * timeouts); VM_OP_CHANGE keeps a second start, stop or remove out
  * meanwhile. */
 static int
 begin_change(struct api_call *call, struct vm **out)
 {
-    int rc = lookup(call, out);
-    if (rc == 0 && (*out)->changing)
+    int rc = vm_lookup(call->arg, out);
+    if (rc == 0 && vm_busy(*out, VM_OP_CHANGE))
         rc = vr_err(-EBUSY, "vm %s: a start or stop is in progress",
                     (*out)->name);
     if (rc == 0)
-        (*out)->changing = true;
+        vm_op_begin(*out, VM_OP_CHANGE);
     return rc;
 }
 
 static void
 end_change(struct vm *vm)
 {
-    vm->changing = false;
+    vm_op_end(vm, VM_OP_CHANGE);
     if (vm->repl)
         vm->repl->kick = true;
     pthread_cond_broadcast(&D->cond);
@@ -699,9 +438,9 @@ api_vm_start(struct api_call *call, unsigned *status VR_UNUSED,
     pthread_mutex_lock(&D->lock);
     int rc = begin_change(call, &vm);
     if (rc == 0 && vm->repl && vm->repl->mode == VM_MODE_PRIMARY &&
-        (vm->repl->preparing ||
-         strcmp(vm->repl->state, ST_PREPARED) == 0)) {
-        vm->changing = false;
+        (vm_busy(vm, VM_OP_PREPARE) ||
+         vm->repl->st == REPL_ST_PREPARED)) {
+        vm_op_end(vm, VM_OP_CHANGE);
         rc = vr_err(-EBUSY, "vm %s: prepared for failover to %s: it starts "
                     "there ('vmreplica failover start %s' on the Replica "
                     "server); 'vmreplica failover stop %s' here undoes the "
@@ -709,8 +448,8 @@ api_vm_start(struct api_call *call, unsigned *status VR_UNUSED,
                     vm->name, vm->name);
     }
     if (rc == 0 && vm->mode == VM_MODE_REPLICA &&
-        !(vm->repl && strcmp(vm->repl->state, ST_FAILED_OVER) == 0)) {
-        vm->changing = false;
+        !(vm->repl && vm->repl->st == REPL_ST_FAILED_OVER)) {
+        vm_op_end(vm, VM_OP_CHANGE);
         rc = vr_err(-EBUSY, "vm %s: is a Replica VM; it starts only through "
                             "failover",
                     vm->name);
@@ -735,7 +474,7 @@ api_vm_start(struct api_call *call, unsigned *status VR_UNUSED,
     pthread_mutex_lock(&D->lock);
     end_change(vm);
     if (rc == 0) {
-        event_add("info", vm->name, "vm started (%s)",
+        event_add(D->cat, "info", vm->name, "vm started (%s)",
                   vm->hypervisor ? "qemu" : "disks served only");
         *out = vm_to_json(vm);
     } else {
@@ -766,7 +505,7 @@ api_vm_stop(struct api_call *call, unsigned *status VR_UNUSED,
     end_change(vm);
     if (rc == 0) {
         vm->hypervisor = false;
-        event_add("info", vm->name, "vm stopped");
+        event_add(D->cat, "info", vm->name, "vm stopped");
         *out = vm_to_json(vm);
     } else {
         vr_err(rc, "%s", msg);
@@ -789,7 +528,7 @@ api_vm_remove(struct api_call *call, unsigned *status VR_UNUSED,
 {
     struct vm *vm = NULL;
     pthread_mutex_lock(&D->lock);
-    int rc = lookup(call, &vm);
+    int rc = vm_lookup(call->arg, &vm);
     if (rc == 0) {
         CLEANUP_FREE char *rundir = vm_rundir(vm);
         bool served, running;
@@ -798,11 +537,11 @@ api_vm_remove(struct api_call *call, unsigned *status VR_UNUSED,
             rc = vr_err(-EBUSY, "vm %s: is running; stop it first", vm->name);
         else if (vmproc_rundir_busy(rundir))
             rc = vr_err(-EBUSY, "vm %s: %s", vm->name, vr_errmsg());
-        else if (vm->applying || vm->changing)
+        else if (vm_busy(vm, VM_OP_APPLY | VM_OP_CHANGE))
             rc = vr_err(-EBUSY, "vm %s: a cycle is being applied or a start "
                                 "or stop is in progress; try again",
                         vm->name);
-        else if (vm->repl && (vm->repl->test_point || vm->repl->test_busy))
+        else if (vm->repl && (vm->repl->test_point || vm_busy(vm, VM_OP_TEST)))
             rc = vr_err(-EBUSY, "vm %s: a test failover is running; run "
                         "'vmreplica failover stop %s --test' first",
                         vm->name, vm->name);
@@ -811,14 +550,14 @@ api_vm_remove(struct api_call *call, unsigned *status VR_UNUSED,
                                 "first",
                         vm->name);
         if (rc == 0)
-            rc = catalog_delete_vm(vm->uuid);
+            rc = catalog_delete_vm(D->cat, vm->uuid);
         if (rc == 0) {
             for (struct vm **p = &D->vms; *p; p = &(*p)->next)
                 if (*p == vm) {
                     *p = vm->next;
                     break;
                 }
-            event_add("info", vm->name, "vm removed");
+            event_add(D->cat, "info", vm->name, "vm removed");
             if (vm->mode != VM_MODE_REPLICA)
                 remove_tree(vm->dir);
             remove_tree(rundir);
@@ -830,16 +569,4 @@ api_vm_remove(struct api_call *call, unsigned *status VR_UNUSED,
     }
     pthread_mutex_unlock(&D->lock);
     return rc;
-}
-
-int
-api_events(struct api_call *call, unsigned *status VR_UNUSED,
-           json_object **out)
-{
-    pthread_mutex_lock(&D->lock);
-    json_object *arr = catalog_events(api_query(call, "vm"), 1000);
-    pthread_mutex_unlock(&D->lock);
-    *out = json_object_new_object();
-    json_object_object_add(*out, "events", arr);
-    return 0;
 }

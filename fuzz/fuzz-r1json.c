@@ -1,7 +1,7 @@
 /* fuzz-r1json.c: libFuzzer target for the JSON a peer sends in the
- * replication protocol (daemon/r1json.c): the body parser (whole body, one
- * document, bounded size and depth), a registration's checks and the NIC
- * checks.  Whatever the bytes, nothing may crash or leak, and what is
+ * replication protocol (daemon/core/r1json.c): the body parser (whole body,
+ * one document, bounded size and depth), a registration's checks and the
+ * NIC checks.  Whatever the bytes, nothing may crash or leak, and what is
  * accepted must be within the documented bounds. */
 #include <assert.h>
 #include <stddef.h>

@@ -18,7 +18,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "daemon.h"
+#include "storage.h"
 
 /* Split path (vmdir or a path in it) into STORAGE (caller frees) and the
  * part beneath it, "UUID[/...]" (points into path or vmdir). */

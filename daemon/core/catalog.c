@@ -1,12 +1,30 @@
 /* catalog.c: the SQLite catalog under STATE_DIR/catalog.db (WAL,
  * synchronous=FULL): server settings, VMs, disks, replication
  * relationships and events.  Every in-memory change is written through here
- * while d->lock is held, so the catalog is always the durable truth. */
+ * while the daemon's lock is held, so the catalog is always the durable
+ * truth.  Callers hold it as an opaque handle (struct catalog, core
+ * layer): it knows the state's types and nothing above them. */
+#include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "daemon.h"
+#include "catalog.h"
+#include "log.h"
+
+/* The catalog: one SQLite connection (FULLMUTEX), used under the daemon's
+ * lock. */
+struct catalog {
+    sqlite3 *db;
+};
+
+/* NULL before catalog_open and after catalog_close: SQLite then refuses
+ * each call (an event logged then is not stored). */
+static sqlite3 *
+db_of(struct catalog *cat)
+{
+    return cat ? cat->db : NULL;
+}
 
 #define SCHEMA_VERSION 6 /* 2: recovery history (points, two columns)
                             3: failover_point, failover_step,
@@ -48,10 +66,10 @@ static const char schema[] =
     "  level TEXT, vm TEXT, message TEXT);";
 
 static int
-exec_sql(const char *sql)
+exec_sql(struct catalog *cat, const char *sql)
 {
     char *err = NULL;
-    if (sqlite3_exec(D->db, sql, NULL, NULL, &err) != SQLITE_OK) {
+    if (sqlite3_exec(db_of(cat), sql, NULL, NULL, &err) != SQLITE_OK) {
         int rc = vr_err(-EIO, "catalog: %s", err ? err : "error");
         sqlite3_free(err);
         return rc;
@@ -62,12 +80,12 @@ exec_sql(const char *sql)
 /* Add column col to table unless it has it (a table the schema created
  * just now, in an older catalog, has it already). */
 static int
-add_column(const char *table, const char *col, const char *type)
+add_column(struct catalog *cat, const char *table, const char *col, const char *type)
 {
     sqlite3_stmt *st = NULL;
-    if (sqlite3_prepare_v2(D->db, "SELECT 1 FROM pragma_table_info(?) WHERE "
+    if (sqlite3_prepare_v2(db_of(cat), "SELECT 1 FROM pragma_table_info(?) WHERE "
                            "name = ?", -1, &st, NULL) != SQLITE_OK)
-        return vr_err(-EIO, "catalog: %s", sqlite3_errmsg(D->db));
+        return vr_err(-EIO, "catalog: %s", sqlite3_errmsg(db_of(cat)));
     sqlite3_bind_text(st, 1, table, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 2, col, -1, SQLITE_STATIC);
     bool have = sqlite3_step(st) == SQLITE_ROW;
@@ -76,20 +94,20 @@ add_column(const char *table, const char *col, const char *type)
         return 0;
     CLEANUP_FREE char *sql =
         xasprintf("ALTER TABLE %s ADD COLUMN %s %s", table, col, type);
-    return exec_sql(sql);
+    return exec_sql(cat, sql);
 }
 
 /* Bring an older catalog to the current version: version 2 added the
  * columns of recovery history and test failover (the points table is
  * created by the schema), version 3 those of failover. */
 static int
-migrate(void)
+migrate(struct catalog *cat)
 {
     sqlite3_stmt *st = NULL;
     int have = 0;
-    if (sqlite3_prepare_v2(D->db, "SELECT value FROM meta WHERE key = "
+    if (sqlite3_prepare_v2(db_of(cat), "SELECT value FROM meta WHERE key = "
                            "'schema_version'", -1, &st, NULL) != SQLITE_OK)
-        return vr_err(-EIO, "catalog: %s", sqlite3_errmsg(D->db));
+        return vr_err(-EIO, "catalog: %s", sqlite3_errmsg(db_of(cat)));
     if (sqlite3_step(st) == SQLITE_ROW)
         have = atoi((const char *)sqlite3_column_text(st, 0));
     sqlite3_finalize(st);
@@ -98,12 +116,12 @@ migrate(void)
                       "than this vmreplicad (%d)", have, SCHEMA_VERSION);
     int rc = 0;
     if (have == 1)
-        rc = exec_sql("ALTER TABLE replications ADD COLUMN recovery_history "
+        rc = exec_sql(cat, "ALTER TABLE replications ADD COLUMN recovery_history "
                       "INT; ALTER TABLE replications ADD COLUMN "
                       "point_interval INT; ALTER TABLE replications ADD "
                       "COLUMN test_point INT;");
     if (rc == 0 && have >= 1 && have <= 2)
-        rc = exec_sql("ALTER TABLE replications ADD COLUMN failover_point "
+        rc = exec_sql(cat, "ALTER TABLE replications ADD COLUMN failover_point "
                       "INT; ALTER TABLE replications ADD COLUMN "
                       "failover_step INT; ALTER TABLE replications ADD "
                       "COLUMN prepared_cycle INT; ALTER TABLE replications "
@@ -114,78 +132,84 @@ migrate(void)
                       "vms ADD COLUMN nics TEXT; ALTER TABLE vms ADD COLUMN "
                       "test_network TEXT;");
     if (rc == 0 && have >= 1 && have <= 3)
-        rc = exec_sql("ALTER TABLE replications ADD COLUMN auth TEXT; "
+        rc = exec_sql(cat, "ALTER TABLE replications ADD COLUMN auth TEXT; "
                       "ALTER TABLE replications ADD COLUMN krb_encrypt INT;");
     /* 5: a Replica VM's owner is its live relationship's primary and
      * trust group; one kept from an earlier removal has none (only a
      * local 'vm remove' frees it). */
     if (rc == 0 && have >= 1 && have <= 4)
-        rc = add_column("vms", "owner", "TEXT");
+        rc = add_column(cat, "vms", "owner", "TEXT");
     if (rc == 0 && have >= 1 && have <= 4)
-        rc = add_column("vms", "owner_group", "TEXT");
+        rc = add_column(cat, "vms", "owner_group", "TEXT");
     if (rc == 0 && have >= 1 && have <= 4)
-        rc = add_column("replications", "reset_pending", "INT");
+        rc = add_column(cat, "replications", "reset_pending", "INT");
     if (rc == 0 && have >= 1 && have <= 4)
-        rc = add_column("auth_entries", "max_vms", "INT");
+        rc = add_column(cat, "auth_entries", "max_vms", "INT");
     if (rc == 0 && have >= 1 && have <= 4)
-        rc = exec_sql("UPDATE vms SET owner = (SELECT primary_server FROM "
+        rc = exec_sql(cat, "UPDATE vms SET owner = (SELECT primary_server FROM "
                       "replications r WHERE r.vm_uuid = vms.uuid), "
                       "owner_group = (SELECT coalesce(trust_group, '') FROM "
                       "replications r WHERE r.vm_uuid = vms.uuid) WHERE "
                       "mode = 'replica';");
     /* 6: the first consistent cycle after an initial replication. */
     if (rc == 0 && have >= 1 && have <= 5)
-        rc = add_column("replications", "first_point", "INT");
+        rc = add_column(cat, "replications", "first_point", "INT");
     if (rc == 0)
-        rc = exec_sql("INSERT OR REPLACE INTO meta VALUES('schema_version', "
+        rc = exec_sql(cat, "INSERT OR REPLACE INTO meta VALUES('schema_version', "
                       "'6')");
     return rc;
 }
 
 int
-catalog_open(const char *path)
+catalog_open(const char *path, struct catalog **out)
 {
-    if (sqlite3_open_v2(path, &D->db,
+    struct catalog *cat = xcalloc(1, sizeof *cat);
+    /* Even on failure: the caller closes it (sqlite3_open_v2 makes a
+     * connection that must be closed in any case). */
+    *out = cat;
+    if (sqlite3_open_v2(path, &cat->db,
                         SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
                             SQLITE_OPEN_FULLMUTEX,
                         NULL) != SQLITE_OK)
         return vr_err(-EIO, "open catalog %s: %s", path,
-                      sqlite3_errmsg(D->db));
-    sqlite3_busy_timeout(D->db, 5000);
-    int rc = exec_sql("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;");
+                      sqlite3_errmsg(cat->db));
+    sqlite3_busy_timeout(cat->db, 5000);
+    int rc = exec_sql(cat, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;");
     if (rc == 0)
-        rc = exec_sql(schema);
+        rc = exec_sql(cat, schema);
     if (rc == 0)
-        rc = migrate();
+        rc = migrate(cat);
     return rc;
 }
 
 void
-catalog_close(void)
+catalog_close(struct catalog *cat)
 {
-    if (D->db)
-        sqlite3_close(D->db);
-    D->db = NULL;
+    if (!cat)
+        return;
+    if (cat->db)
+        sqlite3_close(cat->db);
+    free(cat);
 }
 
 static sqlite3_stmt *
-prep(const char *sql)
+prep(struct catalog *cat, const char *sql)
 {
     sqlite3_stmt *st = NULL;
-    if (sqlite3_prepare_v2(D->db, sql, -1, &st, NULL) != SQLITE_OK) {
-        vr_err(-EIO, "catalog: %s", sqlite3_errmsg(D->db));
+    if (sqlite3_prepare_v2(db_of(cat), sql, -1, &st, NULL) != SQLITE_OK) {
+        vr_err(-EIO, "catalog: %s", sqlite3_errmsg(db_of(cat)));
         return NULL;
     }
     return st;
 }
 
 static int
-step_done(sqlite3_stmt *st)
+step_done(struct catalog *cat, sqlite3_stmt *st)
 {
     int r = sqlite3_step(st);
     sqlite3_finalize(st);
     if (r != SQLITE_DONE)
-        return vr_err(-EIO, "catalog write: %s", sqlite3_errmsg(D->db));
+        return vr_err(-EIO, "catalog write: %s", sqlite3_errmsg(db_of(cat)));
     return 0;
 }
 
@@ -199,9 +223,9 @@ col_str(sqlite3_stmt *st, int i)
 /* --- server config as key/value --------------------------------------- */
 
 static int
-config_put(const char *key, const char *value)
+config_put(struct catalog *cat, const char *key, const char *value)
 {
-    sqlite3_stmt *st = prep("INSERT OR REPLACE INTO config VALUES(?, ?)");
+    sqlite3_stmt *st = prep(cat, "INSERT OR REPLACE INTO config VALUES(?, ?)");
     if (!st)
         return -EIO;
     sqlite3_bind_text(st, 1, key, -1, SQLITE_STATIC);
@@ -209,51 +233,49 @@ config_put(const char *key, const char *value)
         sqlite3_bind_text(st, 2, value, -1, SQLITE_STATIC);
     else
         sqlite3_bind_null(st, 2);
-    return step_done(st);
+    return step_done(cat, st);
 }
 
 int
-catalog_save_server(void)
+catalog_save_server(struct catalog *cat, const struct server_cfg *c)
 {
-    const struct server_cfg *c = &D->cfg;
     char port[16], kport[16], mon[16];
     snprintf(port, sizeof port, "%u", c->cert_port);
     snprintf(kport, sizeof kport, "%u", c->krb_port);
     snprintf(mon, sizeof mon, "%u", c->monitoring_interval_s);
-    int rc = catalog_begin();
+    int rc = catalog_begin(cat);
     if (rc < 0)
         return rc;
-    if ((rc = config_put("hostname", c->hostname)) < 0 ||
-        (rc = config_put("replica_enabled", c->replica_enabled ? "1" : "0")) <
+    if ((rc = config_put(cat, "hostname", c->hostname)) < 0 ||
+        (rc = config_put(cat, "replica_enabled", c->replica_enabled ? "1" : "0")) <
             0 ||
-        (rc = config_put("auth", c->auth)) < 0 ||
-        (rc = config_put("cert_port", port)) < 0 ||
-        (rc = config_put("krb_port", kport)) < 0 ||
-        (rc = config_put("keytab", c->keytab)) < 0 ||
-        (rc = config_put("krb_encrypt", c->krb_encrypt ? "1" : "0")) < 0 ||
-        (rc = config_put("cert", c->cert)) < 0 ||
-        (rc = config_put("key", c->key)) < 0 ||
-        (rc = config_put("ca", c->ca)) < 0 ||
-        (rc = config_put("crl", c->crl)) < 0 ||
-        (rc = config_put("cert_store", c->cert_store)) < 0 ||
-        (rc = config_put("thumbprint", c->thumbprint)) < 0 ||
-        (rc = config_put("allow_any", c->allow_any ? "1" : "0")) < 0 ||
-        (rc = config_put("default_storage", c->default_storage)) < 0 ||
-        (rc = config_put("monitoring_interval", mon)) < 0 ||
-        (rc = config_put("firewall_enabled",
+        (rc = config_put(cat, "auth", c->auth)) < 0 ||
+        (rc = config_put(cat, "cert_port", port)) < 0 ||
+        (rc = config_put(cat, "krb_port", kport)) < 0 ||
+        (rc = config_put(cat, "keytab", c->keytab)) < 0 ||
+        (rc = config_put(cat, "krb_encrypt", c->krb_encrypt ? "1" : "0")) < 0 ||
+        (rc = config_put(cat, "cert", c->cert)) < 0 ||
+        (rc = config_put(cat, "key", c->key)) < 0 ||
+        (rc = config_put(cat, "ca", c->ca)) < 0 ||
+        (rc = config_put(cat, "crl", c->crl)) < 0 ||
+        (rc = config_put(cat, "cert_store", c->cert_store)) < 0 ||
+        (rc = config_put(cat, "thumbprint", c->thumbprint)) < 0 ||
+        (rc = config_put(cat, "allow_any", c->allow_any ? "1" : "0")) < 0 ||
+        (rc = config_put(cat, "default_storage", c->default_storage)) < 0 ||
+        (rc = config_put(cat, "monitoring_interval", mon)) < 0 ||
+        (rc = config_put(cat, "firewall_enabled",
                          c->firewall_enabled ? "1" : "0")) < 0) {
-        return catalog_end(rc);
+        return catalog_end(cat, rc);
     }
-    return catalog_end(0);
+    return catalog_end(cat, 0);
 }
 
 static void
-load_server(void)
+load_server(struct catalog *cat, struct server_cfg *c)
 {
-    sqlite3_stmt *st = prep("SELECT key, value FROM config");
+    sqlite3_stmt *st = prep(cat, "SELECT key, value FROM config");
     if (!st)
         return;
-    struct server_cfg *c = &D->cfg;
     while (sqlite3_step(st) == SQLITE_ROW) {
         const char *k = (const char *)sqlite3_column_text(st, 0);
         char *v = col_str(st, 1);
@@ -310,15 +332,15 @@ mode_parse(const char *s)
 }
 
 int
-catalog_save_vm(const struct vm *vm)
+catalog_save_vm(struct catalog *cat, const struct vm *vm)
 {
-    int rc = catalog_begin();
+    int rc = catalog_begin(cat);
     if (rc < 0)
         return rc;
     sqlite3_stmt *st =
-        prep("INSERT OR REPLACE INTO vms VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)");
+        prep(cat, "INSERT OR REPLACE INTO vms VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)");
     if (!st)
-        return catalog_end(-EIO);
+        return catalog_end(cat, -EIO);
     sqlite3_bind_text(st, 1, vm->uuid, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 2, vm->name, -1, SQLITE_STATIC);
     sqlite3_bind_int(st, 3, (int)vm->cpus);
@@ -336,18 +358,18 @@ catalog_save_vm(const struct vm *vm)
     sqlite3_bind_text(st, 11, vm->test_network, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 12, vm->owner, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 13, vm->owner_group, -1, SQLITE_STATIC);
-    rc = step_done(st);
+    rc = step_done(cat, st);
     if (rc == 0) {
-        st = prep("DELETE FROM disks WHERE vm_uuid = ?");
+        st = prep(cat, "DELETE FROM disks WHERE vm_uuid = ?");
         if (!st)
             rc = -EIO;
         else {
             sqlite3_bind_text(st, 1, vm->uuid, -1, SQLITE_STATIC);
-            rc = step_done(st);
+            rc = step_done(cat, st);
         }
     }
     for (unsigned i = 0; rc == 0 && i < vm->ndisks; i++) {
-        st = prep("INSERT INTO disks VALUES(?,?,?,?,?)");
+        st = prep(cat, "INSERT INTO disks VALUES(?,?,?,?,?)");
         if (!st) {
             rc = -EIO;
             break;
@@ -357,16 +379,16 @@ catalog_save_vm(const struct vm *vm)
         sqlite3_bind_text(st, 3, vm->disks[i].id, -1, SQLITE_STATIC);
         sqlite3_bind_text(st, 4, vm->disks[i].path, -1, SQLITE_STATIC);
         sqlite3_bind_int64(st, 5, (sqlite3_int64)vm->disks[i].size);
-        rc = step_done(st);
+        rc = step_done(cat, st);
     }
     if (rc < 0) {
-        return catalog_end(rc);
+        return catalog_end(cat, rc);
     }
-    return catalog_end(0);
+    return catalog_end(cat, 0);
 }
 
 int
-catalog_delete_vm(const char *uuid)
+catalog_delete_vm(struct catalog *cat, const char *uuid)
 {
     int rc = 0;
     const char *sqls[] = { "DELETE FROM disks WHERE vm_uuid = ?",
@@ -374,11 +396,11 @@ catalog_delete_vm(const char *uuid)
                            "DELETE FROM replications WHERE vm_uuid = ?",
                            "DELETE FROM vms WHERE uuid = ?" };
     for (size_t i = 0; rc == 0 && i < ARRAY_SIZE(sqls); i++) {
-        sqlite3_stmt *st = prep(sqls[i]);
+        sqlite3_stmt *st = prep(cat, sqls[i]);
         if (!st)
             return -EIO;
         sqlite3_bind_text(st, 1, uuid, -1, SQLITE_STATIC);
-        rc = step_done(st);
+        rc = step_done(cat, st);
     }
     return rc;
 }
@@ -386,9 +408,9 @@ catalog_delete_vm(const char *uuid)
 /* --- replications -------------------------------------------------------- */
 
 int
-catalog_save_repl(const struct repl *r)
+catalog_save_repl(struct catalog *cat, const struct repl *r)
 {
-    sqlite3_stmt *st = prep(
+    sqlite3_stmt *st = prep(cat, 
         "INSERT OR REPLACE INTO replications VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,"
         "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
     if (!st)
@@ -396,7 +418,7 @@ catalog_save_repl(const struct repl *r)
     int i = 1;
     sqlite3_bind_text(st, i++, r->vm_uuid, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, i++, vm_mode_name(r->mode), -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, i++, r->state, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, i++, repl_st_name(r->st), -1, SQLITE_STATIC);
     sqlite3_bind_text(st, i++, r->replica_server, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, i++, r->connect_address, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, i++, r->primary_server, -1, SQLITE_STATIC);
@@ -436,35 +458,35 @@ catalog_save_repl(const struct repl *r)
     sqlite3_bind_int(st, i++, r->krb_encrypt);
     sqlite3_bind_int(st, i++, r->reset_pending);
     sqlite3_bind_int64(st, i++, (sqlite3_int64)r->first_point);
-    return step_done(st);
+    return step_done(cat, st);
 }
 
 /* Savepoints, not BEGIN: they nest (catalog_save_vm inside a caller's
  * transaction). */
 int
-catalog_begin(void)
+catalog_begin(struct catalog *cat)
 {
-    return exec_sql("SAVEPOINT vr");
+    return exec_sql(cat, "SAVEPOINT vr");
 }
 
 int
-catalog_end(int rc)
+catalog_end(struct catalog *cat, int rc)
 {
     if (rc < 0) {
-        VR_IGNORE(exec_sql("ROLLBACK TO vr; RELEASE vr"));
+        VR_IGNORE(exec_sql(cat, "ROLLBACK TO vr; RELEASE vr"));
         return rc;
     }
-    return exec_sql("RELEASE vr");
+    return exec_sql(cat, "RELEASE vr");
 }
 
 int
-catalog_delete_repl(const char *uuid)
+catalog_delete_repl(struct catalog *cat, const char *uuid)
 {
-    sqlite3_stmt *st = prep("DELETE FROM replications WHERE vm_uuid = ?");
+    sqlite3_stmt *st = prep(cat, "DELETE FROM replications WHERE vm_uuid = ?");
     if (!st)
         return -EIO;
     sqlite3_bind_text(st, 1, uuid, -1, SQLITE_STATIC);
-    return step_done(st);
+    return step_done(cat, st);
 }
 
 static struct repl *
@@ -476,8 +498,13 @@ load_repl(sqlite3_stmt *st)
              (const char *)sqlite3_column_text(st, i++));
     r->mode = mode_parse((const char *)sqlite3_column_text(st, i++));
     const unsigned char *state = sqlite3_column_text(st, i++);
-    snprintf(r->state, sizeof r->state, "%s",
-             state ? (const char *)state : ST_DISABLED);
+    r->st = REPL_ST_DISABLED;
+    if (state && !repl_st_parse((const char *)state, &r->st)) {
+        /* Only a damaged row names no state: stopped, not guessed. */
+        log_warn("catalog", "vm %s: unknown replication state %s; taken as "
+                 "Error", r->vm_uuid, (const char *)state);
+        r->st = REPL_ST_ERROR;
+    }
     r->replica_server = col_str(st, i++);
     r->connect_address = col_str(st, i++);
     r->primary_server = col_str(st, i++);
@@ -525,9 +552,9 @@ load_repl(sqlite3_stmt *st)
 /* --- recovery points ------------------------------------------------------ */
 
 int
-catalog_add_point(const char *uuid, const struct point *p)
+catalog_add_point(struct catalog *cat, const char *uuid, const struct point *p)
 {
-    sqlite3_stmt *st = prep("INSERT OR REPLACE INTO points VALUES(?,?,?,?,?)");
+    sqlite3_stmt *st = prep(cat, "INSERT OR REPLACE INTO points VALUES(?,?,?,?,?)");
     if (!st)
         return -EIO;
     sqlite3_bind_text(st, 1, uuid, -1, SQLITE_STATIC);
@@ -535,28 +562,28 @@ catalog_add_point(const char *uuid, const struct point *p)
     sqlite3_bind_int64(st, 3, (sqlite3_int64)p->time_ms);
     sqlite3_bind_text(st, 4, p->kind, -1, SQLITE_STATIC);
     sqlite3_bind_int64(st, 5, (sqlite3_int64)p->undo_bytes);
-    return step_done(st);
+    return step_done(cat, st);
 }
 
 int
-catalog_delete_point(const char *uuid, uint64_t cycle)
+catalog_delete_point(struct catalog *cat, const char *uuid, uint64_t cycle)
 {
     sqlite3_stmt *st =
-        prep("DELETE FROM points WHERE vm_uuid = ? AND (cycle = ? OR ? = 0)");
+        prep(cat, "DELETE FROM points WHERE vm_uuid = ? AND (cycle = ? OR ? = 0)");
     if (!st)
         return -EIO;
     sqlite3_bind_text(st, 1, uuid, -1, SQLITE_STATIC);
     sqlite3_bind_int64(st, 2, (sqlite3_int64)cycle);
     sqlite3_bind_int64(st, 3, (sqlite3_int64)cycle);
-    return step_done(st);
+    return step_done(cat, st);
 }
 
 int
-catalog_points(const char *uuid, struct point **out, size_t *n)
+catalog_points(struct catalog *cat, const char *uuid, struct point **out, size_t *n)
 {
     *out = NULL;
     *n = 0;
-    sqlite3_stmt *st = prep("SELECT cycle, time_ms, kind, undo_bytes FROM "
+    sqlite3_stmt *st = prep(cat, "SELECT cycle, time_ms, kind, undo_bytes FROM "
                             "points WHERE vm_uuid = ? ORDER BY cycle");
     if (!st)
         return -EIO;
@@ -582,16 +609,16 @@ catalog_points(const char *uuid, struct point **out, size_t *n)
         free(*out);
         *out = NULL;
         *n = 0;
-        return vr_err(-EIO, "catalog read: %s", sqlite3_errmsg(D->db));
+        return vr_err(-EIO, "catalog read: %s", sqlite3_errmsg(db_of(cat)));
     }
     return 0;
 }
 
 int
-catalog_load(void)
+catalog_load(struct catalog *cat, struct server_cfg *cfg, struct vm **vms)
 {
-    load_server();
-    sqlite3_stmt *st = prep("SELECT uuid, name, cpus, memory_mib, mode, dir, "
+    load_server(cat, cfg);
+    sqlite3_stmt *st = prep(cat, "SELECT uuid, name, cpus, memory_mib, mode, dir, "
                             "kernel, initrd, cmdline, nics, test_network, "
                             "owner, owner_group FROM vms ORDER BY name DESC");
     if (!st)
@@ -620,13 +647,13 @@ catalog_load(void)
         vm->test_network = col_str(st, 10);
         vm->owner = col_str(st, 11);
         vm->owner_group = col_str(st, 12);
-        vm->next = D->vms;
-        D->vms = vm;
+        vm->next = *vms;
+        *vms = vm;
     }
     sqlite3_finalize(st);
 
-    for (struct vm *vm = D->vms; vm; vm = vm->next) {
-        st = prep("SELECT idx, id, path, size FROM disks WHERE vm_uuid = ? "
+    for (struct vm *vm = *vms; vm; vm = vm->next) {
+        st = prep(cat, "SELECT idx, id, path, size FROM disks WHERE vm_uuid = ? "
                   "ORDER BY idx");
         if (!st)
             return -EIO;
@@ -640,7 +667,7 @@ catalog_load(void)
         }
         sqlite3_finalize(st);
 
-        st = prep("SELECT * FROM replications WHERE vm_uuid = ?");
+        st = prep(cat, "SELECT * FROM replications WHERE vm_uuid = ?");
         if (!st)
             return -EIO;
         sqlite3_bind_text(st, 1, vm->uuid, -1, SQLITE_STATIC);
@@ -654,11 +681,11 @@ catalog_load(void)
 /* --- authorization entries ------------------------------------------------ */
 
 int
-catalog_auth_list(struct auth_entry **out, size_t *n)
+catalog_auth_list(struct catalog *cat, struct auth_entry **out, size_t *n)
 {
     *out = NULL;
     *n = 0;
-    sqlite3_stmt *st = prep("SELECT pattern, storage, trust_group, max_vms "
+    sqlite3_stmt *st = prep(cat, "SELECT pattern, storage, trust_group, max_vms "
                             "FROM auth_entries ORDER BY pattern");
     if (!st)
         return -EIO;
@@ -680,7 +707,7 @@ catalog_auth_list(struct auth_entry **out, size_t *n)
         auth_entries_free(*out, *n);
         *out = NULL;
         *n = 0;
-        return vr_err(-EIO, "catalog: %s", sqlite3_errmsg(D->db));
+        return vr_err(-EIO, "catalog: %s", sqlite3_errmsg(db_of(cat)));
     }
     return 0;
 }
@@ -697,10 +724,10 @@ auth_entries_free(struct auth_entry *e, size_t n)
 }
 
 int
-catalog_auth_put(const struct auth_entry *e)
+catalog_auth_put(struct catalog *cat, const struct auth_entry *e)
 {
     sqlite3_stmt *st =
-        prep("INSERT OR REPLACE INTO auth_entries VALUES(?,?,?,?)");
+        prep(cat, "INSERT OR REPLACE INTO auth_entries VALUES(?,?,?,?)");
     if (!st)
         return -EIO;
     sqlite3_bind_text(st, 1, e->pattern, -1, SQLITE_STATIC);
@@ -708,18 +735,18 @@ catalog_auth_put(const struct auth_entry *e)
     sqlite3_bind_text(st, 3, e->trust_group ? e->trust_group : "", -1,
                       SQLITE_STATIC);
     sqlite3_bind_int64(st, 4, e->max_vms);
-    return step_done(st);
+    return step_done(cat, st);
 }
 
 int
-catalog_auth_delete(const char *pattern)
+catalog_auth_delete(struct catalog *cat, const char *pattern)
 {
-    sqlite3_stmt *st = prep("DELETE FROM auth_entries WHERE pattern = ?");
+    sqlite3_stmt *st = prep(cat, "DELETE FROM auth_entries WHERE pattern = ?");
     if (!st)
         return -EIO;
     sqlite3_bind_text(st, 1, pattern, -1, SQLITE_STATIC);
-    int rc = step_done(st);
-    if (rc == 0 && sqlite3_changes(D->db) == 0)
+    int rc = step_done(cat, st);
+    if (rc == 0 && sqlite3_changes(db_of(cat)) == 0)
         rc = vr_err(-ENOENT, "no authorization entry for %s", pattern);
     return rc;
 }
@@ -727,10 +754,10 @@ catalog_auth_delete(const char *pattern)
 /* --- events -------------------------------------------------------------- */
 
 void
-catalog_add_event(uint64_t time_ms, const char *level, const char *vm,
+catalog_add_event(struct catalog *cat, uint64_t time_ms, const char *level, const char *vm,
                   const char *msg)
 {
-    sqlite3_stmt *st = prep("INSERT INTO events(time_ms, level, vm, message) "
+    sqlite3_stmt *st = prep(cat, "INSERT INTO events(time_ms, level, vm, message) "
                             "VALUES(?,?,?,?)");
     if (!st)
         return;
@@ -741,17 +768,17 @@ catalog_add_event(uint64_t time_ms, const char *level, const char *vm,
     else
         sqlite3_bind_null(st, 3);
     sqlite3_bind_text(st, 4, msg, -1, SQLITE_STATIC);
-    (void)step_done(st);
+    (void)step_done(cat, st);
     /* Keep the table bounded. */
-    (void)exec_sql("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM "
+    (void)exec_sql(cat, "DELETE FROM events WHERE id <= (SELECT MAX(id) FROM "
                    "events) - 10000");
 }
 
 json_object *
-catalog_events(const char *vm, unsigned max)
+catalog_events(struct catalog *cat, const char *vm, unsigned max)
 {
     json_object *arr = json_object_new_array();
-    sqlite3_stmt *st = prep(
+    sqlite3_stmt *st = prep(cat, 
         "SELECT * FROM (SELECT time_ms, level, vm, message, id FROM events "
         "WHERE (?1 IS NULL OR vm = ?1) ORDER BY id DESC LIMIT ?2) ORDER BY "
         "id");

@@ -28,7 +28,7 @@
 
 #include <json-c/json.h>
 
-#include "r1json.h"
+#include "core/r1json.h"
 #include "vr.h"
 
 struct vmproc_disk {

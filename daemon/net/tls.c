@@ -9,7 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "daemon.h"
+#include "tls.h"
 
 int
 tls_check_material(const char *cert, const char *key, const char *ca)
