@@ -475,6 +475,13 @@ struct cl_writer {
 };
 
 static int use_mmap = CL_MMAP_OFF;
+static bool seal_syncs = true;
+
+void
+cl_writer_seal_syncs(bool on)
+{
+    seal_syncs = on;
+}
 
 void
 cl_writer_use_mmap(int mode)
@@ -594,7 +601,8 @@ reuse_spare(int dirfd, const char *name, const uint8_t *hdr)
         return -1;
     struct stat st;
     if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) ||
-        io_pwrite_all(fd, hdr, CL_SEG_HDR_BYTES, 0) < 0 || fdatasync(fd) < 0 ||
+        io_pwrite_all(fd, hdr, CL_SEG_HDR_BYTES, 0) < 0 ||
+        (seal_syncs && fdatasync(fd) < 0) ||
         renameat2(dirfd, CL_SPARE_NAME, dirfd, name, RENAME_NOREPLACE) < 0) {
         close(fd);
         return -1;
@@ -619,10 +627,10 @@ writer_create_name(int dirfd, const char *name, const struct cl_seg_hdr *h,
             return vr_err(-errno, "create %s %s: %s", what, name,
                           strerror(errno));
         rc = io_pwrite_all(fd, hdr, sizeof hdr, 0);
-        if (rc == 0 && fdatasync(fd) < 0)
+        if (rc == 0 && seal_syncs && fdatasync(fd) < 0)
             rc = -errno;
     }
-    if (rc == 0)
+    if (rc == 0 && seal_syncs)
         rc = io_fsync_dirfd(dirfd);
     struct cl_writer *w = NULL;
     if (rc == 0 && !(w = writer_new(dirfd, fd, h->disk, h->cycle)))
@@ -986,8 +994,9 @@ cl_writer_seal_cut(struct cl_writer *w)
         rc = -errno;
     /* Durable before anything can depend on it: the caller creates the
      * next segment next, and a next segment that survives a power loss
-     * must find this one whole, seal included. */
-    if (rc == 0 && fdatasync(w->fd) < 0)
+     * must find this one whole, seal included (unless the caller does not
+     * trust a log across a power loss at all: cl_writer_seal_syncs). */
+    if (rc == 0 && seal_syncs && fdatasync(w->fd) < 0)
         rc = -errno;
     if (rc < 0) {
         /* Still open: take the seal record back so appends may go on. */

@@ -150,6 +150,12 @@ int cl_writer_settle(struct cl_writer *w, const struct cl_rec *rec,
  * never for preserve files. */
 enum { CL_MMAP_OFF = 0, CL_MMAP_ALL = 1, CL_MMAP_NODATA = 2 };
 void cl_writer_use_mmap(int mode);
+/* Whether cutting a seal and creating a segment sync the files and the
+ * directory (default on), so that every power-loss state opens by itself.
+ * The data plane turns it off: after a power loss it trusts no log (the
+ * tracking marker's boot, lib/dirtymap.h) and resynchronizes, so those
+ * syncs would only hold every guest write back at each seal. */
+void cl_writer_seal_syncs(bool on);
 /* Open the preserve file of cycle for appending: create it (header
  * durable) or, after a restart, reopen it with a torn tail cut. */
 int cl_writer_open_pre(int dirfd, uint16_t disk, uint64_t cycle,

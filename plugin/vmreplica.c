@@ -51,6 +51,11 @@ pthread_rwlock_t seal_lock;
 uint64_t open_cycle;  /* protected by seal_lock */
 uint64_t shipped;     /* cycles <= shipped are shipped (atomic) */
 bool log_ref = true;  /* log=ref (default) or log=data */
+/* sealsync=on: sync each sealed segment and the next one's creation under
+ * the seal, as if a log were trusted after a power loss.  It is not (the
+ * tracking marker's boot, formats.md §7), so off by default: the syncs
+ * only held every guest write back at each seal. */
+static bool seal_sync = false;
 int logio = CL_MMAP_NODATA; /* logio=auto (default), write, mmap */
 uint64_t refmap_max = 1u << 20; /* owner entries per disk */
 int stopped;           /* set once the log cannot follow the disk */
@@ -224,6 +229,15 @@ vmreplica_config(const char *key, const char *value)
             return -1;
         }
         refmap_max = v;
+    } else if (strcmp(key, "sealsync") == 0) {
+        if (strcmp(value, "on") == 0)
+            seal_sync = true;
+        else if (strcmp(value, "off") == 0)
+            seal_sync = false;
+        else {
+            nbdkit_error("sealsync=%s: expected on or off", value);
+            return -1;
+        }
     } else if (strcmp(key, "hashlog") == 0) {
         free(hashlog_path);
         hashlog_path = nbdkit_absolute_path(value);
@@ -240,6 +254,7 @@ static int
 vmreplica_config_complete(void)
 {
     cl_writer_use_mmap(logio);
+    cl_writer_seal_syncs(seal_sync);
     if (ndisks == 0) {
         nbdkit_error("at least one disk=ID:PATH is required");
         return -1;
@@ -265,6 +280,8 @@ vmreplica_config_complete(void)
     "                    copy their data into the log\n"                      \
     "refmap=N            blocks tracked by reference per disk before writes\n"\
     "                    fall back to log=data (default 1048576)\n"           \
+    "sealsync=on|off     sync each seal as if the log were trusted after a\n" \
+    "                    power loss (default off: it is not, formats.md §7)\n" \
     "hashlog=FILE        append '<cycle> <id> <sha256>' per disk at each seal\n" \
     "view=DIR:POINT:LATEST  serve the disks read-only at recovery point\n"  \
     "                    POINT from the undo spans in DIR (no tracking)"
