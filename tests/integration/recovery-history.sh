@@ -184,9 +184,15 @@ log "view of point $latest kept at it across cycles $((latest + 1))..$now by REF
 for fault in undo-capture:2 undo-captured:2 apply-before-commit:2 \
              prune-after-catalog:3 undo-merge:2; do
     log "--- SIGKILL of the Replica server at $fault ---"
+    # Suspended while the replica restarts: the primary's cycles (one a
+    # second, even empty ones) would otherwise reach the fault point before
+    # wait_daemon sees the socket up on a loaded machine (a flake: "daemon
+    # replica exited (status 137) before its socket was up").
+    vr primary replication suspend "$vm" >/dev/null || fail "suspend"
     stop_daemon replica
     spawn_daemon replica VMREPLICA_FAULT="$fault"
     wait_daemon replica 20
+    vr primary replication resume "$vm" >/dev/null || fail "resume"
     ( write_for 30 ) &
     wpid=$!
     wait_until 45 daemon_dead replica ||
