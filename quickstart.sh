@@ -22,8 +22,8 @@ PACKAGES=(build-essential meson ninja-build pkg-config nbdkit
     libkrb5-dev krb5-user krb5-kdc krb5-admin-server faketime
     nftables iproute2 python3-libnbd fio strace)
 
-say() {
-    printf 'quickstart: %s\n' "$*"
+say() { # with the seconds since the start, to see where a run's time goes
+    printf 'quickstart: [%ss] %s\n' "$SECONDS" "$*"
 }
 die() {
     printf 'quickstart: error: %s\n' "$*" >&2
@@ -101,14 +101,21 @@ build() {
 }
 
 run_tests() {
-    local jobs rc=0
-    jobs=$(nproc 2>/dev/null || echo 2)
-    [ "$jobs" -le 4 ] || jobs=4
+    local ncpu jobs rc=0
+    ncpu=$(nproc 2>/dev/null || echo 2)
+    # One test more than CPUs: the integration scenarios spend much of
+    # their time waiting (replication periods, polls, guests), so three at
+    # once on two cores take about half the time of one at a time.
+    jobs=$((ncpu + 1))
+    [ "$jobs" -le 6 ] || jobs=6
 
     rm -f build/meson-logs/testlog.json build-asan/meson-logs/testlog.json
 
+    # Timeouts are for hangs, set for a test running alone: doubled, as a
+    # test sharing the CPUs with two others may take twice as long.
     say "running the test suite (meson test -C build)"
-    meson test -C build --print-errorlogs --num-processes "$jobs" || rc=1
+    meson test -C build --print-errorlogs --num-processes "$jobs" \
+        --timeout-multiplier 2 || rc=1
 
     say "building with ASan+UBSan (clang, build-asan)"
     if CC=clang setup build-asan -Db_sanitize=address,undefined \
@@ -125,6 +132,7 @@ run_tests() {
         rc=1
     fi
 
+    say "done"
     echo
     scripts/test-summary.sh \
         build/meson-logs/testlog.json build-asan/meson-logs/testlog.json ||
