@@ -22,8 +22,8 @@ PACKAGES=(build-essential meson ninja-build pkg-config nbdkit
     libkrb5-dev krb5-user krb5-kdc krb5-admin-server faketime
     nftables iproute2 python3-libnbd fio strace)
 
-say() {
-    printf 'quickstart: %s\n' "$*"
+say() { # with the seconds since the start, to see where a run's time goes
+    printf 'quickstart: [%ss] %s\n' "$SECONDS" "$*"
 }
 die() {
     printf 'quickstart: error: %s\n' "$*" >&2
@@ -101,14 +101,22 @@ build() {
 }
 
 run_tests() {
-    local jobs rc=0
-    jobs=$(nproc 2>/dev/null || echo 2)
-    [ "$jobs" -le 4 ] || jobs=4
+    local ncpu jobs rc=0
+    ncpu=$(nproc 2>/dev/null || echo 2)
+    # One test more than CPUs: the integration scenarios spend much of
+    # their time waiting (replication periods, polls, guests), so three at
+    # once on two cores take about half the time of one at a time.
+    jobs=$((ncpu + 1))
+    [ "$jobs" -le 6 ] || jobs=6
 
-    rm -f build/meson-logs/testlog.json build-asan/meson-logs/testlog.json
+    rm -f build/meson-logs/testlog.json build-asan/meson-logs/testlog.json \
+        build-asan/meson-logs/fuzzlog.json
 
+    # Timeouts are for hangs, set for a test running alone: doubled, as a
+    # test sharing the CPUs with two others may take twice as long.
     say "running the test suite (meson test -C build)"
-    meson test -C build --print-errorlogs --num-processes "$jobs" || rc=1
+    meson test -C build --print-errorlogs --num-processes "$jobs" \
+        --timeout-multiplier 2 || rc=1
 
     say "building with ASan+UBSan (clang, build-asan)"
     if CC=clang setup build-asan -Db_sanitize=address,undefined \
@@ -117,18 +125,24 @@ run_tests() {
         -Dintegration_plugin="$PWD/build/plugin/nbdkit-vmreplica-plugin.so"; then
         say "under ASan+UBSan: unit tests, each fuzzer briefly, and the" \
             "'sanitize' integration tests with the daemon and CLI instrumented"
-        meson test -C build-asan --suite unit --suite fuzz --suite sanitize \
+        meson test -C build-asan --suite unit --suite sanitize \
             --print-errorlogs --num-processes "$jobs" \
+            --timeout-multiplier 3 || rc=1
+        # A fuzzer runs for a fixed time and finds as much as the CPU it
+        # gets: one per CPU, with nothing else of ours beside them.
+        meson test -C build-asan --suite fuzz --logbase fuzzlog \
+            --print-errorlogs --num-processes "$ncpu" \
             --timeout-multiplier 3 || rc=1
     else
         say "error: meson setup build-asan failed"
         rc=1
     fi
 
+    say "done"
     echo
     scripts/test-summary.sh \
-        build/meson-logs/testlog.json build-asan/meson-logs/testlog.json ||
-        rc=1
+        build/meson-logs/testlog.json build-asan/meson-logs/testlog.json \
+        build-asan/meson-logs/fuzzlog.json || rc=1
     return "$rc"
 }
 

@@ -2,7 +2,8 @@
 # test-summary.sh [TESTLOG.json…] — sum meson test results.
 #
 # Reads meson's testlog.json files (one JSON object per line; default:
-# build*/meson-logs/testlog.json under the current directory), lists the
+# build*/meson-logs/*.json under the current directory: testlog.json, and
+# e.g. fuzzlog.json from `meson test --logbase fuzzlog`), lists the
 # failed and skipped tests (a skipped test with the reason it printed), then
 # prints ONE closing line:
 #     N passed, N failed, N skipped
@@ -17,7 +18,7 @@ fi
 
 if [ $# -eq 0 ]; then
     shopt -s nullglob
-    set -- build*/meson-logs/testlog.json
+    set -- build*/meson-logs/*.json
     shopt -u nullglob
 fi
 if [ $# -eq 0 ]; then
@@ -30,7 +31,7 @@ fi
 # counts as one failure.
 rows=$(
     for log in "$@"; do
-        run=${log%/meson-logs/testlog.json}
+        run=${log%/meson-logs/*.json}
         run=${run##*/}
         if [ ! -e "$log" ]; then
             printf '%s\tERROR\t(no test log %s: the run did not happen)\t\n' \

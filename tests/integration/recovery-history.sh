@@ -56,6 +56,7 @@ write_for() {
 
 # check_points WHAT — suspend replication, wait until the replica has
 # applied everything, rebuild every point and compare with the hashlog.
+# Replication is left suspended: the caller resumes it.
 check_points() {
     local what=$1 pts latest p h want undo spans n_pts
     vr primary replication suspend "$vm" >/dev/null || fail "suspend"
@@ -82,7 +83,6 @@ check_points() {
         fail "$what: $spans undo files for $n_pts points: $(ls "$undo")"
     [ -z "$(find "$undo" -name '*.tmp')" ] || fail "$what: temporary files left"
     log "$what: $n_pts points (cycles $(jq -r '[.[].id] | join(",")' <<<"$pts")), each equal to the primary at its cycle"
-    vr primary replication resume "$vm" >/dev/null || fail "resume"
     N_POINTS=$n_pts
 }
 _replica_caught_up() {
@@ -103,6 +103,10 @@ vr replica points list "$vm" | grep -q "recent (every cycle)" ||
     fail "points list does not show the recent window"
 vr primary points list "$vm" >/dev/null 2>&1 &&
     fail "points list on the primary should be refused"
+# Checked above while suspended: a cycle applied after a long check (a
+# loaded machine) would leave no point but the latest within the 3 s
+# window, and no "recent" line (a flake).
+vr primary replication resume "$vm" >/dev/null || fail "resume"
 
 log "serve the oldest point read-only over NBD; a qcow2 overlay makes it writable"
 vr primary replication suspend "$vm" >/dev/null || fail "suspend"
@@ -184,9 +188,15 @@ log "view of point $latest kept at it across cycles $((latest + 1))..$now by REF
 for fault in undo-capture:2 undo-captured:2 apply-before-commit:2 \
              prune-after-catalog:3 undo-merge:2; do
     log "--- SIGKILL of the Replica server at $fault ---"
+    # Suspended while the replica restarts: the primary's cycles (one a
+    # second, even empty ones) would otherwise reach the fault point before
+    # wait_daemon sees the socket up on a loaded machine (a flake: "daemon
+    # replica exited (status 137) before its socket was up").
+    vr primary replication suspend "$vm" >/dev/null || fail "suspend"
     stop_daemon replica
     spawn_daemon replica VMREPLICA_FAULT="$fault"
     wait_daemon replica 20
+    vr primary replication resume "$vm" >/dev/null || fail "resume"
     ( write_for 30 ) &
     wpid=$!
     wait_until 45 daemon_dead replica ||
@@ -198,6 +208,7 @@ for fault in undo-capture:2 undo-captured:2 apply-before-commit:2 \
     start_daemon replica
     write_for 3
     check_points "after a crash at $fault"
+    vr primary replication resume "$vm" >/dev/null || fail "resume"
 done
 assert_replicating "$vm"
 log "PASS"
