@@ -326,16 +326,19 @@ refused needenc 403 "accepts Kerberos replication only encrypted" \
 vr replica server set --kerberos-encrypt off >/dev/null || fail "server set --kerberos-encrypt off"
 
 # Clock skew: the Replica server's clock 10 min ahead, then 10 min behind.
-if FAKETIME_LIB=$(ls /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1 2>/dev/null); then
+if grep -q __asan_init "$VMREPLICAD"; then
+    # libfaketime's first clock call looks the real one up with dlsym,
+    # which allocates; under load ASan's allocator can be holding its lock
+    # in that clock call: the daemon deadlocks at start-up.  The plain
+    # build runs these cases (the code path is the same).
+    log "ASan build: the clock-skew cases run in the plain build only"
+elif FAKETIME_LIB=$(ls /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1 2>/dev/null); then
     for skew in +10m -10m; do
         want="Clock skew too great"
         [ "$skew" = +10m ] || want="Ticket not yet valid"
         stop_daemon replica
-        # (ASan wants to be first in the library list; libfaketime is
-        # preloaded before it here, which is harmless.)
         spawn_daemon replica LD_PRELOAD="$FAKETIME_LIB" FAKETIME="$skew" \
-            FAKETIME_DONT_FAKE_MONOTONIC=1 \
-            ASAN_OPTIONS="${ASAN_OPTIONS:-}:verify_asan_link_order=0"
+            FAKETIME_DONT_FAKE_MONOTONIC=1
         wait_daemon replica 20
         wait_until 10 port_open "$KRB_PORT" || fail "replica ($skew): not listening"
         a0=$(audits)
