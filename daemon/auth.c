@@ -118,10 +118,11 @@ put_entry(struct api_call *call, bool add, unsigned *status,
     if (rc == 0)
         rc = catalog_auth_put(D->cat, &ne);
     if (rc == 0) {
-        event_add(D->cat, "info", NULL, "authorization entry %s %s: storage %s, trust "
-                  "group '%s', at most %u Replica VMs", ne.pattern,
-                  add ? "added" : "changed", ne.storage, ne.trust_group,
-                  authz_max_vms(&ne));
+        event_add(D->cat, "info", NULL,
+                  "authorization entry %s %s: storage %s, trust "
+                  "group '%s', at most %u Replica VMs",
+                  ne.pattern, add ? "added" : "changed", ne.storage,
+                  ne.trust_group, authz_max_vms(&ne));
         *out = entry_json(&ne);
         if (add)
             *status = 201;
@@ -150,7 +151,8 @@ api_auth_remove(struct api_call *call, unsigned *status VR_UNUSED,
     pthread_mutex_lock(&D->lock);
     int rc = catalog_auth_delete(D->cat, call->arg);
     if (rc == 0) {
-        event_add(D->cat, "info", NULL, "authorization entry %s removed", call->arg);
+        event_add(D->cat, "info", NULL, "authorization entry %s removed",
+                  call->arg);
         *out = json_object_new_object();
         json_object_object_add(*out, "removed",
                                json_object_new_string(call->arg));

@@ -433,9 +433,10 @@ recover_test(struct vm *vm)
         return rc;
     remove_test_dir(r->storage, rd);
     if (r->test_point) {
-        event_add(D->cat, "warning", vm->name, "test failover at point %llu was cut "
-                  "short by a crash; removed it", (unsigned long long)
-                  r->test_point);
+        event_add(D->cat, "warning", vm->name,
+                  "test failover at point %llu was cut "
+                  "short by a crash; removed it",
+                  (unsigned long long)r->test_point);
         r->test_point = 0;
         rc = catalog_save_repl(D->cat, r);
     }
@@ -460,7 +461,8 @@ recover_failover(struct vm *vm)
         /* The start did not answer: undo it, whatever it got to. */
         rc = cancel_steps(vm);
         if (rc == 0)
-            event_add(D->cat, "warning", vm->name, "failover at point %llu was cut "
+            event_add(D->cat, "warning", vm->name,
+                      "failover at point %llu was cut "
                       "short by a crash while starting; undone",
                       (unsigned long long)r->failover_point);
         return rc;
@@ -597,11 +599,14 @@ test_start(struct api_call *call, int64_t want, json_object **out)
     if (rc < 0) {
         r->test_point = 0;
         VR_IGNORE(catalog_save_repl(D->cat, r));
-        event_add(D->cat, "error", vm->name, "test failover at point %llu failed: %s",
+        event_add(D->cat, "error", vm->name,
+                  "test failover at point %llu failed: %s",
                   (unsigned long long)point, vr_errmsg());
     } else {
-        event_add(D->cat, "info", vm->name, "test failover started: \"%s\" at point "
-                  "%llu", name, (unsigned long long)point);
+        event_add(D->cat, "info", vm->name,
+                  "test failover started: \"%s\" at point "
+                  "%llu",
+                  name, (unsigned long long)point);
         *out = json_object_new_object();
         json_object_object_add(*out, "vm", json_object_new_string(vm->name));
         json_object_object_add(*out, "test_vm", json_object_new_string(name));
@@ -683,15 +688,18 @@ unplanned_start(struct api_call *call, int64_t want, bool force,
         snprintf(msg, sizeof msg, "%s", vr_errmsg());
         VR_IGNORE(cancel_steps(vm));
         vr_err(rc, "%s", msg);
-        event_add(D->cat, "error", vm->name, "failover at point %llu failed: %s",
+        event_add(D->cat, "error", vm->name,
+                  "failover at point %llu failed: %s",
                   (unsigned long long)point, msg);
     } else {
         network_inject_start(vm, rd);
-        event_add(D->cat, "warning", vm->name, "failover started%s: the VM runs "
+        event_add(D->cat, "warning", vm->name,
+                  "failover started%s: the VM runs "
                   "from point %llu; the primary's changes are refused until "
                   "'failover stop' cancels or 'failover complete' commits",
                   force && seen ? " (forced while the primary was in "
-                                  "contact)" : "",
+                                  "contact)"
+                                : "",
                   (unsigned long long)point);
         *out = json_object_new_object();
         json_object_object_add(*out, "vm", json_object_new_string(vm->name));
@@ -764,7 +772,8 @@ test_stop(struct api_call *call, json_object **out)
     if (rc == 0) {
         r->test_point = 0;
         rc = catalog_save_repl(D->cat, r);
-        event_add(D->cat, "info", vm->name, "test failover at point %llu stopped",
+        event_add(D->cat, "info", vm->name,
+                  "test failover at point %llu stopped",
                   (unsigned long long)point);
         *out = json_object_new_object();
         json_object_object_add(*out, "vm", json_object_new_string(vm->name));
@@ -884,7 +893,8 @@ api_failover_complete(struct api_call *call, unsigned *status VR_UNUSED,
         json_object_object_add(*out, "epoch",
                                json_object_new_int64((int64_t)r->epoch));
     } else {
-        event_add(D->cat, "error", vm->name, "failover complete: %s (it goes on "
+        event_add(D->cat, "error", vm->name,
+                  "failover complete: %s (it goes on "
                   "with the next 'failover complete' or at a restart)",
                   vr_errmsg());
     }

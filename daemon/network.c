@@ -172,9 +172,10 @@ api_vm_set_failover_network(struct api_call *call, unsigned *status VR_UNUSED,
     json_object_put(copy);
     json_object_put(f);
     if (rc == 0) {
-        event_add(D->cat, "info", vm->name, "failover network of NIC %lld %s%s%s",
-                  (long long)idx, clear ? "cleared" : "set",
-                  network ? "; network " : "", network ? network : "");
+        event_add(D->cat, "info", vm->name,
+                  "failover network of NIC %lld %s%s%s", (long long)idx,
+                  clear ? "cleared" : "set", network ? "; network " : "",
+                  network ? network : "");
         *out = vm_to_json(vm);
     }
     pthread_mutex_unlock(&D->lock);
@@ -423,11 +424,15 @@ inject_main(void *arg)
         int r = inject_nic(in->rundir, ifaces, nic, ifn, sizeof ifn);
         pthread_mutex_lock(&D->lock);
         if (r < 0)
-            event_add(D->cat, "warning", in->name, "failover network of NIC %zu not "
-                      "set: %s", i, vr_errmsg());
+            event_add(D->cat, "warning", in->name,
+                      "failover network of NIC %zu not "
+                      "set: %s",
+                      i, vr_errmsg());
         else if (*ifn)
-            event_add(D->cat, "info", in->name, "failover network of NIC %zu set in "
-                      "the guest (%s): %s", i, ifn,
+            event_add(D->cat, "info", in->name,
+                      "failover network of NIC %zu set in "
+                      "the guest (%s): %s",
+                      i, ifn,
                       json_object_to_json_string_ext(
                           json_object_object_get(nic, "failover"),
                           JSON_C_TO_STRING_PLAIN));
@@ -436,8 +441,10 @@ inject_main(void *arg)
     }
     if (rc < 0) {
         pthread_mutex_lock(&D->lock);
-        event_add(D->cat, "warning", in->name, "failover network settings not set: "
-                  "%s", msg);
+        event_add(D->cat, "warning", in->name,
+                  "failover network settings not set: "
+                  "%s",
+                  msg);
         pthread_mutex_unlock(&D->lock);
     }
     json_object_put(ifaces);
@@ -469,7 +476,8 @@ network_inject_start(const struct vm *vm, const char *rundir)
     pthread_attr_init(&a);
     pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
     if (pthread_create(&t, &a, inject_main, in) != 0) {
-        event_add(D->cat, "warning", vm->name, "failover network settings not set: "
+        event_add(D->cat, "warning", vm->name,
+                  "failover network settings not set: "
                   "no thread");
         json_object_put(in->nics);
         free(in->name);

@@ -99,8 +99,10 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
         return rc;
     }
     if (rc == 0 && r->st != REPL_ST_REPLICATING)
-        rc = vr_err(-EBUSY, "vm %s: replication is %s; it must be "
-                    "Replicating to prepare a failover", vm->name, repl_st_name(r->st));
+        rc = vr_err(-EBUSY,
+                    "vm %s: replication is %s; it must be "
+                    "Replicating to prepare a failover",
+                    vm->name, repl_st_name(r->st));
     if (rc == 0 && (vm_busy(vm, VM_OP_CHANGE | VM_OP_PREPARE | VM_OP_REMOVE)))
         rc = vr_err(-EBUSY, "vm %s: a start, stop or other change is in "
                     "progress; try again", vm->name);
@@ -169,7 +171,8 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
                         vm->name, vr_errmsg(), vm->name, vm->name);
     }
     if (rc == 0) {
-        event_add(D->cat, "info", vm->name, "prepared for failover: every change is "
+        event_add(D->cat, "info", vm->name,
+                  "prepared for failover: every change is "
                   "on %s (cycle %llu); the VM does not start here until the "
                   "failover is undone ('vmreplica failover stop %s')",
                   r->replica_server, (unsigned long long)n, vm->name);
@@ -236,7 +239,8 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
         rc = vr_err(-EBUSY, "vm %s: a test failover or another failover "
                     "step is running", vm->name);
     else if (r->st != REPL_ST_REPLICATING)
-        rc = vr_err(-EBUSY, "vm %s: replication is %s", vm->name, repl_st_name(r->st));
+        rc = vr_err(-EBUSY, "vm %s: replication is %s", vm->name,
+                    repl_st_name(r->st));
     if (rc < 0) {
         pthread_mutex_unlock(&D->lock);
         return rc;
@@ -296,7 +300,8 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
     }
     if (rc == 0) {
         vr_fault_point("planned-start-saved");
-        event_add(D->cat, "info", vm->name, "planned failover: the VM's disks are "
+        event_add(D->cat, "info", vm->name,
+                  "planned failover: the VM's disks are "
                   "the primary's at cycle %llu (no data lost); epoch %llu",
                   (unsigned long long)n, (unsigned long long)r->epoch);
     }
@@ -445,10 +450,11 @@ api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,
     if (rc == 0) {
         vm->repl = nr;
         repl_free(r);
-        event_add(D->cat, "info", vm->name, "replication reversed: this server is "
+        event_add(D->cat, "info", vm->name,
+                  "replication reversed: this server is "
                   "the primary now, replicating to %s (epoch %llu) with no "
-                  "resynchronization", nr->replica_server,
-                  (unsigned long long)nr->epoch);
+                  "resynchronization",
+                  nr->replica_server, (unsigned long long)nr->epoch);
         shipper_ensure(vm);
         *out = repl_to_json(vm);
     } else {

@@ -192,8 +192,10 @@ apply_one(struct vm *vm, uint64_t n, bool locked)
         /* The cycle is applied whatever happens to its point: a failure
          * here is retried by history_recover at the next start. */
         if (history_after_apply(vm, n, app) < 0) {
-            event_add(D->cat, "warning", vm->name, "recovery history after cycle "
-                      "%llu: %s", (unsigned long long)n, vr_errmsg());
+            event_add(D->cat, "warning", vm->name,
+                      "recovery history after cycle "
+                      "%llu: %s",
+                      (unsigned long long)n, vr_errmsg());
             vr_err_clear();
         }
         pthread_cond_broadcast(&D->cond);
@@ -315,7 +317,8 @@ applier_main(void *arg VR_UNUSED)
                                    : "replica storage full",
                      (unsigned long long)delay_ms / 1000);
         } else if (rc < 0) {
-            VR_IGNORE(repl_transition(D->cat, todo, REPL_ST_ERROR, REPL_T_SAVE));
+            VR_IGNORE(
+                repl_transition(D->cat, todo, REPL_ST_ERROR, REPL_T_SAVE));
         } else {
             r->apply_retry_ms = 0;
         }

@@ -164,7 +164,8 @@ static void
 guard_audit(const char *addr, const char *why)
 {
     pthread_mutex_lock(&D->lock);
-    event_add(D->cat, "audit", NULL, "refused connection from %s: %s", addr, why);
+    event_add(D->cat, "audit", NULL, "refused connection from %s: %s", addr,
+              why);
     pthread_mutex_unlock(&D->lock);
 }
 

@@ -117,14 +117,16 @@ do_reverse(struct rreq *q, const struct r1_reg *reg, json_object **out)
                 rc = catalog_end(D->cat, rc);
             }
             if (rc == 0)
-                event_add(D->cat, "info", vm->name, "replication reversed by %s "
+                event_add(D->cat, "info", vm->name,
+                          "replication reversed by %s "
                           "(%s): this is its Replica server now (epoch "
                           "%llu); the disks are kept as they are (cycle "
-                          "%lld on both sides)", q->peer, q->addr,
-                          (unsigned long long)q->epoch,
+                          "%lld on both sides)",
+                          q->peer, q->addr, (unsigned long long)q->epoch,
                           (long long)reverse_of);
             else
-                event_add(D->cat, "error", vm->name, "reverse replication: %s (the "
+                event_add(D->cat, "error", vm->name,
+                          "reverse replication: %s (the "
                           "daemon must restart to reload its catalog)",
                           vr_errmsg());
         }
@@ -572,12 +574,16 @@ do_prepared(struct rreq *q, json_object **out)
         r->prepared_cycle = (uint64_t)n;
         rc = catalog_save_repl(D->cat, r);
         if (rc == 0 && n)
-            event_add(D->cat, "info", vm->name, "primary %s prepared for failover at "
+            event_add(D->cat, "info", vm->name,
+                      "primary %s prepared for failover at "
                       "cycle %lld: 'vmreplica failover start %s' fails over "
-                      "with no data loss", q->peer, (long long)n, vm->name);
+                      "with no data loss",
+                      q->peer, (long long)n, vm->name);
         else if (rc == 0)
-            event_add(D->cat, "info", vm->name, "primary %s withdrew its failover "
-                      "preparation", q->peer);
+            event_add(D->cat, "info", vm->name,
+                      "primary %s withdrew its failover "
+                      "preparation",
+                      q->peer);
     }
     if (rc == 0)
         *out = replica_status_json(vm);

@@ -144,7 +144,8 @@ replica_status_json(const struct vm *vm)
                            json_object_new_int64((int64_t)r->applied_cycle));
     json_object_object_add(o, "staged_cycle",
                            json_object_new_int64((int64_t)r->last_cycle));
-    json_object_object_add(o, "state", json_object_new_string(repl_st_name(r->st)));
+    json_object_object_add(o, "state",
+                           json_object_new_string(repl_st_name(r->st)));
     return o;
 }
 
@@ -472,7 +473,8 @@ refuse(struct MHD_Connection *c, struct rreq *q, int rc, const char *msg)
 {
     pthread_mutex_lock(&D->lock);
     struct vm *vm = q->uuid[0] ? vm_find_uuid(q->uuid) : NULL;
-    event_add(D->cat, "audit", vm ? vm->name : NULL, "refused %s from %s (%s): %s",
+    event_add(D->cat, "audit", vm ? vm->name : NULL,
+              "refused %s from %s (%s): %s",
               q->kind == R1_CYCLE ? "cycle" : "request",
               q->principal[0] ? q->principal
               : q->peer[0]    ? q->peer
@@ -655,7 +657,8 @@ request_data(struct rreq *q, const char *data, size_t n)
     }
 }
 
-/* --- endpoints: one handler per kind of request ----------------------------- */
+/* --- endpoints: one handler per kind of request -----------------------------
+ */
 
 /* GET /r1/vms/UUID: the Replica VM's status (any epoch). */
 static int

@@ -471,8 +471,9 @@ api_repl_enable(struct api_call *call, unsigned *status, json_object **out)
         }
     }
     if (rc == 0) {
-        event_add(D->cat, "info", vm->name, "replication enabled to %s every %u s",
-                  r->replica_server, r->frequency_s);
+        event_add(D->cat, "info", vm->name,
+                  "replication enabled to %s every %u s", r->replica_server,
+                  r->frequency_s);
         shipper_ensure(vm);
         *out = repl_to_json(vm);
         *status = 201;
@@ -620,8 +621,8 @@ api_repl_suspend(struct api_call *call, unsigned *status VR_UNUSED,
         rc = check_not_failing_over(vm);
     if (rc == 0 && vm->repl->st != REPL_ST_SUSPENDED) {
         wake(vm);
-        rc = repl_transition_event(D->cat, vm, REPL_ST_SUSPENDED, REPL_T_SAVE, "info",
-                                   "replication suspended");
+        rc = repl_transition_event(D->cat, vm, REPL_ST_SUSPENDED, REPL_T_SAVE,
+                                   "info", "replication suspended");
     }
     if (rc == 0)
         *out = repl_to_json(vm);

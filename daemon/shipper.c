@@ -348,12 +348,15 @@ seal_cycle(struct vm *vm, struct job *jb, bool running)
                 QGA_THAW_MS, NULL);
         pthread_mutex_lock(&D->lock);
         if (trc < 0)
-            event_add(D->cat, "error", jb->name, "guest agent: thaw failed: %s; the "
+            event_add(D->cat, "error", jb->name,
+                      "guest agent: thaw failed: %s; the "
                       "guest's file systems may still be frozen (a thaw is "
                       "sent again at the next cut and when the daemon "
-                      "starts)", vr_errmsg());
+                      "starts)",
+                      vr_errmsg());
         if (!frozen && rc == 0)
-            event_add(D->cat, "warning", jb->name, "application-consistent point "
+            event_add(D->cat, "warning", jb->name,
+                      "application-consistent point "
                       "not possible (%s): cycle %llu is crash-consistent",
                       why, (unsigned long long)c);
         /* Either way, the next try is in the next window. */
@@ -925,8 +928,9 @@ shipper_main(void *arg)
         pthread_mutex_lock(&D->lock);
         if (rc == 0 || rc == -ECANCELED) {
             if (failures)
-                event_add(D->cat, "info", vm->name, "replication recovered after %u "
-                                            "failed attempt(s)",
+                event_add(D->cat, "info", vm->name,
+                          "replication recovered after %u "
+                          "failed attempt(s)",
                           failures);
             failures = 0;
             next_due = initial ? 0 : started + freq_ms;
@@ -937,8 +941,9 @@ shipper_main(void *arg)
         r->last_error = xstrdup(msg);
         if (peer_unrecoverable(rc)) {
             /* Saved below with the error counters. */
-            VR_IGNORE(repl_transition_event(D->cat, vm, REPL_ST_ERROR, 0, "error",
-                                            "replication stopped: %s", msg));
+            VR_IGNORE(repl_transition_event(D->cat, vm, REPL_ST_ERROR, 0,
+                                            "error", "replication stopped: %s",
+                                            msg));
         } else {
             unsigned idx = failures < ARRAY_SIZE(backoff_s)
                                ? failures
@@ -947,8 +952,9 @@ shipper_main(void *arg)
             if (delay_ms > freq_ms)
                 delay_ms = freq_ms;
             if (failures == 0 || failures % 10 == 0)
-                event_add(D->cat, "warning", vm->name, "replication failed, retrying "
-                                               "in %llu s: %s",
+                event_add(D->cat, "warning", vm->name,
+                          "replication failed, retrying "
+                          "in %llu s: %s",
                           (unsigned long long)delay_ms / 1000, msg);
             failures++;
             next_due = vr_mono_ms() + delay_ms;

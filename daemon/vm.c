@@ -343,7 +343,8 @@ api_vm_create(struct api_call *call, unsigned *status, json_object **out)
     }
     vm->next = D->vms;
     D->vms = vm;
-    event_add(D->cat, "info", vm->name, "vm created with %u disk(s)", vm->ndisks);
+    event_add(D->cat, "info", vm->name, "vm created with %u disk(s)",
+              vm->ndisks);
     *out = vm_to_json(vm);
     pthread_mutex_unlock(&D->lock);
     *status = 201;

@@ -80,11 +80,14 @@ exec_sql(struct catalog *cat, const char *sql)
 /* Add column col to table unless it has it (a table the schema created
  * just now, in an older catalog, has it already). */
 static int
-add_column(struct catalog *cat, const char *table, const char *col, const char *type)
+add_column(struct catalog *cat, const char *table, const char *col,
+           const char *type)
 {
     sqlite3_stmt *st = NULL;
-    if (sqlite3_prepare_v2(db_of(cat), "SELECT 1 FROM pragma_table_info(?) WHERE "
-                           "name = ?", -1, &st, NULL) != SQLITE_OK)
+    if (sqlite3_prepare_v2(db_of(cat),
+                           "SELECT 1 FROM pragma_table_info(?) WHERE "
+                           "name = ?",
+                           -1, &st, NULL) != SQLITE_OK)
         return vr_err(-EIO, "catalog: %s", sqlite3_errmsg(db_of(cat)));
     sqlite3_bind_text(st, 1, table, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 2, col, -1, SQLITE_STATIC);
@@ -116,7 +119,8 @@ migrate(struct catalog *cat)
                       "than this vmreplicad (%d)", have, SCHEMA_VERSION);
     int rc = 0;
     if (have == 1)
-        rc = exec_sql(cat, "ALTER TABLE replications ADD COLUMN recovery_history "
+        rc = exec_sql(cat,
+                      "ALTER TABLE replications ADD COLUMN recovery_history "
                       "INT; ALTER TABLE replications ADD COLUMN "
                       "point_interval INT; ALTER TABLE replications ADD "
                       "COLUMN test_point INT;");
@@ -155,7 +159,8 @@ migrate(struct catalog *cat)
     if (rc == 0 && have >= 1 && have <= 5)
         rc = add_column(cat, "replications", "first_point", "INT");
     if (rc == 0)
-        rc = exec_sql(cat, "INSERT OR REPLACE INTO meta VALUES('schema_version', "
+        rc = exec_sql(cat,
+                      "INSERT OR REPLACE INTO meta VALUES('schema_version', "
                       "'6')");
     return rc;
 }
@@ -247,8 +252,8 @@ catalog_save_server(struct catalog *cat, const struct server_cfg *c)
     if (rc < 0)
         return rc;
     if ((rc = config_put(cat, "hostname", c->hostname)) < 0 ||
-        (rc = config_put(cat, "replica_enabled", c->replica_enabled ? "1" : "0")) <
-            0 ||
+        (rc = config_put(cat, "replica_enabled",
+                         c->replica_enabled ? "1" : "0")) < 0 ||
         (rc = config_put(cat, "auth", c->auth)) < 0 ||
         (rc = config_put(cat, "cert_port", port)) < 0 ||
         (rc = config_put(cat, "krb_port", kport)) < 0 ||
@@ -337,8 +342,8 @@ catalog_save_vm(struct catalog *cat, const struct vm *vm)
     int rc = catalog_begin(cat);
     if (rc < 0)
         return rc;
-    sqlite3_stmt *st =
-        prep(cat, "INSERT OR REPLACE INTO vms VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)");
+    sqlite3_stmt *st = prep(
+        cat, "INSERT OR REPLACE INTO vms VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)");
     if (!st)
         return catalog_end(cat, -EIO);
     sqlite3_bind_text(st, 1, vm->uuid, -1, SQLITE_STATIC);
@@ -554,7 +559,8 @@ load_repl(sqlite3_stmt *st)
 int
 catalog_add_point(struct catalog *cat, const char *uuid, const struct point *p)
 {
-    sqlite3_stmt *st = prep(cat, "INSERT OR REPLACE INTO points VALUES(?,?,?,?,?)");
+    sqlite3_stmt *st =
+        prep(cat, "INSERT OR REPLACE INTO points VALUES(?,?,?,?,?)");
     if (!st)
         return -EIO;
     sqlite3_bind_text(st, 1, uuid, -1, SQLITE_STATIC);
@@ -568,8 +574,8 @@ catalog_add_point(struct catalog *cat, const char *uuid, const struct point *p)
 int
 catalog_delete_point(struct catalog *cat, const char *uuid, uint64_t cycle)
 {
-    sqlite3_stmt *st =
-        prep(cat, "DELETE FROM points WHERE vm_uuid = ? AND (cycle = ? OR ? = 0)");
+    sqlite3_stmt *st = prep(
+        cat, "DELETE FROM points WHERE vm_uuid = ? AND (cycle = ? OR ? = 0)");
     if (!st)
         return -EIO;
     sqlite3_bind_text(st, 1, uuid, -1, SQLITE_STATIC);
@@ -579,7 +585,8 @@ catalog_delete_point(struct catalog *cat, const char *uuid, uint64_t cycle)
 }
 
 int
-catalog_points(struct catalog *cat, const char *uuid, struct point **out, size_t *n)
+catalog_points(struct catalog *cat, const char *uuid, struct point **out,
+               size_t *n)
 {
     *out = NULL;
     *n = 0;
@@ -618,9 +625,10 @@ int
 catalog_load(struct catalog *cat, struct server_cfg *cfg, struct vm **vms)
 {
     load_server(cat, cfg);
-    sqlite3_stmt *st = prep(cat, "SELECT uuid, name, cpus, memory_mib, mode, dir, "
-                            "kernel, initrd, cmdline, nics, test_network, "
-                            "owner, owner_group FROM vms ORDER BY name DESC");
+    sqlite3_stmt *st =
+        prep(cat, "SELECT uuid, name, cpus, memory_mib, mode, dir, "
+                  "kernel, initrd, cmdline, nics, test_network, "
+                  "owner, owner_group FROM vms ORDER BY name DESC");
     if (!st)
         return -EIO;
     while (sqlite3_step(st) == SQLITE_ROW) {
@@ -653,8 +661,9 @@ catalog_load(struct catalog *cat, struct server_cfg *cfg, struct vm **vms)
     sqlite3_finalize(st);
 
     for (struct vm *vm = *vms; vm; vm = vm->next) {
-        st = prep(cat, "SELECT idx, id, path, size FROM disks WHERE vm_uuid = ? "
-                  "ORDER BY idx");
+        st =
+            prep(cat, "SELECT idx, id, path, size FROM disks WHERE vm_uuid = ? "
+                      "ORDER BY idx");
         if (!st)
             return -EIO;
         sqlite3_bind_text(st, 1, vm->uuid, -1, SQLITE_STATIC);
@@ -685,8 +694,9 @@ catalog_auth_list(struct catalog *cat, struct auth_entry **out, size_t *n)
 {
     *out = NULL;
     *n = 0;
-    sqlite3_stmt *st = prep(cat, "SELECT pattern, storage, trust_group, max_vms "
-                            "FROM auth_entries ORDER BY pattern");
+    sqlite3_stmt *st =
+        prep(cat, "SELECT pattern, storage, trust_group, max_vms "
+                  "FROM auth_entries ORDER BY pattern");
     if (!st)
         return -EIO;
     size_t cap = 0;
@@ -754,11 +764,12 @@ catalog_auth_delete(struct catalog *cat, const char *pattern)
 /* --- events -------------------------------------------------------------- */
 
 void
-catalog_add_event(struct catalog *cat, uint64_t time_ms, const char *level, const char *vm,
-                  const char *msg)
+catalog_add_event(struct catalog *cat, uint64_t time_ms, const char *level,
+                  const char *vm, const char *msg)
 {
-    sqlite3_stmt *st = prep(cat, "INSERT INTO events(time_ms, level, vm, message) "
-                            "VALUES(?,?,?,?)");
+    sqlite3_stmt *st =
+        prep(cat, "INSERT INTO events(time_ms, level, vm, message) "
+                  "VALUES(?,?,?,?)");
     if (!st)
         return;
     sqlite3_bind_int64(st, 1, (sqlite3_int64)time_ms);

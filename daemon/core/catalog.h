@@ -39,7 +39,8 @@ struct auth_entry {
 };
 #define AUTH_DEFAULT_MAX_VMS 256
 #define AUTH_MAX_MAX_VMS     65536
-int catalog_auth_list(struct catalog *cat, struct auth_entry **out, size_t *n) VR_WUR;
+int catalog_auth_list(struct catalog *cat, struct auth_entry **out,
+                      size_t *n) VR_WUR;
 void auth_entries_free(struct auth_entry *e, size_t n);
 int catalog_auth_put(struct catalog *cat, const struct auth_entry *e) VR_WUR;
 /* -ENOENT if there is no entry for pattern. */
@@ -57,15 +58,18 @@ struct point {
                           "application-consistent" */
     uint64_t undo_bytes; /* undo data kept to reach it from the next one */
 };
-int catalog_add_point(struct catalog *cat, const char *uuid, const struct point *p) VR_WUR;
+int catalog_add_point(struct catalog *cat, const char *uuid,
+                      const struct point *p) VR_WUR;
 /* cycle 0: every point of the VM. */
-int catalog_delete_point(struct catalog *cat, const char *uuid, uint64_t cycle) VR_WUR;
+int catalog_delete_point(struct catalog *cat, const char *uuid,
+                         uint64_t cycle) VR_WUR;
 /* Points in cycle order; caller frees *out. */
-int catalog_points(struct catalog *cat, const char *uuid, struct point **out, size_t *n) VR_WUR;
+int catalog_points(struct catalog *cat, const char *uuid, struct point **out,
+                   size_t *n) VR_WUR;
 
 /* Events, newest last, optional filter by VM name; caller puts them. */
 json_object *catalog_events(struct catalog *cat, const char *vm, unsigned max);
-void catalog_add_event(struct catalog *cat, uint64_t time_ms, const char *level, const char *vm,
-                       const char *msg);
+void catalog_add_event(struct catalog *cat, uint64_t time_ms, const char *level,
+                       const char *vm, const char *msg);
 
 #endif

@@ -282,7 +282,8 @@ krb_prepare(const struct peer *p, const char *host,
     return 0;
 }
 
-/* --- one request ------------------------------------------------------------ */
+/* --- one request ------------------------------------------------------------
+ */
 
 /* What one request holds while it is made. */
 struct call {
