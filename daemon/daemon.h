@@ -124,8 +124,9 @@ void shipper_remote_remove(struct vm *vm);
  * now (its last sealed cycle, or the open one's predecessor; 0 if there is
  * no log): every later write is in a cycle after it.  Disks not served. */
 int shipper_log_base(const struct disk *dk, uint64_t *base) VR_WUR;
-/* Bytes of change log not yet acknowledged. */
-uint64_t shipper_pending_bytes(const struct vm *vm);
+/* Bytes of change log not yet acknowledged; *unsent (if not NULL): sealed
+ * cycles not yet acknowledged, empty ones included. */
+uint64_t shipper_pending_bytes(const struct vm *vm, unsigned *unsent);
 
 /* --- replica.c (Replica server) ---------------------------------------- */
 /* Whether the auth setting ("certificate", "kerberos", "both"; unset is

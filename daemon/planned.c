@@ -138,7 +138,11 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
                                                       : repl_st_name(r->st));
             break;
         }
-        if (shipper_pending_bytes(vm) == 0)
+        /* An empty sealed cycle has nothing pending but is still sent:
+         * wait for it too, or the cycle declared below would be one fewer
+         * than the Replica server gets. */
+        unsigned unsent = 0;
+        if (shipper_pending_bytes(vm, &unsent) == 0 && unsent == 0)
             break;
         if (vr_mono_ms() >= deadline) {
             rc = vr_err(-ETIMEDOUT, "vm %s: the last changes were not "

@@ -221,7 +221,7 @@ repl_measure_json(const struct vm *vm)
     I64("successful_replication_count", r->ok_count);
     I64("missed_replication_count", r->missed);
     I64("pending_size",
-        r->mode == VM_MODE_PRIMARY ? shipper_pending_bytes(vm) : 0);
+        r->mode == VM_MODE_PRIMARY ? shipper_pending_bytes(vm, NULL) : 0);
     I64("initial_replication_size", r->initial_total);
     I64("initial_replication_sent", r->initial_sent);
     I64("bytes_sent_raw", r->bytes_raw);
@@ -815,7 +815,7 @@ api_metrics_text(void)
                    "%llu\n",
                 vm->uuid, (unsigned long long)r->bytes_wire);
         fprintf(f, "vmreplica_pending_bytes{vm=\"%s\"} %llu\n", vm->uuid,
-                (unsigned long long)shipper_pending_bytes(vm));
+                (unsigned long long)shipper_pending_bytes(vm, NULL));
         fprintf(f, "vmreplica_errors_total{vm=\"%s\"} %llu\n", vm->uuid,
                 (unsigned long long)r->errors);
         fprintf(f, "vmreplica_cycles_total{vm=\"%s\",result=\"ok\"} %llu\n",

@@ -152,7 +152,7 @@ release_shipped(const struct job *jb, uint64_t upto)
 }
 
 uint64_t
-shipper_pending_bytes(const struct vm *vm)
+shipper_pending_bytes(const struct vm *vm, unsigned *unsent)
 {
     /* What the unshipped cycles would send, uncompressed: record headers
      * and the data of every write, whether the log holds the data or
@@ -165,6 +165,8 @@ shipper_pending_bytes(const struct vm *vm)
         served && vmproc_open_cycle(rundir, &open_cycle, &open_bytes,
                                     &open_payload) == 0;
     uint64_t total = from_plugin ? open_payload : 0;
+    if (unsent)
+        *unsent = 0;
     for (unsigned i = 0; i < vm->ndisks; i++) {
         CLEANUP_FREE char *dir = logdir_of(&vm->disks[i]);
         DIR *d = opendir(dir);
@@ -186,6 +188,8 @@ shipper_pending_bytes(const struct vm *vm)
             uint64_t n = 0;
             if (cl_segment_payload(dirfd(d), de->d_name, &n) == 0)
                 total += n;
+            if (sealed && i == 0 && unsent)
+                (*unsent)++;
         }
         closedir(d);
     }
