@@ -653,35 +653,35 @@ parse_u64(const char *s, char **end, uint64_t *out)
     return true;
 }
 
-int
-vmproc_seal(const char *rundir, uint64_t *cycle)
+/* Send cmd on the control socket; its reply must be "OK N ...": *out = N.
+ * what names the request in errors. */
+static int
+ctl_request_u64(const char *rundir, const char *cmd, const char *what,
+                uint64_t *out)
 {
     char line[512];
-    int rc = ctl_request(rundir, "SEAL\n", line, sizeof line);
+    int rc = ctl_request(rundir, cmd, line, sizeof line);
     if (rc < 0)
-        return err_wrap(rc, "seal %s", rundir);
+        return err_wrap(rc, "%s %s", what, rundir);
     char *end;
     uint64_t v;
     if (!parse_u64(line, &end, &v) || (*end && *end != ' '))
-        return vr_err(-EPROTO, "seal %s: bad reply 'OK %.64s'", rundir, line);
-    *cycle = v;
+        return vr_err(-EPROTO, "%s %s: bad reply 'OK %.64s'", what, rundir,
+                      line);
+    *out = v;
     return 0;
+}
+
+int
+vmproc_seal(const char *rundir, uint64_t *cycle)
+{
+    return ctl_request_u64(rundir, "SEAL\n", "seal", cycle);
 }
 
 int
 vmproc_rearm(const char *rundir, uint64_t *voided)
 {
-    char line[512];
-    int rc = ctl_request(rundir, "REARM\n", line, sizeof line);
-    if (rc < 0)
-        return err_wrap(rc, "re-arm tracking %s", rundir);
-    char *end;
-    uint64_t v;
-    if (!parse_u64(line, &end, &v) || *end)
-        return vr_err(-EPROTO, "re-arm tracking %s: bad reply 'OK %.64s'",
-                      rundir, line);
-    *voided = v;
-    return 0;
+    return ctl_request_u64(rundir, "REARM\n", "re-arm tracking", voided);
 }
 
 int
