@@ -189,6 +189,33 @@ class Files:
         self.nbdkit_log = os.path.join(root, "nbdkit.log")
 
 
+def fresh(root, name, size=4 << 20):
+    """Files of a new scenario under root/name: disk and replica of size
+    bytes (the named scenarios of plugin-order.py and plugin-stop.py)."""
+    d = Files(os.path.join(root, name))
+    os.makedirs(d.root)
+    for p in (d.disk, d.replica):
+        with open(p, "wb") as f:
+            f.truncate(size)
+    return d
+
+
+# Named scenarios count their failed checks here.
+FAILS = []
+
+
+def check(cond, what):
+    print("%s - %s" % ("ok" if cond else "FAIL", what))
+    if not cond:
+        FAILS.append(what)
+    return cond
+
+
+class ScenarioArgs:
+    """What Plugin needs of the harness's options, for named scenarios."""
+    threads = 16
+
+
 class Shipper:
     """Seals and ships the way vmreplicad does, and checks each cycle."""
 

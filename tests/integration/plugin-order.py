@@ -39,28 +39,6 @@ _spec = importlib.util.spec_from_file_location(
 pc = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(pc)
 
-FAILS = []
-
-
-def check(cond, what):
-    print("%s - %s" % ("ok" if cond else "FAIL", what))
-    if not cond:
-        FAILS.append(what)
-    return cond
-
-
-class Args:
-    threads = 16
-
-
-def fresh(root, name, size=4 << 20):
-    d = pc.Files(os.path.join(root, name))
-    os.makedirs(d.root)
-    for p in (d.disk, d.replica):
-        with open(p, "wb") as f:
-            f.truncate(size)
-    return d
-
 
 def connect(d, p):
     h = pc.nbd_connect(d.sock, p)
@@ -83,7 +61,7 @@ def seal_and_apply(a, d, plugin):
 
 
 def completed_write_survives(a, root):
-    d = fresh(root, "order")
+    d = pc.fresh(root, "order")
     p = pc.Plugin(a, d)
     p.start()
     h = connect(d, p)
@@ -112,26 +90,26 @@ def completed_write_survives(a, root):
     while time.monotonic() < t and "B" not in done:
         h.poll(50)
     b_done = done.get("B") == 0
-    check("A" not in done, "A is stalled after its reservation")
-    check(not b_done, "B (reserved after A, FUA) does not complete while "
+    pc.check("A" not in done, "A is stalled after its reservation")
+    pc.check(not b_done, "B (reserved after A, FUA) does not complete while "
           "A's record is unwritten")
     p.kill()
     del h
     p.start()
     ok, state = seal_and_apply(a, d, p)
-    check(ok, "after the restart every cycle rebuilds equal to the primary "
+    pc.check(ok, "after the restart every cycle rebuilds equal to the primary "
           "at its seal")
     if b_done:
-        check(state["records"][("w", 1 << 20, 4096)] >= 1,
+        pc.check(state["records"][("w", 1 << 20, 4096)] >= 1,
               "B completed, so its record is in the log")
-    check(pc.sha256_file(d.replica) == pc.sha256_file(d.disk),
+    pc.check(pc.sha256_file(d.replica) == pc.sha256_file(d.disk),
           "the replica equals the disk after the kill (B's data, if on the "
           "disk, is in the log)")
     p.kill()
 
 
 def seal_durable_before_next(a, root):
-    d = fresh(root, "seal")
+    d = pc.fresh(root, "seal")
     trace = os.path.join(root, "strace.out")
     env = dict(os.environ)
     env.pop("VMREPLICA_FAULT", None)
@@ -144,7 +122,7 @@ def seal_durable_before_next(a, root):
     deadline = time.monotonic() + 30
     while not (os.path.exists(d.sock) and os.path.exists(d.ctl)):
         if time.monotonic() > deadline or proc.poll() is not None:
-            check(False, "nbdkit under strace started")
+            pc.check(False, "nbdkit under strace started")
             return
         time.sleep(0.01)
     p = pc.Plugin(a, d)
@@ -152,7 +130,7 @@ def seal_durable_before_next(a, root):
     h = connect(d, p)
     for c in range(1, 4):
         h.pwrite(bytes([c]) * 65536, c * 65536)
-        check(p.ctl("SEAL") == "OK %d" % c, "seal %d" % c)
+        pc.check(p.ctl("SEAL") == "OK %d" % c, "seal %d" % c)
     del h
     p.kill()
     lines = open(trace).read().splitlines()
@@ -169,7 +147,7 @@ def seal_durable_before_next(a, root):
         # record; a sync of it must come between that and the next segment.
         cuts = calls("ftruncate")
         synced = [i for i in calls("fdatasync") if cuts and i > cuts[-1]]
-        check(made is not None and cuts and synced,
+        pc.check(made is not None and cuts and synced,
               "cycle %d's segment is fdatasynced after its seal is cut and "
               "before cycle %d's is created (cut at %s, sync at %s, create "
               "at %s)" % (c, c + 1, cuts[-1:], synced[:1], made))
@@ -182,7 +160,7 @@ def main():
     ap.add_argument("--dir", required=True)
     ap.add_argument("--only", default="")
     args = ap.parse_args()
-    a = Args()
+    a = pc.ScenarioArgs()
     a.plugin, a.cycapply = args.plugin, args.cycapply
     for name, fn in [("completed-write-survives", completed_write_survives),
                      ("seal-durable-before-next", seal_durable_before_next)]:
@@ -190,8 +168,8 @@ def main():
             continue
         print("# %s" % name)
         fn(a, args.dir)
-    print("plugin-order: %d failed" % len(FAILS))
-    return 1 if FAILS else 0
+    print("plugin-order: %d failed" % len(pc.FAILS))
+    return 1 if pc.FAILS else 0
 
 
 if __name__ == "__main__":

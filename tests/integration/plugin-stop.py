@@ -63,28 +63,17 @@ _spec = importlib.util.spec_from_file_location(
 pc = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(pc)
 
-FAILS = []
 GRAIN = 1 << 16
 
 
-def check(cond, what):
-    print("%s - %s" % ("ok" if cond else "FAIL", what))
-    if not cond:
-        FAILS.append(what)
-    return cond
-
-
-class Args:
-    threads = 16
-
-
-def fresh(root, name, size):
-    d = pc.Files(os.path.join(root, name))
-    os.makedirs(d.root)
-    for p in (d.disk, d.replica):
-        with open(p, "wb") as f:
-            f.truncate(size)
-    return d
+def block_preserve(d, cycle):
+    """Make every preserve of cycle fail: its file's name is taken by a
+    directory that is not empty (not removable as a torn file).  Returns
+    the directory, to remove once the failure is seen."""
+    pre = os.path.join(d.logdir, "%020d.pre" % cycle)
+    os.mkdir(pre)
+    os.mkdir(os.path.join(pre, "x"))
+    return pre
 
 
 def marker(d):
@@ -129,9 +118,9 @@ def resync_and_check(a, d, p, h, runs, next_cycle):
     disk."""
     copy_runs(d, runs)
     h.pwrite(b"\x77" * 4096, 4096)
-    check(p.ctl("SEAL") == "OK %d" % next_cycle, "cycle %d sealed" % next_cycle)
+    pc.check(p.ctl("SEAL") == "OK %d" % next_cycle, "cycle %d sealed" % next_cycle)
     if apply_cycles(a, d, next_cycle, next_cycle):
-        check(pc.sha256_file(d.replica) == pc.sha256_file(d.disk),
+        pc.check(pc.sha256_file(d.replica) == pc.sha256_file(d.disk),
               "the replica equals the disk")
 
 
@@ -139,7 +128,7 @@ def apply_cycles(a, d, first, last):
     for c in range(first, last + 1):
         r = subprocess.run([a.cycapply, d.logdir, str(c), d.disk, d.replica],
                            capture_output=True, text=True)
-        if not check(r.returncode == 0, "cycle %d applies (%s)" %
+        if not pc.check(r.returncode == 0, "cycle %d applies (%s)" %
                      (c, r.stderr.strip())):
             return False
     return True
@@ -202,12 +191,12 @@ class Load:
 
 def log_full(a, root):
     size = 64 << 20
-    d = fresh(root, "full", size)
+    d = pc.fresh(root, "full", size)
     os.makedirs(d.logdir)
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs",
                         d.logdir], capture_output=True, text=True)
     if r.returncode != 0:
-        check(False, "mount a small tmpfs for the log: %s" % r.stderr.strip())
+        pc.check(False, "mount a small tmpfs for the log: %s" % r.stderr.strip())
         return
     try:
         p = pc.Plugin(a, d, ["log=data"])
@@ -230,43 +219,43 @@ def log_full(a, root):
                     shipped[0] = c
         load.run(4000, between=seal)
         stopped = [s for s in seals if not s.startswith("OK")]
-        check(not load.failed, "no guest request failed while the log filled "
+        pc.check(not load.failed, "no guest request failed while the log filled "
               "(%d requests, %d failed: %s)" % (load.done, len(load.failed),
                                                 load.failed[:3]))
-        check(shipped[0] == 3 and bool(stopped), "three cycles shipped, then "
+        pc.check(shipped[0] == 3 and bool(stopped), "three cycles shipped, then "
               "the log filled: a SEAL was refused (%d sealed)"
               % (len(seals) - len(stopped)))
         st = p.ctl("STATUS")
-        check(st.startswith("ERR tracking stopped:") and
+        pc.check(st.startswith("ERR tracking stopped:") and
               "No space left on device" in st,
               "STATUS says tracking stopped and why: %s" % st)
-        check(marker(d).startswith("vmreplica stopped"),
+        pc.check(marker(d).startswith("vmreplica stopped"),
               "the marker says stopped: %r" % marker(d)[:80])
         h.flush()
-        check(open(d.disk, "rb").read() == bytes(load.model),
+        pc.check(open(d.disk, "rb").read() == bytes(load.model),
               "the disk holds exactly what the guest wrote")
         r = p.ctl("REARM")
-        if not check(r.startswith("OK "), "REARM, which frees the void "
+        if not pc.check(r.startswith("OK "), "REARM, which frees the void "
                      "cycles' logs: %s" % r):
             return
         voided = int(r.split()[1])
-        check(marker(d).startswith("vmreplica tracking\nserved "),
+        pc.check(marker(d).startswith("vmreplica tracking\nserved "),
               "the marker says tracking, served: %r" % marker(d))
-        check(sorted(n for n in os.listdir(d.logdir)
+        pc.check(sorted(n for n in os.listdir(d.logdir)
                      if n.endswith((".log", ".pre"))) == [],
               "the void cycles' logs are gone")
         runs = read_dirty(os.path.join(d.logdir, "%020d.dirty" % voided))
         nbytes = sum(ln for _, ln in runs)
-        check(0 < nbytes < size // 2, "the dirty map covers %d of %d bytes"
+        pc.check(0 < nbytes < size // 2, "the dirty map covers %d of %d bytes"
               % (nbytes, size))
         copy_runs(d, runs)
         load.run(300)
-        check(not load.failed, "no request failed after REARM")
+        pc.check(not load.failed, "no request failed after REARM")
         r = p.ctl("SEAL")
-        check(r == "OK %d" % (voided + 1), "cycle %d seals after REARM: %s"
+        pc.check(r == "OK %d" % (voided + 1), "cycle %d seals after REARM: %s"
               % (voided + 1, r))
         if apply_cycles(a, d, voided + 1, voided + 1):
-            check(pc.sha256_file(d.replica) == pc.sha256_file(d.disk),
+            pc.check(pc.sha256_file(d.replica) == pc.sha256_file(d.disk),
                   "replica (cycles 1..3, the dirty regions, cycle %d) equals "
                   "the disk" % (voided + 1))
         del h
@@ -276,37 +265,35 @@ def log_full(a, root):
 
 
 def preserve_failure(a, root):
-    d = fresh(root, "preserve", 4 << 20)
+    d = pc.fresh(root, "preserve", 4 << 20)
     p = pc.Plugin(a, d)
     p.start()
     h = pc.nbd_connect(d.sock, p)
     h.pwrite(b"\x44" * 8192, 0)
-    check(p.ctl("SEAL") == "OK 1", "cycle 1 sealed")
-    pre = os.path.join(d.logdir, "%020d.pre" % 1)
-    os.mkdir(pre)
-    os.mkdir(os.path.join(pre, "x"))  # not removable as a torn file
+    pc.check(p.ctl("SEAL") == "OK 1", "cycle 1 sealed")
+    pre = block_preserve(d, 1)
     try:
         h.pwrite(b"\x55" * 4096, 0)
         ok = True
     except nbd.Error as e:
         ok = False
         print("  ", e)
-    check(ok, "a write whose preserve fails succeeds")
+    pc.check(ok, "a write whose preserve fails succeeds")
     h.pwrite(b"\x56" * 4096, 1 << 20, nbd.CMD_FLAG_FUA)
     h.zero(4096, 2 << 20)
     h.flush()
-    check(open(d.disk, "rb").read(4096) == b"\x55" * 4096,
+    pc.check(open(d.disk, "rb").read(4096) == b"\x55" * 4096,
           "the disk holds the write")
     r = p.ctl("SEAL")
-    check(r.startswith("ERR tracking stopped: disk disk0: could not preserve "
+    pc.check(r.startswith("ERR tracking stopped: disk disk0: could not preserve "
                        "data of an unshipped cycle"), "SEAL refused: %s" % r)
-    check(marker(d).startswith("vmreplica stopped 2\n"),
+    pc.check(marker(d).startswith("vmreplica stopped 2\n"),
           "the marker says stopped in cycle 2")
     shutil.rmtree(pre)
     r = p.ctl("REARM")
-    check(r == "OK 2", "REARM voids cycles 1 and 2: %s" % r)
+    pc.check(r == "OK 2", "REARM voids cycles 1 and 2: %s" % r)
     runs = read_dirty(os.path.join(d.logdir, "%020d.dirty" % 2))
-    check(runs == [(0, GRAIN), (1 << 20, GRAIN), (2 << 20, GRAIN)],
+    pc.check(runs == [(0, GRAIN), (1 << 20, GRAIN), (2 << 20, GRAIN)],
           "dirty: cycle 1's write and the three writes since: %s" % runs)
     resync_and_check(a, d, p, h, runs, 3)
     del h
@@ -314,34 +301,32 @@ def preserve_failure(a, root):
 
 
 def marker_first(a, root):
-    d = fresh(root, "marker", 4 << 20)
+    d = pc.fresh(root, "marker", 4 << 20)
     p = pc.Plugin(a, d)
     p.start("track-untracked:1")
     h = pc.nbd_connect(d.sock, p)
     h.pwrite(b"\x11" * 4096, 0)
-    check(p.ctl("SEAL") == "OK 1", "cycle 1 sealed")
-    pre = os.path.join(d.logdir, "%020d.pre" % 1)
-    os.mkdir(pre)
-    os.mkdir(os.path.join(pre, "x"))
+    pc.check(p.ctl("SEAL") == "OK 1", "cycle 1 sealed")
+    pre = block_preserve(d, 1)
     try:
         h.pwrite(b"\x22" * 4096, 0)
     except nbd.Error:
         pass
     p.proc.wait(10)
-    check(not p.alive(), "nbdkit killed at its first untracked write")
-    check(marker(d).startswith("vmreplica stopped"),
+    pc.check(not p.alive(), "nbdkit killed at its first untracked write")
+    pc.check(marker(d).startswith("vmreplica stopped"),
           "the marker said stopped before that write")
     shutil.rmtree(pre)
     p.start()
     r = p.ctl("SEAL")
-    check(r.startswith("ERR tracking stopped: disk disk0: could not preserve"),
+    pc.check(r.startswith("ERR tracking stopped: disk disk0: could not preserve"),
           "after the restart tracking is still stopped, same reason: %s" % r)
     h = pc.nbd_connect(d.sock, p)
     h.pwrite(b"\x33" * 4096, 8192)
     r = p.ctl("REARM")
-    check(r == "OK 2", "REARM: %s" % r)
+    pc.check(r == "OK 2", "REARM: %s" % r)
     runs = read_dirty(os.path.join(d.logdir, "%020d.dirty" % 2))
-    check(runs == [(0, 4 << 20)], "every grain is dirty after the restart "
+    pc.check(runs == [(0, 4 << 20)], "every grain is dirty after the restart "
           "(the map was in memory): %s" % runs)
     resync_and_check(a, d, p, h, runs, 3)
     del h
@@ -349,7 +334,7 @@ def marker_first(a, root):
 
 
 def damaged_log(a, root):
-    d = fresh(root, "damaged", 4 << 20)
+    d = pc.fresh(root, "damaged", 4 << 20)
     p = pc.Plugin(a, d)
     p.start()
     h = pc.nbd_connect(d.sock, p)
@@ -362,14 +347,14 @@ def damaged_log(a, root):
     p.start()
     h = pc.nbd_connect(d.sock, p)
     h.pwrite(b"\x22" * 4096, 4096)
-    check(open(d.disk, "rb").read(8192) == b"\x11" * 4096 + b"\x22" * 4096,
+    pc.check(open(d.disk, "rb").read(8192) == b"\x11" * 4096 + b"\x22" * 4096,
           "the disks are served and writes succeed")
     r = p.ctl("STATUS")
-    check(r.startswith("ERR tracking stopped: change log recovery:"),
+    pc.check(r.startswith("ERR tracking stopped: change log recovery:"),
           "tracking stopped with the reason: %s" % r)
     r = p.ctl("REARM")
-    check(r == "OK 1", "REARM replaces the damaged log: %s" % r)
-    check(p.ctl("SEAL") == "OK 2", "cycle 2 seals")
+    pc.check(r == "OK 1", "REARM replaces the damaged log: %s" % r)
+    pc.check(p.ctl("SEAL") == "OK 2", "cycle 2 seals")
     del h
     p.kill()
 
@@ -384,41 +369,41 @@ def start_as_boot(p, boot):
 
 
 def host_restart(a, root):
-    d = fresh(root, "boot", 4 << 20)
+    d = pc.fresh(root, "boot", 4 << 20)
     p = pc.Plugin(a, d)
     start_as_boot(p, "boot-a")
-    check(marker(d) == "vmreplica tracking\nserved boot-a\n",
+    pc.check(marker(d) == "vmreplica tracking\nserved boot-a\n",
           "while served, the marker names the boot: %r" % marker(d))
     h = pc.nbd_connect(d.sock, p)
     h.pwrite(b"\x11" * 4096, 0)
-    check(p.ctl("SEAL") == "OK 1", "cycle 1 sealed")
+    pc.check(p.ctl("SEAL") == "OK 1", "cycle 1 sealed")
     h.pwrite(b"\x22" * 4096, 1 << 20)
     del h
     p.proc.terminate()
     p.proc.wait(20)
-    check(marker(d) == "vmreplica tracking\n",
+    pc.check(marker(d) == "vmreplica tracking\n",
           "a clean stop leaves a plain tracking marker: %r" % marker(d))
     start_as_boot(p, "boot-b")
-    check(p.ctl("SEAL") == "OK 2", "after a clean stop and a host restart "
+    pc.check(p.ctl("SEAL") == "OK 2", "after a clean stop and a host restart "
           "tracking goes on")
     h = pc.nbd_connect(d.sock, p)
     h.pwrite(b"\x33" * 4096, 2 << 20)
     del h
     p.kill()
     start_as_boot(p, "boot-b")
-    check(p.ctl("SEAL") == "OK 3", "after a kill under the same boot (page "
+    pc.check(p.ctl("SEAL") == "OK 3", "after a kill under the same boot (page "
           "cache intact) tracking goes on")
     p.kill()
     start_as_boot(p, "boot-c")
     r = p.ctl("STATUS")
-    check(r.startswith("ERR tracking stopped: disk disk0: the host went down "
+    pc.check(r.startswith("ERR tracking stopped: disk disk0: the host went down "
                        "while the disks were served (boot boot-b; now "
                        "boot-c)"), "a kill then another boot: a host crash, "
           "tracking stopped: %s" % r)
     r = p.ctl("REARM")
-    check(r == "OK 4", "REARM: %s" % r)
+    pc.check(r == "OK 4", "REARM: %s" % r)
     runs = read_dirty(os.path.join(d.logdir, "%020d.dirty" % 4))
-    check(runs == [(0, 4 << 20)], "every grain is dirty: %s" % runs)
+    pc.check(runs == [(0, 4 << 20)], "every grain is dirty: %s" % runs)
     h = pc.nbd_connect(d.sock, p)
     resync_and_check(a, d, p, h, runs, 5)
     del h
@@ -432,7 +417,7 @@ def main():
     ap.add_argument("--dir", required=True)
     ap.add_argument("--only", default="")
     args = ap.parse_args()
-    a = Args()
+    a = pc.ScenarioArgs()
     a.plugin, a.cycapply = args.plugin, args.cycapply
     for name, fn in [("log-full", log_full),
                      ("preserve-failure", preserve_failure),
@@ -445,9 +430,9 @@ def main():
         try:
             fn(a, args.dir)
         except pc.Violation as e:
-            check(False, "%s: %s" % (name, e))
-    print("plugin-stop: %d failed" % len(FAILS))
-    return 1 if FAILS else 0
+            pc.check(False, "%s: %s" % (name, e))
+    print("plugin-stop: %d failed" % len(pc.FAILS))
+    return 1 if pc.FAILS else 0
 
 
 if __name__ == "__main__":
