@@ -16,7 +16,7 @@ cd "$(dirname "$0")"
 
 PACKAGES=(build-essential meson ninja-build pkg-config nbdkit
     nbdkit-plugin-dev libnbd-dev libnbd-bin qemu-system-x86 qemu-utils
-    libzstd-dev libgnutls28-dev gnutls-bin libcurl4-gnutls-dev
+    libzstd-dev libxxhash-dev libgnutls28-dev gnutls-bin libcurl4-gnutls-dev
     libmicrohttpd-dev libsqlite3-dev libjson-c-dev openssl curl jq socat
     zstd clang python3 busybox-static qemu-guest-agent e2fsprogs
     libkrb5-dev krb5-user krb5-kdc krb5-admin-server faketime
