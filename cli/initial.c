@@ -1,4 +1,5 @@
-/* initial.c: "vmreplica initial-replication start VM [--wait]" — POST
+/* initial.c: "vmreplica initial-replication start VM [--use-existing]
+ * [--wait]" — POST
  * /v1/vms/VM/initial-replication, then (with --wait) poll measure until the
  * initial copy is over, drawing a progress bar when stderr is a terminal.
  */
@@ -78,9 +79,10 @@ int
 cmd_initial_start(struct cli *c, const struct cli_cmd *cmd, int argc,
                   char **argv)
 {
-    bool wait = false;
+    bool wait = false, use_existing = false;
     const struct cli_opt opts[] = {
         { "wait", CLI_OPT_FLAG, &wait },
+        { "use-existing", CLI_OPT_FLAG, &use_existing },
         { NULL, 0, NULL },
     };
     CLEANUP_FREE char *path = NULL;
@@ -90,6 +92,9 @@ cmd_initial_start(struct cli *c, const struct cli_cmd *cmd, int argc,
     if (rc)
         return rc;
     json_object *body = json_object_new_object();
+    if (use_existing)
+        json_object_object_add(body, "use_existing",
+                               json_object_new_boolean(true));
     json_object *out;
     rc = cli_call(c, "POST", path, body, &out);
     json_object_put(body);
@@ -99,7 +104,9 @@ cmd_initial_start(struct cli *c, const struct cli_cmd *cmd, int argc,
         if (c->json)
             cli_print_json(out);
         else
-            printf("initial replication of vm %s started\n", name);
+            printf("initial replication of vm %s started%s\n", name,
+                   use_existing ? " by comparison with the Replica server's "
+                                  "copy" : "");
         json_object_put(out);
         return CLI_OK;
     }

@@ -216,8 +216,14 @@ static const struct cli_cmd commands[] = {
     { "failover", "complete", cmd_failover_complete, "VM",
       "on the Replica server: commit a failover (the other recovery points "
       "are deleted)", NULL },
-    { "initial-replication", "start", cmd_initial_start, "VM [--wait]",
+    { "initial-replication", "start", cmd_initial_start,
+      "VM [--use-existing] [--wait]",
       "send the first full copy of a VM's disks",
+      "  --use-existing    the Replica server holds a copy already (one "
+      "'replication\n"
+      "                    remove' kept, or a restored backup): compare "
+      "chunk hashes\n"
+      "                    and send only what differs\n"
       "  --wait            block until done, with a progress bar on a "
       "terminal\n" },
     { "events", NULL, cmd_events, "[--vm VM]", "show recent events",

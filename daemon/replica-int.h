@@ -62,7 +62,7 @@ struct listener_ctx {
 };
 
 enum r1_kind { R1_STATUS, R1_REGISTER, R1_BASE, R1_INITIAL_DONE, R1_CYCLE,
-               R1_REMOVE, R1_PREPARED, R1_TEST };
+               R1_REMOVE, R1_PREPARED, R1_TEST, R1_INITIAL_BEGIN, R1_HASHES };
 
 struct rreq {
     bool started;
@@ -126,6 +126,12 @@ json_object *replica_status_json(const struct vm *vm);
 /* D->lock held: the Replica VM q names, if q's peer may use it: 0 and
  * *out, or a negative errno with the message. */
 int own_vm(struct rreq *q, struct vm **out);
+
+/* --- replica-compare.c ---------------------------------------------------- */
+/* POST .../initial (full or compare) and POST .../hashes: an initial
+ * replication that compares with the copy kept here. */
+int do_initial_begin(struct rreq *q, json_object **out);
+int do_hashes(struct rreq *q, json_object **out);
 
 /* --- replica-register.c --------------------------------------------------- */
 /* The JSON endpoints, at the end of the body (PUT /r1/vms/UUID, POST

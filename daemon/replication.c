@@ -224,6 +224,11 @@ repl_measure_json(const struct vm *vm)
         r->mode == VM_MODE_PRIMARY ? shipper_pending_bytes(vm, NULL) : 0);
     I64("initial_replication_size", r->initial_total);
     I64("initial_replication_sent", r->initial_sent);
+    json_object_object_add(
+        o, "initial_replication_method",
+        json_object_new_string(r->initial_method == INITIAL_COMPARE
+                                   ? "compare" : "full"));
+    I64("initial_replication_compared", r->initial_compared);
     I64("bytes_sent_raw", r->bytes_raw);
     I64("bytes_sent_wire", r->bytes_wire);
     I64("last_cycle", r->last_cycle);
@@ -235,10 +240,10 @@ repl_measure_json(const struct vm *vm)
         o, "current_task",
         json_object_new_string(initial ? "InitialReplication" : "None"));
     int pct = 100;
+    uint64_t done = r->initial_method == INITIAL_COMPARE ? r->initial_compared
+                                                         : r->initial_sent;
     if (!r->initial_done)
-        pct = r->initial_total
-                  ? (int)(r->initial_sent * 100 / r->initial_total)
-                  : 0;
+        pct = r->initial_total ? (int)(done * 100 / r->initial_total) : 0;
     if (pct > 100)
         pct = 100;
     json_object_object_add(o, "progress_percent", json_object_new_int(pct));
@@ -692,12 +697,27 @@ api_initial_start(struct api_call *call, unsigned *status VR_UNUSED,
     if (rc == 0 && vm->repl->initial_done)
         rc = vr_err(-EALREADY, "vm %s: initial replication is already done",
                     vm->name);
+    bool compare = jbool(call->body, "use_existing", false);
+    /* The method is chosen when the copy starts afresh; one under way
+     * goes on as it began (its progress means nothing to the other). */
+    if (rc == 0 && vm->repl->initial_seq != 0 &&
+        (vm->repl->initial_method == INITIAL_COMPARE) != compare)
+        rc = vr_err(-EBUSY, "vm %s: an initial replication %s is under way "
+                    "(%llu bytes done); it resumes as it began", vm->name,
+                    vm->repl->initial_method == INITIAL_COMPARE
+                        ? "by comparison" : "by full copy",
+                    (unsigned long long)(vm->repl->initial_method ==
+                                                 INITIAL_COMPARE
+                                             ? vm->repl->initial_compared
+                                             : vm->repl->initial_sent));
     if (rc == 0 && vm->repl->st != REPL_ST_INITIAL) {
         if (vm->repl->st != REPL_ST_READY_INITIAL)
             rc = vr_err(-EBUSY, "vm %s: cannot start initial replication in "
                                 "state %s",
                         vm->name, repl_st_name(vm->repl->st));
         else {
+            vm->repl->initial_method =
+                compare ? INITIAL_COMPARE : INITIAL_FULL;
             wake(vm);
             free(vm->repl->task);
             vm->repl->task = xstrdup("InitialReplication");

@@ -26,7 +26,7 @@ db_of(struct catalog *cat)
     return cat ? cat->db : NULL;
 }
 
-#define SCHEMA_VERSION 6 /* 2: recovery history (points, two columns)
+#define SCHEMA_VERSION 7 /* 2: recovery history (points, two columns)
                             3: failover_point, failover_step,
                                prepared_cycle, app_every
                             4: auth, krb_encrypt (Kerberos mode)
@@ -35,7 +35,9 @@ db_of(struct catalog *cat)
                                replications.reset_pending,
                                auth_entries.max_vms
                             6: first_point (the first consistent cycle
-                               after an initial replication) */
+                               after an initial replication)
+                            7: initial_method, initial_compared (an
+                               initial replication by comparison) */
 
 static const char schema[] =
     "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);"
@@ -57,7 +59,8 @@ static const char schema[] =
     "  last_error TEXT, recovery_history INT, point_interval INT, "
     "  test_point INT, failover_point INT, failover_step INT, "
     "  prepared_cycle INT, app_every INT, trust_group TEXT, auth TEXT, "
-    "  krb_encrypt INT, reset_pending INT, first_point INT);"
+    "  krb_encrypt INT, reset_pending INT, first_point INT, "
+    "  initial_method INT, initial_compared INT);"
     "CREATE TABLE IF NOT EXISTS points(vm_uuid TEXT, cycle INT, time_ms INT, "
     "  kind TEXT, undo_bytes INT, PRIMARY KEY(vm_uuid, cycle));"
     "CREATE TABLE IF NOT EXISTS auth_entries(pattern TEXT PRIMARY KEY, "
@@ -158,10 +161,16 @@ migrate(struct catalog *cat)
     /* 6: the first consistent cycle after an initial replication. */
     if (rc == 0 && have >= 1 && have <= 5)
         rc = add_column(cat, "replications", "first_point", "INT");
+    /* 7: how the initial replication goes (full copy or comparison) and
+     * how far a comparison got. */
+    if (rc == 0 && have >= 1 && have <= 6)
+        rc = add_column(cat, "replications", "initial_method", "INT");
+    if (rc == 0 && have >= 1 && have <= 6)
+        rc = add_column(cat, "replications", "initial_compared", "INT");
     if (rc == 0)
         rc = exec_sql(cat,
                       "INSERT OR REPLACE INTO meta VALUES('schema_version', "
-                      "'6')");
+                      "'7')");
     return rc;
 }
 
@@ -417,7 +426,7 @@ catalog_save_repl(struct catalog *cat, const struct repl *r)
 {
     sqlite3_stmt *st = prep(cat, 
         "INSERT OR REPLACE INTO replications VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,"
-        "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
+        "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
     if (!st)
         return -EIO;
     int i = 1;
@@ -463,6 +472,8 @@ catalog_save_repl(struct catalog *cat, const struct repl *r)
     sqlite3_bind_int(st, i++, r->krb_encrypt);
     sqlite3_bind_int(st, i++, r->reset_pending);
     sqlite3_bind_int64(st, i++, (sqlite3_int64)r->first_point);
+    sqlite3_bind_int(st, i++, r->initial_method);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->initial_compared);
     return step_done(cat, st);
 }
 
@@ -549,6 +560,10 @@ load_repl(sqlite3_stmt *st)
     r->krb_encrypt = sqlite3_column_int(st, i++) != 0;
     r->reset_pending = sqlite3_column_int(st, i++) != 0;
     r->first_point = (uint64_t)sqlite3_column_int64(st, i++);
+    r->initial_method = sqlite3_column_int(st, i++) == INITIAL_COMPARE
+                            ? INITIAL_COMPARE
+                            : INITIAL_FULL;
+    r->initial_compared = (uint64_t)sqlite3_column_int64(st, i++);
     if (r->point_interval_s == 0)
         r->point_interval_s = 3600;
     return r;

@@ -127,6 +127,8 @@ enum fo_step {
     FO_COMMITTED,  /* overlays are in the disks: drop points, new epoch */
 };
 
+enum initial_method { INITIAL_FULL = 0, INITIAL_COMPARE = 1 };
+
 struct repl {
     char vm_uuid[37];
     enum vm_mode mode;
@@ -160,6 +162,12 @@ struct repl {
     uint64_t initial_seq;
     uint64_t initial_total;
     uint64_t initial_sent; /* raw bytes of data sent so far */
+    /* How the copy goes: every allocated byte (full), or only the chunks
+     * whose hashes differ from the copy the Replica server has (compare:
+     * initial-replication start --use-existing); a comparison's progress
+     * is initial_compared of initial_total. */
+    enum initial_method initial_method;
+    uint64_t initial_compared;
     /* cycles */
     uint64_t last_cycle;    /* primary: last acknowledged; replica: staged */
     uint64_t applied_cycle; /* replica: last applied */

@@ -36,11 +36,15 @@ for kv in mode=primary frequency=30 compression=false epoch=7 last_cycle=41 \
     [ "$got" = "${kv#*=}" ] || fail "${kv%%=*} after migration: '$got', want '${kv#*=}'"
 done
 [ "$(jget primary .cpus vm show old)" = 2 ] || fail "vm cpus lost"
+# Version 7's columns read as a full copy with nothing compared.
+m=$(vrj primary replication measure old) || fail "replication measure after migration"
+[ "$(jq -r '"\(.initial_replication_method) \(.initial_replication_compared)"' <<<"$m")" = "full 0" ] ||
+    fail "initial replication after migration: $(jq -c '{initial_replication_method, initial_replication_compared}' <<<"$m")"
 stop_daemon primary
 v=$(python3 -c 'import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute(
     "SELECT value FROM meta WHERE key = '"'"'schema_version'"'"'").fetchone()[0])' \
     "$state/catalog.db")
-[ "$v" = 6 ] || fail "schema_version $v after migration, want 6"
+[ "$v" = 7 ] || fail "schema_version $v after migration, want 7"
 log "version-1 catalog migrated to 2, relationship intact"
 
 python3 -c 'import sqlite3,sys; db = sqlite3.connect(sys.argv[1]); db.execute(
