@@ -30,4 +30,26 @@ void peer_fini(struct peer *p);
 void job_fill(struct job *jb, const struct vm *vm);
 void job_fini(struct job *jb);
 
+
+/* --- shipper.c: what initial.c and resync.c share with it ------------------ */
+
+/* DISK.vrlog of a disk (malloc'd). */
+char *logdir_of(const struct disk *dk);
+/* The outgoing payload's temporary file in the VM's run directory. */
+int tmp_payload(const struct job *jb, char **path);
+/* Test hook: $VMREPLICA_TEST_SEND_DELAY_MS before every upload. */
+void test_send_delay(void);
+/* Cycles up to upto are on the Replica server: tell the data plane, delete
+ * their logs. */
+void release_shipped(const struct job *jb, uint64_t upto);
+/* 0 if every disk's tracking marker says tracking; else -EAGAIN saying
+ * what to do (and the relationship's untracked flag set). */
+int tracking_intact(struct vm *vm, const struct job *jb, uint64_t last_cycle);
+
+/* --- initial.c ------------------------------------------------------------- */
+
+/* Run (or resume) the initial replication of vm; 0 once it is complete,
+ * -ECANCELED if stopped. */
+int run_initial(struct vm *vm, struct job *jb);
+
 #endif
