@@ -45,6 +45,10 @@ vr primary initial-replication start "$vm" >/dev/null ||
     fail "initial-replication start"
 wait_until 10 repl_is primary "$vm" state InitialReplicationInProgress ||
     fail "initial replication did not start: $(repl primary "$vm" state)"
+# The base is recorded once the Replica server knows the method (POST
+# .../initial): the state changes before that.
+wait_until 10 eval '[ "$(repl primary "$vm" base_cycle)" -gt 0 ]' ||
+    fail "no base cycle recorded"
 base=$(repl primary "$vm" base_cycle)
 log "copy running from base cycle $base"
 
