@@ -178,8 +178,14 @@ static const struct cli_cmd commands[] = {
       "show replication statistics of a VM", NULL },
     { "replication", "suspend", cmd_repl_suspend, "VM",
       "pause replication (changes keep being tracked)", NULL },
-    { "replication", "resume", cmd_repl_resume, "VM",
-      "resume paused replication", NULL },
+    { "replication", "resume", cmd_repl_resume, "VM [--resync]",
+      "resume paused replication",
+      "  --resync          change tracking stopped on this primary (a full "
+      "log, a host\n"
+      "                    crash): compare the regions changed meanwhile "
+      "with the\n"
+      "                    Replica server's copy and send only what "
+      "differs\n" },
     { "replication", "remove", cmd_repl_remove, "VM",
       "stop replicating a VM (the Replica server keeps its copy)", NULL },
     { "replication", "reverse", cmd_repl_reverse,

@@ -678,8 +678,34 @@ int
 cmd_repl_resume(struct cli *c, const struct cli_cmd *cmd, int argc,
                 char **argv)
 {
-    return simple(c, cmd, argc, argv, "POST", "/replication/resume",
-                  "resumed");
+    bool resync = false;
+    const struct cli_opt opts[] = {
+        { "resync", CLI_OPT_FLAG, &resync },
+        { NULL, 0, NULL },
+    };
+    CLEANUP_FREE char *path = NULL;
+    const char *name;
+    int rc = cli_vm_path(c, cmd, argc, argv, opts, "/replication/resume",
+                         &path, &name);
+    if (rc)
+        return rc;
+    json_object *body = json_object_new_object(), *out;
+    if (resync)
+        json_object_object_add(body, "resync", json_object_new_boolean(true));
+    rc = cli_call(c, "POST", path, body, &out);
+    json_object_put(body);
+    if (rc)
+        return rc;
+    if (c->json)
+        cli_print_json(out);
+    else if (resync)
+        printf("resynchronization of vm %s started: only the regions "
+               "changed while tracking was stopped are compared; follow "
+               "it with 'vmreplica replication measure %s'\n", name, name);
+    else
+        printf("replication of vm %s resumed\n", name);
+    json_object_put(out);
+    return CLI_OK;
 }
 
 int

@@ -169,7 +169,7 @@ all_zero(const uint8_t *p, size_t n)
 /* The fine chunks of [off, off + len) of disk d that differ between here
  * and the Replica server go into b: a write, or a zero record where this
  * disk reads as zeroes.  Adds their bytes to *sent. */
-static int
+int
 add_differing(const struct job *jb, unsigned d, int dfd, uint64_t off,
               uint64_t len, struct cyc_builder *b, uint64_t *sent)
 {
@@ -315,7 +315,7 @@ send_compare_chunk(struct job *jb, unsigned d, uint64_t base, uint64_t seq,
  * Called after the last read, so the cycle open now is at worst later
  * than the first such cycle.  With the disks not served, nothing writes
  * them: the cycle after the log's last seal. */
-static int
+int
 first_consistent_cycle(const struct job *jb, uint64_t base, uint64_t *first)
 {
     bool served = false, running = false;

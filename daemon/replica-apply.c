@@ -155,6 +155,16 @@ unlink_staged(const struct vm *vm, const char *path)
     close(sfd);
 }
 
+/* A resynchronization holds the VM at hold_from - 1 until its cut (hold_to)
+ * is staged whole: then hold_from .. hold_to are applied in a row and the
+ * hold ends (resync.c has why). */
+static bool
+held(const struct repl *r)
+{
+    return r->hold_from && r->applied_cycle + 1 >= r->hold_from &&
+           (!r->hold_to || r->last_cycle < r->hold_to);
+}
+
 /* Apply cycle n of vm from staging, then record it.  Called without the
  * lock; takes it to record. */
 static int
@@ -182,7 +192,14 @@ apply_one(struct vm *vm, uint64_t n, bool locked)
     if (rc == 0) {
         vm->repl->applied_cycle = n;
         vm->repl->last_ok_ms = vr_wall_ms();
+        bool held_end = vm->repl->hold_to && n >= vm->repl->hold_to;
+        if (held_end)
+            vm->repl->hold_from = vm->repl->hold_to = 0;
         rc = catalog_save_repl(D->cat, vm->repl);
+        if (rc == 0 && held_end)
+            event_add(D->cat, "info", vm->name, "resynchronization applied: "
+                      "the Replica VM is at cycle %llu",
+                      (unsigned long long)n);
     }
     if (rc == 0) {
         unlink_staged(vm, path);
@@ -253,7 +270,7 @@ replica_recover(void)
         }
         /* A failover's view must not change under it. */
         while (r->initial_done && r->applied_cycle < r->last_cycle &&
-               !r->failover_point) {
+               !r->failover_point && !held(r)) {
             uint64_t n = r->applied_cycle + 1;
             log_info("applier", "%s: recovering: applying staged cycle %llu",
                      vm->name, (unsigned long long)n);
@@ -281,7 +298,8 @@ applier_main(void *arg VR_UNUSED)
             struct repl *r = vm->repl;
             if (vm->mode != VM_MODE_REPLICA || !r || !r->initial_done ||
                 r->st != REPL_ST_REPLICATING ||
-                r->applied_cycle >= r->last_cycle || vm_busy(vm, VM_OP_TEST))
+                r->applied_cycle >= r->last_cycle || vm_busy(vm, VM_OP_TEST) ||
+                held(r))
                 continue;
             if (r->apply_retry_ms > now) {
                 if (!next_retry || r->apply_retry_ms < next_retry)

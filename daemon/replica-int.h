@@ -62,7 +62,8 @@ struct listener_ctx {
 };
 
 enum r1_kind { R1_STATUS, R1_REGISTER, R1_BASE, R1_INITIAL_DONE, R1_CYCLE,
-               R1_REMOVE, R1_PREPARED, R1_TEST, R1_INITIAL_BEGIN, R1_HASHES };
+               R1_REMOVE, R1_PREPARED, R1_TEST, R1_INITIAL_BEGIN, R1_HASHES,
+               R1_RESYNC, R1_RESYNC_DONE };
 
 struct rreq {
     bool started;
@@ -132,6 +133,9 @@ int own_vm(struct rreq *q, struct vm **out);
  * replication that compares with the copy kept here. */
 int do_initial_begin(struct rreq *q, json_object **out);
 int do_hashes(struct rreq *q, json_object **out);
+/* POST .../resync and .../resync-complete: a resynchronization. */
+int do_resync_begin(struct rreq *q, json_object **out);
+int do_resync_complete(struct rreq *q, json_object **out);
 
 /* --- replica-register.c --------------------------------------------------- */
 /* The JSON endpoints, at the end of the body (PUT /r1/vms/UUID, POST

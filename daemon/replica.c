@@ -115,6 +115,14 @@ parse_url(const char *url, const char *method, struct rreq *q)
         q->kind = R1_HASHES;
         return 0;
     }
+    if (strcmp(rest, "/resync") == 0 && strcmp(method, "POST") == 0) {
+        q->kind = R1_RESYNC;
+        return 0;
+    }
+    if (strcmp(rest, "/resync-complete") == 0 && strcmp(method, "POST") == 0) {
+        q->kind = R1_RESYNC_DONE;
+        return 0;
+    }
     const char *num = NULL;
     if (strncmp(rest, "/base/", 6) == 0) {
         q->kind = R1_BASE;
@@ -726,6 +734,7 @@ static int (*const endpoints[])(struct rreq *q, json_object **out) = {
     [R1_CYCLE] = ep_upload,          [R1_REMOVE] = do_remove,
     [R1_PREPARED] = do_prepared,     [R1_TEST] = ep_test,
     [R1_INITIAL_BEGIN] = do_initial_begin, [R1_HASHES] = do_hashes,
+    [R1_RESYNC] = do_resync_begin,   [R1_RESYNC_DONE] = do_resync_complete,
 };
 
 /* The end of a request: check a Kerberos request's signature, then answer

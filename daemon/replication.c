@@ -67,6 +67,15 @@ repl_health(const struct repl *r, json_object *details)
                  r->last_error ? r->last_error : "unknown");
         ADD("Critical", buf);
     }
+    if (r->hold_from) {
+        char buf[300];
+        snprintf(buf, sizeof buf, "resynchronizing: the Replica VM stays at "
+                 "cycle %llu until the new cut is received whole",
+                 (unsigned long long)r->hold_from - 1);
+        ADD("Warning", buf);
+    }
+    if (r->st == REPL_ST_RESYNC)
+        ADD("Warning", "resynchronizing");
     if (r->st == REPL_ST_SUSPENDED)
         ADD(r->mode == VM_MODE_REPLICA ? "Critical" : "Warning",
             "replication is suspended");
@@ -229,6 +238,8 @@ repl_measure_json(const struct vm *vm)
         json_object_new_string(r->initial_method == INITIAL_COMPARE
                                    ? "compare" : "full"));
     I64("initial_replication_compared", r->initial_compared);
+    I64("resync_compared", r->resync_compared);
+    I64("resync_sent", r->resync_sent);
     I64("bytes_sent_raw", r->bytes_raw);
     I64("bytes_sent_wire", r->bytes_wire);
     I64("last_cycle", r->last_cycle);
@@ -238,7 +249,9 @@ repl_measure_json(const struct vm *vm)
     bool initial = r->st == REPL_ST_INITIAL;
     json_object_object_add(
         o, "current_task",
-        json_object_new_string(initial ? "InitialReplication" : "None"));
+        json_object_new_string(initial                     ? "InitialReplication"
+                               : r->st == REPL_ST_RESYNC ? "Resynchronization"
+                                                         : "None"));
     int pct = 100;
     uint64_t done = r->initial_method == INITIAL_COMPARE ? r->initial_compared
                                                          : r->initial_sent;
@@ -635,6 +648,43 @@ api_repl_suspend(struct api_call *call, unsigned *status VR_UNUSED,
     return rc;
 }
 
+/* replication resume --resync (D->lock held): start a resynchronization
+ * (resync.c) of a primary whose change tracking stopped. */
+static int
+resync_begin(struct vm *vm)
+{
+    struct repl *r = vm->repl;
+    if (r->mode != VM_MODE_PRIMARY)
+        return vr_err(-EINVAL, "vm %s: a resynchronization is started on "
+                      "the primary", vm->name);
+    if (!r->initial_done)
+        return vr_err(-EINVAL, "vm %s: initial replication has not "
+                      "completed; resume it with 'vmreplica "
+                      "initial-replication start %s'", vm->name, vm->name);
+    if (r->st == REPL_ST_RESYNC)
+        return 0;
+    if (r->st != REPL_ST_REPLICATING && r->st != REPL_ST_SUSPENDED &&
+        r->st != REPL_ST_ERROR)
+        return vr_err(-EBUSY, "vm %s: cannot resynchronize in state %s",
+                      vm->name, repl_st_name(r->st));
+    if (!r->untracked && r->resync_step == RESYNC_NONE)
+        return vr_err(-EINVAL, "vm %s: change tracking is intact, there is "
+                      "nothing to resynchronize (if it stopped since the "
+                      "last cycle, the next one will say so)", vm->name);
+    if (r->resync_step == RESYNC_NONE) {
+        r->resync_step = RESYNC_REQUESTED;
+        r->resync_compared = r->resync_sent = 0;
+    }
+    free(r->task);
+    r->task = xstrdup("Resynchronization");
+    wake(vm);
+    int rc = repl_transition_event(D->cat, vm, REPL_ST_RESYNC, REPL_T_SAVE,
+                                   "info", "resynchronization started");
+    if (rc == 0)
+        shipper_ensure(vm);
+    return rc;
+}
+
 int
 api_repl_resume(struct api_call *call, unsigned *status VR_UNUSED,
                 json_object **out)
@@ -644,8 +694,10 @@ api_repl_resume(struct api_call *call, unsigned *status VR_UNUSED,
     int rc = lookup_repl(call, &vm);
     if (rc == 0)
         rc = check_not_failing_over(vm);
-    if (rc == 0 && (vm->repl->st == REPL_ST_SUSPENDED ||
-                    vm->repl->st == REPL_ST_ERROR)) {
+    if (rc == 0 && jbool(call->body, "resync", false))
+        rc = resync_begin(vm);
+    else if (rc == 0 && (vm->repl->st == REPL_ST_SUSPENDED ||
+                         vm->repl->st == REPL_ST_ERROR)) {
         struct repl *r = vm->repl;
         wake(vm);
         rc = repl_transition_event(

@@ -51,5 +51,22 @@ int tracking_intact(struct vm *vm, const struct job *jb, uint64_t last_cycle);
 /* Run (or resume) the initial replication of vm; 0 once it is complete,
  * -ECANCELED if stopped. */
 int run_initial(struct vm *vm, struct job *jb);
+/* Add to b the 64 KiB chunks of [off, off + len) of disk d (open as dfd)
+ * whose hashes differ from the Replica server's (at most
+ * CHUNKHASH_MAX_COUNT chunks); adds their bytes to *sent. */
+struct cyc_builder;
+int add_differing(const struct job *jb, unsigned d, int dfd, uint64_t off,
+                  uint64_t len, struct cyc_builder *b, uint64_t *sent);
+/* The first cycle at whose seal the Replica VM equals this VM once a copy
+ * or comparison that read the live disk after base is done: the cycle
+ * open now. */
+int first_consistent_cycle(const struct job *jb, uint64_t base,
+                           uint64_t *first);
+
+/* --- resync.c -------------------------------------------------------------- */
+
+/* Run (or resume) the resynchronization of vm (replication resume
+ * --resync): 0 once complete. */
+int run_resync(struct vm *vm, struct job *jb);
 
 #endif

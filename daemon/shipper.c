@@ -431,8 +431,9 @@ tracking_intact(struct vm *vm, const struct job *jb, uint64_t last_cycle)
         if (stopped) {
             rc = vr_err(-EAGAIN, "tracking stopped on this primary (%s): "
                         "the Replica VM stays at cycle %llu; to "
-                        "resynchronize, remove replication and enable it "
-                        "again", why, (unsigned long long)last_cycle);
+                        "resynchronize only what changed, run 'vmreplica "
+                        "replication resume %s --resync'", why,
+                        (unsigned long long)last_cycle, jb->name);
             break;
         }
     }
@@ -632,7 +633,9 @@ shipper_main(void *arg)
         pthread_mutex_lock(&D->lock);
     }
     while (!r->stop && !D->shutting_down) {
-        bool initial = r->st == REPL_ST_INITIAL;
+        /* The initial copy and a resynchronization run to their end, as
+         * one step (each resumes where it stopped). */
+        bool initial = r->st == REPL_ST_INITIAL || r->st == REPL_ST_RESYNC;
         bool replicating = r->st == REPL_ST_REPLICATING;
         /* Time spent suspended or in error is not missed cycles. */
         if (!initial && !replicating)
@@ -653,10 +656,13 @@ shipper_main(void *arg)
         struct job jb;
         job_fill(&jb, vm);
         uint64_t last = r->last_cycle;
+        bool resync = r->st == REPL_ST_RESYNC;
         pthread_mutex_unlock(&D->lock);
 
         vr_err_clear();
-        int rc = initial ? run_initial(vm, &jb) : ship_cycles(vm, &jb, last);
+        int rc = resync    ? run_resync(vm, &jb)
+                 : initial ? run_initial(vm, &jb)
+                           : ship_cycles(vm, &jb, last);
         char msg[1024];
         snprintf(msg, sizeof msg, "%s", vr_errmsg());
         job_fini(&jb);

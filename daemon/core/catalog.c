@@ -37,7 +37,9 @@ db_of(struct catalog *cat)
                             6: first_point (the first consistent cycle
                                after an initial replication)
                             7: initial_method, initial_compared (an
-                               initial replication by comparison) */
+                               initial replication by comparison);
+                               resync_* (resynchronization), hold_from,
+                               hold_to (the replica's apply hold) */
 
 static const char schema[] =
     "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);"
@@ -60,7 +62,9 @@ static const char schema[] =
     "  test_point INT, failover_point INT, failover_step INT, "
     "  prepared_cycle INT, app_every INT, trust_group TEXT, auth TEXT, "
     "  krb_encrypt INT, reset_pending INT, first_point INT, "
-    "  initial_method INT, initial_compared INT);"
+    "  initial_method INT, initial_compared INT, resync_step INT, "
+    "  resync_void INT, resync_first INT, resync_compared INT, "
+    "  resync_sent INT, hold_from INT, hold_to INT);"
     "CREATE TABLE IF NOT EXISTS points(vm_uuid TEXT, cycle INT, time_ms INT, "
     "  kind TEXT, undo_bytes INT, PRIMARY KEY(vm_uuid, cycle));"
     "CREATE TABLE IF NOT EXISTS auth_entries(pattern TEXT PRIMARY KEY, "
@@ -167,6 +171,12 @@ migrate(struct catalog *cat)
         rc = add_column(cat, "replications", "initial_method", "INT");
     if (rc == 0 && have >= 1 && have <= 6)
         rc = add_column(cat, "replications", "initial_compared", "INT");
+    static const char *const v7[] = { "resync_step", "resync_void",
+                                      "resync_first", "resync_compared",
+                                      "resync_sent", "hold_from", "hold_to" };
+    for (size_t k = 0; rc == 0 && have >= 1 && have <= 6 && k < ARRAY_SIZE(v7);
+         k++)
+        rc = add_column(cat, "replications", v7[k], "INT");
     if (rc == 0)
         rc = exec_sql(cat,
                       "INSERT OR REPLACE INTO meta VALUES('schema_version', "
@@ -426,7 +436,8 @@ catalog_save_repl(struct catalog *cat, const struct repl *r)
 {
     sqlite3_stmt *st = prep(cat, 
         "INSERT OR REPLACE INTO replications VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,"
-        "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
+        "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,"
+        "?,?)");
     if (!st)
         return -EIO;
     int i = 1;
@@ -474,6 +485,13 @@ catalog_save_repl(struct catalog *cat, const struct repl *r)
     sqlite3_bind_int64(st, i++, (sqlite3_int64)r->first_point);
     sqlite3_bind_int(st, i++, r->initial_method);
     sqlite3_bind_int64(st, i++, (sqlite3_int64)r->initial_compared);
+    sqlite3_bind_int(st, i++, r->resync_step);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->resync_void);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->resync_first);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->resync_compared);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->resync_sent);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->hold_from);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->hold_to);
     return step_done(cat, st);
 }
 
@@ -564,6 +582,16 @@ load_repl(sqlite3_stmt *st)
                             ? INITIAL_COMPARE
                             : INITIAL_FULL;
     r->initial_compared = (uint64_t)sqlite3_column_int64(st, i++);
+    int step = sqlite3_column_int(st, i++);
+    r->resync_step = step >= RESYNC_REQUESTED && step <= RESYNC_COMPLETING
+                         ? (enum resync_step)step
+                         : RESYNC_NONE;
+    r->resync_void = (uint64_t)sqlite3_column_int64(st, i++);
+    r->resync_first = (uint64_t)sqlite3_column_int64(st, i++);
+    r->resync_compared = (uint64_t)sqlite3_column_int64(st, i++);
+    r->resync_sent = (uint64_t)sqlite3_column_int64(st, i++);
+    r->hold_from = (uint64_t)sqlite3_column_int64(st, i++);
+    r->hold_to = (uint64_t)sqlite3_column_int64(st, i++);
     if (r->point_interval_s == 0)
         r->point_interval_s = 3600;
     return r;

@@ -52,17 +52,20 @@ static const unsigned st_next[REPL_ST_COUNT] = {
         B(REPL_ST_REPLICATING) | B(REPL_ST_SUSPENDED),
     /* suspend; failover prepare (primary); planned failover (replica) */
     [REPL_ST_REPLICATING] = B(REPL_ST_SUSPENDED) | B(REPL_ST_PREPARED) |
-                            B(REPL_ST_FAILED_OVER),
-    /* resume */
-    [REPL_ST_SUSPENDED] = ST_RESUME_TO,
-    /* resume; suspend; a planned failover whose wait saw an apply fail */
-    [REPL_ST_ERROR] =
-        ST_RESUME_TO | B(REPL_ST_SUSPENDED) | B(REPL_ST_FAILED_OVER),
+                            B(REPL_ST_FAILED_OVER) | B(REPL_ST_RESYNC),
+    /* resume (--resync) */
+    [REPL_ST_SUSPENDED] = ST_RESUME_TO | B(REPL_ST_RESYNC),
+    /* resume (--resync); suspend; a planned failover whose wait saw an
+     * apply fail */
+    [REPL_ST_ERROR] = ST_RESUME_TO | B(REPL_ST_SUSPENDED) |
+                      B(REPL_ST_FAILED_OVER) | B(REPL_ST_RESYNC),
     /* failover complete; failover stop (or its crash recovery) */
     [REPL_ST_FAILOVER_WAIT] = B(REPL_ST_FAILED_OVER) | B(REPL_ST_REPLICATING),
     [REPL_ST_FAILED_OVER] = 0,
     /* failover stop on the primary withdraws the preparation */
     [REPL_ST_PREPARED] = B(REPL_ST_REPLICATING),
+    /* the resynchronization completes; suspend */
+    [REPL_ST_RESYNC] = B(REPL_ST_REPLICATING) | B(REPL_ST_SUSPENDED),
 };
 
 int

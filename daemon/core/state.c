@@ -54,6 +54,7 @@ static const char *const st_names[REPL_ST_COUNT] = {
     [REPL_ST_FAILOVER_WAIT] = "FailOverWaitingCompletion",
     [REPL_ST_FAILED_OVER] = "FailedOver",
     [REPL_ST_PREPARED] = "PreparedForFailover",
+    [REPL_ST_RESYNC] = "Resynchronizing",
 };
 
 const char *

@@ -111,6 +111,7 @@ enum repl_st {
     REPL_ST_FAILOVER_WAIT,   /* "FailOverWaitingCompletion" */
     REPL_ST_FAILED_OVER,     /* "FailedOver" */
     REPL_ST_PREPARED,        /* "PreparedForFailover" */
+    REPL_ST_RESYNC,          /* "Resynchronizing" (primary) */
     REPL_ST_COUNT
 };
 
@@ -128,6 +129,15 @@ enum fo_step {
 };
 
 enum initial_method { INITIAL_FULL = 0, INITIAL_COMPARE = 1 };
+
+/* Steps of a resynchronization on the primary (resync.c), in
+ * repl.resync_step; each is in the catalog before its work starts. */
+enum resync_step {
+    RESYNC_NONE = 0,
+    RESYNC_REQUESTED, /* replication resume --resync: tracking to re-arm */
+    RESYNC_COMPARING, /* re-armed after resync_void: compare and send */
+    RESYNC_COMPLETING, /* cycles up to resync_void sent: say F */
+};
 
 struct repl {
     char vm_uuid[37];
@@ -168,6 +178,17 @@ struct repl {
      * is initial_compared of initial_total. */
     enum initial_method initial_method;
     uint64_t initial_compared;
+    /* Resynchronization (primary, resync.c): the step reached, the void
+     * cycle C after which the data plane re-armed tracking, the first
+     * consistent cycle F once the comparison's last read is done, and the
+     * bytes compared and sent. */
+    enum resync_step resync_step;
+    uint64_t resync_void, resync_first, resync_compared, resync_sent;
+    /* Replica: cycles from hold_from on are staged but not applied until
+     * hold_to is staged (0: not known yet), then applied in one run, so
+     * the Replica VM stays at hold_from - 1 until a resynchronization's
+     * cut can be reached whole.  hold_from 0: no hold. */
+    uint64_t hold_from, hold_to;
     /* cycles */
     uint64_t last_cycle;    /* primary: last acknowledged; replica: staged */
     uint64_t applied_cycle; /* replica: last applied */

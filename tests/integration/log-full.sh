@@ -11,9 +11,12 @@
 #     stopped and why (no space), and the VM stays Replicating (retrying);
 #   - with the Replica server back, no cycle is sent (the Replica VM stays
 #     at its last cycle: the void cycles are never shipped);
-#   - `replication remove` and `replication enable` run initial
-#     replication, which restarts tracking in a new log (REARM) and brings
-#     the replica to a byte-identical copy, with health Normal.
+#   - `replication resume --resync` restarts tracking in a new log (REARM)
+#     and compares only the regions changed while the log could not follow
+#     (the 64 MiB disk's first 2 MiB, and two 64 KiB pieces): at most
+#     4 MiB compared, less sent, the Replica VM held at its last cycle
+#     until the new cut is staged whole, then byte-identical, health
+#     Normal.
 source "$(dirname "$0")/functions.sh"
 requires qemu-io jq curl openssl nbdkit python3 cmp numfmt mount
 requires_build
@@ -73,15 +76,33 @@ after=$(repl replica "$vm" applied_cycle)
 [ "$after" = "$before" ] ||
     fail "the Replica VM moved from cycle $before to $after after tracking stopped"
 err=$(repl primary "$vm" last_error)
-[[ $err == *"tracking stopped on this primary"*"stays at cycle"* ]] ||
+[[ $err == *"tracking stopped on this primary"*"stays at cycle"*"replication resume $vm --resync"* ]] ||
     fail "last_error does not say what to do: $err"
 
-log "remove and enable replication again: a new log and a full copy"
-vr primary replication remove "$vm" >/dev/null || fail "replication remove"
-enable_replication "$vm" --frequency 1s
+log "resynchronize: only the regions changed untracked are compared"
+out=$(vr primary replication resume "$vm" --resync) || fail "replication resume --resync"
+log "  $out"
+wait_until 90 repl_is primary "$vm" state Replicating ||
+    fail "the resynchronization did not complete: $(repl primary "$vm" state) $(repl primary "$vm" last_error)"
+vrj primary replication measure "$vm" >"$TESTDIR/measure.json"
+compared=$(jq -r .resync_compared "$TESTDIR/measure.json")
+sent=$(jq -r .resync_sent "$TESTDIR/measure.json")
+log "  compared $compared bytes, sent $sent bytes of chunks"
+[ "$compared" -gt 0 ] && [ "$compared" -le $((4 << 20)) ] ||
+    fail "the resynchronization compared $compared bytes (the changed regions are under 4 MiB of the 64 MiB disk)"
+[ "$sent" -gt 0 ] && [ "$sent" -le "$compared" ] ||
+    fail "the resynchronization sent $sent bytes of chunks for $compared compared"
+vrj primary events | jq -r '.events[].message' |
+    grep -q "^resynchronization complete: $compared bytes compared, $sent bytes of chunks sent; the Replica VM equals this VM again from cycle [0-9]*$" ||
+    fail "no event for the completed resynchronization"
 qemu-io -f raw "$uri" -c 'write -P 0x5a 5M 1M' >/dev/null
 wait_converged "$vm" 90
 assert_identical "$vm"
+vrj replica events | jq -r '.events[].message' >"$TESTDIR/rev"
+grep -q "^resynchronization by primary primary.test.local: the Replica VM stays at cycle $before until the new cut is received whole; its recovery points are kept$" "$TESTDIR/rev" ||
+    fail "the Replica server did not hold its VM at cycle $before: $(grep resync "$TESTDIR/rev")"
+grep -q "^resynchronization applied: the Replica VM is at cycle " "$TESTDIR/rev" ||
+    fail "no replica event for the applied resynchronization"
 [ "$(jget primary .health replication show "$vm")" = Normal ] ||
     fail "health after the resync: $(vrj primary replication show "$vm" | jq -c .health_details)"
 grep -q "vmreplica tracking" "$disk.vrlog/tracking" ||
