@@ -111,6 +111,7 @@ rearm_step(struct vm *vm, struct job *jb, uint64_t last)
         if (rc < 0)
             return rc;
     }
+    vr_fault_point("resync-rearmed");
     pthread_mutex_lock(&D->lock);
     vm->repl->untracked = false;
     event_add(D->cat, "info", vm->name, "resynchronization: change "
@@ -236,6 +237,8 @@ compare_step(struct vm *vm, struct job *jb, uint64_t last, uint64_t c)
     pthread_mutex_unlock(&D->lock);
     uint64_t first = 0;
     rc = send_resync_cycle(jb, (uint64_t)a + 1, vm, c, &first);
+    if (rc == 0)
+        vr_fault_point("resync-cycle-sent");
     for (uint64_t n = (uint64_t)a + 2; rc == 0 && n <= c; n++)
         rc = send_resync_cycle(jb, n, NULL, c, NULL);
     if (rc < 0)
@@ -304,6 +307,7 @@ run_resync(struct vm *vm, struct job *jb)
             rc = compare_step(vm, jb, last, c);
             break;
         case RESYNC_COMPLETING:
+            vr_fault_point("resync-completing");
             return complete_step(vm, jb, c, first);
         default:
             return vr_err(-EINVAL, "resync: no resynchronization requested");
