@@ -37,6 +37,11 @@ log "enable replication every second"
 enable_replication "$vm" --frequency 1s
 wait_converged "$vm" 60
 before=$(repl replica "$vm" applied_cycle)
+# Nothing to resynchronize while tracking follows the disk.
+err=$(vr primary replication resume "$vm" --resync 2>&1) &&
+    fail "resume --resync with tracking intact succeeded: $err"
+[ "$err" = "vmreplica: error: vm $vm: change tracking is intact, there is nothing to resynchronize (if it stopped since the last cycle, the next one will say so)" ] ||
+    fail "resume --resync with tracking intact: $err"
 
 log "stop the Replica server; rewrite 2 MiB of the disk until the log is full"
 stop_daemon replica
