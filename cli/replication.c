@@ -111,7 +111,7 @@ finish(struct cli *c, json_object *out)
 
 struct repl_opts {
     const char *server, *address, *auth, *frequency, *compression;
-    const char *history, *interval, *app, *kencrypt;
+    const char *history, *interval, *app, *kencrypt, *budget;
 };
 
 /* Validate the options shared by enable and set into body. */
@@ -203,6 +203,16 @@ fill_body(const struct cli_cmd *cmd, const struct repl_opts *o,
         json_object_object_add(body, "app_consistent_every",
                                json_object_new_int((int)k));
     }
+    if (o->budget) {
+        uint64_t b;
+        if (vr_parse_size(o->budget, &b) < 0 ||
+            (b != 0 && b < (1u << 20)) || b > (UINT64_MAX >> 2))
+            return cli_usage_error(cmd, "invalid --log-budget '%s': "
+                                   "expected a size of at least 1M (0: half "
+                                   "the disks' size)", o->budget);
+        json_object_object_add(body, "log_budget",
+                               json_object_new_int64((int64_t)b));
+    }
     if (o->interval) {
         uint64_t s;
         if (vr_parse_duration(o->interval, &s) < 0 || s < 1 || s > 86400)
@@ -229,6 +239,7 @@ cmd_repl_enable(struct cli *c, const struct cli_cmd *cmd, int argc,
         { "point-interval", CLI_OPT_STR, &o.interval },
         { "app-consistent-every", CLI_OPT_STR, &o.app },
         { "kerberos-encrypt", CLI_OPT_STR, &o.kencrypt },
+        { "log-budget", CLI_OPT_STR, &o.budget },
         { NULL, 0, NULL },
     };
     CLEANUP_FREE char *path = NULL;
@@ -266,6 +277,7 @@ cmd_repl_set(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
         { "point-interval", CLI_OPT_STR, &o.interval },
         { "app-consistent-every", CLI_OPT_STR, &o.app },
         { "kerberos-encrypt", CLI_OPT_STR, &o.kencrypt },
+        { "log-budget", CLI_OPT_STR, &o.budget },
         { NULL, 0, NULL },
     };
     CLEANUP_FREE char *path = NULL;

@@ -180,6 +180,8 @@ repl_to_json(const struct vm *vm)
                            json_object_new_int((int)r->app_every));
     json_object_object_add(o, "point_interval",
                            json_object_new_int((int)r->point_interval_s));
+    json_object_object_add(o, "log_budget",
+                           json_object_new_int64((int64_t)r->log_budget));
     json_object_object_add(o, "epoch",
                            json_object_new_int64((int64_t)r->epoch));
     json_object_object_add(o, "initial_done",
@@ -362,6 +364,13 @@ parse_common(json_object *b, struct repl *r)
                           REPL_MAX_HISTORY);
         r->app_every = (unsigned)n;
         r->app_last_ms = 0;
+    }
+    if (json_object_object_get_ex(b, "log_budget", &v)) {
+        int64_t n = json_object_get_int64(v);
+        if (n < 0 || (n > 0 && n < (1 << 20)) || n > (INT64_MAX >> 1))
+            return vr_err(-EINVAL, "log_budget: must be 0 (half the disks' "
+                          "size) or at least 1 MiB");
+        r->log_budget = (uint64_t)n;
     }
     if (json_object_object_get_ex(b, "point_interval", &v)) {
         int64_t n = json_object_get_int64(v);

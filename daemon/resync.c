@@ -37,6 +37,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "chunkhash.h"
@@ -210,6 +211,38 @@ send_resync_cycle(const struct job *jb, uint64_t n, struct vm *vm,
     return rc;
 }
 
+static int merge_dirty(const struct job *jb, unsigned d, uint64_t from,
+                       uint64_t into);
+
+/* Fold the log once more (FOLD) so the comparison covers every change up
+ * to now, each region once, and later writes start a new cycle: *c moves
+ * to the new void cycle, its maps holding the old ones too.  Also adopts
+ * a fold a crash left unrecorded (the newest C.dirty). */
+static int
+refold(struct vm *vm, struct job *jb, uint64_t *c)
+{
+    uint64_t nd = newest_dirty(jb);
+    int rc = 0;
+    if (nd < *c)
+        nd = *c;
+    bool served = false, running = false;
+    vmproc_status(jb->rundir, &served, &running);
+    uint64_t f = 0;
+    if (served && vmproc_fold(jb->rundir, &f) == 0 && f > nd)
+        nd = f;
+    vr_err_clear();
+    if (nd == *c)
+        return 0;
+    vr_fault_point("resync-refolded");
+    for (unsigned d = 0; rc == 0 && d < jb->ndisks; d++)
+        rc = merge_dirty(jb, d, *c, nd);
+    if (rc < 0)
+        return rc;
+    set_step(vm, RESYNC_COMPARING, nd, 0);
+    *c = nd;
+    return 0;
+}
+
 /* COMPARING -> COMPLETING. */
 static int
 compare_step(struct vm *vm, struct job *jb, uint64_t last, uint64_t c)
@@ -232,6 +265,10 @@ compare_step(struct vm *vm, struct job *jb, uint64_t last, uint64_t c)
         return vr_err(-EPROTO, "resync: the Replica server is at cycle %lld, "
                       "not between %llu and %llu", (long long)a,
                       (unsigned long long)last, (unsigned long long)c - 1);
+    /* The Replica server answers and holds its VM: compare from here. */
+    rc = refold(vm, jb, &c);
+    if (rc < 0)
+        return rc;
     pthread_mutex_lock(&D->lock);
     vm->repl->resync_compared = vm->repl->resync_sent = 0;
     pthread_mutex_unlock(&D->lock);
@@ -281,6 +318,128 @@ complete_step(struct vm *vm, struct job *jb, uint64_t c, uint64_t first)
         "chunks sent; the Replica VM equals this VM again from cycle %llu",
         (unsigned long long)r->resync_compared,
         (unsigned long long)r->resync_sent, (unsigned long long)first);
+    pthread_mutex_unlock(&D->lock);
+    return rc;
+}
+
+/* --- the log budget ---------------------------------------------------------- */
+
+/* Bytes the unsent change log takes on disk: the segments and preserve
+ * files of cycles after last. */
+static uint64_t
+log_bytes(const struct job *jb, uint64_t last)
+{
+    uint64_t total = 0;
+    for (unsigned i = 0; i < jb->ndisks; i++) {
+        CLEANUP_FREE char *dir = logdir_of(&jb->disks[i]);
+        DIR *d = opendir(dir);
+        if (!d)
+            continue;
+        struct dirent *de;
+        while ((de = readdir(d))) {
+            size_t n = strlen(de->d_name);
+            if ((n != 24 && n != 25) || de->d_name[20] != '.' ||
+                (strcmp(de->d_name + 20, ".log") &&
+                 strcmp(de->d_name + 20, ".open") &&
+                 strcmp(de->d_name + 20, ".pre")))
+                continue;
+            if (strtoull(de->d_name, NULL, 10) <= last)
+                continue;
+            struct stat st;
+            if (fstatat(dirfd(d), de->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+                S_ISREG(st.st_mode))
+                total += (uint64_t)st.st_blocks * 512;
+        }
+        closedir(d);
+    }
+    return total;
+}
+
+/* Merge disk d's from.dirty into into.dirty (both cycles' maps), then
+ * remove from.dirty. */
+static int
+merge_dirty(const struct job *jb, unsigned d, uint64_t from, uint64_t into)
+{
+    CLEANUP_FREE char *dir = logdir_of(&jb->disks[d]);
+    char a[40], b[40];
+    snprintf(a, sizeof a, "%020llu.dirty", (unsigned long long)from);
+    snprintf(b, sizeof b, "%020llu.dirty", (unsigned long long)into);
+    int lfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (lfd < 0)
+        return vr_err(-errno, "open %s: %s", dir, strerror(errno));
+    struct dirtymap ma, mb;
+    uint64_t size = jb->disks[d].size;
+    int rc = dirtymap_load(lfd, a, size, &ma);
+    if (rc == -ENOENT) { /* merged already, before a crash */
+        close(lfd);
+        vr_err_clear();
+        return 0;
+    }
+    if (rc == 0 && (rc = dirtymap_load(lfd, b, size, &mb)) < 0)
+        dirtymap_free(&ma);
+    if (rc == 0) {
+        uint64_t off = 0, len = 0;
+        while (dirtymap_next(&ma, off, &off, &len)) {
+            dirtymap_mark(&mb, off, len);
+            off += len;
+        }
+        rc = dirtymap_save(&mb, lfd, b);
+        if (rc == 0 && unlinkat(lfd, a, 0) < 0)
+            rc = vr_err(-errno, "remove %s/%s: %s", dir, a, strerror(errno));
+        dirtymap_free(&ma);
+        dirtymap_free(&mb);
+    }
+    close(lfd);
+    return rc;
+}
+
+int
+resync_check_budget(struct vm *vm, struct job *jb)
+{
+    pthread_mutex_lock(&D->lock);
+    struct repl *r = vm->repl;
+    bool may = r->initial_done &&
+               (r->st == REPL_ST_REPLICATING ||
+                (r->st == REPL_ST_RESYNC && r->resync_step == RESYNC_COMPARING));
+    uint64_t last = r->st == REPL_ST_RESYNC ? r->resync_void : r->last_cycle;
+    uint64_t prev = r->st == REPL_ST_RESYNC ? r->resync_void : 0;
+    uint64_t budget = r->log_budget;
+    if (!budget)
+        for (unsigned i = 0; i < vm->ndisks; i++)
+            budget += vm->disks[i].size / 2;
+    pthread_mutex_unlock(&D->lock);
+    if (!may)
+        return 0;
+    uint64_t used = log_bytes(jb, last);
+    bool served = false, running = false;
+    if (used <= budget)
+        return 0;
+    vmproc_status(jb->rundir, &served, &running);
+    if (!served)
+        return 0; /* nothing grows the log; it folds when served again */
+    uint64_t c = 0;
+    int rc = vmproc_fold(jb->rundir, &c);
+    if (rc < 0)
+        return rc;
+    vr_fault_point("resync-folded");
+    for (unsigned d = 0; rc == 0 && prev && d < jb->ndisks; d++)
+        rc = merge_dirty(jb, d, prev, c);
+    if (rc < 0)
+        return rc;
+    pthread_mutex_lock(&D->lock);
+    r = vm->repl;
+    r->resync_step = RESYNC_COMPARING;
+    r->resync_void = c;
+    r->resync_compared = r->resync_sent = 0;
+    free(r->task);
+    r->task = xstrdup("Resynchronization");
+    rc = repl_transition_event(
+        D->cat, vm, REPL_ST_RESYNC, REPL_T_SAVE, "warning",
+        "the unsent change log passed its budget (%llu bytes of %llu): "
+        "folded into dirty-region maps through cycle %llu; only the regions "
+        "changed are compared and sent when the Replica server answers",
+        (unsigned long long)used, (unsigned long long)budget,
+        (unsigned long long)c);
     pthread_mutex_unlock(&D->lock);
     return rc;
 }

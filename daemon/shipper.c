@@ -655,12 +655,19 @@ shipper_main(void *arg)
         uint64_t started = now;
         struct job jb;
         job_fill(&jb, vm);
-        uint64_t last = r->last_cycle;
-        bool resync = r->st == REPL_ST_RESYNC;
         pthread_mutex_unlock(&D->lock);
 
         vr_err_clear();
-        int rc = resync    ? run_resync(vm, &jb)
+        int rc = resync_check_budget(vm, &jb);
+        if (rc < 0) {
+            log_warn("shipper", "%s: %s", vm->name, vr_errmsg());
+            vr_err_clear();
+        }
+        pthread_mutex_lock(&D->lock);
+        uint64_t last = r->last_cycle;
+        bool resync = r->st == REPL_ST_RESYNC;
+        pthread_mutex_unlock(&D->lock);
+        rc = resync        ? run_resync(vm, &jb)
                  : initial ? run_initial(vm, &jb)
                            : ship_cycles(vm, &jb, last);
         char msg[1024];

@@ -3,7 +3,8 @@
  * Control protocol (docs/formats.md): one request line, one reply line, on a
  * unix stream socket: SEAL -> "OK <sealed cycle>", STATUS -> "OK <open
  * cycle> <bytes in open segments> <payload bytes they stand for>",
- * SHIPPED N -> "OK N", PING -> "OK", REARM -> "OK <voided cycle>";
+ * SHIPPED N -> "OK N", PING -> "OK", REARM -> "OK <voided cycle>",
+ * FOLD -> "OK <folded cycle>";
  * errors are "ERR <msg>".
  *
  * The socket is bound before nbdkit forks (so it exists once the server
@@ -251,6 +252,31 @@ do_rearm(char *reply, size_t n)
     pthread_rwlock_unlock(&seal_lock);
 }
 
+/* FOLD: the log passed the daemon's budget (the Replica server has been
+ * out of reach for long).  As REARM, with tracking going on: every change
+ * through the open cycle C goes into each disk's C.dirty, the logs of the
+ * unshipped cycles go (their space with them), cycle C + 1 is logged;
+ * "OK C".  The daemon resynchronizes from the map (daemon/resync.c).  A
+ * fold that fails half-way stops tracking: the map is then whole only in
+ * memory, and the markers say so before any write goes on untracked. */
+static void
+do_fold(char *reply, size_t n)
+{
+    uint64_t c = 0;
+    pthread_rwlock_wrlock(&seal_lock);
+    if (tracking_stopped()) {
+        snprintf(reply, n, "ERR tracking has stopped: REARM");
+    } else if (rearm(&c) < 0) {
+        char msg[300];
+        snprintf(msg, sizeof msg, "fold of the log failed: %s", vr_errmsg());
+        stop_tracking(msg);
+        snprintf(reply, n, "ERR %s", msg);
+    } else {
+        snprintf(reply, n, "OK %" PRIu64, c);
+    }
+    pthread_rwlock_unlock(&seal_lock);
+}
+
 static void
 handle_line(char *line, char *reply, size_t n)
 {
@@ -279,6 +305,8 @@ handle_line(char *line, char *reply, size_t n)
         do_shipped(line + 8, reply, n);
     else if (strcmp(line, "REARM") == 0)
         do_rearm(reply, n);
+    else if (strcmp(line, "FOLD") == 0)
+        do_fold(reply, n);
     else
         snprintf(reply, n, "ERR unknown command");
 }

@@ -64,7 +64,7 @@ static const char schema[] =
     "  krb_encrypt INT, reset_pending INT, first_point INT, "
     "  initial_method INT, initial_compared INT, resync_step INT, "
     "  resync_void INT, resync_first INT, resync_compared INT, "
-    "  resync_sent INT, hold_from INT, hold_to INT);"
+    "  resync_sent INT, hold_from INT, hold_to INT, log_budget INT);"
     "CREATE TABLE IF NOT EXISTS points(vm_uuid TEXT, cycle INT, time_ms INT, "
     "  kind TEXT, undo_bytes INT, PRIMARY KEY(vm_uuid, cycle));"
     "CREATE TABLE IF NOT EXISTS auth_entries(pattern TEXT PRIMARY KEY, "
@@ -173,7 +173,8 @@ migrate(struct catalog *cat)
         rc = add_column(cat, "replications", "initial_compared", "INT");
     static const char *const v7[] = { "resync_step", "resync_void",
                                       "resync_first", "resync_compared",
-                                      "resync_sent", "hold_from", "hold_to" };
+                                      "resync_sent", "hold_from", "hold_to",
+                                      "log_budget" };
     for (size_t k = 0; rc == 0 && have >= 1 && have <= 6 && k < ARRAY_SIZE(v7);
          k++)
         rc = add_column(cat, "replications", v7[k], "INT");
@@ -437,7 +438,7 @@ catalog_save_repl(struct catalog *cat, const struct repl *r)
     sqlite3_stmt *st = prep(cat, 
         "INSERT OR REPLACE INTO replications VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,"
         "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,"
-        "?,?)");
+        "?,?,?)");
     if (!st)
         return -EIO;
     int i = 1;
@@ -492,6 +493,7 @@ catalog_save_repl(struct catalog *cat, const struct repl *r)
     sqlite3_bind_int64(st, i++, (sqlite3_int64)r->resync_sent);
     sqlite3_bind_int64(st, i++, (sqlite3_int64)r->hold_from);
     sqlite3_bind_int64(st, i++, (sqlite3_int64)r->hold_to);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->log_budget);
     return step_done(cat, st);
 }
 
@@ -592,6 +594,7 @@ load_repl(sqlite3_stmt *st)
     r->resync_sent = (uint64_t)sqlite3_column_int64(st, i++);
     r->hold_from = (uint64_t)sqlite3_column_int64(st, i++);
     r->hold_to = (uint64_t)sqlite3_column_int64(st, i++);
+    r->log_budget = (uint64_t)sqlite3_column_int64(st, i++);
     if (r->point_interval_s == 0)
         r->point_interval_s = 3600;
     return r;

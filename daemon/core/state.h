@@ -189,6 +189,10 @@ struct repl {
      * the Replica VM stays at hold_from - 1 until a resynchronization's
      * cut can be reached whole.  hold_from 0: no hold. */
     uint64_t hold_from, hold_to;
+    /* Primary: the unsent change log may grow to this many bytes (0: half
+     * the disks' size) before it is folded into dirty-region maps and the
+     * Replica server, when back, is resynchronized from them (SPEC §3). */
+    uint64_t log_budget;
     /* cycles */
     uint64_t last_cycle;    /* primary: last acknowledged; replica: staged */
     uint64_t applied_cycle; /* replica: last applied */

@@ -685,6 +685,12 @@ vmproc_rearm(const char *rundir, uint64_t *voided)
 }
 
 int
+vmproc_fold(const char *rundir, uint64_t *folded)
+{
+    return ctl_request_u64(rundir, "FOLD\n", "fold the change log", folded);
+}
+
+int
 vmproc_shipped(const char *rundir, uint64_t cycle)
 {
     char line[512], cmd[64];

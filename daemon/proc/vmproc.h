@@ -89,6 +89,9 @@ int vmproc_shipped(const char *rundir, uint64_t cycle) VR_WUR;
  * the regions changed are in each disk's log directory as VOIDED.dirty
  * (lib/dirtymap.h), and the next cycle is tracked. */
 int vmproc_rearm(const char *rundir, uint64_t *voided) VR_WUR;
+/* The unshipped log passed its budget: fold it, as a re-arm does, into
+ * each disk's FOLDED.dirty, with tracking going on from the next cycle. */
+int vmproc_fold(const char *rundir, uint64_t *folded) VR_WUR;
 /* The plugin's open cycle number, bytes in the open segments and the
  * payload bytes their records stand for (cl_rec_payload). */
 int vmproc_open_cycle(const char *rundir, uint64_t *cycle,
