@@ -137,7 +137,9 @@ static const struct cli_cmd commands[] = {
     { "replication", "enable", cmd_repl_enable,
       "VM --replica-server FQDN[:PORT] [--connect-address IP]\n"
       "        --auth certificate|kerberos [--kerberos-encrypt on|off]\n"
-      "        [--frequency 30s|5m|15m|Ns] [--compression on|off]",
+      "        [--frequency 30s|5m|15m|Ns] [--compression on|off]\n"
+      "        [--recovery-history N] [--point-interval DURATION]\n"
+      "        [--app-consistent-every K] [--log-budget SIZE]",
       "enable replication of a VM to a Replica server",
       "  --replica-server FQDN[:PORT]  the Replica server (its certificate "
       "name)\n"
@@ -161,12 +163,16 @@ static const struct cli_cmd commands[] = {
       "  --app-consistent-every K      every K-th hour's point is "
       "application-\n"
       "                                consistent (guest agent fsfreeze; 0: "
-      "off)\n" },
+      "off)\n"
+      "  --log-budget SIZE             fold the unsent log into a region "
+      "map past\n"
+      "                                SIZE (default half the disks' "
+      "size)\n" },
     { "replication", "set", cmd_repl_set,
       "VM [--frequency DURATION] [--compression on|off] "
       "[--connect-address IP] [--recovery-history N] "
       "[--point-interval DURATION] [--app-consistent-every K] "
-      "[--kerberos-encrypt on|off]",
+      "[--kerberos-encrypt on|off] [--log-budget SIZE]",
       "change the replication settings of a VM", NULL },
     { "replication", "show", cmd_repl_show, "VM",
       "show the replication of a VM", NULL },

@@ -324,12 +324,18 @@ complete_step(struct vm *vm, struct job *jb, uint64_t c, uint64_t first)
 
 /* --- the log budget ---------------------------------------------------------- */
 
-/* Bytes the unsent change log takes on disk: the segments and preserve
- * files of cycles after last. */
+/* Bytes the unsent change log holds: the sealed segments and preserve
+ * files of cycles after last, and what the data plane has written into
+ * its open segments (their files are preallocated: their size says
+ * nothing). */
 static uint64_t
 log_bytes(const struct job *jb, uint64_t last)
 {
-    uint64_t total = 0;
+    uint64_t total = 0, open_cycle = 0, open_bytes = 0, payload = 0;
+    if (vmproc_open_cycle(jb->rundir, &open_cycle, &open_bytes,
+                          &payload) == 0)
+        total = open_bytes;
+    vr_err_clear();
     for (unsigned i = 0; i < jb->ndisks; i++) {
         CLEANUP_FREE char *dir = logdir_of(&jb->disks[i]);
         DIR *d = opendir(dir);
@@ -340,7 +346,6 @@ log_bytes(const struct job *jb, uint64_t last)
             size_t n = strlen(de->d_name);
             if ((n != 24 && n != 25) || de->d_name[20] != '.' ||
                 (strcmp(de->d_name + 20, ".log") &&
-                 strcmp(de->d_name + 20, ".open") &&
                  strcmp(de->d_name + 20, ".pre")))
                 continue;
             if (strtoull(de->d_name, NULL, 10) <= last)
@@ -348,7 +353,7 @@ log_bytes(const struct job *jb, uint64_t last)
             struct stat st;
             if (fstatat(dirfd(d), de->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
                 S_ISREG(st.st_mode))
-                total += (uint64_t)st.st_blocks * 512;
+                total += (uint64_t)st.st_size;
         }
         closedir(d);
     }
