@@ -32,7 +32,6 @@ uri=$(nbd_uri primary "$vm")
 qemu-io -f raw "$uri" -c 'write -P 0x11 0 4M' >/dev/null
 enable_replication "$vm" --frequency 1s
 wait_converged "$vm" 60
-held=$(repl replica "$vm" applied_cycle)
 
 log "stop the Replica server; rewrite 2 MiB until tracking stops"
 stop_daemon replica
@@ -47,6 +46,11 @@ done
 qemu-io -f raw "$uri" -c 'write -P 0xee 1M 1M' -c 'write -z 3M 64k' >/dev/null ||
     fail "guest writes with tracking stopped"
 start_replica
+# A cycle sent just before the Replica server stopped is applied now; the
+# resynchronization holds the Replica VM where it then is.
+wait_until 30 eval '[ "$(repl replica "$vm" applied_cycle)" = "$(repl replica "$vm" last_cycle)" ]' ||
+    fail "the Replica server did not apply its staged cycles"
+held=$(repl replica "$vm" applied_cycle)
 
 # served — make sure the VM's disks are served by the (restarted) primary.
 served() {
