@@ -37,6 +37,7 @@ want=$(sort <<EOF2
 ./lib/systemd/system/vmreplicad.service
 ./usr/bin/vmreplica
 ./usr/lib/$multiarch/nbdkit/plugins/nbdkit-vmreplica-plugin.so
+./usr/lib/ocf/resource.d/vmreplica/vmreplicad
 ./usr/sbin/vmreplicad
 ./usr/share/bash-completion/completions/vmreplica
 ./usr/share/doc/vmreplica/changelog.gz

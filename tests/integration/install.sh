@@ -1,8 +1,13 @@
 #!/bin/bash
 # install: `meson install --destdir` puts exactly the files an installed
 # system needs in place — the two programs, the nbdkit plugin, the man pages
-# built from their scdoc sources, vmreplicad.service and the bash
-# completion of vmreplica — and nothing else; systemd-analyze verify
+# built from their scdoc sources, vmreplicad.service, the bash completion
+# of vmreplica and the Pacemaker resource agent — and nothing else;
+# systemd-analyze verify accepts the unit (where systemd is installed) with
+# no warning; the installed completion offers the CLI's nouns, verbs,
+# options, option values and the VM names of a running daemon.
+source agent — and nothing
+# else; systemd-analyze verify
 # accepts the unit (where systemd is installed) with no warning; the
 # installed completion offers the CLI's nouns, verbs, options, option
 # values and the VM names of a running daemon.
@@ -29,6 +34,8 @@ unitdir=$(opt systemdsystemunitdir)
 [ -n "$unitdir" ] || unitdir=$prefix/lib/systemd/system
 compdir=$(opt bashcompletiondir)
 [ -n "$compdir" ] || compdir=$datadir/bash-completion/completions
+ocfdir=$(opt ocfdir)
+[ -n "$ocfdir" ] || ocfdir=$prefix/lib/ocf
 
 want=$(sort <<EOF2
 $bindir/vmreplica
@@ -38,11 +45,18 @@ $mandir/man1/vmreplica.1
 $mandir/man8/vmreplicad.8
 $unitdir/vmreplicad.service
 $compdir/vmreplica
+$ocfdir/resource.d/vmreplica/vmreplicad
 EOF2
 )
 got=$(cd "$root" && find . ! -type d | sed 's/^\.//' | sort)
 [ "$got" = "$want" ] || fail "installed files differ from the list:
 $(diff <(echo "$want") <(echo "$got"))"
+
+# The resource agent: executable, and running the installed programs.
+agent=$root$ocfdir/resource.d/vmreplica/vmreplicad
+[ "$(stat -c %a "$agent")" = 755 ] || fail "resource agent mode $(stat -c %a "$agent")"
+grep -qx "OCF_RESKEY_binary_default=$sbindir/vmreplicad" "$agent" ||
+    fail "resource agent: wrong default binary"
 
 # Real man pages, rendered by scdoc: the title lines and a section.
 grep -qx '\.TH "vmreplica" "1".*' "$root$mandir/man1/vmreplica.1" ||
