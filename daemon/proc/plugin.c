@@ -9,6 +9,10 @@
  * A plugin nbdkit cannot load would fail only the first `vm start`, with
  * nbdkit's words; plugin_check() lets the daemon say it at start-up, with
  * the way out. */
+#include "config.h"
+
+#include "plugin.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -20,8 +24,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "config.h"
-#include "plugin.h"
 #include "proc-int.h"
 
 #define PLUGIN_NAME "nbdkit-vmreplica-plugin.so"
@@ -64,7 +66,8 @@ find_plugin(void)
     } else if (build_tree_plugin(found_path, sizeof found_path)) {
         found_origin = "from this build tree";
     } else {
-        snprintf(found_path, sizeof found_path, "%s", PLUGINDIR "/" PLUGIN_NAME);
+        snprintf(found_path, sizeof found_path, "%s",
+                 PLUGINDIR "/" PLUGIN_NAME);
         found_origin = "the installed path";
     }
 }
@@ -141,8 +144,8 @@ nbdkit_reason(char *buf)
     return p;
 }
 
-#define PLUGIN_HINT                                                           \
-    "vm start will fail: set VMREPLICA_PLUGIN to the plugin's path, or "     \
+#define PLUGIN_HINT                                                      \
+    "vm start will fail: set VMREPLICA_PLUGIN to the plugin's path, or " \
     "install vmreplica (meson install, or the Debian package)"
 
 int
@@ -155,16 +158,22 @@ plugin_check(void)
                       plugin_origin(), strerror(errno));
     CLEANUP_FREE char *nbdkit = resolve_bin(nbdkit_bin());
     if (!nbdkit)
-        return vr_err(-ENOENT, "nbdkit (%s) not found in PATH: vm start "
-                      "will fail: install nbdkit, or set VMREPLICA_NBDKIT", nbdkit_bin());
+        return vr_err(-ENOENT,
+                      "nbdkit (%s) not found in PATH: vm start "
+                      "will fail: install nbdkit, or set VMREPLICA_NBDKIT",
+                      nbdkit_bin());
     char out[4096];
     int rc = dump_plugin(nbdkit, path, out, sizeof out);
     if (rc != 0)
-        return vr_err(-ENOEXEC, "nbdkit plugin %s (%s): nbdkit cannot load "
-                      "it: %s; " PLUGIN_HINT, path, plugin_origin(),
+        return vr_err(-ENOEXEC,
+                      "nbdkit plugin %s (%s): nbdkit cannot load "
+                      "it: %s; " PLUGIN_HINT,
+                      path, plugin_origin(),
                       rc < 0 ? strerror(errno) : nbdkit_reason(out));
     if (!strstr(out, "\nname=vmreplica\n"))
-        return vr_err(-ENOEXEC, "nbdkit plugin %s (%s): not the vmreplica "
-                      "plugin; " PLUGIN_HINT, path, plugin_origin());
+        return vr_err(-ENOEXEC,
+                      "nbdkit plugin %s (%s): not the vmreplica "
+                      "plugin; " PLUGIN_HINT,
+                      path, plugin_origin());
     return 0;
 }
