@@ -31,22 +31,10 @@ ra() {
         sh "$agent" "$2"
 }
 
-"$SOURCE_DIR/scripts/mkpki.sh" "$PKI"
-REPLICA_PORT=$(free_port)
-mkdir -p "$TESTDIR/replica-storage"
+pair_pki
 ra nodeA start || fail "node A: start: $?"
 start_daemon primary VMREPLICA_TEST_HASHLOG="$HASHLOG"
-vr replica server set --enable --auth certificate \
-    --certificate-port "$REPLICA_PORT" \
-    --certificate "$PKI/replica.pem" --key "$PKI/replica.key" \
-    --ca "$PKI/ca.pem" --allow-any \
-    --default-storage "$TESTDIR/replica-storage" >/dev/null ||
-    fail "replica: server set"
-vr primary server set --certificate "$PKI/primary.pem" \
-    --key "$PKI/primary.key" --ca "$PKI/ca.pem" >/dev/null ||
-    fail "primary: server set"
-wait_until 10 port_open "$REPLICA_PORT" ||
-    fail "replica: certificate port $REPLICA_PORT not listening"
+configure_pair
 
 vm=web
 create_vm "$vm" 32M
@@ -64,7 +52,7 @@ rc=0; ra nodeA monitor || rc=$?
 [ "$rc" = 7 ] || fail "node A: monitor after stop: $rc, want 7"
 sleep 3 # the cluster fences, mounts the storage, moves the IP address
 log "start on node B"
-ra nodeB start || fail "node B: start: $?"
+ra nodeB start || fail "node B: start: $?; lock holders: $(ls -l /proc/[0-9]*/fd/ 2>/dev/null | grep -F "$(state_dir replica)/vmreplicad.lock" ; for f in /proc/[0-9]*/fd/*; do [ "$(readlink "$f")" = "$(state_dir replica)/vmreplicad.lock" ] && echo "$f $(tr '\0' ' ' <"${f%/fd/*}/cmdline")"; done)"
 ra nodeB monitor || fail "node B: monitor: $?"
 grep -q "vmreplicad info: event: vmreplicad .* started (state dir $(state_dir replica))" \
     "$TESTDIR/nodeB.log" || fail "node B's log has no daemon start"
