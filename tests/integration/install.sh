@@ -4,15 +4,11 @@
 # built from their scdoc sources, vmreplicad.service, the bash completion
 # of vmreplica and the Pacemaker resource agent — and nothing else;
 # systemd-analyze verify accepts the unit (where systemd is installed) with
-# no warning; the installed completion offers the CLI's nouns, verbs,
-# options, option values and the VM names of a running daemon.
-source agent — and nothing
-# else; systemd-analyze verify
-# accepts the unit (where systemd is installed) with no warning; the
-# installed completion offers the CLI's nouns, verbs, options, option
+# no warning; the installed daemon notifies readiness on $NOTIFY_SOCKET;
+# the installed completion offers the CLI's nouns, verbs, options, option
 # values and the VM names of a running daemon.
 source "$(dirname "$0")/functions.sh"
-requires meson jq
+requires meson jq python3
 requires_build
 
 root=$TESTDIR/root
@@ -91,8 +87,25 @@ else
     log "systemd-analyze or man not installed: unit not verified"
 fi
 
-# The installed completion, with the installed CLI, against a daemon.
-start_primary
+# The installed daemon tells systemd it is ready (Type=notify): READY=1 on
+# $NOTIFY_SOCKET once api.sock accepts.
+python3 - "$TESTDIR/notify.sock" >"$TESTDIR/notify.out" 2>&1 <<'PY' &
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(sys.argv[1])
+s.settimeout(30)
+print(s.recv(4096).decode())
+PY
+notify_pid=$!
+wait_until 10 test -S "$TESTDIR/notify.sock" || fail "no notify socket"
+VMREPLICAD=$root$sbindir/vmreplicad start_daemon primary \
+    NOTIFY_SOCKET="$TESTDIR/notify.sock"
+wait "$notify_pid" || fail "no readiness notification: $(cat "$TESTDIR/notify.out")"
+[ "$(cat "$TESTDIR/notify.out")" = READY=1 ] ||
+    fail "notification: '$(cat "$TESTDIR/notify.out")', want READY=1"
+log "the installed vmreplicad sent READY=1"
+
+# The installed completion, with the installed CLI, against that daemon.
 vr primary vm create web --new-disk 1M >/dev/null || fail "vm create web"
 vr primary vm create "db one" --new-disk 1M >/dev/null || fail "vm create 'db one'"
 cli=$root$bindir/vmreplica
