@@ -19,6 +19,7 @@
 
 #include "config.h"
 #include "daemon.h"
+#include "proc/plugin.h"
 
 static struct daemon daemon_state = {
     .lock = PTHREAD_MUTEX_INITIALIZER,
@@ -214,6 +215,22 @@ start_services(const char *sock)
     return rc;
 }
 
+/* Log which nbdkit plugin serves disks; one nbdkit cannot load fails
+ * every vm start, so say it now, with the way out, in the log and as a
+ * warning event. */
+static void
+check_plugin(void)
+{
+    log_info("main", "nbdkit plugin: %s (%s)", plugin_path(), plugin_origin());
+    if (plugin_check() == 0)
+        return;
+    CLEANUP_FREE char *msg = xstrdup(vr_errmsg());
+    log_warn("main", "%s", msg);
+    pthread_mutex_lock(&D->lock);
+    event_add(D->cat, "warning", NULL, "%s", msg);
+    pthread_mutex_unlock(&D->lock);
+}
+
 /* The shippers, the applier, the management socket and the listeners
  * stop; the catalog closes last. */
 static void
@@ -260,6 +277,7 @@ main(int argc, char **argv)
         return 1;
     }
     sd_notify_ready();
+    check_plugin();
 
     int sig = 0;
     while (sigwait(&sigs, &sig) != 0)

@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "plugin.h" /* plugin_path */
 #include "vr.h"
 
 /* A NULL-terminated argv being built; argv_fini frees it. */
@@ -30,8 +31,6 @@ char *resolve_bin(const char *name);
 const char *nbdkit_bin(void);
 /* Append a copy of s. */
 void argv_addf(struct argv *a, const char *s);
-/* $VMREPLICA_PLUGIN, or the installed plugin. */
-const char *plugin_path(void);
 /* Append owned (takes ownership). */
 void argv_add(struct argv *a, char *owned);
 /* The size of path, 0 if it cannot be read. */

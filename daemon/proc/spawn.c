@@ -59,12 +59,6 @@ qemu_bin(void)
     return env_or("VMREPLICA_QEMU", "qemu-system-x86_64");
 }
 
-const char *
-plugin_path(void)
-{
-    return env_or("VMREPLICA_PLUGIN", PLUGINDIR "/nbdkit-vmreplica-plugin.so");
-}
-
 static const char *
 base_name(const char *p)
 {

@@ -13,8 +13,8 @@
  * restart of the daemon never stalls a VM's I/O; vmproc_status() re-adopts
  * it from the pid file.
  *
- * Binaries: $VMREPLICA_NBDKIT (default "nbdkit"), $VMREPLICA_PLUGIN (default
- * PLUGINDIR "/nbdkit-vmreplica-plugin.so"), $VMREPLICA_QEMU (default
+ * Binaries: $VMREPLICA_NBDKIT (default "nbdkit"), $VMREPLICA_PLUGIN (default:
+ * the build tree's or the installed plugin, plugin.h), $VMREPLICA_QEMU (default
  * "qemu-system-x86_64").  $VMREPLICA_ACCEL=tcg|kvm forces QEMU's
  * accelerator.  $VMREPLICA_TEST_HASHLOG=FILE passes hashlog=FILE to the
  * plugin (crash tests record every disk's SHA-256 at each seal).

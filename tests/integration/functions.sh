@@ -369,12 +369,20 @@ REPLICA_PORT=
 # (replica: allow any authenticated primary, storage in
 # $TESTDIR/replica-storage).  Extra environment for each daemon can be
 # given in the arrays PRIMARY_ENV and REPLICA_ENV (VAR=VALUE words).
+# A test that starts the daemons its own way calls pair_pki, starts them,
+# then configure_pair.
 setup_pair() {
+    pair_pki
+    start_daemon replica ${REPLICA_ENV[@]+"${REPLICA_ENV[@]}"}
+    start_daemon primary ${PRIMARY_ENV[@]+"${PRIMARY_ENV[@]}"}
+    configure_pair
+}
+pair_pki() { # the PKI, REPLICA_PORT and the Replica storage directory
     "$SOURCE_DIR/scripts/mkpki.sh" "$PKI"
     REPLICA_PORT=$(free_port)
     mkdir -p "$TESTDIR/replica-storage"
-    start_daemon replica ${REPLICA_ENV[@]+"${REPLICA_ENV[@]}"}
-    start_daemon primary ${PRIMARY_ENV[@]+"${PRIMARY_ENV[@]}"}
+}
+configure_pair() { # the server settings of the running replica and primary
     vr replica server set --enable --auth certificate \
         --certificate-port "$REPLICA_PORT" \
         --certificate "$PKI/replica.pem" --key "$PKI/replica.key" \
