@@ -182,6 +182,8 @@ repl_to_json(const struct vm *vm)
                            json_object_new_int((int)r->point_interval_s));
     json_object_object_add(o, "log_budget",
                            json_object_new_int64((int64_t)r->log_budget));
+    json_object_object_add(o, "auto_resync",
+                           json_object_new_boolean(!r->auto_resync_off));
     json_object_object_add(o, "epoch",
                            json_object_new_int64((int64_t)r->epoch));
     json_object_object_add(o, "initial_done",
@@ -365,6 +367,8 @@ parse_common(json_object *b, struct repl *r)
         r->app_every = (unsigned)n;
         r->app_last_ms = 0;
     }
+    if (json_object_object_get_ex(b, "auto_resync", &v))
+        r->auto_resync_off = !json_object_get_boolean(v);
     if (json_object_object_get_ex(b, "log_budget", &v)) {
         int64_t n = json_object_get_int64(v);
         if (n < 0 || (n > 0 && n < (1 << 20)) || n > (INT64_MAX >> 1))

@@ -688,6 +688,21 @@ shipper_main(void *arg)
         r->errors++;
         free(r->last_error);
         r->last_error = xstrdup(msg);
+        if (r->untracked && !r->auto_resync_off &&
+            r->st == REPL_ST_REPLICATING && r->initial_done &&
+            r->resync_step == RESYNC_NONE) {
+            /* Tracking stopped: resynchronize at once (--auto-resync). */
+            r->resync_step = RESYNC_REQUESTED;
+            r->resync_compared = r->resync_sent = 0;
+            free(r->task);
+            r->task = xstrdup("Resynchronization");
+            VR_IGNORE(repl_transition_event(
+                D->cat, vm, REPL_ST_RESYNC, REPL_T_SAVE, "warning",
+                "change tracking stopped (%s); resynchronizing the regions "
+                "changed", msg));
+            next_due = 0;
+            continue;
+        }
         if (peer_unrecoverable(rc)) {
             /* Saved below with the error counters. */
             VR_IGNORE(repl_transition_event(D->cat, vm, REPL_ST_ERROR, 0,

@@ -193,6 +193,9 @@ struct repl {
      * the disks' size) before it is folded into dirty-region maps and the
      * Replica server, when back, is resynchronized from them (SPEC §3). */
     uint64_t log_budget;
+    /* Primary: when change tracking stops, wait for replication resume
+     * --resync instead of resynchronizing at once (--auto-resync off). */
+    bool auto_resync_off;
     /* cycles */
     uint64_t last_cycle;    /* primary: last acknowledged; replica: staged */
     uint64_t applied_cycle; /* replica: last applied */
