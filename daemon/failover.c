@@ -165,6 +165,23 @@ wait_applier(struct vm *vm)
         pthread_cond_wait(&D->cond, &D->lock);
 }
 
+/* D->lock held: is vm between the cycles a resynchronization applies in
+ * one run (replica-apply.c)?  Its disks are then at no point: a test
+ * failover or failover must wait until the run is over. */
+static int
+check_not_mid_resync(struct vm *vm, enum vm_op op)
+{
+    const struct repl *r = vm->repl;
+    if (!r->hold_from || r->applied_cycle < r->hold_from)
+        return 0;
+    vm_op_end(vm, op);
+    pthread_cond_broadcast(&D->cond);
+    return vr_err(-EBUSY, "vm %s: a resynchronization is being applied "
+                  "(cycles %llu to %llu); try again when it is done",
+                  vm->name, (unsigned long long)r->hold_from,
+                  (unsigned long long)r->hold_to);
+}
+
 /* D->lock held: the Replica VM named by the call, or an error. */
 static int
 lookup_replica(struct api_call *call, struct vm **out)
@@ -575,6 +592,10 @@ test_start(struct api_call *call, int64_t want, json_object **out)
     /* Pin the point and keep the applier away while the test starts. */
     vm_op_begin(vm, VM_OP_TEST);
     wait_applier(vm);
+    if ((rc = check_not_mid_resync(vm, VM_OP_TEST)) < 0) {
+        pthread_mutex_unlock(&D->lock);
+        return rc;
+    }
     r->test_point = point;
     rc = catalog_save_repl(D->cat, r);
     if (rc == 0)
@@ -662,6 +683,10 @@ unplanned_start(struct api_call *call, int64_t want, bool force,
     }
     vm_op_begin(vm, VM_OP_FAILOVER);
     wait_applier(vm);
+    if ((rc = check_not_mid_resync(vm, VM_OP_FAILOVER)) < 0) {
+        pthread_mutex_unlock(&D->lock);
+        return rc;
+    }
     r->failover_point = point;
     r->failover_step = FO_STARTING;
     /* The VM will hold its own writes on top of the point: the old
