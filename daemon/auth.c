@@ -188,7 +188,7 @@ api_test_connection(struct api_call *call, unsigned *status VR_UNUSED,
     r.replica_server = with_port;
     struct peer p = { 0 };
     pthread_mutex_lock(&D->lock);
-    rc = repl_check_identity(&r);
+    rc = repl_check_identity(&D->cfg, &r);
     if (rc == 0)
         peer_fill(&p, &r);
     pthread_mutex_unlock(&D->lock);

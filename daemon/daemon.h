@@ -17,15 +17,11 @@
 #include "core/r1json.h" /* MAX_DISKS, network_valid, nics_validate */
 #include "core/state.h"
 #include "core/storage.h"
+#include "core/vms.h"
 #include "net/tls.h"
 #include "vr.h"
 
 extern struct daemon *D;
-
-/* Wait on D->cond for at most ms (caller holds D->lock). */
-void daemon_wait_ms(uint64_t ms);
-
-
 
 /* history.c: recovery history of Replica VMs. */
 /* Forget every point and undo file (a fresh relationship); D->lock held. */
@@ -48,58 +44,19 @@ int failover_test_refresh(struct vm *vm, uint64_t n) VR_WUR;
 int failover_recover(struct vm *vm) VR_WUR;
 /* GET /v1/vms/VM/points body (an array). D->lock held. */
 json_object *history_points_json(struct vm *vm);
-/* --- objects ----------------------------------------------------------- */
-struct vm *vm_find(const char *name_or_uuid);
-struct vm *vm_find_uuid(const char *uuid);
-/* D->lock held: the VM named key (name or UUID) in *out, or -ENOENT with
- * "vm KEY: not found" (*out NULL).  Every API lookup starts here. */
-int vm_lookup(const char *key, struct vm **out) VR_WUR;
-void vm_free(struct vm *vm);
-void repl_free(struct repl *r);
+
+/* --- vm.c, replication.c ------------------------------------------------ */
 json_object *vm_to_json(const struct vm *vm);
 json_object *repl_to_json(const struct vm *vm);
 json_object *repl_measure_json(const struct vm *vm);
-/* "FQDN[:PORT]" as --replica-server takes it. */
-bool repl_server_name_valid(const char *s);
-/* The body of a registration (PUT /r1/vms/UUID) of vm under r. */
-json_object *repl_register_body(const struct vm *vm, const struct repl *r);
-/* The authentication a replication uses ("certificate" unless set). */
-const char *repl_auth(const struct repl *r);
-bool repl_kerberos(const struct repl *r);
-/* "certificate" or "kerberos": 0, else -EINVAL with the message. */
-int repl_auth_check(const char *auth) VR_WUR;
-/* SERVER with the default port of r's authentication unless it has one. */
-char *repl_server_with_port(const char *server, const struct repl *r);
-/* Does this host have the identity r's authentication needs (caller holds
- * d->lock)?  0 or -EINVAL with what to run. */
-int repl_check_identity(const struct repl *r) VR_WUR;
-const char *repl_health(const struct repl *r, json_object *details);
-/* The first cycle that may be a recovery point (see first_point). */
-uint64_t repl_first_point(const struct repl *r);
-/* The state shown (SPEC §9): r->st's name, or TestFailoverInProgress. */
-const char *repl_state(const struct repl *r);
 /* failover.c: "VM - Test" while a test failover of vm runs (its name,
  * mode "test", the point, run directory and whether QEMU runs), else
  * NULL.  D->lock held. */
 json_object *failover_test_vm_json(const struct vm *vm);
-/* The VM's run directory (sockets, pids). Caller frees. */
-char *vm_rundir(const struct vm *vm);
-/* Fill a vmproc spec (vmproc.h) from vm, borrowing its strings. */
-struct vmproc_spec;
-struct vmproc_disk;
-void vm_spec_of(const struct vm *vm, struct vmproc_spec *s,
-                struct vmproc_disk *dks, char *rundir);
-/* "kernel", "initrd", "cmdline" of a VM's JSON (vm create, registration):
- * absolute paths of files and printable text, validated; out[] are NULL or
- * allocated.  -EINVAL with a message. */
-int vm_boot_parse(json_object *b, char *out[3]) VR_WUR;
 
 /* --- network.c ---------------------------------------------------------- */
 /* vm create's "nics": ["user", ...] -> NIC objects with new MACs. */
 int nics_from_create(json_object *body, json_object **out) VR_WUR;
-/* Fill a spec's NICs from vm; override: every NIC on that network. */
-void nics_to_spec(const struct vm *vm, struct vmproc_spec *s,
-                  const char *override);
 /* After a failover started the VM in rundir (D->lock held): set its NICs'
  * failover settings in the guest once its agent answers (a thread). */
 void network_inject_start(const struct vm *vm, const char *rundir);

@@ -45,6 +45,7 @@
 #include "daemon.h"
 #include "undo.h"
 #include "proc/vmproc.h"
+#include "proc/vmspec.h"
 
 #define TEST_STOP_MS 5000
 #define FO_STOP_MS 30000 /* a failed-over VM's shutdown at complete */
@@ -170,7 +171,7 @@ static int
 lookup_replica(struct api_call *call, struct vm **out)
 {
     struct vm *vm;
-    int rc = vm_lookup(call->arg, &vm);
+    int rc = vm_lookup(D, call->arg, &vm);
     if (rc < 0)
         return rc;
     if (vm->mode != VM_MODE_REPLICA || !vm->repl || !vm->repl->storage)
@@ -726,7 +727,7 @@ api_failover_start(struct api_call *call, unsigned *status VR_UNUSED,
         return test_start(call, want, out);
     /* A VM whose primary prepared it fails over at that point. */
     pthread_mutex_lock(&D->lock);
-    struct vm *vm = vm_find(call->arg);
+    struct vm *vm = vm_find(D, call->arg);
     bool planned = !want && vm && vm->mode == VM_MODE_REPLICA && vm->repl &&
                    vm->repl->prepared_cycle &&
                    vm->repl->st == REPL_ST_REPLICATING;
@@ -825,7 +826,7 @@ api_failover_stop(struct api_call *call, unsigned *status VR_UNUSED,
     if (jbool(call->body, "test", false))
         return test_stop(call, out);
     pthread_mutex_lock(&D->lock);
-    struct vm *pvm = vm_find(call->arg);
+    struct vm *pvm = vm_find(D, call->arg);
     bool prepared = pvm && pvm->mode == VM_MODE_PRIMARY && pvm->repl &&
                     pvm->repl->st == REPL_ST_PREPARED;
     pthread_mutex_unlock(&D->lock);

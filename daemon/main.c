@@ -25,20 +25,6 @@ static struct daemon daemon_state = {
     .cond = PTHREAD_COND_INITIALIZER,
 };
 struct daemon *D = &daemon_state;
-void
-daemon_wait_ms(uint64_t ms)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_sec += (time_t)(ms / 1000);
-    ts.tv_nsec += (long)(ms % 1000) * 1000000;
-    if (ts.tv_nsec >= 1000000000) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000;
-    }
-    pthread_cond_timedwait(&D->cond, &D->lock, &ts);
-}
-
 static void
 sd_notify_ready(void)
 {

@@ -61,27 +61,6 @@ nics_from_create(json_object *body, json_object **out)
     return 0;
 }
 
-void
-nics_to_spec(const struct vm *vm, struct vmproc_spec *s, const char *override)
-{
-    s->nnics = 0;
-    if (!vm->nics)
-        return;
-    for (size_t i = 0; i < json_object_array_length(vm->nics) &&
-                       s->nnics < VMPROC_MAX_NICS; i++) {
-        json_object *n = json_object_array_get_idx(vm->nics, i), *v;
-        const char *mac = json_object_object_get_ex(n, "mac", &v)
-                              ? json_object_get_string(v) : "";
-        const char *net = override ? override
-                          : json_object_object_get_ex(n, "network", &v)
-                              ? json_object_get_string(v)
-                              : "none";
-        snprintf(s->nic_mac[s->nnics], sizeof s->nic_mac[0], "%s", mac);
-        snprintf(s->nic_net[s->nnics], sizeof s->nic_net[0], "%s", net);
-        s->nnics++;
-    }
-}
-
 /* --- API ------------------------------------------------------------------ */
 
 int
@@ -94,7 +73,7 @@ api_vm_set_test_network(struct api_call *call, unsigned *status VR_UNUSED,
         return rc;
     pthread_mutex_lock(&D->lock);
     struct vm *vm;
-    rc = vm_lookup(call->arg, &vm);
+    rc = vm_lookup(D, call->arg, &vm);
     if (rc == 0) {
         free(vm->test_network);
         vm->test_network = xstrdup(net);
@@ -138,7 +117,7 @@ api_vm_set_failover_network(struct api_call *call, unsigned *status VR_UNUSED,
 
     pthread_mutex_lock(&D->lock);
     struct vm *vm;
-    int rc = vm_lookup(call->arg, &vm);
+    int rc = vm_lookup(D, call->arg, &vm);
     size_t n = vm && vm->nics ? json_object_array_length(vm->nics) : 0;
     if (rc == 0 && (idx < 0 || (size_t)idx >= n))
         rc = vr_err(-EINVAL, "vm %s: no NIC %lld (it has %zu)", vm->name,
@@ -195,7 +174,7 @@ api_vm_set_boot(struct api_call *call, unsigned *status VR_UNUSED,
         return rc;
     pthread_mutex_lock(&D->lock);
     struct vm *vm;
-    rc = vm_lookup(call->arg, &vm);
+    rc = vm_lookup(D, call->arg, &vm);
     /* Starts borrow these strings with the lock dropped. */
     if (rc == 0 && (vm_busy(vm, VM_OP_CHANGE) ||
                     (vm->repl && vm_busy(vm, VM_OP_FAILOVER | VM_OP_TEST))))

@@ -38,6 +38,7 @@
 #include "daemon.h"
 #include "shipper-int.h"
 #include "proc/vmproc.h"
+#include "proc/vmspec.h"
 
 #define PREPARE_SHIP_MS 60000 /* at least: the remaining cycles' shipping */
 #define PLANNED_APPLY_MS 60000 /* the prepared cycle's apply */
@@ -49,7 +50,7 @@ static int
 lookup_primary(struct api_call *call, struct vm **out)
 {
     struct vm *vm;
-    int rc = vm_lookup(call->arg, &vm);
+    int rc = vm_lookup(D, call->arg, &vm);
     if (rc < 0)
         return rc;
     if (vm->mode != VM_MODE_PRIMARY || !vm->repl ||
@@ -86,7 +87,7 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
     struct vm *vm = NULL;
     int rc = lookup_primary(call, &vm);
     struct repl *r = rc == 0 ? vm->repl : NULL;
-    CLEANUP_FREE char *rundir = rc == 0 ? vm_rundir(vm) : NULL;
+    CLEANUP_FREE char *rundir = rc == 0 ? vm_rundir(D, vm) : NULL;
     if (rc == 0 && r->st == REPL_ST_PREPARED && !vm_busy(vm, VM_OP_PREPARE)) {
         /* Asked again: tell the Replica server again (a crash may have
          * come between recording the state and telling it). */
@@ -152,7 +153,7 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
         }
         r->kick = true;
         pthread_cond_broadcast(&D->cond);
-        daemon_wait_ms(100);
+        daemon_wait_ms(D, 100);
     }
     /* Recorded before the Replica server is told, so that after a crash
      * in between the VM cannot start here while the Replica server may
@@ -232,7 +233,7 @@ int
 planned_start(struct api_call *call, bool start_vm, json_object **out)
 {
     pthread_mutex_lock(&D->lock);
-    struct vm *vm = vm_find(call->arg);
+    struct vm *vm = vm_find(D, call->arg);
     struct repl *r = vm ? vm->repl : NULL;
     int rc = 0;
     if (!vm || vm->mode != VM_MODE_REPLICA || !r || !r->prepared_cycle)
@@ -256,7 +257,7 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
     uint64_t deadline = vr_mono_ms() + PLANNED_APPLY_MS;
     while (r->prepared_cycle && r->applied_cycle < r->prepared_cycle &&
            vr_mono_ms() < deadline && r->st == REPL_ST_REPLICATING)
-        daemon_wait_ms(100);
+        daemon_wait_ms(D, 100);
     while (vm_busy(vm, VM_OP_APPLY))
         pthread_cond_wait(&D->cond, &D->lock);
     uint64_t n = r->prepared_cycle;
@@ -312,7 +313,7 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
     if (rc == 0 && start_vm) {
         vm_op_begin(vm, VM_OP_CHANGE);
         vm->hypervisor = true;
-        CLEANUP_FREE char *rundir = vm_rundir(vm);
+        CLEANUP_FREE char *rundir = vm_rundir(D, vm);
         struct vmproc_spec s;
         struct vmproc_disk dks[MAX_DISKS];
         vm_spec_of(vm, &s, dks, rundir);
@@ -362,7 +363,7 @@ api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,
 
     pthread_mutex_lock(&D->lock);
     struct vm *vm;
-    int rc = vm_lookup(call->arg, &vm);
+    int rc = vm_lookup(D, call->arg, &vm);
     struct repl *r = vm ? vm->repl : NULL;
     if (rc == 0 && (vm->mode != VM_MODE_REPLICA || !r ||
                     r->st != REPL_ST_FAILED_OVER))
@@ -382,7 +383,7 @@ api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,
                     "not known here: give --replica-server FQDN[:PORT]",
                     vm->name, r->primary_server);
     if (rc == 0)
-        rc = repl_check_identity(r);
+        rc = repl_check_identity(&D->cfg, r);
     if (rc < 0) {
         pthread_mutex_unlock(&D->lock);
         return rc;

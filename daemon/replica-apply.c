@@ -292,7 +292,7 @@ applier_main(void *arg VR_UNUSED)
         }
         if (!todo) {
             if (next_retry) {
-                daemon_wait_ms(next_retry - now);
+                daemon_wait_ms(D, next_retry - now);
             } else {
                 pthread_cond_wait(&D->cond, &D->lock);
             }

@@ -30,7 +30,7 @@ do_reverse(struct rreq *q, const struct r1_reg *reg, json_object **out)
     size_t nd = reg->ndisks;
     const uint64_t *sizes = reg->sizes;
     pthread_mutex_lock(&D->lock);
-    struct vm *vm = vm_find_uuid(q->uuid);
+    struct vm *vm = vm_find_uuid(D, q->uuid);
     struct repl *r = vm ? vm->repl : NULL;
     int rc = 0;
     bool again = vm && r && vm->mode == VM_MODE_REPLICA &&
@@ -245,8 +245,8 @@ admit_registration(struct rreq *q, const char *name, size_t nd,
                    struct vm **vm)
 {
     int rc;
-    *vm = vm_find_uuid(q->uuid);
-    struct vm *byname = vm_find(name);
+    *vm = vm_find_uuid(D, q->uuid);
+    struct vm *byname = vm_find(D, name);
     if (byname && byname != *vm)
         rc = vr_err(-EEXIST, "register: another vm is named %s here", name);
     else if (*vm && (*vm)->mode != VM_MODE_REPLICA)

@@ -47,7 +47,7 @@ rreq_done(void *cls VR_UNUSED, struct MHD_Connection *c,
         close(q->stgfd);
     if (q->holds_busy) {
         pthread_mutex_lock(&D->lock);
-        struct vm *vm = vm_find_uuid(q->uuid);
+        struct vm *vm = vm_find_uuid(D, q->uuid);
         if (vm)
             vm_op_end(vm, VM_OP_RECEIVE);
         pthread_mutex_unlock(&D->lock);
@@ -153,7 +153,7 @@ replica_status_json(const struct vm *vm)
 int
 own_vm(struct rreq *q, struct vm **out)
 {
-    struct vm *vm = vm_find_uuid(q->uuid);
+    struct vm *vm = vm_find_uuid(D, q->uuid);
     if (!vm || vm->mode != VM_MODE_REPLICA || !vm->repl)
         return vr_err(-ENOENT, "replica vm %s: not found", q->uuid);
     if (!vm->repl->primary_server ||
@@ -413,7 +413,7 @@ release_busy(struct rreq *q)
     if (!q->holds_busy)
         return;
     pthread_mutex_lock(&D->lock);
-    struct vm *vm = vm_find_uuid(q->uuid);
+    struct vm *vm = vm_find_uuid(D, q->uuid);
     if (vm)
         vm_op_end(vm, VM_OP_RECEIVE);
     q->holds_busy = false;
@@ -472,7 +472,7 @@ static MHD_RESULT
 refuse(struct MHD_Connection *c, struct rreq *q, int rc, const char *msg)
 {
     pthread_mutex_lock(&D->lock);
-    struct vm *vm = q->uuid[0] ? vm_find_uuid(q->uuid) : NULL;
+    struct vm *vm = q->uuid[0] ? vm_find_uuid(D, q->uuid) : NULL;
     event_add(D->cat, "audit", vm ? vm->name : NULL,
               "refused %s from %s (%s): %s",
               q->kind == R1_CYCLE ? "cycle" : "request",

@@ -13,7 +13,7 @@ static int
 lookup_repl(struct api_call *call, struct vm **out)
 {
     struct vm *vm;
-    int rc = vm_lookup(call->arg, &vm);
+    int rc = vm_lookup(D, call->arg, &vm);
     if (rc < 0)
         return rc;
     if (!vm->repl)
@@ -24,86 +24,6 @@ lookup_repl(struct api_call *call, struct vm **out)
                       vm->name);
     *out = vm;
     return 0;
-}
-
-const char *
-repl_state(const struct repl *r)
-{
-    /* SPEC §9: a Replica VM with a test failover shows it; replication
-     * into it goes on (the applier goes by r->st). */
-    if (r->mode == VM_MODE_REPLICA && r->test_point &&
-        r->st == REPL_ST_REPLICATING)
-        return "TestFailoverInProgress";
-    return repl_st_name(r->st);
-}
-
-uint64_t
-repl_first_point(const struct repl *r)
-{
-    return r->first_point > r->base_cycle ? r->first_point
-                                          : r->base_cycle + 1;
-}
-
-const char *
-repl_health(const struct repl *r, json_object *details)
-{
-    const char *h = "Normal";
-#define ADD(level, msg)                                                        \
-    do {                                                                       \
-        if (details)                                                           \
-            json_object_array_add(details, json_object_new_string(msg));       \
-        if (strcmp(level, "Critical") == 0 || strcmp(h, "Normal") == 0)        \
-            h = level;                                                         \
-    } while (0)
-    if (r->st == REPL_ST_ERROR) {
-        char buf[1200];
-        snprintf(buf, sizeof buf, "replication stopped by an error: %s",
-                 r->last_error ? r->last_error : "unknown");
-        ADD("Critical", buf);
-    }
-    if (r->untracked) {
-        char buf[1200];
-        snprintf(buf, sizeof buf, "change tracking stopped: %s",
-                 r->last_error ? r->last_error : "unknown");
-        ADD("Critical", buf);
-    }
-    if (r->st == REPL_ST_SUSPENDED)
-        ADD(r->mode == VM_MODE_REPLICA ? "Critical" : "Warning",
-            "replication is suspended");
-    if (!r->initial_done)
-        ADD("Warning", "initial replication has not completed");
-    /* Cycles sealed while the base copy read the disk are applied, but
-     * the Replica VM equals the primary only from the first cycle sealed
-     * after the copy: until that one is applied there is no recovery
-     * point.  (Not after a failover: base_cycle is then the VM's own.) */
-    uint64_t reached = r->mode == VM_MODE_REPLICA ? r->applied_cycle
-                                                  : r->last_cycle;
-    if (r->initial_done && reached < repl_first_point(r) &&
-        (r->st == REPL_ST_REPLICATING ||
-         r->st == REPL_ST_SUSPENDED)) {
-        char buf[200];
-        snprintf(buf, sizeof buf, "no recovery point yet: the Replica VM is "
-                 "consistent from cycle %llu on (%s: %llu)",
-                 (unsigned long long)repl_first_point(r),
-                 r->mode == VM_MODE_REPLICA ? "applied" : "acknowledged",
-                 (unsigned long long)reached);
-        ADD("Warning", buf);
-    }
-    uint64_t now = vr_wall_ms();
-    if (r->initial_done && r->last_ok_ms && now > r->last_ok_ms + 3600000)
-        ADD("Warning", "more than an hour since the last successful cycle");
-    uint64_t total = r->ok_count + r->missed;
-    if (total >= 5 && r->missed * 5 > total)
-        ADD("Warning", "more than 20% of cycles were missed");
-    if (r->errors && r->last_error && r->st != REPL_ST_ERROR &&
-        strcmp(h, "Normal") == 0 && r->last_ok_ms + 60000 < now) {
-        char buf[1200];
-        snprintf(buf, sizeof buf, "replication is retrying: %s",
-                 r->last_error);
-        ADD("Warning", buf);
-    }
-#undef ADD
-    return h;
 }
 
 static void
@@ -245,79 +165,6 @@ repl_measure_json(const struct vm *vm)
     return o;
 }
 
-/* "fqdn[:port]" with a sane host name and port. */
-bool
-repl_server_name_valid(const char *s)
-{
-    size_t n = strlen(s);
-    if (n < 1 || n > 260)
-        return false;
-    const char *colon = strrchr(s, ':');
-    size_t hl = colon ? (size_t)(colon - s) : n;
-    if (hl == 0 || hl > 253)
-        return false;
-    for (size_t i = 0; i < hl; i++) {
-        char c = s[i];
-        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-              (c >= '0' && c <= '9') || c == '.' || c == '-'))
-            return false;
-    }
-    if (colon) {
-        char *end;
-        long p = strtol(colon + 1, &end, 10);
-        if (*end || p < 1 || p > 65535)
-            return false;
-    }
-    return true;
-}
-
-const char *
-repl_auth(const struct repl *r)
-{
-    return r->auth ? r->auth : "certificate";
-}
-
-int
-repl_auth_check(const char *auth)
-{
-    if (strcmp(auth, "certificate") != 0 && strcmp(auth, "kerberos") != 0)
-        return vr_err(-EINVAL, "auth %s: expected certificate or kerberos",
-                      auth);
-    return 0;
-}
-
-bool
-repl_kerberos(const struct repl *r)
-{
-    return r->auth && strcmp(r->auth, "kerberos") == 0;
-}
-
-char *
-repl_server_with_port(const char *server, const struct repl *r)
-{
-    if (strchr(server, ':'))
-        return xstrdup(server);
-    return xasprintf("%s:%u", server, repl_kerberos(r) ? 80 : 443);
-}
-
-int
-repl_check_identity(const struct repl *r)
-{
-    const struct server_cfg *c = &D->cfg;
-    if (repl_kerberos(r)) {
-        if (!c->keytab || !c->hostname)
-            return vr_err(-EINVAL, "this host has no keytab or host name: "
-                          "run 'vmreplica server set --keytab F --hostname "
-                          "FQDN' first (the keytab holds host/FQDN)");
-        return 0;
-    }
-    if (!c->cert || !c->key || !c->ca)
-        return vr_err(-EINVAL, "this host has no certificate: run "
-                      "'vmreplica server set --certificate F --key F --ca F' "
-                      "first");
-    return 0;
-}
-
 static int
 parse_common(json_object *b, struct repl *r)
 {
@@ -372,34 +219,6 @@ parse_common(json_object *b, struct repl *r)
     return 0;
 }
 
-json_object *
-repl_register_body(const struct vm *vm, const struct repl *r)
-{
-    json_object *reg = json_object_new_object();
-    json_object_object_add(reg, "name", json_object_new_string(vm->name));
-    json_object_object_add(reg, "cpus", json_object_new_int((int)vm->cpus));
-    json_object_object_add(reg, "memory_mib",
-                           json_object_new_int((int)vm->memory_mib));
-    json_object_object_add(reg, "frequency",
-                           json_object_new_int((int)r->frequency_s));
-    json_object_object_add(reg, "compression",
-                           json_object_new_boolean(r->compression));
-    json_object *disks = json_object_new_array();
-    for (unsigned i = 0; i < vm->ndisks; i++) {
-        json_object *d = json_object_new_object();
-        json_object_object_add(d, "id",
-                               json_object_new_string(vm->disks[i].id));
-        json_object_object_add(
-            d, "size", json_object_new_int64((int64_t)vm->disks[i].size));
-        json_object_array_add(disks, d);
-    }
-    json_object_object_add(reg, "disks", disks);
-    if (vm->nics)
-        json_object_object_add(reg, "nics", json_tokener_parse(
-            json_object_to_json_string(vm->nics)));
-    return reg;
-}
-
 int
 api_repl_enable(struct api_call *call, unsigned *status, json_object **out)
 {
@@ -420,14 +239,14 @@ api_repl_enable(struct api_call *call, unsigned *status, json_object **out)
     pthread_mutex_lock(&D->lock);
     struct vm *vm = NULL;
     if (rc == 0)
-        rc = vm_lookup(call->arg, &vm);
+        rc = vm_lookup(D, call->arg, &vm);
     if (rc == 0 && vm->repl)
         rc = vr_err(-EEXIST, "vm %s: replication is already enabled (%s)",
                     vm->name, vm_mode_name(vm->repl->mode));
     if (rc == 0 && vm->mode == VM_MODE_REPLICA)
         rc = vr_err(-EBUSY, "vm %s: is a Replica VM", vm->name);
     if (rc == 0)
-        rc = repl_check_identity(r);
+        rc = repl_check_identity(&D->cfg, r);
     struct job jb;
     json_object *reg = NULL;
     if (rc == 0) {
@@ -451,7 +270,7 @@ api_repl_enable(struct api_call *call, unsigned *status, json_object **out)
     job_fini(&jb);
 
     pthread_mutex_lock(&D->lock);
-    vm = rc == 0 ? vm_find_uuid(r->vm_uuid) : NULL;
+    vm = rc == 0 ? vm_find_uuid(D, r->vm_uuid) : NULL;
     if (rc == 0 && (!vm || vm->repl))
         rc = vr_err(-EBUSY, "vm %s: changed while enabling replication",
                     call->arg);
@@ -539,7 +358,7 @@ api_points_list(struct api_call *call, unsigned *status VR_UNUSED,
 {
     pthread_mutex_lock(&D->lock);
     struct vm *vm;
-    int rc = vm_lookup(call->arg, &vm);
+    int rc = vm_lookup(D, call->arg, &vm);
     if (rc == 0 && vm->mode != VM_MODE_REPLICA)
         rc = vr_err(-EINVAL, "vm %s: recovery points are kept on the "
                     "Replica server; this is the primary", vm->name);
@@ -739,7 +558,7 @@ api_repl_remove(struct api_call *call, unsigned *status VR_UNUSED,
                      vr_errmsg());
         job_fini(&jb);
         pthread_mutex_lock(&D->lock);
-        vm = vm_find_uuid(uuid);
+        vm = vm_find_uuid(D, uuid);
         if (!vm || !vm->repl)
             rc = vr_err(-ENOENT, "vm %s: gone", call->arg);
         else

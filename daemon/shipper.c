@@ -157,7 +157,7 @@ shipper_pending_bytes(const struct vm *vm, unsigned *unsent)
     /* What the unshipped cycles would send, uncompressed: record headers
      * and the data of every write, whether the log holds the data or
      * refers to the disk for it.  The plugin counts its open segments. */
-    CLEANUP_FREE char *rundir = vm_rundir(vm);
+    CLEANUP_FREE char *rundir = vm_rundir(D, vm);
     bool served = false, running = false;
     uint64_t open_cycle = 0, open_bytes = 0, open_payload = 0;
     vmproc_status(rundir, &served, &running);
@@ -241,7 +241,7 @@ job_fill(struct job *jb, const struct vm *vm)
     memset(jb, 0, sizeof *jb);
     snprintf(jb->uuid, sizeof jb->uuid, "%s", vm->uuid);
     jb->name = xstrdup(vm->name);
-    jb->rundir = vm_rundir(vm);
+    jb->rundir = vm_rundir(D, vm);
     jb->ndisks = vm->ndisks;
     for (unsigned i = 0; i < vm->ndisks; i++) {
         jb->disks[i] = vm->disks[i];
@@ -885,7 +885,7 @@ shipper_main(void *arg)
     if (r->app_every) {
         /* A crash between a freeze and its thaw would leave the guest
          * frozen: thaw once at start (harmless if it is not). */
-        CLEANUP_FREE char *rundir = vm_rundir(vm);
+        CLEANUP_FREE char *rundir = vm_rundir(D, vm);
         pthread_mutex_unlock(&D->lock);
         bool served = false, running = false;
         vmproc_status(rundir, &served, &running);
@@ -910,7 +910,7 @@ shipper_main(void *arg)
             uint64_t wait_ms = (initial || replicating) && next_due > now
                                    ? next_due - now
                                    : 1000;
-            daemon_wait_ms(wait_ms > 1000 ? 1000 : wait_ms);
+            daemon_wait_ms(D, wait_ms > 1000 ? 1000 : wait_ms);
             continue;
         }
         r->kick = false;

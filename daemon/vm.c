@@ -14,66 +14,7 @@
 #include "api-int.h"
 #include "daemon.h"
 #include "proc/vmproc.h"
-
-struct vm *
-vm_find(const char *key)
-{
-    for (struct vm *vm = D->vms; vm; vm = vm->next)
-        if (strcmp(vm->name, key) == 0 || strcmp(vm->uuid, key) == 0)
-            return vm;
-    return NULL;
-}
-
-struct vm *
-vm_find_uuid(const char *uuid)
-{
-    for (struct vm *vm = D->vms; vm; vm = vm->next)
-        if (strcmp(vm->uuid, uuid) == 0)
-            return vm;
-    return NULL;
-}
-
-void
-repl_free(struct repl *r)
-{
-    if (!r)
-        return;
-    free(r->replica_server);
-    free(r->connect_address);
-    free(r->primary_server);
-    free(r->storage);
-    free(r->last_error);
-    free(r->trust_group);
-    free(r->auth);
-    free(r->task);
-    free(r);
-}
-
-void
-vm_free(struct vm *vm)
-{
-    if (!vm)
-        return;
-    for (unsigned i = 0; i < vm->ndisks; i++)
-        free(vm->disks[i].path);
-    repl_free(vm->repl);
-    free(vm->name);
-    free(vm->dir);
-    free(vm->kernel);
-    free(vm->initrd);
-    free(vm->cmdline);
-    json_object_put(vm->nics);
-    free(vm->test_network);
-    free(vm->owner);
-    free(vm->owner_group);
-    free(vm);
-}
-
-char *
-vm_rundir(const struct vm *vm)
-{
-    return xasprintf("%s/run/%s", D->state_dir, vm->uuid);
-}
+#include "proc/vmspec.h"
 
 /* What runs for vm now, from its processes (never from what was asked at
  * its last start): *running and *hypervisor while its QEMU runs, *served
@@ -87,7 +28,7 @@ vm_status(const struct vm *vm, bool *served, bool *running, bool *view)
     *view = vm->mode == VM_MODE_REPLICA && vm->repl &&
             vm->repl->failover_point && vm->repl->storage;
     char *rundir = *view ? xasprintf("%s/failover", vm->repl->storage)
-                         : vm_rundir(vm);
+                         : vm_rundir(D, vm);
     vmproc_status(rundir, served, running);
     *served = *served && vmproc_nbd_sock_exists(rundir);
     return rundir;
@@ -153,41 +94,6 @@ vm_to_json(const struct vm *vm)
     return o;
 }
 
-const char *
-jstr(json_object *o, const char *key)
-{
-    json_object *v;
-    if (!json_object_object_get_ex(o, key, &v) ||
-        !json_object_is_type(v, json_type_string))
-        return NULL;
-    return json_object_get_string(v);
-}
-
-bool
-jbool(json_object *o, const char *key, bool dflt)
-{
-    json_object *v;
-    if (!json_object_object_get_ex(o, key, &v) || !v)
-        return dflt;
-    return json_object_get_boolean(v);
-}
-
-int64_t
-jint(json_object *o, const char *key, int64_t dflt)
-{
-    json_object *v;
-    if (!json_object_object_get_ex(o, key, &v) || !v)
-        return dflt;
-    return json_object_get_int64(v);
-}
-
-int
-vm_lookup(const char *key, struct vm **out)
-{
-    *out = vm_find(key);
-    return *out ? 0 : vr_err(-ENOENT, "vm %s: not found", key);
-}
-
 /* --- VMs ------------------------------------------------------------------ */
 
 int
@@ -219,13 +125,13 @@ api_vm_show(struct api_call *call, unsigned *status VR_UNUSED,
     size_t n = strlen(call->arg), k = sizeof sfx - 1;
     if (n > k && strcmp(call->arg + n - k, sfx) == 0) {
         CLEANUP_FREE char *base = xasprintf("%.*s", (int)(n - k), call->arg);
-        struct vm *b = vm_find(base);
+        struct vm *b = vm_find(D, base);
         if (b && (*out = failover_test_vm_json(b))) {
             pthread_mutex_unlock(&D->lock);
             return 0;
         }
     }
-    int rc = vm_lookup(call->arg, &vm);
+    int rc = vm_lookup(D, call->arg, &vm);
     if (rc == 0)
         *out = vm_to_json(vm);
     pthread_mutex_unlock(&D->lock);
@@ -266,7 +172,7 @@ api_vm_create(struct api_call *call, unsigned *status, json_object **out)
     }
 
     pthread_mutex_lock(&D->lock);
-    bool exists = vm_find(name) != NULL;
+    bool exists = vm_find(D, name) != NULL;
     pthread_mutex_unlock(&D->lock);
     if (exists) {
         json_object_put(nics);
@@ -327,7 +233,7 @@ api_vm_create(struct api_call *call, unsigned *status, json_object **out)
         }
     }
     pthread_mutex_lock(&D->lock);
-    if (rc == 0 && vm_find(name))
+    if (rc == 0 && vm_find(D, name))
         rc = vr_err(-EEXIST, "vm %s: already exists", name);
     if (rc == 0)
         rc = catalog_save_vm(D->cat, vm);
@@ -351,69 +257,13 @@ api_vm_create(struct api_call *call, unsigned *status, json_object **out)
     return 0;
 }
 
-int
-vm_boot_parse(json_object *b, char *out[3])
-{
-    static const char *keys[3] = { "kernel", "initrd", "cmdline" };
-    out[0] = out[1] = out[2] = NULL;
-    for (int k = 0; k < 3; k++) {
-        const char *v = jstr(b, keys[k]);
-        if (!v || !*v)
-            continue;
-        size_t len = strlen(v);
-        bool ok = len < 4096;
-        for (size_t i = 0; ok && i < len; i++)
-            ok = v[i] >= 0x20 && v[i] < 0x7f;
-        if (ok && k < 2) {
-            struct stat st;
-            ok = v[0] == '/' && stat(v, &st) == 0 && S_ISREG(st.st_mode);
-        }
-        if (!ok) {
-            for (int j = 0; j < k; j++)
-                free(out[j]);
-            return vr_err(-EINVAL, "%s: %s", keys[k],
-                          k < 2 ? "expected the absolute path of a file"
-                                : "expected printable text (< 4 KiB)");
-        }
-        out[k] = xstrdup(v);
-    }
-    if (!out[0] && (out[1] || out[2])) {
-        free(out[1]);
-        free(out[2]);
-        return vr_err(-EINVAL, "initrd and cmdline need a kernel");
-    }
-    return 0;
-}
-
-void
-vm_spec_of(const struct vm *vm, struct vmproc_spec *s,
-           struct vmproc_disk *dks, char *rundir)
-{
-    for (unsigned i = 0; i < vm->ndisks; i++) {
-        dks[i].id = vm->disks[i].id;
-        dks[i].path = vm->disks[i].path;
-    }
-    *s = (struct vmproc_spec){ .name = vm->name,
-                               .uuid = vm->uuid,
-                               .cpus = vm->cpus,
-                               .memory_mib = vm->memory_mib,
-                               .rundir = rundir,
-                               .ndisks = vm->ndisks,
-                               .disks = dks,
-                               .kernel = vm->kernel,
-                               .initrd = vm->initrd,
-                               .cmdline = vm->cmdline,
-                               .hypervisor = vm->hypervisor };
-    nics_to_spec(vm, s, NULL);
-}
-
 /* Start or stop run their processes without the lock (up to the QEMU
  * timeouts); VM_OP_CHANGE keeps a second start, stop or remove out
  * meanwhile. */
 static int
 begin_change(struct api_call *call, struct vm **out)
 {
-    int rc = vm_lookup(call->arg, out);
+    int rc = vm_lookup(D, call->arg, out);
     if (rc == 0 && vm_busy(*out, VM_OP_CHANGE))
         rc = vr_err(-EBUSY, "vm %s: a start or stop is in progress",
                     (*out)->name);
@@ -460,7 +310,7 @@ api_vm_start(struct api_call *call, unsigned *status VR_UNUSED,
         return rc;
     }
     vm->hypervisor = !jbool(call->body, "no_hypervisor", false);
-    CLEANUP_FREE char *rundir = vm_rundir(vm);
+    CLEANUP_FREE char *rundir = vm_rundir(D, vm);
     struct vmproc_spec s;
     struct vmproc_disk dks[MAX_DISKS];
     vm_spec_of(vm, &s, dks, rundir);
@@ -496,7 +346,7 @@ api_vm_stop(struct api_call *call, unsigned *status VR_UNUSED,
         pthread_mutex_unlock(&D->lock);
         return rc;
     }
-    CLEANUP_FREE char *rundir = vm_rundir(vm);
+    CLEANUP_FREE char *rundir = vm_rundir(D, vm);
     bool force = jbool(call->body, "force", false);
     pthread_mutex_unlock(&D->lock);
     rc = vmproc_stop(rundir, force, 30000);
@@ -529,9 +379,9 @@ api_vm_remove(struct api_call *call, unsigned *status VR_UNUSED,
 {
     struct vm *vm = NULL;
     pthread_mutex_lock(&D->lock);
-    int rc = vm_lookup(call->arg, &vm);
+    int rc = vm_lookup(D, call->arg, &vm);
     if (rc == 0) {
-        CLEANUP_FREE char *rundir = vm_rundir(vm);
+        CLEANUP_FREE char *rundir = vm_rundir(D, vm);
         bool served, running;
         vmproc_status(rundir, &served, &running);
         if (served || running)
