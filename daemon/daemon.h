@@ -47,7 +47,6 @@ json_object *history_points_json(struct vm *vm);
 
 /* --- vm.c, replication.c ------------------------------------------------ */
 json_object *vm_to_json(const struct vm *vm);
-json_object *repl_to_json(const struct vm *vm);
 json_object *repl_measure_json(const struct vm *vm);
 /* failover.c: "VM - Test" while a test failover of vm runs (its name,
  * mode "test", the point, run directory and whether QEMU runs), else
@@ -77,10 +76,6 @@ void shipper_stop(struct vm *vm);
 int shipper_enable(struct vm *vm, json_object *req, json_object **out) VR_WUR;
 /* Tell the Replica server replication was removed (best effort). */
 void shipper_remote_remove(struct vm *vm);
-/* The last cycle of a disk's change log that holds no write made after
- * now (its last sealed cycle, or the open one's predecessor; 0 if there is
- * no log): every later write is in a cycle after it.  Disks not served. */
-int shipper_log_base(const struct disk *dk, uint64_t *base) VR_WUR;
 /* Bytes of change log not yet acknowledged; *unsent (if not NULL): sealed
  * cycles not yet acknowledged, empty ones included. */
 uint64_t shipper_pending_bytes(const struct vm *vm, unsigned *unsent);

@@ -37,6 +37,7 @@
 #include "api-int.h"
 #include "daemon.h"
 #include "shipper-int.h"
+#include "core/logdir.h"
 #include "proc/vmproc.h"
 #include "proc/vmspec.h"
 
@@ -95,7 +96,7 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
         rc = send_prepared(vm, r->prepared_cycle);
         vm_op_end(vm, VM_OP_PREPARE);
         if (rc == 0)
-            *out = repl_to_json(vm);
+            *out = repl_to_json(vm, D->cfg.hostname);
         pthread_mutex_unlock(&D->lock);
         return rc;
     }
@@ -181,7 +182,7 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
                   "on %s (cycle %llu); the VM does not start here until the "
                   "failover is undone ('vmreplica failover stop %s')",
                   r->replica_server, (unsigned long long)n, vm->name);
-        *out = repl_to_json(vm);
+        *out = repl_to_json(vm, D->cfg.hostname);
     }
     vm_op_end(vm, VM_OP_PREPARE);
     vm_op_end(vm, VM_OP_CHANGE);
@@ -220,7 +221,7 @@ planned_unprepare(struct api_call *call, json_object **out)
     if (rc == 0) {
         event_add(D->cat, "info", vm->name, "failover preparation withdrawn; "
                   "replication resumes");
-        *out = repl_to_json(vm);
+        *out = repl_to_json(vm, D->cfg.hostname);
     }
     pthread_cond_broadcast(&D->cond);
     pthread_mutex_unlock(&D->lock);
@@ -281,7 +282,7 @@ planned_start(struct api_call *call, bool start_vm, json_object **out)
     uint64_t base = 0;
     rc = history_reset(vm);
     if (rc == 0)
-        rc = shipper_log_base(&vm->disks[0], &base);
+        rc = logdir_base(&vm->disks[0], &base);
     if (rc == 0) {
         vr_fault_point("planned-start-reset");
         CLEANUP_FREE char *stg = xasprintf("%s/staging", r->storage);
@@ -461,7 +462,7 @@ api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,
                   "resynchronization",
                   nr->replica_server, (unsigned long long)nr->epoch);
         shipper_ensure(vm);
-        *out = repl_to_json(vm);
+        *out = repl_to_json(vm, D->cfg.hostname);
     } else {
         repl_free(nr);
     }

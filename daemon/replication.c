@@ -26,93 +26,6 @@ lookup_repl(struct api_call *call, struct vm **out)
     return 0;
 }
 
-static void
-add_time(json_object *o, const char *key, uint64_t ms)
-{
-    if (!ms) {
-        json_object_object_add(o, key, NULL);
-        return;
-    }
-    char ts[32];
-    vr_rfc3339(ms, ts);
-    json_object_object_add(o, key, json_object_new_string(ts));
-}
-
-json_object *
-repl_to_json(const struct vm *vm)
-{
-    const struct repl *r = vm->repl;
-    json_object *o = json_object_new_object();
-    json_object *details = json_object_new_array();
-    const char *health = repl_health(r, details);
-    json_object_object_add(o, "vm", json_object_new_string(vm->name));
-    json_object_object_add(o, "uuid", json_object_new_string(vm->uuid));
-    json_object_object_add(o, "mode",
-                           json_object_new_string(vm_mode_name(r->mode)));
-    json_object_object_add(o, "state", json_object_new_string(repl_state(r)));
-    json_object_object_add(o, "health", json_object_new_string(health));
-    json_object_object_add(o, "health_details", details);
-#define STR(k, v)                                                              \
-    json_object_object_add(o, k, (v) ? json_object_new_string(v) : NULL)
-    STR("replica_server", r->replica_server);
-    STR("connect_address", r->connect_address);
-    STR("primary_server",
-        r->mode == VM_MODE_PRIMARY ? D->cfg.hostname : r->primary_server);
-    STR("storage", r->storage);
-    STR("last_error", r->last_error);
-#undef STR
-    json_object_object_add(o, "auth",
-                           json_object_new_string(repl_auth(r)));
-    json_object_object_add(o, "kerberos_encrypt",
-                           json_object_new_boolean(r->krb_encrypt));
-    json_object_object_add(o, "frequency",
-                           json_object_new_int((int)r->frequency_s));
-    json_object_object_add(o, "compression",
-                           json_object_new_boolean(r->compression));
-    if (r->mode == VM_MODE_REPLICA) {
-        json_object_object_add(o, "test_failover_point",
-                               r->test_point ? json_object_new_int64(
-                                                   (int64_t)r->test_point)
-                                             : NULL);
-        json_object_object_add(o, "failover_point",
-                               r->failover_point
-                                   ? json_object_new_int64(
-                                         (int64_t)r->failover_point)
-                                   : NULL);
-    }
-    json_object_object_add(o, "prepared_cycle",
-                           r->prepared_cycle
-                               ? json_object_new_int64(
-                                     (int64_t)r->prepared_cycle)
-                               : NULL);
-    json_object_object_add(o, "recovery_history",
-                           json_object_new_int((int)r->recovery_history));
-    json_object_object_add(o, "app_consistent_every",
-                           json_object_new_int((int)r->app_every));
-    json_object_object_add(o, "point_interval",
-                           json_object_new_int((int)r->point_interval_s));
-    json_object_object_add(o, "epoch",
-                           json_object_new_int64((int64_t)r->epoch));
-    json_object_object_add(o, "initial_done",
-                           json_object_new_boolean(r->initial_done));
-    json_object_object_add(o, "base_cycle",
-                           json_object_new_int64((int64_t)r->base_cycle));
-    json_object_object_add(o, "first_point",
-                           r->initial_done
-                               ? json_object_new_int64(
-                                     (int64_t)repl_first_point(r))
-                               : NULL);
-    json_object_object_add(o, "last_cycle",
-                           json_object_new_int64((int64_t)r->last_cycle));
-    json_object_object_add(
-        o, "applied_cycle",
-        json_object_new_int64((int64_t)(r->mode == VM_MODE_REPLICA
-                                            ? r->applied_cycle
-                                            : r->last_cycle)));
-    add_time(o, "last_replication_time", r->last_ok_ms);
-    return o;
-}
-
 json_object *
 repl_measure_json(const struct vm *vm)
 {
@@ -126,7 +39,7 @@ repl_measure_json(const struct vm *vm)
     json_object_object_add(o, "state", json_object_new_string(repl_state(r)));
     json_object_object_add(o, "health", json_object_new_string(health));
     json_object_object_add(o, "health_details", details);
-    add_time(o, "last_replication_time", r->last_ok_ms);
+    json_add_time(o, "last_replication_time", r->last_ok_ms);
     uint64_t n = r->ok_count ? r->ok_count : 1;
 #define I64(k, v) json_object_object_add(o, k, json_object_new_int64((int64_t)(v)))
     I64("average_replication_size", r->sum_size / n);
@@ -294,7 +207,7 @@ api_repl_enable(struct api_call *call, unsigned *status, json_object **out)
                   "replication enabled to %s every %u s", r->replica_server,
                   r->frequency_s);
         shipper_ensure(vm);
-        *out = repl_to_json(vm);
+        *out = repl_to_json(vm, D->cfg.hostname);
         *status = 201;
     } else {
         repl_free(r);
@@ -317,7 +230,7 @@ api_repl_set(struct api_call *call, unsigned *status VR_UNUSED,
         if (rc == 0) {
             vm->repl->kick = true;
             pthread_cond_broadcast(&D->cond);
-            *out = repl_to_json(vm);
+            *out = repl_to_json(vm, D->cfg.hostname);
         }
     }
     pthread_mutex_unlock(&D->lock);
@@ -325,6 +238,12 @@ api_repl_set(struct api_call *call, unsigned *status VR_UNUSED,
 }
 
 /* Render the VM's replication with fn, under the lock. */
+static json_object *
+repl_json(const struct vm *vm)
+{
+    return repl_to_json(vm, D->cfg.hostname);
+}
+
 static int
 render_repl(struct api_call *call, json_object **out,
             json_object *(*fn)(const struct vm *))
@@ -342,7 +261,7 @@ int
 api_repl_show(struct api_call *call, unsigned *status VR_UNUSED,
               json_object **out)
 {
-    return render_repl(call, out, repl_to_json);
+    return render_repl(call, out, repl_json);
 }
 
 int
@@ -392,7 +311,7 @@ api_repl_list(struct api_call *call, unsigned *status VR_UNUSED,
         if (mode && strcasecmp(mode, "test") == 0 ? !test
             : mode && strcasecmp(mode, vm_mode_name(vm->repl->mode)) != 0)
             continue;
-        json_object_array_add(arr, repl_to_json(vm));
+        json_object_array_add(arr, repl_to_json(vm, D->cfg.hostname));
     }
     pthread_mutex_unlock(&D->lock);
     *out = json_object_new_object();
@@ -444,7 +363,7 @@ api_repl_suspend(struct api_call *call, unsigned *status VR_UNUSED,
                                    "info", "replication suspended");
     }
     if (rc == 0)
-        *out = repl_to_json(vm);
+        *out = repl_to_json(vm, D->cfg.hostname);
     pthread_mutex_unlock(&D->lock);
     return rc;
 }
@@ -472,7 +391,7 @@ api_repl_resume(struct api_call *call, unsigned *status VR_UNUSED,
             shipper_ensure(vm);
     }
     if (rc == 0)
-        *out = repl_to_json(vm);
+        *out = repl_to_json(vm, D->cfg.hostname);
     pthread_mutex_unlock(&D->lock);
     return rc;
 }
@@ -525,7 +444,7 @@ api_initial_start(struct api_call *call, unsigned *status VR_UNUSED,
         }
     }
     if (rc == 0)
-        *out = repl_to_json(vm);
+        *out = repl_to_json(vm, D->cfg.hostname);
     pthread_mutex_unlock(&D->lock);
     return rc;
 }

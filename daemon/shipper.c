@@ -18,6 +18,7 @@
 #include "cycle.h"
 #include "dirtymap.h"
 #include "daemon.h"
+#include "core/logdir.h"
 #include "proc/vmproc.h"
 #include "shipper-int.h"
 
@@ -26,71 +27,6 @@
 
 /* --- change-log segments ------------------------------------------------ */
 
-static char *
-logdir_of(const struct disk *dk)
-{
-    return xasprintf("%s.vrlog", dk->path);
-}
-
-/* Sealed cycle numbers of one disk's log, sorted; caller frees *out. */
-static int
-sealed_cycles(const char *dir, uint64_t **out, size_t *n,
-              uint64_t *open_cycle)
-{
-    *out = NULL;
-    *n = 0;
-    if (open_cycle)
-        *open_cycle = 0;
-    DIR *d = opendir(dir);
-    if (!d)
-        return errno == ENOENT ? 0 : vr_err(-errno, "open %s: %s", dir,
-                                            strerror(errno));
-    size_t cap = 0;
-    struct dirent *de;
-    while ((de = readdir(d))) {
-        size_t len = strlen(de->d_name);
-        if (len < 21 || de->d_name[20] != '.')
-            continue;
-        uint64_t c = strtoull(de->d_name, NULL, 10);
-        if (strcmp(de->d_name + 20, ".open") == 0) {
-            if (open_cycle)
-                *open_cycle = c;
-            continue;
-        }
-        if (strcmp(de->d_name + 20, ".log") != 0)
-            continue;
-        if (*n == cap) {
-            cap = cap ? cap * 2 : 16;
-            *out = xrealloc(*out, cap * sizeof **out);
-        }
-        (*out)[(*n)++] = c;
-    }
-    closedir(d);
-    for (size_t i = 1; i < *n; i++)
-        for (size_t j = i; j > 0 && (*out)[j - 1] > (*out)[j]; j--) {
-            uint64_t t = (*out)[j];
-            (*out)[j] = (*out)[j - 1];
-            (*out)[j - 1] = t;
-        }
-    return 0;
-}
-
-int
-shipper_log_base(const struct disk *dk, uint64_t *base)
-{
-    CLEANUP_FREE char *dir = logdir_of(dk);
-    CLEANUP_FREE uint64_t *cs = NULL;
-    size_t n;
-    uint64_t open_cycle = 0;
-    int rc = sealed_cycles(dir, &cs, &n, &open_cycle);
-    if (rc < 0)
-        return rc;
-    *base = n ? cs[n - 1] : 0;
-    if (open_cycle && open_cycle - 1 > *base)
-        *base = open_cycle - 1;
-    return 0;
-}
-
 static void
 delete_sealed_upto(const struct job *jb, uint64_t upto)
 {
@@ -98,7 +34,7 @@ delete_sealed_upto(const struct job *jb, uint64_t upto)
         CLEANUP_FREE char *dir = logdir_of(&jb->disks[i]);
         CLEANUP_FREE uint64_t *cs = NULL;
         size_t n;
-        if (sealed_cycles(dir, &cs, &n, NULL) < 0)
+        if (logdir_sealed(dir, &cs, &n, NULL) < 0)
             continue;
         for (size_t k = 0; k < n && cs[k] <= upto; k++) {
             char name[32];
@@ -574,7 +510,7 @@ ship_cycles(struct vm *vm, struct job *jb, uint64_t last_cycle)
     CLEANUP_FREE char *dir0 = logdir_of(&jb->disks[0]);
     CLEANUP_FREE uint64_t *cs = NULL;
     size_t n;
-    rc = sealed_cycles(dir0, &cs, &n, NULL);
+    rc = logdir_sealed(dir0, &cs, &n, NULL);
     if (rc < 0)
         return rc;
     release_shipped(jb, last_cycle);
@@ -733,7 +669,7 @@ first_consistent_cycle(const struct job *jb, uint64_t base, uint64_t *first)
         /* Not served, or stopped since (a stop seals first). */
         vr_err_clear();
         uint64_t last = 0;
-        int rc = shipper_log_base(&jb->disks[0], &last);
+        int rc = logdir_base(&jb->disks[0], &last);
         if (rc < 0)
             return rc;
         open = last + 1;
@@ -778,7 +714,7 @@ run_initial(struct vm *vm, struct job *jb)
             if (rc < 0)
                 return rc;
         } else {
-            int rc = shipper_log_base(&jb->disks[0], &base);
+            int rc = logdir_base(&jb->disks[0], &base);
             if (rc < 0)
                 return rc;
         }

@@ -339,3 +339,90 @@ repl_register_body(const struct vm *vm, const struct repl *r)
             json_object_to_json_string(vm->nics)));
     return reg;
 }
+
+void
+json_add_time(json_object *o, const char *key, uint64_t ms)
+{
+    if (!ms) {
+        json_object_object_add(o, key, NULL);
+        return;
+    }
+    char ts[32];
+    vr_rfc3339(ms, ts);
+    json_object_object_add(o, key, json_object_new_string(ts));
+}
+
+json_object *
+repl_to_json(const struct vm *vm, const char *hostname)
+{
+    const struct repl *r = vm->repl;
+    json_object *o = json_object_new_object();
+    json_object *details = json_object_new_array();
+    const char *health = repl_health(r, details);
+    json_object_object_add(o, "vm", json_object_new_string(vm->name));
+    json_object_object_add(o, "uuid", json_object_new_string(vm->uuid));
+    json_object_object_add(o, "mode",
+                           json_object_new_string(vm_mode_name(r->mode)));
+    json_object_object_add(o, "state", json_object_new_string(repl_state(r)));
+    json_object_object_add(o, "health", json_object_new_string(health));
+    json_object_object_add(o, "health_details", details);
+#define STR(k, v)                                                              \
+    json_object_object_add(o, k, (v) ? json_object_new_string(v) : NULL)
+    STR("replica_server", r->replica_server);
+    STR("connect_address", r->connect_address);
+    STR("primary_server",
+        r->mode == VM_MODE_PRIMARY ? hostname : r->primary_server);
+    STR("storage", r->storage);
+    STR("last_error", r->last_error);
+#undef STR
+    json_object_object_add(o, "auth",
+                           json_object_new_string(repl_auth(r)));
+    json_object_object_add(o, "kerberos_encrypt",
+                           json_object_new_boolean(r->krb_encrypt));
+    json_object_object_add(o, "frequency",
+                           json_object_new_int((int)r->frequency_s));
+    json_object_object_add(o, "compression",
+                           json_object_new_boolean(r->compression));
+    if (r->mode == VM_MODE_REPLICA) {
+        json_object_object_add(o, "test_failover_point",
+                               r->test_point ? json_object_new_int64(
+                                                   (int64_t)r->test_point)
+                                             : NULL);
+        json_object_object_add(o, "failover_point",
+                               r->failover_point
+                                   ? json_object_new_int64(
+                                         (int64_t)r->failover_point)
+                                   : NULL);
+    }
+    json_object_object_add(o, "prepared_cycle",
+                           r->prepared_cycle
+                               ? json_object_new_int64(
+                                     (int64_t)r->prepared_cycle)
+                               : NULL);
+    json_object_object_add(o, "recovery_history",
+                           json_object_new_int((int)r->recovery_history));
+    json_object_object_add(o, "app_consistent_every",
+                           json_object_new_int((int)r->app_every));
+    json_object_object_add(o, "point_interval",
+                           json_object_new_int((int)r->point_interval_s));
+    json_object_object_add(o, "epoch",
+                           json_object_new_int64((int64_t)r->epoch));
+    json_object_object_add(o, "initial_done",
+                           json_object_new_boolean(r->initial_done));
+    json_object_object_add(o, "base_cycle",
+                           json_object_new_int64((int64_t)r->base_cycle));
+    json_object_object_add(o, "first_point",
+                           r->initial_done
+                               ? json_object_new_int64(
+                                     (int64_t)repl_first_point(r))
+                               : NULL);
+    json_object_object_add(o, "last_cycle",
+                           json_object_new_int64((int64_t)r->last_cycle));
+    json_object_object_add(
+        o, "applied_cycle",
+        json_object_new_int64((int64_t)(r->mode == VM_MODE_REPLICA
+                                            ? r->applied_cycle
+                                            : r->last_cycle)));
+    json_add_time(o, "last_replication_time", r->last_ok_ms);
+    return o;
+}

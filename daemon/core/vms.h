@@ -34,6 +34,8 @@ void daemon_wait_ms(struct daemon *d, uint64_t ms);
 const char *jstr(json_object *o, const char *key);
 bool jbool(json_object *o, const char *key, bool dflt);
 int64_t jint(json_object *o, const char *key, int64_t dflt);
+/* o[key] = wall-clock time ms as RFC 3339, or null if 0. */
+void json_add_time(json_object *o, const char *key, uint64_t ms);
 
 /* The state shown (SPEC §9): r->st's name, or TestFailoverInProgress. */
 const char *repl_state(const struct repl *r);
@@ -59,5 +61,8 @@ int repl_check_identity(const struct server_cfg *c,
                         const struct repl *r) VR_WUR;
 /* The body of a registration (PUT /r1/vms/UUID) of vm under r. */
 json_object *repl_register_body(const struct vm *vm, const struct repl *r);
+/* GET .../replication: r's settings, state, health and counters; hostname
+ * is this server's name (the primary's, when vm is a primary VM). */
+json_object *repl_to_json(const struct vm *vm, const char *hostname);
 
 #endif
