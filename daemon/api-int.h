@@ -51,10 +51,8 @@ int api_auth_remove(struct api_call *, unsigned *, json_object **);
 int api_test_connection(struct api_call *, unsigned *, json_object **);
 int api_vm_set_failover_network(struct api_call *, unsigned *,
                                 json_object **);
-/* planned.c, for failover.c: the planned failover of a prepared Replica
- * VM (start_vm: run QEMU after it), and `failover stop` of a prepared
- * primary VM. */
-int planned_start(struct api_call *call, bool start_vm, json_object **out);
+/* planned.c, for failover-api.c: `failover stop` of a prepared primary
+ * VM. */
 int planned_unprepare(struct api_call *call, json_object **out);
 int api_repl_suspend(struct api_call *, unsigned *, json_object **);
 int api_repl_resume(struct api_call *, unsigned *, json_object **);

@@ -19,46 +19,19 @@
 #include "core/storage.h"
 #include "core/vms.h"
 #include "net/tls.h"
+#include "replica/replica.h"
 #include "vr.h"
 
 extern struct daemon *D;
 
-/* history.c: recovery history of Replica VMs. */
-/* Forget every point and undo file (a fresh relationship); D->lock held. */
-int history_reset(struct vm *vm) VR_WUR;
-/* Before applying cycle n from payload_path: save what it overwrites (if
- * recovery history is on).  Without D->lock, VM_OP_APPLY in progress. */
-int history_capture(struct vm *vm, uint64_t n,
-                    const char *payload_path) VR_WUR;
-/* After cycle n was recorded as applied: make it a point (app: an
- * application-consistent one), apply the retention policy, prune.  D->lock held (dropped for file work). */
-int history_after_apply(struct vm *vm, uint64_t n, bool app) VR_WUR;
-/* At start-up: repair points and undo files after a crash. */
-int history_recover(struct vm *vm) VR_WUR;
-/* failover.c: before cycle n is applied (without D->lock, VM_OP_APPLY
- * set), hand a running test failover's view the cycle's undo span;
- * -EAGAIN if the view does not answer (the cycle waits). */
-int failover_test_refresh(struct vm *vm, uint64_t n) VR_WUR;
-/* At start-up, before the applier: keep a whole test failover, undo a
- * half-started or half-stopped one. */
-int failover_recover(struct vm *vm) VR_WUR;
-/* GET /v1/vms/VM/points body (an array). D->lock held. */
-json_object *history_points_json(struct vm *vm);
 
 /* --- vm.c, replication.c ------------------------------------------------ */
 json_object *vm_to_json(const struct vm *vm);
 json_object *repl_measure_json(const struct vm *vm);
-/* failover.c: "VM - Test" while a test failover of vm runs (its name,
- * mode "test", the point, run directory and whether QEMU runs), else
- * NULL.  D->lock held. */
-json_object *failover_test_vm_json(const struct vm *vm);
 
 /* --- network.c ---------------------------------------------------------- */
 /* vm create's "nics": ["user", ...] -> NIC objects with new MACs. */
 int nics_from_create(json_object *body, json_object **out) VR_WUR;
-/* After a failover started the VM in rundir (D->lock held): set its NICs'
- * failover settings in the guest once its agent answers (a thread). */
-void network_inject_start(const struct vm *vm, const char *rundir);
 
 /* --- api.c ------------------------------------------------------------- */
 int api_start(const char *sock_path) VR_WUR;
@@ -80,19 +53,6 @@ void shipper_remote_remove(struct vm *vm);
  * cycles not yet acknowledged, empty ones included. */
 uint64_t shipper_pending_bytes(const struct vm *vm, unsigned *unsent);
 
-/* --- replica.c (Replica server) ---------------------------------------- */
-/* Whether the auth setting ("certificate", "kerberos", "both"; unset is
- * certificate) asks for the HTTPS / the Kerberos listener. */
-bool cfg_wants_certificate(const struct server_cfg *c);
-bool cfg_wants_kerberos(const struct server_cfg *c);
-/* (Re)start or stop the HTTPS listener per D->cfg. */
-int replica_listener_apply(void) VR_WUR;
-/* Stop it and wait for its requests (shutdown; caller holds no lock). */
-void replica_listener_stop(void);
-/* Apply every staged cycle of every Replica VM (startup recovery). */
-int replica_recover(void) VR_WUR;
-int replica_applier_start(void) VR_WUR;
-void replica_applier_stop(void);
 
 /* --- firewall.c -------------------------------------------------------- */
 /* After the listeners changed (start-up, server set), D->lock held: if the

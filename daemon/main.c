@@ -148,6 +148,15 @@ take_state_dir(const char *state_dir)
 
 /* Open and load the catalog, then finish applying what was staged before
  * a crash: nothing may see a Replica disk between two cycles. */
+/* The layers' contexts: the state they work on and the calls they make
+ * upward, wired here (docs/design.md). */
+static void
+wire_layers(void)
+{
+    static const struct replica_hooks rh = { .shipper_stop = shipper_stop };
+    replica_init(D, &rh);
+}
+
 static int
 load_state(const char *hostname)
 {
@@ -240,6 +249,7 @@ main(int argc, char **argv)
 
     if (take_state_dir(state_dir) < 0)
         return 1;
+    wire_layers();
     CLEANUP_FREE char *sock = xasprintf("%s/api.sock", D->state_dir);
     if (load_state(hostname) < 0 || start_services(sock) < 0) {
         log_error("main", "%s", vr_errmsg());

@@ -1,0 +1,46 @@
+/* failover-api.c: the failover endpoints of the management API (`vmreplica
+ * failover start|stop|complete`): they parse the request, choose the kind
+ * of failover and leave the steps to replica/failover.c (test, unplanned,
+ * planned, cancel, complete) and planned.c (the primary's prepare). */
+#include "api-int.h"
+#include "daemon.h"
+
+int
+api_failover_start(struct api_call *call, unsigned *status VR_UNUSED,
+                   json_object **out)
+{
+    int64_t want = jint(call->body, "point", 0);
+    if (want < 0)
+        return vr_err(-EINVAL, "point: expected a point id");
+    if (jbool(call->body, "test", false))
+        return failover_test_start(call->arg, want, out);
+    /* A VM whose primary prepared it fails over at that point. */
+    if (failover_is_planned(call->arg, want))
+        return failover_planned_start(
+            call->arg, !jbool(call->body, "no_start", false), out);
+    return failover_unplanned_start(call->arg, want,
+                                    jbool(call->body, "force", false), out);
+}
+
+int
+api_failover_stop(struct api_call *call, unsigned *status VR_UNUSED,
+                  json_object **out)
+{
+    if (jbool(call->body, "test", false))
+        return failover_test_stop(call->arg, out);
+    pthread_mutex_lock(&D->lock);
+    struct vm *pvm = vm_find(D, call->arg);
+    bool prepared = pvm && pvm->mode == VM_MODE_PRIMARY && pvm->repl &&
+                    pvm->repl->st == REPL_ST_PREPARED;
+    pthread_mutex_unlock(&D->lock);
+    if (prepared)
+        return planned_unprepare(call, out);
+    return failover_cancel(call->arg, out);
+}
+
+int
+api_failover_complete(struct api_call *call, unsigned *status VR_UNUSED,
+                      json_object **out)
+{
+    return failover_complete(call->arg, out);
+}
