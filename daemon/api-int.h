@@ -51,9 +51,6 @@ int api_auth_remove(struct api_call *, unsigned *, json_object **);
 int api_test_connection(struct api_call *, unsigned *, json_object **);
 int api_vm_set_failover_network(struct api_call *, unsigned *,
                                 json_object **);
-/* planned.c, for failover-api.c: `failover stop` of a prepared primary
- * VM. */
-int planned_unprepare(struct api_call *call, json_object **out);
 int api_repl_suspend(struct api_call *, unsigned *, json_object **);
 int api_repl_resume(struct api_call *, unsigned *, json_object **);
 int api_repl_reset_stats(struct api_call *, unsigned *, json_object **);

@@ -19,7 +19,6 @@
 
 #include "api-int.h"
 #include "daemon.h"
-#include "shipper-int.h"
 
 static json_object *
 entry_json(const struct auth_entry *e)

@@ -19,6 +19,7 @@
 #include "core/storage.h"
 #include "core/vms.h"
 #include "net/tls.h"
+#include "primary/primary.h"
 #include "replica/replica.h"
 #include "vr.h"
 
@@ -40,18 +41,6 @@ void api_stop(void);
  * device and inode): never another daemon's. */
 void api_unlink_socket(const char *sock_path);
 
-/* --- shipper.c (primary) ----------------------------------------------- */
-/* Start the VM's replication thread if replication is on and not running. */
-void shipper_ensure(struct vm *vm);
-/* Stop and join it (drops and retakes d->lock). */
-void shipper_stop(struct vm *vm);
-/* POST /v1/vms/VM/replication: contact the Replica server, register. */
-int shipper_enable(struct vm *vm, json_object *req, json_object **out) VR_WUR;
-/* Tell the Replica server replication was removed (best effort). */
-void shipper_remote_remove(struct vm *vm);
-/* Bytes of change log not yet acknowledged; *unsent (if not NULL): sealed
- * cycles not yet acknowledged, empty ones included. */
-uint64_t shipper_pending_bytes(const struct vm *vm, unsigned *unsent);
 
 
 /* --- firewall.c -------------------------------------------------------- */

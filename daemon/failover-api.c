@@ -1,7 +1,8 @@
 /* failover-api.c: the failover endpoints of the management API (`vmreplica
- * failover start|stop|complete`): they parse the request, choose the kind
+ * failover prepare|start|stop|complete`): they parse the request, choose the kind
  * of failover and leave the steps to replica/failover.c (test, unplanned,
- * planned, cancel, complete) and planned.c (the primary's prepare). */
+ * planned, cancel, complete) and primary/planned.c (the primary's
+ * prepare and its withdrawal). */
 #include "api-int.h"
 #include "daemon.h"
 
@@ -28,14 +29,17 @@ api_failover_stop(struct api_call *call, unsigned *status VR_UNUSED,
 {
     if (jbool(call->body, "test", false))
         return failover_test_stop(call->arg, out);
-    pthread_mutex_lock(&D->lock);
-    struct vm *pvm = vm_find(D, call->arg);
-    bool prepared = pvm && pvm->mode == VM_MODE_PRIMARY && pvm->repl &&
-                    pvm->repl->st == REPL_ST_PREPARED;
-    pthread_mutex_unlock(&D->lock);
-    if (prepared)
-        return planned_unprepare(call, out);
+    /* On the primary: withdraw a failover preparation. */
+    if (planned_is_prepared(call->arg))
+        return planned_unprepare(call->arg, out);
     return failover_cancel(call->arg, out);
+}
+
+int
+api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
+                     json_object **out)
+{
+    return planned_prepare(call->arg, out);
 }
 
 int

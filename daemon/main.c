@@ -154,6 +154,7 @@ static void
 wire_layers(void)
 {
     static const struct replica_hooks rh = { .shipper_stop = shipper_stop };
+    primary_init(D);
     replica_init(D, &rh);
 }
 

@@ -7,7 +7,6 @@
 
 #include "api-int.h"
 #include "daemon.h"
-#include "shipper-int.h"
 
 static int
 lookup_repl(struct api_call *call, struct vm **out)
@@ -149,70 +148,13 @@ api_repl_enable(struct api_call *call, unsigned *status, json_object **out)
     int rc = parse_common(b, r);
     r->replica_server = repl_server_with_port(server, r);
 
-    pthread_mutex_lock(&D->lock);
-    struct vm *vm = NULL;
-    if (rc == 0)
-        rc = vm_lookup(D, call->arg, &vm);
-    if (rc == 0 && vm->repl)
-        rc = vr_err(-EEXIST, "vm %s: replication is already enabled (%s)",
-                    vm->name, vm_mode_name(vm->repl->mode));
-    if (rc == 0 && vm->mode == VM_MODE_REPLICA)
-        rc = vr_err(-EBUSY, "vm %s: is a Replica VM", vm->name);
-    if (rc == 0)
-        rc = repl_check_identity(&D->cfg, r);
-    struct job jb;
-    json_object *reg = NULL;
-    if (rc == 0) {
-        snprintf(r->vm_uuid, sizeof r->vm_uuid, "%s", vm->uuid);
-        struct repl *saved = vm->repl;
-        vm->repl = r;
-        job_fill(&jb, vm);
-        vm->repl = saved;
-        reg = repl_register_body(vm, r);
-    }
-    pthread_mutex_unlock(&D->lock);
     if (rc < 0) {
         repl_free(r);
         return rc;
     }
-
-    CLEANUP_FREE char *path = xasprintf("/r1/vms/%s", jb.uuid);
-    rc = peer_call(&jb.peer, "PUT", path, json_object_to_json_string(reg), -1,
-                   0, false, NULL);
-    json_object_put(reg);
-    job_fini(&jb);
-
-    pthread_mutex_lock(&D->lock);
-    vm = rc == 0 ? vm_find_uuid(D, r->vm_uuid) : NULL;
-    if (rc == 0 && (!vm || vm->repl))
-        rc = vr_err(-EBUSY, "vm %s: changed while enabling replication",
-                    call->arg);
-    if (rc == 0) {
-        if (jbool(b, "start_initial", false)) {
-            r->st = REPL_ST_INITIAL; /* not attached yet */
-            r->task = xstrdup("InitialReplication");
-        }
-        vm->repl = r;
-        vm->mode = VM_MODE_PRIMARY;
-        rc = catalog_save_vm(D->cat, vm);
-        if (rc == 0)
-            rc = catalog_save_repl(D->cat, r);
-        if (rc < 0) {
-            vm->repl = NULL;
-            vm->mode = VM_MODE_NONE;
-        }
-    }
-    if (rc == 0) {
-        event_add(D->cat, "info", vm->name,
-                  "replication enabled to %s every %u s", r->replica_server,
-                  r->frequency_s);
-        shipper_ensure(vm);
-        *out = repl_to_json(vm, D->cfg.hostname);
+    rc = primary_enable(call->arg, r, jbool(b, "start_initial", false), out);
+    if (rc == 0)
         *status = 201;
-    } else {
-        repl_free(r);
-    }
-    pthread_mutex_unlock(&D->lock);
     return rc;
 }
 
@@ -464,24 +406,7 @@ api_repl_remove(struct api_call *call, unsigned *status VR_UNUSED,
         /* VM_OP_REMOVE keeps every other call (resume, initial start, a
          * second remove) away from this repl while we talk to the Replica
          * server unlocked; it is freed below. */
-        vm_op_begin(vm, VM_OP_REMOVE);
-        shipper_stop(vm);
-        struct job jb;
-        job_fill(&jb, vm);
-        char uuid[37];
-        snprintf(uuid, sizeof uuid, "%s", vm->uuid);
-        pthread_mutex_unlock(&D->lock);
-        CLEANUP_FREE char *path = xasprintf("/r1/vms/%s/replication", uuid);
-        if (peer_call(&jb.peer, "DELETE", path, NULL, -1, 0, false, NULL) < 0)
-            log_warn("replication", "remove on replica server: %s",
-                     vr_errmsg());
-        job_fini(&jb);
-        pthread_mutex_lock(&D->lock);
-        vm = vm_find_uuid(D, uuid);
-        if (!vm || !vm->repl)
-            rc = vr_err(-ENOENT, "vm %s: gone", call->arg);
-        else
-            shipper_stop(vm);
+        rc = primary_unregister(call->arg, &vm);
     }
     if (rc == 0 && (vm_busy(vm, VM_OP_APPLY | VM_OP_RECEIVE)))
         rc = vr_err(-EBUSY, "vm %s: a cycle is being received or applied; "
@@ -569,4 +494,16 @@ api_metrics_text(void)
     pthread_mutex_unlock(&D->lock);
     fclose(f);
     return buf;
+}
+
+int
+api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,
+                 json_object **out)
+{
+    json_object *b = call->body;
+    const char *server = jstr(b, "replica_server");
+    const char *addr = jstr(b, "connect_address");
+    if (server && !repl_server_name_valid(server))
+        return vr_err(-EINVAL, "replica_server: expected FQDN[:PORT]");
+    return planned_reverse(call->arg, server, addr, out);
 }

@@ -17,10 +17,17 @@
 
 #include "cycle.h"
 #include "dirtymap.h"
-#include "daemon.h"
 #include "core/logdir.h"
 #include "proc/vmproc.h"
 #include "shipper-int.h"
+
+struct primary_ctx pctx;
+
+void
+primary_init(struct daemon *d)
+{
+    pctx.d = d;
+}
 
 #define BASE_CHUNK_BYTES (32u << 20)
 #define BASE_REC_BYTES   (1u << 20)
@@ -93,7 +100,7 @@ shipper_pending_bytes(const struct vm *vm, unsigned *unsent)
     /* What the unshipped cycles would send, uncompressed: record headers
      * and the data of every write, whether the log holds the data or
      * refers to the disk for it.  The plugin counts its open segments. */
-    CLEANUP_FREE char *rundir = vm_rundir(D, vm);
+    CLEANUP_FREE char *rundir = vm_rundir(pctx.d, vm);
     bool served = false, running = false;
     uint64_t open_cycle = 0, open_bytes = 0, open_payload = 0;
     vmproc_status(rundir, &served, &running);
@@ -147,13 +154,13 @@ peer_fill(struct peer *p, const struct repl *r)
     memset(p, 0, sizeof *p);
     p->server = xstrdup(r->replica_server);
     p->connect_address = dup_or_null(r->connect_address);
-    p->cert = dup_or_null(D->cfg.cert);
-    p->key = dup_or_null(D->cfg.key);
-    p->ca = dup_or_null(D->cfg.ca);
+    p->cert = dup_or_null(pctx.d->cfg.cert);
+    p->key = dup_or_null(pctx.d->cfg.key);
+    p->ca = dup_or_null(pctx.d->cfg.ca);
     p->kerberos = repl_kerberos(r);
     p->krb_encrypt = r->krb_encrypt;
-    p->keytab = dup_or_null(D->cfg.keytab);
-    p->self = dup_or_null(D->cfg.hostname);
+    p->keytab = dup_or_null(pctx.d->cfg.keytab);
+    p->self = dup_or_null(pctx.d->cfg.hostname);
     p->epoch = r->epoch;
     p->recovery_history = r->recovery_history;
     p->point_interval_s = r->point_interval_s;
@@ -177,7 +184,7 @@ job_fill(struct job *jb, const struct vm *vm)
     memset(jb, 0, sizeof *jb);
     snprintf(jb->uuid, sizeof jb->uuid, "%s", vm->uuid);
     jb->name = xstrdup(vm->name);
-    jb->rundir = vm_rundir(D, vm);
+    jb->rundir = vm_rundir(pctx.d, vm);
     jb->ndisks = vm->ndisks;
     for (unsigned i = 0; i < vm->ndisks; i++) {
         jb->disks[i] = vm->disks[i];
@@ -286,22 +293,22 @@ seal_cycle(struct vm *vm, struct job *jb, bool running)
             trc = vmproc_guest_command(
                 jb->rundir, "{\"execute\":\"guest-fsfreeze-thaw\"}\n",
                 QGA_THAW_MS, NULL);
-        pthread_mutex_lock(&D->lock);
+        pthread_mutex_lock(&pctx.d->lock);
         if (trc < 0)
-            event_add(D->cat, "error", jb->name,
+            event_add(pctx.d->cat, "error", jb->name,
                       "guest agent: thaw failed: %s; the "
                       "guest's file systems may still be frozen (a thaw is "
                       "sent again at the next cut and when the daemon "
                       "starts)",
                       vr_errmsg());
         if (!frozen && rc == 0)
-            event_add(D->cat, "warning", jb->name,
+            event_add(pctx.d->cat, "warning", jb->name,
                       "application-consistent point "
                       "not possible (%s): cycle %llu is crash-consistent",
                       why, (unsigned long long)c);
         /* Either way, the next try is in the next window. */
         vm->repl->app_last_ms = jb->app_last_ms = now;
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&pctx.d->lock);
         vr_err_clear();
     }
     if (rc < 0)
@@ -374,10 +381,10 @@ tracking_intact(struct vm *vm, const struct job *jb, uint64_t last_cycle)
             break;
         }
     }
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&pctx.d->lock);
     if (vm->repl)
         vm->repl->untracked = rc < 0;
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&pctx.d->lock);
     return rc;
 }
 
@@ -474,12 +481,12 @@ send_cycle(struct vm *vm, const struct job *jb, uint64_t N, uint64_t *raw,
     return rc;
 }
 
-/* Record cycle N as acknowledged, with its statistics (D->lock taken). */
+/* Record cycle N as acknowledged, with its statistics (d->lock taken). */
 static int
 record_sent(struct vm *vm, uint64_t N, uint64_t raw, uint64_t wire,
             uint64_t lat)
 {
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&pctx.d->lock);
     struct repl *r = vm->repl;
     r->last_cycle = N;
     r->last_ok_ms = vr_wall_ms();
@@ -492,8 +499,8 @@ record_sent(struct vm *vm, uint64_t N, uint64_t raw, uint64_t wire,
     r->sum_latency_ms += lat;
     if (lat > r->max_latency_ms)
         r->max_latency_ms = lat;
-    int rc = catalog_save_repl(D->cat, r);
-    pthread_mutex_unlock(&D->lock);
+    int rc = catalog_save_repl(pctx.d->cat, r);
+    pthread_mutex_unlock(&pctx.d->lock);
     return rc;
 }
 
@@ -681,10 +688,10 @@ first_consistent_cycle(const struct job *jb, uint64_t base, uint64_t *first)
 static int
 run_initial(struct vm *vm, struct job *jb)
 {
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&pctx.d->lock);
     struct repl *r = vm->repl;
     bool fresh = r->initial_seq == 0;
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&pctx.d->lock);
 
     if (fresh) {
         /* The base: seal so every later write is in a cycle after it.  If
@@ -703,12 +710,12 @@ run_initial(struct vm *vm, struct job *jb)
             int rc = vmproc_rearm(jb->rundir, &base);
             if (rc < 0)
                 return rc;
-            pthread_mutex_lock(&D->lock);
+            pthread_mutex_lock(&pctx.d->lock);
             vm->repl->untracked = false;
-            event_add(D->cat, "info", vm->name, "change tracking restarted "
+            event_add(pctx.d->cat, "info", vm->name, "change tracking restarted "
                       "after cycle %llu for the initial replication",
                       (unsigned long long)base);
-            pthread_mutex_unlock(&D->lock);
+            pthread_mutex_unlock(&pctx.d->lock);
         } else if (served) {
             int rc = vmproc_seal(jb->rundir, &base);
             if (rc < 0)
@@ -722,7 +729,7 @@ run_initial(struct vm *vm, struct job *jb)
         uint64_t total = 0;
         for (unsigned i = 0; i < jb->ndisks; i++)
             total += allocated_bytes(jb->disks[i].path);
-        pthread_mutex_lock(&D->lock);
+        pthread_mutex_lock(&pctx.d->lock);
         r->base_cycle = base;
         r->initial_seq = 1;
         r->initial_disk = 0;
@@ -730,23 +737,23 @@ run_initial(struct vm *vm, struct job *jb)
         r->initial_total = total;
         r->initial_sent = 0;
         r->last_cycle = base;
-        int rc = catalog_save_repl(D->cat, r);
-        event_add(D->cat, "info", vm->name,
+        int rc = catalog_save_repl(pctx.d->cat, r);
+        event_add(pctx.d->cat, "info", vm->name,
                   "initial replication started: %llu bytes allocated, base "
                   "cycle %llu",
                   (unsigned long long)total, (unsigned long long)base);
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&pctx.d->lock);
         if (rc < 0)
             return rc;
     }
 
     for (;;) {
-        pthread_mutex_lock(&D->lock);
+        pthread_mutex_lock(&pctx.d->lock);
         bool stop = r->stop || r->st != REPL_ST_INITIAL;
         unsigned d = r->initial_disk;
         uint64_t off = r->initial_offset, seq = r->initial_seq,
                  base = r->base_cycle;
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&pctx.d->lock);
         if (stop)
             return -ECANCELED;
         if (d >= jb->ndisks)
@@ -757,7 +764,7 @@ run_initial(struct vm *vm, struct job *jb)
                                  &raw);
         if (rc < 0)
             return rc;
-        pthread_mutex_lock(&D->lock);
+        pthread_mutex_lock(&pctx.d->lock);
         if (data > 0)
             r->initial_seq++;
         r->initial_sent += data;
@@ -769,16 +776,16 @@ run_initial(struct vm *vm, struct job *jb)
         } else {
             r->initial_offset = off;
         }
-        rc = catalog_save_repl(D->cat, r);
-        pthread_mutex_unlock(&D->lock);
+        rc = catalog_save_repl(pctx.d->cat, r);
+        pthread_mutex_unlock(&pctx.d->lock);
         if (rc < 0)
             return rc;
         vr_fault_point("base-chunk-sent");
     }
 
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&pctx.d->lock);
     uint64_t base = r->base_cycle;
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&pctx.d->lock);
     uint64_t first = 0;
     int rc = first_consistent_cycle(jb, base, &first);
     if (rc < 0)
@@ -791,18 +798,18 @@ run_initial(struct vm *vm, struct job *jb)
     rc = peer_call(&jb->peer, "POST", path, body, -1, 0, false, NULL);
     if (rc < 0)
         return rc;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&pctx.d->lock);
     r->initial_done = true;
     r->first_point = first;
     r->last_cycle = base;
     r->last_ok_ms = vr_wall_ms();
     free(r->task);
     r->task = NULL;
-    rc = repl_transition(D->cat, vm, REPL_ST_REPLICATING, REPL_T_SAVE);
-    event_add(D->cat, "info", vm->name,
+    rc = repl_transition(pctx.d->cat, vm, REPL_ST_REPLICATING, REPL_T_SAVE);
+    event_add(pctx.d->cat, "info", vm->name,
               "initial replication complete: %llu bytes of data sent",
               (unsigned long long)r->initial_sent);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&pctx.d->lock);
     return rc;
 }
 
@@ -817,12 +824,12 @@ shipper_main(void *arg)
     struct repl *r = vm->repl;
     unsigned failures = 0;
     uint64_t next_due = 0;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&pctx.d->lock);
     if (r->app_every) {
         /* A crash between a freeze and its thaw would leave the guest
          * frozen: thaw once at start (harmless if it is not). */
-        CLEANUP_FREE char *rundir = vm_rundir(D, vm);
-        pthread_mutex_unlock(&D->lock);
+        CLEANUP_FREE char *rundir = vm_rundir(pctx.d, vm);
+        pthread_mutex_unlock(&pctx.d->lock);
         bool served = false, running = false;
         vmproc_status(rundir, &served, &running);
         int64_t n = 0;
@@ -833,9 +840,9 @@ shipper_main(void *arg)
             log_warn("shipper", "%s: thawed %lld file system(s) left frozen",
                      vm->name, (long long)n);
         vr_err_clear();
-        pthread_mutex_lock(&D->lock);
+        pthread_mutex_lock(&pctx.d->lock);
     }
-    while (!r->stop && !D->shutting_down) {
+    while (!r->stop && !pctx.d->shutting_down) {
         bool initial = r->st == REPL_ST_INITIAL;
         bool replicating = r->st == REPL_ST_REPLICATING;
         /* Time spent suspended or in error is not missed cycles. */
@@ -846,7 +853,7 @@ shipper_main(void *arg)
             uint64_t wait_ms = (initial || replicating) && next_due > now
                                    ? next_due - now
                                    : 1000;
-            daemon_wait_ms(D, wait_ms > 1000 ? 1000 : wait_ms);
+            daemon_wait_ms(pctx.d, wait_ms > 1000 ? 1000 : wait_ms);
             continue;
         }
         r->kick = false;
@@ -857,7 +864,7 @@ shipper_main(void *arg)
         struct job jb;
         job_fill(&jb, vm);
         uint64_t last = r->last_cycle;
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&pctx.d->lock);
 
         vr_err_clear();
         int rc = initial ? run_initial(vm, &jb) : ship_cycles(vm, &jb, last);
@@ -865,10 +872,10 @@ shipper_main(void *arg)
         snprintf(msg, sizeof msg, "%s", vr_errmsg());
         job_fini(&jb);
 
-        pthread_mutex_lock(&D->lock);
+        pthread_mutex_lock(&pctx.d->lock);
         if (rc == 0 || rc == -ECANCELED) {
             if (failures)
-                event_add(D->cat, "info", vm->name,
+                event_add(pctx.d->cat, "info", vm->name,
                           "replication recovered after %u "
                           "failed attempt(s)",
                           failures);
@@ -881,7 +888,7 @@ shipper_main(void *arg)
         r->last_error = xstrdup(msg);
         if (peer_unrecoverable(rc)) {
             /* Saved below with the error counters. */
-            VR_IGNORE(repl_transition_event(D->cat, vm, REPL_ST_ERROR, 0,
+            VR_IGNORE(repl_transition_event(pctx.d->cat, vm, REPL_ST_ERROR, 0,
                                             "error", "replication stopped: %s",
                                             msg));
         } else {
@@ -892,18 +899,18 @@ shipper_main(void *arg)
             if (delay_ms > freq_ms)
                 delay_ms = freq_ms;
             if (failures == 0 || failures % 10 == 0)
-                event_add(D->cat, "warning", vm->name,
+                event_add(pctx.d->cat, "warning", vm->name,
                           "replication failed, retrying "
                           "in %llu s: %s",
                           (unsigned long long)delay_ms / 1000, msg);
             failures++;
             next_due = vr_mono_ms() + delay_ms;
         }
-        VR_IGNORE(catalog_save_repl(D->cat, r));
+        VR_IGNORE(catalog_save_repl(pctx.d->cat, r));
     }
     r->thread_running = false;
-    pthread_cond_broadcast(&D->cond);
-    pthread_mutex_unlock(&D->lock);
+    pthread_cond_broadcast(&pctx.d->cond);
+    pthread_mutex_unlock(&pctx.d->lock);
     return NULL;
 }
 
@@ -912,7 +919,7 @@ shipper_ensure(struct vm *vm)
 {
     struct repl *r = vm->repl;
     if (!r || r->mode != VM_MODE_PRIMARY || r->thread_running ||
-        vm_busy(vm, VM_OP_REMOVE) || D->shutting_down)
+        vm_busy(vm, VM_OP_REMOVE) || pctx.d->shutting_down)
         return;
     if (r->st == REPL_ST_INITIAL && !r->task)
         r->task = xstrdup("InitialReplication");
@@ -933,7 +940,7 @@ shipper_stop(struct vm *vm)
     if (!r)
         return;
     r->stop = true;
-    pthread_cond_broadcast(&D->cond);
+    pthread_cond_broadcast(&pctx.d->cond);
     while (r->thread_running)
-        pthread_cond_wait(&D->cond, &D->lock);
+        pthread_cond_wait(&pctx.d->cond, &pctx.d->lock);
 }
