@@ -6,7 +6,9 @@
  * any cycle that was staged before a crash (so no Replica disk is ever seen
  * between two cycles), and only then open the management socket, the
  * replication listener and the shipper threads.  main.c owns the daemon
- * object D; the log itself is core/log.c. */
+ * object D, the only global of the daemon's state: it hands it to each
+ * layer (api_init, primary_init, replica_init) with the calls a lower
+ * layer makes upward (struct replica_hooks).  The log is core/log.c. */
 #include <getopt.h>
 #include <signal.h>
 #include <stdio.h>
@@ -18,13 +20,20 @@
 #include <unistd.h>
 
 #include "config.h"
-#include "daemon.h"
+#include "api/api.h"
+#include "core/catalog.h"
+#include "core/log.h"
+#include "core/repl.h"
+#include "core/state.h"
+#include "primary/primary.h"
+#include "replica/replica.h"
 
 static struct daemon daemon_state = {
     .lock = PTHREAD_MUTEX_INITIALIZER,
     .cond = PTHREAD_COND_INITIALIZER,
 };
-struct daemon *D = &daemon_state;
+static struct daemon *const D = &daemon_state;
+
 static void
 sd_notify_ready(void)
 {
@@ -154,6 +163,7 @@ static void
 wire_layers(void)
 {
     static const struct replica_hooks rh = { .shipper_stop = shipper_stop };
+    api_init(D);
     primary_init(D);
     replica_init(D, &rh);
 }

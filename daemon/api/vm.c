@@ -12,7 +12,6 @@
 #include <unistd.h>
 
 #include "api-int.h"
-#include "daemon.h"
 #include "proc/vmproc.h"
 #include "proc/vmspec.h"
 
@@ -28,7 +27,7 @@ vm_status(const struct vm *vm, bool *served, bool *running, bool *view)
     *view = vm->mode == VM_MODE_REPLICA && vm->repl &&
             vm->repl->failover_point && vm->repl->storage;
     char *rundir = *view ? xasprintf("%s/failover", vm->repl->storage)
-                         : vm_rundir(D, vm);
+                         : vm_rundir(actx.d, vm);
     vmproc_status(rundir, served, running);
     *served = *served && vmproc_nbd_sock_exists(rundir);
     return rundir;
@@ -101,14 +100,14 @@ api_vm_list(struct api_call *call VR_UNUSED, unsigned *status VR_UNUSED,
             json_object **out)
 {
     json_object *arr = json_object_new_array();
-    pthread_mutex_lock(&D->lock);
-    for (struct vm *vm = D->vms; vm; vm = vm->next) {
+    pthread_mutex_lock(&actx.d->lock);
+    for (struct vm *vm = actx.d->vms; vm; vm = vm->next) {
         json_object_array_add(arr, vm_to_json(vm));
         json_object *t = failover_test_vm_json(vm);
         if (t)
             json_object_array_add(arr, t);
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     *out = json_object_new_object();
     json_object_object_add(*out, "vms", arr);
     return 0;
@@ -119,22 +118,22 @@ api_vm_show(struct api_call *call, unsigned *status VR_UNUSED,
             json_object **out)
 {
     struct vm *vm = NULL;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     /* "VM - Test": the test VM of a running test failover. */
     static const char sfx[] = " - Test";
     size_t n = strlen(call->arg), k = sizeof sfx - 1;
     if (n > k && strcmp(call->arg + n - k, sfx) == 0) {
         CLEANUP_FREE char *base = xasprintf("%.*s", (int)(n - k), call->arg);
-        struct vm *b = vm_find(D, base);
+        struct vm *b = vm_find(actx.d, base);
         if (b && (*out = failover_test_vm_json(b))) {
-            pthread_mutex_unlock(&D->lock);
+            pthread_mutex_unlock(&actx.d->lock);
             return 0;
         }
     }
-    int rc = vm_lookup(D, call->arg, &vm);
+    int rc = vm_lookup(actx.d, call->arg, &vm);
     if (rc == 0)
         *out = vm_to_json(vm);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }
 
@@ -171,9 +170,9 @@ api_vm_create(struct api_call *call, unsigned *status, json_object **out)
         return rc;
     }
 
-    pthread_mutex_lock(&D->lock);
-    bool exists = vm_find(D, name) != NULL;
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
+    bool exists = vm_find(actx.d, name) != NULL;
+    pthread_mutex_unlock(&actx.d->lock);
     if (exists) {
         json_object_put(nics);
         for (int k = 0; k < 3; k++)
@@ -187,7 +186,7 @@ api_vm_create(struct api_call *call, unsigned *status, json_object **out)
     vm->cpus = (unsigned)cpus;
     vm->memory_mib = (unsigned)mem;
     vm->mode = VM_MODE_NONE;
-    vm->dir = xasprintf("%s/vms/%s", D->state_dir, vm->uuid);
+    vm->dir = xasprintf("%s/vms/%s", actx.d->state_dir, vm->uuid);
     vm->kernel = boot[0];
     vm->initrd = boot[1];
     vm->cmdline = boot[2];
@@ -232,13 +231,13 @@ api_vm_create(struct api_call *call, unsigned *status, json_object **out)
                 dk->size = (uint64_t)st.st_size;
         }
     }
-    pthread_mutex_lock(&D->lock);
-    if (rc == 0 && vm_find(D, name))
+    pthread_mutex_lock(&actx.d->lock);
+    if (rc == 0 && vm_find(actx.d, name))
         rc = vr_err(-EEXIST, "vm %s: already exists", name);
     if (rc == 0)
-        rc = catalog_save_vm(D->cat, vm);
+        rc = catalog_save_vm(actx.d->cat, vm);
     if (rc < 0) {
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&actx.d->lock);
         char saved[1024];
         snprintf(saved, sizeof saved, "%s", vr_errmsg());
         for (unsigned i = 0; i < vm->ndisks; i++)
@@ -247,12 +246,12 @@ api_vm_create(struct api_call *call, unsigned *status, json_object **out)
         vm_free(vm);
         return vr_err(rc, "%s", saved);
     }
-    vm->next = D->vms;
-    D->vms = vm;
-    event_add(D->cat, "info", vm->name, "vm created with %u disk(s)",
+    vm->next = actx.d->vms;
+    actx.d->vms = vm;
+    event_add(actx.d->cat, "info", vm->name, "vm created with %u disk(s)",
               vm->ndisks);
     *out = vm_to_json(vm);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     *status = 201;
     return 0;
 }
@@ -263,7 +262,7 @@ api_vm_create(struct api_call *call, unsigned *status, json_object **out)
 static int
 begin_change(struct api_call *call, struct vm **out)
 {
-    int rc = vm_lookup(D, call->arg, out);
+    int rc = vm_lookup(actx.d, call->arg, out);
     if (rc == 0 && vm_busy(*out, VM_OP_CHANGE))
         rc = vr_err(-EBUSY, "vm %s: a start or stop is in progress",
                     (*out)->name);
@@ -278,7 +277,7 @@ end_change(struct vm *vm)
     vm_op_end(vm, VM_OP_CHANGE);
     if (vm->repl)
         vm->repl->kick = true;
-    pthread_cond_broadcast(&D->cond);
+    pthread_cond_broadcast(&actx.d->cond);
 }
 
 int
@@ -286,7 +285,7 @@ api_vm_start(struct api_call *call, unsigned *status VR_UNUSED,
              json_object **out)
 {
     struct vm *vm = NULL;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     int rc = begin_change(call, &vm);
     if (rc == 0 && vm->repl && vm->repl->mode == VM_MODE_PRIMARY &&
         (vm_busy(vm, VM_OP_PREPARE) ||
@@ -306,32 +305,32 @@ api_vm_start(struct api_call *call, unsigned *status VR_UNUSED,
                     vm->name);
     }
     if (rc < 0) {
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&actx.d->lock);
         return rc;
     }
     vm->hypervisor = !jbool(call->body, "no_hypervisor", false);
-    CLEANUP_FREE char *rundir = vm_rundir(D, vm);
+    CLEANUP_FREE char *rundir = vm_rundir(actx.d, vm);
     struct vmproc_spec s;
     struct vmproc_disk dks[MAX_DISKS];
     vm_spec_of(vm, &s, dks, rundir);
     /* The spec borrows vm's strings: a changing VM is neither removed nor
      * altered. */
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     rc = storage_check_disks(vm);
     if (rc == 0)
         rc = vmproc_start(&s);
     char msg[1024];
     snprintf(msg, sizeof msg, "%s", vr_errmsg());
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     end_change(vm);
     if (rc == 0) {
-        event_add(D->cat, "info", vm->name, "vm started (%s)",
+        event_add(actx.d->cat, "info", vm->name, "vm started (%s)",
                   vm->hypervisor ? "qemu" : "disks served only");
         *out = vm_to_json(vm);
     } else {
         vr_err(rc, "%s", msg);
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }
 
@@ -340,28 +339,28 @@ api_vm_stop(struct api_call *call, unsigned *status VR_UNUSED,
             json_object **out)
 {
     struct vm *vm = NULL;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     int rc = begin_change(call, &vm);
     if (rc < 0) {
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&actx.d->lock);
         return rc;
     }
-    CLEANUP_FREE char *rundir = vm_rundir(D, vm);
+    CLEANUP_FREE char *rundir = vm_rundir(actx.d, vm);
     bool force = jbool(call->body, "force", false);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     rc = vmproc_stop(rundir, force, 30000);
     char msg[1024];
     snprintf(msg, sizeof msg, "%s", vr_errmsg());
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     end_change(vm);
     if (rc == 0) {
         vm->hypervisor = false;
-        event_add(D->cat, "info", vm->name, "vm stopped");
+        event_add(actx.d->cat, "info", vm->name, "vm stopped");
         *out = vm_to_json(vm);
     } else {
         vr_err(rc, "%s", msg);
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }
 
@@ -378,10 +377,10 @@ api_vm_remove(struct api_call *call, unsigned *status VR_UNUSED,
               json_object **out)
 {
     struct vm *vm = NULL;
-    pthread_mutex_lock(&D->lock);
-    int rc = vm_lookup(D, call->arg, &vm);
+    pthread_mutex_lock(&actx.d->lock);
+    int rc = vm_lookup(actx.d, call->arg, &vm);
     if (rc == 0) {
-        CLEANUP_FREE char *rundir = vm_rundir(D, vm);
+        CLEANUP_FREE char *rundir = vm_rundir(actx.d, vm);
         bool served, running;
         vmproc_status(rundir, &served, &running);
         if (served || running)
@@ -401,14 +400,14 @@ api_vm_remove(struct api_call *call, unsigned *status VR_UNUSED,
                                 "first",
                         vm->name);
         if (rc == 0)
-            rc = catalog_delete_vm(D->cat, vm->uuid);
+            rc = catalog_delete_vm(actx.d->cat, vm->uuid);
         if (rc == 0) {
-            for (struct vm **p = &D->vms; *p; p = &(*p)->next)
+            for (struct vm **p = &actx.d->vms; *p; p = &(*p)->next)
                 if (*p == vm) {
                     *p = vm->next;
                     break;
                 }
-            event_add(D->cat, "info", vm->name, "vm removed");
+            event_add(actx.d->cat, "info", vm->name, "vm removed");
             if (vm->mode != VM_MODE_REPLICA)
                 remove_tree(vm->dir);
             remove_tree(rundir);
@@ -418,6 +417,6 @@ api_vm_remove(struct api_call *call, unsigned *status VR_UNUSED,
             vm_free(vm);
         }
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }

@@ -21,7 +21,6 @@
 #include <unistd.h>
 
 #include "api-int.h"
-#include "daemon.h"
 #include "proc/vmproc.h"
 
 int
@@ -69,19 +68,19 @@ api_vm_set_test_network(struct api_call *call, unsigned *status VR_UNUSED,
     int rc = network_valid(net);
     if (rc < 0)
         return rc;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     struct vm *vm;
-    rc = vm_lookup(D, call->arg, &vm);
+    rc = vm_lookup(actx.d, call->arg, &vm);
     if (rc == 0) {
         free(vm->test_network);
         vm->test_network = xstrdup(net);
-        rc = catalog_save_vm(D->cat, vm);
+        rc = catalog_save_vm(actx.d->cat, vm);
     }
     if (rc == 0) {
-        event_add(D->cat, "info", vm->name, "test network: %s", net);
+        event_add(actx.d->cat, "info", vm->name, "test network: %s", net);
         *out = vm_to_json(vm);
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }
 
@@ -113,9 +112,9 @@ api_vm_set_failover_network(struct api_call *call, unsigned *status VR_UNUSED,
                       "settings)");
     }
 
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     struct vm *vm;
-    int rc = vm_lookup(D, call->arg, &vm);
+    int rc = vm_lookup(actx.d, call->arg, &vm);
     size_t n = vm && vm->nics ? json_object_array_length(vm->nics) : 0;
     if (rc == 0 && (idx < 0 || (size_t)idx >= n))
         rc = vr_err(-EINVAL, "vm %s: no NIC %lld (it has %zu)", vm->name,
@@ -138,7 +137,7 @@ api_vm_set_failover_network(struct api_call *call, unsigned *status VR_UNUSED,
         json_object *old = vm->nics;
         vm->nics = copy;
         copy = NULL;
-        rc = catalog_save_vm(D->cat, vm);
+        rc = catalog_save_vm(actx.d->cat, vm);
         if (rc < 0) {
             copy = vm->nics;
             vm->nics = old;
@@ -149,13 +148,13 @@ api_vm_set_failover_network(struct api_call *call, unsigned *status VR_UNUSED,
     json_object_put(copy);
     json_object_put(f);
     if (rc == 0) {
-        event_add(D->cat, "info", vm->name,
+        event_add(actx.d->cat, "info", vm->name,
                   "failover network of NIC %lld %s%s%s", (long long)idx,
                   clear ? "cleared" : "set", network ? "; network " : "",
                   network ? network : "");
         *out = vm_to_json(vm);
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }
 
@@ -170,9 +169,9 @@ api_vm_set_boot(struct api_call *call, unsigned *status VR_UNUSED,
     int rc = vm_boot_parse(call->body, boot);
     if (rc < 0)
         return rc;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     struct vm *vm;
-    rc = vm_lookup(D, call->arg, &vm);
+    rc = vm_lookup(actx.d, call->arg, &vm);
     /* Starts borrow these strings with the lock dropped. */
     if (rc == 0 && (vm_busy(vm, VM_OP_CHANGE) ||
                     (vm->repl && vm_busy(vm, VM_OP_FAILOVER | VM_OP_TEST))))
@@ -183,7 +182,7 @@ api_vm_set_boot(struct api_call *call, unsigned *status VR_UNUSED,
         vm->kernel = boot[0];
         vm->initrd = boot[1];
         vm->cmdline = boot[2];
-        rc = catalog_save_vm(D->cat, vm);
+        rc = catalog_save_vm(actx.d->cat, vm);
         if (rc < 0) {
             boot[0] = vm->kernel;
             boot[1] = vm->initrd;
@@ -198,10 +197,10 @@ api_vm_set_boot(struct api_call *call, unsigned *status VR_UNUSED,
     for (int k = 0; k < 3; k++)
         free(boot[k]);
     if (rc == 0) {
-        event_add(D->cat, "info", vm->name, "boot: %s", vm->kernel ? vm->kernel
+        event_add(actx.d->cat, "info", vm->name, "boot: %s", vm->kernel ? vm->kernel
                                                            : "from disk");
         *out = vm_to_json(vm);
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }

@@ -4,7 +4,6 @@
  * planned, cancel, complete) and primary/planned.c (the primary's
  * prepare and its withdrawal). */
 #include "api-int.h"
-#include "daemon.h"
 
 int
 api_failover_start(struct api_call *call, unsigned *status VR_UNUSED,

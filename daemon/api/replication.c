@@ -6,13 +6,12 @@
 #include <string.h>
 
 #include "api-int.h"
-#include "daemon.h"
 
 static int
 lookup_repl(struct api_call *call, struct vm **out)
 {
     struct vm *vm;
-    int rc = vm_lookup(D, call->arg, &vm);
+    int rc = vm_lookup(actx.d, call->arg, &vm);
     if (rc < 0)
         return rc;
     if (!vm->repl)
@@ -163,19 +162,19 @@ api_repl_set(struct api_call *call, unsigned *status VR_UNUSED,
              json_object **out)
 {
     struct vm *vm = NULL;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     int rc = lookup_repl(call, &vm);
     if (rc == 0) {
         rc = parse_common(call->body, vm->repl);
         if (rc == 0)
-            rc = catalog_save_repl(D->cat, vm->repl);
+            rc = catalog_save_repl(actx.d->cat, vm->repl);
         if (rc == 0) {
             vm->repl->kick = true;
-            pthread_cond_broadcast(&D->cond);
-            *out = repl_to_json(vm, D->cfg.hostname);
+            pthread_cond_broadcast(&actx.d->cond);
+            *out = repl_to_json(vm, actx.d->cfg.hostname);
         }
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }
 
@@ -183,7 +182,7 @@ api_repl_set(struct api_call *call, unsigned *status VR_UNUSED,
 static json_object *
 repl_json(const struct vm *vm)
 {
-    return repl_to_json(vm, D->cfg.hostname);
+    return repl_to_json(vm, actx.d->cfg.hostname);
 }
 
 static int
@@ -191,11 +190,11 @@ render_repl(struct api_call *call, json_object **out,
             json_object *(*fn)(const struct vm *))
 {
     struct vm *vm = NULL;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     int rc = lookup_repl(call, &vm);
     if (rc == 0)
         *out = fn(vm);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }
 
@@ -214,25 +213,6 @@ api_repl_measure(struct api_call *call, unsigned *status VR_UNUSED,
 }
 
 int
-api_points_list(struct api_call *call, unsigned *status VR_UNUSED,
-                json_object **out)
-{
-    pthread_mutex_lock(&D->lock);
-    struct vm *vm;
-    int rc = vm_lookup(D, call->arg, &vm);
-    if (rc == 0 && vm->mode != VM_MODE_REPLICA)
-        rc = vr_err(-EINVAL, "vm %s: recovery points are kept on the "
-                    "Replica server; this is the primary", vm->name);
-    else if (rc == 0) {
-        *out = json_object_new_object();
-        json_object_object_add(*out, "vm", json_object_new_string(vm->name));
-        json_object_object_add(*out, "points", history_points_json(vm));
-    }
-    pthread_mutex_unlock(&D->lock);
-    return rc;
-}
-
-int
 api_repl_list(struct api_call *call, unsigned *status VR_UNUSED,
               json_object **out)
 {
@@ -240,8 +220,8 @@ api_repl_list(struct api_call *call, unsigned *status VR_UNUSED,
     const char *health = api_query(call, "health");
     const char *mode = api_query(call, "mode");
     json_object *arr = json_object_new_array();
-    pthread_mutex_lock(&D->lock);
-    for (struct vm *vm = D->vms; vm; vm = vm->next) {
+    pthread_mutex_lock(&actx.d->lock);
+    for (struct vm *vm = actx.d->vms; vm; vm = vm->next) {
         if (!vm->repl)
             continue;
         if (state && strcasecmp(state, repl_state(vm->repl)) != 0)
@@ -253,23 +233,23 @@ api_repl_list(struct api_call *call, unsigned *status VR_UNUSED,
         if (mode && strcasecmp(mode, "test") == 0 ? !test
             : mode && strcasecmp(mode, vm_mode_name(vm->repl->mode)) != 0)
             continue;
-        json_object_array_add(arr, repl_to_json(vm, D->cfg.hostname));
+        json_object_array_add(arr, repl_to_json(vm, actx.d->cfg.hostname));
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     *out = json_object_new_object();
     json_object_object_add(*out, "replications", arr);
     return 0;
 }
 
-/* D->lock held: the shipper (or applier) waits for a state change. */
+/* d->lock held: the shipper (or applier) waits for a state change. */
 static void
 wake(struct vm *vm)
 {
     vm->repl->kick = true;
-    pthread_cond_broadcast(&D->cond);
+    pthread_cond_broadcast(&actx.d->cond);
 }
 
-/* D->lock held: suspend and resume leave a failover's states alone (a
+/* d->lock held: suspend and resume leave a failover's states alone (a
  * prepared primary resumed could start its VM while the Replica server
  * fails over at the prepared cycle). */
 static int
@@ -295,18 +275,18 @@ api_repl_suspend(struct api_call *call, unsigned *status VR_UNUSED,
                  json_object **out)
 {
     struct vm *vm = NULL;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     int rc = lookup_repl(call, &vm);
     if (rc == 0)
         rc = check_not_failing_over(vm);
     if (rc == 0 && vm->repl->st != REPL_ST_SUSPENDED) {
         wake(vm);
-        rc = repl_transition_event(D->cat, vm, REPL_ST_SUSPENDED, REPL_T_SAVE,
+        rc = repl_transition_event(actx.d->cat, vm, REPL_ST_SUSPENDED, REPL_T_SAVE,
                                    "info", "replication suspended");
     }
     if (rc == 0)
-        *out = repl_to_json(vm, D->cfg.hostname);
-    pthread_mutex_unlock(&D->lock);
+        *out = repl_to_json(vm, actx.d->cfg.hostname);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }
 
@@ -315,7 +295,7 @@ api_repl_resume(struct api_call *call, unsigned *status VR_UNUSED,
                 json_object **out)
 {
     struct vm *vm = NULL;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     int rc = lookup_repl(call, &vm);
     if (rc == 0)
         rc = check_not_failing_over(vm);
@@ -324,7 +304,7 @@ api_repl_resume(struct api_call *call, unsigned *status VR_UNUSED,
         struct repl *r = vm->repl;
         wake(vm);
         rc = repl_transition_event(
-            D->cat, vm, r->initial_done                ? REPL_ST_REPLICATING
+            actx.d->cat, vm, r->initial_done                ? REPL_ST_REPLICATING
                 : r->mode == VM_MODE_REPLICA ? REPL_ST_WAITING_INITIAL
                 : r->initial_seq             ? REPL_ST_INITIAL
                                              : REPL_ST_READY_INITIAL,
@@ -333,8 +313,8 @@ api_repl_resume(struct api_call *call, unsigned *status VR_UNUSED,
             shipper_ensure(vm);
     }
     if (rc == 0)
-        *out = repl_to_json(vm, D->cfg.hostname);
-    pthread_mutex_unlock(&D->lock);
+        *out = repl_to_json(vm, actx.d->cfg.hostname);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }
 
@@ -343,18 +323,18 @@ api_repl_reset_stats(struct api_call *call, unsigned *status VR_UNUSED,
                      json_object **out)
 {
     struct vm *vm = NULL;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     int rc = lookup_repl(call, &vm);
     if (rc == 0) {
         struct repl *r = vm->repl;
         r->errors = r->ok_count = r->missed = 0;
         r->max_size = r->sum_size = 0;
         r->max_latency_ms = r->sum_latency_ms = 0;
-        rc = catalog_save_repl(D->cat, r);
+        rc = catalog_save_repl(actx.d->cat, r);
         if (rc == 0)
             *out = repl_measure_json(vm);
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }
 
@@ -363,7 +343,7 @@ api_initial_start(struct api_call *call, unsigned *status VR_UNUSED,
                   json_object **out)
 {
     struct vm *vm = NULL;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     int rc = lookup_repl(call, &vm);
     if (rc == 0 && vm->repl->mode != VM_MODE_PRIMARY)
         rc = vr_err(-EBUSY, "vm %s: initial replication starts on the "
@@ -381,13 +361,13 @@ api_initial_start(struct api_call *call, unsigned *status VR_UNUSED,
             wake(vm);
             free(vm->repl->task);
             vm->repl->task = xstrdup("InitialReplication");
-            rc = repl_transition(D->cat, vm, REPL_ST_INITIAL, REPL_T_SAVE);
+            rc = repl_transition(actx.d->cat, vm, REPL_ST_INITIAL, REPL_T_SAVE);
             shipper_ensure(vm);
         }
     }
     if (rc == 0)
-        *out = repl_to_json(vm, D->cfg.hostname);
-    pthread_mutex_unlock(&D->lock);
+        *out = repl_to_json(vm, actx.d->cfg.hostname);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }
 
@@ -396,7 +376,7 @@ api_repl_remove(struct api_call *call, unsigned *status VR_UNUSED,
                 json_object **out)
 {
     struct vm *vm = NULL;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     int rc = lookup_repl(call, &vm);
     /* Steps that hold the repl with the lock dropped must end first. */
     if (rc == 0 && (vm_busy(vm, VM_OP_CHANGE | VM_OP_PREPARE | VM_OP_FAILOVER)))
@@ -425,17 +405,17 @@ api_repl_remove(struct api_call *call, unsigned *status VR_UNUSED,
     bool failed_over = rc == 0 &&
                        vm->repl->st == REPL_ST_FAILED_OVER;
     if (rc == 0) {
-        rc = catalog_delete_repl(D->cat, vm->uuid);
+        rc = catalog_delete_repl(actx.d->cat, vm->uuid);
         if (rc == 0) {
             repl_free(vm->repl);
             vm->repl = NULL;
             /* A completed failover leaves a VM of this server's own. */
             if (vm->mode == VM_MODE_PRIMARY || failed_over)
                 vm->mode = VM_MODE_NONE;
-            rc = catalog_save_vm(D->cat, vm);
+            rc = catalog_save_vm(actx.d->cat, vm);
         }
         if (rc == 0) {
-            event_add(D->cat, "info", vm->name, "replication removed");
+            event_add(actx.d->cat, "info", vm->name, "replication removed");
             *out = vm_to_json(vm);
         }
     }
@@ -444,7 +424,7 @@ api_repl_remove(struct api_call *call, unsigned *status VR_UNUSED,
         if (rc < 0 && vm->repl)
             shipper_ensure(vm); /* still there: carry on */
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }
 
@@ -457,9 +437,9 @@ api_metrics_text(void)
     fputs("# HELP vmreplica_lag_seconds seconds since the last successful "
           "cycle\n# TYPE vmreplica_lag_seconds gauge\n",
           f);
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     uint64_t now = vr_wall_ms();
-    for (struct vm *vm = D->vms; vm; vm = vm->next) {
+    for (struct vm *vm = actx.d->vms; vm; vm = vm->next) {
         const struct repl *r = vm->repl;
         if (!r)
             continue;
@@ -468,7 +448,7 @@ api_metrics_text(void)
                 r->last_ok_ms ? (double)(now - r->last_ok_ms) / 1000.0 : -1.0);
     }
     fputs("# TYPE vmreplica_bytes_sent_total counter\n", f);
-    for (struct vm *vm = D->vms; vm; vm = vm->next) {
+    for (struct vm *vm = actx.d->vms; vm; vm = vm->next) {
         const struct repl *r = vm->repl;
         if (!r || r->mode != VM_MODE_PRIMARY)
             continue;
@@ -491,7 +471,7 @@ api_metrics_text(void)
         fprintf(f, "vmreplica_cycle_duration_seconds_max{vm=\"%s\"} %.3f\n",
                 vm->uuid, (double)r->max_latency_ms / 1000.0);
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     fclose(f);
     return buf;
 }
