@@ -1,8 +1,8 @@
-/* failover-api.c: the failover endpoints of the management API (`vmreplica
- * failover prepare|start|stop|complete`): they parse the request, choose the kind
- * of failover and leave the steps to replica/failover.c (test, unplanned,
- * planned, cancel, complete) and primary/planned.c (the primary's
- * prepare and its withdrawal). */
+/* failover.c: the failover endpoints of the management API (`vmreplica
+ * failover prepare|start|stop|complete`): they parse the request, choose
+ * the kind of failover and leave the steps to replica/failover.c and
+ * replica/planned.c (test, unplanned, planned, cancel, complete) and to
+ * primary/planned.c (the primary's prepare and its withdrawal). */
 #include "api-int.h"
 
 int

@@ -106,7 +106,8 @@ firewall_sync(void)
         event_add(actx.d->cat, "error", NULL, "%s", fw.error);
         return;
     }
-    event_add(actx.d->cat, "info", NULL, "firewall rules applied (ports %s)", list);
+    event_add(actx.d->cat, "info", NULL, "firewall rules applied (ports %s)",
+              list);
 }
 
 const char *
@@ -202,7 +203,8 @@ api_firewall_set(struct api_call *call, unsigned *status VR_UNUSED,
     } else if (want) {
         char list[64];
         ports_text(fw.ports, fw.nports, list);
-        event_add(actx.d->cat, "info", NULL, "firewall enabled (ports %s)", list);
+        event_add(actx.d->cat, "info", NULL, "firewall enabled (ports %s)",
+                  list);
     } else if (old) {
         event_add(actx.d->cat, "info", NULL, "firewall disabled");
     }

@@ -281,8 +281,9 @@ api_repl_suspend(struct api_call *call, unsigned *status VR_UNUSED,
         rc = check_not_failing_over(vm);
     if (rc == 0 && vm->repl->st != REPL_ST_SUSPENDED) {
         wake(vm);
-        rc = repl_transition_event(actx.d->cat, vm, REPL_ST_SUSPENDED, REPL_T_SAVE,
-                                   "info", "replication suspended");
+        rc =
+            repl_transition_event(actx.d->cat, vm, REPL_ST_SUSPENDED,
+                                  REPL_T_SAVE, "info", "replication suspended");
     }
     if (rc == 0)
         *out = repl_to_json(vm, actx.d->cfg.hostname);
@@ -303,12 +304,13 @@ api_repl_resume(struct api_call *call, unsigned *status VR_UNUSED,
                     vm->repl->st == REPL_ST_ERROR)) {
         struct repl *r = vm->repl;
         wake(vm);
-        rc = repl_transition_event(
-            actx.d->cat, vm, r->initial_done                ? REPL_ST_REPLICATING
-                : r->mode == VM_MODE_REPLICA ? REPL_ST_WAITING_INITIAL
-                : r->initial_seq             ? REPL_ST_INITIAL
-                                             : REPL_ST_READY_INITIAL,
-            REPL_T_SAVE, "info", "replication resumed");
+        rc = repl_transition_event(actx.d->cat, vm,
+                                   r->initial_done ? REPL_ST_REPLICATING
+                                   : r->mode == VM_MODE_REPLICA
+                                       ? REPL_ST_WAITING_INITIAL
+                                   : r->initial_seq ? REPL_ST_INITIAL
+                                                    : REPL_ST_READY_INITIAL,
+                                   REPL_T_SAVE, "info", "replication resumed");
         if (rc == 0)
             shipper_ensure(vm);
     }

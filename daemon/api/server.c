@@ -40,13 +40,15 @@ server_json(void)
     json_object_object_add(o, "allow_any",
                            json_object_new_boolean(c->allow_any));
     STR("default_storage", c->default_storage);
-    json_object_object_add(o, "listening",
-                           json_object_new_boolean(actx.d->listener != NULL ||
-                                                   actx.d->krb_listener != NULL));
+    json_object_object_add(
+        o, "listening",
+        json_object_new_boolean(actx.d->listener != NULL ||
+                                actx.d->krb_listener != NULL));
     json_object_object_add(o, "listening_certificate",
                            json_object_new_boolean(actx.d->listener != NULL));
-    json_object_object_add(o, "listening_kerberos",
-                           json_object_new_boolean(actx.d->krb_listener != NULL));
+    json_object_object_add(
+        o, "listening_kerberos",
+        json_object_new_boolean(actx.d->krb_listener != NULL));
     json_object_object_add(o, "monitoring_interval",
                            json_object_new_int((int)c->monitoring_interval_s));
     json_object_object_add(o, "firewall_enabled",

@@ -1,5 +1,5 @@
-/* network.c: a VM's NICs, the test network and failover network settings
- * (SPEC §3, §8).
+/* vm-network.c: the vm endpoints of a VM's NICs, test network, failover
+ * network settings and boot files (SPEC §3, §8), and the NICs of vm create.
  *
  * vm->nics is a JSON array, one object per NIC:
  *   {"mac": "52:54:00:xx:xx:xx", "network": NET,
@@ -10,9 +10,7 @@
  * The NICs travel with the VM (registration); a test failover puts them on
  * the VM's test network (vm->test_network, default "none"); a failover
  * keeps their networks and, once the guest agent answers, sets each NIC's
- * failover settings inside the guest (by MAC) with guest-exec of ip(8) and
- * writes /etc/resolv.conf through guest-file-*: the way Hyper-V injects
- * them through its integration services.
+ * failover settings inside the guest (replica/inject.c).
  */
 #include <arpa/inet.h>
 #include <stdio.h>
@@ -197,8 +195,8 @@ api_vm_set_boot(struct api_call *call, unsigned *status VR_UNUSED,
     for (int k = 0; k < 3; k++)
         free(boot[k]);
     if (rc == 0) {
-        event_add(actx.d->cat, "info", vm->name, "boot: %s", vm->kernel ? vm->kernel
-                                                           : "from disk");
+        event_add(actx.d->cat, "info", vm->name, "boot: %s",
+                  vm->kernel ? vm->kernel : "from disk");
         *out = vm_to_json(vm);
     }
     pthread_mutex_unlock(&actx.d->lock);

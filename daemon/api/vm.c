@@ -63,7 +63,8 @@ vm_to_json(const struct vm *vm)
     json_object_object_add(o, "mode",
                            json_object_new_string(vm_mode_name(vm->mode)));
     if (vm->mode == VM_MODE_REPLICA && vm->owner) {
-        /* Who may register it (again): replica.c, check_owner. */
+        /* Who may register it (again): replica/replica-register.c,
+         * check_owner. */
         json_object_object_add(o, "owner", json_object_new_string(vm->owner));
         json_object_object_add(o, "owner_trust_group",
                                json_object_new_string(vm->owner_group

@@ -224,7 +224,8 @@ planned_unprepare(const char *key, json_object **out)
         rc = repl_transition(pctx.d->cat, vm, REPL_ST_REPLICATING, REPL_T_SAVE);
     }
     if (rc == 0) {
-        event_add(pctx.d->cat, "info", vm->name, "failover preparation withdrawn; "
+        event_add(pctx.d->cat, "info", vm->name,
+                  "failover preparation withdrawn; "
                   "replication resumes");
         *out = repl_to_json(vm, pctx.d->cfg.hostname);
     }

@@ -712,7 +712,8 @@ run_initial(struct vm *vm, struct job *jb)
                 return rc;
             pthread_mutex_lock(&pctx.d->lock);
             vm->repl->untracked = false;
-            event_add(pctx.d->cat, "info", vm->name, "change tracking restarted "
+            event_add(pctx.d->cat, "info", vm->name,
+                      "change tracking restarted "
                       "after cycle %llu for the initial replication",
                       (unsigned long long)base);
             pthread_mutex_unlock(&pctx.d->lock);

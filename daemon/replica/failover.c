@@ -527,7 +527,7 @@ failover_test_refresh(struct vm *vm, uint64_t n)
     return 0;
 }
 
-/* --- the steps the API asks for --------------------------------------------- */
+/* --- the steps the API asks for ------------------------------------------ */
 
 /* d->lock held: refuse anything while another failover kind runs. */
 static int
@@ -828,8 +828,10 @@ failover_cancel(const char *key, json_object **out)
         rc = cancel_steps(vm);
     }
     if (rc == 0) {
-        event_add(rctx.d->cat, "info", vm->name, "failover at point %llu cancelled; "
-                  "replication resumes", (unsigned long long)point);
+        event_add(rctx.d->cat, "info", vm->name,
+                  "failover at point %llu cancelled; "
+                  "replication resumes",
+                  (unsigned long long)point);
         *out = json_object_new_object();
         json_object_object_add(*out, "vm", json_object_new_string(vm->name));
         json_object_object_add(*out, "point",

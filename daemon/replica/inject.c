@@ -1,5 +1,5 @@
 /* inject.c: after a failover started a VM, set its NICs' failover
- * settings (network.c's "failover" object of each NIC: addresses,
+ * settings (api/vm-network.c's "failover" object of each NIC: addresses,
  * gateways, DNS) inside the guest once its agent answers: guest-exec of
  * ip(8) by MAC and /etc/resolv.conf through guest-file-*, the way Hyper-V
  * injects them through its integration services.  One detached thread per

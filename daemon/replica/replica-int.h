@@ -208,7 +208,8 @@ int history_reset(struct vm *vm) VR_WUR;
 int history_capture(struct vm *vm, uint64_t n,
                     const char *payload_path) VR_WUR;
 /* After cycle n was recorded as applied: make it a point (app: an
- * application-consistent one), apply the retention policy, prune.  d->lock held (dropped for file work). */
+ * application-consistent one), apply the retention policy, prune.
+ * d->lock held (dropped for file work). */
 int history_after_apply(struct vm *vm, uint64_t n, bool app) VR_WUR;
 /* At start-up: repair points and undo files after a crash. */
 int history_recover(struct vm *vm) VR_WUR;

@@ -164,8 +164,8 @@ static void
 guard_audit(const char *addr, const char *why)
 {
     pthread_mutex_lock(&rctx.d->lock);
-    event_add(rctx.d->cat, "audit", NULL, "refused connection from %s: %s", addr,
-              why);
+    event_add(rctx.d->cat, "audit", NULL, "refused connection from %s: %s",
+              addr, why);
     pthread_mutex_unlock(&rctx.d->lock);
 }
 
@@ -600,8 +600,10 @@ listener_refresh(void)
             log_warn("replica", "reloading the certificate files: %s",
                      vr_errmsg());
         else if (rctx.d->listener != before)
-            event_add(rctx.d->cat, "info", NULL, "replica server: certificate files "
-                      "changed, reloaded (port %u)", c->cert_port);
+            event_add(rctx.d->cat, "info", NULL,
+                      "replica server: certificate files "
+                      "changed, reloaded (port %u)",
+                      c->cert_port);
     }
     pthread_mutex_unlock(&rctx.d->lock);
 }

@@ -638,9 +638,9 @@ request_begin(struct MHD_Connection *c, const struct listener_ctx *lc,
     }
     pthread_mutex_lock(&rctx.d->lock);
     bool enabled = rctx.d->cfg.replica_enabled;
-    arc = enabled
-              ? authz_decide(rctx.d->cat, &rctx.d->cfg, q->peer, &q->root, &q->group)
-              : 0;
+    arc = enabled ? authz_decide(rctx.d->cat, &rctx.d->cfg, q->peer, &q->root,
+                                 &q->group)
+                  : 0;
     pthread_mutex_unlock(&rctx.d->lock);
     if (!enabled)
         rreq_fail(q, -EPERM, "replication is not enabled on this server");
