@@ -17,77 +17,19 @@
 
 #include "cycle.h"
 #include "dirtymap.h"
-#include "daemon.h"
+#include "core/logdir.h"
 #include "proc/vmproc.h"
 #include "shipper-int.h"
 
+struct primary_ctx pctx;
+
+void
+primary_init(struct daemon *d)
+{
+    pctx.d = d;
+}
 
 /* --- change-log segments ------------------------------------------------ */
-
-char *
-logdir_of(const struct disk *dk)
-{
-    return xasprintf("%s.vrlog", dk->path);
-}
-
-/* Sealed cycle numbers of one disk's log, sorted; caller frees *out. */
-static int
-sealed_cycles(const char *dir, uint64_t **out, size_t *n,
-              uint64_t *open_cycle)
-{
-    *out = NULL;
-    *n = 0;
-    if (open_cycle)
-        *open_cycle = 0;
-    DIR *d = opendir(dir);
-    if (!d)
-        return errno == ENOENT ? 0 : vr_err(-errno, "open %s: %s", dir,
-                                            strerror(errno));
-    size_t cap = 0;
-    struct dirent *de;
-    while ((de = readdir(d))) {
-        size_t len = strlen(de->d_name);
-        if (len < 21 || de->d_name[20] != '.')
-            continue;
-        uint64_t c = strtoull(de->d_name, NULL, 10);
-        if (strcmp(de->d_name + 20, ".open") == 0) {
-            if (open_cycle)
-                *open_cycle = c;
-            continue;
-        }
-        if (strcmp(de->d_name + 20, ".log") != 0)
-            continue;
-        if (*n == cap) {
-            cap = cap ? cap * 2 : 16;
-            *out = xrealloc(*out, cap * sizeof **out);
-        }
-        (*out)[(*n)++] = c;
-    }
-    closedir(d);
-    for (size_t i = 1; i < *n; i++)
-        for (size_t j = i; j > 0 && (*out)[j - 1] > (*out)[j]; j--) {
-            uint64_t t = (*out)[j];
-            (*out)[j] = (*out)[j - 1];
-            (*out)[j - 1] = t;
-        }
-    return 0;
-}
-
-int
-shipper_log_base(const struct disk *dk, uint64_t *base)
-{
-    CLEANUP_FREE char *dir = logdir_of(dk);
-    CLEANUP_FREE uint64_t *cs = NULL;
-    size_t n;
-    uint64_t open_cycle = 0;
-    int rc = sealed_cycles(dir, &cs, &n, &open_cycle);
-    if (rc < 0)
-        return rc;
-    *base = n ? cs[n - 1] : 0;
-    if (open_cycle && open_cycle - 1 > *base)
-        *base = open_cycle - 1;
-    return 0;
-}
 
 static void
 delete_sealed_upto(const struct job *jb, uint64_t upto)
@@ -96,7 +38,7 @@ delete_sealed_upto(const struct job *jb, uint64_t upto)
         CLEANUP_FREE char *dir = logdir_of(&jb->disks[i]);
         CLEANUP_FREE uint64_t *cs = NULL;
         size_t n;
-        if (sealed_cycles(dir, &cs, &n, NULL) < 0)
+        if (logdir_sealed(dir, &cs, &n, NULL) < 0)
             continue;
         for (size_t k = 0; k < n && cs[k] <= upto; k++) {
             char name[32];
@@ -155,7 +97,7 @@ shipper_pending_bytes(const struct vm *vm, unsigned *unsent)
     /* What the unshipped cycles would send, uncompressed: record headers
      * and the data of every write, whether the log holds the data or
      * refers to the disk for it.  The plugin counts its open segments. */
-    CLEANUP_FREE char *rundir = vm_rundir(vm);
+    CLEANUP_FREE char *rundir = vm_rundir(pctx.d, vm);
     bool served = false, running = false;
     uint64_t open_cycle = 0, open_bytes = 0, open_payload = 0;
     vmproc_status(rundir, &served, &running);
@@ -209,13 +151,13 @@ peer_fill(struct peer *p, const struct repl *r)
     memset(p, 0, sizeof *p);
     p->server = xstrdup(r->replica_server);
     p->connect_address = dup_or_null(r->connect_address);
-    p->cert = dup_or_null(D->cfg.cert);
-    p->key = dup_or_null(D->cfg.key);
-    p->ca = dup_or_null(D->cfg.ca);
+    p->cert = dup_or_null(pctx.d->cfg.cert);
+    p->key = dup_or_null(pctx.d->cfg.key);
+    p->ca = dup_or_null(pctx.d->cfg.ca);
     p->kerberos = repl_kerberos(r);
     p->krb_encrypt = r->krb_encrypt;
-    p->keytab = dup_or_null(D->cfg.keytab);
-    p->self = dup_or_null(D->cfg.hostname);
+    p->keytab = dup_or_null(pctx.d->cfg.keytab);
+    p->self = dup_or_null(pctx.d->cfg.hostname);
     p->epoch = r->epoch;
     p->recovery_history = r->recovery_history;
     p->point_interval_s = r->point_interval_s;
@@ -239,7 +181,7 @@ job_fill(struct job *jb, const struct vm *vm)
     memset(jb, 0, sizeof *jb);
     snprintf(jb->uuid, sizeof jb->uuid, "%s", vm->uuid);
     jb->name = xstrdup(vm->name);
-    jb->rundir = vm_rundir(vm);
+    jb->rundir = vm_rundir(pctx.d, vm);
     jb->ndisks = vm->ndisks;
     for (unsigned i = 0; i < vm->ndisks; i++) {
         jb->disks[i] = vm->disks[i];
@@ -348,22 +290,22 @@ seal_cycle(struct vm *vm, struct job *jb, bool running)
             trc = vmproc_guest_command(
                 jb->rundir, "{\"execute\":\"guest-fsfreeze-thaw\"}\n",
                 QGA_THAW_MS, NULL);
-        pthread_mutex_lock(&D->lock);
+        pthread_mutex_lock(&pctx.d->lock);
         if (trc < 0)
-            event_add(D->cat, "error", jb->name,
+            event_add(pctx.d->cat, "error", jb->name,
                       "guest agent: thaw failed: %s; the "
                       "guest's file systems may still be frozen (a thaw is "
                       "sent again at the next cut and when the daemon "
                       "starts)",
                       vr_errmsg());
         if (!frozen && rc == 0)
-            event_add(D->cat, "warning", jb->name,
+            event_add(pctx.d->cat, "warning", jb->name,
                       "application-consistent point "
                       "not possible (%s): cycle %llu is crash-consistent",
                       why, (unsigned long long)c);
         /* Either way, the next try is in the next window. */
         vm->repl->app_last_ms = jb->app_last_ms = now;
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&pctx.d->lock);
         vr_err_clear();
     }
     if (rc < 0)
@@ -437,10 +379,10 @@ tracking_intact(struct vm *vm, const struct job *jb, uint64_t last_cycle)
             break;
         }
     }
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&pctx.d->lock);
     if (vm->repl)
         vm->repl->untracked = rc < 0;
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&pctx.d->lock);
     return rc;
 }
 
@@ -537,12 +479,12 @@ send_cycle(struct vm *vm, const struct job *jb, uint64_t N, uint64_t *raw,
     return rc;
 }
 
-/* Record cycle N as acknowledged, with its statistics (D->lock taken). */
+/* Record cycle N as acknowledged, with its statistics (d->lock taken). */
 static int
 record_sent(struct vm *vm, uint64_t N, uint64_t raw, uint64_t wire,
             uint64_t lat)
 {
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&pctx.d->lock);
     struct repl *r = vm->repl;
     r->last_cycle = N;
     r->last_ok_ms = vr_wall_ms();
@@ -555,8 +497,8 @@ record_sent(struct vm *vm, uint64_t N, uint64_t raw, uint64_t wire,
     r->sum_latency_ms += lat;
     if (lat > r->max_latency_ms)
         r->max_latency_ms = lat;
-    int rc = catalog_save_repl(D->cat, r);
-    pthread_mutex_unlock(&D->lock);
+    int rc = catalog_save_repl(pctx.d->cat, r);
+    pthread_mutex_unlock(&pctx.d->lock);
     return rc;
 }
 
@@ -573,7 +515,7 @@ ship_cycles(struct vm *vm, struct job *jb, uint64_t last_cycle)
     CLEANUP_FREE char *dir0 = logdir_of(&jb->disks[0]);
     CLEANUP_FREE uint64_t *cs = NULL;
     size_t n;
-    rc = sealed_cycles(dir0, &cs, &n, NULL);
+    rc = logdir_sealed(dir0, &cs, &n, NULL);
     if (rc < 0)
         return rc;
     release_shipped(jb, last_cycle);
@@ -614,12 +556,12 @@ shipper_main(void *arg)
     struct repl *r = vm->repl;
     unsigned failures = 0;
     uint64_t next_due = 0;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&pctx.d->lock);
     if (r->app_every) {
         /* A crash between a freeze and its thaw would leave the guest
          * frozen: thaw once at start (harmless if it is not). */
-        CLEANUP_FREE char *rundir = vm_rundir(vm);
-        pthread_mutex_unlock(&D->lock);
+        CLEANUP_FREE char *rundir = vm_rundir(pctx.d, vm);
+        pthread_mutex_unlock(&pctx.d->lock);
         bool served = false, running = false;
         vmproc_status(rundir, &served, &running);
         int64_t n = 0;
@@ -630,9 +572,9 @@ shipper_main(void *arg)
             log_warn("shipper", "%s: thawed %lld file system(s) left frozen",
                      vm->name, (long long)n);
         vr_err_clear();
-        pthread_mutex_lock(&D->lock);
+        pthread_mutex_lock(&pctx.d->lock);
     }
-    while (!r->stop && !D->shutting_down) {
+    while (!r->stop && !pctx.d->shutting_down) {
         /* The initial copy and a resynchronization run to their end, as
          * one step (each resumes where it stopped). */
         bool initial = r->st == REPL_ST_INITIAL || r->st == REPL_ST_RESYNC;
@@ -645,7 +587,7 @@ shipper_main(void *arg)
             uint64_t wait_ms = (initial || replicating) && next_due > now
                                    ? next_due - now
                                    : 1000;
-            daemon_wait_ms(wait_ms > 1000 ? 1000 : wait_ms);
+            daemon_wait_ms(pctx.d, wait_ms > 1000 ? 1000 : wait_ms);
             continue;
         }
         r->kick = false;
@@ -655,7 +597,7 @@ shipper_main(void *arg)
         uint64_t started = now;
         struct job jb;
         job_fill(&jb, vm);
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&pctx.d->lock);
 
         vr_err_clear();
         int rc = resync_check_budget(vm, &jb);
@@ -663,10 +605,10 @@ shipper_main(void *arg)
             log_warn("shipper", "%s: %s", vm->name, vr_errmsg());
             vr_err_clear();
         }
-        pthread_mutex_lock(&D->lock);
+        pthread_mutex_lock(&pctx.d->lock);
         uint64_t last = r->last_cycle;
         bool resync = r->st == REPL_ST_RESYNC;
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&pctx.d->lock);
         rc = resync        ? run_resync(vm, &jb)
                  : initial ? run_initial(vm, &jb)
                            : ship_cycles(vm, &jb, last);
@@ -674,10 +616,10 @@ shipper_main(void *arg)
         snprintf(msg, sizeof msg, "%s", vr_errmsg());
         job_fini(&jb);
 
-        pthread_mutex_lock(&D->lock);
+        pthread_mutex_lock(&pctx.d->lock);
         if (rc == 0 || rc == -ECANCELED) {
             if (failures)
-                event_add(D->cat, "info", vm->name,
+                event_add(pctx.d->cat, "info", vm->name,
                           "replication recovered after %u "
                           "failed attempt(s)",
                           failures);
@@ -697,7 +639,7 @@ shipper_main(void *arg)
             free(r->task);
             r->task = xstrdup("Resynchronization");
             VR_IGNORE(repl_transition_event(
-                D->cat, vm, REPL_ST_RESYNC, REPL_T_SAVE, "warning",
+                pctx.d->cat, vm, REPL_ST_RESYNC, REPL_T_SAVE, "warning",
                 "change tracking stopped (%s); resynchronizing the regions "
                 "changed", msg));
             next_due = 0;
@@ -705,7 +647,7 @@ shipper_main(void *arg)
         }
         if (peer_unrecoverable(rc)) {
             /* Saved below with the error counters. */
-            VR_IGNORE(repl_transition_event(D->cat, vm, REPL_ST_ERROR, 0,
+            VR_IGNORE(repl_transition_event(pctx.d->cat, vm, REPL_ST_ERROR, 0,
                                             "error", "replication stopped: %s",
                                             msg));
         } else {
@@ -716,18 +658,18 @@ shipper_main(void *arg)
             if (delay_ms > freq_ms)
                 delay_ms = freq_ms;
             if (failures == 0 || failures % 10 == 0)
-                event_add(D->cat, "warning", vm->name,
+                event_add(pctx.d->cat, "warning", vm->name,
                           "replication failed, retrying "
                           "in %llu s: %s",
                           (unsigned long long)delay_ms / 1000, msg);
             failures++;
             next_due = vr_mono_ms() + delay_ms;
         }
-        VR_IGNORE(catalog_save_repl(D->cat, r));
+        VR_IGNORE(catalog_save_repl(pctx.d->cat, r));
     }
     r->thread_running = false;
-    pthread_cond_broadcast(&D->cond);
-    pthread_mutex_unlock(&D->lock);
+    pthread_cond_broadcast(&pctx.d->cond);
+    pthread_mutex_unlock(&pctx.d->lock);
     return NULL;
 }
 
@@ -736,7 +678,7 @@ shipper_ensure(struct vm *vm)
 {
     struct repl *r = vm->repl;
     if (!r || r->mode != VM_MODE_PRIMARY || r->thread_running ||
-        vm_busy(vm, VM_OP_REMOVE) || D->shutting_down)
+        vm_busy(vm, VM_OP_REMOVE) || pctx.d->shutting_down)
         return;
     if (r->st == REPL_ST_INITIAL && !r->task)
         r->task = xstrdup("InitialReplication");
@@ -757,7 +699,7 @@ shipper_stop(struct vm *vm)
     if (!r)
         return;
     r->stop = true;
-    pthread_cond_broadcast(&D->cond);
+    pthread_cond_broadcast(&pctx.d->cond);
     while (r->thread_running)
-        pthread_cond_wait(&D->cond, &D->lock);
+        pthread_cond_wait(&pctx.d->cond, &pctx.d->lock);
 }

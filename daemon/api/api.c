@@ -13,10 +13,17 @@
 #include <unistd.h>
 
 #include "api-int.h"
-#include "daemon.h"
 #include "net/http.h"
 
 #define API_MAX_BODY (1u << 20)
+
+struct api_ctx actx;
+
+void
+api_init(struct daemon *d)
+{
+    actx.d = d;
+}
 
 /* --- routing ------------------------------------------------------------ */
 
@@ -225,14 +232,14 @@ api_start(const char *sock_path)
     sock_dev = st.st_dev;
     sock_ino = st.st_ino;
     sock_bound = true;
-    D->api = MHD_start_daemon(
+    actx.d->api = MHD_start_daemon(
         MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION |
             MHD_USE_POLL,
         0, NULL, NULL, access_cb, NULL, MHD_OPTION_LISTEN_SOCKET, fd,
         MHD_OPTION_NOTIFY_COMPLETED, req_done, NULL,
         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)600,
         MHD_OPTION_CONNECTION_LIMIT, (unsigned)64, MHD_OPTION_END);
-    if (!D->api) {
+    if (!actx.d->api) {
         close(fd);
         return vr_err(-EIO, "start management API on %s", sock_path);
     }
@@ -254,7 +261,7 @@ api_unlink_socket(const char *sock_path)
 void
 api_stop(void)
 {
-    if (D->api)
-        MHD_stop_daemon(D->api);
-    D->api = NULL;
+    if (actx.d->api)
+        MHD_stop_daemon(actx.d->api);
+    actx.d->api = NULL;
 }

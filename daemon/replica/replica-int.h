@@ -7,6 +7,11 @@
  *   replica-limits.c    server-wide memory and staging-space budgets
  *   replica-listen.c    listeners, peer verification, connection guard
  *   replica-apply.c     staging files and the applier
+ *   history.c           recovery history (points, undo files)
+ *   failover.c          test and unplanned failover, cancel, complete
+ *   planned.c           the planned failover of a prepared VM
+ *   inject.c            failover network settings set in the guest
+ * and the layer's context (struct replica_ctx rctx), set by replica_init.
  */
 #ifndef VR_REPLICA_INT_H
 #define VR_REPLICA_INT_H
@@ -31,11 +36,18 @@
 #include <unistd.h>
 
 #include "cycle.h"
-#include "daemon.h"
+#include "core/authz.h"
+#include "core/catalog.h"
+#include "core/log.h"
+#include "core/r1json.h"
+#include "core/repl.h"
+#include "core/state.h"
+#include "core/storage.h"
+#include "core/vms.h"
+#include "replica.h"
 #include "net/http.h"
 #include "net/krb.h"
-#include "core/r1json.h"
-
+#include "net/tls.h"
 
 #define R1_MAX_CYCLE_RAW (16ull << 30)
 #define R1_MAX_BASE_RAW  (80ull << 20)
@@ -124,7 +136,7 @@ void rreq_done(void *cls VR_UNUSED, struct MHD_Connection *c, void **con_cls,
                enum MHD_RequestTerminationCode toe VR_UNUSED);
 /* The status body of a Replica VM (registration and GET replies). */
 json_object *replica_status_json(const struct vm *vm);
-/* D->lock held: the Replica VM q names, if q's peer may use it: 0 and
+/* d->lock held: the Replica VM q names, if q's peer may use it: 0 and
  * *out, or a negative errno with the message. */
 int own_vm(struct rreq *q, struct vm **out);
 
@@ -188,5 +200,41 @@ char *cycle_path(const struct repl *r, uint64_t n);
 int clear_staging(const struct repl *r);
 /* Apply the payload open on pfd to vm's disks; *nrec: records applied. */
 int apply_payload_fd(const struct vm *vm, int pfd, uint64_t *nrec);
+
+/* --- the layer's context -------------------------------------------------- */
+/* The daemon's state this layer works on and main.c's hooks
+ * (replica_init); read-only after it. */
+struct replica_ctx {
+    struct daemon *d;
+    struct replica_hooks hooks;
+};
+extern struct replica_ctx rctx;
+
+/* --- history.c, failover.c ------------------------------------------------ */
+/* Forget every point and undo file (a fresh relationship); d->lock held. */
+int history_reset(struct vm *vm) VR_WUR;
+/* Before applying cycle n from payload_path: save what it overwrites (if
+ * recovery history is on).  Without d->lock, VM_OP_APPLY in progress. */
+int history_capture(struct vm *vm, uint64_t n,
+                    const char *payload_path) VR_WUR;
+/* After cycle n was recorded as applied: make it a point (app: an
+ * application-consistent one), apply the retention policy, prune.
+ * d->lock held (dropped for file work). */
+int history_after_apply(struct vm *vm, uint64_t n, bool app) VR_WUR;
+/* At start-up: repair points and undo files after a crash. */
+int history_recover(struct vm *vm) VR_WUR;
+/* failover.c: before cycle n is applied (without d->lock, VM_OP_APPLY
+ * set), hand a running test failover's view the cycle's undo span;
+ * -EAGAIN if the view does not answer (the cycle waits). */
+int failover_test_refresh(struct vm *vm, uint64_t n) VR_WUR;
+/* At start-up, before the applier: keep a whole test failover, undo a
+ * half-started or half-stopped one. */
+int failover_recover(struct vm *vm) VR_WUR;
+
+/* --- inject.c ------------------------------------------------------------- */
+/* After a failover started the VM in rundir (d->lock held): set its NICs'
+ * failover settings in the guest once its agent answers (a thread). */
+void network_inject_start(struct daemon *d, const struct vm *vm,
+                          const char *rundir);
 
 #endif

@@ -22,15 +22,15 @@ take_history(struct repl *r, const struct rreq *q)
  * this primary VM is prepared at exactly cycle N, both sides hold the same
  * disks: it becomes a Replica VM of that server as it is, with no reset
  * and no copy.  The same registration again (a lost answer) is accepted
- * as is.  D->lock not held. */
+ * as is.  d->lock not held. */
 static int
 do_reverse(struct rreq *q, const struct r1_reg *reg, json_object **out)
 {
     int64_t reverse_of = reg->reverse_of;
     size_t nd = reg->ndisks;
     const uint64_t *sizes = reg->sizes;
-    pthread_mutex_lock(&D->lock);
-    struct vm *vm = vm_find_uuid(q->uuid);
+    pthread_mutex_lock(&rctx.d->lock);
+    struct vm *vm = vm_find_uuid(rctx.d, q->uuid);
     struct repl *r = vm ? vm->repl : NULL;
     int rc = 0;
     bool again = vm && r && vm->mode == VM_MODE_REPLICA &&
@@ -74,7 +74,7 @@ do_reverse(struct rreq *q, const struct r1_reg *reg, json_object **out)
                         vm->name);
         if (rc == 0) {
             /* Its disks are not served (prepare stopped them). */
-            shipper_stop(vm);
+            rctx.hooks.shipper_stop(vm);
             CLEANUP_FREE char *stg = xasprintf("%s/staging", vm->dir);
             rc = storage_mkdir(vm->dir, stg);
             if (rc < 0)
@@ -105,19 +105,19 @@ do_reverse(struct rreq *q, const struct r1_reg *reg, json_object **out)
             take_history(r, q);
             if (reg->frequency_s)
                 r->frequency_s = reg->frequency_s;
-            rc = repl_transition(D->cat, vm, REPL_ST_WAITING_INITIAL, 0);
+            rc = repl_transition(rctx.d->cat, vm, REPL_ST_WAITING_INITIAL, 0);
             if (rc == 0)
-                rc = catalog_begin(D->cat);
+                rc = catalog_begin(rctx.d->cat);
             if (rc == 0) {
                 rc = history_reset(vm);
                 if (rc == 0)
-                    rc = catalog_save_vm(D->cat, vm);
+                    rc = catalog_save_vm(rctx.d->cat, vm);
                 if (rc == 0)
-                    rc = catalog_save_repl(D->cat, r);
-                rc = catalog_end(D->cat, rc);
+                    rc = catalog_save_repl(rctx.d->cat, r);
+                rc = catalog_end(rctx.d->cat, rc);
             }
             if (rc == 0)
-                event_add(D->cat, "info", vm->name,
+                event_add(rctx.d->cat, "info", vm->name,
                           "replication reversed by %s "
                           "(%s): this is its Replica server now (epoch "
                           "%llu); the disks are kept as they are (cycle "
@@ -125,7 +125,7 @@ do_reverse(struct rreq *q, const struct r1_reg *reg, json_object **out)
                           q->peer, q->addr, (unsigned long long)q->epoch,
                           (long long)reverse_of);
             else
-                event_add(D->cat, "error", vm->name,
+                event_add(rctx.d->cat, "error", vm->name,
                           "reverse replication: %s (the "
                           "daemon must restart to reload its catalog)",
                           vr_errmsg());
@@ -133,7 +133,7 @@ do_reverse(struct rreq *q, const struct r1_reg *reg, json_object **out)
     }
     if (rc == 0)
         *out = replica_status_json(vm);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&rctx.d->lock);
     return rc;
 }
 
@@ -194,7 +194,7 @@ check_reregister(const struct vm *vm, const struct rreq *q, size_t nd)
 
 /* Make every disk of vm read as zeroes at its size (a full initial
  * replication sends only the primary's allocated regions, so whatever a
- * kept disk holds elsewhere must go), durably.  D->lock held; no apply
+ * kept disk holds elsewhere must go), durably.  d->lock held; no apply
  * runs (a base chunk holds the VM's transfer, VM_OP_RECEIVE). */
 static int
 reset_disks(const struct vm *vm)
@@ -219,7 +219,7 @@ reset_disks(const struct vm *vm)
 /* Before the first piece of a full initial replication (a base chunk or
  * initial-complete): a kept copy is reset, and that is recorded.  The
  * reset comes first, so a crash between repeats it, which is harmless:
- * nothing of this relationship was applied yet.  D->lock held. */
+ * nothing of this relationship was applied yet.  d->lock held. */
 int
 reset_kept_disks(struct vm *vm)
 {
@@ -228,7 +228,7 @@ reset_kept_disks(struct vm *vm)
     int rc = reset_disks(vm);
     if (rc == 0) {
         vm->repl->reset_pending = false;
-        rc = catalog_save_repl(D->cat, vm->repl);
+        rc = catalog_save_repl(rctx.d->cat, vm->repl);
         if (rc < 0)
             vm->repl->reset_pending = true;
     }
@@ -238,15 +238,15 @@ reset_kept_disks(struct vm *vm)
     return rc;
 }
 
-/* D->lock held: may q's peer register the VM q->uuid named name with nd
+/* d->lock held: may q's peer register the VM q->uuid named name with nd
  * disks?  *vm: the existing Replica VM, or NULL for a new one. */
 static int
 admit_registration(struct rreq *q, const char *name, size_t nd,
                    struct vm **vm)
 {
     int rc;
-    *vm = vm_find_uuid(q->uuid);
-    struct vm *byname = vm_find(name);
+    *vm = vm_find_uuid(rctx.d, q->uuid);
+    struct vm *byname = vm_find(rctx.d, name);
     if (byname && byname != *vm)
         rc = vr_err(-EEXIST, "register: another vm is named %s here", name);
     else if (*vm && (*vm)->mode != VM_MODE_REPLICA)
@@ -255,14 +255,14 @@ admit_registration(struct rreq *q, const char *name, size_t nd,
     else if (*vm)
         rc = check_owner(*vm, q);
     else
-        rc = authz_check_vm_cap(D->cat, D->vms, q->peer);
+        rc = authz_check_vm_cap(rctx.d->cat, rctx.d->vms, q->peer);
     if (rc == 0 && *vm)
         rc = check_reregister(*vm, q, nd);
     return rc;
 }
 
-/* D->lock held: a new Replica VM beneath the peer's storage location, its
- * disks created at their sizes and made durable, put on D->vms. */
+/* d->lock held: a new Replica VM beneath the peer's storage location, its
+ * disks created at their sizes and made durable, put on d->vms. */
 static int
 create_replica_vm(const struct rreq *q, const struct r1_reg *reg,
                   struct vm **out)
@@ -305,8 +305,8 @@ create_replica_vm(const struct rreq *q, const struct r1_reg *reg,
         vm_free(vm);
         return rc;
     }
-    vm->next = D->vms;
-    D->vms = vm;
+    vm->next = rctx.d->vms;
+    rctx.d->vms = vm;
     *out = vm;
     return 0;
 }
@@ -380,7 +380,7 @@ merge_peer_nics(struct vm *vm, json_object *b, const char *name)
     vm->nics = nics;
 }
 
-/* D->lock held: the VM's relationship starts afresh with q's peer, saved
+/* d->lock held: the VM's relationship starts afresh with q's peer, saved
  * with the VM (created: the disks are new, else they are kept). */
 static int
 start_relationship(struct vm *vm, const struct rreq *q,
@@ -414,7 +414,7 @@ start_relationship(struct vm *vm, const struct rreq *q,
      * side still thinks is replicating: the primary may have removed
      * it while we were unreachable, and changed the disk since. */
     r->initial_done = false;
-    int rc = repl_transition(D->cat, vm, REPL_ST_WAITING_INITIAL, 0);
+    int rc = repl_transition(rctx.d->cat, vm, REPL_ST_WAITING_INITIAL, 0);
     r->applied_cycle = r->last_cycle = 0;
     r->prepared_cycle = 0;
     /* The disks of an existing VM are kept as they are (they may seed
@@ -427,9 +427,9 @@ start_relationship(struct vm *vm, const struct rreq *q,
     if (rc == 0)
         rc = history_reset(vm);
     if (rc == 0)
-        rc = catalog_save_vm(D->cat, vm);
+        rc = catalog_save_vm(rctx.d->cat, vm);
     if (rc == 0)
-        rc = catalog_save_repl(D->cat, r);
+        rc = catalog_save_repl(rctx.d->cat, r);
     return rc;
 }
 
@@ -448,7 +448,7 @@ do_register(struct rreq *q, json_object **out)
         return rc;
     }
 
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&rctx.d->lock);
     struct vm *vm = NULL;
     rc = admit_registration(q, reg.name, reg.ndisks, &vm);
     bool created = rc == 0 && !vm;
@@ -474,14 +474,14 @@ do_register(struct rreq *q, json_object **out)
         rc = start_relationship(vm, q, &reg, created);
     }
     if (rc == 0) {
-        event_add(D->cat, "info", vm->name,
+        event_add(rctx.d->cat, "info", vm->name,
                   "replica vm %s registered by primary %s (%s)%s",
                   created ? "created" : "updated", q->peer, q->addr,
                   created ? "" : "; its disks are kept until a full "
                                  "initial replication starts");
         *out = replica_status_json(vm);
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&rctx.d->lock);
     json_object_put(b);
     return rc;
 }
@@ -514,7 +514,7 @@ do_initial_done(struct rreq *q, json_object **out)
         return vr_err(-EINVAL, "initial-complete: first_point %lld is not "
                       "after base_cycle %lld (or too far)", (long long)first,
                       (long long)base);
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&rctx.d->lock);
     struct vm *vm = NULL;
     int rc = own_vm(q, &vm);
     bool again = rc == 0 && vm->repl->initial_done &&
@@ -535,13 +535,13 @@ do_initial_done(struct rreq *q, json_object **out)
         r->last_cycle = (uint64_t)base;
         r->initial_done = true;
         rc = repl_transition_event(
-            D->cat, vm, REPL_ST_REPLICATING, REPL_T_SAVE, "info",
+            rctx.d->cat, vm, REPL_ST_REPLICATING, REPL_T_SAVE, "info",
             "initial replication complete at cycle %lld; recovery points "
             "from cycle %lld on", (long long)base, (long long)first);
         if (rc == 0)
             *out = replica_status_json(vm);
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&rctx.d->lock);
     return rc;
 }
 
@@ -559,7 +559,7 @@ do_prepared(struct rreq *q, json_object **out)
     json_object_put(b);
     if (n < 0)
         return vr_err(-EINVAL, "prepared: cycle missing");
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&rctx.d->lock);
     struct vm *vm = NULL;
     int rc = own_vm(q, &vm);
     struct repl *r = rc == 0 ? vm->repl : NULL;
@@ -572,29 +572,29 @@ do_prepared(struct rreq *q, json_object **out)
                     (unsigned long long)r->last_cycle);
     if (rc == 0 && r->prepared_cycle != (uint64_t)n) {
         r->prepared_cycle = (uint64_t)n;
-        rc = catalog_save_repl(D->cat, r);
+        rc = catalog_save_repl(rctx.d->cat, r);
         if (rc == 0 && n)
-            event_add(D->cat, "info", vm->name,
+            event_add(rctx.d->cat, "info", vm->name,
                       "primary %s prepared for failover at "
                       "cycle %lld: 'vmreplica failover start %s' fails over "
                       "with no data loss",
                       q->peer, (long long)n, vm->name);
         else if (rc == 0)
-            event_add(D->cat, "info", vm->name,
+            event_add(rctx.d->cat, "info", vm->name,
                       "primary %s withdrew its failover "
                       "preparation",
                       q->peer);
     }
     if (rc == 0)
         *out = replica_status_json(vm);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&rctx.d->lock);
     return rc;
 }
 
 int
 do_remove(struct rreq *q, json_object **out)
 {
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&rctx.d->lock);
     struct vm *vm = NULL;
     int rc = own_vm(q, &vm);
     if (rc == 0 && (vm_busy(vm, VM_OP_RECEIVE | VM_OP_APPLY)))
@@ -602,17 +602,17 @@ do_remove(struct rreq *q, json_object **out)
                             "progress; try again",
                     vm->name);
     if (rc == 0) {
-        rc = catalog_delete_repl(D->cat, vm->uuid);
+        rc = catalog_delete_repl(rctx.d->cat, vm->uuid);
         if (rc == 0) {
             repl_free(vm->repl);
             vm->repl = NULL;
-            event_add(D->cat, "info", vm->name,
+            event_add(rctx.d->cat, "info", vm->name,
                       "replication removed by primary %s; replica disks kept",
                       q->peer);
             *out = json_object_new_object();
         }
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&rctx.d->lock);
     return rc;
 }
 

@@ -22,7 +22,7 @@
  * changed first and the files follow it; history_recover() makes the files
  * agree with the catalog again after a crash at any step.
  *
- * Locking: the catalog work runs under D->lock; file work (capture, merge,
+ * Locking: the catalog work runs under d->lock; file work (capture, merge,
  * delete) runs without it, on the applier thread, which is the only one
  * that changes a VM's undo directory while it runs.
  */
@@ -34,7 +34,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "daemon.h"
+#include "replica-int.h"
 #include "undo.h"
 
 static char *
@@ -61,7 +61,7 @@ int
 history_reset(struct vm *vm)
 {
     struct repl *r = vm->repl;
-    int rc = catalog_delete_point(D->cat, vm->uuid, 0);
+    int rc = catalog_delete_point(rctx.d->cat, vm->uuid, 0);
     if (rc < 0 || !r || !r->storage)
         return rc;
     CLEANUP_FREE char *dir = undo_dir(r);
@@ -72,7 +72,7 @@ history_reset(struct vm *vm)
 int
 history_capture(struct vm *vm, uint64_t n, const char *payload_path)
 {
-    /* Called without D->lock by the applier; the VM cannot go away while
+    /* Called without d->lock by the applier; the VM cannot go away while
      * VM_OP_APPLY is in progress, and its disk table is fixed. */
     if (!vm->repl || vm->repl->recovery_history == 0)
         return 0;
@@ -217,7 +217,7 @@ reconcile_files(struct vm *vm, const struct point *pts, size_t n)
 int
 history_after_apply(struct vm *vm, uint64_t n, bool app)
 {
-    /* Called with D->lock held and VM_OP_APPLY in progress; drops the lock for
+    /* Called with d->lock held and VM_OP_APPLY in progress; drops the lock for
      * the file work and takes it again before returning. */
     struct point *pts = NULL;
     size_t np = 0;
@@ -228,10 +228,10 @@ history_after_apply(struct vm *vm, uint64_t n, bool app)
         struct point p = { .cycle = n, .time_ms = vr_wall_ms() };
         snprintf(p.kind, sizeof p.kind, "%s",
                  app ? "application-consistent" : "standard");
-        rc = catalog_add_point(D->cat, vm->uuid, &p);
+        rc = catalog_add_point(rctx.d->cat, vm->uuid, &p);
     }
     if (rc == 0)
-        rc = catalog_points(D->cat, vm->uuid, &pts, &np);
+        rc = catalog_points(rctx.d->cat, vm->uuid, &pts, &np);
     if (rc == 0 && np > 0) {
         bool *keep = xcalloc(np, sizeof *keep);
         retention(r, pts, np, keep);
@@ -240,16 +240,16 @@ history_after_apply(struct vm *vm, uint64_t n, bool app)
             if (keep[i])
                 pts[w++] = pts[i];
             else
-                rc = catalog_delete_point(D->cat, vm->uuid, pts[i].cycle);
+                rc = catalog_delete_point(rctx.d->cat, vm->uuid, pts[i].cycle);
         }
         np = w;
         free(keep);
     }
     if (rc == 0 && r && (r->recovery_history > 0 || np > 0)) {
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&rctx.d->lock);
         vr_fault_point("prune-after-catalog");
         rc = reconcile_files(vm, pts, np);
-        pthread_mutex_lock(&D->lock);
+        pthread_mutex_lock(&rctx.d->lock);
     }
     free(pts);
     return rc;
@@ -269,7 +269,7 @@ history_recover(struct vm *vm)
         return 0;
     struct point *pts = NULL;
     size_t np = 0;
-    int rc = catalog_points(D->cat, vm->uuid, &pts, &np);
+    int rc = catalog_points(rctx.d->cat, vm->uuid, &pts, &np);
     bool have_last = np > 0 && pts[np - 1].cycle == r->applied_cycle;
     free(pts);
     if (rc < 0)
@@ -279,13 +279,13 @@ history_recover(struct vm *vm)
         struct point p = { .cycle = r->applied_cycle,
                            .time_ms = vr_wall_ms() };
         snprintf(p.kind, sizeof p.kind, "standard");
-        rc = catalog_add_point(D->cat, vm->uuid, &p);
+        rc = catalog_add_point(rctx.d->cat, vm->uuid, &p);
         if (rc < 0)
             return rc;
     }
     /* Spans of cycles not applied yet (captured, then the crash) stay:
      * the re-apply reuses them. */
-    rc = catalog_points(D->cat, vm->uuid, &pts, &np);
+    rc = catalog_points(rctx.d->cat, vm->uuid, &pts, &np);
     if (rc == 0 && (np > 0 || r->recovery_history > 0))
         rc = reconcile_files(vm, pts, np);
     free(pts);
@@ -298,7 +298,7 @@ history_points_json(struct vm *vm)
     struct point *pts = NULL;
     size_t np = 0;
     json_object *arr = json_object_new_array();
-    if (catalog_points(D->cat, vm->uuid, &pts, &np) < 0)
+    if (catalog_points(rctx.d->cat, vm->uuid, &pts, &np) < 0)
         return arr;
     /* The undo data that leads from the next point back to this one. */
     CLEANUP_FREE char *dir = vm->repl ? undo_dir(vm->repl) : NULL;

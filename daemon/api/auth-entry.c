@@ -1,6 +1,6 @@
-/* auth.c: the management API of authorization entries (SPEC §6): auth-entry
- * list, add, set, remove, and server test-connection.  The decision itself
- * is core/authz.c.
+/* auth-entry.c: the management API of authorization entries (SPEC §6):
+ * auth-entry list, add, set, remove.  The decision itself is
+ * core/authz.c.
  *
  * The Replica server accepts a primary (its certificate's name) if an
  * authorization entry matches it — `auth-entry add --primary PATTERN
@@ -18,8 +18,6 @@
 #include <string.h>
 
 #include "api-int.h"
-#include "daemon.h"
-#include "shipper-int.h"
 
 static json_object *
 entry_json(const struct auth_entry *e)
@@ -47,9 +45,9 @@ api_auth_list(struct api_call *call VR_UNUSED, unsigned *status VR_UNUSED,
 {
     struct auth_entry *e = NULL;
     size_t n = 0;
-    pthread_mutex_lock(&D->lock);
-    int rc = catalog_auth_list(D->cat, &e, &n);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
+    int rc = catalog_auth_list(actx.d->cat, &e, &n);
+    pthread_mutex_unlock(&actx.d->lock);
     if (rc < 0)
         return rc;
     json_object *arr = json_object_new_array();
@@ -90,10 +88,10 @@ put_entry(struct api_call *call, bool add, unsigned *status,
          (max_vms = json_object_get_int64(mv)) < 1 ||
          max_vms > AUTH_MAX_MAX_VMS))
         return vr_err(-EINVAL, "max_vms: expected 1..%d", AUTH_MAX_MAX_VMS);
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     struct auth_entry *e = NULL;
     size_t n = 0;
-    int rc = catalog_auth_list(D->cat, &e, &n);
+    int rc = catalog_auth_list(actx.d->cat, &e, &n);
     struct auth_entry *found = NULL;
     for (size_t i = 0; rc == 0 && i < n; i++)
         if (strcasecmp(e[i].pattern, pattern) == 0)
@@ -116,9 +114,9 @@ put_entry(struct api_call *call, bool add, unsigned *status,
             rc = vr_err(rc, "storage %s: %s", ne.storage, strerror(-rc));
     }
     if (rc == 0)
-        rc = catalog_auth_put(D->cat, &ne);
+        rc = catalog_auth_put(actx.d->cat, &ne);
     if (rc == 0) {
-        event_add(D->cat, "info", NULL,
+        event_add(actx.d->cat, "info", NULL,
                   "authorization entry %s %s: storage %s, trust "
                   "group '%s', at most %u Replica VMs",
                   ne.pattern, add ? "added" : "changed", ne.storage,
@@ -128,7 +126,7 @@ put_entry(struct api_call *call, bool add, unsigned *status,
             *status = 201;
     }
     auth_entries_free(e, n);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }
 
@@ -148,72 +146,15 @@ int
 api_auth_remove(struct api_call *call, unsigned *status VR_UNUSED,
                 json_object **out)
 {
-    pthread_mutex_lock(&D->lock);
-    int rc = catalog_auth_delete(D->cat, call->arg);
+    pthread_mutex_lock(&actx.d->lock);
+    int rc = catalog_auth_delete(actx.d->cat, call->arg);
     if (rc == 0) {
-        event_add(D->cat, "info", NULL, "authorization entry %s removed",
+        event_add(actx.d->cat, "info", NULL, "authorization entry %s removed",
                   call->arg);
         *out = json_object_new_object();
         json_object_object_add(*out, "removed",
                                json_object_new_string(call->arg));
     }
-    pthread_mutex_unlock(&D->lock);
-    return rc;
-}
-
-/* --- server test-connection ----------------------------------------------- */
-
-/* Test-VMReplicationConnection: reach a Replica server the way replication
- * would (same authentication, same client code) and ask it whether it
- * would accept this host.  Each failure says at which step it happened. */
-int
-api_test_connection(struct api_call *call, unsigned *status VR_UNUSED,
-                    json_object **out)
-{
-    json_object *b = call->body;
-    const char *server = jstr(b, "replica_server");
-    const char *auth = jstr(b, "auth");
-    const char *addr = jstr(b, "connect_address");
-    if (!server || !repl_server_name_valid(server))
-        return vr_err(-EINVAL, "replica_server: expected FQDN[:PORT]");
-    int rc = auth ? repl_auth_check(auth) : 0;
-    if (rc < 0)
-        return rc;
-    /* A replication of a moment, as `replication enable` would make it. */
-    struct repl r = { .auth = (char *)(auth ? auth : "certificate"),
-                      .connect_address = (char *)(addr && *addr ? addr
-                                                                : NULL),
-                      .epoch = 1, .point_interval_s = 3600 };
-    CLEANUP_FREE char *with_port = repl_server_with_port(server, &r);
-    r.replica_server = with_port;
-    struct peer p = { 0 };
-    pthread_mutex_lock(&D->lock);
-    rc = repl_check_identity(&r);
-    if (rc == 0)
-        peer_fill(&p, &r);
-    pthread_mutex_unlock(&D->lock);
-    json_object *resp = NULL;
-    if (rc == 0) {
-        rc = peer_call(&p, "GET", "/r1/test", NULL, -1, 0, false, &resp);
-        if (rc < 0) {
-            const char *step =
-                rc == -ECONNREFUSED || rc == -ETIMEDOUT ||
-                        rc == -EHOSTUNREACH || rc == -ECONNRESET
-                    ? "cannot reach it"
-                : rc == -ETIME ? "Kerberos: clocks differ"
-                : rc == -EPERM ? "it does not accept this host"
-                : rc == -EACCES ? "authentication failed"
-                                : "it answered with an error";
-            rc = vr_err(rc, "test-connection %s (%s auth): %s: %s", p.server,
-                        r.auth, step, vr_errmsg());
-        }
-    }
-    if (rc == 0) {
-        *out = resp;
-        json_object_object_add(*out, "replica_server",
-                               json_object_new_string(p.server));
-        json_object_object_add(*out, "auth", json_object_new_string(r.auth));
-    }
-    peer_fini(&p);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }

@@ -1,11 +1,21 @@
-/* shipper-int.h: the primary's jobs (copies of a VM's replication facts
- * for work without the lock) and its peer (net/peer.h) filled from them. */
+/* shipper-int.h: what the files of the primary share:
+ *   shipper.c   the replication thread of each VM (initial, cycles)
+ *   enable.c    registration with the Replica server, and its removal
+ *   planned.c   failover prepare, its withdrawal, reverse replication
+ * — the primary's jobs (copies of a VM's replication facts for work
+ * without the lock), its peer (net/peer.h) filled from them, and the
+ * layer's context (struct primary_ctx pctx), set by primary_init. */
 #ifndef VR_SHIPPER_INT_H
 #define VR_SHIPPER_INT_H
 
 #include <json-c/json.h>
 
-#include "daemon.h"
+#include "core/catalog.h"
+#include "core/log.h"
+#include "core/repl.h"
+#include "core/state.h"
+#include "core/vms.h"
+#include "primary.h"
 #include "net/peer.h"
 
 /* Copies of a VM's replication facts for work without d->lock. */
@@ -21,20 +31,19 @@ struct job {
     uint64_t app_last_ms;  /* wall clock of the last one */
 };
 
-/* The peer of replication r: its server, this host's identity from the
- * server settings (caller holds d->lock); release with peer_fini. */
-void peer_fill(struct peer *p, const struct repl *r);
-void peer_fini(struct peer *p);
+/* The daemon's state this layer works on (primary_init); read-only after
+ * it. */
+struct primary_ctx {
+    struct daemon *d;
+};
+extern struct primary_ctx pctx;
 
 /* Fill jb from vm (caller holds d->lock); release with job_fini. */
 void job_fill(struct job *jb, const struct vm *vm);
 void job_fini(struct job *jb);
 
-
 /* --- shipper.c: what initial.c and resync.c share with it ------------------ */
 
-/* DISK.vrlog of a disk (malloc'd). */
-char *logdir_of(const struct disk *dk);
 /* The outgoing payload's temporary file in the VM's run directory. */
 int tmp_payload(const struct job *jb, char **path);
 /* Test hook: $VMREPLICA_TEST_SEND_DELAY_MS before every upload. */

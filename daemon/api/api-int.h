@@ -1,11 +1,35 @@
-/* api-int.h: the management API's handlers (one per endpoint). */
+/* api-int.h: what the files of the management API share — the handlers
+ * (one per endpoint, one file per CLI noun: server.c with firewall.c,
+ * auth-entry.c, vm.c with vm-network.c, replication.c, failover.c,
+ * points.c, events.c; api.c routes), their JSON helpers, and the layer's
+ * context (struct api_ctx actx), set by api_init. */
 #ifndef VR_API_INT_H
 #define VR_API_INT_H
 
 #include <json-c/json.h>
 #include <microhttpd.h>
 
+#include "core/authz.h"
+#include "core/catalog.h"
+#include "core/log.h"
+#include "core/r1json.h"
+#include "core/repl.h"
+#include "core/state.h"
+#include "core/storage.h"
+#include "core/vms.h"
+#include "net/peer.h"
+#include "net/tls.h"
+#include "primary/primary.h"
+#include "replica/replica.h"
+#include "api.h"
 #include "vr.h"
+
+/* The daemon's state this layer works on (api_init); read-only after
+ * it. */
+struct api_ctx {
+    struct daemon *d;
+};
+extern struct api_ctx actx;
 
 struct api_call {
     struct MHD_Connection *conn;
@@ -51,11 +75,6 @@ int api_auth_remove(struct api_call *, unsigned *, json_object **);
 int api_test_connection(struct api_call *, unsigned *, json_object **);
 int api_vm_set_failover_network(struct api_call *, unsigned *,
                                 json_object **);
-/* planned.c, for failover.c: the planned failover of a prepared Replica
- * VM (start_vm: run QEMU after it), and `failover stop` of a prepared
- * primary VM. */
-int planned_start(struct api_call *call, bool start_vm, json_object **out);
-int planned_unprepare(struct api_call *call, json_object **out);
 int api_repl_suspend(struct api_call *, unsigned *, json_object **);
 int api_repl_resume(struct api_call *, unsigned *, json_object **);
 int api_repl_reset_stats(struct api_call *, unsigned *, json_object **);
@@ -65,9 +84,14 @@ int api_events(struct api_call *, unsigned *, json_object **);
 /* Prometheus text for /metrics; caller frees. */
 char *api_metrics_text(void);
 
-/* JSON helpers for handlers. */
-const char *jstr(json_object *o, const char *key);
-bool jbool(json_object *o, const char *key, bool dflt);
-int64_t jint(json_object *o, const char *key, int64_t dflt);
+/* vm.c, replication.c: GET /v1/vms/VM, GET .../replication/measure. */
+json_object *vm_to_json(const struct vm *vm);
+json_object *repl_measure_json(const struct vm *vm);
+/* vm-network.c: vm create's "nics": ["user", ...] -> NIC objects with new
+ * MACs. */
+int nics_from_create(json_object *body, json_object **out) VR_WUR;
+/* firewall.c: firewall_sync's last failure while enabled, or NULL.
+ * d->lock held. */
+const char *firewall_error(void);
 
 #endif

@@ -17,14 +17,13 @@
  * the table if it is missing, delete it, create it anew — so applying
  * twice gives the same table, and a failure leaves the old one as it was.
  *
- * State (fw below) is guarded by D->lock, like struct daemon.
+ * State (fw below) is guarded by d->lock, like struct daemon.
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "api-int.h"
-#include "daemon.h"
 #include "proc/nft.h"
 
 static const char hint[] =
@@ -42,17 +41,17 @@ static struct {
 
 /* --- the table ------------------------------------------------------------ */
 
-/* The ports of the listeners that run now (D->lock held): the rule follows
+/* The ports of the listeners that run now (d->lock held): the rule follows
  * what accepts connections, not what is configured. */
 static unsigned
 listener_ports(unsigned ports[2])
 {
     unsigned n = 0;
     ports[0] = ports[1] = 0;
-    if (D->listener)
-        ports[n++] = D->cfg.cert_port;
-    if (D->krb_listener)
-        ports[n++] = D->cfg.krb_port;
+    if (actx.d->listener)
+        ports[n++] = actx.d->cfg.cert_port;
+    if (actx.d->krb_listener)
+        ports[n++] = actx.d->cfg.krb_port;
     return n;
 }
 
@@ -68,12 +67,12 @@ ports_text(const unsigned *ports, unsigned n, char buf[64])
         snprintf(buf, 64, "%u, %u", ports[0], ports[1]);
 }
 
-/* Make the host's table match D->cfg.firewall_enabled and the running
- * listeners (D->lock held).  A failure leaves the table as it was. */
+/* Make the host's table match d->cfg.firewall_enabled and the running
+ * listeners (d->lock held).  A failure leaves the table as it was. */
 static int
 firewall_apply(void)
 {
-    bool on = D->cfg.firewall_enabled;
+    bool on = actx.d->cfg.firewall_enabled;
     unsigned ports[2];
     unsigned n = listener_ports(ports);
     CLEANUP_FREE char *script = nft_table_script(on, ports, n);
@@ -92,7 +91,7 @@ firewall_apply(void)
 void
 firewall_sync(void)
 {
-    if (!D->cfg.firewall_enabled)
+    if (!actx.d->cfg.firewall_enabled)
         return;
     unsigned ports[2];
     unsigned n = listener_ports(ports);
@@ -104,38 +103,39 @@ firewall_sync(void)
     if (firewall_apply() < 0) {
         free(fw.error);
         fw.error = xstrdup(vr_errmsg());
-        event_add(D->cat, "error", NULL, "%s", fw.error);
+        event_add(actx.d->cat, "error", NULL, "%s", fw.error);
         return;
     }
-    event_add(D->cat, "info", NULL, "firewall rules applied (ports %s)", list);
+    event_add(actx.d->cat, "info", NULL, "firewall rules applied (ports %s)",
+              list);
 }
 
 const char *
 firewall_error(void)
 {
-    return D->cfg.firewall_enabled ? fw.error : NULL;
+    return actx.d->cfg.firewall_enabled ? fw.error : NULL;
 }
 
 /* --- API ------------------------------------------------------------------ */
 
-/* GET /v1/server/firewall's body.  D->lock held on entry; it is dropped
+/* GET /v1/server/firewall's body.  d->lock held on entry; it is dropped
  * while nft lists the table and held again on return. */
 static json_object *
 firewall_json(void)
 {
-    bool on = D->cfg.firewall_enabled;
+    bool on = actx.d->cfg.firewall_enabled;
     unsigned ports[2];
     unsigned n = listener_ports(ports);
     CLEANUP_FREE char *error = fw.error && on ? xstrdup(fw.error) : NULL;
     CLEANUP_FREE char *table = NULL;
     if (on) {
         /* Read only, and nft may take a moment: not under the lock. */
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&actx.d->lock);
         static const char *const args[] = { "list", "table", "inet",
                                             "vmreplica", NULL };
         if (nft_run(args, NULL, &table) < 0 && !error)
             error = xstrdup(vr_errmsg());
-        pthread_mutex_lock(&D->lock);
+        pthread_mutex_lock(&actx.d->lock);
     }
     json_object *o = json_object_new_object();
     json_object_object_add(o, "enabled", json_object_new_boolean(on));
@@ -159,9 +159,9 @@ int
 api_firewall_show(struct api_call *call VR_UNUSED, unsigned *status VR_UNUSED,
                   json_object **out)
 {
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     *out = firewall_json();
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     return 0;
 }
 
@@ -175,9 +175,9 @@ api_firewall_set(struct api_call *call, unsigned *status VR_UNUSED,
         return vr_err(-EINVAL, "firewall: \"enabled\": expected true or "
                                "false");
     bool want = json_object_get_boolean(v);
-    pthread_mutex_lock(&D->lock);
-    bool old = D->cfg.firewall_enabled;
-    D->cfg.firewall_enabled = want;
+    pthread_mutex_lock(&actx.d->lock);
+    bool old = actx.d->cfg.firewall_enabled;
+    actx.d->cfg.firewall_enabled = want;
     int rc = 0;
     bool changed = false;
     /* Disabled stays disabled without running nft: vmreplica does not
@@ -187,11 +187,11 @@ api_firewall_set(struct api_call *call, unsigned *status VR_UNUSED,
         changed = rc == 0;
     }
     if (rc == 0)
-        rc = catalog_save_server(D->cat, &D->cfg);
+        rc = catalog_save_server(actx.d->cat, &actx.d->cfg);
     if (rc < 0) {
         char saved[1024];
         snprintf(saved, sizeof saved, "%s", vr_errmsg());
-        D->cfg.firewall_enabled = old;
+        actx.d->cfg.firewall_enabled = old;
         if (changed && want != old) {
             VR_IGNORE(firewall_apply()); /* put the old table back */
         } else if (old && want && !changed) {
@@ -203,12 +203,13 @@ api_firewall_set(struct api_call *call, unsigned *status VR_UNUSED,
     } else if (want) {
         char list[64];
         ports_text(fw.ports, fw.nports, list);
-        event_add(D->cat, "info", NULL, "firewall enabled (ports %s)", list);
+        event_add(actx.d->cat, "info", NULL, "firewall enabled (ports %s)",
+                  list);
     } else if (old) {
-        event_add(D->cat, "info", NULL, "firewall disabled");
+        event_add(actx.d->cat, "info", NULL, "firewall disabled");
     }
     if (rc == 0)
         *out = firewall_json();
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }

@@ -6,14 +6,12 @@
 #include <string.h>
 
 #include "api-int.h"
-#include "daemon.h"
-#include "shipper-int.h"
 
 static int
 lookup_repl(struct api_call *call, struct vm **out)
 {
     struct vm *vm;
-    int rc = vm_lookup(call->arg, &vm);
+    int rc = vm_lookup(actx.d, call->arg, &vm);
     if (rc < 0)
         return rc;
     if (!vm->repl)
@@ -24,186 +22,6 @@ lookup_repl(struct api_call *call, struct vm **out)
                       vm->name);
     *out = vm;
     return 0;
-}
-
-const char *
-repl_state(const struct repl *r)
-{
-    /* SPEC §9: a Replica VM with a test failover shows it; replication
-     * into it goes on (the applier goes by r->st). */
-    if (r->mode == VM_MODE_REPLICA && r->test_point &&
-        r->st == REPL_ST_REPLICATING)
-        return "TestFailoverInProgress";
-    return repl_st_name(r->st);
-}
-
-uint64_t
-repl_first_point(const struct repl *r)
-{
-    return r->first_point > r->base_cycle ? r->first_point
-                                          : r->base_cycle + 1;
-}
-
-const char *
-repl_health(const struct repl *r, json_object *details)
-{
-    const char *h = "Normal";
-#define ADD(level, msg)                                                        \
-    do {                                                                       \
-        if (details)                                                           \
-            json_object_array_add(details, json_object_new_string(msg));       \
-        if (strcmp(level, "Critical") == 0 || strcmp(h, "Normal") == 0)        \
-            h = level;                                                         \
-    } while (0)
-    if (r->st == REPL_ST_ERROR) {
-        char buf[1200];
-        snprintf(buf, sizeof buf, "replication stopped by an error: %s",
-                 r->last_error ? r->last_error : "unknown");
-        ADD("Critical", buf);
-    }
-    if (r->untracked) {
-        char buf[1200];
-        snprintf(buf, sizeof buf, "change tracking stopped: %s",
-                 r->last_error ? r->last_error : "unknown");
-        ADD("Critical", buf);
-    }
-    if (r->hold_from) {
-        char buf[300];
-        snprintf(buf, sizeof buf, "resynchronizing: the Replica VM stays at "
-                 "cycle %llu until the new cut is received whole",
-                 (unsigned long long)r->hold_from - 1);
-        ADD("Warning", buf);
-    }
-    if (r->st == REPL_ST_RESYNC)
-        ADD("Warning", "resynchronizing");
-    if (r->st == REPL_ST_SUSPENDED)
-        ADD(r->mode == VM_MODE_REPLICA ? "Critical" : "Warning",
-            "replication is suspended");
-    if (!r->initial_done)
-        ADD("Warning", "initial replication has not completed");
-    /* Cycles sealed while the base copy read the disk are applied, but
-     * the Replica VM equals the primary only from the first cycle sealed
-     * after the copy: until that one is applied there is no recovery
-     * point.  (Not after a failover: base_cycle is then the VM's own.) */
-    uint64_t reached = r->mode == VM_MODE_REPLICA ? r->applied_cycle
-                                                  : r->last_cycle;
-    if (r->initial_done && reached < repl_first_point(r) &&
-        (r->st == REPL_ST_REPLICATING ||
-         r->st == REPL_ST_SUSPENDED)) {
-        char buf[200];
-        snprintf(buf, sizeof buf, "no recovery point yet: the Replica VM is "
-                 "consistent from cycle %llu on (%s: %llu)",
-                 (unsigned long long)repl_first_point(r),
-                 r->mode == VM_MODE_REPLICA ? "applied" : "acknowledged",
-                 (unsigned long long)reached);
-        ADD("Warning", buf);
-    }
-    uint64_t now = vr_wall_ms();
-    if (r->initial_done && r->last_ok_ms && now > r->last_ok_ms + 3600000)
-        ADD("Warning", "more than an hour since the last successful cycle");
-    uint64_t total = r->ok_count + r->missed;
-    if (total >= 5 && r->missed * 5 > total)
-        ADD("Warning", "more than 20% of cycles were missed");
-    if (r->errors && r->last_error && r->st != REPL_ST_ERROR &&
-        strcmp(h, "Normal") == 0 && r->last_ok_ms + 60000 < now) {
-        char buf[1200];
-        snprintf(buf, sizeof buf, "replication is retrying: %s",
-                 r->last_error);
-        ADD("Warning", buf);
-    }
-#undef ADD
-    return h;
-}
-
-static void
-add_time(json_object *o, const char *key, uint64_t ms)
-{
-    if (!ms) {
-        json_object_object_add(o, key, NULL);
-        return;
-    }
-    char ts[32];
-    vr_rfc3339(ms, ts);
-    json_object_object_add(o, key, json_object_new_string(ts));
-}
-
-json_object *
-repl_to_json(const struct vm *vm)
-{
-    const struct repl *r = vm->repl;
-    json_object *o = json_object_new_object();
-    json_object *details = json_object_new_array();
-    const char *health = repl_health(r, details);
-    json_object_object_add(o, "vm", json_object_new_string(vm->name));
-    json_object_object_add(o, "uuid", json_object_new_string(vm->uuid));
-    json_object_object_add(o, "mode",
-                           json_object_new_string(vm_mode_name(r->mode)));
-    json_object_object_add(o, "state", json_object_new_string(repl_state(r)));
-    json_object_object_add(o, "health", json_object_new_string(health));
-    json_object_object_add(o, "health_details", details);
-#define STR(k, v)                                                              \
-    json_object_object_add(o, k, (v) ? json_object_new_string(v) : NULL)
-    STR("replica_server", r->replica_server);
-    STR("connect_address", r->connect_address);
-    STR("primary_server",
-        r->mode == VM_MODE_PRIMARY ? D->cfg.hostname : r->primary_server);
-    STR("storage", r->storage);
-    STR("last_error", r->last_error);
-#undef STR
-    json_object_object_add(o, "auth",
-                           json_object_new_string(repl_auth(r)));
-    json_object_object_add(o, "kerberos_encrypt",
-                           json_object_new_boolean(r->krb_encrypt));
-    json_object_object_add(o, "frequency",
-                           json_object_new_int((int)r->frequency_s));
-    json_object_object_add(o, "compression",
-                           json_object_new_boolean(r->compression));
-    if (r->mode == VM_MODE_REPLICA) {
-        json_object_object_add(o, "test_failover_point",
-                               r->test_point ? json_object_new_int64(
-                                                   (int64_t)r->test_point)
-                                             : NULL);
-        json_object_object_add(o, "failover_point",
-                               r->failover_point
-                                   ? json_object_new_int64(
-                                         (int64_t)r->failover_point)
-                                   : NULL);
-    }
-    json_object_object_add(o, "prepared_cycle",
-                           r->prepared_cycle
-                               ? json_object_new_int64(
-                                     (int64_t)r->prepared_cycle)
-                               : NULL);
-    json_object_object_add(o, "recovery_history",
-                           json_object_new_int((int)r->recovery_history));
-    json_object_object_add(o, "app_consistent_every",
-                           json_object_new_int((int)r->app_every));
-    json_object_object_add(o, "point_interval",
-                           json_object_new_int((int)r->point_interval_s));
-    json_object_object_add(o, "log_budget",
-                           json_object_new_int64((int64_t)r->log_budget));
-    json_object_object_add(o, "auto_resync",
-                           json_object_new_boolean(!r->auto_resync_off));
-    json_object_object_add(o, "epoch",
-                           json_object_new_int64((int64_t)r->epoch));
-    json_object_object_add(o, "initial_done",
-                           json_object_new_boolean(r->initial_done));
-    json_object_object_add(o, "base_cycle",
-                           json_object_new_int64((int64_t)r->base_cycle));
-    json_object_object_add(o, "first_point",
-                           r->initial_done
-                               ? json_object_new_int64(
-                                     (int64_t)repl_first_point(r))
-                               : NULL);
-    json_object_object_add(o, "last_cycle",
-                           json_object_new_int64((int64_t)r->last_cycle));
-    json_object_object_add(
-        o, "applied_cycle",
-        json_object_new_int64((int64_t)(r->mode == VM_MODE_REPLICA
-                                            ? r->applied_cycle
-                                            : r->last_cycle)));
-    add_time(o, "last_replication_time", r->last_ok_ms);
-    return o;
 }
 
 json_object *
@@ -219,7 +37,7 @@ repl_measure_json(const struct vm *vm)
     json_object_object_add(o, "state", json_object_new_string(repl_state(r)));
     json_object_object_add(o, "health", json_object_new_string(health));
     json_object_object_add(o, "health_details", details);
-    add_time(o, "last_replication_time", r->last_ok_ms);
+    json_add_time(o, "last_replication_time", r->last_ok_ms);
     uint64_t n = r->ok_count ? r->ok_count : 1;
 #define I64(k, v) json_object_object_add(o, k, json_object_new_int64((int64_t)(v)))
     I64("average_replication_size", r->sum_size / n);
@@ -265,79 +83,6 @@ repl_measure_json(const struct vm *vm)
         pct = 100;
     json_object_object_add(o, "progress_percent", json_object_new_int(pct));
     return o;
-}
-
-/* "fqdn[:port]" with a sane host name and port. */
-bool
-repl_server_name_valid(const char *s)
-{
-    size_t n = strlen(s);
-    if (n < 1 || n > 260)
-        return false;
-    const char *colon = strrchr(s, ':');
-    size_t hl = colon ? (size_t)(colon - s) : n;
-    if (hl == 0 || hl > 253)
-        return false;
-    for (size_t i = 0; i < hl; i++) {
-        char c = s[i];
-        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-              (c >= '0' && c <= '9') || c == '.' || c == '-'))
-            return false;
-    }
-    if (colon) {
-        char *end;
-        long p = strtol(colon + 1, &end, 10);
-        if (*end || p < 1 || p > 65535)
-            return false;
-    }
-    return true;
-}
-
-const char *
-repl_auth(const struct repl *r)
-{
-    return r->auth ? r->auth : "certificate";
-}
-
-int
-repl_auth_check(const char *auth)
-{
-    if (strcmp(auth, "certificate") != 0 && strcmp(auth, "kerberos") != 0)
-        return vr_err(-EINVAL, "auth %s: expected certificate or kerberos",
-                      auth);
-    return 0;
-}
-
-bool
-repl_kerberos(const struct repl *r)
-{
-    return r->auth && strcmp(r->auth, "kerberos") == 0;
-}
-
-char *
-repl_server_with_port(const char *server, const struct repl *r)
-{
-    if (strchr(server, ':'))
-        return xstrdup(server);
-    return xasprintf("%s:%u", server, repl_kerberos(r) ? 80 : 443);
-}
-
-int
-repl_check_identity(const struct repl *r)
-{
-    const struct server_cfg *c = &D->cfg;
-    if (repl_kerberos(r)) {
-        if (!c->keytab || !c->hostname)
-            return vr_err(-EINVAL, "this host has no keytab or host name: "
-                          "run 'vmreplica server set --keytab F --hostname "
-                          "FQDN' first (the keytab holds host/FQDN)");
-        return 0;
-    }
-    if (!c->cert || !c->key || !c->ca)
-        return vr_err(-EINVAL, "this host has no certificate: run "
-                      "'vmreplica server set --certificate F --key F --ca F' "
-                      "first");
-    return 0;
 }
 
 static int
@@ -403,34 +148,6 @@ parse_common(json_object *b, struct repl *r)
     return 0;
 }
 
-json_object *
-repl_register_body(const struct vm *vm, const struct repl *r)
-{
-    json_object *reg = json_object_new_object();
-    json_object_object_add(reg, "name", json_object_new_string(vm->name));
-    json_object_object_add(reg, "cpus", json_object_new_int((int)vm->cpus));
-    json_object_object_add(reg, "memory_mib",
-                           json_object_new_int((int)vm->memory_mib));
-    json_object_object_add(reg, "frequency",
-                           json_object_new_int((int)r->frequency_s));
-    json_object_object_add(reg, "compression",
-                           json_object_new_boolean(r->compression));
-    json_object *disks = json_object_new_array();
-    for (unsigned i = 0; i < vm->ndisks; i++) {
-        json_object *d = json_object_new_object();
-        json_object_object_add(d, "id",
-                               json_object_new_string(vm->disks[i].id));
-        json_object_object_add(
-            d, "size", json_object_new_int64((int64_t)vm->disks[i].size));
-        json_object_array_add(disks, d);
-    }
-    json_object_object_add(reg, "disks", disks);
-    if (vm->nics)
-        json_object_object_add(reg, "nics", json_tokener_parse(
-            json_object_to_json_string(vm->nics)));
-    return reg;
-}
-
 int
 api_repl_enable(struct api_call *call, unsigned *status, json_object **out)
 {
@@ -448,70 +165,13 @@ api_repl_enable(struct api_call *call, unsigned *status, json_object **out)
     int rc = parse_common(b, r);
     r->replica_server = repl_server_with_port(server, r);
 
-    pthread_mutex_lock(&D->lock);
-    struct vm *vm = NULL;
-    if (rc == 0)
-        rc = vm_lookup(call->arg, &vm);
-    if (rc == 0 && vm->repl)
-        rc = vr_err(-EEXIST, "vm %s: replication is already enabled (%s)",
-                    vm->name, vm_mode_name(vm->repl->mode));
-    if (rc == 0 && vm->mode == VM_MODE_REPLICA)
-        rc = vr_err(-EBUSY, "vm %s: is a Replica VM", vm->name);
-    if (rc == 0)
-        rc = repl_check_identity(r);
-    struct job jb;
-    json_object *reg = NULL;
-    if (rc == 0) {
-        snprintf(r->vm_uuid, sizeof r->vm_uuid, "%s", vm->uuid);
-        struct repl *saved = vm->repl;
-        vm->repl = r;
-        job_fill(&jb, vm);
-        vm->repl = saved;
-        reg = repl_register_body(vm, r);
-    }
-    pthread_mutex_unlock(&D->lock);
     if (rc < 0) {
         repl_free(r);
         return rc;
     }
-
-    CLEANUP_FREE char *path = xasprintf("/r1/vms/%s", jb.uuid);
-    rc = peer_call(&jb.peer, "PUT", path, json_object_to_json_string(reg), -1,
-                   0, false, NULL);
-    json_object_put(reg);
-    job_fini(&jb);
-
-    pthread_mutex_lock(&D->lock);
-    vm = rc == 0 ? vm_find_uuid(r->vm_uuid) : NULL;
-    if (rc == 0 && (!vm || vm->repl))
-        rc = vr_err(-EBUSY, "vm %s: changed while enabling replication",
-                    call->arg);
-    if (rc == 0) {
-        if (jbool(b, "start_initial", false)) {
-            r->st = REPL_ST_INITIAL; /* not attached yet */
-            r->task = xstrdup("InitialReplication");
-        }
-        vm->repl = r;
-        vm->mode = VM_MODE_PRIMARY;
-        rc = catalog_save_vm(D->cat, vm);
-        if (rc == 0)
-            rc = catalog_save_repl(D->cat, r);
-        if (rc < 0) {
-            vm->repl = NULL;
-            vm->mode = VM_MODE_NONE;
-        }
-    }
-    if (rc == 0) {
-        event_add(D->cat, "info", vm->name,
-                  "replication enabled to %s every %u s", r->replica_server,
-                  r->frequency_s);
-        shipper_ensure(vm);
-        *out = repl_to_json(vm);
+    rc = primary_enable(call->arg, r, jbool(b, "start_initial", false), out);
+    if (rc == 0)
         *status = 201;
-    } else {
-        repl_free(r);
-    }
-    pthread_mutex_unlock(&D->lock);
     return rc;
 }
 
@@ -520,33 +180,39 @@ api_repl_set(struct api_call *call, unsigned *status VR_UNUSED,
              json_object **out)
 {
     struct vm *vm = NULL;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     int rc = lookup_repl(call, &vm);
     if (rc == 0) {
         rc = parse_common(call->body, vm->repl);
         if (rc == 0)
-            rc = catalog_save_repl(D->cat, vm->repl);
+            rc = catalog_save_repl(actx.d->cat, vm->repl);
         if (rc == 0) {
             vm->repl->kick = true;
-            pthread_cond_broadcast(&D->cond);
-            *out = repl_to_json(vm);
+            pthread_cond_broadcast(&actx.d->cond);
+            *out = repl_to_json(vm, actx.d->cfg.hostname);
         }
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }
 
 /* Render the VM's replication with fn, under the lock. */
+static json_object *
+repl_json(const struct vm *vm)
+{
+    return repl_to_json(vm, actx.d->cfg.hostname);
+}
+
 static int
 render_repl(struct api_call *call, json_object **out,
             json_object *(*fn)(const struct vm *))
 {
     struct vm *vm = NULL;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     int rc = lookup_repl(call, &vm);
     if (rc == 0)
         *out = fn(vm);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }
 
@@ -554,7 +220,7 @@ int
 api_repl_show(struct api_call *call, unsigned *status VR_UNUSED,
               json_object **out)
 {
-    return render_repl(call, out, repl_to_json);
+    return render_repl(call, out, repl_json);
 }
 
 int
@@ -565,25 +231,6 @@ api_repl_measure(struct api_call *call, unsigned *status VR_UNUSED,
 }
 
 int
-api_points_list(struct api_call *call, unsigned *status VR_UNUSED,
-                json_object **out)
-{
-    pthread_mutex_lock(&D->lock);
-    struct vm *vm;
-    int rc = vm_lookup(call->arg, &vm);
-    if (rc == 0 && vm->mode != VM_MODE_REPLICA)
-        rc = vr_err(-EINVAL, "vm %s: recovery points are kept on the "
-                    "Replica server; this is the primary", vm->name);
-    else if (rc == 0) {
-        *out = json_object_new_object();
-        json_object_object_add(*out, "vm", json_object_new_string(vm->name));
-        json_object_object_add(*out, "points", history_points_json(vm));
-    }
-    pthread_mutex_unlock(&D->lock);
-    return rc;
-}
-
-int
 api_repl_list(struct api_call *call, unsigned *status VR_UNUSED,
               json_object **out)
 {
@@ -591,8 +238,8 @@ api_repl_list(struct api_call *call, unsigned *status VR_UNUSED,
     const char *health = api_query(call, "health");
     const char *mode = api_query(call, "mode");
     json_object *arr = json_object_new_array();
-    pthread_mutex_lock(&D->lock);
-    for (struct vm *vm = D->vms; vm; vm = vm->next) {
+    pthread_mutex_lock(&actx.d->lock);
+    for (struct vm *vm = actx.d->vms; vm; vm = vm->next) {
         if (!vm->repl)
             continue;
         if (state && strcasecmp(state, repl_state(vm->repl)) != 0)
@@ -604,23 +251,23 @@ api_repl_list(struct api_call *call, unsigned *status VR_UNUSED,
         if (mode && strcasecmp(mode, "test") == 0 ? !test
             : mode && strcasecmp(mode, vm_mode_name(vm->repl->mode)) != 0)
             continue;
-        json_object_array_add(arr, repl_to_json(vm));
+        json_object_array_add(arr, repl_to_json(vm, actx.d->cfg.hostname));
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     *out = json_object_new_object();
     json_object_object_add(*out, "replications", arr);
     return 0;
 }
 
-/* D->lock held: the shipper (or applier) waits for a state change. */
+/* d->lock held: the shipper (or applier) waits for a state change. */
 static void
 wake(struct vm *vm)
 {
     vm->repl->kick = true;
-    pthread_cond_broadcast(&D->cond);
+    pthread_cond_broadcast(&actx.d->cond);
 }
 
-/* D->lock held: suspend and resume leave a failover's states alone (a
+/* d->lock held: suspend and resume leave a failover's states alone (a
  * prepared primary resumed could start its VM while the Replica server
  * fails over at the prepared cycle). */
 static int
@@ -646,23 +293,24 @@ api_repl_suspend(struct api_call *call, unsigned *status VR_UNUSED,
                  json_object **out)
 {
     struct vm *vm = NULL;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     int rc = lookup_repl(call, &vm);
     if (rc == 0)
         rc = check_not_failing_over(vm);
     if (rc == 0 && vm->repl->st != REPL_ST_SUSPENDED) {
         wake(vm);
-        rc = repl_transition_event(D->cat, vm, REPL_ST_SUSPENDED, REPL_T_SAVE,
-                                   "info", "replication suspended");
+        rc =
+            repl_transition_event(actx.d->cat, vm, REPL_ST_SUSPENDED,
+                                  REPL_T_SAVE, "info", "replication suspended");
     }
     if (rc == 0)
-        *out = repl_to_json(vm);
-    pthread_mutex_unlock(&D->lock);
+        *out = repl_to_json(vm, actx.d->cfg.hostname);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }
 
-/* replication resume --resync (D->lock held): start a resynchronization
- * (resync.c) of a primary whose change tracking stopped. */
+/* replication resume --resync (d->lock held): start a resynchronization
+ * (primary/resync.c) of a primary whose change tracking stopped. */
 static int
 resync_begin(struct vm *vm)
 {
@@ -691,8 +339,9 @@ resync_begin(struct vm *vm)
     free(r->task);
     r->task = xstrdup("Resynchronization");
     wake(vm);
-    int rc = repl_transition_event(D->cat, vm, REPL_ST_RESYNC, REPL_T_SAVE,
-                                   "info", "resynchronization started");
+    int rc = repl_transition_event(actx.d->cat, vm, REPL_ST_RESYNC,
+                                   REPL_T_SAVE, "info",
+                                   "resynchronization started");
     if (rc == 0)
         shipper_ensure(vm);
     return rc;
@@ -703,7 +352,7 @@ api_repl_resume(struct api_call *call, unsigned *status VR_UNUSED,
                 json_object **out)
 {
     struct vm *vm = NULL;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     int rc = lookup_repl(call, &vm);
     if (rc == 0)
         rc = check_not_failing_over(vm);
@@ -713,18 +362,19 @@ api_repl_resume(struct api_call *call, unsigned *status VR_UNUSED,
                          vm->repl->st == REPL_ST_ERROR)) {
         struct repl *r = vm->repl;
         wake(vm);
-        rc = repl_transition_event(
-            D->cat, vm, r->initial_done                ? REPL_ST_REPLICATING
-                : r->mode == VM_MODE_REPLICA ? REPL_ST_WAITING_INITIAL
-                : r->initial_seq             ? REPL_ST_INITIAL
-                                             : REPL_ST_READY_INITIAL,
-            REPL_T_SAVE, "info", "replication resumed");
+        rc = repl_transition_event(actx.d->cat, vm,
+                                   r->initial_done ? REPL_ST_REPLICATING
+                                   : r->mode == VM_MODE_REPLICA
+                                       ? REPL_ST_WAITING_INITIAL
+                                   : r->initial_seq ? REPL_ST_INITIAL
+                                                    : REPL_ST_READY_INITIAL,
+                                   REPL_T_SAVE, "info", "replication resumed");
         if (rc == 0)
             shipper_ensure(vm);
     }
     if (rc == 0)
-        *out = repl_to_json(vm);
-    pthread_mutex_unlock(&D->lock);
+        *out = repl_to_json(vm, actx.d->cfg.hostname);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }
 
@@ -733,18 +383,18 @@ api_repl_reset_stats(struct api_call *call, unsigned *status VR_UNUSED,
                      json_object **out)
 {
     struct vm *vm = NULL;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     int rc = lookup_repl(call, &vm);
     if (rc == 0) {
         struct repl *r = vm->repl;
         r->errors = r->ok_count = r->missed = 0;
         r->max_size = r->sum_size = 0;
         r->max_latency_ms = r->sum_latency_ms = 0;
-        rc = catalog_save_repl(D->cat, r);
+        rc = catalog_save_repl(actx.d->cat, r);
         if (rc == 0)
             *out = repl_measure_json(vm);
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }
 
@@ -753,7 +403,7 @@ api_initial_start(struct api_call *call, unsigned *status VR_UNUSED,
                   json_object **out)
 {
     struct vm *vm = NULL;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     int rc = lookup_repl(call, &vm);
     if (rc == 0 && vm->repl->mode != VM_MODE_PRIMARY)
         rc = vr_err(-EBUSY, "vm %s: initial replication starts on the "
@@ -786,13 +436,13 @@ api_initial_start(struct api_call *call, unsigned *status VR_UNUSED,
             wake(vm);
             free(vm->repl->task);
             vm->repl->task = xstrdup("InitialReplication");
-            rc = repl_transition(D->cat, vm, REPL_ST_INITIAL, REPL_T_SAVE);
+            rc = repl_transition(actx.d->cat, vm, REPL_ST_INITIAL, REPL_T_SAVE);
             shipper_ensure(vm);
         }
     }
     if (rc == 0)
-        *out = repl_to_json(vm);
-    pthread_mutex_unlock(&D->lock);
+        *out = repl_to_json(vm, actx.d->cfg.hostname);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }
 
@@ -801,7 +451,7 @@ api_repl_remove(struct api_call *call, unsigned *status VR_UNUSED,
                 json_object **out)
 {
     struct vm *vm = NULL;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     int rc = lookup_repl(call, &vm);
     /* Steps that hold the repl with the lock dropped must end first. */
     if (rc == 0 && (vm_busy(vm, VM_OP_CHANGE | VM_OP_PREPARE | VM_OP_FAILOVER)))
@@ -811,24 +461,7 @@ api_repl_remove(struct api_call *call, unsigned *status VR_UNUSED,
         /* VM_OP_REMOVE keeps every other call (resume, initial start, a
          * second remove) away from this repl while we talk to the Replica
          * server unlocked; it is freed below. */
-        vm_op_begin(vm, VM_OP_REMOVE);
-        shipper_stop(vm);
-        struct job jb;
-        job_fill(&jb, vm);
-        char uuid[37];
-        snprintf(uuid, sizeof uuid, "%s", vm->uuid);
-        pthread_mutex_unlock(&D->lock);
-        CLEANUP_FREE char *path = xasprintf("/r1/vms/%s/replication", uuid);
-        if (peer_call(&jb.peer, "DELETE", path, NULL, -1, 0, false, NULL) < 0)
-            log_warn("replication", "remove on replica server: %s",
-                     vr_errmsg());
-        job_fini(&jb);
-        pthread_mutex_lock(&D->lock);
-        vm = vm_find_uuid(uuid);
-        if (!vm || !vm->repl)
-            rc = vr_err(-ENOENT, "vm %s: gone", call->arg);
-        else
-            shipper_stop(vm);
+        rc = primary_unregister(call->arg, &vm);
     }
     if (rc == 0 && (vm_busy(vm, VM_OP_APPLY | VM_OP_RECEIVE)))
         rc = vr_err(-EBUSY, "vm %s: a cycle is being received or applied; "
@@ -847,17 +480,17 @@ api_repl_remove(struct api_call *call, unsigned *status VR_UNUSED,
     bool failed_over = rc == 0 &&
                        vm->repl->st == REPL_ST_FAILED_OVER;
     if (rc == 0) {
-        rc = catalog_delete_repl(D->cat, vm->uuid);
+        rc = catalog_delete_repl(actx.d->cat, vm->uuid);
         if (rc == 0) {
             repl_free(vm->repl);
             vm->repl = NULL;
             /* A completed failover leaves a VM of this server's own. */
             if (vm->mode == VM_MODE_PRIMARY || failed_over)
                 vm->mode = VM_MODE_NONE;
-            rc = catalog_save_vm(D->cat, vm);
+            rc = catalog_save_vm(actx.d->cat, vm);
         }
         if (rc == 0) {
-            event_add(D->cat, "info", vm->name, "replication removed");
+            event_add(actx.d->cat, "info", vm->name, "replication removed");
             *out = vm_to_json(vm);
         }
     }
@@ -866,7 +499,7 @@ api_repl_remove(struct api_call *call, unsigned *status VR_UNUSED,
         if (rc < 0 && vm->repl)
             shipper_ensure(vm); /* still there: carry on */
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }
 
@@ -879,9 +512,9 @@ api_metrics_text(void)
     fputs("# HELP vmreplica_lag_seconds seconds since the last successful "
           "cycle\n# TYPE vmreplica_lag_seconds gauge\n",
           f);
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     uint64_t now = vr_wall_ms();
-    for (struct vm *vm = D->vms; vm; vm = vm->next) {
+    for (struct vm *vm = actx.d->vms; vm; vm = vm->next) {
         const struct repl *r = vm->repl;
         if (!r)
             continue;
@@ -890,7 +523,7 @@ api_metrics_text(void)
                 r->last_ok_ms ? (double)(now - r->last_ok_ms) / 1000.0 : -1.0);
     }
     fputs("# TYPE vmreplica_bytes_sent_total counter\n", f);
-    for (struct vm *vm = D->vms; vm; vm = vm->next) {
+    for (struct vm *vm = actx.d->vms; vm; vm = vm->next) {
         const struct repl *r = vm->repl;
         if (!r || r->mode != VM_MODE_PRIMARY)
             continue;
@@ -913,7 +546,19 @@ api_metrics_text(void)
         fprintf(f, "vmreplica_cycle_duration_seconds_max{vm=\"%s\"} %.3f\n",
                 vm->uuid, (double)r->max_latency_ms / 1000.0);
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     fclose(f);
     return buf;
+}
+
+int
+api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,
+                 json_object **out)
+{
+    json_object *b = call->body;
+    const char *server = jstr(b, "replica_server");
+    const char *addr = jstr(b, "connect_address");
+    if (server && !repl_server_name_valid(server))
+        return vr_err(-EINVAL, "replica_server: expected FQDN[:PORT]");
+    return planned_reverse(call->arg, server, addr, out);
 }

@@ -41,10 +41,10 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "api-int.h"
-#include "daemon.h"
+#include "replica-int.h"
 #include "undo.h"
 #include "proc/vmproc.h"
+#include "proc/vmspec.h"
 
 #define TEST_STOP_MS 5000
 #define FO_STOP_MS 30000 /* a failed-over VM's shutdown at complete */
@@ -76,7 +76,7 @@ disks_of(const struct vm *vm, struct vmproc_disk *disks)
     }
 }
 
-/* D->lock held: the spec of vm as a read-only view of `point` served in
+/* d->lock held: the spec of vm as a read-only view of `point` served in
  * rd (name and uuid: the VM's, or the test VM's), its disks in disks[],
  * the view argument in *view (caller frees); NICs on `network` (NULL:
  * their own).  It borrows vm's strings: the caller keeps vm busy. */
@@ -157,15 +157,15 @@ check_beneath(const struct vm *vm, const char *rd)
 
 /* --- common ----------------------------------------------------------- */
 
-/* Wait (D->lock held) until the applier is not working on vm. */
+/* Wait (d->lock held) until the applier is not working on vm. */
 static void
 wait_applier(struct vm *vm)
 {
     while (vm_busy(vm, VM_OP_APPLY))
-        pthread_cond_wait(&D->cond, &D->lock);
+        pthread_cond_wait(&rctx.d->cond, &rctx.d->lock);
 }
 
-/* D->lock held: is vm between the cycles a resynchronization applies in
+/* d->lock held: is vm between the cycles a resynchronization applies in
  * one run (replica-apply.c)?  Its disks are then at no point: a test
  * failover or failover must wait until the run is over. */
 static int
@@ -175,19 +175,19 @@ check_not_mid_resync(struct vm *vm, enum vm_op op)
     if (!r->hold_from || r->applied_cycle < r->hold_from)
         return 0;
     vm_op_end(vm, op);
-    pthread_cond_broadcast(&D->cond);
+    pthread_cond_broadcast(&rctx.d->cond);
     return vr_err(-EBUSY, "vm %s: a resynchronization is being applied "
                   "(cycles %llu to %llu); try again when it is done",
                   vm->name, (unsigned long long)r->hold_from,
                   (unsigned long long)r->hold_to);
 }
 
-/* D->lock held: the Replica VM named by the call, or an error. */
+/* d->lock held: the Replica VM named key, or an error. */
 static int
-lookup_replica(struct api_call *call, struct vm **out)
+lookup_replica(const char *key, struct vm **out)
 {
     struct vm *vm;
-    int rc = vm_lookup(call->arg, &vm);
+    int rc = vm_lookup(rctx.d, key, &vm);
     if (rc < 0)
         return rc;
     if (vm->mode != VM_MODE_REPLICA || !vm->repl || !vm->repl->storage)
@@ -197,13 +197,13 @@ lookup_replica(struct api_call *call, struct vm **out)
     return 0;
 }
 
-/* D->lock held: the point to start from — want, or the latest if 0. */
+/* d->lock held: the point to start from — want, or the latest if 0. */
 static int
 choose_point(const struct vm *vm, int64_t want, uint64_t *point)
 {
     struct point *pts = NULL;
     size_t np = 0;
-    int rc = catalog_points(D->cat, vm->uuid, &pts, &np);
+    int rc = catalog_points(rctx.d->cat, vm->uuid, &pts, &np);
     *point = 0;
     for (size_t i = 0; rc == 0 && i < np; i++)
         if (want ? pts[i].cycle == (uint64_t)want : i + 1 == np)
@@ -226,7 +226,7 @@ fault(const char *prefix, const char *step)
 }
 
 /* Start the view of spec->view, its overlays and QEMU in spec->rundir
- * (without D->lock).  Fault points PREFIX-view, -overlays, -qemu.  On
+ * (without d->lock).  Fault points PREFIX-view, -overlays, -qemu.  On
  * failure whatever was started is stopped and the run directory removed. */
 static int
 launch(const struct vm *vm, struct vmproc_spec *spec,
@@ -264,15 +264,15 @@ launch(const struct vm *vm, struct vmproc_spec *spec,
 
 /* --- unplanned failover: the steps ---------------------------------------- */
 
-/* D->lock held: record the step. */
+/* d->lock held: record the step. */
 static int
 set_step(struct repl *r, int step)
 {
     r->failover_step = step;
-    return catalog_save_repl(D->cat, r);
+    return catalog_save_repl(rctx.d->cat, r);
 }
 
-/* D->lock held: the failover is gone; replication resumes. */
+/* d->lock held: the failover is gone; replication resumes. */
 static int
 finish_cancel(struct vm *vm)
 {
@@ -280,18 +280,18 @@ finish_cancel(struct vm *vm)
     r->failover_point = 0;
     r->failover_step = FO_NONE;
     r->kick = true;
-    int rc = repl_transition(D->cat, vm, REPL_ST_REPLICATING, REPL_T_SAVE);
-    pthread_cond_broadcast(&D->cond);
+    int rc = repl_transition(rctx.d->cat, vm, REPL_ST_REPLICATING, REPL_T_SAVE);
+    pthread_cond_broadcast(&rctx.d->cond);
     return rc;
 }
 
-/* D->lock held (dropped for the work): stop the failed-over VM's processes
+/* d->lock held (dropped for the work): stop the failed-over VM's processes
  * and remove its overlays, then finish_cancel. */
 static int
 cancel_steps(struct vm *vm)
 {
     CLEANUP_FREE char *rd = fo_rundir(vm->repl);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&rctx.d->lock);
     /* The overlays are thrown away: no point in a clean shutdown. */
     int rc = vmproc_stop(rd, true, 0);
     if (rc == 0) {
@@ -299,11 +299,11 @@ cancel_steps(struct vm *vm)
         remove_test_dir(vm->repl->storage, rd);
         vr_fault_point("failover-stop-removed");
     }
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&rctx.d->lock);
     return rc < 0 ? rc : finish_cancel(vm);
 }
 
-/* Without D->lock: turn the Replica disks (at cycle latest) back into
+/* Without d->lock: turn the Replica disks (at cycle latest) back into
  * point `point` in place, from the undo spans. */
 static int
 revert_disks(const struct vm *vm, uint64_t point, uint64_t latest)
@@ -340,7 +340,7 @@ revert_disks(const struct vm *vm, uint64_t point, uint64_t latest)
     return rc;
 }
 
-/* D->lock held (dropped for the work), VM_OP_FAILOVER in progress: carry a
+/* d->lock held (dropped for the work), VM_OP_FAILOVER in progress: carry a
  * complete on from the step it reached. */
 static int
 complete_steps(struct vm *vm)
@@ -352,7 +352,7 @@ complete_steps(struct vm *vm)
     uint64_t point = r->failover_point, latest = r->applied_cycle;
     int rc = 0;
     if (r->failover_step == FO_COMPLETING) {
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&rctx.d->lock);
         /* QEMU goes (a clean shutdown first); the view stays for the
          * revert's sake only until then, the disks hold the point after. */
         rc = vmproc_stop(rd, false, FO_STOP_MS);
@@ -360,18 +360,18 @@ complete_steps(struct vm *vm)
             vr_fault_point("failover-complete-stopped");
             rc = revert_disks(vm, point, latest);
         }
-        pthread_mutex_lock(&D->lock);
+        pthread_mutex_lock(&rctx.d->lock);
         if (rc == 0)
             rc = set_step(r, FO_REVERTED);
         if (rc == 0)
             vr_fault_point("failover-complete-reverted");
     }
     if (rc == 0 && r->failover_step == FO_REVERTED) {
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&rctx.d->lock);
         rc = check_beneath(vm, rd);
         if (rc == 0)
             rc = vmproc_commit_overlays(rd, vm->ndisks, disks);
-        pthread_mutex_lock(&D->lock);
+        pthread_mutex_lock(&rctx.d->lock);
         if (rc == 0)
             rc = set_step(r, FO_COMMITTED);
         if (rc == 0)
@@ -389,7 +389,7 @@ complete_steps(struct vm *vm)
             r->applied_cycle = r->last_cycle = point;
             r->epoch++;
             rc = repl_transition_event(
-                D->cat, vm, REPL_ST_FAILED_OVER, REPL_T_SAVE, "info",
+                rctx.d->cat, vm, REPL_ST_FAILED_OVER, REPL_T_SAVE, "info",
                 "failover complete: the disks are point %llu plus the VM's "
                 "writes since; recovery points deleted; epoch %llu (the old "
                 "primary's changes are refused)", (unsigned long long)point,
@@ -450,12 +450,12 @@ recover_test(struct vm *vm)
         return rc;
     remove_test_dir(r->storage, rd);
     if (r->test_point) {
-        event_add(D->cat, "warning", vm->name,
+        event_add(rctx.d->cat, "warning", vm->name,
                   "test failover at point %llu was cut "
                   "short by a crash; removed it",
                   (unsigned long long)r->test_point);
         r->test_point = 0;
-        rc = catalog_save_repl(D->cat, r);
+        rc = catalog_save_repl(rctx.d->cat, r);
     }
     return rc;
 }
@@ -478,7 +478,7 @@ recover_failover(struct vm *vm)
         /* The start did not answer: undo it, whatever it got to. */
         rc = cancel_steps(vm);
         if (rc == 0)
-            event_add(D->cat, "warning", vm->name,
+            event_add(rctx.d->cat, "warning", vm->name,
                       "failover at point %llu was cut "
                       "short by a crash while starting; undone",
                       (unsigned long long)r->failover_point);
@@ -519,7 +519,7 @@ recover_failover(struct vm *vm)
 int
 failover_recover(struct vm *vm)
 {
-    /* At start-up, D->lock held. */
+    /* At start-up, d->lock held. */
     struct repl *r = vm->repl;
     if (vm->mode != VM_MODE_REPLICA || !r || !r->storage)
         return 0;
@@ -531,7 +531,7 @@ failover_recover(struct vm *vm)
 int
 failover_test_refresh(struct vm *vm, uint64_t n)
 {
-    /* Without D->lock, VM_OP_APPLY in progress: test_point cannot change (start
+    /* Without d->lock, VM_OP_APPLY in progress: test_point cannot change (start
      * and stop wait for the applier). */
     struct repl *r = vm->repl;
     if (!r || r->test_point == 0)
@@ -544,9 +544,9 @@ failover_test_refresh(struct vm *vm, uint64_t n)
     return 0;
 }
 
-/* --- API ------------------------------------------------------------------ */
+/* --- the steps the API asks for ------------------------------------------ */
 
-/* D->lock held: refuse anything while another failover kind runs. */
+/* d->lock held: refuse anything while another failover kind runs. */
 static int
 check_idle(const struct vm *vm)
 {
@@ -573,12 +573,12 @@ check_idle(const struct vm *vm)
     return 0;
 }
 
-static int
-test_start(struct api_call *call, int64_t want, json_object **out)
+int
+failover_test_start(const char *key, int64_t want, json_object **out)
 {
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&rctx.d->lock);
     struct vm *vm = NULL;
-    int rc = lookup_replica(call, &vm);
+    int rc = lookup_replica(key, &vm);
     struct repl *r = rc == 0 ? vm->repl : NULL;
     if (rc == 0)
         rc = check_idle(vm);
@@ -586,18 +586,18 @@ test_start(struct api_call *call, int64_t want, json_object **out)
     if (rc == 0)
         rc = choose_point(vm, want, &point);
     if (rc < 0) {
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&rctx.d->lock);
         return rc;
     }
     /* Pin the point and keep the applier away while the test starts. */
     vm_op_begin(vm, VM_OP_TEST);
     wait_applier(vm);
     if ((rc = check_not_mid_resync(vm, VM_OP_TEST)) < 0) {
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&rctx.d->lock);
         return rc;
     }
     r->test_point = point;
-    rc = catalog_save_repl(D->cat, r);
+    rc = catalog_save_repl(rctx.d->cat, r);
     if (rc == 0)
         vr_fault_point("test-start-pinned");
     CLEANUP_FREE char *rd = test_rundir(r);
@@ -611,20 +611,20 @@ test_start(struct api_call *call, int64_t want, json_object **out)
     view_spec(vm, point, rd, name, uuid,
               vm->test_network ? vm->test_network : "none", disks, &view,
               &spec);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&rctx.d->lock);
 
     if (rc == 0)
         rc = launch(vm, &spec, disks, "test-start");
 
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&rctx.d->lock);
     if (rc < 0) {
         r->test_point = 0;
-        VR_IGNORE(catalog_save_repl(D->cat, r));
-        event_add(D->cat, "error", vm->name,
+        VR_IGNORE(catalog_save_repl(rctx.d->cat, r));
+        event_add(rctx.d->cat, "error", vm->name,
                   "test failover at point %llu failed: %s",
                   (unsigned long long)point, vr_errmsg());
     } else {
-        event_add(D->cat, "info", vm->name,
+        event_add(rctx.d->cat, "info", vm->name,
                   "test failover started: \"%s\" at point "
                   "%llu",
                   name, (unsigned long long)point);
@@ -638,8 +638,8 @@ test_start(struct api_call *call, int64_t want, json_object **out)
         json_object_object_add(*out, "run_dir", json_object_new_string(rd));
     }
     vm_op_end(vm, VM_OP_TEST);
-    pthread_cond_broadcast(&D->cond);
-    pthread_mutex_unlock(&D->lock);
+    pthread_cond_broadcast(&rctx.d->cond);
+    pthread_mutex_unlock(&rctx.d->lock);
     return rc;
 }
 
@@ -651,13 +651,13 @@ contact_window_ms(const struct repl *r)
     return 3ULL * (r->frequency_s ? r->frequency_s : 300) * 1000 + 5000;
 }
 
-static int
-unplanned_start(struct api_call *call, int64_t want, bool force,
-                json_object **out)
+int
+failover_unplanned_start(const char *key, int64_t want, bool force,
+                         json_object **out)
 {
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&rctx.d->lock);
     struct vm *vm = NULL;
-    int rc = lookup_replica(call, &vm);
+    int rc = lookup_replica(key, &vm);
     struct repl *r = rc == 0 ? vm->repl : NULL;
     if (rc == 0)
         rc = check_idle(vm);
@@ -678,13 +678,13 @@ unplanned_start(struct api_call *call, int64_t want, bool force,
     if (rc == 0)
         rc = choose_point(vm, want, &point);
     if (rc < 0) {
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&rctx.d->lock);
         return rc;
     }
     vm_op_begin(vm, VM_OP_FAILOVER);
     wait_applier(vm);
     if ((rc = check_not_mid_resync(vm, VM_OP_FAILOVER)) < 0) {
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&rctx.d->lock);
         return rc;
     }
     r->failover_point = point;
@@ -692,7 +692,7 @@ unplanned_start(struct api_call *call, int64_t want, bool force,
     /* The VM will hold its own writes on top of the point: the old
      * primary's disks (prepared or not) no longer match them. */
     r->prepared_cycle = 0;
-    rc = repl_transition(D->cat, vm, REPL_ST_FAILOVER_WAIT, REPL_T_SAVE);
+    rc = repl_transition(rctx.d->cat, vm, REPL_ST_FAILOVER_WAIT, REPL_T_SAVE);
     if (rc == 0)
         vr_fault_point("failover-start-pinned");
     CLEANUP_FREE char *rd = fo_rundir(r);
@@ -700,12 +700,12 @@ unplanned_start(struct api_call *call, int64_t want, bool force,
     struct vmproc_disk disks[MAX_DISKS];
     struct vmproc_spec spec;
     view_spec(vm, point, rd, vm->name, vm->uuid, NULL, disks, &view, &spec);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&rctx.d->lock);
 
     if (rc == 0)
         rc = launch(vm, &spec, disks, "failover-start");
 
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&rctx.d->lock);
     if (rc == 0)
         rc = set_step(r, FO_RUNNING);
     if (rc < 0) {
@@ -713,12 +713,12 @@ unplanned_start(struct api_call *call, int64_t want, bool force,
         snprintf(msg, sizeof msg, "%s", vr_errmsg());
         VR_IGNORE(cancel_steps(vm));
         vr_err(rc, "%s", msg);
-        event_add(D->cat, "error", vm->name,
+        event_add(rctx.d->cat, "error", vm->name,
                   "failover at point %llu failed: %s",
                   (unsigned long long)point, msg);
     } else {
-        network_inject_start(vm, rd);
-        event_add(D->cat, "warning", vm->name,
+        network_inject_start(rctx.d, vm, rd);
+        event_add(rctx.d->cat, "warning", vm->name,
                   "failover started%s: the VM runs "
                   "from point %llu; the primary's changes are refused until "
                   "'failover stop' cancels or 'failover complete' commits",
@@ -735,40 +735,18 @@ unplanned_start(struct api_call *call, int64_t want, bool force,
         json_object_object_add(*out, "run_dir", json_object_new_string(rd));
     }
     vm_op_end(vm, VM_OP_FAILOVER);
-    pthread_cond_broadcast(&D->cond);
-    pthread_mutex_unlock(&D->lock);
+    pthread_cond_broadcast(&rctx.d->cond);
+    pthread_mutex_unlock(&rctx.d->lock);
     return rc;
 }
 
-int
-api_failover_start(struct api_call *call, unsigned *status VR_UNUSED,
-                   json_object **out)
-{
-    int64_t want = jint(call->body, "point", 0);
-    if (want < 0)
-        return vr_err(-EINVAL, "point: expected a point id");
-    if (jbool(call->body, "test", false))
-        return test_start(call, want, out);
-    /* A VM whose primary prepared it fails over at that point. */
-    pthread_mutex_lock(&D->lock);
-    struct vm *vm = vm_find(call->arg);
-    bool planned = !want && vm && vm->mode == VM_MODE_REPLICA && vm->repl &&
-                   vm->repl->prepared_cycle &&
-                   vm->repl->st == REPL_ST_REPLICATING;
-    pthread_mutex_unlock(&D->lock);
-    if (planned)
-        return planned_start(call, !jbool(call->body, "no_start", false),
-                             out);
-    return unplanned_start(call, want, jbool(call->body, "force", false),
-                           out);
-}
 
-static int
-test_stop(struct api_call *call, json_object **out)
+int
+failover_test_stop(const char *key, json_object **out)
 {
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&rctx.d->lock);
     struct vm *vm = NULL;
-    int rc = lookup_replica(call, &vm);
+    int rc = lookup_replica(key, &vm);
     struct repl *r = rc == 0 ? vm->repl : NULL;
     if (rc == 0 && !r->test_point)
         rc = vr_err(-ENOENT, "vm %s: no test failover is running",
@@ -777,14 +755,14 @@ test_stop(struct api_call *call, json_object **out)
         rc = vr_err(-EBUSY, "vm %s: a test failover is starting or "
                     "stopping", vm->name);
     if (rc < 0) {
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&rctx.d->lock);
         return rc;
     }
     vm_op_begin(vm, VM_OP_TEST);
     wait_applier(vm);
     uint64_t point = r->test_point;
     CLEANUP_FREE char *rd = test_rundir(r);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&rctx.d->lock);
 
     rc = vmproc_stop(rd, true, TEST_STOP_MS);
     if (rc == 0) {
@@ -793,11 +771,11 @@ test_stop(struct api_call *call, json_object **out)
         vr_fault_point("test-stop-removed");
     }
 
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&rctx.d->lock);
     if (rc == 0) {
         r->test_point = 0;
-        rc = catalog_save_repl(D->cat, r);
-        event_add(D->cat, "info", vm->name,
+        rc = catalog_save_repl(rctx.d->cat, r);
+        event_add(rctx.d->cat, "info", vm->name,
                   "test failover at point %llu stopped",
                   (unsigned long long)point);
         *out = json_object_new_object();
@@ -806,18 +784,18 @@ test_stop(struct api_call *call, json_object **out)
                                json_object_new_int64((int64_t)point));
     }
     vm_op_end(vm, VM_OP_TEST);
-    pthread_cond_broadcast(&D->cond);
-    pthread_mutex_unlock(&D->lock);
+    pthread_cond_broadcast(&rctx.d->cond);
+    pthread_mutex_unlock(&rctx.d->lock);
     return rc;
 }
 
-/* D->lock held: the VM's failover, ready for `verb` ("cancel" or
+/* d->lock held: the VM's failover, ready for `verb` ("cancel" or
  * "complete"; a cancel or complete that failed half-way may be run
  * again). */
 static int
-lookup_failover(struct api_call *call, const char *verb, struct vm **out)
+lookup_failover(const char *key, const char *verb, struct vm **out)
 {
-    int rc = lookup_replica(call, out);
+    int rc = lookup_replica(key, out);
     if (rc < 0)
         return rc;
     struct vm *vm = *out;
@@ -843,24 +821,26 @@ lookup_failover(struct api_call *call, const char *verb, struct vm **out)
     return 0;
 }
 
-int
-api_failover_stop(struct api_call *call, unsigned *status VR_UNUSED,
-                  json_object **out)
+bool
+failover_is_planned(const char *key, int64_t want)
 {
-    if (jbool(call->body, "test", false))
-        return test_stop(call, out);
-    pthread_mutex_lock(&D->lock);
-    struct vm *pvm = vm_find(call->arg);
-    bool prepared = pvm && pvm->mode == VM_MODE_PRIMARY && pvm->repl &&
-                    pvm->repl->st == REPL_ST_PREPARED;
-    pthread_mutex_unlock(&D->lock);
-    if (prepared)
-        return planned_unprepare(call, out);
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&rctx.d->lock);
+    struct vm *vm = vm_find(rctx.d, key);
+    bool planned = !want && vm && vm->mode == VM_MODE_REPLICA && vm->repl &&
+                   vm->repl->prepared_cycle &&
+                   vm->repl->st == REPL_ST_REPLICATING;
+    pthread_mutex_unlock(&rctx.d->lock);
+    return planned;
+}
+
+int
+failover_cancel(const char *key, json_object **out)
+{
+    pthread_mutex_lock(&rctx.d->lock);
     struct vm *vm = NULL;
-    int rc = lookup_failover(call, "cancel", &vm);
+    int rc = lookup_failover(key, "cancel", &vm);
     if (rc < 0) {
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&rctx.d->lock);
         return rc;
     }
     struct repl *r = vm->repl;
@@ -873,8 +853,10 @@ api_failover_stop(struct api_call *call, unsigned *status VR_UNUSED,
         rc = cancel_steps(vm);
     }
     if (rc == 0) {
-        event_add(D->cat, "info", vm->name, "failover at point %llu cancelled; "
-                  "replication resumes", (unsigned long long)point);
+        event_add(rctx.d->cat, "info", vm->name,
+                  "failover at point %llu cancelled; "
+                  "replication resumes",
+                  (unsigned long long)point);
         *out = json_object_new_object();
         json_object_object_add(*out, "vm", json_object_new_string(vm->name));
         json_object_object_add(*out, "point",
@@ -883,20 +865,19 @@ api_failover_stop(struct api_call *call, unsigned *status VR_UNUSED,
                                json_object_new_string(repl_st_name(r->st)));
     }
     vm_op_end(vm, VM_OP_FAILOVER);
-    pthread_cond_broadcast(&D->cond);
-    pthread_mutex_unlock(&D->lock);
+    pthread_cond_broadcast(&rctx.d->cond);
+    pthread_mutex_unlock(&rctx.d->lock);
     return rc;
 }
 
 int
-api_failover_complete(struct api_call *call, unsigned *status VR_UNUSED,
-                      json_object **out)
+failover_complete(const char *key, json_object **out)
 {
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&rctx.d->lock);
     struct vm *vm = NULL;
-    int rc = lookup_failover(call, "complete", &vm);
+    int rc = lookup_failover(key, "complete", &vm);
     if (rc < 0) {
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&rctx.d->lock);
         return rc;
     }
     struct repl *r = vm->repl;
@@ -918,13 +899,13 @@ api_failover_complete(struct api_call *call, unsigned *status VR_UNUSED,
         json_object_object_add(*out, "epoch",
                                json_object_new_int64((int64_t)r->epoch));
     } else {
-        event_add(D->cat, "error", vm->name,
+        event_add(rctx.d->cat, "error", vm->name,
                   "failover complete: %s (it goes on "
                   "with the next 'failover complete' or at a restart)",
                   vr_errmsg());
     }
     vm_op_end(vm, VM_OP_FAILOVER);
-    pthread_cond_broadcast(&D->cond);
-    pthread_mutex_unlock(&D->lock);
+    pthread_cond_broadcast(&rctx.d->cond);
+    pthread_mutex_unlock(&rctx.d->lock);
     return rc;
 }

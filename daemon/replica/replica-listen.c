@@ -163,10 +163,10 @@ static pthread_once_t guard_once = PTHREAD_ONCE_INIT;
 static void
 guard_audit(const char *addr, const char *why)
 {
-    pthread_mutex_lock(&D->lock);
-    event_add(D->cat, "audit", NULL, "refused connection from %s: %s", addr,
-              why);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_lock(&rctx.d->lock);
+    event_add(rctx.d->cat, "audit", NULL, "refused connection from %s: %s",
+              addr, why);
+    pthread_mutex_unlock(&rctx.d->lock);
 }
 
 static void listener_refresh(void);
@@ -345,7 +345,7 @@ guard_request(struct MHD_Connection *c, bool begin)
 /* --- listeners ----------------------------------------------------------- */
 
 /* The certificate listener (HTTPS) and the Kerberos listener (HTTP) run
- * per D->cfg.auth.  MHD keeps pointers to the PEM strings it was given, and
+ * per d->cfg.auth.  MHD keeps pointers to the PEM strings it was given, and
  * the Kerberos listener's connections use its credential, until it stops. */
 struct listener {
     struct MHD_Daemon *mhd;
@@ -412,8 +412,8 @@ listener_stop(struct listener *cur, struct MHD_Daemon **pub, bool wait)
 void
 replica_listener_stop(void)
 {
-    listener_stop(&cert_l, &D->listener, true);
-    listener_stop(&krb_l, &D->krb_listener, true);
+    listener_stop(&cert_l, &rctx.d->listener, true);
+    listener_stop(&krb_l, &rctx.d->krb_listener, true);
 }
 
 static struct MHD_Daemon *start_mhd_once(bool tls, unsigned port, void *cls,
@@ -477,9 +477,9 @@ same(const char *a, const char *b)
 static int
 cert_listener_apply(bool on)
 {
-    const struct server_cfg *c = &D->cfg;
+    const struct server_cfg *c = &rctx.d->cfg;
     if (!on) {
-        listener_stop(&cert_l, &D->listener, false);
+        listener_stop(&cert_l, &rctx.d->listener, false);
         return 0;
     }
     struct listener n = { .port = c->cert_port };
@@ -517,7 +517,7 @@ cert_listener_apply(bool on)
         listener_clear(&n);
         return rc < 0 ? rc : 0;
     }
-    listener_stop(&cert_l, &D->listener, false);
+    listener_stop(&cert_l, &rctx.d->listener, false);
     n.mhd = start_mhd(true, n.port, n.ctx, &n);
     if (!n.mhd) {
         listener_clear(&n);
@@ -527,7 +527,7 @@ cert_listener_apply(bool on)
                       c->cert_port);
     }
     cert_l = n;
-    D->listener = n.mhd;
+    rctx.d->listener = n.mhd;
     log_info("replica", "listening on port %u (certificate%s)", n.port,
              n.crl ? ", with a revocation list" : "");
     return 0;
@@ -536,9 +536,9 @@ cert_listener_apply(bool on)
 static int
 krb_listener_apply(bool on)
 {
-    const struct server_cfg *c = &D->cfg;
+    const struct server_cfg *c = &rctx.d->cfg;
     if (!on) {
-        listener_stop(&krb_l, &D->krb_listener, false);
+        listener_stop(&krb_l, &rctx.d->krb_listener, false);
         return 0;
     }
     if (krb_l.mhd && krb_l.port == c->krb_port &&
@@ -550,13 +550,13 @@ krb_listener_apply(bool on)
     n.keytab = xstrdup(c->keytab);
     n.self = xstrdup(c->hostname);
     CLEANUP_FREE char *rcache =
-        xasprintf("file2:%s/krb5.rcache2", D->state_dir);
+        xasprintf("file2:%s/krb5.rcache2", rctx.d->state_dir);
     int rc = krb_acceptor_open(c->keytab, c->hostname, rcache, &n.ctx->cred);
     if (rc < 0) {
         listener_clear(&n);
         return rc;
     }
-    listener_stop(&krb_l, &D->krb_listener, false);
+    listener_stop(&krb_l, &rctx.d->krb_listener, false);
     n.mhd = start_mhd(false, n.port, n.ctx, &n);
     if (!n.mhd) {
         listener_clear(&n);
@@ -564,7 +564,7 @@ krb_listener_apply(bool on)
                       "%u (Kerberos)", c->krb_port);
     }
     krb_l = n;
-    D->krb_listener = n.mhd;
+    rctx.d->krb_listener = n.mhd;
     log_info("replica", "listening on port %u (Kerberos, HTTP/%s)", n.port,
              n.self);
     return 0;
@@ -590,26 +590,28 @@ cfg_wants_kerberos(const struct server_cfg *c)
 static void
 listener_refresh(void)
 {
-    pthread_mutex_lock(&D->lock);
-    const struct server_cfg *c = &D->cfg;
-    bool cert = c->replica_enabled && !D->shutting_down && c->cert &&
+    pthread_mutex_lock(&rctx.d->lock);
+    const struct server_cfg *c = &rctx.d->cfg;
+    bool cert = c->replica_enabled && !rctx.d->shutting_down && c->cert &&
                 c->key && c->ca && cfg_wants_certificate(c);
     if (cert && tls_check_material(c->cert, c->key, c->ca) == 0) {
-        struct MHD_Daemon *before = D->listener;
+        struct MHD_Daemon *before = rctx.d->listener;
         if (cert_listener_apply(true) < 0)
             log_warn("replica", "reloading the certificate files: %s",
                      vr_errmsg());
-        else if (D->listener != before)
-            event_add(D->cat, "info", NULL, "replica server: certificate files "
-                      "changed, reloaded (port %u)", c->cert_port);
+        else if (rctx.d->listener != before)
+            event_add(rctx.d->cat, "info", NULL,
+                      "replica server: certificate files "
+                      "changed, reloaded (port %u)",
+                      c->cert_port);
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&rctx.d->lock);
 }
 
 int
 replica_listener_apply(void)
 {
-    const struct server_cfg *c = &D->cfg;
+    const struct server_cfg *c = &rctx.d->cfg;
     bool on = c->replica_enabled;
     bool cert = on && cfg_wants_certificate(c);
     bool krb = on && cfg_wants_kerberos(c);

@@ -42,8 +42,8 @@
 
 #include "chunkhash.h"
 #include "cycle.h"
-#include "daemon.h"
 #include "dirtymap.h"
+#include "core/logdir.h"
 #include "proc/vmproc.h"
 #include "shipper-int.h"
 
@@ -76,15 +76,15 @@ newest_dirty(const struct job *jb)
 static void
 set_step(struct vm *vm, enum resync_step step, uint64_t c, uint64_t f)
 {
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&pctx.d->lock);
     struct repl *r = vm->repl;
     r->resync_step = step;
     if (c)
         r->resync_void = c;
     if (f)
         r->resync_first = f;
-    VR_IGNORE(catalog_save_repl(D->cat, r));
-    pthread_mutex_unlock(&D->lock);
+    VR_IGNORE(catalog_save_repl(pctx.d->cat, r));
+    pthread_mutex_unlock(&pctx.d->lock);
 }
 
 /* REQUESTED -> COMPARING: re-arm tracking, or find the void cycle of a
@@ -113,13 +113,13 @@ rearm_step(struct vm *vm, struct job *jb, uint64_t last)
             return rc;
     }
     vr_fault_point("resync-rearmed");
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&pctx.d->lock);
     vm->repl->untracked = false;
-    event_add(D->cat, "info", vm->name, "resynchronization: change "
+    event_add(pctx.d->cat, "info", vm->name, "resynchronization: change "
               "tracking restarted after cycle %llu; the regions changed "
               "through it are compared with the Replica server's copy",
               (unsigned long long)c);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&pctx.d->lock);
     set_step(vm, RESYNC_COMPARING, c, 0);
     return 0;
 }
@@ -154,10 +154,10 @@ compare_disk(struct vm *vm, const struct job *jb, unsigned d, uint64_t c,
             uint64_t sent = 0;
             rc = add_differing(jb, d, dfd, off, k, b, &sent);
             if (rc == 0) {
-                pthread_mutex_lock(&D->lock);
+                pthread_mutex_lock(&pctx.d->lock);
                 vm->repl->resync_compared += k;
                 vm->repl->resync_sent += sent;
-                pthread_mutex_unlock(&D->lock);
+                pthread_mutex_unlock(&pctx.d->lock);
             }
             off += k;
         }
@@ -203,10 +203,10 @@ send_resync_cycle(const struct job *jb, uint64_t n, struct vm *vm,
     close(fd);
     unlink(tmp);
     if (rc == 0 && vm) {
-        pthread_mutex_lock(&D->lock);
+        pthread_mutex_lock(&pctx.d->lock);
         vm->repl->bytes_raw += raw;
         vm->repl->bytes_wire += wire;
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&pctx.d->lock);
     }
     return rc;
 }
@@ -269,9 +269,9 @@ compare_step(struct vm *vm, struct job *jb, uint64_t last, uint64_t c)
     rc = refold(vm, jb, &c);
     if (rc < 0)
         return rc;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&pctx.d->lock);
     vm->repl->resync_compared = vm->repl->resync_sent = 0;
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&pctx.d->lock);
     uint64_t first = 0;
     rc = send_resync_cycle(jb, (uint64_t)a + 1, vm, c, &first);
     if (rc == 0)
@@ -280,9 +280,9 @@ compare_step(struct vm *vm, struct job *jb, uint64_t last, uint64_t c)
         rc = send_resync_cycle(jb, n, NULL, c, NULL);
     if (rc < 0)
         return rc;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&pctx.d->lock);
     vm->repl->last_cycle = c;
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&pctx.d->lock);
     set_step(vm, RESYNC_COMPLETING, 0, first);
     return 0;
 }
@@ -306,19 +306,19 @@ complete_step(struct vm *vm, struct job *jb, uint64_t c, uint64_t first)
                                          (unsigned long long)c);
         unlink(p);
     }
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&pctx.d->lock);
     struct repl *r = vm->repl;
     r->resync_step = RESYNC_NONE;
     r->last_ok_ms = vr_wall_ms();
     free(r->task);
     r->task = NULL;
     rc = repl_transition_event(
-        D->cat, vm, REPL_ST_REPLICATING, REPL_T_SAVE, "info",
+        pctx.d->cat, vm, REPL_ST_REPLICATING, REPL_T_SAVE, "info",
         "resynchronization complete: %llu bytes compared, %llu bytes of "
         "chunks sent; the Replica VM equals this VM again from cycle %llu",
         (unsigned long long)r->resync_compared,
         (unsigned long long)r->resync_sent, (unsigned long long)first);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&pctx.d->lock);
     return rc;
 }
 
@@ -401,7 +401,7 @@ merge_dirty(const struct job *jb, unsigned d, uint64_t from, uint64_t into)
 int
 resync_check_budget(struct vm *vm, struct job *jb)
 {
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&pctx.d->lock);
     struct repl *r = vm->repl;
     bool may = r->initial_done &&
                (r->st == REPL_ST_REPLICATING ||
@@ -412,7 +412,7 @@ resync_check_budget(struct vm *vm, struct job *jb)
     if (!budget)
         for (unsigned i = 0; i < vm->ndisks; i++)
             budget += vm->disks[i].size / 2;
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&pctx.d->lock);
     if (!may)
         return 0;
     uint64_t used = log_bytes(jb, last);
@@ -431,7 +431,7 @@ resync_check_budget(struct vm *vm, struct job *jb)
         rc = merge_dirty(jb, d, prev, c);
     if (rc < 0)
         return rc;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&pctx.d->lock);
     r = vm->repl;
     r->resync_step = RESYNC_COMPARING;
     r->resync_void = c;
@@ -439,13 +439,13 @@ resync_check_budget(struct vm *vm, struct job *jb)
     free(r->task);
     r->task = xstrdup("Resynchronization");
     rc = repl_transition_event(
-        D->cat, vm, REPL_ST_RESYNC, REPL_T_SAVE, "warning",
+        pctx.d->cat, vm, REPL_ST_RESYNC, REPL_T_SAVE, "warning",
         "the unsent change log passed its budget (%llu bytes of %llu): "
         "folded into dirty-region maps through cycle %llu; only the regions "
         "changed are compared and sent when the Replica server answers",
         (unsigned long long)used, (unsigned long long)budget,
         (unsigned long long)c);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&pctx.d->lock);
     return rc;
 }
 
@@ -453,13 +453,13 @@ int
 run_resync(struct vm *vm, struct job *jb)
 {
     for (;;) {
-        pthread_mutex_lock(&D->lock);
+        pthread_mutex_lock(&pctx.d->lock);
         struct repl *r = vm->repl;
         bool stop = r->stop || r->st != REPL_ST_RESYNC;
         enum resync_step step = r->resync_step;
         uint64_t last = r->last_cycle, c = r->resync_void,
                  first = r->resync_first;
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&pctx.d->lock);
         if (stop)
             return -ECANCELED;
         int rc;

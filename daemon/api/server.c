@@ -7,18 +7,17 @@
 
 #include "config.h"
 #include "api-int.h"
-#include "daemon.h"
 
 static json_object *
 server_json(void)
 {
-    const struct server_cfg *c = &D->cfg;
+    const struct server_cfg *c = &actx.d->cfg;
     json_object *o = json_object_new_object();
 #define STR(k, v)                                                              \
     json_object_object_add(o, k, (v) ? json_object_new_string(v) : NULL)
     STR("hostname", c->hostname);
     STR("version", VERSION);
-    STR("state_dir", D->state_dir);
+    STR("state_dir", actx.d->state_dir);
     json_object_object_add(o, "replica_enabled",
                            json_object_new_boolean(c->replica_enabled));
     STR("auth", c->auth);
@@ -41,13 +40,15 @@ server_json(void)
     json_object_object_add(o, "allow_any",
                            json_object_new_boolean(c->allow_any));
     STR("default_storage", c->default_storage);
-    json_object_object_add(o, "listening",
-                           json_object_new_boolean(D->listener != NULL ||
-                                                   D->krb_listener != NULL));
+    json_object_object_add(
+        o, "listening",
+        json_object_new_boolean(actx.d->listener != NULL ||
+                                actx.d->krb_listener != NULL));
     json_object_object_add(o, "listening_certificate",
-                           json_object_new_boolean(D->listener != NULL));
-    json_object_object_add(o, "listening_kerberos",
-                           json_object_new_boolean(D->krb_listener != NULL));
+                           json_object_new_boolean(actx.d->listener != NULL));
+    json_object_object_add(
+        o, "listening_kerberos",
+        json_object_new_boolean(actx.d->krb_listener != NULL));
     json_object_object_add(o, "monitoring_interval",
                            json_object_new_int((int)c->monitoring_interval_s));
     json_object_object_add(o, "firewall_enabled",
@@ -61,9 +62,9 @@ int
 api_server_show(struct api_call *call VR_UNUSED, unsigned *status VR_UNUSED,
                 json_object **out)
 {
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     *out = server_json();
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     return 0;
 }
 
@@ -265,9 +266,9 @@ api_server_set(struct api_call *call, unsigned *status VR_UNUSED,
                json_object **out)
 {
     json_object *b = call->body;
-    pthread_mutex_lock(&D->lock);
-    struct server_cfg old = D->cfg;
-    struct server_cfg *c = &D->cfg;
+    pthread_mutex_lock(&actx.d->lock);
+    struct server_cfg old = actx.d->cfg;
+    struct server_cfg *c = &actx.d->cfg;
     cfg_copy_strings(c);
     int rc = cfg_set_listener(b, c);
     if (rc == 0)
@@ -279,7 +280,7 @@ api_server_set(struct api_call *call, unsigned *status VR_UNUSED,
     if (rc == 0)
         rc = replica_listener_apply();
     if (rc == 0)
-        rc = catalog_save_server(D->cat, &D->cfg);
+        rc = catalog_save_server(actx.d->cat, &actx.d->cfg);
     cfg_free_strings(rc == 0 ? &old : c);
     if (rc < 0) {
         *c = old;
@@ -289,13 +290,70 @@ api_server_set(struct api_call *call, unsigned *status VR_UNUSED,
         VR_IGNORE(replica_listener_apply());
         vr_err(rc, "%s", saved);
     } else {
-        event_add(D->cat, "info", NULL, "server settings changed%s",
+        event_add(actx.d->cat, "info", NULL, "server settings changed%s",
                   c->replica_enabled ? " (replica server enabled)" : "");
         /* The settings stand; a firewall that cannot follow them is an
          * error event and shows in firewall_error. */
         firewall_sync();
         *out = server_json();
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
+    return rc;
+}
+
+/* --- server test-connection ----------------------------------------------- */
+
+/* Test-VMReplicationConnection: reach a Replica server the way replication
+ * would (same authentication, same client code) and ask it whether it
+ * would accept this host.  Each failure says at which step it happened. */
+int
+api_test_connection(struct api_call *call, unsigned *status VR_UNUSED,
+                    json_object **out)
+{
+    json_object *b = call->body;
+    const char *server = jstr(b, "replica_server");
+    const char *auth = jstr(b, "auth");
+    const char *addr = jstr(b, "connect_address");
+    if (!server || !repl_server_name_valid(server))
+        return vr_err(-EINVAL, "replica_server: expected FQDN[:PORT]");
+    int rc = auth ? repl_auth_check(auth) : 0;
+    if (rc < 0)
+        return rc;
+    /* A replication of a moment, as `replication enable` would make it. */
+    struct repl r = { .auth = (char *)(auth ? auth : "certificate"),
+                      .connect_address = (char *)(addr && *addr ? addr
+                                                                : NULL),
+                      .epoch = 1, .point_interval_s = 3600 };
+    CLEANUP_FREE char *with_port = repl_server_with_port(server, &r);
+    r.replica_server = with_port;
+    struct peer p = { 0 };
+    pthread_mutex_lock(&actx.d->lock);
+    rc = repl_check_identity(&actx.d->cfg, &r);
+    if (rc == 0)
+        peer_fill(&p, &r);
+    pthread_mutex_unlock(&actx.d->lock);
+    json_object *resp = NULL;
+    if (rc == 0) {
+        rc = peer_call(&p, "GET", "/r1/test", NULL, -1, 0, false, &resp);
+        if (rc < 0) {
+            const char *step =
+                rc == -ECONNREFUSED || rc == -ETIMEDOUT ||
+                        rc == -EHOSTUNREACH || rc == -ECONNRESET
+                    ? "cannot reach it"
+                : rc == -ETIME ? "Kerberos: clocks differ"
+                : rc == -EPERM ? "it does not accept this host"
+                : rc == -EACCES ? "authentication failed"
+                                : "it answered with an error";
+            rc = vr_err(rc, "test-connection %s (%s auth): %s: %s", p.server,
+                        r.auth, step, vr_errmsg());
+        }
+    }
+    if (rc == 0) {
+        *out = resp;
+        json_object_object_add(*out, "replica_server",
+                               json_object_new_string(p.server));
+        json_object_object_add(*out, "auth", json_object_new_string(r.auth));
+    }
+    peer_fini(&p);
     return rc;
 }

@@ -34,22 +34,19 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "api-int.h"
-#include "daemon.h"
 #include "shipper-int.h"
 #include "proc/vmproc.h"
 
 #define PREPARE_SHIP_MS 60000 /* at least: the remaining cycles' shipping */
-#define PLANNED_APPLY_MS 60000 /* the prepared cycle's apply */
 
 /* --- the primary ---------------------------------------------------------- */
 
-/* D->lock held: vm is a primary VM whose replication runs. */
+/* d->lock held: vm is a primary VM whose replication runs. */
 static int
-lookup_primary(struct api_call *call, struct vm **out)
+lookup_primary(const char *key, struct vm **out)
 {
     struct vm *vm;
-    int rc = vm_lookup(call->arg, &vm);
+    int rc = vm_lookup(pctx.d, key, &vm);
     if (rc < 0)
         return rc;
     if (vm->mode != VM_MODE_PRIMARY || !vm->repl ||
@@ -61,32 +58,31 @@ lookup_primary(struct api_call *call, struct vm **out)
     return 0;
 }
 
-/* Tell the Replica server the prepared cycle (0: withdrawn).  D->lock
+/* Tell the Replica server the prepared cycle (0: withdrawn).  d->lock
  * held; dropped for the call. */
 static int
 send_prepared(struct vm *vm, uint64_t cycle)
 {
     struct job jb;
     job_fill(&jb, vm);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&pctx.d->lock);
     CLEANUP_FREE char *path = xasprintf("/r1/vms/%s/prepared", jb.uuid);
     CLEANUP_FREE char *body =
         xasprintf("{\"cycle\": %llu}", (unsigned long long)cycle);
     int rc = peer_call(&jb.peer, "POST", path, body, -1, 0, false, NULL);
     job_fini(&jb);
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&pctx.d->lock);
     return rc;
 }
 
 int
-api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
-                     json_object **out)
+planned_prepare(const char *key, json_object **out)
 {
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&pctx.d->lock);
     struct vm *vm = NULL;
-    int rc = lookup_primary(call, &vm);
+    int rc = lookup_primary(key, &vm);
     struct repl *r = rc == 0 ? vm->repl : NULL;
-    CLEANUP_FREE char *rundir = rc == 0 ? vm_rundir(vm) : NULL;
+    CLEANUP_FREE char *rundir = rc == 0 ? vm_rundir(pctx.d, vm) : NULL;
     if (rc == 0 && r->st == REPL_ST_PREPARED && !vm_busy(vm, VM_OP_PREPARE)) {
         /* Asked again: tell the Replica server again (a crash may have
          * come between recording the state and telling it). */
@@ -94,8 +90,8 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
         rc = send_prepared(vm, r->prepared_cycle);
         vm_op_end(vm, VM_OP_PREPARE);
         if (rc == 0)
-            *out = repl_to_json(vm);
-        pthread_mutex_unlock(&D->lock);
+            *out = repl_to_json(vm, pctx.d->cfg.hostname);
+        pthread_mutex_unlock(&pctx.d->lock);
         return rc;
     }
     if (rc == 0 && r->st != REPL_ST_REPLICATING)
@@ -114,16 +110,16 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
                         "('vmreplica vm stop %s')", vm->name, vm->name);
     }
     if (rc < 0) {
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&pctx.d->lock);
         return rc;
     }
     /* No start, stop or write from here on: the disks stop being served,
      * which seals their last writes into a cycle of their own. */
     vm_op_begin(vm, VM_OP_PREPARE);
     vm_op_begin(vm, VM_OP_CHANGE);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&pctx.d->lock);
     rc = vmproc_stop(rundir, true, 0);
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&pctx.d->lock);
     if (rc == 0)
         vr_fault_point("prepare-stopped");
 
@@ -151,8 +147,8 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
             break;
         }
         r->kick = true;
-        pthread_cond_broadcast(&D->cond);
-        daemon_wait_ms(100);
+        pthread_cond_broadcast(&pctx.d->cond);
+        daemon_wait_ms(pctx.d, 100);
     }
     /* Recorded before the Replica server is told, so that after a crash
      * in between the VM cannot start here while the Replica server may
@@ -161,7 +157,7 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
     if (rc == 0) {
         vr_fault_point("prepare-shipped");
         r->prepared_cycle = n;
-        rc = repl_transition(D->cat, vm, REPL_ST_PREPARED, REPL_T_SAVE);
+        rc = repl_transition(pctx.d->cat, vm, REPL_ST_PREPARED, REPL_T_SAVE);
         if (rc == 0)
             vr_fault_point("prepare-saved");
         /* If the Replica server does not answer, it may still have
@@ -175,26 +171,37 @@ api_failover_prepare(struct api_call *call, unsigned *status VR_UNUSED,
                         vm->name, vr_errmsg(), vm->name, vm->name);
     }
     if (rc == 0) {
-        event_add(D->cat, "info", vm->name,
+        event_add(pctx.d->cat, "info", vm->name,
                   "prepared for failover: every change is "
                   "on %s (cycle %llu); the VM does not start here until the "
                   "failover is undone ('vmreplica failover stop %s')",
                   r->replica_server, (unsigned long long)n, vm->name);
-        *out = repl_to_json(vm);
+        *out = repl_to_json(vm, pctx.d->cfg.hostname);
     }
     vm_op_end(vm, VM_OP_PREPARE);
     vm_op_end(vm, VM_OP_CHANGE);
-    pthread_cond_broadcast(&D->cond);
-    pthread_mutex_unlock(&D->lock);
+    pthread_cond_broadcast(&pctx.d->cond);
+    pthread_mutex_unlock(&pctx.d->lock);
     return rc;
 }
 
-int
-planned_unprepare(struct api_call *call, json_object **out)
+bool
+planned_is_prepared(const char *key)
 {
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&pctx.d->lock);
+    struct vm *pvm = vm_find(pctx.d, key);
+    bool prepared = pvm && pvm->mode == VM_MODE_PRIMARY && pvm->repl &&
+                    pvm->repl->st == REPL_ST_PREPARED;
+    pthread_mutex_unlock(&pctx.d->lock);
+    return prepared;
+}
+
+int
+planned_unprepare(const char *key, json_object **out)
+{
+    pthread_mutex_lock(&pctx.d->lock);
     struct vm *vm = NULL;
-    int rc = lookup_primary(call, &vm);
+    int rc = lookup_primary(key, &vm);
     struct repl *r = rc == 0 ? vm->repl : NULL;
     if (rc == 0 && r->st != REPL_ST_PREPARED)
         rc = vr_err(-ENOENT, "vm %s: not prepared for failover (state %s)",
@@ -214,155 +221,28 @@ planned_unprepare(struct api_call *call, json_object **out)
     if (rc == 0) {
         r->prepared_cycle = 0;
         r->kick = true;
-        rc = repl_transition(D->cat, vm, REPL_ST_REPLICATING, REPL_T_SAVE);
+        rc = repl_transition(pctx.d->cat, vm, REPL_ST_REPLICATING, REPL_T_SAVE);
     }
     if (rc == 0) {
-        event_add(D->cat, "info", vm->name, "failover preparation withdrawn; "
+        event_add(pctx.d->cat, "info", vm->name,
+                  "failover preparation withdrawn; "
                   "replication resumes");
-        *out = repl_to_json(vm);
+        *out = repl_to_json(vm, pctx.d->cfg.hostname);
     }
-    pthread_cond_broadcast(&D->cond);
-    pthread_mutex_unlock(&D->lock);
-    return rc;
-}
-
-/* --- the Replica server: planned failover --------------------------------- */
-
-int
-planned_start(struct api_call *call, bool start_vm, json_object **out)
-{
-    pthread_mutex_lock(&D->lock);
-    struct vm *vm = vm_find(call->arg);
-    struct repl *r = vm ? vm->repl : NULL;
-    int rc = 0;
-    if (!vm || vm->mode != VM_MODE_REPLICA || !r || !r->prepared_cycle)
-        rc = vr_err(-EINVAL, "vm %s: not prepared for a planned failover",
-                    call->arg);
-    else if (r->test_point || vm_busy(vm, VM_OP_TEST) || r->failover_point ||
-             vm_busy(vm, VM_OP_FAILOVER | VM_OP_CHANGE))
-        rc = vr_err(-EBUSY, "vm %s: a test failover or another failover "
-                    "step is running", vm->name);
-    else if (r->st != REPL_ST_REPLICATING)
-        rc = vr_err(-EBUSY, "vm %s: replication is %s", vm->name,
-                    repl_st_name(r->st));
-    if (rc < 0) {
-        pthread_mutex_unlock(&D->lock);
-        return rc;
-    }
-    /* VM_OP_FAILOVER keeps removes, other failovers and the primary's
-     * requests (own_vm) away while we wait with the lock dropped. */
-    vm_op_begin(vm, VM_OP_FAILOVER);
-    /* The prepared cycle may still be being applied. */
-    uint64_t deadline = vr_mono_ms() + PLANNED_APPLY_MS;
-    while (r->prepared_cycle && r->applied_cycle < r->prepared_cycle &&
-           vr_mono_ms() < deadline && r->st == REPL_ST_REPLICATING)
-        daemon_wait_ms(100);
-    while (vm_busy(vm, VM_OP_APPLY))
-        pthread_cond_wait(&D->cond, &D->lock);
-    uint64_t n = r->prepared_cycle;
-    if (!n)
-        rc = vr_err(-EINVAL, "vm %s: the primary withdrew its failover "
-                    "preparation", vm->name);
-    else if (r->applied_cycle != n)
-        rc = vr_err(-EBUSY, "vm %s: the prepared cycle %llu is not applied "
-                    "(applied: %llu); try again", vm->name,
-                    (unsigned long long)n,
-                    (unsigned long long)r->applied_cycle);
-    if (rc < 0) {
-        vm_op_end(vm, VM_OP_FAILOVER);
-        pthread_cond_broadcast(&D->cond);
-        pthread_mutex_unlock(&D->lock);
-        return rc;
-    }
-
-    /* Points and staged cycles go; every later write is in a cycle of
-     * the VM's own change log after `base`. */
-    uint64_t base = 0;
-    rc = history_reset(vm);
-    if (rc == 0)
-        rc = shipper_log_base(&vm->disks[0], &base);
-    if (rc == 0) {
-        vr_fault_point("planned-start-reset");
-        CLEANUP_FREE char *stg = xasprintf("%s/staging", r->storage);
-        int n_rm = storage_clear_dir(r->storage, stg);
-        if (n_rm < 0)
-            rc = n_rm;
-    }
-    if (rc == 0) {
-        struct repl old = *r;
-        r->base_cycle = base;
-        r->last_cycle = r->applied_cycle = n;
-        r->epoch++;
-        rc = repl_transition(D->cat, vm, REPL_ST_FAILED_OVER, REPL_T_SAVE);
-        if (rc < 0) { /* as it was: the catalog is the truth */
-            r->base_cycle = old.base_cycle;
-            r->last_cycle = old.last_cycle;
-            r->applied_cycle = old.applied_cycle;
-            r->epoch = old.epoch;
-            r->st = old.st; /* a rollback, not a transition */
-        }
-    }
-    if (rc == 0) {
-        vr_fault_point("planned-start-saved");
-        event_add(D->cat, "info", vm->name,
-                  "planned failover: the VM's disks are "
-                  "the primary's at cycle %llu (no data lost); epoch %llu",
-                  (unsigned long long)n, (unsigned long long)r->epoch);
-    }
-    if (rc == 0 && start_vm) {
-        vm_op_begin(vm, VM_OP_CHANGE);
-        vm->hypervisor = true;
-        CLEANUP_FREE char *rundir = vm_rundir(vm);
-        struct vmproc_spec s;
-        struct vmproc_disk dks[MAX_DISKS];
-        vm_spec_of(vm, &s, dks, rundir);
-        pthread_mutex_unlock(&D->lock);
-        rc = storage_check_disks(vm);
-        if (rc == 0)
-            rc = vmproc_start(&s);
-        pthread_mutex_lock(&D->lock);
-        vm_op_end(vm, VM_OP_CHANGE);
-        if (rc < 0)
-            rc = vr_err(rc, "vm %s: failed over, but it did not start: %s "
-                        "(try 'vmreplica vm start %s')", vm->name,
-                        vr_errmsg(), vm->name);
-        else {
-            event_add(D->cat, "info", vm->name, "vm started (qemu)");
-            network_inject_start(vm, rundir);
-        }
-    }
-    if (rc == 0) {
-        *out = json_object_new_object();
-        json_object_object_add(*out, "vm", json_object_new_string(vm->name));
-        json_object_object_add(*out, "planned", json_object_new_boolean(1));
-        json_object_object_add(*out, "point",
-                               json_object_new_int64((int64_t)n));
-        json_object_object_add(*out, "state",
-                               json_object_new_string(repl_st_name(r->st)));
-        json_object_object_add(*out, "epoch",
-                               json_object_new_int64((int64_t)r->epoch));
-    }
-    vm_op_end(vm, VM_OP_FAILOVER);
-    pthread_cond_broadcast(&D->cond);
-    pthread_mutex_unlock(&D->lock);
+    pthread_cond_broadcast(&pctx.d->cond);
+    pthread_mutex_unlock(&pctx.d->lock);
     return rc;
 }
 
 /* --- reverse replication -------------------------------------------------- */
 
 int
-api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,
-                 json_object **out)
+planned_reverse(const char *key, const char *server, const char *addr,
+                json_object **out)
 {
-    json_object *b = call->body;
-    const char *server = jstr(b, "replica_server");
-    const char *addr = jstr(b, "connect_address");
-    if (server && !repl_server_name_valid(server))
-        return vr_err(-EINVAL, "replica_server: expected FQDN[:PORT]");
-
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&pctx.d->lock);
     struct vm *vm;
-    int rc = vm_lookup(call->arg, &vm);
+    int rc = vm_lookup(pctx.d, key, &vm);
     struct repl *r = vm ? vm->repl : NULL;
     if (rc == 0 && (vm->mode != VM_MODE_REPLICA || !r ||
                     r->st != REPL_ST_FAILED_OVER))
@@ -382,9 +262,9 @@ api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,
                     "not known here: give --replica-server FQDN[:PORT]",
                     vm->name, r->primary_server);
     if (rc == 0)
-        rc = repl_check_identity(r);
+        rc = repl_check_identity(&pctx.d->cfg, r);
     if (rc < 0) {
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&pctx.d->lock);
         return rc;
     }
     struct repl *nr = xcalloc(1, sizeof *nr);
@@ -426,7 +306,7 @@ api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,
     job_fill(&jb, vm);
     vm->repl = saved;
     vm_op_begin(vm, VM_OP_CHANGE);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&pctx.d->lock);
 
     vr_fault_point("reverse-registering");
     CLEANUP_FREE char *path = xasprintf("/r1/vms/%s", jb.uuid);
@@ -437,16 +317,16 @@ api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,
     if (rc == 0)
         vr_fault_point("reverse-registered");
 
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&pctx.d->lock);
     vm_op_end(vm, VM_OP_CHANGE);
     if (rc == 0) {
-        rc = catalog_begin(D->cat);
+        rc = catalog_begin(pctx.d->cat);
         if (rc == 0) {
             vm->mode = VM_MODE_PRIMARY;
-            rc = catalog_save_vm(D->cat, vm);
+            rc = catalog_save_vm(pctx.d->cat, vm);
             if (rc == 0)
-                rc = catalog_save_repl(D->cat, nr);
-            rc = catalog_end(D->cat, rc);
+                rc = catalog_save_repl(pctx.d->cat, nr);
+            rc = catalog_end(pctx.d->cat, rc);
             if (rc < 0)
                 vm->mode = VM_MODE_REPLICA;
         }
@@ -454,17 +334,17 @@ api_repl_reverse(struct api_call *call, unsigned *status VR_UNUSED,
     if (rc == 0) {
         vm->repl = nr;
         repl_free(r);
-        event_add(D->cat, "info", vm->name,
+        event_add(pctx.d->cat, "info", vm->name,
                   "replication reversed: this server is "
                   "the primary now, replicating to %s (epoch %llu) with no "
                   "resynchronization",
                   nr->replica_server, (unsigned long long)nr->epoch);
         shipper_ensure(vm);
-        *out = repl_to_json(vm);
+        *out = repl_to_json(vm, pctx.d->cfg.hostname);
     } else {
         repl_free(nr);
     }
-    pthread_cond_broadcast(&D->cond);
-    pthread_mutex_unlock(&D->lock);
+    pthread_cond_broadcast(&pctx.d->cond);
+    pthread_mutex_unlock(&pctx.d->lock);
     return rc;
 }

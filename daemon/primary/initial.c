@@ -15,7 +15,7 @@
 
 #include "chunkhash.h"
 #include "cycle.h"
-#include "daemon.h"
+#include "core/logdir.h"
 #include "proc/vmproc.h"
 #include "shipper-int.h"
 
@@ -326,7 +326,7 @@ first_consistent_cycle(const struct job *jb, uint64_t base, uint64_t *first)
         /* Not served, or stopped since (a stop seals first). */
         vr_err_clear();
         uint64_t last = 0;
-        int rc = shipper_log_base(&jb->disks[0], &last);
+        int rc = logdir_base(&jb->disks[0], &last);
         if (rc < 0)
             return rc;
         open = last + 1;
@@ -338,10 +338,10 @@ first_consistent_cycle(const struct job *jb, uint64_t base, uint64_t *first)
 int
 run_initial(struct vm *vm, struct job *jb)
 {
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&pctx.d->lock);
     struct repl *r = vm->repl;
     bool fresh = r->initial_seq == 0;
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&pctx.d->lock);
 
     if (fresh) {
         /* The base: seal so every later write is in a cycle after it.  If
@@ -360,25 +360,25 @@ run_initial(struct vm *vm, struct job *jb)
             int rc = vmproc_rearm(jb->rundir, &base);
             if (rc < 0)
                 return rc;
-            pthread_mutex_lock(&D->lock);
+            pthread_mutex_lock(&pctx.d->lock);
             vm->repl->untracked = false;
-            event_add(D->cat, "info", vm->name, "change tracking restarted "
+            event_add(pctx.d->cat, "info", vm->name, "change tracking restarted "
                       "after cycle %llu for the initial replication",
                       (unsigned long long)base);
-            pthread_mutex_unlock(&D->lock);
+            pthread_mutex_unlock(&pctx.d->lock);
         } else if (served) {
             int rc = vmproc_seal(jb->rundir, &base);
             if (rc < 0)
                 return rc;
         } else {
-            int rc = shipper_log_base(&jb->disks[0], &base);
+            int rc = logdir_base(&jb->disks[0], &base);
             if (rc < 0)
                 return rc;
         }
         release_shipped(jb, base);
-        pthread_mutex_lock(&D->lock);
+        pthread_mutex_lock(&pctx.d->lock);
         bool compare = r->initial_method == INITIAL_COMPARE;
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&pctx.d->lock);
         /* Before the first piece: the Replica server keeps its copy for a
          * comparison, or resets it for a full copy. */
         CLEANUP_FREE char *ipath = xasprintf("/r1/vms/%s/initial", jb->uuid);
@@ -392,7 +392,7 @@ run_initial(struct vm *vm, struct job *jb)
         for (unsigned i = 0; i < jb->ndisks; i++)
             total += compare ? jb->disks[i].size
                              : allocated_bytes(jb->disks[i].path);
-        pthread_mutex_lock(&D->lock);
+        pthread_mutex_lock(&pctx.d->lock);
         r->base_cycle = base;
         r->initial_seq = 1;
         r->initial_disk = 0;
@@ -401,31 +401,31 @@ run_initial(struct vm *vm, struct job *jb)
         r->initial_sent = 0;
         r->initial_compared = 0;
         r->last_cycle = base;
-        rc = catalog_save_repl(D->cat, r);
+        rc = catalog_save_repl(pctx.d->cat, r);
         if (compare)
-            event_add(D->cat, "info", vm->name,
+            event_add(pctx.d->cat, "info", vm->name,
                       "initial replication started by comparison with the "
                       "Replica server's copy: %llu bytes to compare, base "
                       "cycle %llu",
                       (unsigned long long)total, (unsigned long long)base);
         else
-            event_add(D->cat, "info", vm->name,
+            event_add(pctx.d->cat, "info", vm->name,
                       "initial replication started: %llu bytes allocated, "
                       "base cycle %llu",
                       (unsigned long long)total, (unsigned long long)base);
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&pctx.d->lock);
         if (rc < 0)
             return rc;
     }
 
     for (;;) {
-        pthread_mutex_lock(&D->lock);
+        pthread_mutex_lock(&pctx.d->lock);
         bool stop = r->stop || r->st != REPL_ST_INITIAL;
         bool compare = r->initial_method == INITIAL_COMPARE;
         unsigned d = r->initial_disk;
         uint64_t off = r->initial_offset, seq = r->initial_seq,
                  base = r->base_cycle;
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&pctx.d->lock);
         if (stop)
             return -ECANCELED;
         if (d >= jb->ndisks)
@@ -438,7 +438,7 @@ run_initial(struct vm *vm, struct job *jb)
                                            &data, &wire, &raw);
         if (rc < 0)
             return rc;
-        pthread_mutex_lock(&D->lock);
+        pthread_mutex_lock(&pctx.d->lock);
         if (wire > 0)
             r->initial_seq++;
         r->initial_sent += data;
@@ -451,16 +451,16 @@ run_initial(struct vm *vm, struct job *jb)
         } else {
             r->initial_offset = off;
         }
-        rc = catalog_save_repl(D->cat, r);
-        pthread_mutex_unlock(&D->lock);
+        rc = catalog_save_repl(pctx.d->cat, r);
+        pthread_mutex_unlock(&pctx.d->lock);
         if (rc < 0)
             return rc;
         vr_fault_point("base-chunk-sent");
     }
 
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&pctx.d->lock);
     uint64_t base = r->base_cycle;
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&pctx.d->lock);
     uint64_t first = 0;
     int rc = first_consistent_cycle(jb, base, &first);
     if (rc < 0)
@@ -473,25 +473,25 @@ run_initial(struct vm *vm, struct job *jb)
     rc = peer_call(&jb->peer, "POST", path, body, -1, 0, false, NULL);
     if (rc < 0)
         return rc;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&pctx.d->lock);
     r->initial_done = true;
     r->first_point = first;
     r->last_cycle = base;
     r->last_ok_ms = vr_wall_ms();
     free(r->task);
     r->task = NULL;
-    rc = repl_transition(D->cat, vm, REPL_ST_REPLICATING, REPL_T_SAVE);
+    rc = repl_transition(pctx.d->cat, vm, REPL_ST_REPLICATING, REPL_T_SAVE);
     if (r->initial_method == INITIAL_COMPARE)
-        event_add(D->cat, "info", vm->name,
+        event_add(pctx.d->cat, "info", vm->name,
                   "initial replication by comparison complete: %llu bytes "
                   "compared, %llu bytes of data sent",
                   (unsigned long long)r->initial_compared,
                   (unsigned long long)r->initial_sent);
     else
-        event_add(D->cat, "info", vm->name,
+        event_add(pctx.d->cat, "info", vm->name,
                   "initial replication complete: %llu bytes of data sent",
                   (unsigned long long)r->initial_sent);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&pctx.d->lock);
     return rc;
 }
 

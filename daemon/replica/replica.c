@@ -14,6 +14,15 @@
  * boundary. */
 #include "replica-int.h"
 
+struct replica_ctx rctx;
+
+void
+replica_init(struct daemon *d, const struct replica_hooks *hooks)
+{
+    rctx.d = d;
+    rctx.hooks = *hooks;
+}
+
 /* --- per-request state -------------------------------------------------- */
 
 static void
@@ -46,11 +55,11 @@ rreq_done(void *cls VR_UNUSED, struct MHD_Connection *c,
     if (q->stgfd >= 0)
         close(q->stgfd);
     if (q->holds_busy) {
-        pthread_mutex_lock(&D->lock);
-        struct vm *vm = vm_find_uuid(q->uuid);
+        pthread_mutex_lock(&rctx.d->lock);
+        struct vm *vm = vm_find_uuid(rctx.d, q->uuid);
         if (vm)
             vm_op_end(vm, VM_OP_RECEIVE);
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&rctx.d->lock);
     }
     claim_unlink(q);
     free(q->staging);
@@ -169,7 +178,7 @@ replica_status_json(const struct vm *vm)
 int
 own_vm(struct rreq *q, struct vm **out)
 {
-    struct vm *vm = vm_find_uuid(q->uuid);
+    struct vm *vm = vm_find_uuid(rctx.d, q->uuid);
     if (!vm || vm->mode != VM_MODE_REPLICA || !vm->repl)
         return vr_err(-ENOENT, "replica vm %s: not found", q->uuid);
     if (!vm->repl->primary_server ||
@@ -249,7 +258,7 @@ expected_bytes(struct MHD_Connection *c, uint64_t cap)
 static int
 upload_begin(struct rreq *q, struct MHD_Connection *c)
 {
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&rctx.d->lock);
     struct vm *vm = NULL;
     int rc = own_vm(q, &vm);
     struct repl *r = rc == 0 ? vm->repl : NULL;
@@ -283,7 +292,7 @@ upload_begin(struct rreq *q, struct MHD_Connection *c)
         for (unsigned i = 0; i < vm->ndisks; i++)
             q->disk_sizes[i] = vm->disks[i].size;
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&rctx.d->lock);
     if (rc != 0)
         return rc;
 
@@ -347,7 +356,7 @@ upload_finish(struct rreq *q, json_object **out)
     if (fdatasync(q->fd) < 0)
         return vr_err(-errno, "sync %s: %s", q->tmp_path, strerror(errno));
 
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&rctx.d->lock);
     struct vm *vm = NULL;
     rc = own_vm(q, &vm);
     if (rc == 0 && h.ndisks != vm->ndisks)
@@ -355,7 +364,7 @@ upload_finish(struct rreq *q, json_object **out)
                     vm->name, vm->ndisks);
     if (rc == 0 && base)
         rc = reset_kept_disks(vm);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&rctx.d->lock);
     if (rc < 0)
         return rc;
 
@@ -372,9 +381,9 @@ upload_finish(struct rreq *q, json_object **out)
         if (rc < 0)
             return rc;
     } else {
-        pthread_mutex_lock(&D->lock);
+        pthread_mutex_lock(&rctx.d->lock);
         CLEANUP_FREE char *final = cycle_path(vm->repl, q->n);
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&rctx.d->lock);
         /* Renaming over a link replaces the link: nothing is followed. */
         if (renameat(q->stgfd, q->tmp_name, q->stgfd,
                      strrchr(final, '/') + 1) < 0)
@@ -384,7 +393,7 @@ upload_finish(struct rreq *q, json_object **out)
         rc = io_fsync_dirfd(q->stgfd);
         if (rc < 0)
             return vr_err(rc, "sync %s: %s", q->staging, strerror(-rc));
-        pthread_mutex_lock(&D->lock);
+        pthread_mutex_lock(&rctx.d->lock);
         rc = own_vm(q, &vm);
         if (rc == 0) {
             vm->repl->last_cycle = q->n;
@@ -397,10 +406,10 @@ upload_finish(struct rreq *q, json_object **out)
             if (vm->repl->prepared_cycle && q->n > vm->repl->prepared_cycle)
                 vm->repl->prepared_cycle = 0;
             take_history(vm->repl, q);
-            rc = catalog_save_repl(D->cat, vm->repl);
-            pthread_cond_broadcast(&D->cond);
+            rc = catalog_save_repl(rctx.d->cat, vm->repl);
+            pthread_cond_broadcast(&rctx.d->cond);
         }
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&rctx.d->lock);
         if (rc < 0)
             return rc;
     }
@@ -428,12 +437,12 @@ release_busy(struct rreq *q)
     claim_unlink(q);
     if (!q->holds_busy)
         return;
-    pthread_mutex_lock(&D->lock);
-    struct vm *vm = vm_find_uuid(q->uuid);
+    pthread_mutex_lock(&rctx.d->lock);
+    struct vm *vm = vm_find_uuid(rctx.d, q->uuid);
     if (vm)
         vm_op_end(vm, VM_OP_RECEIVE);
     q->holds_busy = false;
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&rctx.d->lock);
 }
 
 /* Kerberos mode: sign every answer of an authenticated request (the
@@ -487,16 +496,16 @@ reply_error(struct MHD_Connection *c, struct rreq *q, int rc,
 static MHD_RESULT
 refuse(struct MHD_Connection *c, struct rreq *q, int rc, const char *msg)
 {
-    pthread_mutex_lock(&D->lock);
-    struct vm *vm = q->uuid[0] ? vm_find_uuid(q->uuid) : NULL;
-    event_add(D->cat, "audit", vm ? vm->name : NULL,
+    pthread_mutex_lock(&rctx.d->lock);
+    struct vm *vm = q->uuid[0] ? vm_find_uuid(rctx.d, q->uuid) : NULL;
+    event_add(rctx.d->cat, "audit", vm ? vm->name : NULL,
               "refused %s from %s (%s): %s",
               q->kind == R1_CYCLE ? "cycle" : "request",
               q->principal[0] ? q->principal
               : q->peer[0]    ? q->peer
                               : "unauthenticated peer",
               q->addr, msg);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&rctx.d->lock);
     return reply_error(c, q, rc, msg);
 }
 
@@ -526,9 +535,9 @@ krb_authenticate(struct MHD_Connection *c, const struct listener_ctx *kl,
     if (w && strcmp(w, KRB_WRAP_VALUE) != 0)
         return vr_err(-EPROTO, "unknown %s: %s", KRB_WRAP_HEADER, w);
     q->wrapped = w != NULL;
-    pthread_mutex_lock(&D->lock);
-    bool need = D->cfg.krb_encrypt;
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_lock(&rctx.d->lock);
+    bool need = rctx.d->cfg.krb_encrypt;
+    pthread_mutex_unlock(&rctx.d->lock);
     if (need && !q->wrapped)
         return vr_err(-EACCES, "this Replica server accepts Kerberos "
                       "replication only encrypted (on the primary: "
@@ -643,12 +652,12 @@ request_begin(struct MHD_Connection *c, const struct listener_ctx *lc,
         rreq_fail(q, -EPROTO, vr_errmsg());
         return MHD_YES;
     }
-    pthread_mutex_lock(&D->lock);
-    bool enabled = D->cfg.replica_enabled;
-    arc = enabled
-              ? authz_decide(D->cat, &D->cfg, q->peer, &q->root, &q->group)
-              : 0;
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_lock(&rctx.d->lock);
+    bool enabled = rctx.d->cfg.replica_enabled;
+    arc = enabled ? authz_decide(rctx.d->cat, &rctx.d->cfg, q->peer, &q->root,
+                                 &q->group)
+                  : 0;
+    pthread_mutex_unlock(&rctx.d->lock);
     if (!enabled)
         rreq_fail(q, -EPERM, "replication is not enabled on this server");
     else if (arc < 0)
@@ -680,13 +689,13 @@ request_data(struct rreq *q, const char *data, size_t n)
 static int
 ep_status(struct rreq *q, json_object **out)
 {
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&rctx.d->lock);
     struct vm *vm;
     q->epoch = 0;
     int rc = own_vm(q, &vm);
     if (rc == 0)
         *out = replica_status_json(vm);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&rctx.d->lock);
     return rc;
 }
 
@@ -696,11 +705,11 @@ static int
 ep_test(struct rreq *q, json_object **out)
 {
     *out = json_object_new_object();
-    pthread_mutex_lock(&D->lock);
-    json_object_object_add(*out, "server", D->cfg.hostname
-                               ? json_object_new_string(D->cfg.hostname)
+    pthread_mutex_lock(&rctx.d->lock);
+    json_object_object_add(*out, "server", rctx.d->cfg.hostname
+                               ? json_object_new_string(rctx.d->cfg.hostname)
                                : NULL);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&rctx.d->lock);
     json_object_object_add(*out, "primary", json_object_new_string(q->peer));
     json_object_object_add(*out, "storage", json_object_new_string(q->root));
     json_object_object_add(*out, "trust_group",

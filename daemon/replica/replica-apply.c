@@ -177,7 +177,7 @@ apply_one(struct vm *vm, uint64_t n, bool locked)
      * replication from being removed under us. */
     vm_op_begin(vm, VM_OP_APPLY);
     if (locked)
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&rctx.d->lock);
     bool app = (staged_flags(vm, path) & CYC_F_APP) != 0;
     int rc = history_capture(vm, n, path);
     if (rc == 0)
@@ -188,16 +188,16 @@ apply_one(struct vm *vm, uint64_t n, bool locked)
         test_applylog(vm, n);
         vr_fault_point("apply-before-commit");
     }
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&rctx.d->lock);
     if (rc == 0) {
         vm->repl->applied_cycle = n;
         vm->repl->last_ok_ms = vr_wall_ms();
         bool held_end = vm->repl->hold_to && n >= vm->repl->hold_to;
         if (held_end)
             vm->repl->hold_from = vm->repl->hold_to = 0;
-        rc = catalog_save_repl(D->cat, vm->repl);
+        rc = catalog_save_repl(rctx.d->cat, vm->repl);
         if (rc == 0 && held_end)
-            event_add(D->cat, "info", vm->name, "resynchronization applied: "
+            event_add(rctx.d->cat, "info", vm->name, "resynchronization applied: "
                       "the Replica VM is at cycle %llu",
                       (unsigned long long)n);
     }
@@ -209,31 +209,31 @@ apply_one(struct vm *vm, uint64_t n, bool locked)
         /* The cycle is applied whatever happens to its point: a failure
          * here is retried by history_recover at the next start. */
         if (history_after_apply(vm, n, app) < 0) {
-            event_add(D->cat, "warning", vm->name,
+            event_add(rctx.d->cat, "warning", vm->name,
                       "recovery history after cycle "
                       "%llu: %s",
                       (unsigned long long)n, vr_errmsg());
             vr_err_clear();
         }
-        pthread_cond_broadcast(&D->cond);
+        pthread_cond_broadcast(&rctx.d->cond);
     } else {
         vm->repl->errors++;
         free(vm->repl->last_error);
         vm->repl->last_error = xstrdup(vr_errmsg());
-        event_add(D->cat, "error", vm->name, "apply cycle %llu: %s",
+        event_add(rctx.d->cat, "error", vm->name, "apply cycle %llu: %s",
                   (unsigned long long)n, vr_errmsg());
     }
     vm_op_end(vm, VM_OP_APPLY);
-    pthread_cond_broadcast(&D->cond);
+    pthread_cond_broadcast(&rctx.d->cond);
     if (!locked)
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&rctx.d->lock);
     return rc;
 }
 
 int
 replica_recover(void)
 {
-    for (struct vm *vm = D->vms; vm; vm = vm->next) {
+    for (struct vm *vm = rctx.d->vms; vm; vm = vm->next) {
         struct repl *r = vm->repl;
         if (vm->mode != VM_MODE_REPLICA || !r || !r->storage)
             continue;
@@ -277,7 +277,7 @@ replica_recover(void)
             int rc = apply_one(vm, n, true);
             if (rc < 0) {
                 /* In memory only: the next start tries again. */
-                VR_IGNORE(repl_transition(D->cat, vm, REPL_ST_ERROR, 0));
+                VR_IGNORE(repl_transition(rctx.d->cat, vm, REPL_ST_ERROR, 0));
                 break;
             }
         }
@@ -290,11 +290,11 @@ static bool applier_stop;
 static void *
 applier_main(void *arg VR_UNUSED)
 {
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&rctx.d->lock);
     while (!applier_stop) {
         struct vm *todo = NULL;
         uint64_t now = vr_mono_ms(), next_retry = 0;
-        for (struct vm *vm = D->vms; vm && !todo; vm = vm->next) {
+        for (struct vm *vm = rctx.d->vms; vm && !todo; vm = vm->next) {
             struct repl *r = vm->repl;
             if (vm->mode != VM_MODE_REPLICA || !r || !r->initial_done ||
                 r->st != REPL_ST_REPLICATING ||
@@ -310,9 +310,9 @@ applier_main(void *arg VR_UNUSED)
         }
         if (!todo) {
             if (next_retry) {
-                daemon_wait_ms(next_retry - now);
+                daemon_wait_ms(rctx.d, next_retry - now);
             } else {
-                pthread_cond_wait(&D->cond, &D->lock);
+                pthread_cond_wait(&rctx.d->cond, &rctx.d->lock);
             }
             continue;
         }
@@ -336,12 +336,12 @@ applier_main(void *arg VR_UNUSED)
                      (unsigned long long)delay_ms / 1000);
         } else if (rc < 0) {
             VR_IGNORE(
-                repl_transition(D->cat, todo, REPL_ST_ERROR, REPL_T_SAVE));
+                repl_transition(rctx.d->cat, todo, REPL_ST_ERROR, REPL_T_SAVE));
         } else {
             r->apply_retry_ms = 0;
         }
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&rctx.d->lock);
     return NULL;
 }
 
@@ -349,7 +349,7 @@ int
 replica_applier_start(void)
 {
     applier_stop = false;
-    if (pthread_create(&D->applier, NULL, applier_main, NULL) != 0)
+    if (pthread_create(&rctx.d->applier, NULL, applier_main, NULL) != 0)
         return vr_err(-EAGAIN, "start applier thread");
     return 0;
 }
@@ -357,9 +357,9 @@ replica_applier_start(void)
 void
 replica_applier_stop(void)
 {
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&rctx.d->lock);
     applier_stop = true;
-    pthread_cond_broadcast(&D->cond);
-    pthread_mutex_unlock(&D->lock);
-    pthread_join(D->applier, NULL);
+    pthread_cond_broadcast(&rctx.d->cond);
+    pthread_mutex_unlock(&rctx.d->lock);
+    pthread_join(rctx.d->applier, NULL);
 }

@@ -12,68 +12,8 @@
 #include <unistd.h>
 
 #include "api-int.h"
-#include "daemon.h"
 #include "proc/vmproc.h"
-
-struct vm *
-vm_find(const char *key)
-{
-    for (struct vm *vm = D->vms; vm; vm = vm->next)
-        if (strcmp(vm->name, key) == 0 || strcmp(vm->uuid, key) == 0)
-            return vm;
-    return NULL;
-}
-
-struct vm *
-vm_find_uuid(const char *uuid)
-{
-    for (struct vm *vm = D->vms; vm; vm = vm->next)
-        if (strcmp(vm->uuid, uuid) == 0)
-            return vm;
-    return NULL;
-}
-
-void
-repl_free(struct repl *r)
-{
-    if (!r)
-        return;
-    free(r->replica_server);
-    free(r->connect_address);
-    free(r->primary_server);
-    free(r->storage);
-    free(r->last_error);
-    free(r->trust_group);
-    free(r->auth);
-    free(r->task);
-    free(r);
-}
-
-void
-vm_free(struct vm *vm)
-{
-    if (!vm)
-        return;
-    for (unsigned i = 0; i < vm->ndisks; i++)
-        free(vm->disks[i].path);
-    repl_free(vm->repl);
-    free(vm->name);
-    free(vm->dir);
-    free(vm->kernel);
-    free(vm->initrd);
-    free(vm->cmdline);
-    json_object_put(vm->nics);
-    free(vm->test_network);
-    free(vm->owner);
-    free(vm->owner_group);
-    free(vm);
-}
-
-char *
-vm_rundir(const struct vm *vm)
-{
-    return xasprintf("%s/run/%s", D->state_dir, vm->uuid);
-}
+#include "proc/vmspec.h"
 
 /* What runs for vm now, from its processes (never from what was asked at
  * its last start): *running and *hypervisor while its QEMU runs, *served
@@ -87,7 +27,7 @@ vm_status(const struct vm *vm, bool *served, bool *running, bool *view)
     *view = vm->mode == VM_MODE_REPLICA && vm->repl &&
             vm->repl->failover_point && vm->repl->storage;
     char *rundir = *view ? xasprintf("%s/failover", vm->repl->storage)
-                         : vm_rundir(vm);
+                         : vm_rundir(actx.d, vm);
     vmproc_status(rundir, served, running);
     *served = *served && vmproc_nbd_sock_exists(rundir);
     return rundir;
@@ -123,7 +63,8 @@ vm_to_json(const struct vm *vm)
     json_object_object_add(o, "mode",
                            json_object_new_string(vm_mode_name(vm->mode)));
     if (vm->mode == VM_MODE_REPLICA && vm->owner) {
-        /* Who may register it (again): replica.c, check_owner. */
+        /* Who may register it (again): replica/replica-register.c,
+         * check_owner. */
         json_object_object_add(o, "owner", json_object_new_string(vm->owner));
         json_object_object_add(o, "owner_trust_group",
                                json_object_new_string(vm->owner_group
@@ -153,41 +94,6 @@ vm_to_json(const struct vm *vm)
     return o;
 }
 
-const char *
-jstr(json_object *o, const char *key)
-{
-    json_object *v;
-    if (!json_object_object_get_ex(o, key, &v) ||
-        !json_object_is_type(v, json_type_string))
-        return NULL;
-    return json_object_get_string(v);
-}
-
-bool
-jbool(json_object *o, const char *key, bool dflt)
-{
-    json_object *v;
-    if (!json_object_object_get_ex(o, key, &v) || !v)
-        return dflt;
-    return json_object_get_boolean(v);
-}
-
-int64_t
-jint(json_object *o, const char *key, int64_t dflt)
-{
-    json_object *v;
-    if (!json_object_object_get_ex(o, key, &v) || !v)
-        return dflt;
-    return json_object_get_int64(v);
-}
-
-int
-vm_lookup(const char *key, struct vm **out)
-{
-    *out = vm_find(key);
-    return *out ? 0 : vr_err(-ENOENT, "vm %s: not found", key);
-}
-
 /* --- VMs ------------------------------------------------------------------ */
 
 int
@@ -195,14 +101,14 @@ api_vm_list(struct api_call *call VR_UNUSED, unsigned *status VR_UNUSED,
             json_object **out)
 {
     json_object *arr = json_object_new_array();
-    pthread_mutex_lock(&D->lock);
-    for (struct vm *vm = D->vms; vm; vm = vm->next) {
+    pthread_mutex_lock(&actx.d->lock);
+    for (struct vm *vm = actx.d->vms; vm; vm = vm->next) {
         json_object_array_add(arr, vm_to_json(vm));
         json_object *t = failover_test_vm_json(vm);
         if (t)
             json_object_array_add(arr, t);
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     *out = json_object_new_object();
     json_object_object_add(*out, "vms", arr);
     return 0;
@@ -213,22 +119,22 @@ api_vm_show(struct api_call *call, unsigned *status VR_UNUSED,
             json_object **out)
 {
     struct vm *vm = NULL;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     /* "VM - Test": the test VM of a running test failover. */
     static const char sfx[] = " - Test";
     size_t n = strlen(call->arg), k = sizeof sfx - 1;
     if (n > k && strcmp(call->arg + n - k, sfx) == 0) {
         CLEANUP_FREE char *base = xasprintf("%.*s", (int)(n - k), call->arg);
-        struct vm *b = vm_find(base);
+        struct vm *b = vm_find(actx.d, base);
         if (b && (*out = failover_test_vm_json(b))) {
-            pthread_mutex_unlock(&D->lock);
+            pthread_mutex_unlock(&actx.d->lock);
             return 0;
         }
     }
-    int rc = vm_lookup(call->arg, &vm);
+    int rc = vm_lookup(actx.d, call->arg, &vm);
     if (rc == 0)
         *out = vm_to_json(vm);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }
 
@@ -265,9 +171,9 @@ api_vm_create(struct api_call *call, unsigned *status, json_object **out)
         return rc;
     }
 
-    pthread_mutex_lock(&D->lock);
-    bool exists = vm_find(name) != NULL;
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
+    bool exists = vm_find(actx.d, name) != NULL;
+    pthread_mutex_unlock(&actx.d->lock);
     if (exists) {
         json_object_put(nics);
         for (int k = 0; k < 3; k++)
@@ -281,7 +187,7 @@ api_vm_create(struct api_call *call, unsigned *status, json_object **out)
     vm->cpus = (unsigned)cpus;
     vm->memory_mib = (unsigned)mem;
     vm->mode = VM_MODE_NONE;
-    vm->dir = xasprintf("%s/vms/%s", D->state_dir, vm->uuid);
+    vm->dir = xasprintf("%s/vms/%s", actx.d->state_dir, vm->uuid);
     vm->kernel = boot[0];
     vm->initrd = boot[1];
     vm->cmdline = boot[2];
@@ -326,13 +232,13 @@ api_vm_create(struct api_call *call, unsigned *status, json_object **out)
                 dk->size = (uint64_t)st.st_size;
         }
     }
-    pthread_mutex_lock(&D->lock);
-    if (rc == 0 && vm_find(name))
+    pthread_mutex_lock(&actx.d->lock);
+    if (rc == 0 && vm_find(actx.d, name))
         rc = vr_err(-EEXIST, "vm %s: already exists", name);
     if (rc == 0)
-        rc = catalog_save_vm(D->cat, vm);
+        rc = catalog_save_vm(actx.d->cat, vm);
     if (rc < 0) {
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&actx.d->lock);
         char saved[1024];
         snprintf(saved, sizeof saved, "%s", vr_errmsg());
         for (unsigned i = 0; i < vm->ndisks; i++)
@@ -341,70 +247,14 @@ api_vm_create(struct api_call *call, unsigned *status, json_object **out)
         vm_free(vm);
         return vr_err(rc, "%s", saved);
     }
-    vm->next = D->vms;
-    D->vms = vm;
-    event_add(D->cat, "info", vm->name, "vm created with %u disk(s)",
+    vm->next = actx.d->vms;
+    actx.d->vms = vm;
+    event_add(actx.d->cat, "info", vm->name, "vm created with %u disk(s)",
               vm->ndisks);
     *out = vm_to_json(vm);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     *status = 201;
     return 0;
-}
-
-int
-vm_boot_parse(json_object *b, char *out[3])
-{
-    static const char *keys[3] = { "kernel", "initrd", "cmdline" };
-    out[0] = out[1] = out[2] = NULL;
-    for (int k = 0; k < 3; k++) {
-        const char *v = jstr(b, keys[k]);
-        if (!v || !*v)
-            continue;
-        size_t len = strlen(v);
-        bool ok = len < 4096;
-        for (size_t i = 0; ok && i < len; i++)
-            ok = v[i] >= 0x20 && v[i] < 0x7f;
-        if (ok && k < 2) {
-            struct stat st;
-            ok = v[0] == '/' && stat(v, &st) == 0 && S_ISREG(st.st_mode);
-        }
-        if (!ok) {
-            for (int j = 0; j < k; j++)
-                free(out[j]);
-            return vr_err(-EINVAL, "%s: %s", keys[k],
-                          k < 2 ? "expected the absolute path of a file"
-                                : "expected printable text (< 4 KiB)");
-        }
-        out[k] = xstrdup(v);
-    }
-    if (!out[0] && (out[1] || out[2])) {
-        free(out[1]);
-        free(out[2]);
-        return vr_err(-EINVAL, "initrd and cmdline need a kernel");
-    }
-    return 0;
-}
-
-void
-vm_spec_of(const struct vm *vm, struct vmproc_spec *s,
-           struct vmproc_disk *dks, char *rundir)
-{
-    for (unsigned i = 0; i < vm->ndisks; i++) {
-        dks[i].id = vm->disks[i].id;
-        dks[i].path = vm->disks[i].path;
-    }
-    *s = (struct vmproc_spec){ .name = vm->name,
-                               .uuid = vm->uuid,
-                               .cpus = vm->cpus,
-                               .memory_mib = vm->memory_mib,
-                               .rundir = rundir,
-                               .ndisks = vm->ndisks,
-                               .disks = dks,
-                               .kernel = vm->kernel,
-                               .initrd = vm->initrd,
-                               .cmdline = vm->cmdline,
-                               .hypervisor = vm->hypervisor };
-    nics_to_spec(vm, s, NULL);
 }
 
 /* Start or stop run their processes without the lock (up to the QEMU
@@ -413,7 +263,7 @@ vm_spec_of(const struct vm *vm, struct vmproc_spec *s,
 static int
 begin_change(struct api_call *call, struct vm **out)
 {
-    int rc = vm_lookup(call->arg, out);
+    int rc = vm_lookup(actx.d, call->arg, out);
     if (rc == 0 && vm_busy(*out, VM_OP_CHANGE))
         rc = vr_err(-EBUSY, "vm %s: a start or stop is in progress",
                     (*out)->name);
@@ -428,7 +278,7 @@ end_change(struct vm *vm)
     vm_op_end(vm, VM_OP_CHANGE);
     if (vm->repl)
         vm->repl->kick = true;
-    pthread_cond_broadcast(&D->cond);
+    pthread_cond_broadcast(&actx.d->cond);
 }
 
 int
@@ -436,7 +286,7 @@ api_vm_start(struct api_call *call, unsigned *status VR_UNUSED,
              json_object **out)
 {
     struct vm *vm = NULL;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     int rc = begin_change(call, &vm);
     if (rc == 0 && vm->repl && vm->repl->mode == VM_MODE_PRIMARY &&
         (vm_busy(vm, VM_OP_PREPARE) ||
@@ -456,32 +306,32 @@ api_vm_start(struct api_call *call, unsigned *status VR_UNUSED,
                     vm->name);
     }
     if (rc < 0) {
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&actx.d->lock);
         return rc;
     }
     vm->hypervisor = !jbool(call->body, "no_hypervisor", false);
-    CLEANUP_FREE char *rundir = vm_rundir(vm);
+    CLEANUP_FREE char *rundir = vm_rundir(actx.d, vm);
     struct vmproc_spec s;
     struct vmproc_disk dks[MAX_DISKS];
     vm_spec_of(vm, &s, dks, rundir);
     /* The spec borrows vm's strings: a changing VM is neither removed nor
      * altered. */
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     rc = storage_check_disks(vm);
     if (rc == 0)
         rc = vmproc_start(&s);
     char msg[1024];
     snprintf(msg, sizeof msg, "%s", vr_errmsg());
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     end_change(vm);
     if (rc == 0) {
-        event_add(D->cat, "info", vm->name, "vm started (%s)",
+        event_add(actx.d->cat, "info", vm->name, "vm started (%s)",
                   vm->hypervisor ? "qemu" : "disks served only");
         *out = vm_to_json(vm);
     } else {
         vr_err(rc, "%s", msg);
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }
 
@@ -490,28 +340,28 @@ api_vm_stop(struct api_call *call, unsigned *status VR_UNUSED,
             json_object **out)
 {
     struct vm *vm = NULL;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     int rc = begin_change(call, &vm);
     if (rc < 0) {
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&actx.d->lock);
         return rc;
     }
-    CLEANUP_FREE char *rundir = vm_rundir(vm);
+    CLEANUP_FREE char *rundir = vm_rundir(actx.d, vm);
     bool force = jbool(call->body, "force", false);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     rc = vmproc_stop(rundir, force, 30000);
     char msg[1024];
     snprintf(msg, sizeof msg, "%s", vr_errmsg());
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&actx.d->lock);
     end_change(vm);
     if (rc == 0) {
         vm->hypervisor = false;
-        event_add(D->cat, "info", vm->name, "vm stopped");
+        event_add(actx.d->cat, "info", vm->name, "vm stopped");
         *out = vm_to_json(vm);
     } else {
         vr_err(rc, "%s", msg);
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }
 
@@ -528,10 +378,10 @@ api_vm_remove(struct api_call *call, unsigned *status VR_UNUSED,
               json_object **out)
 {
     struct vm *vm = NULL;
-    pthread_mutex_lock(&D->lock);
-    int rc = vm_lookup(call->arg, &vm);
+    pthread_mutex_lock(&actx.d->lock);
+    int rc = vm_lookup(actx.d, call->arg, &vm);
     if (rc == 0) {
-        CLEANUP_FREE char *rundir = vm_rundir(vm);
+        CLEANUP_FREE char *rundir = vm_rundir(actx.d, vm);
         bool served, running;
         vmproc_status(rundir, &served, &running);
         if (served || running)
@@ -551,14 +401,14 @@ api_vm_remove(struct api_call *call, unsigned *status VR_UNUSED,
                                 "first",
                         vm->name);
         if (rc == 0)
-            rc = catalog_delete_vm(D->cat, vm->uuid);
+            rc = catalog_delete_vm(actx.d->cat, vm->uuid);
         if (rc == 0) {
-            for (struct vm **p = &D->vms; *p; p = &(*p)->next)
+            for (struct vm **p = &actx.d->vms; *p; p = &(*p)->next)
                 if (*p == vm) {
                     *p = vm->next;
                     break;
                 }
-            event_add(D->cat, "info", vm->name, "vm removed");
+            event_add(actx.d->cat, "info", vm->name, "vm removed");
             if (vm->mode != VM_MODE_REPLICA)
                 remove_tree(vm->dir);
             remove_tree(rundir);
@@ -568,6 +418,6 @@ api_vm_remove(struct api_call *call, unsigned *status VR_UNUSED,
             vm_free(vm);
         }
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }

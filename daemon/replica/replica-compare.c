@@ -69,24 +69,24 @@ do_initial_begin(struct rreq *q, json_object **out)
     if (rc < 0)
         return rc;
 
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&rctx.d->lock);
     struct vm *vm = NULL;
     rc = compare_vm(q, &vm, false);
     if (rc == 0 && vm->repl->reset_pending == compare) {
         vm->repl->reset_pending = !compare;
-        rc = catalog_save_repl(D->cat, vm->repl);
+        rc = catalog_save_repl(rctx.d->cat, vm->repl);
         if (rc < 0)
             vm->repl->reset_pending = compare;
     }
     if (rc == 0) {
-        event_add(D->cat, "info", vm->name,
+        event_add(rctx.d->cat, "info", vm->name,
                   compare ? "initial replication by comparison: the disks "
                             "here are kept and only what differs is received"
                           : "full initial replication: the disks here are "
                             "reset before the first piece");
         *out = replica_status_json(vm);
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&rctx.d->lock);
     return rc;
 }
 
@@ -117,8 +117,8 @@ do_hashes(struct rreq *q, json_object **out)
     if (rc < 0)
         return rc;
 
-    pthread_mutex_lock(&D->lock);
-    struct vm *vm = vm_find_uuid(q->uuid);
+    pthread_mutex_lock(&rctx.d->lock);
+    struct vm *vm = vm_find_uuid(rctx.d, q->uuid);
     /* During a resynchronization the disks are held at a cycle (below). */
     bool resync = vm && vm->repl && vm->repl->initial_done;
     if (resync && vm->repl->hold_from == 0) {
@@ -154,7 +154,7 @@ do_hashes(struct rreq *q, json_object **out)
     bool busy = rc == 0;
     if (busy)
         vm_op_begin(vm, VM_OP_RECEIVE);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&rctx.d->lock);
     if (rc == 0)
         rc = mem_charge(q, 2u << 20, false); /* read buffer and hashes */
     uint64_t n = chunkhash_count(size, (uint64_t)offset, (uint64_t)length,
@@ -166,10 +166,10 @@ do_hashes(struct rreq *q, json_object **out)
     if (fd >= 0)
         close(fd);
     if (busy) {
-        pthread_mutex_lock(&D->lock);
-        if ((vm = vm_find_uuid(q->uuid)) != NULL)
+        pthread_mutex_lock(&rctx.d->lock);
+        if ((vm = vm_find_uuid(rctx.d, q->uuid)) != NULL)
             vm_op_end(vm, VM_OP_RECEIVE);
-        pthread_mutex_unlock(&D->lock);
+        pthread_mutex_unlock(&rctx.d->lock);
     }
     if (rc == 0) {
         char *hex = chunkhash_hex(h, n);
@@ -220,7 +220,7 @@ do_resync_begin(struct rreq *q, json_object **out)
                     "range", (long long)from, (long long)void_to);
     if (rc < 0)
         return rc;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&rctx.d->lock);
     struct vm *vm = NULL;
     rc = compare_vm(q, &vm, true);
     struct repl *r = rc == 0 ? vm->repl : NULL;
@@ -246,13 +246,13 @@ do_resync_begin(struct rreq *q, json_object **out)
         r->hold_to = 0;
         rc = drop_staged_after(vm, a);
         if (rc == 0)
-            rc = catalog_save_repl(D->cat, r);
+            rc = catalog_save_repl(rctx.d->cat, r);
         if (rc < 0) {
             r->last_cycle = last;
             if (fresh)
                 r->hold_from = 0;
         } else if (fresh) {
-            event_add(D->cat, "info", vm->name,
+            event_add(rctx.d->cat, "info", vm->name,
                       "resynchronization by primary %s: the Replica VM "
                       "stays at cycle %llu until the new cut is received "
                       "whole; its recovery points are kept", q->peer,
@@ -264,7 +264,7 @@ do_resync_begin(struct rreq *q, json_object **out)
         json_object_object_add(*out, "applied_cycle",
                                json_object_new_int64((int64_t)a));
     }
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&rctx.d->lock);
     return rc;
 }
 
@@ -283,7 +283,7 @@ do_resync_complete(struct rreq *q, json_object **out)
                     (long long)void_to);
     if (rc < 0)
         return rc;
-    pthread_mutex_lock(&D->lock);
+    pthread_mutex_lock(&rctx.d->lock);
     struct vm *vm = NULL;
     rc = compare_vm(q, &vm, true);
     struct repl *r = rc == 0 ? vm->repl : NULL;
@@ -299,21 +299,21 @@ do_resync_complete(struct rreq *q, json_object **out)
         uint64_t f0 = r->first_point;
         r->first_point = (uint64_t)first;
         r->hold_to = (uint64_t)first;
-        rc = catalog_save_repl(D->cat, r);
+        rc = catalog_save_repl(rctx.d->cat, r);
         if (rc < 0) {
             r->first_point = f0;
             r->hold_to = 0;
         } else {
-            event_add(D->cat, "info", vm->name,
+            event_add(rctx.d->cat, "info", vm->name,
                       "resynchronization received: cycles %llu to %lld are "
                       "applied together once cycle %lld is here",
                       (unsigned long long)r->hold_from, (long long)first,
                       (long long)first);
-            pthread_cond_broadcast(&D->cond);
+            pthread_cond_broadcast(&rctx.d->cond);
         }
     }
     if (rc == 0)
         *out = replica_status_json(vm);
-    pthread_mutex_unlock(&D->lock);
+    pthread_mutex_unlock(&rctx.d->lock);
     return rc;
 }
