@@ -335,85 +335,96 @@ first_consistent_cycle(const struct job *jb, uint64_t base, uint64_t *first)
     return 0;
 }
 
+/* The start of a fresh initial replication: the base cycle (a seal, or a
+ * new log if tracking had stopped), the method told to the Replica
+ * server before its first piece, the position recorded. */
+static int
+initial_begin(struct vm *vm, struct job *jb)
+{
+    struct repl *r = vm->repl;
+    /* The base: seal so every later write is in a cycle after it.  If
+     * tracking had stopped, a new log is started instead: every write
+     * after the base is in it, and the copy below sends the rest. */
+    bool served = false, running = false;
+    uint64_t base = 0;
+    vmproc_status(jb->rundir, &served, &running);
+    bool intact = tracking_intact(vm, jb, 0) == 0;
+    if (!intact && !served)
+        return vr_err(-EAGAIN, "tracking stopped on this VM's disks: "
+                      "start the VM so initial replication can start a "
+                      "new change log");
+    vr_err_clear();
+    if (!intact) {
+        int rc = vmproc_rearm(jb->rundir, &base);
+        if (rc < 0)
+            return rc;
+        pthread_mutex_lock(&pctx.d->lock);
+        vm->repl->untracked = false;
+        event_add(pctx.d->cat, "info", vm->name, "change tracking restarted "
+                  "after cycle %llu for the initial replication",
+                  (unsigned long long)base);
+        pthread_mutex_unlock(&pctx.d->lock);
+    } else if (served) {
+        int rc = vmproc_seal(jb->rundir, &base);
+        if (rc < 0)
+            return rc;
+    } else {
+        int rc = logdir_base(&jb->disks[0], &base);
+        if (rc < 0)
+            return rc;
+    }
+    release_shipped(jb, base);
+    pthread_mutex_lock(&pctx.d->lock);
+    bool compare = r->initial_method == INITIAL_COMPARE;
+    pthread_mutex_unlock(&pctx.d->lock);
+    /* Before the first piece: the Replica server keeps its copy for a
+     * comparison, or resets it for a full copy. */
+    CLEANUP_FREE char *ipath = xasprintf("/r1/vms/%s/initial", jb->uuid);
+    int rc = peer_call(&jb->peer, "POST", ipath,
+                       compare ? "{\"method\": \"compare\"}"
+                               : "{\"method\": \"full\"}",
+                       -1, 0, false, NULL);
+    if (rc < 0)
+        return rc;
+    uint64_t total = 0;
+    for (unsigned i = 0; i < jb->ndisks; i++)
+        total += compare ? jb->disks[i].size
+                         : allocated_bytes(jb->disks[i].path);
+    pthread_mutex_lock(&pctx.d->lock);
+    r->base_cycle = base;
+    r->initial_seq = 1;
+    r->initial_disk = 0;
+    r->initial_offset = 0;
+    r->initial_total = total;
+    r->initial_sent = 0;
+    r->initial_compared = 0;
+    r->last_cycle = base;
+    rc = catalog_save_repl(pctx.d->cat, r);
+    if (compare)
+        event_add(pctx.d->cat, "info", vm->name,
+                  "initial replication started by comparison with the "
+                  "Replica server's copy: %llu bytes to compare, base "
+                  "cycle %llu",
+                  (unsigned long long)total, (unsigned long long)base);
+    else
+        event_add(pctx.d->cat, "info", vm->name,
+                  "initial replication started: %llu bytes allocated, "
+                  "base cycle %llu",
+                  (unsigned long long)total, (unsigned long long)base);
+    pthread_mutex_unlock(&pctx.d->lock);
+    return rc;
+}
+
 int
 run_initial(struct vm *vm, struct job *jb)
 {
     pthread_mutex_lock(&pctx.d->lock);
+    bool fresh = vm->repl->initial_seq == 0;
     struct repl *r = vm->repl;
-    bool fresh = r->initial_seq == 0;
     pthread_mutex_unlock(&pctx.d->lock);
 
     if (fresh) {
-        /* The base: seal so every later write is in a cycle after it.  If
-         * tracking had stopped, a new log is started instead: every write
-         * after the base is in it, and the copy below sends the rest. */
-        bool served = false, running = false;
-        uint64_t base = 0;
-        vmproc_status(jb->rundir, &served, &running);
-        bool intact = tracking_intact(vm, jb, 0) == 0;
-        if (!intact && !served)
-            return vr_err(-EAGAIN, "tracking stopped on this VM's disks: "
-                          "start the VM so initial replication can start a "
-                          "new change log");
-        vr_err_clear();
-        if (!intact) {
-            int rc = vmproc_rearm(jb->rundir, &base);
-            if (rc < 0)
-                return rc;
-            pthread_mutex_lock(&pctx.d->lock);
-            vm->repl->untracked = false;
-            event_add(pctx.d->cat, "info", vm->name, "change tracking restarted "
-                      "after cycle %llu for the initial replication",
-                      (unsigned long long)base);
-            pthread_mutex_unlock(&pctx.d->lock);
-        } else if (served) {
-            int rc = vmproc_seal(jb->rundir, &base);
-            if (rc < 0)
-                return rc;
-        } else {
-            int rc = logdir_base(&jb->disks[0], &base);
-            if (rc < 0)
-                return rc;
-        }
-        release_shipped(jb, base);
-        pthread_mutex_lock(&pctx.d->lock);
-        bool compare = r->initial_method == INITIAL_COMPARE;
-        pthread_mutex_unlock(&pctx.d->lock);
-        /* Before the first piece: the Replica server keeps its copy for a
-         * comparison, or resets it for a full copy. */
-        CLEANUP_FREE char *ipath = xasprintf("/r1/vms/%s/initial", jb->uuid);
-        int rc = peer_call(&jb->peer, "POST", ipath,
-                           compare ? "{\"method\": \"compare\"}"
-                                   : "{\"method\": \"full\"}",
-                           -1, 0, false, NULL);
-        if (rc < 0)
-            return rc;
-        uint64_t total = 0;
-        for (unsigned i = 0; i < jb->ndisks; i++)
-            total += compare ? jb->disks[i].size
-                             : allocated_bytes(jb->disks[i].path);
-        pthread_mutex_lock(&pctx.d->lock);
-        r->base_cycle = base;
-        r->initial_seq = 1;
-        r->initial_disk = 0;
-        r->initial_offset = 0;
-        r->initial_total = total;
-        r->initial_sent = 0;
-        r->initial_compared = 0;
-        r->last_cycle = base;
-        rc = catalog_save_repl(pctx.d->cat, r);
-        if (compare)
-            event_add(pctx.d->cat, "info", vm->name,
-                      "initial replication started by comparison with the "
-                      "Replica server's copy: %llu bytes to compare, base "
-                      "cycle %llu",
-                      (unsigned long long)total, (unsigned long long)base);
-        else
-            event_add(pctx.d->cat, "info", vm->name,
-                      "initial replication started: %llu bytes allocated, "
-                      "base cycle %llu",
-                      (unsigned long long)total, (unsigned long long)base);
-        pthread_mutex_unlock(&pctx.d->lock);
+        int rc = initial_begin(vm, jb);
         if (rc < 0)
             return rc;
     }

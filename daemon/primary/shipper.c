@@ -549,6 +549,26 @@ ship_cycles(struct vm *vm, struct job *jb, uint64_t last_cycle)
 
 static const unsigned backoff_s[] = { 60, 120, 240, 480, 600, 1800 };
 
+/* d->lock held, after a failed attempt: if it failed because change
+ * tracking stopped, resynchronize at once (--auto-resync on). */
+static bool
+auto_resync(struct vm *vm, const char *msg)
+{
+    struct repl *r = vm->repl;
+    if (!r->untracked || r->auto_resync_off || r->st != REPL_ST_REPLICATING ||
+        !r->initial_done || r->resync_step != RESYNC_NONE)
+        return false;
+    r->resync_step = RESYNC_REQUESTED;
+    r->resync_compared = r->resync_sent = 0;
+    free(r->task);
+    r->task = xstrdup("Resynchronization");
+    VR_IGNORE(repl_transition_event(
+        pctx.d->cat, vm, REPL_ST_RESYNC, REPL_T_SAVE, "warning",
+        "change tracking stopped (%s); resynchronizing the regions changed",
+        msg));
+    return true;
+}
+
 static void *
 shipper_main(void *arg)
 {
@@ -630,18 +650,7 @@ shipper_main(void *arg)
         r->errors++;
         free(r->last_error);
         r->last_error = xstrdup(msg);
-        if (r->untracked && !r->auto_resync_off &&
-            r->st == REPL_ST_REPLICATING && r->initial_done &&
-            r->resync_step == RESYNC_NONE) {
-            /* Tracking stopped: resynchronize at once (--auto-resync). */
-            r->resync_step = RESYNC_REQUESTED;
-            r->resync_compared = r->resync_sent = 0;
-            free(r->task);
-            r->task = xstrdup("Resynchronization");
-            VR_IGNORE(repl_transition_event(
-                pctx.d->cat, vm, REPL_ST_RESYNC, REPL_T_SAVE, "warning",
-                "change tracking stopped (%s); resynchronizing the regions "
-                "changed", msg));
+        if (auto_resync(vm, msg)) {
             next_due = 0;
             continue;
         }
