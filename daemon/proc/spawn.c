@@ -24,6 +24,7 @@
 
 #include "config.h"
 #include "proc-int.h"
+#include "run.h"
 #include "vmproc.h"
 
 #define KILL_WAIT_MS      5000
@@ -726,52 +727,24 @@ spawn_wait(const char *bin, char *const argv[], const char *logpath,
     }
 }
 
-/* Run argv, waiting; on failure the last line of its stderr goes into the
- * error message. */
+/* Run argv, waiting (run.c); on failure the last line of its stderr goes
+ * into the error message. */
 int
 vmproc_run(char *const argv[])
 {
-    int pipefd[2];
-    if (pipe2(pipefd, O_CLOEXEC) < 0)
-        return vr_err(-errno, "pipe: %s", strerror(errno));
-    pid_t pid = fork();
-    if (pid < 0) {
-        close(pipefd[0]);
-        close(pipefd[1]);
-        return vr_err(-errno, "fork: %s", strerror(errno));
-    }
-    if (pid == 0) {
-        dup2(pipefd[1], 2);
-        int devnull = open("/dev/null", O_RDWR);
-        dup2(devnull, 0);
-        dup2(devnull, 1);
-        execvp(argv[0], argv);
-        dprintf(2, "exec %s: %s\n", argv[0], strerror(errno));
-        _exit(127);
-    }
-    close(pipefd[1]);
-    char buf[4096];
-    size_t len = 0;
-    for (;;) {
-        ssize_t n = read(pipefd[0], buf + len, sizeof buf - 1 - len);
-        if (n <= 0)
-            break;
-        len += (size_t)n;
-        if (len == sizeof buf - 1) {
-            memmove(buf, buf + len / 2, len - len / 2);
-            len -= len / 2;
-        }
-    }
-    close(pipefd[0]);
-    buf[len] = '\0';
-    while (len > 0 && buf[len - 1] == '\n')
-        buf[--len] = '\0';
-    char *last = strrchr(buf, '\n');
-    int st;
-    while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
-        ;
-    if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
-        return vr_err(-EIO, "%s failed: %s", argv[0], last ? last + 1 : buf);
-    return 0;
+    struct run r = { .argv = (const char *const *)argv };
+    int rc = run_command(&r);
+    if (rc < 0)
+        return vr_err(rc == -ENOENT ? -EIO : rc, "%s failed: exec %s: %s",
+                      argv[0], argv[0], strerror(-rc));
+    char *err = r.err;
+    size_t len = strlen(err);
+    while (len > 0 && err[len - 1] == '\n')
+        err[--len] = '\0';
+    char *last = strrchr(err, '\n');
+    if (!WIFEXITED(r.status) || WEXITSTATUS(r.status) != 0)
+        rc = vr_err(-EIO, "%s failed: %s", argv[0], last ? last + 1 : err);
+    run_fini(&r);
+    return rc;
 }
 

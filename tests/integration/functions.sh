@@ -410,6 +410,22 @@ create_vm() {
         fail "primary: vm start $1"
 }
 
+# create_vm_small_log VM — create_vm VM 64M whose change log is a 4 MiB
+# tmpfs (mounted over DISK.vrlog, unmounted at exit), with its first 4 MiB
+# written; sets disk and uri.  Skips the test if not root.
+create_vm_small_log() {
+    [ "$(id -u)" = 0 ] || skip "not root (mounts a tmpfs)"
+    vr primary vm create "$1" --new-disk 64M >/dev/null || fail "vm create $1"
+    disk=$(disk_path primary "$1")
+    mkdir -p "$disk.vrlog"
+    mount -t tmpfs -o size=4m tmpfs "$disk.vrlog" || skip "cannot mount a tmpfs"
+    cleanup_fn umount -l "$disk.vrlog"
+    vr primary vm start "$1" --no-hypervisor >/dev/null || fail "vm start $1"
+    uri=$(nbd_uri primary "$1")
+    qemu-io -f raw "$uri" -c 'write -P 0x11 0 4M' >/dev/null ||
+        fail "write $1"
+}
+
 # enable_replication VM [OPTIONS…] — enable replication of VM to the replica
 # of setup_pair (certificate auth) and run initial replication to the end.
 enable_replication() {

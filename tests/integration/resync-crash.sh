@@ -17,19 +17,10 @@
 source "$(dirname "$0")/functions.sh"
 requires qemu-io jq curl openssl nbdkit python3 cmp mount
 requires_build
-[ "$(id -u)" = 0 ] || skip "not root (mounts a tmpfs)"
-
 setup_pair
 
 vm=rs1
-vr primary vm create "$vm" --new-disk 64M >/dev/null || fail "vm create"
-disk=$(disk_path primary "$vm")
-mkdir -p "$disk.vrlog"
-mount -t tmpfs -o size=4m tmpfs "$disk.vrlog" || skip "cannot mount a tmpfs"
-cleanup_fn umount -l "$disk.vrlog"
-vr primary vm start "$vm" --no-hypervisor >/dev/null || fail "vm start"
-uri=$(nbd_uri primary "$vm")
-qemu-io -f raw "$uri" -c 'write -P 0x11 0 4M' >/dev/null
+create_vm_small_log "$vm"
 enable_replication "$vm" --frequency 1s --auto-resync off
 wait_converged "$vm" 60
 
