@@ -32,7 +32,7 @@ function fmtBytes(n) {
   const u = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
   let i = 0;
   while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; }
-  return (i ? n.toFixed(1) : n) + ' ' + u[i];
+  return (i ? n.toFixed(1) : Math.round(n)) + ' ' + u[i];
 }
 
 function fmtTime(t) {
@@ -51,6 +51,7 @@ function renderList(data) {
   document.getElementById('host').textContent = data.hostname || '';
   const tbody = document.querySelector('#vms tbody');
   const rows = [];
+  data.vms.sort((a, b) => a.name.localeCompare(b.name));
   for (const vm of data.vms) {
     const tr = el('tr', 'h-' + (vm.health || 'none'));
     tr.id = 'vm-' + vm.name;
