@@ -71,14 +71,14 @@ function renderList(data) {
 }
 
 // A time series chart: points [t_ms, value] over the samples' span.
-function chart(node, series, bars, fmt) {
+function chart(node, series, bars, fmt, none) {
   const W = 600, H = 160, L = 58, R = 8, T = 8, B = 22;
   const pts = series.filter(p => p[1] !== null);
   const kids = [svg('line', { class: 'axis', x1: L, y1: H - B, x2: W - R, y2: H - B }),
                 svg('line', { class: 'axis', x1: L, y1: T, x2: L, y2: H - B })];
   if (pts.length === 0) {
     kids.push(svg('text', { class: 'none', x: W / 2, y: H / 2, 'text-anchor': 'middle' },
-                  'no samples yet'));
+                  none || 'no samples yet'));
     node.replaceChildren(...kids);
     return;
   }
@@ -134,7 +134,7 @@ function renderDetail(d) {
   chart(document.getElementById('lag-chart'), d.samples.map(s => [s[0], s[1]]), false,
         v => v.toFixed(v < 10 ? 1 : 0) + ' s');
   chart(document.getElementById('bytes-chart'), d.samples.map(s => [s[0], s[2] || null]), true,
-        fmtBytes);
+        fmtBytes, d.mode === 'replica' ? 'measured on the primary server' : 'no cycles sent yet');
   timeline(document.getElementById('points-chart'), d.points || []);
   const items = (d.events || []).slice().reverse().map(e => {
     const li = el('li', e.level);
