@@ -376,20 +376,15 @@ listener_clear(struct listener *l)
     memset(l, 0, sizeof *l);
 }
 
-static void *
-retire_main(void *arg)
+static void
+listener_free(void *arg)
 {
-    struct listener *l = arg;
-    MHD_stop_daemon(l->mhd);
-    listener_clear(l);
-    free(l);
-    return NULL;
+    listener_clear(arg);
+    free(arg);
 }
 
-/* Stop a listener.  Its connection threads may be waiting for d->lock,
- * which our caller may hold, so unless wait is set the old daemon stops
- * listening at once (its port is free again) and finishes its requests in
- * a thread of its own. */
+/* Stop a listener (http_daemon_retire: unless wait is set, in a thread of
+ * its own, since its connections may wait for D->lock). */
 static void
 listener_stop(struct listener *cur, struct MHD_Daemon **pub, bool wait)
 {
@@ -399,14 +394,7 @@ listener_stop(struct listener *cur, struct MHD_Daemon **pub, bool wait)
     *l = *cur;
     memset(cur, 0, sizeof *cur);
     *pub = NULL;
-    MHD_socket fd = MHD_quiesce_daemon(l->mhd);
-    if (fd != MHD_INVALID_SOCKET)
-        close(fd);
-    pthread_t t;
-    if (!wait && pthread_create(&t, NULL, retire_main, l) == 0)
-        pthread_detach(t);
-    else
-        retire_main(l);
+    http_daemon_retire(l->mhd, wait, listener_free, l);
 }
 
 void

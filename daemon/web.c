@@ -270,6 +270,26 @@ health_level(const char *h)
     return strcmp(h, "Critical") == 0 ? 2 : strcmp(h, "Warning") == 0 ? 1 : 0;
 }
 
+/* One gauge family: # HELP, # TYPE, a line per VM with replication (the
+ * health level, or 1 labelled with the state).  D->lock held. */
+static void
+put_vm_gauge(FILE *f, const char *metric, const char *help, bool state)
+{
+    fprintf(f, "# HELP %s %s\n# TYPE %s gauge\n", metric, help, metric);
+    for (struct vm *vm = D->vms; vm; vm = vm->next) {
+        if (!vm->repl)
+            continue;
+        put_vm_labels(f, metric, vm);
+        if (state) {
+            fputs(",state=\"", f);
+            put_label(f, repl_state(vm->repl));
+            fputs("\"} 1\n", f);
+        } else {
+            fprintf(f, "} %d\n", health_level(repl_health(vm->repl, NULL)));
+        }
+    }
+}
+
 char *
 web_vm_metrics_text(void)
 {
@@ -277,28 +297,13 @@ web_vm_metrics_text(void)
     size_t len = 0;
     FILE *f = open_memstream(&buf, &len);
     pthread_mutex_lock(&D->lock);
-    fputs("# HELP vmreplica_vm_health replication health of the VM: "
-          "0 Normal, 1 Warning, 2 Critical\n"
-          "# TYPE vmreplica_vm_health gauge\n",
-          f);
-    for (struct vm *vm = D->vms; vm; vm = vm->next) {
-        if (!vm->repl)
-            continue;
-        put_vm_labels(f, "vmreplica_vm_health", vm);
-        fprintf(f, "} %d\n", health_level(repl_health(vm->repl, NULL)));
-    }
-    fputs("# HELP vmreplica_vm_state replication state of the VM "
-          "(1 for the state it is in)\n"
-          "# TYPE vmreplica_vm_state gauge\n",
-          f);
-    for (struct vm *vm = D->vms; vm; vm = vm->next) {
-        if (!vm->repl)
-            continue;
-        put_vm_labels(f, "vmreplica_vm_state", vm);
-        fputs(",state=\"", f);
-        put_label(f, repl_state(vm->repl));
-        fputs("\"} 1\n", f);
-    }
+    put_vm_gauge(f, "vmreplica_vm_health",
+                 "replication health of the VM: 0 Normal, 1 Warning, "
+                 "2 Critical",
+                 false);
+    put_vm_gauge(f, "vmreplica_vm_state",
+                 "replication state of the VM (1 for the state it is in)",
+                 true);
     pthread_mutex_unlock(&D->lock);
     fclose(f);
     return buf;
@@ -511,48 +516,18 @@ struct web_listener {
     char *key, *cert, *ca; /* NULL: plain HTTP */
 };
 
-static struct web_listener cur;
+static struct web_listener *cur; /* NULL: not listening */
 
-/* Free what l holds (not l itself). */
+/* Free l and what it holds (after its daemon stopped). */
 static void
-listener_clear(struct web_listener *l)
+listener_free(void *arg)
 {
+    struct web_listener *l = arg;
     free(l->addr);
     free(l->key);
     free(l->cert);
     free(l->ca);
-    memset(l, 0, sizeof *l);
-}
-
-static void *
-retire_main(void *arg)
-{
-    struct web_listener *l = arg;
-    MHD_stop_daemon(l->mhd);
-    listener_clear(l);
     free(l);
-    return NULL;
-}
-
-/* Stop the running listener.  Its connection threads may wait for
- * D->lock, which our caller may hold: unless wait is set, the port is
- * freed at once and the old daemon finishes in a thread of its own. */
-static void
-cur_stop(bool wait)
-{
-    if (!cur.mhd)
-        return;
-    struct web_listener *l = xmalloc(sizeof *l);
-    *l = cur;
-    memset(&cur, 0, sizeof cur);
-    MHD_socket fd = MHD_quiesce_daemon(l->mhd);
-    if (fd != MHD_INVALID_SOCKET)
-        close(fd);
-    pthread_t t;
-    if (!wait && pthread_create(&t, NULL, retire_main, l) == 0)
-        pthread_detach(t);
-    else
-        retire_main(l);
 }
 
 static void
@@ -608,9 +583,12 @@ web_apply(void)
         samp_running = true;
     pthread_mutex_unlock(&samp_lock);
     if (!c->web_listen || D->shutting_down) {
-        if (cur.mhd)
-            log_info("web", "stopped listening on %s", cur.addr);
-        cur_stop(false);
+        if (cur) {
+            log_info("web", "stopped listening on %s", cur->addr);
+            /* Its connections may wait for D->lock, which we hold. */
+            http_daemon_retire(cur->mhd, false, listener_free, cur);
+            cur = NULL;
+        }
         return 0;
     }
     struct sockaddr_storage ss;
@@ -618,63 +596,65 @@ web_apply(void)
     int rc = parse_listen(c->web_listen, &ss, &sslen);
     if (rc < 0)
         return rc;
-    struct web_listener n = { .addr = xstrdup(c->web_listen) };
+    struct web_listener *n = xcalloc(1, sizeof *n);
+    n->addr = xstrdup(c->web_listen);
     if (has_tls(c)) {
-        rc = io_read_file(c->key, 1 << 20, &n.key, NULL);
+        rc = io_read_file(c->key, 1 << 20, &n->key, NULL);
         if (rc == 0)
-            rc = io_read_file(c->cert, 1 << 20, &n.cert, NULL);
+            rc = io_read_file(c->cert, 1 << 20, &n->cert, NULL);
         if (rc == 0)
-            rc = io_read_file(c->ca, 4 << 20, &n.ca, NULL);
+            rc = io_read_file(c->ca, 4 << 20, &n->ca, NULL);
     } else if (!is_loopback(&ss)) {
         rc = web_check(c);
     }
-    if (rc == 0 && cur.mhd && same(cur.addr, n.addr) && same(cur.key, n.key) &&
-        same(cur.cert, n.cert) && same(cur.ca, n.ca))
+    if (rc == 0 && cur && same(cur->addr, n->addr) && same(cur->key, n->key) &&
+        same(cur->cert, n->cert) && same(cur->ca, n->ca))
         rc = 1; /* unchanged */
     if (rc != 0) {
-        listener_clear(&n);
+        listener_free(n);
         return rc < 0 ? rc : 0;
     }
-    cur_stop(false);
+    if (cur)
+        http_daemon_retire(cur->mhd, false, listener_free, cur);
+    cur = NULL;
     /* The old listener's polling thread may hold its socket a moment. */
-    for (int i = 0; i < 40 && !n.mhd; i++) {
+    for (int i = 0; i < 40 && !n->mhd; i++) {
         if (i > 0) {
             struct timespec ts = { 0, 25 * 1000 * 1000 };
             nanosleep(&ts, NULL);
         }
-        n.mhd = start_once(&n, &ss);
+        n->mhd = start_once(n, &ss);
     }
-    if (!n.mhd) {
+    if (!n->mhd) {
         rc = vr_err(-EADDRINUSE,
                     "web-listen %s: cannot listen there "
                     "(address in use or not on this host)",
-                    n.addr);
-        listener_clear(&n);
+                    n->addr);
+        listener_free(n);
         return rc;
     }
     cur = n;
-    log_info("web", "listening on %s (%s)", n.addr,
-             n.key ? "HTTPS, client certificates from the ca"
-                   : "plain HTTP, loopback");
+    log_info("web", "listening on %s (%s)", n->addr,
+             n->key ? "HTTPS, client certificates from the ca"
+                    : "plain HTTP, loopback");
     return 0;
 }
 
 bool
 web_listening(void)
 {
-    return cur.mhd != NULL;
+    return cur != NULL;
 }
 
 void
 web_stop(void)
 {
     pthread_mutex_lock(&D->lock);
-    struct web_listener l = cur;
-    memset(&cur, 0, sizeof cur);
+    struct web_listener *l = cur;
+    cur = NULL;
     pthread_mutex_unlock(&D->lock);
-    if (l.mhd)
-        MHD_stop_daemon(l.mhd);
-    listener_clear(&l);
+    if (l)
+        http_daemon_retire(l->mhd, true, listener_free, l);
     pthread_mutex_lock(&samp_lock);
     samp_stop = true;
     bool join = samp_running;
