@@ -196,6 +196,8 @@ sample_all(void)
     }
 }
 
+static void refresh_tls(void);
+
 static void *
 sampler_main(void *arg VR_UNUSED)
 {
@@ -205,7 +207,10 @@ sampler_main(void *arg VR_UNUSED)
         pthread_mutex_lock(&D->lock);
         pthread_mutex_lock(&samp_lock);
         sample_all();
+        pthread_mutex_unlock(&samp_lock);
+        refresh_tls();
         pthread_mutex_unlock(&D->lock);
+        pthread_mutex_lock(&samp_lock);
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
         ts.tv_sec += WEB_SAMPLE_MS / 1000;
@@ -638,6 +643,26 @@ web_apply(void)
              n->key ? "HTTPS, client certificates from the ca"
                     : "plain HTTP, loopback");
     return 0;
+}
+
+/* Every sample (D->lock held): renewed certificate files are picked up
+ * without a `server set`.  web_apply restarts the listener only if a
+ * file's content changed, and only once certificate and key match again
+ * (a renewal half written is left alone until it is complete). */
+static void
+refresh_tls(void)
+{
+    const struct server_cfg *c = &D->cfg;
+    if (!cur || !cur->key || D->shutting_down || !has_tls(c) ||
+        tls_check_material(c->cert, c->key, c->ca) < 0)
+        return;
+    struct web_listener *before = cur;
+    if (web_apply() < 0)
+        log_warn("web", "reloading the certificate files: %s", vr_errmsg());
+    else if (cur != before)
+        event_add(D->cat, "info", NULL,
+                  "web listener: certificate files changed, reloaded (%s)",
+                  cur->addr);
 }
 
 bool

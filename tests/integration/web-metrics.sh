@@ -11,7 +11,8 @@
 # /api/vms (mode, state, health, lag), /api/vms/VM (measure, recovery
 # points, events), the dashboard page, 404 for unknown paths, 405 for
 # POST, 413 for a body, 414 for a long URL.  The setting survives a
-# restart; `replication suspend` shows in the gauges; --no-web-listen
+# restart; `replication suspend` shows in the gauges; certificate files
+# renewed in place are served without a `server set`; --no-web-listen
 # stops the listener.
 source "$(dirname "$0")/functions.sh"
 requires jq curl openssl nbdkit python3
@@ -137,6 +138,24 @@ grep -qxF "vmreplica_vm_state{vm=\"web1\",uuid=\"$uuid\",state=\"Suspended\"} 1"
     fail "no Suspended state line: $(grep vm_state <<<"$out")"
 grep -qxF "vmreplica_vm_health{vm=\"web1\",uuid=\"$uuid\"} 1" <<<"$out" ||
     fail "suspended web1 is not Warning: $(grep vm_health <<<"$out")"
+
+log "renewed certificate files are picked up without server set"
+served_fp() {
+    openssl s_client -connect "127.0.0.1:$WS" -servername primary.test.local \
+        </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256
+}
+want=$(openssl x509 -in "$PKI/revoked.pem" -noout -fingerprint -sha256)
+[ "$(served_fp)" != "$want" ] || fail "already serving the other certificate"
+cp "$PKI/revoked.key" "$PKI/primary.key.new"
+cp "$PKI/revoked.pem" "$PKI/primary.pem.new"
+mv "$PKI/primary.key.new" "$PKI/primary.key"
+mv "$PKI/primary.pem.new" "$PKI/primary.pem"
+wait_until 15 eval '[ "$(served_fp)" = "$want" ]' ||
+    fail "the renewed certificate is not served: $(served_fp)"
+vrj primary events | jq -e '[.events[].message] |
+    any(test("web listener: certificate files changed"))' >/dev/null ||
+    fail "no event for the reload"
+[ "$(code "$URL/api/vms")" = 200 ] || fail "/api/vms after the reload"
 
 log "--no-web-listen stops it"
 vr primary server set --no-web-listen >/dev/null || fail "--no-web-listen"
