@@ -483,24 +483,8 @@ cert_listener_apply(bool on)
         same(n.ca, cert_l.ca) && same(n.crl, cert_l.crl))
         rc = 1; /* unchanged */
     n.ctx = xcalloc(1, sizeof *n.ctx);
-    if (rc == 0 && n.crl) {
-        /* The CRL is checked against the CAs: one they did not sign is
-         * refused here, not ignored later. */
-        gnutls_datum_t ca = { (unsigned char *)n.ca, (unsigned)strlen(n.ca) };
-        gnutls_datum_t crl = { (unsigned char *)n.crl,
-                               (unsigned)strlen(n.crl) };
-        gnutls_x509_trust_list_init(&n.ctx->crl, 0);
-        int r = gnutls_x509_trust_list_add_trust_mem(
-            n.ctx->crl, &ca, NULL, GNUTLS_X509_FMT_PEM, 0, 0);
-        if (r > 0)
-            r = gnutls_x509_trust_list_add_trust_mem(
-                n.ctx->crl, NULL, &crl, GNUTLS_X509_FMT_PEM,
-                GNUTLS_TL_VERIFY_CRL | GNUTLS_TL_FAIL_ON_INVALID_CRL, 0);
-        if (r <= 0)
-            rc = vr_err(-EINVAL, "crl %s: %s", c->crl,
-                        r < 0 ? gnutls_strerror(r)
-                              : "no revocation list signed by the ca");
-    }
+    if (rc == 0 && n.crl)
+        rc = tls_crl_trust_list(n.ca, n.crl, c->crl, &n.ctx->crl);
     if (rc != 0) {
         listener_clear(&n);
         return rc < 0 ? rc : 0;

@@ -395,6 +395,18 @@ vm_detail_json(const char *name, json_object **out)
     return 0;
 }
 
+/* The running listener and what it was started with (the PEM strings stay
+ * alive as long as MHD uses them). */
+struct web_listener {
+    struct MHD_Daemon *mhd;
+    char *addr;
+    char *key, *cert, *ca;  /* NULL: plain HTTP */
+    char *crl;              /* the CA's revocation list, or NULL */
+    struct listener_ctx lc; /* verify_peer's: the CRL as a trust list */
+};
+
+static struct web_listener *cur; /* NULL: not listening */
+
 /* --- requests ------------------------------------------------------------ */
 
 static void
@@ -453,9 +465,6 @@ send_metrics(struct MHD_Connection *c)
                      strlen(text), true);
 }
 
-/* The cls of a listener's access handler: does it serve HTTPS? */
-static bool tls_on = true, tls_off = false;
-
 static MHD_RESULT
 web_access(void *cls, struct MHD_Connection *c, const char *url,
            const char *method, const char *version VR_UNUSED,
@@ -473,10 +482,10 @@ web_access(void *cls, struct MHD_Connection *c, const char *url,
     char msg[WEB_MAX_URL + 64];
     if (strlen(url) > WEB_MAX_URL)
         return send_error(c, 414, -ENAMETOOLONG, "request URL too long");
-    if (*(const bool *)cls) {
-        struct listener_ctx lc = { 0 };
+    const struct web_listener *l = cls; /* valid until MHD stops */
+    if (l->key) {
         CLEANUP_FREE char *who = NULL;
-        if (verify_peer(c, &lc, &who) < 0)
+        if (verify_peer(c, &l->lc, &who) < 0)
             return send_error(c, 403, -EACCES, vr_errmsg());
     }
     bool get = strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0;
@@ -513,16 +522,6 @@ web_access(void *cls, struct MHD_Connection *c, const char *url,
 
 /* --- the listener -------------------------------------------------------- */
 
-/* The running listener and what it was started with (the PEM strings stay
- * alive as long as MHD uses them). */
-struct web_listener {
-    struct MHD_Daemon *mhd;
-    char *addr;
-    char *key, *cert, *ca; /* NULL: plain HTTP */
-};
-
-static struct web_listener *cur; /* NULL: not listening */
-
 /* Free l and what it holds (after its daemon stopped). */
 static void
 listener_free(void *arg)
@@ -532,6 +531,9 @@ listener_free(void *arg)
     free(l->key);
     free(l->cert);
     free(l->ca);
+    free(l->crl);
+    if (l->lc.crl)
+        gnutls_x509_trust_list_deinit(l->lc.crl, 1);
     free(l);
 }
 
@@ -545,7 +547,7 @@ mhd_logger(void *cls VR_UNUSED, const char *fmt, va_list ap)
 }
 
 static struct MHD_Daemon *
-start_once(const struct web_listener *n, const struct sockaddr_storage *ss)
+start_once(struct web_listener *n, const struct sockaddr_storage *ss)
 {
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD |
                      MHD_USE_THREAD_PER_CONNECTION | MHD_USE_POLL |
@@ -554,14 +556,14 @@ start_once(const struct web_listener *n, const struct sockaddr_storage *ss)
         flags |= MHD_USE_IPv6;
     if (!n->key)
         return MHD_start_daemon(
-            flags, 0, NULL, NULL, web_access, &tls_off, MHD_OPTION_SOCK_ADDR,
+            flags, 0, NULL, NULL, web_access, (void *)n, MHD_OPTION_SOCK_ADDR,
             ss, MHD_OPTION_EXTERNAL_LOGGER, mhd_logger, NULL,
             MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)30,
             MHD_OPTION_CONNECTION_LIMIT, (unsigned)WEB_MAX_CONN,
             MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(32 * 1024),
             MHD_OPTION_END);
     return MHD_start_daemon(
-        flags | MHD_USE_TLS, 0, NULL, NULL, web_access, &tls_on,
+        flags | MHD_USE_TLS, 0, NULL, NULL, web_access, (void *)n,
         MHD_OPTION_SOCK_ADDR, ss, MHD_OPTION_EXTERNAL_LOGGER, mhd_logger, NULL,
         MHD_OPTION_HTTPS_MEM_KEY, n->key, MHD_OPTION_HTTPS_MEM_CERT, n->cert,
         MHD_OPTION_HTTPS_MEM_TRUST, n->ca, MHD_OPTION_HTTPS_PRIORITIES,
@@ -609,11 +611,16 @@ web_apply(void)
             rc = io_read_file(c->cert, 1 << 20, &n->cert, NULL);
         if (rc == 0)
             rc = io_read_file(c->ca, 4 << 20, &n->ca, NULL);
+        if (rc == 0 && c->crl)
+            rc = io_read_file(c->crl, 64 << 20, &n->crl, NULL);
+        if (rc == 0 && n->crl)
+            rc = tls_crl_trust_list(n->ca, n->crl, c->crl, &n->lc.crl);
     } else if (!is_loopback(&ss)) {
         rc = web_check(c);
     }
     if (rc == 0 && cur && same(cur->addr, n->addr) && same(cur->key, n->key) &&
-        same(cur->cert, n->cert) && same(cur->ca, n->ca))
+        same(cur->cert, n->cert) && same(cur->ca, n->ca) &&
+        same(cur->crl, n->crl))
         rc = 1; /* unchanged */
     if (rc != 0) {
         listener_free(n);

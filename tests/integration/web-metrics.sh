@@ -11,7 +11,8 @@
 # /api/vms (mode, state, health, lag), /api/vms/VM (measure, recovery
 # points, events), the dashboard page, 404 for unknown paths, 405 for
 # POST, 413 for a body, 414 for a long URL.  The setting survives a
-# restart; `replication suspend` shows in the gauges; certificate files
+# restart; `replication suspend` shows in the gauges; --crl refuses a
+# revoked client certificate; certificate files
 # renewed in place are served without a `server set`; --no-web-listen
 # stops the listener.
 source "$(dirname "$0")/functions.sh"
@@ -101,13 +102,22 @@ jq -e '.vms[] | select(.name == "web1") | .lag_seconds < 30 and
     fail "/api/vms: lag or last replication time: $out"
 RS=$(free_port)
 vr replica server set --web-listen "127.0.0.1:$RS" >/dev/null || fail "replica: --web-listen"
-out=$(curl -sS --resolve "replica.test.local:$RS:127.0.0.1" --cacert "$PKI/ca.pem" \
-    --cert "$PKI/primary.pem" --key "$PKI/primary.key" \
-    "https://replica.test.local:$RS/api/vms/web1") || fail "curl replica /api/vms/web1"
+replica_vm() {
+    curl -sS --resolve "replica.test.local:$RS:127.0.0.1" --cacert "$PKI/ca.pem" \
+        --cert "$PKI/primary.pem" --key "$PKI/primary.key" \
+        "https://replica.test.local:$RS/api/vms/web1"
+}
+out=$(replica_vm) || fail "curl replica /api/vms/web1"
 jq -e '.mode == "replica" and .measure.state == "Replicating" and
     (.points | length) >= 1 and (.events | length) >= 1 and
-    (.samples | length) >= 1' <<<"$out" >/dev/null ||
+    .sample_interval_ms == 5000' <<<"$out" >/dev/null ||
     fail "replica /api/vms/web1: $out"
+# A sample every 5 s; the first of a VM created after the last one may
+# take that long.
+wait_until 12 eval '[ "$(replica_vm | jq ".samples | length")" -ge 1 ]' ||
+    fail "no lag samples: $(replica_vm | jq -c .samples)"
+replica_vm | jq -e '.samples[-1] | length == 3 and .[1] < 30' >/dev/null ||
+    fail "bad sample: $(replica_vm | jq -c .samples)"
 
 log "the dashboard page, and what is refused"
 out=$("${CURL[@]}" "${CERT[@]}" -D "$TESTDIR/h" "$URL/") || fail "curl /"
@@ -138,6 +148,16 @@ grep -qxF "vmreplica_vm_state{vm=\"web1\",uuid=\"$uuid\",state=\"Suspended\"} 1"
     fail "no Suspended state line: $(grep vm_state <<<"$out")"
 grep -qxF "vmreplica_vm_health{vm=\"web1\",uuid=\"$uuid\"} 1" <<<"$out" ||
     fail "suspended web1 is not Warning: $(grep vm_health <<<"$out")"
+
+log "with --crl, a revoked client certificate is refused"
+REV=(--cert "$PKI/revoked.pem" --key "$PKI/revoked.key")
+[ "$(code "${REV[@]}" "$URL/api/vms")" = 200 ] || fail "revoked.pem before --crl"
+vr primary server set --crl "$PKI/crl.pem" >/dev/null || fail "--crl"
+"${CURL[@]}" "${REV[@]}" -o "$TESTDIR/rev" "$URL/api/vms" 2>/dev/null
+grep -q 'client certificate refused: it is revoked' "$TESTDIR/rev" ||
+    fail "revoked client certificate: $(cat "$TESTDIR/rev")"
+[ "$(code "$URL/api/vms")" = 200 ] || fail "a good client certificate with --crl"
+vr primary server set --no-crl >/dev/null || fail "--no-crl"
 
 log "renewed certificate files are picked up without server set"
 served_fp() {
