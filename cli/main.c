@@ -145,7 +145,8 @@ static const struct cli_cmd commands[] = {
       "        --auth certificate|kerberos [--kerberos-encrypt on|off]\n"
       "        [--frequency 30s|5m|15m|Ns] [--compression on|off]\n"
       "        [--recovery-history N] [--point-interval DURATION]\n"
-      "        [--app-consistent-every K] [--log-budget SIZE]",
+      "        [--app-consistent-every K] [--log-budget SIZE]\n"
+      "        [--auto-resync on|off]",
       "enable replication of a VM to a Replica server",
       "  --replica-server FQDN[:PORT]  the Replica server (its certificate "
       "name)\n"
@@ -173,12 +174,16 @@ static const struct cli_cmd commands[] = {
       "  --log-budget SIZE             fold the unsent log into a region "
       "map past\n"
       "                                SIZE (default half the disks' "
-      "size)\n" },
+      "size)\n"
+      "  --auto-resync on|off          resynchronize by itself when change "
+      "tracking\n"
+      "                                stops (default on)\n" },
     { "replication", "set", cmd_repl_set,
       "VM [--frequency DURATION] [--compression on|off] "
       "[--connect-address IP] [--recovery-history N] "
       "[--point-interval DURATION] [--app-consistent-every K] "
-      "[--kerberos-encrypt on|off] [--log-budget SIZE]",
+      "[--kerberos-encrypt on|off] [--log-budget SIZE] "
+      "[--auto-resync on|off]",
       "change the replication settings of a VM", NULL },
     { "replication", "show", cmd_repl_show, "VM",
       "show the replication of a VM", NULL },

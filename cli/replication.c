@@ -111,7 +111,7 @@ finish(struct cli *c, json_object *out)
 
 struct repl_opts {
     const char *server, *address, *auth, *frequency, *compression;
-    const char *history, *interval, *app, *kencrypt, *budget;
+    const char *history, *interval, *app, *kencrypt, *budget, *autoresync;
 };
 
 /* Validate the options shared by enable and set into body. */
@@ -203,6 +203,15 @@ fill_body(const struct cli_cmd *cmd, const struct repl_opts *o,
         json_object_object_add(body, "app_consistent_every",
                                json_object_new_int((int)k));
     }
+    if (o->autoresync) {
+        if (strcmp(o->autoresync, "on") != 0 &&
+            strcmp(o->autoresync, "off") != 0)
+            return cli_usage_error(cmd, "invalid --auto-resync '%s': "
+                                   "expected on or off", o->autoresync);
+        json_object_object_add(
+            body, "auto_resync",
+            json_object_new_boolean(strcmp(o->autoresync, "on") == 0));
+    }
     if (o->budget) {
         uint64_t b;
         if (vr_parse_size(o->budget, &b) < 0 ||
@@ -240,6 +249,7 @@ cmd_repl_enable(struct cli *c, const struct cli_cmd *cmd, int argc,
         { "app-consistent-every", CLI_OPT_STR, &o.app },
         { "kerberos-encrypt", CLI_OPT_STR, &o.kencrypt },
         { "log-budget", CLI_OPT_STR, &o.budget },
+        { "auto-resync", CLI_OPT_STR, &o.autoresync },
         { NULL, 0, NULL },
     };
     CLEANUP_FREE char *path = NULL;
@@ -278,6 +288,7 @@ cmd_repl_set(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
         { "app-consistent-every", CLI_OPT_STR, &o.app },
         { "kerberos-encrypt", CLI_OPT_STR, &o.kencrypt },
         { "log-budget", CLI_OPT_STR, &o.budget },
+        { "auto-resync", CLI_OPT_STR, &o.autoresync },
         { NULL, 0, NULL },
     };
     CLEANUP_FREE char *path = NULL;

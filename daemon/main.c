@@ -6,7 +6,9 @@
  * any cycle that was staged before a crash (so no Replica disk is ever seen
  * between two cycles), and only then open the management socket, the
  * replication listener and the shipper threads.  main.c owns the daemon
- * object D; the log itself is core/log.c. */
+ * object D, the only global of the daemon's state: it hands it to each
+ * layer (api_init, primary_init, replica_init) with the calls a lower
+ * layer makes upward (struct replica_hooks).  The log is core/log.c. */
 #include <getopt.h>
 #include <signal.h>
 #include <stdio.h>
@@ -18,28 +20,21 @@
 #include <unistd.h>
 
 #include "config.h"
-#include "daemon.h"
+#include "api/api.h"
+#include "core/catalog.h"
+#include "core/log.h"
+#include "core/repl.h"
+#include "core/state.h"
+#include "primary/primary.h"
+#include "replica/replica.h"
 #include "proc/plugin.h"
-#include "web.h"
+#include "api/web.h"
 
 static struct daemon daemon_state = {
     .lock = PTHREAD_MUTEX_INITIALIZER,
     .cond = PTHREAD_COND_INITIALIZER,
 };
-struct daemon *D = &daemon_state;
-void
-daemon_wait_ms(uint64_t ms)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_sec += (time_t)(ms / 1000);
-    ts.tv_nsec += (long)(ms % 1000) * 1000000;
-    if (ts.tv_nsec >= 1000000000) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000;
-    }
-    pthread_cond_timedwait(&D->cond, &D->lock, &ts);
-}
+static struct daemon *const D = &daemon_state;
 
 static void
 sd_notify_ready(void)
@@ -164,6 +159,17 @@ take_state_dir(const char *state_dir)
 
 /* Open and load the catalog, then finish applying what was staged before
  * a crash: nothing may see a Replica disk between two cycles. */
+/* The layers' contexts: the state they work on and the calls they make
+ * upward, wired here (docs/design.md). */
+static void
+wire_layers(void)
+{
+    static const struct replica_hooks rh = { .shipper_stop = shipper_stop };
+    api_init(D);
+    primary_init(D);
+    replica_init(D, &rh);
+}
+
 static int
 load_state(const char *hostname)
 {
@@ -275,6 +281,7 @@ main(int argc, char **argv)
 
     if (take_state_dir(state_dir) < 0)
         return 1;
+    wire_layers();
     CLEANUP_FREE char *sock = xasprintf("%s/api.sock", D->state_dir);
     if (load_state(hostname) < 0 || start_services(sock) < 0) {
         log_error("main", "%s", vr_errmsg());

@@ -110,7 +110,7 @@ do_seal(char *reply, size_t n)
      * the sealed segments to .log happens after writes resume; the reply
      * waits for it. */
     struct cl_writer *done[MAX_DISKS] = { NULL };
-    bool ok = false, cut_all = false;
+    bool ok = false, cut_all = false, al_due = false;
     pthread_rwlock_wrlock(&seal_lock);
     uint64_t c = open_cycle;
     if (stopped) {
@@ -142,6 +142,13 @@ do_seal(char *reply, size_t n)
     }
     open_cycle = c + 1;
     cut_all = ok = true;
+    /* Every so often, with no write in flight, a new activity-log
+     * generation; made durable below, with writes going on. */
+    static uint64_t al_since;
+    al_due = al_checkpoint_s && !tracking_stopped() &&
+             vr_mono_ms() - al_since >= al_checkpoint_s * 1000ull;
+    if (al_due)
+        al_swap(&al_since);
     if (hashlog_path && write_hashlog(c) < 0) {
         /* The cut stands (and is committed below); only the answer says
          * the hash log, a test aid, failed. */
@@ -166,6 +173,10 @@ out:
             ok = false;
         }
         cl_writer_free(done[i]);
+    }
+    if (ok && al_due && al_checkpoint() < 0) {
+        nbdkit_error("activity log checkpoint: %s", vr_errmsg());
+        vr_err_clear();
     }
     if (ok) {
         nbdkit_debug("sealed cycle %" PRIu64 " on %u disks", c, ndisks);

@@ -5,7 +5,8 @@
  *              it, preserving data of unshipped cycles (Locking, crash
  *              safety)
  * recover.c    start-up recovery of the change log after any crash
- * control.c    the control socket: SEAL, STATUS, SHIPPED, PING
+ * control.c    the control socket: SEAL, STATUS, SHIPPED, PING, REARM, FOLD
+ * activity.c   the activity log: extents a host crash may leave suspect
  * view.c       view mode: a recovery point served read-only
  *
  * The state below is set up by configuration and start-up (single
@@ -65,6 +66,14 @@ struct disk {
      * marked before each write reaches the disk.  Marked lock-free. */
     struct dirtymap dirty;
     int markfd;            /* its tracking marker (lib/dirtymap.h) */
+    /* The activity log (activity.c): extents whose bit is durable in this
+     * generation, the file's image, its descriptor (-1: none). */
+    struct dirtymap act;
+    uint8_t *al_img;
+    int alfd;
+    pthread_mutex_t al_lock;
+    pthread_rwlock_t al_rw;
+    bool al_failed;        /* the file could not be written: not used */
 };
 
 
@@ -105,6 +114,25 @@ int recover(void);
 int rebuild_owner(struct disk *d);
 int recover_stopped(uint64_t marker_cycle);
 int rearm(uint64_t *voided);
+
+/* activity.c */
+extern unsigned al_checkpoint_s; /* alcheckpoint=: seconds, 0 off */
+/* Open d's activity log; with crashed, first mark in it the extents the
+ * last run's file names (all of them if it does not read whole). */
+int al_open(struct disk *d, struct dirtymap *crashed);
+void al_close(struct disk *d);
+/* After a clean stop made everything durable: nothing is suspect. */
+int al_clear(struct disk *d);
+/* Before a write-class request changes [offset, offset + len) of d: its
+ * extents are in the file, durably.  A failure empties the file (a crash
+ * then makes the whole disk suspect) and is returned only to be logged:
+ * the request goes on. */
+int al_touch(struct disk *d, uint64_t offset, uint64_t len);
+/* Under seal_lock (W): start a new generation; *since its start. */
+void al_swap(uint64_t *since);
+/* After al_swap, outside the lock: make the disks and logs durable and
+ * rewrite each file with the new generation. */
+int al_checkpoint(void);
 
 /* control.c */
 int control_open(void);

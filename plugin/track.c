@@ -409,6 +409,7 @@ static int
 untracked_io(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
              uint64_t offset, bool fast, bool fua)
 {
+    VR_IGNORE(al_touch(d, offset, count));
     dirtymap_mark(&d->dirty, offset, count);
     vr_fault_point("track-untracked");
     int rc = kind == CL_WRITE ? io_pwrite_all(d->fd, buf, count, (off_t)offset)
@@ -478,6 +479,10 @@ tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
         rc = untracked_io(d, kind, buf, count, offset, fast, fua);
         goto out;
     }
+    /* Before anything of this request can reach the disk, its extents
+     * are durably in the activity log (a failure only weakens what a
+     * host crash would leave to compare). */
+    VR_IGNORE(al_touch(d, offset, count));
     pthread_mutex_lock(&d->lock);
     while (overlaps(d, me.start, me.end))
         pthread_cond_wait(&d->idle, &d->lock);

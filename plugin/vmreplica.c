@@ -94,6 +94,8 @@ vmreplica_unload(void)
             /* make_durable stops tracking if the log cannot sync. */
             int rc = make_durable(d);
             if (rc == 0 && !tracking_stopped())
+                rc = al_clear(d);
+            if (rc == 0 && !tracking_stopped())
                 rc = tracking_marker_write(d->markfd, false, 0, NULL);
             if (rc < 0)
                 nbdkit_error("%s: %s", d->id, vr_errmsg());
@@ -103,6 +105,7 @@ vmreplica_unload(void)
             cl_writer_free(d->pre[k]);
         u64map_free(&d->owner);
         dirtymap_free(&d->dirty);
+        al_close(d);
         if (d->markfd >= 0)
             close(d->markfd);
         pthread_mutex_destroy(&d->pre_lock);
@@ -163,6 +166,7 @@ vmreplica_config(const char *key, const char *value)
         d->fd = -1;
         d->dirfd = -1;
         d->markfd = -1;
+        d->alfd = -1;
         /* Adaptive: the critical section is two short writes; spinning
          * briefly beats a futex sleep and wake-up of a worker thread. */
         pthread_mutexattr_t ma;
@@ -229,6 +233,16 @@ vmreplica_config(const char *key, const char *value)
             return -1;
         }
         refmap_max = v;
+    } else if (strcmp(key, "alcheckpoint") == 0) {
+        char *end;
+        errno = 0;
+        unsigned long v = strtoul(value, &end, 10);
+        if (errno || *end || end == value || v > 86400) {
+            nbdkit_error("alcheckpoint=%s: expected 0 .. 86400 seconds",
+                         value);
+            return -1;
+        }
+        al_checkpoint_s = (unsigned)v;
     } else if (strcmp(key, "sealsync") == 0) {
         if (strcmp(value, "on") == 0)
             seal_sync = true;
@@ -280,6 +294,8 @@ vmreplica_config_complete(void)
     "                    copy their data into the log\n"                      \
     "refmap=N            blocks tracked by reference per disk before writes\n"\
     "                    fall back to log=data (default 1048576)\n"           \
+    "alcheckpoint=S      forget activity-log extents not written for S\n"   \
+    "                    seconds, at a seal (default 60; 0: never)\n"        \
     "sealsync=on|off     sync each seal as if the log were trusted after a\n" \
     "                    power loss (default off: it is not, formats.md §7)\n" \
     "hashlog=FILE        append '<cycle> <id> <sha256>' per disk at each seal\n" \
@@ -332,13 +348,15 @@ open_log(struct disk *d, bool *was_stopped, uint64_t *cycle, char *why,
     return 0;
 }
 
-/* Start with tracking stopped (msg says why): every grain of every disk
- * may differ from what the log says. */
+/* Start with tracking stopped (msg says why): the extents the activity
+ * log names may differ from what the log says (al_open marked them), or
+ * every grain of a disk whose activity log is not there. */
 static void
 start_stopped(const char *msg)
 {
     for (unsigned i = 0; i < ndisks; i++)
-        dirtymap_mark_all(&disks[i].dirty);
+        if (disks[i].alfd < 0)
+            dirtymap_mark_all(&disks[i].dirty);
     stop_tracking(msg);
 }
 
@@ -376,6 +394,14 @@ vmreplica_get_ready(void)
         if (was_stopped && !msg[0]) {
             snprintf(msg, sizeof msg, "%s", why);
             nbdkit_debug("tracking had stopped before this start: %s", why);
+        }
+        /* After a crash, or with tracking stopped before, the extents the
+         * activity log names are suspect: into the dirty map with them. */
+        if (d->dirfd >= 0 && al_open(d, rc > 0 || was_stopped ? &d->dirty
+                                                              : NULL) < 0) {
+            nbdkit_error("%s: %s; a host crash would mark the whole disk",
+                         d->id, vr_errmsg());
+            al_close(d);
         }
         if (c > marker_cycle)
             marker_cycle = c;

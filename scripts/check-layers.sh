@@ -5,8 +5,8 @@
 #
 # The order, lowest first:
 #   lib < daemon/core < daemon/proc < daemon/net < daemon/primary,
-#   daemon/replica < daemon/api < daemon/ (main.c and the files not yet
-#   moved into a layer folder)
+#   daemon/replica < daemon/api < daemon/main.c (the top: options and the
+#   wiring of the layers; no other .c may sit directly in daemon/)
 # primary and replica are one rank and never use each other.
 #
 # 1. Includes: every `#include "..."` of lib/ and of a layer folder must
@@ -103,6 +103,11 @@ check_includes() { # folder layer
 }
 
 check_includes "$src/lib" lib
+for f in "$src/daemon"/*.c; do
+    [ -e "$f" ] || continue
+    [ "${f##*/}" = main.c ] ||
+        fail "${f#"$src"/}: in no layer folder (only main.c is at the top)"
+done
 for l in $layers; do
     [ -d "$src/daemon/$l" ] && check_includes "$src/daemon/$l" "$l"
 done
@@ -150,5 +155,5 @@ if [ -n "$build" ]; then
 fi
 
 [ $bad = 0 ] && echo "check-layers: ok (lib < core < proc < net <" \
-    "primary, replica < api < daemon/)"
+    "primary, replica < api < main.c)"
 exit $bad

@@ -64,7 +64,8 @@ static const char schema[] =
     "  krb_encrypt INT, reset_pending INT, first_point INT, "
     "  initial_method INT, initial_compared INT, resync_step INT, "
     "  resync_void INT, resync_first INT, resync_compared INT, "
-    "  resync_sent INT, hold_from INT, hold_to INT, log_budget INT);"
+    "  resync_sent INT, hold_from INT, hold_to INT, log_budget INT, "
+    "  auto_resync_off INT);"
     "CREATE TABLE IF NOT EXISTS points(vm_uuid TEXT, cycle INT, time_ms INT, "
     "  kind TEXT, undo_bytes INT, PRIMARY KEY(vm_uuid, cycle));"
     "CREATE TABLE IF NOT EXISTS auth_entries(pattern TEXT PRIMARY KEY, "
@@ -174,7 +175,7 @@ migrate(struct catalog *cat)
     static const char *const v7[] = { "resync_step", "resync_void",
                                       "resync_first", "resync_compared",
                                       "resync_sent", "hold_from", "hold_to",
-                                      "log_budget" };
+                                      "log_budget", "auto_resync_off" };
     for (size_t k = 0; rc == 0 && have >= 1 && have <= 6 && k < ARRAY_SIZE(v7);
          k++)
         rc = add_column(cat, "replications", v7[k], "INT");
@@ -440,7 +441,7 @@ catalog_save_repl(struct catalog *cat, const struct repl *r)
     sqlite3_stmt *st = prep(cat, 
         "INSERT OR REPLACE INTO replications VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,"
         "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,"
-        "?,?,?)");
+        "?,?,?,?)");
     if (!st)
         return -EIO;
     int i = 1;
@@ -496,6 +497,7 @@ catalog_save_repl(struct catalog *cat, const struct repl *r)
     sqlite3_bind_int64(st, i++, (sqlite3_int64)r->hold_from);
     sqlite3_bind_int64(st, i++, (sqlite3_int64)r->hold_to);
     sqlite3_bind_int64(st, i++, (sqlite3_int64)r->log_budget);
+    sqlite3_bind_int(st, i++, r->auto_resync_off);
     return step_done(cat, st);
 }
 
@@ -597,6 +599,7 @@ load_repl(sqlite3_stmt *st)
     r->hold_from = (uint64_t)sqlite3_column_int64(st, i++);
     r->hold_to = (uint64_t)sqlite3_column_int64(st, i++);
     r->log_budget = (uint64_t)sqlite3_column_int64(st, i++);
+    r->auto_resync_off = sqlite3_column_int(st, i++) != 0;
     if (r->point_interval_s == 0)
         r->point_interval_s = 3600;
     return r;

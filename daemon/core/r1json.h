@@ -42,7 +42,7 @@ int r1_register_parse(json_object *b, struct r1_reg *reg) VR_WUR;
 
 /* "none", "user", "tap:IFNAME" or "bridge:BRIDGE": 0 or -EINVAL. */
 int network_valid(const char *net) VR_WUR;
-/* A VM's NICs as stored and as they travel (network.c has the format):
+/* A VM's NICs as stored and as they travel (api/vm-network.c has the format):
  * 0 or -EINVAL. */
 int nics_validate(json_object *arr) VR_WUR;
 

@@ -12,7 +12,7 @@ void event_add(struct catalog *cat, const char *level, const char *vm,
                const char *fmt, ...) VR_PRINTF(4, 5);
 /* Flags of repl_transition. */
 #define REPL_T_SAVE 1u /* persist vm->repl (catalog_save_repl) */
-/* The one place a replication's state changes (D->lock held): check that
+/* The one place a replication's state changes (d->lock held): check that
  * vm->repl may go from its state to `to` (-EINVAL with the message if
  * not: a bug), set it and log the change at debug level; with REPL_T_SAVE
  * persist the replication and return the catalog's result.  Without

@@ -81,7 +81,7 @@ struct vm {
      * server's own setting (vm create, vm set-boot): a peer never names a
      * path here, so it does not travel with the registration. */
     char *kernel, *initrd, *cmdline;
-    /* NICs (network.c: JSON array of {mac, network, failover}) or NULL;
+    /* NICs (api/vm-network.c: JSON array of {mac, network, failover}) or NULL;
      * the network a test failover puts them on (NULL: "none"). */
     json_object *nics;
     char *test_network;
@@ -92,8 +92,8 @@ struct vm {
      * group of the authorization entry it was created under ("": none).
      * Kept when the relationship is removed (from either side), so that
      * only that primary, or one of its trust group, may register the VM
-     * again (replica.c, check_owner).  NULL owner: not known (a VM kept
-     * from a removal before the catalog recorded it). */
+     * again (replica/replica-register.c, check_owner).  NULL owner: not
+     * known (a VM kept from a removal before the catalog recorded it). */
     char *owner, *owner_group;
     struct repl *repl;
 };
@@ -193,6 +193,9 @@ struct repl {
      * the disks' size) before it is folded into dirty-region maps and the
      * Replica server, when back, is resynchronized from them (SPEC §3). */
     uint64_t log_budget;
+    /* Primary: when change tracking stops, wait for replication resume
+     * --resync instead of resynchronizing at once (--auto-resync off). */
+    bool auto_resync_off;
     /* cycles */
     uint64_t last_cycle;    /* primary: last acknowledged; replica: staged */
     uint64_t applied_cycle; /* replica: last applied */

@@ -49,7 +49,8 @@ struct vmproc_spec {
     bool hypervisor; /* also start QEMU */
     /* Direct kernel boot, or NULL. */
     const char *kernel, *initrd, *cmdline;
-    /* NICs: MAC and network (network.c: none, user, tap:IF, bridge:BR). */
+    /* NICs: MAC and network (api/vm-network.c: none, user, tap:IF,
+     * bridge:BR). */
     unsigned nnics;
     char nic_mac[VMPROC_MAX_NICS][18];
     char nic_net[VMPROC_MAX_NICS][64];

@@ -34,7 +34,7 @@ vr primary vm start "$vm" --no-hypervisor >/dev/null || fail "vm start"
 uri=$(nbd_uri primary "$vm")
 qemu-io -f raw "$uri" -c 'write -P 0x11 0 4M' >/dev/null
 log "enable replication every second"
-enable_replication "$vm" --frequency 1s
+enable_replication "$vm" --frequency 1s --auto-resync off
 wait_converged "$vm" 60
 before=$(repl replica "$vm" applied_cycle)
 # Nothing to resynchronize while tracking follows the disk.

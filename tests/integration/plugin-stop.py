@@ -403,9 +403,42 @@ def host_restart(a, root):
     r = p.ctl("REARM")
     pc.check(r == "OK 4", "REARM: %s" % r)
     runs = read_dirty(os.path.join(d.logdir, "%020d.dirty" % 4))
-    pc.check(runs == [(0, 4 << 20)], "every grain is dirty: %s" % runs)
+    # The seal after the same-boot restart was the first checkpoint of
+    # the activity log: the disk and the log were durable, so only the
+    # unshipped records' grains are dirty (before the activity log, the
+    # whole disk was).
+    want = [(0, 65536), (1 << 20, 65536), (2 << 20, 65536)]
+    pc.check(runs == want, "dirty: the unshipped writes' grains: %s" % runs)
     h = pc.nbd_connect(d.sock, p)
     resync_and_check(a, d, p, h, runs, 5)
+    del h
+    p.kill()
+
+
+def activity_log(a, root):
+    """Only the extents written since the last checkpoint are suspect after
+    a host crash, not the whole disk."""
+    d = pc.fresh(root, "activity", 64 << 20)
+    p = pc.Plugin(a, d, ["alcheckpoint=1"])
+    start_as_boot(p, "boot-a")
+    h = pc.nbd_connect(d.sock, p)
+    h.pwrite(b"\x11" * 4096, 0)
+    h.pwrite(b"\x22" * 4096, 40 << 20)
+    time.sleep(1.2)
+    pc.check(p.ctl("SEAL") == "OK 1", "cycle 1 sealed, with a checkpoint")
+    h.pwrite(b"\x33" * 4096, (20 << 20) + 8192)
+    del h
+    p.kill()
+    start_as_boot(p, "boot-b")
+    r = p.ctl("REARM")
+    pc.check(r == "OK 2", "after the host crash, REARM: %s" % r)
+    runs = read_dirty(os.path.join(d.logdir, "%020d.dirty" % 2))
+    want = [(0, 65536), (20 << 20, 4 << 20), (40 << 20, 65536)]
+    pc.check(runs == want, "dirty: the extent written since the checkpoint "
+          "(20 MiB, 4 MiB) and the unshipped records' grains, not the 64 MiB "
+          "disk: %s" % runs)
+    h = pc.nbd_connect(d.sock, p)
+    resync_and_check(a, d, p, h, runs, 3)
     del h
     p.kill()
 
@@ -423,7 +456,8 @@ def main():
                      ("preserve-failure", preserve_failure),
                      ("marker-first", marker_first),
                      ("damaged-log", damaged_log),
-                     ("host-restart", host_restart)]:
+                     ("host-restart", host_restart),
+                     ("activity-log", activity_log)]:
         if args.only and args.only != name:
             continue
         print("# %s" % name)

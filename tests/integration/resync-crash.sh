@@ -30,7 +30,7 @@ cleanup_fn umount -l "$disk.vrlog"
 vr primary vm start "$vm" --no-hypervisor >/dev/null || fail "vm start"
 uri=$(nbd_uri primary "$vm")
 qemu-io -f raw "$uri" -c 'write -P 0x11 0 4M' >/dev/null
-enable_replication "$vm" --frequency 1s
+enable_replication "$vm" --frequency 1s --auto-resync off
 wait_converged "$vm" 60
 
 log "stop the Replica server; rewrite 2 MiB until tracking stops"

@@ -52,11 +52,19 @@ cp "$tmp/storage.c.orig" "$f"
 f=$tmp/tree/daemon/proc/vmproc.c
 cp "$f" "$tmp/vmproc.c.orig"
 line=$(($(wc -l <"$f") + 1))
-echo '#include "daemon.h"' >>"$f"
+: >"$tmp/tree/daemon/wiring.h"
+echo '#include "wiring.h"' >>"$f"
 expect "an include of the top fails" 1 \
-    "daemon/proc/vmproc.c:$line: includes \"daemon.h\": proc may not include top" \
+    "daemon/proc/vmproc.c:$line: includes \"wiring.h\": proc may not include top" \
     "$tmp/tree"
 cp "$tmp/vmproc.c.orig" "$f"
+rm "$tmp/tree/daemon/wiring.h"
+
+# The top is main.c alone: any other .c there is in no layer.
+: >"$tmp/tree/daemon/stray.c"
+expect "a .c beside main.c fails" 1 \
+    "daemon/stray.c: in no layer folder" "$tmp/tree"
+rm "$tmp/tree/daemon/stray.c"
 
 # lib knows nothing above it.
 f=$tmp/tree/lib/util.c

@@ -1,0 +1,508 @@
+/* initial.c: initial replication on the primary (SPEC §5) — a full copy
+ * of the allocated extents, or a comparison of chunk hashes with the copy
+ * the Replica server holds (--use-existing) that sends only what differs;
+ * both as base chunks after a base cycle, resumable at the position the
+ * catalog keeps, then initial-complete with the first consistent cycle
+ * (docs/design.md, "Initial replication").  Runs on the VM's shipper
+ * thread (shipper.c).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "chunkhash.h"
+#include "cycle.h"
+#include "core/logdir.h"
+#include "proc/vmproc.h"
+#include "shipper-int.h"
+
+#define BASE_CHUNK_BYTES (32u << 20)
+#define BASE_REC_BYTES   (1u << 20)
+/* A comparison's window: at most this much data differs, so one base
+ * chunk holds it (as BASE_CHUNK_BYTES for a full copy). */
+#define COMPARE_WINDOW   BASE_CHUNK_BYTES
+
+/* --- initial replication --------------------------------------------------- */
+
+static uint64_t
+allocated_bytes(const char *path)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    uint64_t total = 0;
+    off_t pos = 0;
+    for (;;) {
+        off_t data = lseek(fd, pos, SEEK_DATA);
+        if (data < 0)
+            break;
+        off_t hole = lseek(fd, data, SEEK_HOLE);
+        if (hole < 0)
+            break;
+        total += (uint64_t)(hole - data);
+        pos = hole;
+    }
+    close(fd);
+    return total;
+}
+
+/* Send one chunk of disk d starting at *offset: up to BASE_CHUNK_BYTES of
+ * allocated data.  Advances *offset; *done when the disk is finished. */
+static int
+send_base_chunk(struct job *jb, unsigned d, uint64_t base, uint64_t seq,
+                uint64_t *offset, bool *done, uint64_t *data_bytes,
+                uint64_t *wire_bytes, uint64_t *raw_bytes)
+{
+    int dfd = open(jb->disks[d].path, O_RDONLY | O_CLOEXEC);
+    if (dfd < 0)
+        return vr_err(-errno, "open %s: %s", jb->disks[d].path,
+                      strerror(errno));
+    CLEANUP_FREE char *tmp = NULL;
+    int fd = tmp_payload(jb, &tmp);
+    if (fd < 0) {
+        close(dfd);
+        return fd;
+    }
+    struct cyc_hdr h = { .version = CYC_VERSION,
+                         .flags = CYC_F_BASE,
+                         .cycle = base,
+                         .epoch = jb->peer.epoch,
+                         .ndisks = jb->ndisks };
+    int rc = cyc_uuid_parse(jb->uuid, h.uuid);
+    struct cyc_builder *b = NULL;
+    if (rc == 0)
+        rc = cyc_builder_new(fd, jb->compression, 1, &h, &b);
+    char *buf = xmalloc(BASE_REC_BYTES);
+    uint64_t size = jb->disks[d].size, pos = *offset, sent = 0;
+    *done = false;
+    while (rc == 0 && sent < BASE_CHUNK_BYTES) {
+        off_t data = lseek(dfd, (off_t)pos, SEEK_DATA);
+        if (data < 0 || (uint64_t)data >= size) {
+            *done = true;
+            pos = size;
+            break;
+        }
+        off_t hole = lseek(dfd, data, SEEK_HOLE);
+        uint64_t end = hole < 0 ? size : (uint64_t)hole;
+        if (end > size)
+            end = size;
+        uint64_t p = (uint64_t)data;
+        while (rc == 0 && p < end && sent < BASE_CHUNK_BYTES) {
+            uint32_t len = (uint32_t)(end - p < BASE_REC_BYTES ? end - p
+                                                               : BASE_REC_BYTES);
+            rc = io_pread_all(dfd, buf, len, (off_t)p);
+            if (rc < 0) {
+                rc = vr_err(rc, "read %s: %s", jb->disks[d].path,
+                            strerror(-rc));
+                break;
+            }
+            struct cl_rec r = { .kind = CL_WRITE,
+                                .disk = (uint16_t)d,
+                                .len = len,
+                                .offset = p,
+                                .data = buf };
+            rc = cyc_builder_add(b, &r);
+            p += len;
+            sent += len;
+        }
+        pos = p;
+    }
+    free(buf);
+    close(dfd);
+    uint64_t raw = 0, wire = 0;
+    if (rc == 0)
+        rc = cyc_builder_finish(b, &raw, &wire);
+    cyc_builder_free(b);
+    if (rc == 0 && sent > 0) {
+        test_send_delay();
+        CLEANUP_FREE char *path = xasprintf(
+            "/r1/vms/%s/base/%llu", jb->uuid, (unsigned long long)seq);
+        rc = peer_call(&jb->peer, "PUT", path, NULL, fd, wire,
+                       jb->compression, NULL);
+    }
+    close(fd);
+    unlink(tmp);
+    if (rc == 0) {
+        *offset = pos;
+        *data_bytes = sent;
+        *wire_bytes = sent > 0 ? wire : 0;
+        *raw_bytes = sent > 0 ? raw : 0;
+    }
+    return rc;
+}
+
+/* --- initial replication by comparison ------------------------------------ */
+
+/* The Replica server's hashes of [off, off + len) of disk d in chunks of
+ * chunk bytes, into h (chunkhash_count() of them). */
+static int
+remote_hashes(const struct job *jb, unsigned d, uint64_t off, uint64_t len,
+              uint64_t chunk, uint8_t *h)
+{
+    uint64_t n = chunkhash_count(jb->disks[d].size, off, len, chunk);
+    CLEANUP_FREE char *body = xasprintf(
+        "{\"disk\": %u, \"offset\": %llu, \"length\": %llu, \"chunk\": "
+        "%llu}", d, (unsigned long long)off, (unsigned long long)len,
+        (unsigned long long)chunk);
+    CLEANUP_FREE char *path = xasprintf("/r1/vms/%s/hashes", jb->uuid);
+    json_object *resp = NULL, *v;
+    int rc = peer_call(&jb->peer, "POST", path, body, -1, 0, false, &resp);
+    if (rc == 0 && (!resp || !json_object_object_get_ex(resp, "hashes", &v) ||
+                    !json_object_is_type(v, json_type_string) ||
+                    chunkhash_unhex(json_object_get_string(v), n, h) < 0))
+        rc = vr_err(-EPROTO, "hashes of disk %u at %llu from the Replica "
+                    "server: not %llu hashes", d, (unsigned long long)off,
+                    (unsigned long long)n);
+    json_object_put(resp);
+    return rc;
+}
+
+static bool
+all_zero(const uint8_t *p, size_t n)
+{
+    return n == 0 || (p[0] == 0 && memcmp(p, p + 1, n - 1) == 0);
+}
+
+/* The fine chunks of [off, off + len) of disk d that differ between here
+ * and the Replica server go into b: a write, or a zero record where this
+ * disk reads as zeroes.  Adds their bytes to *sent. */
+int
+add_differing(const struct job *jb, unsigned d, int dfd, uint64_t off,
+              uint64_t len, struct cyc_builder *b, uint64_t *sent)
+{
+    uint64_t size = jb->disks[d].size;
+    uint64_t n = chunkhash_count(size, off, len, CHUNKHASH_FINE);
+    uint8_t *mine = xmalloc(n * CHUNKHASH_BYTES);
+    uint8_t *theirs = xmalloc(n * CHUNKHASH_BYTES);
+    uint8_t *buf = xmalloc(CHUNKHASH_FINE);
+    int rc = chunkhash_fd(dfd, size, off, len, CHUNKHASH_FINE, mine, NULL);
+    if (rc < 0)
+        rc = vr_err(rc, "%s: %s", jb->disks[d].path, vr_errmsg());
+    if (rc == 0)
+        rc = remote_hashes(jb, d, off, len, CHUNKHASH_FINE, theirs);
+    for (uint64_t i = 0; rc == 0 && i < n; i++) {
+        if (memcmp(mine + i * CHUNKHASH_BYTES, theirs + i * CHUNKHASH_BYTES,
+                   CHUNKHASH_BYTES) == 0)
+            continue;
+        uint64_t p = off + i * CHUNKHASH_FINE;
+        uint32_t k = (uint32_t)(size - p < CHUNKHASH_FINE ? size - p
+                                                          : CHUNKHASH_FINE);
+        rc = io_pread_all(dfd, buf, k, (off_t)p);
+        if (rc < 0) {
+            rc = vr_err(rc, "read %s: %s", jb->disks[d].path, strerror(-rc));
+            break;
+        }
+        struct cl_rec r = { .kind = all_zero(buf, k) ? CL_ZERO : CL_WRITE,
+                            .disk = (uint16_t)d,
+                            .len = k,
+                            .offset = p,
+                            .data = buf };
+        rc = cyc_builder_add(b, &r);
+        *sent += k;
+    }
+    free(buf);
+    free(theirs);
+    free(mine);
+    return rc;
+}
+
+/* Compare one window of disk d from *offset (COMPARE_WINDOW bytes) with
+ * the Replica server's copy and send what differs as base chunk seq:
+ * coarse hashes first, then fine ones over the coarse chunks that differ.
+ * As send_base_chunk: the window is read live, the cycles after the base
+ * put later writes in order.  *compared and *data_bytes: bytes compared
+ * and sent. */
+static int
+send_compare_chunk(struct job *jb, unsigned d, uint64_t base, uint64_t seq,
+                   uint64_t *offset, bool *done, uint64_t *compared,
+                   uint64_t *data_bytes, uint64_t *wire_bytes,
+                   uint64_t *raw_bytes)
+{
+    uint64_t size = jb->disks[d].size, off = *offset;
+    *done = false;
+    if (off >= size) {
+        *done = true;
+        *compared = *data_bytes = *wire_bytes = *raw_bytes = 0;
+        return 0;
+    }
+    uint64_t len = size - off < COMPARE_WINDOW ? size - off : COMPARE_WINDOW;
+    uint64_t n = chunkhash_count(size, off, len, CHUNKHASH_COARSE);
+    int dfd = open(jb->disks[d].path, O_RDONLY | O_CLOEXEC);
+    if (dfd < 0)
+        return vr_err(-errno, "open %s: %s", jb->disks[d].path,
+                      strerror(errno));
+    uint8_t *mine = xmalloc(n * CHUNKHASH_BYTES);
+    uint8_t *theirs = xmalloc(n * CHUNKHASH_BYTES);
+    int rc = chunkhash_fd(dfd, size, off, len, CHUNKHASH_COARSE, mine, NULL);
+    if (rc < 0)
+        rc = vr_err(rc, "%s: %s", jb->disks[d].path, vr_errmsg());
+    if (rc == 0)
+        rc = remote_hashes(jb, d, off, len, CHUNKHASH_COARSE, theirs);
+
+    CLEANUP_FREE char *tmp = NULL;
+    int fd = -1;
+    struct cyc_builder *b = NULL;
+    uint64_t sent = 0;
+    for (uint64_t i = 0; rc == 0 && i < n; i++) {
+        /* A run of differing coarse chunks is refined in one request. */
+        uint64_t j = i;
+        while (j < n && memcmp(mine + j * CHUNKHASH_BYTES,
+                               theirs + j * CHUNKHASH_BYTES,
+                               CHUNKHASH_BYTES) != 0)
+            j++;
+        if (j == i)
+            continue;
+        if (!b) {
+            fd = tmp_payload(jb, &tmp);
+            rc = fd < 0 ? fd : 0;
+            struct cyc_hdr h = { .version = CYC_VERSION,
+                                 .flags = CYC_F_BASE,
+                                 .cycle = base,
+                                 .epoch = jb->peer.epoch,
+                                 .ndisks = jb->ndisks };
+            if (rc == 0)
+                rc = cyc_uuid_parse(jb->uuid, h.uuid);
+            if (rc == 0)
+                rc = cyc_builder_new(fd, jb->compression, 1, &h, &b);
+        }
+        uint64_t p = off + i * CHUNKHASH_COARSE;
+        uint64_t e = off + j * CHUNKHASH_COARSE;
+        if (e > off + len)
+            e = off + len;
+        if (rc == 0)
+            rc = add_differing(jb, d, dfd, p, e - p, b, &sent);
+        i = j;
+    }
+    free(theirs);
+    free(mine);
+    close(dfd);
+    uint64_t raw = 0, wire = 0;
+    bool built = b != NULL;
+    if (rc == 0 && built)
+        rc = cyc_builder_finish(b, &raw, &wire);
+    cyc_builder_free(b);
+    if (rc == 0 && built) {
+        test_send_delay();
+        CLEANUP_FREE char *path = xasprintf(
+            "/r1/vms/%s/base/%llu", jb->uuid, (unsigned long long)seq);
+        rc = peer_call(&jb->peer, "PUT", path, NULL, fd, wire,
+                       jb->compression, NULL);
+    }
+    if (fd >= 0) {
+        close(fd);
+        unlink(tmp);
+    }
+    if (rc == 0) {
+        *offset = off + len;
+        *done = *offset >= size;
+        *compared = len;
+        *data_bytes = sent;
+        *wire_bytes = wire;
+        *raw_bytes = raw;
+    }
+    return rc;
+}
+
+/* The first cycle at whose seal the Replica VM equals this VM, once the
+ * copy has read everything: the cycle open now.  A cycle sealed while the
+ * copy still read the disk is not one (the copy may have read data written
+ * after its seal, which only a later cycle puts in order); every cycle
+ * sealed after the last read is (each block is then as the copy read it
+ * or as the last cycle that wrote it left it, both as of that seal).
+ * Called after the last read, so the cycle open now is at worst later
+ * than the first such cycle.  With the disks not served, nothing writes
+ * them: the cycle after the log's last seal. */
+int
+first_consistent_cycle(const struct job *jb, uint64_t base, uint64_t *first)
+{
+    bool served = false, running = false;
+    uint64_t open = 0, bytes, payload;
+    vmproc_status(jb->rundir, &served, &running);
+    if (!served ||
+        vmproc_open_cycle(jb->rundir, &open, &bytes, &payload) < 0) {
+        /* Not served, or stopped since (a stop seals first). */
+        vr_err_clear();
+        uint64_t last = 0;
+        int rc = logdir_base(&jb->disks[0], &last);
+        if (rc < 0)
+            return rc;
+        open = last + 1;
+    }
+    *first = open > base ? open : base + 1;
+    return 0;
+}
+
+/* The start of a fresh initial replication: the base cycle (a seal, or a
+ * new log if tracking had stopped), the method told to the Replica
+ * server before its first piece, the position recorded. */
+static int
+initial_begin(struct vm *vm, struct job *jb)
+{
+    struct repl *r = vm->repl;
+    /* The base: seal so every later write is in a cycle after it.  If
+     * tracking had stopped, a new log is started instead: every write
+     * after the base is in it, and the copy below sends the rest. */
+    bool served = false, running = false;
+    uint64_t base = 0;
+    vmproc_status(jb->rundir, &served, &running);
+    bool intact = tracking_intact(vm, jb, 0) == 0;
+    if (!intact && !served)
+        return vr_err(-EAGAIN, "tracking stopped on this VM's disks: "
+                      "start the VM so initial replication can start a "
+                      "new change log");
+    vr_err_clear();
+    if (!intact) {
+        int rc = vmproc_rearm(jb->rundir, &base);
+        if (rc < 0)
+            return rc;
+        pthread_mutex_lock(&pctx.d->lock);
+        vm->repl->untracked = false;
+        event_add(pctx.d->cat, "info", vm->name, "change tracking restarted "
+                  "after cycle %llu for the initial replication",
+                  (unsigned long long)base);
+        pthread_mutex_unlock(&pctx.d->lock);
+    } else if (served) {
+        int rc = vmproc_seal(jb->rundir, &base);
+        if (rc < 0)
+            return rc;
+    } else {
+        int rc = logdir_base(&jb->disks[0], &base);
+        if (rc < 0)
+            return rc;
+    }
+    release_shipped(jb, base);
+    pthread_mutex_lock(&pctx.d->lock);
+    bool compare = r->initial_method == INITIAL_COMPARE;
+    pthread_mutex_unlock(&pctx.d->lock);
+    /* Before the first piece: the Replica server keeps its copy for a
+     * comparison, or resets it for a full copy. */
+    CLEANUP_FREE char *ipath = xasprintf("/r1/vms/%s/initial", jb->uuid);
+    int rc = peer_call(&jb->peer, "POST", ipath,
+                       compare ? "{\"method\": \"compare\"}"
+                               : "{\"method\": \"full\"}",
+                       -1, 0, false, NULL);
+    if (rc < 0)
+        return rc;
+    uint64_t total = 0;
+    for (unsigned i = 0; i < jb->ndisks; i++)
+        total += compare ? jb->disks[i].size
+                         : allocated_bytes(jb->disks[i].path);
+    pthread_mutex_lock(&pctx.d->lock);
+    r->base_cycle = base;
+    r->initial_seq = 1;
+    r->initial_disk = 0;
+    r->initial_offset = 0;
+    r->initial_total = total;
+    r->initial_sent = 0;
+    r->initial_compared = 0;
+    r->last_cycle = base;
+    rc = catalog_save_repl(pctx.d->cat, r);
+    if (compare)
+        event_add(pctx.d->cat, "info", vm->name,
+                  "initial replication started by comparison with the "
+                  "Replica server's copy: %llu bytes to compare, base "
+                  "cycle %llu",
+                  (unsigned long long)total, (unsigned long long)base);
+    else
+        event_add(pctx.d->cat, "info", vm->name,
+                  "initial replication started: %llu bytes allocated, "
+                  "base cycle %llu",
+                  (unsigned long long)total, (unsigned long long)base);
+    pthread_mutex_unlock(&pctx.d->lock);
+    return rc;
+}
+
+int
+run_initial(struct vm *vm, struct job *jb)
+{
+    pthread_mutex_lock(&pctx.d->lock);
+    bool fresh = vm->repl->initial_seq == 0;
+    struct repl *r = vm->repl;
+    pthread_mutex_unlock(&pctx.d->lock);
+
+    if (fresh) {
+        int rc = initial_begin(vm, jb);
+        if (rc < 0)
+            return rc;
+    }
+
+    for (;;) {
+        pthread_mutex_lock(&pctx.d->lock);
+        bool stop = r->stop || r->st != REPL_ST_INITIAL;
+        bool compare = r->initial_method == INITIAL_COMPARE;
+        unsigned d = r->initial_disk;
+        uint64_t off = r->initial_offset, seq = r->initial_seq,
+                 base = r->base_cycle;
+        pthread_mutex_unlock(&pctx.d->lock);
+        if (stop)
+            return -ECANCELED;
+        if (d >= jb->ndisks)
+            break;
+        bool done = false;
+        uint64_t data = 0, wire = 0, raw = 0, compared = 0;
+        int rc = compare ? send_compare_chunk(jb, d, base, seq, &off, &done,
+                                              &compared, &data, &wire, &raw)
+                         : send_base_chunk(jb, d, base, seq, &off, &done,
+                                           &data, &wire, &raw);
+        if (rc < 0)
+            return rc;
+        pthread_mutex_lock(&pctx.d->lock);
+        if (wire > 0)
+            r->initial_seq++;
+        r->initial_sent += data;
+        r->initial_compared += compared;
+        r->bytes_wire += wire;
+        r->bytes_raw += raw;
+        if (done) {
+            r->initial_disk++;
+            r->initial_offset = 0;
+        } else {
+            r->initial_offset = off;
+        }
+        rc = catalog_save_repl(pctx.d->cat, r);
+        pthread_mutex_unlock(&pctx.d->lock);
+        if (rc < 0)
+            return rc;
+        vr_fault_point("base-chunk-sent");
+    }
+
+    pthread_mutex_lock(&pctx.d->lock);
+    uint64_t base = r->base_cycle;
+    pthread_mutex_unlock(&pctx.d->lock);
+    uint64_t first = 0;
+    int rc = first_consistent_cycle(jb, base, &first);
+    if (rc < 0)
+        return rc;
+    CLEANUP_FREE char *body = xasprintf(
+        "{\"base_cycle\": %llu, \"first_point\": %llu}",
+        (unsigned long long)base, (unsigned long long)first);
+    CLEANUP_FREE char *path =
+        xasprintf("/r1/vms/%s/initial-complete", jb->uuid);
+    rc = peer_call(&jb->peer, "POST", path, body, -1, 0, false, NULL);
+    if (rc < 0)
+        return rc;
+    pthread_mutex_lock(&pctx.d->lock);
+    r->initial_done = true;
+    r->first_point = first;
+    r->last_cycle = base;
+    r->last_ok_ms = vr_wall_ms();
+    free(r->task);
+    r->task = NULL;
+    rc = repl_transition(pctx.d->cat, vm, REPL_ST_REPLICATING, REPL_T_SAVE);
+    if (r->initial_method == INITIAL_COMPARE)
+        event_add(pctx.d->cat, "info", vm->name,
+                  "initial replication by comparison complete: %llu bytes "
+                  "compared, %llu bytes of data sent",
+                  (unsigned long long)r->initial_compared,
+                  (unsigned long long)r->initial_sent);
+    else
+        event_add(pctx.d->cat, "info", vm->name,
+                  "initial replication complete: %llu bytes of data sent",
+                  (unsigned long long)r->initial_sent);
+    pthread_mutex_unlock(&pctx.d->lock);
+    return rc;
+}
+
