@@ -13,7 +13,7 @@ struct server_cfg;
 /* Is c->web_listen valid, and allowed with c's TLS material (plain HTTP
  * only on loopback)?  0, or -EINVAL with the message. */
 int web_check(const struct server_cfg *c) VR_WUR;
-/* (Re)start or stop the web listener per D->cfg (d->lock held); starts
+/* (Re)start or stop the web listener per d->cfg (d->lock held); starts
  * the sampler of lag and cycle sizes on first use.  0 or -errno. */
 int web_apply(void) VR_WUR;
 /* Is the web listener running (d->lock held)? */
