@@ -56,7 +56,8 @@ static const struct cli_cmd commands[] = {
       "on|off]\n"
       "        [--hostname FQDN]\n"
       "        [--allow-any|--no-allow-any] [--default-storage DIR]\n"
-      "        [--monitoring-interval DURATION]",
+      "        [--monitoring-interval DURATION]\n"
+      "        [--web-listen [ADDR:]PORT|--no-web-listen]",
       "change the Replica server settings",
       "  --enable, --disable         accept replication as a Replica server\n"
       "  --auth TYPE                 certificate (HTTPS), kerberos (HTTP) "
@@ -82,7 +83,12 @@ static const struct cli_cmd commands[] = {
       "certificate)\n"
       "  --allow-any, --no-allow-any accept any authenticated primary\n"
       "  --default-storage DIR       where Replica VMs of such primaries go\n"
-      "  --monitoring-interval DUR   health window, e.g. 12h, 30m, 3600\n" },
+      "  --monitoring-interval DUR   health window, e.g. 12h, 30m, 3600\n"
+      "  --web-listen [ADDR:]PORT    serve /metrics and the dashboard there\n"
+      "                              (PORT alone: 127.0.0.1; HTTPS with\n"
+      "                              client certificates if this server has\n"
+      "                              a certificate, else loopback only)\n"
+      "  --no-web-listen             stop serving them (the default)\n" },
     { "server", "test-connection", cmd_server_test_connection,
       "FQDN[:PORT] --auth certificate|kerberos [--connect-address IP]",
       "check that a Replica server would accept replication from this host",

@@ -46,6 +46,11 @@ print_server(json_object *s)
            cli_has(s, "default_storage") ? cli_str(s, "default_storage")
                                          : "-");
     cli_kv("Listening", "%s", cli_bool(s, "listening") ? "yes" : "no");
+    if (cli_has(s, "web_listen"))
+        cli_kv("Web listener", "%s (%s)", cli_str(s, "web_listen"),
+               cli_bool(s, "listening_web") ? "listening" : "not listening");
+    else
+        cli_kv("Web listener", "off");
     cli_kv("Firewall", "%s",
            cli_bool(s, "firewall_enabled") ? "enabled" : "disabled");
     cli_kv("Monitoring interval", "%s",
@@ -97,11 +102,12 @@ int
 cmd_server_set(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
 {
     bool enable = false, disable = false, allow = false, no_allow = false,
-         no_crl = false;
+         no_crl = false, no_web = false;
     const char *auth = NULL, *port = NULL, *cert = NULL, *key = NULL,
                *ca = NULL, *hostname = NULL, *storage = NULL,
                *interval = NULL, *kport = NULL, *keytab = NULL,
-               *kencrypt = NULL, *crl = NULL, *store = NULL, *thumb = NULL;
+               *kencrypt = NULL, *crl = NULL, *store = NULL, *thumb = NULL,
+               *web = NULL;
     const struct cli_opt opts[] = {
         { "enable", CLI_OPT_FLAG, &enable },
         { "disable", CLI_OPT_FLAG, &disable },
@@ -122,6 +128,8 @@ cmd_server_set(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
         { "no-allow-any", CLI_OPT_FLAG, &no_allow },
         { "default-storage", CLI_OPT_STR, &storage },
         { "monitoring-interval", CLI_OPT_STR, &interval },
+        { "web-listen", CLI_OPT_STR, &web },
+        { "no-web-listen", CLI_OPT_FLAG, &no_web },
         { NULL, 0, NULL },
     };
     const char *pos[1];
@@ -138,6 +146,9 @@ cmd_server_set(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
         return cli_usage_error(cmd, "--crl and --no-crl conflict");
     if (allow && no_allow)
         return cli_usage_error(cmd, "--allow-any and --no-allow-any "
+                               "conflict");
+    if (web && no_web)
+        return cli_usage_error(cmd, "--web-listen and --no-web-listen "
                                "conflict");
     if (auth && strcmp(auth, "certificate") != 0 &&
         strcmp(auth, "kerberos") != 0 && strcmp(auth, "both") != 0)
@@ -198,6 +209,9 @@ cmd_server_set(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
     if (interval)
         json_object_object_add(body, "monitoring_interval",
                                json_object_new_int64((int64_t)interval_s));
+    if (web || no_web) /* the daemon checks the address ("": off) */
+        json_object_object_add(body, "web_listen",
+                               json_object_new_string(no_web ? "" : web));
     if (json_object_object_length(body) == 0) {
         json_object_put(body);
         return cli_usage_error(cmd, "nothing to set");

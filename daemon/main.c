@@ -28,6 +28,7 @@
 #include "primary/primary.h"
 #include "replica/replica.h"
 #include "proc/plugin.h"
+#include "api/web.h"
 
 static struct daemon daemon_state = {
     .lock = PTHREAD_MUTEX_INITIALIZER,
@@ -207,6 +208,8 @@ start_services(const char *sock)
             rc = 0;
         }
     }
+    if (rc == 0 && web_apply() < 0)
+        log_error("main", "web listener: %s", vr_errmsg()); /* API stays */
     /* After the listeners, whose ports it opens; a failure is an error
      * event, and the daemon runs on. */
     if (rc == 0)
@@ -250,6 +253,7 @@ stop_services(const char *sock)
     pthread_mutex_unlock(&D->lock);
     replica_applier_stop();
     api_stop();
+    web_stop();
     replica_listener_stop();
     api_unlink_socket(sock);
     pthread_mutex_lock(&D->lock);

@@ -7,6 +7,7 @@
 
 #include "config.h"
 #include "api-int.h"
+#include "web.h"
 
 static json_object *
 server_json(void)
@@ -54,6 +55,9 @@ server_json(void)
     json_object_object_add(o, "firewall_enabled",
                            json_object_new_boolean(c->firewall_enabled));
     STR("firewall_error", firewall_error());
+    STR("web_listen", c->web_listen);
+    json_object_object_add(o, "listening_web",
+                           json_object_new_boolean(web_listening()));
 #undef STR
     return o;
 }
@@ -109,6 +113,7 @@ cfg_copy_strings(struct server_cfg *c)
     c->thumbprint = c->thumbprint ? xstrdup(c->thumbprint) : NULL;
     c->default_storage = c->default_storage ? xstrdup(c->default_storage)
                                             : NULL;
+    c->web_listen = c->web_listen ? xstrdup(c->web_listen) : NULL;
 }
 
 static void
@@ -124,6 +129,7 @@ cfg_free_strings(struct server_cfg *c)
     free(c->cert_store);
     free(c->thumbprint);
     free(c->default_storage);
+    free(c->web_listen);
 }
 
 /* The switches, ports and authentication of a `server set` body. */
@@ -144,6 +150,11 @@ cfg_set_listener(json_object *b, struct server_cfg *c)
         c->krb_encrypt = json_object_get_boolean(v);
     if (json_object_object_get_ex(b, "monitoring_interval", &v))
         c->monitoring_interval_s = (unsigned)json_object_get_int64(v);
+    const char *web = jstr(b, "web_listen");
+    if (web) {
+        free(c->web_listen); /* "": off */
+        c->web_listen = *web ? xstrdup(web) : NULL;
+    }
     const char *auth = jstr(b, "auth");
     if (!auth)
         return 0;
@@ -275,10 +286,14 @@ api_server_set(struct api_call *call, unsigned *status VR_UNUSED,
         rc = cfg_set_identity(b, c);
     if (rc == 0)
         rc = cfg_check(c);
+    if (rc == 0)
+        rc = web_check(c);
     if (rc == 0 && c->default_storage)
         rc = io_mkdir_p(c->default_storage, 0750);
     if (rc == 0)
         rc = replica_listener_apply();
+    if (rc == 0)
+        rc = web_apply();
     if (rc == 0)
         rc = catalog_save_server(actx.d->cat, &actx.d->cfg);
     cfg_free_strings(rc == 0 ? &old : c);
@@ -288,6 +303,7 @@ api_server_set(struct api_call *call, unsigned *status VR_UNUSED,
         char saved[1024];
         snprintf(saved, sizeof saved, "%s", vr_errmsg());
         VR_IGNORE(replica_listener_apply());
+        VR_IGNORE(web_apply());
         vr_err(rc, "%s", saved);
     } else {
         event_add(actx.d->cat, "info", NULL, "server settings changed%s",

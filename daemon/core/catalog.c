@@ -290,7 +290,8 @@ catalog_save_server(struct catalog *cat, const struct server_cfg *c)
         (rc = config_put(cat, "default_storage", c->default_storage)) < 0 ||
         (rc = config_put(cat, "monitoring_interval", mon)) < 0 ||
         (rc = config_put(cat, "firewall_enabled",
-                         c->firewall_enabled ? "1" : "0")) < 0) {
+                         c->firewall_enabled ? "1" : "0")) < 0 ||
+        (rc = config_put(cat, "web_listen", c->web_listen)) < 0) {
         return catalog_end(cat, rc);
     }
     return catalog_end(cat, 0);
@@ -325,6 +326,7 @@ load_server(struct catalog *cat, struct server_cfg *c)
         S("thumbprint", thumbprint)
         S("keytab", keytab)
         S("default_storage", default_storage)
+        S("web_listen", web_listen)
 #undef S
         if (strcmp(k, "replica_enabled") == 0)
             c->replica_enabled = atoi(v) != 0;

@@ -273,6 +273,9 @@ struct server_cfg {
     /* `server firewall enable`: vmreplicad keeps nftables table inet
      * vmreplica open for its listener ports (firewall.c); off by default. */
     bool firewall_enabled;
+    /* `server set --web-listen`: ADDR:PORT of the read-only web listener
+     * (metrics, dashboard; web.c), or NULL: off. */
+    char *web_listen;
 };
 
 struct catalog;

@@ -2,8 +2,10 @@
  * and the replication listeners — the HTTP status of a negative errno
  * (docs/api.md), and the {"error", "message"} body of a failure. */
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "http.h"
 
@@ -85,4 +87,37 @@ MHD_RESULT
 http_send_error(struct MHD_Connection *c, int rc, const char *msg)
 {
     return http_send_json(c, http_status_for(rc), http_error_obj(rc, msg));
+}
+
+struct retire {
+    struct MHD_Daemon *d;
+    void (*done)(void *arg);
+    void *arg;
+};
+
+static void *
+retire_main(void *p)
+{
+    struct retire *r = p;
+    MHD_stop_daemon(r->d);
+    if (r->done)
+        r->done(r->arg);
+    free(r);
+    return NULL;
+}
+
+void
+http_daemon_retire(struct MHD_Daemon *d, bool wait, void (*done)(void *arg),
+                   void *arg)
+{
+    struct retire *r = xmalloc(sizeof *r);
+    *r = (struct retire){ d, done, arg };
+    MHD_socket fd = MHD_quiesce_daemon(d);
+    if (fd != MHD_INVALID_SOCKET)
+        close(fd);
+    pthread_t t;
+    if (!wait && pthread_create(&t, NULL, retire_main, r) == 0)
+        pthread_detach(t);
+    else
+        retire_main(r);
 }

@@ -30,5 +30,11 @@ MHD_RESULT http_send_json_ex(struct MHD_Connection *c, unsigned status,
 json_object *http_error_obj(int rc, const char *msg);
 /* Queue {"error": NAME, "message": msg} for the negative errno rc. */
 MHD_RESULT http_send_error(struct MHD_Connection *c, int rc, const char *msg);
+/* Stop the listener d, then call done(arg) (done may be NULL).  Its
+ * connection threads may wait for a lock the caller holds, so unless wait
+ * is set d stops listening at once (its port is free again) and finishes
+ * its requests, and done runs, in a thread of its own. */
+void http_daemon_retire(struct MHD_Daemon *d, bool wait,
+                        void (*done)(void *arg), void *arg);
 
 #endif

@@ -12,6 +12,31 @@
 #include "tls.h"
 
 int
+tls_crl_trust_list(const char *ca_pem, const char *crl_pem,
+                   const char *crl_path, gnutls_x509_trust_list_t *out)
+{
+    /* The CRL is checked against the CAs: one they did not sign is
+     * refused here, not ignored later. */
+    gnutls_datum_t ca = { (unsigned char *)ca_pem, (unsigned)strlen(ca_pem) };
+    gnutls_datum_t crl = { (unsigned char *)crl_pem,
+                           (unsigned)strlen(crl_pem) };
+    gnutls_x509_trust_list_init(out, 0);
+    int r = gnutls_x509_trust_list_add_trust_mem(*out, &ca, NULL,
+                                                 GNUTLS_X509_FMT_PEM, 0, 0);
+    if (r > 0)
+        r = gnutls_x509_trust_list_add_trust_mem(
+            *out, NULL, &crl, GNUTLS_X509_FMT_PEM,
+            GNUTLS_TL_VERIFY_CRL | GNUTLS_TL_FAIL_ON_INVALID_CRL, 0);
+    if (r > 0)
+        return 0;
+    gnutls_x509_trust_list_deinit(*out, 1);
+    *out = NULL;
+    return vr_err(-EINVAL, "crl %s: %s", crl_path,
+                  r < 0 ? gnutls_strerror(r)
+                        : "no revocation list signed by the ca");
+}
+
+int
 tls_check_material(const char *cert, const char *key, const char *ca)
 {
     if (!cert || !key || !ca)

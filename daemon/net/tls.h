@@ -23,5 +23,13 @@ int tls_thumbprint(const char *cert_path, char sha1[41]) VR_WUR;
  * -ENOENT/-EINVAL/-EEXIST with a message. */
 int tls_find_by_thumbprint(const char *dir, const char *thumbprint,
                            char **cert, char **key) VR_WUR;
+/* The CAs ca_pem with their revocation list crl_pem (read from
+ * crl_path, named in the message) as a trust list to check client
+ * certificates against: 0 and *out, or -EINVAL (*out NULL) when the list
+ * is not one the CAs signed. */
+struct gnutls_x509_trust_list_st;
+int tls_crl_trust_list(const char *ca_pem, const char *crl_pem,
+                       const char *crl_path,
+                       struct gnutls_x509_trust_list_st **out) VR_WUR;
 
 #endif

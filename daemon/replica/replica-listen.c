@@ -376,20 +376,15 @@ listener_clear(struct listener *l)
     memset(l, 0, sizeof *l);
 }
 
-static void *
-retire_main(void *arg)
+static void
+listener_free(void *arg)
 {
-    struct listener *l = arg;
-    MHD_stop_daemon(l->mhd);
-    listener_clear(l);
-    free(l);
-    return NULL;
+    listener_clear(arg);
+    free(arg);
 }
 
-/* Stop a listener.  Its connection threads may be waiting for d->lock,
- * which our caller may hold, so unless wait is set the old daemon stops
- * listening at once (its port is free again) and finishes its requests in
- * a thread of its own. */
+/* Stop a listener (http_daemon_retire: unless wait is set, in a thread of
+ * its own, since its connections may wait for D->lock). */
 static void
 listener_stop(struct listener *cur, struct MHD_Daemon **pub, bool wait)
 {
@@ -399,14 +394,7 @@ listener_stop(struct listener *cur, struct MHD_Daemon **pub, bool wait)
     *l = *cur;
     memset(cur, 0, sizeof *cur);
     *pub = NULL;
-    MHD_socket fd = MHD_quiesce_daemon(l->mhd);
-    if (fd != MHD_INVALID_SOCKET)
-        close(fd);
-    pthread_t t;
-    if (!wait && pthread_create(&t, NULL, retire_main, l) == 0)
-        pthread_detach(t);
-    else
-        retire_main(l);
+    http_daemon_retire(l->mhd, wait, listener_free, l);
 }
 
 void
@@ -495,24 +483,8 @@ cert_listener_apply(bool on)
         same(n.ca, cert_l.ca) && same(n.crl, cert_l.crl))
         rc = 1; /* unchanged */
     n.ctx = xcalloc(1, sizeof *n.ctx);
-    if (rc == 0 && n.crl) {
-        /* The CRL is checked against the CAs: one they did not sign is
-         * refused here, not ignored later. */
-        gnutls_datum_t ca = { (unsigned char *)n.ca, (unsigned)strlen(n.ca) };
-        gnutls_datum_t crl = { (unsigned char *)n.crl,
-                               (unsigned)strlen(n.crl) };
-        gnutls_x509_trust_list_init(&n.ctx->crl, 0);
-        int r = gnutls_x509_trust_list_add_trust_mem(
-            n.ctx->crl, &ca, NULL, GNUTLS_X509_FMT_PEM, 0, 0);
-        if (r > 0)
-            r = gnutls_x509_trust_list_add_trust_mem(
-                n.ctx->crl, NULL, &crl, GNUTLS_X509_FMT_PEM,
-                GNUTLS_TL_VERIFY_CRL | GNUTLS_TL_FAIL_ON_INVALID_CRL, 0);
-        if (r <= 0)
-            rc = vr_err(-EINVAL, "crl %s: %s", c->crl,
-                        r < 0 ? gnutls_strerror(r)
-                              : "no revocation list signed by the ca");
-    }
+    if (rc == 0 && n.crl)
+        rc = tls_crl_trust_list(n.ca, n.crl, c->crl, &n.ctx->crl);
     if (rc != 0) {
         listener_clear(&n);
         return rc < 0 ? rc : 0;
