@@ -1,12 +1,14 @@
 /* activity.c: the activity log of nbdkit-vmreplica-plugin (plugin.h), the
- * idea of DRBD's: which 4 MiB extents of each disk may hold writes that a
+ * idea of DRBD's: which 16 MiB extents of each disk may hold writes that a
  * host crash could leave on the disk without their records.
  *
  * The change log is not synced at every write (sealsync=off: a power loss
  * voids it, formats.md §7), so after a host crash every write since the
  * log was last made durable is suspect.  Before a write reaches an extent
  * not yet in the log, the extent's bit is written into DISK.vrlog/activity
- * and synced; a checkpoint (every alcheckpoint= seconds, at a seal) makes
+ * and synced; a checkpoint (every alcheckpoint= seconds, at a seal, the
+ * first a period after start: it flushes the disk, which at start-up
+ * would cost most and buy least) makes
  * the disk and the log durable and rewrites the file with only the extents
  * written since the checkpoint began.  After a host crash the dirty map is
  * the extents of the file plus the ranges of every unshipped record that
@@ -48,9 +50,10 @@
 #define ACT_MAGIC  "VRACTIV1"
 #define ACT_HDR    4096u
 #define ACT_PAGE   4096u
-#define ACT_SHIFT  22 /* 4 MiB extents */
+#define ACT_SHIFT  24 /* 16 MiB extents */
 
 unsigned al_checkpoint_s = 60;
+uint64_t al_epoch_ms; /* when the first activity log was opened */
 
 static uint64_t
 bitmap_bytes(const struct disk *d)
@@ -83,6 +86,8 @@ al_open(struct disk *d, struct dirtymap *crashed)
     int rc = dirtymap_init(&d->act, d->size, ACT_SHIFT);
     if (rc < 0)
         return rc;
+    if (!al_epoch_ms)
+        al_epoch_ms = vr_mono_ms();
     d->al_img = xcalloc(1, bitmap_bytes(d) + ACT_PAGE);
     pthread_mutex_init(&d->al_lock, NULL);
     pthread_rwlock_init(&d->al_rw, NULL);

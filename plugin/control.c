@@ -145,6 +145,8 @@ do_seal(char *reply, size_t n)
     /* Every so often, with no write in flight, a new activity-log
      * generation; made durable below, with writes going on. */
     static uint64_t al_since;
+    if (!al_since)
+        al_since = al_epoch_ms; /* the first one a period after start */
     al_due = al_checkpoint_s && !tracking_stopped() &&
              vr_mono_ms() - al_since >= al_checkpoint_s * 1000ull;
     if (al_due)

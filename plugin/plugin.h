@@ -117,6 +117,7 @@ int rearm(uint64_t *voided);
 
 /* activity.c */
 extern unsigned al_checkpoint_s; /* alcheckpoint=: seconds, 0 off */
+extern uint64_t al_epoch_ms;      /* monotonic ms of the first al_open */
 /* Open d's activity log; with crashed, first mark in it the extents the
  * last run's file names (all of them if it does not read whole). */
 int al_open(struct disk *d, struct dirtymap *crashed);

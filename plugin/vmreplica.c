@@ -365,6 +365,11 @@ vmreplica_get_ready(void)
 {
     char why[256] = "", msg[512] = "";
     uint64_t marker_cycle = 0;
+    /* Test hook (the daemon passes no plugin options through): a shorter
+     * activity-log checkpoint period, as alcheckpoint= would set. */
+    const char *alc = getenv("VMREPLICA_TEST_ALCHECKPOINT");
+    if (alc && *alc)
+        al_checkpoint_s = (unsigned)strtoul(alc, NULL, 10);
     if (!view_dir && vr_boot_id(boot_id) < 0)
         snprintf(msg, sizeof msg, "%s", vr_errmsg());
     for (unsigned i = 0; i < ndisks; i++) {
