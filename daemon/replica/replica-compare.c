@@ -90,32 +90,32 @@ do_initial_begin(struct rreq *q, json_object **out)
     return rc;
 }
 
+/* The non-negative integers keys[0..n) of q's JSON body into out, or
+ * -EINVAL naming the endpoint (what) and the first one missing. */
 static int
-int_field(json_object *b, const char *key, int64_t *out)
+body_ints(const struct rreq *q, const char *what, const char *const keys[],
+          int64_t out[], size_t n)
 {
-    json_object *v;
-    if (!b || !json_object_object_get_ex(b, key, &v) ||
-        !json_object_is_type(v, json_type_int) ||
-        (*out = json_object_get_int64(v)) < 0)
-        return vr_err(-EINVAL, "hashes: %s missing or negative", key);
-    return 0;
+    json_object *b = r1_json_parse(q->body, q->len), *v;
+    int rc = 0;
+    for (size_t i = 0; rc == 0 && i < n; i++)
+        if (!b || !json_object_object_get_ex(b, keys[i], &v) ||
+            !json_object_is_type(v, json_type_int) ||
+            (out[i] = json_object_get_int64(v)) < 0)
+            rc = vr_err(-EINVAL, "%s: %s missing or negative", what, keys[i]);
+    json_object_put(b);
+    return rc;
 }
 
 int
 do_hashes(struct rreq *q, json_object **out)
 {
-    json_object *b = r1_json_parse(q->body, q->len);
-    int64_t disk = 0, offset = 0, length = 0, chunk = 0;
-    int rc = int_field(b, "disk", &disk);
-    if (rc == 0)
-        rc = int_field(b, "offset", &offset);
-    if (rc == 0)
-        rc = int_field(b, "length", &length);
-    if (rc == 0)
-        rc = int_field(b, "chunk", &chunk);
-    json_object_put(b);
+    static const char *const keys[] = { "disk", "offset", "length", "chunk" };
+    int64_t v[4] = { 0 };
+    int rc = body_ints(q, "hashes", keys, v, 4);
     if (rc < 0)
         return rc;
+    int64_t disk = v[0], offset = v[1], length = v[2], chunk = v[3];
 
     pthread_mutex_lock(&rctx.d->lock);
     struct vm *vm = vm_find_uuid(rctx.d, q->uuid);
@@ -189,32 +189,33 @@ static int
 drop_staged_after(struct vm *vm, uint64_t a)
 {
     struct repl *r = vm->repl;
-    for (uint64_t n = a + 1; n <= r->last_cycle; n++) {
-        CLEANUP_FREE char *p = cycle_path(r, n);
-        CLEANUP_FREE char *stg = staging_dir(r);
-        int sfd = storage_open(vm->dir, stg, O_RDONLY | O_DIRECTORY, 0);
-        if (sfd < 0)
-            return sfd;
-        if (unlinkat(sfd, strrchr(p, '/') + 1, 0) < 0 && errno != ENOENT) {
-            int rc = vr_err(-errno, "remove %s: %s", p, strerror(errno));
-            close(sfd);
-            return rc;
-        }
-        close(sfd);
+    if (r->last_cycle <= a) {
+        r->last_cycle = a;
+        return 0;
     }
-    r->last_cycle = a;
-    return 0;
+    CLEANUP_FREE char *stg = staging_dir(r);
+    int sfd = storage_open(vm->dir, stg, O_RDONLY | O_DIRECTORY, 0);
+    if (sfd < 0)
+        return sfd;
+    int rc = 0;
+    for (uint64_t n = a + 1; rc == 0 && n <= r->last_cycle; n++) {
+        CLEANUP_FREE char *p = cycle_path(r, n);
+        if (unlinkat(sfd, strrchr(p, '/') + 1, 0) < 0 && errno != ENOENT)
+            rc = vr_err(-errno, "remove %s: %s", p, strerror(errno));
+    }
+    close(sfd);
+    if (rc == 0)
+        r->last_cycle = a;
+    return rc;
 }
 
 int
 do_resync_begin(struct rreq *q, json_object **out)
 {
-    json_object *b = r1_json_parse(q->body, q->len);
-    int64_t from = 0, void_to = 0;
-    int rc = int_field(b, "from", &from);
-    if (rc == 0)
-        rc = int_field(b, "void_to", &void_to);
-    json_object_put(b);
+    static const char *const keys[] = { "from", "void_to" };
+    int64_t v[2] = { 0 };
+    int rc = body_ints(q, "resync", keys, v, 2);
+    int64_t from = v[0], void_to = v[1];
     if (rc == 0 && (from < 1 || void_to < from || void_to >= INT64_MAX / 2))
         rc = vr_err(-EINVAL, "resync: from %lld and void_to %lld out of "
                     "range", (long long)from, (long long)void_to);
@@ -271,12 +272,10 @@ do_resync_begin(struct rreq *q, json_object **out)
 int
 do_resync_complete(struct rreq *q, json_object **out)
 {
-    json_object *b = r1_json_parse(q->body, q->len);
-    int64_t first = 0, void_to = 0;
-    int rc = int_field(b, "first_point", &first);
-    if (rc == 0)
-        rc = int_field(b, "void_to", &void_to);
-    json_object_put(b);
+    static const char *const keys[] = { "first_point", "void_to" };
+    int64_t v[2] = { 0 };
+    int rc = body_ints(q, "resync-complete", keys, v, 2);
+    int64_t first = v[0], void_to = v[1];
     if (rc == 0 && (first <= void_to || first - void_to > INT32_MAX))
         rc = vr_err(-EINVAL, "resync-complete: first_point %lld is not after "
                     "void_to %lld (or too far)", (long long)first,
