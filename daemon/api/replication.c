@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "api-int.h"
+#include "core/logdir.h"
 
 static int
 lookup_repl(struct api_call *call, struct vm **out)
@@ -328,7 +329,10 @@ resync_begin(struct vm *vm)
         r->st != REPL_ST_ERROR)
         return vr_err(-EBUSY, "vm %s: cannot resynchronize in state %s",
                       vm->name, repl_st_name(r->st));
-    if (!r->untracked && r->resync_step == RESYNC_NONE)
+    /* The shipper learns it at its next attempt; the markers say it now
+     * (after a restart, before any attempt). */
+    if (!r->untracked && r->resync_step == RESYNC_NONE &&
+        !logdir_tracking_stopped(vm))
         return vr_err(-EINVAL, "vm %s: change tracking is intact, there is "
                       "nothing to resynchronize (if it stopped since the "
                       "last cycle, the next one will say so)", vm->name);

@@ -6,12 +6,31 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include "dirtymap.h"
 #include "logdir.h"
 
 char *
 logdir_of(const struct disk *dk)
 {
     return xasprintf("%s.vrlog", dk->path);
+}
+
+const char *
+logdir_name(const char *name, uint64_t *cycle)
+{
+    uint64_t c = 0;
+    for (int i = 0; i < 20; i++) {
+        if (name[i] < '0' || name[i] > '9')
+            return NULL;
+        c = c * 10 + (uint64_t)(name[i] - '0');
+    }
+    if (name[20] != '.' || name[21] == '\0')
+        return NULL;
+    *cycle = c;
+    return name + 21;
 }
 
 int
@@ -29,16 +48,14 @@ logdir_sealed(const char *dir, uint64_t **out, size_t *n,
     size_t cap = 0;
     struct dirent *de;
     while ((de = readdir(d))) {
-        size_t len = strlen(de->d_name);
-        if (len < 21 || de->d_name[20] != '.')
-            continue;
-        uint64_t c = strtoull(de->d_name, NULL, 10);
-        if (strcmp(de->d_name + 20, ".open") == 0) {
+        uint64_t c;
+        const char *ext = logdir_name(de->d_name, &c);
+        if (ext && strcmp(ext, "open") == 0) {
             if (open_cycle)
                 *open_cycle = c;
             continue;
         }
-        if (strcmp(de->d_name + 20, ".log") != 0)
+        if (!ext || strcmp(ext, "log") != 0)
             continue;
         if (*n == cap) {
             cap = cap ? cap * 2 : 16;
@@ -72,3 +89,26 @@ logdir_base(const struct disk *dk, uint64_t *base)
     return 0;
 }
 
+bool
+logdir_tracking_stopped(const struct vm *vm)
+{
+    bool any = false;
+    for (unsigned i = 0; i < vm->ndisks && !any; i++) {
+        CLEANUP_FREE char *path = xasprintf("%s.vrlog/" TRACKING_NAME,
+                                            vm->disks[i].path);
+        int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        if (fd < 0) {
+            any = errno != ENOENT;
+            continue;
+        }
+        bool stopped = true;
+        uint64_t c = 0;
+        char why[8];
+        if (tracking_marker_read(fd, &stopped, &c, why, sizeof why) < 0)
+            stopped = true;
+        close(fd);
+        any = stopped;
+    }
+    vr_err_clear();
+    return any;
+}

@@ -62,11 +62,9 @@ newest_dirty(const struct job *jb)
         return 0;
     struct dirent *de;
     while ((de = readdir(d))) {
-        size_t n = strlen(de->d_name);
-        if (n != 26 || strcmp(de->d_name + 20, ".dirty") != 0)
-            continue;
-        unsigned long long c = strtoull(de->d_name, NULL, 10);
-        if (c > best)
+        uint64_t c;
+        const char *ext = logdir_name(de->d_name, &c);
+        if (ext && strcmp(ext, "dirty") == 0 && c > best)
             best = c;
     }
     closedir(d);
@@ -343,12 +341,10 @@ log_bytes(const struct job *jb, uint64_t last)
             continue;
         struct dirent *de;
         while ((de = readdir(d))) {
-            size_t n = strlen(de->d_name);
-            if ((n != 24 && n != 25) || de->d_name[20] != '.' ||
-                (strcmp(de->d_name + 20, ".log") &&
-                 strcmp(de->d_name + 20, ".pre")))
-                continue;
-            if (strtoull(de->d_name, NULL, 10) <= last)
+            uint64_t c;
+            const char *ext = logdir_name(de->d_name, &c);
+            if (!ext || (strcmp(ext, "log") && strcmp(ext, "pre")) ||
+                c <= last)
                 continue;
             struct stat st;
             if (fstatat(dirfd(d), de->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&

@@ -81,10 +81,10 @@ release_shipped(const struct job *jb, uint64_t upto)
             continue;
         struct dirent *de;
         while ((de = readdir(d))) {
-            if (strlen(de->d_name) != 24 || (strcmp(de->d_name + 20, ".pre") &&
-                                             strcmp(de->d_name + 20, ".app")))
-                continue;
-            if (strtoull(de->d_name, NULL, 10) <= upto)
+            uint64_t c;
+            const char *ext = logdir_name(de->d_name, &c);
+            if (ext && (!strcmp(ext, "pre") || !strcmp(ext, "app")) &&
+                c <= upto)
                 unlinkat(dirfd(d), de->d_name, 0);
         }
         closedir(d);
@@ -115,12 +115,11 @@ shipper_pending_bytes(const struct vm *vm, unsigned *unsent)
         struct dirent *de;
         while ((de = readdir(d))) {
             /* Segments only ("%020llu.open" / ".log"). */
-            if (strlen(de->d_name) < 24 || de->d_name[20] != '.')
+            uint64_t c;
+            const char *ext = logdir_name(de->d_name, &c);
+            bool sealed = ext && strcmp(ext, "log") == 0;
+            if (!sealed && (!ext || strcmp(ext, "open") != 0))
                 continue;
-            bool sealed = strcmp(de->d_name + 20, ".log") == 0;
-            if (!sealed && strcmp(de->d_name + 20, ".open") != 0)
-                continue;
-            uint64_t c = strtoull(de->d_name, NULL, 10);
             if (vm->repl && c <= vm->repl->last_cycle)
                 continue;
             if (!sealed && from_plugin)
