@@ -59,7 +59,12 @@ die_at() {
     if [ $# -gt 0 ]; then
         start_primary VMREPLICA_FAULT="$fault"
         served
-        "$@" >/dev/null || fail "$*"
+        # The fault point may be reached before the command's reply is
+        # written (the step runs in the VM's worker): then the reply is
+        # empty, and the catalog already holds what the command asked.
+        local out
+        out=$("$@" 2>&1) || grep -qE 'Empty reply from server|Recv failure' <<<"$out" ||
+            fail "$*: $out"
     else
         spawn_daemon primary VMREPLICA_FAULT="$fault"
     fi
