@@ -283,12 +283,18 @@ main(int argc, char **argv)
         return 1;
     wire_layers();
     CLEANUP_FREE char *sock = xasprintf("%s/api.sock", D->state_dir);
-    if (load_state(hostname) < 0 || start_services(sock) < 0) {
+    if (load_state(hostname) < 0) {
+        log_error("main", "%s", vr_errmsg());
+        return 1;
+    }
+    /* Before the management socket opens: its warning is there for the
+     * first command, and no `vm start` races its nbdkit --dump-plugin. */
+    check_plugin();
+    if (start_services(sock) < 0) {
         log_error("main", "%s", vr_errmsg());
         return 1;
     }
     sd_notify_ready();
-    check_plugin();
 
     int sig = 0;
     while (sigwait(&sigs, &sig) != 0)
