@@ -149,6 +149,7 @@ int cmd_vm_remove(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_repl_enable(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_repl_set(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_repl_show(struct cli *, const struct cli_cmd *, int, char **);
+int cmd_repl_stop_resync(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_repl_list(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_repl_measure(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_points_list(struct cli *, const struct cli_cmd *, int, char **);

@@ -146,7 +146,7 @@ static const struct cli_cmd commands[] = {
       "        [--frequency 30s|5m|15m|Ns] [--compression on|off]\n"
       "        [--recovery-history N] [--point-interval DURATION]\n"
       "        [--app-consistent-every K] [--log-budget SIZE]\n"
-      "        [--auto-resync on|off]",
+      "        [--auto-resync on|off] [--resync-window HH:MM-HH:MM]",
       "enable replication of a VM to a Replica server",
       "  --replica-server FQDN[:PORT]  the Replica server (its certificate "
       "name)\n"
@@ -177,13 +177,18 @@ static const struct cli_cmd commands[] = {
       "size)\n"
       "  --auto-resync on|off          resynchronize by itself when change "
       "tracking\n"
-      "                                stops (default on)\n" },
+      "                                stops (default on)\n"
+      "  --resync-window HH:MM-HH:MM   start an automatic resynchronization "
+      "only\n"
+      "                                in this daily window, local time "
+      "(\"any\":\n"
+      "                                any time, the default)\n" },
     { "replication", "set", cmd_repl_set,
       "VM [--frequency DURATION] [--compression on|off] "
       "[--connect-address IP] [--recovery-history N] "
       "[--point-interval DURATION] [--app-consistent-every K] "
       "[--kerberos-encrypt on|off] [--log-budget SIZE] "
-      "[--auto-resync on|off]",
+      "[--auto-resync on|off] [--resync-window HH:MM-HH:MM|any]",
       "change the replication settings of a VM", NULL },
     { "replication", "show", cmd_repl_show, "VM",
       "show the replication of a VM", NULL },
@@ -195,19 +200,33 @@ static const struct cli_cmd commands[] = {
       "show replication statistics of a VM", NULL },
     { "replication", "suspend", cmd_repl_suspend, "VM",
       "pause replication (changes keep being tracked)", NULL },
-    { "replication", "resume", cmd_repl_resume, "VM [--resync]",
+    { "replication", "stop-resync", cmd_repl_stop_resync, "VM",
+      "on the primary: stop a resynchronization (running, scheduled or "
+      "suspended); the VM needs one until 'replication resume VM --resync'",
+      NULL },
+    { "replication", "resume", cmd_repl_resume,
+      "VM [--resync [--at TIME | --continue]]",
       "resume paused replication",
       "  --resync          change tracking stopped on this primary (a full "
       "log, a host\n"
       "                    crash): compare the regions changed meanwhile "
       "with the\n"
       "                    Replica server's copy and send only what "
-      "differs\n" },
+      "differs\n"
+      "  --at TIME         start it then: +DURATION, HH:MM or YYYY-MM-DD "
+      "HH:MM[:SS]\n"
+      "                    (local time, at most 7 days ahead); survives a "
+      "restart\n"
+      "  --continue        go on with a suspended resynchronization from "
+      "where it\n"
+      "                    stopped\n" },
     { "replication", "remove", cmd_repl_remove, "VM",
       "stop replicating a VM (the Replica server keeps its copy)", NULL },
     { "replication", "reverse", cmd_repl_reverse,
       "VM [--replica-server FQDN[:PORT]] [--connect-address IP]",
-      "after a planned failover: replicate back to the old primary",
+      "after a failover: replicate back to the old primary (after an "
+      "unplanned one,\n"
+      "only the chunks that differ are sent)",
       "  --replica-server FQDN[:PORT]  the old primary's Replica server "
       "listener\n"
       "                                (default: the one it replicated to "

@@ -77,6 +77,7 @@ int api_vm_set_failover_network(struct api_call *, unsigned *,
                                 json_object **);
 int api_repl_suspend(struct api_call *, unsigned *, json_object **);
 int api_repl_resume(struct api_call *, unsigned *, json_object **);
+int api_repl_stop_resync(struct api_call *, unsigned *, json_object **);
 int api_repl_reset_stats(struct api_call *, unsigned *, json_object **);
 int api_initial_start(struct api_call *, unsigned *, json_object **);
 int api_repl_list(struct api_call *, unsigned *, json_object **);

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "api-int.h"
 #include "core/logdir.h"
@@ -115,6 +116,14 @@ parse_common(json_object *b, struct repl *r)
     }
     if (json_object_object_get_ex(b, "auto_resync", &v))
         r->auto_resync_off = !json_object_get_boolean(v);
+    const char *win = jstr(b, "resync_window");
+    if (win) {
+        int from, to;
+        if (*win && resync_window_parse(win, &from, &to) < 0)
+            return -EINVAL;
+        free(r->resync_window);
+        r->resync_window = *win ? xstrdup(win) : NULL;
+    }
     if (json_object_object_get_ex(b, "log_budget", &v)) {
         int64_t n = json_object_get_int64(v);
         if (n < 0 || (n > 0 && n < (1 << 20)) || n > (INT64_MAX >> 1))
@@ -298,7 +307,17 @@ api_repl_suspend(struct api_call *call, unsigned *status VR_UNUSED,
     int rc = lookup_repl(call, &vm);
     if (rc == 0)
         rc = check_not_failing_over(vm);
-    if (rc == 0 && vm->repl->st != REPL_ST_SUSPENDED) {
+    struct repl *r = rc == 0 ? vm->repl : NULL;
+    if (r && (r->st == REPL_ST_RESYNC || r->st == REPL_ST_WAIT_RESYNC)) {
+        /* Where it got stays (resync_step): --continue goes on from it. */
+        wake(vm);
+        r->resync_at = 0;
+        rc = repl_transition_event(
+            actx.d->cat, vm, REPL_ST_RESYNC_SUSPENDED, REPL_T_SAVE, "info",
+            "resynchronization suspended; 'vmreplica replication resume %s "
+            "--resync --continue' goes on from where it stopped", vm->name);
+    } else if (r && r->st != REPL_ST_SUSPENDED &&
+               r->st != REPL_ST_RESYNC_SUSPENDED) {
         wake(vm);
         rc =
             repl_transition_event(actx.d->cat, vm, REPL_ST_SUSPENDED,
@@ -310,12 +329,29 @@ api_repl_suspend(struct api_call *call, unsigned *status VR_UNUSED,
     return rc;
 }
 
-/* replication resume --resync (d->lock held): start a resynchronization
- * (primary/resync.c) of a primary whose change tracking stopped. */
+/* The longest a resynchronization is scheduled ahead (as initial
+ * replication's --at). */
+#define RESYNC_AT_MAX_S (7 * 86400)
+
+/* replication resume --resync [--at T] [--continue] (d->lock held): start
+ * a resynchronization (primary/resync.c) of a primary whose change
+ * tracking stopped, now or at T (at > 0, Unix seconds), or go on with a
+ * suspended one. */
 static int
-resync_begin(struct vm *vm)
+resync_begin(struct vm *vm, int64_t at, bool cont)
 {
     struct repl *r = vm->repl;
+    time_t now = time(NULL);
+    if (at < 0 || at > (int64_t)now + RESYNC_AT_MAX_S)
+        return vr_err(-EINVAL, "vm %s: a resynchronization is scheduled at "
+                      "most 7 days ahead", vm->name);
+    if (at <= (int64_t)now)
+        at = 0;
+    if (cont && r->st != REPL_ST_RESYNC_SUSPENDED && r->st != REPL_ST_RESYNC)
+        return vr_err(-EINVAL, "vm %s: no suspended resynchronization to "
+                      "continue (state %s); start one with 'vmreplica "
+                      "replication resume %s --resync'", vm->name,
+                      repl_st_name(r->st), vm->name);
     if (r->mode != VM_MODE_PRIMARY)
         return vr_err(-EINVAL, "vm %s: a resynchronization is started on "
                       "the primary", vm->name);
@@ -326,7 +362,8 @@ resync_begin(struct vm *vm)
     if (r->st == REPL_ST_RESYNC)
         return 0;
     if (r->st != REPL_ST_REPLICATING && r->st != REPL_ST_SUSPENDED &&
-        r->st != REPL_ST_ERROR)
+        r->st != REPL_ST_ERROR && r->st != REPL_ST_RESYNC_SUSPENDED &&
+        r->st != REPL_ST_WAIT_RESYNC)
         return vr_err(-EBUSY, "vm %s: cannot resynchronize in state %s",
                       vm->name, repl_st_name(r->st));
     /* The shipper learns it at its next attempt; the markers say it now
@@ -340,14 +377,71 @@ resync_begin(struct vm *vm)
         r->resync_step = RESYNC_REQUESTED;
         r->resync_compared = r->resync_sent = 0;
     }
-    free(r->task);
-    r->task = xstrdup("Resynchronization");
     wake(vm);
-    int rc = repl_transition_event(actx.d->cat, vm, REPL_ST_RESYNC,
+    int rc;
+    r->resync_at = at;
+    if (at) {
+        char when[64];
+        struct tm tm;
+        time_t t = (time_t)at;
+        localtime_r(&t, &tm);
+        strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S %z", &tm);
+        rc = repl_transition_event(actx.d->cat, vm, REPL_ST_WAIT_RESYNC,
                                    REPL_T_SAVE, "info",
-                                   "resynchronization started");
+                                   "resynchronization scheduled for %s",
+                                   when);
+    } else {
+        bool again = r->st == REPL_ST_RESYNC_SUSPENDED;
+        free(r->task);
+        r->task = xstrdup("Resynchronization");
+        rc = repl_transition_event(actx.d->cat, vm, REPL_ST_RESYNC,
+                                   REPL_T_SAVE, "info", "%s",
+                                   again ? "resynchronization continued"
+                                         : "resynchronization started");
+    }
     if (rc == 0)
         shipper_ensure(vm);
+    return rc;
+}
+
+/* POST /v1/vms/VM/replication/stop-resync: a resynchronization (running,
+ * waiting or suspended) stops; the VM is left in Error, "resynchronization
+ * required", and what the comparison did stays: the next resume --resync
+ * goes on from its step (repeating a step is safe: resync.c). */
+int
+api_repl_stop_resync(struct api_call *call, unsigned *status VR_UNUSED,
+                     json_object **out)
+{
+    struct vm *vm = NULL;
+    pthread_mutex_lock(&actx.d->lock);
+    int rc = lookup_repl(call, &vm);
+    struct repl *r = rc == 0 ? vm->repl : NULL;
+    if (r && r->mode != VM_MODE_PRIMARY)
+        rc = vr_err(-EINVAL, "vm %s: a resynchronization runs on the "
+                    "primary; stop it there", vm->name);
+    else if (r && r->st != REPL_ST_RESYNC && r->st != REPL_ST_WAIT_RESYNC &&
+             r->st != REPL_ST_RESYNC_SUSPENDED)
+        rc = vr_err(-EINVAL, "vm %s: no resynchronization to stop (state "
+                    "%s)", vm->name, repl_st_name(r->st));
+    if (rc == 0) {
+        wake(vm);
+        r->resync_at = 0;
+        free(r->last_error);
+        r->last_error = xasprintf(
+            "resynchronization required: stopped by the administrator; "
+            "'vmreplica replication resume %s --resync' starts it again",
+            vm->name);
+        free(r->task);
+        r->task = NULL;
+        rc = repl_transition_event(actx.d->cat, vm, REPL_ST_ERROR,
+                                   REPL_T_SAVE, "warning",
+                                   "resynchronization stopped; the Replica VM "
+                                   "stays at its last consistent cycle until "
+                                   "one completes");
+    }
+    if (rc == 0)
+        *out = repl_to_json(vm, actx.d->cfg.hostname);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }
 
@@ -360,8 +454,28 @@ api_repl_resume(struct api_call *call, unsigned *status VR_UNUSED,
     int rc = lookup_repl(call, &vm);
     if (rc == 0)
         rc = check_not_failing_over(vm);
-    if (rc == 0 && jbool(call->body, "resync", false))
-        rc = resync_begin(vm);
+    json_object *atv = NULL;
+    int64_t at = 0;
+    if (call->body && json_object_object_get_ex(call->body, "at", &atv)) {
+        at = json_object_is_type(atv, json_type_int)
+                 ? json_object_get_int64(atv)
+                 : -1;
+        if (at < 1)
+            rc = rc < 0 ? rc
+                        : vr_err(-EINVAL, "at: must be a time (Unix seconds)");
+    }
+    bool resync = jbool(call->body, "resync", false);
+    bool cont = jbool(call->body, "continue", false);
+    if (rc == 0 && !resync && (at || cont))
+        rc = vr_err(-EINVAL, "--at and --continue go with --resync");
+    if (rc == 0 && resync)
+        rc = resync_begin(vm, at, cont);
+    else if (rc == 0 && vm->repl->resync_step != RESYNC_NONE &&
+             vm->repl->mode == VM_MODE_PRIMARY)
+        rc = vr_err(-EINVAL, "vm %s: a resynchronization is pending (%s); "
+                    "go on with it: 'vmreplica replication resume %s "
+                    "--resync'", vm->name, repl_st_name(vm->repl->st),
+                    vm->name);
     else if (rc == 0 && (vm->repl->st == REPL_ST_SUSPENDED ||
                          vm->repl->st == REPL_ST_ERROR)) {
         struct repl *r = vm->repl;

@@ -26,7 +26,7 @@ db_of(struct catalog *cat)
     return cat ? cat->db : NULL;
 }
 
-#define SCHEMA_VERSION 7 /* 2: recovery history (points, two columns)
+#define SCHEMA_VERSION 8 /* 2: recovery history (points, two columns)
                             3: failover_point, failover_step,
                                prepared_cycle, app_every
                             4: auth, krb_encrypt (Kerberos mode)
@@ -39,7 +39,9 @@ db_of(struct catalog *cat)
                             7: initial_method, initial_compared (an
                                initial replication by comparison);
                                resync_* (resynchronization), hold_from,
-                               hold_to (the replica's apply hold) */
+                               hold_to (the replica's apply hold)
+                            8: resync_at, resync_window (scheduled
+                               resynchronization) */
 
 static const char schema[] =
     "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);"
@@ -65,7 +67,7 @@ static const char schema[] =
     "  initial_method INT, initial_compared INT, resync_step INT, "
     "  resync_void INT, resync_first INT, resync_compared INT, "
     "  resync_sent INT, hold_from INT, hold_to INT, log_budget INT, "
-    "  auto_resync_off INT);"
+    "  auto_resync_off INT, resync_at INT, resync_window TEXT);"
     "CREATE TABLE IF NOT EXISTS points(vm_uuid TEXT, cycle INT, time_ms INT, "
     "  kind TEXT, undo_bytes INT, PRIMARY KEY(vm_uuid, cycle));"
     "CREATE TABLE IF NOT EXISTS auth_entries(pattern TEXT PRIMARY KEY, "
@@ -179,10 +181,15 @@ migrate(struct catalog *cat)
     for (size_t k = 0; rc == 0 && have >= 1 && have <= 6 && k < ARRAY_SIZE(v7);
          k++)
         rc = add_column(cat, "replications", v7[k], "INT");
+    /* 8: a scheduled resynchronization and the automatic one's window. */
+    if (rc == 0 && have >= 1 && have <= 7)
+        rc = add_column(cat, "replications", "resync_at", "INT");
+    if (rc == 0 && have >= 1 && have <= 7)
+        rc = add_column(cat, "replications", "resync_window", "TEXT");
     if (rc == 0)
         rc = exec_sql(cat,
                       "INSERT OR REPLACE INTO meta VALUES('schema_version', "
-                      "'7')");
+                      "'8')");
     return rc;
 }
 
@@ -441,7 +448,7 @@ catalog_save_repl(struct catalog *cat, const struct repl *r)
     sqlite3_stmt *st = prep(cat, 
         "INSERT OR REPLACE INTO replications VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,"
         "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,"
-        "?,?,?,?)");
+        "?,?,?,?,?,?)");
     if (!st)
         return -EIO;
     int i = 1;
@@ -498,6 +505,8 @@ catalog_save_repl(struct catalog *cat, const struct repl *r)
     sqlite3_bind_int64(st, i++, (sqlite3_int64)r->hold_to);
     sqlite3_bind_int64(st, i++, (sqlite3_int64)r->log_budget);
     sqlite3_bind_int(st, i++, r->auto_resync_off);
+    sqlite3_bind_int64(st, i++, r->resync_at);
+    sqlite3_bind_text(st, i++, r->resync_window, -1, SQLITE_STATIC);
     return step_done(cat, st);
 }
 
@@ -600,6 +609,8 @@ load_repl(sqlite3_stmt *st)
     r->hold_to = (uint64_t)sqlite3_column_int64(st, i++);
     r->log_budget = (uint64_t)sqlite3_column_int64(st, i++);
     r->auto_resync_off = sqlite3_column_int(st, i++) != 0;
+    r->resync_at = sqlite3_column_int64(st, i++);
+    r->resync_window = col_str(st, i++);
     if (r->point_interval_s == 0)
         r->point_interval_s = 3600;
     return r;

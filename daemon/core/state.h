@@ -112,6 +112,10 @@ enum repl_st {
     REPL_ST_FAILED_OVER,     /* "FailedOver" */
     REPL_ST_PREPARED,        /* "PreparedForFailover" */
     REPL_ST_RESYNC,          /* "Resynchronizing" (primary) */
+    REPL_ST_WAIT_RESYNC,     /* "WaitingForStartResynchronize" (primary):
+                              * a resynchronization waits for its time
+                              * (--at) or its window (--resync-window) */
+    REPL_ST_RESYNC_SUSPENDED, /* "ResynchronizeSuspended" (primary) */
     REPL_ST_COUNT
 };
 
@@ -196,6 +200,11 @@ struct repl {
     /* Primary: when change tracking stops, wait for replication resume
      * --resync instead of resynchronizing at once (--auto-resync off). */
     bool auto_resync_off;
+    /* Primary: when a scheduled resynchronization starts (Unix seconds;
+     * 0: none), and the daily window ("HH:MM-HH:MM", local time; NULL:
+     * any time) in which an automatic one may start. */
+    int64_t resync_at;
+    char *resync_window;
     /* cycles */
     uint64_t last_cycle;    /* primary: last acknowledged; replica: staged */
     uint64_t applied_cycle; /* replica: last applied */

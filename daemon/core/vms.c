@@ -51,6 +51,7 @@ repl_free(struct repl *r)
     free(r->trust_group);
     free(r->auth);
     free(r->task);
+    free(r->resync_window);
     free(r);
 }
 
@@ -210,6 +211,25 @@ repl_health(const struct repl *r, json_object *details)
     }
     if (r->st == REPL_ST_RESYNC)
         ADD("Warning", "resynchronizing");
+    if (r->st == REPL_ST_WAIT_RESYNC) {
+        char buf[200];
+        if (r->resync_at) {
+            char when[64];
+            struct tm tm;
+            time_t t = (time_t)r->resync_at;
+            localtime_r(&t, &tm);
+            strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S %z", &tm);
+            snprintf(buf, sizeof buf, "resynchronization required: "
+                     "scheduled for %s", when);
+        } else {
+            snprintf(buf, sizeof buf, "resynchronization required: it "
+                     "waits for its window %s",
+                     r->resync_window ? r->resync_window : "");
+        }
+        ADD("Critical", buf);
+    }
+    if (r->st == REPL_ST_RESYNC_SUSPENDED)
+        ADD("Warning", "resynchronization suspended");
     if (r->st == REPL_ST_SUSPENDED)
         ADD(r->mode == VM_MODE_REPLICA ? "Critical" : "Warning",
             "replication is suspended");
@@ -418,6 +438,12 @@ repl_to_json(const struct vm *vm, const char *hostname)
                            json_object_new_int64((int64_t)r->log_budget));
     json_object_object_add(o, "auto_resync",
                            json_object_new_boolean(!r->auto_resync_off));
+    json_object_object_add(o, "resync_window",
+                           r->resync_window
+                               ? json_object_new_string(r->resync_window)
+                               : NULL);
+    json_object_object_add(o, "resync_at",
+                           json_object_new_int64(r->resync_at));
     json_object_object_add(o, "epoch",
                            json_object_new_int64((int64_t)r->epoch));
     json_object_object_add(o, "initial_done",

@@ -77,6 +77,9 @@ int first_consistent_cycle(const struct job *jb, uint64_t base,
 /* Run (or resume) the resynchronization of vm (replication resume
  * --resync): 0 once complete. */
 int run_resync(struct vm *vm, struct job *jb);
+/* d->lock held: a resynchronization waiting for its time (--at) or its
+ * window starts if that has come (state Resynchronizing). */
+void resync_start_if_due(struct vm *vm);
 /* The unsent log passed the relationship's budget: fold it into dirty
  * maps (the data plane's FOLD) and resynchronize from them when the
  * Replica server answers.  0 if under budget or folded. */
