@@ -464,6 +464,15 @@ cmd_points_list(struct cli *c, const struct cli_cmd *cmd, int argc,
 
 /* --- failover ---------------------------------------------------------- */
 
+/* A planned failover's answer: does `replication reverse` need
+ * --replica-server (no listener remembered for the old primary)? */
+static bool
+reverse_server_hint(json_object *out)
+{
+    return !cli_str(out, "reverse_replica_server")[0] &&
+           cli_str(out, "old_primary")[0];
+}
+
 static int
 failover_call(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv,
               const char *verb)
@@ -522,10 +531,16 @@ failover_call(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv,
                cli_int(out, "prepared_cycle"));
     else if (cli_has(out, "planned"))
         printf("%s: planned failover at cycle %" PRId64 " (%s, epoch %"
-               PRId64 "); run 'vmreplica replication reverse %s' to "
-               "replicate back\n", cli_str(out, "vm"), cli_int(out, "point"),
-               cli_str(out, "state"), cli_int(out, "epoch"),
-               cli_str(out, "vm"));
+               PRId64 "); to replicate back, run 'vmreplica replication "
+               "reverse %s%s%s%s'%s\n", cli_str(out, "vm"),
+               cli_int(out, "point"), cli_str(out, "state"),
+               cli_int(out, "epoch"), cli_str(out, "vm"),
+               reverse_server_hint(out) ? " --replica-server " : "",
+               reverse_server_hint(out) ? cli_str(out, "old_primary") : "",
+               reverse_server_hint(out) ? ":PORT" : "",
+               reverse_server_hint(out)
+                   ? " (PORT: the old primary's Replica server listener)"
+                   : "");
     else if (!cli_has(out, "point"))
         printf("%s: failover preparation withdrawn (%s)\n", name,
                cli_str(out, "state"));
@@ -547,8 +562,12 @@ failover_call(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv,
                cli_str(out, "state"));
     else
         printf("%s: failover to point %" PRId64 " complete (%s, epoch %"
-               PRId64 ")\n", cli_str(out, "vm"), cli_int(out, "point"),
-               cli_str(out, "state"), cli_int(out, "epoch"));
+               PRId64 "); once the old primary is back, with the VM shut "
+               "down there, 'vmreplica replication reverse %s "
+               "--replica-server OLD-PRIMARY[:PORT]' replicates back and "
+               "sends only what differs\n", cli_str(out, "vm"),
+               cli_int(out, "point"), cli_str(out, "state"),
+               cli_int(out, "epoch"), cli_str(out, "vm"));
     json_object_put(out);
     return CLI_OK;
 }

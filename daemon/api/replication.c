@@ -16,6 +16,8 @@ lookup_repl(struct api_call *call, struct vm **out)
     int rc = vm_lookup(actx.d, call->arg, &vm);
     if (rc < 0)
         return rc;
+    if (vm_is_kept_copy(vm))
+        return vm_kept_copy_err(vm, "this replication command");
     if (!vm->repl)
         return vr_err(-ENOENT, "vm %s: replication is not enabled",
                       vm->name);

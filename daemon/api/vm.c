@@ -62,6 +62,10 @@ vm_to_json(const struct vm *vm)
                            json_object_new_int((int)vm->memory_mib));
     json_object_object_add(o, "mode",
                            json_object_new_string(vm_mode_name(vm->mode)));
+    /* A Replica VM without a relationship: one clear state (the commands
+     * that apply to it are in vm_kept_copy_err). */
+    json_object_object_add(o, "kept_copy",
+                           json_object_new_boolean(vm_is_kept_copy(vm)));
     if (vm->mode == VM_MODE_REPLICA && vm->owner) {
         /* Who may register it (again): replica/replica-register.c,
          * check_owner. */
@@ -298,8 +302,11 @@ api_vm_start(struct api_call *call, unsigned *status VR_UNUSED,
                     "preparation", vm->name, vm->repl->replica_server,
                     vm->name, vm->name);
     }
-    if (rc == 0 && vm->mode == VM_MODE_REPLICA &&
-        !(vm->repl && vm->repl->st == REPL_ST_FAILED_OVER)) {
+    if (rc == 0 && vm_is_kept_copy(vm)) {
+        vm_op_end(vm, VM_OP_CHANGE);
+        rc = vm_kept_copy_err(vm, "vm start");
+    } else if (rc == 0 && vm->mode == VM_MODE_REPLICA &&
+               !(vm->repl && vm->repl->st == REPL_ST_FAILED_OVER)) {
         vm_op_end(vm, VM_OP_CHANGE);
         rc = vr_err(-EBUSY, "vm %s: is a Replica VM; it starts only through "
                             "failover",

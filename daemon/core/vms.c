@@ -38,6 +38,26 @@ vm_lookup(struct daemon *d, const char *key, struct vm **out)
     return *out ? 0 : vr_err(-ENOENT, "vm %s: not found", key);
 }
 
+bool
+vm_is_kept_copy(const struct vm *vm)
+{
+    return vm->mode == VM_MODE_REPLICA && !vm->repl;
+}
+
+int
+vm_kept_copy_err(const struct vm *vm, const char *what)
+{
+    const char *owner = vm->owner ? vm->owner : "its primary";
+    return vr_err(-EINVAL, "vm '%s': %s does not apply: it is a kept "
+                  "Replica copy (its replication from %s was removed; the "
+                  "disks are kept). To replicate it again, run on %s "
+                  "'vmreplica replication enable %s …', then "
+                  "'vmreplica initial-replication start %s --use-existing' "
+                  "(only what differs is sent); to delete it here, "
+                  "'vmreplica vm remove %s'", vm->name, what, owner, owner,
+                  vm->name, vm->name, vm->name);
+}
+
 void
 repl_free(struct repl *r)
 {

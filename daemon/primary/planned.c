@@ -249,8 +249,15 @@ planned_reverse(const char *key, const char *server, const char *addr,
     struct vm *vm;
     int rc = vm_lookup(pctx.d, key, &vm);
     struct repl *r = vm ? vm->repl : NULL;
-    if (rc == 0 && (vm->mode != VM_MODE_REPLICA || !r ||
-                    r->st != REPL_ST_FAILED_OVER))
+    if (rc == 0 && vm_is_kept_copy(vm))
+        rc = vm_kept_copy_err(vm, "replication reverse");
+    else if (rc == 0 && vm->mode == VM_MODE_PRIMARY && r && r->replica_server)
+        rc = vr_err(-EINVAL, "vm %s is a primary VM here: 'replication "
+                    "reverse' runs on the server it failed over to (%s), "
+                    "after 'vmreplica failover start %s' there", vm->name,
+                    r->replica_server, vm->name);
+    else if (rc == 0 && (vm->mode != VM_MODE_REPLICA || !r ||
+                         r->st != REPL_ST_FAILED_OVER))
         rc = vr_err(-EINVAL, "vm %s: not a failed-over Replica VM (run "
                     "'vmreplica failover start %s' on this server first)",
                     vm->name, vm->name);
