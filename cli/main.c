@@ -57,7 +57,8 @@ static const struct cli_cmd commands[] = {
       "        [--hostname FQDN]\n"
       "        [--allow-any|--no-allow-any] [--default-storage DIR]\n"
       "        [--monitoring-interval DURATION]\n"
-      "        [--web-listen [ADDR:]PORT|--no-web-listen]",
+      "        [--web-listen [ADDR:]PORT|--no-web-listen]\n"
+      "        [--hypervisor qemu|libvirt]",
       "change the Replica server settings",
       "  --enable, --disable         accept replication as a Replica server\n"
       "  --auth TYPE                 certificate (HTTPS), kerberos (HTTP) "
@@ -88,7 +89,9 @@ static const struct cli_cmd commands[] = {
       "                              (PORT alone: 127.0.0.1; HTTPS with\n"
       "                              client certificates if this server has\n"
       "                              a certificate, else loopback only)\n"
-      "  --no-web-listen             stop serving them (the default)\n" },
+      "  --no-web-listen             stop serving them (the default)\n"
+      "  --hypervisor qemu|libvirt   what runs VMs started here, failed\n"
+      "                              over VMs included (default qemu)\n" },
     { "server", "test-connection", cmd_server_test_connection,
       "FQDN[:PORT] --auth certificate|kerberos [--connect-address IP]",
       "check that a Replica server would accept replication from this host",
@@ -110,8 +113,9 @@ static const struct cli_cmd commands[] = {
     { "vm", "create", cmd_vm_create,
       "NAME (--disk FILE | --new-disk SIZE)... [--memory SIZE] [--cpus N]\n"
       "        [--nic NETWORK]... [--kernel FILE [--initrd FILE] "
-      "[--append CMDLINE]]",
-      "create a VM from disk images or new empty disks",
+      "[--append CMDLINE]]\n"
+      "       vm create NAME --from-libvirt DOMAIN",
+      "create a VM from disk images, new empty disks or a libvirt domain",
       "  --disk FILE       import an image (raw, qcow2, VHDX, VHD, VMDK)\n"
       "  --new-disk SIZE   create an empty sparse disk, e.g. 10G\n"
       "  --memory SIZE     memory, e.g. 512M, 2G (a bare number is MiB)\n"
@@ -120,11 +124,19 @@ static const struct cli_cmd commands[] = {
       "bridge:BRIDGE\n"
       "  --kernel FILE     boot this Linux kernel directly (QEMU -kernel)\n"
       "  --initrd FILE     with this initial ramdisk\n"
-      "  --append CMDLINE  and this kernel command line\n" },
+      "  --append CMDLINE  and this kernel command line\n"
+      "  --from-libvirt DOMAIN  adopt a shut off libvirt domain: its CPUs,\n"
+      "                    memory, NICs and disks (raw files in place, others\n"
+      "                    converted); the domain is redefined on the tracked\n"
+      "                    exports (docs/libvirt.md)\n" },
     { "vm", "list", cmd_vm_list, "", "list VMs", NULL },
     { "vm", "show", cmd_vm_show, "VM", "show a VM and its disks", NULL },
-    { "vm", "start", cmd_vm_start, "VM [--no-hypervisor]",
-      "serve a VM's disks and start QEMU",
+    { "vm", "start", cmd_vm_start,
+      "VM [--hypervisor qemu|libvirt | --no-hypervisor]",
+      "serve a VM's disks and start QEMU or a libvirt domain",
+      "  --hypervisor qemu|libvirt  run the guest under vmreplica's QEMU or\n"
+      "                    as a libvirt domain (default: 'server set\n"
+      "                    --hypervisor'; libvirt for an adopted domain)\n"
       "  --no-hypervisor   only serve the disks over NBD (see 'vm show')\n" },
     { "vm", "stop", cmd_vm_stop, "VM [--force]",
       "shut a VM down and stop serving its disks",

@@ -26,7 +26,7 @@ db_of(struct catalog *cat)
     return cat ? cat->db : NULL;
 }
 
-#define SCHEMA_VERSION 8 /* 2: recovery history (points, two columns)
+#define SCHEMA_VERSION 9 /* 2: recovery history (points, two columns)
                             3: failover_point, failover_step,
                                prepared_cycle, app_every
                             4: auth, krb_encrypt (Kerberos mode)
@@ -41,7 +41,9 @@ db_of(struct catalog *cat)
                                resync_* (resynchronization), hold_from,
                                hold_to (the replica's apply hold)
                             8: resync_at, resync_window (scheduled
-                               resynchronization) */
+                               resynchronization)
+                            9: vms.libvirt_domain (vm create
+                               --from-libvirt) */
 
 static const char schema[] =
     "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);"
@@ -49,7 +51,7 @@ static const char schema[] =
     "CREATE TABLE IF NOT EXISTS vms(uuid TEXT PRIMARY KEY, name TEXT UNIQUE "
     "  NOT NULL, cpus INT, memory_mib INT, mode TEXT, dir TEXT, kernel TEXT, "
     "  initrd TEXT, cmdline TEXT, nics TEXT, test_network TEXT, owner TEXT, "
-    "  owner_group TEXT);"
+    "  owner_group TEXT, libvirt_domain TEXT);"
     "CREATE TABLE IF NOT EXISTS disks(vm_uuid TEXT, idx INT, id TEXT, "
     "  path TEXT, size INT, PRIMARY KEY(vm_uuid, idx));"
     "CREATE TABLE IF NOT EXISTS replications(vm_uuid TEXT PRIMARY KEY, "
@@ -186,10 +188,13 @@ migrate(struct catalog *cat)
         rc = add_column(cat, "replications", "resync_at", "INT");
     if (rc == 0 && have >= 1 && have <= 7)
         rc = add_column(cat, "replications", "resync_window", "TEXT");
+    /* 9: the libvirt domain a VM was adopted from. */
+    if (rc == 0 && have >= 1 && have <= 8)
+        rc = add_column(cat, "vms", "libvirt_domain", "TEXT");
     if (rc == 0)
         rc = exec_sql(cat,
                       "INSERT OR REPLACE INTO meta VALUES('schema_version', "
-                      "'8')");
+                      "'9')");
     return rc;
 }
 
@@ -298,7 +303,9 @@ catalog_save_server(struct catalog *cat, const struct server_cfg *c)
         (rc = config_put(cat, "monitoring_interval", mon)) < 0 ||
         (rc = config_put(cat, "firewall_enabled",
                          c->firewall_enabled ? "1" : "0")) < 0 ||
-        (rc = config_put(cat, "web_listen", c->web_listen)) < 0) {
+        (rc = config_put(cat, "web_listen", c->web_listen)) < 0 ||
+        (rc = config_put(cat, "hypervisor",
+                         c->hypervisor_libvirt ? "libvirt" : "qemu")) < 0) {
         return catalog_end(cat, rc);
     }
     return catalog_end(cat, 0);
@@ -335,6 +342,8 @@ load_server(struct catalog *cat, struct server_cfg *c)
         S("default_storage", default_storage)
         S("web_listen", web_listen)
 #undef S
+        if (strcmp(k, "hypervisor") == 0)
+            c->hypervisor_libvirt = strcmp(v, "libvirt") == 0;
         if (strcmp(k, "replica_enabled") == 0)
             c->replica_enabled = atoi(v) != 0;
         else if (strcmp(k, "allow_any") == 0)
@@ -373,7 +382,7 @@ catalog_save_vm(struct catalog *cat, const struct vm *vm)
     if (rc < 0)
         return rc;
     sqlite3_stmt *st = prep(
-        cat, "INSERT OR REPLACE INTO vms VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)");
+        cat, "INSERT OR REPLACE INTO vms VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
     if (!st)
         return catalog_end(cat, -EIO);
     sqlite3_bind_text(st, 1, vm->uuid, -1, SQLITE_STATIC);
@@ -393,6 +402,7 @@ catalog_save_vm(struct catalog *cat, const struct vm *vm)
     sqlite3_bind_text(st, 11, vm->test_network, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 12, vm->owner, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 13, vm->owner_group, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 14, vm->libvirt_domain, -1, SQLITE_STATIC);
     rc = step_done(cat, st);
     if (rc == 0) {
         st = prep(cat, "DELETE FROM disks WHERE vm_uuid = ?");
@@ -690,7 +700,8 @@ catalog_load(struct catalog *cat, struct server_cfg *cfg, struct vm **vms)
     sqlite3_stmt *st =
         prep(cat, "SELECT uuid, name, cpus, memory_mib, mode, dir, "
                   "kernel, initrd, cmdline, nics, test_network, "
-                  "owner, owner_group FROM vms ORDER BY name DESC");
+                  "owner, owner_group, libvirt_domain FROM vms ORDER BY "
+                  "name DESC");
     if (!st)
         return -EIO;
     while (sqlite3_step(st) == SQLITE_ROW) {
@@ -717,6 +728,7 @@ catalog_load(struct catalog *cat, struct server_cfg *cfg, struct vm **vms)
         vm->test_network = col_str(st, 10);
         vm->owner = col_str(st, 11);
         vm->owner_group = col_str(st, 12);
+        vm->libvirt_domain = col_str(st, 13);
         vm->next = *vms;
         *vms = vm;
     }

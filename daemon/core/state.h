@@ -85,6 +85,9 @@ struct vm {
      * the network a test failover puts them on (NULL: "none"). */
     json_object *nics;
     char *test_network;
+    /* vm create --from-libvirt: the persistent libvirt domain redefined
+     * on the tracked exports (docs/libvirt.md), or NULL. */
+    char *libvirt_domain;
     bool hypervisor; /* QEMU is asked of the next start (status: vm_to_json,
                       * from the processes) */
     unsigned ops;    /* operations in progress (enum vm_op, vm_busy) */
@@ -285,6 +288,9 @@ struct server_cfg {
     /* `server set --web-listen`: ADDR:PORT of the read-only web listener
      * (metrics, dashboard; web.c), or NULL: off. */
     char *web_listen;
+    /* `server set --hypervisor libvirt`: VMs (and failed-over Replica VMs)
+     * start as libvirt domains unless `vm start --hypervisor` says. */
+    bool hypervisor_libvirt;
 };
 
 struct catalog;

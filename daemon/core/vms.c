@@ -92,6 +92,7 @@ vm_free(struct vm *vm)
     free(vm->test_network);
     free(vm->owner);
     free(vm->owner_group);
+    free(vm->libvirt_domain);
     free(vm);
 }
 

@@ -1,0 +1,214 @@
+#!/bin/bash
+# libvirt: a VM adopted from a libvirt domain replicates, and its test
+# failover starts a libvirt domain on the Replica server.
+#
+# The test starts a libvirtd of its own: Debian's /usr/sbin/libvirtd as
+# root, in a private mount namespace (unshare -m) where /run and /var are
+# empty tmpfs and /etc/libvirt is a directory of the test (qemu.conf: run
+# QEMU as root, no security driver, no cgroups, no namespaces, QEMU's
+# output to files instead of virtlogd), with its sockets under $TESTDIR.
+# The system's libvirt (its domains, networks, sockets) is never touched,
+# and the namespace, its mounts and every QEMU it started go at exit.
+#
+# A domain "lvguest" is defined from the boot-sector test guest
+# (tests/guest/guest.S): a qcow2 boot disk and a raw data disk, a NIC,
+# its console to a file; domain type kvm where /dev/kvm opens, else qemu
+# (TCG).  `vm create g1 --from-libvirt lvguest` must take its CPUs, memory
+# and NIC, convert the qcow2 disk, take the raw one in place, keep the
+# original XML, and redefine the domain on the NBD exports.  Replicated
+# every second, `vm start g1` starts the domain (libvirt, the adopted
+# VM's default): the guest writes its stamps, the test writes the data
+# disk; the replica must converge byte-identical.  Then, on the Replica
+# server set to `--hypervisor libvirt`, `failover start g1 --test` must
+# start the libvirt domain "g1 - Test" (virsh says running, the guest's
+# console shows it booted) and `failover stop --test` must remove it.
+source "$(dirname "$0")/functions.sh"
+requires qemu-system-x86_64
+requires qemu-img qemu-io jq curl openssl nbdkit python3 cmp unshare xmllint
+requires_build
+if ! command -v virsh >/dev/null || ! [ -x /usr/sbin/libvirtd ]; then
+    skip "libvirt is not installed (apt-get install libvirt-daemon-system libvirt-clients)"
+fi
+[ "$(id -u)" = 0 ] || skip "not root (libvirtd in a mount namespace)"
+
+VR_TIMEOUT=60
+GUEST_TIMEOUT=${GUEST_TIMEOUT:-60}
+guest_params
+
+# --- a libvirtd of the test's own -------------------------------------------
+LV=$TESTDIR/lv
+URI="qemu+unix:///system?socket=$LV/sock/libvirt-sock"
+virsh_() { virsh -q -c "$URI" "$@"; }
+mkdir -p "$LV/etc" "$LV/sock" "$LV/log"
+cat >"$LV/etc/libvirtd.conf" <<EOF
+unix_sock_dir = "$LV/sock"
+unix_sock_rw_perms = "0700"
+auth_unix_rw = "none"
+auth_unix_ro = "none"
+log_outputs = "3:file:$LV/log/libvirtd.log"
+EOF
+cat >"$LV/etc/qemu.conf" <<EOF
+user = "root"
+group = "root"
+dynamic_ownership = 0
+remember_owner = 0
+security_driver = "none"
+cgroup_controllers = [ ]
+namespaces = [ ]
+stdio_handler = "file"
+EOF
+# Domains first (their QEMU outlives libvirtd), then libvirtd; what is
+# left is killed by functions.sh's exit (command lines naming $TESTDIR).
+stop_libvirtd() {
+    local d
+    while read -r d; do
+        [ -n "$d" ] && virsh_ destroy "$d" >/dev/null 2>&1
+    done < <(virsh_ list --name 2>/dev/null)
+    [ -s "$LV/libvirtd.pid" ] && kill "$(cat "$LV/libvirtd.pid")" 2>/dev/null
+}
+cleanup_fn stop_libvirtd
+unshare -m --propagation private sh -c '
+    mount -t tmpfs tmpfs /run && mount -t tmpfs tmpfs /var &&
+    mkdir -p /run/libvirt /var/lib/libvirt /var/cache/libvirt \
+        /var/log/libvirt /var/tmp &&
+    mount --bind "$1/etc" /etc/libvirt &&
+    exec /usr/sbin/libvirtd --config "$1/etc/libvirtd.conf" \
+        --pid-file "$1/libvirtd.pid"' sh "$LV" >>"$TESTDIR/libvirtd.log" 2>&1 &
+_bg_pids+=($!)
+wait_until 20 virsh_ version >/dev/null 2>&1 ||
+    fail "libvirtd did not start: $(tail -n 5 "$TESTDIR/libvirtd.log" "$LV/log/libvirtd.log" 2>/dev/null)"
+log "libvirtd $(virsh_ version | awk '/libvirt/ { print $NF; exit }') on $URI"
+
+PRIMARY_ENV=("VMREPLICA_LIBVIRT_URI=$URI")
+REPLICA_ENV=("VMREPLICA_LIBVIRT_URI=$URI")
+if [ -n "${VMREPLICA_ACCEL:-}" ]; then
+    PRIMARY_ENV+=("VMREPLICA_ACCEL=$VMREPLICA_ACCEL")
+    REPLICA_ENV+=("VMREPLICA_ACCEL=$VMREPLICA_ACCEL")
+fi
+setup_pair
+
+# --- the libvirt domain to adopt ---------------------------------------------
+TYPE=qemu
+if [ "${VMREPLICA_ACCEL:-}" != tcg ] && [ -w /dev/kvm ]; then TYPE=kvm; fi
+qemu-img convert -f raw -O qcow2 "$GUEST" "$TESTDIR/boot.qcow2" &&
+    qemu-img resize -q -f qcow2 "$TESTDIR/boot.qcow2" 64M || fail "guest qcow2"
+DATA=$TESTDIR/data.raw
+truncate -s 16M "$DATA"
+CONSOLE=$TESTDIR/lvguest-console.log
+MAC=52:54:00:aa:bb:01
+cat >"$TESTDIR/lvguest.xml" <<EOF
+<domain type='$TYPE'>
+  <name>lvguest</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>2</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type></os>
+  <features><acpi/></features>
+  <devices>
+    <emulator>$(command -v qemu-system-x86_64)</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='$TESTDIR/boot.qcow2'/>
+      <target dev='vda' bus='virtio'/>
+      <boot order='1'/>
+    </disk>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='$DATA'/>
+      <target dev='vdb' bus='virtio'/>
+    </disk>
+    <interface type='user'>
+      <mac address='$MAC'/>
+      <model type='virtio'/>
+    </interface>
+    <serial type='file'><source path='$CONSOLE'/><target port='0'/></serial>
+  </devices>
+</domain>
+EOF
+virsh_ define "$TESTDIR/lvguest.xml" >/dev/null || fail "virsh define lvguest"
+ORIG=$(virsh_ dumpxml --inactive lvguest)
+
+# --- adoption ----------------------------------------------------------------
+vr primary vm create g1 --from-libvirt lvguest >/dev/null ||
+    fail "vm create g1 --from-libvirt lvguest"
+show=$(vrj primary vm show g1) || fail "vm show g1"
+got=$(jq -r '[.cpus, .memory_mib, .libvirt_domain, (.disks | length),
+             .nics[0].mac, .nics[0].network] | join(" ")' <<<"$show")
+[ "$got" = "2 64 lvguest 2 $MAC user" ] ||
+    fail "adopted VM: cpus memory domain disks mac network = '$got'"
+P0=$(jq -r '.disks[0].path' <<<"$show")
+P1=$(jq -r '.disks[1].path' <<<"$show")
+[ "$P1" = "$DATA" ] || fail "raw disk not taken in place: $P1"
+[ "$P0" != "$TESTDIR/boot.qcow2" ] && cmp -n 512 "$GUEST" "$P0" ||
+    fail "qcow2 disk not converted to raw: $P0"
+UUID=$(jq -r .uuid <<<"$show")
+VMDIR=$(state_dir primary)/vms/$UUID
+RUNDIR=$(state_dir primary)/run/$UUID
+[ "$(cat "$VMDIR/libvirt-original.xml")" = "$ORIG" ] ||
+    fail "original XML not kept as $VMDIR/libvirt-original.xml"
+NEW=$(virsh_ dumpxml --inactive lvguest)
+for d in vda vdb; do
+    disk=$(xmllint --xpath "//disk[target/@dev='$d']" - <<<"$NEW") ||
+        fail "redefined domain: no disk $d"
+    grep -q "protocol=\"nbd\"" <<<"$disk" &&
+        grep -q "socket=\"$RUNDIR/nbd.sock\"" <<<"$disk" ||
+        fail "redefined domain: disk $d is not on the exports: $disk"
+done
+grep -q "org.qemu.guest_agent.0" <<<"$NEW" ||
+    fail "redefined domain has no guest agent channel"
+log "g1 adopted from lvguest: qcow2 converted, raw in place, domain on $RUNDIR/nbd.sock"
+
+# --- replication, then the domain runs ----------------------------------------
+vr primary vm start g1 --no-hypervisor >/dev/null || fail "serve g1"
+enable_replication g1 --frequency 1s
+vr primary vm stop g1 >/dev/null || fail "vm stop g1"
+
+c0=$(repl primary g1 last_cycle)
+vr primary vm start g1 >/dev/null || fail "vm start g1 (libvirt domain)"
+[ "$(virsh_ domstate lvguest)" = running ] ||
+    fail "lvguest is not running after vm start: $(virsh_ domstate lvguest)"
+[ "$(jget primary .running vm show g1)" = true ] || fail "vm show: not running"
+vr primary events | grep -q "vm started (libvirt domain)" ||
+    fail "no event 'vm started (libvirt domain)'"
+qemu-io -f raw "$(nbd_uri primary g1 1)" -c 'write -P 0x5a 1M 2M' >/dev/null ||
+    fail "write the data disk while the domain runs"
+wait_until "$GUEST_TIMEOUT" grep -q '^done' "$CONSOLE" ||
+    fail "guest did not print done: $(tail -n 3 "$CONSOLE" 2>/dev/null)"
+vr primary vm stop g1 --force >/dev/null || fail "vm stop g1 --force"
+[ "$(virsh_ domstate lvguest)" = "shut off" ] ||
+    fail "lvguest after vm stop: $(virsh_ domstate lvguest)"
+vr primary vm start g1 --no-hypervisor >/dev/null || fail "serve g1 again"
+wait_converged g1 60
+assert_identical g1
+c1=$(repl primary g1 last_cycle)
+[ "$c1" -gt "$c0" ] || fail "no cycle while the domain ran ($c0 -> $c1)"
+RDISK=$(disk_path replica g1)
+[ "$(max_stamp "$RDISK")" = "$TOTAL" ] ||
+    fail "replica holds stamp $(max_stamp "$RDISK"), want $TOTAL"
+log "the domain's writes are on the replica (cycles $c0..$c1)"
+
+# --- test failover on a libvirt Replica server ---------------------------------
+vr replica server set --hypervisor libvirt >/dev/null ||
+    fail "replica: server set --hypervisor libvirt"
+[ "$(jget replica .hypervisor server show)" = libvirt ] ||
+    fail "replica: server show does not say libvirt"
+out=$(vrj replica failover start g1 --test) || fail "failover start g1 --test"
+[ "$(jq -r .test_vm <<<"$out")" = "g1 - Test" ] || fail "test VM: $out"
+[ "$(virsh_ domstate 'g1 - Test')" = running ] ||
+    fail "libvirt domain 'g1 - Test' is not running: $(virsh_ list --all)"
+TXML=$(virsh_ dumpxml 'g1 - Test')
+grep -q "protocol='nbd'" <<<"$TXML" && grep -q "\.qcow2" <<<"$TXML" ||
+    fail "'g1 - Test' is not on overlays over the view: $TXML"
+[ "$(jget replica .running vm show 'g1 - Test')" = true ] ||
+    fail "vm show 'g1 - Test': not running"
+TCONSOLE=$(jq -r .run_dir <<<"$out")/console.log
+wait_until 30 grep -q "vmreplica test guest" "$TCONSOLE" ||
+    fail "the test domain did not boot the guest: $(cat "$TCONSOLE" 2>/dev/null)"
+log "test failover: libvirt domain 'g1 - Test' runs on the Replica server"
+vr replica failover stop g1 --test >/dev/null || fail "failover stop --test"
+virsh_ domstate 'g1 - Test' >/dev/null 2>&1 &&
+    fail "'g1 - Test' still defined after failover stop --test"
+wait_converged g1 30
+assert_identical g1
+
+vr primary vm stop g1 >/dev/null || fail "vm stop g1"
+log "pass"
