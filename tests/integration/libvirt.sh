@@ -211,4 +211,23 @@ wait_converged g1 30
 assert_identical g1
 
 vr primary vm stop g1 >/dev/null || fail "vm stop g1"
+
+# --- a VM of vmreplica's own as a transient domain ------------------------------
+vr primary vm create n1 --new-disk 16M --nic none >/dev/null || fail "vm create n1"
+err=$(vr primary vm start n1 --hypervisor xen 2>&1) && fail "--hypervisor xen accepted"
+grep -q "invalid --hypervisor 'xen': expected qemu or libvirt" <<<"$err" ||
+    fail "--hypervisor xen: $err"
+vr primary vm start n1 --hypervisor libvirt >/dev/null ||
+    fail "vm start n1 --hypervisor libvirt"
+[ "$(virsh_ domstate n1)" = running ] || fail "domain n1 is not running"
+[ "$(virsh_ dominfo n1 | awk '/^Persistent:/ { print $2 }')" = no ] ||
+    fail "domain n1 is not transient"
+err=$(vr primary vm create n2 --from-libvirt n1 2>&1) &&
+    fail "a running domain was adopted"
+grep -q "libvirt domain n1 is running: shut it down first" <<<"$err" ||
+    fail "adopting a running domain: $err"
+vr primary vm stop n1 --force >/dev/null || fail "vm stop n1"
+virsh_ domstate n1 >/dev/null 2>&1 && fail "domain n1 left after vm stop"
+[ "$(jget primary .running vm show n1)" = false ] || fail "n1 still running"
+log "vm start --hypervisor libvirt: transient domain n1 started and stopped"
 log "pass"
