@@ -211,6 +211,9 @@ wait_converged g1 30
 assert_identical g1
 
 vr primary vm stop g1 >/dev/null || fail "vm stop g1"
+# Its disks no longer served, the adopted domain cannot run untracked.
+err=$(virsh_ start lvguest 2>&1) && fail "lvguest started without its exports"
+grep -q "nbd.sock" <<<"$err" || fail "virsh start lvguest without exports: $err"
 
 # --- a VM of vmreplica's own as a transient domain ------------------------------
 vr primary vm create n1 --new-disk 16M --nic none >/dev/null || fail "vm create n1"
