@@ -2,13 +2,9 @@
 # libvirt: a VM adopted from a libvirt domain replicates, and its test
 # failover starts a libvirt domain on the Replica server.
 #
-# The test starts a libvirtd of its own: Debian's /usr/sbin/libvirtd as
-# root, in a private mount namespace (unshare -m) where /run and /var are
-# empty tmpfs and /etc/libvirt is a directory of the test (qemu.conf: run
-# QEMU as root, no security driver, no cgroups, no namespaces, QEMU's
-# output to files instead of virtlogd), with its sockets under $TESTDIR.
-# The system's libvirt (its domains, networks, sockets) is never touched,
-# and the namespace, its mounts and every QEMU it started go at exit.
+# The test starts a libvirtd of its own (libvirtd.sh): Debian's libvirtd
+# in a private mount namespace, its sockets under $TESTDIR; the system's
+# libvirt is never touched and nothing is left at exit.
 #
 # A domain "lvguest" is defined from the boot-sector test guest
 # (tests/guest/guest.S): a qcow2 boot disk and a raw data disk, a NIC,
@@ -24,60 +20,16 @@
 # console shows it booted) and `failover stop --test` must remove it.
 source "$(dirname "$0")/functions.sh"
 requires qemu-system-x86_64
-requires qemu-img qemu-io jq curl openssl nbdkit python3 cmp unshare xmllint
+requires qemu-img qemu-io jq curl openssl nbdkit python3 cmp xmllint
 requires_build
-if ! command -v virsh >/dev/null || ! [ -x /usr/sbin/libvirtd ]; then
-    skip "libvirt is not installed (apt-get install libvirt-daemon-system libvirt-clients)"
-fi
-[ "$(id -u)" = 0 ] || skip "not root (libvirtd in a mount namespace)"
 
 VR_TIMEOUT=60
 GUEST_TIMEOUT=${GUEST_TIMEOUT:-60}
 guest_params
 
 # --- a libvirtd of the test's own -------------------------------------------
-LV=$TESTDIR/lv
-URI="qemu+unix:///system?socket=$LV/sock/libvirt-sock"
-virsh_() { virsh -q -c "$URI" "$@"; }
-mkdir -p "$LV/etc" "$LV/sock" "$LV/log"
-cat >"$LV/etc/libvirtd.conf" <<EOF
-unix_sock_dir = "$LV/sock"
-unix_sock_rw_perms = "0700"
-auth_unix_rw = "none"
-auth_unix_ro = "none"
-log_outputs = "3:file:$LV/log/libvirtd.log"
-EOF
-cat >"$LV/etc/qemu.conf" <<EOF
-user = "root"
-group = "root"
-dynamic_ownership = 0
-remember_owner = 0
-security_driver = "none"
-cgroup_controllers = [ ]
-namespaces = [ ]
-stdio_handler = "file"
-EOF
-# Domains first (their QEMU outlives libvirtd), then libvirtd; what is
-# left is killed by functions.sh's exit (command lines naming $TESTDIR).
-stop_libvirtd() {
-    local d
-    while read -r d; do
-        [ -n "$d" ] && virsh_ destroy "$d" >/dev/null 2>&1
-    done < <(virsh_ list --name 2>/dev/null)
-    [ -s "$LV/libvirtd.pid" ] && kill "$(cat "$LV/libvirtd.pid")" 2>/dev/null
-}
-cleanup_fn stop_libvirtd
-unshare -m --propagation private sh -c '
-    mount -t tmpfs tmpfs /run && mount -t tmpfs tmpfs /var &&
-    mkdir -p /run/libvirt /var/lib/libvirt /var/cache/libvirt \
-        /var/log/libvirt /var/tmp &&
-    mount --bind "$1/etc" /etc/libvirt &&
-    exec /usr/sbin/libvirtd --config "$1/etc/libvirtd.conf" \
-        --pid-file "$1/libvirtd.pid"' sh "$LV" >>"$TESTDIR/libvirtd.log" 2>&1 &
-_bg_pids+=($!)
-wait_until 20 virsh_ version >/dev/null 2>&1 ||
-    fail "libvirtd did not start: $(tail -n 5 "$TESTDIR/libvirtd.log" "$LV/log/libvirtd.log" 2>/dev/null)"
-log "libvirtd $(virsh_ version | awk '/libvirt/ { print $NF; exit }') on $URI"
+source "$(dirname "$0")/libvirtd.sh"
+start_libvirtd
 
 PRIMARY_ENV=("VMREPLICA_LIBVIRT_URI=$URI")
 REPLICA_ENV=("VMREPLICA_LIBVIRT_URI=$URI")
