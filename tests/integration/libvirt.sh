@@ -17,7 +17,9 @@
 # disk; the replica must converge byte-identical.  Then, on the Replica
 # server set to `--hypervisor libvirt`, `failover start g1 --test` must
 # start the libvirt domain "g1 - Test" (virsh says running, the guest's
-# console shows it booted) and `failover stop --test` must remove it.
+# console shows it booted) and `failover stop --test` must remove it; the
+# same for an unplanned failover (domain "g1").  Last, a VM created by
+# vmreplica runs as a transient domain with `vm start --hypervisor libvirt`.
 source "$(dirname "$0")/functions.sh"
 requires qemu-system-x86_64
 requires qemu-img qemu-io jq curl openssl nbdkit python3 cmp xmllint
@@ -159,6 +161,19 @@ log "test failover: libvirt domain 'g1 - Test' runs on the Replica server"
 vr replica failover stop g1 --test >/dev/null || fail "failover stop --test"
 virsh_ domstate 'g1 - Test' >/dev/null 2>&1 &&
     fail "'g1 - Test' still defined after failover stop --test"
+wait_converged g1 30
+assert_identical g1
+
+# An unplanned failover (--force: the primary is alive) starts the domain
+# "g1"; cancelling it removes the domain and replication goes on.
+out=$(vrj replica failover start g1 --force) || fail "failover start g1 --force"
+[ "$(virsh_ domstate g1)" = running ] ||
+    fail "libvirt domain g1 is not running after failover start: $(virsh_ list --all)"
+wait_until 30 grep -q "vmreplica test guest" "$(jq -r .run_dir <<<"$out")/console.log" ||
+    fail "the failed-over domain did not boot the guest"
+vr replica failover stop g1 >/dev/null || fail "failover stop g1"
+virsh_ domstate g1 >/dev/null 2>&1 && fail "domain g1 left after failover stop"
+log "failover: libvirt domain g1 started on the Replica server, gone after failover stop"
 wait_converged g1 30
 assert_identical g1
 
