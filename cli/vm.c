@@ -38,6 +38,8 @@ cli_print_vm(json_object *vm)
            cli_fmt_size((uint64_t)cli_int(vm, "memory_mib") * MIB, sz,
                         sizeof sz));
     cli_kv("State", "%s", vm_state(vm, "disks served (no hypervisor)"));
+    if (cli_has(vm, "libvirt_domain"))
+        cli_kv("Libvirt domain", "%s", cli_str(vm, "libvirt_domain"));
 
     json_object *disks = NULL;
     if (!json_object_object_get_ex(vm, "disks", &disks) ||

@@ -94,6 +94,8 @@ P1=$(jq -r '.disks[1].path' <<<"$show")
 [ "$P1" = "$DATA" ] || fail "raw disk not taken in place: $P1"
 [ "$P0" != "$TESTDIR/boot.qcow2" ] && cmp -n 512 "$GUEST" "$P0" ||
     fail "qcow2 disk not converted to raw: $P0"
+vr primary vm show g1 | grep -qx "Libvirt domain: *lvguest" ||
+    fail "vm show g1 does not name the domain: $(vr primary vm show g1)"
 UUID=$(jq -r .uuid <<<"$show")
 VMDIR=$(state_dir primary)/vms/$UUID
 RUNDIR=$(state_dir primary)/run/$UUID
