@@ -1,7 +1,8 @@
-/* initial.c: "vmreplica initial-replication start VM [--use-existing]
- * [--wait]" — POST
+/* initial.c: "vmreplica initial-replication start VM [--at TIME]
+ * [--use-existing] [--wait]" — POST
  * /v1/vms/VM/initial-replication, then (with --wait) poll measure until the
- * initial copy is over, drawing a progress bar when stderr is a terminal.
+ * initial copy is over, drawing a progress bar when stderr is a terminal;
+ * "initial-replication stop VM".
  */
 #include <inttypes.h>
 #include <stdio.h>
@@ -75,14 +76,48 @@ details(json_object *m)
     return out;
 }
 
+/* TIME of --at as RFC 3339 UTC into out: an RFC 3339 date-time, or
+ * "HH:MM" local time, today or, if that has passed, tomorrow. */
+static int
+parse_at(const char *s, char out[32])
+{
+    uint64_t ms = 0;
+    int hh, mm, n = 0;
+    if (vr_parse_rfc3339(s, &ms) == 0) {
+        vr_rfc3339(ms, out);
+        return CLI_OK;
+    }
+    if (sscanf(s, "%2d:%2d%n", &hh, &mm, &n) != 2 || s[n] || hh > 23 ||
+        mm > 59 || hh < 0 || mm < 0)
+        return cli_error("--at %s: not HH:MM or an RFC 3339 date-time "
+                         "(2026-12-06T21:30:00Z)", s);
+    time_t now = time(NULL);
+    struct tm tm;
+    localtime_r(&now, &tm);
+    tm.tm_hour = hh;
+    tm.tm_min = mm;
+    tm.tm_sec = 0;
+    tm.tm_isdst = -1;
+    time_t t = mktime(&tm);
+    if (t <= now) {
+        tm.tm_mday++;
+        tm.tm_isdst = -1;
+        t = mktime(&tm);
+    }
+    vr_rfc3339((uint64_t)t * 1000, out);
+    return CLI_OK;
+}
+
 int
 cmd_initial_start(struct cli *c, const struct cli_cmd *cmd, int argc,
                   char **argv)
 {
     bool wait = false, use_existing = false;
+    const char *at = NULL;
     const struct cli_opt opts[] = {
         { "wait", CLI_OPT_FLAG, &wait },
         { "use-existing", CLI_OPT_FLAG, &use_existing },
+        { "at", CLI_OPT_STR, &at },
         { NULL, 0, NULL },
     };
     CLEANUP_FREE char *path = NULL;
@@ -91,10 +126,17 @@ cmd_initial_start(struct cli *c, const struct cli_cmd *cmd, int argc,
                          &path, &name);
     if (rc)
         return rc;
+    char when[32] = "";
+    if (at && (rc = parse_at(at, when)))
+        return rc;
+    if (at && wait)
+        return cli_error("--wait: not with --at (the start is scheduled)");
     json_object *body = json_object_new_object();
     if (use_existing)
         json_object_object_add(body, "use_existing",
                                json_object_new_boolean(true));
+    if (at)
+        json_object_object_add(body, "at", json_object_new_string(when));
     json_object *out;
     rc = cli_call(c, "POST", path, body, &out);
     json_object_put(body);
@@ -103,6 +145,9 @@ cmd_initial_start(struct cli *c, const struct cli_cmd *cmd, int argc,
     if (!wait) {
         if (c->json)
             cli_print_json(out);
+        else if (at)
+            printf("initial replication of vm %s scheduled for %s\n", name,
+                   when);
         else
             printf("initial replication of vm %s started%s\n", name,
                    use_existing ? " by comparison with the Replica server's "
@@ -130,6 +175,7 @@ cmd_initial_start(struct cli *c, const struct cli_cmd *cmd, int argc,
         const char *state = cli_str(m, "state");
         bool running = strcmp(task, "InitialReplication") == 0 ||
                        strcmp(state, "InitialReplicationInProgress") == 0;
+
         /* The daemon may not have moved on from "ready" when we first
          * look; give it a moment before taking that as the end. */
         bool not_yet = strcmp(state, "ReadyForInitialReplication") == 0 &&
@@ -164,3 +210,26 @@ cmd_initial_start(struct cli *c, const struct cli_cmd *cmd, int argc,
     json_object_put(m);
     return rc;
 }
+
+int
+cmd_initial_stop(struct cli *c, const struct cli_cmd *cmd, int argc,
+                 char **argv)
+{
+    CLEANUP_FREE char *path = NULL;
+    const char *name;
+    int rc = cli_vm_path(c, cmd, argc, argv, NULL,
+                         "/initial-replication/stop", &path, &name);
+    if (rc)
+        return rc;
+    json_object *out;
+    if ((rc = cli_call(c, "POST", path, NULL, &out)))
+        return rc;
+    if (c->json)
+        cli_print_json(out);
+    else
+        printf("initial replication of vm %s stopped; it waits for "
+               "'initial-replication start'\n", name);
+    json_object_put(out);
+    return CLI_OK;
+}
+

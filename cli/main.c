@@ -259,8 +259,11 @@ static const struct cli_cmd commands[] = {
       "on the Replica server: commit a failover (the other recovery points "
       "are deleted)", NULL },
     { "initial-replication", "start", cmd_initial_start,
-      "VM [--use-existing] [--wait]",
+      "VM [--at TIME] [--use-existing] [--wait]",
       "send the first full copy of a VM's disks",
+      "  --at TIME         start then: HH:MM (today or tomorrow) or RFC "
+      "3339, at most\n"
+      "                    7 days ahead\n"
       "  --use-existing    the Replica server holds a copy already (one "
       "'replication\n"
       "                    remove' kept, or a restored backup): compare "
@@ -268,6 +271,9 @@ static const struct cli_cmd commands[] = {
       "                    and send only what differs\n"
       "  --wait            block until done, with a progress bar on a "
       "terminal\n" },
+    { "initial-replication", "stop", cmd_initial_stop, "VM",
+      "cancel a scheduled or running initial replication (it waits for a "
+      "new start)", NULL },
     { "events", NULL, cmd_events, "[--vm VM]", "show recent events",
       "  --vm VM           only events of this VM\n" },
 };

@@ -3,8 +3,9 @@
  * the Replica server holds (--use-existing) that sends only what differs;
  * both as base chunks after a base cycle, resumable at the position the
  * catalog keeps, then initial-complete with the first consistent cycle
- * (docs/design.md, "Initial replication").  Runs on the VM's shipper
- * thread (shipper.c).
+ * (docs/design.md, "Initial replication").  A start may be scheduled (--at, at most 7 days
+ * ahead: initial_schedule_due), and stopped (initial_stop).  Runs on the
+ * VM's shipper thread (shipper.c).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -391,7 +392,12 @@ initial_begin(struct vm *vm, struct job *jb)
         total += compare ? jb->disks[i].size
                          : allocated_bytes(jb->disks[i].path);
     pthread_mutex_lock(&pctx.d->lock);
+    if (r->st != REPL_ST_INITIAL) { /* initial-replication stop */
+        pthread_mutex_unlock(&pctx.d->lock);
+        return -ECANCELED;
+    }
     r->base_cycle = base;
+    r->first_point = 0;
     r->initial_seq = 1;
     r->initial_disk = 0;
     r->initial_offset = 0;
@@ -413,6 +419,82 @@ initial_begin(struct vm *vm, struct job *jb)
                   (unsigned long long)total, (unsigned long long)base);
     pthread_mutex_unlock(&pctx.d->lock);
     return rc;
+}
+
+/* --- schedule and stop ------------------------------------------------------ */
+
+bool
+initial_schedule_due(struct vm *vm)
+{
+    struct repl *r = vm->repl;
+    if (r->st != REPL_ST_READY_INITIAL || !r->initial_at_ms ||
+        vr_wall_ms() < r->initial_at_ms)
+        return false;
+    char ts[32];
+    vr_rfc3339(r->initial_at_ms, ts);
+    r->initial_at_ms = 0;
+    r->initial_seq = 0;
+    free(r->task);
+    r->task = xstrdup("InitialReplication");
+    if (repl_transition_event(pctx.d->cat, vm, REPL_ST_INITIAL, REPL_T_SAVE,
+                              "info", "scheduled initial replication "
+                              "started (it was set for %s)", ts) < 0) {
+        log_warn("shipper", "%s: %s", vm->name, vr_errmsg());
+        vr_err_clear();
+        return false;
+    }
+    return true;
+}
+
+int
+initial_stop(struct vm *vm)
+{
+    struct repl *r = vm->repl;
+    if (r->mode != VM_MODE_PRIMARY)
+        return vr_err(-EBUSY, "vm %s: initial replication is stopped on "
+                      "the primary", vm->name);
+    if (r->initial_done)
+        return vr_err(-EALREADY, "vm %s: initial replication is already "
+                      "done", vm->name);
+    if (r->st == REPL_ST_READY_INITIAL && r->initial_at_ms) {
+        char ts[32];
+        vr_rfc3339(r->initial_at_ms, ts);
+        r->initial_at_ms = 0;
+        free(r->initial_export);
+        r->initial_export = NULL;
+        int rc = catalog_save_repl(pctx.d->cat, r);
+        if (rc == 0)
+            event_add(pctx.d->cat, "info", vm->name, "initial replication "
+                      "scheduled for %s cancelled", ts);
+        return rc;
+    }
+    if (r->st != REPL_ST_INITIAL)
+        return vr_err(-EINVAL, "vm %s: no initial replication is scheduled "
+                      "or running (state %s)", vm->name,
+                      repl_st_name(r->st));
+    /* A copy already past its last piece only has initial-complete left:
+     * the Replica server may have taken it already. */
+    if (r->initial_seq && r->initial_disk >= vm->ndisks)
+        return vr_err(-EBUSY, "vm %s: the initial copy is complete and "
+                      "being committed; it cannot be stopped", vm->name);
+    uint64_t sent = r->initial_method == INITIAL_COMPARE ? r->initial_compared
+                                                         : r->initial_sent;
+    r->initial_seq = 0;
+    r->initial_disk = 0;
+    r->initial_offset = 0;
+    r->initial_sent = r->initial_compared = r->initial_total = 0;
+    r->first_point = 0;
+    free(r->initial_export);
+    r->initial_export = NULL;
+    free(r->task);
+    r->task = NULL;
+    r->kick = true;
+    pthread_cond_broadcast(&pctx.d->cond);
+    return repl_transition_event(pctx.d->cat, vm, REPL_ST_READY_INITIAL,
+                                 REPL_T_SAVE, "info", "initial replication "
+                                 "stopped after %llu bytes; it starts "
+                                 "afresh with 'initial-replication start'",
+                                 (unsigned long long)sent);
 }
 
 int
@@ -450,6 +532,10 @@ run_initial(struct vm *vm, struct job *jb)
         if (rc < 0)
             return rc;
         pthread_mutex_lock(&pctx.d->lock);
+        if (r->st != REPL_ST_INITIAL) { /* stopped meanwhile: forgotten */
+            pthread_mutex_unlock(&pctx.d->lock);
+            return -ECANCELED;
+        }
         if (wire > 0)
             r->initial_seq++;
         r->initial_sent += data;
@@ -470,9 +556,8 @@ run_initial(struct vm *vm, struct job *jb)
     }
 
     pthread_mutex_lock(&pctx.d->lock);
-    uint64_t base = r->base_cycle;
+    uint64_t base = r->base_cycle, first = 0;
     pthread_mutex_unlock(&pctx.d->lock);
-    uint64_t first = 0;
     int rc = first_consistent_cycle(jb, base, &first);
     if (rc < 0)
         return rc;

@@ -72,6 +72,10 @@ int add_differing(const struct job *jb, unsigned d, int dfd, uint64_t off,
 int first_consistent_cycle(const struct job *jb, uint64_t base,
                            uint64_t *first);
 
+/* d->lock held: a start scheduled (--at) and due is made now (state
+ * InitialReplicationInProgress); true if it was. */
+bool initial_schedule_due(struct vm *vm);
+
 /* --- resync.c -------------------------------------------------------------- */
 
 /* Run (or resume) the resynchronization of vm (replication resume
