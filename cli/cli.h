@@ -173,6 +173,7 @@ int cmd_repl_reset_stats(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_repl_remove(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_initial_start(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_initial_stop(struct cli *, const struct cli_cmd *, int, char **);
+int cmd_initial_import(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_events(struct cli *, const struct cli_cmd *, int, char **);
 
 /* Shared printers. */

@@ -1,8 +1,9 @@
 /* initial.c: "vmreplica initial-replication start VM [--at TIME]
- * [--use-existing] [--wait]" — POST
+ * [--export DIR] [--use-existing] [--wait]" — POST
  * /v1/vms/VM/initial-replication, then (with --wait) poll measure until the
- * initial copy is over, drawing a progress bar when stderr is a terminal;
- * "initial-replication stop VM".
+ * initial copy is over (an export: until it is written), drawing a progress
+ * bar when stderr is a terminal; "initial-replication stop VM" and, on the
+ * Replica server, "initial-replication import VM --from DIR".
  */
 #include <inttypes.h>
 #include <stdio.h>
@@ -113,11 +114,12 @@ cmd_initial_start(struct cli *c, const struct cli_cmd *cmd, int argc,
                   char **argv)
 {
     bool wait = false, use_existing = false;
-    const char *at = NULL;
+    const char *at = NULL, *export = NULL;
     const struct cli_opt opts[] = {
         { "wait", CLI_OPT_FLAG, &wait },
         { "use-existing", CLI_OPT_FLAG, &use_existing },
         { "at", CLI_OPT_STR, &at },
+        { "export", CLI_OPT_STR, &export },
         { NULL, 0, NULL },
     };
     CLEANUP_FREE char *path = NULL;
@@ -131,12 +133,22 @@ cmd_initial_start(struct cli *c, const struct cli_cmd *cmd, int argc,
         return rc;
     if (at && wait)
         return cli_error("--wait: not with --at (the start is scheduled)");
+    CLEANUP_FREE char *dir = NULL;
+    if (export) {
+        dir = realpath(export, NULL);
+        if (!dir && export[0] == '/')
+            dir = xstrdup(export);
+        if (!dir)
+            return cli_error("--export %s: %s", export, strerror(errno));
+    }
     json_object *body = json_object_new_object();
     if (use_existing)
         json_object_object_add(body, "use_existing",
                                json_object_new_boolean(true));
     if (at)
         json_object_object_add(body, "at", json_object_new_string(when));
+    if (dir)
+        json_object_object_add(body, "export", json_object_new_string(dir));
     json_object *out;
     rc = cli_call(c, "POST", path, body, &out);
     json_object_put(body);
@@ -149,9 +161,10 @@ cmd_initial_start(struct cli *c, const struct cli_cmd *cmd, int argc,
             printf("initial replication of vm %s scheduled for %s\n", name,
                    when);
         else
-            printf("initial replication of vm %s started%s\n", name,
+            printf("initial replication of vm %s started%s%s\n", name,
                    use_existing ? " by comparison with the Replica server's "
-                                  "copy" : "");
+                                  "copy" : dir ? ": exporting to " : "",
+                   dir ? dir : "");
         json_object_put(out);
         return CLI_OK;
     }
@@ -175,7 +188,12 @@ cmd_initial_start(struct cli *c, const struct cli_cmd *cmd, int argc,
         const char *state = cli_str(m, "state");
         bool running = strcmp(task, "InitialReplication") == 0 ||
                        strcmp(state, "InitialReplicationInProgress") == 0;
-
+        /* An export is done once written: the import is elsewhere. */
+        json_object *ex = NULL;
+        if (dir && json_object_object_get_ex(m, "initial_replication_exported",
+                                             &ex) &&
+            json_object_get_boolean(ex))
+            running = false;
         /* The daemon may not have moved on from "ready" when we first
          * look; give it a moment before taking that as the end. */
         bool not_yet = strcmp(state, "ReadyForInitialReplication") == 0 &&
@@ -204,6 +222,10 @@ cmd_initial_start(struct cli *c, const struct cli_cmd *cmd, int argc,
     }
     if (c->json)
         cli_print_json(m);
+    else if (rc == CLI_OK && dir)
+        printf("initial replication of vm %s exported to %s; import it on "
+               "the Replica server with 'vmreplica initial-replication "
+               "import %s --from DIR'\n", name, dir, name);
     else if (rc == CLI_OK)
         printf("initial replication of vm %s complete (state %s)\n", name,
                state);
@@ -233,3 +255,39 @@ cmd_initial_stop(struct cli *c, const struct cli_cmd *cmd, int argc,
     return CLI_OK;
 }
 
+int
+cmd_initial_import(struct cli *c, const struct cli_cmd *cmd, int argc,
+                   char **argv)
+{
+    const char *from = NULL;
+    const struct cli_opt opts[] = {
+        { "from", CLI_OPT_STR, &from },
+        { NULL, 0, NULL },
+    };
+    CLEANUP_FREE char *path = NULL;
+    const char *name;
+    int rc = cli_vm_path(c, cmd, argc, argv, opts,
+                         "/initial-replication/import", &path, &name);
+    if (rc)
+        return rc;
+    if (!from)
+        return cli_error("initial-replication import: --from DIR is "
+                         "required");
+    CLEANUP_FREE char *dir = realpath(from, NULL);
+    if (!dir)
+        return cli_error("--from %s: %s", from, strerror(errno));
+    json_object *body = json_object_new_object();
+    json_object_object_add(body, "from", json_object_new_string(dir));
+    json_object *out;
+    rc = cli_call(c, "POST", path, body, &out);
+    json_object_put(body);
+    if (rc)
+        return rc;
+    if (c->json)
+        cli_print_json(out);
+    else
+        printf("initial replication of vm %s imported from %s; the primary "
+               "completes it\n", name, dir);
+    json_object_put(out);
+    return CLI_OK;
+}

@@ -64,11 +64,20 @@ repl_measure_json(const struct vm *vm)
     I64("initial_replication_sent", r->initial_sent);
     json_object_object_add(
         o, "initial_replication_method",
-        json_object_new_string(r->initial_method == INITIAL_COMPARE
-                                   ? "compare" : "full"));
+        json_object_new_string(r->initial_method == INITIAL_COMPARE  ? "compare"
+                               : r->initial_method == INITIAL_EXPORT ? "export"
+                                                                     : "full"));
     I64("initial_replication_compared", r->initial_compared);
     json_add_time(o, "initial_replication_scheduled", r->initial_at_ms);
-
+    json_object_object_add(
+        o, "initial_replication_export",
+        r->initial_export ? json_object_new_string(r->initial_export) : NULL);
+    /* An export written, waiting for the Replica server's import. */
+    json_object_object_add(
+        o, "initial_replication_exported",
+        json_object_new_boolean(r->initial_method == INITIAL_EXPORT &&
+                                r->st == REPL_ST_INITIAL &&
+                                r->initial_seq && r->initial_disk >= vm->ndisks));
     I64("resync_compared", r->resync_compared);
     I64("resync_sent", r->resync_sent);
     I64("bytes_sent_raw", r->bytes_raw);
@@ -561,9 +570,17 @@ api_initial_start(struct api_call *call, unsigned *status VR_UNUSED,
         rc = vr_err(-EALREADY, "vm %s: initial replication is already done",
                     vm->name);
     bool compare = jbool(call->body, "use_existing", false);
-    const char *export = NULL;
-    enum initial_method method = compare ? INITIAL_COMPARE : INITIAL_FULL;
+    const char *export = jstr(call->body, "export");
+    enum initial_method method = compare  ? INITIAL_COMPARE
+                                 : export ? INITIAL_EXPORT
+                                          : INITIAL_FULL;
     uint64_t at = 0;
+    if (rc == 0 && compare && export)
+        rc = vr_err(-EINVAL, "vm %s: --export and --use-existing are two "
+                    "methods; choose one", vm->name);
+    if (rc == 0 && export && (export[0] != '/' || strlen(export) > 1024))
+        rc = vr_err(-EINVAL, "vm %s: export directory '%s' is not an "
+                    "absolute path", vm->name, export);
     if (rc == 0)
         rc = initial_at(vm, call->body, &at);
     /* The method is chosen when the copy starts afresh; one under way
@@ -580,6 +597,12 @@ api_initial_start(struct api_call *call, unsigned *status VR_UNUSED,
                                                  INITIAL_COMPARE
                                              ? vm->repl->initial_compared
                                              : vm->repl->initial_sent));
+    if (rc == 0 && export && vm->repl->st == REPL_ST_INITIAL &&
+        (!vm->repl->initial_export ||
+         strcmp(vm->repl->initial_export, export) != 0))
+        rc = vr_err(-EBUSY, "vm %s: an export to %s is under way; stop it "
+                    "first", vm->name, vm->repl->initial_export
+                                           ? vm->repl->initial_export : "?");
     if (rc == 0 && at && vm->repl->st != REPL_ST_READY_INITIAL)
         rc = vr_err(-EBUSY, "vm %s: cannot schedule initial replication in "
                     "state %s", vm->name, repl_st_name(vm->repl->st));
@@ -630,6 +653,17 @@ api_initial_stop(struct api_call *call, unsigned *status VR_UNUSED,
         *out = repl_to_json(vm, actx.d->cfg.hostname);
     pthread_mutex_unlock(&actx.d->lock);
     return rc;
+}
+
+int
+api_initial_import(struct api_call *call, unsigned *status VR_UNUSED,
+                   json_object **out)
+{
+    const char *from = jstr(call->body, "from");
+    if (!from || from[0] != '/' || strlen(from) > 1024)
+        return vr_err(-EINVAL, "import: 'from' must be the absolute path of "
+                      "an export directory");
+    return replica_import(call->arg, from, out);
 }
 
 int
