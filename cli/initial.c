@@ -109,6 +109,32 @@ parse_at(const char *s, char out[32])
     return CLI_OK;
 }
 
+/* The absolute path of --export DIR for the daemon, which does not share
+ * our working directory: DIR resolved, or, if it does not exist yet, its
+ * parent resolved and its last component appended (the daemon makes it). */
+static char *
+export_path(const char *dir)
+{
+    char *p = realpath(dir, NULL);
+    if (p || errno != ENOENT)
+        return p;
+    CLEANUP_FREE char *copy = xstrdup(dir);
+    char *slash = strrchr(copy, '/');
+    const char *base = slash ? slash + 1 : copy;
+    if (slash == copy)
+        return xstrdup(dir); /* "/name" */
+    if (slash)
+        *slash = '\0';
+    CLEANUP_FREE char *parent = realpath(slash ? copy : ".", NULL);
+    if (!parent)
+        return NULL;
+    if (!*base || !strcmp(base, ".") || !strcmp(base, "..")) {
+        errno = EINVAL;
+        return NULL;
+    }
+    return xasprintf("%s/%s", parent, base);
+}
+
 int
 cmd_initial_start(struct cli *c, const struct cli_cmd *cmd, int argc,
                   char **argv)
@@ -134,13 +160,8 @@ cmd_initial_start(struct cli *c, const struct cli_cmd *cmd, int argc,
     if (at && wait)
         return cli_error("--wait: not with --at (the start is scheduled)");
     CLEANUP_FREE char *dir = NULL;
-    if (export) {
-        dir = realpath(export, NULL);
-        if (!dir && export[0] == '/')
-            dir = xstrdup(export);
-        if (!dir)
-            return cli_error("--export %s: %s", export, strerror(errno));
-    }
+    if (export && !(dir = export_path(export)))
+        return cli_error("--export %s: %s", export, strerror(errno));
     json_object *body = json_object_new_object();
     if (use_existing)
         json_object_object_add(body, "use_existing",

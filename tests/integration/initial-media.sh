@@ -42,7 +42,9 @@ vr primary replication enable "$vm" \
 log "export with a writer running"
 ex=$TESTDIR/export
 start_writer "$vm" 64k
-out=$(vr primary initial-replication start "$vm" --export "$ex" --wait) ||
+# A relative DIR, not there yet: the CLI gives the daemon its absolute path.
+cli=$(realpath "$VMREPLICA")
+out=$(cd "$TESTDIR" && VMREPLICA=$cli vr primary initial-replication start "$vm" --export export --wait) ||
     fail "initial-replication start --export"
 [ "$out" = "initial replication of vm $vm exported to $ex; import it on the Replica server with 'vmreplica initial-replication import $vm --from DIR'" ] ||
     fail "start --export said: $out"
