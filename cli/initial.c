@@ -77,34 +77,23 @@ details(json_object *m)
     return out;
 }
 
-/* TIME of --at as RFC 3339 UTC into out: an RFC 3339 date-time, or
- * "HH:MM" local time, today or, if that has passed, tomorrow. */
+/* TIME of --at as RFC 3339 UTC into out: an RFC 3339 date-time with its
+ * zone, or what `replication resume --resync --at` takes (+DURATION,
+ * HH:MM — today or, once past, tomorrow — or YYYY-MM-DD HH:MM[:SS], local
+ * time). */
 static int
 parse_at(const char *s, char out[32])
 {
     uint64_t ms = 0;
-    int hh, mm, n = 0;
+    int64_t t = 0;
     if (vr_parse_rfc3339(s, &ms) == 0) {
         vr_rfc3339(ms, out);
         return CLI_OK;
     }
-    if (sscanf(s, "%2d:%2d%n", &hh, &mm, &n) != 2 || s[n] || hh > 23 ||
-        mm > 59 || hh < 0 || mm < 0)
-        return cli_error("--at %s: not HH:MM or an RFC 3339 date-time "
-                         "(2026-12-06T21:30:00Z)", s);
-    time_t now = time(NULL);
-    struct tm tm;
-    localtime_r(&now, &tm);
-    tm.tm_hour = hh;
-    tm.tm_min = mm;
-    tm.tm_sec = 0;
-    tm.tm_isdst = -1;
-    time_t t = mktime(&tm);
-    if (t <= now) {
-        tm.tm_mday++;
-        tm.tm_isdst = -1;
-        t = mktime(&tm);
-    }
+    if (cli_parse_when(s, &t) < 0 || t < 0)
+        return cli_error("--at %s: expected +DURATION (e.g. +2h), HH:MM, "
+                         "YYYY-MM-DD HH:MM[:SS] (local time) or an RFC 3339 "
+                         "date-time with its zone", s);
     vr_rfc3339((uint64_t)t * 1000, out);
     return CLI_OK;
 }

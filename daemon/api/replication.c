@@ -532,19 +532,29 @@ api_repl_reset_stats(struct api_call *call, unsigned *status VR_UNUSED,
     return rc;
 }
 
-/* The start time of body's "at" (RFC 3339) into *at_ms (0: none): at
- * most 7 days ahead and not in the past. */
+/* The start time of body's "at" (RFC 3339, or Unix seconds as
+ * replication resume takes) into *at_ms (0: none): at most 7 days ahead
+ * and not in the past. */
 static int
 initial_at(const struct vm *vm, json_object *body, uint64_t *at_ms)
 {
-    const char *at = jstr(body, "at");
+    json_object *v = NULL;
     *at_ms = 0;
-    if (!at)
+    if (!body || !json_object_object_get_ex(body, "at", &v))
         return 0;
     uint64_t now = vr_wall_ms(), t = 0;
-    if (vr_parse_rfc3339(at, &t) < 0)
+    char buf[32];
+    const char *at = buf;
+    if (json_object_is_type(v, json_type_int) &&
+        json_object_get_int64(v) > 0 &&
+        json_object_get_int64(v) < INT64_MAX / 1000) {
+        t = (uint64_t)json_object_get_int64(v) * 1000;
+        vr_rfc3339(t, buf);
+    } else if (!json_object_is_type(v, json_type_string) ||
+               vr_parse_rfc3339((at = json_object_get_string(v)), &t) < 0) {
         return vr_err(-EINVAL, "vm %s: start time '%s' is not an RFC 3339 "
-                      "date-time", vm->name, at);
+                      "date-time", vm->name, json_object_get_string(v));
+    }
     if (t < now)
         return vr_err(-EINVAL, "vm %s: start time %s is in the past",
                       vm->name, at);

@@ -54,8 +54,14 @@ out=$(vr primary initial-replication start "$vm" --at "$past" 2>&1) &&
     fail "in the past: $out"
 out=$(vr primary initial-replication start "$vm" --at 25:00 2>&1) &&
     fail "--at 25:00 was accepted"
-[ "$out" = "vmreplica: error: --at 25:00: not HH:MM or an RFC 3339 date-time (2026-12-06T21:30:00Z)" ] ||
+[ "$out" = "vmreplica: error: --at 25:00: expected +DURATION (e.g. +2h), HH:MM, YYYY-MM-DD HH:MM[:SS] (local time) or an RFC 3339 date-time with its zone" ] ||
     fail "25:00: $out"
+# +DURATION, as replication resume --resync --at takes it.
+vr primary initial-replication start "$vm" --at +3h >/dev/null || fail "--at +3h"
+t=$(vrj primary replication show "$vm" | jq -r .initial_replication_scheduled)
+s=$(($(date -d "$t" +%s) - $(date +%s)))
+[ "$s" -gt $((3 * 3600 - 30)) ] && [ "$s" -le $((3 * 3600)) ] || fail "--at +3h scheduled for $t"
+vr primary initial-replication stop "$vm" >/dev/null || fail "stop (+3h)"
 out=$(vr primary initial-replication stop "$vm" 2>&1) &&
     fail "stop with nothing scheduled succeeded"
 [ "$out" = "vmreplica: error: vm $vm: no initial replication is scheduled or running (state ReadyForInitialReplication)" ] ||
