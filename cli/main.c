@@ -271,15 +271,29 @@ static const struct cli_cmd commands[] = {
       "on the Replica server: commit a failover (the other recovery points "
       "are deleted)", NULL },
     { "initial-replication", "start", cmd_initial_start,
-      "VM [--use-existing] [--wait]",
+      "VM [--at TIME] [--export DIR | --use-existing] [--wait]",
       "send the first full copy of a VM's disks",
+      "  --at TIME         start then: HH:MM (today or tomorrow) or RFC "
+      "3339, at most\n"
+      "                    7 days ahead\n"
+      "  --export DIR      write the copy to DIR (external media) instead; "
+      "the Replica\n"
+      "                    server imports it ('initial-replication "
+      "import')\n"
       "  --use-existing    the Replica server holds a copy already (one "
       "'replication\n"
       "                    remove' kept, or a restored backup): compare "
       "chunk hashes\n"
       "                    and send only what differs\n"
-      "  --wait            block until done, with a progress bar on a "
-      "terminal\n" },
+      "  --wait            block until done (an export: written), with a "
+      "progress bar\n"
+      "                    on a terminal\n" },
+    { "initial-replication", "stop", cmd_initial_stop, "VM",
+      "cancel a scheduled or running initial replication (it waits for a "
+      "new start)", NULL },
+    { "initial-replication", "import", cmd_initial_import, "VM --from DIR",
+      "on the Replica server: load an export, then the primary's changes "
+      "flow", NULL },
     { "events", NULL, cmd_events, "[--vm VM]", "show recent events",
       "  --vm VM           only events of this VM\n" },
 };

@@ -727,9 +727,9 @@ cmd_repl_suspend(struct cli *c, const struct cli_cmd *cmd, int argc,
 
 /* TIME of --at: "+DURATION" (from now, e.g. +90m), "HH:MM" (its next
  * occurrence, local time) or "YYYY-MM-DD HH:MM[:SS]" / "YYYY-MM-DDTHH:MM[:SS]"
- * (local time).  0 with Unix seconds, or -EINVAL. */
-static int
-parse_when(const char *s, int64_t *out)
+ * (local time).  0 with Unix seconds, or -EINVAL.  (Also initial.c's.) */
+int
+cli_parse_when(const char *s, int64_t *out)
 {
     time_t now = time(NULL);
     if (s[0] == '+') {
@@ -797,7 +797,7 @@ cmd_repl_resume(struct cli *c, const struct cli_cmd *cmd, int argc,
     if (at && cont)
         return cli_usage_error(cmd, "--at or --continue, not both");
     int64_t when = 0;
-    if (at && parse_when(at, &when) < 0)
+    if (at && cli_parse_when(at, &when) < 0)
         return cli_usage_error(cmd, "invalid --at '%s': expected +DURATION "
                                "(e.g. +2h), HH:MM or YYYY-MM-DD HH:MM[:SS] "
                                "(local time)", at);

@@ -9,6 +9,9 @@
 #include "api-int.h"
 #include "core/logdir.h"
 
+/* initial-replication start --at: at most this far ahead (SPEC §5). */
+#define INITIAL_AT_MAX_MS (7ull * 24 * 3600 * 1000)
+
 static int
 lookup_repl(struct api_call *call, struct vm **out)
 {
@@ -61,9 +64,20 @@ repl_measure_json(const struct vm *vm)
     I64("initial_replication_sent", r->initial_sent);
     json_object_object_add(
         o, "initial_replication_method",
-        json_object_new_string(r->initial_method == INITIAL_COMPARE
-                                   ? "compare" : "full"));
+        json_object_new_string(r->initial_method == INITIAL_COMPARE  ? "compare"
+                               : r->initial_method == INITIAL_EXPORT ? "export"
+                                                                     : "full"));
     I64("initial_replication_compared", r->initial_compared);
+    json_add_time(o, "initial_replication_scheduled", r->initial_at_ms);
+    json_object_object_add(
+        o, "initial_replication_export",
+        r->initial_export ? json_object_new_string(r->initial_export) : NULL);
+    /* An export written, waiting for the Replica server's import. */
+    json_object_object_add(
+        o, "initial_replication_exported",
+        json_object_new_boolean(r->initial_method == INITIAL_EXPORT &&
+                                r->st == REPL_ST_INITIAL &&
+                                r->initial_seq && r->initial_disk >= vm->ndisks));
     I64("resync_compared", r->resync_compared);
     I64("resync_sent", r->resync_sent);
     I64("bytes_sent_raw", r->bytes_raw);
@@ -518,6 +532,39 @@ api_repl_reset_stats(struct api_call *call, unsigned *status VR_UNUSED,
     return rc;
 }
 
+/* The start time of body's "at" (RFC 3339, or Unix seconds as
+ * replication resume takes) into *at_ms (0: none): at most 7 days ahead
+ * and not in the past. */
+static int
+initial_at(const struct vm *vm, json_object *body, uint64_t *at_ms)
+{
+    json_object *v = NULL;
+    *at_ms = 0;
+    if (!body || !json_object_object_get_ex(body, "at", &v))
+        return 0;
+    uint64_t now = vr_wall_ms(), t = 0;
+    char buf[32];
+    const char *at = buf;
+    if (json_object_is_type(v, json_type_int) &&
+        json_object_get_int64(v) > 0 &&
+        json_object_get_int64(v) < INT64_MAX / 1000) {
+        t = (uint64_t)json_object_get_int64(v) * 1000;
+        vr_rfc3339(t, buf);
+    } else if (!json_object_is_type(v, json_type_string) ||
+               vr_parse_rfc3339((at = json_object_get_string(v)), &t) < 0) {
+        return vr_err(-EINVAL, "vm %s: start time '%s' is not an RFC 3339 "
+                      "date-time", vm->name, json_object_get_string(v));
+    }
+    if (t < now)
+        return vr_err(-EINVAL, "vm %s: start time %s is in the past",
+                      vm->name, at);
+    if (t > now + INITIAL_AT_MAX_MS)
+        return vr_err(-EINVAL, "vm %s: start time %s is more than 7 days "
+                      "ahead", vm->name, at);
+    *at_ms = t;
+    return 0;
+}
+
 int
 api_initial_start(struct api_call *call, unsigned *status VR_UNUSED,
                   json_object **out)
@@ -533,30 +580,67 @@ api_initial_start(struct api_call *call, unsigned *status VR_UNUSED,
         rc = vr_err(-EALREADY, "vm %s: initial replication is already done",
                     vm->name);
     bool compare = jbool(call->body, "use_existing", false);
+    const char *export = jstr(call->body, "export");
+    enum initial_method method = compare  ? INITIAL_COMPARE
+                                 : export ? INITIAL_EXPORT
+                                          : INITIAL_FULL;
+    uint64_t at = 0;
+    if (rc == 0 && compare && export)
+        rc = vr_err(-EINVAL, "vm %s: --export and --use-existing are two "
+                    "methods; choose one", vm->name);
+    if (rc == 0 && export && (export[0] != '/' || strlen(export) > 1024))
+        rc = vr_err(-EINVAL, "vm %s: export directory '%s' is not an "
+                    "absolute path", vm->name, export);
+    if (rc == 0)
+        rc = initial_at(vm, call->body, &at);
     /* The method is chosen when the copy starts afresh; one under way
      * goes on as it began (its progress means nothing to the other). */
     if (rc == 0 && vm->repl->initial_seq != 0 &&
-        (vm->repl->initial_method == INITIAL_COMPARE) != compare)
+        vm->repl->initial_method != method)
         rc = vr_err(-EBUSY, "vm %s: an initial replication %s is under way "
                     "(%llu bytes done); it resumes as it began", vm->name,
                     vm->repl->initial_method == INITIAL_COMPARE
-                        ? "by comparison" : "by full copy",
+                        ? "by comparison"
+                    : vm->repl->initial_method == INITIAL_EXPORT
+                        ? "by export" : "by full copy",
                     (unsigned long long)(vm->repl->initial_method ==
                                                  INITIAL_COMPARE
                                              ? vm->repl->initial_compared
                                              : vm->repl->initial_sent));
+    if (rc == 0 && export && vm->repl->st == REPL_ST_INITIAL &&
+        (!vm->repl->initial_export ||
+         strcmp(vm->repl->initial_export, export) != 0))
+        rc = vr_err(-EBUSY, "vm %s: an export to %s is under way; stop it "
+                    "first", vm->name, vm->repl->initial_export
+                                           ? vm->repl->initial_export : "?");
+    if (rc == 0 && at && vm->repl->st != REPL_ST_READY_INITIAL)
+        rc = vr_err(-EBUSY, "vm %s: cannot schedule initial replication in "
+                    "state %s", vm->name, repl_st_name(vm->repl->st));
     if (rc == 0 && vm->repl->st != REPL_ST_INITIAL) {
-        if (vm->repl->st != REPL_ST_READY_INITIAL)
+        struct repl *r = vm->repl;
+        if (r->st != REPL_ST_READY_INITIAL)
             rc = vr_err(-EBUSY, "vm %s: cannot start initial replication in "
                                 "state %s",
-                        vm->name, repl_st_name(vm->repl->st));
+                        vm->name, repl_st_name(r->st));
         else {
-            vm->repl->initial_method =
-                compare ? INITIAL_COMPARE : INITIAL_FULL;
+            r->initial_method = method;
+            free(r->initial_export);
+            r->initial_export = export ? xstrdup(export) : NULL;
+            r->initial_at_ms = at;
             wake(vm);
-            free(vm->repl->task);
-            vm->repl->task = xstrdup("InitialReplication");
-            rc = repl_transition(actx.d->cat, vm, REPL_ST_INITIAL, REPL_T_SAVE);
+            if (at) {
+                char ts[32];
+                vr_rfc3339(at, ts);
+                rc = catalog_save_repl(actx.d->cat, r);
+                if (rc == 0)
+                    event_add(actx.d->cat, "info", vm->name,
+                              "initial replication scheduled for %s", ts);
+            } else {
+                free(r->task);
+                r->task = xstrdup("InitialReplication");
+                rc = repl_transition(actx.d->cat, vm, REPL_ST_INITIAL,
+                                     REPL_T_SAVE);
+            }
             shipper_ensure(vm);
         }
     }
@@ -564,6 +648,32 @@ api_initial_start(struct api_call *call, unsigned *status VR_UNUSED,
         *out = repl_to_json(vm, actx.d->cfg.hostname);
     pthread_mutex_unlock(&actx.d->lock);
     return rc;
+}
+
+int
+api_initial_stop(struct api_call *call, unsigned *status VR_UNUSED,
+                 json_object **out)
+{
+    struct vm *vm = NULL;
+    pthread_mutex_lock(&actx.d->lock);
+    int rc = lookup_repl(call, &vm);
+    if (rc == 0)
+        rc = initial_stop(vm);
+    if (rc == 0)
+        *out = repl_to_json(vm, actx.d->cfg.hostname);
+    pthread_mutex_unlock(&actx.d->lock);
+    return rc;
+}
+
+int
+api_initial_import(struct api_call *call, unsigned *status VR_UNUSED,
+                   json_object **out)
+{
+    const char *from = jstr(call->body, "from");
+    if (!from || from[0] != '/' || strlen(from) > 1024)
+        return vr_err(-EINVAL, "import: 'from' must be the absolute path of "
+                      "an export directory");
+    return replica_import(call->arg, from, out);
 }
 
 int

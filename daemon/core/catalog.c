@@ -43,7 +43,10 @@ db_of(struct catalog *cat)
                             8: resync_at, resync_window (scheduled
                                resynchronization)
                             9: vms.libvirt_domain (vm create
-                               --from-libvirt) */
+                               --from-libvirt); initial_at,
+                               initial_export (scheduled and
+                               external-media initial replication),
+                               imported_base */
 
 static const char schema[] =
     "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);"
@@ -69,7 +72,9 @@ static const char schema[] =
     "  initial_method INT, initial_compared INT, resync_step INT, "
     "  resync_void INT, resync_first INT, resync_compared INT, "
     "  resync_sent INT, hold_from INT, hold_to INT, log_budget INT, "
-    "  auto_resync_off INT, resync_at INT, resync_window TEXT);"
+    "  auto_resync_off INT, resync_at INT, resync_window TEXT, "
+    "  initial_at INT, initial_export TEXT, "
+    "  imported_base INT);"
     "CREATE TABLE IF NOT EXISTS points(vm_uuid TEXT, cycle INT, time_ms INT, "
     "  kind TEXT, undo_bytes INT, PRIMARY KEY(vm_uuid, cycle));"
     "CREATE TABLE IF NOT EXISTS auth_entries(pattern TEXT PRIMARY KEY, "
@@ -188,9 +193,16 @@ migrate(struct catalog *cat)
         rc = add_column(cat, "replications", "resync_at", "INT");
     if (rc == 0 && have >= 1 && have <= 7)
         rc = add_column(cat, "replications", "resync_window", "TEXT");
-    /* 9: the libvirt domain a VM was adopted from. */
+    /* 9: the libvirt domain a VM was adopted from; a scheduled start, an
+     * export's directory, an import's base. */
     if (rc == 0 && have >= 1 && have <= 8)
         rc = add_column(cat, "vms", "libvirt_domain", "TEXT");
+    if (rc == 0 && have >= 1 && have <= 8)
+        rc = add_column(cat, "replications", "initial_at", "INT");
+    if (rc == 0 && have >= 1 && have <= 8)
+        rc = add_column(cat, "replications", "initial_export", "TEXT");
+    if (rc == 0 && have >= 1 && have <= 8)
+        rc = add_column(cat, "replications", "imported_base", "INT");
     if (rc == 0)
         rc = exec_sql(cat,
                       "INSERT OR REPLACE INTO meta VALUES('schema_version', "
@@ -458,7 +470,7 @@ catalog_save_repl(struct catalog *cat, const struct repl *r)
     sqlite3_stmt *st = prep(cat, 
         "INSERT OR REPLACE INTO replications VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,"
         "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,"
-        "?,?,?,?,?,?)");
+        "?,?,?,?,?,?,?,?,?)");
     if (!st)
         return -EIO;
     int i = 1;
@@ -517,6 +529,9 @@ catalog_save_repl(struct catalog *cat, const struct repl *r)
     sqlite3_bind_int(st, i++, r->auto_resync_off);
     sqlite3_bind_int64(st, i++, r->resync_at);
     sqlite3_bind_text(st, i++, r->resync_window, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->initial_at_ms);
+    sqlite3_bind_text(st, i++, r->initial_export, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->imported_base);
     return step_done(cat, st);
 }
 
@@ -603,9 +618,10 @@ load_repl(sqlite3_stmt *st)
     r->krb_encrypt = sqlite3_column_int(st, i++) != 0;
     r->reset_pending = sqlite3_column_int(st, i++) != 0;
     r->first_point = (uint64_t)sqlite3_column_int64(st, i++);
-    r->initial_method = sqlite3_column_int(st, i++) == INITIAL_COMPARE
-                            ? INITIAL_COMPARE
-                            : INITIAL_FULL;
+    int method = sqlite3_column_int(st, i++);
+    r->initial_method = method == INITIAL_COMPARE  ? INITIAL_COMPARE
+                        : method == INITIAL_EXPORT ? INITIAL_EXPORT
+                                                   : INITIAL_FULL;
     r->initial_compared = (uint64_t)sqlite3_column_int64(st, i++);
     int step = sqlite3_column_int(st, i++);
     r->resync_step = step >= RESYNC_REQUESTED && step <= RESYNC_COMPLETING
@@ -621,6 +637,9 @@ load_repl(sqlite3_stmt *st)
     r->auto_resync_off = sqlite3_column_int(st, i++) != 0;
     r->resync_at = sqlite3_column_int64(st, i++);
     r->resync_window = col_str(st, i++);
+    r->initial_at_ms = (uint64_t)sqlite3_column_int64(st, i++);
+    r->initial_export = col_str(st, i++);
+    r->imported_base = (uint64_t)sqlite3_column_int64(st, i++);
     if (r->point_interval_s == 0)
         r->point_interval_s = 3600;
     return r;

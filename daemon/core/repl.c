@@ -46,8 +46,9 @@ static const unsigned st_next[REPL_ST_COUNT] = {
     /* initial start; suspend; initial completes after a resume */
     [REPL_ST_READY_INITIAL] =
         B(REPL_ST_INITIAL) | B(REPL_ST_SUSPENDED) | B(REPL_ST_REPLICATING),
-    /* the base copy completes; suspend */
-    [REPL_ST_INITIAL] = B(REPL_ST_REPLICATING) | B(REPL_ST_SUSPENDED),
+    /* the base copy completes; suspend; initial-replication stop */
+    [REPL_ST_INITIAL] = B(REPL_ST_REPLICATING) | B(REPL_ST_SUSPENDED) |
+                        B(REPL_ST_READY_INITIAL),
     /* initial-complete from the primary; suspend */
     [REPL_ST_WAITING_INITIAL] =
         B(REPL_ST_REPLICATING) | B(REPL_ST_SUSPENDED),

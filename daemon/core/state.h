@@ -135,7 +135,11 @@ enum fo_step {
     FO_COMMITTED,  /* overlays are in the disks: drop points, new epoch */
 };
 
-enum initial_method { INITIAL_FULL = 0, INITIAL_COMPARE = 1 };
+/* How an initial replication goes: every allocated byte over the network,
+ * only the chunks that differ from the Replica server's copy, or written
+ * to external media (--export DIR) and imported there. */
+enum initial_method { INITIAL_FULL = 0, INITIAL_COMPARE = 1,
+                      INITIAL_EXPORT = 2 };
 
 /* Steps of a resynchronization on the primary (resync.c), in
  * repl.resync_step; each is in the catalog before its work starts. */
@@ -185,6 +189,16 @@ struct repl {
      * is initial_compared of initial_total. */
     enum initial_method initial_method;
     uint64_t initial_compared;
+    /* Primary: a scheduled start (initial-replication start --at), wall
+     * clock ms; 0 none.  The state stays ReadyForInitialReplication until
+     * then (initial.c, initial_schedule_due). */
+    uint64_t initial_at_ms;
+    /* Primary: the directory an export (--export) writes to; NULL none. */
+    char *initial_export;
+    /* Replica: the base cycle of the export imported into the disks
+     * (initial-replication import); 0 none.  The primary reads it from the
+     * status and then sends initial-complete. */
+    uint64_t imported_base;
     /* Resynchronization (primary, resync.c): the step reached, the void
      * cycle C after which the data plane re-armed tracking, the first
      * consistent cycle F once the comparison's last read is done, and the

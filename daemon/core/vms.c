@@ -70,6 +70,7 @@ repl_free(struct repl *r)
     free(r->last_error);
     free(r->trust_group);
     free(r->auth);
+    free(r->initial_export);
     free(r->task);
     free(r->resync_window);
     free(r);
@@ -256,6 +257,13 @@ repl_health(const struct repl *r, json_object *details)
             "replication is suspended");
     if (!r->initial_done)
         ADD("Warning", "initial replication has not completed");
+    if (r->initial_at_ms && r->st == REPL_ST_READY_INITIAL) {
+        char buf[100], ts[32];
+        vr_rfc3339(r->initial_at_ms, ts);
+        snprintf(buf, sizeof buf, "initial replication is scheduled for %s",
+                 ts);
+        ADD("Warning", buf);
+    }
     /* Cycles sealed while the base copy read the disk are applied, but
      * the Replica VM equals the primary only from the first cycle sealed
      * after the copy: until that one is applied there is no recovery
@@ -471,6 +479,7 @@ repl_to_json(const struct vm *vm, const char *hostname)
                            json_object_new_boolean(r->initial_done));
     json_object_object_add(o, "base_cycle",
                            json_object_new_int64((int64_t)r->base_cycle));
+    json_add_time(o, "initial_replication_scheduled", r->initial_at_ms);
     json_object_object_add(o, "first_point",
                            r->initial_done
                                ? json_object_new_int64(

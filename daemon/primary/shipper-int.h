@@ -72,6 +72,19 @@ int add_differing(const struct job *jb, unsigned d, int dfd, uint64_t off,
 int first_consistent_cycle(const struct job *jb, uint64_t base,
                            uint64_t *first);
 
+/* d->lock held: a start scheduled (--at) and due is made now (state
+ * InitialReplicationInProgress); true if it was. */
+bool initial_schedule_due(struct vm *vm);
+
+/* --- export.c -------------------------------------------------------------- */
+
+/* Write the export of jb's disks to dir (base cycle base): each disk's
+ * non-zero chunks compressed, then the manifest; *first: the first
+ * consistent cycle, *stored: bytes of the data files.  -ECANCELED if
+ * stopped. */
+int export_write(struct vm *vm, struct job *jb, const char *dir,
+                 uint64_t base, uint64_t *first, uint64_t *stored);
+
 /* --- resync.c -------------------------------------------------------------- */
 
 /* Run (or resume) the resynchronization of vm (replication resume

@@ -604,6 +604,7 @@ shipper_main(void *arg)
     while (!r->stop && !pctx.d->shutting_down) {
         if (r->st == REPL_ST_WAIT_RESYNC)
             resync_start_if_due(vm);
+        initial_schedule_due(vm); /* a scheduled start (--at) */
         /* The initial copy and a resynchronization run to their end, as
          * one step (each resumes where it stopped). */
         bool initial = r->st == REPL_ST_INITIAL || r->st == REPL_ST_RESYNC;
