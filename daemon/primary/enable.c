@@ -90,11 +90,17 @@ primary_unregister(const char *key, struct vm **vmp)
     snprintf(uuid, sizeof uuid, "%s", vm->uuid);
     pthread_mutex_unlock(&pctx.d->lock);
     CLEANUP_FREE char *path = xasprintf("/r1/vms/%s/replication", uuid);
+    CLEANUP_FREE char *told = NULL;
     if (peer_call(&jb.peer, "DELETE", path, NULL, -1, 0, false, NULL) < 0)
-        log_warn("replication", "remove on replica server: %s",
-                 vr_errmsg());
+        told = xstrdup(vr_errmsg());
     job_fini(&jb);
     pthread_mutex_lock(&pctx.d->lock);
+    if (told)
+        event_add(pctx.d->cat, "warning", key,
+                  "the Replica server was not told of the removal (%s); "
+                  "its Replica VM waits for cycles until 'vmreplica "
+                  "replication remove %s' is run there",
+                  told, key);
     vm = vm_find_uuid(pctx.d, uuid);
     if (!vm || !vm->repl)
         rc = vr_err(-ENOENT, "vm %s: gone", key);

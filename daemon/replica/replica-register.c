@@ -629,12 +629,23 @@ do_prepared(struct rreq *q, json_object **out)
     return rc;
 }
 
+/* How long a removal waits for the cycle being received or applied: the
+ * primary stopped its shipper before asking, and a primary that gets
+ * EBUSY has already forgotten the relationship (a kept relationship
+ * here would wait for cycles forever). */
+#define REMOVE_WAIT_MS 30000
+
 int
 do_remove(struct rreq *q, json_object **out)
 {
     pthread_mutex_lock(&rctx.d->lock);
     struct vm *vm = NULL;
-    int rc = own_vm(q, &vm);
+    uint64_t deadline = vr_mono_ms() + REMOVE_WAIT_MS;
+    int rc;
+    while ((rc = own_vm(q, &vm)) == 0 &&
+           vm_busy(vm, VM_OP_RECEIVE | VM_OP_APPLY) &&
+           vr_mono_ms() < deadline)
+        daemon_wait_ms(rctx.d, 100);
     if (rc == 0 && (vm_busy(vm, VM_OP_RECEIVE | VM_OP_APPLY)))
         rc = vr_err(-EBUSY, "replica vm %s: a transfer or an apply is in "
                             "progress; try again",

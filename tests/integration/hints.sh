@@ -4,6 +4,7 @@
 #
 #   - on the primary, `failover start` and `replication reverse` name the
 #     Replica server they run on;
+#   - a removal meeting an apply in progress waits for it;
 #   - a Replica VM whose replication was removed is one clear state: every
 #     command (vm start, failover start, replication show/remove/reverse)
 #     gives the same answer, naming the commands that do apply, and `vm
@@ -14,11 +15,15 @@ source "$(dirname "$0")/functions.sh"
 requires qemu-system-x86_64 qemu-io jq curl openssl nbdkit
 requires_build
 PRIMARY_ENV=("VMREPLICA_ACCEL=${VMREPLICA_ACCEL:-tcg}")
-REPLICA_ENV=("VMREPLICA_ACCEL=${VMREPLICA_ACCEL:-tcg}")
+# Each apply lingers 1.5 s, so `replication remove` meets one in progress
+# (the Replica server used to answer EBUSY, which the primary ignored,
+# leaving the Replica VM waiting for cycles forever).
+REPLICA_ENV=("VMREPLICA_ACCEL=${VMREPLICA_ACCEL:-tcg}"
+    VMREPLICA_TEST_APPLY_DELAY_MS=1500)
 setup_pair
 
 create_vm h1 8M
-enable_replication h1 --frequency 1s
+enable_replication h1 --frequency 2s
 wait_converged h1 60
 
 log "the primary points at the Replica server"
@@ -30,7 +35,12 @@ grep -qF "vm h1 is a primary VM here: 'replication reverse' runs on the server i
     fail "reverse on the primary: $err"
 
 log "a kept Replica copy gives one answer"
+# Remove while a cycle is staged and not yet applied: its apply runs.
+wait_until 20 eval '[ "$(repl replica h1 last_cycle)" -gt "$(repl replica h1 applied_cycle)" ]' ||
+    fail "no cycle staged ahead of the applied one"
 vr primary replication remove h1 >/dev/null || fail "replication remove"
+vr primary events --vm h1 | grep -F "was not told of the removal" &&
+    fail "the Replica server was not told of the removal"
 wait_until 10 eval '[ "$(jget replica .kept_copy vm show h1)" = true ]' ||
     fail "vm show: kept_copy $(jget replica .kept_copy vm show h1)"
 kept="it is a kept Replica copy (its replication from primary.test.local was removed; the disks are kept). To replicate it again, run on primary.test.local 'vmreplica replication enable h1 …', then 'vmreplica initial-replication start h1 --use-existing' (only what differs is sent); to delete it here, 'vmreplica vm remove h1'"
@@ -50,7 +60,7 @@ check_kept "replication reverse" replication reverse h1
 
 log "after a planned failover the hint carries --replica-server"
 create_vm p1 8M
-enable_replication p1 --frequency 1s
+enable_replication p1 --frequency 2s
 wait_converged p1 60
 vr primary failover prepare p1 >/dev/null || fail "failover prepare p1"
 out=$(vr replica failover start p1) || fail "planned failover start p1"
