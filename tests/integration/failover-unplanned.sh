@@ -68,7 +68,8 @@ err=$(vr replica failover start g1 --point "$P" 2>&1) &&
 grep -q "primary server primary.test.local was in contact" <<<"$err" ||
     fail "failover while the primary is in contact: $err"
 err=$(vr primary failover start g1 2>&1) && fail "failover on the primary"
-grep -q "not a Replica VM" <<<"$err" || fail "failover on the primary: $err"
+grep -q "vm g1 is a primary VM here, replicating to replica.test.local:$REPLICA_PORT: a failover runs on the Replica server" <<<"$err" ||
+    fail "failover on the primary: $err"
 err=$(vr replica failover complete g1 2>&1) && fail "complete without failover"
 grep -q "no failover to complete" <<<"$err" || fail "complete without failover: $err"
 
