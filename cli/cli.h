@@ -2,7 +2,10 @@
  * table, option parsing, the API call over HTTP and output helpers.
  *
  * Commands return an exit status: CLI_OK, CLI_ERR (one line "vmreplica:
- * error: ..." already printed) or CLI_USAGE (error and usage printed).
+ * error: ..." already printed), CLI_USAGE (error and usage printed),
+ * CLI_UNREACHABLE (the daemon's socket could not be reached) or
+ * CLI_NOTFOUND (the daemon answered 404: no such VM, entry or point).
+ * vmreplica(1) "EXIT STATUS" documents them: keep the two in step.
  */
 #ifndef VR_CLI_H
 #define VR_CLI_H
@@ -14,7 +17,13 @@
 
 #include "vr.h"
 
-enum { CLI_OK = 0, CLI_ERR = 1, CLI_USAGE = 2 };
+enum {
+    CLI_OK = 0,
+    CLI_ERR = 1,
+    CLI_USAGE = 2,
+    CLI_UNREACHABLE = 3,
+    CLI_NOTFOUND = 4,
+};
 
 struct cli {
     const char *connect; /* socket path or https://HOST:PORT */

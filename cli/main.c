@@ -3,8 +3,9 @@
  * the daemon's unix socket, through libcurl).
  *
  * Every command is a thin call of one endpoint of docs/api.md.  Failures
- * print one line "vmreplica: error: MESSAGE" on stderr and exit 1; usage
- * errors also print the command's usage and exit 2.
+ * print one line "vmreplica: error: MESSAGE" on stderr and exit non-zero
+ * (cli.h lists the statuses); usage errors also print the command's usage
+ * and exit 2.
  */
 #include <curl/curl.h>
 #include <inttypes.h>
@@ -531,6 +532,23 @@ error_message(long status, const struct buf *b)
                      *first ? ": " : "", first);
 }
 
+/* The daemon's socket cannot be reached: say why and what to do about it
+ * (start the daemon, point at the right socket, or join its group);
+ * CLI_UNREACHABLE. */
+static int
+connect_error(const struct cli *c, int os_errno, const char *curl_msg)
+{
+    const char *why = os_errno ? strerror(os_errno) : curl_msg;
+    if (os_errno == EACCES || os_errno == EPERM)
+        cli_error("cannot connect to %s: %s: run as root or as a member of "
+                  "the vmreplica group", c->connect, why);
+    else
+        cli_error("cannot connect to %s: %s: is vmreplicad running? start it "
+                  "(systemctl start vmreplicad), or set VMREPLICA_SOCKET (or "
+                  "--connect) to its STATE_DIR/api.sock", c->connect, why);
+    return CLI_UNREACHABLE;
+}
+
 int
 cli_call(struct cli *c, const char *method, const char *path,
          json_object *body, json_object **out)
@@ -582,10 +600,8 @@ cli_call(struct cli *c, const char *method, const char *path,
         long os_errno = 0;
         curl_easy_getinfo(h, CURLINFO_OS_ERRNO, &os_errno);
         if (cr == CURLE_COULDNT_CONNECT || cr == CURLE_COULDNT_RESOLVE_HOST)
-            rc = cli_error("cannot connect to %s: %s", c->connect,
-                           os_errno ? strerror((int)os_errno)
-                           : *errbuf ? errbuf
-                                     : curl_easy_strerror(cr));
+            rc = connect_error(c, (int)os_errno,
+                               *errbuf ? errbuf : curl_easy_strerror(cr));
         else if (resp.too_big)
             rc = cli_error("%s %s: response larger than %u bytes", method,
                            path, MAX_RESPONSE);
@@ -598,6 +614,8 @@ cli_call(struct cli *c, const char *method, const char *path,
     if (status >= 400 || status < 200) {
         CLEANUP_FREE char *msg = error_message(status, &resp);
         rc = cli_error("%s", msg);
+        if (status == 404)
+            rc = CLI_NOTFOUND;
         goto out;
     }
     if (resp.len > 0) {
