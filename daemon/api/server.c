@@ -22,8 +22,11 @@ server_json(void)
     json_object_object_add(o, "replica_enabled",
                            json_object_new_boolean(c->replica_enabled));
     STR("auth", c->auth);
+    /* 0 until the first 'server set --enable': show the port that would
+     * be used then, not 0 (SPEC: default 443, 80 for Kerberos). */
     json_object_object_add(o, "certificate_port",
-                           json_object_new_int((int)c->cert_port));
+                           json_object_new_int(c->cert_port ? (int)c->cert_port
+                                                            : 443));
     STR("certificate", c->cert);
     STR("key", c->key);
     STR("ca", c->ca);
@@ -34,7 +37,8 @@ server_json(void)
     STR("certificate_thumbprint", thumb);
     STR("certificate_store", c->cert_store);
     json_object_object_add(o, "kerberos_port",
-                           json_object_new_int((int)c->krb_port));
+                           json_object_new_int(c->krb_port ? (int)c->krb_port
+                                                           : 80));
     STR("keytab", c->keytab);
     json_object_object_add(o, "kerberos_encrypt",
                            json_object_new_boolean(c->krb_encrypt));

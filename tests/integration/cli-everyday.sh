@@ -45,4 +45,11 @@ expect_rc 1 --connect "$SOCK" server set --enable
 expect_rc 2 --connect "$SOCK" vm show
 expect_rc 2 --connect "$SOCK" vm list --nosuch-option
 
+# --- a fresh server -------------------------------------------------------
+log "a fresh server's ports"
+port=$(vr primary server show | sed -n 's/^Certificate port: *//p')
+[ "$port" = 443 ] || fail "fresh server: Certificate port '$port', want 443"
+port=$(vr primary server show | sed -n 's/^Kerberos port: *//p')
+[ "$port" = 80 ] || fail "fresh server: Kerberos port '$port', want 80"
+
 log "ok"
