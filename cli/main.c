@@ -250,8 +250,12 @@ static const struct cli_cmd commands[] = {
       "                    and send only what differs\n"
       "  --wait            block until done, with a progress bar on a "
       "terminal\n" },
-    { "events", NULL, cmd_events, "[--vm VM]", "show recent events",
-      "  --vm VM           only events of this VM\n" },
+    { "events", NULL, cmd_events, "[--vm VM] [--follow]",
+      "show recent events",
+      "  --vm VM           only events of this VM\n"
+      "  --follow          then print new events as they come, until "
+      "interrupted\n"
+      "                    (with --json: one JSON object per line)\n" },
 };
 
 /* --- messages and usage ------------------------------------------------ */
