@@ -130,6 +130,10 @@ void cli_table_row(struct cli_table *t, const char *const *cells);
 void cli_table_print(struct cli_table *t, unsigned indent);
 void cli_table_free(struct cli_table *t);
 
+/* name as messages show it: quoted if it holds a space (vr_qname); valid
+ * until the fourth call after this one. */
+const char *cli_q(const char *name);
+
 /* A TCP port 1-65535 into *out: 0, or -1 if s is not one. */
 int cli_parse_port(const char *s, long *out);
 

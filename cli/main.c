@@ -806,6 +806,14 @@ cli_table_free(struct cli_table *t)
     free(t);
 }
 
+const char *
+cli_q(const char *name)
+{
+    static char bufs[4][VR_QNAME_MAX];
+    static unsigned next;
+    return vr_qname(name, bufs[next++ % ARRAY_SIZE(bufs)]);
+}
+
 int
 cli_parse_port(const char *s, long *out)
 {

@@ -597,7 +597,7 @@ cmd_repl_reverse(struct cli *c, const struct cli_cmd *cmd, int argc,
         cli_print_json(out);
     else
         printf("replication of vm %s reversed: this server is the primary, "
-               "replicating to %s\n", name, cli_str(out, "replica_server"));
+               "replicating to %s\n", cli_q(name), cli_str(out, "replica_server"));
     json_object_put(out);
     return CLI_OK;
 }
@@ -684,7 +684,7 @@ simple(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv,
     if (c->json)
         cli_print_json(out);
     else
-        printf("replication of vm %s %s\n", name, done);
+        printf("replication of vm %s %s\n", cli_q(name), done);
     json_object_put(out);
     return CLI_OK;
 }
@@ -724,9 +724,9 @@ cmd_repl_resume(struct cli *c, const struct cli_cmd *cmd, int argc,
     else if (resync)
         printf("resynchronization of vm %s started: only the regions "
                "changed while tracking was stopped are compared; follow "
-               "it with 'vmreplica replication measure %s'\n", name, name);
+               "it with 'vmreplica replication measure %s'\n", cli_q(name), cli_q(name));
     else
-        printf("replication of vm %s resumed\n", name);
+        printf("replication of vm %s resumed\n", cli_q(name));
     json_object_put(out);
     return CLI_OK;
 }

@@ -35,7 +35,8 @@ int
 vm_lookup(struct daemon *d, const char *key, struct vm **out)
 {
     *out = vm_find(d, key);
-    return *out ? 0 : vr_err(-ENOENT, "vm %s: not found", key);
+    char q[VR_QNAME_MAX];
+    return *out ? 0 : vr_err(-ENOENT, "vm %s: not found", vr_qname(key, q));
 }
 
 void

@@ -11,6 +11,7 @@
 #     and ends with status 3 when the daemon goes away;
 #   - `vmreplica help NOUN VERB` mentions every option of SPEC §2's command
 #     map, unless docs/cmdlets.md lists the option as planned;
+#   - names with spaces are quoted in messages ('my vm');
 #   - --json: every command that prints something prints valid JSON.
 source "$(dirname "$0")/functions.sh"
 requires jq curl
@@ -98,6 +99,19 @@ jq -se 'map(.id | type == "number") | all' "$TESTDIR/follow-json.out" >/dev/null
     fail "events --follow: an event shown twice or missed: $(cat "$TESTDIR/follow-all.out")"
 kill -TERM "$F_VM" "$F_JSON"
 wait "$F_VM" "$F_JSON" 2>/dev/null || true
+
+# --- names with spaces are quoted in messages -----------------------------
+log "names with spaces"
+vr primary vm create "my vm" --new-disk 1M >/dev/null || fail "vm create 'my vm'"
+out=$(vr primary vm start "my vm" --no-hypervisor) || fail "vm start 'my vm'"
+[ "$(head -1 <<<"$out")" = "vm 'my vm': disks served (no hypervisor)" ] ||
+    fail "vm start 'my vm': $out"
+out=$(vr primary vm stop "my vm") || fail "vm stop 'my vm'"
+[ "$out" = "vm 'my vm' stopped" ] || fail "vm stop 'my vm': $out"
+out=$(vr primary vm stop before) || fail "vm stop before"
+[ "$out" = "vm before stopped" ] || fail "vm stop before: $out"
+expect_rc 4 --connect "$SOCK" vm show "no such"
+[ "$ERR" = "vmreplica: error: vm 'no such': not found" ] || fail "vm show 'no such': '$ERR'"
 
 # --- help lists every option of SPEC's command map ------------------------
 log "help against SPEC's command map"
