@@ -68,6 +68,28 @@ or_dash(json_object *o, const char *key)
     return cli_has(o, key) && *cli_str(o, key) ? cli_str(o, key) : "-";
 }
 
+/* The recovery history settings (SPEC §7): how many points besides the
+ * latest, at what interval, and which are application-consistent. */
+static void
+print_history(json_object *r)
+{
+    char iv[32];
+    int64_t n = cli_int(r, "recovery_history");
+    int64_t every = cli_int(r, "app_consistent_every");
+    int64_t secs = cli_int(r, "point_interval");
+    cli_fmt_duration((uint64_t)(secs > 0 ? secs : 3600), iv, sizeof iv);
+    if (n > 0)
+        cli_kv("Recovery history", "%" PRId64 " point%s besides the latest, "
+               "one per %s", n, n == 1 ? "" : "s", iv);
+    else
+        cli_kv("Recovery history", "the latest point only");
+    if (every > 0)
+        cli_kv("App-consistent points", "every %" PRId64 " x %s "
+               "(guest agent fsfreeze)", every, iv);
+    else
+        cli_kv("App-consistent points", "off");
+}
+
 void
 cli_print_replication(json_object *r)
 {
@@ -90,6 +112,9 @@ cli_print_replication(json_object *r)
            cli_fmt_duration((uint64_t)cli_int(r, "frequency"), buf,
                             sizeof buf));
     cli_kv("Compression", "%s", cli_bool(r, "compression") ? "on" : "off");
+    print_history(r);
+    if (!replica)
+        cli_kv("Auto-resync", "%s", cli_bool(r, "auto_resync") ? "on" : "off");
     cli_kv("Epoch", "%" PRId64, cli_int(r, "epoch"));
     cli_kv("Last cycle", "%" PRId64, cli_int(r, "last_cycle"));
     cli_kv("Applied cycle", "%" PRId64, cli_int(r, "applied_cycle"));

@@ -37,6 +37,14 @@ enable_replication "$vm" --frequency 1s --recovery-history 3 \
     --point-interval 3s
 [ "$(repl primary "$vm" recovery_history)" = 3 ] ||
     fail "primary does not show recovery_history 3"
+# `replication show` (the table) shows the settings, on both sides.
+for side in primary replica; do
+    show=$(vr "$side" replication show "$vm") || fail "$side: replication show"
+    grep -qx 'Recovery history: *3 points besides the latest, one per 3s' <<<"$show" ||
+        fail "$side: replication show lacks the recovery history: $show"
+done
+grep -qx 'App-consistent points: *off' <<<"$(vr primary replication show "$vm")" ||
+    fail "primary: replication show lacks the app-consistent setting"
 
 # write_for SECONDS — distinct, partly overlapping writes, zeroes, trims.
 ROUND=0
