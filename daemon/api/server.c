@@ -290,6 +290,13 @@ api_server_set(struct api_call *call, unsigned *status VR_UNUSED,
         rc = cfg_set_identity(b, c);
     if (rc == 0)
         rc = cfg_check(c);
+    /* A new certificate must be usable now: the next cycle would fail
+     * with it.  (One stored earlier that has since expired does not
+     * block other settings.) */
+    if (rc == 0 && c->cert &&
+        (json_object_object_get_ex(b, "certificate", NULL) ||
+         json_object_object_get_ex(b, "certificate_thumbprint", NULL)))
+        rc = tls_check_validity(c->cert);
     if (rc == 0)
         rc = web_check(c);
     if (rc == 0 && c->default_storage)
