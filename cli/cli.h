@@ -28,7 +28,13 @@ enum {
 struct cli {
     const char *connect; /* socket path or https://HOST:PORT */
     bool json;           /* --json: print the server's JSON */
+    /* Printed on stderr ("vmreplica: NOTE") once a call has waited
+     * CLI_SLOW_NOTE_MS for its answer, or NULL: says what the daemon is
+     * waiting for (a guest's shutdown) and how not to wait. */
+    const char *slow_note;
 };
+
+#define CLI_SLOW_NOTE_MS 3000
 
 struct cli_cmd;
 typedef int (*cli_fn)(struct cli *c, const struct cli_cmd *cmd, int argc,

@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "cli.h"
@@ -237,9 +238,12 @@ static const struct cli_cmd commands[] = {
     { "failover", "prepare", cmd_failover_prepare, "VM",
       "on the primary (VM shut down): ship every change and prepare a "
       "planned failover", NULL },
-    { "failover", "complete", cmd_failover_complete, "VM",
+    { "failover", "complete", cmd_failover_complete, "VM [--force]",
       "on the Replica server: commit a failover (the other recovery points "
-      "are deleted)", NULL },
+      "are deleted)",
+      "  --force           kill the failed-over guest at once instead of an "
+      "ACPI\n"
+      "                    shutdown (which waits up to 30 s)\n" },
     { "initial-replication", "start", cmd_initial_start,
       "VM [--use-existing] [--wait]",
       "send the first full copy of a VM's disks",
@@ -553,6 +557,33 @@ connect_error(const struct cli *c, int os_errno, const char *curl_msg)
     return CLI_UNREACHABLE;
 }
 
+struct slow {
+    const char *note;
+    uint64_t start_ms;
+    bool shown;
+};
+
+static uint64_t
+mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* libcurl's progress callback: the slow note, once, when it is due. */
+static int
+on_progress(void *p, curl_off_t dltotal VR_UNUSED, curl_off_t dlnow VR_UNUSED,
+            curl_off_t ultotal VR_UNUSED, curl_off_t ulnow VR_UNUSED)
+{
+    struct slow *s = p;
+    if (!s->shown && mono_ms() >= s->start_ms + CLI_SLOW_NOTE_MS) {
+        s->shown = true;
+        fprintf(stderr, "vmreplica: %s\n", s->note);
+    }
+    return 0;
+}
+
 int
 cli_call(struct cli *c, const char *method, const char *path,
          json_object *body, json_object **out)
@@ -596,6 +627,12 @@ cli_call(struct cli *c, const char *method, const char *path,
     }
     if (strcmp(method, "GET") != 0 && strcmp(method, "POST") != 0)
         curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, method);
+    struct slow slow = { c->slow_note, mono_ms(), false };
+    if (c->slow_note) {
+        curl_easy_setopt(h, CURLOPT_XFERINFOFUNCTION, on_progress);
+        curl_easy_setopt(h, CURLOPT_XFERINFODATA, &slow);
+        curl_easy_setopt(h, CURLOPT_NOPROGRESS, 0L);
+    }
 
     int rc = CLI_OK;
     CURLcode cr = curl_easy_perform(h);

@@ -497,9 +497,15 @@ failover_call(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv,
         { "test", CLI_OPT_FLAG, &test },
         { NULL, 0, NULL },
     };
+    const struct cli_opt opts_force[] = {
+        { "force", CLI_OPT_FLAG, &force },
+        { NULL, 0, NULL },
+    };
     const struct cli_opt opts_none[] = { { NULL, 0, NULL } };
+    bool complete = strcmp(verb, "complete") == 0;
     const struct cli_opt *opts = start                         ? opts_start
                                  : strcmp(verb, "stop") == 0 ? opts_stop
+                                 : complete                  ? opts_force
                                                              : opts_none;
     CLEANUP_FREE char *path = NULL;
     const char *name;
@@ -525,8 +531,18 @@ failover_call(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv,
         }
         json_object_object_add(body, "point", json_object_new_int64(id));
     }
+    CLEANUP_FREE char *note =
+        complete && !force
+            ? xasprintf("waiting for the failed-over guest of %s to shut "
+                        "down: it was sent the ACPI power button and is "
+                        "killed if it still runs after 30 s; 'vmreplica "
+                        "failover complete %s --force' kills it at once",
+                        cli_q(name), cli_q(name))
+            : NULL;
+    c->slow_note = note;
     json_object *out;
     rc = cli_call(c, "POST", path, body, &out);
+    c->slow_note = NULL;
     json_object_put(body);
     if (rc)
         return rc;

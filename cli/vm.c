@@ -346,8 +346,17 @@ cmd_vm_stop(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
         return rc;
     json_object *body = json_object_new_object();
     json_object_object_add(body, "force", json_object_new_boolean(force));
+    CLEANUP_FREE char *note =
+        force ? NULL
+              : xasprintf("waiting for vm %s to shut down: its guest was "
+                          "sent the ACPI power button and is killed if it "
+                          "still runs after 30 s; 'vmreplica vm stop %s "
+                          "--force' kills it at once", cli_q(name),
+                          cli_q(name));
+    c->slow_note = note;
     json_object *out;
     rc = cli_call(c, "POST", path, body, &out);
+    c->slow_note = NULL;
     json_object_put(body);
     if (rc)
         return rc;

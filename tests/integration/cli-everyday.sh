@@ -12,12 +12,14 @@
 #   - `vmreplica help NOUN VERB` mentions every option of SPEC §2's command
 #     map, unless docs/cmdlets.md lists the option as planned;
 #   - names with spaces are quoted in messages ('my vm');
+#   - `vm stop` of a guest that ignores ACPI says, after a few seconds,
+#     that it waits and that --force kills it at once (with QEMU);
 #   - --json: every command that prints something prints valid JSON.
 source "$(dirname "$0")/functions.sh"
 requires jq curl
 requires_build
 
-start_daemon primary
+start_daemon primary VMREPLICA_ACCEL=tcg
 
 # expect_rc WANT ARGS… — run the CLI (ARGS include --connect), status WANT;
 # stderr in $ERR.
@@ -112,6 +114,24 @@ out=$(vr primary vm stop before) || fail "vm stop before"
 [ "$out" = "vm before stopped" ] || fail "vm stop before: $out"
 expect_rc 4 --connect "$SOCK" vm show "no such"
 [ "$ERR" = "vmreplica: error: vm 'no such': not found" ] || fail "vm show 'no such': '$ERR'"
+
+# --- vm stop of a guest that ignores ACPI says so ------------------------
+if command -v qemu-system-x86_64 >/dev/null; then
+    log "vm stop of a guest that ignores the ACPI power button"
+    # No OS on a blank disk: the BIOS ignores the power button, so the
+    # daemon waits its 30 s before it kills QEMU; the client says so.
+    vr primary vm create deaf --new-disk 1M >/dev/null || fail "vm create deaf"
+    vr primary vm start deaf >/dev/null || fail "vm start deaf"
+    t0=$SECONDS
+    err=$(vr primary vm stop deaf 2>&1 >/dev/null) || fail "vm stop deaf: $err"
+    [ "$err" = "vmreplica: waiting for vm deaf to shut down: its guest was sent the ACPI power button and is killed if it still runs after 30 s; 'vmreplica vm stop deaf --force' kills it at once" ] ||
+        fail "vm stop of a guest ignoring ACPI ($((SECONDS - t0)) s): '$err'"
+    vr primary vm start deaf >/dev/null || fail "vm start deaf again"
+    err=$(vr primary vm stop deaf --force 2>&1 >/dev/null) || fail "vm stop --force: $err"
+    [ -z "$err" ] || fail "vm stop --force printed '$err'"
+else
+    log "no qemu-system-x86_64: vm stop's note not checked"
+fi
 
 # --- help lists every option of SPEC's command map ------------------------
 log "help against SPEC's command map"
