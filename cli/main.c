@@ -179,14 +179,23 @@ static const struct cli_cmd commands[] = {
       "size)\n"
       "  --auto-resync on|off          resynchronize by itself when change "
       "tracking\n"
-      "                                stops (default on)\n" },
+      "                                stops (default on)\n"
+      "\n"
+      "Not available yet (SPEC, docs/cmdlets.md): --exclude-disk ID,\n"
+      "--resync-window HH:MM-HH:MM, --bandwidth-limit RATE.\n" },
     { "replication", "set", cmd_repl_set,
       "VM [--frequency DURATION] [--compression on|off] "
       "[--connect-address IP] [--recovery-history N] "
       "[--point-interval DURATION] [--app-consistent-every K] "
       "[--kerberos-encrypt on|off] [--log-budget SIZE] "
       "[--auto-resync on|off]",
-      "change the replication settings of a VM", NULL },
+      "change the replication settings of a VM",
+      "  The options mean what they mean for 'replication enable' (see\n"
+      "  'vmreplica help replication enable'); the Replica server and the\n"
+      "  authentication do not change (remove, then enable again).\n"
+      "\n"
+      "Not available yet (SPEC, docs/cmdlets.md): --exclude-disk ID,\n"
+      "--resync-window HH:MM-HH:MM, --bandwidth-limit RATE.\n" },
     { "replication", "show", cmd_repl_show, "VM",
       "show the replication of a VM", NULL },
     { "replication", "list", cmd_repl_list,
