@@ -21,7 +21,8 @@ PACKAGES=(build-essential meson ninja-build pkg-config nbdkit
     zstd clang python3 busybox-static qemu-guest-agent e2fsprogs
     libkrb5-dev krb5-user krb5-kdc krb5-admin-server faketime
     nftables iproute2 python3-libnbd fio strace scdoc debhelper
-    resource-agents libxml2-utils chromium)
+    resource-agents libxml2-utils chromium
+    libvirt-dev libxml2-dev libvirt-daemon-system libvirt-clients)
 
 say() { # with the seconds since the start, to see where a run's time goes
     printf 'quickstart: [%ss] %s\n' "$SECONDS" "$*"

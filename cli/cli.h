@@ -168,6 +168,7 @@ int cmd_vm_remove(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_repl_enable(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_repl_set(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_repl_show(struct cli *, const struct cli_cmd *, int, char **);
+int cmd_repl_stop_resync(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_repl_list(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_repl_measure(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_points_list(struct cli *, const struct cli_cmd *, int, char **);
@@ -189,7 +190,12 @@ int cmd_repl_suspend(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_repl_resume(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_repl_reset_stats(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_repl_remove(struct cli *, const struct cli_cmd *, int, char **);
+/* TIME of an --at option (replication.c): +DURATION, HH:MM or
+ * YYYY-MM-DD HH:MM[:SS], local time; Unix seconds, or -EINVAL. */
+int cli_parse_when(const char *s, int64_t *out);
 int cmd_initial_start(struct cli *, const struct cli_cmd *, int, char **);
+int cmd_initial_stop(struct cli *, const struct cli_cmd *, int, char **);
+int cmd_initial_import(struct cli *, const struct cli_cmd *, int, char **);
 int cmd_events(struct cli *, const struct cli_cmd *, int, char **);
 
 /* Shared printers. */

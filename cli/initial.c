@@ -1,7 +1,9 @@
-/* initial.c: "vmreplica initial-replication start VM [--use-existing]
- * [--wait]" — POST
+/* initial.c: "vmreplica initial-replication start VM [--at TIME]
+ * [--export DIR] [--use-existing] [--wait]" — POST
  * /v1/vms/VM/initial-replication, then (with --wait) poll measure until the
- * initial copy is over, drawing a progress bar when stderr is a terminal.
+ * initial copy is over (an export: until it is written), drawing a progress
+ * bar when stderr is a terminal; "initial-replication stop VM" and, on the
+ * Replica server, "initial-replication import VM --from DIR".
  */
 #include <inttypes.h>
 #include <stdio.h>
@@ -75,14 +77,64 @@ details(json_object *m)
     return out;
 }
 
+/* TIME of --at as RFC 3339 UTC into out: an RFC 3339 date-time with its
+ * zone, or what `replication resume --resync --at` takes (+DURATION,
+ * HH:MM — today or, once past, tomorrow — or YYYY-MM-DD HH:MM[:SS], local
+ * time). */
+static int
+parse_at(const char *s, char out[32])
+{
+    uint64_t ms = 0;
+    int64_t t = 0;
+    if (vr_parse_rfc3339(s, &ms) == 0) {
+        vr_rfc3339(ms, out);
+        return CLI_OK;
+    }
+    if (cli_parse_when(s, &t) < 0 || t < 0)
+        return cli_error("--at %s: expected +DURATION (e.g. +2h), HH:MM, "
+                         "YYYY-MM-DD HH:MM[:SS] (local time) or an RFC 3339 "
+                         "date-time with its zone", s);
+    vr_rfc3339((uint64_t)t * 1000, out);
+    return CLI_OK;
+}
+
+/* The absolute path of --export DIR for the daemon, which does not share
+ * our working directory: DIR resolved, or, if it does not exist yet, its
+ * parent resolved and its last component appended (the daemon makes it). */
+static char *
+export_path(const char *dir)
+{
+    char *p = realpath(dir, NULL);
+    if (p || errno != ENOENT)
+        return p;
+    CLEANUP_FREE char *copy = xstrdup(dir);
+    char *slash = strrchr(copy, '/');
+    const char *base = slash ? slash + 1 : copy;
+    if (slash == copy)
+        return xstrdup(dir); /* "/name" */
+    if (slash)
+        *slash = '\0';
+    CLEANUP_FREE char *parent = realpath(slash ? copy : ".", NULL);
+    if (!parent)
+        return NULL;
+    if (!*base || !strcmp(base, ".") || !strcmp(base, "..")) {
+        errno = EINVAL;
+        return NULL;
+    }
+    return xasprintf("%s/%s", parent, base);
+}
+
 int
 cmd_initial_start(struct cli *c, const struct cli_cmd *cmd, int argc,
                   char **argv)
 {
     bool wait = false, use_existing = false;
+    const char *at = NULL, *export = NULL;
     const struct cli_opt opts[] = {
         { "wait", CLI_OPT_FLAG, &wait },
         { "use-existing", CLI_OPT_FLAG, &use_existing },
+        { "at", CLI_OPT_STR, &at },
+        { "export", CLI_OPT_STR, &export },
         { NULL, 0, NULL },
     };
     CLEANUP_FREE char *path = NULL;
@@ -91,10 +143,22 @@ cmd_initial_start(struct cli *c, const struct cli_cmd *cmd, int argc,
                          &path, &name);
     if (rc)
         return rc;
+    char when[32] = "";
+    if (at && (rc = parse_at(at, when)))
+        return rc;
+    if (at && wait)
+        return cli_error("--wait: not with --at (the start is scheduled)");
+    CLEANUP_FREE char *dir = NULL;
+    if (export && !(dir = export_path(export)))
+        return cli_error("--export %s: %s", export, strerror(errno));
     json_object *body = json_object_new_object();
     if (use_existing)
         json_object_object_add(body, "use_existing",
                                json_object_new_boolean(true));
+    if (at)
+        json_object_object_add(body, "at", json_object_new_string(when));
+    if (dir)
+        json_object_object_add(body, "export", json_object_new_string(dir));
     json_object *out;
     rc = cli_call(c, "POST", path, body, &out);
     json_object_put(body);
@@ -103,10 +167,14 @@ cmd_initial_start(struct cli *c, const struct cli_cmd *cmd, int argc,
     if (!wait) {
         if (c->json)
             cli_print_json(out);
+        else if (at)
+            printf("initial replication of vm %s scheduled for %s\n", name,
+                   when);
         else
-            printf("initial replication of vm %s started%s\n", name,
+            printf("initial replication of vm %s started%s%s\n", name,
                    use_existing ? " by comparison with the Replica server's "
-                                  "copy" : "");
+                                  "copy" : dir ? ": exporting to " : "",
+                   dir ? dir : "");
         json_object_put(out);
         return CLI_OK;
     }
@@ -130,6 +198,12 @@ cmd_initial_start(struct cli *c, const struct cli_cmd *cmd, int argc,
         const char *state = cli_str(m, "state");
         bool running = strcmp(task, "InitialReplication") == 0 ||
                        strcmp(state, "InitialReplicationInProgress") == 0;
+        /* An export is done once written: the import is elsewhere. */
+        json_object *ex = NULL;
+        if (dir && json_object_object_get_ex(m, "initial_replication_exported",
+                                             &ex) &&
+            json_object_get_boolean(ex))
+            running = false;
         /* The daemon may not have moved on from "ready" when we first
          * look; give it a moment before taking that as the end. */
         bool not_yet = strcmp(state, "ReadyForInitialReplication") == 0 &&
@@ -158,9 +232,72 @@ cmd_initial_start(struct cli *c, const struct cli_cmd *cmd, int argc,
     }
     if (c->json)
         cli_print_json(m);
+    else if (rc == CLI_OK && dir)
+        printf("initial replication of vm %s exported to %s; import it on "
+               "the Replica server with 'vmreplica initial-replication "
+               "import %s --from DIR'\n", name, dir, name);
     else if (rc == CLI_OK)
         printf("initial replication of vm %s complete (state %s)\n", name,
                state);
     json_object_put(m);
     return rc;
+}
+
+int
+cmd_initial_stop(struct cli *c, const struct cli_cmd *cmd, int argc,
+                 char **argv)
+{
+    CLEANUP_FREE char *path = NULL;
+    const char *name;
+    int rc = cli_vm_path(c, cmd, argc, argv, NULL,
+                         "/initial-replication/stop", &path, &name);
+    if (rc)
+        return rc;
+    json_object *out;
+    if ((rc = cli_call(c, "POST", path, NULL, &out)))
+        return rc;
+    if (c->json)
+        cli_print_json(out);
+    else
+        printf("initial replication of vm %s stopped; it waits for "
+               "'initial-replication start'\n", name);
+    json_object_put(out);
+    return CLI_OK;
+}
+
+int
+cmd_initial_import(struct cli *c, const struct cli_cmd *cmd, int argc,
+                   char **argv)
+{
+    const char *from = NULL;
+    const struct cli_opt opts[] = {
+        { "from", CLI_OPT_STR, &from },
+        { NULL, 0, NULL },
+    };
+    CLEANUP_FREE char *path = NULL;
+    const char *name;
+    int rc = cli_vm_path(c, cmd, argc, argv, opts,
+                         "/initial-replication/import", &path, &name);
+    if (rc)
+        return rc;
+    if (!from)
+        return cli_error("initial-replication import: --from DIR is "
+                         "required");
+    CLEANUP_FREE char *dir = realpath(from, NULL);
+    if (!dir)
+        return cli_error("--from %s: %s", from, strerror(errno));
+    json_object *body = json_object_new_object();
+    json_object_object_add(body, "from", json_object_new_string(dir));
+    json_object *out;
+    rc = cli_call(c, "POST", path, body, &out);
+    json_object_put(body);
+    if (rc)
+        return rc;
+    if (c->json)
+        cli_print_json(out);
+    else
+        printf("initial replication of vm %s imported from %s; the primary "
+               "completes it\n", name, dir);
+    json_object_put(out);
+    return CLI_OK;
 }

@@ -59,7 +59,8 @@ static const struct cli_cmd commands[] = {
       "        [--hostname FQDN]\n"
       "        [--allow-any|--no-allow-any] [--default-storage DIR]\n"
       "        [--monitoring-interval DURATION]\n"
-      "        [--web-listen [ADDR:]PORT|--no-web-listen]",
+      "        [--web-listen [ADDR:]PORT|--no-web-listen]\n"
+      "        [--hypervisor qemu|libvirt]",
       "change the Replica server settings",
       "  --enable, --disable         accept replication as a Replica server\n"
       "  --auth TYPE                 certificate (HTTPS), kerberos (HTTP) "
@@ -90,7 +91,9 @@ static const struct cli_cmd commands[] = {
       "                              (PORT alone: 127.0.0.1; HTTPS with\n"
       "                              client certificates if this server has\n"
       "                              a certificate, else loopback only)\n"
-      "  --no-web-listen             stop serving them (the default)\n" },
+      "  --no-web-listen             stop serving them (the default)\n"
+      "  --hypervisor qemu|libvirt   what runs VMs started here, failed\n"
+      "                              over VMs included (default qemu)\n" },
     { "server", "test-connection", cmd_server_test_connection,
       "FQDN[:PORT] --auth certificate|kerberos [--connect-address IP]",
       "check that a Replica server would accept replication from this host",
@@ -112,8 +115,9 @@ static const struct cli_cmd commands[] = {
     { "vm", "create", cmd_vm_create,
       "NAME (--disk FILE | --new-disk SIZE)... [--memory SIZE] [--cpus N]\n"
       "        [--nic NETWORK]... [--kernel FILE [--initrd FILE] "
-      "[--append CMDLINE]]",
-      "create a VM from disk images or new empty disks",
+      "[--append CMDLINE]]\n"
+      "       vm create NAME --from-libvirt DOMAIN",
+      "create a VM from disk images, new empty disks or a libvirt domain",
       "  --disk FILE       import an image (raw, qcow2, VHDX, VHD, VMDK)\n"
       "  --new-disk SIZE   create an empty sparse disk, e.g. 10G\n"
       "  --memory SIZE     memory, e.g. 512M, 2G (a bare number is MiB)\n"
@@ -122,11 +126,19 @@ static const struct cli_cmd commands[] = {
       "bridge:BRIDGE\n"
       "  --kernel FILE     boot this Linux kernel directly (QEMU -kernel)\n"
       "  --initrd FILE     with this initial ramdisk\n"
-      "  --append CMDLINE  and this kernel command line\n" },
+      "  --append CMDLINE  and this kernel command line\n"
+      "  --from-libvirt DOMAIN  adopt a shut off libvirt domain: its CPUs,\n"
+      "                    memory, NICs and disks (raw files in place, others\n"
+      "                    converted); the domain is redefined on the tracked\n"
+      "                    exports (docs/libvirt.md)\n" },
     { "vm", "list", cmd_vm_list, "", "list VMs", NULL },
     { "vm", "show", cmd_vm_show, "VM", "show a VM and its disks", NULL },
-    { "vm", "start", cmd_vm_start, "VM [--no-hypervisor]",
-      "serve a VM's disks and start QEMU",
+    { "vm", "start", cmd_vm_start,
+      "VM [--hypervisor qemu|libvirt | --no-hypervisor]",
+      "serve a VM's disks and start QEMU or a libvirt domain",
+      "  --hypervisor qemu|libvirt  run the guest under vmreplica's QEMU or\n"
+      "                    as a libvirt domain (default: 'server set\n"
+      "                    --hypervisor'; libvirt for an adopted domain)\n"
       "  --no-hypervisor   only serve the disks over NBD (see 'vm show')\n" },
     { "vm", "stop", cmd_vm_stop, "VM [--force]",
       "shut a VM down and stop serving its disks",
@@ -148,7 +160,7 @@ static const struct cli_cmd commands[] = {
       "        [--frequency 30s|5m|15m|Ns] [--compression on|off]\n"
       "        [--recovery-history N] [--point-interval DURATION]\n"
       "        [--app-consistent-every K] [--log-budget SIZE]\n"
-      "        [--auto-resync on|off]",
+      "        [--auto-resync on|off] [--resync-window HH:MM-HH:MM]",
       "enable replication of a VM to a Replica server",
       "  --replica-server FQDN[:PORT]  the Replica server (its certificate "
       "name)\n"
@@ -180,22 +192,27 @@ static const struct cli_cmd commands[] = {
       "  --auto-resync on|off          resynchronize by itself when change "
       "tracking\n"
       "                                stops (default on)\n"
+      "  --resync-window HH:MM-HH:MM   start an automatic resynchronization "
+      "only\n"
+      "                                in this daily window, local time "
+      "(\"any\":\n"
+      "                                any time, the default)\n"
       "\n"
       "Not available yet (SPEC, docs/cmdlets.md): --exclude-disk ID,\n"
-      "--resync-window HH:MM-HH:MM, --bandwidth-limit RATE.\n" },
+      "--bandwidth-limit RATE.\n" },
     { "replication", "set", cmd_repl_set,
       "VM [--frequency DURATION] [--compression on|off] "
       "[--connect-address IP] [--recovery-history N] "
       "[--point-interval DURATION] [--app-consistent-every K] "
       "[--kerberos-encrypt on|off] [--log-budget SIZE] "
-      "[--auto-resync on|off]",
+      "[--auto-resync on|off] [--resync-window HH:MM-HH:MM|any]",
       "change the replication settings of a VM",
       "  The options mean what they mean for 'replication enable' (see\n"
       "  'vmreplica help replication enable'); the Replica server and the\n"
       "  authentication do not change (remove, then enable again).\n"
       "\n"
       "Not available yet (SPEC, docs/cmdlets.md): --exclude-disk ID,\n"
-      "--resync-window HH:MM-HH:MM, --bandwidth-limit RATE.\n" },
+      "--bandwidth-limit RATE.\n" },
     { "replication", "show", cmd_repl_show, "VM",
       "show the replication of a VM", NULL },
     { "replication", "list", cmd_repl_list,
@@ -206,19 +223,33 @@ static const struct cli_cmd commands[] = {
       "show replication statistics of a VM", NULL },
     { "replication", "suspend", cmd_repl_suspend, "VM",
       "pause replication (changes keep being tracked)", NULL },
-    { "replication", "resume", cmd_repl_resume, "VM [--resync]",
+    { "replication", "stop-resync", cmd_repl_stop_resync, "VM",
+      "on the primary: stop a resynchronization (running, scheduled or "
+      "suspended); the VM needs one until 'replication resume VM --resync'",
+      NULL },
+    { "replication", "resume", cmd_repl_resume,
+      "VM [--resync [--at TIME | --continue]]",
       "resume paused replication",
       "  --resync          change tracking stopped on this primary (a full "
       "log, a host\n"
       "                    crash): compare the regions changed meanwhile "
       "with the\n"
       "                    Replica server's copy and send only what "
-      "differs\n" },
+      "differs\n"
+      "  --at TIME         start it then: +DURATION, HH:MM or YYYY-MM-DD "
+      "HH:MM[:SS]\n"
+      "                    (local time, at most 7 days ahead); survives a "
+      "restart\n"
+      "  --continue        go on with a suspended resynchronization from "
+      "where it\n"
+      "                    stopped\n" },
     { "replication", "remove", cmd_repl_remove, "VM",
       "stop replicating a VM (the Replica server keeps its copy)", NULL },
     { "replication", "reverse", cmd_repl_reverse,
       "VM [--replica-server FQDN[:PORT]] [--connect-address IP]",
-      "after a planned failover: replicate back to the old primary",
+      "after a failover: replicate back to the old primary (after an "
+      "unplanned one,\n"
+      "only the chunks that differ are sent)",
       "  --replica-server FQDN[:PORT]  the old primary's Replica server "
       "listener\n"
       "                                (default: the one it replicated to "
@@ -254,15 +285,29 @@ static const struct cli_cmd commands[] = {
       "ACPI\n"
       "                    shutdown (which waits up to 30 s)\n" },
     { "initial-replication", "start", cmd_initial_start,
-      "VM [--use-existing] [--wait]",
+      "VM [--at TIME] [--export DIR | --use-existing] [--wait]",
       "send the first full copy of a VM's disks",
+      "  --at TIME         start then: HH:MM (today or tomorrow) or RFC "
+      "3339, at most\n"
+      "                    7 days ahead\n"
+      "  --export DIR      write the copy to DIR (external media) instead; "
+      "the Replica\n"
+      "                    server imports it ('initial-replication "
+      "import')\n"
       "  --use-existing    the Replica server holds a copy already (one "
       "'replication\n"
       "                    remove' kept, or a restored backup): compare "
       "chunk hashes\n"
       "                    and send only what differs\n"
-      "  --wait            block until done, with a progress bar on a "
-      "terminal\n" },
+      "  --wait            block until done (an export: written), with a "
+      "progress bar\n"
+      "                    on a terminal\n" },
+    { "initial-replication", "stop", cmd_initial_stop, "VM",
+      "cancel a scheduled or running initial replication (it waits for a "
+      "new start)", NULL },
+    { "initial-replication", "import", cmd_initial_import, "VM --from DIR",
+      "on the Replica server: load an export, then the primary's changes "
+      "flow", NULL },
     { "events", NULL, cmd_events, "[--vm VM] [--follow]",
       "show recent events",
       "  --vm VM           only events of this VM\n"

@@ -137,6 +137,7 @@ finish(struct cli *c, json_object *out)
 struct repl_opts {
     const char *server, *address, *auth, *frequency, *compression;
     const char *history, *interval, *app, *kencrypt, *budget, *autoresync;
+    const char *window;
 };
 
 /* Validate the options shared by enable and set into body. */
@@ -237,6 +238,12 @@ fill_body(const struct cli_cmd *cmd, const struct repl_opts *o,
             body, "auto_resync",
             json_object_new_boolean(strcmp(o->autoresync, "on") == 0));
     }
+    if (o->window) {
+        /* The daemon checks HH:MM-HH:MM ("" or "any": no window). */
+        const char *w = strcmp(o->window, "any") == 0 ? "" : o->window;
+        json_object_object_add(body, "resync_window",
+                               json_object_new_string(w));
+    }
     if (o->budget) {
         uint64_t b;
         if (vr_parse_size(o->budget, &b) < 0 ||
@@ -275,6 +282,7 @@ cmd_repl_enable(struct cli *c, const struct cli_cmd *cmd, int argc,
         { "kerberos-encrypt", CLI_OPT_STR, &o.kencrypt },
         { "log-budget", CLI_OPT_STR, &o.budget },
         { "auto-resync", CLI_OPT_STR, &o.autoresync },
+        { "resync-window", CLI_OPT_STR, &o.window },
         { NULL, 0, NULL },
     };
     CLEANUP_FREE char *path = NULL;
@@ -314,6 +322,7 @@ cmd_repl_set(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
         { "kerberos-encrypt", CLI_OPT_STR, &o.kencrypt },
         { "log-budget", CLI_OPT_STR, &o.budget },
         { "auto-resync", CLI_OPT_STR, &o.autoresync },
+        { "resync-window", CLI_OPT_STR, &o.window },
         { NULL, 0, NULL },
     };
     CLEANUP_FREE char *path = NULL;
@@ -480,6 +489,15 @@ cmd_points_list(struct cli *c, const struct cli_cmd *cmd, int argc,
 
 /* --- failover ---------------------------------------------------------- */
 
+/* A planned failover's answer: does `replication reverse` need
+ * --replica-server (no listener remembered for the old primary)? */
+static bool
+reverse_server_hint(json_object *out)
+{
+    return !cli_str(out, "reverse_replica_server")[0] &&
+           cli_str(out, "old_primary")[0];
+}
+
 static int
 failover_call(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv,
               const char *verb)
@@ -554,10 +572,16 @@ failover_call(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv,
                cli_int(out, "prepared_cycle"));
     else if (cli_has(out, "planned"))
         printf("%s: planned failover at cycle %" PRId64 " (%s, epoch %"
-               PRId64 "); run 'vmreplica replication reverse %s' to "
-               "replicate back\n", cli_str(out, "vm"), cli_int(out, "point"),
-               cli_str(out, "state"), cli_int(out, "epoch"),
-               cli_str(out, "vm"));
+               PRId64 "); to replicate back, run 'vmreplica replication "
+               "reverse %s%s%s%s'%s\n", cli_str(out, "vm"),
+               cli_int(out, "point"), cli_str(out, "state"),
+               cli_int(out, "epoch"), cli_str(out, "vm"),
+               reverse_server_hint(out) ? " --replica-server " : "",
+               reverse_server_hint(out) ? cli_str(out, "old_primary") : "",
+               reverse_server_hint(out) ? ":PORT" : "",
+               reverse_server_hint(out)
+                   ? " (PORT: the old primary's Replica server listener)"
+                   : "");
     else if (!cli_has(out, "point"))
         printf("%s: failover preparation withdrawn (%s)\n", name,
                cli_str(out, "state"));
@@ -579,8 +603,12 @@ failover_call(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv,
                cli_str(out, "state"));
     else
         printf("%s: failover to point %" PRId64 " complete (%s, epoch %"
-               PRId64 ")\n", cli_str(out, "vm"), cli_int(out, "point"),
-               cli_str(out, "state"), cli_int(out, "epoch"));
+               PRId64 "); once the old primary is back, with the VM shut "
+               "down there, 'vmreplica replication reverse %s "
+               "--replica-server OLD-PRIMARY[:PORT]' replicates back and "
+               "sends only what differs\n", cli_str(out, "vm"),
+               cli_int(out, "point"), cli_str(out, "state"),
+               cli_int(out, "epoch"), cli_str(out, "vm"));
     json_object_put(out);
     return CLI_OK;
 }
@@ -738,13 +766,65 @@ cmd_repl_suspend(struct cli *c, const struct cli_cmd *cmd, int argc,
                   "suspended");
 }
 
+/* TIME of --at: "+DURATION" (from now, e.g. +90m), "HH:MM" (its next
+ * occurrence, local time) or "YYYY-MM-DD HH:MM[:SS]" / "YYYY-MM-DDTHH:MM[:SS]"
+ * (local time).  0 with Unix seconds, or -EINVAL.  (Also initial.c's.) */
+int
+cli_parse_when(const char *s, int64_t *out)
+{
+    time_t now = time(NULL);
+    if (s[0] == '+') {
+        uint64_t d;
+        if (vr_parse_duration(s + 1, &d) < 0 || d > 30 * 86400)
+            return -EINVAL;
+        *out = (int64_t)now + (int64_t)d;
+        return 0;
+    }
+    struct tm tm;
+    localtime_r(&now, &tm);
+    int y, mo, d, h, mi, sec = 0, n = 0;
+    if (sscanf(s, "%2d:%2d%n", &h, &mi, &n) == 2 && s[n] == '\0' &&
+        n == 5) {
+        tm.tm_hour = h;
+        tm.tm_min = mi;
+        tm.tm_sec = 0;
+    } else if ((sscanf(s, "%4d-%2d-%2d%*1[ T]%2d:%2d%n", &y, &mo, &d, &h, &mi,
+                       &n) == 5 && s[n] == '\0') ||
+               (sscanf(s, "%4d-%2d-%2d%*1[ T]%2d:%2d:%2d%n", &y, &mo, &d, &h,
+                       &mi, &sec, &n) == 6 && s[n] == '\0')) {
+        if (mo < 1 || mo > 12 || d < 1 || d > 31 || sec < 0 || sec > 59)
+            return -EINVAL;
+        tm.tm_year = y - 1900;
+        tm.tm_mon = mo - 1;
+        tm.tm_mday = d;
+        tm.tm_hour = h;
+        tm.tm_min = mi;
+        tm.tm_sec = sec;
+    } else {
+        return -EINVAL;
+    }
+    if (h < 0 || h > 23 || mi < 0 || mi > 59)
+        return -EINVAL;
+    tm.tm_isdst = -1;
+    time_t t = mktime(&tm);
+    if (t == (time_t)-1)
+        return -EINVAL;
+    if (n == 5 && t <= now) /* HH:MM passed today: tomorrow */
+        t += 86400;
+    *out = (int64_t)t;
+    return 0;
+}
+
 int
 cmd_repl_resume(struct cli *c, const struct cli_cmd *cmd, int argc,
                 char **argv)
 {
-    bool resync = false;
+    bool resync = false, cont = false;
+    const char *at = NULL;
     const struct cli_opt opts[] = {
         { "resync", CLI_OPT_FLAG, &resync },
+        { "at", CLI_OPT_STR, &at },
+        { "continue", CLI_OPT_FLAG, &cont },
         { NULL, 0, NULL },
     };
     CLEANUP_FREE char *path = NULL;
@@ -753,21 +833,63 @@ cmd_repl_resume(struct cli *c, const struct cli_cmd *cmd, int argc,
                          &path, &name);
     if (rc)
         return rc;
+    if ((at || cont) && !resync)
+        return cli_usage_error(cmd, "--at and --continue go with --resync");
+    if (at && cont)
+        return cli_usage_error(cmd, "--at or --continue, not both");
+    int64_t when = 0;
+    if (at && cli_parse_when(at, &when) < 0)
+        return cli_usage_error(cmd, "invalid --at '%s': expected +DURATION "
+                               "(e.g. +2h), HH:MM or YYYY-MM-DD HH:MM[:SS] "
+                               "(local time)", at);
     json_object *body = json_object_new_object(), *out;
     if (resync)
         json_object_object_add(body, "resync", json_object_new_boolean(true));
+    if (at)
+        json_object_object_add(body, "at", json_object_new_int64(when));
+    if (cont)
+        json_object_object_add(body, "continue",
+                               json_object_new_boolean(true));
     rc = cli_call(c, "POST", path, body, &out);
     json_object_put(body);
     if (rc)
         return rc;
     if (c->json)
         cli_print_json(out);
+    else if (resync && at)
+        printf("resynchronization of vm %s scheduled (state %s); 'vmreplica "
+               "replication stop-resync %s' cancels it\n", cli_q(name),
+               cli_str(out, "state"), cli_q(name));
     else if (resync)
-        printf("resynchronization of vm %s started: only the regions "
+        printf("resynchronization of vm %s %s: only the regions "
                "changed while tracking was stopped are compared; follow "
-               "it with 'vmreplica replication measure %s'\n", cli_q(name), cli_q(name));
+               "it with 'vmreplica replication measure %s'\n", cli_q(name),
+               cont ? "continued" : "started", cli_q(name));
     else
         printf("replication of vm %s resumed\n", cli_q(name));
+    json_object_put(out);
+    return CLI_OK;
+}
+
+int
+cmd_repl_stop_resync(struct cli *c, const struct cli_cmd *cmd, int argc,
+                     char **argv)
+{
+    CLEANUP_FREE char *path = NULL;
+    const char *name;
+    int rc = cli_vm_path(c, cmd, argc, argv, NULL, "/replication/stop-resync",
+                         &path, &name);
+    if (rc)
+        return rc;
+    json_object *out;
+    if ((rc = cli_call(c, "POST", path, NULL, &out)))
+        return rc;
+    if (c->json)
+        cli_print_json(out);
+    else
+        printf("resynchronization of vm %s stopped (state %s); 'vmreplica "
+               "replication resume %s --resync' starts it again\n", name,
+               cli_str(out, "state"), name);
     json_object_put(out);
     return CLI_OK;
 }

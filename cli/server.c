@@ -53,6 +53,8 @@ print_server(json_object *s)
         cli_kv("Web listener", "off");
     cli_kv("Firewall", "%s",
            cli_bool(s, "firewall_enabled") ? "enabled" : "disabled");
+    if (cli_has(s, "hypervisor"))
+        cli_kv("Hypervisor", "%s", cli_str(s, "hypervisor"));
     cli_kv("Monitoring interval", "%s",
            cli_fmt_duration((uint64_t)cli_int(s, "monitoring_interval"), buf,
                             sizeof buf));
@@ -107,7 +109,7 @@ cmd_server_set(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
                *ca = NULL, *hostname = NULL, *storage = NULL,
                *interval = NULL, *kport = NULL, *keytab = NULL,
                *kencrypt = NULL, *crl = NULL, *store = NULL, *thumb = NULL,
-               *web = NULL;
+               *web = NULL, *hv = NULL;
     const struct cli_opt opts[] = {
         { "enable", CLI_OPT_FLAG, &enable },
         { "disable", CLI_OPT_FLAG, &disable },
@@ -130,6 +132,7 @@ cmd_server_set(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
         { "monitoring-interval", CLI_OPT_STR, &interval },
         { "web-listen", CLI_OPT_STR, &web },
         { "no-web-listen", CLI_OPT_FLAG, &no_web },
+        { "hypervisor", CLI_OPT_STR, &hv },
         { NULL, 0, NULL },
     };
     const char *pos[1];
@@ -150,6 +153,9 @@ cmd_server_set(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
     if (web && no_web)
         return cli_usage_error(cmd, "--web-listen and --no-web-listen "
                                "conflict");
+    if (hv && strcmp(hv, "qemu") != 0 && strcmp(hv, "libvirt") != 0)
+        return cli_usage_error(cmd, "invalid --hypervisor '%s': expected "
+                               "qemu or libvirt", hv);
     if (auth && strcmp(auth, "certificate") != 0 &&
         strcmp(auth, "kerberos") != 0 && strcmp(auth, "both") != 0)
         return cli_usage_error(cmd, "invalid --auth '%s': expected "
@@ -212,6 +218,8 @@ cmd_server_set(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
     if (web || no_web) /* the daemon checks the address ("": off) */
         json_object_object_add(body, "web_listen",
                                json_object_new_string(no_web ? "" : web));
+    if (hv)
+        json_object_object_add(body, "hypervisor", json_object_new_string(hv));
     if (json_object_object_length(body) == 0) {
         json_object_put(body);
         return cli_usage_error(cmd, "nothing to set");

@@ -38,6 +38,8 @@ cli_print_vm(json_object *vm)
            cli_fmt_size((uint64_t)cli_int(vm, "memory_mib") * MIB, sz,
                         sizeof sz));
     cli_kv("State", "%s", vm_state(vm, "disks served (no hypervisor)"));
+    if (cli_has(vm, "libvirt_domain"))
+        cli_kv("Libvirt domain", "%s", cli_str(vm, "libvirt_domain"));
 
     json_object *disks = NULL;
     if (!json_object_object_get_ex(vm, "disks", &disks) ||
@@ -114,6 +116,29 @@ add_boot(json_object *body, const char *kernel, const char *initrd,
         json_object_object_add(body, "cmdline", json_object_new_string(append));
 }
 
+/* vm create NAME --from-libvirt DOMAIN. */
+static int
+vm_adopt(struct cli *c, const char *name, const char *domain)
+{
+    json_object *body = json_object_new_object();
+    json_object_object_add(body, "name", json_object_new_string(name));
+    json_object_object_add(body, "from_libvirt",
+                           json_object_new_string(domain));
+    json_object *out;
+    int rc = cli_call(c, "POST", "/v1/vms", body, &out);
+    json_object_put(body);
+    if (rc)
+        return rc;
+    if (c->json)
+        cli_print_json(out);
+    else
+        printf("vm %s created from libvirt domain %s; the domain's disks "
+               "are now its tracked exports (original definition kept in "
+               "the VM's directory as libvirt-original.xml)\n", name, domain);
+    json_object_put(out);
+    return 0;
+}
+
 int
 cmd_vm_create(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
 {
@@ -121,7 +146,9 @@ cmd_vm_create(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
     const char *memory = NULL, *cpus = NULL;
     const char *kernel = NULL, *initrd = NULL, *append = NULL;
     struct cli_list nics = { 0 };
+    const char *domain = NULL;
     const struct cli_opt opts[] = {
+        { "from-libvirt", CLI_OPT_STR, &domain },
         { "nic", CLI_OPT_LIST, &nics },
         { "disk", CLI_OPT_LIST, &disks },
         { "new-disk", CLI_OPT_LIST, &disks },
@@ -141,6 +168,13 @@ cmd_vm_create(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
         return cli_usage_error(cmd, "invalid VM name '%s': use 1-64 of "
                                "A-Z a-z 0-9 . _ - and space, not starting "
                                "with '.', '-' or a space", name);
+    if (domain && (disks.n || nics.n || memory || cpus || kernel))
+        return cli_usage_error(cmd, "--from-libvirt takes the disks, NICs, "
+                               "memory and CPUs of the domain: give none of "
+                               "--disk, --new-disk, --nic, --memory, --cpus, "
+                               "--kernel with it");
+    if (domain)
+        return vm_adopt(c, name, domain);
     if (disks.n == 0)
         return cli_usage_error(cmd, "vm %s needs at least one --disk FILE or "
                                "--new-disk SIZE", name);
@@ -294,8 +328,10 @@ int
 cmd_vm_start(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
 {
     bool no_hv = false;
+    const char *hv = NULL;
     const struct cli_opt opts[] = {
         { "no-hypervisor", CLI_OPT_FLAG, &no_hv },
+        { "hypervisor", CLI_OPT_STR, &hv },
         { NULL, 0, NULL },
     };
     CLEANUP_FREE char *path = NULL;
@@ -303,9 +339,17 @@ cmd_vm_start(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
     int rc = cli_vm_path(c, cmd, argc, argv, opts, "/start", &path, &name);
     if (rc)
         return rc;
+    if (hv && strcmp(hv, "qemu") != 0 && strcmp(hv, "libvirt") != 0)
+        return cli_usage_error(cmd, "invalid --hypervisor '%s': expected "
+                               "qemu or libvirt", hv);
+    if (hv && no_hv)
+        return cli_usage_error(cmd, "--hypervisor and --no-hypervisor "
+                               "exclude each other");
     json_object *body = json_object_new_object();
     json_object_object_add(body, "no_hypervisor",
                            json_object_new_boolean(no_hv));
+    if (hv)
+        json_object_object_add(body, "hypervisor", json_object_new_string(hv));
     json_object *out;
     rc = cli_call(c, "POST", path, body, &out);
     json_object_put(body);

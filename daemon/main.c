@@ -28,6 +28,7 @@
 #include "primary/primary.h"
 #include "replica/replica.h"
 #include "proc/plugin.h"
+#include "proc/vmproc.h"
 #include "api/web.h"
 
 static struct daemon daemon_state = {
@@ -180,6 +181,9 @@ load_state(const char *hostname)
         rc = catalog_load(D->cat, &D->cfg, &D->vms);
     if (rc == 0 && !D->cfg.monitoring_interval_s)
         D->cfg.monitoring_interval_s = 12 * 3600; /* Hyper-V's default */
+    if (rc == 0) /* before replica_recover may start a failed-over VM */
+        vmproc_set_default_hv(D->cfg.hypervisor_libvirt ? VMPROC_HV_LIBVIRT
+                                                        : VMPROC_HV_QEMU);
     if (rc == 0 && hostname) {
         free(D->cfg.hostname);
         D->cfg.hostname = xstrdup(hostname);
@@ -283,12 +287,18 @@ main(int argc, char **argv)
         return 1;
     wire_layers();
     CLEANUP_FREE char *sock = xasprintf("%s/api.sock", D->state_dir);
-    if (load_state(hostname) < 0 || start_services(sock) < 0) {
+    if (load_state(hostname) < 0) {
+        log_error("main", "%s", vr_errmsg());
+        return 1;
+    }
+    /* Before the management socket opens: its warning is there for the
+     * first command, and no `vm start` races its nbdkit --dump-plugin. */
+    check_plugin();
+    if (start_services(sock) < 0) {
         log_error("main", "%s", vr_errmsg());
         return 1;
     }
     sd_notify_ready();
-    check_plugin();
 
     int sig = 0;
     while (sigwait(&sigs, &sig) != 0)

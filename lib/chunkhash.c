@@ -178,6 +178,12 @@ chunkhash_fd(int fd, uint64_t size, uint64_t offset, uint64_t length,
     return rc;
 }
 
+void
+chunkhash_buf(const void *p, size_t n, uint8_t *out)
+{
+    put_hash(XXH3_128bits(p, n), out);
+}
+
 char *
 chunkhash_hex(const uint8_t *h, uint64_t n)
 {

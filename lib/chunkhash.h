@@ -52,6 +52,10 @@ int chunkhash_check(uint64_t size, uint64_t offset, uint64_t length,
 int chunkhash_fd(int fd, uint64_t size, uint64_t offset, uint64_t length,
                  uint64_t chunk, uint8_t *out, uint64_t *read_bytes) VR_WUR;
 
+/* The hash of n bytes at p (a chunk read whole) into out
+ * (CHUNKHASH_BYTES), as chunkhash_fd would hash them. */
+void chunkhash_buf(const void *p, size_t n, uint8_t *out);
+
 /* Lower-case hex of n hashes (2 * n * CHUNKHASH_BYTES characters and a
  * NUL, malloc'd), and back: -EINVAL unless hex is exactly n hashes. */
 char *chunkhash_hex(const uint8_t *h, uint64_t n);

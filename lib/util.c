@@ -560,6 +560,49 @@ vr_rfc3339(uint64_t wall_ms, char out[32])
     strftime(out, 32, "%Y-%m-%dT%H:%M:%SZ", &tm);
 }
 
+/* "YYYY-MM-DDTHH:MM:SS[.frac](Z|+HH:MM|-HH:MM)" (T or a space), as
+ * vr_rfc3339 writes it and RFC 3339 allows; the fraction is dropped. */
+int
+vr_parse_rfc3339(const char *s, uint64_t *wall_ms)
+{
+    struct tm tm;
+    memset(&tm, 0, sizeof tm);
+    int n = 0;
+    if (strlen(s) > 40 ||
+        sscanf(s, "%4d-%2d-%2d%*1[Tt ]%2d:%2d:%2d%n", &tm.tm_year, &tm.tm_mon,
+               &tm.tm_mday, &tm.tm_hour, &tm.tm_min, &tm.tm_sec, &n) != 6 ||
+        n != 19)
+        return -EINVAL;
+    const char *p = s + n;
+    if (*p == '.')
+        for (p++; *p >= '0' && *p <= '9'; p++)
+            ;
+    long off = 0;
+    if (*p == 'Z' || *p == 'z') {
+        p++;
+    } else if (*p == '+' || *p == '-') {
+        int hh, mm, k = 0;
+        if (sscanf(p + 1, "%2d:%2d%n", &hh, &mm, &k) != 2 || k != 5 ||
+            hh > 23 || mm > 59)
+            return -EINVAL;
+        off = (*p == '-' ? -1 : 1) * (hh * 3600L + mm * 60L);
+        p += 6;
+    } else {
+        return -EINVAL;
+    }
+    if (*p || tm.tm_year < 1970 || tm.tm_mon < 1 || tm.tm_mon > 12 ||
+        tm.tm_mday < 1 || tm.tm_mday > 31 || tm.tm_hour > 23 ||
+        tm.tm_min > 59 || tm.tm_sec > 60)
+        return -EINVAL;
+    tm.tm_year -= 1900;
+    tm.tm_mon -= 1;
+    time_t t = timegm(&tm);
+    if (t == (time_t)-1 || t - off < 0)
+        return -EINVAL;
+    *wall_ms = (uint64_t)(t - off) * 1000;
+    return 0;
+}
+
 bool
 vr_name_valid(const char *name)
 {

@@ -77,8 +77,11 @@ int api_vm_set_failover_network(struct api_call *, unsigned *,
                                 json_object **);
 int api_repl_suspend(struct api_call *, unsigned *, json_object **);
 int api_repl_resume(struct api_call *, unsigned *, json_object **);
+int api_repl_stop_resync(struct api_call *, unsigned *, json_object **);
 int api_repl_reset_stats(struct api_call *, unsigned *, json_object **);
 int api_initial_start(struct api_call *, unsigned *, json_object **);
+int api_initial_stop(struct api_call *, unsigned *, json_object **);
+int api_initial_import(struct api_call *, unsigned *, json_object **);
 int api_repl_list(struct api_call *, unsigned *, json_object **);
 int api_events(struct api_call *, unsigned *, json_object **);
 /* Prometheus text for /metrics; caller frees. */

@@ -65,8 +65,11 @@ static const struct route routes[] = {
     { "POST", "/v1/vms/*/replication/reverse", api_repl_reverse },
     { "POST", "/v1/vms/*/replication/suspend", api_repl_suspend },
     { "POST", "/v1/vms/*/replication/resume", api_repl_resume },
+    { "POST", "/v1/vms/*/replication/stop-resync", api_repl_stop_resync },
     { "POST", "/v1/vms/*/replication/reset-stats", api_repl_reset_stats },
     { "POST", "/v1/vms/*/initial-replication", api_initial_start },
+    { "POST", "/v1/vms/*/initial-replication/stop", api_initial_stop },
+    { "POST", "/v1/vms/*/initial-replication/import", api_initial_import },
     { "GET", "/v1/replications", api_repl_list },
     { "GET", "/v1/events", api_events },
 };

@@ -4,9 +4,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "api-int.h"
 #include "core/logdir.h"
+
+/* initial-replication start --at: at most this far ahead (SPEC §5). */
+#define INITIAL_AT_MAX_MS (7ull * 24 * 3600 * 1000)
 
 static int
 lookup_repl(struct api_call *call, struct vm **out)
@@ -15,6 +19,8 @@ lookup_repl(struct api_call *call, struct vm **out)
     int rc = vm_lookup(actx.d, call->arg, &vm);
     if (rc < 0)
         return rc;
+    if (vm_is_kept_copy(vm))
+        return vm_kept_copy_err(vm, "this replication command");
     if (!vm->repl)
         return vr_err(-ENOENT, "vm %s: replication is not enabled",
                       vm->name);
@@ -58,9 +64,20 @@ repl_measure_json(const struct vm *vm)
     I64("initial_replication_sent", r->initial_sent);
     json_object_object_add(
         o, "initial_replication_method",
-        json_object_new_string(r->initial_method == INITIAL_COMPARE
-                                   ? "compare" : "full"));
+        json_object_new_string(r->initial_method == INITIAL_COMPARE  ? "compare"
+                               : r->initial_method == INITIAL_EXPORT ? "export"
+                                                                     : "full"));
     I64("initial_replication_compared", r->initial_compared);
+    json_add_time(o, "initial_replication_scheduled", r->initial_at_ms);
+    json_object_object_add(
+        o, "initial_replication_export",
+        r->initial_export ? json_object_new_string(r->initial_export) : NULL);
+    /* An export written, waiting for the Replica server's import. */
+    json_object_object_add(
+        o, "initial_replication_exported",
+        json_object_new_boolean(r->initial_method == INITIAL_EXPORT &&
+                                r->st == REPL_ST_INITIAL &&
+                                r->initial_seq && r->initial_disk >= vm->ndisks));
     I64("resync_compared", r->resync_compared);
     I64("resync_sent", r->resync_sent);
     I64("bytes_sent_raw", r->bytes_raw);
@@ -115,6 +132,14 @@ parse_common(json_object *b, struct repl *r)
     }
     if (json_object_object_get_ex(b, "auto_resync", &v))
         r->auto_resync_off = !json_object_get_boolean(v);
+    const char *win = jstr(b, "resync_window");
+    if (win) {
+        int from, to;
+        if (*win && resync_window_parse(win, &from, &to) < 0)
+            return -EINVAL;
+        free(r->resync_window);
+        r->resync_window = *win ? xstrdup(win) : NULL;
+    }
     if (json_object_object_get_ex(b, "log_budget", &v)) {
         int64_t n = json_object_get_int64(v);
         if (n < 0 || (n > 0 && n < (1 << 20)) || n > (INT64_MAX >> 1))
@@ -309,7 +334,17 @@ api_repl_suspend(struct api_call *call, unsigned *status VR_UNUSED,
     }
     if (rc == 0)
         rc = check_not_failing_over(vm);
-    if (rc == 0 && vm->repl->st != REPL_ST_SUSPENDED) {
+    struct repl *r = rc == 0 ? vm->repl : NULL;
+    if (r && (r->st == REPL_ST_RESYNC || r->st == REPL_ST_WAIT_RESYNC)) {
+        /* Where it got stays (resync_step): --continue goes on from it. */
+        wake(vm);
+        r->resync_at = 0;
+        rc = repl_transition_event(
+            actx.d->cat, vm, REPL_ST_RESYNC_SUSPENDED, REPL_T_SAVE, "info",
+            "resynchronization suspended; 'vmreplica replication resume %s "
+            "--resync --continue' goes on from where it stopped", vm->name);
+    } else if (r && r->st != REPL_ST_SUSPENDED &&
+               r->st != REPL_ST_RESYNC_SUSPENDED) {
         wake(vm);
         rc =
             repl_transition_event(actx.d->cat, vm, REPL_ST_SUSPENDED,
@@ -321,12 +356,29 @@ api_repl_suspend(struct api_call *call, unsigned *status VR_UNUSED,
     return rc;
 }
 
-/* replication resume --resync (d->lock held): start a resynchronization
- * (primary/resync.c) of a primary whose change tracking stopped. */
+/* The longest a resynchronization is scheduled ahead (as initial
+ * replication's --at). */
+#define RESYNC_AT_MAX_S (7 * 86400)
+
+/* replication resume --resync [--at T] [--continue] (d->lock held): start
+ * a resynchronization (primary/resync.c) of a primary whose change
+ * tracking stopped, now or at T (at > 0, Unix seconds), or go on with a
+ * suspended one. */
 static int
-resync_begin(struct vm *vm)
+resync_begin(struct vm *vm, int64_t at, bool cont)
 {
     struct repl *r = vm->repl;
+    time_t now = time(NULL);
+    if (at < 0 || at > (int64_t)now + RESYNC_AT_MAX_S)
+        return vr_err(-EINVAL, "vm %s: a resynchronization is scheduled at "
+                      "most 7 days ahead", vm->name);
+    if (at <= (int64_t)now)
+        at = 0;
+    if (cont && r->st != REPL_ST_RESYNC_SUSPENDED && r->st != REPL_ST_RESYNC)
+        return vr_err(-EINVAL, "vm %s: no suspended resynchronization to "
+                      "continue (state %s); start one with 'vmreplica "
+                      "replication resume %s --resync'", vm->name,
+                      repl_st_name(r->st), vm->name);
     if (r->mode != VM_MODE_PRIMARY)
         return vr_err(-EINVAL, "vm %s: a resynchronization is started on "
                       "the primary", vm->name);
@@ -337,7 +389,8 @@ resync_begin(struct vm *vm)
     if (r->st == REPL_ST_RESYNC)
         return 0;
     if (r->st != REPL_ST_REPLICATING && r->st != REPL_ST_SUSPENDED &&
-        r->st != REPL_ST_ERROR)
+        r->st != REPL_ST_ERROR && r->st != REPL_ST_RESYNC_SUSPENDED &&
+        r->st != REPL_ST_WAIT_RESYNC)
         return vr_err(-EBUSY, "vm %s: cannot resynchronize in state %s",
                       vm->name, repl_st_name(r->st));
     /* The shipper learns it at its next attempt; the markers say it now
@@ -351,14 +404,71 @@ resync_begin(struct vm *vm)
         r->resync_step = RESYNC_REQUESTED;
         r->resync_compared = r->resync_sent = 0;
     }
-    free(r->task);
-    r->task = xstrdup("Resynchronization");
     wake(vm);
-    int rc = repl_transition_event(actx.d->cat, vm, REPL_ST_RESYNC,
+    int rc;
+    r->resync_at = at;
+    if (at) {
+        char when[64];
+        struct tm tm;
+        time_t t = (time_t)at;
+        localtime_r(&t, &tm);
+        strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S %z", &tm);
+        rc = repl_transition_event(actx.d->cat, vm, REPL_ST_WAIT_RESYNC,
                                    REPL_T_SAVE, "info",
-                                   "resynchronization started");
+                                   "resynchronization scheduled for %s",
+                                   when);
+    } else {
+        bool again = r->st == REPL_ST_RESYNC_SUSPENDED;
+        free(r->task);
+        r->task = xstrdup("Resynchronization");
+        rc = repl_transition_event(actx.d->cat, vm, REPL_ST_RESYNC,
+                                   REPL_T_SAVE, "info", "%s",
+                                   again ? "resynchronization continued"
+                                         : "resynchronization started");
+    }
     if (rc == 0)
         shipper_ensure(vm);
+    return rc;
+}
+
+/* POST /v1/vms/VM/replication/stop-resync: a resynchronization (running,
+ * waiting or suspended) stops; the VM is left in Error, "resynchronization
+ * required", and what the comparison did stays: the next resume --resync
+ * goes on from its step (repeating a step is safe: resync.c). */
+int
+api_repl_stop_resync(struct api_call *call, unsigned *status VR_UNUSED,
+                     json_object **out)
+{
+    struct vm *vm = NULL;
+    pthread_mutex_lock(&actx.d->lock);
+    int rc = lookup_repl(call, &vm);
+    struct repl *r = rc == 0 ? vm->repl : NULL;
+    if (r && r->mode != VM_MODE_PRIMARY)
+        rc = vr_err(-EINVAL, "vm %s: a resynchronization runs on the "
+                    "primary; stop it there", vm->name);
+    else if (r && r->st != REPL_ST_RESYNC && r->st != REPL_ST_WAIT_RESYNC &&
+             r->st != REPL_ST_RESYNC_SUSPENDED)
+        rc = vr_err(-EINVAL, "vm %s: no resynchronization to stop (state "
+                    "%s)", vm->name, repl_st_name(r->st));
+    if (rc == 0) {
+        wake(vm);
+        r->resync_at = 0;
+        free(r->last_error);
+        r->last_error = xasprintf(
+            "resynchronization required: stopped by the administrator; "
+            "'vmreplica replication resume %s --resync' starts it again",
+            vm->name);
+        free(r->task);
+        r->task = NULL;
+        rc = repl_transition_event(actx.d->cat, vm, REPL_ST_ERROR,
+                                   REPL_T_SAVE, "warning",
+                                   "resynchronization stopped; the Replica VM "
+                                   "stays at its last consistent cycle until "
+                                   "one completes");
+    }
+    if (rc == 0)
+        *out = repl_to_json(vm, actx.d->cfg.hostname);
+    pthread_mutex_unlock(&actx.d->lock);
     return rc;
 }
 
@@ -371,8 +481,28 @@ api_repl_resume(struct api_call *call, unsigned *status VR_UNUSED,
     int rc = lookup_repl(call, &vm);
     if (rc == 0)
         rc = check_not_failing_over(vm);
-    if (rc == 0 && jbool(call->body, "resync", false))
-        rc = resync_begin(vm);
+    json_object *atv = NULL;
+    int64_t at = 0;
+    if (call->body && json_object_object_get_ex(call->body, "at", &atv)) {
+        at = json_object_is_type(atv, json_type_int)
+                 ? json_object_get_int64(atv)
+                 : -1;
+        if (at < 1)
+            rc = rc < 0 ? rc
+                        : vr_err(-EINVAL, "at: must be a time (Unix seconds)");
+    }
+    bool resync = jbool(call->body, "resync", false);
+    bool cont = jbool(call->body, "continue", false);
+    if (rc == 0 && !resync && (at || cont))
+        rc = vr_err(-EINVAL, "--at and --continue go with --resync");
+    if (rc == 0 && resync)
+        rc = resync_begin(vm, at, cont);
+    else if (rc == 0 && vm->repl->resync_step != RESYNC_NONE &&
+             vm->repl->mode == VM_MODE_PRIMARY)
+        rc = vr_err(-EINVAL, "vm %s: a resynchronization is pending (%s); "
+                    "go on with it: 'vmreplica replication resume %s "
+                    "--resync'", vm->name, repl_st_name(vm->repl->st),
+                    vm->name);
     else if (rc == 0 && (vm->repl->st == REPL_ST_SUSPENDED ||
                          vm->repl->st == REPL_ST_ERROR)) {
         struct repl *r = vm->repl;
@@ -413,6 +543,39 @@ api_repl_reset_stats(struct api_call *call, unsigned *status VR_UNUSED,
     return rc;
 }
 
+/* The start time of body's "at" (RFC 3339, or Unix seconds as
+ * replication resume takes) into *at_ms (0: none): at most 7 days ahead
+ * and not in the past. */
+static int
+initial_at(const struct vm *vm, json_object *body, uint64_t *at_ms)
+{
+    json_object *v = NULL;
+    *at_ms = 0;
+    if (!body || !json_object_object_get_ex(body, "at", &v))
+        return 0;
+    uint64_t now = vr_wall_ms(), t = 0;
+    char buf[32];
+    const char *at = buf;
+    if (json_object_is_type(v, json_type_int) &&
+        json_object_get_int64(v) > 0 &&
+        json_object_get_int64(v) < INT64_MAX / 1000) {
+        t = (uint64_t)json_object_get_int64(v) * 1000;
+        vr_rfc3339(t, buf);
+    } else if (!json_object_is_type(v, json_type_string) ||
+               vr_parse_rfc3339((at = json_object_get_string(v)), &t) < 0) {
+        return vr_err(-EINVAL, "vm %s: start time '%s' is not an RFC 3339 "
+                      "date-time", vm->name, json_object_get_string(v));
+    }
+    if (t < now)
+        return vr_err(-EINVAL, "vm %s: start time %s is in the past",
+                      vm->name, at);
+    if (t > now + INITIAL_AT_MAX_MS)
+        return vr_err(-EINVAL, "vm %s: start time %s is more than 7 days "
+                      "ahead", vm->name, at);
+    *at_ms = t;
+    return 0;
+}
+
 int
 api_initial_start(struct api_call *call, unsigned *status VR_UNUSED,
                   json_object **out)
@@ -428,30 +591,67 @@ api_initial_start(struct api_call *call, unsigned *status VR_UNUSED,
         rc = vr_err(-EALREADY, "vm %s: initial replication is already done",
                     vm->name);
     bool compare = jbool(call->body, "use_existing", false);
+    const char *export = jstr(call->body, "export");
+    enum initial_method method = compare  ? INITIAL_COMPARE
+                                 : export ? INITIAL_EXPORT
+                                          : INITIAL_FULL;
+    uint64_t at = 0;
+    if (rc == 0 && compare && export)
+        rc = vr_err(-EINVAL, "vm %s: --export and --use-existing are two "
+                    "methods; choose one", vm->name);
+    if (rc == 0 && export && (export[0] != '/' || strlen(export) > 1024))
+        rc = vr_err(-EINVAL, "vm %s: export directory '%s' is not an "
+                    "absolute path", vm->name, export);
+    if (rc == 0)
+        rc = initial_at(vm, call->body, &at);
     /* The method is chosen when the copy starts afresh; one under way
      * goes on as it began (its progress means nothing to the other). */
     if (rc == 0 && vm->repl->initial_seq != 0 &&
-        (vm->repl->initial_method == INITIAL_COMPARE) != compare)
+        vm->repl->initial_method != method)
         rc = vr_err(-EBUSY, "vm %s: an initial replication %s is under way "
                     "(%llu bytes done); it resumes as it began", vm->name,
                     vm->repl->initial_method == INITIAL_COMPARE
-                        ? "by comparison" : "by full copy",
+                        ? "by comparison"
+                    : vm->repl->initial_method == INITIAL_EXPORT
+                        ? "by export" : "by full copy",
                     (unsigned long long)(vm->repl->initial_method ==
                                                  INITIAL_COMPARE
                                              ? vm->repl->initial_compared
                                              : vm->repl->initial_sent));
+    if (rc == 0 && export && vm->repl->st == REPL_ST_INITIAL &&
+        (!vm->repl->initial_export ||
+         strcmp(vm->repl->initial_export, export) != 0))
+        rc = vr_err(-EBUSY, "vm %s: an export to %s is under way; stop it "
+                    "first", vm->name, vm->repl->initial_export
+                                           ? vm->repl->initial_export : "?");
+    if (rc == 0 && at && vm->repl->st != REPL_ST_READY_INITIAL)
+        rc = vr_err(-EBUSY, "vm %s: cannot schedule initial replication in "
+                    "state %s", vm->name, repl_st_name(vm->repl->st));
     if (rc == 0 && vm->repl->st != REPL_ST_INITIAL) {
-        if (vm->repl->st != REPL_ST_READY_INITIAL)
+        struct repl *r = vm->repl;
+        if (r->st != REPL_ST_READY_INITIAL)
             rc = vr_err(-EBUSY, "vm %s: cannot start initial replication in "
                                 "state %s",
-                        vm->name, repl_st_name(vm->repl->st));
+                        vm->name, repl_st_name(r->st));
         else {
-            vm->repl->initial_method =
-                compare ? INITIAL_COMPARE : INITIAL_FULL;
+            r->initial_method = method;
+            free(r->initial_export);
+            r->initial_export = export ? xstrdup(export) : NULL;
+            r->initial_at_ms = at;
             wake(vm);
-            free(vm->repl->task);
-            vm->repl->task = xstrdup("InitialReplication");
-            rc = repl_transition(actx.d->cat, vm, REPL_ST_INITIAL, REPL_T_SAVE);
+            if (at) {
+                char ts[32];
+                vr_rfc3339(at, ts);
+                rc = catalog_save_repl(actx.d->cat, r);
+                if (rc == 0)
+                    event_add(actx.d->cat, "info", vm->name,
+                              "initial replication scheduled for %s", ts);
+            } else {
+                free(r->task);
+                r->task = xstrdup("InitialReplication");
+                rc = repl_transition(actx.d->cat, vm, REPL_ST_INITIAL,
+                                     REPL_T_SAVE);
+            }
             shipper_ensure(vm);
         }
     }
@@ -459,6 +659,32 @@ api_initial_start(struct api_call *call, unsigned *status VR_UNUSED,
         *out = repl_to_json(vm, actx.d->cfg.hostname);
     pthread_mutex_unlock(&actx.d->lock);
     return rc;
+}
+
+int
+api_initial_stop(struct api_call *call, unsigned *status VR_UNUSED,
+                 json_object **out)
+{
+    struct vm *vm = NULL;
+    pthread_mutex_lock(&actx.d->lock);
+    int rc = lookup_repl(call, &vm);
+    if (rc == 0)
+        rc = initial_stop(vm);
+    if (rc == 0)
+        *out = repl_to_json(vm, actx.d->cfg.hostname);
+    pthread_mutex_unlock(&actx.d->lock);
+    return rc;
+}
+
+int
+api_initial_import(struct api_call *call, unsigned *status VR_UNUSED,
+                   json_object **out)
+{
+    const char *from = jstr(call->body, "from");
+    if (!from || from[0] != '/' || strlen(from) > 1024)
+        return vr_err(-EINVAL, "import: 'from' must be the absolute path of "
+                      "an export directory");
+    return replica_import(call->arg, from, out);
 }
 
 int

@@ -7,6 +7,7 @@
 
 #include "config.h"
 #include "api-int.h"
+#include "proc/vmproc.h"
 #include "web.h"
 
 static json_object *
@@ -62,6 +63,7 @@ server_json(void)
     STR("web_listen", c->web_listen);
     json_object_object_add(o, "listening_web",
                            json_object_new_boolean(web_listening()));
+    STR("hypervisor", c->hypervisor_libvirt ? "libvirt" : "qemu");
 #undef STR
     return o;
 }
@@ -154,6 +156,12 @@ cfg_set_listener(json_object *b, struct server_cfg *c)
         c->krb_encrypt = json_object_get_boolean(v);
     if (json_object_object_get_ex(b, "monitoring_interval", &v))
         c->monitoring_interval_s = (unsigned)json_object_get_int64(v);
+    const char *hv = jstr(b, "hypervisor");
+    enum vmproc_hv h;
+    if (hv && vmproc_hv_parse(hv, &h) < 0)
+        return -EINVAL;
+    if (hv)
+        c->hypervisor_libvirt = h == VMPROC_HV_LIBVIRT;
     const char *web = jstr(b, "web_listen");
     if (web) {
         free(c->web_listen); /* "": off */
@@ -322,6 +330,8 @@ api_server_set(struct api_call *call, unsigned *status VR_UNUSED,
         /* The settings stand; a firewall that cannot follow them is an
          * error event and shows in firewall_error. */
         firewall_sync();
+        vmproc_set_default_hv(c->hypervisor_libvirt ? VMPROC_HV_LIBVIRT
+                                                    : VMPROC_HV_QEMU);
         *out = server_json();
     }
     pthread_mutex_unlock(&actx.d->lock);

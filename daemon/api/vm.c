@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "api-int.h"
+#include "proc/libvirt.h"
 #include "proc/vmproc.h"
 #include "proc/vmspec.h"
 
@@ -62,6 +63,10 @@ vm_to_json(const struct vm *vm)
                            json_object_new_int((int)vm->memory_mib));
     json_object_object_add(o, "mode",
                            json_object_new_string(vm_mode_name(vm->mode)));
+    /* A Replica VM without a relationship: one clear state (the commands
+     * that apply to it are in vm_kept_copy_err). */
+    json_object_object_add(o, "kept_copy",
+                           json_object_new_boolean(vm_is_kept_copy(vm)));
     if (vm->mode == VM_MODE_REPLICA && vm->owner) {
         /* Who may register it (again): replica/replica-register.c,
          * check_owner. */
@@ -74,6 +79,9 @@ vm_to_json(const struct vm *vm)
     json_object_object_add(o, "running", json_object_new_boolean(running));
     json_object_object_add(o, "served", json_object_new_boolean(served));
     json_object_object_add(o, "hypervisor", json_object_new_boolean(running));
+    if (vm->libvirt_domain)
+        json_object_object_add(o, "libvirt_domain",
+                               json_object_new_string(vm->libvirt_domain));
     json_object *disks = json_object_new_array();
     for (unsigned i = 0; i < vm->ndisks; i++) {
         json_object *d = json_object_new_object();
@@ -138,6 +146,165 @@ api_vm_show(struct api_call *call, unsigned *status VR_UNUSED,
     return rc;
 }
 
+/* --- vm create --from-libvirt ---------------------------------------------- */
+
+static int
+disk_size(const char *path, uint64_t *size)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    off_t end = fd >= 0 ? lseek(fd, 0, SEEK_END) : -1;
+    int rc = end < 0 ? vr_err(-errno, "disk %s: %s", path, strerror(errno))
+                     : 0;
+    if (fd >= 0)
+        close(fd);
+    if (rc == 0)
+        *size = (uint64_t)end;
+    return rc;
+}
+
+/* The adopted domain's disks: a raw file is tracked where it is, any
+ * other (qcow2, a block device...) is converted to VMDIR/diskN.raw. */
+static int
+adopt_disks(struct vm *vm, const struct lv_adopt *a)
+{
+    for (unsigned i = 0; i < a->ndisks; i++) {
+        struct disk *dk = &vm->disks[vm->ndisks++];
+        snprintf(dk->id, sizeof dk->id, "disk%u", i);
+        int rc = 0;
+        if (a->in_place[i]) {
+            dk->path = xstrdup(a->path[i]);
+            if (access(dk->path, R_OK | W_OK) < 0)
+                rc = vr_err(-errno, "disk %s: %s", dk->path, strerror(errno));
+        } else {
+            dk->path = xasprintf("%s/%s.raw", vm->dir, dk->id);
+            char *argv[] = { (char *)"qemu-img", (char *)"convert",
+                             (char *)"-f", a->format[i], (char *)"-O",
+                             (char *)"raw", a->path[i], dk->path, NULL };
+            rc = vmproc_run(argv);
+        }
+        if (rc == 0)
+            rc = disk_size(dk->path, &dk->size);
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
+}
+
+/* Undo a failed adoption: converted disks and the VM's directory go (a
+ * disk taken in place stays: it is the domain's). */
+static void
+adopt_undo(struct vm *vm, const struct lv_adopt *a)
+{
+    for (unsigned i = 0; i < vm->ndisks; i++)
+        if (!a->in_place[i])
+            unlink(vm->disks[i].path);
+    CLEANUP_FREE char *bak = xasprintf("%s/libvirt-original.xml", vm->dir);
+    unlink(bak);
+    rmdir(vm->dir);
+    vm_free(vm);
+}
+
+/* The VM of an adopted domain, its disks in place or converted and the
+ * original XML kept as VMDIR/libvirt-original.xml. */
+static int
+adopt_build(const char *name, const char *domain, const struct lv_adopt *a,
+            struct vm **out)
+{
+    struct vm *vm = xcalloc(1, sizeof *vm);
+    vr_uuid_new(vm->uuid);
+    vm->name = xstrdup(name);
+    vm->cpus = a->cpus < 1 ? 1 : a->cpus > 64 ? 64 : a->cpus;
+    vm->memory_mib = a->memory_mib < 16 ? 16 : a->memory_mib;
+    vm->mode = VM_MODE_NONE;
+    vm->dir = xasprintf("%s/vms/%s", actx.d->state_dir, vm->uuid);
+    vm->libvirt_domain = xstrdup(domain);
+    if (json_object_array_length(a->nics) > 0)
+        vm->nics = json_object_get(a->nics);
+    int rc = nics_validate(vm->nics);
+    if (rc == 0)
+        rc = io_mkdir_p(vm->dir, 0750);
+    if (rc == 0)
+        rc = adopt_disks(vm, a);
+    if (rc == 0) {
+        CLEANUP_FREE char *bak = xasprintf("%s/libvirt-original.xml",
+                                           vm->dir);
+        rc = io_write_file_atomic(bak, a->xml, strlen(a->xml));
+    }
+    if (rc < 0) {
+        char msg[1024];
+        snprintf(msg, sizeof msg, "%s", vr_errmsg());
+        adopt_undo(vm, a);
+        return vr_err(rc, "adopt libvirt domain %s: %s", domain, msg);
+    }
+    *out = vm;
+    return 0;
+}
+
+/* The domain redefined on the exports, then the VM recorded; a failure
+ * defines the original again. */
+static int
+adopt_commit(struct vm *vm, const struct lv_adopt *a)
+{
+    CLEANUP_FREE char *rundir = vm_rundir(actx.d, vm);
+    struct vmproc_disk dks[MAX_DISKS];
+    for (unsigned i = 0; i < vm->ndisks; i++)
+        dks[i] = (struct vmproc_disk){ vm->disks[i].id, vm->disks[i].path };
+    int rc = lv_adopt_redefine(a->xml, rundir, vm->ndisks, dks);
+    if (rc < 0)
+        return rc;
+    pthread_mutex_lock(&actx.d->lock);
+    if (vm_find(actx.d, vm->name))
+        rc = vr_err(-EEXIST, "vm %s: already exists", vm->name);
+    if (rc == 0)
+        rc = catalog_save_vm(actx.d->cat, vm);
+    if (rc == 0) {
+        vm->next = actx.d->vms;
+        actx.d->vms = vm;
+        event_add(actx.d->cat, "info", vm->name, "vm created from libvirt "
+                  "domain %s with %u disk(s); the domain now runs on the "
+                  "tracked exports", vm->libvirt_domain, vm->ndisks);
+    }
+    pthread_mutex_unlock(&actx.d->lock);
+    if (rc < 0) {
+        char msg[1024];
+        snprintf(msg, sizeof msg, "%s", vr_errmsg());
+        if (lv_define(a->xml) < 0)
+            vr_err_clear();
+        vr_err(rc, "%s", msg);
+    }
+    return rc;
+}
+
+static int
+vm_adopt(const char *name, const char *domain, unsigned *status,
+         json_object **out)
+{
+    pthread_mutex_lock(&actx.d->lock);
+    bool exists = vm_find(actx.d, name) != NULL;
+    pthread_mutex_unlock(&actx.d->lock);
+    if (exists)
+        return vr_err(-EEXIST, "vm %s: already exists", name);
+    struct lv_adopt a;
+    int rc = lv_adopt_read(domain, &a);
+    if (rc < 0)
+        return rc;
+    struct vm *vm = NULL;
+    rc = adopt_build(name, domain, &a, &vm);
+    if (rc == 0) {
+        rc = adopt_commit(vm, &a);
+        if (rc < 0)
+            adopt_undo(vm, &a);
+    }
+    lv_adopt_fini(&a);
+    if (rc < 0)
+        return rc;
+    pthread_mutex_lock(&actx.d->lock);
+    *out = vm_to_json(vm);
+    pthread_mutex_unlock(&actx.d->lock);
+    *status = 201;
+    return 0;
+}
+
 int
 api_vm_create(struct api_call *call, unsigned *status, json_object **out)
 {
@@ -147,6 +314,9 @@ api_vm_create(struct api_call *call, unsigned *status, json_object **out)
         return vr_err(-EINVAL, "vm name %s: invalid (1-64 of A-Z a-z 0-9 . _ "
                                "- space, not starting with . - or space)",
                       name ? name : "(missing)");
+    const char *domain = jstr(b, "from_libvirt");
+    if (domain)
+        return vm_adopt(name, domain, status, out);
     json_object *disks;
     if (!json_object_object_get_ex(b, "disks", &disks) ||
         !json_object_is_type(disks, json_type_array) ||
@@ -286,6 +456,10 @@ api_vm_start(struct api_call *call, unsigned *status VR_UNUSED,
              json_object **out)
 {
     struct vm *vm = NULL;
+    enum vmproc_hv hv = VMPROC_HV_DEFAULT;
+    const char *hvname = jstr(call->body, "hypervisor");
+    if (hvname && vmproc_hv_parse(hvname, &hv) < 0)
+        return -EINVAL;
     pthread_mutex_lock(&actx.d->lock);
     int rc = begin_change(call, &vm);
     if (rc == 0 && vm->repl && vm->repl->mode == VM_MODE_PRIMARY &&
@@ -299,8 +473,11 @@ api_vm_start(struct api_call *call, unsigned *status VR_UNUSED,
                     "server); 'vmreplica failover stop %s' here undoes the "
                     "preparation", n, vm->repl->replica_server, n, n);
     }
-    if (rc == 0 && vm->mode == VM_MODE_REPLICA &&
-        !(vm->repl && vm->repl->st == REPL_ST_FAILED_OVER)) {
+    if (rc == 0 && vm_is_kept_copy(vm)) {
+        vm_op_end(vm, VM_OP_CHANGE);
+        rc = vm_kept_copy_err(vm, "vm start");
+    } else if (rc == 0 && vm->mode == VM_MODE_REPLICA &&
+               !(vm->repl && vm->repl->st == REPL_ST_FAILED_OVER)) {
         vm_op_end(vm, VM_OP_CHANGE);
         rc = vr_err(-EBUSY, "vm %s: is a Replica VM; it starts only through "
                             "failover",
@@ -315,6 +492,8 @@ api_vm_start(struct api_call *call, unsigned *status VR_UNUSED,
     struct vmproc_spec s;
     struct vmproc_disk dks[MAX_DISKS];
     vm_spec_of(vm, &s, dks, rundir);
+    if (hv != VMPROC_HV_DEFAULT)
+        s.hv = hv;
     /* The spec borrows vm's strings: a changing VM is neither removed nor
      * altered. */
     pthread_mutex_unlock(&actx.d->lock);
@@ -327,7 +506,10 @@ api_vm_start(struct api_call *call, unsigned *status VR_UNUSED,
     end_change(vm);
     if (rc == 0) {
         event_add(actx.d->cat, "info", vm->name, "vm started (%s)",
-                  vm->hypervisor ? "qemu" : "disks served only");
+                  !vm->hypervisor ? "disks served only"
+                  : strcmp(vmproc_hv_name(s.hv), "libvirt") == 0
+                      ? "libvirt domain"
+                      : "qemu");
         *out = vm_to_json(vm);
     } else {
         vr_err(rc, "%s", msg);

@@ -26,7 +26,7 @@ db_of(struct catalog *cat)
     return cat ? cat->db : NULL;
 }
 
-#define SCHEMA_VERSION 7 /* 2: recovery history (points, two columns)
+#define SCHEMA_VERSION 9 /* 2: recovery history (points, two columns)
                             3: failover_point, failover_step,
                                prepared_cycle, app_every
                             4: auth, krb_encrypt (Kerberos mode)
@@ -39,7 +39,14 @@ db_of(struct catalog *cat)
                             7: initial_method, initial_compared (an
                                initial replication by comparison);
                                resync_* (resynchronization), hold_from,
-                               hold_to (the replica's apply hold) */
+                               hold_to (the replica's apply hold)
+                            8: resync_at, resync_window (scheduled
+                               resynchronization)
+                            9: vms.libvirt_domain (vm create
+                               --from-libvirt); initial_at,
+                               initial_export (scheduled and
+                               external-media initial replication),
+                               imported_base */
 
 static const char schema[] =
     "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);"
@@ -47,7 +54,7 @@ static const char schema[] =
     "CREATE TABLE IF NOT EXISTS vms(uuid TEXT PRIMARY KEY, name TEXT UNIQUE "
     "  NOT NULL, cpus INT, memory_mib INT, mode TEXT, dir TEXT, kernel TEXT, "
     "  initrd TEXT, cmdline TEXT, nics TEXT, test_network TEXT, owner TEXT, "
-    "  owner_group TEXT);"
+    "  owner_group TEXT, libvirt_domain TEXT);"
     "CREATE TABLE IF NOT EXISTS disks(vm_uuid TEXT, idx INT, id TEXT, "
     "  path TEXT, size INT, PRIMARY KEY(vm_uuid, idx));"
     "CREATE TABLE IF NOT EXISTS replications(vm_uuid TEXT PRIMARY KEY, "
@@ -65,7 +72,9 @@ static const char schema[] =
     "  initial_method INT, initial_compared INT, resync_step INT, "
     "  resync_void INT, resync_first INT, resync_compared INT, "
     "  resync_sent INT, hold_from INT, hold_to INT, log_budget INT, "
-    "  auto_resync_off INT);"
+    "  auto_resync_off INT, resync_at INT, resync_window TEXT, "
+    "  initial_at INT, initial_export TEXT, "
+    "  imported_base INT);"
     "CREATE TABLE IF NOT EXISTS points(vm_uuid TEXT, cycle INT, time_ms INT, "
     "  kind TEXT, undo_bytes INT, PRIMARY KEY(vm_uuid, cycle));"
     "CREATE TABLE IF NOT EXISTS auth_entries(pattern TEXT PRIMARY KEY, "
@@ -179,10 +188,25 @@ migrate(struct catalog *cat)
     for (size_t k = 0; rc == 0 && have >= 1 && have <= 6 && k < ARRAY_SIZE(v7);
          k++)
         rc = add_column(cat, "replications", v7[k], "INT");
+    /* 8: a scheduled resynchronization and the automatic one's window. */
+    if (rc == 0 && have >= 1 && have <= 7)
+        rc = add_column(cat, "replications", "resync_at", "INT");
+    if (rc == 0 && have >= 1 && have <= 7)
+        rc = add_column(cat, "replications", "resync_window", "TEXT");
+    /* 9: the libvirt domain a VM was adopted from; a scheduled start, an
+     * export's directory, an import's base. */
+    if (rc == 0 && have >= 1 && have <= 8)
+        rc = add_column(cat, "vms", "libvirt_domain", "TEXT");
+    if (rc == 0 && have >= 1 && have <= 8)
+        rc = add_column(cat, "replications", "initial_at", "INT");
+    if (rc == 0 && have >= 1 && have <= 8)
+        rc = add_column(cat, "replications", "initial_export", "TEXT");
+    if (rc == 0 && have >= 1 && have <= 8)
+        rc = add_column(cat, "replications", "imported_base", "INT");
     if (rc == 0)
         rc = exec_sql(cat,
                       "INSERT OR REPLACE INTO meta VALUES('schema_version', "
-                      "'7')");
+                      "'9')");
     return rc;
 }
 
@@ -291,7 +315,9 @@ catalog_save_server(struct catalog *cat, const struct server_cfg *c)
         (rc = config_put(cat, "monitoring_interval", mon)) < 0 ||
         (rc = config_put(cat, "firewall_enabled",
                          c->firewall_enabled ? "1" : "0")) < 0 ||
-        (rc = config_put(cat, "web_listen", c->web_listen)) < 0) {
+        (rc = config_put(cat, "web_listen", c->web_listen)) < 0 ||
+        (rc = config_put(cat, "hypervisor",
+                         c->hypervisor_libvirt ? "libvirt" : "qemu")) < 0) {
         return catalog_end(cat, rc);
     }
     return catalog_end(cat, 0);
@@ -328,6 +354,8 @@ load_server(struct catalog *cat, struct server_cfg *c)
         S("default_storage", default_storage)
         S("web_listen", web_listen)
 #undef S
+        if (strcmp(k, "hypervisor") == 0)
+            c->hypervisor_libvirt = strcmp(v, "libvirt") == 0;
         if (strcmp(k, "replica_enabled") == 0)
             c->replica_enabled = atoi(v) != 0;
         else if (strcmp(k, "allow_any") == 0)
@@ -366,7 +394,7 @@ catalog_save_vm(struct catalog *cat, const struct vm *vm)
     if (rc < 0)
         return rc;
     sqlite3_stmt *st = prep(
-        cat, "INSERT OR REPLACE INTO vms VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)");
+        cat, "INSERT OR REPLACE INTO vms VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
     if (!st)
         return catalog_end(cat, -EIO);
     sqlite3_bind_text(st, 1, vm->uuid, -1, SQLITE_STATIC);
@@ -386,6 +414,7 @@ catalog_save_vm(struct catalog *cat, const struct vm *vm)
     sqlite3_bind_text(st, 11, vm->test_network, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 12, vm->owner, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 13, vm->owner_group, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 14, vm->libvirt_domain, -1, SQLITE_STATIC);
     rc = step_done(cat, st);
     if (rc == 0) {
         st = prep(cat, "DELETE FROM disks WHERE vm_uuid = ?");
@@ -441,7 +470,7 @@ catalog_save_repl(struct catalog *cat, const struct repl *r)
     sqlite3_stmt *st = prep(cat, 
         "INSERT OR REPLACE INTO replications VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,"
         "?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,"
-        "?,?,?,?)");
+        "?,?,?,?,?,?,?,?,?)");
     if (!st)
         return -EIO;
     int i = 1;
@@ -498,6 +527,11 @@ catalog_save_repl(struct catalog *cat, const struct repl *r)
     sqlite3_bind_int64(st, i++, (sqlite3_int64)r->hold_to);
     sqlite3_bind_int64(st, i++, (sqlite3_int64)r->log_budget);
     sqlite3_bind_int(st, i++, r->auto_resync_off);
+    sqlite3_bind_int64(st, i++, r->resync_at);
+    sqlite3_bind_text(st, i++, r->resync_window, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->initial_at_ms);
+    sqlite3_bind_text(st, i++, r->initial_export, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, i++, (sqlite3_int64)r->imported_base);
     return step_done(cat, st);
 }
 
@@ -584,9 +618,10 @@ load_repl(sqlite3_stmt *st)
     r->krb_encrypt = sqlite3_column_int(st, i++) != 0;
     r->reset_pending = sqlite3_column_int(st, i++) != 0;
     r->first_point = (uint64_t)sqlite3_column_int64(st, i++);
-    r->initial_method = sqlite3_column_int(st, i++) == INITIAL_COMPARE
-                            ? INITIAL_COMPARE
-                            : INITIAL_FULL;
+    int method = sqlite3_column_int(st, i++);
+    r->initial_method = method == INITIAL_COMPARE  ? INITIAL_COMPARE
+                        : method == INITIAL_EXPORT ? INITIAL_EXPORT
+                                                   : INITIAL_FULL;
     r->initial_compared = (uint64_t)sqlite3_column_int64(st, i++);
     int step = sqlite3_column_int(st, i++);
     r->resync_step = step >= RESYNC_REQUESTED && step <= RESYNC_COMPLETING
@@ -600,6 +635,11 @@ load_repl(sqlite3_stmt *st)
     r->hold_to = (uint64_t)sqlite3_column_int64(st, i++);
     r->log_budget = (uint64_t)sqlite3_column_int64(st, i++);
     r->auto_resync_off = sqlite3_column_int(st, i++) != 0;
+    r->resync_at = sqlite3_column_int64(st, i++);
+    r->resync_window = col_str(st, i++);
+    r->initial_at_ms = (uint64_t)sqlite3_column_int64(st, i++);
+    r->initial_export = col_str(st, i++);
+    r->imported_base = (uint64_t)sqlite3_column_int64(st, i++);
     if (r->point_interval_s == 0)
         r->point_interval_s = 3600;
     return r;
@@ -679,7 +719,8 @@ catalog_load(struct catalog *cat, struct server_cfg *cfg, struct vm **vms)
     sqlite3_stmt *st =
         prep(cat, "SELECT uuid, name, cpus, memory_mib, mode, dir, "
                   "kernel, initrd, cmdline, nics, test_network, "
-                  "owner, owner_group FROM vms ORDER BY name DESC");
+                  "owner, owner_group, libvirt_domain FROM vms ORDER BY "
+                  "name DESC");
     if (!st)
         return -EIO;
     while (sqlite3_step(st) == SQLITE_ROW) {
@@ -706,6 +747,7 @@ catalog_load(struct catalog *cat, struct server_cfg *cfg, struct vm **vms)
         vm->test_network = col_str(st, 10);
         vm->owner = col_str(st, 11);
         vm->owner_group = col_str(st, 12);
+        vm->libvirt_domain = col_str(st, 13);
         vm->next = *vms;
         *vms = vm;
     }

@@ -111,6 +111,15 @@ r1_register_parse(json_object *b, struct r1_reg *reg)
         (reg->reverse_of = int_or(v, -1)) < 1)
         return vr_err(-EINVAL, "register: reverse_of: must be a cycle "
                       "number >= 1");
+    if (json_object_object_get_ex(b, "reverse_unplanned", &v)) {
+        if (!json_object_is_type(v, json_type_boolean))
+            return vr_err(-EINVAL, "register: reverse_unplanned: must be "
+                          "true or false");
+        reg->reverse_unplanned = json_object_get_boolean(v);
+        if (reg->reverse_unplanned && reg->reverse_of)
+            return vr_err(-EINVAL, "register: reverse_of and "
+                          "reverse_unplanned exclude each other");
+    }
     return 0;
 }
 

@@ -32,11 +32,14 @@ struct r1_reg {
     unsigned frequency_s;   /* 0: not sent */
     int compression;        /* -1: not sent, else 0 or 1 */
     int64_t reverse_of;     /* 0: not a reverse replication */
+    bool reverse_unplanned; /* a reverse after an unplanned failover: the
+                             * old primary keeps its disks for a comparison */
 };
 /* Every number a registration carries is bounded here (SPEC §6): disks
  * 1..MAX_DISKS of 1 byte..1 PiB, cpus 1..64, memory_mib 16..1 TiB,
  * frequency 1 s..24 h (as `replication enable`), reverse_of >= 1, each a
- * JSON integer; compression a boolean. */
+ * JSON integer; compression and reverse_unplanned booleans, the latter
+ * not with reverse_of. */
 #define R1_MAX_FREQUENCY_S 86400
 int r1_register_parse(json_object *b, struct r1_reg *reg) VR_WUR;
 

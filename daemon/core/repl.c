@@ -6,6 +6,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #include "log.h"
 #include "repl.h"
@@ -45,27 +46,38 @@ static const unsigned st_next[REPL_ST_COUNT] = {
     /* initial start; suspend; initial completes after a resume */
     [REPL_ST_READY_INITIAL] =
         B(REPL_ST_INITIAL) | B(REPL_ST_SUSPENDED) | B(REPL_ST_REPLICATING),
-    /* the base copy completes; suspend */
-    [REPL_ST_INITIAL] = B(REPL_ST_REPLICATING) | B(REPL_ST_SUSPENDED),
+    /* the base copy completes; suspend; initial-replication stop */
+    [REPL_ST_INITIAL] = B(REPL_ST_REPLICATING) | B(REPL_ST_SUSPENDED) |
+                        B(REPL_ST_READY_INITIAL),
     /* initial-complete from the primary; suspend */
     [REPL_ST_WAITING_INITIAL] =
         B(REPL_ST_REPLICATING) | B(REPL_ST_SUSPENDED),
     /* suspend; failover prepare (primary); planned failover (replica) */
     [REPL_ST_REPLICATING] = B(REPL_ST_SUSPENDED) | B(REPL_ST_PREPARED) |
-                            B(REPL_ST_FAILED_OVER) | B(REPL_ST_RESYNC),
-    /* resume (--resync) */
-    [REPL_ST_SUSPENDED] = ST_RESUME_TO | B(REPL_ST_RESYNC),
-    /* resume (--resync); suspend; a planned failover whose wait saw an
-     * apply fail */
+                            B(REPL_ST_FAILED_OVER) | B(REPL_ST_RESYNC) |
+                            B(REPL_ST_WAIT_RESYNC),
+    /* resume (--resync [--at]) */
+    [REPL_ST_SUSPENDED] = ST_RESUME_TO | B(REPL_ST_RESYNC) |
+                          B(REPL_ST_WAIT_RESYNC),
+    /* resume (--resync [--at]); suspend; a planned failover whose wait
+     * saw an apply fail */
     [REPL_ST_ERROR] = ST_RESUME_TO | B(REPL_ST_SUSPENDED) |
-                      B(REPL_ST_FAILED_OVER) | B(REPL_ST_RESYNC),
+                      B(REPL_ST_FAILED_OVER) | B(REPL_ST_RESYNC) |
+                      B(REPL_ST_WAIT_RESYNC),
     /* failover complete; failover stop (or its crash recovery) */
     [REPL_ST_FAILOVER_WAIT] = B(REPL_ST_FAILED_OVER) | B(REPL_ST_REPLICATING),
     [REPL_ST_FAILED_OVER] = 0,
     /* failover stop on the primary withdraws the preparation */
     [REPL_ST_PREPARED] = B(REPL_ST_REPLICATING),
     /* the resynchronization completes; suspend */
-    [REPL_ST_RESYNC] = B(REPL_ST_REPLICATING) | B(REPL_ST_SUSPENDED),
+    [REPL_ST_RESYNC] = B(REPL_ST_REPLICATING) | B(REPL_ST_RESYNC_SUSPENDED) |
+                       B(REPL_ST_ERROR),
+    /* its time or window came; suspend; stop-resync */
+    [REPL_ST_WAIT_RESYNC] = B(REPL_ST_RESYNC) | B(REPL_ST_RESYNC_SUSPENDED) |
+                            B(REPL_ST_ERROR),
+    /* resume --resync [--continue | --at]; stop-resync */
+    [REPL_ST_RESYNC_SUSPENDED] = B(REPL_ST_RESYNC) | B(REPL_ST_WAIT_RESYNC) |
+                                 B(REPL_ST_ERROR),
 };
 
 int
@@ -105,3 +117,44 @@ repl_transition_event(struct catalog *cat, struct vm *vm, enum repl_st to,
     return 0;
 }
 #undef B
+
+static bool
+hhmm(const char *s, int *min)
+{
+    if (strlen(s) < 5 || s[0] < '0' || s[0] > '2' || s[1] < '0' ||
+        s[1] > '9' || s[2] != ':' || s[3] < '0' || s[3] > '5' || s[4] < '0' ||
+        s[4] > '9')
+        return false;
+    int h = (s[0] - '0') * 10 + (s[1] - '0');
+    if (h > 23)
+        return false;
+    *min = h * 60 + (s[3] - '0') * 10 + (s[4] - '0');
+    return true;
+}
+
+int
+resync_window_parse(const char *s, int *from, int *to)
+{
+    if (strlen(s) != 11 || s[5] != '-' || !hhmm(s, from) ||
+        !hhmm(s + 6, to))
+        return vr_err(-EINVAL, "resync window '%s': want HH:MM-HH:MM (local "
+                      "time, e.g. 22:00-06:00)", s);
+    if (*from == *to)
+        return vr_err(-EINVAL, "resync window '%s': it starts where it ends "
+                      "(leave the window out for any time)", s);
+    return 0;
+}
+
+bool
+resync_window_open(const char *s, time_t now)
+{
+    int from, to;
+    if (!s || !*s || resync_window_parse(s, &from, &to) < 0) {
+        vr_err_clear();
+        return true;
+    }
+    struct tm tm;
+    localtime_r(&now, &tm);
+    int m = tm.tm_hour * 60 + tm.tm_min;
+    return from < to ? m >= from && m < to : m >= from || m < to;
+}

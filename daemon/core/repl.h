@@ -27,4 +27,11 @@ int repl_transition_event(struct catalog *cat, struct vm *vm,
                           enum repl_st to, unsigned flags, const char *level,
                           const char *fmt, ...) VR_PRINTF(6, 7) VR_WUR;
 
+/* A resynchronization window "HH:MM-HH:MM" (local time; it may wrap past
+ * midnight, start and end differ): 0 with its minutes of the day, or
+ * -EINVAL with the reason. */
+int resync_window_parse(const char *s, int *from, int *to) VR_WUR;
+/* Is `now` inside window s?  NULL or empty: any time is. */
+bool resync_window_open(const char *s, time_t now);
+
 #endif

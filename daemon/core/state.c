@@ -55,6 +55,8 @@ static const char *const st_names[REPL_ST_COUNT] = {
     [REPL_ST_FAILED_OVER] = "FailedOver",
     [REPL_ST_PREPARED] = "PreparedForFailover",
     [REPL_ST_RESYNC] = "Resynchronizing",
+    [REPL_ST_WAIT_RESYNC] = "WaitingForStartResynchronize",
+    [REPL_ST_RESYNC_SUSPENDED] = "ResynchronizeSuspended",
 };
 
 const char *

@@ -85,6 +85,9 @@ struct vm {
      * the network a test failover puts them on (NULL: "none"). */
     json_object *nics;
     char *test_network;
+    /* vm create --from-libvirt: the persistent libvirt domain redefined
+     * on the tracked exports (docs/libvirt.md), or NULL. */
+    char *libvirt_domain;
     bool hypervisor; /* QEMU is asked of the next start (status: vm_to_json,
                       * from the processes) */
     unsigned ops;    /* operations in progress (enum vm_op, vm_busy) */
@@ -112,6 +115,10 @@ enum repl_st {
     REPL_ST_FAILED_OVER,     /* "FailedOver" */
     REPL_ST_PREPARED,        /* "PreparedForFailover" */
     REPL_ST_RESYNC,          /* "Resynchronizing" (primary) */
+    REPL_ST_WAIT_RESYNC,     /* "WaitingForStartResynchronize" (primary):
+                              * a resynchronization waits for its time
+                              * (--at) or its window (--resync-window) */
+    REPL_ST_RESYNC_SUSPENDED, /* "ResynchronizeSuspended" (primary) */
     REPL_ST_COUNT
 };
 
@@ -128,7 +135,11 @@ enum fo_step {
     FO_COMMITTED,  /* overlays are in the disks: drop points, new epoch */
 };
 
-enum initial_method { INITIAL_FULL = 0, INITIAL_COMPARE = 1 };
+/* How an initial replication goes: every allocated byte over the network,
+ * only the chunks that differ from the Replica server's copy, or written
+ * to external media (--export DIR) and imported there. */
+enum initial_method { INITIAL_FULL = 0, INITIAL_COMPARE = 1,
+                      INITIAL_EXPORT = 2 };
 
 /* Steps of a resynchronization on the primary (resync.c), in
  * repl.resync_step; each is in the catalog before its work starts. */
@@ -178,6 +189,16 @@ struct repl {
      * is initial_compared of initial_total. */
     enum initial_method initial_method;
     uint64_t initial_compared;
+    /* Primary: a scheduled start (initial-replication start --at), wall
+     * clock ms; 0 none.  The state stays ReadyForInitialReplication until
+     * then (initial.c, initial_schedule_due). */
+    uint64_t initial_at_ms;
+    /* Primary: the directory an export (--export) writes to; NULL none. */
+    char *initial_export;
+    /* Replica: the base cycle of the export imported into the disks
+     * (initial-replication import); 0 none.  The primary reads it from the
+     * status and then sends initial-complete. */
+    uint64_t imported_base;
     /* Resynchronization (primary, resync.c): the step reached, the void
      * cycle C after which the data plane re-armed tracking, the first
      * consistent cycle F once the comparison's last read is done, and the
@@ -196,6 +217,11 @@ struct repl {
     /* Primary: when change tracking stops, wait for replication resume
      * --resync instead of resynchronizing at once (--auto-resync off). */
     bool auto_resync_off;
+    /* Primary: when a scheduled resynchronization starts (Unix seconds;
+     * 0: none), and the daily window ("HH:MM-HH:MM", local time; NULL:
+     * any time) in which an automatic one may start. */
+    int64_t resync_at;
+    char *resync_window;
     /* cycles */
     uint64_t last_cycle;    /* primary: last acknowledged; replica: staged */
     uint64_t applied_cycle; /* replica: last applied */
@@ -279,6 +305,9 @@ struct server_cfg {
     /* `server set --web-listen`: ADDR:PORT of the read-only web listener
      * (metrics, dashboard; web.c), or NULL: off. */
     char *web_listen;
+    /* `server set --hypervisor libvirt`: VMs (and failed-over Replica VMs)
+     * start as libvirt domains unless `vm start --hypervisor` says. */
+    bool hypervisor_libvirt;
 };
 
 struct catalog;

@@ -39,6 +39,26 @@ vm_lookup(struct daemon *d, const char *key, struct vm **out)
     return *out ? 0 : vr_err(-ENOENT, "vm %s: not found", vr_qname(key, q));
 }
 
+bool
+vm_is_kept_copy(const struct vm *vm)
+{
+    return vm->mode == VM_MODE_REPLICA && !vm->repl;
+}
+
+int
+vm_kept_copy_err(const struct vm *vm, const char *what)
+{
+    const char *owner = vm->owner ? vm->owner : "its primary";
+    return vr_err(-EINVAL, "vm '%s': %s does not apply: it is a kept "
+                  "Replica copy (its replication from %s was removed; the "
+                  "disks are kept). To replicate it again, run on %s "
+                  "'vmreplica replication enable %s …', then "
+                  "'vmreplica initial-replication start %s --use-existing' "
+                  "(only what differs is sent); to delete it here, "
+                  "'vmreplica vm remove %s'", vm->name, what, owner, owner,
+                  vm->name, vm->name, vm->name);
+}
+
 void
 repl_free(struct repl *r)
 {
@@ -51,7 +71,9 @@ repl_free(struct repl *r)
     free(r->last_error);
     free(r->trust_group);
     free(r->auth);
+    free(r->initial_export);
     free(r->task);
+    free(r->resync_window);
     free(r);
 }
 
@@ -72,6 +94,7 @@ vm_free(struct vm *vm)
     free(vm->test_network);
     free(vm->owner);
     free(vm->owner_group);
+    free(vm->libvirt_domain);
     free(vm);
 }
 
@@ -211,11 +234,37 @@ repl_health(const struct repl *r, json_object *details)
     }
     if (r->st == REPL_ST_RESYNC)
         ADD("Warning", "resynchronizing");
+    if (r->st == REPL_ST_WAIT_RESYNC) {
+        char buf[200];
+        if (r->resync_at) {
+            char when[64];
+            struct tm tm;
+            time_t t = (time_t)r->resync_at;
+            localtime_r(&t, &tm);
+            strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S %z", &tm);
+            snprintf(buf, sizeof buf, "resynchronization required: "
+                     "scheduled for %s", when);
+        } else {
+            snprintf(buf, sizeof buf, "resynchronization required: it "
+                     "waits for its window %s",
+                     r->resync_window ? r->resync_window : "");
+        }
+        ADD("Critical", buf);
+    }
+    if (r->st == REPL_ST_RESYNC_SUSPENDED)
+        ADD("Warning", "resynchronization suspended");
     if (r->st == REPL_ST_SUSPENDED)
         ADD(r->mode == VM_MODE_REPLICA ? "Critical" : "Warning",
             "replication is suspended");
     if (!r->initial_done)
         ADD("Warning", "initial replication has not completed");
+    if (r->initial_at_ms && r->st == REPL_ST_READY_INITIAL) {
+        char buf[100], ts[32];
+        vr_rfc3339(r->initial_at_ms, ts);
+        snprintf(buf, sizeof buf, "initial replication is scheduled for %s",
+                 ts);
+        ADD("Warning", buf);
+    }
     /* Cycles sealed while the base copy read the disk are applied, but
      * the Replica VM equals the primary only from the first cycle sealed
      * after the copy: until that one is applied there is no recovery
@@ -431,12 +480,19 @@ repl_to_json(const struct vm *vm, const char *hostname)
                            json_object_new_int64((int64_t)r->log_budget));
     json_object_object_add(o, "auto_resync",
                            json_object_new_boolean(!r->auto_resync_off));
+    json_object_object_add(o, "resync_window",
+                           r->resync_window
+                               ? json_object_new_string(r->resync_window)
+                               : NULL);
+    json_object_object_add(o, "resync_at",
+                           json_object_new_int64(r->resync_at));
     json_object_object_add(o, "epoch",
                            json_object_new_int64((int64_t)r->epoch));
     json_object_object_add(o, "initial_done",
                            json_object_new_boolean(r->initial_done));
     json_object_object_add(o, "base_cycle",
                            json_object_new_int64((int64_t)r->base_cycle));
+    json_add_time(o, "initial_replication_scheduled", r->initial_at_ms);
     json_object_object_add(o, "first_point",
                            r->initial_done
                                ? json_object_new_int64(

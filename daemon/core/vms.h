@@ -18,6 +18,12 @@ struct vm *vm_find_uuid(struct daemon *d, const char *uuid);
 /* d->lock held: the VM named key (name or UUID) in *out, or -ENOENT with
  * "vm KEY: not found" (*out NULL).  Every API lookup starts here. */
 int vm_lookup(struct daemon *d, const char *key, struct vm **out) VR_WUR;
+/* Is vm a kept copy: a Replica VM whose replication was removed (its
+ * disks kept to seed a new initial replication)? */
+bool vm_is_kept_copy(const struct vm *vm);
+/* d->lock held: -EINVAL with the one message every command gives a kept
+ * copy it does not apply to: what it is and the commands that do. */
+int vm_kept_copy_err(const struct vm *vm, const char *what) VR_WUR;
 /* Free a VM (and its replication) / a replication; NULL is a no-op. */
 void vm_free(struct vm *vm);
 void repl_free(struct repl *r);

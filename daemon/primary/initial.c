@@ -3,8 +3,12 @@
  * the Replica server holds (--use-existing) that sends only what differs;
  * both as base chunks after a base cycle, resumable at the position the
  * catalog keeps, then initial-complete with the first consistent cycle
- * (docs/design.md, "Initial replication").  Runs on the VM's shipper
- * thread (shipper.c).
+ * (docs/design.md, "Initial replication").  Or by external media
+ * (--export DIR, export.c): the copy goes to DIR, and the primary waits
+ * until the Replica server's status shows it imported with this base, then
+ * sends initial-complete.  A start may be scheduled (--at, at most 7 days
+ * ahead: initial_schedule_due), and stopped (initial_stop).  Runs on the
+ * VM's shipper thread (shipper.c).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -24,6 +28,9 @@
 /* A comparison's window: at most this much data differs, so one base
  * chunk holds it (as BASE_CHUNK_BYTES for a full copy). */
 #define COMPARE_WINDOW   BASE_CHUNK_BYTES
+/* How often a primary whose export is written asks the Replica server
+ * whether it was imported. */
+#define IMPORT_POLL_MS   2000
 
 /* --- initial replication --------------------------------------------------- */
 
@@ -376,13 +383,16 @@ initial_begin(struct vm *vm, struct job *jb)
     release_shipped(jb, base);
     pthread_mutex_lock(&pctx.d->lock);
     bool compare = r->initial_method == INITIAL_COMPARE;
+    bool export = r->initial_method == INITIAL_EXPORT;
+    CLEANUP_FREE char *dir = export ? xstrdup(r->initial_export) : NULL;
     pthread_mutex_unlock(&pctx.d->lock);
     /* Before the first piece: the Replica server keeps its copy for a
-     * comparison, or resets it for a full copy. */
+     * comparison, resets it for a full copy, or expects an import. */
     CLEANUP_FREE char *ipath = xasprintf("/r1/vms/%s/initial", jb->uuid);
     int rc = peer_call(&jb->peer, "POST", ipath,
-                       compare ? "{\"method\": \"compare\"}"
-                               : "{\"method\": \"full\"}",
+                       compare  ? "{\"method\": \"compare\"}"
+                       : export ? "{\"method\": \"import\"}"
+                                : "{\"method\": \"full\"}",
                        -1, 0, false, NULL);
     if (rc < 0)
         return rc;
@@ -391,7 +401,12 @@ initial_begin(struct vm *vm, struct job *jb)
         total += compare ? jb->disks[i].size
                          : allocated_bytes(jb->disks[i].path);
     pthread_mutex_lock(&pctx.d->lock);
+    if (r->st != REPL_ST_INITIAL) { /* initial-replication stop */
+        pthread_mutex_unlock(&pctx.d->lock);
+        return -ECANCELED;
+    }
     r->base_cycle = base;
+    r->first_point = 0;
     r->initial_seq = 1;
     r->initial_disk = 0;
     r->initial_offset = 0;
@@ -400,7 +415,12 @@ initial_begin(struct vm *vm, struct job *jb)
     r->initial_compared = 0;
     r->last_cycle = base;
     rc = catalog_save_repl(pctx.d->cat, r);
-    if (compare)
+    if (export)
+        event_add(pctx.d->cat, "info", vm->name,
+                  "initial replication to external media started: %s, "
+                  "%llu bytes allocated, base cycle %llu", dir,
+                  (unsigned long long)total, (unsigned long long)base);
+    else if (compare)
         event_add(pctx.d->cat, "info", vm->name,
                   "initial replication started by comparison with the "
                   "Replica server's copy: %llu bytes to compare, base "
@@ -415,6 +435,155 @@ initial_begin(struct vm *vm, struct job *jb)
     return rc;
 }
 
+/* --- initial replication by external media -------------------------------- */
+
+/* The base cycle of the export the Replica server imported (0: none). */
+static int
+remote_imported(const struct job *jb, uint64_t *imported)
+{
+    CLEANUP_FREE char *path = xasprintf("/r1/vms/%s", jb->uuid);
+    json_object *resp = NULL, *v;
+    int rc = peer_call(&jb->peer, "GET", path, NULL, -1, 0, false, &resp);
+    *imported = 0;
+    if (rc == 0 && resp && json_object_object_get_ex(resp, "imported_base", &v) &&
+        json_object_is_type(v, json_type_int) && json_object_get_int64(v) > 0)
+        *imported = (uint64_t)json_object_get_int64(v);
+    json_object_put(resp);
+    return rc;
+}
+
+/* An export: write it unless written (initial_disk past the last disk
+ * records that it is), then wait for the Replica server's import of this
+ * base.  1 once imported (initial-complete follows), 0 to be called again
+ * (still waiting), -errno (-ECANCELED: stopped). */
+static int
+export_phase(struct vm *vm, struct job *jb)
+{
+    struct repl *r = vm->repl;
+    pthread_mutex_lock(&pctx.d->lock);
+    bool written = r->initial_disk >= jb->ndisks;
+    uint64_t base = r->base_cycle;
+    CLEANUP_FREE char *dir = xstrdup(r->initial_export ? r->initial_export
+                                                       : "");
+    pthread_mutex_unlock(&pctx.d->lock);
+    if (!written) {
+        uint64_t first = 0, stored = 0;
+        int rc = export_write(vm, jb, dir, base, &first, &stored);
+        if (rc < 0)
+            return rc;
+        pthread_mutex_lock(&pctx.d->lock);
+        if (r->st != REPL_ST_INITIAL) {
+            pthread_mutex_unlock(&pctx.d->lock);
+            return -ECANCELED;
+        }
+        r->initial_disk = jb->ndisks;
+        r->initial_offset = 0;
+        r->first_point = first;
+        rc = catalog_save_repl(pctx.d->cat, r);
+        event_add(pctx.d->cat, "info", vm->name,
+                  "initial replication exported to %s: %llu bytes read, "
+                  "%llu bytes stored, base cycle %llu; import it on the "
+                  "Replica server with 'vmreplica initial-replication "
+                  "import %s --from DIR'", dir, (unsigned long long)r->initial_sent,
+                  (unsigned long long)stored, (unsigned long long)base,
+                  vm->name);
+        pthread_mutex_unlock(&pctx.d->lock);
+        if (rc < 0)
+            return rc;
+        vr_fault_point("export-written");
+    }
+    uint64_t imported = 0;
+    int rc = remote_imported(jb, &imported);
+    if (rc < 0)
+        return rc;
+    if (imported == base)
+        return 1;
+    /* Not yet: look again in a while (a stop or a shutdown wakes us). */
+    pthread_mutex_lock(&pctx.d->lock);
+    if (!r->stop && !pctx.d->shutting_down && r->st == REPL_ST_INITIAL)
+        daemon_wait_ms(pctx.d, IMPORT_POLL_MS);
+    bool go = !r->stop && r->st == REPL_ST_INITIAL;
+    pthread_mutex_unlock(&pctx.d->lock);
+    return go ? 0 : -ECANCELED;
+}
+
+/* --- schedule and stop ------------------------------------------------------ */
+
+bool
+initial_schedule_due(struct vm *vm)
+{
+    struct repl *r = vm->repl;
+    if (r->st != REPL_ST_READY_INITIAL || !r->initial_at_ms ||
+        vr_wall_ms() < r->initial_at_ms)
+        return false;
+    char ts[32];
+    vr_rfc3339(r->initial_at_ms, ts);
+    r->initial_at_ms = 0;
+    r->initial_seq = 0;
+    free(r->task);
+    r->task = xstrdup("InitialReplication");
+    if (repl_transition_event(pctx.d->cat, vm, REPL_ST_INITIAL, REPL_T_SAVE,
+                              "info", "scheduled initial replication "
+                              "started (it was set for %s)", ts) < 0) {
+        log_warn("shipper", "%s: %s", vm->name, vr_errmsg());
+        vr_err_clear();
+        return false;
+    }
+    return true;
+}
+
+int
+initial_stop(struct vm *vm)
+{
+    struct repl *r = vm->repl;
+    if (r->mode != VM_MODE_PRIMARY)
+        return vr_err(-EBUSY, "vm %s: initial replication is stopped on "
+                      "the primary", vm->name);
+    if (r->initial_done)
+        return vr_err(-EALREADY, "vm %s: initial replication is already "
+                      "done", vm->name);
+    if (r->st == REPL_ST_READY_INITIAL && r->initial_at_ms) {
+        char ts[32];
+        vr_rfc3339(r->initial_at_ms, ts);
+        r->initial_at_ms = 0;
+        free(r->initial_export);
+        r->initial_export = NULL;
+        int rc = catalog_save_repl(pctx.d->cat, r);
+        if (rc == 0)
+            event_add(pctx.d->cat, "info", vm->name, "initial replication "
+                      "scheduled for %s cancelled", ts);
+        return rc;
+    }
+    if (r->st != REPL_ST_INITIAL)
+        return vr_err(-EINVAL, "vm %s: no initial replication is scheduled "
+                      "or running (state %s)", vm->name,
+                      repl_st_name(r->st));
+    /* A copy already past its last piece only has initial-complete left:
+     * the Replica server may have taken it already. */
+    if (r->initial_seq && r->initial_disk >= vm->ndisks &&
+        r->initial_method != INITIAL_EXPORT)
+        return vr_err(-EBUSY, "vm %s: the initial copy is complete and "
+                      "being committed; it cannot be stopped", vm->name);
+    uint64_t sent = r->initial_method == INITIAL_COMPARE ? r->initial_compared
+                                                         : r->initial_sent;
+    r->initial_seq = 0;
+    r->initial_disk = 0;
+    r->initial_offset = 0;
+    r->initial_sent = r->initial_compared = r->initial_total = 0;
+    r->first_point = 0;
+    free(r->initial_export);
+    r->initial_export = NULL;
+    free(r->task);
+    r->task = NULL;
+    r->kick = true;
+    pthread_cond_broadcast(&pctx.d->cond);
+    return repl_transition_event(pctx.d->cat, vm, REPL_ST_READY_INITIAL,
+                                 REPL_T_SAVE, "info", "initial replication "
+                                 "stopped after %llu bytes; it starts "
+                                 "afresh with 'initial-replication start'",
+                                 (unsigned long long)sent);
+}
+
 int
 run_initial(struct vm *vm, struct job *jb)
 {
@@ -426,6 +595,14 @@ run_initial(struct vm *vm, struct job *jb)
     if (fresh) {
         int rc = initial_begin(vm, jb);
         if (rc < 0)
+            return rc;
+    }
+    pthread_mutex_lock(&pctx.d->lock);
+    bool export = r->initial_method == INITIAL_EXPORT;
+    pthread_mutex_unlock(&pctx.d->lock);
+    if (export) {
+        int rc = export_phase(vm, jb);
+        if (rc <= 0)
             return rc;
     }
 
@@ -450,6 +627,10 @@ run_initial(struct vm *vm, struct job *jb)
         if (rc < 0)
             return rc;
         pthread_mutex_lock(&pctx.d->lock);
+        if (r->st != REPL_ST_INITIAL) { /* stopped meanwhile: forgotten */
+            pthread_mutex_unlock(&pctx.d->lock);
+            return -ECANCELED;
+        }
         if (wire > 0)
             r->initial_seq++;
         r->initial_sent += data;
@@ -470,10 +651,11 @@ run_initial(struct vm *vm, struct job *jb)
     }
 
     pthread_mutex_lock(&pctx.d->lock);
-    uint64_t base = r->base_cycle;
+    uint64_t base = r->base_cycle, first = r->first_point;
     pthread_mutex_unlock(&pctx.d->lock);
-    uint64_t first = 0;
-    int rc = first_consistent_cycle(jb, base, &first);
+    /* An export took F after its last read; a copy takes it now. */
+    int rc = export && first > base ? 0
+                                    : first_consistent_cycle(jb, base, &first);
     if (rc < 0)
         return rc;
     CLEANUP_FREE char *body = xasprintf(
@@ -492,7 +674,14 @@ run_initial(struct vm *vm, struct job *jb)
     free(r->task);
     r->task = NULL;
     rc = repl_transition(pctx.d->cat, vm, REPL_ST_REPLICATING, REPL_T_SAVE);
-    if (r->initial_method == INITIAL_COMPARE)
+    free(r->initial_export);
+    r->initial_export = NULL;
+    if (r->initial_method == INITIAL_EXPORT)
+        event_add(pctx.d->cat, "info", vm->name,
+                  "initial replication from external media complete: the "
+                  "Replica server imported base cycle %llu",
+                  (unsigned long long)base);
+    else if (r->initial_method == INITIAL_COMPARE)
         event_add(pctx.d->cat, "info", vm->name,
                   "initial replication by comparison complete: %llu bytes "
                   "compared, %llu bytes of data sent",

@@ -21,6 +21,11 @@
  * and becomes a Replica VM; then "initial replication" has nothing to copy
  * and completes at the base cycle of the new primary's change log, from
  * which its cycles follow.  Fail-back is the same procedure the other way.
+ * After an unplanned failover the registration carries "reverse_unplanned"
+ * instead: the old primary (its disks not served) keeps its disks, and the
+ * initial replication is a comparison that sends only the chunks that
+ * differ — its unshipped writes, what the failover rolled back, and what
+ * this server wrote since — not the whole disk.
  *
  * Crash safety: prepare records PreparedForFailover before it tells the
  * Replica server, and `failover prepare` again tells it again (a crash
@@ -244,16 +249,18 @@ planned_reverse(const char *key, const char *server, const char *addr,
     struct vm *vm;
     int rc = vm_lookup(pctx.d, key, &vm);
     struct repl *r = vm ? vm->repl : NULL;
-    if (rc == 0 && (vm->mode != VM_MODE_REPLICA || !r ||
-                    r->st != REPL_ST_FAILED_OVER))
+    if (rc == 0 && vm_is_kept_copy(vm))
+        rc = vm_kept_copy_err(vm, "replication reverse");
+    else if (rc == 0 && vm->mode == VM_MODE_PRIMARY && r && r->replica_server)
+        rc = vr_err(-EINVAL, "vm %s is a primary VM here: 'replication "
+                    "reverse' runs on the server it failed over to (%s), "
+                    "after 'vmreplica failover start %s' there", vm->name,
+                    r->replica_server, vm->name);
+    else if (rc == 0 && (vm->mode != VM_MODE_REPLICA || !r ||
+                         r->st != REPL_ST_FAILED_OVER))
         rc = vr_err(-EINVAL, "vm %s: not a failed-over Replica VM (run "
                     "'vmreplica failover start %s' on this server first)",
                     vm->name, vm->name);
-    else if (rc == 0 && !r->prepared_cycle)
-        rc = vr_err(-ENOTSUP, "vm %s: failed over without 'failover "
-                    "prepare' on the primary, so the old primary's disks "
-                    "differ; reversing needs their resynchronization, "
-                    "which is not available yet", vm->name);
     else if (rc == 0 && vm_busy(vm, VM_OP_CHANGE | VM_OP_FAILOVER))
         rc = vr_err(-EBUSY, "vm %s: a change is in progress; try again",
                     vm->name);
@@ -286,20 +293,35 @@ planned_reverse(const char *key, const char *server, const char *addr,
     nr->app_every = r->app_every;
     nr->point_interval_s = r->point_interval_s ? r->point_interval_s : 3600;
     nr->epoch = r->epoch + 1;
-    /* Both sides hold cycle prepared_cycle: "initial replication" has
-     * nothing to copy and completes at the base of our change log. */
-    nr->base_cycle = nr->last_cycle = r->base_cycle;
-    nr->initial_seq = 1;
-    nr->initial_disk = vm->ndisks;
+    uint64_t prepared = r->prepared_cycle;
+    if (prepared) {
+        /* Both sides hold cycle prepared_cycle: "initial replication"
+         * has nothing to copy and completes at the base of our change
+         * log. */
+        nr->base_cycle = nr->last_cycle = r->base_cycle;
+        nr->initial_seq = 1;
+        nr->initial_disk = vm->ndisks;
+    } else {
+        /* After an unplanned failover the old primary's disks are ours
+         * at the point, but for what it wrote and never shipped, what
+         * the failover rolled back, and what we wrote since: an initial
+         * replication by comparison (initial.c) sends exactly the chunks
+         * that differ, from a base it takes as any initial replication
+         * does. */
+        nr->initial_method = INITIAL_COMPARE;
+    }
     nr->st = REPL_ST_INITIAL;
     nr->task = xstrdup("InitialReplication");
-    uint64_t prepared = r->prepared_cycle;
     /* The old primary's name stays, for a fail-back's default. */
     nr->primary_server = r->primary_server ? xstrdup(r->primary_server)
                                            : NULL;
     json_object *reg = repl_register_body(vm, nr);
-    json_object_object_add(reg, "reverse_of",
-                           json_object_new_int64((int64_t)prepared));
+    if (prepared)
+        json_object_object_add(reg, "reverse_of",
+                               json_object_new_int64((int64_t)prepared));
+    else
+        json_object_object_add(reg, "reverse_unplanned",
+                               json_object_new_boolean(1));
     struct job jb;
     struct repl *saved = vm->repl;
     vm->repl = nr;
@@ -334,11 +356,19 @@ planned_reverse(const char *key, const char *server, const char *addr,
     if (rc == 0) {
         vm->repl = nr;
         repl_free(r);
-        event_add(pctx.d->cat, "info", vm->name,
-                  "replication reversed: this server is "
-                  "the primary now, replicating to %s (epoch %llu) with no "
-                  "resynchronization",
-                  nr->replica_server, (unsigned long long)nr->epoch);
+        if (prepared)
+            event_add(pctx.d->cat, "info", vm->name,
+                      "replication reversed: this server is the primary "
+                      "now, replicating to %s (epoch %llu) with no "
+                      "resynchronization",
+                      nr->replica_server, (unsigned long long)nr->epoch);
+        else
+            event_add(pctx.d->cat, "info", vm->name,
+                      "replication reversed after an unplanned failover: "
+                      "this server is the primary now, replicating to %s "
+                      "(epoch %llu); its disks are compared with the old "
+                      "primary's and only the chunks that differ are sent",
+                      nr->replica_server, (unsigned long long)nr->epoch);
         shipper_ensure(vm);
         *out = repl_to_json(vm, pctx.d->cfg.hostname);
     } else {

@@ -41,6 +41,11 @@ int primary_enable(const char *key, struct repl *r, bool start_initial,
  * (best effort).  0 with *vmp found again, or -ENOENT (*vmp NULL: gone). */
 int primary_unregister(const char *key, struct vm **vmp) VR_WUR;
 
+/* `initial-replication stop` of primary vm (d->lock held): cancel a
+ * scheduled start, or stop a running initial replication (the state goes
+ * back to ReadyForInitialReplication; the next start is afresh). */
+int initial_stop(struct vm *vm) VR_WUR;
+
 /* `failover prepare` of the primary VM named key (SPEC §8). */
 int planned_prepare(const char *key, json_object **out) VR_WUR;
 /* Is key a primary VM prepared for failover? */

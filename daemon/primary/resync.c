@@ -38,6 +38,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "chunkhash.h"
@@ -443,6 +444,30 @@ resync_check_budget(struct vm *vm, struct job *jb)
         (unsigned long long)c);
     pthread_mutex_unlock(&pctx.d->lock);
     return rc;
+}
+
+void
+resync_start_if_due(struct vm *vm)
+{
+    struct repl *r = vm->repl;
+    time_t now = time(NULL);
+    bool due = r->resync_at ? now >= r->resync_at
+                            : resync_window_open(r->resync_window, now);
+    if (r->st != REPL_ST_WAIT_RESYNC || !due)
+        return;
+    bool scheduled = r->resync_at != 0;
+    r->resync_at = 0;
+    if (r->resync_step == RESYNC_NONE) {
+        r->resync_step = RESYNC_REQUESTED;
+        r->resync_compared = r->resync_sent = 0;
+    }
+    free(r->task);
+    r->task = xstrdup("Resynchronization");
+    VR_IGNORE(repl_transition_event(
+        pctx.d->cat, vm, REPL_ST_RESYNC, REPL_T_SAVE, "info",
+        scheduled ? "scheduled resynchronization started"
+                  : "resynchronization started: its window %s is open",
+        r->resync_window ? r->resync_window : ""));
 }
 
 int

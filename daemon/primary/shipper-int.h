@@ -72,11 +72,27 @@ int add_differing(const struct job *jb, unsigned d, int dfd, uint64_t off,
 int first_consistent_cycle(const struct job *jb, uint64_t base,
                            uint64_t *first);
 
+/* d->lock held: a start scheduled (--at) and due is made now (state
+ * InitialReplicationInProgress); true if it was. */
+bool initial_schedule_due(struct vm *vm);
+
+/* --- export.c -------------------------------------------------------------- */
+
+/* Write the export of jb's disks to dir (base cycle base): each disk's
+ * non-zero chunks compressed, then the manifest; *first: the first
+ * consistent cycle, *stored: bytes of the data files.  -ECANCELED if
+ * stopped. */
+int export_write(struct vm *vm, struct job *jb, const char *dir,
+                 uint64_t base, uint64_t *first, uint64_t *stored);
+
 /* --- resync.c -------------------------------------------------------------- */
 
 /* Run (or resume) the resynchronization of vm (replication resume
  * --resync): 0 once complete. */
 int run_resync(struct vm *vm, struct job *jb);
+/* d->lock held: a resynchronization waiting for its time (--at) or its
+ * window starts if that has come (state Resynchronizing). */
+void resync_start_if_due(struct vm *vm);
 /* The unsent log passed the relationship's budget: fold it into dirty
  * maps (the data plane's FOLD) and resynchronize from them when the
  * Replica server answers.  0 if under budget or folded. */

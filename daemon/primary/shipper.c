@@ -559,6 +559,14 @@ auto_resync(struct vm *vm, const char *msg)
         return false;
     r->resync_step = RESYNC_REQUESTED;
     r->resync_compared = r->resync_sent = 0;
+    if (!resync_window_open(r->resync_window, time(NULL))) {
+        VR_IGNORE(repl_transition_event(
+            pctx.d->cat, vm, REPL_ST_WAIT_RESYNC, REPL_T_SAVE, "warning",
+            "change tracking stopped (%s); the resynchronization of the "
+            "regions changed waits for its window %s", msg,
+            r->resync_window));
+        return true;
+    }
     free(r->task);
     r->task = xstrdup("Resynchronization");
     VR_IGNORE(repl_transition_event(
@@ -598,6 +606,9 @@ shipper_main(void *arg)
         pthread_mutex_lock(&pctx.d->lock);
     }
     while (!r->stop && !pctx.d->shutting_down) {
+        if (r->st == REPL_ST_WAIT_RESYNC)
+            resync_start_if_due(vm);
+        initial_schedule_due(vm); /* a scheduled start (--at) */
         /* The initial copy and a resynchronization run to their end, as
          * one step (each resumes where it stopped). */
         bool initial = r->st == REPL_ST_INITIAL || r->st == REPL_ST_RESYNC;

@@ -39,6 +39,7 @@
 #include <json-c/json.h>
 
 #include "config.h"
+#include "libvirt.h"
 #include "proc-int.h"
 #include "vmproc.h"
 
@@ -444,6 +445,8 @@ vmproc_guest_call(const char *rundir, const char *cmd, unsigned timeout_ms,
 {
     *ret = NULL;
     CLEANUP_FREE char *path = xasprintf("%s/qga.sock", rundir);
+    if (!qemu_pid(rundir) && lv_recorded(rundir))
+        return lv_agent(rundir, cmd, timeout_ms, ret);
     if (!qemu_pid(rundir))
         return vr_err(-ENOENT, "guest agent: the VM does not run");
     int fd;
@@ -512,6 +515,9 @@ vmproc_guest_call(const char *rundir, const char *cmd, unsigned timeout_ms,
 static int
 stop_qemu(const char *rundir, bool force, unsigned timeout_ms)
 {
+    int rc = lv_stop(rundir, force, timeout_ms);
+    if (rc < 0)
+        return rc;
     pid_t pid = qemu_pid(rundir);
     if (pid) {
         bool gone = false;
@@ -519,7 +525,7 @@ stop_qemu(const char *rundir, bool force, unsigned timeout_ms)
                                           "\"system_powerdown\"}\n") == 0)
             gone = wait_gone(pid, timeout_ms);
         if (!gone) {
-            int rc = terminate(pid, SIGKILL, KILL_WAIT_MS, "qemu");
+            rc = terminate(pid, SIGKILL, KILL_WAIT_MS, "qemu");
             if (rc < 0)
                 return rc;
         }
@@ -533,6 +539,46 @@ stop_qemu(const char *rundir, bool force, unsigned timeout_ms)
 }
 
 /* --- public ------------------------------------------------------------ */
+
+static enum vmproc_hv default_hv = VMPROC_HV_QEMU;
+
+void
+vmproc_set_default_hv(enum vmproc_hv hv)
+{
+    __atomic_store_n(&default_hv, hv == VMPROC_HV_LIBVIRT
+                                      ? VMPROC_HV_LIBVIRT : VMPROC_HV_QEMU,
+                     __ATOMIC_RELAXED);
+}
+
+int
+vmproc_hv_parse(const char *name, enum vmproc_hv *out)
+{
+    if (name && strcmp(name, "qemu") == 0)
+        *out = VMPROC_HV_QEMU;
+    else if (name && strcmp(name, "libvirt") == 0)
+        *out = VMPROC_HV_LIBVIRT;
+    else
+        return vr_err(-EINVAL, "hypervisor %s: expected qemu or libvirt",
+                      name ? name : "(missing)");
+    return 0;
+}
+
+const char *
+vmproc_hv_name(enum vmproc_hv hv)
+{
+    if (hv == VMPROC_HV_DEFAULT)
+        hv = __atomic_load_n(&default_hv, __ATOMIC_RELAXED);
+    return hv == VMPROC_HV_LIBVIRT ? "libvirt" : "qemu";
+}
+
+/* The guest: vmreplica's QEMU or a libvirt domain (libvirt.c). */
+static int
+start_guest(const struct vmproc_spec *s)
+{
+    if (strcmp(vmproc_hv_name(s->hv), "libvirt") == 0)
+        return lv_start(s);
+    return start_qemu(s);
+}
 
 int
 vmproc_start(const struct vmproc_spec *s)
@@ -563,7 +609,7 @@ vmproc_start(const struct vmproc_spec *s)
         started_nbdkit = true;
     }
     if (s->hypervisor && !running) {
-        rc = start_qemu(s);
+        rc = start_guest(s);
         if (rc < 0) {
             /* Leave things as they were: a failed start serves nothing it
              * did not serve before. */
@@ -604,7 +650,7 @@ void
 vmproc_status(const char *rundir, bool *disks_served, bool *qemu_running)
 {
     *disks_served = nbdkit_pid(rundir) != 0;
-    *qemu_running = qemu_pid(rundir) != 0;
+    *qemu_running = qemu_pid(rundir) != 0 || lv_running(rundir);
 }
 
 /* Send one control command; the reply line after "OK " goes to out. */

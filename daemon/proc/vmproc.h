@@ -38,6 +38,11 @@ struct vmproc_disk {
 
 #define VMPROC_MAX_NICS R1_MAX_NICS
 
+/* What runs the guest: vmreplica's own QEMU, or a libvirt domain
+ * (libvirt.h).  VMPROC_HV_DEFAULT: the server's default
+ * (vmproc_set_default_hv, `server set --hypervisor`). */
+enum vmproc_hv { VMPROC_HV_DEFAULT = 0, VMPROC_HV_QEMU, VMPROC_HV_LIBVIRT };
+
 struct vmproc_spec {
     const char *name;
     const char *uuid;
@@ -46,7 +51,12 @@ struct vmproc_spec {
     const char *rundir; /* created if missing */
     unsigned ndisks;
     const struct vmproc_disk *disks;
-    bool hypervisor; /* also start QEMU */
+    bool hypervisor; /* also start the guest (QEMU or a libvirt domain) */
+    enum vmproc_hv hv;
+    /* libvirt: the persistent domain adopted by `vm create --from-libvirt`
+     * to start (its disks already the exports), or NULL: a transient domain
+     * named name, built from this spec. */
+    const char *domain;
     /* Direct kernel boot, or NULL. */
     const char *kernel, *initrd, *cmdline;
     /* NICs: MAC and network (api/vm-network.c: none, user, tap:IF,
@@ -62,9 +72,15 @@ struct vmproc_spec {
     bool overlays;
 };
 
+/* The server's default hypervisor (VMPROC_HV_QEMU until set). */
+void vmproc_set_default_hv(enum vmproc_hv hv);
+/* "qemu" or "libvirt" to the enum: -EINVAL (message) otherwise. */
+int vmproc_hv_parse(const char *name, enum vmproc_hv *out) VR_WUR;
+const char *vmproc_hv_name(enum vmproc_hv hv);
+
 /* Serve the disks (start nbdkit unless already running) and, when
- * s->hypervisor, start QEMU attached to the exports (KVM if /dev/kvm is
- * usable, else TCG).  Returns once nbd.sock and ctl.sock accept connections
+ * s->hypervisor, start QEMU (or the libvirt domain, s->hv) attached to the
+ * exports (KVM if /dev/kvm is usable, else TCG).  Returns once nbd.sock and ctl.sock accept connections
  * (at most 10 s). */
 int vmproc_start(const struct vmproc_spec *s) VR_WUR;
 /* Stop QEMU (QMP system_powerdown, then SIGKILL after timeout_ms; at once if
@@ -77,7 +93,8 @@ int vmproc_stop(const char *rundir, bool force, unsigned timeout_ms) VR_WUR;
 bool vmproc_rundir_busy(const char *rundir);
 /* Whether RUNDIR/nbd.sock, the exports' socket, is there. */
 bool vmproc_nbd_sock_exists(const char *rundir);
-/* Whether nbdkit (disks served) and QEMU are alive, from their pid files. */
+/* Whether nbdkit (disks served) and QEMU (or the libvirt domain recorded
+ * in RUNDIR/libvirt.domain) are alive, from their pid files and libvirt. */
 void vmproc_status(const char *rundir, bool *disks_served, bool *qemu_running);
 /* Ask the plugin to seal the open cycle of every disk at one instant.
  * *cycle is the number sealed: every disk now has CYCLE.log. */

@@ -44,6 +44,11 @@ vm_spec_of(const struct vm *vm, struct vmproc_spec *s,
                                .kernel = vm->kernel,
                                .initrd = vm->initrd,
                                .cmdline = vm->cmdline,
-                               .hypervisor = vm->hypervisor };
+                               .hypervisor = vm->hypervisor,
+                               /* An adopted domain runs under libvirt
+                                * unless vm start says otherwise. */
+                               .hv = vm->libvirt_domain ? VMPROC_HV_LIBVIRT
+                                                        : VMPROC_HV_DEFAULT,
+                               .domain = vm->libvirt_domain };
     nics_to_spec(vm, s, NULL);
 }

@@ -190,6 +190,15 @@ lookup_replica(const char *key, struct vm **out)
     int rc = vm_lookup(rctx.d, key, &vm);
     if (rc < 0)
         return rc;
+    if (vm_is_kept_copy(vm))
+        return vm_kept_copy_err(vm, "a failover");
+    if (vm->mode == VM_MODE_PRIMARY && vm->repl && vm->repl->replica_server)
+        return vr_err(-EINVAL, "vm %s is a primary VM here, replicating to "
+                      "%s: a failover runs on the Replica server ('vmreplica "
+                      "failover start %s' there; for a planned one, "
+                      "'vmreplica failover prepare %s' here first)",
+                      vm->name, vm->repl->replica_server, vm->name,
+                      vm->name);
     if (vm->mode != VM_MODE_REPLICA || !vm->repl || !vm->repl->storage)
         return vr_err(-EINVAL, "vm %s: not a Replica VM on this server",
                       vm->name);

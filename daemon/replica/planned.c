@@ -130,6 +130,15 @@ failover_planned_start(const char *key, bool start_vm, json_object **out)
                                json_object_new_string(repl_st_name(r->st)));
         json_object_object_add(*out, "epoch",
                                json_object_new_int64((int64_t)r->epoch));
+        /* For the hint: does `replication reverse` need --replica-server? */
+        json_object_object_add(
+            *out, "reverse_replica_server",
+            r->replica_server ? json_object_new_string(r->replica_server)
+                              : NULL);
+        json_object_object_add(
+            *out, "old_primary",
+            r->primary_server ? json_object_new_string(r->primary_server)
+                              : NULL);
     }
     vm_op_end(vm, VM_OP_FAILOVER);
     pthread_cond_broadcast(&rctx.d->cond);

@@ -2,11 +2,13 @@
  * that compares instead of copying (SPEC §5: the copy `replication remove`
  * kept, or a backup restored into the Replica VM's storage).
  *
- *   POST /r1/vms/UUID/initial  {"method": "full" | "compare"}
+ *   POST /r1/vms/UUID/initial  {"method": "full" | "compare" | "import"}
  *       The primary starts an initial replication afresh.  "full" sends
  *       only its allocated regions, so a kept copy is reset to zeroes
  *       before the first piece (reset_pending); "compare" keeps the copy:
- *       the primary sends what differs, holes included.
+ *       the primary sends what differs, holes included; "import": the
+ *       copy comes on external media (replica-import.c), and only then
+ *       initial-complete.
  *   POST /r1/vms/UUID/hashes   {"disk": D, "offset": O, "length": L,
  *                               "chunk": C}
  *       -> {"chunk": C, "count": N, "hashes": "<hex>"}: XXH3-128 of each
@@ -61,10 +63,11 @@ do_initial_begin(struct rreq *q, json_object **out)
         json_object_is_type(v, json_type_string))
         method = json_object_get_string(v);
     bool compare = method && strcmp(method, "compare") == 0;
+    bool import = method && strcmp(method, "import") == 0;
     int rc = 0;
-    if (!method || (!compare && strcmp(method, "full") != 0))
-        rc = vr_err(-EINVAL, "initial: method must be \"full\" or "
-                             "\"compare\"");
+    if (!method || (!compare && !import && strcmp(method, "full") != 0))
+        rc = vr_err(-EINVAL, "initial: method must be \"full\", "
+                             "\"compare\" or \"import\"");
     json_object_put(b);
     if (rc < 0)
         return rc;
@@ -72,7 +75,17 @@ do_initial_begin(struct rreq *q, json_object **out)
     pthread_mutex_lock(&rctx.d->lock);
     struct vm *vm = NULL;
     rc = compare_vm(q, &vm, false);
-    if (rc == 0 && vm->repl->reset_pending == compare) {
+    enum initial_method m = compare  ? INITIAL_COMPARE
+                            : import ? INITIAL_EXPORT
+                                     : INITIAL_FULL;
+    /* A fresh start forgets an earlier import; an import resets nothing
+     * (it writes every disk whole). */
+    if (rc == 0 && (vm->repl->initial_method != m || vm->repl->imported_base)) {
+        vm->repl->initial_method = m;
+        vm->repl->imported_base = 0;
+        rc = catalog_save_repl(rctx.d->cat, vm->repl);
+    }
+    if (rc == 0 && !import && vm->repl->reset_pending == compare) {
         vm->repl->reset_pending = !compare;
         rc = catalog_save_repl(rctx.d->cat, vm->repl);
         if (rc < 0)
@@ -82,8 +95,10 @@ do_initial_begin(struct rreq *q, json_object **out)
         event_add(rctx.d->cat, "info", vm->name,
                   compare ? "initial replication by comparison: the disks "
                             "here are kept and only what differs is received"
-                          : "full initial replication: the disks here are "
-                            "reset before the first piece");
+                  : import ? "initial replication by external media: "
+                             "waiting for 'initial-replication import'"
+                           : "full initial replication: the disks here are "
+                             "reset before the first piece");
         *out = replica_status_json(vm);
     }
     pthread_mutex_unlock(&rctx.d->lock);

@@ -4,6 +4,7 @@
  * primary, initial-complete, prepared and remove.  Each runs at the end of
  * its request's body, under the daemon's lock. */
 #include "replica-int.h"
+#include "proc/vmproc.h"
 
 /* --- request handlers (JSON ones run at the end of the body) ------------- */
 
@@ -21,8 +22,23 @@ take_history(struct repl *r, const struct rreq *q)
  * failover to registers the VM the other way round, "reverse_of": N.  If
  * this primary VM is prepared at exactly cycle N, both sides hold the same
  * disks: it becomes a Replica VM of that server as it is, with no reset
- * and no copy.  The same registration again (a lost answer) is accepted
- * as is.  d->lock not held. */
+ * and no copy.  After an unplanned failover ("reverse_unplanned") the
+ * disks differ by what neither side shipped; the VM must not run here,
+ * and it becomes a Replica VM that keeps its disks for the initial
+ * replication by comparison the sender then runs, which sends only the
+ * chunks that differ.  The same registration again (a lost answer) is
+ * accepted as is.  d->lock not held. */
+/* Are vm's disks served here (nbdkit, with or without QEMU)?  d->lock
+ * held. */
+static bool
+served_here(const struct vm *vm)
+{
+    CLEANUP_FREE char *rundir = vm_rundir(rctx.d, vm);
+    bool served = false, running = false;
+    vmproc_status(rundir, &served, &running);
+    return served || running;
+}
+
 static int
 do_reverse(struct rreq *q, const struct r1_reg *reg, json_object **out)
 {
@@ -47,8 +63,16 @@ do_reverse(struct rreq *q, const struct r1_reg *reg, json_object **out)
             rc = vr_err(-EPERM, "register: reverse replication of vm %s: "
                         "it replicates to %s, not %s", vm->name,
                         r->replica_server, q->peer);
-        else if (r->st != REPL_ST_PREPARED || reverse_of <= 0 ||
-                 r->prepared_cycle != (uint64_t)reverse_of)
+        else if (reg->reverse_unplanned && served_here(vm))
+            rc = vr_err(-EBUSY, "register: reverse replication of vm %s "
+                        "refused: its disks are served here, so it may "
+                        "still run here; run 'vmreplica vm stop %s' on %s, "
+                        "then 'vmreplica replication reverse %s' on %s "
+                        "again", vm->name, vm->name,
+                        rctx.d->cfg.hostname, vm->name, q->peer);
+        else if (!reg->reverse_unplanned &&
+                 (r->st != REPL_ST_PREPARED || reverse_of <= 0 ||
+                  r->prepared_cycle != (uint64_t)reverse_of))
             rc = vr_err(-EPERM, "register: reverse replication of vm %s at "
                         "cycle %lld refused: it is %s here (prepared at "
                         "%llu); only a VM prepared with 'failover prepare' "
@@ -102,6 +126,11 @@ do_reverse(struct rreq *q, const struct r1_reg *reg, json_object **out)
             r->initial_done = false;
             r->base_cycle = r->applied_cycle = r->last_cycle = 0;
             r->prepared_cycle = 0;
+            /* What it did as a primary is over (its unshipped cycles
+             * are in its disks, which the comparison covers). */
+            r->untracked = false;
+            r->resync_step = RESYNC_NONE;
+            r->hold_from = r->hold_to = 0;
             take_history(r, q);
             if (reg->frequency_s)
                 r->frequency_s = reg->frequency_s;
@@ -116,7 +145,15 @@ do_reverse(struct rreq *q, const struct r1_reg *reg, json_object **out)
                     rc = catalog_save_repl(rctx.d->cat, r);
                 rc = catalog_end(rctx.d->cat, rc);
             }
-            if (rc == 0)
+            if (rc == 0 && reg->reverse_unplanned)
+                event_add(rctx.d->cat, "info", vm->name,
+                          "replication reversed by %s (%s) after an "
+                          "unplanned failover: this is its Replica server "
+                          "now (epoch %llu); the disks are kept, and only "
+                          "the chunks that differ from %s's will be sent",
+                          q->peer, q->addr, (unsigned long long)q->epoch,
+                          q->peer);
+            else if (rc == 0)
                 event_add(rctx.d->cat, "info", vm->name,
                           "replication reversed by %s "
                           "(%s): this is its Replica server now (epoch "
@@ -441,9 +478,10 @@ do_register(struct rreq *q, json_object **out)
     json_object *b = r1_json_parse(q->body, q->len);
     struct r1_reg reg;
     int rc = r1_register_parse(b, &reg);
-    if (rc == 0 && reg.reverse_of)
+    bool reverse = reg.reverse_of || reg.reverse_unplanned;
+    if (rc == 0 && reverse)
         rc = do_reverse(q, &reg, out);
-    if (rc < 0 || reg.reverse_of) {
+    if (rc < 0 || reverse) {
         json_object_put(b);
         return rc;
     }

@@ -171,6 +171,8 @@ replica_status_json(const struct vm *vm)
                            json_object_new_int64((int64_t)r->last_cycle));
     json_object_object_add(o, "state",
                            json_object_new_string(repl_st_name(r->st)));
+    json_object_object_add(o, "imported_base",
+                           json_object_new_int64((int64_t)r->imported_base));
     return o;
 }
 

@@ -66,4 +66,10 @@ int failover_unplanned_start(const char *key, int64_t want, bool force,
 int failover_cancel(const char *key, json_object **out) VR_WUR;
 int failover_complete(const char *key, bool force, json_object **out) VR_WUR;
 
+/* `initial-replication import` of the Replica VM named key from the
+ * export in dir (replica-import.c): checked whole, then loaded into its
+ * disks; its base cycle is then in the status the primary polls.  Takes
+ * and drops d->lock itself. */
+int replica_import(const char *key, const char *dir, json_object **out) VR_WUR;
+
 #endif

@@ -44,7 +44,7 @@ stop_daemon primary
 v=$(python3 -c 'import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute(
     "SELECT value FROM meta WHERE key = '"'"'schema_version'"'"'").fetchone()[0])' \
     "$state/catalog.db")
-[ "$v" = 7 ] || fail "schema_version $v after migration, want 7"
+[ "$v" = 9 ] || fail "schema_version $v after migration, want 9"
 log "version-1 catalog migrated to 2, relationship intact"
 
 python3 -c 'import sqlite3,sys; db = sqlite3.connect(sys.argv[1]); db.execute(

@@ -131,7 +131,7 @@ check_completion "auth-entry events failover help initial-replication points rep
 check_completion "--connect --help --json --version" "$cli" -
 check_completion "create list remove set-boot set-failover-network set-test-network show start stop" "$cli" vm ""
 check_completion "remove reset-stats resume reverse" "$cli" replication re
-check_completion "--recovery-history --replica-server" "$cli" replication enable web --re
+check_completion "--recovery-history --replica-server --resync-window" "$cli" replication enable web --re
 check_completion "certificate kerberos" "$cli" replication enable web --auth ""
 check_completion "15m 30s 5m" "$cli" replication enable web --frequency ""
 check_completion "disable enable show" "$cli" server firewall ""

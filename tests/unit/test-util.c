@@ -210,6 +210,21 @@ test_misc(void)
     is_str(ts, "1970-01-01T00:00:00Z", "rfc3339 epoch");
     vr_rfc3339(1795496400000ull, ts);
     is_str(ts, "2026-11-24T05:00:00Z", "rfc3339 2026");
+    uint64_t ms = 0;
+    ok(vr_parse_rfc3339("2026-11-24T05:00:00Z", &ms) == 0 &&
+           ms == 1795496400000ull, "parse rfc3339 back");
+    ok(vr_parse_rfc3339("2026-11-24 06:30:00.25+01:30", &ms) == 0 &&
+           ms == 1795496400000ull, "parse rfc3339: space, fraction, offset");
+    ok(vr_parse_rfc3339("2026-11-24T03:00:00-02:00", &ms) == 0 &&
+           ms == 1795496400000ull, "parse rfc3339: negative offset");
+    ok(vr_parse_rfc3339("2026-11-24T05:00:00", &ms) == -EINVAL,
+       "parse rfc3339: no zone refused");
+    ok(vr_parse_rfc3339("2026-13-24T05:00:00Z", &ms) == -EINVAL,
+       "parse rfc3339: month 13 refused");
+    ok(vr_parse_rfc3339("2026-11-24T05:00:00Zjunk", &ms) == -EINVAL,
+       "parse rfc3339: trailing junk refused");
+    ok(vr_parse_rfc3339("07:30", &ms) == -EINVAL,
+       "parse rfc3339: HH:MM is not one");
     uint64_t a = vr_mono_ms(), b = vr_mono_ms();
     ok(b >= a, "monotonic clock");
     ok(vr_wall_ms() > 1600000000000ull, "wall clock plausible");

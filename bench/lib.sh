@@ -1,0 +1,80 @@
+# shellcheck shell=bash
+# bench/lib.sh — shared by the rows of bench/run (sourced after
+# tests/integration/functions.sh, whose daemons, PKI and clean-up they use).
+#
+# A row prints one line per figure on stdout:
+#     RESULT<TAB>figure<TAB>ours<TAB>peer<TAB>ratio<TAB>target<TAB>met
+# and anything else on stderr.  BENCH_SMOKE=1: tiny sizes, one round (CI:
+# the suite must not rot); BENCH_ROUNDS overrides the rounds.
+
+SMOKE=${BENCH_SMOKE:-0}
+if [ "$SMOKE" = 1 ]; then
+    ROUNDS=${BENCH_ROUNDS:-1}
+else
+    ROUNDS=${BENCH_ROUNDS:-3}
+fi
+
+# now_ms — the time in milliseconds.
+now_ms() {
+    date +%s%3N
+}
+
+# median N… — the median of integers (the lower one of an even count).
+median() {
+    printf '%s\n' "$@" | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'
+}
+
+# ratio A B — A / B with two decimals ("-" if B is 0).
+ratio() {
+    awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "-"; else printf "%.2f", a / b }'
+}
+
+# result FIGURE OURS PEER RATIO TARGET MET — one line of the table.
+result() {
+    printf 'RESULT\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@"
+}
+
+# met_le RATIO LIMIT / met_ge RATIO LIMIT — "met" or "not met".
+met_le() { awk -v r="$1" -v l="$2" 'BEGIN { print (r != "-" && r <= l) ? "met" : "not met" }'; }
+met_ge() { awk -v r="$1" -v l="$2" 'BEGIN { print (r != "-" && r >= l) ? "met" : "not met" }'; }
+
+# vmlike FILE SIZE DATA SEED — a sparse raw image of SIZE bytes holding
+# DATA bytes of VM-like content in 1 MiB extents spread over it: a third
+# text (words and numbers), a third random (binaries), a third mostly
+# zeroes with scattered bytes (tables, sparse files).
+vmlike() {
+    python3 - "$@" <<'EOF'
+import os, random, sys
+path, size, data, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+rnd = random.Random(seed)
+MiB = 1 << 20
+n = data // MiB
+slots = size // MiB
+step = max(1, slots // max(1, n))
+words = [b"kernel", b"module", b"config", b"replica", b"cycle", b"disk", b"sector",
+         b"the", b"and", b"of", b"return", b"static", b"int", b"void", b"char"]
+with open(path, "wb") as f:
+    f.truncate(size)
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            out = bytearray()
+            while len(out) < MiB:
+                out += rnd.choice(words) + b" " + str(rnd.randrange(100000)).encode() + b"\n"
+            buf = bytes(out[:MiB])
+        elif kind == 1:
+            buf = rnd.randbytes(MiB)
+        else:
+            b = bytearray(MiB)
+            for _ in range(2048):
+                b[rnd.randrange(MiB)] = rnd.randrange(256)
+            buf = bytes(b)
+        f.seek((i * step % slots) * MiB)
+        f.write(buf)
+EOF
+}
+
+# size_of SPEC — bytes of 64M, 2G, 1T…
+size_of() {
+    numfmt --from=iec "$1"
+}

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# bench row 5: the primary's memory with 10 VMs of 1 TiB sparse disks
+# replicating every second (then 50 in the full run): PSS of vmreplicad
+# plus every nbdkit it runs, from /proc/PID/smaps_rollup (target: <= 64 MiB
+# in all, flat in VM count past the first).
+source "$(dirname "$0")/../../tests/integration/functions.sh"
+source "$(dirname "$0")/../lib.sh"
+requires jq qemu-io
+requires_build
+
+DISK=${BENCH_MEMORY_DISK:-$([ "$SMOKE" = 1 ] && echo 1G || echo 1T)}
+COUNTS=${BENCH_MEMORY_COUNTS:-$([ "$SMOKE" = 1 ] && echo 2 || echo "10 50")}
+SETTLE=${BENCH_MEMORY_S:-$([ "$SMOKE" = 1 ] && echo 2 || echo 20)}
+setup_pair >/dev/null
+
+# pss_kib PATTERN — the summed PSS (KiB) of the processes whose command line
+# holds PATTERN.
+pss_kib() {
+    local total=0 p v
+    for p in /proc/[0-9]*; do
+        tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -qF -- "$1" || continue
+        v=$(awk '/^Pss:/ { print $2 }' "$p/smaps_rollup" 2>/dev/null) || continue
+        total=$((total + ${v:-0}))
+    done
+    echo "$total"
+}
+
+have=0
+for n in $COUNTS; do
+    while [ "$have" -lt "$n" ]; do
+        have=$((have + 1))
+        create_vm "m$have" "$DISK"
+        qemu-io -f raw "$(nbd_uri primary "m$have")" -c 'write -P 7 0 1M' >/dev/null
+        enable_replication "m$have" --frequency 1s
+    done
+    sleep "$SETTLE"
+    d=$(pss_kib "$(state_dir primary)")
+    # The daemon's own: its command line names the state directory, as
+    # nbdkit's do (their sockets are in it): take the daemon alone too.
+    dd=$(awk '/^Pss:/ { print $2 }' "/proc/${DAEMON_PID[primary]}/smaps_rollup")
+    result "primary memory, $n VMs x $DISK sparse at 1 s (PSS MiB; vmreplicad alone)" \
+        "$((d / 1024))" "$((dd / 1024)) (vmreplicad)" "-" "<= 64" "$(met_le $((d / 1024)) 64)"
+done
