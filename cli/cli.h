@@ -2,7 +2,10 @@
  * table, option parsing, the API call over HTTP and output helpers.
  *
  * Commands return an exit status: CLI_OK, CLI_ERR (one line "vmreplica:
- * error: ..." already printed) or CLI_USAGE (error and usage printed).
+ * error: ..." already printed), CLI_USAGE (error and usage printed),
+ * CLI_UNREACHABLE (the daemon's socket could not be reached) or
+ * CLI_NOTFOUND (the daemon answered 404: no such VM, entry or point).
+ * vmreplica(1) "EXIT STATUS" documents them: keep the two in step.
  */
 #ifndef VR_CLI_H
 #define VR_CLI_H
@@ -14,12 +17,24 @@
 
 #include "vr.h"
 
-enum { CLI_OK = 0, CLI_ERR = 1, CLI_USAGE = 2 };
+enum {
+    CLI_OK = 0,
+    CLI_ERR = 1,
+    CLI_USAGE = 2,
+    CLI_UNREACHABLE = 3,
+    CLI_NOTFOUND = 4,
+};
 
 struct cli {
     const char *connect; /* socket path or https://HOST:PORT */
     bool json;           /* --json: print the server's JSON */
+    /* Printed on stderr ("vmreplica: NOTE") once a call has waited
+     * CLI_SLOW_NOTE_MS for its answer, or NULL: says what the daemon is
+     * waiting for (a guest's shutdown) and how not to wait. */
+    const char *slow_note;
 };
+
+#define CLI_SLOW_NOTE_MS 3000
 
 struct cli_cmd;
 typedef int (*cli_fn)(struct cli *c, const struct cli_cmd *cmd, int argc,
@@ -120,6 +135,10 @@ void cli_table_row(struct cli_table *t, const char *const *cells);
 /* Print to stdout, each line indented by indent spaces. */
 void cli_table_print(struct cli_table *t, unsigned indent);
 void cli_table_free(struct cli_table *t);
+
+/* name as messages show it: quoted if it holds a space (vr_qname); valid
+ * until the fourth call after this one. */
+const char *cli_q(const char *name);
 
 /* A TCP port 1-65535 into *out: 0, or -1 if s is not one. */
 int cli_parse_port(const char *s, long *out);

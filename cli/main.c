@@ -3,8 +3,9 @@
  * the daemon's unix socket, through libcurl).
  *
  * Every command is a thin call of one endpoint of docs/api.md.  Failures
- * print one line "vmreplica: error: MESSAGE" on stderr and exit 1; usage
- * errors also print the command's usage and exit 2.
+ * print one line "vmreplica: error: MESSAGE" on stderr and exit non-zero
+ * (cli.h lists the statuses); usage errors also print the command's usage
+ * and exit 2.
  */
 #include <curl/curl.h>
 #include <inttypes.h>
@@ -12,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "cli.h"
@@ -194,14 +196,23 @@ static const struct cli_cmd commands[] = {
       "only\n"
       "                                in this daily window, local time "
       "(\"any\":\n"
-      "                                any time, the default)\n" },
+      "                                any time, the default)\n"
+      "\n"
+      "Not available yet (SPEC, docs/cmdlets.md): --exclude-disk ID,\n"
+      "--bandwidth-limit RATE.\n" },
     { "replication", "set", cmd_repl_set,
       "VM [--frequency DURATION] [--compression on|off] "
       "[--connect-address IP] [--recovery-history N] "
       "[--point-interval DURATION] [--app-consistent-every K] "
       "[--kerberos-encrypt on|off] [--log-budget SIZE] "
       "[--auto-resync on|off] [--resync-window HH:MM-HH:MM|any]",
-      "change the replication settings of a VM", NULL },
+      "change the replication settings of a VM",
+      "  The options mean what they mean for 'replication enable' (see\n"
+      "  'vmreplica help replication enable'); the Replica server and the\n"
+      "  authentication do not change (remove, then enable again).\n"
+      "\n"
+      "Not available yet (SPEC, docs/cmdlets.md): --exclude-disk ID,\n"
+      "--bandwidth-limit RATE.\n" },
     { "replication", "show", cmd_repl_show, "VM",
       "show the replication of a VM", NULL },
     { "replication", "list", cmd_repl_list,
@@ -267,9 +278,12 @@ static const struct cli_cmd commands[] = {
     { "failover", "prepare", cmd_failover_prepare, "VM",
       "on the primary (VM shut down): ship every change and prepare a "
       "planned failover", NULL },
-    { "failover", "complete", cmd_failover_complete, "VM",
+    { "failover", "complete", cmd_failover_complete, "VM [--force]",
       "on the Replica server: commit a failover (the other recovery points "
-      "are deleted)", NULL },
+      "are deleted)",
+      "  --force           kill the failed-over guest at once instead of an "
+      "ACPI\n"
+      "                    shutdown (which waits up to 30 s)\n" },
     { "initial-replication", "start", cmd_initial_start,
       "VM [--at TIME] [--export DIR | --use-existing] [--wait]",
       "send the first full copy of a VM's disks",
@@ -294,8 +308,12 @@ static const struct cli_cmd commands[] = {
     { "initial-replication", "import", cmd_initial_import, "VM --from DIR",
       "on the Replica server: load an export, then the primary's changes "
       "flow", NULL },
-    { "events", NULL, cmd_events, "[--vm VM]", "show recent events",
-      "  --vm VM           only events of this VM\n" },
+    { "events", NULL, cmd_events, "[--vm VM] [--follow]",
+      "show recent events",
+      "  --vm VM           only events of this VM\n"
+      "  --follow          then print new events as they come, until "
+      "interrupted\n"
+      "                    (with --json: one JSON object per line)\n" },
 };
 
 /* --- messages and usage ------------------------------------------------ */
@@ -576,6 +594,50 @@ error_message(long status, const struct buf *b)
                      *first ? ": " : "", first);
 }
 
+/* The daemon's socket cannot be reached: say why and what to do about it
+ * (start the daemon, point at the right socket, or join its group);
+ * CLI_UNREACHABLE. */
+static int
+connect_error(const struct cli *c, int os_errno, const char *curl_msg)
+{
+    const char *why = os_errno ? strerror(os_errno) : curl_msg;
+    if (os_errno == EACCES || os_errno == EPERM)
+        cli_error("cannot connect to %s: %s: run as root or as a member of "
+                  "the vmreplica group", c->connect, why);
+    else
+        cli_error("cannot connect to %s: %s: is vmreplicad running? start it "
+                  "(systemctl start vmreplicad), or set VMREPLICA_SOCKET (or "
+                  "--connect) to its STATE_DIR/api.sock", c->connect, why);
+    return CLI_UNREACHABLE;
+}
+
+struct slow {
+    const char *note;
+    uint64_t start_ms;
+    bool shown;
+};
+
+static uint64_t
+mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* libcurl's progress callback: the slow note, once, when it is due. */
+static int
+on_progress(void *p, curl_off_t dltotal VR_UNUSED, curl_off_t dlnow VR_UNUSED,
+            curl_off_t ultotal VR_UNUSED, curl_off_t ulnow VR_UNUSED)
+{
+    struct slow *s = p;
+    if (!s->shown && mono_ms() >= s->start_ms + CLI_SLOW_NOTE_MS) {
+        s->shown = true;
+        fprintf(stderr, "vmreplica: %s\n", s->note);
+    }
+    return 0;
+}
+
 int
 cli_call(struct cli *c, const char *method, const char *path,
          json_object *body, json_object **out)
@@ -619,6 +681,12 @@ cli_call(struct cli *c, const char *method, const char *path,
     }
     if (strcmp(method, "GET") != 0 && strcmp(method, "POST") != 0)
         curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, method);
+    struct slow slow = { c->slow_note, mono_ms(), false };
+    if (c->slow_note) {
+        curl_easy_setopt(h, CURLOPT_XFERINFOFUNCTION, on_progress);
+        curl_easy_setopt(h, CURLOPT_XFERINFODATA, &slow);
+        curl_easy_setopt(h, CURLOPT_NOPROGRESS, 0L);
+    }
 
     int rc = CLI_OK;
     CURLcode cr = curl_easy_perform(h);
@@ -627,10 +695,8 @@ cli_call(struct cli *c, const char *method, const char *path,
         long os_errno = 0;
         curl_easy_getinfo(h, CURLINFO_OS_ERRNO, &os_errno);
         if (cr == CURLE_COULDNT_CONNECT || cr == CURLE_COULDNT_RESOLVE_HOST)
-            rc = cli_error("cannot connect to %s: %s", c->connect,
-                           os_errno ? strerror((int)os_errno)
-                           : *errbuf ? errbuf
-                                     : curl_easy_strerror(cr));
+            rc = connect_error(c, (int)os_errno,
+                               *errbuf ? errbuf : curl_easy_strerror(cr));
         else if (resp.too_big)
             rc = cli_error("%s %s: response larger than %u bytes", method,
                            path, MAX_RESPONSE);
@@ -643,6 +709,8 @@ cli_call(struct cli *c, const char *method, const char *path,
     if (status >= 400 || status < 200) {
         CLEANUP_FREE char *msg = error_message(status, &resp);
         rc = cli_error("%s", msg);
+        if (status == 404)
+            rc = CLI_NOTFOUND;
         goto out;
     }
     if (resp.len > 0) {
@@ -827,6 +895,14 @@ cli_table_free(struct cli_table *t)
         free(t->cells[i]);
     free(t->cells);
     free(t);
+}
+
+const char *
+cli_q(const char *name)
+{
+    static char bufs[4][VR_QNAME_MAX];
+    static unsigned next;
+    return vr_qname(name, bufs[next++ % ARRAY_SIZE(bufs)]);
 }
 
 int

@@ -68,6 +68,28 @@ or_dash(json_object *o, const char *key)
     return cli_has(o, key) && *cli_str(o, key) ? cli_str(o, key) : "-";
 }
 
+/* The recovery history settings (SPEC §7): how many points besides the
+ * latest, at what interval, and which are application-consistent. */
+static void
+print_history(json_object *r)
+{
+    char iv[32];
+    int64_t n = cli_int(r, "recovery_history");
+    int64_t every = cli_int(r, "app_consistent_every");
+    int64_t secs = cli_int(r, "point_interval");
+    cli_fmt_duration((uint64_t)(secs > 0 ? secs : 3600), iv, sizeof iv);
+    if (n > 0)
+        cli_kv("Recovery history", "%" PRId64 " point%s besides the latest, "
+               "one per %s", n, n == 1 ? "" : "s", iv);
+    else
+        cli_kv("Recovery history", "the latest point only");
+    if (every > 0)
+        cli_kv("App-consistent points", "every %" PRId64 " x %s "
+               "(guest agent fsfreeze)", every, iv);
+    else
+        cli_kv("App-consistent points", "off");
+}
+
 void
 cli_print_replication(json_object *r)
 {
@@ -90,6 +112,9 @@ cli_print_replication(json_object *r)
            cli_fmt_duration((uint64_t)cli_int(r, "frequency"), buf,
                             sizeof buf));
     cli_kv("Compression", "%s", cli_bool(r, "compression") ? "on" : "off");
+    print_history(r);
+    if (!replica)
+        cli_kv("Auto-resync", "%s", cli_bool(r, "auto_resync") ? "on" : "off");
     cli_kv("Epoch", "%" PRId64, cli_int(r, "epoch"));
     cli_kv("Last cycle", "%" PRId64, cli_int(r, "last_cycle"));
     cli_kv("Applied cycle", "%" PRId64, cli_int(r, "applied_cycle"));
@@ -441,7 +466,7 @@ cmd_points_list(struct cli *c, const struct cli_cmd *cmd, int argc,
         json_object_put(resp);
         return cli_error("GET %s: no points in the response", path);
     }
-    printf("%-8s %-20s %-22s %-12s %s\n", "ID", "TIME (UTC)", "KIND",
+    printf("%-8s %-20s %-22s %-12s %s\n", "ID", "APPLIED (UTC)", "KIND",
            "UNDO SIZE", "NOTE");
     size_t n = json_object_array_length(arr);
     for (size_t i = 0; i < n; i++) {
@@ -490,9 +515,15 @@ failover_call(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv,
         { "test", CLI_OPT_FLAG, &test },
         { NULL, 0, NULL },
     };
+    const struct cli_opt opts_force[] = {
+        { "force", CLI_OPT_FLAG, &force },
+        { NULL, 0, NULL },
+    };
     const struct cli_opt opts_none[] = { { NULL, 0, NULL } };
+    bool complete = strcmp(verb, "complete") == 0;
     const struct cli_opt *opts = start                         ? opts_start
                                  : strcmp(verb, "stop") == 0 ? opts_stop
+                                 : complete                  ? opts_force
                                                              : opts_none;
     CLEANUP_FREE char *path = NULL;
     const char *name;
@@ -518,8 +549,18 @@ failover_call(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv,
         }
         json_object_object_add(body, "point", json_object_new_int64(id));
     }
+    CLEANUP_FREE char *note =
+        complete && !force
+            ? xasprintf("waiting for the failed-over guest of %s to shut "
+                        "down: it was sent the ACPI power button and is "
+                        "killed if it still runs after 30 s; 'vmreplica "
+                        "failover complete %s --force' kills it at once",
+                        cli_q(name), cli_q(name))
+            : NULL;
+    c->slow_note = note;
     json_object *out;
     rc = cli_call(c, "POST", path, body, &out);
+    c->slow_note = NULL;
     json_object_put(body);
     if (rc)
         return rc;
@@ -625,7 +666,7 @@ cmd_repl_reverse(struct cli *c, const struct cli_cmd *cmd, int argc,
         cli_print_json(out);
     else
         printf("replication of vm %s reversed: this server is the primary, "
-               "replicating to %s\n", name, cli_str(out, "replica_server"));
+               "replicating to %s\n", cli_q(name), cli_str(out, "replica_server"));
     json_object_put(out);
     return CLI_OK;
 }
@@ -712,7 +753,7 @@ simple(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv,
     if (c->json)
         cli_print_json(out);
     else
-        printf("replication of vm %s %s\n", name, done);
+        printf("replication of vm %s %s\n", cli_q(name), done);
     json_object_put(out);
     return CLI_OK;
 }
@@ -817,15 +858,15 @@ cmd_repl_resume(struct cli *c, const struct cli_cmd *cmd, int argc,
         cli_print_json(out);
     else if (resync && at)
         printf("resynchronization of vm %s scheduled (state %s); 'vmreplica "
-               "replication stop-resync %s' cancels it\n", name,
-               cli_str(out, "state"), name);
+               "replication stop-resync %s' cancels it\n", cli_q(name),
+               cli_str(out, "state"), cli_q(name));
     else if (resync)
         printf("resynchronization of vm %s %s: only the regions "
                "changed while tracking was stopped are compared; follow "
-               "it with 'vmreplica replication measure %s'\n", name,
-               cont ? "continued" : "started", name);
+               "it with 'vmreplica replication measure %s'\n", cli_q(name),
+               cont ? "continued" : "started", cli_q(name));
     else
-        printf("replication of vm %s resumed\n", name);
+        printf("replication of vm %s resumed\n", cli_q(name));
     json_object_put(out);
     return CLI_OK;
 }

@@ -370,6 +370,8 @@ auth_put(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv,
     json_object_put(body);
     if (rc)
         return rc;
+    if (cli_has(out, "warning"))
+        fprintf(stderr, "vmreplica: warning: %s\n", cli_str(out, "warning"));
     if (c->json)
         cli_print_json(out);
     else

@@ -359,7 +359,7 @@ cmd_vm_start(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
         cli_print_json(out);
     } else if (no_hv) {
         /* What a hypervisor run by hand or by libvirt attaches to. */
-        printf("vm %s: disks served (no hypervisor)\n", name);
+        printf("vm %s: disks served (no hypervisor)\n", cli_q(name));
         json_object *disks = NULL;
         if (json_object_object_get_ex(out, "disks", &disks) &&
             json_object_is_type(disks, json_type_array)) {
@@ -369,7 +369,7 @@ cmd_vm_start(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
             }
         }
     } else {
-        printf("vm %s started\n", name);
+        printf("vm %s started\n", cli_q(name));
     }
     json_object_put(out);
     return CLI_OK;
@@ -390,15 +390,24 @@ cmd_vm_stop(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
         return rc;
     json_object *body = json_object_new_object();
     json_object_object_add(body, "force", json_object_new_boolean(force));
+    CLEANUP_FREE char *note =
+        force ? NULL
+              : xasprintf("waiting for vm %s to shut down: its guest was "
+                          "sent the ACPI power button and is killed if it "
+                          "still runs after 30 s; 'vmreplica vm stop %s "
+                          "--force' kills it at once", cli_q(name),
+                          cli_q(name));
+    c->slow_note = note;
     json_object *out;
     rc = cli_call(c, "POST", path, body, &out);
+    c->slow_note = NULL;
     json_object_put(body);
     if (rc)
         return rc;
     if (c->json)
         cli_print_json(out);
     else
-        printf("vm %s stopped\n", name);
+        printf("vm %s stopped\n", cli_q(name));
     json_object_put(out);
     return CLI_OK;
 }
@@ -429,7 +438,7 @@ cmd_vm_set_boot(struct cli *c, const struct cli_cmd *cmd, int argc,
     if (c->json)
         cli_print_json(out);
     else
-        printf("vm %s: boots %s\n", name, kernel ? kernel : "from its disk");
+        printf("vm %s: boots %s\n", cli_q(name), kernel ? kernel : "from its disk");
     json_object_put(out);
     return CLI_OK;
 }
@@ -454,7 +463,7 @@ cmd_vm_set_test_network(struct cli *c, const struct cli_cmd *cmd, int argc,
     if (c->json)
         cli_print_json(out);
     else
-        printf("vm %s: test network %s\n", pos[0], pos[1]);
+        printf("vm %s: test network %s\n", cli_q(pos[0]), pos[1]);
     json_object_put(out);
     return CLI_OK;
 }
@@ -516,7 +525,7 @@ cmd_vm_set_failover_network(struct cli *c, const struct cli_cmd *cmd,
     if (c->json)
         cli_print_json(out);
     else
-        printf("vm %s: failover network of NIC %ld %s\n", name, idx,
+        printf("vm %s: failover network of NIC %ld %s\n", cli_q(name), idx,
                clear ? "cleared" : "set");
     json_object_put(out);
     return CLI_OK;
@@ -536,7 +545,7 @@ cmd_vm_remove(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
     if (c->json)
         cli_print_json(out);
     else
-        printf("vm %s removed\n", name);
+        printf("vm %s removed\n", cli_q(name));
     json_object_put(out);
     return CLI_OK;
 }

@@ -620,6 +620,16 @@ vr_name_valid(const char *name)
     return true;
 }
 
+const char *
+vr_qname(const char *name, char buf[VR_QNAME_MAX])
+{
+    if (*name && strspn(name, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRST"
+                              "UVWXYZ0123456789._-") == strlen(name))
+        return name;
+    snprintf(buf, VR_QNAME_MAX, "'%s'", name);
+    return buf;
+}
+
 bool
 vr_uuid_valid(const char *u)
 {

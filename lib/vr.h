@@ -118,6 +118,12 @@ int vr_parse_rfc3339(const char *s, uint64_t *wall_ms) VR_WUR;
 /* Names of VMs and disks: 1..64 chars of [A-Za-z0-9._ -], not starting with
  * '.' or ' ', so a name can never form a path component like "..". */
 bool vr_name_valid(const char *name);
+/* A name as messages show it, so that it can be pasted into a command: as
+ * is, or in single quotes if it holds anything but [A-Za-z0-9._-] (a valid
+ * name's only such character is the space).  Returns buf, or name itself
+ * if it needs no quotes; a quoted name longer than cap is cut. */
+#define VR_QNAME_MAX 80
+const char *vr_qname(const char *name, char buf[VR_QNAME_MAX]);
 /* A host name as certificates and Kerberos principals carry it: labels of
  * 1-63 of [A-Za-z0-9-] (not starting or ending with '-') joined by '.',
  * 253 bytes at most, no trailing dot. */

@@ -59,6 +59,50 @@ api_auth_list(struct api_call *call VR_UNUSED, unsigned *status VR_UNUSED,
     return 0;
 }
 
+/* d->lock held, the entry just changed: the Replica VMs whose primary the
+ * catalog's entries now put in a trust group their VM refuses.  NULL if
+ * none, else a warning naming them (caller frees). */
+static char *
+cut_off_warning(const struct auth_entry *ne)
+{
+    char *list = NULL;
+    unsigned n = 0;
+    for (struct vm *vm = actx.d->vms; vm; vm = vm->next) {
+        const struct repl *r = vm->repl;
+        if (vm->mode != VM_MODE_REPLICA || !r || !r->primary_server ||
+            !r->trust_group || !*r->trust_group ||
+            !vr_fqdn_match(ne->pattern, r->primary_server))
+            continue;
+        char *storage = NULL, *group = NULL;
+        int rc = authz_decide(actx.d->cat, &actx.d->cfg, r->primary_server,
+                              &storage, &group);
+        bool cut = rc == 0 && !trust_group_admits(r->trust_group, group);
+        free(storage);
+        free(group);
+        if (!cut)
+            continue;
+        char q[VR_QNAME_MAX];
+        char *next = xasprintf("%s%s%s (vm %s, trust group '%s')",
+                               list ? list : "", list ? ", " : "",
+                               r->primary_server, vr_qname(vm->name, q),
+                               r->trust_group);
+        free(list);
+        list = next;
+        if (++n == 16) /* enough to act on; the rest are alike */
+            break;
+    }
+    if (!list)
+        return NULL;
+    char *w = xasprintf("authorization entry %s: trust group '%s' cuts off "
+                        "the primaries already replicating here under "
+                        "another group, whose cycles are now refused: %s; "
+                        "'vmreplica auth-entry set %s --trust-group GROUP' "
+                        "with their group lets them in again",
+                        ne->pattern, ne->trust_group, list, ne->pattern);
+    free(list);
+    return w;
+}
+
 /* add (pattern from the body, must not exist) or set (pattern from the
  * path, must exist; absent fields kept). */
 static int
@@ -124,6 +168,12 @@ put_entry(struct api_call *call, bool add, unsigned *status,
         *out = entry_json(&ne);
         if (add)
             *status = 201;
+        CLEANUP_FREE char *w = group ? cut_off_warning(&ne) : NULL;
+        if (w) {
+            event_add(actx.d->cat, "warning", NULL, "%s", w);
+            json_object_object_add(*out, "warning",
+                                   json_object_new_string(w));
+        }
     }
     auth_entries_free(e, n);
     pthread_mutex_unlock(&actx.d->lock);

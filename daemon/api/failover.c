@@ -45,5 +45,6 @@ int
 api_failover_complete(struct api_call *call, unsigned *status VR_UNUSED,
                       json_object **out)
 {
-    return failover_complete(call->arg, out);
+    return failover_complete(call->arg, jbool(call->body, "force", false),
+                             out);
 }

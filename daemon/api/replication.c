@@ -321,6 +321,17 @@ api_repl_suspend(struct api_call *call, unsigned *status VR_UNUSED,
     struct vm *vm = NULL;
     pthread_mutex_lock(&actx.d->lock);
     int rc = lookup_repl(call, &vm);
+    if (rc == 0 && vm->repl->mode == VM_MODE_REPLICA) {
+        /* Pausing here would only leave the cycles staged unapplied, and
+         * the primary would keep sending them: pause at the source. */
+        char q[VR_QNAME_MAX];
+        const char *n = vr_qname(vm->name, q);
+        rc = vr_err(-EINVAL, "vm %s: a Replica VM is not suspended on the "
+                    "Replica server; run 'vmreplica replication suspend %s' "
+                    "on its primary server (%s)", n, n,
+                    vm->repl->primary_server ? vm->repl->primary_server
+                                             : "unknown");
+    }
     if (rc == 0)
         rc = check_not_failing_over(vm);
     struct repl *r = rc == 0 ? vm->repl : NULL;

@@ -23,8 +23,11 @@ server_json(void)
     json_object_object_add(o, "replica_enabled",
                            json_object_new_boolean(c->replica_enabled));
     STR("auth", c->auth);
+    /* 0 until the first 'server set --enable': show the port that would
+     * be used then, not 0 (SPEC: default 443, 80 for Kerberos). */
     json_object_object_add(o, "certificate_port",
-                           json_object_new_int((int)c->cert_port));
+                           json_object_new_int(c->cert_port ? (int)c->cert_port
+                                                            : 443));
     STR("certificate", c->cert);
     STR("key", c->key);
     STR("ca", c->ca);
@@ -35,7 +38,8 @@ server_json(void)
     STR("certificate_thumbprint", thumb);
     STR("certificate_store", c->cert_store);
     json_object_object_add(o, "kerberos_port",
-                           json_object_new_int((int)c->krb_port));
+                           json_object_new_int(c->krb_port ? (int)c->krb_port
+                                                           : 80));
     STR("keytab", c->keytab);
     json_object_object_add(o, "kerberos_encrypt",
                            json_object_new_boolean(c->krb_encrypt));
@@ -294,6 +298,13 @@ api_server_set(struct api_call *call, unsigned *status VR_UNUSED,
         rc = cfg_set_identity(b, c);
     if (rc == 0)
         rc = cfg_check(c);
+    /* A new certificate must be usable now: the next cycle would fail
+     * with it.  (One stored earlier that has since expired does not
+     * block other settings.) */
+    if (rc == 0 && c->cert &&
+        (json_object_object_get_ex(b, "certificate", NULL) ||
+         json_object_object_get_ex(b, "certificate_thumbprint", NULL)))
+        rc = tls_check_validity(c->cert);
     if (rc == 0)
         rc = web_check(c);
     if (rc == 0 && c->default_storage)

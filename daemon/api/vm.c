@@ -466,11 +466,12 @@ api_vm_start(struct api_call *call, unsigned *status VR_UNUSED,
         (vm_busy(vm, VM_OP_PREPARE) ||
          vm->repl->st == REPL_ST_PREPARED)) {
         vm_op_end(vm, VM_OP_CHANGE);
+        char q[VR_QNAME_MAX];
+        const char *n = vr_qname(vm->name, q);
         rc = vr_err(-EBUSY, "vm %s: prepared for failover to %s: it starts "
                     "there ('vmreplica failover start %s' on the Replica "
                     "server); 'vmreplica failover stop %s' here undoes the "
-                    "preparation", vm->name, vm->repl->replica_server,
-                    vm->name, vm->name);
+                    "preparation", n, vm->repl->replica_server, n, n);
     }
     if (rc == 0 && vm_is_kept_copy(vm)) {
         vm_op_end(vm, VM_OP_CHANGE);
@@ -564,6 +565,7 @@ api_vm_remove(struct api_call *call, unsigned *status VR_UNUSED,
     int rc = vm_lookup(actx.d, call->arg, &vm);
     if (rc == 0) {
         CLEANUP_FREE char *rundir = vm_rundir(actx.d, vm);
+        char q[VR_QNAME_MAX];
         bool served, running;
         vmproc_status(rundir, &served, &running);
         if (served || running)
@@ -577,7 +579,7 @@ api_vm_remove(struct api_call *call, unsigned *status VR_UNUSED,
         else if (vm->repl && (vm->repl->test_point || vm_busy(vm, VM_OP_TEST)))
             rc = vr_err(-EBUSY, "vm %s: a test failover is running; run "
                         "'vmreplica failover stop %s --test' first",
-                        vm->name, vm->name);
+                        vr_qname(vm->name, q), vr_qname(vm->name, q));
         else if (vm->repl)
             rc = vr_err(-EBUSY, "vm %s: replication is enabled; remove it "
                                 "first",

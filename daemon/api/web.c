@@ -383,7 +383,7 @@ vm_detail_json(const char *name, json_object **out)
                                ? history_points_json(vm)
                                : json_object_new_array());
     json_object_object_add(o, "events",
-                           catalog_events(actx.d->cat, vm->name, WEB_EVENTS));
+                           catalog_events(actx.d->cat, vm->name, 0, WEB_EVENTS));
     char uuid[37];
     snprintf(uuid, sizeof uuid, "%s", vm->uuid);
     pthread_mutex_unlock(&actx.d->lock);

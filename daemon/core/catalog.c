@@ -879,13 +879,16 @@ catalog_add_event(struct catalog *cat, uint64_t time_ms, const char *level,
 }
 
 json_object *
-catalog_events(struct catalog *cat, const char *vm, unsigned max)
+catalog_events(struct catalog *cat, const char *vm, int64_t after_id,
+               unsigned max)
 {
     json_object *arr = json_object_new_array();
-    sqlite3_stmt *st = prep(cat, 
-        "SELECT * FROM (SELECT time_ms, level, vm, message, id FROM events "
-        "WHERE (?1 IS NULL OR vm = ?1) ORDER BY id DESC LIMIT ?2) ORDER BY "
-        "id");
+    sqlite3_stmt *st = prep(cat, after_id > 0
+        ? "SELECT time_ms, level, vm, message, id FROM events "
+          "WHERE (?1 IS NULL OR vm = ?1) AND id > ?3 ORDER BY id LIMIT ?2"
+        : "SELECT * FROM (SELECT time_ms, level, vm, message, id FROM events "
+          "WHERE (?1 IS NULL OR vm = ?1) ORDER BY id DESC LIMIT ?2) ORDER BY "
+          "id");
     if (!st)
         return arr;
     if (vm)
@@ -893,10 +896,14 @@ catalog_events(struct catalog *cat, const char *vm, unsigned max)
     else
         sqlite3_bind_null(st, 1);
     sqlite3_bind_int(st, 2, (int)max);
+    if (after_id > 0)
+        sqlite3_bind_int64(st, 3, after_id);
     while (sqlite3_step(st) == SQLITE_ROW) {
         json_object *e = json_object_new_object();
         char ts[32];
         vr_rfc3339((uint64_t)sqlite3_column_int64(st, 0), ts);
+        json_object_object_add(e, "id",
+                               json_object_new_int64(sqlite3_column_int64(st, 4)));
         json_object_object_add(e, "time", json_object_new_string(ts));
         json_object_object_add(
             e, "level",

@@ -67,8 +67,11 @@ int catalog_delete_point(struct catalog *cat, const char *uuid,
 int catalog_points(struct catalog *cat, const char *uuid, struct point **out,
                    size_t *n) VR_WUR;
 
-/* Events, newest last, optional filter by VM name; caller puts them. */
-json_object *catalog_events(struct catalog *cat, const char *vm, unsigned max);
+/* Events, newest last, optional filter by VM name; caller puts them.
+ * after_id 0: the newest max; else the first max with an id above it
+ * (oldest first, so a follower misses none). */
+json_object *catalog_events(struct catalog *cat, const char *vm,
+                            int64_t after_id, unsigned max);
 void catalog_add_event(struct catalog *cat, uint64_t time_ms, const char *level,
                        const char *vm, const char *msg);
 

@@ -228,6 +228,9 @@ struct repl {
     /* statistics (reset-stats clears them) */
     uint64_t last_ok_ms;
     uint64_t errors, ok_count, missed;
+    /* primary: cycles missed since the last successful one (health shows
+     * an outage as it happens; not saved, not cleared by reset-stats) */
+    uint64_t missed_run;
     uint64_t bytes_raw, bytes_wire;
     uint64_t max_size, sum_size;
     uint64_t max_latency_ms, sum_latency_ms;

@@ -35,7 +35,8 @@ int
 vm_lookup(struct daemon *d, const char *key, struct vm **out)
 {
     *out = vm_find(d, key);
-    return *out ? 0 : vr_err(-ENOENT, "vm %s: not found", key);
+    char q[VR_QNAME_MAX];
+    return *out ? 0 : vr_err(-ENOENT, "vm %s: not found", vr_qname(key, q));
 }
 
 bool
@@ -284,6 +285,18 @@ repl_health(const struct repl *r, json_object *details)
     uint64_t now = vr_wall_ms();
     if (r->initial_done && r->last_ok_ms && now > r->last_ok_ms + 3600000)
         ADD("Warning", "more than an hour since the last successful cycle");
+    if (r->mode == VM_MODE_PRIMARY && r->st == REPL_ST_REPLICATING &&
+        r->missed_run) {
+        char buf[1300], when[32] = "never";
+        if (r->last_ok_ms)
+            vr_rfc3339(r->last_ok_ms, when);
+        snprintf(buf, sizeof buf, "%llu cycle(s) missed since the last "
+                 "successful one (%s)%s%s",
+                 (unsigned long long)r->missed_run, when,
+                 r->errors && r->last_error ? "; last error: " : "",
+                 r->errors && r->last_error ? r->last_error : "");
+        ADD("Warning", buf);
+    }
     uint64_t total = r->ok_count + r->missed;
     if (total >= 5 && r->missed * 5 > total)
         ADD("Warning", "more than 20% of cycles were missed");

@@ -493,8 +493,21 @@ transfer_error(const struct call *c, CURLcode cr)
                     cr == CURLE_SSL_CERTPROBLEM || refused
                 ? EACCES
                 : ECONNRESET;
-    return vr_err(-e, "replica server %s: %s%s%s", c->p->server,
-                  curl_easy_strerror(cr), *c->errbuf ? ": " : "", c->errbuf);
+    /* curl's text names the host, not the address dialled in its stead:
+     * say which one was, and for a name that does not resolve, how to
+     * give one. */
+    char via[96] = "";
+    if (c->p->connect_address)
+        snprintf(via, sizeof via, " (dialled at --connect-address %s)",
+                 c->p->connect_address);
+    const char *hint =
+        cr == CURLE_COULDNT_RESOLVE_HOST && !c->p->connect_address
+            ? "; if this host cannot resolve that name, give the address "
+              "to dial with --connect-address IP"
+            : "";
+    return vr_err(-e, "replica server %s%s: %s%s%s%s", c->p->server, via,
+                  curl_easy_strerror(cr), *c->errbuf ? ": " : "", c->errbuf,
+                  hint);
 }
 
 /* A refusal (status not 2xx) maps back to its errno with the server's

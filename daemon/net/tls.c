@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "tls.h"
 
@@ -55,6 +56,39 @@ tls_check_material(const char *cert, const char *key, const char *ca)
         rc = vr_err(-EINVAL, "ca %s: %s", ca,
                     r < 0 ? gnutls_strerror(r) : "no certificate found");
     gnutls_certificate_free_credentials(cr);
+    return rc;
+}
+
+int
+tls_check_validity(const char *cert)
+{
+    gnutls_datum_t pem = { NULL, 0 };
+    if (gnutls_load_file(cert, &pem) < 0)
+        return vr_err(-EINVAL, "certificate %s: cannot read it", cert);
+    gnutls_x509_crt_t crt;
+    gnutls_x509_crt_init(&crt);
+    int rc = 0;
+    if (gnutls_x509_crt_import(crt, &pem, GNUTLS_X509_FMT_PEM) < 0) {
+        rc = vr_err(-EINVAL, "certificate %s: not a PEM certificate", cert);
+    } else {
+        time_t now = time(NULL);
+        time_t from = gnutls_x509_crt_get_activation_time(crt);
+        time_t until = gnutls_x509_crt_get_expiration_time(crt);
+        char a[32], b[32], n[32];
+        vr_rfc3339((uint64_t)from * 1000, a);
+        vr_rfc3339((uint64_t)until * 1000, b);
+        vr_rfc3339((uint64_t)now * 1000, n);
+        if (until != (time_t)-1 && now > until)
+            rc = vr_err(-EINVAL, "certificate %s: expired on %s (now %s): "
+                        "peers would refuse it; give a valid one", cert, b,
+                        n);
+        else if (from != (time_t)-1 && now < from)
+            rc = vr_err(-EINVAL, "certificate %s: not valid before %s (now "
+                        "%s): peers would refuse it; check this host's "
+                        "clock or give a valid one", cert, a, n);
+    }
+    gnutls_x509_crt_deinit(crt);
+    gnutls_free(pem.data);
     return rc;
 }
 

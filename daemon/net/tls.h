@@ -9,6 +9,9 @@
 
 /* Validate certificate material: 0 or -EINVAL with a message. */
 int tls_check_material(const char *cert, const char *key, const char *ca) VR_WUR;
+/* Is the certificate in cert valid now (not expired, not before its
+ * start)?  0, or -EINVAL with a message giving the dates. */
+int tls_check_validity(const char *cert) VR_WUR;
 /* First DNS SAN of a certificate file / certificate; caller frees. */
 char *tls_cert_dns_name(const char *cert_path);
 struct gnutls_x509_crt_int;

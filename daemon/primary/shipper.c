@@ -582,7 +582,11 @@ shipper_main(void *arg)
     struct vm *vm = arg;
     struct repl *r = vm->repl;
     unsigned failures = 0;
-    uint64_t next_due = 0;
+    /* next_due: when to try next (a retry comes sooner); sched_due: when
+     * the next cycle is due by the schedule, moved only by a successful
+     * cycle (or a missed one), so that retries through an outage still
+     * count the cycles it costs. */
+    uint64_t next_due = 0, sched_due = 0;
     pthread_mutex_lock(&pctx.d->lock);
     if (r->app_every) {
         /* A crash between a freeze and its thaw would leave the guest
@@ -610,8 +614,10 @@ shipper_main(void *arg)
         bool initial = r->st == REPL_ST_INITIAL || r->st == REPL_ST_RESYNC;
         bool replicating = r->st == REPL_ST_REPLICATING;
         /* Time spent suspended or in error is not missed cycles. */
-        if (!initial && !replicating)
-            next_due = 0;
+        if (!initial && !replicating) {
+            next_due = sched_due = 0;
+            r->missed_run = 0;
+        }
         uint64_t now = vr_mono_ms();
         if ((!initial && !replicating) || (now < next_due && !r->kick)) {
             uint64_t wait_ms = (initial || replicating) && next_due > now
@@ -622,8 +628,14 @@ shipper_main(void *arg)
         }
         r->kick = false;
         unsigned freq_ms = (r->frequency_s ? r->frequency_s : 300) * 1000;
-        if (replicating && next_due && now >= next_due + freq_ms)
-            r->missed += (now - next_due) / freq_ms;
+        /* A cycle is missed when the next one falls due before it was
+         * sent: still being sent, or failing and retried. */
+        if (replicating && sched_due && now >= sched_due + freq_ms) {
+            uint64_t k = (now - sched_due) / freq_ms;
+            r->missed += k;
+            r->missed_run += k;
+            sched_due += k * freq_ms;
+        }
         uint64_t started = now;
         struct job jb;
         job_fill(&jb, vm);
@@ -654,9 +666,12 @@ shipper_main(void *arg)
                           "failed attempt(s)",
                           failures);
             failures = 0;
-            next_due = initial ? 0 : started + freq_ms;
+            next_due = sched_due = initial ? 0 : started + freq_ms;
+            r->missed_run = 0;
             continue;
         }
+        if (replicating && !sched_due)
+            sched_due = started;
         r->errors++;
         free(r->last_error);
         r->last_error = xstrdup(msg);

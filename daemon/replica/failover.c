@@ -352,7 +352,7 @@ revert_disks(const struct vm *vm, uint64_t point, uint64_t latest)
 /* d->lock held (dropped for the work), VM_OP_FAILOVER in progress: carry a
  * complete on from the step it reached. */
 static int
-complete_steps(struct vm *vm)
+complete_steps(struct vm *vm, bool force)
 {
     struct repl *r = vm->repl;
     CLEANUP_FREE char *rd = fo_rundir(r);
@@ -364,7 +364,7 @@ complete_steps(struct vm *vm)
         pthread_mutex_unlock(&rctx.d->lock);
         /* QEMU goes (a clean shutdown first); the view stays for the
          * revert's sake only until then, the disks hold the point after. */
-        rc = vmproc_stop(rd, false, FO_STOP_MS);
+        rc = vmproc_stop(rd, force, FO_STOP_MS);
         if (rc == 0) {
             vr_fault_point("failover-complete-stopped");
             rc = revert_disks(vm, point, latest);
@@ -518,7 +518,7 @@ recover_failover(struct vm *vm)
         log_info("failover", "%s: finishing the completion of the failover "
                  "at point %llu", vm->name,
                  (unsigned long long)r->failover_point);
-        return complete_steps(vm);
+        return complete_steps(vm, false);
     default:
         return vr_err(-EINVAL, "vm %s: unknown failover step %d", vm->name,
                       r->failover_step);
@@ -880,7 +880,7 @@ failover_cancel(const char *key, json_object **out)
 }
 
 int
-failover_complete(const char *key, json_object **out)
+failover_complete(const char *key, bool force, json_object **out)
 {
     pthread_mutex_lock(&rctx.d->lock);
     struct vm *vm = NULL;
@@ -896,7 +896,7 @@ failover_complete(const char *key, json_object **out)
         rc = set_step(r, FO_COMPLETING);
     if (rc == 0) {
         vr_fault_point("failover-complete-marked");
-        rc = complete_steps(vm);
+        rc = complete_steps(vm, force);
     }
     if (rc == 0) {
         *out = json_object_new_object();

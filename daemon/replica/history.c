@@ -324,6 +324,11 @@ history_points_json(struct vm *vm)
         json_object *o = json_object_new_object();
         json_object_object_add(o, "id",
                                json_object_new_int64((int64_t)pts[i].cycle));
+        /* RFC 3339 as everywhere else in the API; time_ms (the same
+         * instant) stays for the dashboard's charts. */
+        char ts[32];
+        vr_rfc3339(pts[i].time_ms, ts);
+        json_object_object_add(o, "time", json_object_new_string(ts));
         json_object_object_add(o, "time_ms",
                                json_object_new_int64((int64_t)pts[i].time_ms));
         json_object_object_add(o, "kind", json_object_new_string(pts[i].kind));

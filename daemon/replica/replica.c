@@ -176,6 +176,33 @@ replica_status_json(const struct vm *vm)
     return o;
 }
 
+/* A request of an older epoch: after a completed failover, say so in the
+ * words the old primary's administrator needs (the message becomes its
+ * last_error): where the VM runs now, that this copy is stale, and what
+ * to run. */
+static int
+epoch_refused(const struct vm *vm, const struct rreq *q)
+{
+    const struct repl *r = vm->repl;
+    char qn[VR_QNAME_MAX];
+    const char *n = vr_qname(vm->name, qn);
+    const char *self = rctx.d->cfg.hostname ? rctx.d->cfg.hostname
+                                            : "the Replica server";
+    if (q->epoch < r->epoch && r->st == REPL_ST_FAILED_OVER)
+        return vr_err(-ESTALE, "replica vm %s: epoch %llu refused (current "
+                      "%llu): the VM failed over on %s, so the copy on %s "
+                      "is stale and its changes are refused; on %s run "
+                      "'vmreplica replication remove %s' (its disks are "
+                      "kept), and protect the VM again from %s ('vmreplica "
+                      "replication reverse %s' there)",
+                      n, (unsigned long long)q->epoch,
+                      (unsigned long long)r->epoch, self, q->peer, q->peer,
+                      n, self, n);
+    return vr_err(-ESTALE, "replica vm %s: epoch %llu refused (current "
+                  "%llu)", n, (unsigned long long)q->epoch,
+                  (unsigned long long)r->epoch);
+}
+
 /* Find the Replica VM for q, checking it belongs to this peer and epoch. */
 int
 own_vm(struct rreq *q, struct vm **out)
@@ -195,10 +222,7 @@ own_vm(struct rreq *q, struct vm **out)
      * start refuses while it recently was). */
     vm->repl->last_contact_ms = vr_wall_ms();
     if (q->kind != R1_STATUS && q->epoch != vm->repl->epoch)
-        return vr_err(-ESTALE, "replica vm %s: epoch %llu refused (current "
-                               "%llu)",
-                      vm->name, (unsigned long long)q->epoch,
-                      (unsigned long long)vm->repl->epoch);
+        return epoch_refused(vm, q);
     if (q->kind != R1_STATUS &&
         (vm->repl->failover_point || vm_busy(vm, VM_OP_FAILOVER)))
         return vr_err(-EBUSY, "replica vm %s: failed over on the Replica "

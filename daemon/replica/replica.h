@@ -61,9 +61,10 @@ int failover_planned_start(const char *key, bool start_vm,
  * was in contact recently). */
 int failover_unplanned_start(const char *key, int64_t want, bool force,
                              json_object **out) VR_WUR;
-/* Cancel / complete a running (not test) failover. */
+/* Cancel / complete a running (not test) failover; complete with force
+ * kills the failed-over guest instead of an ACPI shutdown. */
 int failover_cancel(const char *key, json_object **out) VR_WUR;
-int failover_complete(const char *key, json_object **out) VR_WUR;
+int failover_complete(const char *key, bool force, json_object **out) VR_WUR;
 
 /* `initial-replication import` of the Replica VM named key from the
  * export in dir (replica-import.c): checked whole, then loaded into its

@@ -11,8 +11,9 @@
 #   - the entry admits primary.test.local (*.test.local, exact wins over
 #     wildcard): replication works and the Replica VM lives under that
 #     entry's storage;
-#   - its trust group changes: the VM, created in group "east", refuses the
-#     primary now in "west";
+#   - its trust group changes: the change warns, naming the primary it cuts
+#     off, and the VM, created in group "east", refuses the primary now in
+#     "west";
 #   - the entry is removed: the primary's next cycle is refused.
 # Bad patterns (a '*' that is not the whole first label), relative storage.
 source "$(dirname "$0")/functions.sh"
@@ -83,7 +84,14 @@ log "the exact entry admits the primary; its VM lives under $ST_A"
 # (The mark before the change: the primary's next cycle, even an empty
 # one a second later, may be refused before the change command returns.)
 a0=$(audits)
-vr replica auth-entry set primary.test.local --trust-group west >/dev/null || fail "set group"
+err=$(vr replica auth-entry set primary.test.local --trust-group west 2>&1 >/dev/null) ||
+    fail "set group: $err"
+# The change is accepted, with a warning naming the primary it cuts off.
+want="vmreplica: warning: authorization entry primary.test.local: trust group 'west' cuts off the primaries already replicating here under another group, whose cycles are now refused: primary.test.local (vm v1, trust group 'east'); 'vmreplica auth-entry set primary.test.local --trust-group GROUP' with their group lets them in again"
+[ "$err" = "$want" ] || fail "auth-entry set --trust-group: warning '$err', want '$want'"
+vrj replica events | jq -e --arg w "${want#vmreplica: warning: }" \
+    '[.events[] | select(.level == "warning" and .message == $w)] | length == 1' >/dev/null ||
+    fail "the cut-off warning is not an event"
 qemu-io -f raw "$(nbd_uri primary v1)" -c "write -P 0x32 2M 64k" >/dev/null || fail "write 2"
 wait_until 20 repl_is primary v1 state Error ||
     fail "a primary of another trust group replicated: $(repl primary v1 state)"
@@ -92,7 +100,9 @@ repl primary v1 last_error | grep -q "belongs to trust group 'east'; primary.tes
 [ "$(audits)" -gt "$a0" ] || fail "trust group refusal not audited"
 log "a VM of trust group east refuses its primary once that is in west"
 
-vr replica auth-entry set primary.test.local --trust-group east >/dev/null || fail "set group back"
+err=$(vr replica auth-entry set primary.test.local --trust-group east 2>&1 >/dev/null) ||
+    fail "set group back: $err"
+[ -z "$err" ] || fail "setting the VM's own group back warned: $err"
 vr primary replication resume v1 >/dev/null || fail "resume"
 wait_converged v1 60
 assert_identical v1

@@ -37,13 +37,18 @@ guest_params
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 
 setup_pair
-# The primary is a Replica server too (for the reverse direction).
+# The primary is a Replica server too (for the reverse direction), and,
+# as vmreplica(1) advises, admits only the other server: an authorization
+# entry, not --allow-any.
 PRIMARY_PORT=$(free_port)
 mkdir -p "$TESTDIR/primary-storage"
 vr primary server set --enable --auth certificate \
-    --certificate-port "$PRIMARY_PORT" --allow-any \
-    --default-storage "$TESTDIR/primary-storage" >/dev/null ||
+    --certificate-port "$PRIMARY_PORT" >/dev/null ||
     fail "primary: server set --enable"
+vr primary auth-entry add --primary replica.test.local \
+    --storage "$TESTDIR/primary-storage" >/dev/null ||
+    fail "primary: auth-entry add --primary replica.test.local"
+[ "$(jget primary .allow_any server show)" = false ] || fail "primary allows any server"
 wait_until 10 port_open "$PRIMARY_PORT" || fail "primary: port $PRIMARY_PORT"
 
 create_guest_vm g1 --frequency 1s --recovery-history 1 --point-interval 60s

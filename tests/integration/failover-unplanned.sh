@@ -154,6 +154,9 @@ wait_until 30 repl_is primary g1 state Error ||
     fail "the old primary is still $(repl primary g1 state): $(repl primary g1 last_error)"
 repl primary g1 last_error | grep -q "epoch .* refused" ||
     fail "old primary's error: $(repl primary g1 last_error)"
+# It says where the VM runs now, that this copy is stale, and what to run.
+repl primary g1 last_error | grep -qF "the VM failed over on replica.test.local, so the copy on primary.test.local is stale and its changes are refused; on primary.test.local run 'vmreplica replication remove g1' (its disks are kept), and protect the VM again from replica.test.local ('vmreplica replication reverse g1' there)" ||
+    fail "old primary's error does not say what happened: $(repl primary g1 last_error)"
 [ "$(audits)" -gt "$a0" ] || fail "the stale upload was not audited"
 vrj replica events --vm g1 | jq -r '.events[] | select(.level == "audit") | .message' |
     grep -q "refused cycle from primary.test.local .*epoch" ||

@@ -135,7 +135,7 @@ check_completion "--recovery-history --replica-server --resync-window" "$cli" re
 check_completion "certificate kerberos" "$cli" replication enable web --auth ""
 check_completion "15m 30s 5m" "$cli" replication enable web --frequency ""
 check_completion "disable enable show" "$cli" server firewall ""
-check_completion "--help --vm" "$cli" events -
+check_completion "--follow --help --json --vm" "$cli" events -
 check_completion 'db\ one web' "$cli" --connect "$(api_sock primary)" vm start ""
 check_completion "web" "$cli" --connect "$(api_sock primary)" events --vm w
 check_completion "" "$cli" --connect "$(api_sock primary)" vm start web ""

@@ -2,6 +2,8 @@
 # lifecycle: suspend, resume, remove and re-enable replication; missed cycles.
 #
 # A VM replicates every second while a writer runs.
+#   - `replication suspend` on the Replica server is refused, naming the
+#     primary server to run it on;
 #   - `replication suspend`: the replica's applied cycle stays put for 3+ s
 #     while writes go on, the primary's pending_size grows above 0, its
 #     health is Warning with a detail that says suspended;
@@ -42,6 +44,14 @@ UUID=$(jget primary .uuid vm show "$vm")
 start_writer "$vm" 64k
 sleep 2
 log "suspend replication while the writer runs"
+# Suspend belongs to the primary: the Replica server refuses it and says
+# where to run it.
+err=$(vr replica replication suspend "$vm" 2>&1) &&
+    fail "replication suspend on the Replica server was accepted"
+[ "$err" = "vmreplica: error: vm $vm: a Replica VM is not suspended on the Replica server; run 'vmreplica replication suspend $vm' on its primary server (primary.test.local)" ] ||
+    fail "replication suspend on the Replica server: '$err'"
+[ "$(repl replica "$vm" state)" = Replicating ] ||
+    fail "replica state after the refused suspend: $(repl replica "$vm" state)"
 vr primary replication suspend "$vm" >/dev/null || fail "primary: replication suspend"
 [ "$(repl primary "$vm" state)" = Suspended ] ||
     fail "primary state after suspend is $(repl primary "$vm" state)"

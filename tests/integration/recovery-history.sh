@@ -37,6 +37,14 @@ enable_replication "$vm" --frequency 1s --recovery-history 3 \
     --point-interval 3s
 [ "$(repl primary "$vm" recovery_history)" = 3 ] ||
     fail "primary does not show recovery_history 3"
+# `replication show` (the table) shows the settings, on both sides.
+for side in primary replica; do
+    show=$(vr "$side" replication show "$vm") || fail "$side: replication show"
+    grep -qx 'Recovery history: *3 points besides the latest, one per 3s' <<<"$show" ||
+        fail "$side: replication show lacks the recovery history: $show"
+done
+grep -qx 'App-consistent points: *off' <<<"$(vr primary replication show "$vm")" ||
+    fail "primary: replication show lacks the app-consistent setting"
 
 # write_for SECONDS — distinct, partly overlapping writes, zeroes, trims.
 ROUND=0
@@ -101,6 +109,10 @@ applied=$(repl replica "$vm" applied_cycle)
     fail "$N_POINTS points of about $applied cycles: nothing was pruned"
 vr replica points list "$vm" | grep -q "recent (every cycle)" ||
     fail "points list does not show the recent window"
+# --json gives each point's time in RFC 3339, as the rest of the API.
+vrj replica points list "$vm" |
+    jq -e '.points | length > 0 and all(.[]; .time == (.time_ms / 1000 | floor | todate))' >/dev/null ||
+    fail "points list --json: times not RFC 3339: $(vrj replica points list "$vm" | jq -c '[.points[] | {time, time_ms}]')"
 vr primary points list "$vm" >/dev/null 2>&1 &&
     fail "points list on the primary should be refused"
 # Checked above while suspended: a cycle applied after a long check (a

@@ -3,7 +3,9 @@
 # would take and says at which step it fails.
 #
 # Certificate mode (setup_pair): accepted (with the storage location the
-# Replica server would use), nothing listening on the port, the Replica
+# Replica server would use), nothing listening on the port (the message
+# names the --connect-address dialled), a name that does not resolve (the
+# message suggests --connect-address), the Replica
 # server refusing this host (no authorization entry; the refusal is audited
 # there), an entry with a trust group, this host presenting a certificate of
 # another CA, a Replica server whose certificate lacks serverAuth or names
@@ -43,7 +45,13 @@ log "accepted: $(head -1 "$TESTDIR/tc.out")"
 
 port=$(free_port)
 tc "replica.test.local:$port" && fail "a port nobody listens on passed"
-expect_fail "nothing listening" "cannot reach it" "replica.test.local:$port"
+expect_fail "nothing listening" "cannot reach it" "replica.test.local:$port" \
+    "replica server replica.test.local:$port (dialled at --connect-address 127.0.0.1): "
+# A name this host cannot resolve: say how to give the address instead.
+vr primary server test-connection "nosuch.invalid:$port" --auth certificate \
+    >"$TESTDIR/tc.out" 2>&1 && fail "an unresolvable name passed"
+expect_fail "unresolvable name" "cannot reach it" \
+    "; if this host cannot resolve that name, give the address to dial with --connect-address IP"
 
 vr replica server set --no-allow-any >/dev/null || fail "server set --no-allow-any"
 a0=$(vrj replica events | jq '[.events[] | select(.level == "audit")] | length')

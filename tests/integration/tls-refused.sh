@@ -7,7 +7,8 @@
 # must all be refused (TLS failure or 401/403), each refusal must appear as
 # an "audit" event naming the peer, and nothing may be created under the
 # storage location.  A good primary certificate gets an ordinary HTTP answer
-# (404 for an unknown VM).  Bad TLS material given to `server set` is
+# (404 for an unknown VM).  Bad TLS material given to `server set` (a key
+# that does not match, an expired or not-yet-valid certificate) is
 # refused and the old settings kept.  A certificate renewed in place is
 # served within seconds, without a restart, once its key matches.
 source "$(dirname "$0")/functions.sh"
@@ -102,6 +103,24 @@ log "server set with a mismatched key: $(cat "$TESTDIR/set.out")"
     fail "server set kept the refused certificate"
 r=$(req good2 primary GET)
 [ "$r" = 404 ] || fail "after the refused server set: good client got '$r'"
+# So is a certificate outside its validity window (peers would refuse it
+# at the next cycle), on either side, with the dates.
+rfc='[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z'
+for side in replica primary; do
+    err=$(vr "$side" server set --certificate "$PKI/expired.pem" \
+        --key "$PKI/expired.key" 2>&1) && fail "$side: server set took an expired certificate"
+    grep -qxE "vmreplica: error: certificate $PKI/expired.pem: expired on $rfc \(now $rfc\): peers would refuse it; give a valid one" <<<"$err" ||
+        fail "$side: expired certificate: '$err'"
+    err=$(vr "$side" server set --certificate "$PKI/future.pem" \
+        --key "$PKI/future.key" 2>&1) && fail "$side: server set took a not-yet-valid certificate"
+    grep -qxE "vmreplica: error: certificate $PKI/future.pem: not valid before $rfc \(now $rfc\): peers would refuse it; check this host's clock or give a valid one" <<<"$err" ||
+        fail "$side: not-yet-valid certificate: '$err'"
+    [ "$(jget "$side" .certificate server show)" = "$PKI/$side.pem" ] ||
+        fail "$side: server set kept a refused certificate"
+done
+log "server set refuses expired and not-yet-valid certificates: $err"
+r=$(req good3 primary GET)
+[ "$r" = 404 ] || fail "after the refused server sets: good client got '$r'"
 
 # A revocation list: the revoked certificate is refused, audited as such,
 # nothing written; the good one still gets through.  A list the CA did not

@@ -35,6 +35,16 @@ test_names(void)
     ok(!vr_name_valid("a\nb"), "newline invalid");
     ok(!vr_name_valid("a:b"), "colon invalid");
     ok(!vr_name_valid("caf\xc3\xa9"), "non-ASCII invalid");
+
+    char q[VR_QNAME_MAX];
+    ok(strcmp(vr_qname("web-01.a_b", q), "web-01.a_b") == 0,
+       "qname: a plain name is shown as is");
+    ok(strcmp(vr_qname("my vm", q), "'my vm'") == 0,
+       "qname: a name with a space is quoted");
+    ok(strcmp(vr_qname("", q), "''") == 0, "qname: empty is quoted");
+    ok(strlen(vr_qname(n64, q)) == 64, "qname: 64 chars fit");
+    n64[3] = ' ';
+    ok(strlen(vr_qname(n64, q)) == 66, "qname: 64 chars with a space fit");
 }
 
 static void
