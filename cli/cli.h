@@ -151,6 +151,13 @@ char *cli_abspath(const char *path);
 int cli_vm_path(struct cli *c, const struct cli_cmd *cmd, int argc,
                 char **argv, const struct cli_opt *opts, const char *suffix,
                 char **path, const char **name);
+/* "VM" as cli_vm_path, then METHOD /v1/vms/VM SUFFIX without a body: 0
+ * with *name and the answer in *out — or, with --json, the answer printed
+ * and *out NULL (the caller prints its own line only when *out is set and
+ * frees it). */
+int cli_vm_action(struct cli *c, const struct cli_cmd *cmd, int argc,
+                  char **argv, const char *method, const char *suffix,
+                  json_object **out, const char **name);
 
 /* --- commands (one file per noun) -------------------------------------- */
 

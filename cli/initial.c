@@ -247,20 +247,14 @@ int
 cmd_initial_stop(struct cli *c, const struct cli_cmd *cmd, int argc,
                  char **argv)
 {
-    CLEANUP_FREE char *path = NULL;
     const char *name;
-    int rc = cli_vm_path(c, cmd, argc, argv, NULL,
-                         "/initial-replication/stop", &path, &name);
-    if (rc)
-        return rc;
     json_object *out;
-    if ((rc = cli_call(c, "POST", path, NULL, &out)))
+    int rc = cli_vm_action(c, cmd, argc, argv, "POST",
+                           "/initial-replication/stop", &out, &name);
+    if (rc || !out)
         return rc;
-    if (c->json)
-        cli_print_json(out);
-    else
-        printf("initial replication of vm %s stopped; it waits for "
-               "'initial-replication start'\n", name);
+    printf("initial replication of vm %s stopped; it waits for "
+           "'initial-replication start'\n", cli_q(name));
     json_object_put(out);
     return CLI_OK;
 }

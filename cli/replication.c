@@ -742,18 +742,12 @@ static int
 simple(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv,
        const char *method, const char *suffix, const char *done)
 {
-    CLEANUP_FREE char *path = NULL;
     const char *name;
-    int rc = cli_vm_path(c, cmd, argc, argv, NULL, suffix, &path, &name);
-    if (rc)
-        return rc;
     json_object *out;
-    if ((rc = cli_call(c, method, path, NULL, &out)))
+    int rc = cli_vm_action(c, cmd, argc, argv, method, suffix, &out, &name);
+    if (rc || !out)
         return rc;
-    if (c->json)
-        cli_print_json(out);
-    else
-        printf("replication of vm %s %s\n", cli_q(name), done);
+    printf("replication of vm %s %s\n", cli_q(name), done);
     json_object_put(out);
     return CLI_OK;
 }
@@ -875,21 +869,15 @@ int
 cmd_repl_stop_resync(struct cli *c, const struct cli_cmd *cmd, int argc,
                      char **argv)
 {
-    CLEANUP_FREE char *path = NULL;
     const char *name;
-    int rc = cli_vm_path(c, cmd, argc, argv, NULL, "/replication/stop-resync",
-                         &path, &name);
-    if (rc)
-        return rc;
     json_object *out;
-    if ((rc = cli_call(c, "POST", path, NULL, &out)))
+    int rc = cli_vm_action(c, cmd, argc, argv, "POST",
+                           "/replication/stop-resync", &out, &name);
+    if (rc || !out)
         return rc;
-    if (c->json)
-        cli_print_json(out);
-    else
-        printf("resynchronization of vm %s stopped (state %s); 'vmreplica "
-               "replication resume %s --resync' starts it again\n", name,
-               cli_str(out, "state"), name);
+    printf("resynchronization of vm %s stopped (state %s); 'vmreplica "
+           "replication resume %s --resync' starts it again\n", cli_q(name),
+           cli_str(out, "state"), cli_q(name));
     json_object_put(out);
     return CLI_OK;
 }

@@ -309,6 +309,25 @@ cli_vm_path(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv,
 }
 
 int
+cli_vm_action(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv,
+              const char *method, const char *suffix, json_object **out,
+              const char **name)
+{
+    CLEANUP_FREE char *path = NULL;
+    int rc = cli_vm_path(c, cmd, argc, argv, NULL, suffix, &path, name);
+    if (rc)
+        return rc;
+    if ((rc = cli_call(c, method, path, NULL, out)))
+        return rc;
+    if (c->json) {
+        cli_print_json(*out);
+        json_object_put(*out);
+        *out = NULL;
+    }
+    return CLI_OK;
+}
+
+int
 cmd_vm_show(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
 {
     CLEANUP_FREE char *path = NULL;
@@ -534,18 +553,12 @@ cmd_vm_set_failover_network(struct cli *c, const struct cli_cmd *cmd,
 int
 cmd_vm_remove(struct cli *c, const struct cli_cmd *cmd, int argc, char **argv)
 {
-    CLEANUP_FREE char *path = NULL;
     const char *name;
-    int rc = cli_vm_path(c, cmd, argc, argv, NULL, "", &path, &name);
-    if (rc)
-        return rc;
     json_object *out;
-    if ((rc = cli_call(c, "DELETE", path, NULL, &out)))
+    int rc = cli_vm_action(c, cmd, argc, argv, "DELETE", "", &out, &name);
+    if (rc || !out)
         return rc;
-    if (c->json)
-        cli_print_json(out);
-    else
-        printf("vm %s removed\n", cli_q(name));
+    printf("vm %s removed\n", cli_q(name));
     json_object_put(out);
     return CLI_OK;
 }
