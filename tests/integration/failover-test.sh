@@ -104,7 +104,7 @@ err=$(vr replica failover start g1 2>&1) &&
     fail "failover accepted while the primary is in contact"
 grep -q "was in contact" <<<"$err" || fail "failover without --test: $err"
 err=$(vr primary failover start g1 --test 2>&1) && fail "test failover on the primary"
-grep -q "not a Replica VM" <<<"$err" || fail "failover on the primary: $err"
+grep -q "vm g1 is a primary VM here, replicating to replica.test.local:$REPLICA_PORT: a failover runs on the Replica server" <<<"$err" || fail "failover on the primary: $err"
 
 # SIGKILL of the Replica server at each step of starting and stopping a
 # test failover: after the restart it is either whole (view and QEMU both
