@@ -5,7 +5,8 @@
 # The primary reaches the Replica server through faultproxy while a writer
 # changes the VM's disk and cycles go every second.  One after the other,
 # for 6 s each: connections cut (FIN) after 20 kB, reset (RST) after 5 kB,
-# 300 ms of delay on every chunk, a 300 kB/s throttle, a hang (nothing
+# an answer lost after 20 kB of requests (the request was applied, so the
+# primary's retry delivers it twice), 300 ms of delay on every chunk, a 300 kB/s throttle, a hang (nothing
 # forwarded, connections kept open), new connections refused.  Then:
 #   - replication never left Replicating (every fault is retried, none is
 #     taken for the end of replication), and the faults did fail attempts
@@ -53,7 +54,7 @@ vr primary initial-replication start "$vm" --wait >/dev/null ||
 wait_converged "$vm" 60
 start_writer "$vm" 64k
 
-for fault in "cut 20000" "rst 5000" "delay 300" "throttle 300000" hang refuse; do
+for fault in "cut 20000" "rst 5000" "lose 20000" "delay 300" "throttle 300000" hang refuse; do
     log "fault: $fault, for 6 s"
     fp "$fault" >/dev/null || fail "faultproxy refused '$fault'"
     for _ in 1 2 3 4 5 6; do
@@ -70,7 +71,7 @@ stop_writer
 stats=$(fp stats)
 log "proxy: $stats"
 read -r _ _ conns _ _ _ _ _ cuts <<<"$stats"
-[ "$cuts" -ge 2 ] || fail "the proxy cut $cuts times, want 2 (cut, rst)"
+[ "$cuts" -ge 3 ] || fail "the proxy cut $cuts times, want 3 (cut, rst, lose)"
 [ "$conns" -ge 3 ] || fail "only $conns connections through the proxy"
 errors=$(jget primary .replication_errors replication measure "$vm")
 [ "$errors" -gt 0 ] || fail "no replication attempt failed: the faults did not bite"

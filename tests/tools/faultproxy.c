@@ -15,6 +15,11 @@
  *   cut N            after N more bytes from clients, close every open
  *                    connection (FIN both ways)
  *   rst N            the same with a reset (RST) instead
+ *   lose N           after N more bytes from clients, close every open
+ *                    connection at the server's next bytes, dropping
+ *                    them: the request arrived, its answer is lost, and
+ *                    the client sends it again (a duplicate delivery; a
+ *                    byte-level duplicate is only a TLS error)
  *   hang             stop forwarding; keep the connections open
  *   refuse           reset new connections at once
  *   stats            "OK conns C up U down D cuts K"
@@ -39,7 +44,9 @@
 #define MAX_CONNS 64
 #define BUF_BYTES 65536
 
-enum mode { M_PASS, M_DELAY, M_THROTTLE, M_CUT, M_RST, M_HANG, M_REFUSE };
+enum mode {
+    M_PASS, M_DELAY, M_THROTTLE, M_CUT, M_RST, M_LOSE, M_HANG, M_REFUSE
+};
 
 struct dir {           /* one direction of a connection */
     int from, to;
@@ -58,6 +65,7 @@ static struct conn conns[MAX_CONNS];
 static enum mode mode = M_PASS;
 static uint64_t arg;            /* MS, BPS or N of the mode */
 static uint64_t nconns, bytes_up, bytes_down, cuts;
+static bool lose_armed; /* lose: the next server bytes are dropped */
 static double tokens;           /* throttle: bytes allowed now */
 static uint64_t last_ms;
 
@@ -158,8 +166,20 @@ pull(struct dir *d, bool up)
     d->len = (size_t)n;
     d->off = 0;
     d->ready_ms = now_ms() + (mode == M_DELAY ? arg : 0);
+    if (!up && mode == M_LOSE && lose_armed) {
+        drop_all(false); /* the answer goes with the connections */
+        mode = M_PASS;
+        lose_armed = false;
+        return true;
+    }
     if (up) {
         bytes_up += (uint64_t)n;
+        if (mode == M_LOSE && !lose_armed) {
+            if ((uint64_t)n >= arg)
+                lose_armed = true;
+            else
+                arg -= (uint64_t)n;
+        }
         if ((mode == M_CUT || mode == M_RST)) {
             if ((uint64_t)n >= arg) {
                 drop_all(mode == M_RST);
@@ -211,6 +231,8 @@ control(int fd)
         mode = M_CUT, arg = v;
     else if (k == 2 && strcmp(word, "rst") == 0)
         mode = M_RST, arg = v;
+    else if (k == 2 && strcmp(word, "lose") == 0)
+        mode = M_LOSE, arg = v, lose_armed = false;
     else if (k >= 1 && strcmp(word, "hang") == 0)
         mode = M_HANG;
     else if (k >= 1 && strcmp(word, "refuse") == 0)
