@@ -466,7 +466,7 @@ cmd_points_list(struct cli *c, const struct cli_cmd *cmd, int argc,
         json_object_put(resp);
         return cli_error("GET %s: no points in the response", path);
     }
-    printf("%-8s %-20s %-22s %-12s %s\n", "ID", "APPLIED (UTC)", "KIND",
+    printf("%-8s %-20s %-22s %-12s %s\n", "ID", "CUT (UTC)", "KIND",
            "UNDO SIZE", "NOTE");
     size_t n = json_object_array_length(arr);
     for (size_t i = 0; i < n; i++) {

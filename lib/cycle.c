@@ -35,7 +35,7 @@
 #include "crc32c.h"
 #include "u64map.h"
 
-#define CYC_KNOWN_FLAGS         (CYC_F_BASE | CYC_F_UNDO | CYC_F_APP)
+#define CYC_KNOWN_FLAGS         (CYC_F_BASE | CYC_F_UNDO | CYC_F_APP | CYC_F_CUT)
 /* Plain (uncompressed) builder write buffer and apply read size. */
 #define CYC_IO_BYTES            (256u << 10)
 /* Largest unit the reassembly buffer must hold. */
@@ -114,7 +114,10 @@ cyc_hdr_encode(const struct cyc_hdr *h, uint8_t out[CYC_HDR_BYTES])
     put_le32(out + 32, h->ndisks);
     /* 36..39 reserved */
     memcpy(out + 40, h->uuid, 16);
-    /* 56..59 reserved */
+    if (h->cut_s) {
+        put_le32(out + 12, h->flags | CYC_F_CUT);
+        put_le32(out + 56, h->cut_s);
+    }
     put_le32(out + 60, crc32c(0, out, 60));
 }
 
@@ -134,6 +137,7 @@ cyc_hdr_decode(const void *buf, struct cyc_hdr *h)
     t.epoch = get_le64(p + 24);
     t.ndisks = get_le32(p + 32);
     memcpy(t.uuid, p + 40, 16);
+    t.cut_s = t.flags & CYC_F_CUT ? get_le32(p + 56) : 0;
     if (t.version == 0)
         return vr_err(-EBADMSG, "cycle header: version 0");
     if (t.version > CYC_VERSION)
@@ -143,7 +147,8 @@ cyc_hdr_decode(const void *buf, struct cyc_hdr *h)
     if (t.flags & ~(uint32_t)CYC_KNOWN_FLAGS)
         return vr_err(-EPROTONOSUPPORT,
                       "cycle header: unknown flags 0x%" PRIx32, t.flags);
-    if (get_le32(p + 36) != 0 || get_le32(p + 56) != 0)
+    if (get_le32(p + 36) != 0 ||
+        (!(t.flags & CYC_F_CUT) && get_le32(p + 56) != 0))
         return vr_err(-EBADMSG, "cycle header: reserved bytes not zero");
     if (t.ndisks == 0 || t.ndisks > CYC_MAX_DISKS)
         return vr_err(-EBADMSG, "cycle header: %" PRIu32 " disks out of range",

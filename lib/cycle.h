@@ -27,6 +27,7 @@
 #define CYC_F_UNDO        0x2 /* an undo file (undo.h), never on the wire */
 #define CYC_F_APP         0x4 /* cut while the guest's file systems were
                                  quiesced: an application-consistent point */
+#define CYC_F_CUT         0x8 /* bytes 56..59 hold cut_s */
 #define CYC_MAX_DISKS     64
 /* Records in one payload, bounded so a hostile count cannot exhaust. */
 #define CYC_MAX_RECORDS   (1u << 24)
@@ -38,6 +39,9 @@ struct cyc_hdr {
     uint64_t epoch;
     uint32_t ndisks;
     uint8_t uuid[16];
+    /* When the primary cut the cycle (Unix seconds; with CYC_F_CUT, which
+     * cyc_hdr_encode sets when it is not 0): the recovery point's time. */
+    uint32_t cut_s;
 };
 
 /* Text UUID <-> 16 bytes. */

@@ -406,6 +406,23 @@ seal_if_served(struct vm *vm, struct job *jb)
     return 0;
 }
 
+/* When cycle N was cut: the data plane renames the open segment to its
+ * sealed name at the seal, which sets its ctime (nothing changes the
+ * sealed file after).  0 if unknown. */
+static uint32_t
+cut_time_s(const struct job *jb, uint64_t N)
+{
+    CLEANUP_FREE char *dir = logdir_of(&jb->disks[0]);
+    char name[32];
+    cl_seg_name(N, true, name);
+    CLEANUP_FREE char *path = xasprintf("%s/%s", dir, name);
+    struct stat st;
+    if (stat(path, &st) < 0 || st.st_ctim.tv_sec <= 0 ||
+        st.st_ctim.tv_sec > (time_t)UINT32_MAX)
+        return 0;
+    return (uint32_t)st.st_ctim.tv_sec;
+}
+
 /* The payload of cycle N into fd: every disk's sealed segment, writes
  * logged by reference read from the disk image (and the cycle's preserve
  * file) as of the seal.  *raw, *wire: its data and encoded sizes. */
@@ -416,7 +433,8 @@ build_cycle(const struct job *jb, uint64_t N, int fd, uint64_t *raw,
     struct cyc_hdr h = { .version = CYC_VERSION,
                          .cycle = N,
                          .epoch = jb->peer.epoch,
-                         .ndisks = jb->ndisks };
+                         .ndisks = jb->ndisks,
+                         .cut_s = cut_time_s(jb, N) };
     CLEANUP_FREE char *marker = app_marker(jb, N);
     if (access(marker, F_OK) == 0)
         h.flags |= CYC_F_APP;

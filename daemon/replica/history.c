@@ -215,7 +215,7 @@ reconcile_files(struct vm *vm, const struct point *pts, size_t n)
 }
 
 int
-history_after_apply(struct vm *vm, uint64_t n, bool app)
+history_after_apply(struct vm *vm, uint64_t n, bool app, uint64_t cut_ms)
 {
     /* Called with d->lock held and VM_OP_APPLY in progress; drops the lock for
      * the file work and takes it again before returning. */
@@ -225,7 +225,10 @@ history_after_apply(struct vm *vm, uint64_t n, bool app)
     struct repl *r = vm->repl;
 
     if (r && r->initial_done && n >= repl_first_point(r)) {
-        struct point p = { .cycle = n, .time_ms = vr_wall_ms() };
+        /* The point's time is the cut's (two cycles cut 10 s apart stay
+         * 10 s apart after a backlog); the apply time if not known. */
+        struct point p = { .cycle = n,
+                           .time_ms = cut_ms ? cut_ms : vr_wall_ms() };
         snprintf(p.kind, sizeof p.kind, "%s",
                  app ? "application-consistent" : "standard");
         rc = catalog_add_point(rctx.d->cat, vm->uuid, &p);

@@ -118,25 +118,25 @@ test_applylog(const struct vm *vm, uint64_t n)
     fclose(f);
 }
 
-/* The header flags of a staged cycle (0 if unreadable: applying it will
+/* The header of a staged cycle (zeroes if unreadable: applying it will
  * say why). */
-static uint32_t
-staged_flags(const struct vm *vm, const char *path)
+static struct cyc_hdr
+staged_hdr(const struct vm *vm, const char *path)
 {
     uint8_t buf[CYC_HDR_BYTES];
-    struct cyc_hdr h;
+    struct cyc_hdr h = { 0 };
     int fd = storage_open(vm->dir, path, O_RDONLY, 0);
     if (fd < 0) {
         vr_err_clear();
-        return 0;
+        return h;
     }
     ssize_t n = pread(fd, buf, sizeof buf, 0);
     close(fd);
     if (n != (ssize_t)sizeof buf || cyc_hdr_decode(buf, &h) < 0) {
         vr_err_clear();
-        return 0;
+        memset(&h, 0, sizeof h);
     }
-    return h.flags;
+    return h;
 }
 
 /* Remove an applied cycle's file from staging (a link on the way is not
@@ -191,7 +191,8 @@ apply_one(struct vm *vm, uint64_t n, bool locked)
     vm_op_begin(vm, VM_OP_APPLY);
     if (locked)
         pthread_mutex_unlock(&rctx.d->lock);
-    bool app = (staged_flags(vm, path) & CYC_F_APP) != 0;
+    struct cyc_hdr sh = staged_hdr(vm, path);
+    bool app = (sh.flags & CYC_F_APP) != 0;
     int rc = history_capture(vm, n, path);
     if (rc == 0)
         rc = failover_test_refresh(vm, n);
@@ -222,7 +223,7 @@ apply_one(struct vm *vm, uint64_t n, bool locked)
                   (unsigned long long)(vr_mono_ms() - t0));
         /* The cycle is applied whatever happens to its point: a failure
          * here is retried by history_recover at the next start. */
-        if (history_after_apply(vm, n, app) < 0) {
+        if (history_after_apply(vm, n, app, (uint64_t)sh.cut_s * 1000) < 0) {
             event_add(rctx.d->cat, "warning", vm->name,
                       "recovery history after cycle "
                       "%llu: %s",

@@ -220,7 +220,10 @@ int history_capture(struct vm *vm, uint64_t n,
 /* After cycle n was recorded as applied: make it a point (app: an
  * application-consistent one), apply the retention policy, prune.
  * d->lock held (dropped for file work). */
-int history_after_apply(struct vm *vm, uint64_t n, bool app) VR_WUR;
+/* cut_ms: when the primary cut cycle n (0: not known, the apply time is
+ * the point's time). */
+int history_after_apply(struct vm *vm, uint64_t n, bool app,
+                        uint64_t cut_ms) VR_WUR;
 /* At start-up: repair points and undo files after a crash. */
 int history_recover(struct vm *vm) VR_WUR;
 /* failover.c: before cycle n is applied (without d->lock, VM_OP_APPLY

@@ -18,6 +18,7 @@
 #include <zstd.h>
 
 #include "changelog.h"
+#include "crc32c.h"
 #include "cycle.h"
 #include "tap.h"
 #include "testrand.h"
@@ -241,6 +242,27 @@ test_uuid_hdr(void)
     v.ndisks = CYC_MAX_DISKS;
     cyc_hdr_encode(&v, buf);
     is_int(cyc_hdr_decode(buf, &g), 0, "hdr: CYC_MAX_DISKS accepted");
+
+    /* The cut time: bytes 56..59 under CYC_F_CUT, set by the encoder. */
+    v = h;
+    v.cut_s = 1796544148u;
+    cyc_hdr_encode(&v, buf);
+    is_int(cyc_hdr_decode(buf, &g), 0, "hdr: with a cut time decodes");
+    ok(g.cut_s == 1796544148u && (g.flags & CYC_F_CUT) &&
+           (g.flags & ~CYC_F_CUT) == CYC_F_BASE,
+       "hdr: the cut time and its flag round trip");
+    is_int(cyc_hdr_decode(buf, &g) == 0 && g.cycle == 42, 1,
+           "hdr: the other fields stay");
+    v = h;
+    cyc_hdr_encode(&v, buf);
+    is_int(cyc_hdr_decode(buf, &g), 0, "hdr: no cut time decodes");
+    ok(g.cut_s == 0 && !(g.flags & CYC_F_CUT), "hdr: no cut time, no flag");
+    /* Bytes 56..59 without the flag are still reserved. */
+    buf[57] = 1;
+    uint32_t crc = crc32c(0, buf, 60);
+    memcpy(buf + 60, &crc, 4); /* little-endian machines */
+    is_int(cyc_hdr_decode(buf, &g), -EBADMSG,
+           "hdr: bytes 56..59 without CYC_F_CUT refused");
 }
 
 /* --- round trips -------------------------------------------------------- */
