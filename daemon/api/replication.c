@@ -693,7 +693,17 @@ api_repl_remove(struct api_call *call, unsigned *status VR_UNUSED,
 {
     struct vm *vm = NULL;
     pthread_mutex_lock(&actx.d->lock);
-    int rc = lookup_repl(call, &vm);
+    /* On the Replica server a cycle being received or applied ends within
+     * moments: wait for it (bounded) rather than refuse; a test failover
+     * or a failover is said at once, below. */
+    uint64_t deadline = vr_mono_ms() + 30000;
+    int rc;
+    while ((rc = lookup_repl(call, &vm)) == 0 &&
+           vm->repl->mode == VM_MODE_REPLICA && !vm->repl->test_point &&
+           !vm->repl->failover_point &&
+           vm_busy(vm, VM_OP_APPLY | VM_OP_RECEIVE) &&
+           vr_mono_ms() < deadline)
+        daemon_wait_ms(actx.d, 100);
     /* Steps that hold the repl with the lock dropped must end first. */
     if (rc == 0 && (vm_busy(vm, VM_OP_CHANGE | VM_OP_PREPARE | VM_OP_FAILOVER)))
         rc = vr_err(-EBUSY, "vm %s: a failover step or another change is "
@@ -704,10 +714,6 @@ api_repl_remove(struct api_call *call, unsigned *status VR_UNUSED,
          * server unlocked; it is freed below. */
         rc = primary_unregister(call->arg, &vm);
     }
-    if (rc == 0 && (vm_busy(vm, VM_OP_APPLY | VM_OP_RECEIVE)))
-        rc = vr_err(-EBUSY, "vm %s: a cycle is being received or applied; "
-                            "try again",
-                    vm->name);
     if (rc == 0 && (vm->repl->test_point || vm_busy(vm, VM_OP_TEST)))
         rc = vr_err(-EBUSY, "vm %s: a test failover is running; run "
                     "'vmreplica failover stop %s --test' first", vm->name,
@@ -717,6 +723,10 @@ api_repl_remove(struct api_call *call, unsigned *status VR_UNUSED,
                     "('vmreplica failover stop %s') or commit ('vmreplica "
                     "failover complete %s') first", vm->name,
                     (unsigned long long)vm->repl->failover_point, vm->name,
+                    vm->name);
+    if (rc == 0 && (vm_busy(vm, VM_OP_APPLY | VM_OP_RECEIVE)))
+        rc = vr_err(-EBUSY, "vm %s: a cycle is being received or applied; "
+                            "try again",
                     vm->name);
     bool failed_over = rc == 0 &&
                        vm->repl->st == REPL_ST_FAILED_OVER;
