@@ -483,6 +483,19 @@ assert_replicating() {
     done
 }
 
+# assert_normal_after_outage VM — after an outage the only health detail
+# left on the primary may be the share of cycles it missed (SPEC §9);
+# reset-stats clears it, and then the health is Normal.
+assert_normal_after_outage() {
+    local det
+    det=$(vrj "$SRC" replication show "$1" |
+        jq -c '.health_details - ["more than 20% of cycles were missed"]')
+    [ "$det" = '[]' ] || fail "vm $1: health after the outage: $det"
+    vr "$SRC" replication reset-stats "$1" >/dev/null || fail "reset-stats $1"
+    [ "$(jget "$SRC" .health replication show "$1")" = Normal ] ||
+        fail "vm $1: health after reset-stats: $(vrj "$SRC" replication show "$1" | jq -c .health_details)"
+}
+
 # assert_identical VM — the primary and replica disks of VM are the same,
 # byte for byte (every disk).
 assert_identical() {

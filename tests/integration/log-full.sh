@@ -105,8 +105,7 @@ grep -q "^resynchronization by primary primary.test.local: the Replica VM stays 
     fail "the Replica server did not hold its VM at cycle $before: $(grep resync "$TESTDIR/rev")"
 grep -q "^resynchronization applied: the Replica VM is at cycle " "$TESTDIR/rev" ||
     fail "no replica event for the applied resynchronization"
-[ "$(jget primary .health replication show "$vm")" = Normal ] ||
-    fail "health after the resync: $(vrj primary replication show "$vm" | jq -c .health_details)"
+assert_normal_after_outage "$vm"
 grep -q "vmreplica tracking" "$disk.vrlog/tracking" ||
     fail "the tracking marker does not say tracking"
 log "PASS"

@@ -103,6 +103,5 @@ compared=$(vrj primary replication measure "$vm" | jq -r .resync_compared)
 qemu-io -f raw "$uri" -c 'write -P 0x5a 5M 1M' >/dev/null
 wait_converged "$vm" 90
 assert_identical "$vm"
-[ "$(jget primary .health replication show "$vm")" = Normal ] ||
-    fail "health after the resync: $(vrj primary replication show "$vm" | jq -c .health_details)"
+assert_normal_after_outage "$vm"
 log "PASS"
