@@ -39,6 +39,12 @@ wait_converged "$vm" 60
 sleep 2 # a seal with a checkpoint after the fill
 
 log "writes in two extents, then every process of the host is killed"
+# No seal after the writes, so no checkpoint can retire their extents
+# before the crash (one would, rightly: the writes would be durable and
+# their records shipped, leaving nothing to compare, which is what made
+# this test's figure depend on timing).  Any seal under way ends first.
+vr primary replication suspend "$vm" >/dev/null || fail "suspend"
+sleep 2
 qemu-io -f raw "$uri" -c "write -P 0x22 $((100 * MiB)) 64k" \
     -c "write -P 0x33 $((101 * MiB)) 64k" \
     -c "write -P 0x44 $((200 * MiB + 4096)) 4k" >/dev/null ||
@@ -52,6 +58,7 @@ kill -KILL "$nbdkit_pid" || fail "kill nbdkit $nbdkit_pid"
 log "the host comes back under another boot: it resynchronizes by itself"
 start_primary VMREPLICA_TEST_BOOT_ID=boot-b VMREPLICA_TEST_ALCHECKPOINT=1
 vr primary vm start "$vm" --no-hypervisor >/dev/null 2>&1 || true
+vr primary replication resume "$vm" >/dev/null || fail "resume"
 qemu-io -f raw "$uri" -c "write -P 0x55 $((10 * MiB)) 64k" >/dev/null ||
     fail "a guest write after the restart"
 want="change tracking stopped (tracking stopped on this primary (disk disk0: the host went down while the disks were served (boot boot-a; now boot-b): writes not yet flushed may be on the disks without their records)"
@@ -65,10 +72,11 @@ m=$(vrj primary replication measure "$vm")
 compared=$(jq -r .resync_compared <<<"$m")
 sent=$(jq -r .resync_sent <<<"$m")
 log "  compared $compared bytes, sent $sent bytes of chunks"
-# Two 16 MiB extents and the grain written after the restart (64 KiB):
-# the unshipped records' grains lie inside the extents.
-[ "$compared" -gt 0 ] && [ "$compared" -le $((32 * MiB + 65536)) ] ||
-    fail "compared $compared bytes: more than the activity log's 2 extents and 1 grain (of 256 MiB)"
+# Two 16 MiB extents, and the grain written after the restart (64 KiB) if
+# it came before the data plane re-armed: the unshipped records' grains
+# lie inside the extents.
+[ "$compared" -ge $((32 * MiB)) ] && [ "$compared" -le $((32 * MiB + 65536)) ] ||
+    fail "compared $compared bytes, not the activity log's 2 extents (and 1 grain) of 256 MiB"
 wait_converged "$vm" 90
 assert_identical "$vm"
 log "PASS"

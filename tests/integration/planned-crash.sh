@@ -145,7 +145,8 @@ pt=$(vrj replica points list p3 | jq '.points[-1].id')
 vr replica failover start p3 --point "$pt" >/dev/null || fail "unplanned start of p3"
 [ "$(repl replica p3 prepared_cycle)" = null ] || fail "p3 is still prepared"
 err=$(vr replica replication suspend p3 2>&1) && fail "suspend during a failover"
-grep -q "failed over" <<<"$err" || fail "suspend during failover: $err"
+grep -qF "a Replica VM is not suspended on the Replica server" <<<"$err" ||
+    fail "suspend during failover: $err"
 vr replica failover complete p3 >/dev/null || fail "complete p3"
 vr replica vm start p3 --no-hypervisor >/dev/null || fail "serve p3"
 vr replica replication reverse p3 --replica-server "primary.test.local:$PRIMARY_PORT" \
