@@ -108,11 +108,8 @@ run_tests() {
     # Two tests more than CPUs: the integration scenarios spend most of
     # their time waiting (replication periods, polls, guests), so four at
     # once on two cores take about a third of the time of one at a time.
-    # The ASan pass, whose daemons are slower, runs one more than CPUs.
     jobs=$((ncpu + 2))
     [ "$jobs" -le 6 ] || jobs=6
-    local ajobs=$((ncpu + 1))
-    [ "$ajobs" -le 6 ] || ajobs=6
 
     rm -f build/meson-logs/testlog.json build-asan/meson-logs/testlog.json \
         build-asan/meson-logs/fuzzlog.json
@@ -126,12 +123,12 @@ run_tests() {
     say "building with ASan+UBSan (clang, build-asan)"
     if CC=clang setup build-asan -Db_sanitize=address,undefined \
         -Db_lundef=false -Dc_args=-fno-sanitize-recover=all \
-        -Dfuzzing=true -Dfuzz_seconds=20 \
+        -Dfuzzing=true -Dfuzz_seconds=15 \
         -Dintegration_plugin="$PWD/build/plugin/nbdkit-vmreplica-plugin.so"; then
         say "under ASan+UBSan: unit tests, each fuzzer briefly, and the" \
             "'sanitize' integration tests with the daemon and CLI instrumented"
         meson test -C build-asan --suite unit --suite sanitize \
-            --print-errorlogs --num-processes "$ajobs" \
+            --print-errorlogs --num-processes "$jobs" \
             --timeout-multiplier 3 || rc=1
         # A fuzzer runs for a fixed time and finds as much as the CPU it
         # gets: one per CPU, with nothing else of ours beside them.

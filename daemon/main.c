@@ -300,10 +300,21 @@ main(int argc, char **argv)
     }
     sd_notify_ready();
 
-    int sig = 0;
-    while (sigwait(&sigs, &sig) != 0)
+    siginfo_t si;
+    int sig;
+    while ((sig = sigwaitinfo(&sigs, &si)) < 0)
         ;
-    log_info("main", "signal %d: shutting down", sig);
+    /* Who asked: a stop by a service manager or an agent shows its pid. */
+    char comm[64] = "?";
+    CLEANUP_FREE char *cpath = xasprintf("/proc/%d/comm", (int)si.si_pid);
+    FILE *cf = si.si_pid > 0 ? fopen(cpath, "re") : NULL;
+    if (cf) {
+        if (fgets(comm, sizeof comm, cf))
+            comm[strcspn(comm, "\n")] = '\0';
+        fclose(cf);
+    }
+    log_info("main", "signal %d from pid %d (%s): shutting down", sig,
+             (int)si.si_pid, comm);
     stop_services(sock);
     return 0;
 }

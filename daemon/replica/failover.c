@@ -226,6 +226,20 @@ choose_point(const struct vm *vm, int64_t want, uint64_t *point)
     return rc;
 }
 
+/* d->lock held, op begun and the applier idle: choose_point, ending op
+ * if there is none to choose. */
+static int
+choose_point_held(struct vm *vm, enum vm_op op, int64_t want,
+                  uint64_t *point)
+{
+    int rc = choose_point(vm, want, point);
+    if (rc < 0) {
+        vm_op_end(vm, op);
+        pthread_cond_broadcast(&rctx.d->cond);
+    }
+    return rc;
+}
+
 static void
 fault(const char *prefix, const char *step)
 {
@@ -591,17 +605,19 @@ failover_test_start(const char *key, int64_t want, json_object **out)
     struct repl *r = rc == 0 ? vm->repl : NULL;
     if (rc == 0)
         rc = check_idle(vm);
-    uint64_t point = 0;
-    if (rc == 0)
-        rc = choose_point(vm, want, &point);
     if (rc < 0) {
         pthread_mutex_unlock(&rctx.d->lock);
         return rc;
     }
-    /* Pin the point and keep the applier away while the test starts. */
+    /* Keep the applier away while the test starts, then pin the point:
+     * chosen before an apply in progress ends, it could be pruned by it
+     * with no undo data kept for it (a CI flake: "point 3 cannot be
+     * reconstructed from cycle 4"). */
     vm_op_begin(vm, VM_OP_TEST);
     wait_applier(vm);
-    if ((rc = check_not_mid_resync(vm, VM_OP_TEST)) < 0) {
+    uint64_t point = 0;
+    if ((rc = check_not_mid_resync(vm, VM_OP_TEST)) < 0 ||
+        (rc = choose_point_held(vm, VM_OP_TEST, want, &point)) < 0) {
         pthread_mutex_unlock(&rctx.d->lock);
         return rc;
     }
@@ -683,16 +699,16 @@ failover_unplanned_start(const char *key, int64_t want, bool force,
                         "--force", vm->name, r->primary_server,
                         (unsigned long long)((now - seen) / 1000));
     }
-    uint64_t point = 0;
-    if (rc == 0)
-        rc = choose_point(vm, want, &point);
     if (rc < 0) {
         pthread_mutex_unlock(&rctx.d->lock);
         return rc;
     }
+    /* The point is chosen once no apply runs (as for a test failover). */
     vm_op_begin(vm, VM_OP_FAILOVER);
     wait_applier(vm);
-    if ((rc = check_not_mid_resync(vm, VM_OP_FAILOVER)) < 0) {
+    uint64_t point = 0;
+    if ((rc = check_not_mid_resync(vm, VM_OP_FAILOVER)) < 0 ||
+        (rc = choose_point_held(vm, VM_OP_FAILOVER, want, &point)) < 0) {
         pthread_mutex_unlock(&rctx.d->lock);
         return rc;
     }
