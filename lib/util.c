@@ -552,6 +552,17 @@ vr_wall_ms(void)
 }
 
 void
+vr_test_delay(const char *env, long max_ms)
+{
+    const char *v = getenv(env);
+    long ms = v ? atol(v) : 0;
+    if (ms > 0 && ms < max_ms) {
+        struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
+        nanosleep(&ts, NULL);
+    }
+}
+
+void
 vr_rfc3339(uint64_t wall_ms, char out[32])
 {
     time_t t = (time_t)(wall_ms / 1000);

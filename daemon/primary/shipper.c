@@ -226,12 +226,7 @@ tmp_payload(const struct job *jb, char **path)
 void
 test_send_delay(void)
 {
-    const char *v = getenv("VMREPLICA_TEST_SEND_DELAY_MS");
-    long ms = v ? atol(v) : 0;
-    if (ms > 0 && ms < 600000) {
-        struct timespec ts = { ms / 1000, (ms % 1000) * 1000000 };
-        nanosleep(&ts, NULL);
-    }
+    vr_test_delay("VMREPLICA_TEST_SEND_DELAY_MS", 600000);
 }
 
 /* The marker of a cycle cut with the guest quiesced, beside disk 0's
@@ -331,12 +326,7 @@ seal_cycle(struct vm *vm, struct job *jb, bool running)
 static void
 test_seal_delay(void)
 {
-    const char *v = getenv("VMREPLICA_TEST_SEAL_DELAY_MS");
-    long ms = v ? atol(v) : 0;
-    if (ms > 0 && ms < 600000) {
-        struct timespec ts = { ms / 1000, (ms % 1000) * 1000000 };
-        nanosleep(&ts, NULL);
-    }
+    vr_test_delay("VMREPLICA_TEST_SEAL_DELAY_MS", 600000);
 }
 
 /* Seal the open cycle if the disks are served.  A `vm stop` since the

@@ -167,19 +167,6 @@ held(const struct repl *r)
 
 /* Apply cycle n of vm from staging, then record it.  Called without the
  * lock; takes it to record. */
-/* Tests: how long each apply lingers (a slow disk), so a removal meets
- * an apply in progress. */
-static void
-test_apply_delay(void)
-{
-    const char *v = getenv("VMREPLICA_TEST_APPLY_DELAY_MS");
-    long ms = v ? atol(v) : 0;
-    if (ms > 0 && ms < 60000) {
-        struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
-        nanosleep(&ts, NULL);
-    }
-}
-
 static int
 apply_one(struct vm *vm, uint64_t n, bool locked)
 {
@@ -199,7 +186,9 @@ apply_one(struct vm *vm, uint64_t n, bool locked)
     if (rc == 0)
         rc = apply_payload(vm, path, &nrec);
     if (rc == 0) {
-        test_apply_delay();
+        /* Tests: each apply lingers (a slow disk), so a removal meets
+         * an apply in progress. */
+        vr_test_delay("VMREPLICA_TEST_APPLY_DELAY_MS", 60000);
         test_applylog(vm, n);
         vr_fault_point("apply-before-commit");
     }
