@@ -351,9 +351,21 @@ io_lock_file(const char *path, int *fd, pid_t *holder)
     int lfd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0640);
     if (lfd < 0)
         return vr_err(-errno, "open %s: %s", path, strerror(errno));
+    /* A holder that lets go within a second is waited out: a probe (the
+     * resource agent's "flock -n -s FILE true") holds it for an instant,
+     * and a daemon starting under load met one (a CI flake: "already
+     * running" with no daemon running).  A real holder keeps it. */
     int rc;
-    while ((rc = flock(lfd, LOCK_EX | LOCK_NB)) < 0 && errno == EINTR)
-        ;
+    for (int tries = 0;; tries++) {
+        rc = flock(lfd, LOCK_EX | LOCK_NB);
+        if (rc == 0 || (errno != EINTR && errno != EWOULDBLOCK) ||
+            (errno == EWOULDBLOCK && tries >= 50))
+            break;
+        if (errno == EWOULDBLOCK) {
+            struct timespec ts = { 0, 20 * 1000000L };
+            nanosleep(&ts, NULL);
+        }
+    }
     if (rc < 0) {
         int e = errno;
         if (e == EWOULDBLOCK)

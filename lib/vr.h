@@ -77,11 +77,12 @@ int io_read_file(const char *path, size_t max_bytes, char **out,
 /* Write a file atomically: tmp, fsync, rename, fsync dir. */
 int io_write_file_atomic(const char *path, const void *buf, size_t len) VR_WUR;
 /* Take an exclusive flock(2) on the lock file path (created 0640 if
- * missing, never through a symbolic link) without waiting: 0 and *fd
+ * missing, never through a symbolic link), waiting at most 1 s: 0 and *fd
  * (close-on-exec; the lock lasts while any copy of that open file does,
  * across fork and exec too, and the kernel drops it when the last holder
- * dies).  -EWOULDBLOCK if another open file holds it, *holder then being
- * the pid written in the file by its holder (0 if none within 1 s). */
+ * dies).  -EWOULDBLOCK if another open file still holds it after 1 s,
+ * *holder then being the pid written in the file by its holder (0 if none
+ * within 1 s). */
 int io_lock_file(const char *path, int *fd, pid_t *holder) VR_WUR;
 /* Make a held lock file's content "PID\n" (who holds it, for messages). */
 int io_lock_note_pid(int fd, pid_t pid) VR_WUR;

@@ -43,8 +43,18 @@ rows=$(
               ((.stdout // "") + "\n" + (.stderr // ""))
               | split("\n") | map(select(test("\\S"))) as $l
               | ([$l[] | select(test("skip"; "i"))] | first) // ($l | last) // "";
+            # A failure: the lines that say why (the test'"'"'s FAIL line,
+            # a signal a daemon logged, a sanitizer report), so the end
+            # of a CI log, often all that is shown, names the cause.
+            def why:
+              ((.stdout // "") + "\n" + (.stderr // ""))
+              | split("\n")
+              | map(select(test("FAIL:|signal [0-9]+ from|Sanitizer|runtime error|Timeout|timed out")))
+              | .[:4] | map(.[:300]) | join("\u001f");
             [$run, .result, .name,
-             (if .result == "SKIP" then reason else "" end)
+             (if .result == "SKIP" then reason
+              elif (.result | test("^(FAIL|TIMEOUT|ERROR|UNEXPECTEDPASS)$")) then why
+              else "" end)
              | gsub("[\t\r]"; " ")] | @tsv' "$log"
     done
 )
@@ -63,7 +73,11 @@ skipped=$(count '^SKIP$')
 if [ "$failed" -gt 0 ]; then
     echo "failed tests:"
     awk -F'\t' '$2 ~ /^(FAIL|TIMEOUT|ERROR|UNEXPECTEDPASS)$/ {
-        printf "  %-8s %s: %s\n", $2, $1, $3 }' <<<"$rows"
+        printf "  %-8s %s: %s\n", $2, $1, $3
+        n = split($4, why, "\037")
+        for (i = 1; i <= n; i++)
+            if (why[i] != "")
+                printf "      %s\n", why[i] }' <<<"$rows"
 fi
 if [ "$skipped" -gt 0 ]; then
     echo "skipped tests:"
