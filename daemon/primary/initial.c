@@ -56,39 +56,48 @@ allocated_bytes(const char *path)
     return total;
 }
 
-/* Send one chunk of disk d starting at *offset: up to BASE_CHUNK_BYTES of
- * allocated data.  Advances *offset; *done when the disk is finished. */
+/* One base chunk of a full copy: up to BASE_CHUNK_BYTES of disk d's
+ * allocated data from offset, built (read, compressed) into fd. */
+struct base_chunk {
+    const struct job *jb; /* its disks, uuid, compression: read only */
+    uint64_t base, epoch;
+    unsigned d;
+    uint64_t offset;
+    uint64_t next;  /* where the next chunk of disk d starts */
+    bool done;      /* disk d has no more data after this chunk */
+    uint64_t data, raw, wire;
+    int fd;
+    int rc;
+    char msg[512];  /* rc's message (it may be built on another thread) */
+};
+
 static int
-send_base_chunk(struct job *jb, unsigned d, uint64_t base, uint64_t seq,
-                uint64_t *offset, bool *done, uint64_t *data_bytes,
-                uint64_t *wire_bytes, uint64_t *raw_bytes)
+build_base_chunk(struct base_chunk *c)
 {
-    int dfd = open(jb->disks[d].path, O_RDONLY | O_CLOEXEC);
+    const struct job *jb = c->jb;
+    const char *path = jb->disks[c->d].path;
+    c->data = c->raw = c->wire = 0;
+    c->done = false;
+    if (ftruncate(c->fd, 0) < 0 || lseek(c->fd, 0, SEEK_SET) < 0)
+        return vr_err(-errno, "outgoing payload: %s", strerror(errno));
+    int dfd = open(path, O_RDONLY | O_CLOEXEC);
     if (dfd < 0)
-        return vr_err(-errno, "open %s: %s", jb->disks[d].path,
-                      strerror(errno));
-    CLEANUP_FREE char *tmp = NULL;
-    int fd = tmp_payload(jb, &tmp);
-    if (fd < 0) {
-        close(dfd);
-        return fd;
-    }
+        return vr_err(-errno, "open %s: %s", path, strerror(errno));
     struct cyc_hdr h = { .version = CYC_VERSION,
                          .flags = CYC_F_BASE,
-                         .cycle = base,
-                         .epoch = jb->peer.epoch,
+                         .cycle = c->base,
+                         .epoch = c->epoch,
                          .ndisks = jb->ndisks };
     int rc = cyc_uuid_parse(jb->uuid, h.uuid);
     struct cyc_builder *b = NULL;
     if (rc == 0)
-        rc = cyc_builder_new(fd, jb->compression, 1, &h, &b);
+        rc = cyc_builder_new(c->fd, jb->compression, 1, &h, &b);
     char *buf = xmalloc(BASE_REC_BYTES);
-    uint64_t size = jb->disks[d].size, pos = *offset, sent = 0;
-    *done = false;
+    uint64_t size = jb->disks[c->d].size, pos = c->offset, sent = 0;
     while (rc == 0 && sent < BASE_CHUNK_BYTES) {
         off_t data = lseek(dfd, (off_t)pos, SEEK_DATA);
         if (data < 0 || (uint64_t)data >= size) {
-            *done = true;
+            c->done = true;
             pos = size;
             break;
         }
@@ -102,12 +111,11 @@ send_base_chunk(struct job *jb, unsigned d, uint64_t base, uint64_t seq,
                                                                : BASE_REC_BYTES);
             rc = io_pread_all(dfd, buf, len, (off_t)p);
             if (rc < 0) {
-                rc = vr_err(rc, "read %s: %s", jb->disks[d].path,
-                            strerror(-rc));
+                rc = vr_err(rc, "read %s: %s", path, strerror(-rc));
                 break;
             }
             struct cl_rec r = { .kind = CL_WRITE,
-                                .disk = (uint16_t)d,
+                                .disk = (uint16_t)c->d,
                                 .len = len,
                                 .offset = p,
                                 .data = buf };
@@ -119,26 +127,137 @@ send_base_chunk(struct job *jb, unsigned d, uint64_t base, uint64_t seq,
     }
     free(buf);
     close(dfd);
-    uint64_t raw = 0, wire = 0;
     if (rc == 0)
-        rc = cyc_builder_finish(b, &raw, &wire);
+        rc = cyc_builder_finish(b, &c->raw, &c->wire);
     cyc_builder_free(b);
-    if (rc == 0 && sent > 0) {
+    if (rc == 0) {
+        c->next = pos;
+        c->data = sent;
+    }
+    return rc;
+}
+
+static void *
+build_thread(void *arg)
+{
+    struct base_chunk *c = arg;
+    c->rc = build_base_chunk(c);
+    if (c->rc < 0)
+        snprintf(c->msg, sizeof c->msg, "%s", vr_errmsg());
+    return NULL;
+}
+
+/* A full copy reads and compresses the next chunk while the current one
+ * is sent, on a thread of its own, into the other of two unlinked files:
+ * one chunk ahead, never recorded (the catalog's position moves only when
+ * a chunk is acknowledged; a restart builds the next one again).  It reads
+ * the disks a little earlier than a copy one chunk at a time would, still
+ * after the base cycle's seal and before the first point is taken. */
+struct copier {
+    struct base_chunk chunk[2];
+    unsigned cur;  /* chunk[cur]: the one being sent */
+    pthread_t thread;
+    bool ahead;    /* the thread builds chunk[cur ^ 1] */
+};
+
+static int
+copier_init(struct copier *cp, const struct job *jb, uint64_t base)
+{
+    memset(cp, 0, sizeof *cp);
+    cp->chunk[0].fd = cp->chunk[1].fd = -1;
+    int rc = io_mkdir_p(jb->rundir, 0750);
+    for (unsigned i = 0; rc == 0 && i < 2; i++) {
+        CLEANUP_FREE char *path = xasprintf("%s/outgoing-%u.tmp", jb->rundir,
+                                            i);
+        int fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+        if (fd < 0)
+            rc = vr_err(-errno, "create %s: %s", path, strerror(errno));
+        else
+            unlink(path);
+        cp->chunk[i] = (struct base_chunk){
+            .jb = jb, .base = base, .epoch = jb->peer.epoch, .fd = fd
+        };
+    }
+    return rc;
+}
+
+static void
+copier_wait(struct copier *cp)
+{
+    if (cp->ahead)
+        pthread_join(cp->thread, NULL);
+    cp->ahead = false;
+}
+
+static void
+copier_fini(struct copier *cp)
+{
+    copier_wait(cp);
+    for (unsigned i = 0; i < 2; i++)
+        if (cp->chunk[i].fd >= 0)
+            close(cp->chunk[i].fd);
+}
+
+/* The chunk of disk d at off: the one built ahead if it is that one, else
+ * built now. */
+static int
+copier_get(struct copier *cp, unsigned d, uint64_t off,
+           struct base_chunk **out)
+{
+    struct base_chunk *c = &cp->chunk[cp->cur ^ 1];
+    bool was_ahead = cp->ahead;
+    copier_wait(cp);
+    if (was_ahead && c->d == d && c->offset == off) {
+        cp->cur ^= 1;
+        *out = c;
+        return c->rc < 0 ? vr_err(c->rc, "%s", c->msg) : 0;
+    }
+    c = &cp->chunk[cp->cur];
+    c->d = d;
+    c->offset = off;
+    *out = c;
+    return build_base_chunk(c);
+}
+
+/* Start building the chunk after *c (if there is one) on the thread. */
+static void
+copier_ahead(struct copier *cp, const struct base_chunk *c)
+{
+    struct base_chunk *n = &cp->chunk[cp->cur ^ 1];
+    n->d = c->done ? c->d + 1 : c->d;
+    n->offset = c->done ? 0 : c->next;
+    if (n->d >= c->jb->ndisks)
+        return;
+    cp->ahead = pthread_create(&cp->thread, NULL, build_thread, n) == 0;
+}
+
+/* Send the next chunk of the full copy: disk d from *offset.  Advances
+ * *offset; *done when the disk is finished. */
+static int
+send_base_chunk(struct copier *cp, struct job *jb, unsigned d, uint64_t seq,
+                uint64_t *offset, bool *done, uint64_t *data_bytes,
+                uint64_t *wire_bytes, uint64_t *raw_bytes)
+{
+    struct base_chunk *c;
+    int rc = copier_get(cp, d, *offset, &c);
+    if (rc < 0)
+        return rc;
+    copier_ahead(cp, c);
+    if (c->data > 0) {
         test_send_delay();
         CLEANUP_FREE char *path = xasprintf(
             "/r1/vms/%s/base/%llu", jb->uuid, (unsigned long long)seq);
-        rc = peer_call(&jb->peer, "PUT", path, NULL, fd, wire,
+        rc = peer_call(&jb->peer, "PUT", path, NULL, c->fd, c->wire,
                        jb->compression, NULL);
+        if (rc < 0)
+            return rc;
     }
-    close(fd);
-    unlink(tmp);
-    if (rc == 0) {
-        *offset = pos;
-        *data_bytes = sent;
-        *wire_bytes = sent > 0 ? wire : 0;
-        *raw_bytes = sent > 0 ? raw : 0;
-    }
-    return rc;
+    *offset = c->next;
+    *done = c->done;
+    *data_bytes = c->data;
+    *wire_bytes = c->data > 0 ? c->wire : 0;
+    *raw_bytes = c->data > 0 ? c->raw : 0;
+    return 0;
 }
 
 /* --- initial replication by comparison ------------------------------------ */
@@ -584,28 +703,11 @@ initial_stop(struct vm *vm)
                                  (unsigned long long)sent);
 }
 
-int
-run_initial(struct vm *vm, struct job *jb)
+/* Send the chunks of the copy or comparison from the catalog's position
+ * to the end of the last disk, recording the position after each. */
+static int
+send_chunks(struct repl *r, struct job *jb, struct copier *cp)
 {
-    pthread_mutex_lock(&pctx.d->lock);
-    bool fresh = vm->repl->initial_seq == 0;
-    struct repl *r = vm->repl;
-    pthread_mutex_unlock(&pctx.d->lock);
-
-    if (fresh) {
-        int rc = initial_begin(vm, jb);
-        if (rc < 0)
-            return rc;
-    }
-    pthread_mutex_lock(&pctx.d->lock);
-    bool export = r->initial_method == INITIAL_EXPORT;
-    pthread_mutex_unlock(&pctx.d->lock);
-    if (export) {
-        int rc = export_phase(vm, jb);
-        if (rc <= 0)
-            return rc;
-    }
-
     for (;;) {
         pthread_mutex_lock(&pctx.d->lock);
         bool stop = r->stop || r->st != REPL_ST_INITIAL;
@@ -617,12 +719,12 @@ run_initial(struct vm *vm, struct job *jb)
         if (stop)
             return -ECANCELED;
         if (d >= jb->ndisks)
-            break;
+            return 0;
         bool done = false;
         uint64_t data = 0, wire = 0, raw = 0, compared = 0;
         int rc = compare ? send_compare_chunk(jb, d, base, seq, &off, &done,
                                               &compared, &data, &wire, &raw)
-                         : send_base_chunk(jb, d, base, seq, &off, &done,
+                         : send_base_chunk(cp, jb, d, seq, &off, &done,
                                            &data, &wire, &raw);
         if (rc < 0)
             return rc;
@@ -649,13 +751,46 @@ run_initial(struct vm *vm, struct job *jb)
             return rc;
         vr_fault_point("base-chunk-sent");
     }
+}
+
+int
+run_initial(struct vm *vm, struct job *jb)
+{
+    pthread_mutex_lock(&pctx.d->lock);
+    bool fresh = vm->repl->initial_seq == 0;
+    struct repl *r = vm->repl;
+    pthread_mutex_unlock(&pctx.d->lock);
+
+    if (fresh) {
+        int rc = initial_begin(vm, jb);
+        if (rc < 0)
+            return rc;
+    }
+    pthread_mutex_lock(&pctx.d->lock);
+    bool export = r->initial_method == INITIAL_EXPORT;
+    pthread_mutex_unlock(&pctx.d->lock);
+    if (export) {
+        int rc = export_phase(vm, jb);
+        if (rc <= 0)
+            return rc;
+    }
 
     pthread_mutex_lock(&pctx.d->lock);
-    uint64_t base = r->base_cycle, first = r->first_point;
+    uint64_t base = r->base_cycle;
+    pthread_mutex_unlock(&pctx.d->lock);
+    struct copier cp;
+    int rc = copier_init(&cp, jb, base);
+    if (rc == 0)
+        rc = send_chunks(r, jb, &cp);
+    copier_fini(&cp);
+    if (rc < 0)
+        return rc;
+
+    pthread_mutex_lock(&pctx.d->lock);
+    uint64_t first = r->first_point;
     pthread_mutex_unlock(&pctx.d->lock);
     /* An export took F after its last read; a copy takes it now. */
-    int rc = export && first > base ? 0
-                                    : first_consistent_cycle(jb, base, &first);
+    rc = export && first > base ? 0 : first_consistent_cycle(jb, base, &first);
     if (rc < 0)
         return rc;
     CLEANUP_FREE char *body = xasprintf(
