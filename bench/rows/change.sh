@@ -13,6 +13,7 @@ requires_build
 SIZE=${BENCH_CHANGE_SIZE:-$([ "$SMOKE" = 1 ] && echo 64M || echo 2G)}
 bytes=$(size_of "$SIZE")
 vmlike "$TESTDIR/src.raw" "$bytes" "$bytes" 3
+bench_pki
 setup_pair >/dev/null
 vm=c1
 vr primary vm create "$vm" --disk "$TESTDIR/src.raw" >/dev/null || fail "vm create"

@@ -11,6 +11,7 @@ requires_build
 DISK=${BENCH_MEMORY_DISK:-$([ "$SMOKE" = 1 ] && echo 1G || echo 1T)}
 COUNTS=${BENCH_MEMORY_COUNTS:-$([ "$SMOKE" = 1 ] && echo 2 || echo "10 50")}
 SETTLE=${BENCH_MEMORY_S:-$([ "$SMOKE" = 1 ] && echo 2 || echo 20)}
+bench_pki
 setup_pair >/dev/null
 
 # pss_kib PATTERN — the summed PSS (KiB) of the processes whose command line
