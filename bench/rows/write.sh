@@ -4,7 +4,7 @@
 # `file` plugin on the same kind of file, fio's nbd engine, cycles sealed
 # every second and shipped at once (bench/bench-plugin.sh, which this row
 # runs; target >= 0.9x).  qemu-img bench, qemu-nbd and QEMU on the raw file
-# (the rest of row 1) are not in the suite yet.
+# (the rest of row 1): the qwrite row.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 source "$here/lib.sh"
