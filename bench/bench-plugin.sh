@@ -253,7 +253,7 @@ for job in "${jobs[@]}"; do
 done
 [[ " $KINDS " = *" file "* && " $KINDS " = *" tracked "* ]] || exit 0
 echo "# vmreplica plugin vs nbdkit file plugin ($CLIENT): $DIR, $SIZE file," \
-    "runtime ${RUNTIME}s, seal every ${CYCLE_S}s, log=$LOG (ship lag $SHIP_LAG), logio=$LOGIO," \
+    "runtime ${RUNTIME}$([[ $RUNTIME =~ ^[0-9]+$ ]] && echo s), seal every ${CYCLE_S}s, log=$LOG (ship lag $SHIP_LAG), logio=$LOGIO," \
     "median of $ROUNDS" \
     "alternating rounds," \
     "$(nproc) CPUs, $(nbdkit --version)"

@@ -14,7 +14,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 source "$here/lib.sh"
 BUILD_DIR=${BUILD_DIR:-$here/../build}
 if [ "$SMOKE" = 1 ]; then
-    export QCOUNT=${BENCH_QWRITE_COUNT:-4000} SIZE=64M
+    export QCOUNT=${BENCH_QWRITE_COUNT:-3000} SIZE=64M
 else
     export QCOUNT=${BENCH_QWRITE_COUNT:-200000} SIZE=${SIZE:-1G}
 fi
