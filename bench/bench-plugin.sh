@@ -192,8 +192,8 @@ run_job() {
     case $1 in
     seq4k-qd1) run_qimg 1 "$([ "$2" = direct ] && echo "$DIRECT_CACHE")" ;;
     seq4k-qd16) run_qimg 16 "$([ "$2" = direct ] && echo "$DIRECT_CACHE")" ;;
-    # shellcheck disable=SC2046
-    *) run_fio "$1" $(job_args "$1") ;;
+    *) # shellcheck disable=SC2046
+       run_fio "$1" $(job_args "$1") ;;
     esac
 }
 

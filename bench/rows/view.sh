@@ -16,7 +16,7 @@ flag=()
 [ "$SMOKE" = 1 ] && flag=(-s)
 LARGE=${BENCH_VIEW_GIB:-16}
 opens=() cps=() smalls=()
-for round in $(seq "$ROUNDS"); do
+for _ in $(seq "$ROUNDS"); do
     out=$("$BV" ${flag[@]+"${flag[@]}"} "$TESTDIR" 1 "$LARGE") || fail "bench-view"
     echo "$out" >&2
     read -r _ _ s _ _ < <(grep '^small ' <<<"$out")
