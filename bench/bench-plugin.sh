@@ -12,6 +12,17 @@
 #   seq1m         1 MiB sequential writes, iodepth 4, 2 x SIZE bytes
 # Prints IOPS / MB/s per job and the ratio tracked / file (target >= 0.9).
 #
+# CLIENT=qemu-img drives the exports with `qemu-img bench` instead (QEMU's
+# own NBD client, the path a VM takes): it writes sequentially, so its
+# jobs are
+#   seq4k-qd1     4 KiB sequential writes, 1 in flight, QCOUNT requests
+#   seq4k-qd16    the same, 16 in flight
+# KINDS (default "file tracked") adds other sides: qemu-nbd (the same kind
+# of raw file served by qemu-nbd, --cache=writeback) and direct (qemu-img
+# bench on the raw file itself, no NBD: the limit of this path; through
+# the page cache, as the NBD servers write, unless DIRECT_CACHE=none).
+# Every side's median is also printed as a line "RES JOB KIND VALUE".
+#
 # While a tracked run goes, a loop does what vmreplicad does with a 1 s
 # frequency: SEAL every second over the control socket, then (the cycle
 # "shipped") keep the sealed segment as the plugin's spare for its next
@@ -39,8 +50,13 @@ LOGIO=${LOGIO:-auto}
 LOG=${LOG:-ref}
 SHIP_LAG=${SHIP_LAG:-1}
 ROUNDS=${ROUNDS:-3}
+CLIENT=${CLIENT:-fio}
+KINDS=${KINDS:-file tracked}
+QCOUNT=${QCOUNT:-200000}
+DIRECT_CACHE=${DIRECT_CACHE:-writeback}
 
-for c in nbdkit fio python3; do
+for c in nbdkit python3 $([ "$CLIENT" = fio ] && echo fio || echo qemu-img) \
+    $([[ " $KINDS " = *" qemu-nbd "* ]] && echo qemu-nbd); do
     command -v "$c" >/dev/null || { echo "bench: $c not found" >&2; exit 77; }
 done
 [ -f "$PLUGIN" ] || { echo "bench: $PLUGIN not built" >&2; exit 77; }
@@ -55,10 +71,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
-start() { # start file|tracked
+start() { # start file|tracked|qemu-nbd|direct
     rm -rf "$T/disk.raw" "$T/disk.raw.vrlog" "$T/nbd.sock"
     truncate -s "$SIZE" "$T/disk.raw"
-    if [ "$1" = file ]; then
+    if [ "$1" = direct ]; then
+        URI=$T/disk.raw
+        return 0
+    elif [ "$1" = qemu-nbd ]; then
+        qemu-nbd -f raw -k "$T/nbd.sock" -t --cache=writeback --aio=threads \
+            "$T/disk.raw" &
+        URI="nbd+unix:///?socket=$T/nbd.sock"
+    elif [ "$1" = file ]; then
         nbdkit --foreground --unix "$T/nbd.sock" file file="$T/disk.raw" &
         URI="nbd+unix:///?socket=$T/nbd.sock"
     else
@@ -138,6 +161,7 @@ stop_sealer() {
 }
 
 stop() {
+    [ -n "$PID" ] || return 0
     kill "$PID"
     wait "$PID" 2>/dev/null || true
     PID=
@@ -154,8 +178,32 @@ j = json.load(open(sys.argv[1]))["jobs"][0]["write"]
 print("%.0f %.0f" % (j["iops"], j["bw_bytes"]))' "$T/fio.json"
 }
 
+# run_qimg DEPTH [CACHE] -> prints "iops bw_bytes" (QCOUNT 4 KiB writes)
+run_qimg() {
+    local out secs
+    out=$(qemu-img bench -w -t "${2:-none}" -c "$QCOUNT" -d "$1" -s 4096 \
+        -f raw "$URI") || { echo "bench: qemu-img bench $URI failed" >&2; exit 1; }
+    secs=$(sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p' <<<"$out")
+    awk -v n="$QCOUNT" -v s="$secs" 'BEGIN { printf "%.0f %.0f\n", n / s, n * 4096 / s }'
+}
+
+# run_job JOB KIND -> prints "iops bw_bytes"
+run_job() {
+    case $1 in
+    seq4k-qd1) run_qimg 1 "$([ "$2" = direct ] && echo "$DIRECT_CACHE")" ;;
+    seq4k-qd16) run_qimg 16 "$([ "$2" = direct ] && echo "$DIRECT_CACHE")" ;;
+    *) # shellcheck disable=SC2046
+       run_fio "$1" $(job_args "$1") ;;
+    esac
+}
+
 declare -A RES
-read -r -a jobs <<<"${JOBS:-rand4k-qd1 rand4k-qd16 seq1m}"
+read -r -a kinds <<<"$KINDS"
+if [ "$CLIENT" = qemu-img ]; then
+    read -r -a jobs <<<"${JOBS:-seq4k-qd1 seq4k-qd16}"
+else
+    read -r -a jobs <<<"${JOBS:-rand4k-qd1 rand4k-qd16 seq1m}"
+fi
 job_args() {
     case $1 in
     rand4k-qd1) echo "--rw=randwrite --bs=4k --iodepth=1 --time_based" \
@@ -171,15 +219,16 @@ job_args() {
 # shared 2-CPU machine one run of either can be off by 30 % or more.
 for job in "${jobs[@]}"; do
     for round in $(seq "$ROUNDS"); do
-        # Alternate which side goes first: a run inherits the page-cache
+        # Rotate which side goes first: a run inherits the page-cache
         # writeback of the one before it.
-        order="file tracked"
-        [ $((round % 2)) = 1 ] || order="tracked file"
-        for kind in $order; do
+        order=()
+        for i in "${!kinds[@]}"; do
+            order+=("${kinds[(i + round - 1) % ${#kinds[@]}]}")
+        done
+        for kind in "${order[@]}"; do
             start "$kind"
-            [ "$kind" = file ] || start_sealer
-            # shellcheck disable=SC2046
-            read -r iops bw <<<"$(run_fio "$job" $(job_args "$job"))"
+            [ "$kind" != tracked ] || start_sealer
+            read -r iops bw <<<"$(run_job "$job" "$kind")"
             if [ "$job" = seq1m ]; then v=$bw; else v=$iops; fi
             RES[$job.$kind]="${RES[$job.$kind]:-} $v"
             if [ "$kind" = tracked ]; then
@@ -197,8 +246,14 @@ median() {
               else printf "%.0f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
-echo "# vmreplica plugin vs nbdkit file plugin: $DIR, $SIZE file," \
-    "runtime ${RUNTIME}s, seal every ${CYCLE_S}s, log=$LOG (ship lag $SHIP_LAG), logio=$LOGIO," \
+for job in "${jobs[@]}"; do
+    for kind in "${kinds[@]}"; do
+        echo "RES $job $kind $(median <<<"${RES[$job.$kind]}")"
+    done
+done
+[[ " $KINDS " = *" file "* && " $KINDS " = *" tracked "* ]] || exit 0
+echo "# vmreplica plugin vs nbdkit file plugin ($CLIENT): $DIR, $SIZE file," \
+    "runtime ${RUNTIME}$([[ $RUNTIME =~ ^[0-9]+$ ]] && echo s), seal every ${CYCLE_S}s, log=$LOG (ship lag $SHIP_LAG), logio=$LOGIO," \
     "median of $ROUNDS" \
     "alternating rounds," \
     "$(nproc) CPUs, $(nbdkit --version)"

@@ -5,12 +5,14 @@
  * the time a copy of the disk takes with `cp --sparse=always` (what opening
  * a point would cost without undo views).
  *
- *   bench-view DIR [SMALL_GIB LARGE_GIB]     (default 1 16)
+ *   bench-view [-s] DIR [SMALL_GIB LARGE_GIB]     (default 1 16)
  *
- * Each disk gets 256 MiB of data at random 1 MiB-aligned places, then 25
- * cycles of 256 random 64 KiB writes (16 MiB each) are captured and
- * applied, so spans 2..25 hold the way back to point 1.  Warm page cache;
- * median of 5 opens.
+ * Each disk gets 256 MiB of data at random 1 MiB-aligned places in its
+ * first GiB, then 25 cycles of 256 random 64 KiB writes (16 MiB each) are
+ * captured and applied, so spans 2..25 hold the way back to point 1.
+ * Warm page cache; median of 5 opens.  -s (bench/run --smoke): a sixteenth
+ * of it all (16 MiB of data in the first 64 MiB, 16 writes a cycle), so
+ * the suite's smoke run stays short; not a measurement.
  */
 #include <fcntl.h>
 #include <inttypes.h>
@@ -26,8 +28,13 @@
 #include "undo.h"
 
 #define CYCLES    25
-#define PER_CYCLE 256
 #define WRITE_LEN (64u << 10)
+
+/* The workload's scale: 16 with -s. */
+static unsigned scale_div = 1;
+#define DATA_MIB  (256u / scale_div)  /* data written first */
+#define SPAN_MIB  (1024u / scale_div) /* where data and writes land */
+#define PER_CYCLE (256u / scale_div)  /* 64 KiB writes a cycle */
 
 static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
 
@@ -81,10 +88,10 @@ run(const char *dir, unsigned gib, double *copy_ms, uint64_t *undo_bytes)
         exit(1);
     uint8_t *buf = malloc(1u << 20);
     rng_state = 0x9e3779b97f4a7c15ull; /* same data on every disk size */
-    for (int i = 0; i < 256; i++) {
+    for (unsigned i = 0; i < DATA_MIB; i++) {
         for (size_t k = 0; k < (1u << 20) / 8; k++)
             ((uint64_t *)buf)[k] = rng();
-        uint64_t off = (rng() % (1u << 10)) << 20; /* within the first GiB */
+        uint64_t off = (rng() % SPAN_MIB) << 20;
         if (io_pwrite_all(fd, buf, 1u << 20, (off_t)off) < 0)
             exit(1);
     }
@@ -96,11 +103,12 @@ run(const char *dir, unsigned gib, double *copy_ms, uint64_t *undo_bytes)
         struct cyc_builder *b;
         if (cyc_builder_new(pfd, false, 1, &h, &b) < 0)
             die("builder");
-        for (int i = 0; i < PER_CYCLE; i++) {
+        for (unsigned i = 0; i < PER_CYCLE; i++) {
             for (size_t k = 0; k < WRITE_LEN / 8; k++)
                 ((uint64_t *)buf)[k] = rng();
             struct cl_rec r = { .kind = CL_WRITE, .len = WRITE_LEN,
-                                .offset = (rng() % (1u << 14)) * WRITE_LEN,
+                                .offset = (rng() % (SPAN_MIB * 16u)) *
+                                          WRITE_LEN,
                                 .data = buf };
             if (cyc_builder_add(b, &r) < 0)
                 die("add");
@@ -152,8 +160,13 @@ run(const char *dir, unsigned gib, double *copy_ms, uint64_t *undo_bytes)
 int
 main(int argc, char **argv)
 {
+    if (argc > 1 && strcmp(argv[1], "-s") == 0) {
+        scale_div = 16;
+        argc--;
+        argv++;
+    }
     if (argc != 2 && argc != 4) {
-        fprintf(stderr, "usage: bench-view DIR [SMALL_GIB LARGE_GIB]\n");
+        fprintf(stderr, "usage: bench-view [-s] DIR [SMALL_GIB LARGE_GIB]\n");
         return 2;
     }
     unsigned small = argc == 4 ? (unsigned)atoi(argv[2]) : 1;
@@ -163,7 +176,7 @@ main(int argc, char **argv)
     double s = run(argv[1], small, &cs, &us);
     double l = run(argv[1], large, &cl, &ul);
     printf("# open the oldest of 24 points (undo_view_open + first read), "
-           "median of 5, warm cache; %d cycles of %d x 64 KiB writes\n",
+           "median of 5, warm cache; %d cycles of %u x 64 KiB writes\n",
            CYCLES, PER_CYCLE);
     printf("%-10s %14s %12s %16s %10s\n", "disk", "undo bytes", "open ms",
            "cp --sparse ms", "cp/open");

@@ -44,7 +44,7 @@ met_ge() { awk -v r="$1" -v l="$2" 'BEGIN { print (r != "-" && r >= l) ? "met" :
 # zeroes with scattered bytes (tables, sparse files).
 vmlike() {
     python3 - "$@" <<'EOF'
-import os, random, sys
+import random, sys
 path, size, data, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 rnd = random.Random(seed)
 MiB = 1 << 20
@@ -53,15 +53,17 @@ slots = size // MiB
 step = max(1, slots // max(1, n))
 words = [b"kernel", b"module", b"config", b"replica", b"cycle", b"disk", b"sector",
          b"the", b"and", b"of", b"return", b"static", b"int", b"void", b"char"]
+# Text extents are drawn from a pool of lines (a Python loop per word made
+# 1 GiB take half a minute), each extent its own random sequence of them.
+lines = [rnd.choice(words) + b" " + str(rnd.randrange(100000)).encode() + b"\n"
+         for _ in range(1 << 16)]
 with open(path, "wb") as f:
     f.truncate(size)
     for i in range(n):
         kind = i % 3
         if kind == 0:
-            out = bytearray()
-            while len(out) < MiB:
-                out += rnd.choice(words) + b" " + str(rnd.randrange(100000)).encode() + b"\n"
-            buf = bytes(out[:MiB])
+            buf = b"".join(rnd.choices(lines, k=MiB // 9))[:MiB]
+            buf += b"\n" * (MiB - len(buf))
         elif kind == 1:
             buf = rnd.randbytes(MiB)
         else:
@@ -77,4 +79,27 @@ EOF
 # size_of SPEC — bytes of 64M, 2G, 1T…
 size_of() {
     numfmt --from=iec "$1"
+}
+
+# bench_pki — before setup_pair: use the PKI bench/run made once for all
+# rows (BENCH_PKI) instead of making one per row.
+bench_pki() {
+    [ -n "${BENCH_PKI:-}" ] && [ -e "$BENCH_PKI/ca.pem" ] || return 0
+    [ -e "$PKI/ca.pem" ] || cp -a "$BENCH_PKI" "$PKI"
+}
+
+# cpu_ms PID — CPU time (user + system, ms) of PID, of its children it
+# has waited for, and of its children still running (and theirs).
+cpu_ms() {
+    local hz
+    hz=$(getconf CLK_TCK)
+    { cat /proc/[0-9]*/stat 2>/dev/null || true; } | awk -v root="$1" -v hz="$hz" '
+        { pid = $1; s = $0; sub(/^.*\) /, "", s); split(s, f, " ")
+          # f[2] ppid; f[12..15] utime stime cutime cstime
+          ppid[pid] = f[2]; t[pid] = f[12] + f[13] + f[14] + f[15] }
+        END { want[root] = 1
+              for (changed = 1; changed; ) { changed = 0
+                  for (p in ppid) if (!(p in want) && (ppid[p] in want)) { want[p] = 1; changed = 1 } }
+              for (p in want) sum += t[p]
+              printf "%.0f\n", sum * 1000 / hz }'
 }

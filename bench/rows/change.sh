@@ -10,9 +10,10 @@ requires qemu-img jq rsync python3 numfmt
 requires_build
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || skip "python3-libnbd not installed"
 
-SIZE=${BENCH_CHANGE_SIZE:-$([ "$SMOKE" = 1 ] && echo 64M || echo 2G)}
+SIZE=${BENCH_CHANGE_SIZE:-$([ "$SMOKE" = 1 ] && echo 32M || echo 2G)}
 bytes=$(size_of "$SIZE")
 vmlike "$TESTDIR/src.raw" "$bytes" "$bytes" 3
+bench_pki
 setup_pair >/dev/null
 vm=c1
 vr primary vm create "$vm" --disk "$TESTDIR/src.raw" >/dev/null || fail "vm create"

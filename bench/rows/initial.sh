@@ -12,6 +12,7 @@ requires_build
 SIZE=${BENCH_INITIAL_SIZE:-$([ "$SMOKE" = 1 ] && echo 64M || echo 8G)}
 DATA=${BENCH_INITIAL_DATA:-$([ "$SMOKE" = 1 ] && echo 8M || echo 1G)}
 vmlike "$TESTDIR/src.raw" "$(size_of "$SIZE")" "$(size_of "$DATA")" 1
+bench_pki
 setup_pair >/dev/null
 
 ours=() peer=()

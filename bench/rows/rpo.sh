@@ -8,9 +8,10 @@ source "$(dirname "$0")/../lib.sh"
 requires fio jq curl python3 numfmt
 requires_build
 
-SIZE=${BENCH_RPO_SIZE:-$([ "$SMOKE" = 1 ] && echo 256M || echo 2G)}
-RUN=${BENCH_RPO_S:-$([ "$SMOKE" = 1 ] && echo 4 || echo 60)}
+SIZE=${BENCH_RPO_SIZE:-$([ "$SMOKE" = 1 ] && echo 64M || echo 2G)}
+RUN=${BENCH_RPO_S:-$([ "$SMOKE" = 1 ] && echo 3 || echo 60)}
 RATE=${BENCH_RPO_RATE:-$([ "$SMOKE" = 1 ] && echo 4m || echo 80m)}
+bench_pki
 setup_pair >/dev/null
 vm=l1
 create_vm "$vm" "$SIZE"

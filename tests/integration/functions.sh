@@ -119,13 +119,15 @@ _is_child() {
     [ "${2:-}" = "$$" ]
 }
 # _kill_matching SIG STRING — signal every process whose command line
-# contains STRING (pkill -f without needing procps).
+# contains STRING (pkill -f without needing procps).  The command line is
+# read with a builtin: a `tr` per process made each call take over a
+# second on a busy machine (twice at every test's exit).
 _kill_matching() {
-    local sig=$1 str=$2 d cmd
+    local sig=$1 str=$2 d args
     for d in /proc/[0-9]*; do
         [ "${d#/proc/}" != "$$" ] || continue
-        cmd=$(tr '\0' ' ' 2>/dev/null <"$d/cmdline") || continue
-        if [[ $cmd == *"$str"* ]]; then
+        mapfile -d '' -t args 2>/dev/null <"$d/cmdline" || continue
+        if [[ "${args[*]}" == *"$str"* ]]; then
             kill "-$sig" "${d#/proc/}" 2>/dev/null
         fi
     done
