@@ -563,24 +563,64 @@ struct ref_batch {
 #define REF_BATCH_BYTES   (8u << 20)
 #define REF_BATCH_RECORDS 4096u
 
+/* Whether a block of WREF record r was indexed by a scan that began at
+ * file offset since (its data lies past it). */
+static bool
+rec_touches_new(const struct pre_index *p, const struct cl_rec *r,
+                uint64_t since)
+{
+    uint64_t last = (r->offset + r->len - 1) / CL_PRE_BLOCK;
+    for (uint64_t blk = r->offset / CL_PRE_BLOCK; blk <= last; blk++)
+        if (u64map_get(&p->blocks, blk) > since)
+            return true;
+    return false;
+}
+
 /* Read the WREF records' data, then look for preserve records that came
- * in meanwhile; any such record may cover a block whose disk content we
+ * in meanwhile: any such record may cover a block whose disk content we
  * just read after it changed (its record was complete before the disk
- * write began), so read the batch again until a scan finds nothing new. */
+ * write began), so read again the records it covers (from the preserve
+ * file now, which does not change), and scan again, until a scan finds
+ * nothing that covers the batch.  A block no scan after its read found
+ * preserved was not overwritten before that read.  (Reading the whole
+ * batch again whenever anything was preserved never ended under a guest
+ * rewriting its disk at 80 MB/s: a 1 s cycle took 7-25 s to build.) */
+static void (*fill_hook)(void *ud, size_t nread);
+static void *fill_hook_ud;
+
+void
+cyc_test_set_fill_hook(void (*fn)(void *ud, size_t nread), void *ud)
+{
+    fill_hook = fn;
+    fill_hook_ud = ud;
+}
+
 static int
 batch_fill(struct ref_batch *bt, struct pre_index *p, int disk_fd)
 {
+    bool all = true;
+    uint64_t since = 0;
     for (;;) {
-        size_t at = 0;
+        size_t at = 0, nread = 0;
         for (size_t i = 0; i < bt->n; i++) {
-            if (bt->recs[i].kind != CL_WREF)
+            const struct cl_rec *r = &bt->recs[i];
+            if (r->kind != CL_WREF)
                 continue;
-            int rc = fill_ref(p, disk_fd, bt->recs[i].offset,
-                              bt->recs[i].len, bt->data + at);
-            if (rc < 0)
-                return rc;
-            at += bt->recs[i].len;
+            if (all || rec_touches_new(p, r, since)) {
+                int rc = fill_ref(p, disk_fd, r->offset, r->len,
+                                  bt->data + at);
+                if (rc < 0)
+                    return rc;
+                nread++;
+            }
+            at += r->len;
         }
+        if (nread == 0)
+            return 0;
+        if (fill_hook)
+            fill_hook(fill_hook_ud, nread);
+        all = false;
+        since = p->scanned;
         bool added;
         int rc = pre_scan(p, &added);
         if (rc < 0)

@@ -84,6 +84,11 @@ int cyc_builder_finish(struct cyc_builder *b, uint64_t *raw_bytes,
                        uint64_t *out_bytes) VR_WUR;
 void cyc_builder_free(struct cyc_builder *b);
 
+/* Tests only: fn(ud, n) after each pass that read n records logged by
+ * reference, before the preserve file is scanned again (a test plays a
+ * guest write there).  NULL: none. */
+void cyc_test_set_fill_hook(void (*fn)(void *ud, size_t nread), void *ud);
+
 /* --- decoder (Replica server) ------------------------------------------ */
 
 struct cyc_decoder;
