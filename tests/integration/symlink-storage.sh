@@ -117,10 +117,15 @@ kept() {
 # --- disk: STORAGE/UUID/disk0.raw -> a file outside --------------------------
 case_disk() {
     new_vm sdisk
+    # Suspended while the file is swapped: an apply between the rm and the
+    # ln would meet no file at all (a CI flake: "No such file or directory").
+    vr primary replication suspend sdisk >/dev/null
+    settle sdisk
     victim=$(outside_file disk-victim)
     before=$(fingerprint "$victim")
     rm "$VMDIR/disk0.raw"
     ln -s "$victim" "$VMDIR/disk0.raw"
+    vr primary replication resume sdisk >/dev/null
     write_more 33
     refused_apply sdisk "$VMDIR/disk0.raw"
     kept disk "$before" "$victim"
@@ -154,8 +159,11 @@ case_undo() {
     head -c 4096 /dev/urandom >"$OUTSIDE/undo/keep.me"
     head -c 4096 /dev/urandom >"$OUTSIDE/undo/00000000000000000001-00000000000000000001.undo.tmp"
     before=$(fingerprint "$OUTSIDE/undo")
+    vr primary replication suspend sundo >/dev/null # as for the disk
+    settle sundo
     rm -rf "$VMDIR/undo"
     ln -s "$OUTSIDE/undo" "$VMDIR/undo"
+    vr primary replication resume sundo >/dev/null
     write_more 55
     refused_apply sundo "$VMDIR/undo"
     kept undo "$before" "$OUTSIDE/undo"
