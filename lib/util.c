@@ -338,8 +338,7 @@ lock_holder(int fd)
             if (end != buf && *end == '\n' && v > 0 && v <= INT_MAX)
                 return (pid_t)v;
         }
-        struct timespec ts = { 0, 20 * 1000000L };
-        nanosleep(&ts, NULL);
+        vr_sleep_ms(20);
     }
     return 0;
 }
@@ -355,16 +354,13 @@ io_lock_file(const char *path, int *fd, pid_t *holder)
      * resource agent's "flock -n -s FILE true") holds it for an instant,
      * and a daemon starting under load met one (a CI flake: "already
      * running" with no daemon running).  A real holder keeps it. */
-    int rc;
-    for (int tries = 0;; tries++) {
-        rc = flock(lfd, LOCK_EX | LOCK_NB);
-        if (rc == 0 || (errno != EINTR && errno != EWOULDBLOCK) ||
-            (errno == EWOULDBLOCK && tries >= 50))
+    int rc, waits = 0;
+    while ((rc = flock(lfd, LOCK_EX | LOCK_NB)) < 0) {
+        if (errno == EINTR)
+            continue;
+        if (errno != EWOULDBLOCK || ++waits > 50)
             break;
-        if (errno == EWOULDBLOCK) {
-            struct timespec ts = { 0, 20 * 1000000L };
-            nanosleep(&ts, NULL);
-        }
+        vr_sleep_ms(20);
     }
     if (rc < 0) {
         int e = errno;
@@ -568,10 +564,16 @@ vr_test_delay(const char *env, long max_ms)
 {
     const char *v = getenv(env);
     long ms = v ? atol(v) : 0;
-    if (ms > 0 && ms < max_ms) {
-        struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
-        nanosleep(&ts, NULL);
-    }
+    if (ms > 0 && ms < max_ms)
+        vr_sleep_ms((unsigned)ms);
+}
+
+void
+vr_sleep_ms(unsigned ms)
+{
+    struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+        ;
 }
 
 void

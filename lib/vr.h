@@ -112,6 +112,8 @@ uint64_t vr_mono_ms(void);
 uint64_t vr_wall_ms(void);
 /* Format wall-clock ms as RFC 3339 UTC ("2026-11-26T05:00:00Z"). */
 void vr_rfc3339(uint64_t wall_ms, char out[32]);
+/* Sleep ms milliseconds (restarted on EINTR). */
+void vr_sleep_ms(unsigned ms);
 /* Test hooks: sleep as many milliseconds as environment variable env says,
  * if it says 1 .. max_ms - 1; else return at once. */
 void vr_test_delay(const char *env, long max_ms);

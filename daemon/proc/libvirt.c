@@ -400,7 +400,7 @@ wait_inactive(virDomainPtr d, unsigned timeout_ms)
             return true;
         if (vr_mono_ms() >= deadline)
             return false;
-        sleep_ms(POLL_MS);
+        vr_sleep_ms(POLL_MS);
     }
 }
 

@@ -54,8 +54,6 @@ bool sock_accepts(const char *path);
 /* Alive and not a zombie (the process is init's child once it is ours no
  * more; init may not have reaped it yet). */
 bool pid_running(pid_t pid);
-/* Sleep ms milliseconds (restarted on EINTR). */
-void sleep_ms(unsigned ms);
 /* How a process that is not our child ended, while it is still a zombie
  * (init has not reaped it yet): /proc/PID/stat's last field is its status
  * as waitpid() reports it.  "" if that cannot be known any more. */

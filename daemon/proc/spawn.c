@@ -104,14 +104,6 @@ qemu_escape(const char *s)
     return out;
 }
 
-void
-sleep_ms(unsigned ms)
-{
-    struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
-    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
-        ;
-}
-
 /* Prefix the message already in the error slot (which vr_err() cannot read
  * while it writes it). */
 int VR_PRINTF(2, 3)
@@ -321,7 +313,7 @@ wait_gone(pid_t pid, unsigned timeout_ms)
             return true;
         if (vr_mono_ms() >= deadline)
             return false;
-        sleep_ms(20);
+        vr_sleep_ms(20);
     }
 }
 
@@ -723,7 +715,7 @@ spawn_wait(const char *bin, char *const argv[], const char *logpath,
                 ;
             return -ETIMEDOUT;
         }
-        sleep_ms(10);
+        vr_sleep_ms(10);
     }
 }
 

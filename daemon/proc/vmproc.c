@@ -168,7 +168,7 @@ start_nbdkit(const struct vmproc_spec *s, int lock_fd)
             why = "sockets not ready after 10 s";
             break;
         }
-        sleep_ms(20);
+        vr_sleep_ms(20);
     }
     char death[96] = "";
     if (strcmp(why, "exited") == 0)
