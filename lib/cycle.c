@@ -783,6 +783,7 @@ struct cyc_decoder {
     bool compressed;
     bool have_hdr, sealed, frame_done;
     int out_fd;
+    uint64_t out_pending; /* io_write_behind's count for out_fd */
     int err; /* sticky */
     char errmsg[256];
     uint64_t max_raw, raw_bytes, nrecords;
@@ -882,6 +883,8 @@ d_raw(struct cyc_decoder *d, const uint8_t *buf, size_t len)
     d->raw_bytes += len;
     if (d->out_fd >= 0 && (rc = io_write_all(d->out_fd, buf, len)) < 0)
         return vr_err(rc, "cycle payload: stage: %s", strerror(-rc));
+    if (d->out_fd >= 0)
+        io_write_behind(d->out_fd, &d->out_pending, len);
     while (len > 0) {
         if (d->sealed)
             return vr_err(-EBADMSG,
@@ -1198,7 +1201,7 @@ apply_zero(int fd, uint64_t off, uint32_t len, unsigned disk)
 
 static int
 apply_rec(const struct cl_rec *r, const int *disk_fds,
-          const uint64_t *disk_sizes, uint64_t idx)
+          const uint64_t *disk_sizes, uint64_t *pending, uint64_t idx)
 {
     int fd = disk_fds[r->disk];
     int rc;
@@ -1216,6 +1219,7 @@ apply_rec(const struct cl_rec *r, const int *disk_fds,
         if (rc < 0)
             return vr_err(rc, "apply: disk %u: write at %" PRIu64 ": %s",
                           r->disk, r->offset, strerror(-rc));
+        io_write_behind(fd, &pending[r->disk], r->len);
         return 0;
     }
     return apply_zero(fd, r->offset, r->len, r->disk);
@@ -1224,6 +1228,7 @@ apply_rec(const struct cl_rec *r, const int *disk_fds,
 struct apply_ctx {
     const int *disk_fds;
     const uint64_t *disk_sizes;
+    uint64_t pending[CYC_MAX_DISKS]; /* io_write_behind's counts */
     uint64_t n;
     uint64_t *records_applied;
 };
@@ -1235,7 +1240,7 @@ apply_one(const struct cl_rec *r, uint64_t file_off, void *arg)
     int rc;
 
     (void)file_off;
-    if ((rc = apply_rec(r, c->disk_fds, c->disk_sizes, c->n)) < 0)
+    if ((rc = apply_rec(r, c->disk_fds, c->disk_sizes, c->pending, c->n)) < 0)
         return rc;
     c->n++;
     if (c->records_applied)

@@ -569,11 +569,32 @@ vr_test_delay(const char *env, long max_ms)
 }
 
 void
+io_write_behind(int fd, uint64_t *pending, uint64_t n)
+{
+    *pending += n;
+    if (*pending < (8u << 20))
+        return;
+    *pending = 0;
+    (void)sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE);
+}
+
+void
 vr_sleep_ms(unsigned ms)
 {
     struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
     while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
         ;
+}
+
+void
+vr_thread_name(const char *fmt, ...)
+{
+    char name[16];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof name, fmt, ap);
+    va_end(ap);
+    (void)pthread_setname_np(pthread_self(), name);
 }
 
 void
@@ -817,11 +838,8 @@ vr_fault_point(const char *name)
         }
     }
     pthread_mutex_unlock(&fault_lock);
-    if (pause_ms > 0) {
-        struct timespec ts = { pause_ms / 1000, (pause_ms % 1000) * 1000000 };
-        while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
-        }
-    }
+    if (pause_ms > 0)
+        vr_sleep_ms((unsigned)pause_ms);
 }
 
 /* --- host names and authorization patterns --------------------------------- */

@@ -107,6 +107,14 @@ void io_beneath_force_fallback(bool on);
  * messages.  Returns the number removed or -errno (vr_err says why). */
 int io_clear_dirfd(int fd, const char *name) VR_WUR;
 
+/* Write-behind: count n more bytes written to fd and, every 8 MiB, start
+ * the writeback of its dirty pages (sync_file_range WRITE, not waiting),
+ * so that the fdatasync that makes the file durable finds little left and
+ * the disk works while the writer does.  *pending is the caller's count,
+ * starting at 0.  Only a hint: a failure is ignored (the fdatasync will
+ * report the error that matters). */
+void io_write_behind(int fd, uint64_t *pending, uint64_t n);
+
 /* Clocks. */
 uint64_t vr_mono_ms(void);
 uint64_t vr_wall_ms(void);
@@ -114,6 +122,10 @@ uint64_t vr_wall_ms(void);
 void vr_rfc3339(uint64_t wall_ms, char out[32]);
 /* Sleep ms milliseconds (restarted on EINTR). */
 void vr_sleep_ms(unsigned ms);
+/* Name the calling thread (what ps -L, top -H and perf show; at most 15
+ * bytes are kept).  A thread otherwise inherits its creator's name, so a
+ * shipper started from an API request would show as "MHD-connection". */
+void vr_thread_name(const char *fmt, ...) VR_PRINTF(1, 2);
 /* Test hooks: sleep as many milliseconds as environment variable env says,
  * if it says 1 .. max_ms - 1; else return at once. */
 void vr_test_delay(const char *env, long max_ms);

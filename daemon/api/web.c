@@ -200,6 +200,7 @@ static void refresh_tls(void);
 static void *
 sampler_main(void *arg VR_UNUSED)
 {
+    vr_thread_name("web-sampler");
     pthread_mutex_lock(&samp_lock);
     while (!samp_stop) {
         pthread_mutex_unlock(&samp_lock);

@@ -99,6 +99,7 @@ static void *
 retire_main(void *p)
 {
     struct retire *r = p;
+    vr_thread_name("http-retire");
     MHD_stop_daemon(r->d);
     if (r->done)
         r->done(r->arg);

@@ -141,6 +141,7 @@ static void *
 build_thread(void *arg)
 {
     struct base_chunk *c = arg;
+    vr_thread_name("copy-build");
     c->rc = build_base_chunk(c);
     if (c->rc < 0)
         snprintf(c->msg, sizeof c->msg, "%s", vr_errmsg());

@@ -188,6 +188,7 @@ static void *
 inject_main(void *arg)
 {
     struct inject *in = arg;
+    vr_thread_name("inject");
     /* Wait for the guest's agent (its boot). */
     uint64_t deadline = vr_mono_ms() + INJECT_WAIT_MS;
     json_object *ifaces = NULL;

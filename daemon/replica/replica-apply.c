@@ -181,6 +181,7 @@ apply_one(struct vm *vm, uint64_t n, bool locked)
     struct cyc_hdr sh = staged_hdr(vm, path);
     bool app = (sh.flags & CYC_F_APP) != 0;
     int rc = history_capture(vm, n, path);
+    uint64_t t_cap = vr_mono_ms() - t0;
     if (rc == 0)
         rc = failover_test_refresh(vm, n);
     if (rc == 0)
@@ -207,9 +208,11 @@ apply_one(struct vm *vm, uint64_t n, bool locked)
     }
     if (rc == 0) {
         unlink_staged(vm, path);
-        log_debug("applier", "%s: applied cycle %llu (%llu records, %llu ms)",
+        log_debug("applier", "%s: applied cycle %llu (%llu records, %llu ms, "
+                  "%llu of them capturing undo data)",
                   vm->name, (unsigned long long)n, (unsigned long long)nrec,
-                  (unsigned long long)(vr_mono_ms() - t0));
+                  (unsigned long long)(vr_mono_ms() - t0),
+                  (unsigned long long)t_cap);
         /* The cycle is applied whatever happens to its point: a failure
          * here is retried by history_recover at the next start. */
         if (history_after_apply(vm, n, app, (uint64_t)sh.cut_s * 1000) < 0) {
@@ -294,6 +297,7 @@ static bool applier_stop;
 static void *
 applier_main(void *arg VR_UNUSED)
 {
+    vr_thread_name("applier");
     pthread_mutex_lock(&rctx.d->lock);
     while (!applier_stop) {
         struct vm *todo = NULL;

@@ -88,6 +88,7 @@ struct rreq {
     char principal[300]; /* Kerberos: the client principal, for audit */
     char addr[80];      /* ip:port */
     uint64_t n;         /* cycle or base chunk number */
+    uint64_t t0_ms;     /* when the request began (vr_mono_ms) */
     uint64_t epoch;
     bool has_history;   /* X-Vmreplica-History: N/INTERVAL_S */
     unsigned history, interval_s;

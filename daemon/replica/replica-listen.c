@@ -188,9 +188,9 @@ same_peer(int fd, const char *addr)
 static void *
 guard_main(void *arg VR_UNUSED)
 {
+    vr_thread_name("replica-guard");
     for (unsigned tick = 1;; tick++) {
-        struct timespec ts = { 0, 250 * 1000 * 1000 };
-        nanosleep(&ts, NULL);
+        vr_sleep_ms(250);
         if (tick % 20 == 0)
             listener_refresh();
         uint64_t now = vr_mono_ms();
@@ -415,10 +415,8 @@ start_mhd(bool tls, unsigned port, void *cls, const struct listener *l)
 {
     struct MHD_Daemon *d = NULL;
     for (int i = 0; i < 40 && !d; i++) {
-        if (i > 0) {
-            struct timespec ts = { 0, 25 * 1000 * 1000 };
-            nanosleep(&ts, NULL);
-        }
+        if (i > 0)
+            vr_sleep_ms(25);
         d = start_mhd_once(tls, port, cls, l);
     }
     return d;

@@ -382,8 +382,13 @@ upload_finish(struct rreq *q, json_object **out)
     /* A cycle counts once staged: durably.  A base chunk is applied (and
      * the disks synced) before the answer, and a crash before that has the
      * primary send it again: its staging file need not reach the disk. */
+    uint64_t t_recv = vr_mono_ms();
     if (!base && fdatasync(q->fd) < 0)
         return vr_err(-errno, "sync %s: %s", q->tmp_path, strerror(errno));
+    log_debug("replica", "%s %llu: received in %llu ms, synced in %llu ms",
+              base ? "base chunk" : "cycle", (unsigned long long)q->n,
+              (unsigned long long)(t_recv - q->t0_ms),
+              (unsigned long long)(vr_mono_ms() - t_recv));
 
     pthread_mutex_lock(&rctx.d->lock);
     struct vm *vm = NULL;
@@ -822,6 +827,7 @@ r1_access(void *cls, struct MHD_Connection *c, const char *url,
     struct rreq *q = *con_cls;
     if (!q) {
         q = xcalloc(1, sizeof *q);
+        q->t0_ms = vr_mono_ms();
         q->fd = -1;
         q->stgfd = -1;
         q->conn = c;
