@@ -4,10 +4,12 @@
  * libcurl.  A JSON body or an upload from a file descriptor goes out; the
  * Replica server's refusal comes back as its errno and message. */
 #include <curl/curl.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <gnutls/crypto.h>
@@ -308,6 +310,11 @@ struct call {
     size_t postlen;
     char *resp_mic;
     struct wrap_src wsrc;
+    /* An upload still being written (peer_call_feed): bytes sent so far,
+     * and why reading it failed. */
+    struct upload_feed *feed;
+    uint64_t feed_off;
+    int feed_err;
 };
 
 /* How a request is authenticated, one table per mode, so that the rest of
@@ -416,6 +423,108 @@ call_target(struct call *c, const char *path)
     }
 }
 
+/* --- an upload still being written ------------------------------------- */
+
+void
+feed_init(struct upload_feed *f, int fd)
+{
+    f->fd = fd;
+    pthread_mutex_init(&f->lock, NULL);
+    pthread_cond_init(&f->cond, NULL);
+    f->done = false;
+    f->rc = 0;
+    f->msg[0] = '\0';
+}
+
+void
+feed_finish(struct upload_feed *f, int rc)
+{
+    pthread_mutex_lock(&f->lock);
+    if (rc < 0)
+        snprintf(f->msg, sizeof f->msg, "%s", vr_errmsg());
+    f->done = true;
+    f->rc = rc;
+    pthread_cond_broadcast(&f->cond);
+    pthread_mutex_unlock(&f->lock);
+}
+
+void
+feed_destroy(struct upload_feed *f)
+{
+    pthread_mutex_destroy(&f->lock);
+    pthread_cond_destroy(&f->cond);
+}
+
+/* How many bytes after off may go now: while the writer works, all it has
+ * written but the last byte (so the body cannot end whole); once it has
+ * finished well, the rest.  -ECANCELED once it has failed (abort), -errno
+ * if its file cannot be looked at; 0 with *end once everything is sent. */
+static int64_t
+feed_avail(struct upload_feed *f, uint64_t off, bool *end)
+{
+    *end = false;
+    pthread_mutex_lock(&f->lock);
+    /* The writer does not signal each write: look again every few ms. */
+    struct stat st;
+    for (;;) {
+        bool done = f->done;
+        int rc = f->rc;
+        if (done && rc < 0) {
+            pthread_mutex_unlock(&f->lock);
+            return -ECANCELED;
+        }
+        /* After reading done: everything written before it is seen. */
+        if (fstat(f->fd, &st) < 0) {
+            int e = errno;
+            pthread_mutex_unlock(&f->lock);
+            return -e;
+        }
+        uint64_t size = (uint64_t)st.st_size;
+        uint64_t usable = done ? size : size > 0 ? size - 1 : 0;
+        if (usable > off) {
+            pthread_mutex_unlock(&f->lock);
+            return (int64_t)(usable - off);
+        }
+        if (done) {
+            pthread_mutex_unlock(&f->lock);
+            *end = true;
+            return 0;
+        }
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 5 * 1000 * 1000;
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&f->cond, &f->lock, &ts);
+    }
+}
+
+static size_t
+read_feed(char *out, size_t size, size_t nmemb, void *ud)
+{
+    struct call *c = ud;
+    bool end;
+    int64_t avail = feed_avail(c->feed, c->feed_off, &end);
+    if (avail < 0) {
+        c->feed_err = (int)avail;
+        return CURL_READFUNC_ABORT;
+    }
+    if (end)
+        return 0;
+    size_t want = size * nmemb;
+    if ((uint64_t)avail < want)
+        want = (size_t)avail;
+    ssize_t r = pread(c->feed->fd, out, want, (off_t)c->feed_off);
+    if (r <= 0) {
+        c->feed_err = r < 0 ? -errno : -EIO;
+        return CURL_READFUNC_ABORT;
+    }
+    c->feed_off += (uint64_t)r;
+    return (size_t)r;
+}
+
 /* An upload from upload_fd: framed while sent (wrapped), or read from a
  * duplicate of the descriptor. */
 static int
@@ -428,6 +537,14 @@ call_upload(struct call *c, const struct peer_auth_ops *ops, int upload_fd,
     c->hdrs = curl_slist_append(c->hdrs,
                                 "Content-Type: application/octet-stream");
     curl_easy_setopt(h, CURLOPT_UPLOAD, 1L);
+    if (c->feed) {
+        /* Written while sent: chunked, as long as the writer takes. */
+        curl_easy_setopt(h, CURLOPT_READFUNCTION, read_feed);
+        curl_easy_setopt(h, CURLOPT_READDATA, c);
+        curl_easy_setopt(h, CURLOPT_INFILESIZE_LARGE, (curl_off_t)-1);
+        curl_easy_setopt(h, CURLOPT_UPLOAD_BUFFERSIZE, 512L << 10);
+        return 0;
+    }
     if (ops->wraps_upload(c)) {
         /* Frames made while sending: the length is not known ahead,
          * so the body goes chunked. */
@@ -543,6 +660,12 @@ call_result(struct call *c, const struct peer_auth_ops *ops, int rc,
 {
     if (rc == 0 && cr != CURLE_OK && c->wsrc.err < 0)
         rc = vr_err(c->wsrc.err, "kerberos: wrapping the upload failed");
+    if (rc == 0 && cr != CURLE_OK && c->feed_err < 0) {
+        /* The writer failed (it said why) or its file could not be read. */
+        if (c->feed_err == -ECANCELED)
+            return vr_err(c->feed->rc, "%s", c->feed->msg);
+        rc = vr_err(c->feed_err, "upload: %s", strerror(-c->feed_err));
+    }
     if (rc < 0)
         return vr_err(rc, "replica server %s: %s", c->p->server,
                       vr_errmsg());
@@ -579,12 +702,13 @@ call_fini(struct call *c)
         gnutls_hash_deinit(c->wsrc.hash, NULL);
 }
 
-int
-peer_call(const struct peer *p, const char *method, const char *path,
-          const char *json_body, int upload_fd, uint64_t upload_len,
-          bool zstd, json_object **resp)
+static int
+call_run(const struct peer *p, const char *method, const char *path,
+         const char *json_body, int upload_fd, uint64_t upload_len,
+         struct upload_feed *feed, bool zstd, json_object **resp)
 {
-    struct call c = { .p = p, .ctx = GSS_C_NO_CONTEXT, .wsrc = { .fd = -1 } };
+    struct call c = { .p = p, .ctx = GSS_C_NO_CONTEXT, .wsrc = { .fd = -1 },
+                      .feed = feed };
     c.h = curl_easy_init();
     if (!c.h)
         return vr_err(-ENOMEM, "curl init");
@@ -631,6 +755,24 @@ peer_call(const struct peer *p, const char *method, const char *path,
     free(c.postdata);
     free(c.resp_mic);
     return rc;
+}
+
+int
+peer_call(const struct peer *p, const char *method, const char *path,
+          const char *json_body, int upload_fd, uint64_t upload_len,
+          bool zstd, json_object **resp)
+{
+    return call_run(p, method, path, json_body, upload_fd, upload_len, NULL,
+                    zstd, resp);
+}
+
+int
+peer_call_feed(const struct peer *p, const char *method, const char *path,
+               struct upload_feed *f, bool zstd, json_object **resp)
+{
+    if (p->kerberos)
+        return vr_err(-ENOTSUP, "kerberos mode sends a body it has whole");
+    return call_run(p, method, path, NULL, f->fd, UINT64_MAX, f, zstd, resp);
 }
 
 bool

@@ -458,29 +458,84 @@ build_cycle(const struct job *jb, uint64_t N, int fd, uint64_t *raw,
     return rc;
 }
 
-/* Build cycle N and send it (PUT /r1/vms/UUID/cycles/N). */
+/* Cycle N built into fd (build_cycle), then checked: if tracking had
+ * stopped by the end of the build, its reads of the disks may hold
+ * untracked writes and it must not be sent whole. */
+struct cycle_build {
+    struct vm *vm;
+    const struct job *jb;
+    uint64_t N;
+    int fd;
+    uint64_t raw, wire, ms;
+    int rc;
+    struct upload_feed feed; /* certificate mode: sent while built */
+};
+
+static int
+build_checked(struct cycle_build *cb)
+{
+    uint64_t t0 = vr_mono_ms();
+    int rc = build_cycle(cb->jb, cb->N, cb->fd, &cb->raw, &cb->wire);
+    if (rc == 0)
+        rc = tracking_intact(cb->vm, cb->jb, cb->N - 1);
+    vr_fault_point("cycle-built");
+    cb->ms = vr_mono_ms() - t0;
+    return cb->rc = rc;
+}
+
+static void *
+build_main(void *arg)
+{
+    struct cycle_build *cb = arg;
+    vr_thread_name("ship-build");
+    feed_finish(&cb->feed, build_checked(cb));
+    return NULL;
+}
+
+/* Build cycle N and send it (PUT /r1/vms/UUID/cycles/N).  In certificate
+ * mode the payload goes out while it is built (its compression on one
+ * core, the transfer and the Replica server's decoding on the other): the
+ * builder thread writes the file, peer_call_feed sends what is written,
+ * and ends the body only once the build finished and checked well (a
+ * failed one aborts the transfer; the Replica server stages nothing).
+ * Kerberos mode signs or wraps a body it has whole: built, then sent. */
 static int
 send_cycle(struct vm *vm, const struct job *jb, uint64_t N, uint64_t *raw,
-           uint64_t *wire)
+           uint64_t *wire, uint64_t *build_ms)
 {
     CLEANUP_FREE char *tmp = NULL;
     int fd = tmp_payload(jb, &tmp);
     if (fd < 0)
         return fd;
-    int rc = build_cycle(jb, N, fd, raw, wire);
-    /* After every read of the disks for this cycle: if tracking had
-     * stopped by now, those reads may hold untracked writes. */
-    if (rc == 0)
-        rc = tracking_intact(vm, jb, N - 1);
-    if (rc == 0) {
+    CLEANUP_FREE char *path = xasprintf("/r1/vms/%s/cycles/%llu", jb->uuid,
+                                        (unsigned long long)N);
+    struct cycle_build cb = { .vm = vm, .jb = jb, .N = N, .fd = fd };
+    pthread_t t;
+    int rc;
+    feed_init(&cb.feed, fd);
+    if (!jb->peer.kerberos &&
+        pthread_create(&t, NULL, build_main, &cb) == 0) {
         test_send_delay();
-        CLEANUP_FREE char *path = xasprintf("/r1/vms/%s/cycles/%llu",
-                                            jb->uuid, (unsigned long long)N);
-        rc = peer_call(&jb->peer, "PUT", path, NULL, fd, *wire,
-                       jb->compression, NULL);
-        if (rc == 0)
-            vr_fault_point("cycle-sent");
+        rc = peer_call_feed(&jb->peer, "PUT", path, &cb.feed,
+                            jb->compression, NULL);
+        pthread_join(t, NULL);
+        /* The build's failure is the cause whatever the transfer met. */
+        if (cb.rc < 0)
+            rc = vr_err(cb.rc, "%s", cb.feed.msg);
+    } else {
+        rc = build_checked(&cb);
+        if (rc == 0) {
+            test_send_delay();
+            rc = peer_call(&jb->peer, "PUT", path, NULL, fd, cb.wire,
+                           jb->compression, NULL);
+        }
     }
+    feed_destroy(&cb.feed);
+    if (rc == 0)
+        vr_fault_point("cycle-sent");
+    *raw = cb.raw;
+    *wire = cb.wire;
+    *build_ms = cb.ms;
     close(fd);
     unlink(tmp);
     return rc;
@@ -534,8 +589,8 @@ ship_cycles(struct vm *vm, struct job *jb, uint64_t last_cycle)
             return vr_err(-EBADMSG, "change log: cycle %llu missing",
                           (unsigned long long)last_cycle + 1);
         uint64_t t0 = vr_mono_ms();
-        uint64_t raw = 0, wire = 0;
-        rc = send_cycle(vm, jb, N, &raw, &wire);
+        uint64_t raw = 0, wire = 0, build_ms = 0;
+        rc = send_cycle(vm, jb, N, &raw, &wire, &build_ms);
         if (rc < 0)
             return rc;
         uint64_t lat = vr_mono_ms() - t0;
@@ -545,9 +600,11 @@ ship_cycles(struct vm *vm, struct job *jb, uint64_t last_cycle)
         release_shipped(jb, N);
         last_cycle = N;
         log_debug("shipper", "%s: cycle %llu sent (%llu raw, %llu wire, %llu "
-                             "ms)",
+                             "ms; built in %llu ms, %s)",
                   jb->name, (unsigned long long)N, (unsigned long long)raw,
-                  (unsigned long long)wire, (unsigned long long)lat);
+                  (unsigned long long)wire, (unsigned long long)lat,
+                  (unsigned long long)build_ms,
+                  jb->peer.kerberos ? "then sent" : "sent meanwhile");
     }
     return 0;
 }
@@ -590,6 +647,7 @@ shipper_main(void *arg)
     struct vm *vm = arg;
     struct repl *r = vm->repl;
     unsigned failures = 0;
+    vr_thread_name("ship %s", vm->name);
     /* next_due: when to try next (a retry comes sooner); sched_due: when
      * the next cycle is due by the schedule, moved only by a successful
      * cycle (or a missed one), so that retries through an outage still

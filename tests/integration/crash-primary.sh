@@ -19,6 +19,11 @@
 #       its own or through `initial-replication start --wait`), the replica
 #       is byte-identical, and bytes_sent_wire, which survives the restart in
 #       the catalog, is at most 128 MiB + 40 MiB (at most one chunk re-sent).
+#   (d) The primary runs with VMREPLICA_FAULT=cycle-built:4: it dies when a
+#       cycle's build ends, while the cycle goes out as it is built (all of
+#       it but its last byte may be on the wire).  The Replica server stages
+#       nothing of it and keeps no temporary file; restarted, the primary
+#       sends it again and replication converges (cmp).
 source "$(dirname "$0")/functions.sh"
 requires qemu-io qemu-img jq curl openssl nbdkit python3 cmp numfmt
 requires_build
@@ -54,6 +59,28 @@ state_is() {
     [ "$(repl primary "$1" state 2>/dev/null)" = "$2" ]
 }
 
+# die_at FAULT — restart the primary with VMREPLICA_FAULT=FAULT and wait
+# until it is SIGKILLed there.
+die_at() {
+    stop_daemon primary
+    spawn_daemon primary VMREPLICA_FAULT="$1"
+    wait_until 45 daemon_dead primary ||
+        fail "the primary did not hit fault point $1 within 45s"
+    [ "$DAEMON_STATUS" -eq 137 ] ||
+        fail "the primary exited with status $DAEMON_STATUS, not by SIGKILL at $1"
+}
+
+# replica_errors — how many error events the Replica server has logged;
+# no_new_replica_errors N WHAT — fail if more than N now.
+replica_errors() {
+    vrj replica events | jq '[.events[] | select(.level == "error")] | length'
+}
+no_new_replica_errors() {
+    [ "$(replica_errors)" = "$1" ] && return 0
+    vrj replica events | jq -r '.events[] | select(.level == "error") | .message' >&2
+    fail "the replica logged error events after $2"
+}
+
 # --- (a) SIGKILL while writing ---------------------------------------------------
 log "--- (a) SIGKILL the primary daemon while a writer runs ---"
 start_writer "$vm" 128k
@@ -85,14 +112,9 @@ assert_identical "$vm"
 # --- (b) acknowledged but not recorded --------------------------------------------
 log "--- (b) the primary dies after a cycle was acknowledged, before recording it ---"
 UUID=$(jget primary .uuid vm show "$vm")
-rerr0=$(vrj replica events | jq '[.events[] | select(.level == "error")] | length')
+rerr0=$(replica_errors)
 start_writer "$vm" 64k
-stop_daemon primary
-spawn_daemon primary VMREPLICA_FAULT=cycle-sent:3
-wait_until 45 daemon_dead primary ||
-    fail "the primary did not hit fault point cycle-sent:3 within 45s"
-[ "$DAEMON_STATUS" -eq 137 ] ||
-    fail "the primary exited with status $DAEMON_STATUS, not by SIGKILL at cycle-sent:3"
+die_at cycle-sent:3
 staged=$(repl replica "$vm" last_cycle)
 recorded=$(catalog_last_cycle "$UUID")
 log "primary killed at cycle-sent:3; the replica staged cycle $staged, the primary recorded $recorded"
@@ -109,13 +131,39 @@ stop_writer
 wait_converged "$vm" 60
 assert_identical "$vm"
 assert_replicating "$vm"
-rerr=$(vrj replica events | jq '[.events[] | select(.level == "error")] | length')
-[ "$rerr" = "$rerr0" ] || {
-    vrj replica events | jq -r '.events[] | select(.level == "error") | .message' >&2
-    fail "the replica logged error events after the duplicate cycle"
-}
+no_new_replica_errors "$rerr0" "the duplicate cycle"
 errs=$(jget primary .replication_errors replication measure "$vm")
 [ "$errs" = 0 ] || fail "the primary counted $errs replication errors"
+
+# --- (d) killed while a cycle is sent as it is built ------------------------------
+# In certificate mode a cycle goes out while it is built, and its body ends
+# only once the build finished and checked well.  Killed there
+# (cycle-built: the whole payload but its last byte may be on the wire), the
+# Replica server must not stage that cycle: it holds exactly what the
+# primary recorded, keeps no temporary file, logs no error, and the
+# restarted primary sends the cycle again.
+log "--- (d) the primary dies at the end of a build while the cycle is on the wire ---"
+rerr0=$(replica_errors)
+start_writer "$vm" 256k
+die_at cycle-built:4
+recorded=$(catalog_last_cycle "$UUID")
+# The Replica server sees the connection end; give it a moment to drop it.
+wait_until 10 eval '! ls "$TESTDIR"/replica-storage/$UUID/staging/*.tmp >/dev/null 2>&1' ||
+    fail "the Replica server kept a temporary file of the cut cycle: $(ls "$TESTDIR"/replica-storage/$UUID/staging)"
+staged=$(repl replica "$vm" last_cycle)
+log "primary killed at cycle-built:4 with cycle $((recorded + 1)) on the wire; the replica staged $staged, the primary recorded $recorded"
+[ "$staged" = "$recorded" ] ||
+    fail "the Replica server staged cycle $staged of a body cut before its end (the primary recorded $recorded)"
+[ ! -e "$TESTDIR/replica-storage/$UUID/staging/$(printf '%020d' $((recorded + 1))).cycle" ] ||
+    fail "cycle $((recorded + 1)) is staged on the Replica server"
+start_primary
+wait_until 20 last_cycle_at_least "$vm" $((recorded + 2)) ||
+    fail "the primary did not get past cycle $((recorded + 1)) after the restart"
+stop_writer
+wait_converged "$vm" 60
+assert_identical "$vm"
+assert_replicating "$vm"
+no_new_replica_errors "$rerr0" "the cut transfer"
 
 # --- (c) initial replication resumes ---------------------------------------------
 log "--- (c) initial replication resumes after the primary dies mid-copy ---"
