@@ -38,6 +38,50 @@ result() {
 met_le() { awk -v r="$1" -v l="$2" 'BEGIN { print (r != "-" && r <= l) ? "met" : "not met" }'; }
 met_ge() { awk -v r="$1" -v l="$2" 'BEGIN { print (r != "-" && r >= l) ? "met" : "not met" }'; }
 
+# bench_converged VM TIMEOUT — wait_converged (nothing pending on the
+# primary, the replica's applied cycle at the primary's last) from one
+# process asking both daemons' API sockets every 20 ms.  wait_converged
+# runs three CLI calls and three jq a poll, every 200 ms: about a sixth of
+# a CPU here, taken from the side being measured (the peer has no such
+# poll), and up to 200 ms late.
+bench_converged() {
+    python3 - "$(api_sock "$SRC")" "$(api_sock "$DST")" "$1" "$2" <<'EOF' ||
+import http.client, json, socket, sys, time
+src, dst, vm, timeout = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+class Unix(http.client.HTTPConnection):
+    def __init__(self, path):
+        super().__init__("localhost")
+        self.unix_path = path
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(self.unix_path)
+def get(path, url):
+    c = Unix(path)
+    try:
+        c.request("GET", url)
+        r = c.getresponse()
+        body = r.read()
+        return json.loads(body) if r.status == 200 else None
+    except OSError:
+        return None
+    finally:
+        c.close()
+end = time.monotonic() + timeout
+while time.monotonic() < end:
+    m = get(src, "/v1/vms/%s/replication/measure" % vm)
+    p = get(src, "/v1/vms/%s/replication" % vm)
+    r = get(dst, "/v1/vms/%s/replication" % vm)
+    if m and p and r and m.get("pending_size") == 0 and \
+            isinstance(r.get("applied_cycle"), int) and \
+            isinstance(p.get("last_cycle"), int) and \
+            r["applied_cycle"] >= p["last_cycle"]:
+        sys.exit(0)
+    time.sleep(0.02)
+sys.exit(1)
+EOF
+        fail "vm $1: replica did not converge within $2 s"
+}
+
 # vmlike FILE SIZE DATA SEED — a sparse raw image of SIZE bytes holding
 # DATA bytes of VM-like content in 1 MiB extents spread over it: a third
 # text (words and numbers), a third random (binaries), a third mostly

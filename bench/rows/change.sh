@@ -55,7 +55,7 @@ for round in $(seq "$ROUNDS"); do
     w0=$(jget primary .bytes_sent_wire replication measure "$vm")
     change "$round"
     t0=$(now_ms)
-    wait_converged "$vm" 600
+    bench_converged "$vm" 600
     ours+=($(( $(now_ms) - t0 )))
     wire+=($(( $(jget primary .bytes_sent_wire replication measure "$vm") - w0 )))
     t0=$(now_ms)
