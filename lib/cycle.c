@@ -1201,7 +1201,7 @@ apply_zero(int fd, uint64_t off, uint32_t len, unsigned disk)
 
 static int
 apply_rec(const struct cl_rec *r, const int *disk_fds,
-          const uint64_t *disk_sizes, uint64_t *pending, uint64_t idx)
+          const uint64_t *disk_sizes, uint64_t idx)
 {
     int fd = disk_fds[r->disk];
     int rc;
@@ -1219,7 +1219,6 @@ apply_rec(const struct cl_rec *r, const int *disk_fds,
         if (rc < 0)
             return vr_err(rc, "apply: disk %u: write at %" PRIu64 ": %s",
                           r->disk, r->offset, strerror(-rc));
-        io_write_behind(fd, &pending[r->disk], r->len);
         return 0;
     }
     return apply_zero(fd, r->offset, r->len, r->disk);
@@ -1228,7 +1227,6 @@ apply_rec(const struct cl_rec *r, const int *disk_fds,
 struct apply_ctx {
     const int *disk_fds;
     const uint64_t *disk_sizes;
-    uint64_t pending[CYC_MAX_DISKS]; /* io_write_behind's counts */
     uint64_t n;
     uint64_t *records_applied;
 };
@@ -1240,7 +1238,7 @@ apply_one(const struct cl_rec *r, uint64_t file_off, void *arg)
     int rc;
 
     (void)file_off;
-    if ((rc = apply_rec(r, c->disk_fds, c->disk_sizes, c->pending, c->n)) < 0)
+    if ((rc = apply_rec(r, c->disk_fds, c->disk_sizes, c->n)) < 0)
         return rc;
     c->n++;
     if (c->records_applied)
