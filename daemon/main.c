@@ -10,6 +10,7 @@
  * layer (api_init, primary_init, replica_init) with the calls a lower
  * layer makes upward (struct replica_hooks).  The log is core/log.c. */
 #include <getopt.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -274,6 +275,17 @@ main(int argc, char **argv)
     int status = parse_options(argc, argv, &state_dir, &hostname);
     if (status >= 0)
         return status;
+
+    /* Two malloc arenas, not glibc's eight per CPU: each shipper thread
+     * (one a VM) and each request thread would otherwise come to hold an
+     * arena of its own, with what its last cycle or transfer freed still
+     * in it.  Measured with the memory row (bench/run memory, 1 TiB
+     * sparse disks at 1 s): vmreplicad at 10 VMs 30 MiB by default, 21
+     * MiB with 4 arenas, 14 with 2, 13 with 1; at 50 VMs 55, 26, 20, 20.
+     * No allocation here is on a per-byte path, so two do not contend.
+     * MALLOC_ARENA_MAX in the environment still decides if set. */
+    if (!getenv("MALLOC_ARENA_MAX"))
+        mallopt(M_ARENA_MAX, 2);
 
     /* Every thread inherits this mask; main alone takes the signals. */
     signal(SIGPIPE, SIG_IGN);
