@@ -783,6 +783,7 @@ struct cyc_decoder {
     bool compressed;
     bool have_hdr, sealed, frame_done;
     int out_fd;
+    bool write_behind;    /* cyc_decoder_write_behind */
     uint64_t out_pending; /* io_write_behind's count for out_fd */
     int err; /* sticky */
     char errmsg[256];
@@ -883,7 +884,7 @@ d_raw(struct cyc_decoder *d, const uint8_t *buf, size_t len)
     d->raw_bytes += len;
     if (d->out_fd >= 0 && (rc = io_write_all(d->out_fd, buf, len)) < 0)
         return vr_err(rc, "cycle payload: stage: %s", strerror(-rc));
-    if (d->out_fd >= 0)
+    if (d->out_fd >= 0 && d->write_behind)
         io_write_behind(d->out_fd, &d->out_pending, len);
     while (len > 0) {
         if (d->sealed)
@@ -1016,6 +1017,12 @@ cyc_decoder_set_disk_sizes(struct cyc_decoder *d, const uint64_t *sizes,
 {
     d->disk_sizes = sizes;
     d->nsizes = n;
+}
+
+void
+cyc_decoder_write_behind(struct cyc_decoder *d)
+{
+    d->write_behind = true;
 }
 
 void

@@ -117,6 +117,11 @@ struct cyc_decoder_hooks {
 /* h is copied. */
 void cyc_decoder_set_hooks(struct cyc_decoder *d,
                            const struct cyc_decoder_hooks *h);
+/* Start the writeback of out_fd as the payload is staged (io_write_behind),
+ * for a caller that will fdatasync it: the sync then finds little left.
+ * Not for a file that is read back and deleted without a sync (base
+ * chunks): its pages need never reach the disk at all. */
+void cyc_decoder_write_behind(struct cyc_decoder *d);
 /* -EBADMSG / -EPROTO on corrupt input, -EFBIG over the cap, or a hook's
  * error; the message is in vr_errmsg().  After an error further feeds keep
  * failing. */

@@ -358,6 +358,10 @@ upload_begin(struct rreq *q, struct MHD_Connection *c)
                                                  .ud = q };
         cyc_decoder_set_disk_sizes(q->dec, q->disk_sizes, q->ndisks);
         cyc_decoder_set_hooks(q->dec, &hooks);
+        /* A cycle's staged file is synced before the answer; a base
+         * chunk's is applied, then deleted, never synced. */
+        if (q->kind != R1_BASE)
+            cyc_decoder_write_behind(q->dec);
     }
     return rc2;
 }
