@@ -15,9 +15,9 @@
 #include "config.h"
 
 #include <errno.h>
-#include <malloc.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <malloc.h>
 #include <nbdkit-plugin.h>
 #include <pthread.h>
 #include <stdio.h>
