@@ -64,10 +64,7 @@ state_is() {
 die_at() {
     stop_daemon primary
     spawn_daemon primary VMREPLICA_FAULT="$1"
-    wait_until 45 daemon_dead primary ||
-        fail "the primary did not hit fault point $1 within 45s"
-    [ "$DAEMON_STATUS" -eq 137 ] ||
-        fail "the primary exited with status $DAEMON_STATUS, not by SIGKILL at $1"
+    killed_at primary "$1" 45
 }
 
 # replica_errors — how many error events the Replica server has logged;
@@ -148,8 +145,9 @@ start_writer "$vm" 256k
 die_at cycle-built:4
 recorded=$(catalog_last_cycle "$UUID")
 # The Replica server sees the connection end; give it a moment to drop it.
-wait_until 10 eval '! ls "$TESTDIR"/replica-storage/$UUID/staging/*.tmp >/dev/null 2>&1' ||
-    fail "the Replica server kept a temporary file of the cut cycle: $(ls "$TESTDIR"/replica-storage/$UUID/staging)"
+no_staged_tmp() { ! compgen -G "$TESTDIR/replica-storage/$UUID/staging/*.tmp" >/dev/null; }
+wait_until 10 no_staged_tmp ||
+    fail "the Replica server kept a temporary file of the cut cycle: $(ls "$TESTDIR/replica-storage/$UUID/staging")"
 staged=$(repl replica "$vm" last_cycle)
 log "primary killed at cycle-built:4 with cycle $((recorded + 1)) on the wire; the replica staged $staged, the primary recorded $recorded"
 [ "$staged" = "$recorded" ] ||
@@ -190,10 +188,7 @@ stop_daemon primary
 start_primary VMREPLICA_FAULT=base-chunk-sent:2
 vr primary initial-replication start "$ir" >/dev/null ||
     fail "primary: initial-replication start $ir"
-wait_until 60 daemon_dead primary ||
-    fail "the primary did not hit fault point base-chunk-sent:2 within 60s"
-[ "$DAEMON_STATUS" -eq 137 ] ||
-    fail "the primary exited with status $DAEMON_STATUS, not by SIGKILL at base-chunk-sent:2"
+killed_at primary base-chunk-sent:2 60
 start_primary
 m=$(vrj primary replication measure "$ir")
 st=$(repl primary "$ir" state)

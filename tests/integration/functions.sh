@@ -278,6 +278,16 @@ daemon_dead() {
     return 0
 }
 
+# killed_at NAME FAULT SECONDS — wait up to SECONDS until daemon NAME has
+# died, and fail unless it died by SIGKILL (status 137, as a shell reports
+# it), as VMREPLICA_FAULT=FAULT makes it at its fault point.
+killed_at() {
+    wait_until "$3" daemon_dead "$1" ||
+        fail "$1 did not hit fault point $2 within $3 s"
+    [ "$DAEMON_STATUS" -eq 137 ] ||
+        fail "$1 exited with status $DAEMON_STATUS, not by SIGKILL at $2"
+}
+
 # crash_daemon NAME FAULT CMD… — restart daemon NAME (primary or replica)
 # with VMREPLICA_FAULT=FAULT, run `vmreplica CMD…` against it, which must
 # fail as the daemon dies by SIGKILL at the fault point, then start it
@@ -294,8 +304,7 @@ crash_daemon() {
     spawn_daemon "$name" ${env[@]+"${env[@]}"} VMREPLICA_FAULT="$fault"
     wait_daemon "$name" 20
     vr "$name" "$@" >/dev/null 2>&1 && fail "$* survived fault $fault"
-    wait_until 30 daemon_dead "$name" || fail "$name did not die at $fault"
-    [ "$DAEMON_STATUS" -eq 137 ] || fail "$name exited $DAEMON_STATUS at $fault"
+    killed_at "$name" "$fault" 30
     start_daemon "$name" ${env[@]+"${env[@]}"}
 }
 crash_replica() { crash_daemon replica "$@"; }
