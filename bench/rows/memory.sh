@@ -17,15 +17,27 @@ setup_pair >/dev/null
 # pss_kib PATTERN — the summed PSS (KiB) of the processes whose command line
 # holds PATTERN (read with a builtin: a tr and a grep per process took
 # over a second on a busy machine).
+# pss_kib PATTERN [FIELD] [NAME] — FIELD (default Pss) summed, of processes
+# whose command line holds PATTERN (and whose first word ends in NAME).
 pss_kib() {
     local total=0 p v args
     for p in /proc/[0-9]*; do
         mapfile -d '' -t args 2>/dev/null <"$p/cmdline" || continue
         [[ "${args[*]}" == *"$1"* ]] || continue
-        v=$(awk '/^Pss:/ { print $2 }' "$p/smaps_rollup" 2>/dev/null) || continue
+        [ -z "${3:-}" ] || [[ "${args[0]:-}" == *"$3" ]] || continue
+        v=$(awk -v f="${2:-Pss}:" '$1 == f { print $2 }' "$p/smaps_rollup" 2>/dev/null) || continue
         total=$((total + ${v:-0}))
     done
     echo "$total"
+}
+# nbdkits PATTERN — how many nbdkit processes hold PATTERN.
+nbdkits() {
+    local n=0 p args
+    for p in /proc/[0-9]*; do
+        mapfile -d '' -t args 2>/dev/null <"$p/cmdline" || continue
+        [[ "${args[0]:-}" == *nbdkit && "${args[*]}" == *"$1"* ]] && n=$((n + 1))
+    done
+    echo "$n"
 }
 
 have=0
@@ -44,3 +56,28 @@ for n in $COUNTS; do
     result "primary memory, $n VMs x $DISK sparse at 1 s (PSS MiB; vmreplicad alone)" \
         "$((d / 1024))" "$((dd / 1024)) (vmreplicad)" "-" "<= 64" "$(met_le $((d / 1024)) 64)"
 done
+
+# What one more VM costs, against the floor of a process per VM: the
+# private (anonymous) memory of each of our nbdkits, idle VMs replicating,
+# and of an idle `nbdkit file` serving a disk of the same size (its share
+# of the libraries both map goes to zero as VMs are added; the private
+# part does not).
+ours_n=$(nbdkits "$(state_dir primary)")
+ours_anon=$(pss_kib "$(state_dir primary)" Pss_Anon nbdkit)
+peers=()
+for i in $(seq "$ours_n"); do
+    truncate -s "$DISK" "$TESTDIR/peer$i.raw"
+    nbdkit --foreground --unix "$TESTDIR/peer$i.sock" file \
+        file="$TESTDIR/peer$i.raw" >/dev/null 2>&1 &
+    peers+=($!)
+    _bg_pids+=($!)
+done
+wait_until 30 test -S "$TESTDIR/peer$ours_n.sock" || fail "nbdkit file did not start"
+sleep 0.5
+peer_anon=$(pss_kib "$TESTDIR/peer" Pss_Anon nbdkit)
+kill "${peers[@]}" 2>/dev/null
+wait "${peers[@]}" 2>/dev/null
+result "private memory of one VM's nbdkit, $ours_n VMs (Pss_Anon KiB)" \
+    "$((ours_anon / ours_n))" "$((peer_anon / ours_n)) (idle nbdkit file)" \
+    "$(ratio $((ours_anon / ours_n)) $((peer_anon / ours_n)))" "report" "-"
+
