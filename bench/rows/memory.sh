@@ -59,7 +59,8 @@ done
 
 # What one more VM costs, against the floor of a process per VM: the
 # private (anonymous) memory of each of our nbdkits, idle VMs replicating,
-# and of an idle `nbdkit file` serving a disk of the same size (its share
+# and of an `nbdkit file` serving a disk of the same size, given the same
+# 1 MiB write, then idle (its share
 # of the libraries both map goes to zero as VMs are added; the private
 # part does not).
 ours_n=$(nbdkits "$(state_dir primary)")
@@ -72,12 +73,16 @@ for i in $(seq "$ours_n"); do
     peers+=($!)
     _bg_pids+=($!)
 done
-wait_until 30 test -S "$TESTDIR/peer$ours_n.sock" || fail "nbdkit file did not start"
+for i in $(seq "$ours_n"); do # the same first write as each VM's
+    wait_until 30 test -S "$TESTDIR/peer$i.sock" || fail "nbdkit file did not start"
+    qemu-io -f raw "nbd+unix:///?socket=$TESTDIR/peer$i.sock" \
+        -c 'write -P 7 0 1M' >/dev/null || fail "write to nbdkit file $i"
+done
 sleep 0.5
 peer_anon=$(pss_kib "$TESTDIR/peer" Pss_Anon nbdkit)
 kill "${peers[@]}" 2>/dev/null
 wait "${peers[@]}" 2>/dev/null
 result "private memory of one VM's nbdkit, $ours_n VMs (Pss_Anon KiB)" \
-    "$((ours_anon / ours_n))" "$((peer_anon / ours_n)) (idle nbdkit file)" \
+    "$((ours_anon / ours_n))" "$((peer_anon / ours_n)) (nbdkit file)" \
     "$(ratio $((ours_anon / ours_n)) $((peer_anon / ours_n)))" "report" "-"
 
