@@ -14,11 +14,10 @@ SETTLE=${BENCH_MEMORY_S:-$([ "$SMOKE" = 1 ] && echo 2 || echo 20)}
 bench_pki
 setup_pair >/dev/null
 
-# pss_kib PATTERN — the summed PSS (KiB) of the processes whose command line
-# holds PATTERN (read with a builtin: a tr and a grep per process took
-# over a second on a busy machine).
-# pss_kib PATTERN [FIELD] [NAME] — FIELD (default Pss) summed, of processes
-# whose command line holds PATTERN (and whose first word ends in NAME).
+# pss_kib PATTERN [FIELD] [NAME] — the summed FIELD of smaps_rollup (KiB;
+# default Pss) of the processes whose command line holds PATTERN and, with
+# NAME, whose first word ends in NAME (command lines read with a builtin:
+# a tr and a grep per process took over a second on a busy machine).
 pss_kib() {
     local total=0 p v args
     for p in /proc/[0-9]*; do
@@ -60,9 +59,8 @@ done
 # What one more VM costs, against the floor of a process per VM: the
 # private (anonymous) memory of each of our nbdkits, idle VMs replicating,
 # and of an `nbdkit file` serving a disk of the same size, given the same
-# 1 MiB write, then idle (its share
-# of the libraries both map goes to zero as VMs are added; the private
-# part does not).
+# first 1 MiB write, then idle.  (A process's share of the libraries both
+# map goes to zero as VMs are added; its private memory does not.)
 ours_n=$(nbdkits "$(state_dir primary)")
 ours_anon=$(pss_kib "$(state_dir primary)" Pss_Anon nbdkit)
 peers=()
