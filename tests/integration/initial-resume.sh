@@ -31,9 +31,10 @@ fill() {
         --connect-address 127.0.0.1 --auth certificate --frequency 1s >/dev/null ||
         fail "replication enable $1"
 }
-# killed_at FAULT CMD… — restart the primary with FAULT, run CMD, wait for
-# the SIGKILL at the fault, start the primary again normally.
-killed_at() {
+# dead_at FAULT CMD… — restart the primary with FAULT, run CMD, wait for
+# the SIGKILL at the fault; the caller looks at what it left, then starts
+# the primary again (start_primary), which resumes the work at once.
+dead_at() {
     local fault=$1
     shift
     stop_daemon primary
@@ -41,13 +42,13 @@ killed_at() {
     vr primary "$@" >/dev/null || fail "$*"
     wait_until 60 daemon_dead primary || fail "the primary did not hit $fault"
     [ "$DAEMON_STATUS" -eq 137 ] || fail "the primary exited $DAEMON_STATUS at $fault"
-    start_primary
 }
 
 log "(a) a network copy killed after 2 of 4 chunks resumes"
 vm=resume
 fill "$vm"
-killed_at base-chunk-sent:2 initial-replication start "$vm"
+dead_at base-chunk-sent:2 initial-replication start "$vm"
+start_primary
 m=$(vrj primary replication measure "$vm")
 log "  restarted: state $(jq -r .state <<<"$m"), sent $(($(jq -r .initial_replication_sent <<<"$m") / MiB)) MiB"
 [ "$(jq -r .initial_replication_sent <<<"$m")" -ge $((64 * MiB)) ] ||
@@ -67,8 +68,11 @@ log "(b) an export killed half-way is written again"
 vm=resumex
 fill "$vm"
 ex=$TESTDIR/export
-killed_at export-batch:2 initial-replication start "$vm" --export "$ex"
+dead_at export-batch:2 initial-replication start "$vm" --export "$ex"
+# Before the restart: the restarted primary writes the export again at
+# once, manifest last.
 [ ! -e "$ex/manifest.json" ] || fail "a killed export left a manifest"
+start_primary
 base=$(repl primary "$vm" base_cycle)
 [ "$(repl primary "$vm" state)" = InitialReplicationInProgress ] ||
     fail "state after the kill: $(repl primary "$vm" state)"
