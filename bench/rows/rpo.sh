@@ -33,14 +33,13 @@ sleep 1 # the writer's first cycle
 # 100 ms (curl's handshake a sample, at 200 ms, gave about two samples a
 # second and took CPU from the side measured).
 /usr/bin/python3 - "$WS" "$PKI" "$uuid" $(( (RUN - 1) * 1000 )) >"$TESTDIR/lag" <<'PY' ||
-import http.client, ssl, sys, time
+import http.client, socket, ssl, sys, time
 port, pki, uuid, run_ms = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 ctx = ssl.create_default_context(cafile=pki + "/ca.pem")
 ctx.load_cert_chain(pki + "/replica.pem", pki + "/replica.key")
 key = 'vmreplica_lag_seconds{vm="%s",mode="primary"}' % uuid
 class Conn(http.client.HTTPSConnection):
     def connect(self): # the certificate names primary.test.local
-        import socket
         self.sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", int(port)), 5),
                                     server_hostname="primary.test.local")
 c = None

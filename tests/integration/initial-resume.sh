@@ -40,8 +40,7 @@ dead_at() {
     stop_daemon primary
     start_primary VMREPLICA_FAULT="$fault"
     vr primary "$@" >/dev/null || fail "$*"
-    wait_until 60 daemon_dead primary || fail "the primary did not hit $fault"
-    [ "$DAEMON_STATUS" -eq 137 ] || fail "the primary exited $DAEMON_STATUS at $fault"
+    killed_at primary "$fault" 60
 }
 
 log "(a) a network copy killed after 2 of 4 chunks resumes"
