@@ -145,6 +145,13 @@ void cyc_decoder_free(struct cyc_decoder *d);
 int cyc_apply_file(int payload_fd, const int *disk_fds,
                    const uint64_t *disk_sizes, unsigned ndisks,
                    uint64_t *records_applied) VR_WUR;
+/* The same without the fdatasync: the disks' writeback is only started
+ * (sync_file_range), and the caller syncs them before it tells anyone the
+ * payload is durable (a base chunk: docs/design.md "Initial
+ * replication"). */
+int cyc_apply_file_unsynced(int payload_fd, const int *disk_fds,
+                            const uint64_t *disk_sizes, unsigned ndisks,
+                            uint64_t *records_applied) VR_WUR;
 
 /* --- reader of a staged payload ---------------------------------------- */
 

@@ -253,6 +253,18 @@ struct repl {
     int failover_step;  /* enum fo_step */
     uint64_t last_contact_ms; /* runtime, wall clock: the primary's last
                                  authenticated request for this VM */
+    /* replica, runtime only: base chunk base_unsynced (when
+     * base_unsynced_set) was applied by this process and its disks are
+     * not yet synced; the next base chunk or initial-complete syncs them
+     * and says so (docs/design.md "Initial replication"). */
+    uint64_t base_unsynced;
+    bool base_unsynced_set;
+    /* replica, runtime only: this copy's primary takes unsynced answers
+     * (it said so when the copy started; a restart forgets it, and the
+     * copy goes on with each chunk synced before its answer). */
+    bool base_defer_sync;
+    /* primary, runtime only: initial-complete is being sent. */
+    bool initial_committing;
     /* Planned failover: primary — the last cycle it shipped when it was
      * prepared (state PreparedForFailover); replica — the cycle the
      * primary declared its disks to be at, kept after the planned

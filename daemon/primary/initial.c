@@ -232,26 +232,72 @@ copier_ahead(struct copier *cp, const struct base_chunk *c)
     cp->ahead = pthread_create(&cp->thread, NULL, build_thread, n) == 0;
 }
 
+/* What the Replica server's answer to a base chunk says is durable
+ * (replica.c, upload_finish): the chunk itself unless "unsynced"; the
+ * chunk it applied before it if "synced_chunk" names it.  A server that
+ * says neither synced the chunk before answering. */
+struct chunk_ack {
+    bool unsynced;
+    bool has_synced;
+    uint64_t synced;
+};
+
+static void
+chunk_ack_parse(json_object *resp, struct chunk_ack *a)
+{
+    json_object *v;
+    *a = (struct chunk_ack){ 0 };
+    if (resp && json_object_object_get_ex(resp, "unsynced", &v))
+        a->unsynced = json_object_get_boolean(v);
+    if (resp && json_object_object_get_ex(resp, "synced_chunk", &v) &&
+        json_object_is_type(v, json_type_int) && json_object_get_int64(v) > 0) {
+        a->has_synced = true;
+        a->synced = (uint64_t)json_object_get_int64(v);
+    }
+}
+
+/* PUT base chunk seq from fd (wire bytes) and read what its answer says. */
+static int
+put_base_chunk(struct job *jb, uint64_t seq, int fd, uint64_t wire,
+               struct chunk_ack *ack)
+{
+    test_send_delay();
+    CLEANUP_FREE char *path = xasprintf(
+        "/r1/vms/%s/base/%llu", jb->uuid, (unsigned long long)seq);
+    json_object *resp = NULL;
+    int rc = peer_call(&jb->peer, "PUT", path, NULL, fd, wire,
+                       jb->compression, &resp);
+    if (rc == 0)
+        chunk_ack_parse(resp, ack);
+    json_object_put(resp);
+    return rc;
+}
+
 /* Send the next chunk of the full copy: disk d from *offset.  Advances
  * *offset; *done when the disk is finished. */
 static int
 send_base_chunk(struct copier *cp, struct job *jb, unsigned d, uint64_t seq,
                 uint64_t *offset, bool *done, uint64_t *data_bytes,
-                uint64_t *wire_bytes, uint64_t *raw_bytes)
+                uint64_t *wire_bytes, uint64_t *raw_bytes,
+                struct chunk_ack *ack)
 {
     struct base_chunk *c;
+    uint64_t t0 = vr_mono_ms();
     int rc = copier_get(cp, d, *offset, &c);
     if (rc < 0)
         return rc;
     copier_ahead(cp, c);
     if (c->data > 0) {
-        test_send_delay();
-        CLEANUP_FREE char *path = xasprintf(
-            "/r1/vms/%s/base/%llu", jb->uuid, (unsigned long long)seq);
-        rc = peer_call(&jb->peer, "PUT", path, NULL, c->fd, c->wire,
-                       jb->compression, NULL);
+        uint64_t t1 = vr_mono_ms();
+        rc = put_base_chunk(jb, seq, c->fd, c->wire, ack);
         if (rc < 0)
             return rc;
+        log_debug("initial", "%s: base chunk %llu (%llu bytes, %llu on the "
+                  "wire): waited %llu ms for its build, sent in %llu ms",
+                  jb->name, (unsigned long long)seq,
+                  (unsigned long long)c->raw, (unsigned long long)c->wire,
+                  (unsigned long long)(t1 - t0),
+                  (unsigned long long)(vr_mono_ms() - t1));
     }
     *offset = c->next;
     *done = c->done;
@@ -346,7 +392,7 @@ static int
 send_compare_chunk(struct job *jb, unsigned d, uint64_t base, uint64_t seq,
                    uint64_t *offset, bool *done, uint64_t *compared,
                    uint64_t *data_bytes, uint64_t *wire_bytes,
-                   uint64_t *raw_bytes)
+                   uint64_t *raw_bytes, struct chunk_ack *ack)
 {
     uint64_t size = jb->disks[d].size, off = *offset;
     *done = false;
@@ -411,13 +457,8 @@ send_compare_chunk(struct job *jb, unsigned d, uint64_t base, uint64_t seq,
     if (rc == 0 && built)
         rc = cyc_builder_finish(b, &raw, &wire);
     cyc_builder_free(b);
-    if (rc == 0 && built) {
-        test_send_delay();
-        CLEANUP_FREE char *path = xasprintf(
-            "/r1/vms/%s/base/%llu", jb->uuid, (unsigned long long)seq);
-        rc = peer_call(&jb->peer, "PUT", path, NULL, fd, wire,
-                       jb->compression, NULL);
-    }
+    if (rc == 0 && built)
+        rc = put_base_chunk(jb, seq, fd, wire, ack);
     if (fd >= 0) {
         close(fd);
         unlink(tmp);
@@ -510,9 +551,11 @@ initial_begin(struct vm *vm, struct job *jb)
      * comparison, resets it for a full copy, or expects an import. */
     CLEANUP_FREE char *ipath = xasprintf("/r1/vms/%s/initial", jb->uuid);
     int rc = peer_call(&jb->peer, "POST", ipath,
-                       compare  ? "{\"method\": \"compare\"}"
+                       compare  ? "{\"method\": \"compare\", "
+                                  "\"defer_sync\": true}"
                        : export ? "{\"method\": \"import\"}"
-                                : "{\"method\": \"full\"}",
+                                : "{\"method\": \"full\", "
+                                  "\"defer_sync\": true}",
                        -1, 0, false, NULL);
     if (rc < 0)
         return rc;
@@ -680,7 +723,8 @@ initial_stop(struct vm *vm)
                       repl_st_name(r->st));
     /* A copy already past its last piece only has initial-complete left:
      * the Replica server may have taken it already. */
-    if (r->initial_seq && r->initial_disk >= vm->ndisks &&
+    if (r->initial_seq &&
+        (r->initial_disk >= vm->ndisks || r->initial_committing) &&
         r->initial_method != INITIAL_EXPORT)
         return vr_err(-EBUSY, "vm %s: the initial copy is complete and "
                       "being committed; it cannot be stopped", vm->name);
@@ -705,46 +749,111 @@ initial_stop(struct vm *vm)
 }
 
 /* Send the chunks of the copy or comparison from the catalog's position
- * to the end of the last disk, recording the position after each. */
-static int
-send_chunks(struct repl *r, struct job *jb, struct copier *cp)
+ * to the end of the last disk.  The catalog's position (initial_disk,
+ * initial_offset, initial_seq) is where a restart goes on: every chunk
+ * before it is durable on the Replica server.  A chunk answered
+ * "unsynced" is pending: the position stays at its start until the next
+ * answer names it synced (then its bytes count), and an answer that does
+ * not (the Replica server restarted meanwhile) has it sent again.  Bytes
+ * on the wire count as they are sent.  At the end, *last: the chunk still
+ * pending (0: none), for initial-complete to confirm, and held[0..1] its
+ * data and compared bytes, to count once it has. */
+struct chunk_pos {
+    unsigned d;
+    uint64_t off, seq;
+};
+
+static void
+set_position(struct repl *r, const struct chunk_pos *p)
 {
+    r->initial_disk = p->d;
+    r->initial_offset = p->off;
+    r->initial_seq = p->seq;
+}
+
+static int
+send_chunks(struct repl *r, struct job *jb, struct copier *cp, uint64_t *last,
+            uint64_t held[2])
+{
+    struct chunk_pos cur, pend_at = { 0 };
+    bool pending = false;
+    uint64_t pend_data = 0, pend_compared = 0;
+
+    pthread_mutex_lock(&pctx.d->lock);
+    cur = (struct chunk_pos){ r->initial_disk, r->initial_offset,
+                              r->initial_seq };
+    pthread_mutex_unlock(&pctx.d->lock);
     for (;;) {
         pthread_mutex_lock(&pctx.d->lock);
         bool stop = r->stop || r->st != REPL_ST_INITIAL;
         bool compare = r->initial_method == INITIAL_COMPARE;
-        unsigned d = r->initial_disk;
-        uint64_t off = r->initial_offset, seq = r->initial_seq,
-                 base = r->base_cycle;
+        uint64_t base = r->base_cycle;
         pthread_mutex_unlock(&pctx.d->lock);
         if (stop)
             return -ECANCELED;
-        if (d >= jb->ndisks)
+        if (cur.d >= jb->ndisks) {
+            *last = pending ? pend_at.seq : 0;
+            held[0] = pending ? pend_data : 0;
+            held[1] = pending ? pend_compared : 0;
             return 0;
+        }
         bool done = false;
-        uint64_t data = 0, wire = 0, raw = 0, compared = 0;
-        int rc = compare ? send_compare_chunk(jb, d, base, seq, &off, &done,
-                                              &compared, &data, &wire, &raw)
-                         : send_base_chunk(cp, jb, d, seq, &off, &done,
-                                           &data, &wire, &raw);
+        uint64_t off = cur.off, data = 0, wire = 0, raw = 0, compared = 0;
+        struct chunk_ack ack = { 0 };
+        int rc = compare ? send_compare_chunk(jb, cur.d, base, cur.seq, &off,
+                                              &done, &compared, &data, &wire,
+                                              &raw, &ack)
+                         : send_base_chunk(cp, jb, cur.d, cur.seq, &off, &done,
+                                           &data, &wire, &raw, &ack);
         if (rc < 0)
             return rc;
+        struct chunk_pos at = cur;
+        if (wire > 0)
+            cur.seq++;
+        if (done) {
+            cur.d++;
+            cur.off = 0;
+        } else {
+            cur.off = off;
+        }
         pthread_mutex_lock(&pctx.d->lock);
         if (r->st != REPL_ST_INITIAL) { /* stopped meanwhile: forgotten */
             pthread_mutex_unlock(&pctx.d->lock);
             return -ECANCELED;
         }
-        if (wire > 0)
-            r->initial_seq++;
-        r->initial_sent += data;
-        r->initial_compared += compared;
         r->bytes_wire += wire;
         r->bytes_raw += raw;
-        if (done) {
-            r->initial_disk++;
-            r->initial_offset = 0;
+        bool rewind = false;
+        if (wire > 0 && pending) {
+            if (ack.has_synced && ack.synced == pend_at.seq) {
+                r->initial_sent += pend_data;
+                r->initial_compared += pend_compared;
+                pending = false;
+            } else {
+                rewind = true;
+            }
+        }
+        if (rewind) {
+            log_info("initial", "%s: the Replica server has no word of base "
+                     "chunk %llu being durable (did it restart?): sending it "
+                     "again", jb->name, (unsigned long long)pend_at.seq);
+            cur = pend_at; /* the position is there already */
+            pending = false;
+        } else if (wire > 0 && ack.unsynced) {
+            pending = true;
+            pend_at = at;
+            pend_data = data;
+            pend_compared = compared;
+            set_position(r, &at);
+        } else if (pending) {
+            /* Nothing sent (no data, no difference) behind the pending
+             * chunk: it goes with it. */
+            pend_data += data;
+            pend_compared += compared;
         } else {
-            r->initial_offset = off;
+            r->initial_sent += data;
+            r->initial_compared += compared;
+            set_position(r, &cur);
         }
         rc = catalog_save_repl(pctx.d->cat, r);
         pthread_mutex_unlock(&pctx.d->lock);
@@ -779,30 +888,52 @@ run_initial(struct vm *vm, struct job *jb)
     pthread_mutex_lock(&pctx.d->lock);
     uint64_t base = r->base_cycle;
     pthread_mutex_unlock(&pctx.d->lock);
-    struct copier cp;
-    int rc = copier_init(&cp, jb, base);
-    if (rc == 0)
-        rc = send_chunks(r, jb, &cp);
-    copier_fini(&cp);
-    if (rc < 0)
-        return rc;
+    uint64_t first = 0, held[2] = { 0, 0 };
+    int rc;
+    /* initial-complete confirms the last chunk if it was answered unsynced;
+     * a Replica server that restarted since refuses (-EAGAIN), and the
+     * chunk goes again from the position, which is still at it. */
+    for (unsigned attempt = 0;; attempt++) {
+        uint64_t last = 0;
+        struct copier cp;
+        rc = copier_init(&cp, jb, base);
+        if (rc == 0)
+            rc = send_chunks(r, jb, &cp, &last, held);
+        copier_fini(&cp);
+        if (rc < 0)
+            return rc;
 
+        pthread_mutex_lock(&pctx.d->lock);
+        first = r->first_point;
+        r->initial_committing = true;
+        pthread_mutex_unlock(&pctx.d->lock);
+        /* An export took F after its last read; a copy takes it now. */
+        rc = export && first > base ? 0
+                                    : first_consistent_cycle(jb, base, &first);
+        if (rc == 0) {
+            CLEANUP_FREE char *body = xasprintf(
+                "{\"base_cycle\": %llu, \"first_point\": %llu, "
+                "\"last_chunk\": %llu}",
+                (unsigned long long)base, (unsigned long long)first,
+                (unsigned long long)last);
+            CLEANUP_FREE char *path =
+                xasprintf("/r1/vms/%s/initial-complete", jb->uuid);
+            rc = peer_call(&jb->peer, "POST", path, body, -1, 0, false, NULL);
+        }
+        pthread_mutex_lock(&pctx.d->lock);
+        r->initial_committing = false;
+        pthread_mutex_unlock(&pctx.d->lock);
+        if (rc == -EAGAIN && last && attempt < 2) {
+            log_info("initial", "%s: %s", vm->name, vr_errmsg());
+            continue;
+        }
+        if (rc < 0)
+            return rc;
+        break;
+    }
     pthread_mutex_lock(&pctx.d->lock);
-    uint64_t first = r->first_point;
-    pthread_mutex_unlock(&pctx.d->lock);
-    /* An export took F after its last read; a copy takes it now. */
-    rc = export && first > base ? 0 : first_consistent_cycle(jb, base, &first);
-    if (rc < 0)
-        return rc;
-    CLEANUP_FREE char *body = xasprintf(
-        "{\"base_cycle\": %llu, \"first_point\": %llu}",
-        (unsigned long long)base, (unsigned long long)first);
-    CLEANUP_FREE char *path =
-        xasprintf("/r1/vms/%s/initial-complete", jb->uuid);
-    rc = peer_call(&jb->peer, "POST", path, body, -1, 0, false, NULL);
-    if (rc < 0)
-        return rc;
-    pthread_mutex_lock(&pctx.d->lock);
+    r->initial_sent += held[0];
+    r->initial_compared += held[1];
     r->initial_done = true;
     r->first_point = first;
     r->last_cycle = base;

@@ -28,7 +28,7 @@ open_disks(const struct vm *vm, int *fds)
 /* Apply the payload in pfd to the VM's disks.  Runs without d->lock; vm's
  * disk table is immutable while it is a Replica VM. */
 int
-apply_payload_fd(const struct vm *vm, int pfd, uint64_t *nrec)
+apply_payload_fd(const struct vm *vm, int pfd, uint64_t *nrec, bool unsynced)
 {
     int fds[MAX_DISKS];
     uint64_t sizes[MAX_DISKS];
@@ -36,10 +36,28 @@ apply_payload_fd(const struct vm *vm, int pfd, uint64_t *nrec)
         sizes[i] = vm->disks[i].size;
     int rc = open_disks(vm, fds);
     if (rc == 0) {
-        rc = cyc_apply_file(pfd, fds, sizes, vm->ndisks, nrec);
+        rc = unsynced
+                 ? cyc_apply_file_unsynced(pfd, fds, sizes, vm->ndisks, nrec)
+                 : cyc_apply_file(pfd, fds, sizes, vm->ndisks, nrec);
         for (unsigned i = 0; i < vm->ndisks; i++)
             close(fds[i]);
     }
+    return rc;
+}
+
+int
+sync_disks(const struct vm *vm)
+{
+    int fds[MAX_DISKS];
+    int rc = open_disks(vm, fds);
+    if (rc < 0)
+        return rc;
+    for (unsigned i = 0; rc == 0 && i < vm->ndisks; i++)
+        if (fdatasync(fds[i]) < 0)
+            rc = vr_err(-errno, "sync %s: %s", vm->disks[i].path,
+                        strerror(errno));
+    for (unsigned i = 0; i < vm->ndisks; i++)
+        close(fds[i]);
     return rc;
 }
 
@@ -50,7 +68,7 @@ apply_payload(const struct vm *vm, const char *path, uint64_t *nrec)
     int pfd = storage_open(vm->dir, path, O_RDONLY, 0);
     if (pfd < 0)
         return pfd;
-    int rc = apply_payload_fd(vm, pfd, nrec);
+    int rc = apply_payload_fd(vm, pfd, nrec, false);
     close(pfd);
     return rc;
 }

@@ -64,6 +64,12 @@ do_initial_begin(struct rreq *q, json_object **out)
         method = json_object_get_string(v);
     bool compare = method && strcmp(method, "compare") == 0;
     bool import = method && strcmp(method, "import") == 0;
+    /* The primary takes "unsynced" answers to base chunks (replica.c,
+     * upload_finish); one that does not say so gets each chunk synced
+     * before its answer. */
+    bool defer = b && json_object_object_get_ex(b, "defer_sync", &v) &&
+                 json_object_is_type(v, json_type_boolean) &&
+                 json_object_get_boolean(v);
     int rc = 0;
     if (!method || (!compare && !import && strcmp(method, "full") != 0))
         rc = vr_err(-EINVAL, "initial: method must be \"full\", "
@@ -80,6 +86,8 @@ do_initial_begin(struct rreq *q, json_object **out)
                                      : INITIAL_FULL;
     /* A fresh start forgets an earlier import; an import resets nothing
      * (it writes every disk whole). */
+    if (rc == 0)
+        vm->repl->base_defer_sync = defer;
     if (rc == 0 && (vm->repl->initial_method != m || vm->repl->imported_base)) {
         vm->repl->initial_method = m;
         vm->repl->imported_base = 0;

@@ -199,8 +199,12 @@ char *staging_dir(const struct repl *r);
 char *cycle_path(const struct repl *r, uint64_t n);
 /* Remove every staged file of r. */
 int clear_staging(const struct repl *r);
-/* Apply the payload open on pfd to vm's disks; *nrec: records applied. */
-int apply_payload_fd(const struct vm *vm, int pfd, uint64_t *nrec);
+/* Apply the payload open on pfd to vm's disks; *nrec: records applied.
+ * unsynced: leave the disks' sync to the caller (sync_disks). */
+int apply_payload_fd(const struct vm *vm, int pfd, uint64_t *nrec,
+                     bool unsynced);
+/* fdatasync every disk of vm. */
+int sync_disks(const struct vm *vm);
 
 /* --- the layer's context -------------------------------------------------- */
 /* The daemon's state this layer works on and main.c's hooks

@@ -539,7 +539,16 @@ do_initial_done(struct rreq *q, json_object **out)
     if (b && json_object_object_get_ex(b, "first_point", &v))
         first = json_object_is_type(v, json_type_int)
                     ? json_object_get_int64(v) : -1;
+    /* The base chunk the primary sent last and has no word of being
+     * durable (upload_finish); absent or 0: none. */
+    int64_t last = 0;
+    if (b && json_object_object_get_ex(b, "last_chunk", &v))
+        last = json_object_is_type(v, json_type_int)
+                   ? json_object_get_int64(v) : -1;
     json_object_put(b);
+    if (last < 0)
+        return vr_err(-EINVAL, "initial-complete: last_chunk is not a chunk "
+                               "number");
     if (base < 0 || base >= INT64_MAX / 2)
         return vr_err(-EINVAL, "initial-complete: base_cycle missing or out "
                                "of range");
@@ -562,6 +571,21 @@ do_initial_done(struct rreq *q, json_object **out)
         rc = vr_err(-EPROTO, "initial-complete: vm %s is not in initial "
                              "replication",
                     vm->name);
+    if (rc == 0 && !again) {
+        /* The last base chunk's disks are synced now (under the lock, once
+         * a copy: no request may change them meanwhile), and it must be
+         * the one the primary sent last. */
+        struct repl *r = vm->repl;
+        bool set = r->base_unsynced_set;
+        r->base_unsynced_set = false;
+        if (set)
+            rc = sync_disks(vm);
+        if (rc == 0 && last > 0 && !(set && r->base_unsynced == (uint64_t)last))
+            rc = vr_err(-EAGAIN, "initial-complete: vm %s: base chunk %lld "
+                        "was not applied since this server started (or its "
+                        "sync failed): it must be sent again", vm->name,
+                        (long long)last);
+    }
     if (rc == 0 && again) {
         /* The primary did not hear our answer and asks again. */
         *out = replica_status_json(vm);

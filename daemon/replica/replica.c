@@ -389,10 +389,11 @@ upload_finish(struct rreq *q, json_object **out)
     uint64_t t_recv = vr_mono_ms();
     if (!base && fdatasync(q->fd) < 0)
         return vr_err(-errno, "sync %s: %s", q->tmp_path, strerror(errno));
-    log_debug("replica", "%s %llu: received in %llu ms, synced in %llu ms",
-              base ? "base chunk" : "cycle", (unsigned long long)q->n,
-              (unsigned long long)(t_recv - q->t0_ms),
-              (unsigned long long)(vr_mono_ms() - t_recv));
+    if (!base)
+        log_debug("replica", "cycle %llu: received in %llu ms, synced in "
+                  "%llu ms", (unsigned long long)q->n,
+                  (unsigned long long)(t_recv - q->t0_ms),
+                  (unsigned long long)(vr_mono_ms() - t_recv));
 
     pthread_mutex_lock(&rctx.d->lock);
     struct vm *vm = NULL;
@@ -406,18 +407,51 @@ upload_finish(struct rreq *q, json_object **out)
     if (rc < 0)
         return rc;
 
+    bool prev_set = false, defer = false;
+    uint64_t prev = 0;
     if (base) {
         /* Initial replication chunks go straight to the disks: the Replica
          * VM is not a recovery point until initial replication completes.
          * The decoder goes first: applying reads the payload through a
          * buffer of its own, no larger than the decoder's was, and the
-         * request's memory charge stays until it ends. */
+         * request's memory charge stays until it ends.
+         *
+         * If the primary said it takes unsynced answers (defer_sync at
+         * POST initial), the disks are synced when the next chunk (or
+         * initial-complete) comes, not before this answer: that sync then finds most of the
+         * writeback started here done while the primary sent the next
+         * chunk.  The answer says what is durable: "unsynced", not this
+         * chunk yet; "synced_chunk", the chunk this process applied just
+         * before it, now synced.  A restart of this process, or a power
+         * loss that takes an unsynced chunk with it, breaks that chain:
+         * the next answer names no chunk, and the primary sends the one it
+         * has no word of again (docs/design.md "Initial replication"). */
         cyc_decoder_free(q->dec);
         q->dec = NULL;
-        uint64_t applied;
-        rc = apply_payload_fd(vm, q->fd, &applied);
+        pthread_mutex_lock(&rctx.d->lock);
+        defer = vm->repl->base_defer_sync;
+        prev_set = vm->repl->base_unsynced_set;
+        prev = vm->repl->base_unsynced;
+        vm->repl->base_unsynced_set = false;
+        pthread_mutex_unlock(&rctx.d->lock);
+        uint64_t t_sync = vr_mono_ms();
+        if (prev_set && (rc = sync_disks(vm)) < 0)
+            return rc;
+        vr_fault_point("base-chunk-synced");
+        uint64_t applied, t_apply = vr_mono_ms();
+        rc = apply_payload_fd(vm, q->fd, &applied, defer);
         if (rc < 0)
             return rc;
+        log_debug("replica", "base chunk %llu: received in %llu ms, the one "
+                  "before synced in %llu ms, applied in %llu ms",
+                  (unsigned long long)q->n,
+                  (unsigned long long)(t_recv - q->t0_ms),
+                  (unsigned long long)(t_apply - t_sync),
+                  (unsigned long long)(vr_mono_ms() - t_apply));
+        pthread_mutex_lock(&rctx.d->lock);
+        vm->repl->base_unsynced = q->n;
+        vm->repl->base_unsynced_set = defer;
+        pthread_mutex_unlock(&rctx.d->lock);
     } else {
         pthread_mutex_lock(&rctx.d->lock);
         CLEANUP_FREE char *final = cycle_path(vm->repl, q->n);
@@ -456,6 +490,14 @@ upload_finish(struct rreq *q, json_object **out)
                            json_object_new_int64((int64_t)nrec));
     json_object_object_add(*out, "raw_bytes",
                            json_object_new_int64((int64_t)raw));
+    if (base) {
+        if (defer)
+            json_object_object_add(*out, "unsynced",
+                                   json_object_new_boolean(1));
+        if (prev_set)
+            json_object_object_add(*out, "synced_chunk",
+                                   json_object_new_int64((int64_t)prev));
+    }
     return 0;
 }
 

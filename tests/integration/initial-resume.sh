@@ -4,10 +4,25 @@
 #
 #   (a) Network copy: a 256 MiB disk holding 128 MiB of random data (4 base
 #       chunks of 32 MiB); the primary is SIGKILLed right after the 2nd
-#       chunk is acknowledged and recorded (VMREPLICA_FAULT=base-chunk-sent:2).
-#       Restarted, it resumes by itself from the 3rd chunk: the replica ends
-#       byte-identical and the bytes sent in all (bytes_sent_wire, kept in
-#       the catalog across the kill) are under 1.3x the data.
+#       chunk is answered and recorded (VMREPLICA_FAULT=base-chunk-sent:2).
+#       The Replica server syncs a chunk's disks only when the next one
+#       comes, so what the primary recorded as durable is the 1st chunk
+#       (32 MiB counted).  Restarted, it resumes by itself from the 2nd
+#       chunk: the replica ends byte-identical and the bytes sent in all
+#       (bytes_sent_wire, kept in the catalog across the kill) are under
+#       1.3x the data.
+#   (c) The Replica server is SIGKILLed while the primary holds the 2nd
+#       chunk answered but not yet synced (the primary paused after it:
+#       VMREPLICA_FAULT=base-chunk-sent:2:pause=...), and the replica disk's
+#       range of that chunk is zeroed while it is down: what a power loss
+#       can do to writes not yet synced.  The restarted Replica server's
+#       answer to the 3rd chunk names no synced chunk, so the primary sends
+#       the 2nd again ("no word of base chunk 2"): the replica ends
+#       byte-identical.  A primary that took the 2nd chunk as durable would
+#       leave those 32 MiB zero.
+#   (d) The same after the last (4th) chunk: initial-complete, which names
+#       it, is refused by the restarted Replica server, and the primary
+#       sends the 4th chunk again before it completes.
 #   (b) Export: the primary is SIGKILLed in the middle of writing an export
 #       (VMREPLICA_FAULT=export-batch:2, after 64 MiB).  Restarted, it
 #       writes the export again with the same base cycle; the export
@@ -50,9 +65,9 @@ dead_at base-chunk-sent:2 initial-replication start "$vm"
 start_primary
 m=$(vrj primary replication measure "$vm")
 log "  restarted: state $(jq -r .state <<<"$m"), sent $(($(jq -r .initial_replication_sent <<<"$m") / MiB)) MiB"
-[ "$(jq -r .initial_replication_sent <<<"$m")" -ge $((64 * MiB)) ] ||
+[ "$(jq -r .initial_replication_sent <<<"$m")" -ge $((32 * MiB)) ] ||
     [ "$(jq -r .state <<<"$m")" = Replicating ] ||
-    fail "the 2 chunks recorded before the kill are not counted"
+    fail "the chunk recorded durable before the kill is not counted"
 wait_until 60 eval '[ "$(repl primary "$vm" state)" = Replicating ]' ||
     fail "the copy did not resume by itself (state $(repl primary "$vm" state))"
 wait_converged "$vm" 60
@@ -62,6 +77,47 @@ limit=$((128 * MiB * 13 / 10))
 log "  $wire bytes on the wire for 128 MiB of data (limit $limit)"
 [ "$wire" -lt "$limit" ] ||
     fail "the resumed copy sent $wire bytes for 128 MiB of data (1.3x: $limit)"
+
+# lose_unsynced VM N — the primary pauses after answering base chunk N
+# (unsynced on the Replica server); meanwhile the Replica server is
+# SIGKILLed, chunk N's range of its disk zeroed (as a power loss may leave
+# writes never synced), and the Replica server started again.
+lose_unsynced() {
+    local vm=$1 n=$2 rdisk hits
+    hits=$(grep -c "fault point base-chunk-sent hit, pausing" "$TESTDIR/primary.log" || true)
+    stop_daemon primary
+    start_primary VMREPLICA_FAULT=base-chunk-sent:$n:pause=8000
+    vr primary initial-replication start "$vm" >/dev/null || fail "initial-replication start"
+    wait_until 60 eval '[ "$(grep -c "fault point base-chunk-sent hit, pausing" "$TESTDIR/primary.log")" -gt "$hits" ]' ||
+        fail "the primary did not pause after chunk $n"
+    rdisk=$(disk_path replica "$vm" 0)
+    kill_daemon replica
+    dd if=/dev/zero of="$rdisk" bs=1M seek=$(((n - 1) * 32)) count=32 \
+        conv=notrunc status=none || fail "zero chunk $n's range on the replica"
+    start_replica
+    wait_until 90 eval '[ "$(repl primary "$vm" state)" = Replicating ]' ||
+        fail "the copy did not end (state $(repl primary "$vm" state))"
+}
+
+log "(c) a Replica server restarted before a chunk's sync: the chunk goes again"
+vm=resumec
+fill "$vm"
+lose_unsynced "$vm" 2
+grep -q "$vm: the Replica server has no word of base chunk 2 being durable" \
+    "$TESTDIR/primary.log" || fail "the primary did not send the 2nd chunk again"
+wait_converged "$vm" 60
+assert_identical "$vm"
+[ "$(vrj primary replication measure "$vm" | jq -r .initial_replication_sent)" = $((128 * MiB)) ] ||
+    fail "initial_replication_sent $(vrj primary replication measure "$vm" | jq -r .initial_replication_sent), not the 128 MiB copied"
+
+log "(d) the same before initial-complete: the last chunk goes again"
+vm=resumed
+fill "$vm"
+lose_unsynced "$vm" 4
+grep -q "$vm: .*initial-complete: vm $vm: base chunk 4 was not applied since this server started" \
+    "$TESTDIR/primary.log" || fail "initial-complete did not refuse the unconfirmed last chunk"
+wait_converged "$vm" 60
+assert_identical "$vm"
 
 log "(b) an export killed half-way is written again"
 vm=resumex
