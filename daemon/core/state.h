@@ -256,7 +256,7 @@ struct repl {
     /* replica, runtime only: base chunk base_unsynced (when
      * base_unsynced_set) was applied by this process and its disks are
      * not yet synced; the next base chunk or initial-complete syncs them
-     * and says so (docs/design.md "Initial replication"). */
+     * and says so (docs/design.md, "When a base chunk is durable"). */
     uint64_t base_unsynced;
     bool base_unsynced_set;
     /* replica, runtime only: this copy's primary takes unsynced answers

@@ -418,14 +418,15 @@ upload_finish(struct rreq *q, json_object **out)
          *
          * If the primary said it takes unsynced answers (defer_sync at
          * POST initial), the disks are synced when the next chunk (or
-         * initial-complete) comes, not before this answer: that sync then finds most of the
-         * writeback started here done while the primary sent the next
-         * chunk.  The answer says what is durable: "unsynced", not this
-         * chunk yet; "synced_chunk", the chunk this process applied just
-         * before it, now synced.  A restart of this process, or a power
-         * loss that takes an unsynced chunk with it, breaks that chain:
-         * the next answer names no chunk, and the primary sends the one it
-         * has no word of again (docs/design.md "Initial replication"). */
+         * initial-complete) comes, not before this answer: that sync then
+         * finds most of the writeback started here done while the primary
+         * sent the next chunk.  The answer says what is durable:
+         * "unsynced", not this chunk yet; "synced_chunk", the chunk this
+         * process applied just before it, now synced.  A restart of this
+         * process, or a power loss that takes an unsynced chunk with it,
+         * breaks that chain: the next answer names no chunk, and the
+         * primary sends the one it has no word of again (docs/design.md,
+         * "When a base chunk is durable"). */
         cyc_decoder_free(q->dec);
         q->dec = NULL;
         pthread_mutex_lock(&rctx.d->lock);
@@ -437,7 +438,6 @@ upload_finish(struct rreq *q, json_object **out)
         uint64_t t_sync = vr_mono_ms();
         if (prev_set && (rc = sync_disks(vm)) < 0)
             return rc;
-        vr_fault_point("base-chunk-synced");
         uint64_t applied, t_apply = vr_mono_ms();
         rc = apply_payload_fd(vm, q->fd, &applied, defer);
         if (rc < 0)
