@@ -147,8 +147,8 @@ int cyc_apply_file(int payload_fd, const int *disk_fds,
                    uint64_t *records_applied) VR_WUR;
 /* The same without the fdatasync: the disks' writeback is only started
  * (sync_file_range), and the caller syncs them before it tells anyone the
- * payload is durable (a base chunk: docs/design.md "Initial
- * replication"). */
+ * payload is durable (a base chunk: docs/design.md, "When a base chunk
+ * is durable"). */
 int cyc_apply_file_unsynced(int payload_fd, const int *disk_fds,
                             const uint64_t *disk_sizes, unsigned ndisks,
                             uint64_t *records_applied) VR_WUR;
