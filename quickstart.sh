@@ -18,7 +18,7 @@ PACKAGES=(build-essential meson ninja-build pkg-config nbdkit
     nbdkit-plugin-dev libnbd-dev libnbd-bin qemu-system-x86 qemu-utils
     libzstd-dev libxxhash-dev libgnutls28-dev gnutls-bin libcurl4-gnutls-dev
     libmicrohttpd-dev libsqlite3-dev libjson-c-dev openssl curl jq socat
-    zstd clang python3 busybox-static qemu-guest-agent e2fsprogs
+    zstd rsync xxhash clang python3 busybox-static qemu-guest-agent e2fsprogs
     libkrb5-dev krb5-user krb5-kdc krb5-admin-server faketime
     nftables iproute2 python3-libnbd fio strace scdoc debhelper
     resource-agents libxml2-utils chromium
