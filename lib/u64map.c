@@ -1,18 +1,31 @@
 /* u64map.c: see u64map.h.  Linear probing; a key is never removed from
  * its slot (a deleted entry keeps its key with value 0), so probe chains
- * stay intact without tombstones; rehashing reclaims such slots. */
+ * stay intact without tombstones; rehashing reclaims such slots.
+ *
+ * A table of HUGE_BYTES or more is its own mapping, aligned to and
+ * advised for 2 MiB pages: the data plane probes it at a random slot
+ * once a request, and with 4 KiB pages nearly every probe of a table of
+ * a few MiB missed the TLB as well as the cache (docs/benchmarks.md,
+ * "The owner map's probe"). */
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "u64map.h"
 #include "vr.h"
 
 static size_t
-slot_of(const struct u64map *m, uint64_t key)
+slot_in(size_t cap, uint64_t key)
 {
     uint64_t h = (key + 1) * 0x9E3779B97F4A7C15ull;
     h ^= h >> 29;
-    return (size_t)h & (m->cap - 1);
+    return (size_t)h & (cap - 1);
+}
+
+static size_t
+slot_of(const struct u64map *m, uint64_t key)
+{
+    return slot_in(m->cap, key);
 }
 
 static bool
@@ -21,13 +34,49 @@ live(const struct u64map *m, uint64_t val)
     return val != 0 && val > m->drop_upto;
 }
 
+#define HUGE_BYTES (2u << 20)
+
+/* cap zeroed slots: calloc, or for a large table an anonymous mapping
+ * (zero-filled by the kernel) aligned to HUGE_BYTES; *mapped says which. */
+static struct u64map_slot *
+slots_alloc(size_t cap, bool *mapped)
+{
+    size_t bytes = cap * sizeof(struct u64map_slot);
+    uint8_t *p = bytes < HUGE_BYTES
+                     ? MAP_FAILED
+                     : mmap(NULL, bytes + HUGE_BYTES, PROT_READ | PROT_WRITE,
+                            MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    *mapped = p != MAP_FAILED;
+    if (!*mapped)
+        return xcalloc(cap, sizeof(struct u64map_slot)); /* aborts if out */
+    size_t lead = (HUGE_BYTES - (uintptr_t)p % HUGE_BYTES) % HUGE_BYTES;
+    if (lead)
+        munmap(p, lead);
+    munmap(p + lead + bytes, HUGE_BYTES - lead);
+    p += lead;
+    (void)madvise(p, bytes, MADV_HUGEPAGE); /* a hint: may be refused */
+    return (struct u64map_slot *)p;
+}
+
+static void
+slots_free(struct u64map_slot *slots, size_t cap, bool mapped)
+{
+    if (mapped)
+        munmap(slots, cap * sizeof(struct u64map_slot));
+    else
+        free(slots);
+}
+
 static void
 rehash(struct u64map *m, size_t cap)
 {
     struct u64map_slot *old = m->slots;
     size_t ocap = m->cap;
-    m->slots = xcalloc(cap, sizeof *m->slots);
-    m->cap = cap;
+    bool omapped = m->mapped;
+    /* Relaxed stores: u64map_prefetch reads both without the lock. */
+    __atomic_store_n(&m->slots, slots_alloc(cap, &m->mapped),
+                     __ATOMIC_RELAXED);
+    __atomic_store_n(&m->cap, cap, __ATOMIC_RELAXED);
     m->used = 0;
     for (size_t i = 0; i < ocap; i++) {
         if (old[i].key == 0 || !live(m, old[i].val))
@@ -38,7 +87,19 @@ rehash(struct u64map *m, size_t cap)
         m->slots[j] = old[i];
         m->used++;
     }
-    free(old);
+    slots_free(old, ocap, omapped);
+}
+
+void
+u64map_prefetch(const struct u64map *m, uint64_t key)
+{
+    /* Racy by design (see u64map.h): a stale pointer is only prefetched,
+     * and a prefetch never faults. */
+    const struct u64map_slot *slots =
+        __atomic_load_n(&m->slots, __ATOMIC_RELAXED);
+    size_t cap = __atomic_load_n(&m->cap, __ATOMIC_RELAXED);
+    if (slots && cap)
+        __builtin_prefetch(&slots[slot_in(cap, key)], 1, 3);
 }
 
 /* The slot holding key, or NULL. */
@@ -109,6 +170,6 @@ u64map_compact(struct u64map *m)
 void
 u64map_free(struct u64map *m)
 {
-    free(m->slots);
+    slots_free(m->slots, m->cap, m->mapped);
     memset(m, 0, sizeof *m);
 }

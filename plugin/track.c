@@ -385,6 +385,7 @@ log_readback(struct disk *d, struct range *me, uint64_t offset,
             struct preserve none[PRESERVE_STACK], *runs = none;
             size_t nruns = owner_update(d, false, offset, n, &runs);
             assert(nruns == 0 && runs == none);
+            (void)nruns; /* without assertions (a release build) */
             me->seq = rec.seq;
             me->logged = false;
             __atomic_store_n(&d->unlogged, d->unlogged + 1, __ATOMIC_RELEASE);
@@ -479,6 +480,10 @@ tracked(struct disk *d, uint8_t kind, const void *buf, uint32_t count,
         rc = untracked_io(d, kind, buf, count, offset, fast, fua);
         goto out;
     }
+    /* The owner map's slot for the first block is a cache (and TLB) miss
+     * nearly every time: start loading it before taking the lock. */
+    if (count > 0)
+        u64map_prefetch(&d->owner, offset / CL_PRE_BLOCK);
     /* Before anything of this request can reach the disk, its extents
      * are durably in the activity log (a failure only weakens what a
      * host crash would leave to compare). */

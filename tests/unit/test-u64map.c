@@ -75,7 +75,36 @@ main(void)
     }
     is_int(bad_exchange, 0, "exchange returns what get would have");
     ok(m.used * 2 <= m.cap, "at most half full");
+    ok(!m.mapped, "a small table comes from malloc");
     u64map_free(&m);
     ok(m.slots == NULL && m.cap == 0, "freed");
+
+    /* A table of 2 MiB and more is a mapping of its own (huge pages
+     * advised); the same contract holds across its growth, compaction
+     * and free, and a prefetch of any key, before or after, is harmless. */
+    struct u64map big = { 0 };
+    u64map_prefetch(&big, 1);
+    const uint64_t nbig = 300000; /* 16-byte slots: cap 2^20, 16 MiB */
+    int bad_big = 0;
+    for (uint64_t k = 0; k < nbig; k++) {
+        u64map_prefetch(&big, k * 7);
+        bad_big += u64map_exchange(&big, k * 7, 5 + k % 3) != 0;
+    }
+    ok(big.mapped && big.cap * sizeof *big.slots >= (2u << 20),
+       "a large table is mapped (cap %zu)", big.cap);
+    ok((uintptr_t)big.slots % (2u << 20) == 0, "aligned to 2 MiB");
+    big.drop_upto = 5; /* retire a third */
+    size_t live = u64map_compact(&big);
+    for (uint64_t k = 0; k < nbig; k++) {
+        uint64_t want = 5 + k % 3 > 5 ? 5 + k % 3 : 0;
+        bad_big += u64map_get(&big, k * 7) != want;
+        bad_big += u64map_get(&big, k * 7 + 1) != 0;
+    }
+    is_int(bad_big, 0, "every key of the large table as put, after "
+           "compaction");
+    is_int(live, nbig - (nbig + 2) / 3, "compaction keeps two thirds");
+    u64map_free(&big);
+    ok(big.slots == NULL && big.cap == 0 && !big.mapped, "large freed");
+    u64map_prefetch(&big, 3);
     return done_testing();
 }
