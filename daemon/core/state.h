@@ -263,7 +263,9 @@ struct repl {
      * (it said so when the copy started; a restart forgets it, and the
      * copy goes on with each chunk synced before its answer). */
     bool base_defer_sync;
-    /* primary, runtime only: initial-complete is being sent. */
+    /* primary, runtime only: initial-complete is being sent.  replica,
+     * runtime only: initial-complete is syncing the last chunk's disks
+     * without the daemon's lock (another one waits for it). */
     bool initial_committing;
     /* Planned failover: primary — the last cycle it shipped when it was
      * prepared (state PreparedForFailover); replica — the cycle the

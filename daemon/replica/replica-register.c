@@ -524,6 +524,9 @@ do_register(struct rreq *q, json_object **out)
     return rc;
 }
 
+/* How long initial-complete waits for another one's sync (see below). */
+#define COMPLETE_WAIT_MS 60000
+
 int
 do_initial_done(struct rreq *q, json_object **out)
 {
@@ -564,6 +567,18 @@ do_initial_done(struct rreq *q, json_object **out)
     pthread_mutex_lock(&rctx.d->lock);
     struct vm *vm = NULL;
     int rc = own_vm(q, &vm);
+    /* The same request again (the primary did not hear the answer) while
+     * the first still syncs: wait for it, then answer as it did. */
+    uint64_t deadline = vr_mono_ms() + COMPLETE_WAIT_MS;
+    while (rc == 0 && vm->repl->initial_committing &&
+           vr_mono_ms() < deadline) {
+        daemon_wait_ms(rctx.d, 100);
+        rc = own_vm(q, &vm);
+    }
+    if (rc == 0 && vm->repl->initial_committing)
+        rc = vr_err(-EBUSY, "initial-complete: vm %s: the last chunk's "
+                            "sync is still in progress; try again",
+                    vm->name);
     bool again = rc == 0 && vm->repl->initial_done &&
                  vm->repl->base_cycle == (uint64_t)base;
     if (rc == 0 && !again &&
@@ -572,15 +587,32 @@ do_initial_done(struct rreq *q, json_object **out)
                              "replication",
                     vm->name);
     if (rc == 0 && !again) {
-        /* The last base chunk's disks are synced now (under the lock, once
-         * a copy: no request may change them meanwhile), and it must be
-         * the one the primary sent last. */
+        /* The last base chunk's disks are synced now, and it must be the
+         * one the primary sent last.  The sync runs without the daemon's
+         * lock (on slow storage a chunk's fdatasync would hold up every
+         * other request and VM meanwhile), the VM marked RECEIVE as for an
+         * upload: no other upload, initial-complete, registration or
+         * removal can change it, and the VM stays (vm remove refuses a VM
+         * with replication). */
         struct repl *r = vm->repl;
         bool set = r->base_unsynced_set;
+        uint64_t unsynced = r->base_unsynced;
         r->base_unsynced_set = false;
-        if (set)
+        if (set) {
+            vm_op_begin(vm, VM_OP_RECEIVE);
+            r->initial_committing = true;
+            pthread_mutex_unlock(&rctx.d->lock);
             rc = sync_disks(vm);
-        if (rc == 0 && last > 0 && !(set && r->base_unsynced == (uint64_t)last))
+            vr_fault_point("initial-complete-synced");
+            pthread_mutex_lock(&rctx.d->lock);
+            r->initial_committing = false;
+            vm_op_end(vm, VM_OP_RECEIVE);
+            struct vm *same = NULL;
+            if (rc == 0 && (rc = own_vm(q, &same)) == 0 && same != vm)
+                rc = vr_err(-ESTALE, "initial-complete: vm %s changed "
+                            "meanwhile", vm->name);
+        }
+        if (rc == 0 && last > 0 && !(set && unsynced == (uint64_t)last))
             rc = vr_err(-EAGAIN, "initial-complete: vm %s: base chunk %lld "
                         "was not applied since this server started (or its "
                         "sync failed): it must be sent again", vm->name,

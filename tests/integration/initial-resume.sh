@@ -23,6 +23,13 @@
 #   (d) The same after the last (4th) chunk: initial-complete, which names
 #       it, is refused by the restarted Replica server, and the primary
 #       sends the 4th chunk again before it completes.
+#   (e) initial-complete syncs the last chunk's disks without the Replica
+#       server's global lock: while that sync is held up (the Replica
+#       server pauses right after it, VMREPLICA_FAULT=
+#       initial-complete-synced:1:pause=...), the same server still answers
+#       `vm list` at once, the same initial-complete sent again waits for
+#       the first and gets its answer (200, not EPROTO), and the copy then
+#       completes byte-identical.
 #   (b) Export: the primary is SIGKILLed in the middle of writing an export
 #       (VMREPLICA_FAULT=export-batch:2, after 64 MiB).  Restarted, it
 #       writes the export again with the same base cycle; the export
@@ -118,6 +125,42 @@ grep -q "$vm: .*initial-complete: vm $vm: base chunk 4 was not applied since thi
     "$TESTDIR/primary.log" || fail "initial-complete did not refuse the unconfirmed last chunk"
 wait_converged "$vm" 60
 assert_identical "$vm"
+
+log "(e) initial-complete syncs without holding up the Replica server"
+vm=resumee
+stop_daemon replica
+start_replica VMREPLICA_FAULT=initial-complete-synced:1:pause=6000
+fill "$vm"
+vr primary initial-replication start "$vm" >/dev/null || fail "initial-replication start"
+wait_until 60 eval 'grep -q "fault point initial-complete-synced hit, pausing" "$TESTDIR/replica.log"' ||
+    fail "the Replica server did not reach initial-complete's sync"
+t0=$(date +%s%N)
+vr replica vm list >/dev/null || fail "vm list on the Replica server"
+ms=$((($(date +%s%N) - t0) / 1000000))
+log "  vm list answered in $ms ms during initial-complete's sync"
+[ "$ms" -lt 3000 ] ||
+    fail "vm list took $ms ms: initial-complete held the daemon's lock through its sync"
+# The same initial-complete again, as from a primary that did not hear the
+# answer: it waits for the first one's sync and gets its answer (refused
+# at once, "not in initial replication", it would put the primary in Error).
+rs=$(vrj primary replication show "$vm")
+uuid=$(vrj primary vm show "$vm" | jq -r .uuid)
+code=$(curl -sS --max-time 60 -o "$TESTDIR/again.out" -w '%{http_code}' \
+    -X POST -H 'Expect:' -H 'Content-Type: application/json' \
+    -H "X-Vmreplica-Epoch: $(jq -r .epoch <<<"$rs")" \
+    --resolve "replica.test.local:$REPLICA_PORT:127.0.0.1" --cacert "$PKI/ca.pem" \
+    --cert "$PKI/primary.pem" --key "$PKI/primary.key" \
+    --data-binary "{\"base_cycle\": $(jq -r .base_cycle <<<"$rs")}" \
+    "https://replica.test.local:$REPLICA_PORT/r1/vms/$uuid/initial-complete")
+log "  the same initial-complete again meanwhile: $code $(head -c 200 "$TESTDIR/again.out")"
+[ "$code" = 200 ] ||
+    fail "initial-complete sent again during the first one's sync: $code $(head -c 300 "$TESTDIR/again.out")"
+wait_until 60 eval '[ "$(repl primary "$vm" state)" = Replicating ]' ||
+    fail "the copy did not complete (state $(repl primary "$vm" state))"
+wait_converged "$vm" 60
+assert_identical "$vm"
+stop_daemon replica
+start_replica
 
 log "(b) an export killed half-way is written again"
 vm=resumex
